@@ -1,0 +1,227 @@
+"""Inputs fed to the sans-I/O core and the outputs it returns.
+
+The shell (trio daemon) and the simulator both drive a core the same way::
+
+    outputs = node.handle(now, some_input)
+
+and then carry out each output: send a datagram, arm a timer, open a stream,
+tell API watchers. ``now`` is monotonic seconds; the core never reads a clock.
+
+Streams are request/response: the opener sends one frame and gets one frame
+back (push-pull anti-entropy). Payloads here are plaintext; sealing is the
+transport's job (see :mod:`peerd.wire.seal`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from peerd.wire.messages import Addr, NodeId, Status, Tags
+
+# --- inputs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """First input. ``seeds`` are addresses to join (configured seeds plus the
+    peers remembered in the state directory)."""
+
+    seeds: tuple[Addr, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PacketIn:
+    """A datagram payload (already opened/authenticated) from ``src``."""
+
+    src: Addr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """The OS reported that a datagram we sent to ``addr`` met a closed port
+    (ICMP port unreachable): a hint, never proof, that the peer is gone."""
+
+    addr: Addr
+
+
+class TimerKind(enum.Enum):
+    PROBE = "probe"  # next protocol period
+    PROBE_TIMEOUT = "probe_timeout"  # direct ping unanswered: go indirect
+    PROBE_END = "probe_end"  # end of the protocol period for one probe
+    INDIRECT_TIMEOUT = "indirect_timeout"  # we probed for someone else; send nack
+    SUSPICION = "suspicion"  # suspicion timer for one node
+    GOSSIP = "gossip"
+    PUSH_PULL = "push_pull"
+    RECONNECT = "reconnect"  # retry dead nodes and seeds (partition healing)
+    REAP = "reap"  # forget long-dead nodes
+    LEAVE = "leave"  # leave broadcast had time to spread
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """Identifies one armed timer. ``token`` is unique per arming: a timer that
+    was superseded is recognised as stale when it fires and ignored."""
+
+    kind: TimerKind
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """A peer opened a stream to us and sent one request frame."""
+
+    stream: int
+    src: Addr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResponse:
+    """The reply frame on a stream we opened with :class:`OpenStream`."""
+
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    """A stream we opened failed (connect refused, timeout, bad frame)."""
+
+    stream: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Join (more) peers at these addresses (API `join` or the agent's --join)."""
+
+    addrs: tuple[Addr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetTags:
+    """Replace this node's tags; spreads as a membership update."""
+
+    tags: Tags
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Leave gracefully: announce, then report :class:`LeaveDone`."""
+
+
+Input = (
+    Start | PacketIn | Unreachable | TimerFired | StreamRequest | StreamResponse | StreamFailed
+    | Join | SetTags | Leave
+)
+
+# --- outputs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendPacket:
+    dst: Addr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Arm ``timer`` to fire at monotonic time ``at`` (feed back :class:`TimerFired`)."""
+
+    at: float
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """Connect to ``dst``, send ``data`` as one frame, then feed back a
+    :class:`StreamResponse` or :class:`StreamFailed` for ``stream``."""
+
+    stream: int
+    dst: Addr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    """Answer to a :class:`StreamRequest`: send ``data`` (if any) and close."""
+
+    stream: int
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """A snapshot of one member, as the API shows it."""
+
+    node: NodeId
+    name: str
+    addr: Addr
+    status: Status
+    incarnation: int
+    generation: int
+    tags: Tags
+
+
+class EventKind(enum.Enum):
+    JOINED = "joined"  # a node we did not know, alive
+    UPDATED = "updated"  # address or tags changed
+    SUSPECT = "suspect"
+    ALIVE = "alive"  # a suspected or dead node is alive again
+    DEAD = "dead"
+    LEFT = "left"
+    NAME_CONFLICT = "name_conflict"  # two live nodes claim one name
+    REAPED = "reaped"  # a dead/left node was forgotten
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEvent:
+    kind: EventKind
+    member: MemberInfo
+    other: MemberInfo | None = None  # NAME_CONFLICT: the node already holding the name
+
+
+@dataclass(frozen=True, slots=True)
+class JoinDone:
+    """A :class:`Start` or :class:`Join` finished: how many addresses answered."""
+
+    ok: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveDone:
+    """The leave announcement had its time to spread; the daemon may exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class IncarnationChanged:
+    """Persist this before it matters: a restart must not reuse an incarnation."""
+
+    incarnation: int
+
+
+class LogLevel(enum.IntEnum):
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
+    ERROR = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: LogLevel
+    message: str
+
+
+Output = (
+    SendPacket | SetTimer | OpenStream | StreamReply | MemberEvent | JoinDone | LeaveDone
+    | IncarnationChanged | Log
+)
