@@ -25,7 +25,7 @@ class SwimConfig:
     indirect_checks: int = 3
     # Minimum suspicion timeout = suspicion_mult * log10(N) * probe_interval.
     # Larger gives a slow node more time to refute, but delays detection.
-    suspicion_mult: float = 4.0
+    suspicion_mult: float = 3.0
     # Lifeguard dogpile: a suspicion starts at this multiple of the minimum and
     # shrinks towards the minimum as independent confirmations arrive.
     suspicion_max_timeout_mult: float = 6.0
@@ -56,6 +56,10 @@ class SwimConfig:
     # suspicion this short: an alive node refutes in one round trip, a crashed
     # one is declared dead without waiting for the full suspicion timeout.
     refused_suspicion_timeout_s: float = 0.5
+    # Idle watch links kept open to this many ring successors (by node id):
+    # when a peer's process dies on a live host, its kernel closes the link
+    # and the death is noticed within a round trip. 0 disables.
+    watch_links: int = 1
     # After announcing a leave, wait this long for it to spread before exiting.
     leave_propagate_s: float = 1.0
     # Bound on tags (count and total bytes of keys and values).

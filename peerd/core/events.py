@@ -52,6 +52,7 @@ class TimerKind(enum.Enum):
     PROBE_END = "probe_end"  # end of the protocol period for one probe
     INDIRECT_TIMEOUT = "indirect_timeout"  # we probed for someone else; send nack
     SUSPICION = "suspicion"  # suspicion timer for one node
+    CONFIRM_TIMEOUT = "confirm_timeout"  # our own check of someone else's suspect
     GOSSIP = "gossip"
     PUSH_PULL = "push_pull"
     RECONNECT = "reconnect"  # retry dead nodes and seeds (partition healing)
@@ -66,6 +67,14 @@ class Timer:
 
     kind: TimerKind
     token: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkClosed:
+    """A watch link (see :class:`WatchLinks`) to ``addr`` was closed by the
+    peer's OS (FIN or RST): the process behind it is likely gone."""
+
+    addr: Addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +127,8 @@ class Leave:
 
 
 Input = (
-    Start | PacketIn | Unreachable | TimerFired | StreamRequest | StreamResponse | StreamFailed
-    | Join | SetTags | Leave
+    Start | PacketIn | Unreachable | LinkClosed | TimerFired | StreamRequest | StreamResponse
+    | StreamFailed | Join | SetTags | Leave
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -155,6 +164,20 @@ class StreamReply:
 
     stream: int
     data: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchLinks:
+    """Keep an idle stream open to each of these addresses (and close others).
+
+    A watch link carries no traffic; it exists so that when the peer's process
+    dies while its host stays up, the peer's kernel closes the link at once
+    and we hear of it (:class:`LinkClosed`) within a round trip instead of
+    waiting for the next probe. A frozen process keeps its links open, so this
+    never replaces probing; it only starts a suspicion sooner.
+    """
+
+    addrs: tuple[Addr, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +245,6 @@ class Log:
 
 
 Output = (
-    SendPacket | SetTimer | OpenStream | StreamReply | MemberEvent | JoinDone | LeaveDone
-    | IncarnationChanged | Log
+    SendPacket | SetTimer | OpenStream | StreamReply | WatchLinks | MemberEvent | JoinDone
+    | LeaveDone | IncarnationChanged | Log
 )

@@ -1,42 +1,1146 @@
-"""The membership node (interface stub; implementation in progress)."""
+"""The membership node: SWIM failure detection with the Lifeguard refinements.
+
+Theory of operation (SWIM: Das, Gupta, Motivala 2002; Lifeguard: Dadgar,
+Phillips, Currey 2018):
+
+* **Probing** (SWIM 4.3). Every protocol period a node pings the next member in
+  a shuffled round-robin order, so every member is probed within a bounded
+  time. No ack within ``probe_timeout`` starts an indirect probe: ``k`` random
+  helpers ping the target for us and forward its ack. No ack by the end of the
+  period makes the target *suspect*.
+* **Suspicion** (SWIM 4.2). A suspect is declared dead only after a timeout,
+  which gives it time to hear the suspicion and *refute* it by gossiping an
+  ``Alive`` with a higher incarnation number. Only the node itself ever raises
+  its incarnation, so a refutation always beats the suspicion it answers.
+* **Dissemination** (SWIM 4.1). Updates are piggybacked on pings and acks and
+  gossiped to a few random peers every gossip interval, each a bounded number
+  of times (see :mod:`peerd.core.broadcast`).
+* **Lifeguard** (2018). *Local health*: a node that misses acks, misses nacks
+  from its helpers, or has to refute suspicions about itself raises a health
+  score that stretches its own probe interval and timeouts, because the likely
+  culprit is its own slowness (IV-A). *Dogpile*: a suspicion timer starts long
+  and shrinks with every independent confirmation (IV-B). *Buddy*: a ping to a
+  suspect carries the suspicion, so a live suspect refutes at once (IV-C).
+* **Anti-entropy**. Push-pull full-state exchanges over a stream, on join and
+  periodically with a random member, repair whatever gossip missed.
+* **Partition healing**. Dead members and the configured seeds are retried with
+  a push-pull every ``reconnect_interval``: after a split, each side has the
+  other as dead; when the link returns, one exchange makes each side learn it
+  was declared dead, refute, and the halves merge.
+* **Closed-port hints**. When the OS reports that a datagram to a member hit a
+  closed port, the member is suspected with a short timer and pinged with the
+  suspicion attached: a live node refutes within a round trip, a crashed
+  daemon is declared dead quickly. A hint alone never kills: it only starts a
+  suspicion the node can answer.
+
+Identity is the node id; the name and address are attributes. A node seen at a
+new address with a higher incarnation has moved. Two live nodes claiming one
+name are both kept and the clash is reported (``NAME_CONFLICT``).
+"""
 
 from __future__ import annotations
 
 import collections
+import ipaddress
 import random
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
+from sortedcontainers import SortedList
+
+from peerd.core.broadcast import BroadcastQueue
 from peerd.core.config import SwimConfig
-from peerd.core.events import Input, MemberInfo, Output
-from peerd.wire.messages import Addr, NodeId, Tags
+from peerd.core.events import (
+    EventKind,
+    IncarnationChanged,
+    Input,
+    Join,
+    JoinDone,
+    Leave,
+    LeaveDone,
+    LinkClosed,
+    Log,
+    LogLevel,
+    MemberEvent,
+    MemberInfo,
+    OpenStream,
+    Output,
+    PacketIn,
+    SendPacket,
+    SetTags,
+    SetTimer,
+    Start,
+    StreamFailed,
+    StreamReply,
+    StreamRequest,
+    StreamResponse,
+    Timer,
+    TimerFired,
+    TimerKind,
+    Unreachable,
+    WatchLinks,
+)
+from peerd.core.swim import formulas
+from peerd.wire import codec
+from peerd.wire.codec import DecodeError
+from peerd.wire.messages import (
+    Ack,
+    Addr,
+    Alive,
+    Dead,
+    Left,
+    MemberState,
+    Message,
+    Nack,
+    NodeId,
+    Ping,
+    PingReq,
+    PushPull,
+    Status,
+    Suspect,
+    Tags,
+)
+
+LIVE = (Status.ALIVE, Status.SUSPECT)
+# Bound on queued broadcasts: beyond it the most-sent are dropped (push-pull
+# repairs what they would have carried).
+MAX_QUEUED_BROADCASTS = 20_000
+# How often dead/left members older than dead_reclaim_s are forgotten.
+REAP_INTERVAL_S = 60.0
+
+
+def addr_problem(addr: Addr) -> str | None:
+    """Why ``addr`` cannot be a member's address, or None if it can."""
+    try:
+        ip = ipaddress.ip_address(addr[0])
+    except ValueError:
+        return "not an IP address"
+    if ip.is_unspecified:
+        return "unspecified address"
+    if ip.is_multicast:
+        return "multicast address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast address"
+    if not 0 < addr[1] < 65536:
+        return "port out of range"
+    return None
+
+
+def tags_problem(config: SwimConfig, tags: Tags) -> str | None:
+    """Why ``tags`` exceed the configured bounds, or None if they fit."""
+    if len(tags) > config.max_tags:
+        return f"at most {config.max_tags} tags"
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in tags)
+    if size > config.max_tags_bytes:
+        return f"tags take {size} bytes, at most {config.max_tags_bytes}"
+    if any(not k for k, _ in tags):
+        return "empty tag key"
+    return None
+
+
+@dataclass(slots=True)
+class Suspicion:
+    """A running suspicion timer (Lifeguard dogpile)."""
+
+    incarnation: int
+    origin: NodeId  # who suspected first; confirmations are everyone else
+    started: float
+    low: float
+    high: float
+    k: int
+    confirmers: set[NodeId]
+    token: int
+    deadline: float
+    # A closed-port hint caps the timer (see module docs).
+    cap: float | None = None
+
+
+@dataclass(slots=True)
+class Member:
+    node: NodeId
+    name: str
+    addr: Addr
+    incarnation: int
+    generation: int
+    tags: Tags
+    status: Status
+    changed_at: float
+    suspicion: Suspicion | None = None
+
+    def info(self) -> MemberInfo:
+        return MemberInfo(self.node, self.name, self.addr, self.status, self.incarnation,
+                          self.generation, self.tags)
+
+    def state(self) -> MemberState:
+        return MemberState(self.node, self.name, self.addr, self.incarnation, self.generation,
+                           self.tags, self.status)
+
+
+@dataclass(slots=True)
+class Probe:
+    """The probe of the current protocol period."""
+
+    seq: int
+    target: NodeId
+    acked: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class Relay:
+    """An indirect probe we run for someone else."""
+
+    requester: Addr
+    seq: int
+    nack: bool
+
+
+@dataclass(slots=True)
+class StreamCtx:
+    purpose: str  # "join" | "sync"
+    batch: int = 0
+
+
+@dataclass(slots=True)
+class JoinBatch:
+    pending: int
+    ok: int = 0
+    failed: int = 0
+
+
+class LiveSet:
+    """Ids of live members with O(1) add, remove and uniform random choice."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self) -> None:
+        self._items: list[NodeId] = []
+        self._index: dict[NodeId, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._index
+
+    def add(self, node: NodeId) -> None:
+        if node not in self._index:
+            self._index[node] = len(self._items)
+            self._items.append(node)
+
+    def discard(self, node: NodeId) -> None:
+        i = self._index.pop(node, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._index[last] = i
+
+    def sample(self, rng: random.Random, k: int, exclude: tuple[NodeId, ...] = ()) -> list[NodeId]:
+        """Up to ``k`` distinct random ids not in ``exclude``."""
+        n = len(self._items)
+        avail = n - sum(1 for e in exclude if e in self._index)
+        k = min(k, avail)
+        if k <= 0:
+            return []
+        if k * 3 >= avail:
+            pool = [x for x in self._items if x not in exclude]
+            return rng.sample(pool, k)
+        out: list[NodeId] = []
+        seen: set[NodeId] = set(exclude)
+        while len(out) < k:
+            x = self._items[rng.randrange(n)]
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+        return out
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._items)
+
+
+@dataclass(slots=True)
+class _Timers:
+    next_token: int = 0
+    live: dict[int, Hashable] = field(default_factory=dict)
 
 
 class Node:
+    """One peerd node's membership state machine. See the module docs."""
+
     def __init__(self, *, node_id: NodeId, name: str, addr: Addr, config: SwimConfig,
                  rng: random.Random, incarnation: int = 0, generation: int = 0,
                  tags: Tags = ()) -> None:
+        self.config = config
+        self.rng = rng
         self.counters: collections.Counter[str] = collections.Counter()
-        raise NotImplementedError
+        self._me = Member(node_id, name, addr, incarnation, generation, tags, Status.ALIVE, 0.0)
+        self._members: dict[NodeId, Member] = {node_id: self._me}
+        self._live = LiveSet()  # live members other than us
+        self._ring: SortedList = SortedList([node_id])  # live ids, us included
+        self._watching: tuple[Addr, ...] = ()
+        self._ring_dirty = False
+        self._by_addr: dict[Addr, NodeId] = {addr: node_id}
+        self._by_name: dict[str, NodeId] = {name: node_id}
+        self._recently_dead: dict[NodeId, float] = {}  # gossip-to-dead window
+        self._dead: set[NodeId] = set()  # DEAD (not left): partition healing retries them
+        self._probe_order: list[NodeId] = []
+        self._probe_index = 0
+        self._probe: Probe | None = None
+        self._relays: dict[int, Relay] = {}
+        self._checks: dict[int, NodeId] = {}  # seq -> suspect we ping to confirm
+        self._seq = 0
+        self._health = 0
+        self._queue = BroadcastQueue()
+        self._timers = _Timers()
+        self._gossip_armed = False
+        self._streams: dict[int, StreamCtx] = {}
+        self._next_stream = 0
+        self._batches: dict[int, JoinBatch] = {}
+        self._seeds: tuple[Addr, ...] = ()
+        self._leaving = False
+        self._started = False
+        self._out: list[Output] = []
+        self._now = 0.0
 
-    def handle(self, now: float, inp: Input) -> list[Output]:
-        """Feed one input; returns what to do. Never raises on bad network/API input."""
-        raise NotImplementedError
+    # --- public read side ----------------------------------------------------
 
-    def members(self) -> list[MemberInfo]:
-        """Every known member including this node (alive, suspect, dead, left)."""
-        raise NotImplementedError
-
-    def local_member(self) -> MemberInfo:
-        raise NotImplementedError
+    @property
+    def node_id(self) -> NodeId:
+        return self._me.node
 
     @property
     def incarnation(self) -> int:
-        raise NotImplementedError
+        return self._me.incarnation
 
     @property
     def health_score(self) -> int:
-        """Lifeguard local health (0 = healthy)."""
-        raise NotImplementedError
+        return self._health
+
+    def local_member(self) -> MemberInfo:
+        return self._me.info()
+
+    def members(self) -> list[MemberInfo]:
+        return [m.info() for m in self._members.values()]
+
+    def member(self, node: NodeId) -> MemberInfo | None:
+        m = self._members.get(node)
+        return m.info() if m else None
+
+    def live_count(self) -> int:
+        """Live members including this node (the N of the formulas)."""
+        return len(self._live) + 1
 
     def peer_addrs(self) -> list[Addr]:
-        """Addresses of alive/suspect members, for the state directory."""
-        raise NotImplementedError
+        return [self._members[n].addr for n in self._live]
+
+    def queued_broadcasts(self) -> int:
+        return len(self._queue)
+
+    # --- the one entry point -------------------------------------------------
+
+    def handle(self, now: float, inp: Input) -> list[Output]:
+        """Feed one input; returns what to do. Bad input is counted, never raised."""
+        self._now = now
+        out: list[Output] = []
+        self._out = out
+        match inp:
+            case PacketIn(src, data):
+                self._on_packet(src, data)
+            case TimerFired(timer):
+                self._on_timer(timer)
+            case Unreachable(addr):
+                self._on_unreachable(addr)
+            case LinkClosed(addr):
+                self.counters["link_closed_hints"] += 1
+                self._on_unreachable(addr)
+            case StreamRequest(stream, src, data):
+                self._on_stream_request(stream, src, data)
+            case StreamResponse(stream, data):
+                self._on_stream_response(stream, data)
+            case StreamFailed(stream, reason):
+                self._on_stream_failed(stream, reason)
+            case Start(seeds):
+                self._on_start(seeds)
+            case Join(addrs):
+                self._start_join(addrs)
+            case SetTags(tags):
+                self._on_set_tags(tags)
+            case Leave():
+                self._on_leave()
+        if self._ring_dirty:
+            self._update_watch()
+        self._out = []
+        return out
+
+    def _set_live(self, node: NodeId, live: bool) -> None:
+        if live:
+            if node not in self._live:
+                self._live.add(node)
+                self._ring.add(node)
+                self._ring_dirty = True
+        elif node in self._live:
+            self._live.discard(node)
+            self._ring.remove(node)
+            self._ring_dirty = True
+
+    def _update_watch(self) -> None:
+        self._ring_dirty = False
+        want = min(self.config.watch_links, len(self._ring) - 1)
+        if self._leaving:
+            want = 0
+        addrs: list[Addr] = []
+        if want > 0:
+            i = self._ring.index(self._me.node)
+            for step in range(1, want + 1):
+                node = self._ring[(i + step) % len(self._ring)]
+                addrs.append(self._members[node].addr)
+        watching = tuple(addrs)
+        if watching != self._watching:
+            self._watching = watching
+            self._out.append(WatchLinks(watching))
+
+    # --- plumbing ------------------------------------------------------------
+
+    def _log(self, level: LogLevel, message: str) -> None:
+        self._out.append(Log(level, message))
+
+    def _drop(self, reason: str, detail: str = "") -> None:
+        self.counters[f"drop.{reason}"] += 1
+        self._log(LogLevel.DEBUG, f"drop reason={reason} {detail}".rstrip())
+
+    def _arm(self, kind: TimerKind, delay: float, ctx: Hashable = None) -> int:
+        self._timers.next_token += 1
+        token = self._timers.next_token
+        self._timers.live[token] = ctx
+        self._out.append(SetTimer(self._now + delay, Timer(kind, token)))
+        return token
+
+    def _disarm(self, token: int) -> None:
+        self._timers.live.pop(token, None)
+
+    def _event(self, kind: EventKind, m: Member, other: Member | None = None) -> None:
+        self._out.append(MemberEvent(kind, m.info(), other.info() if other else None))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, dst: Addr, first: Message | None = None,
+              extra: tuple[bytes, ...] = ()) -> None:
+        """Send ``first`` (if any) plus piggybacked broadcasts in one datagram."""
+        parts: list[bytes] = list(extra)
+        if first is not None:
+            parts.insert(0, codec.encode(first))
+        used = sum(len(p) for p in parts) + 3
+        limit = formulas.retransmit_limit(self.config.retransmit_mult, self.live_count())
+        parts.extend(self._queue.take(self.config.max_packet_bytes - used, limit))
+        if not parts:
+            return
+        data = codec.pack(parts)
+        self.counters["packets_out"] += 1
+        self.counters["bytes_out"] += len(data)
+        self._out.append(SendPacket(dst, data))
+
+    def _broadcast(self, key: NodeId, msg: Message) -> None:
+        self._queue.enqueue(("m", key), codec.encode(msg))
+        self._queue.prune(MAX_QUEUED_BROADCASTS)
+        if not self._gossip_armed and self._started:
+            self._gossip_armed = True
+            self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+
+    def _alive_msg(self) -> Alive:
+        me = self._me
+        return Alive(me.node, me.name, me.addr, me.incarnation, me.generation, me.tags)
+
+    # --- start, join, leave, tags ------------------------------------------
+
+    def _on_start(self, seeds: tuple[Addr, ...]) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._seeds = tuple(s for s in seeds if s != self._me.addr)
+        self._out.append(IncarnationChanged(self._me.incarnation))
+        self._broadcast(self._me.node, self._alive_msg())
+        cfg = self.config
+        # Spread first probes of a fleet started together over one interval.
+        self._arm(TimerKind.PROBE, self.rng.uniform(0, cfg.probe_interval_s))
+        if cfg.push_pull_interval_s > 0:
+            # An early first sync repairs what a join's gossip missed (nodes
+            # that joined at the same moment), then the regular interval.
+            first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
+            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.5, 1.0) * first)
+        self._arm(TimerKind.RECONNECT, cfg.reconnect_interval_s)
+        self._arm(TimerKind.REAP, REAP_INTERVAL_S)
+        self._start_join(self._seeds)
+
+    def _start_join(self, addrs: tuple[Addr, ...]) -> None:
+        targets = [a for a in dict.fromkeys(addrs) if a != self._me.addr]
+        if not targets:
+            self._out.append(JoinDone(0, 0))
+            return
+        batch = len(self._batches) + 1
+        while batch in self._batches:
+            batch += 1
+        self._batches[batch] = JoinBatch(pending=len(targets))
+        for addr in targets:
+            self._open_push_pull(addr, StreamCtx("join", batch), join=True)
+
+    def _on_set_tags(self, tags: Tags) -> None:
+        problem = tags_problem(self.config, tags)
+        if problem:
+            self._drop("bad_tags", problem)
+            return
+        if tags == self._me.tags:
+            return
+        self._me.tags = tags
+        self._bump_incarnation(self._me.incarnation + 1)
+        self._broadcast(self._me.node, self._alive_msg())
+        self._event(EventKind.UPDATED, self._me)
+
+    def _on_leave(self) -> None:
+        if self._leaving:
+            return
+        self._leaving = True
+        self._bump_incarnation(self._me.incarnation + 1)
+        self._me.status = Status.LEFT
+        self._me.changed_at = self._now
+        msg = Left(self._me.node, self._me.incarnation)
+        self._broadcast(self._me.node, msg)
+        self._event(EventKind.LEFT, self._me)
+        self._ring_dirty = True
+        # Don't wait for the next gossip tick: a leave is usually followed by
+        # the process exiting, and the sooner peers hear it the better.
+        self._gossip_round()
+        self._arm(TimerKind.LEAVE, self.config.leave_propagate_s)
+
+    def _bump_incarnation(self, value: int) -> None:
+        self._me.incarnation = value
+        self._out.append(IncarnationChanged(value))
+
+    # --- timers ----------------------------------------------------------------
+
+    def _on_timer(self, timer: Timer) -> None:
+        if timer.token not in self._timers.live:
+            return  # superseded
+        ctx = self._timers.live.pop(timer.token)
+        match timer.kind:
+            case TimerKind.PROBE:
+                self._probe_tick()
+            case TimerKind.PROBE_TIMEOUT:
+                self._probe_timeout(ctx)
+            case TimerKind.INDIRECT_TIMEOUT:
+                self._relay_timeout(ctx)
+            case TimerKind.SUSPICION:
+                self._suspicion_expired(ctx)
+            case TimerKind.CONFIRM_TIMEOUT:
+                self._check_timeout(ctx)
+            case TimerKind.GOSSIP:
+                self._gossip_armed = False
+                self._gossip_round()
+                if len(self._queue):
+                    self._gossip_armed = True
+                    self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+            case TimerKind.PUSH_PULL:
+                self._push_pull_tick()
+            case TimerKind.RECONNECT:
+                self._reconnect_tick()
+            case TimerKind.REAP:
+                self._reap()
+                self._arm(TimerKind.REAP, REAP_INTERVAL_S)
+            case TimerKind.LEAVE:
+                self._out.append(LeaveDone())
+            case TimerKind.PROBE_END:  # pragma: no cover - folded into PROBE
+                pass
+
+    # --- probing -------------------------------------------------------------
+
+    def _adjust_health(self, delta: int) -> None:
+        self._health = max(0, min(self.config.awareness_max - 1, self._health + delta))
+
+    def _finish_probe(self) -> None:
+        probe = self._probe
+        self._probe = None
+        if probe is None or probe.acked:
+            return
+        # Lifeguard IV-A: missing nacks mean *our* messages or processing are
+        # the problem, so they count against our own health.
+        if probe.expected_nacks:
+            self._adjust_health(probe.expected_nacks - probe.nacks)
+        else:
+            self._adjust_health(1)
+        m = self._members.get(probe.target)
+        if m is None or m.status not in LIVE:
+            return
+        self.counters["probe_failures"] += 1
+        self._log(LogLevel.INFO, f"probe failed name={m.name} addr={_fmt(m.addr)}")
+        self._suspect(m, m.incarnation, self._me.node)
+
+    def _next_target(self) -> Member | None:
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                node = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                if node in self._live:
+                    return self._members[node]
+            # End of a round: reshuffle (SWIM 4.3 round-robin with random order
+            # bounds the time until any member is probed).
+            self._probe_order = list(self._live)
+            self.rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _probe_tick(self) -> None:
+        self._finish_probe()
+        cfg = self.config
+        self._arm(TimerKind.PROBE, formulas.scaled(cfg.probe_interval_s, self._health))
+        if self._leaving:
+            return
+        target = self._next_target()
+        if target is None:
+            return
+        self.counters["probes"] += 1
+        probe = Probe(self._next_seq(), target.node)
+        self._probe = probe
+        self._send_ping(target, probe.seq)
+        self._arm(TimerKind.PROBE_TIMEOUT, formulas.scaled(cfg.probe_timeout_s, self._health),
+                  probe.seq)
+
+    def _send_ping(self, target: Member, seq: int) -> None:
+        extra: tuple[bytes, ...] = ()
+        if target.status is Status.SUSPECT:
+            # Lifeguard buddy system: the suspect hears of it now, not after
+            # gossip happens to reach it, and can refute at once.
+            extra = (codec.encode(Suspect(target.node, target.incarnation, self._me.node)),)
+        self._send(target.addr, Ping(seq, target.node), extra)
+
+    def _probe_timeout(self, seq: object) -> None:
+        probe = self._probe
+        if probe is None or probe.seq != seq or probe.acked:
+            return
+        target = self._members.get(probe.target)
+        if target is None or target.status not in LIVE:
+            return
+        helpers = self._live.sample(self.rng, self.config.indirect_checks, (probe.target,))
+        probe.expected_nacks = len(helpers)
+        for h in helpers:
+            self.counters["indirect_probes"] += 1
+            self._send(self._members[h].addr, PingReq(probe.seq, target.node, target.addr, True))
+
+    def _on_ack(self, src: Addr, seq: int) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == seq:
+            if not probe.acked:
+                probe.acked = True
+                self._adjust_health(-1)
+            return
+        relay = self._relays.pop(seq, None)
+        if relay is not None:
+            self._send(relay.requester, Ack(relay.seq))
+            return
+        if self._checks.pop(seq, None) is not None:
+            return
+        self.counters["drop.stale_ack"] += 1
+
+    def _on_nack(self, seq: int) -> None:
+        probe = self._probe
+        if probe is not None and probe.seq == seq:
+            probe.nacks += 1
+
+    def _on_ping(self, src: Addr, msg: Ping) -> None:
+        if msg.target != self._me.node:
+            # The address now belongs to someone else (or the sender is
+            # confused): acking would vouch for the wrong node.
+            self._drop("misdirected_ping", _fmt(src))
+            return
+        self._send(src, Ack(msg.seq))
+
+    def _on_ping_req(self, src: Addr, msg: PingReq) -> None:
+        if msg.target == self._me.node:
+            self._send(src, Ack(msg.seq))
+            return
+        if addr_problem(msg.target_addr):
+            self._drop("bad_addr", "ping-req target")
+            return
+        seq = self._next_seq()
+        self._relays[seq] = Relay(src, msg.seq, msg.nack)
+        target = self._members.get(msg.target)
+        if target is not None and target.status is Status.SUSPECT:
+            self._send_ping(target, seq)
+        else:
+            self._send(msg.target_addr, Ping(seq, msg.target))
+        self._arm(TimerKind.INDIRECT_TIMEOUT, self.config.probe_timeout_s, seq)
+
+    def _relay_timeout(self, seq: object) -> None:
+        assert isinstance(seq, int)
+        relay = self._relays.pop(seq, None)
+        if relay is not None and relay.nack:
+            self._send(relay.requester, Nack(relay.seq))
+
+    def _on_unreachable(self, addr: Addr) -> None:
+        node = self._by_addr.get(addr)
+        if node is None or node == self._me.node:
+            return
+        m = self._members[node]
+        if m.status not in LIVE:
+            return
+        self.counters["unreachable_hints"] += 1
+        cap = self.config.refused_suspicion_timeout_s
+        if m.status is Status.ALIVE:
+            self._log(LogLevel.INFO, f"closed port name={m.name} addr={_fmt(addr)}: suspecting")
+            self._suspect(m, m.incarnation, self._me.node, cap=cap)
+            # Ask it directly, carrying the suspicion: if it is alive after
+            # all (restarted on the same port), it refutes in one round trip.
+            self._send_ping(m, self._next_seq())
+        elif m.suspicion is not None and m.suspicion.cap is None:
+            m.suspicion.cap = cap
+            self._rearm_suspicion(m)
+
+    # --- gossip ----------------------------------------------------------------
+
+    def _gossip_targets(self) -> list[Member]:
+        cfg = self.config
+        picks = [self._members[n] for n in self._live.sample(self.rng, cfg.gossip_fanout)]
+        if self._recently_dead:
+            horizon = self._now - cfg.gossip_to_dead_s
+            for node, since in list(self._recently_dead.items()):
+                if since < horizon or node not in self._members:
+                    del self._recently_dead[node]
+            if self._recently_dead and self.rng.random() < 0.5:
+                # Occasionally tell a recently dead node, so that a node that
+                # was wrongly declared dead learns it and refutes.
+                node = self.rng.choice(list(self._recently_dead))
+                picks.append(self._members[node])
+        return picks
+
+    def _gossip_round(self) -> None:
+        if not len(self._queue):
+            return
+        for m in self._gossip_targets():
+            if not len(self._queue):
+                break
+            self._send(m.addr)
+
+    # --- membership updates --------------------------------------------------
+
+    def _on_alive(self, msg: Alive, via_sync: bool = False) -> None:
+        problem = addr_problem(msg.addr)
+        if problem:
+            self._drop("bad_addr", f"{problem} for name={msg.name}")
+            return
+        if msg.node == self._me.node:
+            self._alive_about_me(msg)
+            return
+        m = self._members.get(msg.node)
+        if m is None:
+            self._add_member(msg)
+            return
+        if msg.incarnation <= m.incarnation:
+            return
+        old_status, old_addr, old_tags, old_name = m.status, m.addr, m.tags, m.name
+        if msg.addr != m.addr:
+            if self._by_addr.get(m.addr) == m.node:
+                del self._by_addr[m.addr]
+            self._by_addr[msg.addr] = m.node
+            self._ring_dirty = True
+            self._log(LogLevel.INFO, f"member moved name={msg.name} from={_fmt(m.addr)} "
+                                     f"to={_fmt(msg.addr)}")
+        m.addr, m.name, m.incarnation, m.generation, m.tags = (
+            msg.addr, msg.name, msg.incarnation, msg.generation, msg.tags)
+        if msg.name != old_name:
+            self._index_name(m)
+        self._clear_suspicion(m)
+        if old_status is not Status.ALIVE:
+            self._set_status(m, Status.ALIVE)
+            self._set_live(m.node, True)
+            self._recently_dead.pop(m.node, None)
+            self._dead.discard(m.node)
+            if old_status is not Status.SUSPECT:
+                self._insert_probe_order(m.node)
+            self._event(EventKind.ALIVE, m)
+        elif (old_addr, old_tags, old_name) != (m.addr, m.tags, m.name):
+            self._event(EventKind.UPDATED, m)
+        self._broadcast(m.node, msg)
+
+    def _add_member(self, msg: Alive) -> None:
+        m = Member(msg.node, msg.name, msg.addr, msg.incarnation, msg.generation, msg.tags,
+                   Status.ALIVE, self._now)
+        self._members[m.node] = m
+        self._set_live(m.node, True)
+        self._by_addr[m.addr] = m.node
+        self._insert_probe_order(m.node)
+        self._index_name(m)
+        self.counters["joins"] += 1
+        self._event(EventKind.JOINED, m)
+        self._broadcast(m.node, msg)
+
+    def _index_name(self, m: Member) -> None:
+        holder = self._by_name.get(m.name)
+        if holder is not None and holder != m.node:
+            other = self._members.get(holder)
+            if other is not None and other.status in LIVE and other.name == m.name:
+                self.counters["name_conflicts"] += 1
+                self._log(LogLevel.WARNING, f"name conflict name={m.name} "
+                                            f"ids={other.node.hex()[:12]},{m.node.hex()[:12]}")
+                self._event(EventKind.NAME_CONFLICT, m, other)
+                return
+        self._by_name[m.name] = m.node
+
+    def _insert_probe_order(self, node: NodeId) -> None:
+        # A random position keeps the round-robin order random without waiting
+        # for the next reshuffle (as in memberlist).
+        pos = self.rng.randint(self._probe_index, len(self._probe_order))
+        self._probe_order.insert(pos, node)
+
+    def _alive_about_me(self, msg: Alive) -> None:
+        me = self._me
+        if msg.incarnation < me.incarnation:
+            return
+        if msg.incarnation == me.incarnation and msg == self._alive_msg():
+            return
+        if self._leaving:
+            return
+        # Someone spreads a view of us that is as new as ours but wrong (an
+        # old address or tags from before a restart): outbid it.
+        self._refute(msg.incarnation)
+
+    def _refute(self, accused_incarnation: int) -> None:
+        self.counters["refutations"] += 1
+        self._adjust_health(1)
+        self._bump_incarnation(max(self._me.incarnation, accused_incarnation) + 1)
+        self._log(LogLevel.INFO, f"refuting incarnation={self._me.incarnation}")
+        self._broadcast(self._me.node, self._alive_msg())
+
+    def _set_status(self, m: Member, status: Status) -> None:
+        m.status = status
+        m.changed_at = self._now
+
+    def _suspect(self, m: Member, incarnation: int, sender: NodeId,
+                 cap: float | None = None) -> None:
+        """Start (or confirm) a suspicion of ``m`` at ``incarnation``."""
+        if m.suspicion is not None:
+            self._confirm(m, sender)
+            return
+        cfg = self.config
+        n = self.live_count()
+        low, high = formulas.suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult,
+                                              n, cfg.probe_interval_s)
+        k = formulas.expected_confirmations(cfg.suspicion_mult, n)
+        self.counters["suspicions"] += 1
+        self._set_status(m, Status.SUSPECT)
+        m.incarnation = incarnation
+        susp = Suspicion(incarnation, sender, self._now, low, high, k, set(), 0, 0.0, cap)
+        m.suspicion = susp
+        self._rearm_suspicion(m)
+        self._event(EventKind.SUSPECT, m)
+        self._broadcast(m.node, Suspect(m.node, incarnation, sender))
+
+    def _confirm(self, m: Member, sender: NodeId) -> None:
+        susp = m.suspicion
+        assert susp is not None
+        if sender == susp.origin or sender in susp.confirmers:
+            return
+        if len(susp.confirmers) >= susp.k:
+            return
+        susp.confirmers.add(sender)
+        self.counters["confirmations"] += 1
+        self._rearm_suspicion(m)
+        # Pass the confirmation on: others' timers shrink too (dogpile).
+        self._broadcast(m.node, Suspect(m.node, susp.incarnation, sender))
+
+    def _rearm_suspicion(self, m: Member) -> None:
+        susp = m.suspicion
+        assert susp is not None
+        timeout = formulas.suspicion_timeout(susp.low, susp.high, susp.k, len(susp.confirmers))
+        deadline = susp.started + timeout
+        if susp.cap is not None:
+            deadline = min(deadline, self._now + susp.cap)
+        if susp.token and deadline >= susp.deadline:
+            return
+        if susp.token:
+            self._disarm(susp.token)
+        susp.deadline = deadline
+        susp.token = self._arm(TimerKind.SUSPICION, max(0.0, deadline - self._now),
+                               (m.node, susp.incarnation))
+
+    def _clear_suspicion(self, m: Member) -> None:
+        if m.suspicion is not None:
+            self._disarm(m.suspicion.token)
+            m.suspicion = None
+
+    def _suspicion_expired(self, ctx: object) -> None:
+        assert isinstance(ctx, tuple)
+        node, incarnation = ctx
+        m = self._members.get(node)
+        if m is None or m.status is not Status.SUSPECT or m.incarnation != incarnation:
+            return
+        m.suspicion = None
+        self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
+        self._mark_down(m, Status.DEAD, incarnation)
+        self._broadcast(m.node, Dead(m.node, incarnation, self._me.node))
+
+    def _mark_down(self, m: Member, status: Status, incarnation: int) -> None:
+        self._clear_suspicion(m)
+        m.incarnation = incarnation
+        self._set_status(m, status)
+        self._set_live(m.node, False)
+        self._recently_dead[m.node] = self._now
+        if status is Status.DEAD:
+            self._dead.add(m.node)
+        else:
+            self._dead.discard(m.node)
+        self.counters["dead" if status is Status.DEAD else "left"] += 1
+        self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
+
+    def _on_suspect(self, msg: Suspect) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if m.status not in LIVE:
+            return
+        if m is self._me:
+            if not self._leaving:
+                self._refute(msg.incarnation)
+            return
+        fresh = m.suspicion is None
+        self._suspect(m, msg.incarnation, msg.sender)
+        if fresh:
+            self._maybe_check(m)
+
+    def _maybe_check(self, m: Member) -> None:
+        """Check a freshly suspected member ourselves, with a probability that
+        gives about 2K checkers cluster-wide whatever N is: their failed pings
+        are the independent confirmations that shrink everyone's suspicion
+        timer (dogpile) without waiting for round-robin probing to get there,
+        and the load on the suspect stays O(1) per suspicion."""
+        susp = m.suspicion
+        if susp is None or susp.k < 1 or self._leaving:
+            return
+        if self.rng.random() >= min(1.0, 2 * susp.k / self.live_count()):
+            return
+        seq = self._next_seq()
+        self._checks[seq] = m.node
+        self.counters["confirm_checks"] += 1
+        self._send_ping(m, seq)
+        self._arm(TimerKind.CONFIRM_TIMEOUT, formulas.scaled(self.config.probe_timeout_s,
+                                                             self._health), seq)
+
+    def _check_timeout(self, seq: object) -> None:
+        assert isinstance(seq, int)
+        node = self._checks.pop(seq, None)
+        m = self._members.get(node) if node is not None else None
+        if m is None or m.suspicion is None or m.status is not Status.SUSPECT:
+            return
+        self._suspect(m, m.incarnation, self._me.node)
+
+    def _on_dead(self, msg: Dead) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if m is self._me:
+            if not self._leaving:
+                self._refute(msg.incarnation)
+            return
+        if m.status not in LIVE:
+            return
+        self._mark_down(m, Status.DEAD, msg.incarnation)
+        self._broadcast(m.node, msg)
+
+    def _on_left(self, msg: Left) -> None:
+        m = self._members.get(msg.node)
+        if m is None or msg.incarnation < m.incarnation:
+            return
+        if m is self._me:
+            # Only we announce our own leave; a stale one (from before a
+            # restart) is outbid.
+            if not self._leaving:
+                self._refute(msg.incarnation)
+            return
+        if m.status is Status.LEFT:
+            return
+        self._mark_down(m, Status.LEFT, msg.incarnation)
+        self._broadcast(m.node, msg)
+
+    # --- packets -------------------------------------------------------------
+
+    def _on_packet(self, src: Addr, data: bytes) -> None:
+        self.counters["packets_in"] += 1
+        self.counters["bytes_in"] += len(data)
+        try:
+            msgs, errors = codec.decode_packet(data)
+        except DecodeError as err:
+            self._drop(err.reason, f"from={_fmt(src)}")
+            return
+        for bad in errors:
+            self._drop(bad.reason, f"from={_fmt(src)}")
+        for msg in msgs:
+            self._dispatch(src, msg)
+
+    def _dispatch(self, src: Addr, msg: Message) -> None:
+        self.counters[f"msg_in.{type(msg).__name__.lower()}"] += 1
+        match msg:
+            case Ping():
+                self._on_ping(src, msg)
+            case Ack(seq):
+                self._on_ack(src, seq)
+            case Nack(seq):
+                self._on_nack(seq)
+            case PingReq():
+                self._on_ping_req(src, msg)
+            case Alive():
+                self._on_alive(msg)
+            case Suspect():
+                self._on_suspect(msg)
+            case Dead():
+                self._on_dead(msg)
+            case Left():
+                self._on_left(msg)
+            case PushPull():
+                self._drop("push_pull_in_datagram")
+
+    # --- push-pull (anti-entropy) -------------------------------------------
+
+    def _state(self, join: bool) -> bytes:
+        return codec.encode(PushPull(join, tuple(m.state() for m in self._members.values())))
+
+    def _open_push_pull(self, addr: Addr, ctx: StreamCtx, join: bool) -> None:
+        self._next_stream += 1
+        self._streams[self._next_stream] = ctx
+        self.counters["push_pull_out"] += 1
+        self._out.append(OpenStream(self._next_stream, addr, self._state(join)))
+
+    def _push_pull_tick(self) -> None:
+        cfg = self.config
+        n = self.live_count()
+        self._arm(TimerKind.PUSH_PULL, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        if self._leaving:
+            return
+        syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
+        if syncs >= cfg.max_concurrent_syncs:
+            self.counters["push_pull_skipped"] += 1
+            return
+        picks = self._live.sample(self.rng, 1)
+        if picks:
+            self._open_push_pull(self._members[picks[0]].addr, StreamCtx("sync"), join=False)
+
+    def _reconnect_tick(self) -> None:
+        self._arm(TimerKind.RECONNECT, self.config.reconnect_interval_s)
+        if self._leaving:
+            return
+        candidates = [self._members[n].addr for n in self._dead]
+        candidates += [s for s in self._seeds if self._by_addr.get(s) not in self._live]
+        if not candidates:
+            return
+        syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
+        if syncs >= self.config.max_concurrent_syncs:
+            return
+        self.counters["reconnects"] += 1
+        self._open_push_pull(self.rng.choice(candidates), StreamCtx("sync"), join=False)
+
+    def _on_stream_request(self, stream: int, src: Addr, data: bytes) -> None:
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, f"stream from={_fmt(src)}")
+            self._out.append(StreamReply(stream, None))
+            return
+        if not isinstance(msg, PushPull):
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            self._out.append(StreamReply(stream, None))
+            return
+        self.counters["push_pull_in"] += 1
+        # Reply with our state as it was before the merge: the peer already
+        # has what it sent us.
+        self._out.append(StreamReply(stream, self._state(False)))
+        self._merge(msg)
+
+    def _on_stream_response(self, stream: int, data: bytes) -> None:
+        ctx = self._streams.pop(stream, None)
+        if ctx is None:
+            return
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, "stream reply")
+            self._stream_done(ctx, ok=False)
+            return
+        if not isinstance(msg, PushPull):
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            self._stream_done(ctx, ok=False)
+            return
+        self._merge(msg)
+        self._stream_done(ctx, ok=True)
+
+    def _on_stream_failed(self, stream: int, reason: str) -> None:
+        ctx = self._streams.pop(stream, None)
+        if ctx is None:
+            return
+        self.counters["push_pull_failed"] += 1
+        level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
+        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}")
+        self._stream_done(ctx, ok=False)
+
+    def _stream_done(self, ctx: StreamCtx, ok: bool) -> None:
+        if ctx.purpose != "join":
+            return
+        batch = self._batches.get(ctx.batch)
+        if batch is None:
+            return
+        batch.pending -= 1
+        if ok:
+            batch.ok += 1
+        else:
+            batch.failed += 1
+        if batch.pending == 0:
+            del self._batches[ctx.batch]
+            self._out.append(JoinDone(batch.ok, batch.failed))
+
+    def _merge(self, msg: PushPull) -> None:
+        """Merge a peer's full state. Their "dead" is only a suspicion to us:
+        a stale view must not kill a node our own probes can still reach."""
+        for st in msg.members:
+            alive = Alive(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags)
+            m = self._members.get(st.node)
+            if m is None and st.status in (Status.DEAD, Status.LEFT):
+                if st.node != self._me.node and not addr_problem(st.addr):
+                    self._add_down(st)
+                continue
+            match st.status:
+                case Status.ALIVE:
+                    self._on_alive(alive)
+                case Status.SUSPECT | Status.DEAD:
+                    self._on_alive(alive)
+                    self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                case Status.LEFT:
+                    self._on_left(Left(st.node, st.incarnation))
+
+    def _add_down(self, st: MemberState) -> None:
+        # Remember nodes we only know as dead/left: partition healing retries
+        # them, and a stale "alive" about them cannot resurrect them.
+        m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status,
+                   self._now)
+        self._members[m.node] = m
+        self._by_addr.setdefault(m.addr, m.node)
+        if st.status is Status.DEAD:
+            self._dead.add(m.node)
+
+    def _reap(self) -> None:
+        horizon = self._now - self.config.dead_reclaim_s
+        for m in list(self._members.values()):
+            if m.status in LIVE or m.changed_at > horizon or m is self._me:
+                continue
+            del self._members[m.node]
+            if self._by_addr.get(m.addr) == m.node:
+                del self._by_addr[m.addr]
+            if self._by_name.get(m.name) == m.node:
+                del self._by_name[m.name]
+            self._recently_dead.pop(m.node, None)
+            self._dead.discard(m.node)
+            self._event(EventKind.REAPED, m)
+
+
+def _fmt(addr: Addr) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,1 @@
+"""SWIM failure detection with the Lifeguard refinements (pure formulas and state)."""
