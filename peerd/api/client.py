@@ -1,0 +1,465 @@
+"""Clients for the local API: an async trio client and a blocking one.
+
+Both speak :mod:`peerd.api.protocol` over the daemon's Unix socket::
+
+    async with Client() as peerd:                    # trio
+        members = await peerd.call("members")
+        async with peerd.watch(["members"]) as events:
+            async for ev in events:
+                print(ev.event, ev.data["name"])
+
+    with BlockingClient() as peerd:                  # scripts, the CLI
+        print(peerd.call("status")["health"])
+
+Errors: :class:`~peerd.api.protocol.ApiError` when the daemon answers a
+request with an error (``code`` says which), :class:`DaemonUnavailable` when
+the socket cannot be reached, :class:`ConnectionLost` when an established
+connection breaks. Both of the latter are ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from peerd.api.protocol import (
+    DEFAULT_MAX_FRAME,
+    STREAM_END,
+    ApiError,
+    Event,
+    FrameDecoder,
+    FrameError,
+    Op,
+    Request,
+    Response,
+    Topic,
+    encode_frame,
+    parse_server_frame,
+)
+
+__all__ = [
+    "ApiError",
+    "BlockingClient",
+    "Client",
+    "ConnectionLost",
+    "DaemonUnavailable",
+    "Event",
+    "Watch",
+    "default_socket_path",
+]
+
+SOCKET_ENV = "PEERD_API_SOCKET"
+SYSTEM_SOCKET_PATH = "/run/peerd/peerd.sock"
+DEFAULT_WATCH_BUFFER = 1024
+_RECEIVE_CHUNK = 65536
+
+
+def default_socket_path() -> str:
+    """Where the local daemon listens, by the same rules the agent binds with.
+
+    ``$PEERD_API_SOCKET`` wins. Otherwise root (a system service) uses
+    /run/peerd/peerd.sock; other users get a per-user socket so that an
+    unprivileged daemon works without any setup: under ``$XDG_RUNTIME_DIR``
+    (private to the user, cleaned at logout) or else /tmp/peerd-<uid>/."""
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return env
+    uid = os.getuid()
+    if uid == 0:
+        return SYSTEM_SOCKET_PATH
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "peerd", "peerd.sock")
+    return f"/tmp/peerd-{uid}/peerd.sock"
+
+
+class DaemonUnavailable(ConnectionError):
+    """The daemon's socket could not be connected to (not running, wrong path,
+    no permission)."""
+
+
+class ConnectionLost(ConnectionError):
+    """An established connection to the daemon broke (closed, reset, or it sent
+    something that is not the protocol)."""
+
+
+def _connect_error(path: str, exc: OSError) -> DaemonUnavailable:
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, PermissionError):
+        return DaemonUnavailable(
+            f"cannot connect to peerd at {path}: {reason} "
+            "(is your user in the socket's group?)")
+    return DaemonUnavailable(f"peerd is not running at {path}? (connect: {reason})")
+
+
+def _connection_error(response: Response) -> Exception:
+    """A response with id null: the server is closing the connection, and why."""
+    assert response.error is not None
+    return ApiError(response.error.code, response.error.message)
+
+
+# --- async client -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    response: Response | None = None
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class _StreamState:
+    send: trio.MemorySendChannel[Event]
+    error: Exception | None = None
+
+
+class Client:
+    """Async client (trio). Use as ``async with Client(path) as c:``.
+
+    One background task reads frames and routes each response to the call
+    waiting for its id, and each event to its watch; so any number of tasks
+    may call concurrently over one connection (requests are pipelined).
+
+    ``stream`` lets tests (or unusual transports) supply a connected
+    ``trio.abc.Stream`` instead of a socket path."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 stream: trio.abc.Stream | None = None, max_frame: int = DEFAULT_MAX_FRAME,
+                 watch_buffer: int = DEFAULT_WATCH_BUFFER) -> None:
+        self.path = os.fspath(path) if path is not None else default_socket_path()
+        self.max_frame = max_frame
+        self.watch_buffer = watch_buffer
+        self._stream = stream
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._streams: dict[int, _StreamState] = {}
+        self._send_lock = trio.Lock()
+        self._broken: Exception | None = None
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+
+    async def __aenter__(self) -> Client:
+        if self._stream is None:
+            try:
+                self._stream = await trio.open_unix_socket(self.path)
+            except OSError as exc:
+                raise _connect_error(self.path, exc) from None
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        self._nursery.start_soon(self._read_loop)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        assert self._nursery is not None and self._stream is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            result: bool | None = await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        finally:
+            self._fail(ConnectionLost("client closed"))
+            await trio.aclose_forcefully(self._stream)
+        return result
+
+    async def call(self, op: str, /, **args: Any) -> Any:
+        """Perform ``op`` with keyword ``args``; returns the result or raises ApiError."""
+        return await self.request(op, args)
+
+    async def request(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Like :meth:`call`, with args as a mapping (for keys that are not identifiers)."""
+        return await self._roundtrip(next(self._ids), op, args)
+
+    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Watch:
+        """A stream of events for ``topics``: an async iterator of :class:`Event`,
+        best used as ``async with client.watch([...]) as events`` so that it is
+        unwatched on exit. The watch starts on entry (or the first iteration);
+        events arriving before you iterate are buffered (``watch_buffer``
+        events; past that the watch ends with an error rather than block the
+        connection's other calls)."""
+        return Watch(self, list(topics))
+
+    async def _roundtrip(self, rid: int, op: str, args: Mapping[str, Any] | None) -> Any:
+        if self._broken is not None:
+            raise self._broken
+        frame = encode_frame(Request(rid, op, dict(args or {})), max_frame=self.max_frame)
+        pending = self._pending[rid] = _Pending()
+        try:
+            await self._send(frame)
+            await pending.done.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.response is not None
+        return pending.response.unwrap()
+
+    async def _send(self, frame: bytes) -> None:
+        assert self._stream is not None
+        async with self._send_lock:
+            if self._broken is not None:
+                raise self._broken
+            # Cancelled here, nothing was written; cancelled inside send_all,
+            # part of a frame may be on the wire and the stream is unusable.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                await self._stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(ConnectionLost(f"connection to peerd lost: {exc}"))
+                raise ConnectionLost(f"connection to peerd lost: {exc}") from None
+            except BaseException:
+                self._fail(ConnectionLost("a request was interrupted while being sent"))
+                raise
+
+    async def _read_loop(self) -> None:
+        assert self._stream is not None
+        decoder = FrameDecoder(self.max_frame)
+        try:
+            while True:
+                data = await self._stream.receive_some(_RECEIVE_CHUNK)
+                if not data:
+                    raise ConnectionLost("peerd closed the connection")
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    self._dispatch(parse_server_frame(frame))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(ConnectionLost(f"connection to peerd lost: {exc}"))
+        except FrameError as exc:
+            self._fail(ConnectionLost(f"peerd sent a bad frame: {exc.message}"))
+        except (ConnectionLost, ApiError) as exc:
+            self._fail(exc)
+
+    def _dispatch(self, msg: Response | Event) -> None:
+        if isinstance(msg, Event):
+            state = self._streams.get(msg.stream)
+            if state is None:
+                return  # late event of a stream we closed
+            if msg.event == STREAM_END:
+                code, message = msg.data.get("code"), msg.data.get("message")
+                if isinstance(code, str):
+                    state.error = ApiError(code, str(message or "stream ended"))
+                self._end_stream(msg.stream)
+                return
+            try:
+                state.send.send_nowait(msg)
+            except trio.WouldBlock:
+                state.error = ConnectionLost(
+                    f"watch {msg.stream} fell behind by {self.watch_buffer} events; ended")
+                self._end_stream(msg.stream)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._send_unwatch, msg.stream)
+            return
+        if msg.id is None:
+            raise _connection_error(msg)
+        pending = self._pending.get(msg.id)
+        if pending is not None and not pending.done.is_set():
+            pending.response = msg
+            pending.done.set()
+
+    def _end_stream(self, stream: int) -> None:
+        state = self._streams.pop(stream, None)
+        if state is not None:
+            state.send.close()
+
+    async def _send_unwatch(self, stream: int) -> None:
+        """Ask the daemon to stop a stream, without waiting for the reply: the
+        stream is already closed on our side, and an unwatch racing the
+        daemon's own end of the stream may fairly be answered not_found."""
+        frame = encode_frame(Request(next(self._ids), Op.UNWATCH, {"stream": stream}))
+        with contextlib.suppress(ConnectionError):
+            await self._send(frame)
+
+    def _fail(self, exc: Exception) -> None:
+        """Wake every waiter with ``exc``; later calls raise it at once."""
+        if self._broken is None:
+            self._broken = exc
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.error = exc
+                pending.done.set()
+        for stream in list(self._streams):
+            self._streams[stream].error = exc
+            self._end_stream(stream)
+
+
+class Watch:
+    """An open (or about to open) watch: async iterator of :class:`Event`,
+    async context manager that unwatches on exit.
+
+    Iteration stops when the daemon ends the stream normally; it raises
+    ApiError if the daemon ended it with an error, and ConnectionLost if the
+    connection broke or this watcher fell behind."""
+
+    def __init__(self, client: Client, topics: list[str]) -> None:
+        self._client = client
+        self.topics = topics
+        self.stream: int | None = None
+        self._receive: trio.MemoryReceiveChannel[Event] | None = None
+        self._state: _StreamState | None = None
+
+    async def start(self) -> None:
+        """Send the watch request and wait for the daemon to accept it."""
+        if self.stream is not None:
+            return
+        client = self._client
+        rid = next(client._ids)
+        send, self._receive = trio.open_memory_channel[Event](client.watch_buffer)
+        # Registered before the request goes out: events may follow the reply
+        # in the same read, and must find their stream.
+        self._state = client._streams[rid] = _StreamState(send)
+        self.stream = rid
+        try:
+            await client._roundtrip(rid, Op.WATCH, {"topics": self.topics})
+        except BaseException:
+            client._end_stream(rid)
+            raise
+
+    async def aclose(self) -> None:
+        """Unwatch (if still open). Events already buffered are dropped."""
+        if self.stream is None or self._receive is None:
+            return
+        self._receive.close()
+        if self._client._streams.get(self.stream) is self._state:
+            self._client._end_stream(self.stream)
+            await self._client._send_unwatch(self.stream)
+
+    async def __aenter__(self) -> Watch:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> Event:
+        await self.start()
+        assert self._receive is not None and self._state is not None
+        try:
+            event: Event = await self._receive.receive()
+            return event
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._state.error is not None:
+                raise self._state.error from None
+            raise StopAsyncIteration from None
+
+
+# --- blocking client -----------------------------------------------------------------
+
+
+class BlockingClient:
+    """A small synchronous client on a plain socket, for scripts and the CLI.
+
+    Calls are sequential (one request, then its response). ``timeout`` (seconds)
+    bounds each call's wait; watches wait without limit."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.path = os.fspath(path) if path is not None else default_socket_path()
+        self.timeout = timeout
+        self._decoder = FrameDecoder(max_frame)
+        self.max_frame = max_frame
+        self._ids = itertools.count(1)
+        self._events: dict[int, collections.deque[Event]] = {}
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(self.path)
+        except OSError as exc:
+            self._sock.close()
+            raise _connect_error(self.path, exc) from None
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def call(self, op: str, /, **args: Any) -> Any:
+        """Perform ``op``; returns the result or raises ApiError / ConnectionError."""
+        return self.request(op, args)
+
+    def request(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        rid = next(self._ids)
+        self._send(Request(rid, op, dict(args or {})))
+        return self._wait_response(rid, self.timeout).unwrap()
+
+    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Iterator[Event]:
+        """Yield events for ``topics`` until the daemon ends the stream (or
+        raise as :class:`Watch` does). Closing the generator unwatches."""
+        rid = next(self._ids)
+        self._events[rid] = collections.deque()
+        try:
+            self._send(Request(rid, Op.WATCH, {"topics": list(topics)}))
+            self._wait_response(rid, self.timeout).unwrap()
+            while True:
+                queue = self._events[rid]
+                while queue:
+                    ev = queue.popleft()
+                    if ev.event == STREAM_END:
+                        code = ev.data.get("code")
+                        if isinstance(code, str):
+                            raise ApiError(code, str(ev.data.get("message") or "stream ended"))
+                        return
+                    yield ev
+                self._read_one(None)
+        finally:
+            del self._events[rid]
+            # Best effort: the connection may be gone already.
+            with contextlib.suppress(OSError, ValueError):
+                self._send(Request(next(self._ids), Op.UNWATCH, {"stream": rid}))
+
+    def _send(self, request: Request) -> None:
+        frame = encode_frame(request, max_frame=self.max_frame)
+        try:
+            self._sock.sendall(frame)
+        except OSError as exc:
+            raise ConnectionLost(f"connection to peerd lost: {exc}") from None
+
+    def _wait_response(self, rid: int, timeout: float | None) -> Response:
+        while True:
+            msg = self._read_one(timeout)
+            if isinstance(msg, Response) and msg.id == rid:
+                return msg
+
+    def _read_one(self, timeout: float | None) -> Response | Event:
+        """Read until one frame is complete; events go to their watch's queue."""
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except FrameError as exc:
+                raise ConnectionLost(f"peerd sent a bad frame: {exc.message}") from None
+            if frame is not None:
+                try:
+                    msg = parse_server_frame(frame)
+                except FrameError as exc:
+                    raise ConnectionLost(f"peerd sent a bad frame: {exc.message}") from None
+                if isinstance(msg, Event):
+                    queue = self._events.get(msg.stream)
+                    if queue is not None:
+                        queue.append(msg)
+                elif msg.id is None:
+                    raise _connection_error(msg)
+                return msg
+            self._sock.settimeout(timeout)
+            try:
+                data = self._sock.recv(_RECEIVE_CHUNK)
+            except TimeoutError:
+                raise TimeoutError(f"peerd did not answer within {timeout} s") from None
+            except OSError as exc:
+                raise ConnectionLost(f"connection to peerd lost: {exc}") from None
+            if not data:
+                raise ConnectionLost("peerd closed the connection")
+            self._decoder.feed(data)

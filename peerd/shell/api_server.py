@@ -1,0 +1,623 @@
+"""The local API server: applications and the CLI talk to the daemon here.
+
+Protocol: :mod:`peerd.api.protocol`, spec ``proto/api.cddl``. This module is
+only transport: it accepts Unix-socket connections, splits them into frames,
+hands each request to a :class:`Backend` and writes back what the backend
+answers. What an op *means* is the backend's business (the daemon's runner
+implements it), so new ops (registry, messaging) need no change here.
+
+Shape of one connection (all tasks in one nursery per connection)::
+
+    reader ──request──> handler task ─┐
+       │                handler task ─┼──> outgoing queue ──> writer ──> socket
+       │                watch stream ─┘        (frames)
+       └─ bad frame: error frame (id null), then close
+
+* Every frame goes through one queue and one writer task, so a frame is never
+  interleaved with another and cancelling a handler can never cut a frame in
+  half on the socket.
+* Requests run concurrently (pipelining), at most ``max_inflight`` per
+  connection: past that the reader stops reading, and the kernel's socket
+  buffer pushes back on the client instead of our memory growing.
+* ``watch`` and ``unwatch`` are handled here, because streams are a transport
+  concern: the backend only hands over a channel of events per watch.
+* A client that stops reading fills the bounded queue; handlers then wait, and
+  the backend sees ``push_nowait`` fail or its watch channel fill up, and may
+  drop the watcher. Nothing a client does can block the daemon's core.
+
+Access control is the socket file's permissions (the directory is 0o750, the
+socket 0o660). Each connection also records the peer's credentials
+(SO_PEERCRED: pid, uid, gid) for backends that want finer rules and for logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
+
+import trio
+
+from peerd.api.protocol import (
+    DEFAULT_MAX_FRAME,
+    STREAM_END,
+    ApiError,
+    ErrorCode,
+    Event,
+    FrameDecoder,
+    FrameError,
+    Op,
+    Request,
+    Response,
+    encode_frame,
+    parse_request,
+    parse_unwatch_args,
+    parse_watch_args,
+)
+
+__all__ = [
+    "ApiError",
+    "ApiServer",
+    "ApiSocketError",
+    "Backend",
+    "Connection",
+    "PeerCred",
+    "bind_api_socket",
+    "serve_api",
+]
+
+log = logging.getLogger("peerd.api")
+
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_INFLIGHT = 64  # concurrent requests per connection before the reader pauses
+OUTGOING_QUEUE_FRAMES = 256  # frames waiting for the writer, per connection
+CLOSE_GRACE_S = 5.0  # time to flush the last frames to a client we are closing
+RECEIVE_CHUNK = 65536
+SOCKET_MODE = 0o660
+DIRECTORY_MODE = 0o750
+LISTEN_BACKLOG = 128
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+class ApiSocketError(Exception):
+    """The API socket could not be set up (in use, not a socket, no permission).
+    The message is one line fit for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    """Credentials of the process at the other end of a Unix socket, as the
+    kernel recorded them at connect time (they cannot be forged)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+EventItem: TypeAlias = tuple[str, dict[str, Any]]
+"""What a watch channel carries: ``(event name, data map)``."""
+
+
+class Connection:
+    """One client connection, as the backend sees it.
+
+    ``id`` is unique for the server's lifetime (a key for registrations bound
+    to this connection). ``cred`` is None when the transport has no peer
+    credentials (tests over memory streams, non-Linux systems)."""
+
+    def __init__(self, conn_id: int, cred: PeerCred | None,
+                 outgoing: trio.MemorySendChannel[bytes], max_frame: int,
+                 max_inflight: int) -> None:
+        self.id = conn_id
+        self.cred = cred
+        self._outgoing = outgoing
+        self._max_frame = max_frame
+        self._cancel_scope = trio.CancelScope()
+        self._inflight = trio.Semaphore(max_inflight)
+        # id -> the request using it (a watch keeps its id until its stream ends)
+        self._ids_in_use: dict[int, Request] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._reading = True
+        self._closed = False
+
+    def __repr__(self) -> str:
+        who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
+        return f"<Connection {self.id}{who}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def streams(self) -> frozenset[int]:
+        """Ids of the watch streams open on this connection."""
+        return frozenset(self._streams)
+
+    def push_nowait(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
+        """Queue an event frame ``{"stream", "event", "data"}`` without waiting.
+
+        For events that belong to a request the backend answered earlier (for
+        instance a registry conflict on the stream of a ``register`` request).
+        Returns False if the connection is closed or its queue is full (the
+        client is not reading); the backend decides whether that is fatal
+        (:meth:`close`). Raises ValueError if the frame cannot be encoded."""
+        frame = self._encode_event(stream, event, data)
+        try:
+            self._outgoing.send_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
+        """Like :meth:`push_nowait` but waits for room. False if the connection closed."""
+        frame = self._encode_event(stream, event, data)
+        try:
+            await self._outgoing.send(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def close(self) -> None:
+        """Drop the connection now (pending requests are cancelled)."""
+        self._cancel_scope.cancel()
+
+    def _encode_event(self, stream: int, event: str, data: Mapping[str, Any]) -> bytes:
+        try:
+            return encode_frame(Event(stream, event, dict(data)), max_frame=self._max_frame)
+        except FrameError as exc:
+            raise ValueError(exc.message) from None
+        except Exception as exc:
+            raise ValueError(f"event {event!r} cannot be encoded: {exc}") from exc
+
+
+@dataclass(slots=True)
+class _Stream:
+    scope: trio.CancelScope
+    channel: trio.abc.ReceiveChannel[EventItem]
+
+
+class Backend(Protocol):
+    """What the API server needs from the daemon. The runner implements it.
+
+    All three methods run in the daemon's trio thread, called from the
+    server's connection tasks.
+
+    ``async call(conn, op, args) -> result``
+        Perform one request and return its result, which must be
+        CBOR-encodable (dict, list, str, int, bool, None, bytes). ``args`` is the
+        request's args map (keys are text; values unchecked: validate them, the
+        ``parse_*_args`` helpers in :mod:`peerd.api.protocol` do it for the
+        current ops). Raise :class:`~peerd.api.protocol.ApiError` to answer with
+        an error: ``unknown_op`` for an op the backend does not know,
+        ``bad_args``, ``not_found``, ``conflict``, ``unavailable`` (e.g. still
+        starting, or leaving). Any other exception is answered as ``internal``
+        and logged with its traceback: it is a bug.
+
+        Calls run concurrently, several per connection, so a slow op (``join``,
+        ``leave``) does not hold up others. A call is cancelled when its client
+        disconnects or the server stops, so it must be cancel-safe: hand the
+        work to the core and await its answer, rather than half-apply state
+        from the calling task. ``watch`` and ``unwatch`` never reach ``call``.
+
+    ``watch(conn, topics) -> ReceiveChannel[(event, data)]``
+        Start a watch for ``topics`` (deduplicated, non-empty; ``"members"``
+        for now) and return the receiving end of a channel of ``(event name,
+        data map)`` items, typically ``trio.open_memory_channel(N)[1]``. Raise
+        ApiError (``bad_args``) for an unknown topic. It is synchronous so
+        that registering cannot interleave with event delivery: no event is
+        lost between the snapshot a client takes and its watch.
+
+        The backend keeps the sending end and should feed it with
+        ``send_nowait``: on ``trio.WouldBlock`` the watcher is too slow and the
+        backend should close its sending end (the client gets an ``end``
+        event); on ``trio.BrokenResourceError`` the server has closed the
+        stream (unwatch, disconnect) and the backend should forget it. To end
+        a stream with a reason, send ``("end", {"code": ..., "message": ...})``
+        and close. The server forwards each item as an event frame whose
+        ``stream`` is the watch request's id.
+
+    ``connection_closed(conn)``
+        Called once per connection, after all its calls have finished or been
+        cancelled and its streams closed. Drop whatever is bound to the
+        connection (registrations, in a later version). Must not block; an
+        exception is logged and ignored.
+    """
+
+    async def call(self, conn: Connection, op: str, args: dict[str, Any]) -> Any: ...
+
+    def watch(self, conn: Connection,
+              topics: Sequence[str]) -> trio.abc.ReceiveChannel[EventItem]: ...
+
+    def connection_closed(self, conn: Connection) -> None: ...
+
+
+ListenerArg: TypeAlias = (
+    str | os.PathLike[str] | socket.socket | trio.socket.SocketType
+    | trio.abc.Listener[trio.abc.Stream]
+)
+
+
+async def serve_api(
+    listener: ListenerArg,
+    backend: Backend,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until cancelled.
+
+    ``listener`` is one of:
+
+    * a filesystem path: bind a Unix stream socket there (see
+      :func:`bind_api_socket`), and remove the socket file again on exit;
+    * an already bound and listening socket (stdlib or trio), e.g. from
+      systemd socket activation; it is left in place on exit;
+    * any ``trio.abc.Listener`` (tests use in-memory listeners).
+
+    Use with ``await nursery.start(serve_api, path, backend)``: ``start``
+    returns once the socket accepts connections, with the :class:`ApiServer`
+    (its ``path``, live ``connections`` and ``counters``). Setup problems raise
+    :class:`ApiSocketError` before that point.
+    """
+    server = ApiServer(backend, max_frame=max_frame, max_connections=max_connections)
+    await server.serve(listener, task_status=task_status)
+
+
+class ApiServer:
+    """The accept loop and the per-connection machinery. See :func:`serve_api`."""
+
+    def __init__(self, backend: Backend, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+        self.backend = backend
+        self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.max_inflight = max_inflight
+        self.path: str | None = None
+        self.connections: dict[int, Connection] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._ids = itertools.count(1)
+
+    async def serve(self, listener: ListenerArg, *,
+                    task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED) -> None:
+        owned_inode: tuple[int, int] | None = None
+        if isinstance(listener, str | os.PathLike):
+            self.path = os.fspath(listener)
+            sock = await bind_api_socket(self.path)
+            st = os.stat(self.path)
+            owned_inode = (st.st_dev, st.st_ino)
+            listener = trio.SocketListener(sock)
+        elif isinstance(listener, socket.socket):
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+        elif isinstance(listener, trio.socket.SocketType):
+            listener = trio.SocketListener(listener)
+        try:
+            async with listener, trio.open_nursery() as nursery:
+                task_status.started(self)
+                await self._accept_loop(listener, nursery)
+        finally:
+            if owned_inode is not None and self.path is not None:
+                _unlink_if_ours(self.path, owned_inode)
+
+    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream],
+                           nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                # Out of file descriptors or memory: keep the daemon up, retry
+                # shortly (existing connections may close and free some).
+                log.error("API accept failed: %s; retrying", exc)
+                self.counters["accept_errors"] += 1
+                await trio.sleep(0.1)
+                continue
+            if len(self.connections) >= self.max_connections:
+                self.counters["refused_connections"] += 1
+                nursery.start_soon(self._refuse, stream)
+            else:
+                # Registered here, before its task runs, so that the limit
+                # holds even when many connections arrive at once.
+                send, receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_FRAMES)
+                conn = Connection(next(self._ids), peer_cred(stream), send, self.max_frame,
+                                  self.max_inflight)
+                self.connections[conn.id] = conn
+                nursery.start_soon(self._serve_connection, stream, conn, receive)
+
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        """Tell a client over the limit why, instead of leaving it hanging."""
+        frame = encode_frame(Response.failure(
+            None, ErrorCode.UNAVAILABLE,
+            f"too many API connections (limit {self.max_connections})"))
+        with trio.move_on_after(CLOSE_GRACE_S), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(frame)
+        await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream, conn: Connection,
+                                receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        send = conn._outgoing
+        self.counters["connections"] += 1
+        log.debug("API connection %r opened", conn)
+        try:
+            with conn._cancel_scope:
+                async with trio.open_nursery() as top:
+                    top.start_soon(_write_loop, stream, receive, top.cancel_scope)
+                    async with send:
+                        async with trio.open_nursery() as work:
+                            error = await self._read_loop(stream, conn, work)
+                            conn._reading = False
+                            if error is not None:
+                                work.cancel_scope.cancel()
+                            else:
+                                # EOF: let pending calls answer; streams would never end.
+                                for s in list(conn._streams.values()):
+                                    s.scope.cancel()
+                        if error is not None:
+                            self.counters["bad_frames"] += 1
+                            log.info("API connection %r: %s; closing", conn, error.message)
+                            frame = encode_frame(Response.failure(None, error.code,
+                                                                  error.message))
+                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                                send.send_nowait(frame)
+                    # The queue is closed: the writer drains it and exits. Bound
+                    # that for a client that does not read.
+                    top.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_S
+        except Exception:
+            # A bug in one connection must not take the server down with it.
+            self.counters["internal_errors"] += 1
+            log.exception("API connection %r failed", conn)
+        finally:
+            conn._closed = True
+            del self.connections[conn.id]
+            conn._streams.clear()
+            try:
+                self.backend.connection_closed(conn)
+            except Exception:
+                log.exception("API backend failed in connection_closed(%r)", conn)
+            await trio.aclose_forcefully(stream)
+            log.debug("API connection %r closed", conn)
+
+    async def _read_loop(self, stream: trio.abc.Stream, conn: Connection,
+                         work: trio.Nursery) -> FrameError | None:
+        """Read and dispatch requests until EOF (None) or a bad frame (the error)."""
+        decoder = FrameDecoder(self.max_frame)
+        while True:
+            try:
+                data = await stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if not data:
+                return None
+            decoder.feed(data)
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                    if frame is None:
+                        break
+                    request = parse_request(frame)
+                except FrameError as exc:
+                    return exc
+                self.counters["requests"] += 1
+                await conn._inflight.acquire()
+                # Checked here, in arrival order: handler tasks start in no
+                # particular order.
+                in_use = request.id in conn._ids_in_use
+                if not in_use:
+                    conn._ids_in_use[request.id] = request
+                work.start_soon(self._handle, conn, request, in_use)
+
+    async def _handle(self, conn: Connection, request: Request, id_in_use: bool) -> None:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                conn._inflight.release()
+
+        try:
+            if id_in_use:
+                response = Response.failure(
+                    request.id, ErrorCode.CONFLICT,
+                    f"request id {request.id} is already in use on this connection")
+            elif request.op == Op.WATCH:
+                await self._watch(conn, request, release)
+                return
+            else:
+                response = await self._call(conn, request)
+            await conn._outgoing.send(self._encode_response(response))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # connection going away; nobody to answer
+        finally:
+            if conn._ids_in_use.get(request.id) is request:
+                del conn._ids_in_use[request.id]
+            release()
+
+    async def _call(self, conn: Connection, request: Request) -> Response:
+        try:
+            if request.op == Op.UNWATCH:
+                return Response.success(request.id, self._unwatch(conn, request.args))
+            result = await self.backend.call(conn, request.op, request.args)
+            return Response.success(request.id, result)
+        except ApiError as exc:
+            return Response.failure(request.id, exc.code, exc.message)
+        except Exception as exc:
+            self.counters["internal_errors"] += 1
+            log.exception("API op %r failed on %r", request.op, conn)
+            return Response.failure(request.id, ErrorCode.INTERNAL,
+                                    f"{request.op}: {type(exc).__name__}: {exc}")
+
+    def _encode_response(self, response: Response) -> bytes:
+        """Encode, turning an unencodable or oversized result into an internal error."""
+        try:
+            return encode_frame(response, max_frame=self.max_frame)
+        except Exception as exc:
+            self.counters["internal_errors"] += 1
+            log.error("API response to request %s cannot be sent: %s", response.id, exc)
+            message = exc.message if isinstance(exc, FrameError) else f"unencodable: {exc}"
+            return encode_frame(Response.failure(response.id, ErrorCode.INTERNAL,
+                                                 f"result cannot be sent: {message}"))
+
+    async def _watch(self, conn: Connection, request: Request,
+                     release: Callable[[], None]) -> None:
+        try:
+            topics = parse_watch_args(request.args)
+            channel = self.backend.watch(conn, topics)
+        except ApiError as exc:
+            await conn._outgoing.send(self._encode_response(
+                Response.failure(request.id, exc.code, exc.message)))
+            return
+        except Exception as exc:
+            log.exception("API backend failed in watch(%r) on %r", request.args, conn)
+            await conn._outgoing.send(self._encode_response(Response.failure(
+                request.id, ErrorCode.INTERNAL, f"watch: {type(exc).__name__}: {exc}")))
+            return
+        entry = _Stream(trio.CancelScope(), channel)
+        try:
+            if not conn._reading:
+                return  # the client hung up while we set up the watch
+            conn._streams[request.id] = entry
+            with entry.scope:
+                await conn._outgoing.send(self._encode_response(
+                    Response.success(request.id, {})))
+                release()  # a long-lived stream does not count as an in-flight request
+                await self._forward(conn, request.id, channel)
+        finally:
+            if conn._streams.get(request.id) is entry:
+                del conn._streams[request.id]
+            # Closing our end tells the backend (BrokenResourceError on send).
+            await trio.aclose_forcefully(channel)
+
+    async def _forward(self, conn: Connection, stream_id: int,
+                       channel: trio.abc.ReceiveChannel[EventItem]) -> None:
+        async for item in channel:
+            try:
+                name, data = item
+                if type(name) is not str or not isinstance(data, Mapping):
+                    raise ValueError(f"not an (event, data) pair: {item!r:.80}")
+                frame = conn._encode_event(stream_id, name, data)
+            except ValueError as exc:
+                self.counters["internal_errors"] += 1
+                log.error("API watch %s on %r: dropping event: %s", stream_id, conn, exc)
+                continue
+            await conn._outgoing.send(frame)
+            if name == STREAM_END:
+                return
+        # The backend closed the stream without saying why.
+        await conn._outgoing.send(conn._encode_event(stream_id, STREAM_END, {}))
+
+    def _unwatch(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
+        stream_id = parse_unwatch_args(args)
+        entry = conn._streams.pop(stream_id, None)
+        if entry is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no open stream {stream_id}")
+        # Cancelling before the reply is queued guarantees no event of this
+        # stream follows the reply: a cancelled task cannot queue another frame.
+        entry.scope.cancel()
+        conn._ids_in_use.pop(stream_id, None)  # the id may be reused at once
+        return {}
+
+
+async def _write_loop(stream: trio.abc.Stream, frames: trio.MemoryReceiveChannel[bytes],
+                      connection_scope: trio.CancelScope) -> None:
+    try:
+        async with frames:
+            async for frame in frames:
+                await stream.send_all(frame)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        connection_scope.cancel()  # the client is gone: stop everything for it
+
+
+def peer_cred(stream: trio.abc.Stream) -> PeerCred | None:
+    """SO_PEERCRED of a Unix-socket stream (Linux), else None."""
+    sock = getattr(stream, "socket", None)
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or so_peercred is None or sock.family != socket.AF_UNIX:
+        return None
+    size = struct.calcsize("3i")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, size)
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return PeerCred(pid, uid, gid)
+
+
+async def bind_api_socket(path: str, *, mode: int = SOCKET_MODE,
+                          backlog: int = LISTEN_BACKLOG) -> trio.socket.SocketType:
+    """Bind and listen on a Unix stream socket at ``path``.
+
+    Creates the parent directory (0o750) if missing. A socket file left by a
+    crashed daemon is removed, but only after a connect to it is refused:
+    removing a live daemon's socket would orphan it silently. Raises
+    :class:`ApiSocketError` if another process listens there, if the path is
+    something other than a socket, or on any OS error."""
+    parent = os.path.dirname(path) or "."
+    try:
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=DIRECTORY_MODE, exist_ok=True)
+            os.chmod(parent, DIRECTORY_MODE)  # makedirs' mode is filtered by the umask
+        _remove_stale_socket(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, mode)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+    except ApiSocketError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ApiSocketError(
+                f"API socket {path} is in use: is another peerd running?") from None
+        raise ApiSocketError(f"cannot create API socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ApiSocketError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full backlog must not block the daemon's start
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.info("removing stale API socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:
+        pass  # backlog full: someone is listening
+    finally:
+        probe.close()
+    raise ApiSocketError(f"another peerd is already listening on {path}")
+
+
+def _unlink_if_ours(path: str, inode: tuple[int, int]) -> None:
+    # A newer daemon may have replaced the file; never remove its socket.
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == inode:
+            os.unlink(path)
+    except OSError:
+        pass
