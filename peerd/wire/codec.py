@@ -5,14 +5,29 @@ messages; :func:`pack` builds one from already-encoded messages so that the
 core can fill a datagram up to its size budget without re-encoding.
 
 Decoding never raises anything but :class:`DecodeError`: every field is type
-and range checked, so the core can trust what it gets.
+and range checked, so the core can trust what it gets. The CBOR layer is
+restricted too (no tags, no indefinite lengths, no duplicate or non-text map
+keys, bounded nesting, no trailing bytes): none of it is needed by the
+protocol, and each is a way to make a cheap packet expensive to decode.
+
+Encoding checks the same limits and raises :class:`EncodeError` instead of
+emitting bytes every peer would drop: a bad message built by our own core is
+a bug that should be loud where it happens. Encoding is deterministic (RFC
+8949 section 4.2.1: shortest integer forms, definite lengths, sorted map
+keys), which is what makes proto/vectors byte-exact.
+
+``DecodeError.reason`` labels (stable, used in drop counters): ``bad_cbor``,
+``not_packet``, ``not_message``, ``unknown_type``, ``bad_arity``,
+``bad_field``.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import ipaddress
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import cbor2
 
@@ -40,6 +55,12 @@ MAX_NAME_BYTES = 255
 MAX_TAG_KEY_BYTES = 64
 MAX_TAG_VALUE_BYTES = 512
 MAX_TAGS = 64
+#: Deepest container nesting accepted on input. The deepest path we produce is
+#: datagram > push-pull > members > member > addr/tags (5); the rest is room
+#: for message types added later.
+MAX_DEPTH = 16
+
+_STATUS_VALUES = frozenset(int(s) for s in Status)
 
 
 class DecodeError(ValueError):
@@ -50,47 +71,148 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+class EncodeError(ValueError):
+    """A message that violates the wire limits or field types; a bug in the caller."""
+
+
 # --- encoding ---------------------------------------------------------------
 
 
+def _bad_out(detail: str) -> NoReturn:
+    raise EncodeError(detail)
+
+
+def _uint_out(v: Any, what: str) -> int:
+    if type(v) is not int or v < 0 or v > MAX_U64:
+        _bad_out(f"{what} must be an unsigned 64-bit integer, got {v!r}")
+    return v
+
+
+def _bool_out(v: Any, what: str) -> bool:
+    if type(v) is not bool:
+        _bad_out(f"{what} must be a bool, got {v!r}")
+    return v
+
+
+def _node_out(v: Any, what: str) -> bytes:
+    if type(v) is not bytes or len(v) != NODE_ID_BYTES:
+        _bad_out(f"{what} must be {NODE_ID_BYTES} bytes, got {v!r}")
+    return v
+
+
+def _text_out(v: Any, what: str, max_bytes: int) -> str:
+    if type(v) is not str:
+        _bad_out(f"{what} must be text, got {v!r}")
+    # A character takes at most 4 UTF-8 bytes: short strings need no encoding pass.
+    if len(v) * 4 > max_bytes or not v.isascii():
+        try:
+            n = len(v.encode("utf-8"))
+        except UnicodeEncodeError:
+            _bad_out(f"{what} is not valid Unicode (lone surrogate)")
+        if n > max_bytes:
+            _bad_out(f"{what} longer than {max_bytes} bytes")
+    return v
+
+
+@functools.lru_cache(maxsize=4096)
+def _pack_ip(ip: str) -> bytes:
+    if "%" in ip:
+        raise ValueError("an address with a scope id cannot be sent to peers")
+    return ipaddress.ip_address(ip).packed
+
+
 def _addr_out(addr: Addr) -> list[Any]:
-    return [ipaddress.ip_address(addr[0]).packed, addr[1]]
+    if type(addr) is not tuple or len(addr) != 2:
+        _bad_out(f"addr must be an (ip, port) tuple, got {addr!r}")
+    ip, port = addr
+    if type(ip) is not str:
+        _bad_out(f"addr ip must be text, got {ip!r}")
+    try:
+        packed = _pack_ip(ip)
+    except ValueError as exc:
+        _bad_out(f"bad addr ip {ip!r}: {exc}")
+    if type(port) is not int or not 0 <= port <= 65535:
+        _bad_out(f"addr port out of range: {port!r}")
+    return [packed, port]
+
+
+def _tag_order(pair: tuple[str, str]) -> tuple[int, bytes]:
+    key = pair[0].encode("utf-8")
+    return (len(key), key)
 
 
 def _tags_out(tags: Tags) -> dict[str, str]:
-    return dict(tags)
+    if type(tags) is not tuple:
+        _bad_out(f"tags must be a tuple of (key, value) pairs, got {tags!r}")
+    if len(tags) > MAX_TAGS:
+        _bad_out(f"more than {MAX_TAGS} tags")
+    for pair in tags:
+        if type(pair) is not tuple or len(pair) != 2:
+            _bad_out(f"a tag must be a (key, value) pair, got {pair!r}")
+        _text_out(pair[0], "tag key", MAX_TAG_KEY_BYTES)
+        _text_out(pair[1], "tag value", MAX_TAG_VALUE_BYTES)
+    # Keys in RFC 8949 deterministic order (shorter UTF-8 first, then bytewise)
+    # so that equal tag sets always encode to equal bytes.
+    out = dict(sorted(tags, key=_tag_order))
+    if len(out) != len(tags):
+        _bad_out("duplicate tag key")
+    return out
 
 
-def _member_out(m: MemberState) -> list[Any]:
-    return [m.node, m.name, _addr_out(m.addr), m.incarnation, m.generation, _tags_out(m.tags),
-            int(m.status)]
+def _member_out(m: Any) -> list[Any]:
+    if type(m) is not MemberState:
+        _bad_out(f"push-pull members must be MemberState, got {m!r}")
+    status = m.status
+    if type(status) is not Status:
+        _bad_out(f"member status must be a Status, got {status!r}")
+    return [
+        _node_out(m.node, "member node"),
+        _text_out(m.name, "member name", MAX_NAME_BYTES),
+        _addr_out(m.addr),
+        _uint_out(m.incarnation, "member incarnation"),
+        _uint_out(m.generation, "member generation"),
+        _tags_out(m.tags),
+        int(status),
+    ]
 
 
 def to_cbor_obj(msg: Message) -> list[Any]:
+    """The CBOR data model of ``msg`` (what :func:`encode` serialises).
+
+    Raises :class:`EncodeError` if a field is of the wrong type or out of the
+    wire limits, :class:`TypeError` if ``msg`` is not a message at all.
+    """
     match msg:
         case Ping(seq, target):
-            return [Ping.TYPE, seq, target]
+            return [Ping.TYPE, _uint_out(seq, "seq"), _node_out(target, "target")]
         case PingReq(seq, target, target_addr, nack):
-            return [PingReq.TYPE, seq, target, _addr_out(target_addr), nack]
+            return [PingReq.TYPE, _uint_out(seq, "seq"), _node_out(target, "target"),
+                    _addr_out(target_addr), _bool_out(nack, "nack")]
         case Ack(seq):
-            return [Ack.TYPE, seq]
+            return [Ack.TYPE, _uint_out(seq, "seq")]
         case Nack(seq):
-            return [Nack.TYPE, seq]
+            return [Nack.TYPE, _uint_out(seq, "seq")]
         case Alive(node, name, addr, inc, gen, tags):
-            return [Alive.TYPE, node, name, _addr_out(addr), inc, gen, _tags_out(tags)]
+            return [Alive.TYPE, _node_out(node, "node"), _text_out(name, "name", MAX_NAME_BYTES),
+                    _addr_out(addr), _uint_out(inc, "incarnation"),
+                    _uint_out(gen, "generation"), _tags_out(tags)]
         case Suspect(node, inc, sender):
-            return [Suspect.TYPE, node, inc, sender]
+            return [Suspect.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation"),
+                    _node_out(sender, "sender")]
         case Dead(node, inc, sender):
-            return [Dead.TYPE, node, inc, sender]
+            return [Dead.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation"),
+                    _node_out(sender, "sender")]
         case Left(node, inc):
-            return [Left.TYPE, node, inc]
+            return [Left.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
         case PushPull(join, members):
-            return [PushPull.TYPE, join, [_member_out(m) for m in members]]
+            if type(members) is not tuple:
+                _bad_out(f"push-pull members must be a tuple, got {members!r}")
+            return [PushPull.TYPE, _bool_out(join, "join"), [_member_out(m) for m in members]]
     raise TypeError(f"not a message: {msg!r}")
 
 
 def encode(msg: Message) -> bytes:
-    """Encode one message."""
+    """Encode one message (deterministic: equal messages give equal bytes)."""
     out: bytes = cbor2.dumps(to_cbor_obj(msg))
     return out
 
@@ -117,60 +239,74 @@ def _array_header(n: int) -> bytes:
 
 
 def pack(encoded: Sequence[bytes]) -> bytes:
-    """A datagram payload from already-encoded messages."""
+    """A datagram payload from already-encoded messages.
+
+    Its size is exactly ``array_header_size(len(encoded)) + sum(map(len, encoded))``.
+    """
     return _array_header(len(encoded)) + b"".join(encoded)
 
 
 # --- decoding ---------------------------------------------------------------
 
 
+def _bad(detail: str) -> NoReturn:
+    raise DecodeError("bad_field", detail)
+
+
 def _uint(v: Any, what: str) -> int:
     if type(v) is not int or v < 0 or v > MAX_U64:
-        raise DecodeError("bad_field", f"{what} must be an unsigned 64-bit integer")
+        _bad(f"{what} must be an unsigned 64-bit integer")
     return v
 
 
 def _bool(v: Any, what: str) -> bool:
     if type(v) is not bool:
-        raise DecodeError("bad_field", f"{what} must be a bool")
+        _bad(f"{what} must be a bool")
     return v
 
 
 def _node_id(v: Any, what: str = "node") -> bytes:
     if type(v) is not bytes or len(v) != NODE_ID_BYTES:
-        raise DecodeError("bad_field", f"{what} must be {NODE_ID_BYTES} bytes")
+        _bad(f"{what} must be {NODE_ID_BYTES} bytes")
     return v
 
 
 def _text(v: Any, what: str, max_bytes: int) -> str:
     if type(v) is not str:
-        raise DecodeError("bad_field", f"{what} must be text")
-    if len(v.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise DecodeError("bad_field", f"{what} longer than {max_bytes} bytes")
+        _bad(f"{what} must be text")
+    # Decoded text is valid UTF-8 (strict decoding), so encoding cannot fail.
+    if len(v) * 4 > max_bytes and len(v.encode("utf-8")) > max_bytes:
+        _bad(f"{what} longer than {max_bytes} bytes")
     return v
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpack_ip(ip: bytes) -> str:
+    return str(ipaddress.ip_address(ip))
 
 
 def _addr_in(v: Any) -> Addr:
     if type(v) is not list or len(v) != 2:
-        raise DecodeError("bad_field", "addr must be [ip, port]")
+        _bad("addr must be [ip, port]")
     ip, port = v
     if type(ip) is not bytes or len(ip) not in (4, 16):
-        raise DecodeError("bad_field", "addr ip must be 4 or 16 bytes")
+        _bad("addr ip must be 4 or 16 bytes")
     if type(port) is not int or not 0 <= port <= 65535:
-        raise DecodeError("bad_field", "addr port out of range")
-    return (str(ipaddress.ip_address(ip)), port)
+        _bad("addr port out of range")
+    return (_unpack_ip(ip), port)
 
 
 def _tags_in(v: Any) -> Tags:
     if type(v) is not dict:
-        raise DecodeError("bad_field", "tags must be a map")
+        _bad("tags must be a map")
     if len(v) > MAX_TAGS:
-        raise DecodeError("bad_field", f"more than {MAX_TAGS} tags")
-    items = []
-    for k, val in v.items():
-        items.append((_text(k, "tag key", MAX_TAG_KEY_BYTES),
-                      _text(val, "tag value", MAX_TAG_VALUE_BYTES)))
-    return tuple(sorted(items))
+        _bad(f"more than {MAX_TAGS} tags")
+    if not v:
+        return ()
+    return tuple(sorted(
+        (_text(k, "tag key", MAX_TAG_KEY_BYTES), _text(val, "tag value", MAX_TAG_VALUE_BYTES))
+        for k, val in v.items()
+    ))
 
 
 def _fields(obj: list[Any], n: int, name: str) -> list[Any]:
@@ -182,63 +318,121 @@ def _fields(obj: list[Any], n: int, name: str) -> list[Any]:
 
 def _member_in(v: Any) -> MemberState:
     if type(v) is not list or len(v) < 7:
-        raise DecodeError("bad_field", "member state must be a 7-item array")
+        _bad("member state must be an array of at least 7 items")
     node, name, addr, inc, gen, tags, status = v[:7]
-    if type(status) is not int or status not in (0, 1, 2, 3):
-        raise DecodeError("bad_field", "member status must be 0..3")
+    if type(status) is not int or status not in _STATUS_VALUES:
+        _bad("member status must be 0..3")
     return MemberState(_node_id(node), _text(name, "name", MAX_NAME_BYTES), _addr_in(addr),
                        _uint(inc, "incarnation"), _uint(gen, "generation"), _tags_in(tags),
                        Status(status))
 
 
+def _ping_in(obj: list[Any]) -> Message:
+    seq, target = _fields(obj, 2, "ping")
+    return Ping(_uint(seq, "seq"), _node_id(target, "target"))
+
+
+def _ping_req_in(obj: list[Any]) -> Message:
+    seq, target, addr, nack = _fields(obj, 4, "ping-req")
+    return PingReq(_uint(seq, "seq"), _node_id(target, "target"), _addr_in(addr),
+                   _bool(nack, "nack"))
+
+
+def _ack_in(obj: list[Any]) -> Message:
+    (seq,) = _fields(obj, 1, "ack")
+    return Ack(_uint(seq, "seq"))
+
+
+def _nack_in(obj: list[Any]) -> Message:
+    (seq,) = _fields(obj, 1, "nack")
+    return Nack(_uint(seq, "seq"))
+
+
+def _alive_in(obj: list[Any]) -> Message:
+    node, name, addr, inc, gen, tags = _fields(obj, 6, "alive")
+    return Alive(_node_id(node), _text(name, "name", MAX_NAME_BYTES), _addr_in(addr),
+                 _uint(inc, "incarnation"), _uint(gen, "generation"), _tags_in(tags))
+
+
+def _suspect_in(obj: list[Any]) -> Message:
+    node, inc, sender = _fields(obj, 3, "suspect")
+    return Suspect(_node_id(node), _uint(inc, "incarnation"), _node_id(sender, "sender"))
+
+
+def _dead_in(obj: list[Any]) -> Message:
+    node, inc, sender = _fields(obj, 3, "dead")
+    return Dead(_node_id(node), _uint(inc, "incarnation"), _node_id(sender, "sender"))
+
+
+def _left_in(obj: list[Any]) -> Message:
+    node, inc = _fields(obj, 2, "left")
+    return Left(_node_id(node), _uint(inc, "incarnation"))
+
+
+def _push_pull_in(obj: list[Any]) -> Message:
+    join, members = _fields(obj, 2, "push-pull")
+    if type(members) is not list:
+        _bad("push-pull members must be an array")
+    return PushPull(_bool(join, "join"), tuple(_member_in(m) for m in members))
+
+
+_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
+    Ping.TYPE: _ping_in,
+    PingReq.TYPE: _ping_req_in,
+    Ack.TYPE: _ack_in,
+    Nack.TYPE: _nack_in,
+    Alive.TYPE: _alive_in,
+    Suspect.TYPE: _suspect_in,
+    Dead.TYPE: _dead_in,
+    Left.TYPE: _left_in,
+    PushPull.TYPE: _push_pull_in,
+}
+assert _DECODERS.keys() == MESSAGE_TYPES.keys(), "every message type needs a decoder"
+
+
 def from_cbor_obj(obj: Any) -> Message:
+    """A message from its CBOR data model; raises only :class:`DecodeError`."""
     if type(obj) is not list or not obj:
         raise DecodeError("not_message", "a message is a non-empty array")
     t = obj[0]
     if type(t) is not int:
         raise DecodeError("not_message", "message type must be an integer")
-    if t not in MESSAGE_TYPES:
+    decoder = _DECODERS.get(t)
+    if decoder is None:
         raise DecodeError("unknown_type", f"type {t}")
-    if t == Ping.TYPE:
-        seq, target = _fields(obj, 2, "ping")
-        return Ping(_uint(seq, "seq"), _node_id(target, "target"))
-    if t == PingReq.TYPE:
-        seq, target, addr, nack = _fields(obj, 4, "ping-req")
-        return PingReq(_uint(seq, "seq"), _node_id(target, "target"), _addr_in(addr),
-                       _bool(nack, "nack"))
-    if t == Ack.TYPE:
-        (seq,) = _fields(obj, 1, "ack")
-        return Ack(_uint(seq, "seq"))
-    if t == Nack.TYPE:
-        (seq,) = _fields(obj, 1, "nack")
-        return Nack(_uint(seq, "seq"))
-    if t == Alive.TYPE:
-        node, name, addr, inc, gen, tags = _fields(obj, 6, "alive")
-        return Alive(_node_id(node), _text(name, "name", MAX_NAME_BYTES), _addr_in(addr),
-                     _uint(inc, "incarnation"), _uint(gen, "generation"), _tags_in(tags))
-    if t == Suspect.TYPE:
-        node, inc, sender = _fields(obj, 3, "suspect")
-        return Suspect(_node_id(node), _uint(inc, "incarnation"), _node_id(sender, "sender"))
-    if t == Dead.TYPE:
-        node, inc, sender = _fields(obj, 3, "dead")
-        return Dead(_node_id(node), _uint(inc, "incarnation"), _node_id(sender, "sender"))
-    if t == Left.TYPE:
-        node, inc = _fields(obj, 2, "left")
-        return Left(_node_id(node), _uint(inc, "incarnation"))
-    # PushPull
-    join, members = _fields(obj, 2, "push-pull")
-    if type(members) is not list:
-        raise DecodeError("bad_field", "push-pull members must be an array")
-    return PushPull(_bool(join, "join"), tuple(_member_in(m) for m in members))
+    return decoder(obj)
+
+
+def _reject_tag(*_args: Any) -> NoReturn:
+    raise ValueError("CBOR tags are not allowed")
+
+
+# Tags cbor2 would otherwise turn into Python objects (some costly: rationals,
+# bigfloats, regexes, shared references). Other tags reach the tag hook.
+_BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
+                 1004, 43000, 55799)
+_SEMANTIC_DECODERS: dict[int, Any] = {t: _reject_tag for t in _BUILTIN_TAGS}
 
 
 def _loads(data: bytes) -> Any:
+    fp = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
+        obj = cbor2.CBORDecoder(
+            fp,
+            tag_hook=_reject_tag,
+            semantic_decoders=_SEMANTIC_DECODERS,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        ).decode()
     except RecursionError as exc:
         raise DecodeError("bad_cbor", "nesting too deep") from exc
-    except Exception as exc:  # cbor2 raises many types on hostile input (tags, sizes)
+    except Exception as exc:  # cbor2 raises many types on hostile input
         raise DecodeError("bad_cbor", str(exc)[:80]) from exc
+    if fp.tell() != len(data):
+        raise DecodeError("bad_cbor", "trailing bytes after the top-level item")
+    return obj
 
 
 def decode(data: bytes) -> Message:
