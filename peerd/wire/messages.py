@@ -4,7 +4,7 @@ Every message is a frozen dataclass with a ``TYPE`` number. Type numbers are
 part of the protocol and append-only: never renumber or reuse one (see
 proto/wire.cddl). On the wire a message is a CBOR array ``[type, field...]``
 in the field order given here; a datagram is a CBOR array of such messages
-(see :mod:`peerd.wire.codec`).
+(see :mod:`peerd.wire.codec`). Byte-exact examples: proto/vectors/messages.json.
 
 Node ids are 16 random bytes. An address is ``(ip_literal, port)`` where the ip
 literal is an IPv4 or IPv6 address in text form; on the wire it is the packed
@@ -62,12 +62,17 @@ class PingReq:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """Answer to a Ping, or relayed by a PingReq helper; ``seq`` is the probe's."""
+
     TYPE: ClassVar[int] = 3
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class Nack:
+    """A PingReq helper got no ack from the target in time (Lifeguard); proves
+    the helper itself is alive, so our own slowness is not blamed on it."""
+
     TYPE: ClassVar[int] = 4
     seq: int
 

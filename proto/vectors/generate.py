@@ -1,0 +1,262 @@
+"""Regenerate the wire test vectors: ``python proto/vectors/generate.py``.
+
+The JSON files next to this script are the normative artefact; this script
+only saves typing them by hand. Regenerating must not change them unless the
+protocol changes on purpose (and then proto/wire.cddl changes too).
+tests/wire/test_vectors.py checks the JSON against the implementation in
+both directions with its own reading of the format.
+
+JSON conventions: byte strings are lowercase hex; integers are exact (parse
+them as big integers where the language needs it); an address is
+``[ip text, port]``; tags are a JSON object; a member status is its label.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
+
+KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
+        8: "left", 9: "push-pull"}
+
+
+def describe(value: Any) -> Any:
+    """A JSON description of a message (or of one of its field values)."""
+    from dataclasses import fields, is_dataclass
+
+    from peerd.wire.messages import Status
+
+    if is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        type_no = getattr(type(value), "TYPE", None)
+        if type_no is not None:
+            out["type"] = KIND[type_no]
+        for f in fields(value):
+            v = getattr(value, f.name)
+            if f.name == "tags":
+                out[f.name] = dict(v)
+            elif f.name in ("addr", "target_addr"):
+                out[f.name] = [v[0], v[1]]
+            else:
+                out[f.name] = describe(v)
+        return out
+    if isinstance(value, Status):
+        return value.label
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return [describe(v) for v in value]
+    return value
+
+
+def message_vectors() -> dict[str, Any]:
+    from peerd.wire import codec
+    from peerd.wire.messages import (
+        Ack,
+        Alive,
+        Dead,
+        Left,
+        MemberState,
+        Message,
+        Nack,
+        Ping,
+        PingReq,
+        PushPull,
+        Status,
+        Suspect,
+        tags_from_mapping,
+    )
+
+    a = bytes.fromhex("a1a2a3a4a5a6a7a8a9aaabacadaeafb0")
+    b = bytes.fromhex("b1b2b3b4b5b6b7b8b9babbbcbdbebfc0")
+    c = bytes.fromhex("00112233445566778899aabbccddeeff")
+    u64_max = 2**64 - 1
+    tags = tags_from_mapping({"zone": "eu-west-1b", "dc": "par1", "b": "", "role": "web"})
+
+    named: list[tuple[str, Message]] = [
+        ("ping", Ping(1, a)),
+        ("ping-max-seq", Ping(u64_max, a)),
+        ("ping-req-ipv4", PingReq(42, b, ("192.0.2.7", 7946), False)),
+        ("ping-req-ipv6-nack", PingReq(43, b, ("2001:db8::1", 7946), True)),
+        ("ack-23", Ack(23)),
+        ("ack-24", Ack(24)),
+        ("ack-256", Ack(256)),
+        ("ack-2^32", Ack(2**32)),
+        ("nack", Nack(65535)),
+        ("alive", Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, tags)),
+        ("alive-empty", Alive(c, "", ("::", 0), 0, 0, ())),
+        ("alive-unicode-ipv4-mapped", Alive(b, "nœud-é", ("::ffff:192.0.2.9", 65535),
+                                            u64_max, 1, (("ключ", "значение"),))),
+        ("suspect", Suspect(b, 4, a)),
+        ("dead", Dead(b, 5, c)),
+        ("left", Left(a, 6)),
+        ("push-pull-empty", PushPull(False, ())),
+        ("push-pull-join", PushPull(True, (
+            MemberState(a, "web-1", ("192.0.2.1", 7946), 3, 17, (("dc", "par1"),),
+                        Status.ALIVE),
+            MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
+            MemberState(c, "db-1", ("192.0.2.3", 7946), 1, 1, (), Status.DEAD),
+            MemberState(a[::-1], "db-2", ("192.0.2.4", 7947), 0, 4, (), Status.LEFT),
+        ))),
+    ]
+    messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
+                for name, m in named]
+
+    packet = [Ping(7, a), Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ()), Suspect(b, 4, a)]
+    # A newer peer's datagram: one message with an appended field, one unknown type.
+    newer = codec.pack([
+        bytes.fromhex("8303") + bytes.fromhex("0a") + bytes.fromhex("63") + b"new",
+        bytes.fromhex("820a00"),
+        codec.encode(Left(a, 6)),
+    ])
+    datagrams = [
+        {"name": "three-messages", "messages": [describe(m) for m in packet],
+         "errors": [], "cbor_hex": codec.pack([codec.encode(m) for m in packet]).hex()},
+        {"name": "empty", "messages": [], "errors": [], "cbor_hex": codec.pack([]).hex()},
+        {"name": "from-a-newer-peer", "messages": [describe(Ack(10)), describe(Left(a, 6))],
+         "errors": ["unknown_type"], "cbor_hex": newer.hex()},
+    ]
+    for d in datagrams:  # the generator checks itself before writing anything
+        msgs, errs = codec.decode_packet(bytes.fromhex(d["cbor_hex"]))
+        assert [describe(m) for m in msgs] == d["messages"], d["name"]
+        assert [e.reason for e in errs] == d["errors"], d["name"]
+
+    ping = codec.encode(Ping(1, a)).hex()
+    invalid = [
+        ("empty-input", "", "bad_cbor"),
+        ("trailing-bytes", ping + "00", "bad_cbor"),
+        ("truncated", ping[:-2], "bad_cbor"),
+        ("cbor-tag", "c1" + ping, "bad_cbor"),
+        ("indefinite-array", "9f0301ff", "bad_cbor"),
+        ("duplicate-tag-key", "87 05 50" + a.hex() + "60 82 44c0000201 00 00 00 a2 6161 60 6161 60",
+         "bad_cbor"),
+        ("not-an-array", "a0", "not_message"),
+        ("empty-array", "80", "not_message"),
+        ("text-type", "8263616b6301", "not_message"),
+        ("unknown-type", "820a00", "unknown_type"),
+        ("missing-field", "8101", "bad_arity"),
+        ("negative-seq", "820320", "bad_field"),
+        ("seq-too-big-bignum", "8203c249010000000000000000", "bad_cbor"),
+        ("seq-is-bool", "8203f5", "bad_field"),
+        ("short-node-id", "8301014f" + a.hex()[:30], "bad_field"),
+        ("ip-5-bytes", "85 02 01 50" + a.hex() + "82 45 c000020100 01 f4", "bad_field"),
+        ("bad-status", "83 09 f4 81 87 50" + a.hex() + "60 82 44c0000201 00 00 00 a0 04",
+         "bad_field"),
+        ("name-256-bytes", "87 05 50" + a.hex() + "79 0100" + "61" * 256
+         + "82 44c0000201 00 00 00 a0", "bad_field"),
+    ]
+    invalid_out = []
+    for name, hexdata, reason in invalid:
+        data = bytes.fromhex(hexdata.replace(" ", ""))
+        try:
+            codec.decode(data)
+        except codec.DecodeError as err:
+            assert err.reason == reason, (name, err)
+        else:
+            raise AssertionError(f"{name} decoded")
+        invalid_out.append({"name": name, "cbor_hex": data.hex(), "reason": reason})
+
+    return {
+        "description": "peerd wire messages (proto/wire.cddl). messages: one message each; "
+        "encoding 'message' must give exactly cbor_hex and decoding cbor_hex must give "
+        "'message'. datagrams: decode_packet(cbor_hex) gives 'messages' and skips 'errors'. "
+        "invalid: decoding cbor_hex as one message fails with 'reason'.",
+        "messages": messages,
+        "datagrams": datagrams,
+        "invalid": invalid_out,
+    }
+
+
+def seal_vectors(ping_packet: bytes) -> dict[str, Any]:
+    from peerd.wire import seal
+
+    key = bytes(range(32))
+    other_key = bytes(range(32, 64))
+    sender = bytes(range(0x10, 0x20))
+    def sealed(name: str, epoch: int, counter: int, payload: bytes,
+               nonce: bytes) -> dict[str, Any]:
+        s = seal.Sealer(seal.Keyring([key]), sender, epoch, lambda n: nonce, counter=counter)
+        return {"name": name, "sender_id_hex": sender.hex(), "epoch": epoch, "counter": counter,
+                "nonce_hex": nonce.hex(), "payload_hex": payload.hex(),
+                "envelope_hex": s.seal(payload).hex()}
+
+    def plain(name: str, epoch: int, counter: int, payload: bytes) -> dict[str, Any]:
+        s = seal.Sealer(seal.Keyring(), sender, epoch, counter=counter)
+        return {"name": name, "sender_id_hex": sender.hex(), "epoch": epoch, "counter": counter,
+                "payload_hex": payload.hex(), "envelope_hex": s.seal(payload).hex()}
+
+    sealed_vectors = [
+        sealed("ping-datagram", 7, 0, ping_packet, bytes(range(0xA0, 0xAC))),
+        sealed("empty-payload-large-counter", 4294967295, 2**40 + 5, b"",
+               bytes(range(0xB0, 0xBC))),
+    ]
+    plain_vectors = [plain("ping-datagram", 7, 0, ping_packet)]
+
+    good = bytes.fromhex(sealed_vectors[0]["envelope_hex"])
+    flipped = bytearray(good)
+    flipped[-1] ^= 0x01
+    other_id = seal.key_id(other_key)
+    rejected = [
+        ("bit-flip-in-tag", "keyed", bytes(flipped), "auth_failed"),
+        ("header-changed", "keyed", good[:5] + bytes([good[5] ^ 0x80]) + good[6:], "auth_failed"),
+        ("unknown-key-id", "keyed", good[:1] + other_id + good[5:], "unknown_key"),
+        ("truncated", "keyed", good[: seal.SEALED_OVERHEAD - 1], "malformed"),
+        ("unknown-version", "keyed", b"\x03" + good[1:], "malformed"),
+        ("plaintext-to-keyed", "keyed", bytes.fromhex(plain_vectors[0]["envelope_hex"]),
+         "plaintext_rejected"),
+        ("sealed-to-plaintext", "plaintext", good, "encrypted_rejected"),
+        ("plaintext-with-key-id", "plaintext",
+         bytes.fromhex(plain_vectors[0]["envelope_hex"])[:1] + other_id
+         + bytes.fromhex(plain_vectors[0]["envelope_hex"])[5:], "malformed"),
+    ]
+    rejected_out = []
+    for name, mode, data, reason in rejected:
+        opener = seal.Opener(seal.Keyring([key] if mode == "keyed" else []))
+        try:
+            opener.open(data)
+        except seal.SealError as err:
+            assert err.reason == reason, (name, err)
+        else:
+            raise AssertionError(f"{name} opened")
+        rejected_out.append({"name": name, "mode": mode, "envelope_hex": data.hex(),
+                             "reason": reason})
+
+    return {
+        "description": "peerd envelope (proto/wire.cddl section 2). sealed: with 'key' and "
+        "the given nonce (fixed here for reproducibility; never reuse one in real life), "
+        "sealing payload as (sender_id, epoch, counter) gives exactly envelope_hex, and "
+        "opening it gives sender_id and payload. plaintext: the same without a key. "
+        "rejected: a fresh opener ('keyed' = holds 'key', 'plaintext' = no key) rejects "
+        "envelope_hex with 'reason'.",
+        "key": seal.format_key(key),
+        "key_hex": key.hex(),
+        "key_id_hex": seal.key_id(key).hex(),
+        "other_key": seal.format_key(other_key),
+        "other_key_id_hex": other_id.hex(),
+        "sealed_overhead": seal.SEALED_OVERHEAD,
+        "plaintext_overhead": seal.PLAIN_OVERHEAD,
+        "sealed": sealed_vectors,
+        "plaintext": plain_vectors,
+        "rejected": rejected_out,
+    }
+
+
+def write(name: str, data: dict[str, Any]) -> None:
+    path = HERE / name
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    msgs = message_vectors()
+    write("messages.json", msgs)
+    write("seal.json", seal_vectors(bytes.fromhex(msgs["datagrams"][0]["cbor_hex"])))
+
+
+if __name__ == "__main__":
+    main()
