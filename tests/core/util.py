@@ -114,6 +114,11 @@ def timers(outs: Iterable[Output], kind: TimerKind | None = None) -> list[SetTim
     return [t for t in of(outs, SetTimer) if kind is None or t.timer.kind is kind]
 
 
+def armed_at(outs: Iterable[Output]) -> list[tuple[TimerKind, float]]:
+    """``(kind, deadline)`` of each timer armed in ``outs`` (tokens left out)."""
+    return [(t.timer.kind, t.at) for t in of(outs, SetTimer)]
+
+
 def events(outs: Iterable[Output]) -> list[tuple[EventKind, NodeId]]:
     return [(e.kind, e.member.node) for e in of(outs, MemberEvent)]
 
@@ -178,10 +183,11 @@ class Rig:
         return found[-1]
 
     def fire(self, kind: TimerKind | SetTimer, now: float | None = None) -> list[Output]:
-        """Fire a timer (by default the newest of ``kind``) at its deadline or ``now``."""
+        """Fire a timer (by default the newest of ``kind``) at ``now``, by default
+        at its deadline (or at once if the deadline has passed)."""
         t = kind if isinstance(kind, SetTimer) else self.timer(kind)
         self.pending.remove(t)
-        return self.handle(TimerFired(t.timer), t.at if now is None else now)
+        return self.handle(TimerFired(t.timer), max(self.now, t.at) if now is None else now)
 
     def join(self, *peers: int, inc: int = 0, now: float | None = None) -> list[Output]:
         """Peers announce themselves (each one's Alive from its own address)."""
