@@ -1,0 +1,513 @@
+"""The ``peerd`` command: ``peerd agent`` runs the daemon; every other
+subcommand is a small client of the local daemon's API socket.
+
+Exit codes (all subcommands but ``agent``, which documents its own):
+0 success; 1 the daemon refused or the operation failed; 2 usage error;
+3 the daemon could not be reached.
+
+The agent's flags live with the agent (:mod:`peerd.shell.agent`), imported only
+when ``peerd agent`` runs: client commands then start fast and work even where
+the daemon's dependencies are not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from peerd import __version__
+from peerd.api.protocol import ApiError, Event, format_addr, parse_addr
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
+SHORT_ID = 8  # hex digits of a node id shown in tables; --json has the full id
+
+
+class CliError(Exception):
+    """Ends the command with ``exit_code`` and ``message`` as one line on stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _usage(message: str) -> NoReturn:
+    raise CliError(message, EXIT_USAGE)
+
+
+# --- formatting (pure, tested directly) ----------------------------------------------
+
+
+def format_tags(tags: Mapping[str, Any]) -> str:
+    """``k=v,k2=v2`` sorted by key, ``-`` when empty (keeps table columns aligned)."""
+    if not tags:
+        return "-"
+    return ",".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; the last column is not padded."""
+    all_rows = [list(headers), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(headers) - 1)]
+    lines = []
+    for row in all_rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _member_sort_key(m: Mapping[str, Any]) -> tuple[str, str]:
+    return (str(m.get("name", "")), str(m.get("id", "")))
+
+
+def format_members(members: Iterable[Mapping[str, Any]]) -> str:
+    """The ``peerd members`` table: name, short id, address, status, incarnation, tags."""
+    rows = [
+        [str(m.get("name", "?")), str(m.get("id", "?"))[:SHORT_ID], str(m.get("addr", "?")),
+         str(m.get("status", "?")), str(m.get("incarnation", "?")), format_tags(m.get("tags", {}))]
+        for m in sorted(members, key=_member_sort_key)
+    ]
+    return format_table(["NAME", "ID", "ADDRESS", "STATUS", "INC", "TAGS"], rows)
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """The ``peerd status`` report, one ``label  value`` line per field."""
+    counts = status.get("members", {})
+    health = status.get("health", "?")
+    health_text = (f"{health} (healthy)" if health == 0
+                   else f"{health} (degraded: this node may be slow or overloaded)"
+                   if isinstance(health, int) else str(health))
+    fields = [
+        ("name", str(status.get("name", "?"))),
+        ("id", str(status.get("id", "?"))),
+        ("address", str(status.get("addr", "?"))),
+        ("incarnation", str(status.get("incarnation", "?"))),
+        ("generation", str(status.get("generation", "?"))),
+        ("health", health_text),
+        ("members", ", ".join(f"{counts.get(s, 0)} {s}" for s in MEMBER_STATUSES)),
+        ("version", str(status.get("version", "?"))),
+    ]
+    if status.get("leaving"):
+        fields.append(("leaving", "yes"))
+    width = max(len(label) for label, _ in fields)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in fields)
+
+
+def _member_brief(m: Mapping[str, Any]) -> str:
+    return f"{m.get('name', '?')} {str(m.get('id', '?'))[:SHORT_ID]} {m.get('addr', '?')}"
+
+
+def format_event(ev: Event, when: datetime.datetime | None = None) -> str:
+    """One human line per watch event: time, event, member, status, incarnation, tags."""
+    when = when or datetime.datetime.now().astimezone()
+    d = ev.data
+    line = (f"{when.strftime('%H:%M:%S')} {ev.event:<13} {_member_brief(d)} "
+            f"{d.get('status', '?')} inc={d.get('incarnation', '?')} "
+            f"tags={format_tags(d.get('tags', {}))}")
+    other = d.get("other")
+    if isinstance(other, Mapping):
+        line += f" other={_member_brief(other)}"
+    return line
+
+
+def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
+    """One JSON object per line: ``{"time", "event", "data"}``."""
+    when = when or datetime.datetime.now(datetime.UTC)
+    return json.dumps({"time": when.isoformat(timespec="milliseconds"), "event": ev.event,
+                       "data": ev.data}, sort_keys=True, default=_json_default,
+                      ensure_ascii=False)
+
+
+def _json_default(obj: object) -> Any:
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    return str(obj)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=_json_default, ensure_ascii=False))
+
+
+# --- argument parsing helpers ----------------------------------------------------------
+
+
+def parse_tag_assignment(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may be empty and may contain ``=``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+Resolver = Callable[..., list[tuple[Any, ...]]]
+
+
+def resolve_join_addrs(texts: Iterable[str], resolver: Resolver = socket.getaddrinfo) -> list[str]:
+    """Turn the user's ``HOST[:PORT]`` arguments into the IP-literal addresses the
+    daemon accepts (it never resolves names itself, so as not to block on DNS).
+
+    IP literals pass through. A host name is resolved here, and each of its
+    addresses is sent (a name may stand for several nodes). Without a port the
+    daemon's default applies."""
+    out: list[str] = []
+    for text in texts:
+        try:
+            out.append(format_addr(parse_addr(text)))
+            continue
+        except ValueError:
+            pass
+        try:
+            parse_addr(text, default_port=1)
+            out.append(text)  # an IP literal without a port
+            continue
+        except ValueError as exc:
+            literal_error = str(exc)
+        if text.startswith("[") or text.count(":") > 1 or not text:
+            _usage(literal_error)
+        host, sep, port_text = text.partition(":")
+        port: int | None = None
+        if sep:
+            if not (port_text.isascii() and port_text.isdigit()
+                    and 1 <= int(port_text) <= 65535):
+                _usage(f"invalid address {text!r}: port must be a number 1-65535")
+            port = int(port_text)
+        try:
+            infos = resolver(host, port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            raise CliError(f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or exc}"
+                           ) from None
+        for info in infos:
+            ip = str(info[4][0])
+            addr = format_addr((ip, port)) if port else (f"[{ip}]" if ":" in ip else ip)
+            if addr not in out:
+                out.append(addr)
+    return out
+
+
+def _read_key(text: str) -> str:
+    """The KEY argument; ``-`` reads it from stdin so it stays out of ``ps``."""
+    if text != "-":
+        return text
+    line = sys.stdin.readline().strip()
+    if not line:
+        _usage("no key on standard input")
+    return line
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from peerd.api.client import BlockingClient
+
+    return BlockingClient(args.api_socket)
+
+
+def _call(args: argparse.Namespace, op: str, **op_args: Any) -> Any:
+    with _connect(args) as client:
+        return client.call(op, **op_args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _call(args, "status")
+    if args.json:
+        _print_json(status)
+    else:
+        print(format_status(status))
+    return EXIT_OK
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    members = _call(args, "members")
+    if args.status:
+        members = [m for m in members if m.get("status") in args.status]
+    members = sorted(members, key=_member_sort_key)
+    if args.json:
+        _print_json(members)
+    else:
+        print(format_members(members))
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        try:
+            for ev in client.watch(["members"]):
+                print(event_json(ev) if args.json else format_event(ev), flush=True)
+        except KeyboardInterrupt:
+            return EXIT_OK  # the normal way to stop watching
+    print("peerd watch: the daemon ended the stream", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tags_set(args: argparse.Namespace) -> int:
+    tags = dict(args.assignments)
+    _print_tags(_call(args, "set-tags", tags=tags, replace=args.replace))
+    return EXIT_OK
+
+
+def cmd_tags_delete(args: argparse.Namespace) -> int:
+    # A null value deletes the key in the daemon, in one atomic update.
+    tags: dict[str, str | None] = dict.fromkeys(args.keys)
+    _print_tags(_call(args, "set-tags", tags=tags))
+    return EXIT_OK
+
+
+def _print_tags(tags: Mapping[str, str]) -> None:
+    for key, value in sorted(tags.items()):
+        print(f"{key}={value}")
+
+
+def cmd_leave(args: argparse.Namespace) -> int:
+    _call(args, "leave")
+    print("left the cluster; the daemon is stopping")
+    return EXIT_OK
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    addrs = resolve_join_addrs(args.addrs)
+    result = _call(args, "join", addrs=addrs)
+    ok, failed = result.get("ok", 0), result.get("failed", 0)
+    print(f"joined: {ok} answered, {failed} failed")
+    if ok == 0:
+        raise CliError("no address answered")
+    return EXIT_OK
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from peerd.wire.seal import generate_key
+
+    print(generate_key())
+    return EXIT_OK
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = _call(args, "keys.list")
+    if args.json:
+        _print_json(keys)
+        return EXIT_OK
+    rows = [[str(k.get("id", "?")), "primary" if k.get("primary") else ""] for k in keys]
+    print(format_table(["ID", "ROLE"], rows))
+    return EXIT_OK
+
+
+def _key_command(op: str, done: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        _call(args, op, key=_read_key(args.key))
+        print(done)
+        return EXIT_OK
+
+    return run
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    agent = _import_agent()
+    if agent is None:
+        raise CliError("the agent is not available in this installation (peerd.shell.agent)")
+    code: int = agent.run(args)
+    return code
+
+
+def _import_agent() -> Any:
+    try:
+        import peerd.shell.agent as agent
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("peerd.shell.agent", "peerd.shell"):
+            raise
+        return None
+    return agent
+
+
+# --- parser -------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+peerd: a masterless peer-to-peer membership daemon.
+
+`peerd agent` runs the daemon on this host. The other commands talk to the
+local daemon through its API socket."""
+
+EPILOG = """\
+API socket: --api-socket PATH, else $PEERD_API_SOCKET, else /run/peerd/peerd.sock
+for root, else $XDG_RUNTIME_DIR/peerd/peerd.sock, else /tmp/peerd-UID/peerd.sock.
+
+exit codes: 0 ok, 1 operation failed (the daemon said no), 2 usage error,
+3 daemon not reachable. Run `peerd COMMAND --help` for details."""
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api-socket", metavar="PATH",
+                        help="the daemon's API socket (default: see `peerd --help`)")
+    return common
+
+
+def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
+    """The whole command line. ``with_agent_flags`` imports the agent to add its
+    flags; only done when the agent subcommand is what runs."""
+    # The top level keeps its hand-made line breaks; subcommands' prose is rewrapped.
+    parser = argparse.ArgumentParser(prog="peerd", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"peerd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    client = _client_options()
+
+    def add(name: str, summary: str, description: str,
+            parents: Sequence[argparse.ArgumentParser] = (client,)) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description,
+                              parents=list(parents))
+
+    agent = add("agent", "run the daemon (see `peerd agent --help`)",
+                "Run the peerd daemon in the foreground (systemd runs it as a service).",
+                parents=())
+    agent.set_defaults(func=cmd_agent)
+    if with_agent_flags:
+        module = _import_agent()
+        if module is not None:
+            module.add_arguments(agent)
+
+    p = add("status", "show this node's identity, health and member counts",
+            "Show this node's name, id, address, incarnation, generation, Lifeguard health "
+            "(0 = healthy) and how many members are alive, suspect, dead or left.")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = add("members", "list the members of the cluster",
+            "List every member this node knows (itself included): name, short id, address, "
+            "status, incarnation, tags. Sorted by name.")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list (full ids, tags as objects)")
+    p.add_argument("--status", choices=MEMBER_STATUSES, action="append",
+                   help="only members with this status (repeatable)")
+    p.set_defaults(func=cmd_members)
+
+    p = add("watch", "print membership events as they happen",
+            "Print one line per membership event (joined, updated, suspect, alive, dead, "
+            "left, name_conflict, reaped) until interrupted with Ctrl-C.")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"time", "event", "data"}')
+    p.set_defaults(func=cmd_watch)
+
+    tags = add("tags", "change this node's tags",
+               "Tags are key=value labels gossiped with this node's membership.",
+               parents=())
+    tags_sub = tags.add_subparsers(dest="tags_command", metavar="ACTION", required=True)
+    p = tags_sub.add_parser("set", parents=[client], help="set tags (KEY=VALUE ...)",
+                            description="Set tags; others are kept unless --replace. "
+                                        "Prints the node's tags afterwards.")
+    p.add_argument("assignments", nargs="+", type=parse_tag_assignment, metavar="KEY=VALUE")
+    p.add_argument("--replace", action="store_true",
+                   help="drop every tag not given here")
+    p.set_defaults(func=cmd_tags_set)
+    p = tags_sub.add_parser("delete", parents=[client], help="delete tags by key",
+                            description="Delete tags (missing keys are ignored). "
+                                        "Prints the node's tags afterwards.")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+    p.set_defaults(func=cmd_tags_delete)
+
+    p = add("join", "contact more peers and merge their view of the cluster",
+            "Ask the daemon to join peers. HOST may be an IP address or a name (resolved "
+            "here; every address it resolves to is tried). Without :PORT the daemon's "
+            "default port is used. IPv6 with a port: [ADDR]:PORT. Fails (exit 1) if no "
+            "address answered.")
+    p.add_argument("addrs", nargs="+", metavar="HOST[:PORT]")
+    p.set_defaults(func=cmd_join)
+
+    p = add("leave", "leave the cluster gracefully; the daemon then stops",
+            "Announce that this node leaves, wait until the announcement had time to "
+            "spread, then let the daemon stop. Peers see it as 'left', not 'dead'.")
+    p.set_defaults(func=cmd_leave)
+
+    keys = add("keys", "manage the keys that encrypt gossip",
+               "Gossip is sealed with the primary key; every installed key is accepted. "
+               "To rotate: generate, install on every node, use on every node, then remove "
+               "the old key. KEY may be - to read it from standard input (keeps it out of "
+               "the process list).", parents=())
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    p = keys_sub.add_parser("generate", help="print a new random key (no daemon needed)",
+                            description="Print a new random key as one line.")
+    p.set_defaults(func=cmd_keys_generate)
+    p = keys_sub.add_parser("list", parents=[client], help="list installed keys",
+                            description="List the ids of the installed keys; the primary "
+                                        "one seals outgoing gossip.")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_keys_list)
+    for action, op, text, done in [
+        ("install", "keys.install", "add a key to the keyring (accepted for opening)",
+         "key installed"),
+        ("use", "keys.use", "make an installed key the primary (used for sealing)",
+         "key is now primary"),
+        ("remove", "keys.remove", "remove a key that is not the primary", "key removed"),
+    ]:
+        p = keys_sub.add_parser(action, parents=[client], help=text, description=text + ".")
+        p.add_argument("key", metavar="KEY", help="the key, or - to read it from stdin")
+        p.set_defaults(func=_key_command(op, done))
+    return parser
+
+
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The subcommand, found without parsing (the parser depends on it)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+        if arg == "--":
+            return None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    parser = build_parser(with_agent_flags=command == "agent")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    where = f"peerd {args.command}"
+    try:
+        code: int = args.func(args)
+        return code
+    except CliError as exc:
+        print(f"{where}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ApiError as exc:
+        print(f"{where}: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # Output piped into `head` and friends: not an error. (The client
+        # turns socket errors into ConnectionLost, so this is stdout.) Point
+        # stdout at /dev/null so the interpreter's final flush does not complain.
+        _silence_stdout()
+        return EXIT_OK
+    except (ConnectionError, TimeoutError) as exc:  # DaemonUnavailable, ConnectionLost
+        print(f"{where}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
