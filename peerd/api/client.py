@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -396,7 +396,7 @@ class BlockingClient:
         self._send(Request(rid, op, dict(args or {})))
         return self._wait_response(rid, self.timeout).unwrap()
 
-    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Iterator[Event]:
+    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Generator[Event, None, None]:
         """Yield events for ``topics`` until the daemon ends the stream (or
         raise as :class:`Watch` does). Closing the generator unwatches."""
         rid = next(self._ids)

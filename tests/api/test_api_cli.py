@@ -235,7 +235,12 @@ def test_agent_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
 
     fake = types.SimpleNamespace(add_arguments=add_arguments, run=run)
     loads: list[int] = []
-    monkeypatch.setattr(cli, "_import_agent", lambda: loads.append(1) or fake)
+
+    def import_agent() -> Any:
+        loads.append(1)
+        return fake
+
+    monkeypatch.setattr(cli, "_import_agent", import_agent)
     assert cli.main(["members", "--help"]) == 0
     assert loads == []  # client commands never import the agent
     assert cli.main(["agent", "--bind", "1.2.3.4:5"]) == 7

@@ -142,7 +142,7 @@ async def test_malformed_backend_event_is_dropped(server: ApiServer, raw: Connec
         conn = await raw()
         await conn.request({"id": 1, "op": "watch", "args": {"topics": ["members"]}})
         await conn.frame()
-        backend.watchers[0].send_nowait("not a pair")  # type: ignore[arg-type]
+        backend.watchers[0].send_nowait("not a pair")
         backend.emit("joined", {"ok": object()})  # unencodable
         backend.emit("left", {"name": "x"})
         assert await conn.frame() == {"stream": 1, "event": "left", "data": {"name": "x"}}
@@ -352,3 +352,19 @@ async def test_backend_push_to_connection(server: ApiServer, raw: Connect) -> No
         assert await conn.frames_until_eof() == []
         assert target.closed
         assert not target.push_nowait(1, "late", {})
+
+
+async def test_inflight_limit_pauses_reading(nursery: trio.Nursery, sock_path: str,
+                                             backend: FakeBackend) -> None:
+    with trio.fail_after(TIMEOUT):
+        server = ApiServer(backend, max_inflight=1)
+        await nursery.start(server.serve, sock_path)
+        conn = RawConn(await trio.open_unix_socket(sock_path))
+        await conn.send(encode_frame({"id": 1, "op": "slow"})
+                        + encode_frame({"id": 2, "op": "status"}))
+        await backend.slow_started.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [op for _, op, _ in backend.calls] == ["slow"]  # "status" not even read yet
+        backend.release.set()
+        assert [(await conn.frame() or {})["id"] for _ in range(2)] == [1, 2]
+        await trio.aclose_forcefully(conn.stream)
