@@ -1,0 +1,129 @@
+"""Closed-port hints (ICMP unreachable, watch link closed) and watch links."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.core.events import EventKind, LinkClosed, TimerKind, Unreachable, WatchLinks
+from peerd.wire.messages import Ack, Dead, Ping, Status, Suspect
+
+from .util import Rig, addr, alive, armed_at, cfg, events, nid, nologs, of, sends
+
+HINTS = [Unreachable, LinkClosed]
+
+
+def started(*peers: int, i: int = 1, **kw: object) -> Rig:
+    r = Rig.make(i, **kw)  # type: ignore[arg-type]
+    r.start()
+    r.join(*peers, now=0.0)
+    r.drain()
+    return r
+
+
+@pytest.mark.parametrize("hint", HINTS)
+def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
+    r = started(2, 3, 4, 5, config=cfg(refused_suspicion_timeout_s=0.25))
+    outs = r.handle(hint(addr(2)), now=10.0)
+
+    assert events(outs) == [(EventKind.SUSPECT, nid(2))]
+    assert armed_at(outs) == [(TimerKind.SUSPICION, 10.25), (TimerKind.GOSSIP, 10.2)]
+    # A buddy ping: if n2 is in fact alive it refutes within a round trip. (The
+    # queued broadcast of the same suspicion may ride along as well.)
+    (dst, msgs), = sends(outs)
+    assert dst == addr(2)
+    assert msgs[:2] == [Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))]
+    assert set(msgs[2:]) <= {Suspect(nid(2), 0, nid(1))}
+    assert r.counter("unreachable_hints") == 1
+    assert r.counter("link_closed_hints") == (1 if hint is LinkClosed else 0)
+
+    outs = r.fire(TimerKind.SUSPICION)
+    assert r.now == 10.25
+    assert events(outs) == [(EventKind.DEAD, nid(2))]
+
+
+@pytest.mark.parametrize("hint", HINTS)
+def test_hint_for_a_live_node_that_refutes_does_not_kill_it(hint: type) -> None:
+    r = started(2, 3, 4, 5)
+    r.handle(hint(addr(2)), now=10.0)
+    r.drain()
+    # n2 restarted on the same port: it answers the buddy ping with a refutation.
+    outs = r.recv(2, Ack(1), alive(2, inc=1), now=10.002)
+    assert events(outs) == [(EventKind.ALIVE, nid(2))]
+    assert nologs(r.fire(TimerKind.SUSPICION)) == []
+    assert r.status(2) is Status.ALIVE
+
+
+def test_hint_caps_a_running_suspicion_once() -> None:
+    r = started(2, 3, 4, 5)
+    r.recv(3, Suspect(nid(2), 0, nid(3)), now=10.0)
+    assert r.timer(TimerKind.SUSPICION).at == 10.0 + 18.0  # K = 1 of 5: the maximum
+    r.drain()
+
+    outs = r.handle(Unreachable(addr(2)), now=12.0)
+    assert armed_at(outs) == [(TimerKind.SUSPICION, 12.5)]
+    assert events(outs) == [] and sends(outs) == []
+    assert nologs(r.handle(LinkClosed(addr(2)), now=12.1)) == []  # already capped
+    assert r.counter("unreachable_hints") == 2
+    outs = r.fire(TimerKind.SUSPICION)
+    assert events(outs) == [(EventKind.DEAD, nid(2))]
+
+
+@pytest.mark.parametrize("where", [addr(9), addr(1), ("10.0.0.2", 1234)])
+def test_hint_for_an_address_that_is_no_live_member_is_ignored(where: tuple) -> None:
+    r = started(2)
+    assert r.handle(Unreachable(where), now=1.0) == []
+    assert r.counter("unreachable_hints") == 0
+
+
+def test_hint_for_a_dead_member_is_ignored() -> None:
+    r = started(2, 3)
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    assert r.handle(Unreachable(addr(2)), now=2.0) == []
+
+
+# --- watch links ---------------------------------------------------------------
+
+
+def test_watch_link_follows_the_ring_successor() -> None:
+    r = Rig.make(1)
+    assert of(r.start(), WatchLinks) == []  # alone: nothing to watch
+    assert of(r.join(3, now=0.1), WatchLinks) == [WatchLinks((addr(3),))]
+    assert of(r.join(2, now=0.2), WatchLinks) == [WatchLinks((addr(2),))]
+    assert of(r.join(5, now=0.3), WatchLinks) == []  # successor unchanged
+    outs = r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    assert of(outs, WatchLinks) == [WatchLinks((addr(3),))]
+    outs = r.recv(3, Suspect(nid(3), 0, nid(5)), now=2.0)
+    assert of(outs, WatchLinks) == []  # a suspect is still live
+    outs = r.handle(LinkClosed(addr(3)), now=3.0)
+    assert of(outs, WatchLinks) == []
+    outs = r.fire(TimerKind.SUSPICION)
+    assert events(outs) == [(EventKind.DEAD, nid(3))]
+    assert of(outs, WatchLinks) == [WatchLinks((addr(5),))]
+
+
+def test_watch_link_wraps_around_the_ring() -> None:
+    r = started(2, 3, i=5)
+    assert of(r.history, WatchLinks)[-1] == WatchLinks((addr(2),))
+
+
+def test_watch_link_follows_a_moving_successor() -> None:
+    r = started(2)
+    new = ("10.0.1.2", 7946)
+    outs = r.recv(new, alive(2, inc=1, at=new), now=1.0)
+    assert of(outs, WatchLinks) == [WatchLinks((new,))]
+
+
+def test_several_watch_links() -> None:
+    r = started(2, 3, 4, i=3, config=cfg(watch_links=2))
+    assert of(r.history, WatchLinks)[-1] == WatchLinks((addr(4), addr(2)))
+
+
+def test_watch_links_disabled() -> None:
+    r = started(2, 3, config=cfg(watch_links=0))
+    assert of(r.history, WatchLinks) == []
+
+
+def test_last_peer_gone_closes_the_watch_link() -> None:
+    r = started(2)
+    outs = r.recv(2, Dead(nid(2), 0, nid(9)), now=1.0)
+    assert of(outs, WatchLinks) == [WatchLinks(())]

@@ -1,0 +1,222 @@
+"""Push-pull anti-entropy and partition healing (reconnect)."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.core.events import (
+    EventKind,
+    MemberEvent,
+    OpenStream,
+    SetTimer,
+    StreamFailed,
+    StreamReply,
+    StreamRequest,
+    StreamResponse,
+    Timer,
+    TimerKind,
+)
+from peerd.wire import codec
+from peerd.wire.messages import Ack, Dead, Left, MemberState, Ping, PushPull, Status, Suspect, Tags
+
+from .util import (
+    Rig,
+    addr,
+    alive,
+    armed_at,
+    cfg,
+    events,
+    name,
+    nid,
+    nologs,
+    of,
+    packet,
+    sends,
+    state_of,
+)
+
+
+def st(i: int, status: Status = Status.ALIVE, inc: int = 0, tags: Tags = ()) -> MemberState:
+    return MemberState(nid(i), name(i), addr(i), inc, 0, tags, status)
+
+
+def started(*peers: int, seeds: tuple = (), **kw: object) -> Rig:
+    r = Rig.make(**kw)  # type: ignore[arg-type]
+    r.start(*seeds)
+    r.join(*peers, now=0.0)
+    r.drain()
+    return r
+
+
+def test_stream_request_is_answered_with_our_state_and_merged() -> None:
+    r = started(3)
+    tags = (("role", "db"),)
+    outs = r.stream_in(7, 2, PushPull(False, (st(2, tags=tags), st(3), st(1))), now=1.0)
+
+    reply = outs[0]
+    assert isinstance(reply, StreamReply) and reply.stream == 7
+    assert reply.data is not None
+    assert state_of(reply.data) == PushPull(False, (st(1), st(3)))
+    assert events(outs) == [(EventKind.JOINED, nid(2))]
+    assert r.node.member(nid(2)) is not None
+    assert r.node.member(nid(2)).tags == tags  # type: ignore[union-attr]
+    assert r.counter("push_pull_in") == 1
+    # What we learn is gossiped on.
+    assert sends(r.drain())[0][1] == [alive(2, tags=tags)]
+
+
+def test_reply_carries_every_member_with_its_status() -> None:
+    r = started(2, 3, 4)
+    r.recv(2, alive(3, inc=2), now=0.5)
+    r.recv(2, Suspect(nid(2), 0, nid(3)), Dead(nid(3), 2, nid(2)), Left(nid(4), 1), now=0.6)
+    outs = r.stream_in(1, 9, PushPull(False, ()), now=1.0)
+    assert state_of(outs[0].data) == PushPull(False, (  # type: ignore[union-attr]
+        st(1), st(2, Status.SUSPECT), st(3, Status.DEAD, 2), st(4, Status.LEFT, 1)))
+
+
+def test_remote_dead_for_a_member_we_see_alive_is_only_a_suspicion() -> None:
+    r = started(3)
+    outs = r.stream_in(7, 2, PushPull(False, (st(2), st(3, Status.DEAD))), now=1.0)
+    assert events(outs) == [(EventKind.JOINED, nid(2)), (EventKind.SUSPECT, nid(3))]
+    assert r.status(3) is Status.SUSPECT
+    # Our own suspicion (3 live nodes, K = 1): the maximum timeout, 18 s.
+    assert (TimerKind.SUSPICION, 19.0) in armed_at(outs)
+
+
+def test_remote_suspect_and_left() -> None:
+    r = started(3, 4)
+    outs = r.stream_in(7, 2, PushPull(False, (st(3, Status.SUSPECT), st(4, Status.LEFT, 1),
+                                              st(5, Status.SUSPECT))), now=1.0)
+    assert events(outs) == [(EventKind.SUSPECT, nid(3)), (EventKind.LEFT, nid(4)),
+                            (EventKind.JOINED, nid(5)), (EventKind.SUSPECT, nid(5))]
+
+
+def test_remote_dead_or_left_for_an_unknown_node_is_remembered_quietly() -> None:
+    r = started(3)
+    outs = r.stream_in(7, 2, PushPull(False, (st(5, Status.DEAD, 4), st(6, Status.LEFT, 1))),
+                       now=1.0)
+    assert events(outs) == []
+    assert r.status(5) is Status.DEAD and r.status(6) is Status.LEFT
+    # A stale Alive cannot resurrect it; a newer one can.
+    assert nologs(r.recv(5, alive(5, inc=4), now=2.0)) == []
+    assert events(r.recv(5, alive(5, inc=5), now=3.0)) == [(EventKind.ALIVE, nid(5))]
+
+
+def test_remote_view_of_us_as_dead_is_refuted() -> None:
+    r = started(2)
+    r.stream_in(7, 2, PushPull(False, (st(1, Status.DEAD),)), now=1.0)
+    assert r.node.incarnation == 1
+    assert r.counter("refutations") == 1
+    assert r.node.local_member().status is Status.ALIVE
+
+
+def test_remote_state_with_unusable_address_is_dropped() -> None:
+    r = started()
+    bad = MemberState(nid(5), "n5", ("0.0.0.0", 7946), 0, 0, (), Status.ALIVE)
+    outs = r.stream_in(7, 2, PushPull(False, (bad, st(6))), now=1.0)
+    assert events(outs) == [(EventKind.JOINED, nid(6))]
+    assert r.counter("drop.bad_addr") == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "bad_cbor"),
+        (b"\xff\xfe\xfd", "bad_cbor"),
+        (codec.encode(Ping(1, nid(1))), "unexpected_stream_message"),
+        (b"\x83\x09\xf4\x81\x80", "bad_field"),  # a push-pull with an empty member row
+        (b"\x81\x63abc", "not_message"),
+    ],
+)
+def test_garbage_stream_request_is_answered_with_nothing(data: bytes, reason: str) -> None:
+    r = started(3)
+    outs = r.handle(StreamRequest(7, addr(2), data), now=1.0)
+    assert nologs(outs) == [StreamReply(7, None)]
+    assert r.counter(f"drop.{reason}") == 1
+    assert r.node.live_count() == 2
+
+
+def test_push_pull_in_a_datagram_is_dropped() -> None:
+    r = started(3)
+    outs = r.recv_raw(2, packet(PushPull(False, (st(2),)), Ack(99)), now=1.0)
+    assert nologs(outs) == []
+    assert r.counter("drop.push_pull_in_datagram") == 1
+    assert r.node.member(nid(2)) is None
+
+
+# --- periodic push-pull ----------------------------------------------------------
+
+
+def test_push_pull_timer_syncs_with_a_live_member() -> None:
+    r = started(2)
+    t = r.timer(TimerKind.PUSH_PULL).at
+    outs = r.fire(TimerKind.PUSH_PULL)
+    assert nologs(outs) == [
+        SetTimer(t + 30.0, Timer(TimerKind.PUSH_PULL, of(outs, SetTimer)[0].timer.token)),
+        OpenStream(1, addr(2), codec.encode(PushPull(False, (st(1), st(2))))),
+    ]
+    # The answer is merged.
+    outs = r.handle(StreamResponse(1, codec.encode(PushPull(False, (st(2), st(8))))), now=t + 0.1)
+    assert events(outs) == [(EventKind.JOINED, nid(8))]
+
+
+def test_push_pull_alone_does_nothing_but_rearm() -> None:
+    r = started()
+    outs = r.fire(TimerKind.PUSH_PULL)
+    assert armed_at(outs) == [(TimerKind.PUSH_PULL, r.now + 30.0)] and len(outs) == 1
+
+
+def test_push_pull_is_bounded_by_max_concurrent_syncs() -> None:
+    r = started(2, 3, config=cfg(max_concurrent_syncs=2))
+    opened = [of(r.fire(TimerKind.PUSH_PULL), OpenStream) for _ in range(3)]
+    assert [len(o) for o in opened] == [1, 1, 0]
+    assert r.counter("push_pull_skipped") == 1
+    r.handle(StreamFailed(opened[0][0].stream, "timeout"))
+    assert len(of(r.fire(TimerKind.PUSH_PULL), OpenStream)) == 1
+
+
+def test_push_pull_interval_scales_above_32_nodes() -> None:
+    r = started(*range(2, 42))  # 41 live nodes: interval doubles
+    outs = r.fire(TimerKind.PUSH_PULL)
+    assert armed_at(outs) == [(TimerKind.PUSH_PULL, r.now + 60.0)]
+
+
+# --- partition healing ---------------------------------------------------------
+
+
+def test_reconnect_retries_a_seed_that_is_not_alive() -> None:
+    r = started(seeds=(addr(2),))
+    r.handle(StreamFailed(1, "refused"), now=0.1)
+    outs = r.fire(TimerKind.RECONNECT)
+    assert r.now == 10.0
+    assert armed_at(outs) == [(TimerKind.RECONNECT, 20.0)]
+    (o,) = of(outs, OpenStream)
+    assert (o.dst, state_of(o.data)) == (addr(2), PushPull(False, (st(1),)))
+    assert r.counter("reconnects") == 1
+
+
+def test_reconnect_retries_a_dead_member() -> None:
+    r = started(2, 3)
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    outs = r.fire(TimerKind.RECONNECT)
+    (o,) = of(outs, OpenStream)
+    assert o.dst == addr(2)
+    # n2 answers: it was declared dead and refuted meanwhile.
+    outs = r.handle(StreamResponse(o.stream, codec.encode(PushPull(False, (st(2, inc=1),)))),
+                    now=10.1)
+    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, r.node.member(nid(2)))]  # type: ignore[arg-type]
+    assert r.status(2) is Status.ALIVE
+
+
+def test_reconnect_does_nothing_when_all_seeds_are_alive_and_nobody_is_dead() -> None:
+    r = started(2, seeds=(addr(2),))
+    outs = r.fire(TimerKind.RECONNECT)
+    assert armed_at(outs) == [(TimerKind.RECONNECT, r.now + 10.0)] and len(outs) == 1
+    assert r.counter("reconnects") == 0
+
+
+def test_reconnect_respects_max_concurrent_syncs() -> None:
+    r = started(seeds=(addr(2),), config=cfg(max_concurrent_syncs=1))
+    r.handle(StreamFailed(1, "refused"), now=0.1)
+    assert len(of(r.fire(TimerKind.RECONNECT), OpenStream)) == 1
+    assert of(r.fire(TimerKind.RECONNECT), OpenStream) == []
