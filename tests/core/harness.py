@@ -73,6 +73,25 @@ class Cluster:
             self.nodes.append(node)
         return node
 
+    def restart(self, i: int, incarnation: int, generation: int,
+                seeds: tuple[int, ...] = (0,)) -> Node:
+        """Bring crashed node i back as a new process with the same id, name and
+        address: the old process's timers, in-flight packets and streams are gone
+        (streams it was serving fail for their openers)."""
+        self._heap = [e for e in self._heap if e[2] != i]
+        heapq.heapify(self._heap)
+        for key, (opener, stream) in list(self._streams.items()):
+            if opener == i:
+                del self._streams[key]
+            elif key[0] == i:
+                del self._streams[key]
+                self.feed(opener, StreamFailed(stream, "reset"), self.latency)
+        self.down.discard(i)
+        self.watches.pop(i, None)
+        node = self.add_node(i, incarnation=incarnation, generation=generation)
+        self.start(i, seeds)
+        return node
+
     def start(self, i: int, seeds: tuple[int, ...] = (0,)) -> None:
         self.feed(i, Start(tuple(self.addr_of[s] for s in seeds)), delay=0.0)
 
