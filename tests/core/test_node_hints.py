@@ -31,8 +31,7 @@ def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
     # queued broadcast of the same suspicion may ride along as well.)
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    assert msgs[:2] == [Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))]
-    assert set(msgs[2:]) <= {Suspect(nid(2), 0, nid(1))}
+    assert set(msgs) == {Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))}
     assert r.counter("unreachable_hints") == 1
     assert r.counter("link_closed_hints") == (1 if hint is LinkClosed else 0)
 

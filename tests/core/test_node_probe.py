@@ -5,7 +5,7 @@ from __future__ import annotations
 from peerd.core.events import EventKind, SetTimer, Timer, TimerKind
 from peerd.wire.messages import Ack, Nack, Ping, PingReq, Status, Suspect
 
-from .util import Rig, addr, alive, cfg, events, nid, nologs, of, sends, sent_msgs, timers
+from .util import Rig, addr, alive, bag, cfg, events, nid, nologs, of, sends, sent_msgs, timers
 
 
 def started(*peers: int, **kw: object) -> Rig:
@@ -85,7 +85,7 @@ def test_unanswered_probe_without_helpers_suspects_at_next_probe() -> None:
     assert r.timer(TimerKind.PROBE_TIMEOUT).at == t + 1.0 + 1.0
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    assert msgs[:2] == [Ping(2, nid(2)), Suspect(nid(2), 0, nid(1))]
+    assert set(msgs) == {Ping(2, nid(2)), Suspect(nid(2), 0, nid(1))}
 
 
 def test_ack_lowers_health_but_not_below_zero() -> None:
@@ -268,7 +268,9 @@ def test_ping_to_a_suspect_carries_the_suspicion() -> None:
     outs = r.fire(TimerKind.PROBE)
 
     # One datagram: our probe plus the suspicion, so a live n2 refutes at once.
-    assert sends(outs) == [(addr(2), [Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))])]
+    (dst, msgs), = sends(outs)
+    assert dst == addr(2)
+    assert bag(msgs) == bag([Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))])
 
 
 def test_relayed_ping_to_a_suspect_carries_the_suspicion() -> None:
@@ -276,4 +278,6 @@ def test_relayed_ping_to_a_suspect_carries_the_suspicion() -> None:
     r.recv(4, Suspect(nid(3), 0, nid(4)), now=0.1)
     r.drain()
     outs = r.recv(2, PingReq(50, nid(3), addr(3), True), now=0.2)
-    assert sends(outs) == [(addr(3), [Ping(1, nid(3)), Suspect(nid(3), 0, nid(1))])]
+    (dst, msgs), = sends(outs)
+    assert dst == addr(3)
+    assert bag(msgs) == bag([Ping(1, nid(3)), Suspect(nid(3), 0, nid(1))])

@@ -13,6 +13,7 @@ codec.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -98,6 +99,12 @@ def decode(data: bytes) -> list[Message]:
     msgs, errors = codec.decode_packet(data)
     assert not errors, errors
     return msgs
+
+
+def bag(msgs: Iterable[Message]) -> Counter[Message]:
+    """Messages as a multiset. Used for buddy pings, whose order inside the
+    datagram (ping first or suspicion first) is not part of the contract."""
+    return Counter(msgs)
 
 
 def sends(outs: Iterable[Output]) -> list[tuple[Addr, list[Message]]]:
@@ -218,3 +225,18 @@ class Rig:
     def status(self, i: int) -> object:
         m = self.node.member(nid(i))
         return None if m is None else m.status
+
+
+def deliver(sender: Rig, outs: Iterable[Output], rigs: Iterable[Rig],
+            now: float | None = None) -> dict[int, list[Output]]:
+    """Hand the datagrams in ``outs`` from ``sender`` to whichever of ``rigs``
+    they are addressed to; returns each receiver's outputs by node number."""
+    by_addr = {r.node.local_member().addr: r for r in rigs}
+    src = sender.node.local_member().addr
+    got: dict[int, list[Output]] = {}
+    for o in of(outs, SendPacket):
+        r = by_addr.get(o.dst)
+        if r is not None:
+            i = int.from_bytes(r.node.node_id, "big")
+            got.setdefault(i, []).extend(r.handle(PacketIn(src, o.data), now))
+    return got
