@@ -1,0 +1,377 @@
+"""Agent settings: a TOML file, overridden by command-line flags.
+
+The file's top-level keys mirror the ``peerd agent`` flags (dashes become
+underscores); a ``[swim]`` table overrides fields of the chosen preset::
+
+    name = "web1"
+    bind = "0.0.0.0:7950"
+    advertise = "10.0.0.5:7950"
+    join = ["10.0.0.2:7950", "10.0.0.3"]
+    api_socket = "/run/peerd/api.sock"
+    state_dir = "/var/lib/peerd"
+    key_file = "/etc/peerd/keys"      # relative paths: relative to this file
+    preset = "lan"                    # lan | wan | local
+    insecure = false
+    log_level = "info"                # debug | info | warning | error
+
+    [swim]
+    probe_interval_s = 0.5
+    suspicion_mult = 5
+
+Everything is checked before the daemon starts: an unknown key or a bad
+value is a :class:`SettingsError` naming the key, so a typo cannot silently
+leave a default in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peerd.core.config import PRESETS, SwimConfig
+from peerd.shell.logs import LEVEL_NAMES
+from peerd.wire.messages import Addr
+
+DEFAULT_PORT = 7950
+DEFAULT_BIND: Addr = ("127.0.0.1", DEFAULT_PORT)
+DEFAULT_PRESET = "lan"
+DEFAULT_LOG_LEVEL = "info"
+
+
+class SettingsError(Exception):
+    """A setting is unknown or invalid. ``key`` names it (``swim.probe_interval_s``)."""
+
+    def __init__(self, key: str, reason: str, source: str | None = None) -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {reason}")
+        self.key = key
+        self.reason = reason
+        self.source = source
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    name: str
+    bind: Addr
+    advertise: Addr | None  # None: derive from bind after binding
+    join: tuple[tuple[str, int], ...]  # host may be a DNS name, resolved at start
+    api_socket: Path
+    state_dir: Path
+    key_file: Path | None
+    preset: str
+    insecure: bool
+    log_level: str
+    swim: SwimConfig
+    config_file: Path | None = None
+
+
+# --- addresses ----------------------------------------------------------------
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 literal."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        host, port_text = text, ""  # bare IPv6 literal
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    if port_text:
+        if not port_text.isdigit():
+            raise ValueError(f"{text!r}: port must be a number")
+        port = int(port_text)
+    else:
+        port = default_port
+    if not 0 <= port < 65536:
+        raise ValueError(f"{text!r}: port out of range")
+    return host, port
+
+
+def parse_ip_addr(text: str, *, allow_unspecified: bool, allow_port_zero: bool) -> Addr:
+    """An address whose host must be an IP literal (what we bind or gossip)."""
+    host, port = parse_hostport(text)
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
+    if ip.is_unspecified and not allow_unspecified:
+        raise ValueError(f"{host} is unspecified; give the address peers should use")
+    if port == 0 and not allow_port_zero:
+        raise ValueError("port 0 is not allowed here")
+    return str(ip), port
+
+
+# --- SwimConfig fields -----------------------------------------------------------
+
+_SWIM_FIELDS = {f.name: f for f in dataclasses.fields(SwimConfig)}
+# Fields that must be strictly positive (zero would divide, spin or disable probing).
+_POSITIVE = {
+    "probe_interval_s", "probe_timeout_s", "gossip_interval_s", "suspicion_mult",
+    "suspicion_max_timeout_mult", "retransmit_mult", "gossip_fanout", "awareness_max",
+    "reconnect_interval_s", "max_packet_bytes", "max_concurrent_syncs",
+    "refused_suspicion_timeout_s",
+}
+
+
+def _swim_value(name: str, value: object, source: str | None) -> object:
+    key = f"swim.{name}"
+    kind = _SWIM_FIELDS[name].type  # a string: annotations are postponed
+    if isinstance(value, bool):
+        raise SettingsError(key, f"expected a number, got {value!r}", source)
+    if kind == "int":
+        if not isinstance(value, int):
+            raise SettingsError(key, f"expected an integer, got {value!r}", source)
+    elif kind == "float":
+        if not isinstance(value, (int, float)):
+            raise SettingsError(key, f"expected a number, got {value!r}", source)
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(key, "must be finite", source)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise SettingsError(key, f"unsupported field type {kind}", source)
+    assert isinstance(value, (int, float))
+    if value < 0:
+        raise SettingsError(key, f"must not be negative, got {value}", source)
+    if name in _POSITIVE and value == 0:
+        raise SettingsError(key, "must be greater than 0", source)
+    return value
+
+
+def check_swim_fields(overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Each ``[swim]`` entry checked on its own (known field, type, range)."""
+    changes: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in _SWIM_FIELDS:
+            raise SettingsError(f"swim.{name}", "unknown setting", source)
+        changes[name] = _swim_value(name, value, source)
+    return changes
+
+
+def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None) -> SwimConfig:
+    """The preset with ``overrides`` applied, validated field by field and as a whole."""
+    if preset not in PRESETS:
+        raise SettingsError("preset", f"unknown preset {preset!r} (one of {_choices(PRESETS)})",
+                            source)
+    config = PRESETS[preset]().replace(**check_swim_fields(overrides, source))
+    if config.probe_timeout_s > config.probe_interval_s:
+        raise SettingsError(
+            "swim.probe_timeout_s",
+            f"must not exceed probe_interval_s ({config.probe_timeout_s} > "
+            f"{config.probe_interval_s})",
+            source,
+        )
+    if config.suspicion_max_timeout_mult < 1:
+        raise SettingsError("swim.suspicion_max_timeout_mult", "must be at least 1", source)
+    if config.max_packet_bytes < 512:
+        raise SettingsError("swim.max_packet_bytes", "must be at least 512", source)
+    return config
+
+
+def _choices(names: object) -> str:
+    return ", ".join(sorted(names))  # type: ignore[call-overload]
+
+
+# --- the file ------------------------------------------------------------------
+
+_TOP_KEYS = {
+    "name", "bind", "advertise", "join", "api_socket", "state_dir", "key_file", "preset",
+    "insecure", "log_level", "swim",
+}
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Parse and validate a config file into the same shape :func:`resolve` merges.
+
+    Values are converted (addresses parsed, paths made absolute relative to
+    the file) so that CLI flags and file values are interchangeable.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError("config", f"file {path} not found") from None
+    except OSError as e:
+        raise SettingsError("config", f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError("config", f"{path} is not valid TOML: {e}") from None
+    base = Path(path).resolve().parent
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _TOP_KEYS:
+            hint = " (dashes are written as underscores)" if "-" in key else ""
+            raise SettingsError(key, f"unknown setting{hint}", source)
+        out[key] = _file_value(key, value, base, source)
+    if "swim" in out:
+        # Field by field here; checks across fields wait for the final preset
+        # (a --preset flag may replace the file's).
+        out["swim"] = check_swim_fields(out["swim"], source)
+    return out
+
+
+def _file_value(key: str, value: object, base: Path, source: str) -> object:
+    def want_str() -> str:
+        if not isinstance(value, str):
+            raise SettingsError(key, f"expected a string, got {value!r}", source)
+        return value
+
+    try:
+        match key:
+            case "name":
+                return _check_name(want_str())
+            case "bind":
+                return parse_ip_addr(want_str(), allow_unspecified=True, allow_port_zero=True)
+            case "advertise":
+                return parse_ip_addr(want_str(), allow_unspecified=False, allow_port_zero=False)
+            case "join":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise SettingsError(key, "expected a list of \"host:port\" strings", source)
+                return tuple(_join_addr(v) for v in value)
+            case "api_socket" | "state_dir" | "key_file":
+                text = want_str()
+                if not text:
+                    raise SettingsError(key, "must not be empty", source)
+                return base / os.path.expanduser(text)
+            case "preset":
+                text = want_str()
+                if text not in PRESETS:
+                    raise ValueError(f"unknown preset {text!r} (one of {_choices(PRESETS)})")
+                return text
+            case "insecure":
+                if not isinstance(value, bool):
+                    raise SettingsError(key, f"expected true or false, got {value!r}", source)
+                return value
+            case "log_level":
+                text = want_str()
+                if text not in LEVEL_NAMES:
+                    raise ValueError(f"unknown level {text!r} (one of {_choices(LEVEL_NAMES)})")
+                return text
+            case "swim":
+                if not isinstance(value, dict):
+                    raise SettingsError(key, "expected a table ([swim])", source)
+                return dict(value)
+    except ValueError as e:
+        raise SettingsError(key, str(e), source) from None
+    raise SettingsError(key, "unknown setting", source)  # pragma: no cover
+
+
+def _check_name(name: str) -> str:
+    if not name or len(name.encode()) > 255:
+        raise ValueError("must be 1 to 255 bytes")
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError("must not contain spaces or control characters")
+    return name
+
+
+def _join_addr(text: str) -> tuple[str, int]:
+    host, port = parse_hostport(text)
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0 is not allowed")
+    return host, port
+
+
+# --- merging -------------------------------------------------------------------
+
+
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that were given (argparse defaults are None), converted like file values."""
+    out: dict[str, Any] = {}
+    try:
+        for key in ("name", "bind", "advertise", "log_level", "preset"):
+            value = getattr(args, key, None)
+            if value is None:
+                continue
+            match key:
+                case "name":
+                    out[key] = _check_name(value)
+                case "bind":
+                    out[key] = parse_ip_addr(value, allow_unspecified=True, allow_port_zero=True)
+                case "advertise":
+                    out[key] = parse_ip_addr(value, allow_unspecified=False,
+                                             allow_port_zero=False)
+                case _:
+                    out[key] = value
+    except ValueError as e:
+        raise SettingsError(f"--{key.replace('_', '-')}", str(e)) from None
+    join = getattr(args, "join", None)
+    if join:
+        try:
+            out["join"] = tuple(_join_addr(v) for v in join)
+        except ValueError as e:
+            raise SettingsError("--join", str(e)) from None
+    for key in ("api_socket", "state_dir", "key_file"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = Path(os.path.expanduser(value)).absolute()
+    if getattr(args, "insecure", None):
+        out["insecure"] = True
+    return out
+
+
+def default_api_socket() -> Path:
+    """The API client's default path; a private fallback if the API module is absent."""
+    try:
+        from peerd.api.client import default_socket_path  # noqa: PLC0415
+    except ImportError:
+        pass
+    else:
+        return Path(default_socket_path())
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/run/peerd/api.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "peerd" / "api.sock"
+    return Path.home() / ".local" / "state" / "peerd" / "api.sock"
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Merge defaults < config file < flags into one validated :class:`Settings`."""
+    from peerd.shell.state import default_state_dir  # noqa: PLC0415
+
+    config_file: Path | None = None
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        config_file = Path(args.config)
+        values.update(load_file(config_file))
+    values.update(cli_values(args))
+    preset = values.get("preset", DEFAULT_PRESET)
+    swim = build_swim(preset, values.get("swim", {}), str(config_file) if config_file else None)
+    return Settings(
+        name=values.get("name") or _check_name(socket.gethostname() or "peerd"),
+        bind=values.get("bind", DEFAULT_BIND),
+        advertise=values.get("advertise"),
+        join=values.get("join", ()),
+        api_socket=values.get("api_socket") or default_api_socket(),
+        state_dir=values.get("state_dir") or default_state_dir(),
+        key_file=values.get("key_file"),
+        preset=preset,
+        insecure=bool(values.get("insecure", False)),
+        log_level=values.get("log_level", DEFAULT_LOG_LEVEL),
+        swim=swim,
+        config_file=config_file,
+    )
+
+
+def check_config(path: Path | str) -> Settings:
+    """Validate a config file on its own (``peerd agent --check-config``)."""
+    return resolve(argparse.Namespace(config=str(path)))
