@@ -218,4 +218,5 @@ def test_random_traffic_keeps_invariants(steps: list[tuple[float, tuple[Any, ...
                 case MemberEvent(kind=kind, member=member) if kind in EVENT_STATUS:
                     assert member.status is EVENT_STATUS[kind]
         for o in of(outs, SendPacket):
+            assert len(o.data) <= r.node.config.max_packet_bytes
             decode(o.data)
