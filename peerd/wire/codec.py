@@ -411,21 +411,24 @@ def _reject_tag(*_args: Any) -> NoReturn:
 # bigfloats, regexes, shared references). Other tags reach the tag hook.
 _BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
                  1004, 43000, 55799)
-_SEMANTIC_DECODERS: dict[int, Any] = {t: _reject_tag for t in _BUILTIN_TAGS}
+_DECODER_OPTIONS: dict[str, Any] = {
+    "tag_hook": _reject_tag,
+    "semantic_decoders": {t: _reject_tag for t in _BUILTIN_TAGS},
+    "max_depth": MAX_DEPTH,
+    "allow_indefinite": False,
+    "allow_duplicate_keys": False,
+    "strict_hashable_types": True,
+}
+try:  # An older cbor2 would fail every decode at run time: fail loudly here instead.
+    cbor2.CBORDecoder(io.BytesIO(b""), **_DECODER_OPTIONS)
+except TypeError as exc:  # pragma: no cover - depends on the installed cbor2
+    raise ImportError(f"peerd.wire.codec needs cbor2 >= 6.1 for strict decoding: {exc}") from exc
 
 
 def _loads(data: bytes) -> Any:
     fp = io.BytesIO(data)
     try:
-        obj = cbor2.CBORDecoder(
-            fp,
-            tag_hook=_reject_tag,
-            semantic_decoders=_SEMANTIC_DECODERS,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-            strict_hashable_types=True,
-        ).decode()
+        obj = cbor2.CBORDecoder(fp, **_DECODER_OPTIONS).decode()
     except RecursionError as exc:
         raise DecodeError("bad_cbor", "nesting too deep") from exc
     except Exception as exc:  # cbor2 raises many types on hostile input
