@@ -1,0 +1,781 @@
+"""The runner: the one task that owns the core, and the API backend on top.
+
+Every receiver (UDP, TCP, API calls, signals) puts items into one bounded trio
+memory channel; only the runner task calls ``node.handle(now, input)``, so the
+core needs no locks and sees one totally ordered input history, as in the
+simulator. Outputs are carried out without awaiting: datagrams are sent (or
+dropped) at once, streams and watch links are handed to TCP tasks, timers go
+on one deadline heap that the loop itself waits on (``trio.move_on_at(next
+deadline)``). A slow peer or API client therefore never stalls the core.
+
+An exception out of ``node.handle`` is a bug, not a network condition (the
+core turns bad input into counted drops): the runner logs it once with its
+traceback and the daemon exits non-zero (70), so systemd restarts a clean
+process instead of keeping a half-dead node answering probes.
+
+Keys changed over the API (keys.install/use/remove) apply at once (the sealer
+and opener share the keyring) and are written to ``<state-dir>/keyring``;
+at the next start that file, when present, is the keyring and ``--key-file``
+is only used while it does not exist (like Serf's keyring file).
+
+The API ``leave`` answers once the leave had time to spread; the daemon then
+exits 0, as after SIGTERM.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import math
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from peerd.api.protocol import (
+    STREAM_END,
+    ApiError,
+    ErrorCode,
+    Op,
+    TagUpdate,
+    Topic,
+    member_event_to_wire,
+    member_to_wire,
+    parse_join_args,
+    parse_key_args,
+    parse_set_tags_args,
+    status_to_wire,
+)
+from peerd.core.config import SwimConfig
+from peerd.core.events import (
+    EventKind,
+    IncarnationChanged,
+    Input,
+    Join,
+    JoinDone,
+    Leave,
+    LeaveDone,
+    Log,
+    LogLevel,
+    MemberEvent,
+    MemberInfo,
+    OpenStream,
+    Output,
+    SendPacket,
+    SetTags,
+    SetTimer,
+    Start,
+    StreamReply,
+    Timer,
+    TimerFired,
+    WatchLinks,
+)
+from peerd.shell.logs import Logger
+from peerd.shell.settings import DEFAULT_PORT
+from peerd.shell.state import StateDir, StateError
+from peerd.wire.messages import Addr, tags_from_mapping
+from peerd.wire.seal import KeyFormatError, Keyring, KeyringError, format_key, key_id, parse_key
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BUG = 70  # EX_SOFTWARE: internal error; systemd restarts us
+
+
+class NodeLike(Protocol):
+    """What the runner needs from :class:`peerd.core.node.Node` (fakes in tests)."""
+
+    counters: collections.Counter[str]
+
+    def handle(self, now: float, inp: Input) -> list[Output]: ...
+    def members(self) -> list[MemberInfo]: ...
+    def local_member(self) -> MemberInfo: ...
+    @property
+    def health_score(self) -> int: ...
+    def peer_addrs(self) -> list[Addr]: ...
+
+
+class PacketPort(Protocol):
+    def send(self, dst: Addr, payload: bytes) -> None: ...
+
+
+class StreamPort(Protocol):
+    def open_stream(self, stream: int, dst: Addr, data: bytes) -> None: ...
+    def reply(self, stream: int, data: bytes | None) -> None: ...
+    def set_watch_links(self, addrs: tuple[Addr, ...]) -> None: ...
+
+
+class CoreFailure(Exception):
+    """The core raised: a bug. The daemon must exit non-zero."""
+
+
+# --- items the runner receives besides core inputs -------------------------------
+
+
+@dataclass(eq=False)
+class _Call:
+    """Run ``fn`` inside the runner task (the only place the core is touched)."""
+
+    fn: Callable[[], Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: Exception | None = None
+
+
+@dataclass(eq=False)
+class _Shutdown:
+    reason: str
+
+
+Item = Input | _Call | _Shutdown
+EventItem = tuple[str, dict[str, Any]]
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """An API call (or the start) waiting for a JoinDone / LeaveDone."""
+
+    label: str
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One API watch: the sending end of its event channel (the server reads the other)."""
+
+    conn: object
+    topics: frozenset[str]
+    send: trio.MemorySendChannel[EventItem]
+
+    def offer(self, item: EventItem) -> bool:
+        """Queue an event; False once the watch is gone (closed or too slow).
+
+        The last free slot is kept for an ``end`` event, so a client that
+        fell behind learns why its stream stopped.
+        """
+        stats = self.send.statistics()
+        try:
+            if stats.current_buffer_used >= stats.max_buffer_size - 1:
+                self.send.send_nowait((STREAM_END, {
+                    "code": str(ErrorCode.UNAVAILABLE),
+                    "message": "watcher too slow: events were dropped; watch again",
+                }))
+                self.send.close()
+                return False
+            self.send.send_nowait(item)
+        except trio.WouldBlock:
+            self.send.close()
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.send.close()
+            return False
+        return True
+
+
+# --- keys -----------------------------------------------------------------------
+
+
+class KeyManager:
+    """The API's view of the keyring, persisted to the state directory.
+
+    The seal Keyring does not hand out its key bytes, so the manager mirrors
+    the list (primary first) to be able to write it back.
+    """
+
+    def __init__(self, keyring: Keyring, keys: Iterable[bytes], state: StateDir | None,
+                 logger: Logger) -> None:
+        self.keyring = keyring
+        self._keys = list(keys)
+        self.state = state
+        self.logger = logger
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{"id": kid, "primary": primary} for kid, primary in self.keyring.list()]
+
+    def _parse(self, text: str) -> bytes:
+        try:
+            return bytes(parse_key(text))
+        except KeyFormatError as e:
+            raise ApiError(ErrorCode.BAD_ARGS, str(e)) from None
+
+    def install(self, text: str) -> dict[str, Any]:
+        key = self._parse(text)
+        try:
+            added = self.keyring.install(key)
+        except KeyringError as e:
+            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
+        if added:
+            self._keys.append(key)
+            self._persist()
+            self.logger.info("key installed", key_id=key_id(key).hex())
+        return {}
+
+    def use(self, text: str) -> dict[str, Any]:
+        key = self._parse(text)
+        if key not in self._keys:
+            raise ApiError(ErrorCode.NOT_FOUND, f"key {key_id(key).hex()} is not installed")
+        try:
+            self.keyring.use(key)
+        except KeyringError as e:
+            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
+        self._keys = [key, *(k for k in self._keys if k != key)]
+        self._persist()
+        self.logger.info("primary key changed", key_id=key_id(key).hex())
+        return {}
+
+    def remove(self, text: str) -> dict[str, Any]:
+        key = self._parse(text)
+        if key not in self._keys:
+            raise ApiError(ErrorCode.NOT_FOUND, f"key {key_id(key).hex()} is not installed")
+        try:
+            self.keyring.remove(key)
+        except KeyringError as e:
+            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
+        self._keys = [k for k in self._keys if k != key]
+        self._persist()
+        self.logger.info("key removed", key_id=key_id(key).hex())
+        return {}
+
+    def _persist(self) -> None:
+        if self.state is None:
+            return
+        text = (
+            "# peerd keyring: written by the daemon on keys.install/use/remove.\n"
+            "# The first key is the primary. This file overrides --key-file.\n"
+            + "".join(format_key(k) + "\n" for k in self._keys)
+        )
+        try:
+            self.state.save_keyring_text(text)
+        except StateError as e:
+            # The change is live; failing to persist must be loud, not fatal.
+            self.logger.error("keyring not persisted", error=str(e))
+            raise ApiError(ErrorCode.INTERNAL, f"key changed but not persisted: {e}") from None
+
+
+# --- the runner -------------------------------------------------------------------
+
+
+_EVENT_LEVEL = {
+    EventKind.SUSPECT: LogLevel.WARNING,
+    EventKind.DEAD: LogLevel.WARNING,
+    EventKind.NAME_CONFLICT: LogLevel.WARNING,
+}
+
+TOPICS = frozenset({Topic.MEMBERS.value})
+
+
+class Runner:
+    """Owns the core; implements the API server's Backend (call/watch/connection_closed)."""
+
+    def __init__(
+        self,
+        node: NodeLike,
+        *,
+        packets: PacketPort,
+        streams: StreamPort,
+        logger: Logger,
+        inputs: tuple[trio.MemorySendChannel[Item], trio.MemoryReceiveChannel[Item]]
+        | None = None,
+        state: StateDir | None = None,
+        keys: KeyManager | None = None,
+        config: SwimConfig | None = None,
+        seeds: Iterable[Addr] = (),
+        counters: collections.Counter[str] | None = None,
+        watcher_buffer: int = 256,
+        join_timeout_s: float = 30.0,
+        leave_timeout_s: float | None = None,
+        max_timers_per_turn: int = 1000,
+    ) -> None:
+        self.node = node
+        self.packets = packets
+        self.streams = streams
+        self.logger = logger
+        self.state = state
+        self.keys = keys
+        self.config = config if config is not None else SwimConfig()
+        self.seeds = tuple(seeds)
+        # Shell counters (drops by reason etc.), shared with the UDP/TCP endpoints.
+        self.counters: collections.Counter[str] = (
+            counters if counters is not None else collections.Counter()
+        )
+        # Extra counter sets shown by `status` under a prefix (e.g. the API server's).
+        self.counter_sources: dict[str, collections.Counter[str]] = {}
+        if inputs is None:
+            inputs = open_inputs()
+        self.send_channel, self._receive = inputs
+        self.watcher_buffer = max(2, watcher_buffer)
+        self.join_timeout_s = join_timeout_s
+        self.leave_timeout_s = (
+            leave_timeout_s if leave_timeout_s is not None
+            else 2 * self.config.leave_propagate_s + 5.0
+        )
+        self.max_timers_per_turn = max_timers_per_turn
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._join_waiters: collections.deque[_Waiter] = collections.deque()
+        self._join_changed = trio.Event()
+        self._join_lock = trio.Lock()
+        self._leave_waiters: list[_Waiter] = []
+        self._watches: list[_Watch] = []
+        self._leave_deadline: float | None = None
+        self._left = False
+        self._finished = False
+        self.exit_reason = ""
+        self.in_flight = 0
+
+    # --- the loop ---------------------------------------------------------------
+
+    @property
+    def leaving(self) -> bool:
+        return self._leave_deadline is not None
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def timers_pending(self) -> int:
+        return len(self._timers)
+
+    @property
+    def next_deadline(self) -> float:
+        deadline = self._timers[0][0] if self._timers else math.inf
+        if self._leave_deadline is not None:
+            deadline = min(deadline, self._leave_deadline)
+        return deadline
+
+    async def run(self) -> None:
+        """Feed Start, then inputs and due timers, until the node has left.
+
+        Raises :class:`CoreFailure` when the core raises.
+        """
+        # The core answers Start with a JoinDone (0/0 without seeds): pair it.
+        self._join_waiters.append(_Waiter("start"))
+        self._handle(Start(self.seeds))
+        try:
+            while not self._finished:
+                self._fire_due_timers()
+                if self._finished:
+                    break
+                if (self._leave_deadline is not None
+                        and trio.current_time() >= self._leave_deadline):
+                    self.logger.warning("leave not confirmed in time; exiting anyway")
+                    self._finish("leave timed out")
+                    break
+                item: Item | None = None
+                with trio.move_on_at(self.next_deadline):
+                    item = await self._receive.receive()
+                if item is not None:
+                    self._dispatch(item)
+        finally:
+            self._close_watches()
+
+    def _fire_due_timers(self) -> None:
+        fired = 0
+        while self._timers and self._timers[0][0] <= trio.current_time():
+            _at, _seq, timer = heapq.heappop(self._timers)
+            self._handle(TimerFired(timer))
+            fired += 1
+            if fired >= self.max_timers_per_turn:
+                # A core re-arming timers in the past must not starve inputs.
+                self.counters["timers_deferred"] += 1
+                return
+
+    def _dispatch(self, item: Item) -> None:
+        match item:
+            case _Call():
+                try:
+                    item.result = item.fn()
+                except CoreFailure:
+                    raise
+                except Exception as e:  # ApiError and friends go back to the caller
+                    item.error = e
+                item.done.set()
+            case _Shutdown():
+                self.logger.info("shutting down", reason=item.reason)
+                self._begin_leave()
+            case _:
+                self._handle(item)
+
+    def _handle(self, inp: Input) -> None:
+        try:
+            outputs = self.node.handle(trio.current_time(), inp)
+        except Exception as e:
+            self.logger.exception("core failed: this is a bug; exiting", e,
+                                  input=type(inp).__name__)
+            raise CoreFailure(f"core raised on {type(inp).__name__}") from e
+        for out in outputs:
+            self._carry_out(out)
+
+    def _carry_out(self, out: Output) -> None:
+        match out:
+            case SendPacket(dst, data):
+                self.packets.send(dst, data)
+            case SetTimer(at, timer):
+                heapq.heappush(self._timers, (at, next(self._seq), timer))
+            case OpenStream(stream, dst, data):
+                self.streams.open_stream(stream, dst, data)
+            case StreamReply(stream, data):
+                self.streams.reply(stream, data)
+            case WatchLinks(addrs):
+                self.streams.set_watch_links(addrs)
+            case MemberEvent():
+                self._member_event(out)
+            case JoinDone(ok, failed):
+                self._join_done(ok, failed)
+            case LeaveDone():
+                self._leave_done()
+            case IncarnationChanged(incarnation):
+                self._save_incarnation(incarnation)
+            case Log(level, message):
+                self.logger.log(level, message)
+            case _:
+                self.logger.warning("unknown core output ignored", output=type(out).__name__)
+
+    def _member_event(self, ev: MemberEvent) -> None:
+        m = ev.member
+        fields: dict[str, object] = {
+            "name": m.name, "id": m.node.hex(), "addr": m.addr, "incarnation": m.incarnation,
+        }
+        if ev.other is not None:
+            fields["other_id"] = ev.other.node.hex()
+            fields["other_addr"] = ev.other.addr
+        self.logger.log(_EVENT_LEVEL.get(ev.kind, LogLevel.INFO), f"member {ev.kind.value}",
+                        **fields)
+        if self._watches:
+            item = member_event_to_wire(ev)
+            self._fan_out(Topic.MEMBERS.value, item)
+
+    def _fan_out(self, topic: str, item: EventItem) -> None:
+        keep: list[_Watch] = []
+        for w in self._watches:
+            if topic not in w.topics or w.offer(item):
+                keep.append(w)
+            elif w.send.statistics().open_receive_channels:
+                # Still read by the server, so it was closed for being too slow.
+                self.counters["watch_dropped"] += 1
+                self.logger.warning("API watcher dropped: not reading fast enough",
+                                    conn=repr(w.conn))
+        self._watches = keep
+
+    def _join_done(self, ok: int, failed: int) -> None:
+        if not self._join_waiters:
+            self.logger.info("join finished", ok=ok, failed=failed)
+            return
+        waiter = self._join_waiters.popleft()
+        waiter.result = {"ok": ok, "failed": failed}
+        waiter.done.set()
+        self._join_changed.set()
+        self._join_changed = trio.Event()
+        if waiter.label == "start" and (ok or failed):
+            level = LogLevel.INFO if ok else LogLevel.WARNING
+            self.logger.log(level, "joined the cluster" if ok else "no seed answered",
+                            ok=ok, failed=failed)
+
+    def _leave_done(self) -> None:
+        self._left = True
+        for w in self._leave_waiters:
+            w.done.set()
+        self._leave_waiters.clear()
+        self.logger.info("left the cluster")
+        self._finish("left")
+
+    def _finish(self, reason: str) -> None:
+        self._finished = True
+        self.exit_reason = reason
+
+    def _begin_leave(self) -> None:
+        if self._leave_deadline is not None or self._finished:
+            return
+        self._leave_deadline = trio.current_time() + self.leave_timeout_s
+        self._handle(Leave())
+
+    def _save_incarnation(self, incarnation: int) -> None:
+        if self.state is None:
+            return
+        try:
+            self.state.save_incarnation(incarnation)
+        except StateError as e:
+            # Membership must go on (the disk may be full), but say it loudly.
+            self.counters["state_write_errors"] += 1
+            self.logger.error("incarnation not persisted", incarnation=incarnation, error=str(e))
+
+    def _close_watches(self) -> None:
+        for w in self._watches:
+            w.send.close()
+        self._watches.clear()
+
+    # --- control from other tasks ------------------------------------------------------
+
+    async def call_in_runner(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the runner task and return its result (or raise its error)."""
+        if self._finished:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        call = _Call(fn)
+        await self.send_channel.send(call)
+        await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    async def shutdown(self, reason: str) -> None:
+        """Graceful stop: leave, then the loop ends on LeaveDone (or its bound)."""
+        await self.send_channel.send(_Shutdown(reason))
+
+    async def save_peers(self) -> None:
+        """Remember live peers as join hints for the next start."""
+        if self.state is None:
+            return
+        peers: list[Addr] = await self.call_in_runner(self.node.peer_addrs)
+        if not peers:
+            # Keep the old hints: an empty view (isolated, or the cluster is
+            # down) is exactly when they will be wanted at the next start.
+            return
+        try:
+            await trio.to_thread.run_sync(self.state.save_peers, peers)
+        except StateError as e:
+            self.counters["state_write_errors"] += 1
+            self.logger.warning("peers not saved", error=str(e))
+
+    def save_peers_now(self) -> None:
+        """Synchronous variant for the very end (the runner loop is over)."""
+        if self.state is None:
+            return
+        try:
+            peers = self.node.peer_addrs()
+            if peers:
+                self.state.save_peers(peers)
+        except StateError as e:
+            self.logger.warning("peers not saved", error=str(e))
+
+    def all_counters(self) -> dict[str, int]:
+        merged: collections.Counter[str] = collections.Counter(self.node.counters)
+        merged.update(self.counters)
+        for prefix, source in self.counter_sources.items():
+            merged.update({f"{prefix}_{k}": v for k, v in source.items()})
+        return dict(sorted(merged.items()))
+
+    # --- API backend ---------------------------------------------------------------------
+
+    async def call(self, conn: object, op: str, args: Mapping[str, Any]) -> Any:
+        """Answer one API request; ApiError for anything the client got wrong."""
+        self.in_flight += 1
+        try:
+            return await self._call(op, args)
+        finally:
+            self.in_flight -= 1
+
+    async def _call(self, op: str, args: Mapping[str, Any]) -> Any:
+        match op:
+            case Op.STATUS:
+                return await self.call_in_runner(self._status)
+            case Op.MEMBERS:
+                return await self.call_in_runner(
+                    lambda: [member_to_wire(m) for m in self.node.members()]
+                )
+            case Op.SET_TAGS:
+                update = parse_set_tags_args(args)
+                return await self.call_in_runner(lambda: self._set_tags(update))
+            case Op.JOIN:
+                return await self._join(parse_join_args(args, default_port=DEFAULT_PORT))
+            case Op.LEAVE:
+                return await self._leave()
+            case Op.KEYS_LIST:
+                return self._keys().list()
+            case Op.KEYS_INSTALL:
+                key = parse_key_args(args)
+                return await self.call_in_runner(lambda: self._keys().install(key))
+            case Op.KEYS_USE:
+                key = parse_key_args(args)
+                return await self.call_in_runner(lambda: self._keys().use(key))
+            case Op.KEYS_REMOVE:
+                key = parse_key_args(args)
+                return await self.call_in_runner(lambda: self._keys().remove(key))
+            case _:
+                raise ApiError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+
+    def _keys(self) -> KeyManager:
+        if self.keys is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "no keyring in this daemon")
+        return self.keys
+
+    def _status(self) -> dict[str, Any]:
+        out = status_to_wire(self.node.local_member(), self.node.health_score,
+                             self.node.members())
+        out["counters"] = self.all_counters()
+        out["leaving"] = self.leaving
+        return out
+
+    def _set_tags(self, update: TagUpdate) -> dict[str, str]:
+        if self.leaving:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+        tags = update.apply(dict(self.node.local_member().tags))
+        if len(tags) > self.config.max_tags:
+            raise ApiError(ErrorCode.BAD_ARGS,
+                           f"at most {self.config.max_tags} tags (swim.max_tags)")
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in tags.items())
+        if size > self.config.max_tags_bytes:
+            raise ApiError(ErrorCode.BAD_ARGS,
+                           f"tags take {size} bytes, more than {self.config.max_tags_bytes} "
+                           "(swim.max_tags_bytes)")
+        self._handle(SetTags(tags_from_mapping(tags)))
+        return dict(self.node.local_member().tags)
+
+    async def _join(self, addrs: tuple[Addr, ...]) -> dict[str, int]:
+        """One join at a time, after the start's: JoinDone carries no id, so
+        results are paired with requests by order, which is only sound when
+        a single join is outstanding."""
+
+        def begin() -> _Waiter:
+            if self.leaving:
+                raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+            waiter = _Waiter("api")
+            self._join_waiters.append(waiter)
+            self._handle(Join(addrs))
+            return waiter
+
+        with trio.move_on_after(self.join_timeout_s):
+            async with self._join_lock:
+                while self._join_waiters:
+                    await self._join_changed.wait()
+                waiter: _Waiter = await self.call_in_runner(begin)
+                await waiter.done.wait()
+                return dict(waiter.result)
+        # A started waiter stays queued, so later JoinDones still pair up in order.
+        raise ApiError(ErrorCode.UNAVAILABLE, "join did not finish in time")
+
+    async def _leave(self) -> dict[str, Any]:
+        def begin() -> _Waiter:
+            waiter = _Waiter("leave")
+            if self._left:
+                waiter.done.set()
+                return waiter
+            self._leave_waiters.append(waiter)
+            self._begin_leave()
+            return waiter
+
+        waiter: _Waiter = await self.call_in_runner(begin)
+        await waiter.done.wait()
+        return {}
+
+    def watch(self, conn: object, topics: Sequence[str]) -> trio.MemoryReceiveChannel[EventItem]:
+        """Start a watch; events are queued without waiting (see :class:`_Watch`)."""
+        unknown = [t for t in topics if t not in TOPICS]
+        if unknown:
+            raise ApiError(ErrorCode.BAD_ARGS,
+                           f"unknown topic {unknown[0]!r} (known: {', '.join(sorted(TOPICS))})")
+        if self._finished:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
+        self._watches.append(_Watch(conn, frozenset(topics), send))
+        return receive
+
+    def connection_closed(self, conn: object) -> None:
+        keep = []
+        for w in self._watches:
+            if w.conn is conn:
+                w.send.close()
+            else:
+                keep.append(w)
+        self._watches = keep
+
+
+def open_inputs(size: int = 1024) -> tuple[trio.MemorySendChannel[Item],
+                                           trio.MemoryReceiveChannel[Item]]:
+    """The runner's input channel; receivers get the sending end."""
+    send, receive = trio.open_memory_channel[Item](size)
+    return send, receive
+
+
+# --- running it all -------------------------------------------------------------------
+
+
+class _StartStatus:
+    """Wraps a TaskStatus to know whether the service reported ready."""
+
+    def __init__(self, inner: trio.TaskStatus[Any]) -> None:
+        self.inner = inner
+        self.called = False
+
+    def started(self, value: Any = None) -> None:
+        self.called = True
+        self.inner.started(value)
+
+
+Service = Callable[..., Awaitable[None]]
+"""An async callable taking ``task_status=`` (like ``trio.serve_listeners``)."""
+
+
+async def serve(runner: Runner, services: Sequence[Service] = (), *,
+                handle_signals: bool = False, peers_save_interval_s: float = 60.0,
+                flush_timeout_s: float = 1.0) -> int:
+    """Start ``services`` in order, then the runner; return the exit code.
+
+    0 after the node left (signal or API leave); 1 if a service failed to
+    start (its message is logged); 70 if the core or a running service raised,
+    which is a bug (logged once, with the traceback).
+    """
+    exit_code = EXIT_OK
+
+    async def guard(fn: Service, nursery: trio.Nursery, *,
+                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal exit_code
+        status = _StartStatus(task_status)
+        try:
+            await fn(task_status=status)
+        except Exception as e:
+            if not status.called:
+                raise  # nursery.start() re-raises it: a start-up failure
+            runner.logger.exception("internal error: this is a bug; exiting", e)
+            exit_code = EXIT_BUG
+            nursery.cancel_scope.cancel()
+
+    async def peers_saver(*, task_status: trio.TaskStatus[Any]) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(peers_save_interval_s)
+            await runner.save_peers()
+
+    async def signals(*, task_status: trio.TaskStatus[Any]) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            task_status.started()
+            count = 0
+            async for signum in received:
+                count += 1
+                name = signal.Signals(signum).name
+                if count == 1:
+                    await runner.shutdown(name)
+                else:
+                    runner.logger.warning("second signal: exiting without waiting", signal=name)
+                    nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        extra: list[Service] = []
+        if handle_signals:
+            extra.append(signals)
+        if runner.state is not None and peers_save_interval_s > 0:
+            extra.append(peers_saver)
+        try:
+            for fn in [*extra, *services]:
+                await nursery.start(guard, fn, nursery)
+        except Exception as e:
+            runner.logger.error("start-up failed", error=str(e) or type(e).__name__)
+            nursery.cancel_scope.cancel()
+            return EXIT_FAILURE
+        try:
+            await runner.run()
+        except CoreFailure:
+            exit_code = EXIT_BUG
+        else:
+            # Let API calls that waited for the leave send their answers.
+            with trio.move_on_after(flush_timeout_s):
+                while runner.in_flight:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    if exit_code == EXIT_OK:
+        runner.save_peers_now()
+    return exit_code

@@ -1,0 +1,158 @@
+"""`peerd agent` start-up: refusals with clear exits, and one real daemon process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from peerd.api.client import BlockingClient
+from peerd.shell import agent
+from peerd.shell.state import StateDir
+from peerd.wire.seal import generate_key
+
+
+def args(tmp_path: Path, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    agent.add_arguments(parser)
+    return parser.parse_args(["--state-dir", str(tmp_path / "state"),
+                              "--api-socket", str(tmp_path / "api.sock"), *argv])
+
+
+def test_non_loopback_bind_without_key_is_refused(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    assert agent.run(args(tmp_path, "--bind", "0.0.0.0:0")) == 2
+    err = capfd.readouterr().err
+    assert "refusing to bind 0.0.0.0:0 without a key" in err
+    assert "--insecure" in err
+    assert not (tmp_path / "state" / "generation").exists()  # nothing was started
+
+
+def test_address_in_use_fails_at_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        assert agent.run(args(tmp_path, "--bind", f"127.0.0.1:{port}")) == 1
+    assert "already in use" in capfd.readouterr().err
+
+
+def test_tcp_port_in_use_fails_at_once(tmp_path: Path,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert agent.run(args(tmp_path, "--bind", f"127.0.0.1:{port}")) == 1
+    assert "cannot bind TCP 127.0.0.1" in capfd.readouterr().err
+
+
+def test_state_dir_in_use(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    with StateDir(tmp_path / "state"):
+        assert agent.run(args(tmp_path, "--bind", "127.0.0.1:0")) == 1
+    assert "in use by another peerd" in capfd.readouterr().err
+
+
+def test_bad_key_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keys").write_text("peerd1:tooshort\n")
+    assert agent.run(args(tmp_path, "--key-file", str(tmp_path / "keys"))) == 2
+    assert "key file" in capfd.readouterr().err
+
+
+# --- one real daemon ----------------------------------------------------------------
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """Poll ``fn`` until it returns something truthy, within a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except (OSError, ConnectionError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def api(sock: Path, op: str, **kw: Any) -> Any:
+    with BlockingClient(sock, timeout=5) as c:
+        return c.call(op, **kw)
+
+
+def start(tmp: Path, name: str, host: str, *extra: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "peerd", "agent", "--name", name, "--bind", f"{host}:0",
+         "--state-dir", str(tmp / name), "--api-socket", str(tmp / f"{name}.sock"),
+         "--preset", "local", *extra],
+        stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"daemon did not stop on SIGTERM:\n{err}") from None
+    return proc.returncode, err
+
+
+@pytest.mark.proc
+def test_real_daemons_join_and_stop_cleanly(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text(generate_key() + "\n")
+    a = start(tmp_path, "a", "127.0.0.1", "--key-file", str(key_file))
+    b = None
+    try:
+        status = wait_for("a's API", lambda: api(tmp_path / "a.sock", "status"))
+        assert status["name"] == "a" and status["generation"] == 1
+        b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file),
+                  "--join", status["addr"])
+        wait_for("b to see a alive", lambda: [
+            m for m in api(tmp_path / "b.sock", "members")
+            if m["name"] == "a" and m["status"] == "alive"])
+        wait_for("a to see b alive", lambda: [
+            m for m in api(tmp_path / "a.sock", "members")
+            if m["name"] == "b" and m["status"] == "alive"])
+        counters = api(tmp_path / "a.sock", "status")["counters"]
+        assert counters["tcp_in"] >= 1  # b's join push-pull, sealed and opened
+        code, err = stop(b)
+        b = None
+        assert code == 0, err
+        assert "left the cluster" in err
+        left = wait_for("a to see b left", lambda: [
+            m for m in api(tmp_path / "a.sock", "members")
+            if m["name"] == "b" and m["status"] == "left"])[0]
+        # b remembered a: restarted without --join, it rejoins as a new generation
+        # with a higher incarnation than anything its earlier life used.
+        assert (tmp_path / "b" / "peers").read_text().startswith('[["127.0.0.1", ')
+        b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file))
+        back = wait_for("a to see b back", lambda: [
+            m for m in api(tmp_path / "a.sock", "members")
+            if m["name"] == "b" and m["status"] == "alive"])[0]
+        assert back["id"] == left["id"]
+        assert back["generation"] == 2
+        assert back["incarnation"] > left["incarnation"]
+        code, err = stop(b)
+        b = None
+        assert code == 0, err
+    finally:
+        if b is not None:
+            stop(b)
+        code, err = stop(a)
+    assert code == 0, err
+    assert "Traceback" not in err
