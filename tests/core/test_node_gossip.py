@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from peerd.core.events import EventKind, OpenStream, SendPacket, SetTags, TimerKind
 from peerd.core.swim import formulas
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status
@@ -91,3 +93,18 @@ def test_reap_forgets_long_dead_and_left_members() -> None:
     assert {m.node for m in r.node.members()} == {nid(1), nid(3)}
     # A reaped node is a stranger again; no reconnects to it.
     assert of(r.fire(TimerKind.RECONNECT, now=121.0), OpenStream) == []
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (efficiency): with nobody to gossip to, the "
+                   "GOSSIP timer re-arms every gossip_interval_s forever because the queue (our "
+                   "own Alive) never drains: a lone node wakes 5 times a second for nothing")
+def test_lone_node_gossip_timer_rests_until_there_is_someone_to_tell() -> None:
+    r = Rig.make()
+    r.start()
+    outs = r.fire(TimerKind.GOSSIP)
+    assert armed_at(outs) == []
+    # A peer appears: the news (ours included) goes out again.
+    outs = r.join(2, now=5.0)
+    assert [k for k, _ in armed_at(outs)] == [TimerKind.GOSSIP]
+    outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [(addr(2), [alive(2), alive(1)])]

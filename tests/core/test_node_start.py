@@ -19,7 +19,7 @@ from peerd.core.events import (
 from peerd.wire import codec
 from peerd.wire.messages import MemberState, PushPull, Status
 
-from .util import Rig, addr, alive, cfg, events, name, nid, of, sends, state_of
+from .util import Rig, addr, alive, cfg, events, fire, name, nid, of, sends, state_of
 
 ME = MemberState(nid(1), name(1), addr(1), 0, 0, (), Status.ALIVE)
 
@@ -62,9 +62,10 @@ def test_start_twice_is_ignored() -> None:
 
 def test_start_queues_own_alive_for_gossip() -> None:
     r = Rig.make()
-    r.start()
+    start_outs = r.start()
     r.join(2, now=0.1)
-    outs = r.fire(TimerKind.GOSSIP)
+    outs = fire(r.node, start_outs, TimerKind.GOSSIP)
+    assert r.node.queued_broadcasts() == 2  # sent once of 4 times (2 live nodes)
     # Newest first: n2's Alive (which we pass on), then ours.
     assert sends(outs) == [(addr(2), [alive(2), alive(1)])]
 
