@@ -25,6 +25,7 @@ exits 0, as after SIGTERM.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import math
@@ -73,7 +74,7 @@ from peerd.core.events import (
     TimerFired,
     WatchLinks,
 )
-from peerd.shell.logs import Logger
+from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
 from peerd.wire.messages import Addr, tags_from_mapping
@@ -293,6 +294,7 @@ class Runner:
         self.packets = packets
         self.streams = streams
         self.logger = logger
+        self.core_log = LimitedLog(logger, RateLimiter(interval_s=10.0, burst=20))
         self.state = state
         self.keys = keys
         self.config = config if config is not None else SwimConfig()
@@ -366,8 +368,15 @@ class Runner:
                     self._finish("leave timed out")
                     break
                 item: Item | None = None
-                with trio.move_on_at(self.next_deadline):
-                    item = await self._receive.receive()
+                if self.next_deadline <= trio.current_time():
+                    # Timers still due (the per-turn cap was hit): let one queued
+                    # input in, so a flood of timers cannot starve the network.
+                    with contextlib.suppress(trio.WouldBlock):
+                        item = self._receive.receive_nowait()
+                    await trio.lowlevel.checkpoint()
+                else:
+                    with trio.move_on_at(self.next_deadline):
+                        item = await self._receive.receive()
                 if item is not None:
                     self._dispatch(item)
         finally:
@@ -431,7 +440,10 @@ class Runner:
             case IncarnationChanged(incarnation):
                 self._save_incarnation(incarnation)
             case Log(level, message):
-                self.logger.log(level, message)
+                # Keyed by the first words ("drop reason=bad_tags"): a flood of
+                # one kind is summarised, other kinds still get through.
+                key = "core:" + " ".join(message.split(" ", 2)[:2])
+                self.core_log.log(key, level, message)
             case _:
                 self.logger.warning("unknown core output ignored", output=type(out).__name__)
 
@@ -486,6 +498,9 @@ class Runner:
     def _finish(self, reason: str) -> None:
         self._finished = True
         self.exit_reason = reason
+        # Joins still waiting will never see their JoinDone: answer them now.
+        while self._join_waiters:
+            self._join_waiters.popleft().done.set()
 
     def _begin_leave(self) -> None:
         if self._leave_deadline is not None or self._finished:
@@ -643,6 +658,8 @@ class Runner:
                     await self._join_changed.wait()
                 waiter: _Waiter = await self.call_in_runner(begin)
                 await waiter.done.wait()
+                if waiter.result is None:
+                    raise ApiError(ErrorCode.UNAVAILABLE, "the node left before the join ended")
                 return dict(waiter.result)
         # A started waiter stays queued, so later JoinDones still pair up in order.
         raise ApiError(ErrorCode.UNAVAILABLE, "join did not finish in time")
@@ -768,6 +785,10 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
         try:
             await runner.run()
         except CoreFailure:
+            exit_code = EXIT_BUG  # logged by the runner, with the traceback
+        except Exception as e:
+            # Carrying out an output failed: a bug in the shell.
+            runner.logger.exception("runner failed: this is a bug; exiting", e)
             exit_code = EXIT_BUG
         else:
             # Let API calls that waited for the leave send their answers.

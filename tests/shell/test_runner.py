@@ -459,3 +459,66 @@ async def test_keys_ops_persist_to_the_state_dir(tmp_path: Path) -> None:
         text = state.keyring_text()
         assert text is not None
         assert load_key_file(text) == [KEY2]
+
+
+async def test_timer_flood_does_not_starve_inputs(
+        autojump_clock: trio.testing.MockClock) -> None:
+    def script(now: float, inp: Input) -> list[Output]:
+        if isinstance(inp, Start | TimerFired):
+            return [SetTimer(now, timer(1))]  # a buggy core: always due again
+        return []
+
+    core = FakeCore(script)
+    runner, _, _ = make_runner(core, max_timers_per_turn=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await runner.send_channel.send(PacketIn(("10.0.0.1", 1), b"still heard"))
+        with trio.fail_after(1):
+            while not core.inputs(PacketIn):
+                await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    assert runner.counters["timers_deferred"] > 0
+
+
+async def test_pending_join_is_answered_when_the_node_leaves() -> None:
+    runner, _, _ = make_runner(FakeCore())
+
+    async def go() -> None:
+        async with trio.open_nursery() as nursery:
+            async def join() -> None:
+                with pytest.raises(ApiError) as info:
+                    await runner.call(None, "join", {"addrs": ["10.0.0.1:1"]})
+                assert info.value.code == "unavailable"
+
+            nursery.start_soon(join)
+            await trio.testing.wait_all_tasks_blocked()
+            await runner.shutdown("test")
+
+    await run_with(runner, go)
+
+
+async def test_failure_carrying_out_an_output_exits_70() -> None:
+    core = FakeCore(lambda now, inp: [SendPacket(("10.0.0.1", 1), b"x")]
+                    if isinstance(inp, Start) else [])
+    runner, ports, out = make_runner(core)
+
+    def broken_send(dst: tuple[str, int], payload: bytes) -> None:
+        raise OverflowError("message counter exhausted")
+
+    ports.send = broken_send  # type: ignore[method-assign]
+    assert await serve(runner) == EXIT_BUG
+    assert out.getvalue().count("Traceback") == 1
+
+
+async def test_core_log_floods_are_summarised() -> None:
+    core = FakeCore(lambda now, inp: [Log(LogLevel.DEBUG, "drop reason=bad_packet from=x")]
+                    if isinstance(inp, PacketIn) else [])
+    runner, _, out = make_runner(core)
+
+    async def go() -> None:
+        for _ in range(100):
+            await runner.send_channel.send(PacketIn(("10.0.0.1", 1), b"x"))
+        await runner.call(None, "status", {})
+
+    await run_with(runner, go)
+    assert out.getvalue().count("drop reason=bad_packet") == 20
