@@ -11,6 +11,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
+from peerd.core.events import SetTags
 from peerd.wire import codec
 from peerd.wire.codec import MAX_U64
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status, Suspect
@@ -94,9 +95,14 @@ def test_accusation_at_max_incarnation_does_not_break_the_node(accusation: objec
     r = started(2)
     outs = r.recv(2, accusation, now=1.0)  # type: ignore[arg-type]
     outs += r.drain()
+    # Nobody can outbid MAX_U64: refusing to refute (a counted drop) is fine,
+    # overflowing or raising is not. Whatever goes out must decode.
     assert r.node.incarnation <= MAX_U64
     assert r.node.local_member().status is Status.ALIVE
-    assert sends(outs)  # the refutation goes out, and decodes
+    sends(outs)
+    outs = r.handle(SetTags((("k", "v"),)), now=2.0)  # and the node keeps working
+    assert r.node.incarnation <= MAX_U64
+    sends(outs + r.drain())
 
 
 _RECONNECT_CHOICE = textwrap.dedent("""
