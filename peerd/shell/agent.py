@@ -210,6 +210,9 @@ def _start_locked(settings: Settings, logger: Logger, state: StateDir) -> int:
                 "`peerd keys generate`), or --insecure to accept that",
                 EXIT_CONFIG,
             )
+        if not keys and not _is_loopback(bind[0]):
+            logger.warning("--insecure: gossip on a non-loopback address is unauthenticated "
+                           "plaintext; anyone who can reach the port can inject members")
         node_id = state.node_id()
         saved_peers = state.peers()
     except StateError as e:

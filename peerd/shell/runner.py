@@ -541,22 +541,16 @@ class Runner:
         await self.send_channel.send(_Shutdown(reason))
 
     async def save_peers(self) -> None:
-        """Remember live peers as join hints for the next start."""
-        if self.state is None:
-            return
-        peers: list[Addr] = await self.call_in_runner(self.node.peer_addrs)
-        if not peers:
-            # Keep the old hints: an empty view (isolated, or the cluster is
-            # down) is exactly when they will be wanted at the next start.
-            return
-        try:
-            await trio.to_thread.run_sync(self.state.save_peers, peers)
-        except StateError as e:
-            self.counters["state_write_errors"] += 1
-            self.logger.warning("peers not saved", error=str(e))
+        """Remember live peers as join hints for the next start (in the runner
+        task: a tiny file, and no thread to race with the loop)."""
+        if self.state is None or self._finished:
+            return  # the final save happens after the loop
+        with contextlib.suppress(ApiError):  # finished meanwhile
+            await self.call_in_runner(self.save_peers_now)
 
     def save_peers_now(self) -> None:
-        """Synchronous variant for the very end (the runner loop is over)."""
+        """Write the peers file now. An empty view (isolated, or the cluster is
+        down) keeps the old hints: that is exactly when they will be wanted."""
         if self.state is None:
             return
         try:
@@ -564,6 +558,7 @@ class Runner:
             if peers:
                 self.state.save_peers(peers)
         except StateError as e:
+            self.counters["state_write_errors"] += 1
             self.logger.warning("peers not saved", error=str(e))
 
     def all_counters(self) -> dict[str, int]:

@@ -522,3 +522,17 @@ async def test_core_log_floods_are_summarised() -> None:
 
     await run_with(runner, go)
     assert out.getvalue().count("drop reason=bad_packet") == 20
+
+
+async def test_peers_are_saved_periodically(tmp_path: Path,
+                                            autojump_clock: trio.testing.MockClock) -> None:
+    with StateDir(tmp_path) as state:
+        runner, _, _ = make_runner(FakeCore(), state=state)
+
+        async def stop_later(*, task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            await trio.sleep(61)
+            assert state.peers() == [PEER.addr]  # saved by the timer, not at exit
+            await runner.shutdown("test")
+
+        assert await serve(runner, [stop_later], peers_save_interval_s=60) == EXIT_OK
