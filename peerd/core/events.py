@@ -49,7 +49,6 @@ class Unreachable:
 class TimerKind(enum.Enum):
     PROBE = "probe"  # next protocol period
     PROBE_TIMEOUT = "probe_timeout"  # direct ping unanswered: go indirect
-    PROBE_END = "probe_end"  # end of the protocol period for one probe
     INDIRECT_TIMEOUT = "indirect_timeout"  # we probed for someone else; send nack
     SUSPICION = "suspicion"  # suspicion timer for one node
     CONFIRM_TIMEOUT = "confirm_timeout"  # our own check of someone else's suspect

@@ -82,7 +82,7 @@ from peerd.core.events import (
 )
 from peerd.core.swim import formulas
 from peerd.wire import codec
-from peerd.wire.codec import DecodeError
+from peerd.wire.codec import MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_U64, DecodeError
 from peerd.wire.messages import (
     Ack,
     Addr,
@@ -133,8 +133,13 @@ def tags_problem(config: SwimConfig, tags: Tags) -> str | None:
     size = sum(len(k.encode()) + len(v.encode()) for k, v in tags)
     if size > config.max_tags_bytes:
         return f"tags take {size} bytes, at most {config.max_tags_bytes}"
-    if any(not k for k, _ in tags):
-        return "empty tag key"
+    for k, v in tags:
+        if not k:
+            return "empty tag key"
+        if len(k.encode()) > MAX_TAG_KEY_BYTES:
+            return f"tag key longer than {MAX_TAG_KEY_BYTES} bytes"
+        if len(v.encode()) > MAX_TAG_VALUE_BYTES:
+            return f"tag value longer than {MAX_TAG_VALUE_BYTES} bytes"
     return None
 
 
@@ -264,7 +269,7 @@ class LiveSet:
 @dataclass(slots=True)
 class _Timers:
     next_token: int = 0
-    live: dict[int, Hashable] = field(default_factory=dict)
+    live: dict[int, tuple[TimerKind, Hashable]] = field(default_factory=dict)
 
 
 class Node:
@@ -285,7 +290,10 @@ class Node:
         self._by_addr: dict[Addr, NodeId] = {addr: node_id}
         self._by_name: dict[str, NodeId] = {name: node_id}
         self._recently_dead: dict[NodeId, float] = {}  # gossip-to-dead window
-        self._dead: set[NodeId] = set()  # DEAD (not left): partition healing retries them
+        # DEAD (not left) members, which partition healing retries. A dict, not
+        # a set: iteration order must not depend on the hash seed, or the same
+        # seed would give different runs.
+        self._dead: dict[NodeId, None] = {}
         self._probe_order: list[NodeId] = []
         self._probe_index = 0
         self._probe: Probe | None = None
@@ -381,6 +389,7 @@ class Node:
                 self._live.add(node)
                 self._ring.add(node)
                 self._ring_dirty = True
+                self._arm_gossip()
         elif node in self._live:
             self._live.discard(node)
             self._ring.remove(node)
@@ -414,7 +423,7 @@ class Node:
     def _arm(self, kind: TimerKind, delay: float, ctx: Hashable = None) -> int:
         self._timers.next_token += 1
         token = self._timers.next_token
-        self._timers.live[token] = ctx
+        self._timers.live[token] = (kind, ctx)
         self._out.append(SetTimer(self._now + delay, Timer(kind, token)))
         return token
 
@@ -429,11 +438,12 @@ class Node:
         return self._seq
 
     def _send(self, dst: Addr, first: Message | None = None,
-              extra: tuple[bytes, ...] = ()) -> None:
-        """Send ``first`` (if any) plus piggybacked broadcasts in one datagram."""
-        parts: list[bytes] = list(extra)
+              before: tuple[bytes, ...] = ()) -> None:
+        """Send ``before`` then ``first`` (if any) plus piggybacked broadcasts
+        in one datagram."""
+        parts: list[bytes] = list(before)
         if first is not None:
-            parts.insert(0, codec.encode(first))
+            parts.append(codec.encode(first))
         used = sum(len(p) for p in parts) + 3
         limit = formulas.retransmit_limit(self.config.retransmit_mult, self.live_count())
         parts.extend(self._queue.take(self.config.max_packet_bytes - used, limit))
@@ -447,9 +457,16 @@ class Node:
     def _broadcast(self, key: NodeId, msg: Message) -> None:
         self._queue.enqueue(("m", key), codec.encode(msg))
         self._queue.prune(MAX_QUEUED_BROADCASTS)
-        if not self._gossip_armed and self._started:
-            self._gossip_armed = True
-            self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+        self._arm_gossip()
+
+    def _arm_gossip(self) -> None:
+        # Rest while there is nothing to say or nobody to say it to (a lone
+        # node); the next broadcast or the first peer re-arms it.
+        if (self._gossip_armed or not self._started or not len(self._queue)
+                or not (len(self._live) or self._recently_dead)):
+            return
+        self._gossip_armed = True
+        self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
 
     def _alive_msg(self) -> Alive:
         me = self._me
@@ -493,7 +510,10 @@ class Node:
         if problem:
             self._drop("bad_tags", problem)
             return
-        if tags == self._me.tags:
+        if tags == self._me.tags or self._leaving:
+            return
+        if self._me.incarnation >= MAX_U64:
+            self._drop("incarnation_exhausted")
             return
         self._me.tags = tags
         self._bump_incarnation(self._me.incarnation + 1)
@@ -523,9 +543,11 @@ class Node:
     # --- timers ----------------------------------------------------------------
 
     def _on_timer(self, timer: Timer) -> None:
-        if timer.token not in self._timers.live:
-            return  # superseded
-        ctx = self._timers.live.pop(timer.token)
+        armed = self._timers.live.get(timer.token)
+        if armed is None or armed[0] is not timer.kind:
+            return  # superseded (or not ours)
+        del self._timers.live[timer.token]
+        ctx = armed[1]
         match timer.kind:
             case TimerKind.PROBE:
                 self._probe_tick()
@@ -540,9 +562,7 @@ class Node:
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
                 self._gossip_round()
-                if len(self._queue):
-                    self._gossip_armed = True
-                    self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+                self._arm_gossip()
             case TimerKind.PUSH_PULL:
                 self._push_pull_tick()
             case TimerKind.RECONNECT:
@@ -552,8 +572,6 @@ class Node:
                 self._arm(TimerKind.REAP, REAP_INTERVAL_S)
             case TimerKind.LEAVE:
                 self._out.append(LeaveDone())
-            case TimerKind.PROBE_END:  # pragma: no cover - folded into PROBE
-                pass
 
     # --- probing -------------------------------------------------------------
 
@@ -565,15 +583,15 @@ class Node:
         self._probe = None
         if probe is None or probe.acked:
             return
+        m = self._members.get(probe.target)
+        if m is None or m.status not in LIVE:
+            return  # declared down by others meanwhile: not our fault
         # Lifeguard IV-A: missing nacks mean *our* messages or processing are
         # the problem, so they count against our own health.
         if probe.expected_nacks:
             self._adjust_health(probe.expected_nacks - probe.nacks)
         else:
             self._adjust_health(1)
-        m = self._members.get(probe.target)
-        if m is None or m.status not in LIVE:
-            return
         self.counters["probe_failures"] += 1
         self._log(LogLevel.INFO, f"probe failed name={m.name} addr={_fmt(m.addr)}")
         self._suspect(m, m.incarnation, self._me.node)
@@ -609,12 +627,14 @@ class Node:
                   probe.seq)
 
     def _send_ping(self, target: Member, seq: int) -> None:
-        extra: tuple[bytes, ...] = ()
+        before: tuple[bytes, ...] = ()
         if target.status is Status.SUSPECT:
             # Lifeguard buddy system: the suspect hears of it now, not after
-            # gossip happens to reach it, and can refute at once.
-            extra = (codec.encode(Suspect(target.node, target.incarnation, self._me.node)),)
-        self._send(target.addr, Ping(seq, target.node), extra)
+            # gossip happens to reach it, and can refute at once. The
+            # suspicion goes before the ping so that the refutation it causes
+            # is queued in time to ride on the ack.
+            before = (codec.encode(Suspect(target.node, target.incarnation, self._me.node)),)
+        self._send(target.addr, Ping(seq, target.node), before)
 
     def _probe_timeout(self, seq: object) -> None:
         probe = self._probe
@@ -655,7 +675,13 @@ class Node:
             # confused): acking would vouch for the wrong node.
             self._drop("misdirected_ping", _fmt(src))
             return
-        self._send(src, Ack(msg.seq))
+        before: tuple[bytes, ...] = ()
+        sender = self._members.get(self._by_addr.get(src, b""))
+        if sender is not None and sender.status is Status.DEAD:
+            # A node we hold dead is talking to us (a healed partition): tell
+            # it, so it refutes and its refutation spreads on both sides.
+            before = (codec.encode(Dead(sender.node, sender.incarnation, self._me.node)),)
+        self._send(src, Ack(msg.seq), before)
 
     def _on_ping_req(self, src: Addr, msg: PingReq) -> None:
         if msg.target == self._me.node:
@@ -693,7 +719,7 @@ class Node:
             self._suspect(m, m.incarnation, self._me.node, cap=cap)
             # Ask it directly, carrying the suspicion: if it is alive after
             # all (restarted on the same port), it refutes in one round trip.
-            self._send_ping(m, self._next_seq())
+            self._start_check(m)
         elif m.suspicion is not None and m.suspicion.cap is None:
             m.suspicion.cap = cap
             self._rearm_suspicion(m)
@@ -725,7 +751,7 @@ class Node:
 
     # --- membership updates --------------------------------------------------
 
-    def _on_alive(self, msg: Alive, via_sync: bool = False) -> None:
+    def _on_alive(self, msg: Alive) -> None:
         problem = addr_problem(msg.addr)
         if problem:
             self._drop("bad_addr", f"{problem} for name={msg.name}")
@@ -756,7 +782,7 @@ class Node:
             self._set_status(m, Status.ALIVE)
             self._set_live(m.node, True)
             self._recently_dead.pop(m.node, None)
-            self._dead.discard(m.node)
+            self._dead.pop(m.node, None)
             if old_status is not Status.SUSPECT:
                 self._insert_probe_order(m.node)
             self._event(EventKind.ALIVE, m)
@@ -807,6 +833,11 @@ class Node:
         self._refute(msg.incarnation)
 
     def _refute(self, accused_incarnation: int) -> None:
+        if max(self._me.incarnation, accused_incarnation) >= MAX_U64:
+            # Nobody can outbid this accusation (only a broken or hostile peer
+            # gets here): keep our incarnation rather than overflow the wire.
+            self._drop("incarnation_exhausted")
+            return
         self.counters["refutations"] += 1
         self._adjust_health(1)
         self._bump_incarnation(max(self._me.incarnation, accused_incarnation) + 1)
@@ -888,9 +919,9 @@ class Node:
         self._set_live(m.node, False)
         self._recently_dead[m.node] = self._now
         if status is Status.DEAD:
-            self._dead.add(m.node)
+            self._dead[m.node] = None
         else:
-            self._dead.discard(m.node)
+            self._dead.pop(m.node, None)
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
 
@@ -920,9 +951,12 @@ class Node:
             return
         if self.rng.random() >= min(1.0, 2 * susp.k / self.live_count()):
             return
+        self.counters["confirm_checks"] += 1
+        self._start_check(m)
+
+    def _start_check(self, m: Member) -> None:
         seq = self._next_seq()
         self._checks[seq] = m.node
-        self.counters["confirm_checks"] += 1
         self._send_ping(m, seq)
         self._arm(TimerKind.CONFIRM_TIMEOUT, formulas.scaled(self.config.probe_timeout_s,
                                                              self._health), seq)
@@ -1051,10 +1085,11 @@ class Node:
             self._out.append(StreamReply(stream, None))
             return
         self.counters["push_pull_in"] += 1
-        # Reply with our state as it was before the merge: the peer already
-        # has what it sent us.
-        self._out.append(StreamReply(stream, self._state(False)))
+        # Merge first, then reply: the reply then carries our refutation if
+        # the peer held us dead (a healed partition), so both sides learn in
+        # one exchange that both ends are alive.
         self._merge(msg)
+        self._out.append(StreamReply(stream, self._state(False)))
 
     def _on_stream_response(self, stream: int, data: bytes) -> None:
         ctx = self._streams.pop(stream, None)
@@ -1124,7 +1159,7 @@ class Node:
         self._members[m.node] = m
         self._by_addr.setdefault(m.addr, m.node)
         if st.status is Status.DEAD:
-            self._dead.add(m.node)
+            self._dead[m.node] = None
 
     def _reap(self) -> None:
         horizon = self._now - self.config.dead_reclaim_s
@@ -1137,7 +1172,7 @@ class Node:
             if self._by_name.get(m.name) == m.node:
                 del self._by_name[m.name]
             self._recently_dead.pop(m.node, None)
-            self._dead.discard(m.node)
+            self._dead.pop(m.node, None)
             self._event(EventKind.REAPED, m)
 
 
