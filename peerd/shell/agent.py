@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from peerd.core.node import Node
+from peerd.shell.api_server import serve_api
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
 from peerd.shell.runner import EXIT_FAILURE, KeyManager, Runner, open_inputs, serve
 from peerd.shell.settings import Settings, SettingsError, check_config, resolve
@@ -284,8 +285,6 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
         await udp.run()
 
     async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
-        from peerd.shell.api_server import serve_api  # noqa: PLC0415
-
         await serve_api(str(settings.api_socket), runner, task_status=_ApiStarted(
             task_status, runner))
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.shell.logs import LEVEL_NAMES
+from peerd.shell.state import default_state_dir
 from peerd.wire.messages import Addr
 
 DEFAULT_PORT = 7950
@@ -329,25 +330,24 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def default_api_socket() -> Path:
-    """The API client's default path; a private fallback if the API module is absent."""
+    """The API client's default path (one rule for daemon and CLI); the same
+    rule restated in case the client module is missing from a build."""
     try:
-        from peerd.api.client import default_socket_path  # noqa: PLC0415
+        from peerd.api.client import default_socket_path
     except ImportError:
         pass
     else:
         return Path(default_socket_path())
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        return Path("/run/peerd/api.sock")
+    if os.geteuid() == 0:
+        return Path("/run/peerd/peerd.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        return Path(runtime) / "peerd" / "api.sock"
-    return Path.home() / ".local" / "state" / "peerd" / "api.sock"
+        return Path(runtime) / "peerd" / "peerd.sock"
+    return Path(f"/tmp/peerd-{os.getuid()}/peerd.sock")
 
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Merge defaults < config file < flags into one validated :class:`Settings`."""
-    from peerd.shell.state import default_state_dir  # noqa: PLC0415
-
     config_file: Path | None = None
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
