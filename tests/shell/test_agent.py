@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import socket
@@ -16,9 +17,12 @@ from typing import Any
 import pytest
 
 from peerd.api.client import BlockingClient
+from peerd.core.events import LogLevel
 from peerd.shell import agent
+from peerd.shell.logs import Logger
+from peerd.shell.settings import resolve
 from peerd.shell.state import StateDir
-from peerd.wire.seal import generate_key
+from peerd.wire.seal import format_key, generate_key
 
 
 def args(tmp_path: Path, *argv: str) -> argparse.Namespace:
@@ -156,3 +160,18 @@ def test_real_daemons_join_and_stop_cleanly(tmp_path: Path) -> None:
         code, err = stop(a)
     assert code == 0, err
     assert "Traceback" not in err
+
+
+def test_saved_keyring_wins_over_the_key_file(tmp_path: Path) -> None:
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    (tmp_path / "keys").write_text(format_key(k1) + "\n")
+    settings = resolve(args(tmp_path, "--key-file", str(tmp_path / "keys")))
+    out = io.StringIO()
+    logger = Logger(LogLevel.INFO, out)
+    with StateDir(tmp_path / "state") as state:
+        assert agent._initial_keys(settings, state, logger) == [k1]
+        assert out.getvalue() == ""
+        # keys.install + keys.use over the API wrote the state keyring:
+        state.save_keyring_text(f"{format_key(k2)}\n{format_key(k1)}\n")
+        assert agent._initial_keys(settings, state, logger) == [k2, k1]
+        assert "--key-file differs and is ignored" in out.getvalue()
