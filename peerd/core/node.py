@@ -310,6 +310,7 @@ class Node:
         self._seeds: tuple[Addr, ...] = ()
         self._leaving = False
         self._started = False
+        self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
 
@@ -489,7 +490,7 @@ class Node:
             # that joined at the same moment), then the regular interval.
             first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
             self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.5, 1.0) * first)
-        self._arm(TimerKind.RECONNECT, cfg.reconnect_interval_s)
+        self._arm(TimerKind.RECONNECT, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
         self._arm(TimerKind.REAP, REAP_INTERVAL_S)
         self._start_join(self._seeds)
 
@@ -1060,7 +1061,16 @@ class Node:
             self._open_push_pull(self._members[picks[0]].addr, StreamCtx("sync"), join=False)
 
     def _reconnect_tick(self) -> None:
-        self._arm(TimerKind.RECONNECT, self.config.reconnect_interval_s)
+        cfg = self.config
+        if self._live:
+            self._alone_rounds = 0
+            self._arm(TimerKind.RECONNECT, cfg.reconnect_interval_s)
+        else:
+            # Alone (every seed was down when we started, or we were cut
+            # off): retry soon, backing off to the normal interval.
+            delay = min(cfg.reconnect_interval_s, cfg.probe_interval_s * 2 ** self._alone_rounds)
+            self._alone_rounds = min(self._alone_rounds + 1, 16)
+            self._arm(TimerKind.RECONNECT, delay)
         if self._leaving:
             return
         candidates = [self._members[n].addr for n in self._dead]
