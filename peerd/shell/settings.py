@@ -137,6 +137,10 @@ _POSITIVE = {
 def _swim_value(name: str, value: object, source: str | None) -> object:
     key = f"swim.{name}"
     kind = _SWIM_FIELDS[name].type  # a string: annotations are postponed
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SettingsError(key, f"expected true or false, got {value!r}", source)
+        return value
     if isinstance(value, bool):
         raise SettingsError(key, f"expected a number, got {value!r}", source)
     if kind == "int":

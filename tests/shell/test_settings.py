@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from peerd.core.config import local, wan
+from peerd.core.config import lan, local, wan
 from peerd.shell import agent
 from peerd.shell.settings import (
     SettingsError,
@@ -180,3 +181,14 @@ def test_agent_exits_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     path = write(tmp_path, "colour = 1\n")
     assert agent.run(parse_args("--config", str(path))) == 2
     assert "colour: unknown setting" in capsys.readouterr().err
+
+
+def test_every_swim_field_can_be_set(tmp_path: Path) -> None:
+    """A new SwimConfig field must be settable without touching settings.py."""
+    defaults = lan()
+    lines = ["[swim]"]
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        lines.append(f"{f.name} = {str(value).lower() if isinstance(value, bool) else value}")
+    s = resolve(parse_args("--config", str(write(tmp_path, "\n".join(lines) + "\n"))))
+    assert s.swim == defaults
