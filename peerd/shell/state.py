@@ -8,8 +8,11 @@ Layout (directory mode 0700, files 0600, all small text files)::
       generation    decimal; +1 at every start (also the seal epoch)
       incarnation   decimal; highest incarnation this node has used
       peers         JSON list of [host, port]: last known peers (join seeds)
-      keyring       base64 keys, one a line, primary first; written only when
-                    keys are changed over the API (see runner.KeyManager)
+      keyring       keys in the key-file format (``peerd1:...``, one a line,
+                    primary first); written only when keys change over the
+                    API (keys.install/use/remove); once it exists it is the
+                    keyring at start and --key-file is ignored (a warning
+                    says so when they differ)
 
 Why each exists: the node id makes a restarted node the same node; the
 generation marks entries from an earlier life as stale and lets peers'
