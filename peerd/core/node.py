@@ -348,6 +348,25 @@ class Node:
     def queued_broadcasts(self) -> int:
         return len(self._queue)
 
+    def preload(self, states: list[MemberState]) -> None:
+        """Know these members before :class:`Start`, silently: no events, no
+        gossip. For simulations that begin from a converged cluster (a real
+        daemon learns its peers by joining)."""
+        for st in states:
+            if st.node == self._me.node or st.node in self._members:
+                continue
+            m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags,
+                       st.status, self._now)
+            self._members[m.node] = m
+            self._by_addr[m.addr] = m.node
+            self._by_name.setdefault(m.name, m.node)
+            if st.status in LIVE:
+                self._set_live(m.node, True)
+                self._probe_order.append(m.node)
+            elif st.status is Status.DEAD:
+                self._dead[m.node] = None
+        self.rng.shuffle(self._probe_order)
+
     # --- the one entry point -------------------------------------------------
 
     def handle(self, now: float, inp: Input) -> list[Output]:
