@@ -1,0 +1,1 @@
+"""The registry: unique names and process groups (see state.py)."""

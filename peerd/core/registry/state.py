@@ -1,0 +1,393 @@
+"""The registry's replicated state: names and groups as a per-origin CRDT.
+
+Theory of operation (delta-state CRDTs: Almeida, Shoker, Baquero 2018):
+
+Every entry is written by exactly one origin: the daemon (node id, generation)
+whose API connection registered it. The replicated state is therefore a map
+``origin -> Partition`` in which each partition has a single writer and a
+version counter that the writer bumps on every change. Two partitions of the
+same origin are ordered by ``(generation, version)``; merging full states is
+"keep the larger per origin", which is commutative, associative and
+idempotent, so replicas converge whatever the delivery order.
+
+Changes travel as *deltas* ("origin X, from version a to b: these entries
+changed, these were removed"). A replica at version v applies a delta that
+starts at or before v and ends after it (it skips the part it has), buffers a
+few that start later, and otherwise waits for anti-entropy, which compares
+digests ``{origin: (generation, version)}`` and ships either a delta from the
+origin's bounded change log or a full snapshot of that partition. Nothing is
+kept per removed entry beyond the bounded log: state stays bounded under
+churn.
+
+No resurrection: a replica only ever moves a partition forward in
+``(generation, version)``, so a late delta cannot bring back a removed entry.
+When membership says an origin is dead, its partition is dropped but its
+``(generation, version)`` is kept as a floor, so late deltas of that life are
+ignored; if the node turns out to be alive (it refuted), a snapshot at or
+above the floor restores its entries, and a new generation (a restart) starts
+from empty.
+
+Unique names are claimed without a lock, so two origins may both claim one
+name (a race, or both sides of a partition). Every replica resolves the clash
+with the same pure rule, :func:`winner`: the oldest claim by the claiming
+daemon's wall clock, ties broken by origin id then entry id. Lookups return the
+winner at once; the loser's owner learns of the conflict when it merges the
+winner's entry (see :meth:`Registry.conflicts_for_local`).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from peerd.wire.messages import NodeId
+
+Meta = tuple[tuple[str, str], ...]  # sorted (key, value) pairs, like tags
+
+
+class Kind(enum.IntEnum):
+    NAME = 0  # unique within its scope
+    GROUP = 1  # many members per group
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One registration, as replicated."""
+
+    eid: int  # origin-local id, never reused within a generation
+    kind: Kind
+    scope: str
+    name: str
+    claimed_ms: int  # the registering daemon's wall clock (conflict rule)
+    pid: int  # owning process, as the origin saw it (SO_PEERCRED)
+    uid: int
+    meta: Meta
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    version: int
+    eid: int
+    entry: Entry | None  # None: removed
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Changes of one origin's partition from ``base`` (exclusive) to ``top``."""
+
+    origin: NodeId
+    generation: int
+    base: int
+    top: int
+    changes: tuple[Change, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A whole partition at ``version``."""
+
+    origin: NodeId
+    generation: int
+    version: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(slots=True)
+class Partition:
+    generation: int
+    version: int = 0
+    entries: dict[int, Entry] = field(default_factory=dict)
+
+
+class Applied(enum.Enum):
+    APPLIED = "applied"  # state moved forward
+    STALE = "stale"  # nothing new (duplicate, old, or a dropped life)
+    BUFFERED = "buffered"  # starts after our version: kept until the gap fills
+    GAP = "gap"  # cannot apply: anti-entropy must fetch this origin
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An entry together with its origin: what the indexes hold."""
+
+    origin: NodeId
+    entry: Entry
+
+    def rank(self) -> tuple[int, NodeId, int]:
+        return (self.entry.claimed_ms, self.origin, self.entry.eid)
+
+
+def winner(claims: Iterable[Claim]) -> Claim | None:
+    """The claim that holds a unique name: the oldest claim (by the claiming
+    daemon's wall clock), ties broken by origin id, then entry id. Pure and
+    total, so every replica with the same claims picks the same winner."""
+    return min(claims, key=Claim.rank, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A local entry lost its name to ``winner``."""
+
+    loser: Entry
+    winner: Claim
+
+
+MAX_PENDING_PER_ORIGIN = 16
+
+
+class Registry:
+    """One replica of the registry, plus the local origin's write side."""
+
+    def __init__(self, node_id: NodeId, generation: int, log_size: int = 1024) -> None:
+        self.node_id = node_id
+        self.generation = generation
+        self._parts: dict[NodeId, Partition] = {node_id: Partition(generation)}
+        self._floors: dict[NodeId, tuple[int, int]] = {}  # dropped lives
+        self._revived: set[NodeId] = set()  # dropped, then seen alive again
+        self._log: collections.deque[Change] = collections.deque(maxlen=log_size)
+        self._pending: dict[NodeId, dict[int, Delta]] = {}
+        self._next_eid = 0
+        self._names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        self._groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+
+    # --- local writes (this node is the origin) -------------------------------
+
+    @property
+    def local(self) -> Partition:
+        return self._parts[self.node_id]
+
+    def register(self, kind: Kind, scope: str, name: str, *, claimed_ms: int, pid: int,
+                 uid: int, meta: Meta = ()) -> tuple[Entry, Delta]:
+        self._next_eid += 1
+        entry = Entry(self._next_eid, kind, scope, name, claimed_ms, pid, uid, meta)
+        return entry, self._write(entry.eid, entry)
+
+    def update_meta(self, eid: int, meta: Meta) -> tuple[Entry, Delta] | None:
+        old = self.local.entries.get(eid)
+        if old is None:
+            return None
+        entry = Entry(old.eid, old.kind, old.scope, old.name, old.claimed_ms, old.pid, old.uid,
+                      meta)
+        return entry, self._write(eid, entry)
+
+    def unregister(self, eid: int) -> Delta | None:
+        if eid not in self.local.entries:
+            return None
+        return self._write(eid, None)
+
+    def _write(self, eid: int, entry: Entry | None) -> Delta:
+        part = self.local
+        part.version += 1
+        change = Change(part.version, eid, entry)
+        self._log.append(change)
+        self._set(self.node_id, part, eid, entry)
+        return Delta(self.node_id, part.generation, part.version - 1, part.version, (change,))
+
+    def delta_since(self, version: int) -> Delta | Snapshot:
+        """What a replica at ``version`` of our partition needs: a delta from
+        the change log if it still reaches back that far, else a snapshot."""
+        part = self.local
+        if version >= part.version:
+            return Delta(self.node_id, part.generation, part.version, part.version, ())
+        if self._log and self._log[0].version <= version + 1:
+            changes = tuple(c for c in self._log if c.version > version)
+            return Delta(self.node_id, part.generation, version, part.version, changes)
+        return self.snapshot(self.node_id)
+
+    # --- replication ------------------------------------------------------------
+
+    def digest(self) -> dict[NodeId, tuple[int, int]]:
+        return {o: (p.generation, p.version) for o, p in self._parts.items()}
+
+    def snapshot(self, origin: NodeId) -> Snapshot:
+        part = self._parts[origin]
+        return Snapshot(origin, part.generation, part.version, tuple(part.entries.values()))
+
+    def apply_delta(self, delta: Delta) -> Applied:
+        if delta.origin == self.node_id:
+            return Applied.STALE
+        floor = self._floors.get(delta.origin)
+        if floor is not None and delta.generation <= floor[0]:
+            return Applied.STALE  # a dropped life
+        part = self._parts.get(delta.origin)
+        if part is None or part.generation < delta.generation:
+            if delta.base != 0:
+                return self._buffer(delta) if part is None else Applied.GAP
+            part = self._reset(delta.origin, delta.generation)
+        elif part.generation > delta.generation:
+            return Applied.STALE
+        if delta.top <= part.version:
+            return Applied.STALE
+        if delta.base > part.version:
+            return self._buffer(delta)
+        for change in delta.changes:
+            if change.version > part.version:
+                self._set(delta.origin, part, change.eid, change.entry)
+        part.version = delta.top
+        self._drain(delta.origin)
+        return Applied.APPLIED
+
+    def apply_snapshot(self, snap: Snapshot) -> Applied:
+        if snap.origin == self.node_id:
+            return Applied.STALE
+        floor = self._floors.get(snap.origin)
+        # The same life after a refuted death may come back, from the state we
+        # dropped onwards; an older life never.
+        if floor is not None and snap.generation <= floor[0] and (
+                snap.generation < floor[0] or snap.origin not in self._revived
+                or snap.version < floor[1]):
+            return Applied.STALE
+        part = self._parts.get(snap.origin)
+        if part is not None and (snap.generation, snap.version) <= (part.generation,
+                                                                    part.version):
+            return Applied.STALE
+        part = self._reset(snap.origin, snap.generation)
+        for entry in snap.entries:
+            self._set(snap.origin, part, entry.eid, entry)
+        part.version = snap.version
+        self._floors.pop(snap.origin, None)
+        self._revived.discard(snap.origin)
+        self._drain(snap.origin)
+        return Applied.APPLIED
+
+    def _buffer(self, delta: Delta) -> Applied:
+        pending = self._pending.setdefault(delta.origin, {})
+        if len(pending) >= MAX_PENDING_PER_ORIGIN and delta.base not in pending:
+            return Applied.GAP
+        pending[delta.base] = delta
+        return Applied.BUFFERED
+
+    def _drain(self, origin: NodeId) -> None:
+        pending = self._pending.get(origin)
+        part = self._parts.get(origin)
+        while pending and part is not None:
+            ready = [b for b in pending if b <= part.version]
+            if not ready:
+                break
+            for base in sorted(ready):
+                delta = pending.pop(base)
+                if delta.generation == part.generation and delta.top > part.version:
+                    for change in delta.changes:
+                        if change.version > part.version:
+                            self._set(origin, part, change.eid, change.entry)
+                    part.version = delta.top
+        if not pending:
+            self._pending.pop(origin, None)
+
+    # --- membership -------------------------------------------------------------
+
+    def node_down(self, origin: NodeId, generation: int) -> list[Claim]:
+        """Membership declared ``origin`` dead or left: drop its entries."""
+        part = self._parts.get(origin)
+        if origin == self.node_id or part is None or part.generation > generation:
+            return []
+        removed = [Claim(origin, e) for e in part.entries.values()]
+        for entry in list(part.entries.values()):
+            self._index_remove(origin, entry)
+        del self._parts[origin]
+        self._pending.pop(origin, None)
+        self._floors[origin] = (part.generation, part.version)
+        return removed
+
+    def node_up(self, origin: NodeId, generation: int) -> list[Claim]:
+        """Membership sees ``origin`` alive at ``generation``. An older life's
+        entries are discarded; a refuted death allows a resync at the floor."""
+        removed: list[Claim] = []
+        part = self._parts.get(origin)
+        if part is not None and part.generation < generation:
+            removed = [Claim(origin, e) for e in part.entries.values()]
+            self._reset(origin, generation)
+        floor = self._floors.get(origin)
+        if floor is not None:
+            if floor[0] < generation:
+                del self._floors[origin]
+            else:
+                self._revived.add(origin)
+        return removed
+
+    def forget(self, origin: NodeId) -> None:
+        """Membership reaped ``origin``: forget even its floor."""
+        self._floors.pop(origin, None)
+        self._revived.discard(origin)
+
+    # --- reads ------------------------------------------------------------------
+
+    def lookup(self, scope: str, name: str) -> Claim | None:
+        claims = self._names.get((scope, name))
+        return winner(claims.values()) if claims else None
+
+    def claims(self, scope: str, name: str) -> list[Claim]:
+        return sorted(self._names.get((scope, name), {}).values(), key=Claim.rank)
+
+    def group_members(self, scope: str, group: str) -> list[Claim]:
+        return sorted(self._groups.get((scope, group), {}).values(), key=Claim.rank)
+
+    def names(self, scope: str | None = None, prefix: str = "") -> Iterator[Claim]:
+        for (sc, name), claims in sorted(self._names.items()):
+            if (scope is None or sc == scope) and name.startswith(prefix):
+                w = winner(claims.values())
+                if w is not None:
+                    yield w
+
+    def groups(self, scope: str | None = None, prefix: str = "") -> Iterator[tuple[str, str, int]]:
+        for (sc, name), claims in sorted(self._groups.items()):
+            if (scope is None or sc == scope) and name.startswith(prefix):
+                yield sc, name, len(claims)
+
+    def entries(self) -> Iterator[Claim]:
+        for origin, part in self._parts.items():
+            for entry in part.entries.values():
+                yield Claim(origin, entry)
+
+    def entry_count(self) -> int:
+        return sum(len(p.entries) for p in self._parts.values())
+
+    def conflicts_for_local(self, scope: str, name: str) -> list[Conflict]:
+        """Local name entries that lose ``(scope, name)`` to another claim."""
+        claims = self._names.get((scope, name))
+        if not claims or len(claims) < 2:
+            return []
+        w = winner(claims.values())
+        assert w is not None
+        return [Conflict(c.entry, w) for c in claims.values()
+                if c.origin == self.node_id and c is not w]
+
+    def state(self) -> dict[NodeId, tuple[int, int, frozenset[Entry]]]:
+        """The comparable replicated state (for tests and checks)."""
+        return {o: (p.generation, p.version, frozenset(p.entries.values()))
+                for o, p in self._parts.items()}
+
+    # --- internals --------------------------------------------------------------
+
+    def _reset(self, origin: NodeId, generation: int) -> Partition:
+        old = self._parts.get(origin)
+        if old is not None:
+            for entry in list(old.entries.values()):
+                self._index_remove(origin, entry)
+        part = Partition(generation)
+        self._parts[origin] = part
+        pending = self._pending.get(origin)
+        if pending:
+            for base in [b for b, d in pending.items() if d.generation != generation]:
+                del pending[base]
+        return part
+
+    def _set(self, origin: NodeId, part: Partition, eid: int, entry: Entry | None) -> None:
+        old = part.entries.pop(eid, None)
+        if old is not None:
+            self._index_remove(origin, old)
+        if entry is not None:
+            part.entries[eid] = entry
+            index = self._names if entry.kind is Kind.NAME else self._groups
+            index.setdefault((entry.scope, entry.name), {})[(origin, eid)] = Claim(origin, entry)
+
+    def _index_remove(self, origin: NodeId, entry: Entry) -> None:
+        index = self._names if entry.kind is Kind.NAME else self._groups
+        key = (entry.scope, entry.name)
+        claims = index.get(key)
+        if claims is not None:
+            claims.pop((origin, entry.eid), None)
+            if not claims:
+                del index[key]
