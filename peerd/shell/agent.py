@@ -3,16 +3,33 @@
 Exit codes: 0 after a graceful leave (SIGINT/SIGTERM or the API ``leave``);
 1 when the environment prevents running (address in use, state directory
 unusable); 2 for a configuration error (bad flag or file, a non-loopback
-bind without keys); 70 when the core or the shell hit a bug (logged with its
-traceback once; systemd restarts the daemon).
+bind without keys, unusable sockets passed by systemd); 70 when the core or
+the shell hit a bug (logged with its traceback once; systemd restarts the
+daemon).
+
+Under systemd (:mod:`peerd.shell.systemd`) the daemon reports READY=1 once
+its sockets are bound and the first join attempt has finished, keeps STATUS=
+up to date with the member counts, pings the watchdog from the runner's
+loop, takes the API socket from socket activation when one is passed, and
+says STOPPING=1 when it starts to leave.
+
+SIGHUP reloads: the config file is read again (with the same flags on top)
+and what can change in a running daemon is applied without leaving the
+cluster: ``log_level`` and the keyring (the key file, or the keyring saved in
+the state directory, by the same rule as at start). Other changed settings
+are logged as needing a restart. A config that does not validate is logged
+and the running configuration stays.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import ipaddress
 import random
 import secrets
+import signal
 import socket
 import sys
 from collections import Counter
@@ -21,16 +38,36 @@ from typing import Any
 
 import trio
 
+from peerd.api.protocol import ApiError
 from peerd.core.node import Node
 from peerd.shell.api_server import serve_api
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
+from peerd.shell.metrics import MetricsBindError, TrafficCounter, open_metrics_socket, serve_http
 from peerd.shell.runner import EXIT_FAILURE, KeyManager, Runner, open_inputs, serve
 from peerd.shell.settings import Settings, SettingsError, check_config, resolve
 from peerd.shell.state import StateDir, StateError
+from peerd.shell.systemd import (
+    ActivationError,
+    Notifier,
+    SystemdLifecycle,
+    listen_fds,
+    socket_path,
+    stderr_is_journal,
+    take_api_socket,
+    watchdog_interval,
+)
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, open_tcp_listener
 from peerd.shell.udp import BindError, UdpEndpoint, open_udp_socket
 from peerd.wire.messages import Addr
-from peerd.wire.seal import KeyFormatError, Keyring, Opener, Sealer, load_key_file, seal_overhead
+from peerd.wire.seal import (
+    KeyFormatError,
+    Keyring,
+    KeyringError,
+    Opener,
+    Sealer,
+    load_key_file,
+    seal_overhead,
+)
 
 EXIT_CONFIG = 2
 
@@ -60,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="allow a non-loopback bind without keys (plaintext gossip)")
     parser.add_argument("--log-level", choices=list(LEVEL_NAMES), help="default info")
+    parser.add_argument("--metrics-addr", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+                             "(default: off; keep it on loopback)")
     parser.add_argument("--check-config", metavar="FILE.toml",
                         help="validate a settings file and exit (0 valid, 2 invalid)")
 
@@ -73,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"peerd agent: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    logger = Logger(LEVEL_NAMES[settings.log_level])
+    logger = Logger(LEVEL_NAMES[settings.log_level], journal=stderr_is_journal())
     install_stdlib_bridge(logger)
     try:
-        return _start(settings, logger)
+        return _start(settings, logger, args)
     except _Refuse as e:
         logger.error(str(e))
         return e.code
@@ -188,29 +228,50 @@ def _resolve_seeds(hosts: tuple[tuple[str, int], ...], family: socket.AddressFam
     return out
 
 
-def _start(settings: Settings, logger: Logger) -> int:
+def _start(settings: Settings, logger: Logger, args: argparse.Namespace | None = None) -> int:
+    # Until the signal task listens, a SIGHUP (reload) must not kill the daemon.
+    old_hup: Any = None
+    with contextlib.suppress(ValueError):  # not the main thread (embedded use)
+        old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Consumed at once (the variables are removed): the fds are ours to close.
+    try:
+        api_sock = take_api_socket(listen_fds(), logger)
+    except ActivationError as e:
+        raise _Refuse(str(e), EXIT_CONFIG) from e
     state = StateDir(settings.state_dir)
     try:
         state.open()
     except StateError as e:
+        if api_sock is not None:
+            api_sock.close()
         raise _Refuse(str(e), EXIT_FAILURE) from e
     try:
-        return _start_locked(settings, logger, state)
+        return _start_locked(settings, logger, state, api_sock, args)
     finally:
         state.close()
+        if old_hup is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGHUP, old_hup)
 
 
-def _start_locked(settings: Settings, logger: Logger, state: StateDir) -> int:
+def _check_keys(settings: Settings, keys: list[bytes]) -> None:
+    bind = settings.bind
+    if not keys and not _is_loopback(bind[0]) and not settings.insecure:
+        raise _Refuse(
+            f"refusing to bind {format_addr(bind)} without a key: gossip would be "
+            "unauthenticated plaintext. Give --key-file (make a key with "
+            "`peerd keys generate`), or --insecure to accept that",
+            EXIT_CONFIG,
+        )
+
+
+def _start_locked(settings: Settings, logger: Logger, state: StateDir,
+                  api_sock: socket.socket | None = None,
+                  args: argparse.Namespace | None = None) -> int:
     bind = settings.bind
     try:
         keys = _initial_keys(settings, state, logger)
-        if not keys and not _is_loopback(bind[0]) and not settings.insecure:
-            raise _Refuse(
-                f"refusing to bind {format_addr(bind)} without a key: gossip would be "
-                "unauthenticated plaintext. Give --key-file (make a key with "
-                "`peerd keys generate`), or --insecure to accept that",
-                EXIT_CONFIG,
-            )
+        _check_keys(settings, keys)
         if not keys and not _is_loopback(bind[0]):
             logger.warning("--insecure: gossip on a non-loopback address is unauthenticated "
                            "plaintext; anyone who can reach the port can inject members")
@@ -228,6 +289,17 @@ def _start_locked(settings: Settings, logger: Logger, state: StateDir) -> int:
     except BindError as e:
         udp_sock.close()
         raise _Refuse(str(e), EXIT_FAILURE) from e
+    metrics_sock: socket.socket | None = None
+    if settings.metrics_addr is not None:
+        try:
+            metrics_sock = open_metrics_socket(settings.metrics_addr)
+        except MetricsBindError as e:
+            udp_sock.close()
+            tcp_sock.close()
+            raise _Refuse(str(e), EXIT_FAILURE) from e
+        if not _is_loopback(settings.metrics_addr[0]):
+            logger.warning("metrics are served without authentication on a non-loopback "
+                           "address", metrics=settings.metrics_addr)
     try:
         # Only now that nothing else can fail first: each counts one life.
         generation = state.next_generation()
@@ -249,15 +321,25 @@ def _start_locked(settings: Settings, logger: Logger, state: StateDir) -> int:
             advertise = bound
     seeds = _resolve_seeds(settings.join, udp_sock.family, logger)
     seeds += [p for p in saved_peers if p != advertise and p not in seeds]
-    code: int = trio.run(_serve_daemon, settings, logger, state, udp_sock, tcp_sock, keys,
-                         node_id, generation, incarnation, advertise, tuple(seeds))
+    sockets = _Sockets(udp_sock, tcp_sock, api_sock, metrics_sock)
+    code: int = trio.run(_serve_daemon, settings, logger, state, sockets, keys,
+                         node_id, generation, incarnation, advertise, tuple(seeds), args)
     return code
 
 
+@dataclasses.dataclass
+class _Sockets:
+    udp: socket.socket
+    tcp: socket.socket
+    api: socket.socket | None  # from socket activation; None: bind settings.api_socket
+    metrics: socket.socket | None
+
+
 async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
-                        udp_sock: socket.socket, tcp_sock: socket.socket,
-                        keys: list[bytes], node_id: bytes, generation: int, incarnation: int,
-                        advertise: Addr, seeds: tuple[Addr, ...]) -> int:
+                        sockets: _Sockets, keys: list[bytes], node_id: bytes, generation: int,
+                        incarnation: int, advertise: Addr, seeds: tuple[Addr, ...],
+                        args: argparse.Namespace | None = None) -> int:
+    udp_sock, tcp_sock = sockets.udp, sockets.tcp
     keyring = Keyring(keys)
     limits = TcpLimits()
     # One sealer for both transports (one counter sequence per epoch), one opener.
@@ -276,30 +358,124 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     node = Node(node_id=node_id, name=settings.name, addr=advertise, config=settings.swim,
                 rng=random.Random(secrets.randbits(64)), incarnation=incarnation,
                 generation=generation)
+    notifier = Notifier(logger=logger)
+    watchdog_s = watchdog_interval()
+    lifecycle = SystemdLifecycle(notifier, lambda: _member_counts(node),
+                                 watchdog_s=watchdog_s) if notifier.enabled else None
+    key_manager = KeyManager(keyring, keys, state, logger)
     runner = Runner(node, packets=udp, streams=tcp, logger=logger, inputs=inputs, state=state,
-                    keys=KeyManager(keyring, keys, state, logger), config=settings.swim,
-                    seeds=seeds, counters=counters)
+                    keys=key_manager, config=settings.swim, seeds=seeds, counters=counters,
+                    lifecycle=lifecycle, traffic=TrafficCounter(counters))
 
     async def udp_service(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         await udp.run()
 
-    async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
-        await serve_api(str(settings.api_socket), runner, task_status=_ApiStarted(
-            task_status, runner))
+    api_target: Any = sockets.api if sockets.api is not None else str(settings.api_socket)
 
+    async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
+        await serve_api(api_target, runner, task_status=_ApiStarted(task_status, runner))
+
+    services: list[Any] = [tcp.run, udp_service, api_service]
+    metrics_sock = sockets.metrics
+    if metrics_sock is not None:
+        async def snapshot() -> dict[str, Any]:
+            return dict(await runner.call_in_runner(runner._status))
+
+        async def metrics_service(*, task_status: trio.TaskStatus[None]) -> None:
+            await serve_http(metrics_sock, snapshot, task_status=task_status)
+
+        services.append(metrics_service)
+
+    api_text = (f"{socket_path(sockets.api)} (from systemd)" if sockets.api is not None
+                else str(settings.api_socket))
+    fields: dict[str, object] = {}
+    if metrics_sock is not None:
+        fields["metrics"] = metrics_sock.getsockname()[:2]
+    if notifier.enabled:
+        fields["systemd"] = "notify" + (f", watchdog every {watchdog_s:g}s" if watchdog_s else "")
     logger.info(
         "peerd starting", name=settings.name, id=node_id.hex(), addr=advertise,
         bind=udp.local_addr, generation=generation, incarnation=incarnation,
         preset=settings.preset, keys=len(keys) if keys else "none (plaintext)",
-        seeds=len(seeds), api=str(settings.api_socket),
+        seeds=len(seeds), api=api_text, **fields,
     )
+    reloader = Reloader(args, settings, logger, state, runner, key_manager, lifecycle)
     try:
-        code = await serve(runner, [tcp.run, udp_service, api_service], handle_signals=True)
+        code = await serve(runner, services, handle_signals=True, on_reload=reloader)
     finally:
         udp.close()
+        notifier.close()
     logger.info("peerd stopped", exit=code, reason=runner.exit_reason or "cancelled")
     return code
+
+
+def _member_counts(node: Node) -> dict[str, int]:
+    counts: Counter[str] = Counter(m.status.label for m in node.members())
+    return dict(counts)
+
+
+# Settings a running daemon cannot take over (sockets are bound, the core is built).
+_RESTART_ONLY = ("name", "bind", "advertise", "join", "api_socket", "state_dir", "preset",
+                 "insecure", "swim", "metrics_addr")
+
+
+class Reloader:
+    """SIGHUP: read the config file and the keys again, keep the membership.
+
+    The flags the daemon was started with still override the file, as at
+    start. Only ``log_level`` and the keyring apply to the running daemon;
+    every other change is logged as needing a restart.
+    """
+
+    def __init__(self, args: argparse.Namespace | None, settings: Settings, logger: Logger,
+                 state: StateDir, runner: Runner, keys: KeyManager,
+                 lifecycle: SystemdLifecycle | None) -> None:
+        self.args = args
+        self.settings = settings
+        self.logger = logger
+        self.state = state
+        self.runner = runner
+        self.keys = keys
+        self.lifecycle = lifecycle
+        self.reloads = 0
+
+    async def __call__(self) -> None:
+        self.reloads += 1
+        if self.lifecycle is not None:
+            self.lifecycle.reloading()
+        source = str(self.settings.config_file) if self.settings.config_file else "flags only"
+        self.logger.info("reloading", config=source)
+        problem = None
+        try:
+            await self._reload()
+        except (SettingsError, _Refuse, KeyringError, ApiError) as e:
+            problem = str(getattr(e, "message", None) or e)
+            self.logger.error("reload failed; the running configuration stays", error=problem)
+        if self.lifecycle is not None:
+            self.lifecycle.reloaded(problem)
+
+    async def _reload(self) -> None:
+        new = resolve(self.args if self.args is not None else argparse.Namespace())
+        keys = _initial_keys(new, self.state, self.logger)
+        _check_keys(new, keys)
+        old = self.settings
+        changed: list[str] = []
+        if new.log_level != old.log_level:
+            self.logger.level = LEVEL_NAMES[new.log_level]
+            install_stdlib_bridge(self.logger)
+            changed.append("log_level")
+        if await self.runner.call_in_runner(lambda: self.keys.replace(keys)):
+            changed.append("keys")
+        restart = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+        if restart:
+            self.logger.warning("changed settings need a restart to apply; running with the "
+                                "old values", settings=",".join(restart))
+        # Remember what is applied, so the next reload compares with the running values.
+        self.settings = dataclasses.replace(old, log_level=new.log_level,
+                                            key_file=new.key_file)
+        self.logger.info("reloaded", changed=",".join(changed) or "nothing",
+                         keys=len(keys) if keys else "none (plaintext)")
 
 
 class _ApiStarted:
@@ -313,6 +489,9 @@ class _ApiStarted:
         counters = getattr(value, "counters", None)
         if isinstance(counters, Counter):
             self.runner.counter_sources["api"] = counters
+        connections = getattr(value, "connections", None)
+        if isinstance(connections, dict):
+            self.runner.gauge_sources["api_connections"] = lambda: len(connections)
         self.inner.started(value)
 
 

@@ -4,6 +4,14 @@ Format (grep- and journald-friendly, UTC, logfmt-style fields)::
 
     2026-11-21T12:00:00Z info  member joined name=web1 id=9f3a... addr=10.0.0.5:7950
 
+Under systemd, when stderr is the journal (``JOURNAL_STREAM`` matches, see
+:func:`peerd.shell.systemd.stderr_is_journal`), each line starts with a
+``<N>`` syslog priority instead of the timestamp, which journald adds::
+
+    <6>info  member joined name=web1 id=9f3a... addr=10.0.0.5:7950
+
+so ``journalctl -p warning -u peerd`` shows warnings and errors only.
+
 Lines that can be triggered from the network (dropped packets, failed
 streams) go through a :class:`RateLimiter`, so a flood of garbage costs a
 counter increment, not a log line (and never a traceback) per packet.
@@ -26,6 +34,14 @@ LEVEL_NAMES: dict[str, LogLevel] = {
     "info": LogLevel.INFO,
     "warning": LogLevel.WARNING,
     "error": LogLevel.ERROR,
+}
+
+# syslog priorities (sd-daemon(3)): what journald files each line under.
+PRIORITIES = {
+    LogLevel.DEBUG: 7,
+    LogLevel.INFO: 6,
+    LogLevel.WARNING: 4,
+    LogLevel.ERROR: 3,
 }
 
 _LABELS = {
@@ -58,6 +74,7 @@ class Logger:
     """Writes one line per event at or above ``level``.
 
     The clock and stream are injectable so tests can assert exact lines.
+    ``journal`` writes ``<N>`` priority prefixes instead of timestamps.
     """
 
     def __init__(
@@ -65,8 +82,10 @@ class Logger:
         level: LogLevel = LogLevel.INFO,
         stream: TextIO | None = None,
         clock: Callable[[], float] = time.time,
+        journal: bool = False,
     ) -> None:
         self.level = level
+        self.journal = journal
         self._stream = stream
         self._clock = clock
 
@@ -76,8 +95,12 @@ class Logger:
     def log(self, level: LogLevel, message: str, **fields: object) -> None:
         if level < self.level:
             return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock()))
-        parts = [stamp, f"{_LABELS.get(level, str(int(level))):<5}", message]
+        label = f"{_LABELS.get(level, str(int(level))):<5}"
+        if self.journal:
+            parts = [f"<{PRIORITIES.get(level, 6)}>{label}", message]
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock()))
+            parts = [stamp, label, message]
         parts.extend(f"{k}={format_value(v)}" for k, v in fields.items())
         self._write(" ".join(parts) + "\n")
 
@@ -97,7 +120,9 @@ class Logger:
         """An error line followed by the traceback, indented so it reads as one event."""
         self.error(message, error=f"{type(exc).__name__}: {exc}", **fields)
         tb = "".join(traceback.format_exception(exc))
-        self._write("".join("    " + line + "\n" for line in tb.rstrip("\n").split("\n")))
+        # journald makes one entry per line: each needs its priority.
+        prefix = f"<{PRIORITIES[LogLevel.ERROR]}>    " if self.journal else "    "
+        self._write("".join(prefix + line + "\n" for line in tb.rstrip("\n").split("\n")))
 
     def _write(self, text: str) -> None:
         stream = self._stream if self._stream is not None else sys.stderr

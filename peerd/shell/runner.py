@@ -65,11 +65,14 @@ from peerd.core.events import (
     MemberInfo,
     OpenStream,
     Output,
+    PacketIn,
     SendPacket,
     SetTags,
     SetTimer,
     Start,
     StreamReply,
+    StreamRequest,
+    StreamResponse,
     Timer,
     TimerFired,
     WatchLinks,
@@ -106,6 +109,30 @@ class StreamPort(Protocol):
     def open_stream(self, stream: int, dst: Addr, data: bytes) -> None: ...
     def reply(self, stream: int, data: bytes | None) -> None: ...
     def set_watch_links(self, addrs: tuple[Addr, ...]) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """A service manager's view of the daemon (systemd: :mod:`peerd.shell.systemd`).
+
+    Called from the runner task only, so implementations may read the core.
+    ``deadline`` (runner clock) is when :meth:`tick` is next due; the loop
+    waits for it alongside the core's timers, so a core stuck in a call
+    stops the ticks (that is what makes a watchdog ping meaningful).
+    """
+
+    @property
+    def deadline(self) -> float: ...
+    def started(self, now: float, ok: int, failed: int) -> None: ...
+    def members_changed(self, now: float) -> None: ...
+    def leaving(self, reason: str) -> None: ...
+    def tick(self, now: float) -> None: ...
+
+
+class TrafficObserver(Protocol):
+    """Counts what goes over the wire by message type (:mod:`peerd.shell.metrics`)."""
+
+    def packet(self, direction: str, payload: bytes) -> None: ...
+    def stream(self, direction: str, payload: bytes) -> None: ...
 
 
 class CoreFailure(Exception):
@@ -240,6 +267,26 @@ class KeyManager:
         self.logger.info("key removed", key_id=key_id(key).hex())
         return {}
 
+    def replace(self, keys: Sequence[bytes]) -> bool:
+        """Take ``keys`` (primary first) as the whole keyring: a reload.
+
+        Not persisted: the keys came from disk (the key file or the saved
+        keyring). Returns False when nothing changed. Raises KeyringError
+        (nothing changed then).
+        """
+        keys = list(keys)
+        if keys == self._keys:
+            return False
+        self.keyring.replace_all(keys)
+        old = self._keys
+        self._keys = keys
+        self.logger.info("keyring reloaded", keys=len(keys),
+                         primary=key_id(keys[0]).hex() if keys else "none (plaintext)",
+                         added=",".join(key_id(k).hex() for k in keys if k not in old) or "-",
+                         removed=",".join(key_id(k).hex() for k in old if k not in keys)
+                         or "-")
+        return True
+
     def _persist(self) -> None:
         if self.state is None:
             return
@@ -289,6 +336,8 @@ class Runner:
         join_timeout_s: float = 30.0,
         leave_timeout_s: float | None = None,
         max_timers_per_turn: int = 1000,
+        lifecycle: Lifecycle | None = None,
+        traffic: TrafficObserver | None = None,
     ) -> None:
         self.node = node
         self.packets = packets
@@ -315,6 +364,11 @@ class Runner:
             else 2 * self.config.leave_propagate_s + 5.0
         )
         self.max_timers_per_turn = max_timers_per_turn
+        self.lifecycle = lifecycle
+        self.traffic = traffic
+        # Gauges shown by `status` (and the metrics) besides the built-in ones.
+        self.gauge_sources: dict[str, Callable[[], float]] = {}
+        self._started_at = 0.0
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._join_waiters: collections.deque[_Waiter] = collections.deque()
@@ -347,6 +401,8 @@ class Runner:
         deadline = self._timers[0][0] if self._timers else math.inf
         if self._leave_deadline is not None:
             deadline = min(deadline, self._leave_deadline)
+        if self.lifecycle is not None:
+            deadline = min(deadline, self.lifecycle.deadline)
         return deadline
 
     async def run(self) -> None:
@@ -355,10 +411,14 @@ class Runner:
         Raises :class:`CoreFailure` when the core raises.
         """
         # The core answers Start with a JoinDone (0/0 without seeds): pair it.
+        self._started_at = trio.current_time()
         self._join_waiters.append(_Waiter("start"))
         self._handle(Start(self.seeds))
         try:
             while not self._finished:
+                if self.lifecycle is not None and (
+                        self.lifecycle.deadline <= trio.current_time()):
+                    self.lifecycle.tick(trio.current_time())
                 self._fire_due_timers()
                 if self._finished:
                     break
@@ -405,11 +465,17 @@ class Runner:
                 item.done.set()
             case _Shutdown():
                 self.logger.info("shutting down", reason=item.reason)
-                self._begin_leave()
+                self._begin_leave(item.reason)
             case _:
                 self._handle(item)
 
     def _handle(self, inp: Input) -> None:
+        if self.traffic is not None:
+            match inp:
+                case PacketIn(_, data):
+                    self.traffic.packet("in", data)
+                case StreamRequest(_, _, data) | StreamResponse(_, data):
+                    self.traffic.stream("in", data)
         try:
             outputs = self.node.handle(trio.current_time(), inp)
         except Exception as e:
@@ -422,12 +488,18 @@ class Runner:
     def _carry_out(self, out: Output) -> None:
         match out:
             case SendPacket(dst, data):
+                if self.traffic is not None:
+                    self.traffic.packet("out", data)
                 self.packets.send(dst, data)
             case SetTimer(at, timer):
                 heapq.heappush(self._timers, (at, next(self._seq), timer))
             case OpenStream(stream, dst, data):
+                if self.traffic is not None:
+                    self.traffic.stream("out", data)
                 self.streams.open_stream(stream, dst, data)
             case StreamReply(stream, data):
+                if self.traffic is not None and data is not None:
+                    self.traffic.stream("out", data)
                 self.streams.reply(stream, data)
             case WatchLinks(addrs):
                 self.streams.set_watch_links(addrs)
@@ -457,6 +529,8 @@ class Runner:
             fields["other_addr"] = ev.other.addr
         self.logger.log(_EVENT_LEVEL.get(ev.kind, LogLevel.INFO), f"member {ev.kind.value}",
                         **fields)
+        if self.lifecycle is not None:
+            self.lifecycle.members_changed(trio.current_time())
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)
@@ -486,6 +560,8 @@ class Runner:
             level = LogLevel.INFO if ok else LogLevel.WARNING
             self.logger.log(level, "joined the cluster" if ok else "no seed answered",
                             ok=ok, failed=failed)
+        if waiter.label == "start" and self.lifecycle is not None:
+            self.lifecycle.started(trio.current_time(), ok, failed)
 
     def _leave_done(self) -> None:
         self._left = True
@@ -502,9 +578,11 @@ class Runner:
         while self._join_waiters:
             self._join_waiters.popleft().done.set()
 
-    def _begin_leave(self) -> None:
+    def _begin_leave(self, reason: str = "leave requested over the API") -> None:
         if self._leave_deadline is not None or self._finished:
             return
+        if self.lifecycle is not None:
+            self.lifecycle.leaving(reason)
         self._leave_deadline = trio.current_time() + self.leave_timeout_s
         self._handle(Leave())
 
@@ -616,8 +694,25 @@ class Runner:
         out = status_to_wire(self.node.local_member(), self.node.health_score,
                              self.node.members())
         out["counters"] = self.all_counters()
+        out["gauges"] = self.gauges()
         out["leaving"] = self.leaving
         return out
+
+    def gauges(self) -> dict[str, float]:
+        """Current values (not totals) for `status` and the metrics."""
+        out: dict[str, float] = {
+            "timers_pending": len(self._timers),
+            "api_watchers": len(self._watches),
+            "uptime_s": round(max(0.0, trio.current_time() - self._started_at), 3),
+        }
+        if self.keys is not None:
+            out["keys"] = len(self.keys.keyring)
+        for name, source in self.gauge_sources.items():
+            try:
+                out[name] = source()
+            except Exception as e:  # a broken gauge must not break `status`
+                self.logger.warning("gauge failed", gauge=name, error=str(e))
+        return dict(sorted(out.items()))
 
     def _set_tags(self, update: TagUpdate) -> dict[str, str]:
         if self.leaving:
@@ -723,12 +818,16 @@ Service = Callable[..., Awaitable[None]]
 
 async def serve(runner: Runner, services: Sequence[Service] = (), *,
                 handle_signals: bool = False, peers_save_interval_s: float = 60.0,
-                flush_timeout_s: float = 1.0) -> int:
+                flush_timeout_s: float = 1.0,
+                on_reload: Callable[[], Awaitable[None]] | None = None) -> int:
     """Start ``services`` in order, then the runner; return the exit code.
 
     0 after the node left (signal or API leave); 1 if a service failed to
     start (its message is logged); 70 if the core or a running service raised,
     which is a bug (logged once, with the traceback).
+
+    With ``handle_signals``, SIGINT and SIGTERM start a graceful leave, and
+    SIGHUP awaits ``on_reload`` (one reload at a time; ignored without one).
     """
     exit_code = EXIT_OK
 
@@ -752,10 +851,17 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
             await runner.save_peers()
 
     async def signals(*, task_status: trio.TaskStatus[Any]) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                       signal.SIGHUP) as received:
             task_status.started()
             count = 0
             async for signum in received:
+                if signum == signal.SIGHUP:
+                    if on_reload is None:
+                        runner.logger.info("SIGHUP ignored: nothing to reload")
+                    elif not runner.leaving and not runner.finished:
+                        await on_reload()
+                    continue
                 count += 1
                 name = signal.Signals(signum).name
                 if count == 1:

@@ -13,6 +13,7 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     preset = "lan"                    # lan | wan | local
     insecure = false
     log_level = "info"                # debug | info | warning | error
+    metrics_addr = "127.0.0.1:7951"   # serve /metrics over HTTP (default: off)
 
     [swim]
     probe_interval_s = 0.5
@@ -71,6 +72,7 @@ class Settings:
     log_level: str
     swim: SwimConfig
     config_file: Path | None = None
+    metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
 
 
 # --- addresses ----------------------------------------------------------------
@@ -200,7 +202,7 @@ def _choices(names: object) -> str:
 
 _TOP_KEYS = {
     "name", "bind", "advertise", "join", "api_socket", "state_dir", "key_file", "preset",
-    "insecure", "log_level", "swim",
+    "insecure", "log_level", "swim", "metrics_addr",
 }
 
 
@@ -248,6 +250,8 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                 return parse_ip_addr(want_str(), allow_unspecified=True, allow_port_zero=True)
             case "advertise":
                 return parse_ip_addr(want_str(), allow_unspecified=False, allow_port_zero=False)
+            case "metrics_addr":
+                return parse_ip_addr(want_str(), allow_unspecified=True, allow_port_zero=True)
             case "join":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise SettingsError(key, "expected a list of \"host:port\" strings", source)
@@ -302,14 +306,14 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that were given (argparse defaults are None), converted like file values."""
     out: dict[str, Any] = {}
     try:
-        for key in ("name", "bind", "advertise", "log_level", "preset"):
+        for key in ("name", "bind", "advertise", "log_level", "preset", "metrics_addr"):
             value = getattr(args, key, None)
             if value is None:
                 continue
             match key:
                 case "name":
                     out[key] = _check_name(value)
-                case "bind":
+                case "bind" | "metrics_addr":
                     out[key] = parse_ip_addr(value, allow_unspecified=True, allow_port_zero=True)
                 case "advertise":
                     out[key] = parse_ip_addr(value, allow_unspecified=False,
@@ -373,6 +377,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         log_level=values.get("log_level", DEFAULT_LOG_LEVEL),
         swim=swim,
         config_file=config_file,
+        metrics_addr=values.get("metrics_addr"),
     )
 
 
