@@ -270,6 +270,13 @@ def _print_tags(tags: Mapping[str, str]) -> None:
         print(f"{key}={value}")
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from peerd.shell.metrics import render
+
+    sys.stdout.write(render(_call(args, "status")))
+    return EXIT_OK
+
+
 def cmd_leave(args: argparse.Namespace) -> int:
     _call(args, "leave")
     print("left the cluster; the daemon is stopping")
@@ -423,6 +430,13 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
             "address answered.")
     p.add_argument("addrs", nargs="+", metavar="HOST[:PORT]")
     p.set_defaults(func=cmd_join)
+
+    p = add("metrics", "print the daemon's counters and gauges (Prometheus text format)",
+            "Print the daemon's metrics in the Prometheus text exposition format: members "
+            "by status, probes, suspicions, refutations, messages and bytes in/out by type, "
+            "drops by reason, API connections. `peerd agent --metrics-addr HOST:PORT` serves "
+            "the same text over HTTP at /metrics.")
+    p.set_defaults(func=cmd_metrics)
 
     p = add("leave", "leave the cluster gracefully; the daemon then stops",
             "Announce that this node leaves, wait until the announcement had time to "
