@@ -438,6 +438,14 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
             "the same text over HTTP at /metrics.")
     p.set_defaults(func=cmd_metrics)
 
+    p = add("sim", "run a scenario in the deterministic simulator (no daemon needed)",
+            "Run SCENARIO.toml (see scenarios/) in the simulator: many cores, a virtual "
+            "clock, a fake network, injected faults. Exit 0 if every expectation held, 1 if "
+            "one failed, 2 for a bad scenario file.", parents=())
+    from peerd.sim import cli as sim_cli
+    sim_cli.add_arguments(p)
+    p.set_defaults(func=sim_cli.cmd_sim)
+
     p = add("leave", "leave the cluster gracefully; the daemon then stops",
             "Announce that this node leaves, wait until the announcement had time to "
             "spread, then let the daemon stop. Peers see it as 'left', not 'dead'.")

@@ -1,0 +1,155 @@
+"""Expectations a scenario can state (``[[expect]] check = ...``), as a registry.
+
+Each check reads the :class:`peerd.sim.world.Record` a run produced and returns
+``(passed, value, limit)``. Values are in seconds or counts; ``None`` means the
+thing never happened (a cluster that never converged, a crash nobody saw).
+Add a check by writing a function and registering it in :data:`CHECKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peerd.sim.scenario import Expect
+    from peerd.sim.world import Record
+
+Result = tuple[bool, Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    fn: Callable[[Record, Expect], Result]
+    needs: tuple[str, ...]
+    doc: str
+
+
+def _converged(rec: Record, e: Expect) -> Result:
+    """Every running node sees exactly the running nodes alive (and no one
+    else alive or suspect) at some moment within [after_s, after_s + within_s].
+    Value: seconds after after_s."""
+    assert e.within_s is not None
+    t = rec.first_converged_at(e.after_s)
+    value = None if t is None else round(t - e.after_s, 3)
+    return value is not None and value <= e.within_s, value, e.within_s
+
+
+def _no_false_positives(rec: Record, e: Expect) -> Result:
+    """No running node was declared dead (in its current life) by anyone at or
+    after after_s. ``max`` allows that many such nodes. Value: their count."""
+    limit = int(e.max or 0)
+    n = sum(1 for _node, t in rec.false_positive_times.items() if t >= e.after_s)
+    return n <= limit, n, limit
+
+
+def _false_suspicions(rec: Record, e: Expect) -> Result:
+    """Suspicions of running nodes raised at or after after_s, summed over
+    observers (each observer's suspicion counts once). Needs ``max``."""
+    limit = int(e.max or 0)
+    n = sum(1 for t in rec.false_suspicion_times if t >= e.after_s)
+    return n <= limit, n, limit
+
+
+def _detected(rec: Record, e: Expect) -> Result:
+    """Every node crashed at or after after_s was seen dead by every running
+    node within within_s of its crash. Value: the slowest, in seconds."""
+    assert e.within_s is not None
+    crashes = [c for c in rec.crashes if c.at >= e.after_s]
+    if not crashes:
+        return False, None, e.within_s
+    times = [c.all_s for c in crashes]
+    if any(t is None for t in times):
+        return False, None, e.within_s
+    worst = round(max(t for t in times if t is not None), 3)
+    return worst <= e.within_s, worst, e.within_s
+
+
+def _detected_first(rec: Record, e: Expect) -> Result:
+    """Every node crashed at or after after_s was declared dead by someone
+    within within_s. Value: the slowest first detection, in seconds."""
+    assert e.within_s is not None
+    crashes = [c for c in rec.crashes if c.at >= e.after_s]
+    if not crashes or any(c.first_s is None for c in crashes):
+        return False, None, e.within_s
+    worst = round(max(c.first_s for c in crashes if c.first_s is not None), 3)
+    return worst <= e.within_s, worst, e.within_s
+
+
+def _suspected(rec: Record, e: Expect) -> Result:
+    """Every paused or slowed node was suspected by someone while impaired
+    (failure detection noticed). Value: how many were."""
+    impaired = rec.impairments
+    n = sum(1 for p in impaired if p.suspected_at is not None)
+    return bool(impaired) and n == len(impaired), n, len(impaired)
+
+
+def _refuted(rec: Record, e: Expect) -> Result:
+    """After each pause or slowdown ends, every running node sees the node
+    alive again within within_s. Value: the slowest, in seconds."""
+    assert e.within_s is not None
+    impaired = rec.impairments
+    if not impaired or any(p.cleared_s is None for p in impaired):
+        return False, None, e.within_s
+    worst = round(max(p.cleared_s for p in impaired if p.cleared_s is not None), 3)
+    return worst <= e.within_s, worst, e.within_s
+
+
+def _no_cascade(rec: Record, e: Expect) -> Result:
+    """No node other than the impaired ones was declared dead or suspected
+    by anyone at or after after_s. Value: how many such nodes."""
+    impaired = {p.node for p in rec.impairments}
+    hit = {n for n, t in rec.false_positive_times.items() if t >= e.after_s} | {
+        n for n, t in rec.first_false_suspicion.items() if t >= e.after_s}
+    n = len(hit - impaired)
+    limit = int(e.max or 0)
+    return n <= limit, n, limit
+
+
+def _left(rec: Record, e: Expect) -> Result:
+    """Every node that left at or after after_s is seen gone (not alive nor
+    suspect) by every running node within within_s. Value: the slowest."""
+    assert e.within_s is not None
+    leaves = [c for c in rec.leaves if c.at >= e.after_s]
+    if not leaves or any(c.all_s is None for c in leaves):
+        return False, None, e.within_s
+    worst = round(max(c.all_s for c in leaves if c.all_s is not None), 3)
+    return worst <= e.within_s, worst, e.within_s
+
+
+def _msgs_per_node_s(rec: Record, e: Expect) -> Result:
+    """Messages (datagrams and stream frames) per running node per second,
+    over the whole run, at most ``max``."""
+    v = round(rec.traffic()["msgs_per_node_s"], 3)
+    return e.max is None or v <= e.max, v, e.max
+
+
+def _bytes_per_node_s(rec: Record, e: Expect) -> Result:
+    """Bytes on the wire per running node per second, whole run, at most ``max``."""
+    v = round(rec.traffic()["bytes_per_node_s"], 1)
+    return e.max is None or v <= e.max, v, e.max
+
+
+CHECKS: dict[str, CheckSpec] = {
+    "converged": CheckSpec(_converged, ("within_s",), _converged.__doc__ or ""),
+    "no_false_positives": CheckSpec(_no_false_positives, (), _no_false_positives.__doc__ or ""),
+    "false_suspicions": CheckSpec(_false_suspicions, ("max",), _false_suspicions.__doc__ or ""),
+    "detected": CheckSpec(_detected, ("within_s",), _detected.__doc__ or ""),
+    "detected_first": CheckSpec(_detected_first, ("within_s",), _detected_first.__doc__ or ""),
+    "suspected": CheckSpec(_suspected, (), _suspected.__doc__ or ""),
+    "refuted": CheckSpec(_refuted, ("within_s",), _refuted.__doc__ or ""),
+    "no_cascade": CheckSpec(_no_cascade, (), _no_cascade.__doc__ or ""),
+    "left": CheckSpec(_left, ("within_s",), _left.__doc__ or ""),
+    "msgs_per_node_s": CheckSpec(_msgs_per_node_s, ("max",), _msgs_per_node_s.__doc__ or ""),
+    "bytes_per_node_s": CheckSpec(_bytes_per_node_s, ("max",), _bytes_per_node_s.__doc__ or ""),
+}
+
+
+def evaluate(rec: Record, expects: tuple[Expect, ...]) -> list[dict[str, Any]]:
+    out = []
+    for e in expects:
+        passed, value, limit = CHECKS[e.check].fn(rec, e)
+        name = e.check if not e.after_s else f"{e.check}@{e.after_s:g}s"
+        out.append({"name": name, "passed": bool(passed), "value": value, "limit": limit})
+    return out

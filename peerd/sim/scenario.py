@@ -1,0 +1,474 @@
+"""Scenario files: a TOML description of a simulated cluster, its faults and
+what must hold (see scenarios/README.md for the schema with examples).
+
+Parsing is strict: an unknown key, a wrong type or a value out of range is a
+:class:`ScenarioError` naming the line and the reason, because a typo in a
+fault (``duraton_s``) that silently did nothing would make a passing run
+meaningless. The CLI turns it into exit status 2.
+
+Node selections (``nodes``, ``from``, ``to``) are resolved at the time the
+fault fires, by the world, with an RNG derived from the scenario seed and the
+fault's position in the file, so the same file and seed pick the same nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peerd.core import config as cfgmod
+
+FAULT_KINDS = ("crash", "pause", "slow", "restart", "leave", "join", "partition", "heal",
+               "loss", "block")
+
+# Keys every fault accepts, and the extra keys of each kind.
+_COMMON_FAULT_KEYS = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
+_FAULT_KEYS: dict[str, set[str]] = {
+    "crash": {"nodes", "icmp"},
+    "pause": {"nodes", "duration_s"},
+    "slow": {"nodes", "duration_s", "delay_ms"},
+    "restart": {"nodes", "down_s"},
+    "leave": {"nodes"},
+    "join": {"nodes"},
+    "partition": {"groups", "duration_s"},
+    "heal": set(),
+    "loss": {"nodes", "loss", "duration_s"},
+    "block": {"from", "to", "symmetric", "duration_s"},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "crash": ("nodes",), "pause": ("nodes", "duration_s"), "slow": ("nodes", "delay_ms"),
+    "restart": ("nodes",), "leave": ("nodes",), "join": ("nodes",), "partition": ("groups",),
+    "heal": (), "loss": ("loss",), "block": ("from", "to"),
+}
+
+_TOP_KEYS = {"name", "description", "nodes", "seed", "duration_s", "preset", "start_nodes",
+             "seeds", "sample_s", "network", "config", "fault", "expect"}
+_NETWORK_KEYS = {"latency_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu", "seal",
+                 "stream_timeout_s"}
+_EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
+
+
+class ScenarioError(Exception):
+    """A bad scenario file: ``line`` (1-based, 0 if unknown) and ``reason``."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {reason}")
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+
+# A selection of nodes: "all", a fraction of N (float in (0, 1]), a count
+# (int >= 0) or explicit indices.
+Selection = str | float | int | tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    min_ms: float = 1.0
+    max_ms: float = 10.0
+    dist: str = "uniform"  # uniform | exponential (min + exp with mean (max-min)/3, capped)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSpec:
+    latency: Latency = Latency()
+    loss: float = 0.0
+    duplicate: float = 0.0
+    reorder: float = 0.0  # probability a datagram is held back by reorder_ms extra
+    reorder_ms: float = 20.0
+    mtu: int = 1472  # UDP payload bytes (envelope included) that fit a 1500-byte link
+    seal: bool = False  # really seal/open every datagram (ChaCha20-Poly1305)
+    stream_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    index: int  # position in the file (derives the fault's RNG)
+    line: int
+    at_s: float
+    kind: str
+    nodes: Selection | None = None
+    duration_s: float | None = None
+    groups: tuple[float, ...] = ()
+    loss: float = 0.0
+    delay_ms: float = 0.0
+    down_s: float = 1.0
+    icmp: bool = True
+    src: Selection | None = None
+    dst: Selection | None = None
+    symmetric: bool = False
+    repeat: int = 1
+    every_s: float = 0.0
+    over_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    index: int
+    line: int
+    check: str
+    after_s: float = 0.0
+    within_s: float | None = None
+    max: float | None = None
+    min: float | None = None
+    nodes: Selection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    path: str
+    name: str
+    description: str
+    nodes: int
+    seed: int
+    duration_s: float
+    preset: str
+    start_nodes: Selection
+    seeds: tuple[int, ...]
+    sample_s: float
+    network: NetworkSpec
+    config: cfgmod.SwimConfig
+    faults: tuple[Fault, ...] = ()
+    expects: tuple[Expect, ...] = ()
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, *, nodes: int | None = None, seed: int | None = None,
+                       duration_s: float | None = None) -> Scenario:
+        changes: dict[str, Any] = {}
+        if nodes is not None:
+            if nodes < 1:
+                raise ScenarioError(self.path, 0, "--nodes must be at least 1")
+            changes["nodes"] = nodes
+            changes["seeds"] = tuple(s for s in self.seeds if s < nodes) or (0,)
+        if seed is not None:
+            changes["seed"] = seed
+        if duration_s is not None:
+            if duration_s <= 0:
+                raise ScenarioError(self.path, 0, "--duration must be positive")
+            changes["duration_s"] = duration_s
+        return dataclasses.replace(self, **changes)
+
+    def start_count(self) -> int:
+        """How many nodes run (preloaded, converged) at t=0."""
+        sel = self.start_nodes
+        if sel == "all":
+            return self.nodes
+        if isinstance(sel, float):
+            return max(1, min(self.nodes, round(sel * self.nodes)))
+        if isinstance(sel, int):
+            return max(1, min(self.nodes, sel))
+        raise AssertionError("start_nodes is validated at load")
+
+
+# --- locating lines ----------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+class _Lines:
+    """Maps (table, index, key) to the line where it is written."""
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, int], int] = {}
+        self.keys: dict[tuple[str, int, str], int] = {}
+        counts: dict[str, int] = {}
+        table, index = "", 0
+        for n, raw in enumerate(text.splitlines(), start=1):
+            line = raw.split("#", 1)[0] if '"' not in raw else raw
+            m = _HEADER.match(line)
+            if m:
+                table = m.group(2)
+                if m.group(1) == "[[":
+                    index = counts.get(table, 0)
+                    counts[table] = index + 1
+                else:
+                    index = 0
+                self.tables[(table, index)] = n
+                continue
+            k = _KEY.match(line)
+            if k:
+                self.keys.setdefault((table, index, k.group(1)), n)
+
+    def of(self, table: str, index: int = 0, key: str | None = None) -> int:
+        if key is not None and (table, index, key) in self.keys:
+            return self.keys[(table, index, key)]
+        return self.tables.get((table, index), 0)
+
+
+# --- loading -----------------------------------------------------------------------
+
+
+def load(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(str(p), 0, f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(str(p), 0, "not UTF-8 text") from exc
+    return loads(text, str(p))
+
+
+def loads(text: str, path: str = "<scenario>") -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"at line (\d+)", msg)
+        raise ScenarioError(path, int(m.group(1)) if m else 0, f"TOML syntax: {msg}") from exc
+    return _Parser(path, _Lines(text)).scenario(doc)
+
+
+class _Parser:
+    def __init__(self, path: str, lines: _Lines) -> None:
+        self.path = path
+        self.lines = lines
+
+    def fail(self, reason: str, table: str = "", index: int = 0, key: str | None = None) -> None:
+        raise ScenarioError(self.path, self.lines.of(table, index, key), reason)
+
+    # typed getters; ``where`` is (table, index) for line lookup
+    def _num(self, d: dict[str, Any], key: str, where: tuple[str, int], *,
+             default: float | None = None, lo: float | None = None, hi: float | None = None,
+             lo_open: bool = False, required: bool = False) -> float | None:
+        if key not in d:
+            if required:
+                self.fail(f"missing required key '{key}'", *where)
+            return default
+        v = d[key]
+        if type(v) not in (int, float) or (isinstance(v, float) and not math.isfinite(v)):
+            self.fail(f"'{key}' must be a number, got {v!r}", *where, key)
+        v = float(v)
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            self.fail(f"'{key}' must be {'>' if lo_open else '>='} {lo:g}, got {v:g}", *where, key)
+        if hi is not None and v > hi:
+            self.fail(f"'{key}' must be <= {hi:g}, got {v:g}", *where, key)
+        return v
+
+    def _bool(self, d: dict[str, Any], key: str, where: tuple[str, int], default: bool) -> bool:
+        if key not in d:
+            return default
+        v = d[key]
+        if type(v) is not bool:
+            self.fail(f"'{key}' must be true or false, got {v!r}", *where, key)
+        return bool(v)
+
+    def _unknown(self, d: dict[str, Any], allowed: set[str], where: tuple[str, int],
+                 what: str) -> None:
+        for k in d:
+            if k not in allowed:
+                hint = _closest(k, allowed)
+                extra = f" (did you mean '{hint}'?)" if hint else ""
+                self.fail(f"unknown key '{k}' in {what}{extra}", *where, k)
+
+    def _selection(self, v: Any, where: tuple[str, int], key: str) -> Selection:
+        if v == "all":
+            return "all"
+        if type(v) is int:
+            if v < 0:
+                self.fail(f"'{key}' count must be >= 0, got {v}", *where, key)
+            return v
+        if type(v) is float:
+            if not 0.0 < v <= 1.0:
+                self.fail(f"'{key}' fraction must be in (0, 1], got {v:g}", *where, key)
+            return v
+        if type(v) is list:
+            if not v or any(type(x) is not int or x < 0 for x in v):
+                self.fail(f"'{key}' list must hold node indices (integers >= 0)", *where, key)
+            return tuple(v)
+        self.fail(f"'{key}' must be a fraction (0.05), a count (5), a list of node indices "
+                  f"([0, 3]) or \"all\", got {v!r}", *where, key)
+        raise AssertionError
+
+    def scenario(self, doc: dict[str, Any]) -> Scenario:
+        top = ("", 0)
+        self._unknown(doc, _TOP_KEYS, top, "the scenario")
+        name = doc.get("name")
+        if type(name) is not str or not name:
+            self.fail("missing or empty 'name'", "", 0, "name")
+        desc = doc.get("description", "")
+        if type(desc) is not str:
+            self.fail("'description' must be text", "", 0, "description")
+        nodes_v = doc.get("nodes")
+        if type(nodes_v) is not int or nodes_v < 1:
+            self.fail(f"'nodes' must be an integer >= 1, got {nodes_v!r}", "", 0, "nodes")
+        seed = doc.get("seed", 1)
+        if type(seed) is not int or seed < 0:
+            self.fail(f"'seed' must be an integer >= 0, got {seed!r}", "", 0, "seed")
+        duration = self._num(doc, "duration_s", top, lo=0, lo_open=True, required=True)
+        preset = doc.get("preset", "lan")
+        if preset not in cfgmod.PRESETS:
+            self.fail(f"'preset' must be one of {', '.join(cfgmod.PRESETS)}, got {preset!r}",
+                      "", 0, "preset")
+        start = self._selection(doc.get("start_nodes", "all"), top, "start_nodes")
+        if isinstance(start, tuple):
+            self.fail("'start_nodes' must be a fraction, a count or \"all\"", "", 0,
+                      "start_nodes")
+        seeds_v = doc.get("seeds", [0, 1, 2])
+        if type(seeds_v) is not list or not seeds_v or any(
+                type(x) is not int or x < 0 for x in seeds_v):
+            self.fail("'seeds' must be a non-empty list of node indices", "", 0, "seeds")
+        seeds = tuple(s for s in seeds_v if s < nodes_v) or (0,)
+        sample_s = self._num(doc, "sample_s", top, default=1.0, lo=0.01)
+        network = self.network(doc.get("network", {}))
+        config = self.config(preset, doc.get("config", {}))
+        faults_v = doc.get("fault", [])
+        if type(faults_v) is not list:
+            self.fail("'fault' must be an array of tables: write [[fault]]", "", 0, "fault")
+        faults = tuple(self.fault(i, f) for i, f in enumerate(faults_v))
+        expects_v = doc.get("expect", [])
+        if type(expects_v) is not list:
+            self.fail("'expect' must be an array of tables: write [[expect]]", "", 0, "expect")
+        expects = tuple(self.expect(i, e) for i, e in enumerate(expects_v))
+        assert duration is not None and sample_s is not None
+        return Scenario(self.path, name, desc, nodes_v, seed, duration, preset, start, seeds,
+                        sample_s, network, config, faults, expects,
+                        dict(doc.get("config", {})))
+
+    def network(self, d: Any) -> NetworkSpec:
+        where = ("network", 0)
+        if type(d) is not dict:
+            self.fail("'network' must be a table", "", 0, "network")
+        self._unknown(d, _NETWORK_KEYS, where, "[network]")
+        lat = d.get("latency_ms", {"min": 1, "max": 10})
+        if type(lat) in (int, float):
+            lat = {"min": lat, "max": lat}
+        if type(lat) is not dict:
+            self.fail("'latency_ms' must be a number or { min = 1, max = 10 }", *where,
+                      "latency_ms")
+        for k in lat:
+            if k not in ("min", "max", "dist"):
+                self.fail(f"unknown key '{k}' in latency_ms (min, max, dist)", *where,
+                          "latency_ms")
+        lo = self._num(lat, "min", where, default=1.0, lo=0)
+        hi = self._num(lat, "max", where, default=lo, lo=0)
+        assert lo is not None and hi is not None
+        if hi < lo:
+            self.fail(f"latency_ms max ({hi:g}) is below min ({lo:g})", *where, "latency_ms")
+        dist = lat.get("dist", "uniform")
+        if dist not in ("uniform", "exponential"):
+            self.fail("latency_ms dist must be \"uniform\" or \"exponential\"", *where,
+                      "latency_ms")
+        loss = self._num(d, "loss", where, default=0.0, lo=0, hi=1)
+        dup = self._num(d, "duplicate", where, default=0.0, lo=0, hi=1)
+        reorder = self._num(d, "reorder", where, default=0.0, lo=0, hi=1)
+        reorder_ms = self._num(d, "reorder_ms", where, default=max(20.0, 2 * hi), lo=0)
+        mtu = self._num(d, "mtu", where, default=1472, lo=200, hi=65507)
+        seal = self._bool(d, "seal", where, False)
+        st = self._num(d, "stream_timeout_s", where, default=15.0, lo=0, lo_open=True)
+        assert None not in (loss, dup, reorder, reorder_ms, mtu, st)
+        return NetworkSpec(Latency(lo, hi, dist), loss, dup, reorder, reorder_ms,  # type: ignore[arg-type]
+                           int(mtu), seal, st)  # type: ignore[arg-type]
+
+    def config(self, preset: str, d: Any) -> cfgmod.SwimConfig:
+        if type(d) is not dict:
+            self.fail("'config' must be a table of SwimConfig fields", "", 0, "config")
+        base = cfgmod.PRESETS[preset]()
+        fields = {f.name: f for f in dataclasses.fields(cfgmod.SwimConfig)}
+        changes: dict[str, Any] = {}
+        for k, v in d.items():
+            if k not in fields:
+                hint = _closest(k, set(fields))
+                extra = f" (did you mean '{hint}'?)" if hint else ""
+                self.fail(f"unknown SwimConfig field '{k}' in [config]{extra}", "config", 0, k)
+            cur = getattr(base, k)
+            if type(cur) is bool:
+                if type(v) is not bool:
+                    self.fail(f"'{k}' must be true or false", "config", 0, k)
+            elif type(cur) is int:
+                if type(v) is not int or v < 0:
+                    self.fail(f"'{k}' must be an integer >= 0", "config", 0, k)
+            elif type(v) not in (int, float) or v < 0:
+                self.fail(f"'{k}' must be a number >= 0", "config", 0, k)
+            changes[k] = float(v) if type(cur) is float else v
+        return base.replace(**changes)
+
+    def fault(self, i: int, d: Any) -> Fault:
+        where = ("fault", i)
+        if type(d) is not dict:
+            self.fail("each [[fault]] must be a table", *where)
+        kind = d.get("kind")
+        if kind not in FAULT_KINDS:
+            self.fail(f"fault 'kind' must be one of {' | '.join(FAULT_KINDS)}, got {kind!r}",
+                      *where, "kind")
+        self._unknown(d, _COMMON_FAULT_KEYS | _FAULT_KEYS[kind], where, f"a '{kind}' fault")
+        for k in _REQUIRED[kind]:
+            if k not in d:
+                self.fail(f"a '{kind}' fault needs '{k}'", *where)
+        at = self._num(d, "at_s", where, lo=0, required=True)
+        kw: dict[str, Any] = {}
+        if "nodes" in d:
+            kw["nodes"] = self._selection(d["nodes"], where, "nodes")
+        if "from" in d:
+            kw["src"] = self._selection(d["from"], where, "from")
+        if "to" in d:
+            kw["dst"] = self._selection(d["to"], where, "to")
+        if "duration_s" in d:
+            kw["duration_s"] = self._num(d, "duration_s", where, lo=0, lo_open=True)
+        if "groups" in d:
+            g = d["groups"]
+            if (type(g) is not list or len(g) < 2
+                    or any(type(x) not in (int, float) or x <= 0 for x in g)):
+                self.fail("'groups' must list at least two positive fractions, e.g. [0.5, 0.5]",
+                          *where, "groups")
+            if abs(sum(g) - 1.0) > 1e-6:
+                self.fail(f"'groups' fractions must add up to 1, got {sum(g):g}", *where,
+                          "groups")
+            kw["groups"] = tuple(float(x) for x in g)
+        if "loss" in d:
+            kw["loss"] = self._num(d, "loss", where, lo=0, hi=1)
+        if "delay_ms" in d:
+            kw["delay_ms"] = self._num(d, "delay_ms", where, lo=0, lo_open=True)
+        if "down_s" in d:
+            kw["down_s"] = self._num(d, "down_s", where, lo=0)
+        kw["icmp"] = self._bool(d, "icmp", where, True)
+        kw["symmetric"] = self._bool(d, "symmetric", where, False)
+        repeat = d.get("repeat", 1)
+        if type(repeat) is not int or repeat < 1:
+            self.fail(f"'repeat' must be an integer >= 1, got {repeat!r}", *where, "repeat")
+        every = self._num(d, "every_s", where, default=0.0, lo=0)
+        if repeat > 1 and not every:
+            self.fail("'repeat' needs 'every_s' (seconds between repetitions)", *where,
+                      "repeat")
+        over = self._num(d, "over_s", where, default=0.0, lo=0)
+        assert at is not None
+        return Fault(i, self.lines.of(*where), at, kind, repeat=repeat, every_s=every or 0.0,
+                     over_s=over or 0.0, **kw)
+
+    def expect(self, i: int, d: Any) -> Expect:
+        from peerd.sim.checks import CHECKS  # the registry lives with the checks
+
+        where = ("expect", i)
+        if type(d) is not dict:
+            self.fail("each [[expect]] must be a table", *where)
+        self._unknown(d, _EXPECT_KEYS, where, "an [[expect]]")
+        check = d.get("check")
+        if check not in CHECKS:
+            self.fail(f"unknown check {check!r}; known: {', '.join(sorted(CHECKS))}", *where,
+                      "check")
+        spec = CHECKS[check]
+        for k in spec.needs:
+            if k not in d:
+                self.fail(f"check '{check}' needs '{k}'", *where)
+        after = self._num(d, "after_s", where, default=0.0, lo=0)
+        within = self._num(d, "within_s", where, lo=0, lo_open=True)
+        mx = self._num(d, "max", where)
+        mn = self._num(d, "min", where)
+        nodes = self._selection(d["nodes"], where, "nodes") if "nodes" in d else None
+        assert after is not None
+        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
+
+
+def _closest(word: str, options: set[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.7)
+    return found[0] if found else None
