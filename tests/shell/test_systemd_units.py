@@ -87,7 +87,6 @@ def test_sysusers_and_tmpfiles_snippets_apply_to_an_empty_root(tmp_path: Path) -
                  str(UNITS / "peerd.tmpfiles"))
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "peerd").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "etc" / "peerd").stat().st_mode & 0o777 == 0o750
 
 
 # --- the units agree with the daemon and with each other (no systemd needed) ---------
