@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -318,3 +319,79 @@ def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
     checked = run_agent("--check-config", str(config))
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == f"{config}: ok\n"
+
+
+def _expand_syscall_group(name: str, cache: dict[str, set[str]]) -> set[str]:
+    if name not in cache:
+        out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+        names: set[str] = set()
+        for line in out.splitlines()[1:]:
+            line = line.strip()
+            if line.startswith("@"):
+                names |= _expand_syscall_group(line, cache)
+            elif line and not line.startswith("#"):
+                names.add(line)
+        cache[name] = names
+    return cache[name]
+
+
+def _can_strace() -> bool:
+    if not (shutil.which("strace") and shutil.which("systemd-analyze")):
+        return False
+    probe = subprocess.run(["strace", "-f", "-o", os.devnull, "true"], capture_output=True,
+                           timeout=20)
+    return probe.returncode == 0  # ptrace may be forbidden (containers)
+
+
+@pytest.mark.skipif(not _can_strace(), reason="needs strace (with ptrace allowed) and "
+                    "systemd-analyze")
+def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
+                                                   daemons: list[Daemon]) -> None:
+    """Every system call and socket family a daemon uses (start, join, API, metrics,
+    reload, leave) is allowed by peerd.service's SystemCallFilter= and
+    RestrictAddressFamilies=, so the hardening cannot break it."""
+    from .test_systemd_units import unit
+
+    svc = unit("peerd.service")
+    cache: dict[str, set[str]] = {}
+    allowed: set[str] = set()
+    for value in svc["SystemCallFilter"]:
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for item in value.lstrip("~").split():
+            names |= (_expand_syscall_group(item, cache) if item.startswith("@") else {item})
+        allowed = allowed - names if deny else allowed | names
+    families = set(svc["RestrictAddressFamilies"][-1].split())
+
+    trace = tmp_path / "strace.out"
+    notify = NotifySocket(tmp_path / "notify")
+    write_keys(tmp_path / "keys", os.urandom(32))
+    # -D: strace runs as a detached grandchild, so the pid we signal is the daemon's.
+    d = Daemon(tmp_path, "t", "127.0.0.24", "--key-file", str(tmp_path / "keys"),
+               "--join", "127.0.0.24:9", "--metrics-addr", "127.0.0.24:0",
+               env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+               prefix=["strace", "-D", "-f", "-q", "-o", str(trace), sys.executable, "-m",
+                       "peerd"])
+    daemons.append(d)
+    try:
+        notify.wait("READY=1", lambda m: m.startswith("READY=1"), timeout=30)
+        api(d.sock, "keys.install", key=format_key(os.urandom(32)))
+        port = re.search(r"metrics=127\.0\.0\.24:(\d+)", d.log)
+        assert port is not None
+        with urllib.request.urlopen(f"http://127.0.0.24:{port.group(1)}/metrics", timeout=5):
+            pass
+        mark = len(notify.drain())
+        d.signal(signal.SIGHUP)
+        notify.wait("READY=1 after reload", lambda m: m.startswith("READY=1"), mark)
+        assert d.stop(30) == 0, d.log
+    finally:
+        notify.close()
+    done = f"{d.proc.pid} +++ exited with 0 +++"
+    text = wait_for("strace to finish", lambda: trace.exists() and done in trace.read_text()
+                    and trace.read_text())
+    used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", text, re.M))
+    used_families = set(re.findall(r"\bsocket\((AF_\w+)", text))
+    assert {"epoll_wait", "sendto", "recvfrom", "accept4"} <= used  # it did trace the daemon
+    assert used - allowed == set()
+    assert used_families <= families, used_families
