@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from peerd.core.events import EventKind, OpenStream, SendPacket, SetTags, TimerKind
 from peerd.core.swim import formulas
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status
@@ -95,16 +93,38 @@ def test_reap_forgets_long_dead_and_left_members() -> None:
     assert of(r.fire(TimerKind.RECONNECT, now=121.0), OpenStream) == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (efficiency): with nobody to gossip to, the "
-                   "GOSSIP timer re-arms every gossip_interval_s forever because the queue (our "
-                   "own Alive) never drains: a lone node wakes 5 times a second for nothing")
 def test_lone_node_gossip_timer_rests_until_there_is_someone_to_tell() -> None:
     r = Rig.make()
     r.start()
+    assert r.armed(TimerKind.GOSSIP) == []
+    assert r.node.queued_broadcasts() == 1  # our own Alive, kept for later
+    # Time passes alone (probes, syncs, tags changes): still no GOSSIP timer.
+    for _ in range(5):
+        r.fire(TimerKind.PROBE)
+    r.handle(SetTags((("k", "v"),)), now=r.now)
+    assert r.armed(TimerKind.GOSSIP) == []
+    assert r.node.queued_broadcasts() == 1  # the new Alive replaced the old one
+    # A peer appears: the news (ours included) goes out.
+    outs = r.join(2, now=10.0)
+    assert armed_at(outs) == [(TimerKind.GOSSIP, 10.2)]
     outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [(addr(2), [alive(2), alive(1, inc=1, tags=(("k", "v"),))])]
+
+
+def test_gossip_timer_rests_when_the_last_peer_is_gone_for_good() -> None:
+    r = started(2, config=cfg(gossip_to_dead_s=1.0))
+    outs = r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    # Alone now, but n2 is recently dead: it may still hear the news.
+    assert armed_at(outs) == [(TimerKind.GOSSIP, 1.2)]
+    to = []
+    while r.armed(TimerKind.GOSSIP):
+        to += [dst for dst, _ in sends(r.fire(TimerKind.GOSSIP))]
+    assert set(to) == {addr(2)} and r.node.queued_broadcasts() == 0
+    # Past gossip_to_dead_s: one more round finds nobody and the timer rests.
+    outs = r.handle(SetTags((("k", "v"),)), now=2.5)
+    assert armed_at(outs) == [(TimerKind.GOSSIP, 2.7)]
+    outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [] and armed_at(outs) == []
+    outs = r.handle(SetTags((("k", "w"),)), now=5.0)
     assert armed_at(outs) == []
-    # A peer appears: the news (ours included) goes out again.
-    outs = r.join(2, now=5.0)
-    assert [k for k, _ in armed_at(outs)] == [TimerKind.GOSSIP]
-    outs = r.fire(TimerKind.GOSSIP)
-    assert sends(outs) == [(addr(2), [alive(2), alive(1)])]
+    assert r.node.queued_broadcasts() == 1

@@ -26,18 +26,24 @@ def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
     outs = r.handle(hint(addr(2)), now=10.0)
 
     assert events(outs) == [(EventKind.SUSPECT, nid(2))]
-    assert armed_at(outs) == [(TimerKind.SUSPICION, 10.25), (TimerKind.GOSSIP, 10.2)]
-    # A buddy ping: if n2 is in fact alive it refutes within a round trip. (The
-    # queued broadcast of the same suspicion may ride along as well.)
-    (dst, msgs), = sends(outs)
-    assert dst == addr(2)
-    assert set(msgs) == {Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))}
+    # The ping is tracked like a confirmation check: it has its own timeout.
+    assert armed_at(outs) == [(TimerKind.SUSPICION, 10.25), (TimerKind.GOSSIP, 10.2),
+                              (TimerKind.CONFIRM_TIMEOUT, 10.5)]
+    # A buddy ping: if n2 is in fact alive it refutes within a round trip. The
+    # suspicion goes first, then the ping, then the queued broadcast of the
+    # same suspicion as piggyback.
+    assert sends(outs) == [(addr(2), [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2)),
+                                      Suspect(nid(2), 0, nid(1))])]
     assert r.counter("unreachable_hints") == 1
     assert r.counter("link_closed_hints") == (1 if hint is LinkClosed else 0)
+    assert r.counter("confirm_checks") == 0  # a hint's ping is not a dogpile check
 
     outs = r.fire(TimerKind.SUSPICION)
     assert r.now == 10.25
     assert events(outs) == [(EventKind.DEAD, nid(2))]
+    # The check's timeout then finds nothing left to do.
+    assert nologs(r.fire(TimerKind.CONFIRM_TIMEOUT)) == []
+    assert r.status(2) is Status.DEAD
 
 
 @pytest.mark.parametrize("hint", HINTS)
@@ -48,8 +54,33 @@ def test_hint_for_a_live_node_that_refutes_does_not_kill_it(hint: type) -> None:
     # n2 restarted on the same port: it answers the buddy ping with a refutation.
     outs = r.recv(2, Ack(1), alive(2, inc=1), now=10.002)
     assert events(outs) == [(EventKind.ALIVE, nid(2))]
+    assert r.counter("drop.stale_ack") == 0  # the hint's ping was expected
     assert nologs(r.fire(TimerKind.SUSPICION)) == []
+    assert nologs(r.fire(TimerKind.CONFIRM_TIMEOUT)) == []
     assert r.status(2) is Status.ALIVE
+
+
+@pytest.mark.parametrize("hint", HINTS)
+def test_unanswered_hint_ping_is_our_own_failed_check(hint: type) -> None:
+    # With the default cap (0.5 s) the check times out with the suspicion
+    # still running: like a failed confirmation check of our own, it is no
+    # new confirmation (we are the suspicion's origin) and kills nothing early.
+    r = started(2, 3, 4, 5)
+    outs = r.handle(hint(addr(2)), now=10.0)
+    assert [k for k, _ in armed_at(outs)] == [
+        TimerKind.SUSPICION, TimerKind.GOSSIP, TimerKind.CONFIRM_TIMEOUT]
+    assert r.timer(TimerKind.SUSPICION).at == 10.5
+    assert r.timer(TimerKind.CONFIRM_TIMEOUT).at == 10.5
+    r.drain()
+    outs = r.fire(TimerKind.CONFIRM_TIMEOUT)
+    assert nologs(outs) == []
+    assert r.status(2) is Status.SUSPECT
+    assert r.counter("confirmations") == 0
+    outs = r.fire(TimerKind.SUSPICION)
+    assert events(outs) == [(EventKind.DEAD, nid(2))]
+    # A late ack to the hint's ping is stale by now.
+    r.recv(2, Ack(1), now=10.6)
+    assert r.counter("drop.stale_ack") == 1
 
 
 def test_hint_caps_a_running_suspicion_once() -> None:

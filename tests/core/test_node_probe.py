@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from peerd.core.events import EventKind, SetTimer, Timer, TimerKind
-from peerd.wire.messages import Ack, Nack, Ping, PingReq, Status, Suspect
+import pytest
 
-from .util import Rig, addr, alive, bag, cfg, events, nid, nologs, of, sends, sent_msgs, timers
+from peerd.core.events import EventKind, SendPacket, SetTimer, Timer, TimerKind
+from peerd.wire.messages import Ack, Dead, Left, Nack, Ping, PingReq, Status, Suspect
+
+from .util import Rig, addr, alive, cfg, events, nid, nologs, of, sends, sent_msgs, timers
 
 
 def started(*peers: int, **kw: object) -> Rig:
@@ -46,7 +48,8 @@ def test_no_probe_when_alone() -> None:
     r.start()
     t = r.timer(TimerKind.PROBE).at
     outs = r.fire(TimerKind.PROBE)
-    assert of(outs, SetTimer) == [SetTimer(t + 1.0, Timer(TimerKind.PROBE, 6))]
+    # Tokens 1-4 were armed by Start (no GOSSIP timer: nobody to tell).
+    assert of(outs, SetTimer) == [SetTimer(t + 1.0, Timer(TimerKind.PROBE, 5))]
     assert len(outs) == 1
 
 
@@ -85,7 +88,9 @@ def test_unanswered_probe_without_helpers_suspects_at_next_probe() -> None:
     assert r.timer(TimerKind.PROBE_TIMEOUT).at == t + 1.0 + 1.0
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    assert set(msgs) == {Ping(2, nid(2)), Suspect(nid(2), 0, nid(1))}
+    # Suspicion first, then the ping, then the queued broadcast of the same
+    # suspicion as piggyback.
+    assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(2, nid(2)), Suspect(nid(2), 0, nid(1))]
 
 
 def test_ack_lowers_health_but_not_below_zero() -> None:
@@ -199,6 +204,39 @@ def test_health_is_capped_below_awareness_max() -> None:
     assert timers(outs, TimerKind.PROBE_TIMEOUT)[0].at == t.at + 1.5
 
 
+@pytest.mark.parametrize("down", ["dead", "left"])
+def test_target_declared_down_by_others_during_our_probe_is_not_our_fault(down: str) -> None:
+    # Helpers were asked and none nacked, but the target was meanwhile
+    # declared dead (or left): the failed probe says nothing about our own
+    # health, and there is no suspicion to start.
+    r = started(2, 3, 4, 5)
+    target = probe_target(r.fire(TimerKind.PROBE))
+    helper = next(i for i in (2, 3, 4, 5) if i != target)
+    r.fire(TimerKind.PROBE_TIMEOUT)
+    news = Dead(nid(target), 0, nid(helper)) if down == "dead" else Left(nid(target), 1)
+    r.recv(helper, news, now=r.now + 0.1)
+    r.drain()
+
+    outs = r.fire(TimerKind.PROBE)
+
+    assert r.node.health_score == 0
+    assert r.counter("probe_failures") == 0
+    assert events(outs) == []
+    assert r.timer(TimerKind.PROBE).at == r.now + 1.0  # not stretched
+    assert r.status(target) is (Status.DEAD if down == "dead" else Status.LEFT)
+
+
+def test_target_declared_dead_before_the_probe_timeout_without_helpers() -> None:
+    r = started(2)
+    r.fire(TimerKind.PROBE)
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=r.now + 0.1)
+    assert nologs(r.fire(TimerKind.PROBE_TIMEOUT)) == []
+    outs = r.fire(TimerKind.PROBE)
+    assert nologs(outs) == [SetTimer(r.now + 1.0, r.timer(TimerKind.PROBE).timer)]
+    assert r.node.health_score == 0
+    assert r.counter("probe_failures") == 0
+
+
 # --- as the helper -----------------------------------------------------------------
 
 
@@ -256,6 +294,31 @@ def test_ping_is_acked_to_its_source() -> None:
     assert sends(outs) == [(("192.0.2.9", 4000), [Ack(31)])]
 
 
+def test_ping_from_a_member_we_hold_dead_tells_it_so() -> None:
+    # A healed partition: n2, which we declared dead (at its incarnation 2),
+    # probes us. The ack comes after the news, so n2 refutes at once.
+    r = started(3)
+    r.join(2, inc=2, now=0.5)
+    r.recv(3, Dead(nid(2), 2, nid(3)), now=1.0)
+    r.drain()
+    outs = r.recv(2, Ping(31, nid(1)), now=2.0)
+    assert nologs(outs) == of(outs, SendPacket)
+    assert sends(outs) == [(addr(2), [Dead(nid(2), 2, nid(1)), Ack(31)])]
+    assert r.status(2) is Status.DEAD  # only its refutation brings it back
+    # Its refutation, when it comes, does.
+    outs = r.recv(2, alive(2, inc=3), now=2.01)
+    assert events(outs) == [(EventKind.ALIVE, nid(2))]
+    assert sends(r.recv(2, Ping(32, nid(1)), now=3.0)) == [(addr(2), [Ack(32), alive(2, inc=3)])]
+
+
+def test_ping_from_a_member_that_left_or_is_alive_is_just_acked() -> None:
+    r = started(2, 3)
+    r.recv(3, Left(nid(3), 1), now=1.0)
+    r.drain()
+    assert sends(r.recv(3, Ping(5, nid(1)), now=2.0)) == [(addr(3), [Ack(5)])]
+    assert sends(r.recv(2, Ping(6, nid(1)), now=2.1)) == [(addr(2), [Ack(6)])]
+
+
 # --- buddy system ------------------------------------------------------------------
 
 
@@ -267,10 +330,11 @@ def test_ping_to_a_suspect_carries_the_suspicion() -> None:
 
     outs = r.fire(TimerKind.PROBE)
 
-    # One datagram: our probe plus the suspicion, so a live n2 refutes at once.
+    # One datagram: the suspicion, then our probe, so a live n2 reads the
+    # suspicion first and its refutation rides on the ack.
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    assert bag(msgs) == bag([Ping(1, nid(2)), Suspect(nid(2), 0, nid(1))])
+    assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2))]
 
 
 def test_relayed_ping_to_a_suspect_carries_the_suspicion() -> None:
@@ -280,4 +344,4 @@ def test_relayed_ping_to_a_suspect_carries_the_suspicion() -> None:
     outs = r.recv(2, PingReq(50, nid(3), addr(3), True), now=0.2)
     (dst, msgs), = sends(outs)
     assert dst == addr(3)
-    assert bag(msgs) == bag([Ping(1, nid(3)), Suspect(nid(3), 0, nid(1))])
+    assert msgs == [Suspect(nid(3), 0, nid(1)), Ping(1, nid(3))]

@@ -38,12 +38,14 @@ def test_start_arms_timers_and_joins_each_seed() -> None:
     outs = r.start(addr(2), addr(3), addr(1), addr(2), now=now)  # own address and dup dropped
 
     assert outs[0] == IncarnationChanged(0)
+    # No GOSSIP timer yet: our Alive is queued but there is nobody to tell.
+    # The first RECONNECT comes after one probe interval (min(1 s, 10 s)): a
+    # node whose seeds were all down retries soon.
     assert of(outs, SetTimer) == [
-        SetTimer(now + 0.2, Timer(TimerKind.GOSSIP, 1)),
-        SetTimer(now + probe_delay, Timer(TimerKind.PROBE, 2)),
-        SetTimer(now + sync_delay, Timer(TimerKind.PUSH_PULL, 3)),
-        SetTimer(now + 10.0, Timer(TimerKind.RECONNECT, 4)),
-        SetTimer(now + 60.0, Timer(TimerKind.REAP, 5)),
+        SetTimer(now + probe_delay, Timer(TimerKind.PROBE, 1)),
+        SetTimer(now + sync_delay, Timer(TimerKind.PUSH_PULL, 2)),
+        SetTimer(now + 1.0, Timer(TimerKind.RECONNECT, 3)),
+        SetTimer(now + 60.0, Timer(TimerKind.REAP, 4)),
     ]
     opens = of(outs, OpenStream)
     assert [(o.stream, o.dst) for o in opens] == [(1, addr(2)), (2, addr(3))]
@@ -62,9 +64,12 @@ def test_start_twice_is_ignored() -> None:
 
 def test_start_queues_own_alive_for_gossip() -> None:
     r = Rig.make()
-    start_outs = r.start()
-    r.join(2, now=0.1)
-    outs = fire(r.node, start_outs, TimerKind.GOSSIP)
+    r.start()
+    assert r.node.queued_broadcasts() == 1  # our own Alive, waiting for someone to tell
+    # The first live peer arms the GOSSIP timer (token 5, after the 4 armed by Start).
+    join_outs = r.join(2, now=0.1)
+    assert of(join_outs, SetTimer) == [SetTimer(0.1 + 0.2, Timer(TimerKind.GOSSIP, 5))]
+    outs = fire(r.node, join_outs, TimerKind.GOSSIP)
     assert r.node.queued_broadcasts() == 2  # sent once of 4 times (2 live nodes)
     # Newest first: n2's Alive (which we pass on), then ours.
     assert sends(outs) == [(addr(2), [alive(2), alive(1)])]
@@ -131,7 +136,7 @@ def test_start_with_push_pull_disabled_and_persisted_state() -> None:
     r = Rig.make(config=cfg(push_pull_interval_s=0.0), incarnation=4, tags=(("role", "db"),))
     outs = r.start(addr(2))
     assert [t.timer.kind for t in of(outs, SetTimer)] == [
-        TimerKind.GOSSIP, TimerKind.PROBE, TimerKind.RECONNECT, TimerKind.REAP]
+        TimerKind.PROBE, TimerKind.RECONNECT, TimerKind.REAP]
     assert outs[0] == IncarnationChanged(4)
     (o,) = of(outs, OpenStream)
     assert state_of(o.data) == PushPull(True, (MemberState(

@@ -10,7 +10,7 @@ from peerd.core.events import EventKind, IncarnationChanged, TimerKind
 from peerd.core.swim import formulas
 from peerd.wire.messages import Ack, Alive, Dead, Left, Ping, Status, Suspect
 
-from .util import Rig, addr, alive, armed_at, bag, cfg, events, nid, nologs, sends, sent_msgs
+from .util import Rig, addr, alive, armed_at, cfg, events, nid, nologs, sends, sent_msgs
 
 # suspicion_mult 5 gives K = 3 confirmations once there are 5 live nodes, so the
 # dogpile has visible steps: 30 s, 17.5 s, 10.2 s, 5 s.
@@ -102,8 +102,7 @@ def test_duplicate_and_origin_confirmations_do_not_count() -> None:
     # a buddy ping plus a confirm timer (2K/N >= 1).
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    assert bag(msgs) == bag([Ping(1, nid(2)), Suspect(nid(2), 0, nid(1)),
-                             Suspect(nid(2), 0, nid(3))])
+    assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2)), Suspect(nid(2), 0, nid(3))]
     assert (TimerKind.CONFIRM_TIMEOUT, 10.5) in armed_at(outs)
     r.drain()
 
@@ -247,3 +246,21 @@ def test_alive_about_us_at_higher_incarnation_is_outbid() -> None:
     r.recv(2, Alive(nid(1), "n1", addr(1), 7, 0, ()), now=3.0)
     assert r.node.incarnation == 8
     assert gossip(r) == [alive(1, inc=8)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core gap: an accusation about us below our incarnation is ignored, so a peer that "
+    "missed our refutation keeps its stale view: its buddy pings ([Suspect, Ping]) are acked "
+    "without our Alive and its suspicion expires into a false DEAD of a node that answers "
+    "every ping; and the [Dead, Ack] answer to our own ping (a healed partition) is ignored "
+    "the same way, so the peer holds us dead until its next reconnect. Re-asserting our "
+    "current Alive (no bump) would fix both (and change the 'stale accusations are ignored' "
+    "lines of test_refutation_outbids_the_accused_incarnation)"))
+def test_stale_accusation_from_a_peer_that_missed_our_refutation_is_answered() -> None:
+    r = started(2)
+    r.recv(3, Suspect(nid(1), 0, nid(3)), now=1.0)  # refuted: incarnation 1
+    r.drain()
+    # n2 never heard the refutation; its buddy ping still says incarnation 0.
+    outs = r.recv(2, Suspect(nid(1), 0, nid(2)), Ping(7, nid(1)), now=2.0)
+    assert sends(outs) == [(addr(2), [Ack(7), alive(1, inc=1)])]
+    assert r.node.incarnation == 1

@@ -6,7 +6,9 @@ import pytest
 
 from peerd.core.events import (
     EventKind,
+    IncarnationChanged,
     MemberEvent,
+    MemberInfo,
     OpenStream,
     SetTimer,
     StreamFailed,
@@ -15,6 +17,7 @@ from peerd.core.events import (
     StreamResponse,
     Timer,
     TimerKind,
+    WatchLinks,
 )
 from peerd.wire import codec
 from peerd.wire.messages import Ack, Dead, Left, MemberState, Ping, PushPull, Status, Suspect, Tags
@@ -48,17 +51,20 @@ def started(*peers: int, seeds: tuple = (), **kw: object) -> Rig:
     return r
 
 
-def test_stream_request_is_answered_with_our_state_and_merged() -> None:
+def test_stream_request_is_merged_then_answered_with_the_merged_state() -> None:
     r = started(3)
     tags = (("role", "db"),)
     outs = r.stream_in(7, 2, PushPull(False, (st(2, tags=tags), st(3), st(1))), now=1.0)
 
-    reply = outs[0]
-    assert isinstance(reply, StreamReply) and reply.stream == 7
-    assert reply.data is not None
-    assert state_of(reply.data) == PushPull(False, (st(1), st(3)))
-    assert events(outs) == [(EventKind.JOINED, nid(2))]
-    assert r.node.member(nid(2)) is not None
+    # The merge comes first (its event and the GOSSIP timer for the news),
+    # then the reply, which already includes what we just learned.
+    assert nologs(outs) == [
+        MemberEvent(EventKind.JOINED, MemberInfo(nid(2), name(2), addr(2), Status.ALIVE, 0, 0,
+                                                 tags)),
+        SetTimer(1.2, r.timer(TimerKind.GOSSIP).timer),
+        StreamReply(7, codec.encode(PushPull(False, (st(1), st(3), st(2, tags=tags))))),
+        WatchLinks((addr(2),)),
+    ]
     assert r.node.member(nid(2)).tags == tags  # type: ignore[union-attr]
     assert r.counter("push_pull_in") == 1
     # What we learn is gossiped on.
@@ -102,12 +108,32 @@ def test_remote_dead_or_left_for_an_unknown_node_is_remembered_quietly() -> None
     assert events(r.recv(5, alive(5, inc=5), now=3.0)) == [(EventKind.ALIVE, nid(5))]
 
 
-def test_remote_view_of_us_as_dead_is_refuted() -> None:
+def test_remote_view_of_us_as_dead_is_refuted_in_the_reply() -> None:
+    # A healed partition: n2 held us dead. Our reply carries the refutation,
+    # so n2 learns we are alive from this one exchange.
     r = started(2)
-    r.stream_in(7, 2, PushPull(False, (st(1, Status.DEAD),)), now=1.0)
+    outs = r.stream_in(7, 2, PushPull(False, (st(1, Status.DEAD), st(2))), now=1.0)
+    assert nologs(outs) == [
+        IncarnationChanged(1),
+        SetTimer(1.2, r.timer(TimerKind.GOSSIP).timer),
+        StreamReply(7, codec.encode(PushPull(False, (st(1, inc=1), st(2))))),
+    ]
     assert r.node.incarnation == 1
     assert r.counter("refutations") == 1
     assert r.node.local_member().status is Status.ALIVE
+    assert sends(r.drain())[0] == (addr(2), [alive(1, inc=1)])  # and gossiped as well
+
+
+def test_reply_carries_the_merged_view_of_others() -> None:
+    # The peer holds n3 dead; to us its "dead" is only a suspicion, and the
+    # reply says SUSPECT, not the ALIVE we had before the merge.
+    r = started(3)
+    outs = r.stream_in(7, 2, PushPull(False, (st(2), st(3, Status.DEAD))), now=1.0)
+    assert events(outs) == [(EventKind.JOINED, nid(2)), (EventKind.SUSPECT, nid(3))]
+    (reply,) = of(outs, StreamReply)
+    assert nologs(outs).index(reply) > nologs(outs).index(of(outs, MemberEvent)[-1])
+    assert state_of(reply.data) == PushPull(False, (  # type: ignore[arg-type]
+        st(1), st(3, Status.SUSPECT), st(2)))
 
 
 def test_remote_state_with_unusable_address_is_dropped() -> None:
@@ -188,11 +214,44 @@ def test_reconnect_retries_a_seed_that_is_not_alive() -> None:
     r = started(seeds=(addr(2),))
     r.handle(StreamFailed(1, "refused"), now=0.1)
     outs = r.fire(TimerKind.RECONNECT)
-    assert r.now == 10.0
-    assert armed_at(outs) == [(TimerKind.RECONNECT, 20.0)]
+    assert r.now == 1.0  # the first retry after one probe interval
+    assert armed_at(outs) == [(TimerKind.RECONNECT, 2.0)]
     (o,) = of(outs, OpenStream)
     assert (o.dst, state_of(o.data)) == (addr(2), PushPull(False, (st(1),)))
     assert r.counter("reconnects") == 1
+
+
+def test_a_lone_node_backs_off_its_reconnects_to_the_interval() -> None:
+    r = started(seeds=(addr(2),))
+    r.handle(StreamFailed(1, "refused"), now=0.1)
+    retries = []
+    for _ in range(7):
+        outs = r.fire(TimerKind.RECONNECT)
+        (o,) = of(outs, OpenStream)
+        assert o.dst == addr(2)
+        r.handle(StreamFailed(o.stream, "refused"))
+        retries.append(r.now)
+    # From one probe interval (1 s), doubling, up to reconnect_interval (10 s).
+    assert retries == [1.0, 2.0, 4.0, 8.0, 16.0, 26.0, 36.0]
+    assert r.counter("reconnects") == 7
+
+
+def test_reconnect_backoff_restarts_once_the_node_has_had_company() -> None:
+    r = started(seeds=(addr(2),))
+    r.handle(StreamFailed(1, "refused"), now=0.1)
+    for _ in range(3):  # alone at 1, 2 and 4 s: next at 8 s
+        for o in of(r.fire(TimerKind.RECONNECT), OpenStream):
+            r.handle(StreamFailed(o.stream, "refused"))
+    assert r.timer(TimerKind.RECONNECT).at == 8.0
+    r.join(2, now=5.0)  # the seed is back
+    outs = r.fire(TimerKind.RECONNECT)  # not alone: the normal interval, nothing to retry
+    assert armed_at(outs) == [(TimerKind.RECONNECT, 18.0)] and len(outs) == 1
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=19.0)  # alone again
+    r.drain()
+    outs = r.fire(TimerKind.RECONNECT)
+    assert r.now == 19.0
+    assert armed_at(outs) == [(TimerKind.RECONNECT, 20.0)]  # 1 s again, not 16 s
+    assert [o.dst for o in of(outs, OpenStream)] == [addr(2)]
 
 
 def test_reconnect_retries_a_dead_member() -> None:

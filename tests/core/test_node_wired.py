@@ -15,7 +15,7 @@ from peerd.core.events import (
     StreamResponse,
     TimerKind,
 )
-from peerd.wire.messages import Ack, Alive, Left, Ping, PingReq, Status, Suspect
+from peerd.wire.messages import Ack, Alive, Dead, Left, Ping, PingReq, Status, Suspect
 
 from .util import Rig, addr, alive, deliver, events, nid, of, sends
 
@@ -108,32 +108,55 @@ def test_buddy_ping_makes_a_live_suspect_refute() -> None:
     assert a.fire(TimerKind.SUSPICION) == []
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: a buddy ping is [Ping, Suspect]; the target "
-                   "acks the Ping before it reads the Suspect, so its refutation misses the ack "
-                   "and waits for gossip to random peers (see "
-                   "test_cluster::test_closed_port_hint_for_a_live_node_never_kills_it)")
 def test_ack_to_a_buddy_ping_carries_the_refutation() -> None:
     a, b = two()
     outs = suspect_b(a)
+    # Suspicion first, so that b has refuted (and queued its Alive) by the
+    # time it reads the ping and acks.
+    (dst, msgs), = sends(outs)
+    assert (dst, msgs[:2]) == (addr(2), [Suspect(nid(2), 0, nid(1)), Ping(2, nid(2))])
     b_outs = deliver(a, outs, [b], now=a.now + 0.001)[2]
-    (dst, reply), = sends(b_outs)
-    assert dst == addr(1)
-    assert alive(2, inc=1) in reply
+    assert sends(b_outs) == [(addr(1), [Ack(2), alive(2, inc=1)])]
     a_outs = deliver(b, b_outs, [a], now=a.now + 0.002)[1]
     assert events(a_outs) == [(EventKind.ALIVE, nid(2))]
+    assert a.status(2) is Status.ALIVE
+    assert a.counter("drop.stale_ack") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: Node._on_set_tags does not check _leaving: "
-                   "SetTags after Leave bumps the incarnation and broadcasts an Alive that "
-                   "replaces the queued Left (same broadcast key), so peers see the leaving "
-                   "node ALIVE again and later declare it DEAD instead of LEFT")
 def test_set_tags_after_leave_does_not_undo_the_leave() -> None:
     a, b = two()
     outs = a.handle(Leave(), now=1.0)
-    outs += a.handle(SetTags((("state", "draining"),)), now=1.01)
+    tag_outs = a.handle(SetTags((("state", "draining"),)), now=1.01)
+    assert tag_outs == []  # ignored: no incarnation bump, no event, no broadcast
+    assert a.node.local_member().tags == ()
+    assert a.node.incarnation == 1
     outs += a.drain()
     b_outs = deliver(a, outs, [b], now=1.02).get(2, [])
     assert b.status(1) is Status.LEFT
-    assert (EventKind.ALIVE, nid(1)) not in events(b_outs)
+    assert events(b_outs) == [(EventKind.LEFT, nid(1))]
     assert not [m for _, msgs in sends(outs) for m in msgs if isinstance(m, Alive)]
     assert Left(nid(1), 1) in [m for _, msgs in sends(outs) for m in msgs]
+
+
+def test_ping_from_a_node_held_dead_makes_it_refute() -> None:
+    # A healed partition, one direction at a time: a declared b dead while b
+    # still has a alive. b's next probe of a is answered with the news.
+    a, b = two()
+    a.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)  # a is alone now: the news stays queued
+    assert a.status(2) is Status.DEAD
+    outs = b.fire(TimerKind.PROBE)
+    (dst, (ping,)), = sends(outs)
+    assert dst == addr(1) and isinstance(ping, Ping)
+
+    a_outs = deliver(b, outs, [a], now=b.now + 0.001)[1]
+    assert sends(a_outs) == [(addr(2), [Dead(nid(2), 0, nid(1)), Ack(ping.seq),
+                                        Dead(nid(2), 0, nid(3))])]
+    b_outs = deliver(a, a_outs, [b], now=b.now + 0.002)[2]
+    assert b.node.incarnation == 1  # refuted
+    assert b.counter("refutations") == 1 and b.counter("drop.stale_ack") == 0
+    assert b.status(1) is Status.ALIVE
+    # The refutation reaches a by gossip (a is b's only peer), and a takes b back.
+    b_outs += b.drain()
+    a_outs = deliver(b, b_outs, [a], now=b.now + 0.2)[1]
+    assert events(a_outs) == [(EventKind.ALIVE, nid(2))]
+    assert a.status(2) is Status.ALIVE

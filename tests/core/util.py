@@ -13,7 +13,6 @@ codec.
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -99,12 +98,6 @@ def decode(data: bytes) -> list[Message]:
     msgs, errors = codec.decode_packet(data)
     assert not errors, errors
     return msgs
-
-
-def bag(msgs: Iterable[Message]) -> Counter[Message]:
-    """Messages as a multiset. Used for buddy pings, whose order inside the
-    datagram (ping first or suspicion first) is not part of the contract."""
-    return Counter(msgs)
 
 
 def sends(outs: Iterable[Output]) -> list[tuple[Addr, list[Message]]]:
