@@ -128,6 +128,13 @@ def test_socket_unit_matches_the_service_and_the_client_default() -> None:
     assert sock["FileDescriptorName"] == API_FD_NAME
     assert sock["SocketMode"] == "0660"
     assert sock["Service"] == "peerd.service"
+    # The runtime directory exists with the service's owner before the socket
+    # is bound in it (else systemd would chown the socket to the service user).
+    tmpfiles = (UNITS / "peerd.tmpfiles").read_text()
+    runtime = f"/run/{svc['RuntimeDirectory']}"
+    assert Path(sock["ListenStream"]).parent == Path(runtime)
+    assert re.search(rf"^d {re.escape(runtime)} {svc['RuntimeDirectoryMode']} {svc['User']} "
+                     rf"{svc['Group']} -$", tmpfiles, re.M)
     sysusers = (UNITS / "peerd.sysusers").read_text()
     assert re.search(rf"^g {re.escape(sock['SocketGroup'])}\b", sysusers, re.M)
     assert re.search(rf"^u {re.escape(svc['User'])}\b", sysusers, re.M)
