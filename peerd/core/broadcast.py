@@ -49,6 +49,9 @@ class BroadcastQueue:
         self._items[key] = item
         self._order.add((item.sort_key, key_token(item)))
 
+    def has(self, key: Hashable) -> bool:
+        return key in self._items
+
     def invalidate(self, key: Hashable) -> None:
         old = self._items.pop(key, None)
         if old is not None:

@@ -82,7 +82,13 @@ from peerd.core.events import (
 )
 from peerd.core.swim import formulas
 from peerd.wire import codec
-from peerd.wire.codec import MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_U64, DecodeError
+from peerd.wire.codec import (
+    MAX_TAG_KEY_BYTES,
+    MAX_TAG_VALUE_BYTES,
+    MAX_TAGS,
+    MAX_U64,
+    DecodeError,
+)
 from peerd.wire.messages import (
     Ack,
     Addr,
@@ -128,8 +134,11 @@ def addr_problem(addr: Addr) -> str | None:
 
 def tags_problem(config: SwimConfig, tags: Tags) -> str | None:
     """Why ``tags`` exceed the configured bounds, or None if they fit."""
-    if len(tags) > config.max_tags:
-        return f"at most {config.max_tags} tags"
+    limit = min(config.max_tags, MAX_TAGS)
+    if len(tags) > limit:
+        return f"at most {limit} tags"
+    if len({k for k, _ in tags}) != len(tags):
+        return "duplicate tag key"
     size = sum(len(k.encode()) + len(v.encode()) for k, v in tags)
     if size > config.max_tags_bytes:
         return f"tags take {size} bytes, at most {config.max_tags_bytes}"
@@ -530,6 +539,7 @@ class Node:
         if problem:
             self._drop("bad_tags", problem)
             return
+        tags = tuple(sorted(tags))  # canonical, as it comes back from the wire
         if tags == self._me.tags or self._leaving:
             return
         if self._me.incarnation >= MAX_U64:
@@ -544,7 +554,7 @@ class Node:
         if self._leaving:
             return
         self._leaving = True
-        self._bump_incarnation(self._me.incarnation + 1)
+        self._bump_incarnation(min(self._me.incarnation + 1, MAX_U64))
         self._me.status = Status.LEFT
         self._me.changed_at = self._now
         msg = Left(self._me.node, self._me.incarnation)
@@ -945,9 +955,20 @@ class Node:
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
 
+    def _stale_accusation(self, m: Member) -> None:
+        # Someone still holds an older view of us (they missed our
+        # refutation, e.g. across a healed partition): spread our current
+        # Alive again, without a bump, unless it is queued already.
+        if m is self._me and not self._leaving and not self._queue.has(("m", m.node)):
+            self.counters["stale_accusations"] += 1
+            self._broadcast(m.node, self._alive_msg())
+
     def _on_suspect(self, msg: Suspect) -> None:
         m = self._members.get(msg.node)
-        if m is None or msg.incarnation < m.incarnation:
+        if m is None:
+            return
+        if msg.incarnation < m.incarnation:
+            self._stale_accusation(m)
             return
         if m.status not in LIVE:
             return
@@ -991,7 +1012,10 @@ class Node:
 
     def _on_dead(self, msg: Dead) -> None:
         m = self._members.get(msg.node)
-        if m is None or msg.incarnation < m.incarnation:
+        if m is None:
+            return
+        if msg.incarnation < m.incarnation:
+            self._stale_accusation(m)
             return
         if m is self._me:
             if not self._leaving:

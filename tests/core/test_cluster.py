@@ -125,12 +125,9 @@ def sees_alive(c: Cluster, watchers: list[int], targets: list[int]) -> bool:
     (2, 74.5),
     (5, 74.5),
     (9, 74.5),
-    pytest.param(1, 74.5, marks=pytest.mark.xfail(strict=True, reason=(
-        "core gap: one node (n3) misses a refutation (n9's Alive at incarnation 1) "
-        "during the heal's gossip burst and holds n9 DEAD until its own next reconnect, a "
-        "full reconnect_interval later (about 1 run in 10); the Dead-in-ack of a ping from "
-        "n9 does not help either, because n9 ignores an accusation at an incarnation below "
-        "its own instead of re-asserting its Alive"))),
+    # seed 1: n3 misses n9's refutation in the heal's gossip burst; n9 answers
+    # n3's stale accusation by re-asserting its Alive.
+    (1, 74.5),
 ])
 def test_partition_heal_is_seen_by_both_sides_within_one_reconnect_interval(
         seed: int, heal_at: float) -> None:

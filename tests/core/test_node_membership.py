@@ -18,7 +18,6 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
-from peerd.wire.codec import EncodeError
 from peerd.wire.messages import Alive, Dead, Left, Ping, Status, Suspect
 
 from .util import (
@@ -252,10 +251,6 @@ def test_set_tags_at_the_wire_limits_is_accepted_and_encodable() -> None:
                      id="more-than-the-codec-allows"),
     ],
 )
-@pytest.mark.xfail(strict=True, raises=EncodeError,
-                   reason="core bug: tags_problem() does not check duplicate keys "
-                   "nor the codec's 64-tag limit (a config may allow more): SetTags raises "
-                   "EncodeError out of Node.handle instead of a counted drop.bad_tags")
 def test_set_tags_the_codec_rejects_is_dropped_not_raised(config: object, tags: tuple) -> None:
     r = started(2, config=config)
     outs = r.handle(SetTags(tags), now=2.0)

@@ -141,11 +141,6 @@ def test_set_tags_at_max_incarnation_is_a_counted_drop() -> None:
     assert r.node.incarnation == MAX_U64
 
 
-@pytest.mark.xfail(strict=True, raises=codec.EncodeError,
-                   reason="core bug: Node._on_leave bumps the incarnation without the MAX_U64 "
-                   "check that _refute and _on_set_tags have: a node at incarnation 2**64-1 "
-                   "(restored, or pushed there by one Suspect at 2**64-2) raises EncodeError "
-                   "out of Node.handle on Leave")
 def test_leave_at_max_incarnation_does_not_raise() -> None:
     r = Rig.make(incarnation=MAX_U64)
     r.start()

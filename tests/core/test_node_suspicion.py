@@ -204,9 +204,15 @@ def test_refutation_outbids_the_accused_incarnation() -> None:
     r.recv(2, Dead(nid(1), 5, nid(2)), now=3.0)
     assert r.node.incarnation == 6
     assert gossip(r) == [alive(1, inc=6)]
-    # Stale accusations about us (below our incarnation) are ignored.
-    assert nologs(r.recv(2, Suspect(nid(1), 5, nid(2)), now=4.0)) == []
+    # A stale accusation about us (below our incarnation) is answered by
+    # spreading our current Alive again, without a bump; while it is queued,
+    # further stale accusations add nothing.
+    r.recv(2, Suspect(nid(1), 5, nid(2)), now=4.0)
+    assert r.node.incarnation == 6
+    assert r.counter("stale_accusations") == 1
     assert nologs(r.recv(2, Dead(nid(1), 2, nid(2)), now=4.0)) == []
+    assert r.counter("stale_accusations") == 1
+    assert gossip(r) == [alive(1, inc=6)]
     assert r.node.incarnation == 6
     assert r.counter("refutations") == 1
 
@@ -248,14 +254,6 @@ def test_alive_about_us_at_higher_incarnation_is_outbid() -> None:
     assert gossip(r) == [alive(1, inc=8)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core gap: an accusation about us below our incarnation is ignored, so a peer that "
-    "missed our refutation keeps its stale view: its buddy pings ([Suspect, Ping]) are acked "
-    "without our Alive and its suspicion expires into a false DEAD of a node that answers "
-    "every ping; and the [Dead, Ack] answer to our own ping (a healed partition) is ignored "
-    "the same way, so the peer holds us dead until its next reconnect. Re-asserting our "
-    "current Alive (no bump) would fix both (and change the 'stale accusations are ignored' "
-    "lines of test_refutation_outbids_the_accused_incarnation)"))
 def test_stale_accusation_from_a_peer_that_missed_our_refutation_is_answered() -> None:
     r = started(2)
     r.recv(3, Suspect(nid(1), 0, nid(3)), now=1.0)  # refuted: incarnation 1
