@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ipaddress
+import logging
 import math
 import re
 import socket
@@ -39,6 +40,8 @@ from peerd.wire.messages import MESSAGE_TYPES
 
 if TYPE_CHECKING:
     import trio
+
+log = logging.getLogger("peerd.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "peerd_"
@@ -433,6 +436,9 @@ async def serve_http(sock: socket.socket, snapshot: Callable[[], Awaitable[Mappi
     async def guarded(stream: trio.SocketStream) -> None:
         try:
             await handle(stream)
+        except Exception:
+            # One bad scrape must not take the daemon down (like an API connection).
+            log.exception("metrics request failed")
         finally:
             limit.release()
 
