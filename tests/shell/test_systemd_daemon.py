@@ -267,14 +267,19 @@ os.execv(sys.executable, [sys.executable, "-m", "peerd", *sys.argv[2:]])
 """
 
 
-def test_socket_activation_serves_the_api_on_the_passed_socket(
+def test_socket_activation_and_journal_priorities(
         tmp_path: Path, daemons: list[Daemon]) -> None:
     path = tmp_path / "activated.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
     fd = listener.fileno()
-    d = Daemon(tmp_path, "s", "127.0.0.23", env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "api"},
+    # stderr is "the journal": JOURNAL_STREAM names its device and inode.
+    (tmp_path / "s.log").write_text("")
+    st = os.stat(tmp_path / "s.log")
+    d = Daemon(tmp_path, "s", "127.0.0.23",
+               env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "api",
+                    "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
                prefix=[sys.executable, "-c", WRAPPER, str(fd)], pass_fds=(fd,))
     daemons.append(d)
     listener.close()  # the daemon holds it now, as systemd would keep its copy
@@ -284,6 +289,9 @@ def test_socket_activation_serves_the_api_on_the_passed_socket(
     assert f"api=\"{path} (from systemd)\"" in d.log
     assert d.stop() == 0, d.log
     assert path.exists()  # the socket belongs to the service manager: left in place
+    lines = d.log.splitlines()
+    assert lines[0].startswith("<6>info  peerd starting name=s ")  # priority, no timestamp
+    assert all(re.match(r"<[3467]>", line) for line in lines), lines
 
 
 def run_agent(*argv: str) -> subprocess.CompletedProcess[str]:
