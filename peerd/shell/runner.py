@@ -20,6 +20,13 @@ is only used while it does not exist (like Serf's keyring file).
 
 The API ``leave`` answers once the leave had time to spread; the daemon then
 exits 0, as after SIGTERM.
+
+A :class:`Lifecycle` (systemd's, in :mod:`peerd.shell.systemd`) hears when
+the first join finished (ready), when members change (status) and when the
+leave begins (stopping), and gets a ``tick`` at the deadline it asks for.
+The ticks come from this loop, between core calls, so the watchdog pings they
+send stop when the core or the loop stops turning. SIGHUP awaits the
+``on_reload`` given to :func:`serve`.
 """
 
 from __future__ import annotations
