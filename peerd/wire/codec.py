@@ -45,6 +45,14 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
+    RegAck,
+    RegChange,
+    RegDelta,
+    RegDigestRow,
+    RegEntry,
+    RegKind,
+    RegSnapshot,
+    RegSync,
     Status,
     Suspect,
     Tags,
@@ -55,6 +63,8 @@ MAX_NAME_BYTES = 255
 MAX_TAG_KEY_BYTES = 64
 MAX_TAG_VALUE_BYTES = 512
 MAX_TAGS = 64
+MAX_SCOPE_BYTES = 64
+MAX_REG_NAME_BYTES = 255
 #: Deepest container nesting accepted on input. The deepest path we produce is
 #: datagram > push-pull > members > member > addr/tags (5); the rest is room
 #: for message types added later.
@@ -176,6 +186,34 @@ def _member_out(m: Any) -> list[Any]:
     ]
 
 
+def _reg_entry_out(e: Any) -> list[Any]:
+    if type(e) is not RegEntry or type(e.kind) is not RegKind:
+        _bad_out(f"registry entries must be RegEntry, got {e!r}")
+    return [_uint_out(e.eid, "eid"), int(e.kind), _text_out(e.scope, "scope", MAX_SCOPE_BYTES),
+            _text_out(e.name, "registry name", MAX_REG_NAME_BYTES),
+            _uint_out(e.claimed_ms, "claimed_ms"), _uint_out(e.pid, "pid"), _uint_out(e.uid, "uid"),
+            _tags_out(e.meta)]
+
+
+def _reg_change_out(c: Any) -> list[Any]:
+    if type(c) is not RegChange:
+        _bad_out(f"registry changes must be RegChange, got {c!r}")
+    return [_uint_out(c.version, "version"), _uint_out(c.eid, "eid"),
+            None if c.entry is None else _reg_entry_out(c.entry)]
+
+
+def _reg_item_out(item: Any) -> list[Any]:
+    if type(item) not in (RegDelta, RegSnapshot):
+        _bad_out(f"registry sync items must be deltas or snapshots, got {item!r}")
+    return to_cbor_obj(item)
+
+
+def _tuple_out(v: Any, what: str) -> tuple[Any, ...]:
+    if type(v) is not tuple:
+        _bad_out(f"{what} must be a tuple, got {v!r}")
+    return v
+
+
 def to_cbor_obj(msg: Message) -> list[Any]:
     """The CBOR data model of ``msg`` (what :func:`encode` serialises).
 
@@ -208,6 +246,26 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(members) is not tuple:
                 _bad_out(f"push-pull members must be a tuple, got {members!r}")
             return [PushPull.TYPE, _bool_out(join, "join"), [_member_out(m) for m in members]]
+        case RegDelta(origin, gen, base, top, changes, ack):
+            return [RegDelta.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
+                    _uint_out(base, "base"), _uint_out(top, "top"),
+                    [_reg_change_out(c) for c in _tuple_out(changes, "changes")],
+                    _bool_out(ack, "ack")]
+        case RegSnapshot(origin, gen, version, entries):
+            return [RegSnapshot.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
+                    _uint_out(version, "version"),
+                    [_reg_entry_out(e) for e in _tuple_out(entries, "entries")]]
+        case RegSync(digest, items):
+            rows = []
+            for r in _tuple_out(digest, "digest"):
+                if type(r) is not RegDigestRow:
+                    _bad_out(f"digest rows must be RegDigestRow, got {r!r}")
+                rows.append([_node_out(r.origin, "origin"), _uint_out(r.generation, "generation"),
+                             _uint_out(r.version, "version")])
+            return [RegSync.TYPE, rows, [_reg_item_out(i) for i in _tuple_out(items, "items")]]
+        case RegAck(origin, gen, version):
+            return [RegAck.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
+                    _uint_out(version, "version")]
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -376,6 +434,75 @@ def _push_pull_in(obj: list[Any]) -> Message:
     return PushPull(_bool(join, "join"), tuple(_member_in(m) for m in members))
 
 
+def _array(v: Any, what: str) -> list[Any]:
+    if type(v) is not list:
+        _bad(f"{what} must be an array")
+    return v
+
+
+def _reg_entry_in(v: Any) -> RegEntry:
+    v = _array(v, "registry entry")
+    if len(v) < 8:
+        _bad("registry entry needs 8 fields")
+    eid, kind, scope, name, claimed, pid, uid, meta = v[:8]
+    if type(kind) is not int or kind not in (0, 1):
+        _bad("registry entry kind must be 0 or 1")
+    return RegEntry(_uint(eid, "eid"), RegKind(kind), _text(scope, "scope", MAX_SCOPE_BYTES),
+                    _text(name, "registry name", MAX_REG_NAME_BYTES), _uint(claimed, "claimed_ms"),
+                    _uint(pid, "pid"), _uint(uid, "uid"), _tags_in(meta))
+
+
+def _reg_change_in(v: Any) -> RegChange:
+    v = _array(v, "registry change")
+    if len(v) < 3:
+        _bad("registry change needs 3 fields")
+    version, eid, entry = v[:3]
+    e = None if entry is None else _reg_entry_in(entry)
+    if e is not None and e.eid != eid:
+        _bad("registry change eid does not match its entry")
+    return RegChange(_uint(version, "version"), _uint(eid, "eid"), e)
+
+
+def _reg_delta_in(obj: list[Any]) -> Message:
+    origin, gen, base, top, changes, ack = _fields(obj, 6, "reg-delta")
+    b, t = _uint(base, "base"), _uint(top, "top")
+    if t < b:
+        _bad("reg-delta top below base")
+    return RegDelta(_node_id(origin, "origin"), _uint(gen, "generation"), b, t,
+                    tuple(_reg_change_in(c) for c in _array(changes, "changes")),
+                    _bool(ack, "ack"))
+
+
+def _reg_snapshot_in(obj: list[Any]) -> Message:
+    origin, gen, version, entries = _fields(obj, 4, "reg-snapshot")
+    return RegSnapshot(_node_id(origin, "origin"), _uint(gen, "generation"),
+                       _uint(version, "version"),
+                       tuple(_reg_entry_in(e) for e in _array(entries, "entries")))
+
+
+def _reg_sync_in(obj: list[Any]) -> Message:
+    digest, items = _fields(obj, 2, "reg-sync")
+    rows = []
+    for r in _array(digest, "digest"):
+        r = _array(r, "digest row")
+        if len(r) < 3:
+            _bad("digest row needs 3 fields")
+        rows.append(RegDigestRow(_node_id(r[0], "origin"), _uint(r[1], "generation"),
+                                 _uint(r[2], "version")))
+    out: list[RegDelta | RegSnapshot] = []
+    for item in _array(items, "items"):
+        msg = from_cbor_obj(item)
+        if not isinstance(msg, RegDelta | RegSnapshot):
+            _bad("reg-sync items must be deltas or snapshots")
+        out.append(msg)
+    return RegSync(tuple(rows), tuple(out))
+
+
+def _reg_ack_in(obj: list[Any]) -> Message:
+    origin, gen, version = _fields(obj, 3, "reg-ack")
+    return RegAck(_node_id(origin, "origin"), _uint(gen, "generation"), _uint(version, "version"))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Ping.TYPE: _ping_in,
     PingReq.TYPE: _ping_req_in,
@@ -386,6 +513,10 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Dead.TYPE: _dead_in,
     Left.TYPE: _left_in,
     PushPull.TYPE: _push_pull_in,
+    RegDelta.TYPE: _reg_delta_in,
+    RegSnapshot.TYPE: _reg_snapshot_in,
+    RegSync.TYPE: _reg_sync_in,
+    RegAck.TYPE: _reg_ack_in,
 }
 assert _DECODERS.keys() == MESSAGE_TYPES.keys(), "every message type needs a decoder"
 

@@ -142,10 +142,99 @@ class PushPull:
     members: tuple[MemberState, ...]
 
 
-Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull
+# --- registry (types 20-29) ---------------------------------------------------
+# See peerd/core/registry/state.py for the model: every entry belongs to one
+# origin (node id, generation), whose partition has a version counter.
+
+
+class RegKind(enum.IntEnum):
+    NAME = 0  # unique within its scope
+    GROUP = 1  # many members per group
+
+
+@dataclass(frozen=True, slots=True)
+class RegEntry:
+    """One registration (not a message on its own)."""
+
+    eid: int  # origin-local id, never reused within a generation
+    kind: RegKind
+    scope: str
+    name: str
+    claimed_ms: int  # the registering daemon's wall clock: the conflict rule
+    pid: int  # the owning process, as its daemon saw it (SO_PEERCRED)
+    uid: int
+    meta: Tags
+
+
+@dataclass(frozen=True, slots=True)
+class RegChange:
+    """Entry ``eid`` set to ``entry`` (None: removed) at ``version``."""
+
+    version: int
+    eid: int
+    entry: RegEntry | None
+
+
+@dataclass(frozen=True, slots=True)
+class RegDelta:
+    """Changes of ``origin``'s partition after version ``base`` up to ``top``.
+    ``ack``: the origin waits for acknowledgements (register wait=settled)."""
+
+    TYPE: ClassVar[int] = 20
+    origin: NodeId
+    generation: int
+    base: int
+    top: int
+    changes: tuple[RegChange, ...]
+    ack: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RegSnapshot:
+    """``origin``'s whole partition at ``version``."""
+
+    TYPE: ClassVar[int] = 21
+    origin: NodeId
+    generation: int
+    version: int
+    entries: tuple[RegEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegDigestRow:
+    origin: NodeId
+    generation: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegSync:
+    """Registry anti-entropy over a stream: our digest, and the deltas or
+    snapshots we believe the peer lacks."""
+
+    TYPE: ClassVar[int] = 22
+    digest: tuple[RegDigestRow, ...]
+    items: tuple[RegDelta | RegSnapshot, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegAck:
+    """The sender holds ``origin``'s partition at ``version`` or later."""
+
+    TYPE: ClassVar[int] = 23
+    origin: NodeId
+    generation: int
+    version: int
+
+
+Message = (
+    Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull
+    | RegDelta | RegSnapshot | RegSync | RegAck
+)
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull)
+    cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
+                              RegDelta, RegSnapshot, RegSync, RegAck)
 }
 
 

@@ -22,15 +22,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
-        8: "left", 9: "push-pull"}
+        8: "left", 9: "push-pull", 20: "reg-delta", 21: "reg-snapshot", 22: "reg-sync",
+        23: "reg-ack"}
 
 
 def describe(value: Any) -> Any:
     """A JSON description of a message (or of one of its field values)."""
     from dataclasses import fields, is_dataclass
 
-    from peerd.wire.messages import Status
+    from peerd.wire.messages import RegKind, Status
 
+    if isinstance(value, RegKind):
+        return value.name.lower()
     if is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
         type_no = getattr(type(value), "TYPE", None)
@@ -38,7 +41,7 @@ def describe(value: Any) -> Any:
             out["type"] = KIND[type_no]
         for f in fields(value):
             v = getattr(value, f.name)
-            if f.name == "tags":
+            if f.name in ("tags", "meta"):
                 out[f.name] = dict(v)
             elif f.name in ("addr", "target_addr"):
                 out[f.name] = [v[0], v[1]]
@@ -67,6 +70,14 @@ def message_vectors() -> dict[str, Any]:
         Ping,
         PingReq,
         PushPull,
+        RegAck,
+        RegChange,
+        RegDelta,
+        RegDigestRow,
+        RegEntry,
+        RegKind,
+        RegSnapshot,
+        RegSync,
         Status,
         Suspect,
         tags_from_mapping,
@@ -103,6 +114,18 @@ def message_vectors() -> dict[str, Any]:
             MemberState(c, "db-1", ("192.0.2.3", 7946), 1, 1, (), Status.DEAD),
             MemberState(a[::-1], "db-2", ("192.0.2.4", 7947), 0, 4, (), Status.LEFT),
         ))),
+    ]
+    svc = RegEntry(1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000,
+                   (("role", "primary"),))
+    grp = RegEntry(2, RegKind.GROUP, "jobs", "workers", 1763769600123, 4243, 1000, ())
+    delta = RegDelta(a, 3, 4, 6, (RegChange(5, 1, svc), RegChange(6, 2, None)), True)
+    snap = RegSnapshot(b, 1, 9, (svc, grp))
+    named += [
+        ("reg-delta", delta),
+        ("reg-snapshot", snap),
+        ("reg-sync", RegSync((RegDigestRow(a, 3, 6), RegDigestRow(b, 1, 9)), (delta, snap))),
+        ("reg-sync-empty", RegSync((), ())),
+        ("reg-ack", RegAck(a, 3, 6)),
     ]
     messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
                 for name, m in named]

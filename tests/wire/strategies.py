@@ -18,6 +18,14 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
+    RegAck,
+    RegChange,
+    RegDelta,
+    RegDigestRow,
+    RegEntry,
+    RegKind,
+    RegSnapshot,
+    RegSync,
     Status,
     Suspect,
     Tags,
@@ -56,6 +64,23 @@ deads = st.builds(Dead, node_ids, u64, node_ids)
 lefts = st.builds(Left, node_ids, u64)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(members, max_size=4).map(tuple))
 
+reg_entries = st.builds(RegEntry, u64, st.sampled_from(RegKind),
+                        _utf8_at_most(codec.MAX_SCOPE_BYTES),
+                        _utf8_at_most(codec.MAX_REG_NAME_BYTES), u64, u64, u64, tags)
+reg_changes = st.one_of(
+    st.builds(lambda v, e: RegChange(v, e.eid, e), u64, reg_entries),
+    st.builds(RegChange, u64, u64, st.none()),
+)
+reg_deltas = st.builds(lambda o, g, b, n, cs, a: RegDelta(o, g, b, b + n, cs, a), node_ids,
+                       u64, st.integers(0, 2**62), st.integers(0, 2**62),
+                       st.lists(reg_changes, max_size=3).map(tuple), st.booleans())
+reg_snapshots = st.builds(RegSnapshot, node_ids, u64, u64,
+                          st.lists(reg_entries, max_size=3).map(tuple))
+reg_syncs = st.builds(RegSync, st.lists(st.builds(RegDigestRow, node_ids, u64, u64),
+                                        max_size=3).map(tuple),
+                      st.lists(st.one_of(reg_deltas, reg_snapshots), max_size=2).map(tuple))
+reg_acks = st.builds(RegAck, node_ids, u64, u64)
+
 BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Ping.TYPE: pings,
     PingReq.TYPE: ping_reqs,
@@ -66,5 +91,9 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Dead.TYPE: deads,
     Left.TYPE: lefts,
     PushPull.TYPE: push_pulls,
+    RegDelta.TYPE: reg_deltas,
+    RegSnapshot.TYPE: reg_snapshots,
+    RegSync.TYPE: reg_syncs,
+    RegAck.TYPE: reg_acks,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())

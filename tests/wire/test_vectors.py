@@ -27,6 +27,14 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
+    RegAck,
+    RegChange,
+    RegDelta,
+    RegDigestRow,
+    RegEntry,
+    RegKind,
+    RegSnapshot,
+    RegSync,
     Status,
     Suspect,
 )
@@ -52,6 +60,15 @@ def _member(d: dict[str, Any]) -> MemberState:
                        d["generation"], _tags(d["tags"]), Status[d["status"].upper()])
 
 
+def _reg_entry(d: dict[str, Any]) -> RegEntry:
+    return RegEntry(d["eid"], RegKind[d["kind"].upper()], d["scope"], d["name"], d["claimed_ms"],
+                    d["pid"], d["uid"], _tags(d["meta"]))
+
+
+def _reg_change(d: dict[str, Any]) -> RegChange:
+    return RegChange(d["version"], d["eid"], None if d["entry"] is None else _reg_entry(d["entry"]))
+
+
 def message_from_json(d: dict[str, Any]) -> Message:
     h = bytes.fromhex
     match d["type"]:
@@ -74,6 +91,18 @@ def message_from_json(d: dict[str, Any]) -> Message:
             return Left(h(d["node"]), d["incarnation"])
         case "push-pull":
             return PushPull(d["join"], tuple(_member(m) for m in d["members"]))
+        case "reg-delta":
+            return RegDelta(h(d["origin"]), d["generation"], d["base"], d["top"],
+                            tuple(_reg_change(c) for c in d["changes"]), d["ack"])
+        case "reg-snapshot":
+            return RegSnapshot(h(d["origin"]), d["generation"], d["version"],
+                               tuple(_reg_entry(e) for e in d["entries"]))
+        case "reg-sync":
+            items: list[Any] = [message_from_json(i) for i in d["items"]]
+            return RegSync(tuple(RegDigestRow(h(r["origin"]), r["generation"], r["version"])
+                                 for r in d["digest"]), tuple(items))
+        case "reg-ack":
+            return RegAck(h(d["origin"]), d["generation"], d["version"])
     raise AssertionError(f"unknown type label {d['type']!r}")
 
 
