@@ -955,20 +955,33 @@ class Node:
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
 
-    def _stale_accusation(self, m: Member) -> None:
+    def _stale_accusation(self, m: Member, src: Addr | None = None) -> None:
         # Someone still holds an older view of us (they missed our
         # refutation, e.g. across a healed partition): spread our current
         # Alive again, without a bump, unless it is queued already.
-        if m is self._me and not self._leaving and not self._queue.has(("m", m.node)):
-            self.counters["stale_accusations"] += 1
-            self._broadcast(m.node, self._alive_msg())
+        if m is self._me:
+            if not self._leaving and not self._queue.has(("m", m.node)):
+                self.counters["stale_accusations"] += 1
+                self._broadcast(m.node, self._alive_msg())
+            return
+        if src is not None and m.status is Status.ALIVE and not self._queue.has(("m", m.node)):
+            # A peer still relays an accusation that was refuted: some nodes
+            # missed the refutation (gossip reaches everyone only with high
+            # probability), and their own suspicion timers would declare a
+            # live node dead. Queue the refutation once more, without arming
+            # gossip: it rides on the probe traffic we send anyway (no extra
+            # packet), and whoever learns from it gossips it on. This stops by
+            # itself: the stale rumour runs out of retransmissions.
+            self.counters["stale_rebroadcasts"] += 1
+            self._queue.enqueue(("m", m.node), codec.encode(
+                Alive(m.node, m.name, m.addr, m.incarnation, m.generation, m.tags)))
 
-    def _on_suspect(self, msg: Suspect) -> None:
+    def _on_suspect(self, msg: Suspect, src: Addr | None = None) -> None:
         m = self._members.get(msg.node)
         if m is None:
             return
         if msg.incarnation < m.incarnation:
-            self._stale_accusation(m)
+            self._stale_accusation(m, src)
             return
         if m.status not in LIVE:
             return
@@ -1010,12 +1023,12 @@ class Node:
             return
         self._suspect(m, m.incarnation, self._me.node)
 
-    def _on_dead(self, msg: Dead) -> None:
+    def _on_dead(self, msg: Dead, src: Addr | None = None) -> None:
         m = self._members.get(msg.node)
         if m is None:
             return
         if msg.incarnation < m.incarnation:
-            self._stale_accusation(m)
+            self._stale_accusation(m, src)
             return
         if m is self._me:
             if not self._leaving:
@@ -1070,9 +1083,9 @@ class Node:
             case Alive():
                 self._on_alive(msg)
             case Suspect():
-                self._on_suspect(msg)
+                self._on_suspect(msg, src)
             case Dead():
-                self._on_dead(msg)
+                self._on_dead(msg, src)
             case Left():
                 self._on_left(msg)
             case PushPull():
