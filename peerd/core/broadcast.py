@@ -52,6 +52,10 @@ class BroadcastQueue:
     def has(self, key: Hashable) -> bool:
         return key in self._items
 
+    def get(self, key: Hashable) -> bytes | None:
+        item = self._items.get(key)
+        return None if item is None else item.data
+
     def invalidate(self, key: Hashable) -> None:
         old = self._items.pop(key, None)
         if old is not None:

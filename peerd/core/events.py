@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from peerd.wire.messages import Addr, NodeId, Status, Tags
+from peerd.wire.messages import Addr, NodeId, RegEntry, RegKind, Status, Tags
 
 # --- inputs -------------------------------------------------------------------
 
@@ -57,6 +57,8 @@ class TimerKind(enum.Enum):
     RECONNECT = "reconnect"  # retry dead nodes and seeds (partition healing)
     REAP = "reap"  # forget long-dead nodes
     LEAVE = "leave"  # leave broadcast had time to spread
+    REG_FLUSH = "reg_flush"  # spread fresh registry deltas now, not at the next gossip tick
+    REG_SETTLE = "reg_settle"  # a register wait=settled timed out
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +127,59 @@ class Leave:
     """Leave gracefully: announce, then report :class:`LeaveDone`."""
 
 
+# --- registry commands (from the API; ``ref`` pairs a command with its
+# CommandResult, ``conn`` is the API connection that owns the entries) -------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Register a unique name or join a group. ``claimed_ms`` is the daemon's
+    wall clock (the conflict rule's "oldest claim"). With ``settle_s`` the
+    result waits until every live member acknowledged the entry, or times out."""
+
+    ref: int
+    conn: int
+    kind: RegKind
+    scope: str
+    name: str
+    meta: Tags
+    pid: int
+    uid: int
+    claimed_ms: int
+    settle_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unregister:
+    """Remove a name or leave a group; only the owning connection may."""
+
+    ref: int
+    conn: int
+    kind: RegKind
+    scope: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateMeta:
+    ref: int
+    conn: int
+    kind: RegKind
+    scope: str
+    name: str
+    meta: Tags
+
+
+@dataclass(frozen=True, slots=True)
+class ConnClosed:
+    """An API connection closed (its process exited): drop its entries."""
+
+    conn: int
+
+
 Input = (
     Start | PacketIn | Unreachable | LinkClosed | TimerFired | StreamRequest | StreamResponse
-    | StreamFailed | Join | SetTags | Leave
+    | StreamFailed | Join | SetTags | Leave | Register | Unregister | UpdateMeta | ConnClosed
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -243,7 +295,36 @@ class Log:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """The answer to a registry command: ``value`` on success, else
+    ``error`` = (code, message) with an API error code."""
+
+    ref: int
+    value: dict[str, object] | None = None
+    error: tuple[str, str] | None = None
+
+
+class RegEventKind(enum.Enum):
+    REGISTERED = "registered"  # a name gained a claim
+    UNREGISTERED = "unregistered"
+    UPDATED = "updated"  # an entry's metadata changed
+    JOINED = "joined"  # a process joined a group
+    LEFT = "left"  # ... left it (or its process or node is gone)
+    CONFLICT = "conflict"  # our claim lost its name to ``winner``
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEvent:
+    kind: RegEventKind
+    origin: NodeId
+    entry: RegEntry
+    # CONFLICT: the API connection that owned the losing entry, and the winner
+    conn: int | None = None
+    winner: tuple[NodeId, RegEntry] | None = None
+
+
 Output = (
     SendPacket | SetTimer | OpenStream | StreamReply | WatchLinks | MemberEvent | JoinDone
-    | LeaveDone | IncarnationChanged | Log
+    | LeaveDone | IncarnationChanged | Log | CommandResult | RegistryEvent
 )

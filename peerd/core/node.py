@@ -51,6 +51,7 @@ from sortedcontainers import SortedList
 from peerd.core.broadcast import BroadcastQueue
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
+    ConnClosed,
     EventKind,
     IncarnationChanged,
     Input,
@@ -66,6 +67,7 @@ from peerd.core.events import (
     OpenStream,
     Output,
     PacketIn,
+    Register,
     SendPacket,
     SetTags,
     SetTimer,
@@ -78,8 +80,11 @@ from peerd.core.events import (
     TimerFired,
     TimerKind,
     Unreachable,
+    Unregister,
+    UpdateMeta,
     WatchLinks,
 )
+from peerd.core.registry.service import RegistryService
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -102,6 +107,10 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
+    RegAck,
+    RegDelta,
+    RegSnapshot,
+    RegSync,
     Status,
     Suspect,
     Tags,
@@ -212,8 +221,10 @@ class Relay:
 
 @dataclass(slots=True)
 class StreamCtx:
-    purpose: str  # "join" | "sync"
+    purpose: str  # "join" | "sync" | "reg" (registry sync) | "reg_push"
     batch: int = 0
+    peer: NodeId | None = None  # reg: the member we sync with
+    peer_addr: Addr | None = None  # join/sync: where the push-pull went
 
 
 @dataclass(slots=True)
@@ -322,6 +333,8 @@ class Node:
         self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
+        self._reg_flush_armed = False
+        self.registry = RegistryService(self, generation)
 
     # --- public read side ----------------------------------------------------
 
@@ -407,6 +420,8 @@ class Node:
                 self._on_set_tags(tags)
             case Leave():
                 self._on_leave()
+            case Register() | Unregister() | UpdateMeta() | ConnClosed():
+                self.registry.command(inp)
         if self._ring_dirty:
             self._update_watch()
         self._out = []
@@ -602,6 +617,12 @@ class Node:
                 self._arm(TimerKind.REAP, REAP_INTERVAL_S)
             case TimerKind.LEAVE:
                 self._out.append(LeaveDone())
+            case TimerKind.REG_FLUSH:
+                self._reg_flush_armed = False
+                self._gossip_round()
+            case TimerKind.REG_SETTLE:
+                assert isinstance(ctx, int)
+                self.registry.settle_timeout(ctx)
 
     # --- probing -------------------------------------------------------------
 
@@ -805,6 +826,7 @@ class Node:
                                      f"to={_fmt(msg.addr)}")
         m.addr, m.name, m.incarnation, m.generation, m.tags = (
             msg.addr, msg.name, msg.incarnation, msg.generation, msg.tags)
+        self.registry.node_up(m.node, m.generation)
         if msg.name != old_name:
             self._index_name(m)
         self._clear_suspicion(m)
@@ -830,6 +852,7 @@ class Node:
         self._index_name(m)
         self.counters["joins"] += 1
         self._event(EventKind.JOINED, m)
+        self.registry.node_up(m.node, m.generation)
         self._broadcast(m.node, msg)
 
     def _index_name(self, m: Member) -> None:
@@ -947,6 +970,7 @@ class Node:
         m.incarnation = incarnation
         self._set_status(m, status)
         self._set_live(m.node, False)
+        self.registry.node_down(m.node, m.generation)
         self._recently_dead[m.node] = self._now
         if status is Status.DEAD:
             self._dead[m.node] = None
@@ -1090,6 +1114,10 @@ class Node:
                 self._on_left(msg)
             case PushPull():
                 self._drop("push_pull_in_datagram")
+            case RegDelta() | RegSnapshot() | RegAck():
+                self.registry.on_message(self._live_node_at(src), msg)
+            case RegSync():
+                self._drop("reg_sync_in_datagram")
 
     # --- push-pull (anti-entropy) -------------------------------------------
 
@@ -1097,10 +1125,73 @@ class Node:
         return codec.encode(PushPull(join, tuple(m.state() for m in self._members.values())))
 
     def _open_push_pull(self, addr: Addr, ctx: StreamCtx, join: bool) -> None:
+        ctx.peer_addr = addr
+        self._open_stream(addr, ctx, self._state(join))
+        self.counters["push_pull_out"] += 1
+
+    def _open_stream(self, addr: Addr, ctx: StreamCtx, data: bytes) -> None:
         self._next_stream += 1
         self._streams[self._next_stream] = ctx
-        self.counters["push_pull_out"] += 1
-        self._out.append(OpenStream(self._next_stream, addr, self._state(join)))
+        self._out.append(OpenStream(self._next_stream, addr, data))
+
+    def _on_reg_reply(self, ctx: StreamCtx, data: bytes) -> None:
+        if ctx.purpose == "reg_push":
+            return  # the push's reply carries nothing we need
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, "registry sync reply")
+            self.registry.sync_failed()
+            return
+        if not isinstance(msg, RegSync):
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            self.registry.sync_failed()
+            return
+        peer = ctx.peer if ctx.peer in self._live else None
+        push = self.registry.on_sync_reply(peer, msg)
+        if push is not None and peer is not None:
+            self._open_stream(self._members[peer].addr, StreamCtx("reg_push", peer=peer),
+                              codec.encode(push))
+
+    # --- registry host (see peerd.core.registry.service.Host) ------------------
+
+    def _live_node_at(self, addr: Addr) -> NodeId | None:
+        node = self._by_addr.get(addr)
+        return node if node is not None and node in self._live else None
+
+    def reg_emit(self, out: Output) -> None:
+        self._out.append(out)
+
+    def reg_broadcast(self, key: Hashable, msg: Message) -> None:
+        self._queue.enqueue(key, codec.encode(msg))
+        self._arm_gossip()
+        if not self._reg_flush_armed and self._started and len(self._live):
+            # Registry news goes out within milliseconds, not at the next
+            # gossip tick: "visible everywhere" is what applications wait on.
+            self._reg_flush_armed = True
+            self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
+
+    def reg_queued(self, key: Hashable) -> bytes | None:
+        return self._queue.get(key)
+
+    def reg_send(self, node: NodeId, msg: Message) -> None:
+        m = self._members.get(node)
+        if m is not None and m.status in LIVE and m is not self._me:
+            self._send(m.addr, msg)
+
+    def reg_pull(self, node: NodeId, msg: RegSync) -> None:
+        m = self._members.get(node)
+        if m is None or m.status not in LIVE:
+            self.registry.sync_failed()
+            return
+        self.counters["reg_pulls"] += 1
+        self._open_stream(m.addr, StreamCtx("reg", peer=node), codec.encode(msg))
+
+    def reg_live(self) -> list[tuple[NodeId, int]]:
+        return [(n, self._members[n].generation) for n in self._live]
+
+    def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
+        return self._arm(kind, delay, ctx)
 
     def _push_pull_tick(self) -> None:
         cfg = self.config
@@ -1146,6 +1237,11 @@ class Node:
             self._drop(err.reason, f"stream from={_fmt(src)}")
             self._out.append(StreamReply(stream, None))
             return
+        if isinstance(msg, RegSync):
+            self.counters["reg_sync_in"] += 1
+            reply = self.registry.on_sync_request(self._live_node_at(src), msg)
+            self._out.append(StreamReply(stream, codec.encode(reply)))
+            return
         if not isinstance(msg, PushPull):
             self._drop("unexpected_stream_message", type(msg).__name__)
             self._out.append(StreamReply(stream, None))
@@ -1161,6 +1257,9 @@ class Node:
         ctx = self._streams.pop(stream, None)
         if ctx is None:
             return
+        if ctx.purpose in ("reg", "reg_push"):
+            self._on_reg_reply(ctx, data)
+            return
         try:
             msg = codec.decode(data)
         except DecodeError as err:
@@ -1173,10 +1272,19 @@ class Node:
             return
         self._merge(msg)
         self._stream_done(ctx, ok=True)
+        # The registry's anti-entropy follows membership's, with the same peer.
+        peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
+        if peer is not None and peer in self._live:
+            self._open_stream(self._members[peer].addr, StreamCtx("reg", peer=peer),
+                              codec.encode(self.registry.sync_request()))
 
     def _on_stream_failed(self, stream: int, reason: str) -> None:
         ctx = self._streams.pop(stream, None)
         if ctx is None:
+            return
+        if ctx.purpose in ("reg", "reg_push"):
+            self.counters["reg_sync_failed"] += 1
+            self.registry.sync_failed()
             return
         self.counters["push_pull_failed"] += 1
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
@@ -1239,6 +1347,7 @@ class Node:
                 del self._by_name[m.name]
             self._recently_dead.pop(m.node, None)
             self._dead.pop(m.node, None)
+            self.registry.forget(m.node)
             self._event(EventKind.REAPED, m)
 
 

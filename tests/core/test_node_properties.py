@@ -35,6 +35,7 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
+    RegSync,
     Status,
     Suspect,
 )
@@ -211,10 +212,9 @@ def test_random_traffic_keeps_invariants(steps: list[tuple[float, tuple[Any, ...
             match o:
                 case SetTimer(at=at):
                     assert at >= now
-                case OpenStream(data=data):
-                    state_of(data)
-                case StreamReply(data=data) if data is not None:
-                    state_of(data)
+                case OpenStream(data=data) | StreamReply(data=data) if data is not None:
+                    # a membership push-pull, or the registry sync that follows it
+                    assert isinstance(codec.decode(data), PushPull | RegSync)
                 case MemberEvent(kind=kind, member=member) if kind in EVENT_STATUS:
                     assert member.status is EVENT_STATUS[kind]
         for o in of(outs, SendPacket):

@@ -42,56 +42,17 @@ import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from peerd.wire.messages import NodeId
+from peerd.core.events import RegEventKind
+from peerd.wire.messages import NodeId, RegChange, RegDelta, RegEntry, RegKind, RegSnapshot, Tags
 
-Meta = tuple[tuple[str, str], ...]  # sorted (key, value) pairs, like tags
-
-
-class Kind(enum.IntEnum):
-    NAME = 0  # unique within its scope
-    GROUP = 1  # many members per group
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One registration, as replicated."""
-
-    eid: int  # origin-local id, never reused within a generation
-    kind: Kind
-    scope: str
-    name: str
-    claimed_ms: int  # the registering daemon's wall clock (conflict rule)
-    pid: int  # owning process, as the origin saw it (SO_PEERCRED)
-    uid: int
-    meta: Meta
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    version: int
-    eid: int
-    entry: Entry | None  # None: removed
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """Changes of one origin's partition from ``base`` (exclusive) to ``top``."""
-
-    origin: NodeId
-    generation: int
-    base: int
-    top: int
-    changes: tuple[Change, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A whole partition at ``version``."""
-
-    origin: NodeId
-    generation: int
-    version: int
-    entries: tuple[Entry, ...]
+Meta = Tags  # sorted (key, value) pairs, like node tags
+# The replicated values are the wire's own dataclasses: what is merged is
+# exactly what travels.
+Kind = RegKind
+Entry = RegEntry
+Change = RegChange
+Delta = RegDelta
+Snapshot = RegSnapshot
 
 
 @dataclass(slots=True)
@@ -149,6 +110,7 @@ class Registry:
         self._log: collections.deque[Change] = collections.deque(maxlen=log_size)
         self._pending: dict[NodeId, dict[int, Delta]] = {}
         self._next_eid = 0
+        self._changes: list[tuple[RegEventKind, Claim]] = []  # for events, see drain_changes
         self._names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
         self._groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
 
@@ -286,6 +248,7 @@ class Registry:
         removed = [Claim(origin, e) for e in part.entries.values()]
         for entry in list(part.entries.values()):
             self._index_remove(origin, entry)
+            self._note(None, Claim(origin, entry))
         del self._parts[origin]
         self._pending.pop(origin, None)
         self._floors[origin] = (part.generation, part.version)
@@ -366,6 +329,7 @@ class Registry:
         if old is not None:
             for entry in list(old.entries.values()):
                 self._index_remove(origin, entry)
+                self._note(None, Claim(origin, entry))
         part = Partition(generation)
         self._parts[origin] = part
         pending = self._pending.get(origin)
@@ -374,10 +338,28 @@ class Registry:
                 del pending[base]
         return part
 
+    def drain_changes(self) -> list[tuple[RegEventKind, Claim]]:
+        """What changed in the replica since the last call, as event kinds."""
+        out, self._changes = self._changes, []
+        return out
+
+    def _note(self, new: Claim | None, old: Claim | None) -> None:
+        if new is not None and old is not None:
+            if new.entry.meta != old.entry.meta:
+                self._changes.append((RegEventKind.UPDATED, new))
+        elif new is not None:
+            group = new.entry.kind is Kind.GROUP
+            self._changes.append((RegEventKind.JOINED if group else RegEventKind.REGISTERED, new))
+        elif old is not None:
+            group = old.entry.kind is Kind.GROUP
+            self._changes.append((RegEventKind.LEFT if group else RegEventKind.UNREGISTERED, old))
+
     def _set(self, origin: NodeId, part: Partition, eid: int, entry: Entry | None) -> None:
         old = part.entries.pop(eid, None)
         if old is not None:
             self._index_remove(origin, old)
+        self._note(None if entry is None else Claim(origin, entry),
+                   None if old is None else Claim(origin, old))
         if entry is not None:
             part.entries[eid] = entry
             index = self._names if entry.kind is Kind.NAME else self._groups

@@ -1,0 +1,474 @@
+"""The registry inside a node: API commands, dissemination, anti-entropy.
+
+:mod:`peerd.core.registry.state` is the replicated data type; this module is
+the protocol around it, driven by the membership node (its *host*):
+
+* **Writes** come from API connections. Each entry belongs to the connection
+  that made it; only that connection may change it, and when the connection
+  closes (its process exited) its entries are removed cluster-wide.
+* **Deltas** are broadcast at once (a flush a few milliseconds after the
+  write, not at the next gossip tick) to a few random peers, and every node
+  that learns something new passes it on the same way: an epidemic that
+  reaches N nodes in O(log N) hops. Consecutive deltas of one origin are
+  merged in the broadcast queue, so a burst of writes costs one queue item
+  per origin, not one per write; a merged delta that grows too large is sent
+  as an announcement (``RegAck``: "I hold origin X at version v"), and a
+  node that is behind pulls the difference over a stream.
+* **Anti-entropy**: with every membership push-pull the node also exchanges a
+  ``RegSync`` (digest plus what the peer lacks) with the same peer.
+* **Membership**: a node declared dead or left loses its entries everywhere;
+  a restarted node (new generation) starts with none of its old ones.
+* **Conflicts**: when a local name claim loses to an older claim elsewhere,
+  the owning connection gets a ``conflict`` event naming the winner and the
+  losing entry is removed, so no duplicate outlives the merge.
+* **wait=settled**: the delta asks for acknowledgements; the command answers
+  once every live member holds the entry, or when the wait times out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from peerd.core.events import (
+    CommandResult,
+    ConnClosed,
+    Output,
+    RegEventKind,
+    Register,
+    RegistryEvent,
+    TimerKind,
+    Unregister,
+    UpdateMeta,
+)
+from peerd.core.registry.state import Applied, Claim, Registry
+from peerd.wire import codec
+from peerd.wire.messages import (
+    Message,
+    NodeId,
+    RegAck,
+    RegChange,
+    RegDelta,
+    RegDigestRow,
+    RegEntry,
+    RegKind,
+    RegSnapshot,
+    RegSync,
+)
+
+# A merged delta larger than this (encoded) is announced instead of sent.
+MAX_DELTA_BYTES = 900
+# Limits on what one connection, and one daemon, may hold.
+MAX_ENTRIES_PER_CONN = 10_000
+MAX_LOCAL_ENTRIES = 200_000
+MAX_META_BYTES = 1024
+
+
+class Host(Protocol):
+    """What the registry needs from the node that drives it."""
+
+    @property
+    def node_id(self) -> NodeId: ...
+
+    def reg_emit(self, out: Output) -> None: ...
+
+    def reg_broadcast(self, key: Hashable, msg: Message) -> None:
+        """Queue ``msg`` for gossip (replacing a queued item with ``key``) and
+        flush soon."""
+
+    def reg_queued(self, key: Hashable) -> bytes | None:
+        """The encoded message queued under ``key``, if any."""
+
+    def reg_send(self, node: NodeId, msg: Message) -> None:
+        """Send ``msg`` in a datagram to a live member."""
+
+    def reg_pull(self, node: NodeId, msg: RegSync) -> None:
+        """Open a stream to a live member with ``msg``; its reply comes back
+        through :meth:`RegistryService.on_sync_reply`."""
+
+    def reg_live(self) -> list[tuple[NodeId, int]]:
+        """(node id, generation) of every live member other than us."""
+
+    def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
+
+
+@dataclass(slots=True)
+class Settle:
+    ref: int
+    eid: int
+    version: int
+    acked: set[NodeId] = field(default_factory=set)
+
+
+def meta_problem(meta: tuple[tuple[str, str], ...]) -> str | None:
+    if len({k for k, _ in meta}) != len(meta):
+        return "duplicate metadata key"
+    if len(meta) > codec.MAX_TAGS:
+        return f"at most {codec.MAX_TAGS} metadata keys"
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in meta)
+    if size > MAX_META_BYTES:
+        return f"metadata takes {size} bytes, at most {MAX_META_BYTES}"
+    for k, v in meta:
+        if not k or len(k.encode()) > codec.MAX_TAG_KEY_BYTES:
+            return f"metadata keys are 1 to {codec.MAX_TAG_KEY_BYTES} bytes"
+        if len(v.encode()) > codec.MAX_TAG_VALUE_BYTES:
+            return f"metadata values are at most {codec.MAX_TAG_VALUE_BYTES} bytes"
+    return None
+
+
+def name_problem(scope: str, name: str) -> str | None:
+    if not name:
+        return "empty name"
+    if len(name.encode()) > codec.MAX_REG_NAME_BYTES:
+        return f"names are at most {codec.MAX_REG_NAME_BYTES} bytes"
+    if not scope or len(scope.encode()) > codec.MAX_SCOPE_BYTES:
+        return f"scopes are 1 to {codec.MAX_SCOPE_BYTES} bytes"
+    return None
+
+
+class RegistryService:
+    def __init__(self, host: Host, generation: int) -> None:
+        self.host = host
+        self.state = Registry(host.node_id, generation)
+        # conn -> {(kind, scope, name): eid}
+        self._owned: dict[int, dict[tuple[RegKind, str, str], int]] = {}
+        self._owner_of: dict[int, int] = {}  # eid -> conn
+        self._settles: dict[int, Settle] = {}  # ref -> wait
+        self._pulling: set[NodeId] = set()  # origins with a pull in flight
+        self._notified: set[tuple[int, NodeId, int]] = set()  # (loser eid, winner)
+
+    # --- API commands -------------------------------------------------------------
+
+    def command(self, cmd: Register | Unregister | UpdateMeta | ConnClosed) -> None:
+        match cmd:
+            case Register():
+                self._register(cmd)
+            case Unregister():
+                self._unregister(cmd)
+            case UpdateMeta():
+                self._update(cmd)
+            case ConnClosed(conn):
+                self.drop_conn(conn)
+
+    def _fail(self, ref: int, code: str, message: str) -> None:
+        self.host.reg_emit(CommandResult(ref, error=(code, message)))
+
+    def _register(self, cmd: Register) -> None:
+        problem = name_problem(cmd.scope, cmd.name) or meta_problem(cmd.meta)
+        if problem:
+            self._fail(cmd.ref, "bad_args", problem)
+            return
+        owned = self._owned.setdefault(cmd.conn, {})
+        key = (cmd.kind, cmd.scope, cmd.name)
+        if key in owned:
+            what = "name" if cmd.kind is RegKind.NAME else "group membership"
+            self._fail(cmd.ref, "conflict", f"this connection already holds the {what} "
+                                            f"{cmd.scope}/{cmd.name}")
+            return
+        if cmd.kind is RegKind.NAME:
+            holder = self.state.lookup(cmd.scope, cmd.name)
+            if holder is not None:
+                self._fail(cmd.ref, "conflict", f"{cmd.scope}/{cmd.name} is held by pid "
+                                                f"{holder.entry.pid} on node "
+                                                f"{holder.origin.hex()[:12]}")
+                return
+        if len(owned) >= MAX_ENTRIES_PER_CONN or len(self._owner_of) >= MAX_LOCAL_ENTRIES:
+            self._fail(cmd.ref, "unavailable", "too many registrations")
+            return
+        entry, delta = self.state.register(cmd.kind, cmd.scope, cmd.name,
+                                           claimed_ms=cmd.claimed_ms, pid=cmd.pid, uid=cmd.uid,
+                                           meta=cmd.meta)
+        owned[key] = entry.eid
+        self._owner_of[entry.eid] = cmd.conn
+        settle = cmd.settle_s is not None and bool(self.host.reg_live())
+        self._spread(delta, ack=settle)
+        result = entry_to_dict(self.host.node_id, entry)
+        if settle:
+            assert cmd.settle_s is not None
+            self._settles[cmd.ref] = Settle(cmd.ref, entry.eid, delta.top)
+            self.host.reg_arm(TimerKind.REG_SETTLE, cmd.settle_s, cmd.ref)
+            return
+        if cmd.settle_s is not None:
+            result.update(settled=True, won=self._won(entry))
+        self.host.reg_emit(CommandResult(cmd.ref, value=result))
+
+    def _unregister(self, cmd: Unregister) -> None:
+        eid = self._owned.get(cmd.conn, {}).get((cmd.kind, cmd.scope, cmd.name))
+        if eid is None:
+            what = "name" if cmd.kind is RegKind.NAME else "group membership"
+            self._fail(cmd.ref, "not_found", f"this connection holds no {what} "
+                                             f"{cmd.scope}/{cmd.name}")
+            return
+        self._remove_local(cmd.conn, eid)
+        self.host.reg_emit(CommandResult(cmd.ref, value={}))
+
+    def _update(self, cmd: UpdateMeta) -> None:
+        problem = meta_problem(cmd.meta)
+        if problem:
+            self._fail(cmd.ref, "bad_args", problem)
+            return
+        eid = self._owned.get(cmd.conn, {}).get((cmd.kind, cmd.scope, cmd.name))
+        if eid is None:
+            self._fail(cmd.ref, "not_found", f"this connection holds no {cmd.scope}/{cmd.name}")
+            return
+        res = self.state.update_meta(eid, cmd.meta)
+        assert res is not None
+        self._spread(res[1])
+        self.host.reg_emit(CommandResult(cmd.ref, value=entry_to_dict(self.host.node_id,
+                                                                      res[0])))
+
+    def drop_conn(self, conn: int) -> None:
+        for eid in list(self._owned.get(conn, {}).values()):
+            self._remove_local(conn, eid)
+        self._owned.pop(conn, None)
+
+    def _remove_local(self, conn: int, eid: int) -> None:
+        entry = self.state.local.entries.get(eid)
+        if entry is not None:
+            self._owned.get(conn, {}).pop((entry.kind, entry.scope, entry.name), None)
+        self._owner_of.pop(eid, None)
+        delta = self.state.unregister(eid)
+        if delta is not None:
+            self._spread(delta)
+        self._emit_changes()
+
+    def _won(self, entry: RegEntry) -> bool:
+        if entry.kind is not RegKind.NAME:
+            return True
+        w = self.state.lookup(entry.scope, entry.name)
+        return w is not None and w.origin == self.host.node_id and w.entry.eid == entry.eid
+
+    # --- dissemination ------------------------------------------------------------
+
+    def _spread(self, delta: RegDelta, ack: bool = False) -> None:
+        """Queue our own delta for gossip, merged with what is still queued."""
+        self._emit_changes()
+        self._queue_delta(delta, ack)
+
+    def _queue_delta(self, delta: RegDelta, ack: bool = False) -> None:
+        key = ("r", delta.origin)
+        queued = self.host.reg_queued(key)
+        if queued is not None:
+            try:
+                old = codec.decode(queued)
+            except codec.DecodeError:  # pragma: no cover - we encoded it
+                old = None
+            if (isinstance(old, RegDelta) and old.generation == delta.generation
+                    and old.top == delta.base):
+                delta = merge_deltas(old, delta)
+                ack = ack or old.ack
+            elif isinstance(old, RegAck) and old.version >= delta.top:
+                return
+        if ack != delta.ack:
+            delta = RegDelta(delta.origin, delta.generation, delta.base, delta.top,
+                             delta.changes, ack)
+        msg: Message = delta
+        if len(codec.encode(delta)) > MAX_DELTA_BYTES:
+            # Too big to gossip: announce the version; peers that are behind pull.
+            msg = RegAck(delta.origin, delta.generation, delta.top)
+        self.host.reg_broadcast(key, msg)
+
+    def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
+        match msg:
+            case RegDelta():
+                self._on_delta(src_node, msg)
+            case RegSnapshot():
+                if self.state.apply_snapshot(msg) is Applied.APPLIED:
+                    self._emit_changes()
+            case RegAck():
+                self._on_ack(src_node, msg)
+
+    def _on_delta(self, src_node: NodeId | None, delta: RegDelta) -> None:
+        result = self.state.apply_delta(delta)
+        if result is Applied.APPLIED:
+            self._emit_changes()
+            # Pass it on at once: the epidemic that makes a registration
+            # visible everywhere within a few hops.
+            self._queue_delta(delta, delta.ack)
+        if delta.ack and result in (Applied.APPLIED, Applied.STALE):
+            gen, version = self.state.digest().get(delta.origin, (0, 0))
+            if gen == delta.generation and version >= delta.top:
+                self.host.reg_send(delta.origin, RegAck(delta.origin, gen, version))
+        elif result is Applied.GAP or result is Applied.BUFFERED:
+            self._maybe_pull(src_node, delta.origin)
+
+    def _on_ack(self, src_node: NodeId | None, ack: RegAck) -> None:
+        if ack.origin == self.host.node_id:
+            if src_node is not None and ack.generation == self.state.generation:
+                self._acked(src_node, ack.version)
+            return
+        gen, version = self.state.digest().get(ack.origin, (0, 0))
+        if (ack.generation, ack.version) > (gen, version):
+            self._maybe_pull(src_node, ack.origin)
+
+    def _maybe_pull(self, src_node: NodeId | None, origin: NodeId) -> None:
+        live = dict(self.host.reg_live())
+        target = origin if origin in live else src_node
+        if target is None or target not in live or origin in self._pulling:
+            return
+        self._pulling.add(origin)
+        self.host.reg_pull(target, self.sync_request())
+
+    # --- anti-entropy -------------------------------------------------------------
+
+    def sync_request(self) -> RegSync:
+        return RegSync(tuple(RegDigestRow(o, g, v) for o, (g, v) in self.state.digest().items()),
+                       ())
+
+    def missing_for(self, digest: tuple[RegDigestRow, ...]) -> tuple[RegDelta | RegSnapshot, ...]:
+        """What a peer with ``digest`` lacks of what we hold."""
+        theirs = {r.origin: (r.generation, r.version) for r in digest}
+        items: list[RegDelta | RegSnapshot] = []
+        for origin, (gen, version) in self.state.digest().items():
+            have = theirs.get(origin)
+            if have is not None and have >= (gen, version):
+                continue
+            if origin == self.host.node_id and have is not None and have[0] == gen:
+                items.append(self.state.delta_since(have[1]))
+            elif version > 0 or origin != self.host.node_id:
+                items.append(self.state.snapshot(origin))
+        return tuple(items)
+
+    def on_sync_request(self, src_node: NodeId | None, req: RegSync) -> RegSync:
+        """Answer a peer's sync: apply what it pushed, reply with our digest
+        and what it lacks."""
+        self._apply_items(req.items)
+        if src_node is not None:
+            self._acks_from_digest(src_node, req.digest)
+        return RegSync(self.sync_request().digest, self.missing_for(req.digest))
+
+    def on_sync_reply(self, src_node: NodeId | None, reply: RegSync) -> RegSync | None:
+        """Apply a sync reply; returns a push of what the peer lacks, if any."""
+        self._pulling.clear()
+        self._apply_items(reply.items)
+        if src_node is not None:
+            self._acks_from_digest(src_node, reply.digest)
+        missing = self.missing_for(reply.digest)
+        return RegSync((), missing) if missing else None
+
+    def sync_failed(self) -> None:
+        self._pulling.clear()
+
+    def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
+        changed = False
+        for item in items:
+            if isinstance(item, RegSnapshot):
+                changed |= self.state.apply_snapshot(item) is Applied.APPLIED
+            else:
+                res = self.state.apply_delta(item)
+                if res is Applied.GAP:
+                    continue
+                changed |= res is Applied.APPLIED
+        if changed:
+            self._emit_changes()
+
+    def _acks_from_digest(self, node: NodeId, digest: tuple[RegDigestRow, ...]) -> None:
+        for row in digest:
+            if row.origin == self.host.node_id and row.generation == self.state.generation:
+                self._acked(node, row.version)
+
+    # --- settled waits ------------------------------------------------------------
+
+    def _acked(self, node: NodeId, version: int) -> None:
+        if not self._settles:
+            return
+        for settle in list(self._settles.values()):
+            if version >= settle.version:
+                settle.acked.add(node)
+        self.check_settled()
+
+    def check_settled(self) -> None:
+        """Answer waits that every live member has acknowledged (also called
+        when membership changes: a member that died no longer counts)."""
+        if not self._settles:
+            return
+        live = {n for n, _ in self.host.reg_live()}
+        for ref, settle in list(self._settles.items()):
+            if live <= settle.acked:
+                self._finish_settle(ref, settled=True)
+
+    def settle_timeout(self, ref: int) -> None:
+        if ref in self._settles:
+            self._finish_settle(ref, settled=False)
+
+    def _finish_settle(self, ref: int, settled: bool) -> None:
+        settle = self._settles.pop(ref)
+        entry = self.state.local.entries.get(settle.eid)
+        if entry is None:
+            self._fail(ref, "conflict", "the entry was removed before it settled")
+            return
+        value = entry_to_dict(self.host.node_id, entry)
+        value.update(settled=settled, won=self._won(entry))
+        self.host.reg_emit(CommandResult(ref, value=value))
+
+    # --- membership -----------------------------------------------------------------
+
+    def node_down(self, node: NodeId, generation: int) -> None:
+        self.state.node_down(node, generation)
+        self._emit_changes()
+        self.check_settled()
+
+    def node_up(self, node: NodeId, generation: int) -> None:
+        self.state.node_up(node, generation)
+        self._emit_changes()
+
+    def forget(self, node: NodeId) -> None:
+        self.state.forget(node)
+
+    # --- events ---------------------------------------------------------------------
+
+    def _emit_changes(self) -> None:
+        changes = self.state.drain_changes()
+        if not changes:
+            return
+        names: set[tuple[str, str]] = set()
+        for kind, claim in changes:
+            self.host.reg_emit(RegistryEvent(kind, claim.origin, claim.entry))
+            if claim.entry.kind is RegKind.NAME:
+                names.add((claim.entry.scope, claim.entry.name))
+        for scope, name in sorted(names):
+            self._resolve_conflicts(scope, name)
+
+    def _resolve_conflicts(self, scope: str, name: str) -> None:
+        for conflict in self.state.conflicts_for_local(scope, name):
+            loser = conflict.loser
+            conn = self._owner_of.get(loser.eid)
+            mark = (loser.eid, conflict.winner.origin, conflict.winner.entry.eid)
+            if mark in self._notified:
+                continue
+            self._notified.add(mark)
+            self.host.reg_emit(RegistryEvent(RegEventKind.CONFLICT, self.host.node_id, loser,
+                                             conn, (conflict.winner.origin,
+                                                    conflict.winner.entry)))
+            # The loser's entry goes, so no duplicate outlives the merge; its
+            # process was told and can hand over.
+            if conn is not None:
+                self._remove_local(conn, loser.eid)
+
+
+def merge_deltas(old: RegDelta, new: RegDelta) -> RegDelta:
+    """One delta covering both (``old.top == new.base``): the newest change
+    per entry wins."""
+    latest: dict[int, RegChange] = {}
+    for change in (*old.changes, *new.changes):
+        latest[change.eid] = change
+    changes = tuple(sorted(latest.values(), key=lambda c: c.version))
+    return RegDelta(old.origin, old.generation, old.base, new.top, changes, old.ack or new.ack)
+
+
+def entry_to_dict(origin: NodeId, entry: RegEntry) -> dict[str, object]:
+    return {
+        "kind": "name" if entry.kind is RegKind.NAME else "group",
+        "scope": entry.scope,
+        "name": entry.name,
+        "node": origin.hex(),
+        "pid": entry.pid,
+        "uid": entry.uid,
+        "meta": dict(entry.meta),
+        "claimed_ms": entry.claimed_ms,
+    }
+
+
+def claim_to_dict(claim: Claim) -> dict[str, object]:
+    return entry_to_dict(claim.origin, claim.entry)
