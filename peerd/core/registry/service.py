@@ -135,7 +135,11 @@ class RegistryService:
         self._owned: dict[int, dict[tuple[RegKind, str, str], int]] = {}
         self._owner_of: dict[int, int] = {}  # eid -> conn
         self._settles: dict[int, Settle] = {}  # ref -> wait
-        self._pulling: set[NodeId] = set()  # origins with a pull in flight
+        # Origins we know we are behind on: origin -> (generation, version,
+        # who told us, pulls tried). One pull is in flight at a time; when it
+        # ends, what is still missing is pulled again (a bounded number of times).
+        self._wants: dict[NodeId, tuple[int, int, NodeId | None, int]] = {}
+        self._pull_inflight = False
         self._notified: set[tuple[int, NodeId, int]] = set()  # (loser eid, winner)
 
     # --- API commands -------------------------------------------------------------
@@ -291,24 +295,43 @@ class RegistryService:
             if gen == delta.generation and version >= delta.top:
                 self.host.reg_send(delta.origin, RegAck(delta.origin, gen, version))
         elif result is Applied.GAP or result is Applied.BUFFERED:
-            self._maybe_pull(src_node, delta.origin)
+            self._want(src_node, delta.origin, delta.generation, delta.top)
 
     def _on_ack(self, src_node: NodeId | None, ack: RegAck) -> None:
         if ack.origin == self.host.node_id:
             if src_node is not None and ack.generation == self.state.generation:
                 self._acked(src_node, ack.version)
             return
-        gen, version = self.state.digest().get(ack.origin, (0, 0))
-        if (ack.generation, ack.version) > (gen, version):
-            self._maybe_pull(src_node, ack.origin)
+        self._want(src_node, ack.origin, ack.generation, ack.version)
 
-    def _maybe_pull(self, src_node: NodeId | None, origin: NodeId) -> None:
-        live = dict(self.host.reg_live())
-        target = origin if origin in live else src_node
-        if target is None or target not in live or origin in self._pulling:
+    def _want(self, src_node: NodeId | None, origin: NodeId, generation: int,
+              version: int) -> None:
+        gen, have = self.state.digest().get(origin, (0, 0))
+        if (generation, version) <= (gen, have):
             return
-        self._pulling.add(origin)
-        self.host.reg_pull(target, self.sync_request())
+        old = self._wants.get(origin)
+        if old is None or (generation, version) > old[:2]:
+            self._wants[origin] = (generation, version, src_node, 0)
+        self._pull_next()
+
+    def _pull_next(self) -> None:
+        # Pull from the origin (or whoever told us) what we know we lack.
+        if self._pull_inflight or not self._wants:
+            return
+        digest = self.state.digest()
+        live = dict(self.host.reg_live())
+        for origin, (gen, version, src, tries) in list(self._wants.items()):
+            if (gen, version) <= digest.get(origin, (0, 0)) or tries >= 3:
+                del self._wants[origin]
+                continue
+            target = origin if origin in live else src
+            if target is None or target not in live:
+                del self._wants[origin]
+                continue
+            self._wants[origin] = (gen, version, src, tries + 1)
+            self._pull_inflight = True
+            self.host.reg_pull(target, self.sync_request())
+            return
 
     # --- anti-entropy -------------------------------------------------------------
 
@@ -340,28 +363,35 @@ class RegistryService:
 
     def on_sync_reply(self, src_node: NodeId | None, reply: RegSync) -> RegSync | None:
         """Apply a sync reply; returns a push of what the peer lacks, if any."""
-        self._pulling.clear()
         self._apply_items(reply.items)
+        self._pull_inflight = False
+        self._pull_next()
         if src_node is not None:
             self._acks_from_digest(src_node, reply.digest)
         missing = self.missing_for(reply.digest)
         return RegSync((), missing) if missing else None
 
     def sync_failed(self) -> None:
-        self._pulling.clear()
+        self._pull_inflight = False
+        self._pull_next()
 
     def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
-        changed = False
+        advanced: set[NodeId] = set()
         for item in items:
             if isinstance(item, RegSnapshot):
-                changed |= self.state.apply_snapshot(item) is Applied.APPLIED
+                res = self.state.apply_snapshot(item)
             else:
                 res = self.state.apply_delta(item)
-                if res is Applied.GAP:
-                    continue
-                changed |= res is Applied.APPLIED
-        if changed:
-            self._emit_changes()
+            if res is Applied.APPLIED:
+                advanced.add(item.origin)
+        if not advanced:
+            return
+        self._emit_changes()
+        # Keep the epidemic going: what we just pulled, others may lack too.
+        digest = self.state.digest()
+        for origin in sorted(advanced):
+            gen, version = digest[origin]
+            self.host.reg_broadcast(("r", origin), RegAck(origin, gen, version))
 
     def _acks_from_digest(self, node: NodeId, digest: tuple[RegDigestRow, ...]) -> None:
         for row in digest:
