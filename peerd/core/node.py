@@ -85,6 +85,7 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.registry.service import RegistryService
+from peerd.core import shared
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -330,6 +331,7 @@ class Node:
         self._seeds: tuple[Addr, ...] = ()
         self._leaving = False
         self._started = False
+        self._preloaded = False  # started from preload(): no join announcement
         self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
@@ -388,6 +390,15 @@ class Node:
             elif st.status is Status.DEAD:
                 self._dead[m.node] = None
         self.rng.shuffle(self._probe_order)
+        self._preloaded = True
+
+    def preload_shared(self, snapshot: shared.Snapshot) -> None:
+        """Like :meth:`preload`, for many nodes of one simulation at once:
+        they share ``snapshot``'s records copy-on-write (see
+        :mod:`peerd.core.shared`), so 10,000 converged nodes do not need
+        10^8 member records."""
+        shared.install(self, snapshot)
+        self._preloaded = True
 
     # --- the one entry point -------------------------------------------------
 
@@ -524,11 +535,17 @@ class Node:
         self._started = True
         self._seeds = tuple(s for s in seeds if s != self._me.addr)
         self._out.append(IncarnationChanged(self._me.incarnation))
-        self._broadcast(self._me.node, self._alive_msg())
         cfg = self.config
+        if not self._preloaded:
+            self._broadcast(self._me.node, self._alive_msg())
         # Spread first probes of a fleet started together over one interval.
         self._arm(TimerKind.PROBE, self.rng.uniform(0, cfg.probe_interval_s))
-        if cfg.push_pull_interval_s > 0:
+        if cfg.push_pull_interval_s > 0 and self._preloaded:
+            # Preloaded (a simulation starting converged): as if running for
+            # long already, each node at a random phase of the interval.
+            interval = formulas.push_pull_scale(cfg.push_pull_interval_s, self.live_count())
+            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.0, 1.0) * interval)
+        elif cfg.push_pull_interval_s > 0:
             # An early first sync repairs what a join's gossip missed (nodes
             # that joined at the same moment), then the regular interval.
             first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)

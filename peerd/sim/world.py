@@ -61,6 +61,7 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
+from peerd.core import shared
 from peerd.core.node import Node
 from peerd.sim.scenario import Fault, Scenario, Selection
 from peerd.wire import seal as sealmod
@@ -342,8 +343,11 @@ class World:
         k = sc.start_count()
         states = [MemberState(h.node_id, f"n{h.index}", h.addr, 0, 1, (), Status.ALIVE)
                   for h in self.hosts[:k]]
+        snap = shared.Snapshot(states)
+        row = bytearray(self.n)
+        row[:k] = b"\x01" * k  # V_ALIVE
         for h in self.hosts[:k]:
-            self._start_proc(h, preload=states)
+            self._start_proc(h, preload=snap, row=bytearray(row))
         for f in sc.faults:
             for r in range(f.repeat):
                 t = f.at_s + r * f.every_s
@@ -738,8 +742,8 @@ class World:
             pos = nxt
         self._last_ns_t = t
 
-    def _start_proc(self, host: Host, preload: list[MemberState] | None = None,
-                    seeds: tuple[Addr, ...] = ()) -> Proc:
+    def _start_proc(self, host: Host, preload: shared.Snapshot | None = None,
+                    seeds: tuple[Addr, ...] = (), row: bytearray | None = None) -> Proc:
         t = self.now
         host.gen += 1
         gen = host.gen
@@ -747,11 +751,10 @@ class World:
                     config=self.cfg,
                     rng=random.Random(f"peerd-sim-node:{self.sc.seed}:{host.index}:{gen}"),
                     incarnation=host.inc, generation=gen)
-        row = bytearray(self.n)
+        if row is None:
+            row = bytearray(self.n)
         if preload is not None:
-            node.preload(preload)
-            for st in preload:
-                row[self.index_of[st.node]] = V_ALIVE
+            node.preload_shared(preload)
         row[host.index] = V_ALIVE
         proc = Proc(host, node, gen)
         if self.seal:

@@ -1,0 +1,406 @@
+"""Copy-on-write membership tables for simulations of large converged clusters.
+
+A simulator that starts 10,000 cores from a converged cluster would give each
+its own table of 10,000 members: 10^8 member records, tens of GiB. But at the
+start every node's table is the same. :class:`Snapshot` holds that common
+table once; :func:`install` gives a node overlay objects that read the
+snapshot and keep only the node's own changes (a member it touched, a node
+that died, one that joined). Reads of untouched members cost one extra dict
+lookup; the first *lookup* of a member for possible mutation (``get`` or
+``[]``) copies it into the node's own table, so the shared records are never
+written. A real daemon never uses this module: it learns its peers by joining.
+
+The overlays implement exactly the operations :class:`peerd.core.node.Node`
+performs on its ``_members``, ``_by_addr``, ``_by_name``, ``_live``,
+``_ring`` and ``_probe_order``; they are deterministic (no iteration over
+hash-ordered sets).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from sortedcontainers import SortedList
+
+from peerd.wire.messages import MemberState, NodeId, Status
+
+if TYPE_CHECKING:
+    from peerd.core.node import Member, Node
+
+_MISSING: Any = object()
+
+
+class Snapshot:
+    """One converged membership (all alive), shared read-only by many nodes."""
+
+    def __init__(self, states: list[MemberState]) -> None:
+        from peerd.core.node import Member
+
+        self.members: dict[NodeId, Member] = {}
+        self.by_addr: dict[Any, NodeId] = {}
+        self.by_name: dict[str, NodeId] = {}
+        for st in states:
+            if st.status is not Status.ALIVE:
+                raise ValueError("a shared snapshot holds alive members only")
+            if st.node in self.members:
+                continue
+            self.members[st.node] = Member(st.node, st.name, st.addr, st.incarnation,
+                                           st.generation, st.tags, st.status, 0.0)
+            self.by_addr[st.addr] = st.node
+            self.by_name.setdefault(st.name, st.node)
+        self.ids: list[NodeId] = list(self.members)
+        self.index: dict[NodeId, int] = {n: i for i, n in enumerate(self.ids)}
+        self.sorted_ids: list[NodeId] = sorted(self.ids)
+
+
+def _copy(m: Member) -> Member:
+    from peerd.core.node import Member
+
+    c = object.__new__(Member)
+    for name in Member.__slots__:  # type: ignore[attr-defined]
+        object.__setattr__(c, name, getattr(m, name))
+    return c
+
+
+class Members:
+    """The ``_members`` table: a node's own records over the shared ones."""
+
+    __slots__ = ("_base", "_local", "_gone", "_extra")
+
+    def __init__(self, base: dict[NodeId, Member], local: dict[NodeId, Member]) -> None:
+        self._base = base
+        self._local = local
+        self._gone: set[NodeId] = set()  # base keys deleted here
+        self._extra = sum(1 for k in local if k not in base)  # local keys not in base
+
+    def get(self, key: NodeId, default: Any = None) -> Any:
+        m = self._local.get(key)
+        if m is not None:
+            return m
+        b = self._base.get(key)
+        if b is None or key in self._gone:
+            return default
+        m = _copy(b)
+        self._local[key] = m
+        return m
+
+    def __getitem__(self, key: NodeId) -> Member:
+        m = self.get(key, _MISSING)
+        if m is _MISSING:
+            raise KeyError(key)
+        return m  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._local or (key in self._base and key not in self._gone)
+
+    def __setitem__(self, key: NodeId, value: Member) -> None:
+        if key not in self._local and (key not in self._base or key in self._gone):
+            if key in self._base:
+                self._gone.discard(key)
+            else:
+                self._extra += 1
+        self._local[key] = value
+
+    def __delitem__(self, key: NodeId) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._local.pop(key, None)
+        if key in self._base:
+            self._gone.add(key)
+        else:
+            self._extra -= 1
+
+    def __len__(self) -> int:
+        return len(self._base) - len(self._gone) + self._extra
+
+    def __iter__(self) -> Iterator[NodeId]:
+        for k in self._local:
+            yield k
+        local, gone = self._local, self._gone
+        for k in self._base:
+            if k not in local and k not in gone:
+                yield k
+
+    def keys(self) -> Iterator[NodeId]:
+        return iter(self)
+
+    def values(self) -> Iterator[Member]:
+        """Read-only view: shared records must not be changed through it."""
+        yield from self._local.values()
+        local, gone = self._local, self._gone
+        for k, m in self._base.items():
+            if k not in local and k not in gone:
+                yield m
+
+    def items(self) -> Iterator[tuple[NodeId, Member]]:
+        for m in self.values():
+            yield m.node, m
+
+
+class Index:
+    """``_by_addr`` / ``_by_name``: a shared dict with local changes."""
+
+    __slots__ = ("_base", "_local", "_gone")
+
+    def __init__(self, base: dict[Any, NodeId]) -> None:
+        self._base = base
+        self._local: dict[Any, NodeId] = {}
+        self._gone: set[Any] = set()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        v = self._local.get(key, _MISSING)
+        if v is not _MISSING:
+            return v
+        if key in self._gone:
+            return default
+        return self._base.get(key, default)
+
+    def __getitem__(self, key: Any) -> NodeId:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def __setitem__(self, key: Any, value: NodeId) -> None:
+        self._local[key] = value
+        self._gone.discard(key)
+
+    def setdefault(self, key: Any, value: NodeId) -> NodeId:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            self[key] = value
+            return value
+        return v  # type: ignore[no-any-return]
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._local.pop(key, None)
+        if key in self._base:
+            self._gone.add(key)
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        del self[key]
+        return v
+
+
+class LiveSet:
+    """``_live``: the shared ids minus the ones that went down here, plus the
+    ones that came up here. Same interface as :class:`peerd.core.node.LiveSet`."""
+
+    __slots__ = ("_base", "_bindex", "_removed", "_items", "_index")
+
+    def __init__(self, snap: Snapshot, me: NodeId) -> None:
+        self._base = snap.ids
+        self._bindex = snap.index
+        self._removed: set[NodeId] = {me} if me in snap.index else set()
+        self._items: list[NodeId] = []  # up here, not in the base
+        self._index: dict[NodeId, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._base) - len(self._removed) + len(self._items)
+
+    def __contains__(self, node: object) -> bool:
+        if node in self._bindex:
+            return node not in self._removed
+        return node in self._index
+
+    def add(self, node: NodeId) -> None:
+        if node in self._bindex:
+            self._removed.discard(node)
+        elif node not in self._index:
+            self._index[node] = len(self._items)
+            self._items.append(node)
+
+    def discard(self, node: NodeId) -> None:
+        if node in self._bindex:
+            self._removed.add(node)
+            return
+        i = self._index.pop(node, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._index[last] = i
+
+    def __iter__(self) -> Iterator[NodeId]:
+        removed = self._removed
+        for x in self._base:
+            if x not in removed:
+                yield x
+        yield from self._items
+
+    def sample(self, rng: random.Random, k: int, exclude: tuple[NodeId, ...] = ()) -> list[NodeId]:
+        """Up to ``k`` distinct random live ids not in ``exclude``."""
+        avail = len(self) - sum(1 for e in exclude if e in self)
+        k = min(k, avail)
+        if k <= 0:
+            return []
+        nb = len(self._base)
+        total = nb + len(self._items)
+        if k * 3 >= avail or len(self._removed) * 2 > nb:
+            pool = [x for x in self if x not in exclude]
+            return rng.sample(pool, k)
+        out: list[NodeId] = []
+        seen: set[NodeId] = set(exclude)
+        removed, base, items = self._removed, self._base, self._items
+        while len(out) < k:
+            i = rng.randrange(total)
+            if i < nb:
+                x = base[i]
+                if x in removed:
+                    continue
+            else:
+                x = items[i - nb]
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+        return out
+
+
+class Ring:
+    """``_ring``: live ids (the node itself included) in id order, as the
+    shared sorted ids minus the ones down here plus a SortedList of the ones
+    up here. Supports what the watch-link code uses: add, remove, len,
+    index(x) and ring[j] for j near the last index asked."""
+
+    __slots__ = ("_base", "_bset", "_removed", "_added", "_anchor")
+
+    def __init__(self, snap: Snapshot, me: NodeId) -> None:
+        self._base = snap.sorted_ids
+        self._bset = snap.index
+        self._removed: set[NodeId] = set()
+        self._added: SortedList = SortedList()
+        if me not in snap.index:
+            self._added.add(me)
+        self._anchor: tuple[int, NodeId] | None = None
+
+    def __len__(self) -> int:
+        return len(self._base) - len(self._removed) + len(self._added)
+
+    def add(self, node: NodeId) -> None:
+        if node in self._bset:
+            self._removed.discard(node)
+        elif node not in self._added:
+            self._added.add(node)
+        self._anchor = None
+
+    def remove(self, node: NodeId) -> None:
+        if node in self._bset:
+            if node in self._removed:
+                raise ValueError(node)
+            self._removed.add(node)
+        else:
+            self._added.remove(node)
+        self._anchor = None
+
+    def _walk(self, start: NodeId) -> Iterator[NodeId]:
+        """Live ids from ``start`` (inclusive) upwards, then wrapping around."""
+        base, added, removed = self._base, self._added, self._removed
+        for _lap in range(2):
+            i = bisect.bisect_left(base, start) if _lap == 0 else 0
+            j = added.bisect_left(start) if _lap == 0 else 0
+            while i < len(base) or j < len(added):
+                if j >= len(added) or (i < len(base) and base[i] < added[j]):
+                    x = base[i]
+                    i += 1
+                    if x in removed:
+                        continue
+                else:
+                    x = added[j]
+                    j += 1
+                yield x
+
+    def index(self, node: NodeId) -> int:
+        if node in self._bset and node in self._removed or (
+                node not in self._bset and node not in self._added):
+            raise ValueError(node)
+        pos = bisect.bisect_left(self._base, node)
+        # removed base ids below node: counted directly (few go down at once)
+        below = sum(1 for r in self._removed if r < node)
+        idx = pos - below + self._added.bisect_left(node)
+        self._anchor = (idx, node)
+        return idx
+
+    def __getitem__(self, j: int) -> NodeId:
+        n = len(self)
+        j %= n
+        if self._anchor is None:
+            self.index(self._base[0] if self._base else self._added[0])
+        assert self._anchor is not None
+        idx, node = self._anchor
+        steps = (j - idx) % n
+        for k, x in enumerate(self._walk(node)):
+            if k == steps:
+                return x
+        raise IndexError(j)
+
+
+class ProbeOrder:
+    """``_probe_order``: a lazily shuffled copy of the shared ids (Fisher-Yates
+    done one position at a time as the round-robin reaches it), so that a
+    node's first round costs nothing up front. ``insert`` adds a node at a
+    random place among the positions not reached yet, as the list does."""
+
+    __slots__ = ("_base", "_n", "_k", "_swapped", "_rng")
+
+    def __init__(self, snap: Snapshot, rng: random.Random) -> None:
+        self._base = snap.ids
+        self._n = len(snap.ids)
+        self._k = 0  # positions [0, k) are final
+        self._swapped: dict[int, NodeId] = {}
+        self._rng = rng
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _at(self, i: int) -> NodeId:
+        v = self._swapped.get(i)
+        return v if v is not None else self._base[i]
+
+    def __getitem__(self, i: int) -> NodeId:
+        if i < 0 or i >= self._n:
+            raise IndexError(i)
+        while self._k <= i:
+            k = self._k
+            j = self._rng.randrange(k, self._n)
+            vk, vj = self._at(k), self._at(j)
+            self._swapped[k], self._swapped[j] = vj, vk
+            self._k = k + 1
+        return self._at(i)
+
+    def insert(self, pos: int, node: NodeId) -> None:
+        # Any place among the unreached positions is as good as another: they
+        # are shuffled when reached.
+        self._swapped[self._n] = node
+        self._n += 1
+
+
+def install(node: Node, snap: Snapshot) -> None:
+    """Make ``node`` (not started, knowing only itself) know ``snap``'s members,
+    sharing the snapshot's records (see the module docs)."""
+    me = node._me
+    if len(node._members) != 1:
+        raise ValueError("install a snapshot into a fresh node only")
+    node._members = Members(snap.members, {me.node: me})  # type: ignore[assignment]
+    node._by_addr = Index(snap.by_addr)  # type: ignore[assignment]
+    node._by_addr[me.addr] = me.node
+    node._by_name = Index(snap.by_name)  # type: ignore[assignment]
+    node._by_name[me.name] = me.node
+    node._live = LiveSet(snap, me.node)  # type: ignore[assignment]
+    node._ring = Ring(snap, me.node)  # type: ignore[assignment]
+    node._ring_dirty = True
+    node._probe_order = ProbeOrder(snap, node.rng)  # type: ignore[assignment]
+    node._probe_index = 0
