@@ -41,6 +41,7 @@ name are both kept and the clash is reported (``NAME_CONFLICT``).
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import random
 from collections.abc import Hashable
@@ -121,10 +122,13 @@ LIVE = (Status.ALIVE, Status.SUSPECT)
 # Bound on queued broadcasts: beyond it the most-sent are dropped (push-pull
 # repairs what they would have carried).
 MAX_QUEUED_BROADCASTS = 20_000
+# Largest encoded push-pull state kept for reuse (see Node._state).
+STATE_CACHE_MAX_BYTES = 64 * 1024
 # How often dead/left members older than dead_reclaim_s are forgotten.
 REAP_INTERVAL_S = 60.0
 
 
+@functools.lru_cache(maxsize=16384)
 def addr_problem(addr: Addr) -> str | None:
     """Why ``addr`` cannot be a member's address, or None if it can."""
     try:
@@ -332,6 +336,7 @@ class Node:
         self._leaving = False
         self._started = False
         self._preloaded = False  # started from preload(): no join announcement
+        self._state_cache: tuple[Hashable, bytes] | None = None
         self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
@@ -1139,7 +1144,22 @@ class Node:
     # --- push-pull (anti-entropy) -------------------------------------------
 
     def _state(self, join: bool) -> bytes:
-        return codec.encode(PushPull(join, tuple(m.state() for m in self._members.values())))
+        # Encoding every member is the cost of a push-pull (and of every
+        # reconnect attempt, refused or not). Reuse the last encoding while
+        # no member changed: within one incarnation a member's name, address
+        # and tags cannot change, so (node, incarnation, status) of every
+        # member identifies the encoded rows.
+        members = list(self._members.values())
+        key = (join, hash(tuple((m.node, m.incarnation, m.status) for m in members)),
+               len(members))
+        cached = self._state_cache
+        if cached is not None and cached[0] == key:
+            self.counters["push_pull_state_reused"] += 1
+            return cached[1]
+        data = codec.encode(PushPull(join, tuple(m.state() for m in members)))
+        # Bounded: a simulation holds thousands of nodes' caches at once.
+        self._state_cache = (key, data) if len(data) <= STATE_CACHE_MAX_BYTES else None
+        return data
 
     def _open_push_pull(self, addr: Addr, ctx: StreamCtx, join: bool) -> None:
         ctx.peer_addr = addr
