@@ -21,6 +21,19 @@ is only used while it does not exist (like Serf's keyring file).
 The API ``leave`` answers once the leave had time to spread; the daemon then
 exits 0, as after SIGTERM.
 
+Registry ops (``register``, ``group.join``...) become core inputs
+(:class:`Register`, :class:`Unregister`, :class:`UpdateMeta`) carrying a
+fresh ``ref``, the API connection's id and its peer credentials (pid, uid
+from SO_PEERCRED) and, for the conflict rule, this host's wall clock in ms
+(the shell reads clocks; the core does not). The call waits for the
+:class:`CommandResult` with its ref: at once, or, for ``wait: "settled"``,
+when every live member acknowledged the entry or the core's timer expired.
+Reads (``lookup``, ``list``, ``groups``, ``group.members``) read the local
+replica in the runner task. When a connection closes, :class:`ConnClosed`
+drops its entries cluster-wide. :class:`RegistryEvent` outputs go to watches
+of the ``registry`` topic; a ``conflict`` also goes to the connection that
+owned the losing entry, as a connection event (stream 0) that needs no watch.
+
 A :class:`Lifecycle` (systemd's, in :mod:`peerd.shell.systemd`) hears when
 the first join finished (ready), when members change (status) and when the
 leave begins (stopping), and gets a ``tick`` at the deadline it asks for.
@@ -37,6 +50,7 @@ import heapq
 import itertools
 import math
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,21 +58,37 @@ from typing import Any, Protocol
 import trio
 
 from peerd.api.protocol import (
+    CONNECTION_STREAM,
+    PAGE_BUDGET_BYTES,
     STREAM_END,
     ApiError,
     ErrorCode,
+    ListArgs,
     Op,
+    RegisterArgs,
+    RegTarget,
     TagUpdate,
     Topic,
+    entry_wire_size,
+    format_addr,
     member_event_to_wire,
     member_to_wire,
     parse_join_args,
     parse_key_args,
+    parse_limit_arg,
+    parse_list_args,
+    parse_register_args,
     parse_set_tags_args,
+    parse_target_args,
+    parse_update_args,
+    reg_entry_to_wire,
+    registry_event_to_wire,
     status_to_wire,
 )
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
+    CommandResult,
+    ConnClosed,
     EventKind,
     IncarnationChanged,
     Input,
@@ -73,6 +103,9 @@ from peerd.core.events import (
     OpenStream,
     Output,
     PacketIn,
+    RegEventKind,
+    Register,
+    RegistryEvent,
     SendPacket,
     SetTags,
     SetTimer,
@@ -82,12 +115,14 @@ from peerd.core.events import (
     StreamResponse,
     Timer,
     TimerFired,
+    Unregister,
+    UpdateMeta,
     WatchLinks,
 )
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
-from peerd.wire.messages import Addr, tags_from_mapping
+from peerd.wire.messages import Addr, NodeId, RegKind, tags_from_mapping
 from peerd.wire.seal import KeyFormatError, Keyring, KeyringError, format_key, key_id, parse_key
 
 EXIT_OK = 0
@@ -175,6 +210,14 @@ class _Waiter:
     label: str
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
+
+
+@dataclass(eq=False, slots=True)
+class _RegCall:
+    """A registry command waiting for its CommandResult."""
+
+    result: CommandResult | None = None
+    done: trio.Event | None = None  # made only when the result does not come at once
 
 
 @dataclass(eq=False)
@@ -318,8 +361,12 @@ _EVENT_LEVEL = {
     EventKind.DEAD: LogLevel.WARNING,
     EventKind.NAME_CONFLICT: LogLevel.WARNING,
 }
+# Membership changes that make the saved peers file stale.
+_PEER_KINDS = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, EventKind.DEAD,
+                         EventKind.LEFT})
+PEERS_SAVE_DEBOUNCE_S = 0.2
 
-TOPICS = frozenset({Topic.MEMBERS.value})
+TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value})
 
 
 class Runner:
@@ -386,8 +433,20 @@ class Runner:
         self._leave_deadline: float | None = None
         self._left = False
         self._finished = False
+        # Set when membership changed: the peers file is rewritten soon after,
+        # so a daemon killed early still restarts with join hints.
+        self.peers_changed = trio.Event()
         self.exit_reason = ""
         self.in_flight = 0
+        # registry commands in flight (ref -> waiter), and the connections that
+        # wrote to the registry (id -> connection, for conflict events)
+        self._refs = itertools.count(1)
+        self._reg_calls: dict[int, _RegCall] = {}
+        self._reg_conns: dict[int, Any] = {}
+        self._deferred: collections.deque[Input] = collections.deque()
+        registry = getattr(node, "registry", None)
+        if registry is not None:
+            self.gauge_sources["registry_entries"] = registry.state.entry_count
 
     # --- the loop ---------------------------------------------------------------
 
@@ -427,6 +486,8 @@ class Runner:
                         self.lifecycle.deadline <= trio.current_time()):
                     self.lifecycle.tick(trio.current_time())
                 self._fire_due_timers()
+                while self._deferred and not self._finished:
+                    self._handle(self._deferred.popleft())
                 if self._finished:
                     break
                 if (self._leave_deadline is not None
@@ -523,6 +584,14 @@ class Runner:
                 # one kind is summarised, other kinds still get through.
                 key = "core:" + " ".join(message.split(" ", 2)[:2])
                 self.core_log.log(key, level, message)
+            case CommandResult(ref):
+                call = self._reg_calls.get(ref)
+                if call is not None:
+                    call.result = out
+                    if call.done is not None:
+                        call.done.set()
+            case RegistryEvent():
+                self._registry_event(out)
             case _:
                 self.logger.warning("unknown core output ignored", output=type(out).__name__)
 
@@ -538,9 +607,33 @@ class Runner:
                         **fields)
         if self.lifecycle is not None:
             self.lifecycle.members_changed(trio.current_time())
+        if ev.kind in _PEER_KINDS:
+            self.peers_changed.set()
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)
+
+    def _registry_event(self, ev: RegistryEvent) -> None:
+        conflict = ev.kind is RegEventKind.CONFLICT
+        if not conflict and not self._watches:
+            return
+        item = registry_event_to_wire(ev, getattr(self.node, "member", None))
+        if conflict:
+            winner = item[1].get("winner", {})
+            self.logger.warning("registry conflict: a local claim lost its name",
+                                scope=ev.entry.scope, name=ev.entry.name, pid=ev.entry.pid,
+                                winner_node=winner.get("node_name") or winner.get("node"),
+                                winner_pid=winner.get("pid"))
+            conn = self._reg_conns.get(ev.conn) if ev.conn is not None else None
+            if conn is not None:
+                try:
+                    delivered = conn.push_nowait(CONNECTION_STREAM, item[0], item[1])
+                except (AttributeError, ValueError):
+                    delivered = False
+                if not delivered:
+                    self.counters["registry_conflict_undelivered"] += 1
+        if self._watches:
+            self._fan_out(Topic.REGISTRY.value, item)
 
     def _fan_out(self, topic: str, item: EventItem) -> None:
         keep: list[_Watch] = []
@@ -659,12 +752,35 @@ class Runner:
         """Answer one API request; ApiError for anything the client got wrong."""
         self.in_flight += 1
         try:
-            return await self._call(op, args)
+            return await self._call(conn, op, args)
         finally:
             self.in_flight -= 1
 
-    async def _call(self, op: str, args: Mapping[str, Any]) -> Any:
+    async def _call(self, conn: object, op: str, args: Mapping[str, Any]) -> Any:
         match op:
+            case Op.REGISTER:
+                return await self._reg_write(conn, parse_register_args(args))
+            case Op.GROUP_JOIN:
+                return await self._reg_write(conn, parse_register_args(args, RegKind.GROUP))
+            case Op.UNREGISTER:
+                return await self._reg_write(conn, parse_target_args(args))
+            case Op.GROUP_LEAVE:
+                return await self._reg_write(conn, parse_target_args(args, RegKind.GROUP))
+            case Op.UPDATE:
+                return await self._reg_write(conn, parse_update_args(args), update=True)
+            case Op.LOOKUP:
+                target = parse_target_args(args)
+                return await self.call_in_runner(lambda: self._lookup(target))
+            case Op.LIST:
+                page = parse_list_args(args)
+                return await self.call_in_runner(lambda: self._list_names(page))
+            case Op.GROUPS:
+                page = parse_list_args(args)
+                return await self.call_in_runner(lambda: self._list_groups(page))
+            case Op.GROUP_MEMBERS:
+                target = parse_target_args(args, RegKind.GROUP)
+                limit = parse_limit_arg(args)
+                return await self.call_in_runner(lambda: self._group_members(target, limit))
             case Op.STATUS:
                 return await self.call_in_runner(self._status)
             case Op.MEMBERS:
@@ -691,6 +807,112 @@ class Runner:
                 return await self.call_in_runner(lambda: self._keys().remove(key))
             case _:
                 raise ApiError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
+
+    # --- registry ----------------------------------------------------------------------
+
+    def _registry(self) -> Any:
+        registry = getattr(self.node, "registry", None)
+        if registry is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no registry")
+        return registry
+
+    async def _reg_write(self, conn: object, cmd: RegisterArgs | RegTarget,
+                         update: bool = False) -> dict[str, Any]:
+        """Feed one registry command for ``conn`` (a RegTarget is an
+        unregister, or with ``update`` a metadata update) and wait for its
+        result."""
+        self._registry()
+        conn_id = getattr(conn, "id", None)
+        if type(conn_id) is not int:
+            raise ApiError(ErrorCode.UNAVAILABLE, "registry writes need an API connection")
+        cred = getattr(conn, "cred", None)
+        pid, uid = (cred.pid, cred.uid) if cred is not None else (0, 0)
+        ref = next(self._refs)
+        call = self._reg_calls[ref] = _RegCall()
+
+        def feed() -> None:
+            # In the runner task: a connection that closed meanwhile (its
+            # ConnClosed may already be handled) must not leave entries behind.
+            if getattr(conn, "closed", False):
+                raise ApiError(ErrorCode.UNAVAILABLE, "the connection closed")
+            inp: Input
+            if isinstance(cmd, RegisterArgs):
+                if self.leaving:
+                    raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+                inp = Register(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta, pid, uid,
+                               time.time_ns() // 1_000_000, cmd.settle_s)
+            elif update:
+                inp = UpdateMeta(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta)
+            else:
+                inp = Unregister(ref, conn_id, cmd.kind, cmd.scope, cmd.name)
+            self._reg_conns[conn_id] = conn
+            self._handle(inp)
+
+        try:
+            await self.call_in_runner(feed)
+            if call.result is None:
+                call.done = trio.Event()
+                await call.done.wait()
+        finally:
+            del self._reg_calls[ref]
+        result = call.result
+        assert result is not None
+        if result.error is not None:
+            raise ApiError(*result.error)
+        value = dict(result.value or {})
+        if value:
+            local = self.node.local_member()
+            value["node_name"] = local.name
+            value["node_addr"] = format_addr(local.addr)
+        return value
+
+    def _member_of(self) -> Callable[[NodeId], MemberInfo | None]:
+        members = {m.node: m for m in self.node.members()}
+        return members.get
+
+    def _lookup(self, target: RegTarget) -> dict[str, Any]:
+        claim = self._registry().state.lookup(target.scope, target.name)
+        if claim is None:
+            raise ApiError(ErrorCode.NOT_FOUND, f"no name {target.name!r} in scope "
+                                                f"{target.scope!r}")
+        member = getattr(self.node, "member", None)
+        return reg_entry_to_wire(claim.origin, claim.entry,
+                                 member(claim.origin) if member is not None else None)
+
+    def _list_names(self, page: ListArgs) -> dict[str, Any]:
+        member_of = self._member_of()
+        entries: list[dict[str, Any]] = []
+        budget = PAGE_BUDGET_BYTES
+        for claim in self._registry().state.names(page.scope, page.prefix):
+            key = (claim.entry.scope, claim.entry.name)
+            if page.after is not None and key <= page.after:
+                continue
+            budget -= entry_wire_size(claim.entry)
+            if len(entries) >= page.limit or budget < 0:
+                return {"entries": entries, "more": True}
+            entries.append(reg_entry_to_wire(claim.origin, claim.entry, member_of(claim.origin)))
+        return {"entries": entries, "more": False}
+
+    def _list_groups(self, page: ListArgs) -> dict[str, Any]:
+        groups: list[dict[str, Any]] = []
+        for scope, name, count in self._registry().state.groups(page.scope, page.prefix):
+            if page.after is not None and (scope, name) <= page.after:
+                continue
+            if len(groups) >= page.limit:
+                return {"groups": groups, "more": True}
+            groups.append({"scope": scope, "group": name, "members": count})
+        return {"groups": groups, "more": False}
+
+    def _group_members(self, target: RegTarget, limit: int) -> dict[str, Any]:
+        member_of = self._member_of()
+        entries: list[dict[str, Any]] = []
+        budget = PAGE_BUDGET_BYTES
+        for claim in self._registry().state.group_members(target.scope, target.name):
+            budget -= entry_wire_size(claim.entry)
+            if len(entries) >= limit or budget < 0:
+                return {"entries": entries, "more": True}
+            entries.append(reg_entry_to_wire(claim.origin, claim.entry, member_of(claim.origin)))
+        return {"entries": entries, "more": False}
 
     def _keys(self) -> KeyManager:
         if self.keys is None:
@@ -795,6 +1017,18 @@ class Runner:
             else:
                 keep.append(w)
         self._watches = keep
+        conn_id = getattr(conn, "id", None)
+        if conn_id is not None and self._reg_conns.pop(conn_id, None) is not None:
+            # Its entries go cluster-wide. Must not block: if the input
+            # channel is full, the loop takes it at its next turn (a command
+            # of this connection still queued sees it closed and is refused).
+            try:
+                self.send_channel.send_nowait(ConnClosed(conn_id))
+            except trio.WouldBlock:
+                self.counters["conn_closed_deferred"] += 1
+                self._deferred.append(ConnClosed(conn_id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the runner is gone; so are the entries
 
 
 def open_inputs(size: int = 1024) -> tuple[trio.MemorySendChannel[Item],
@@ -852,9 +1086,14 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
             nursery.cancel_scope.cancel()
 
     async def peers_saver(*, task_status: trio.TaskStatus[Any]) -> None:
+        # Save soon after membership changes (debounced), and at least every
+        # interval; no wake-ups at all while nothing changes.
         task_status.started()
         while True:
-            await trio.sleep(peers_save_interval_s)
+            with trio.move_on_after(peers_save_interval_s):
+                await runner.peers_changed.wait()
+                await trio.sleep(PEERS_SAVE_DEBOUNCE_S)
+            runner.peers_changed = trio.Event()
             await runner.save_peers()
 
     async def signals(*, task_status: trio.TaskStatus[Any]) -> None:

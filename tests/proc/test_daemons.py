@@ -218,16 +218,15 @@ def test_killed_daemon_restarted_with_its_state_dir_rejoins(cluster: Cluster) ->
     assert c.status()["id"] == before["id"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "peerd/shell/runner.py serve(): the peers file is written only every 60 s "
-    "(peers_save_interval_s, first save after 60 s) and at a graceful exit, so a daemon "
-    "killed in its first minute has no saved peers and cannot rejoin without --join "
-    "(DESIGN: 'the last known peers survive restarts, so a restarted node can rejoin "
-    "without a seed')"))
 def test_killed_daemon_rejoins_from_its_persisted_peers_at_a_new_address(
         cluster: Cluster) -> None:
     a, b, c = cluster.start_cluster(["a", "b", "c"])
     before = c.status()
+    # The daemon rewrites its peers file within a fraction of a second of a
+    # membership change (not only every minute); kill it as soon as it has.
+    peers_file = c.state_dir / "peers"
+    wait_until(lambda: peers_file.exists() and a.addr.split(":")[0] in peers_file.read_text()
+               and b.addr.split(":")[0] in peers_file.read_text(), 3.0, "c saved its peers")
     c.kill9()
     wait_until(lambda: status_everywhere([a, b], "c", "dead"), 10.0, "c listed dead")
     # A new address: a and b keep retrying c's old one, so only c's own saved
