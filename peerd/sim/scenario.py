@@ -27,7 +27,7 @@ FAULT_KINDS = ("crash", "pause", "slow", "restart", "leave", "join", "partition"
                "loss", "block")
 
 # Keys every fault accepts, and the extra keys of each kind.
-_COMMON_FAULT_KEYS = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
+_COMMON_FAULT_KEYS: set[str] = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
 _FAULT_KEYS: dict[str, set[str]] = {
     "crash": {"nodes", "icmp"},
     "pause": {"nodes", "duration_s"},
@@ -40,6 +40,7 @@ _FAULT_KEYS: dict[str, set[str]] = {
     "loss": {"nodes", "loss", "duration_s"},
     "block": {"from", "to", "symmetric", "duration_s"},
 }
+_ALL_FAULT_KEYS = set().union(*_FAULT_KEYS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "crash": ("nodes",), "pause": ("nodes", "duration_s"), "slow": ("nodes", "delay_ms"),
     "restart": ("nodes",), "leave": ("nodes",), "join": ("nodes",), "partition": ("groups",),
@@ -263,10 +264,17 @@ class _Parser:
 
     def _unknown(self, d: dict[str, Any], allowed: set[str], where: tuple[str, int],
                  what: str) -> None:
+        every = _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS
         for k in d:
             if k not in allowed:
                 hint = _closest(k, allowed)
-                extra = f" (did you mean '{hint}'?)" if hint else ""
+                if hint:
+                    extra = f" (did you mean '{hint}'?)"
+                elif k in every:
+                    extra = f" ('{k}' is not used there)"
+                else:
+                    near = _closest(k, every)
+                    extra = f" (did you mean '{near}'? it is not used there)" if near else ""
                 self.fail(f"unknown key '{k}' in {what}{extra}", *where, k)
 
     def _selection(self, v: Any, where: tuple[str, int], key: str) -> Selection:

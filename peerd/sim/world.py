@@ -346,6 +346,7 @@ class World:
         snap = shared.Snapshot(states)
         row = bytearray(self.n)
         row[:k] = b"\x01" * k  # V_ALIVE
+        self.up[:k] = b"\x01" * k  # all of them run from t=0 (no transient wrong views)
         for h in self.hosts[:k]:
             self._start_proc(h, preload=snap, row=bytearray(row))
         for f in sc.faults:
