@@ -227,14 +227,151 @@ class RegAck:
     version: int
 
 
+# --- partial mesh (types 30-39) ------------------------------------------------
+# HyParView membership overlay (Leitao, Pereira, Rodrigues 2007) and Plumtree
+# broadcast trees (same authors, 2007) over its links: see peerd/core/mesh/.
+# These travel over persistent links (streams), not datagrams; the sender is
+# the link's authenticated peer, so no message repeats it except where its
+# address is needed.
+
+MESSAGE_ID_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPeer:
+    """A node of the overlay and the address to open a link to (not a message)."""
+
+    node: NodeId
+    addr: Addr
+
+
+@dataclass(frozen=True, slots=True)
+class MeshJoin:
+    """Sent by a joining node to its contact, which takes it as a neighbour
+    (answering with a NeighborReply) and starts random walks of ForwardJoin."""
+
+    TYPE: ClassVar[int] = 30
+    joiner: MeshPeer
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardJoin:
+    """A random walk announcing ``joiner``; ``ttl`` hops are left."""
+
+    TYPE: ClassVar[int] = 31
+    joiner: MeshPeer
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbor:
+    """Ask the receiver to take ``sender`` into its active view. ``high``: the
+    sender has no neighbour at all (or ends a join walk), so the receiver
+    accepts even when full (it drops a neighbour to make room)."""
+
+    TYPE: ClassVar[int] = 32
+    sender: MeshPeer
+    high: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborReply:
+    """Answer to a Neighbor or MeshJoin: accepted (now neighbours) or not."""
+
+    TYPE: ClassVar[int] = 33
+    accept: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The sender dropped the receiver from its active view. ``alive``: it
+    stays around (keep it as a passive peer); false: it is leaving."""
+
+    TYPE: ClassVar[int] = 34
+    alive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Shuffle:
+    """A random walk carrying a sample of ``origin``'s views; the node where it
+    ends answers ``origin`` with a ShuffleReply and keeps the sample."""
+
+    TYPE: ClassVar[int] = 35
+    origin: MeshPeer
+    ttl: int
+    peers: tuple[MeshPeer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShuffleReply:
+    """A sample of the replier's passive view, for the shuffle's origin."""
+
+    TYPE: ClassVar[int] = 36
+    peers: tuple[MeshPeer, ...]
+
+
+class Channel(enum.IntEnum):
+    """What a broadcast carries. Lower values are sent first on a busy link and
+    have their own size limits, so user payloads cannot starve the daemon's."""
+
+    MEMBERSHIP = 0
+    REGISTRY = 1
+    USER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    """Plumtree eager push of one broadcast. ``round`` counts hops from the
+    origin (1 at the origin's neighbours)."""
+
+    TYPE: ClassVar[int] = 37
+    id: bytes  # MESSAGE_ID_BYTES, unique per broadcast
+    origin: NodeId
+    round: int
+    channel: Channel
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IHave:
+    """An announcement: the sender has broadcast ``id``, which would reach the
+    receiver at hop ``round`` (not a message on its own)."""
+
+    id: bytes
+    round: int
+
+
+class TreeLink(enum.IntEnum):
+    """What a GossipControl asks of the receiver's link to the sender."""
+
+    KEEP = 0
+    EAGER = 1  # GRAFT: push payloads to me from now on
+    LAZY = 2  # PRUNE: only announce them
+
+
+@dataclass(frozen=True, slots=True)
+class GossipControl:
+    """Plumtree's lazy side, batched: IHAVE announcements, GRAFT (``want`` the
+    payloads of these ids, with ``link`` = EAGER) and PRUNE (``link`` = LAZY)."""
+
+    TYPE: ClassVar[int] = 38
+    ihave: tuple[IHave, ...]
+    want: tuple[bytes, ...]
+    link: TreeLink
+
+
 Message = (
     Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull
     | RegDelta | RegSnapshot | RegSync | RegAck
+    | MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
+    | Gossip | GossipControl
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
-                              RegDelta, RegSnapshot, RegSync, RegAck)
+                              RegDelta, RegSnapshot, RegSync, RegAck, MeshJoin, ForwardJoin,
+                              Neighbor, NeighborReply, Disconnect, Shuffle, ShuffleReply, Gossip,
+                              GossipControl)
 }
 
 

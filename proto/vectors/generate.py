@@ -23,16 +23,17 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
         8: "left", 9: "push-pull", 20: "reg-delta", 21: "reg-snapshot", 22: "reg-sync",
-        23: "reg-ack"}
+        23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
+        34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control"}
 
 
 def describe(value: Any) -> Any:
     """A JSON description of a message (or of one of its field values)."""
     from dataclasses import fields, is_dataclass
 
-    from peerd.wire.messages import RegKind, Status
+    from peerd.wire.messages import Channel, RegKind, Status, TreeLink
 
-    if isinstance(value, RegKind):
+    if isinstance(value, RegKind | Channel | TreeLink):
         return value.name.lower()
     if is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
@@ -62,11 +63,21 @@ def message_vectors() -> dict[str, Any]:
     from peerd.wire.messages import (
         Ack,
         Alive,
+        Channel,
         Dead,
+        Disconnect,
+        ForwardJoin,
+        Gossip,
+        GossipControl,
+        IHave,
         Left,
         MemberState,
+        MeshJoin,
+        MeshPeer,
         Message,
         Nack,
+        Neighbor,
+        NeighborReply,
         Ping,
         PingReq,
         PushPull,
@@ -78,8 +89,11 @@ def message_vectors() -> dict[str, Any]:
         RegKind,
         RegSnapshot,
         RegSync,
+        Shuffle,
+        ShuffleReply,
         Status,
         Suspect,
+        TreeLink,
         tags_from_mapping,
     )
 
@@ -127,6 +141,30 @@ def message_vectors() -> dict[str, Any]:
         ("reg-sync-empty", RegSync((), ())),
         ("reg-ack", RegAck(a, 3, 6)),
     ]
+    pa = MeshPeer(a, ("192.0.2.1", 7946))
+    pb = MeshPeer(b, ("2001:db8::2", 7946))
+    pc = MeshPeer(c, ("192.0.2.3", 7947))
+    m1 = bytes.fromhex("0123456789abcdef0000000000000001")
+    m2 = bytes.fromhex("0123456789abcdef0000000000000002")
+    named += [
+        ("mesh-join", MeshJoin(pa)),
+        ("forward-join", ForwardJoin(pb, 6)),
+        ("neighbor-high", Neighbor(pa, True)),
+        ("neighbor-low", Neighbor(pb, False)),
+        ("neighbor-reply-accept", NeighborReply(True)),
+        ("neighbor-reply-reject", NeighborReply(False)),
+        ("disconnect-alive", Disconnect(True)),
+        ("disconnect-leaving", Disconnect(False)),
+        ("shuffle", Shuffle(pa, 5, (pa, pb, pc))),
+        ("shuffle-reply", ShuffleReply((pc, pb))),
+        ("shuffle-reply-empty", ShuffleReply(())),
+        ("gossip-membership", Gossip(m1, a, 1, Channel.MEMBERSHIP, bytes.fromhex("8103"))),
+        ("gossip-registry", Gossip(m2, b, 7, Channel.REGISTRY, b"")),
+        ("gossip-user", Gossip(m2, c, 300, Channel.USER, b"hello, mesh")),
+        ("gossip-control-ihave", GossipControl((IHave(m1, 2), IHave(m2, 3)), (), TreeLink.KEEP)),
+        ("gossip-control-graft", GossipControl((), (m1,), TreeLink.EAGER)),
+        ("gossip-control-prune", GossipControl((), (), TreeLink.LAZY)),
+    ]
     messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
                 for name, m in named]
 
@@ -172,6 +210,14 @@ def message_vectors() -> dict[str, Any]:
          "bad_field"),
         ("name-256-bytes", "87 05 50" + a.hex() + "79 0100" + "61" * 256
          + "82 44c0000201 00 00 00 a0", "bad_field"),
+        ("forward-join-ttl-256", "83 181f 82 50" + a.hex() + "82 44c0000201 00 190100",
+         "bad_field"),
+        ("gossip-unknown-channel", "86 1825 50" + m1.hex() + "50" + a.hex() + "01 03 40",
+         "bad_field"),
+        ("gossip-short-id", "86 1825 4f" + m1.hex()[:30] + "50" + a.hex() + "01 00 40",
+         "bad_field"),
+        ("gossip-control-unknown-link", "84 1826 80 80 03", "bad_field"),
+        ("mesh-join-missing-peer", "81 181e", "bad_arity"),
     ]
     invalid_out = []
     for name, hexdata, reason in invalid:

@@ -6,15 +6,26 @@ from hypothesis import strategies as st
 
 from peerd.wire import codec
 from peerd.wire.messages import (
+    MESSAGE_ID_BYTES,
     NODE_ID_BYTES,
     Ack,
     Addr,
     Alive,
+    Channel,
     Dead,
+    Disconnect,
+    ForwardJoin,
+    Gossip,
+    GossipControl,
+    IHave,
     Left,
     MemberState,
+    MeshJoin,
+    MeshPeer,
     Message,
     Nack,
+    Neighbor,
+    NeighborReply,
     Ping,
     PingReq,
     PushPull,
@@ -26,9 +37,12 @@ from peerd.wire.messages import (
     RegKind,
     RegSnapshot,
     RegSync,
+    Shuffle,
+    ShuffleReply,
     Status,
     Suspect,
     Tags,
+    TreeLink,
     tags_from_mapping,
 )
 
@@ -81,6 +95,23 @@ reg_syncs = st.builds(RegSync, st.lists(st.builds(RegDigestRow, node_ids, u64, u
                       st.lists(st.one_of(reg_deltas, reg_snapshots), max_size=2).map(tuple))
 reg_acks = st.builds(RegAck, node_ids, u64, u64)
 
+mesh_peers = st.builds(MeshPeer, node_ids, addrs)
+ttls = st.integers(min_value=0, max_value=codec.MAX_WALK_TTL)
+peer_lists = st.lists(mesh_peers, max_size=6).map(tuple)
+msg_ids = st.binary(min_size=MESSAGE_ID_BYTES, max_size=MESSAGE_ID_BYTES)
+mesh_joins = st.builds(MeshJoin, mesh_peers)
+forward_joins = st.builds(ForwardJoin, mesh_peers, ttls)
+neighbors = st.builds(Neighbor, mesh_peers, st.booleans())
+neighbor_replies = st.builds(NeighborReply, st.booleans())
+disconnects = st.builds(Disconnect, st.booleans())
+shuffles = st.builds(Shuffle, mesh_peers, ttls, peer_lists)
+shuffle_replies = st.builds(ShuffleReply, peer_lists)
+gossips = st.builds(Gossip, msg_ids, node_ids, u64, st.sampled_from(Channel),
+                    st.binary(max_size=64))
+gossip_controls = st.builds(GossipControl,
+                            st.lists(st.builds(IHave, msg_ids, u64), max_size=4).map(tuple),
+                            st.lists(msg_ids, max_size=3).map(tuple), st.sampled_from(TreeLink))
+
 BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Ping.TYPE: pings,
     PingReq.TYPE: ping_reqs,
@@ -95,5 +126,14 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     RegSnapshot.TYPE: reg_snapshots,
     RegSync.TYPE: reg_syncs,
     RegAck.TYPE: reg_acks,
+    MeshJoin.TYPE: mesh_joins,
+    ForwardJoin.TYPE: forward_joins,
+    Neighbor.TYPE: neighbors,
+    NeighborReply.TYPE: neighbor_replies,
+    Disconnect.TYPE: disconnects,
+    Shuffle.TYPE: shuffles,
+    ShuffleReply.TYPE: shuffle_replies,
+    Gossip.TYPE: gossips,
+    GossipControl.TYPE: gossip_controls,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())

@@ -19,11 +19,21 @@ from peerd.wire.messages import (
     MESSAGE_TYPES,
     Ack,
     Alive,
+    Channel,
     Dead,
+    Disconnect,
+    ForwardJoin,
+    Gossip,
+    GossipControl,
+    IHave,
     Left,
     MemberState,
+    MeshJoin,
+    MeshPeer,
     Message,
     Nack,
+    Neighbor,
+    NeighborReply,
     Ping,
     PingReq,
     PushPull,
@@ -35,8 +45,11 @@ from peerd.wire.messages import (
     RegKind,
     RegSnapshot,
     RegSync,
+    Shuffle,
+    ShuffleReply,
     Status,
     Suspect,
+    TreeLink,
 )
 
 VECTORS = Path(__file__).resolve().parents[2] / "proto" / "vectors"
@@ -67,6 +80,10 @@ def _reg_entry(d: dict[str, Any]) -> RegEntry:
 
 def _reg_change(d: dict[str, Any]) -> RegChange:
     return RegChange(d["version"], d["eid"], None if d["entry"] is None else _reg_entry(d["entry"]))
+
+
+def _peer(d: dict[str, Any]) -> MeshPeer:
+    return MeshPeer(bytes.fromhex(d["node"]), _addr(d["addr"]))
 
 
 def message_from_json(d: dict[str, Any]) -> Message:
@@ -103,6 +120,26 @@ def message_from_json(d: dict[str, Any]) -> Message:
                                  for r in d["digest"]), tuple(items))
         case "reg-ack":
             return RegAck(h(d["origin"]), d["generation"], d["version"])
+        case "mesh-join":
+            return MeshJoin(_peer(d["joiner"]))
+        case "forward-join":
+            return ForwardJoin(_peer(d["joiner"]), d["ttl"])
+        case "neighbor":
+            return Neighbor(_peer(d["sender"]), d["high"])
+        case "neighbor-reply":
+            return NeighborReply(d["accept"])
+        case "disconnect":
+            return Disconnect(d["alive"])
+        case "shuffle":
+            return Shuffle(_peer(d["origin"]), d["ttl"], tuple(_peer(p) for p in d["peers"]))
+        case "shuffle-reply":
+            return ShuffleReply(tuple(_peer(p) for p in d["peers"]))
+        case "gossip":
+            return Gossip(h(d["id"]), h(d["origin"]), d["round"], Channel[d["channel"].upper()],
+                          h(d["payload"]))
+        case "gossip-control":
+            return GossipControl(tuple(IHave(h(i["id"]), i["round"]) for i in d["ihave"]),
+                                 tuple(h(w) for w in d["want"]), TreeLink[d["link"].upper()])
     raise AssertionError(f"unknown type label {d['type']!r}")
 
 
@@ -119,6 +156,11 @@ def test_every_message_type_has_a_vector() -> None:
     statuses = {m["status"] for v in MESSAGES["messages"] if v["message"]["type"] == "push-pull"
                 for m in v["message"]["members"]}
     assert statuses == {s.label for s in Status}
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for v in MESSAGES["messages"]:
+        by_type.setdefault(v["message"]["type"], []).append(v["message"])
+    assert {g["channel"] for g in by_type["gossip"]} == {c.name.lower() for c in Channel}
+    assert {c["link"] for c in by_type["gossip-control"]} == {t.name.lower() for t in TreeLink}
 
 
 @pytest.mark.parametrize("vector", MESSAGES["messages"], ids=_name)
