@@ -68,11 +68,15 @@ from peerd.wire.messages import (
     ShuffleReply,
     Status,
     Suspect,
+    SyncDigest,
+    SyncRows,
     Tags,
     TreeLink,
 )
 
 MAX_U64 = 2**64 - 1
+#: Most buckets a digest sync may use: 2**12 (16 KiB of hashes).
+MAX_SYNC_BITS = 12
 MAX_NAME_BYTES = 255
 MAX_TAG_KEY_BYTES = 64
 MAX_TAG_VALUE_BYTES = 512
@@ -317,6 +321,21 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(members) is not tuple:
                 _bad_out(f"push-pull members must be a tuple, got {members!r}")
             return [PushPull.TYPE, _bool_out(join, "join"), [_member_out(m) for m in members]]
+        case SyncDigest(bits, hashes):
+            if type(bits) is not int or not 0 <= bits <= MAX_SYNC_BITS:
+                _bad_out(f"sync digest bits must be 0..{MAX_SYNC_BITS}, got {bits!r}")
+            if type(hashes) is not bytes or len(hashes) != 4 << bits:
+                _bad_out(f"sync digest hashes must be {4 << bits} bytes")
+            return [SyncDigest.TYPE, bits, hashes]
+        case SyncRows(bits, buckets, members):
+            if type(bits) is not int or not 0 <= bits <= MAX_SYNC_BITS:
+                _bad_out(f"sync rows bits must be 0..{MAX_SYNC_BITS}, got {bits!r}")
+            if type(buckets) is not tuple or any(
+                    type(b) is not int or not 0 <= b < 1 << bits for b in buckets):
+                _bad_out(f"sync rows buckets must be a tuple of ints below {1 << bits}")
+            if type(members) is not tuple:
+                _bad_out(f"sync rows members must be a tuple, got {members!r}")
+            return [SyncRows.TYPE, bits, list(buckets), [_member_out(m) for m in members]]
         case RegDelta(origin, gen, base, top, changes, ack):
             return [RegDelta.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
                     _uint_out(base, "base"), _uint_out(top, "top"),
@@ -516,6 +535,31 @@ def _left_in(obj: list[Any]) -> Message:
     return Left(_node_id(node), _uint(inc, "incarnation"))
 
 
+def _sync_bits(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_SYNC_BITS:
+        _bad(f"sync bits must be 0..{MAX_SYNC_BITS}")
+    return v
+
+
+def _sync_digest_in(obj: list[Any]) -> Message:
+    bits, hashes = _fields(obj, 2, "sync-digest")
+    bits = _sync_bits(bits)
+    if type(hashes) is not bytes or len(hashes) != 4 << bits:
+        _bad("sync digest hashes must be 4 * 2**bits bytes")
+    return SyncDigest(bits, hashes)
+
+
+def _sync_rows_in(obj: list[Any]) -> Message:
+    bits, buckets, members = _fields(obj, 3, "sync-rows")
+    bits = _sync_bits(bits)
+    if type(buckets) is not list or len(buckets) > 1 << MAX_SYNC_BITS or any(
+            type(b) is not int or not 0 <= b < 1 << bits for b in buckets):
+        _bad("sync rows buckets must be an array of bucket numbers below 2**bits")
+    if type(members) is not list:
+        _bad("sync rows members must be an array")
+    return SyncRows(bits, tuple(buckets), tuple(_member_in(m) for m in members))
+
+
 def _push_pull_in(obj: list[Any]) -> Message:
     join, members = _fields(obj, 2, "push-pull")
     if type(members) is not list:
@@ -697,6 +741,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Dead.TYPE: _dead_in,
     Left.TYPE: _left_in,
     PushPull.TYPE: _push_pull_in,
+    SyncDigest.TYPE: _sync_digest_in,
+    SyncRows.TYPE: _sync_rows_in,
     RegDelta.TYPE: _reg_delta_in,
     RegSnapshot.TYPE: _reg_snapshot_in,
     RegSync.TYPE: _reg_sync_in,

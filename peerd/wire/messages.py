@@ -142,6 +142,32 @@ class PushPull:
     members: tuple[MemberState, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class SyncDigest:
+    """Digest anti-entropy, first step (over a stream): the membership split
+    into ``2**bits`` buckets by the first bits of the node id, and for each
+    the XOR of a 32-bit hash of (node, incarnation, status) of its members,
+    as ``4 * 2**bits`` big-endian bytes. The peer answers with a
+    :class:`SyncRows` naming the buckets that differ (and no rows)."""
+
+    TYPE: ClassVar[int] = 11
+    bits: int
+    hashes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRows:
+    """Digest anti-entropy, second step: the members of the listed buckets.
+    As a request it carries the opener's rows; the peer merges them, then
+    answers with its own rows of the same buckets (so a refutation it had to
+    make is in the answer, as with push-pull)."""
+
+    TYPE: ClassVar[int] = 12
+    bits: int
+    buckets: tuple[int, ...]
+    members: tuple[MemberState, ...]
+
+
 # --- registry (types 20-29) ---------------------------------------------------
 # See peerd/core/registry/state.py for the model: every entry belongs to one
 # origin (node id, generation), whose partition has a version counter.
@@ -361,7 +387,7 @@ class GossipControl:
 
 
 Message = (
-    Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull
+    Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull | SyncDigest | SyncRows
     | RegDelta | RegSnapshot | RegSync | RegAck
     | MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
     | Gossip | GossipControl
@@ -369,9 +395,9 @@ Message = (
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
-                              RegDelta, RegSnapshot, RegSync, RegAck, MeshJoin, ForwardJoin,
-                              Neighbor, NeighborReply, Disconnect, Shuffle, ShuffleReply, Gossip,
-                              GossipControl)
+                              SyncDigest, SyncRows, RegDelta, RegSnapshot, RegSync, RegAck,
+                              MeshJoin, ForwardJoin, Neighbor, NeighborReply, Disconnect,
+                              Shuffle, ShuffleReply, Gossip, GossipControl)
 }
 
 

@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
-        8: "left", 9: "push-pull", 20: "reg-delta", 21: "reg-snapshot", 22: "reg-sync",
+        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 20: "reg-delta",
+        21: "reg-snapshot", 22: "reg-sync",
         23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
         34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control"}
 
@@ -93,6 +94,8 @@ def message_vectors() -> dict[str, Any]:
         ShuffleReply,
         Status,
         Suspect,
+        SyncDigest,
+        SyncRows,
         TreeLink,
         tags_from_mapping,
     )
@@ -127,6 +130,11 @@ def message_vectors() -> dict[str, Any]:
             MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
             MemberState(c, "db-1", ("192.0.2.3", 7946), 1, 1, (), Status.DEAD),
             MemberState(a[::-1], "db-2", ("192.0.2.4", 7947), 0, 4, (), Status.LEFT),
+        ))),
+        ("sync-digest", SyncDigest(2, bytes.fromhex("00000000deadbeef0badf00d00000001"))),
+        ("sync-rows-buckets", SyncRows(2, (1, 2), ())),
+        ("sync-rows-members", SyncRows(2, (1,), (
+            MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
         ))),
     ]
     svc = RegEntry(1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000,

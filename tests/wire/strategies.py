@@ -41,6 +41,8 @@ from peerd.wire.messages import (
     ShuffleReply,
     Status,
     Suspect,
+    SyncDigest,
+    SyncRows,
     Tags,
     TreeLink,
     tags_from_mapping,
@@ -77,6 +79,11 @@ suspects = st.builds(Suspect, node_ids, u64, node_ids)
 deads = st.builds(Dead, node_ids, u64, node_ids)
 lefts = st.builds(Left, node_ids, u64)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(members, max_size=4).map(tuple))
+sync_digests = st.integers(0, 12).flatmap(
+    lambda b: st.builds(SyncDigest, st.just(b), st.binary(min_size=4 << b, max_size=4 << b)))
+sync_rows = st.integers(0, 12).flatmap(lambda b: st.builds(
+    SyncRows, st.just(b), st.lists(st.integers(0, (1 << b) - 1), max_size=4).map(tuple),
+    st.lists(members, max_size=3).map(tuple)))
 
 reg_entries = st.builds(RegEntry, u64, st.sampled_from(RegKind),
                         _utf8_at_most(codec.MAX_SCOPE_BYTES),
@@ -122,6 +129,8 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Dead.TYPE: deads,
     Left.TYPE: lefts,
     PushPull.TYPE: push_pulls,
+    SyncDigest.TYPE: sync_digests,
+    SyncRows.TYPE: sync_rows,
     RegDelta.TYPE: reg_deltas,
     RegSnapshot.TYPE: reg_snapshots,
     RegSync.TYPE: reg_syncs,

@@ -49,6 +49,8 @@ from peerd.wire.messages import (
     ShuffleReply,
     Status,
     Suspect,
+    SyncDigest,
+    SyncRows,
     TreeLink,
 )
 
@@ -108,6 +110,10 @@ def message_from_json(d: dict[str, Any]) -> Message:
             return Left(h(d["node"]), d["incarnation"])
         case "push-pull":
             return PushPull(d["join"], tuple(_member(m) for m in d["members"]))
+        case "sync-digest":
+            return SyncDigest(d["bits"], h(d["hashes"]))
+        case "sync-rows":
+            return SyncRows(d["bits"], tuple(d["buckets"]), tuple(_member(m) for m in d["members"]))
         case "reg-delta":
             return RegDelta(h(d["origin"]), d["generation"], d["base"], d["top"],
                             tuple(_reg_change(c) for c in d["changes"]), d["ack"])
