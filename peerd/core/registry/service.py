@@ -13,7 +13,10 @@ the protocol around it, driven by the membership node (its *host*):
   merged in the broadcast queue, so a burst of writes costs one queue item
   per origin, not one per write; a merged delta that grows too large is sent
   as an announcement (``RegAck``: "I hold origin X at version v"), and a
-  node that is behind pulls the difference over a stream.
+  node that is behind pulls the difference over a stream. Until the flush,
+  deltas are *staged* as objects and merged there: encoding (and merging
+  with what is still queued) happens once per origin and flush, not once
+  per write, so a burst of writes costs O(1) each.
 * **Anti-entropy**: with every membership push-pull the node also exchanges a
   ``RegSync`` (digest plus what the peer lacks) with the same peer.
 * **Membership**: a node declared dead or left loses its entries everywhere;
@@ -73,12 +76,16 @@ class Host(Protocol):
 
     def reg_emit(self, out: Output) -> None: ...
 
-    def reg_broadcast(self, key: Hashable, msg: Message) -> None:
-        """Queue ``msg`` for gossip (replacing a queued item with ``key``) and
-        flush soon."""
+    def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None:
+        """Queue ``msg`` (encoded: ``data``, when given) for gossip, replacing a
+        queued item with ``key``, and send soon."""
 
     def reg_queued(self, key: Hashable) -> bytes | None:
         """The encoded message queued under ``key``, if any."""
+
+    def reg_flush_soon(self) -> None:
+        """Call :meth:`RegistryService.flush` shortly (before the next gossip),
+        or, while there is nobody to send to, once there is."""
 
     def reg_send(self, node: NodeId, msg: Message) -> None:
         """Send ``msg`` in a datagram to a live member."""
@@ -141,6 +148,10 @@ class RegistryService:
         self._wants: dict[NodeId, tuple[int, int, NodeId | None, int]] = {}
         self._pull_inflight = False
         self._notified: set[tuple[int, NodeId, int]] = set()  # (loser eid, winner)
+        # origin -> delta waiting for the flush (see _queue_delta), and the
+        # last message queued per origin with its encoding (saves a decode)
+        self._staged: dict[NodeId, _Staged] = {}
+        self._queued: dict[NodeId, tuple[bytes, RegDelta | RegAck]] = {}
 
     # --- API commands -------------------------------------------------------------
 
@@ -251,13 +262,43 @@ class RegistryService:
         self._queue_delta(delta, ack)
 
     def _queue_delta(self, delta: RegDelta, ack: bool = False) -> None:
+        """Stage ``delta`` for the next flush, merged with what is staged.
+        With nobody to send to (alone), it stays staged until a peer is live
+        (the host flushes then); merging per entry keeps that bounded."""
+        staged = self._staged.get(delta.origin)
+        if staged is not None and not staged.extend(delta, ack):
+            self._enqueue(staged.delta(), staged.ack)  # not consecutive: send what we had
+            staged = None
+        if staged is None:
+            self._staged[delta.origin] = _Staged.of(delta, ack)
+        self.host.reg_flush_soon()
+
+    @property
+    def staged(self) -> bool:
+        """Deltas wait for a flush."""
+        return bool(self._staged)
+
+    def flush(self) -> None:
+        """Move staged deltas into the broadcast queue (the host calls this
+        before a gossip round)."""
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, {}
+        for item in staged.values():
+            self._enqueue(item.delta(), item.ack)
+
+    def _enqueue(self, delta: RegDelta, ack: bool) -> None:
         key = ("r", delta.origin)
         queued = self.host.reg_queued(key)
         if queued is not None:
-            try:
-                old = codec.decode(queued)
-            except codec.DecodeError:  # pragma: no cover - we encoded it
-                old = None
+            cached = self._queued.get(delta.origin)
+            if cached is not None and cached[0] is queued:
+                old: object = cached[1]  # what we queued, still there: no decode
+            else:
+                try:
+                    old = codec.decode(queued)
+                except codec.DecodeError:  # pragma: no cover - we encoded it
+                    old = None
             if (isinstance(old, RegDelta) and old.generation == delta.generation
                     and old.top == delta.base):
                 delta = merge_deltas(old, delta)
@@ -267,11 +308,15 @@ class RegistryService:
         if ack != delta.ack:
             delta = RegDelta(delta.origin, delta.generation, delta.base, delta.top,
                              delta.changes, ack)
-        msg: Message = delta
-        if len(codec.encode(delta)) > MAX_DELTA_BYTES:
+        msg: RegDelta | RegAck = delta
+        # At least 4 bytes per change: a long delta is too big without encoding it.
+        data = b"" if len(delta.changes) * 4 > MAX_DELTA_BYTES else codec.encode(delta)
+        if not data or len(data) > MAX_DELTA_BYTES:
             # Too big to gossip: announce the version; peers that are behind pull.
             msg = RegAck(delta.origin, delta.generation, delta.top)
-        self.host.reg_broadcast(key, msg)
+            data = codec.encode(msg)
+        self._queued[delta.origin] = (data, msg)
+        self.host.reg_broadcast(key, msg, data)
 
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
         match msg:
@@ -339,11 +384,16 @@ class RegistryService:
         return RegSync(tuple(RegDigestRow(o, g, v) for o, (g, v) in self.state.digest().items()),
                        ())
 
-    def missing_for(self, digest: tuple[RegDigestRow, ...]) -> tuple[RegDelta | RegSnapshot, ...]:
-        """What a peer with ``digest`` lacks of what we hold."""
+    def missing_for(self, digest: tuple[RegDigestRow, ...],
+                    peer: NodeId | None = None) -> tuple[RegDelta | RegSnapshot, ...]:
+        """What a peer with ``digest`` lacks of what we hold. Never the
+        peer's own partition (``peer``): it is the one writer of it, and its
+        digest only looks behind ours because it was taken earlier."""
         theirs = {r.origin: (r.generation, r.version) for r in digest}
         items: list[RegDelta | RegSnapshot] = []
         for origin, (gen, version) in self.state.digest().items():
+            if origin == peer:
+                continue
             have = theirs.get(origin)
             if have is not None and have >= (gen, version):
                 continue
@@ -359,7 +409,7 @@ class RegistryService:
         self._apply_items(req.items)
         if src_node is not None:
             self._acks_from_digest(src_node, req.digest)
-        return RegSync(self.sync_request().digest, self.missing_for(req.digest))
+        return RegSync(self.sync_request().digest, self.missing_for(req.digest, src_node))
 
     def on_sync_reply(self, src_node: NodeId | None, reply: RegSync) -> RegSync | None:
         """Apply a sync reply; returns a push of what the peer lacks, if any."""
@@ -368,7 +418,7 @@ class RegistryService:
         self._pull_next()
         if src_node is not None:
             self._acks_from_digest(src_node, reply.digest)
-        missing = self.missing_for(reply.digest)
+        missing = self.missing_for(reply.digest, src_node)
         return RegSync((), missing) if missing else None
 
     def sync_failed(self) -> None:
@@ -445,6 +495,7 @@ class RegistryService:
 
     def forget(self, node: NodeId) -> None:
         self.state.forget(node)
+        self._queued.pop(node, None)
 
     # --- events ---------------------------------------------------------------------
 
@@ -475,6 +526,43 @@ class RegistryService:
             # process was told and can hand over.
             if conn is not None:
                 self._remove_local(conn, loser.eid)
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A delta being built from consecutive deltas of one origin (newest
+    change per entry wins), cheap to extend; encoded only at the flush."""
+
+    origin: NodeId
+    generation: int
+    base: int
+    top: int
+    changes: dict[int, RegChange]
+    ack: bool
+
+    @classmethod
+    def of(cls, delta: RegDelta, ack: bool) -> _Staged:
+        return cls(delta.origin, delta.generation, delta.base, delta.top,
+                   {c.eid: c for c in delta.changes}, ack or delta.ack)
+
+    def extend(self, delta: RegDelta, ack: bool) -> bool:
+        if delta.generation != self.generation or delta.base != self.top:
+            return False
+        changes = self.changes
+        for change in delta.changes:
+            changes.pop(change.eid, None)  # re-insert: dict order stays by version
+            changes[change.eid] = change
+        self.top = delta.top
+        self.ack = self.ack or ack or delta.ack
+        return True
+
+    def delta(self) -> RegDelta:
+        return RegDelta(self.origin, self.generation, self.base, self.top,
+                        tuple(sorted(self.changes.values(), key=_version)), self.ack)
+
+
+def _version(change: RegChange) -> int:
+    return change.version
 
 
 def merge_deltas(old: RegDelta, new: RegDelta) -> RegDelta:
