@@ -49,8 +49,11 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
+from peerd.core import digest as digestmod
+from peerd.core import shared
 from peerd.core.broadcast import BroadcastQueue
 from peerd.core.config import SwimConfig
+from peerd.core.digest import Digest
 from peerd.core.events import (
     ConnClosed,
     EventKind,
@@ -86,7 +89,6 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.registry.service import RegistryService
-from peerd.core import shared
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -115,6 +117,8 @@ from peerd.wire.messages import (
     RegSync,
     Status,
     Suspect,
+    SyncDigest,
+    SyncRows,
     Tags,
 )
 
@@ -122,6 +126,9 @@ LIVE = (Status.ALIVE, Status.SUSPECT)
 # Bound on queued broadcasts: beyond it the most-sent are dropped (push-pull
 # repairs what they would have carried).
 MAX_QUEUED_BROADCASTS = 20_000
+# Anti-entropy uses digest sync (peerd.core.digest) from this many members
+# on: below it a full push-pull is a few KiB and costs no more.
+DIGEST_SYNC_MIN_MEMBERS = 128
 # Largest encoded push-pull state kept for reuse (see Node._state).
 STATE_CACHE_MAX_BYTES = 64 * 1024
 # How often dead/left members older than dead_reclaim_s are forgotten.
@@ -230,6 +237,8 @@ class StreamCtx:
     batch: int = 0
     peer: NodeId | None = None  # reg: the member we sync with
     peer_addr: Addr | None = None  # join/sync: where the push-pull went
+    digest_bits: int | None = None  # sync: a digest sync with this many bucket bits
+    rows: bool = False  # digest sync: the second step (rows of differing buckets)
 
 
 @dataclass(slots=True)
@@ -308,6 +317,10 @@ class Node:
         self.counters: collections.Counter[str] = collections.Counter()
         self._me = Member(node_id, name, addr, incarnation, generation, tags, Status.ALIVE, 0.0)
         self._members: dict[NodeId, Member] = {node_id: self._me}
+        # Bucket hashes of the membership (digest sync), kept up to date by
+        # toggling a member's hash out before each change and in after it.
+        self._digest = Digest()
+        self._dig(self._me)
         self._live = LiveSet()  # live members other than us
         self._ring: SortedList = SortedList([node_id])  # live ids, us included
         self._watching: tuple[Addr, ...] = ()
@@ -387,6 +400,7 @@ class Node:
             m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags,
                        st.status, self._now)
             self._members[m.node] = m
+            self._dig(m)
             self._by_addr[m.addr] = m.node
             self._by_name.setdefault(m.name, m.node)
             if st.status in LIVE:
@@ -450,8 +464,6 @@ class Node:
                 self._ring.add(node)
                 self._ring_dirty = True
                 self._arm_gossip()
-                if self.registry.staged:
-                    self.reg_flush_soon()
         elif node in self._live:
             self._live.discard(node)
             self._ring.remove(node)
@@ -594,8 +606,7 @@ class Node:
             return
         self._leaving = True
         self._bump_incarnation(min(self._me.incarnation + 1, MAX_U64))
-        self._me.status = Status.LEFT
-        self._me.changed_at = self._now
+        self._set_status(self._me, Status.LEFT)
         msg = Left(self._me.node, self._me.incarnation)
         self._broadcast(self._me.node, msg)
         self._event(EventKind.LEFT, self._me)
@@ -606,7 +617,9 @@ class Node:
         self._arm(TimerKind.LEAVE, self.config.leave_propagate_s)
 
     def _bump_incarnation(self, value: int) -> None:
+        self._dig(self._me)
         self._me.incarnation = value
+        self._dig(self._me)
         self._out.append(IncarnationChanged(value))
 
     # --- timers ----------------------------------------------------------------
@@ -630,7 +643,6 @@ class Node:
                 self._check_timeout(ctx)
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
-                self.registry.flush()
                 self._gossip_round()
                 self._arm_gossip()
             case TimerKind.PUSH_PULL:
@@ -643,7 +655,6 @@ class Node:
             case TimerKind.LEAVE:
                 self._out.append(LeaveDone())
             case TimerKind.REG_FLUSH:
-                self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
                 self._gossip_round()
             case TimerKind.REG_SETTLE:
@@ -850,8 +861,10 @@ class Node:
             self._ring_dirty = True
             self._log(LogLevel.INFO, f"member moved name={msg.name} from={_fmt(m.addr)} "
                                      f"to={_fmt(msg.addr)}")
+        self._dig(m)
         m.addr, m.name, m.incarnation, m.generation, m.tags = (
             msg.addr, msg.name, msg.incarnation, msg.generation, msg.tags)
+        self._dig(m)
         self.registry.node_up(m.node, m.generation)
         if msg.name != old_name:
             self._index_name(m)
@@ -872,6 +885,7 @@ class Node:
         m = Member(msg.node, msg.name, msg.addr, msg.incarnation, msg.generation, msg.tags,
                    Status.ALIVE, self._now)
         self._members[m.node] = m
+        self._dig(m)
         self._set_live(m.node, True)
         self._by_addr[m.addr] = m.node
         self._insert_probe_order(m.node)
@@ -924,8 +938,18 @@ class Node:
         self._broadcast(self._me.node, self._alive_msg())
 
     def _set_status(self, m: Member, status: Status) -> None:
+        self._dig(m)
         m.status = status
         m.changed_at = self._now
+        self._dig(m)
+
+    def _set_incarnation(self, m: Member, incarnation: int) -> None:
+        self._dig(m)
+        m.incarnation = incarnation
+        self._dig(m)
+
+    def _dig(self, m: Member) -> None:
+        self._digest.toggle(m.node, m.incarnation, m.status)
 
     def _suspect(self, m: Member, incarnation: int, sender: NodeId,
                  cap: float | None = None) -> None:
@@ -940,7 +964,7 @@ class Node:
         k = formulas.expected_confirmations(cfg.suspicion_mult, n)
         self.counters["suspicions"] += 1
         self._set_status(m, Status.SUSPECT)
-        m.incarnation = incarnation
+        self._set_incarnation(m, incarnation)
         susp = Suspicion(incarnation, sender, self._now, low, high, k, set(), 0, 0.0, cap)
         m.suspicion = susp
         self._rearm_suspicion(m)
@@ -993,7 +1017,7 @@ class Node:
 
     def _mark_down(self, m: Member, status: Status, incarnation: int) -> None:
         self._clear_suspicion(m)
-        m.incarnation = incarnation
+        self._set_incarnation(m, incarnation)
         self._set_status(m, status)
         self._set_live(m.node, False)
         self.registry.node_down(m.node, m.generation)
@@ -1203,8 +1227,8 @@ class Node:
     def reg_emit(self, out: Output) -> None:
         self._out.append(out)
 
-    def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None:
-        self._queue.enqueue(key, codec.encode(msg) if data is None else data)
+    def reg_broadcast(self, key: Hashable, msg: Message) -> None:
+        self._queue.enqueue(key, codec.encode(msg))
         self._arm_gossip()
         if not self._reg_flush_armed and self._started and len(self._live):
             # Registry news goes out within milliseconds, not at the next
@@ -1214,12 +1238,6 @@ class Node:
 
     def reg_queued(self, key: Hashable) -> bytes | None:
         return self._queue.get(key)
-
-    def reg_flush_soon(self) -> None:
-        # Alone (or not started), staged deltas wait: _set_live calls us again.
-        if not self._reg_flush_armed and self._started and len(self._live):
-            self._reg_flush_armed = True
-            self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
 
     def reg_send(self, node: NodeId, msg: Message) -> None:
         m = self._members.get(node)
@@ -1252,7 +1270,7 @@ class Node:
             return
         picks = self._live.sample(self.rng, 1)
         if picks:
-            self._open_push_pull(self._members[picks[0]].addr, StreamCtx("sync"), join=False)
+            self._open_sync(self._members[picks[0]].addr)
 
     def _reconnect_tick(self) -> None:
         cfg = self.config
@@ -1275,7 +1293,52 @@ class Node:
         if syncs >= self.config.max_concurrent_syncs:
             return
         self.counters["reconnects"] += 1
-        self._open_push_pull(self.rng.choice(candidates), StreamCtx("sync"), join=False)
+        self._open_sync(self.rng.choice(candidates))
+
+    def _open_sync(self, addr: Addr) -> None:
+        """Anti-entropy with ``addr``: a full push-pull while the membership
+        is small, a digest sync once the full state would be the bigger cost
+        (see :mod:`peerd.core.digest`)."""
+        if len(self._members) < DIGEST_SYNC_MIN_MEMBERS:
+            self._open_push_pull(addr, StreamCtx("sync"), join=False)
+            return
+        bits = digestmod.bits_for(len(self._members))
+        self.counters["digest_sync_out"] += 1
+        self._open_stream(addr, StreamCtx("sync", peer_addr=addr, digest_bits=bits),
+                          codec.encode(SyncDigest(bits, self._digest.hashes(bits))))
+
+    def _rows(self, bits: int, buckets: tuple[int, ...]) -> tuple[MemberState, ...]:
+        want = set(buckets)
+        shift = 16 - bits
+        return tuple(m.state() for m in self._members.values()
+                     if int.from_bytes(m.node[:2], "big") >> shift in want)
+
+    def _on_digest_reply(self, ctx: StreamCtx, data: bytes) -> None:
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, "digest sync reply")
+            return
+        if not isinstance(msg, SyncRows) or msg.bits != ctx.digest_bits:
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            return
+        if ctx.rows:
+            self._merge(PushPull(False, msg.members))
+        elif msg.buckets:
+            # Second step: our rows of the buckets that differ; the peer merges
+            # them and answers with its own (after any refutation they caused).
+            self.counters["digest_sync_rows_out"] += 1
+            assert ctx.peer_addr is not None
+            self._open_stream(ctx.peer_addr, StreamCtx("sync", peer_addr=ctx.peer_addr,
+                                                       digest_bits=msg.bits, rows=True),
+                              codec.encode(SyncRows(msg.bits, msg.buckets,
+                                                    self._rows(msg.bits, msg.buckets))))
+            return
+        # Done: the registry's anti-entropy follows membership's, as after a push-pull.
+        peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
+        if peer is not None and peer in self._live:
+            self._open_stream(self._members[peer].addr, StreamCtx("reg", peer=peer),
+                              codec.encode(self.registry.sync_request()))
 
     def _on_stream_request(self, stream: int, src: Addr, data: bytes) -> None:
         try:
@@ -1288,6 +1351,19 @@ class Node:
             self.counters["reg_sync_in"] += 1
             reply = self.registry.on_sync_request(self._live_node_at(src), msg)
             self._out.append(StreamReply(stream, codec.encode(reply)))
+            return
+        if isinstance(msg, SyncDigest):
+            self.counters["digest_sync_in"] += 1
+            differ = self._digest.differing(msg.bits, msg.hashes)
+            self._out.append(StreamReply(stream, codec.encode(SyncRows(msg.bits, tuple(differ),
+                                                                       ()))))
+            return
+        if isinstance(msg, SyncRows):
+            self.counters["digest_sync_rows_in"] += 1
+            # Merge first, then reply (as for push-pull).
+            self._merge(PushPull(False, msg.members))
+            rows = SyncRows(msg.bits, msg.buckets, self._rows(msg.bits, msg.buckets))
+            self._out.append(StreamReply(stream, codec.encode(rows)))
             return
         if not isinstance(msg, PushPull):
             self._drop("unexpected_stream_message", type(msg).__name__)
@@ -1306,6 +1382,9 @@ class Node:
             return
         if ctx.purpose in ("reg", "reg_push"):
             self._on_reg_reply(ctx, data)
+            return
+        if ctx.digest_bits is not None:
+            self._on_digest_reply(ctx, data)
             return
         try:
             msg = codec.decode(data)
@@ -1378,6 +1457,7 @@ class Node:
         m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status,
                    self._now)
         self._members[m.node] = m
+        self._dig(m)
         self._by_addr.setdefault(m.addr, m.node)
         if st.status is Status.DEAD:
             self._dead[m.node] = None
@@ -1387,6 +1467,7 @@ class Node:
         for m in list(self._members.values()):
             if m.status in LIVE or m.changed_at > horizon or m is self._me:
                 continue
+            self._dig(m)
             del self._members[m.node]
             if self._by_addr.get(m.addr) == m.node:
                 del self._by_addr[m.addr]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
 
+from peerd.core.digest import Digest
 from peerd.wire.messages import MemberState, NodeId, Status
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ class Snapshot:
                                            st.generation, st.tags, st.status, 0.0)
             self.by_addr[st.addr] = st.node
             self.by_name.setdefault(st.name, st.node)
+        self.digest = Digest()
+        for m in self.members.values():
+            self.digest.toggle(m.node, m.incarnation, m.status)
         self.ids: list[NodeId] = list(self.members)
         self.index: dict[NodeId, int] = {n: i for i, n in enumerate(self.ids)}
         self.sorted_ids: list[NodeId] = sorted(self.ids)
@@ -60,7 +64,7 @@ def _copy(m: Member) -> Member:
     from peerd.core.node import Member
 
     c = object.__new__(Member)
-    for name in Member.__slots__:  # type: ignore[attr-defined]
+    for name in Member.__slots__:
         object.__setattr__(c, name, getattr(m, name))
     return c
 
@@ -330,7 +334,7 @@ class Ring:
         pos = bisect.bisect_left(self._base, node)
         # removed base ids below node: counted directly (few go down at once)
         below = sum(1 for r in self._removed if r < node)
-        idx = pos - below + self._added.bisect_left(node)
+        idx: int = pos - below + int(self._added.bisect_left(node))
         self._anchor = (idx, node)
         return idx
 
@@ -400,7 +404,13 @@ def install(node: Node, snap: Snapshot) -> None:
     node._by_name = Index(snap.by_name)  # type: ignore[assignment]
     node._by_name[me.name] = me.node
     node._live = LiveSet(snap, me.node)  # type: ignore[assignment]
-    node._ring = Ring(snap, me.node)  # type: ignore[assignment]
+    node._ring = Ring(snap, me.node)
     node._ring_dirty = True
     node._probe_order = ProbeOrder(snap, node.rng)  # type: ignore[assignment]
     node._probe_index = 0
+    digest = Digest(snap.digest.fine)
+    template = snap.members.get(me.node)
+    if template is not None:  # the snapshot's row of this node gives way to its own
+        digest.toggle(template.node, template.incarnation, template.status)
+    digest.toggle(me.node, me.incarnation, me.status)
+    node._digest = digest

@@ -188,7 +188,7 @@ def plot(rec: Record, summary: dict[str, Any], path: str) -> None:
         ax.fill_between(ts, [r[col + 1] for r in tl], [r[col + 2] for r in tl], color=color,
                         alpha=0.25, label="min-max over nodes")
         ax.set_ylabel(f"nodes seen {label}")
-        for start, end, kind in rec.fault_windows:
+        for start, end, _kind in rec.fault_windows:
             ax.axvspan(start, max(end, start + 0.2), color="grey", alpha=0.2)
         ax.legend(loc="upper right", fontsize="small")
     axes[0].plot(ts, [r[1] for r in tl], color="black", linestyle=":", label="running")

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from peerd.core import shared
 from peerd.core.events import (
     EventKind,
     IncarnationChanged,
@@ -61,7 +62,6 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
-from peerd.core import shared
 from peerd.core.node import Node
 from peerd.sim.scenario import Fault, Scenario, Selection
 from peerd.wire import seal as sealmod
@@ -390,13 +390,12 @@ class World:
                 proc.busy_until = done
                 self._push(done, proc.served, inp)
                 continue
-            if tgt.tkind == T_HOST:
-                if inp.__class__ is PacketIn:
-                    self.counts["datagrams_delivered"] += 1
-                    if self.seal:
-                        inp = self._open(proc, inp)
-                        if inp is None:
-                            continue
+            if tgt.tkind == T_HOST and inp.__class__ is PacketIn:
+                self.counts["datagrams_delivered"] += 1
+                if self.seal:
+                    inp = self._open(proc, inp)
+                    if inp is None:
+                        continue
             events += 1
             outs = proc.node.handle(t, inp)
             if outs:
@@ -501,10 +500,7 @@ class World:
         g = self.group
         if g is not None and g[a] != g[b]:
             return True
-        for src, dst in self.blocks:
-            if a in src and b in dst:
-                return True
-        return False
+        return any(a in src and b in dst for src, dst in self.blocks)
 
     def _open_stream(self, proc: Proc, o: OpenStream, t: float) -> None:
         self.counts["streams"] += 1
@@ -611,8 +607,8 @@ class World:
         self._count_view(obs, old, -1)
         self._count_view(obs, new, 1)
         up = self.up[subj]
-        w_old = (old != V_ALIVE) if up else (old == V_ALIVE or old == V_SUSPECT)
-        w_new = (new != V_ALIVE) if up else (new == V_ALIVE or new == V_SUSPECT)
+        w_old = (old != V_ALIVE) if up else (old in (V_ALIVE, V_SUSPECT))
+        w_new = (new != V_ALIVE) if up else (new in (V_ALIVE, V_SUSPECT))
         if w_old != w_new:
             self._adjust_wrong(subj, 1 if w_new else -1, t)
 
@@ -662,8 +658,8 @@ class World:
             row = views[i]
             assert row is not None
             v = row[subj]
-            was = (v == V_ALIVE or v == V_SUSPECT) if up else (v != V_ALIVE)
-            now = (v != V_ALIVE) if up else (v == V_ALIVE or v == V_SUSPECT)
+            was = (v in (V_ALIVE, V_SUSPECT)) if up else (v != V_ALIVE)
+            now = (v != V_ALIVE) if up else (v in (V_ALIVE, V_SUSPECT))
             if was != now:
                 d_total += 1 if now else -1
             if now:
@@ -692,7 +688,7 @@ class World:
                 s += 1
             elif v != V_UNKNOWN:
                 dn += 1
-            w = (v != V_ALIVE) if up[j] else (v == V_ALIVE or v == V_SUSPECT)
+            w = (v != V_ALIVE) if up[j] else (v in (V_ALIVE, V_SUSPECT))
             if w:
                 d += 1
                 self.subj_wrong[j] += 1
@@ -713,7 +709,7 @@ class World:
         for j, v in enumerate(row):
             if j == i:
                 continue
-            w = (v != V_ALIVE) if up[j] else (v == V_ALIVE or v == V_SUSPECT)
+            w = (v != V_ALIVE) if up[j] else (v in (V_ALIVE, V_SUSPECT))
             if w:
                 d += 1
                 self.subj_wrong[j] -= 1
@@ -821,10 +817,7 @@ class World:
         if isinstance(sel, tuple):
             allowed = set(pool)
             return [i for i in sel if i in allowed]
-        if isinstance(sel, float):
-            k = max(1, round(sel * self.n))
-        else:
-            k = int(sel)
+        k = max(1, round(sel * self.n)) if isinstance(sel, float) else int(sel)
         k = min(k, len(pool))
         return sorted(rng.sample(pool, k))
 
