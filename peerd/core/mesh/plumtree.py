@@ -1,0 +1,396 @@
+"""Plumtree: epidemic broadcast trees over the HyParView active view (Leitão,
+Pereira, Rodrigues, "Epidemic Broadcast Trees", SRDS 2007).
+
+Theory of operation:
+
+* **Eager and lazy links** (section 3). Each neighbour link is *eager* (full
+  payloads are pushed over it) or *lazy* (only an IHAVE announcement of the
+  id is sent, batched every ``ihave_interval_s``). New links start eager.
+  The eager links form a spanning tree; the lazy ones are the backup.
+* **Pruning.** The first copy of a broadcast is delivered and forwarded; a
+  duplicate means its link is redundant, so its sender is made lazy and
+  told (PRUNE). After the first broadcasts a tree remains and each node
+  receives each payload about once.
+* **Grafting** (section 3.6). An IHAVE for an id not received starts a timer
+  (``graft_timeout_s``). If the payload still has not come when it fires, the
+  tree is broken upstream: the node asks the first announcer for it (GRAFT),
+  which also makes that link eager, so the tree repairs itself where it
+  broke. Further announcers are tried every ``graft_retry_s``.
+* **Optimisation** (section 3.8). An IHAVE showing a path at least
+  ``optimize_hops`` shorter than the one a broadcast came by makes the
+  announcer eager and the old parent lazy, so the tree keeps short paths.
+* **Neighbours** come and go with HyParView's NeighborUp/NeighborDown; a lost
+  link is repaired by the grafts it causes.
+* **Channels.** Every broadcast carries a channel (membership, registry,
+  user) with its own size limit, and user broadcasts this node originates go
+  through a token bucket. Sends carry the channel's priority, so on a busy
+  link the daemon's own traffic goes first (see :mod:`peerd.core.mesh.events`).
+
+Broadcast ids are 16 bytes: 8 random bytes drawn once per instance (a
+restarted node never reuses an id) and an 8-byte sequence number. Ids are
+remembered for ``seen_ttl_s`` (and at most ``seen_max``) to drop duplicates;
+payloads are kept for ``store_ttl_s`` (and at most ``store_max_bytes``) to
+answer grafts. ``round`` counts hops: the origin's neighbours get round 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from peerd.core.events import Log, LogLevel
+from peerd.core.mesh.config import PlumtreeConfig
+from peerd.core.mesh.events import (
+    PRIORITY_CONTROL,
+    Broadcast,
+    BroadcastResult,
+    Deliver,
+    MeshInput,
+    MeshOutput,
+    MeshTimer,
+    MeshTimerFired,
+    MeshTimerKind,
+    MessageIn,
+    NeighborDown,
+    NeighborUp,
+    Send,
+    SetMeshTimer,
+    channel_priority,
+)
+from peerd.wire.codec import MAX_GOSSIP_PAYLOAD_BYTES, MAX_IHAVE, MAX_U64, MAX_WANT
+from peerd.wire.messages import Channel, Gossip, GossipControl, IHave, NodeId, TreeLink
+
+
+@dataclass(slots=True)
+class _Seen:
+    at: float
+    round: int  # hops it came by (0: our own)
+    src: NodeId | None  # the neighbour it came from (None: our own)
+
+
+@dataclass(slots=True)
+class _Missing:
+    """An announced broadcast we have not received."""
+
+    announcers: list[tuple[NodeId, int]]  # (neighbour, round), first heard first
+    token: int
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class Plumtree:
+    """One node's Plumtree state machine. See the module docs."""
+
+    def __init__(self, me: NodeId, config: PlumtreeConfig, rng: random.Random) -> None:
+        for ch, limit in config.max_payload_bytes.items():
+            if not 0 <= limit <= MAX_GOSSIP_PAYLOAD_BYTES:
+                raise ValueError(f"max_payload_bytes[{ch.name}] must be 0.."
+                                 f"{MAX_GOSSIP_PAYLOAD_BYTES}")
+        self.me = me
+        self.config = config
+        self.rng = rng
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._eager: dict[NodeId, None] = {}
+        self._lazy: dict[NodeId, None] = {}
+        self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
+        self._store: collections.OrderedDict[bytes, tuple[float, Gossip]] = (
+            collections.OrderedDict())
+        self._store_bytes = 0
+        self._missing: dict[bytes, _Missing] = {}
+        self._ihave_queue: dict[NodeId, list[IHave]] = {}
+        self._flush_armed = False
+        self._prefix = rng.getrandbits(64).to_bytes(8, "big")
+        self._seq = 0
+        self._buckets: dict[Channel, _Bucket] = {}
+        self._timers: dict[int, tuple[MeshTimerKind, Hashable]] = {}
+        self._next_token = 0
+        self._now = 0.0
+        self._out: list[MeshOutput] = []
+
+    # --- read side -------------------------------------------------------------
+
+    def eager_peers(self) -> list[NodeId]:
+        return list(self._eager)
+
+    def lazy_peers(self) -> list[NodeId]:
+        return list(self._lazy)
+
+    def has_seen(self, msg_id: bytes) -> bool:
+        return msg_id in self._seen
+
+    def missing_ids(self) -> list[bytes]:
+        return list(self._missing)
+
+    # --- the one entry point ---------------------------------------------------
+
+    def handle(self, now: float, inp: MeshInput) -> list[MeshOutput]:
+        """Feed one input; returns what to do. Bad input is counted, never raised."""
+        self._now = now
+        out: list[MeshOutput] = []
+        self._out = out
+        match inp:
+            case Broadcast(ref, channel, payload):
+                self._on_broadcast(ref, channel, payload)
+            case MessageIn(src, Gossip() as msg):
+                self._on_gossip(src, msg)
+            case MessageIn(src, GossipControl() as msg):
+                self._on_control(src, msg)
+            case MessageIn(_src, msg):
+                self._drop("not_plumtree", type(msg).__name__)
+            case NeighborUp(peer):
+                self._lazy.pop(peer.node, None)
+                self._eager[peer.node] = None
+            case NeighborDown(peer):
+                self._on_neighbor_down(peer.node)
+            case MeshTimerFired(timer):
+                self._on_timer(timer)
+        self._out = []
+        return out
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _drop(self, reason: str, detail: str = "") -> None:
+        self.counters[f"drop.{reason}"] += 1
+        self._out.append(Log(LogLevel.DEBUG, f"plumtree drop reason={reason} {detail}".rstrip()))
+
+    def _arm(self, kind: MeshTimerKind, delay: float, ctx: Hashable = None) -> int:
+        self._next_token += 1
+        token = self._next_token
+        self._timers[token] = (kind, ctx)
+        self._out.append(SetMeshTimer(self._now + delay, MeshTimer(kind, token)))
+        return token
+
+    def _is_neighbor(self, node: NodeId) -> bool:
+        return node in self._eager or node in self._lazy
+
+    def _make_eager(self, node: NodeId) -> None:
+        if node in self._lazy:
+            del self._lazy[node]
+            self._eager[node] = None
+
+    def _make_lazy(self, node: NodeId) -> None:
+        if node in self._eager:
+            del self._eager[node]
+            self._lazy[node] = None
+
+    def _send_gossip(self, dst: NodeId, msg: Gossip) -> None:
+        self.counters["gossip_out"] += 1
+        self._out.append(Send(dst, msg, channel_priority(msg.channel)))
+
+    def _send_control(self, dst: NodeId, want: tuple[bytes, ...] = (),
+                      link: TreeLink = TreeLink.KEEP) -> None:
+        """Send a control message, carrying any announcements queued for ``dst``."""
+        queued = self._ihave_queue.pop(dst, [])
+        while len(queued) > MAX_IHAVE:
+            self._out.append(Send(dst, GossipControl(tuple(queued[:MAX_IHAVE]), (),
+                                                     TreeLink.KEEP), PRIORITY_CONTROL))
+            queued = queued[MAX_IHAVE:]
+        self.counters["control_out"] += 1
+        self._out.append(Send(dst, GossipControl(tuple(queued), want, link), PRIORITY_CONTROL))
+
+    def _announce(self, dst: NodeId, item: IHave) -> None:
+        self._ihave_queue.setdefault(dst, []).append(item)
+        if not self._flush_armed:
+            self._flush_armed = True
+            self._arm(MeshTimerKind.IHAVE_FLUSH, self.config.ihave_interval_s)
+
+    # --- caches ----------------------------------------------------------------
+
+    def _remember(self, msg: Gossip, src: NodeId | None) -> None:
+        now = self._now
+        cfg = self.config
+        self._seen[msg.id] = _Seen(now, msg.round, src)
+        while self._seen:
+            oldest_id, oldest = next(iter(self._seen.items()))
+            if len(self._seen) <= cfg.seen_max and oldest.at > now - cfg.seen_ttl_s:
+                break
+            del self._seen[oldest_id]
+        size = len(msg.payload)
+        if size <= cfg.store_max_bytes:
+            self._store[msg.id] = (now, msg)
+            self._store_bytes += size
+        while self._store:
+            oldest_id, (at, stored) = next(iter(self._store.items()))
+            if self._store_bytes <= cfg.store_max_bytes and at > now - cfg.store_ttl_s:
+                break
+            del self._store[oldest_id]
+            self._store_bytes -= len(stored.payload)
+
+    # --- broadcasting ----------------------------------------------------------
+
+    def _on_broadcast(self, ref: int, channel: Channel, payload: bytes) -> None:
+        limit = self.config.max_payload_bytes.get(channel, MAX_GOSSIP_PAYLOAD_BYTES)
+        if len(payload) > limit:
+            self.counters["broadcast_too_large"] += 1
+            self._out.append(BroadcastResult(ref, error=(
+                "too_large", f"{channel.name.lower()} payload of {len(payload)} bytes is over "
+                f"the limit of {limit} bytes")))
+            return
+        if not self._take_tokens(channel, len(payload)):
+            self.counters["broadcast_rate_limited"] += 1
+            rate, burst = self.config.rate[channel]
+            self._out.append(BroadcastResult(ref, error=(
+                "rate_limited", f"{channel.name.lower()} broadcasts are limited to "
+                f"{rate:.0f} bytes/s (burst {burst:.0f}); try again later")))
+            return
+        self._seq += 1
+        msg_id = self._prefix + self._seq.to_bytes(8, "big")
+        self.counters["broadcasts"] += 1
+        self._remember(Gossip(msg_id, self.me, 0, channel, payload), None)
+        self._forward(Gossip(msg_id, self.me, 1, channel, payload), None)
+        self._out.append(BroadcastResult(ref, id=msg_id))
+
+    def _take_tokens(self, channel: Channel, size: int) -> bool:
+        limits = self.config.rate.get(channel)
+        if limits is None:
+            return True
+        rate, burst = limits
+        b = self._buckets.get(channel)
+        if b is None:
+            b = self._buckets[channel] = _Bucket(burst, self._now)
+        b.tokens = min(burst, b.tokens + (self._now - b.at) * rate)
+        b.at = self._now
+        if size > b.tokens:
+            return False
+        b.tokens -= size
+        return True
+
+    def _forward(self, msg: Gossip, src: NodeId | None) -> None:
+        """Push ``msg`` (already at the receivers' round) to eager peers and
+        announce it to lazy ones, except where it came from."""
+        for node in self._eager:
+            if node != src:
+                self._send_gossip(node, msg)
+        if self._lazy:
+            item = IHave(msg.id, msg.round)
+            for node in self._lazy:
+                if node != src:
+                    self._announce(node, item)
+
+    # --- messages --------------------------------------------------------------
+
+    def _on_gossip(self, src: NodeId, msg: Gossip) -> None:
+        self.counters["gossip_in"] += 1
+        limit = self.config.max_payload_bytes.get(msg.channel, MAX_GOSSIP_PAYLOAD_BYTES)
+        if len(msg.payload) > limit:
+            self._drop("too_large", f"channel={msg.channel.name.lower()}")
+            return
+        neighbor = self._is_neighbor(src)
+        if msg.id in self._seen:
+            self.counters["duplicates"] += 1
+            if src in self._eager:
+                # A second path to us: make it lazy on both ends (PRUNE).
+                self._make_lazy(src)
+                self.counters["prunes_out"] += 1
+                self._send_control(src, link=TreeLink.LAZY)
+            return
+        self.counters["delivered"] += 1
+        missing = self._missing.pop(msg.id, None)
+        if missing is not None:
+            self._timers.pop(missing.token, None)
+        self._remember(msg, src)
+        self._out.append(Deliver(msg.id, msg.origin, msg.channel, msg.payload, msg.round, src))
+        if neighbor:
+            self._make_eager(src)
+        else:
+            self.counters["gossip_from_non_neighbor"] += 1
+        if msg.round < MAX_U64:
+            self._forward(Gossip(msg.id, msg.origin, msg.round + 1, msg.channel, msg.payload),
+                          src)
+
+    def _on_control(self, src: NodeId, msg: GossipControl) -> None:
+        self.counters["control_in"] += 1
+        if not self._is_neighbor(src):
+            # Tree links exist only between neighbours; a late control message
+            # from a former neighbour is moot.
+            self._drop("control_from_non_neighbor")
+            return
+        if msg.link is TreeLink.EAGER:
+            self.counters["grafts_in"] += 1
+            self._make_eager(src)
+        elif msg.link is TreeLink.LAZY:
+            self.counters["prunes_in"] += 1
+            self._make_lazy(src)
+        for msg_id in msg.want[:MAX_WANT]:
+            stored = self._store.get(msg_id)
+            if stored is None:
+                self.counters["graft_misses"] += 1
+                continue
+            g = stored[1]
+            if g.round < MAX_U64:
+                self._send_gossip(src, Gossip(g.id, g.origin, g.round + 1, g.channel, g.payload))
+        for item in msg.ihave:
+            self._on_ihave(src, item)
+
+    def _on_ihave(self, src: NodeId, item: IHave) -> None:
+        seen = self._seen.get(item.id)
+        if seen is not None:
+            hops = self.config.optimize_hops
+            if (hops > 0 and seen.src is not None and seen.src != src
+                    and seen.round - item.round >= hops and seen.src in self._eager
+                    and src in self._lazy):
+                # A much shorter path exists through ``src``: swap it in.
+                self.counters["optimizations"] += 1
+                self._make_eager(src)
+                self._send_control(src, link=TreeLink.EAGER)
+                self._make_lazy(seen.src)
+                self._send_control(seen.src, link=TreeLink.LAZY)
+                seen.src = src
+                seen.round = item.round
+            return
+        missing = self._missing.get(item.id)
+        if missing is not None:
+            if all(n != src for n, _ in missing.announcers):
+                missing.announcers.append((src, item.round))
+            return
+        if len(self._missing) >= self.config.max_missing:
+            self.counters["missing_overflow"] += 1
+            return
+        token = self._arm(MeshTimerKind.GRAFT, self.config.graft_timeout_s, item.id)
+        self._missing[item.id] = _Missing([(src, item.round)], token)
+
+    def _on_neighbor_down(self, node: NodeId) -> None:
+        self._eager.pop(node, None)
+        self._lazy.pop(node, None)
+        self._ihave_queue.pop(node, None)
+        for m in self._missing.values():
+            m.announcers = [(n, r) for n, r in m.announcers if n != node]
+
+    # --- timers ----------------------------------------------------------------
+
+    def _on_timer(self, timer: MeshTimer) -> None:
+        armed = self._timers.get(timer.token)
+        if armed is None or armed[0] is not timer.kind:
+            return  # superseded, or not ours
+        del self._timers[timer.token]
+        match timer.kind:
+            case MeshTimerKind.IHAVE_FLUSH:
+                self._flush_armed = False
+                for node in list(self._ihave_queue):
+                    self._send_control(node)
+            case MeshTimerKind.GRAFT:
+                msg_id = armed[1]
+                assert isinstance(msg_id, bytes)
+                self._graft(msg_id)
+
+    def _graft(self, msg_id: bytes) -> None:
+        m = self._missing.get(msg_id)
+        if m is None:
+            return
+        while m.announcers:
+            node, _round = m.announcers.pop(0)
+            if self._is_neighbor(node):
+                self.counters["grafts_out"] += 1
+                self._make_eager(node)
+                self._send_control(node, want=(msg_id,), link=TreeLink.EAGER)
+                m.token = self._arm(MeshTimerKind.GRAFT, self.config.graft_retry_s, msg_id)
+                return
+        # Nobody left to ask: forget it; a later announcement starts over.
+        self.counters["graft_gave_up"] += 1
+        del self._missing[msg_id]

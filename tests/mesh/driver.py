@@ -1,0 +1,263 @@
+"""A tiny discrete-event driver that wires many mesh cores together.
+
+It keeps the link contract of :mod:`peerd.core.mesh.events`: one link per
+pair of nodes at a time (a new *generation* after each close or failure),
+messages in order per direction and across generations, a close delivers
+what the closer sent and then tells the other end (whose own in-flight
+messages die), a failure kills both directions and tells both ends, and
+nobody hears of a close it made itself. Messages are the real wire messages,
+round-tripped through the codec. Latency is random per message, so
+interleavings vary with the seed; time is virtual.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from peerd.core.mesh.config import MeshConfig
+from peerd.core.mesh.events import (
+    Broadcast,
+    BroadcastResult,
+    CloseLink,
+    Connect,
+    Deliver,
+    JoinMesh,
+    LinkDown,
+    MeshInput,
+    MeshOutput,
+    MeshTimer,
+    MeshTimerFired,
+    MessageIn,
+    Send,
+    SetMeshTimer,
+)
+from peerd.core.mesh.hyparview import HyParView
+from peerd.core.mesh.mesh import Mesh
+from peerd.wire import codec
+from peerd.wire.messages import Channel, Gossip, MeshPeer, NodeId
+
+Core = Mesh | HyParView
+
+
+def nid(i: int) -> NodeId:
+    return i.to_bytes(16, "big")
+
+
+def peer(i: int) -> MeshPeer:
+    return MeshPeer(nid(i), (f"10.0.{i // 256}.{i % 256}", 7946))
+
+
+@dataclass(slots=True)
+class _Gen:
+    gen: int
+    up: bool
+    closed_by: set[NodeId] = field(default_factory=set)
+    dropped: set[tuple[NodeId, NodeId]] = field(default_factory=set)  # dead directions
+
+
+def _pair(a: NodeId, b: NodeId) -> tuple[NodeId, NodeId]:
+    return (a, b) if a < b else (b, a)
+
+
+class World:
+    def __init__(self, seed: int, config: MeshConfig | None = None, *,
+                 latency: tuple[float, float] = (0.001, 0.010),
+                 hyparview_only: bool = False, check_codec: bool = True) -> None:
+        self.rng = random.Random(seed)
+        self.config = config or MeshConfig()
+        self.latency = latency
+        self.hyparview_only = hyparview_only
+        self.check_codec = check_codec
+        self.now = 0.0
+        self.nodes: dict[NodeId, Core] = {}
+        self.alive: dict[NodeId, bool] = {}
+        # (when, seq, is_timer, action)
+        self._heap: list[tuple[float, int, bool, Callable[[], None]]] = []
+        self._seq = 0
+        self._links: dict[tuple[NodeId, NodeId], _Gen] = {}
+        self._chan_at: dict[tuple[NodeId, NodeId], float] = {}
+        self.in_flight = 0  # link events (messages, downs) not yet delivered
+        self.sent = collections.Counter[str]()
+        # Per broadcast id: gossip payload messages received, and deliveries.
+        self.payload_msgs: collections.Counter[bytes] = collections.Counter()
+        self.deliveries: dict[bytes, dict[NodeId, int]] = collections.defaultdict(dict)
+        self.results: dict[int, BroadcastResult] = {}
+        self._ref = 0
+
+    # --- nodes -------------------------------------------------------------------
+
+    def add(self, i: int) -> NodeId:
+        me = peer(i)
+        rng = random.Random(self.rng.getrandbits(64))
+        core: Core
+        if self.hyparview_only:
+            core = HyParView(me, self.config.hyparview, rng)
+        else:
+            core = Mesh(me, self.config, rng)
+        self.nodes[me.node] = core
+        self.alive[me.node] = True
+        return me.node
+
+    def join(self, i: int, *contacts: int) -> None:
+        node = self.add(i) if nid(i) not in self.nodes else nid(i)
+        self.feed(node, JoinMesh(tuple(peer(c) for c in contacts)))
+
+    def hv(self, node: NodeId) -> HyParView:
+        core = self.nodes[node]
+        return core if isinstance(core, HyParView) else core.hyparview
+
+    def live(self) -> list[NodeId]:
+        return [n for n, a in self.alive.items() if a]
+
+    def crash(self, node: NodeId) -> None:
+        """The process dies: every link of it fails, only the others hear it."""
+        self.alive[node] = False
+        for (a, b), g in self._links.items():
+            if node in (a, b) and g.up:
+                other = b if a == node else a
+                g.up = False
+                g.dropped |= {(a, b), (b, a)}
+                self._link_event(node, other, g, None)
+
+    def fail_link(self, a: NodeId, b: NodeId) -> bool:
+        g = self._links.get(_pair(a, b))
+        if g is None or not g.up:
+            return False
+        g.up = False
+        g.dropped |= {(a, b), (b, a)}
+        self._link_event(a, b, g, None)
+        self._link_event(b, a, g, None)
+        return True
+
+    def open_links(self) -> list[tuple[NodeId, NodeId]]:
+        return [p for p, g in self._links.items() if g.up]
+
+    # --- driving -----------------------------------------------------------------
+
+    def feed(self, node: NodeId, inp: MeshInput) -> list[MeshOutput]:
+        if not self.alive[node]:
+            return []
+        outs = self.nodes[node].handle(self.now, inp)
+        for o in outs:
+            self._apply(node, o)
+        return outs
+
+    def broadcast(self, node: NodeId, payload: bytes,
+                  channel: Channel = Channel.USER) -> BroadcastResult:
+        self._ref += 1
+        self.feed(node, Broadcast(self._ref, channel, payload))
+        return self.results[self._ref]
+
+    def _at(self, when: float, fn: Callable[[], None], timer: bool = False) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, timer, fn))
+
+    def _delay(self) -> float:
+        return self.rng.uniform(*self.latency)
+
+    def _link_event(self, src: NodeId, dst: NodeId, g: _Gen, msg: Any) -> None:
+        """Queue a message (or, with msg None, the end of the link) src -> dst,
+        in order after everything src sent dst before."""
+        key = (src, dst)
+        when = max(self.now + self._delay(), self._chan_at.get(key, 0.0))
+        self._chan_at[key] = when
+        self.in_flight += 1
+
+        def deliver() -> None:
+            self.in_flight -= 1
+            if not self.alive[dst]:
+                return
+            if msg is None:
+                if dst not in g.closed_by:
+                    self.feed(dst, LinkDown(src))
+                return
+            # A message dies with its link's direction: a failure kills both,
+            # a close the closer's inbound one.
+            if (src, dst) in g.dropped:
+                return
+            if isinstance(msg, Gossip):
+                self.payload_msgs[msg.id] += 1
+            self.feed(dst, MessageIn(src, msg))
+
+        self._at(when, deliver)
+
+    def _new_gen(self, a: NodeId, b: NodeId, up: bool) -> _Gen:
+        key = _pair(a, b)
+        old = self._links.get(key)
+        g = _Gen((old.gen + 1) if old else 1, up)
+        self._links[key] = g
+        return g
+
+    def _apply(self, node: NodeId, o: MeshOutput) -> None:
+        match o:
+            case Connect(p):
+                g = self._links.get(_pair(node, p.node))
+                if g is not None and g.up:
+                    return
+                if not self.alive.get(p.node, False):
+                    g = self._new_gen(node, p.node, up=False)
+                    g.dropped |= {(node, p.node), (p.node, node)}
+                    self._link_event(p.node, node, g, None)  # refused
+                    return
+                self._new_gen(node, p.node, up=True)
+            case Send(dst, msg):
+                self.sent[type(msg).__name__] += 1
+                g = self._links.get(_pair(node, dst))
+                if g is None or not g.up:
+                    self.sent["dropped_no_link"] += 1
+                    return
+                if self.check_codec:
+                    msg = codec.decode(codec.encode(msg))  # type: ignore[assignment]
+                self._link_event(node, dst, g, msg)
+            case CloseLink(other):
+                g = self._links.get(_pair(node, other))
+                if g is None:
+                    return
+                g.closed_by.add(node)
+                if g.up:
+                    g.up = False
+                    g.dropped.add((other, node))
+                    self._link_event(node, other, g, None)
+            case SetMeshTimer(at, timer):
+                self._at(at, lambda: self._fire(node, timer), timer=True)
+            case Deliver(msg_id, _origin, _channel, _payload, rnd, _src):
+                assert node not in self.deliveries[msg_id], "delivered twice"
+                self.deliveries[msg_id][node] = rnd
+            case BroadcastResult(ref):
+                self.results[ref] = o
+
+    def _fire(self, node: NodeId, timer: MeshTimer) -> None:
+        self.feed(node, MeshTimerFired(timer))
+
+    def run_until(self, t: float) -> None:
+        while self._heap and self._heap[0][0] <= t:
+            when, _seq, _timer, fn = heapq.heappop(self._heap)
+            self.now = max(self.now, when)
+            fn()
+        self.now = max(self.now, t)
+
+    def run_for(self, dt: float) -> None:
+        self.run_until(self.now + dt)
+
+    def settle(self, max_events: int = 1_000_000) -> None:
+        """Deliver link events until none is in flight, holding timers back
+        (periodic shuffles would never let the overlay rest); they fire late,
+        as after a pause, when the run goes on."""
+        held = []
+        n = 0
+        while self.in_flight:
+            item = heapq.heappop(self._heap)
+            if item[2]:
+                held.append(item)
+                continue
+            self.now = max(self.now, item[0])
+            item[3]()
+            n += 1
+            assert n < max_events, "the overlay does not settle"
+        for when, seq, timer, fn in held:
+            heapq.heappush(self._heap, (max(when, self.now), seq, timer, fn))
