@@ -13,6 +13,7 @@ the daemon's dependencies are not importable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -118,6 +119,84 @@ def format_event(ev: Event, when: datetime.datetime | None = None) -> str:
     if isinstance(other, Mapping):
         line += f" other={_member_brief(other)}"
     return line
+
+
+def _entry_node(e: Mapping[str, Any]) -> str:
+    """``name (short id)`` of the node owning a registry entry."""
+    node = str(e.get("node", "?"))[:SHORT_ID]
+    name = e.get("node_name")
+    return f"{name} ({node})" if name else node
+
+
+def format_names(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The ``peerd names`` table: scope, name, owner node, pid, meta."""
+    rows = [[str(e.get("scope", "?")), str(e.get("name", "?")), _entry_node(e),
+             str(e.get("pid", "?")), format_tags(e.get("meta", {}))] for e in entries]
+    return format_table(["SCOPE", "NAME", "NODE", "PID", "META"], rows)
+
+
+def format_group_members(entries: Iterable[Mapping[str, Any]]) -> str:
+    """The ``peerd members-of`` table: owner node, address, pid, meta."""
+    rows = [[_entry_node(e), str(e.get("node_addr", "?")), str(e.get("pid", "?")),
+             format_tags(e.get("meta", {}))] for e in entries]
+    return format_table(["NODE", "ADDRESS", "PID", "META"], rows)
+
+
+def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
+    rows = [[str(g.get("scope", "?")), str(g.get("group", "?")), str(g.get("members", "?"))]
+            for g in groups]
+    return format_table(["SCOPE", "GROUP", "MEMBERS"], rows)
+
+
+def format_claimed(ms: Any) -> str:
+    if not isinstance(ms, int):
+        return "?"
+    when = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def format_entry(e: Mapping[str, Any]) -> str:
+    """``peerd lookup``: the owner of a name, one ``label  value`` line each."""
+    fields = [
+        ("name", str(e.get("name", "?"))),
+        ("scope", str(e.get("scope", "?"))),
+        ("node", str(e.get("node_name", "?"))),
+        ("node id", str(e.get("node", "?"))),
+        ("address", str(e.get("node_addr", "?"))),
+        ("pid", str(e.get("pid", "?"))),
+        ("uid", str(e.get("uid", "?"))),
+        ("meta", format_tags(e.get("meta", {}))),
+        ("claimed", format_claimed(e.get("claimed_ms"))),
+    ]
+    width = max(len(label) for label, _ in fields)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in fields)
+
+
+REGISTRY_EVENTS = frozenset({"registered", "unregistered", "updated", "joined", "left",
+                             "conflict"})
+
+
+def format_registry_event(ev: Event, when: datetime.datetime | None = None) -> str:
+    """One line per registry event: time, event, kind, scope/name, owner, pid, meta."""
+    when = when or datetime.datetime.now().astimezone()
+    d = ev.data
+    line = (f"{when.strftime('%H:%M:%S')} {ev.event:<13} {d.get('kind', '?')} "
+            f"{d.get('scope', '?')}/{d.get('name', '?')} node={_entry_node(d)} "
+            f"pid={d.get('pid', '?')} meta={format_tags(d.get('meta', {}))}")
+    winner = d.get("winner")
+    if isinstance(winner, Mapping):
+        line += f" winner={_entry_node(winner)} pid={winner.get('pid', '?')}"
+    return line
+
+
+def conflict_warning(ev: Event) -> str:
+    """What ``peerd exec`` prints when the daemon reports a lost name."""
+    d = ev.data
+    w = d.get("winner") if isinstance(d.get("winner"), Mapping) else {}
+    assert isinstance(w, Mapping)
+    return (f"warning: lost the name {d.get('scope', '?')}/{d.get('name', '?')} to an older "
+            f"claim by pid {w.get('pid', '?')} on node {_entry_node(w)}; this process no "
+            "longer holds it")
 
 
 def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
@@ -242,14 +321,155 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    topics = list(dict.fromkeys(args.topic or ["members"]))
     with _connect(args) as client:
         try:
-            for ev in client.watch(["members"]):
-                print(event_json(ev) if args.json else format_event(ev), flush=True)
+            for ev in client.watch(topics):
+                if args.json:
+                    line = event_json(ev)
+                elif ev.event in REGISTRY_EVENTS and "kind" in ev.data:
+                    line = format_registry_event(ev)
+                else:
+                    line = format_event(ev)
+                print(line, flush=True)
         except KeyboardInterrupt:
             return EXIT_OK  # the normal way to stop watching
     print("peerd watch: the daemon ended the stream", file=sys.stderr)
     return EXIT_OK
+
+
+# --- registry commands ----------------------------------------------------------------
+
+
+def cmd_names(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        entries = client.names(scope=args.scope, prefix=args.prefix)
+    if args.json:
+        _print_json(entries)
+    else:
+        print(format_names(entries))
+    return EXIT_OK
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    entry = _call(args, "lookup", name=args.name, scope=args.scope)
+    if args.json:
+        _print_json(entry)
+    else:
+        print(format_entry(entry))
+    return EXIT_OK
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        groups = client.groups(scope=args.scope, prefix=args.prefix)
+    if args.json:
+        _print_json(groups)
+    else:
+        print(format_groups(groups))
+    return EXIT_OK
+
+
+def cmd_members_of(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        entries = client.group_members(args.group, scope=args.scope)
+    if args.json:
+        _print_json(entries)
+    else:
+        print(format_group_members(entries))
+    return EXIT_OK
+
+
+SI_KERNEL = 0x80  # siginfo si_code of a signal sent by the kernel (the tty's ^C)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Hold names and group memberships exactly as long as COMMAND runs.
+
+    The registrations belong to this process's API connection: when the
+    child exits, this process exits and the connection closes, so the
+    daemon removes them cluster-wide (also if this process is killed)."""
+    import signal
+    import subprocess
+    import threading
+
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        _usage("no command given (peerd exec [--name N] [--group G] -- COMMAND ARGS)")
+    if not args.names and not args.groups:
+        _usage("give at least one --name or --group")
+    meta = dict(args.meta or [])
+    client = _connect(args)
+    try:
+        for name in args.names:
+            try:
+                result = client.register(name, meta, scope=args.scope,
+                                         wait="settled" if args.settled else None,
+                                         timeout_s=args.timeout if args.settled else None)
+            except ApiError as exc:
+                raise CliError(f"cannot register {name!r}: {exc.message}") from None
+            if args.settled and not result.get("won", True):
+                raise CliError(f"cannot register {name!r}: an older claim elsewhere holds it")
+        for group in args.groups:
+            try:
+                client.join_group(group, meta, scope=args.scope)
+            except ApiError as exc:
+                raise CliError(f"cannot join group {group!r}: {exc.message}") from None
+    except BaseException:
+        client.close()
+        raise
+
+    # Signals are taken synchronously (sigwaitinfo) so that a signal and the
+    # child's exit can never race; the child starts with them unblocked.
+    handled = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+               signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        child = subprocess.Popen(
+            command, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
+    except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        client.close()
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        raise CliError(f"cannot run {command[0]!r}: {exc.strerror or exc}", code) from None
+
+    stopping = threading.Event()
+
+    def read_events() -> None:
+        while True:
+            try:
+                ev = client.wait_connection_event(None)
+            except (ConnectionError, OSError):
+                if not stopping.is_set():
+                    print("peerd exec: warning: lost the connection to peerd; the "
+                          "registrations are gone", file=sys.stderr, flush=True)
+                return
+            if ev is not None and ev.event == "conflict":
+                print(f"peerd exec: {conflict_warning(ev)}", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=read_events, name="peerd-exec-events", daemon=True)
+    reader.start()
+    try:
+        while child.poll() is None:
+            # Bounded: run from a thread (tests), SIGCHLD may go to another one.
+            info = signal.sigtimedwait(handled, 0.1)
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            # ^C and ^\ from the terminal already reached the child (same
+            # process group): forwarding them would deliver them twice.
+            if info.si_signo in (signal.SIGINT, signal.SIGQUIT) and info.si_code == SI_KERNEL:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, info.si_signo)
+    finally:
+        stopping.set()
+        client.close()  # the daemon drops the registrations now
+        reader.join(1.0)  # warnings already received are printed
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    code = child.returncode
+    return 128 - code if code < 0 else code
 
 
 def cmd_tags_set(args: argparse.Namespace) -> int:
@@ -340,7 +560,7 @@ def _import_agent() -> Any:
 # --- parser -------------------------------------------------------------------------------
 
 DESCRIPTION = """\
-peerd: a masterless peer-to-peer membership daemon.
+peerd: a masterless peer-to-peer membership and registry daemon.
 
 `peerd agent` runs the daemon on this host. The other commands talk to the
 local daemon through its API socket."""
@@ -399,12 +619,69 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
                    help="only members with this status (repeatable)")
     p.set_defaults(func=cmd_members)
 
-    p = add("watch", "print membership events as they happen",
+    p = add("watch", "print membership (or registry) events as they happen",
             "Print one line per membership event (joined, updated, suspect, alive, dead, "
-            "left, name_conflict, reaped) until interrupted with Ctrl-C.")
+            "left, name_conflict, reaped), or with --topic registry per registry event "
+            "(registered, unregistered, updated, joined, left, conflict), until interrupted "
+            "with Ctrl-C.")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"time", "event", "data"}')
+    p.add_argument("--topic", choices=("members", "registry"), action="append",
+                   help="what to watch (repeatable; default: members)")
     p.set_defaults(func=cmd_watch)
+
+    scope_help = "the scope (default: default)"
+    p = add("names", "list registered names",
+            "List the unique names registered anywhere in the cluster (this node's "
+            "replica): scope, name, owner node, pid, metadata. Sorted by scope and name.")
+    p.add_argument("--scope", help="only this scope (default: every scope)")
+    p.add_argument("--prefix", default="", help="only names starting with this")
+    p.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    p.set_defaults(func=cmd_names)
+
+    p = add("lookup", "show who holds a name",
+            "Print the owner of NAME: node name, node id and address, pid, uid, metadata, "
+            "claim time. Exit 1 if nobody holds it.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--scope", default="default", help=scope_help)
+    p.add_argument("--json", action="store_true", help="print the entry as JSON")
+    p.set_defaults(func=cmd_lookup)
+
+    p = add("groups", "list process groups and their sizes",
+            "List the process groups of the cluster with how many members each has.")
+    p.add_argument("--scope", help="only this scope (default: every scope)")
+    p.add_argument("--prefix", default="", help="only groups starting with this")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_groups)
+
+    p = add("members-of", "list the members of a process group",
+            "List the processes in GROUP: owner node, address, pid, metadata.")
+    p.add_argument("group", metavar="GROUP")
+    p.add_argument("--scope", default="default", help=scope_help)
+    p.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    p.set_defaults(func=cmd_members_of)
+
+    p = add("exec", "run a command holding names and group memberships",
+            "Register each --name and join each --group, then run COMMAND; the "
+            "registrations last exactly as long as it runs (they are removed cluster-wide "
+            "when it exits, or if this process is killed). Fails with exit 1 if a name is "
+            "taken. SIGTERM, SIGHUP, SIGUSR1/2 (and SIGINT/SIGQUIT not from the terminal) "
+            "are passed to COMMAND. Exits with COMMAND's status (128+N if killed by signal "
+            "N). A warning is printed if a name is lost to an older claim elsewhere.")
+    p.add_argument("--name", dest="names", action="append", default=[], metavar="NAME",
+                   help="a unique name to hold (repeatable)")
+    p.add_argument("--group", dest="groups", action="append", default=[], metavar="GROUP",
+                   help="a process group to be in (repeatable)")
+    p.add_argument("--scope", default="default", help=scope_help)
+    p.add_argument("--meta", action="append", type=parse_tag_assignment, metavar="KEY=VALUE",
+                   help="metadata for every entry (repeatable)")
+    p.add_argument("--settled", action="store_true",
+                   help="wait until every live member holds each name (and fail if an older "
+                        "claim elsewhere wins) before running COMMAND")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="bound on the --settled wait (default 5 s)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
+    p.set_defaults(func=cmd_exec)
 
     tags = add("tags", "change this node's tags",
                "Tags are key=value labels gossiped with this node's membership.",

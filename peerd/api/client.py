@@ -11,6 +11,26 @@ Both speak :mod:`peerd.api.protocol` over the daemon's Unix socket::
     with BlockingClient() as peerd:                  # scripts, the CLI
         print(peerd.call("status")["health"])
 
+Registry (names unique per scope, process groups), the same on both clients
+(``await`` on :class:`Client`)::
+
+    with BlockingClient() as peerd:
+        peerd.register("db-primary", {"port": "5432"})   # the name is ours now...
+        peerd.lookup("db-primary")     # {"node_name", "node", "pid", "meta", ...} or None
+        peerd.join_group("workers")
+        peerd.group_members("workers")  # [entry, ...]
+        ...                              # ...until this connection closes
+
+Every entry belongs to the connection that made it: it is removed
+cluster-wide when the connection closes (the process exited) and only that
+connection can change it. ``register(..., wait="settled")`` returns once
+every live member holds the entry (or ``timeout_s`` passed) with
+``settled`` and ``won``. When two processes on different nodes claimed a
+name at the same time, the loser's entry is removed and its connection gets
+a ``conflict`` event naming the winner, without any watch:
+``Client.connection_events()`` / ``BlockingClient.wait_connection_event()``
+(or the ``on_connection_event`` callback).
+
 Errors: :class:`~peerd.api.protocol.ApiError` when the daemon answers a
 request with an error (``code`` says which), :class:`DaemonUnavailable` when
 the socket cannot be reached, :class:`ConnectionLost` when an established
@@ -24,7 +44,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -32,7 +52,9 @@ from typing import Any
 import trio
 
 from peerd.api.protocol import (
+    CONNECTION_STREAM,
     DEFAULT_MAX_FRAME,
+    DEFAULT_SCOPE,
     STREAM_END,
     ApiError,
     Event,
@@ -135,10 +157,16 @@ class Client:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  stream: trio.abc.Stream | None = None, max_frame: int = DEFAULT_MAX_FRAME,
-                 watch_buffer: int = DEFAULT_WATCH_BUFFER) -> None:
+                 watch_buffer: int = DEFAULT_WATCH_BUFFER,
+                 on_connection_event: Callable[[Event], None] | None = None) -> None:
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.max_frame = max_frame
         self.watch_buffer = watch_buffer
+        self.on_connection_event = on_connection_event
+        self.dropped_connection_events = 0
+        # Connection events (stream 0: a registry conflict) are kept here until
+        # read with connection_events(); past watch_buffer, new ones are dropped.
+        self._conn_send, self._conn_receive = trio.open_memory_channel[Event](watch_buffer)
         self._stream = stream
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -238,6 +266,14 @@ class Client:
             self._fail(exc)
 
     def _dispatch(self, msg: Response | Event) -> None:
+        if isinstance(msg, Event) and msg.stream == CONNECTION_STREAM:
+            if self.on_connection_event is not None:
+                self.on_connection_event(msg)
+            try:
+                self._conn_send.send_nowait(msg)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                self.dropped_connection_events += 1
+            return
         if isinstance(msg, Event):
             state = self._streams.get(msg.stream)
             if state is None:
@@ -288,6 +324,128 @@ class Client:
         for stream in list(self._streams):
             self._streams[stream].error = exc
             self._end_stream(stream)
+        self._conn_send.close()
+
+    # --- connection events ---------------------------------------------------------
+
+    async def connection_events(self) -> AsyncIterator[Event]:
+        """Yield the connection's own events (``conflict``: a name this
+        connection registered was lost to an older claim elsewhere; ``data``
+        is the lost entry, ``data["winner"]`` the entry that holds the name)
+        until the connection closes. Events that arrived before are yielded
+        first (up to ``watch_buffer`` of them are kept)."""
+        while True:
+            try:
+                yield await self._conn_receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+
+    # --- registry --------------------------------------------------------------------
+
+    async def register(self, name: str, meta: Mapping[str, str] | None = None, *,
+                       scope: str = DEFAULT_SCOPE, wait: str | None = None,
+                       timeout_s: float | None = None) -> dict[str, Any]:
+        """Claim the unique ``name`` for this connection (ApiError ``conflict``
+        if it is taken). With ``wait="settled"``: return once every live
+        member holds it, or after ``timeout_s`` (default 5), with ``settled``
+        and ``won`` in the result."""
+        result: dict[str, Any] = await self.request(
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s))
+        return result
+
+    async def unregister(self, name: str, *, scope: str = DEFAULT_SCOPE) -> None:
+        await self.request(Op.UNREGISTER, {"name": name, "scope": scope})
+
+    async def update(self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE,
+                     group: bool = False) -> dict[str, Any]:
+        """Replace the metadata of this connection's ``name`` (or, with
+        ``group=True``, of its membership of group ``name``)."""
+        result: dict[str, Any] = await self.request(Op.UPDATE, update_args(name, meta, scope,
+                                                                           group))
+        return result
+
+    async def lookup(self, name: str, *, scope: str = DEFAULT_SCOPE) -> dict[str, Any] | None:
+        """The entry holding ``name`` (owner node, pid, meta...), or None."""
+        try:
+            result: dict[str, Any] = await self.request(Op.LOOKUP, {"name": name,
+                                                                    "scope": scope})
+        except ApiError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        return result
+
+    async def names(self, *, scope: str | None = None, prefix: str = "") -> list[dict[str, Any]]:
+        """Every registered name (of ``scope``, or of every scope) starting
+        with ``prefix``, sorted by (scope, name); fetched page by page."""
+        out: list[dict[str, Any]] = []
+        args = list_args(scope, prefix)
+        while True:
+            page = await self.request(Op.LIST, args)
+            out += page["entries"]
+            if not page.get("more") or not page["entries"]:
+                return out
+            args["after"] = [out[-1]["scope"], out[-1]["name"]]
+
+    async def join_group(self, group: str, meta: Mapping[str, str] | None = None, *,
+                         scope: str = DEFAULT_SCOPE) -> dict[str, Any]:
+        """Join process group ``group`` (many members per group; a process may
+        join many groups)."""
+        result: dict[str, Any] = await self.request(
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None))
+        return result
+
+    async def leave_group(self, group: str, *, scope: str = DEFAULT_SCOPE) -> None:
+        await self.request(Op.GROUP_LEAVE, {"group": group, "scope": scope})
+
+    async def group_members(self, group: str, *,
+                            scope: str = DEFAULT_SCOPE) -> list[dict[str, Any]]:
+        """The members of ``group`` (an empty list for an unknown group)."""
+        page = await self.request(Op.GROUP_MEMBERS, {"group": group, "scope": scope,
+                                                     "limit": MAX_PAGE})
+        entries: list[dict[str, Any]] = page["entries"]
+        return entries
+
+    async def groups(self, *, scope: str | None = None,
+                     prefix: str = "") -> list[dict[str, Any]]:
+        """``[{"scope", "group", "members": count}]``, sorted; page by page."""
+        out: list[dict[str, Any]] = []
+        args = list_args(scope, prefix)
+        while True:
+            page = await self.request(Op.GROUPS, args)
+            out += page["groups"]
+            if not page.get("more") or not page["groups"]:
+                return out
+            args["after"] = [out[-1]["scope"], out[-1]["group"]]
+
+
+MAX_PAGE = 10_000
+
+
+def register_args(key: str, name: str, meta: Mapping[str, str] | None, scope: str,
+                  wait: str | None, timeout_s: float | None) -> dict[str, Any]:
+    """Args of ``register`` (key "name") and ``group.join`` (key "group")."""
+    args: dict[str, Any] = {key: name, "scope": scope}
+    if meta:
+        args["meta"] = dict(meta)
+    if wait is not None:
+        args["wait"] = wait
+        if timeout_s is not None:
+            args["timeout_s"] = timeout_s
+    return args
+
+
+def update_args(name: str, meta: Mapping[str, str], scope: str, group: bool) -> dict[str, Any]:
+    return {"group" if group else "name": name, "scope": scope, "meta": dict(meta)}
+
+
+def list_args(scope: str | None, prefix: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"limit": MAX_PAGE}
+    if scope is not None:
+        args["scope"] = scope
+    if prefix:
+        args["prefix"] = prefix
+    return args
 
 
 class Watch:
@@ -371,6 +529,9 @@ class BlockingClient:
         self.max_frame = max_frame
         self._ids = itertools.count(1)
         self._events: dict[int, collections.deque[Event]] = {}
+        # Connection events (stream 0), the newest DEFAULT_WATCH_BUFFER kept.
+        self._conn_events: collections.deque[Event] = collections.deque(
+            maxlen=DEFAULT_WATCH_BUFFER)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.path)
@@ -385,6 +546,9 @@ class BlockingClient:
         self.close()
 
     def close(self) -> None:
+        # shutdown first: a thread blocked reading this socket wakes up (EOF).
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def call(self, op: str, /, **args: Any) -> Any:
@@ -447,7 +611,8 @@ class BlockingClient:
                 except FrameError as exc:
                     raise ConnectionLost(f"peerd sent a bad frame: {exc.message}") from None
                 if isinstance(msg, Event):
-                    queue = self._events.get(msg.stream)
+                    queue = (self._conn_events if msg.stream == CONNECTION_STREAM
+                             else self._events.get(msg.stream))
                     if queue is not None:
                         queue.append(msg)
                 elif msg.id is None:
@@ -463,3 +628,84 @@ class BlockingClient:
             if not data:
                 raise ConnectionLost("peerd closed the connection")
             self._decoder.feed(data)
+
+    # --- connection events and the registry (see Client for the docs) ------------------
+
+    def wait_connection_event(self, timeout: float | None = None) -> Event | None:
+        """The next connection event (a registry ``conflict``), reading the
+        socket for up to ``timeout`` seconds (None: no limit); None if none
+        came. Raises ConnectionLost when the connection closes."""
+        if self._conn_events:
+            return self._conn_events.popleft()
+        try:
+            while True:
+                msg = self._read_one(timeout)
+                if isinstance(msg, Event) and msg.stream == CONNECTION_STREAM:
+                    return self._conn_events.popleft()
+        except TimeoutError:
+            return None
+
+    def connection_events(self) -> list[Event]:
+        """Connection events received so far (while waiting for responses)."""
+        out = list(self._conn_events)
+        self._conn_events.clear()
+        return out
+
+    def register(self, name: str, meta: Mapping[str, str] | None = None, *,
+                 scope: str = DEFAULT_SCOPE, wait: str | None = None,
+                 timeout_s: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s))
+        return result
+
+    def unregister(self, name: str, *, scope: str = DEFAULT_SCOPE) -> None:
+        self.request(Op.UNREGISTER, {"name": name, "scope": scope})
+
+    def update(self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE,
+               group: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(Op.UPDATE, update_args(name, meta, scope, group))
+        return result
+
+    def lookup(self, name: str, *, scope: str = DEFAULT_SCOPE) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.request(Op.LOOKUP, {"name": name, "scope": scope})
+        except ApiError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        return result
+
+    def names(self, *, scope: str | None = None, prefix: str = "") -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        args = list_args(scope, prefix)
+        while True:
+            page = self.request(Op.LIST, args)
+            out += page["entries"]
+            if not page.get("more") or not page["entries"]:
+                return out
+            args["after"] = [out[-1]["scope"], out[-1]["name"]]
+
+    def join_group(self, group: str, meta: Mapping[str, str] | None = None, *,
+                   scope: str = DEFAULT_SCOPE) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None))
+        return result
+
+    def leave_group(self, group: str, *, scope: str = DEFAULT_SCOPE) -> None:
+        self.request(Op.GROUP_LEAVE, {"group": group, "scope": scope})
+
+    def group_members(self, group: str, *, scope: str = DEFAULT_SCOPE) -> list[dict[str, Any]]:
+        page = self.request(Op.GROUP_MEMBERS, {"group": group, "scope": scope,
+                                               "limit": MAX_PAGE})
+        entries: list[dict[str, Any]] = page["entries"]
+        return entries
+
+    def groups(self, *, scope: str | None = None, prefix: str = "") -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        args = list_args(scope, prefix)
+        while True:
+            page = self.request(Op.GROUPS, args)
+            out += page["groups"]
+            if not page.get("more") or not page["groups"]:
+                return out
+            args["after"] = [out[-1]["scope"], out[-1]["group"]]

@@ -8,7 +8,9 @@ many bytes holding exactly one CBOR map. Three kinds of map travel:
 * response (server to client): ``{"id": uint / null, "ok": true, "result": any}``
   or ``{"id": ..., "ok": false, "error": {"code": text, "message": text}}``
 * event (server to client): ``{"stream": uint, "event": text, "data": map}``,
-  where ``stream`` is the id of the request that opened the stream (``watch``).
+  where ``stream`` is the id of the request that opened the stream (``watch``),
+  or 0 (:data:`CONNECTION_STREAM`) for events about the connection itself (a
+  registry ``conflict`` for one of its entries), which need no watch.
 
 This module does no I/O (no sockets, no trio) so that the async client, the
 blocking client, the trio server and the tests all share one implementation of
@@ -37,9 +39,10 @@ from typing import Any, TypeGuard
 import cbor2
 
 from peerd import __version__
-from peerd.core.events import MemberEvent, MemberInfo
+from peerd.core.events import MemberEvent, MemberInfo, RegEventKind, RegistryEvent
+from peerd.core.registry.service import entry_to_dict
 from peerd.wire.codec import MAX_TAG_KEY_BYTES, MAX_TAG_VALUE_BYTES, MAX_TAGS
-from peerd.wire.messages import Addr, Status
+from peerd.wire.messages import Addr, NodeId, RegEntry, RegKind, Status
 
 DEFAULT_MAX_FRAME = 1 << 20
 """Largest frame body (bytes, excluding the 4-byte header) accepted by default.
@@ -77,12 +80,29 @@ class Op(enum.StrEnum):
     KEYS_REMOVE = "keys.remove"
     WATCH = "watch"
     UNWATCH = "unwatch"
+    # registry (names are unique per scope; groups have many members)
+    REGISTER = "register"
+    UNREGISTER = "unregister"
+    UPDATE = "update"
+    LOOKUP = "lookup"
+    LIST = "list"
+    GROUP_JOIN = "group.join"
+    GROUP_LEAVE = "group.leave"
+    GROUP_MEMBERS = "group.members"
+    GROUPS = "groups"
 
 
 class Topic(enum.StrEnum):
     """Topics a ``watch`` can subscribe to."""
 
     MEMBERS = "members"
+    REGISTRY = "registry"
+
+
+CONNECTION_STREAM = 0
+"""The stream id of events about the connection itself (not opened by a
+request): a registry ``conflict`` for an entry the connection owns. A
+``watch`` request may therefore not use id 0."""
 
 
 STREAM_END = "end"
@@ -545,3 +565,168 @@ def parse_unwatch_args(args: Mapping[str, Any]) -> int:
     if not _uint(stream):
         raise _bad_args('"stream" must be the id of a watch request')
     return stream
+
+
+# --- registry ---------------------------------------------------------------------
+
+DEFAULT_SCOPE = "default"
+DEFAULT_SETTLE_TIMEOUT_S = 5.0
+MAX_SETTLE_TIMEOUT_S = 60.0
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 10_000
+PAGE_BUDGET_BYTES = 768 * 1024
+"""A ``list``/``groups``/``group.members`` page stops growing past about this
+many bytes (``more`` is then true), so a page always fits the default frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterArgs:
+    """Parsed ``register`` / ``group.join`` args. ``settle_s`` is set for
+    ``wait: "settled"`` (the timeout)."""
+
+    kind: RegKind
+    scope: str
+    name: str
+    meta: tuple[tuple[str, str], ...]
+    settle_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RegTarget:
+    """Parsed ``unregister`` / ``group.leave`` / ``lookup`` / ``group.members``
+    args (``meta`` only for ``update``)."""
+
+    kind: RegKind
+    scope: str
+    name: str
+    meta: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListArgs:
+    """Parsed ``list`` / ``groups`` / ``group.members`` paging args. ``scope``
+    None means every scope; ``after`` is the last (scope, name) of the
+    previous page."""
+
+    scope: str | None
+    prefix: str
+    after: tuple[str, str] | None
+    limit: int
+
+
+def _text_arg(args: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if type(value) is not str or (not value and default is None):
+        raise _bad_args(f'"{key}" must be non-empty text')
+    return value
+
+
+def _scope_arg(args: Mapping[str, Any]) -> str:
+    scope = args.get("scope", DEFAULT_SCOPE)
+    if type(scope) is not str or not scope:
+        raise _bad_args('"scope" must be non-empty text')
+    return scope
+
+
+def parse_meta_arg(args: Mapping[str, Any], required: bool = False) -> tuple[tuple[str, str], ...]:
+    """``"meta": {text: text}`` as sorted pairs (sizes are checked by the core)."""
+    if "meta" not in args and not required:
+        return ()
+    meta = args.get("meta")
+    if type(meta) is not dict or any(type(k) is not str or type(v) is not str
+                                     for k, v in meta.items()):
+        raise _bad_args('"meta" must be a map of text to text')
+    return tuple(sorted(meta.items()))
+
+
+def parse_register_args(args: Mapping[str, Any], kind: RegKind = RegKind.NAME) -> RegisterArgs:
+    """``register``: ``{"name", ? "scope", ? "meta", ? "wait": "settled", ? "timeout_s"}``;
+    ``group.join``: the same with ``"group"`` for ``"name"``."""
+    key = "name" if kind is RegKind.NAME else "group"
+    name = _text_arg(args, key)
+    scope = _scope_arg(args)
+    meta = parse_meta_arg(args)
+    wait = args.get("wait")
+    settle_s: float | None = None
+    if wait is not None:
+        if wait != "settled":
+            raise _bad_args('"wait" must be "settled" (or absent)')
+        timeout = args.get("timeout_s", DEFAULT_SETTLE_TIMEOUT_S)
+        if type(timeout) not in (int, float) or not 0 < timeout <= MAX_SETTLE_TIMEOUT_S:
+            raise _bad_args(f'"timeout_s" must be a number in (0, {MAX_SETTLE_TIMEOUT_S:g}]')
+        settle_s = float(timeout)
+    return RegisterArgs(kind, scope, name, meta, settle_s)
+
+
+def parse_target_args(args: Mapping[str, Any], kind: RegKind = RegKind.NAME) -> RegTarget:
+    """``{"name", ? "scope"}`` (``"group"`` for groups)."""
+    key = "name" if kind is RegKind.NAME else "group"
+    return RegTarget(kind, _scope_arg(args), _text_arg(args, key))
+
+
+def parse_update_args(args: Mapping[str, Any]) -> RegTarget:
+    """``update``: ``{"name" or "group", ? "scope", "meta"}``: replace the
+    metadata of this connection's name, or of its membership of a group."""
+    if ("name" in args) == ("group" in args):
+        raise _bad_args('give exactly one of "name" and "group"')
+    kind = RegKind.NAME if "name" in args else RegKind.GROUP
+    target = parse_target_args(args, kind)
+    return RegTarget(kind, target.scope, target.name, parse_meta_arg(args, required=True))
+
+
+def parse_limit_arg(args: Mapping[str, Any]) -> int:
+    """``? "limit"``: at most this many items in one page."""
+    limit = args.get("limit", DEFAULT_LIST_LIMIT)
+    if not _uint(limit) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise _bad_args(f'"limit" must be an integer from 1 to {MAX_LIST_LIMIT}')
+    return limit
+
+
+def parse_list_args(args: Mapping[str, Any]) -> ListArgs:
+    """``{? "scope", ? "prefix", ? "after": [scope, name], ? "limit"}``."""
+    scope = args.get("scope")
+    if scope is not None and (type(scope) is not str or not scope):
+        raise _bad_args('"scope" must be non-empty text (absent: every scope)')
+    prefix = args.get("prefix", "")
+    if type(prefix) is not str:
+        raise _bad_args('"prefix" must be text')
+    after = args.get("after")
+    if after is not None:
+        if (type(after) is not list or len(after) != 2
+                or any(type(x) is not str for x in after)):
+            raise _bad_args('"after" must be [scope, name] (the last of the previous page)')
+        after = (after[0], after[1])
+    return ListArgs(scope, prefix, after, parse_limit_arg(args))
+
+
+def reg_entry_to_wire(origin: NodeId, entry: RegEntry,
+                      member: MemberInfo | None = None) -> dict[str, Any]:
+    """One registry entry as the API shows it: what the core reports
+    (:func:`peerd.core.registry.service.entry_to_dict`) plus the owner node's
+    name and address from membership, when it is known."""
+    out = entry_to_dict(origin, entry)
+    if member is not None:
+        out["node_name"] = member.name
+        out["node_addr"] = format_addr(member.addr)
+    return out
+
+
+def entry_wire_size(entry: RegEntry) -> int:
+    """A cheap upper estimate of the encoded size of one entry map."""
+    return (160 + len(entry.scope) + len(entry.name)
+            + sum(len(k) + len(v) + 4 for k, v in entry.meta)) * 2
+
+
+def registry_event_to_wire(ev: RegistryEvent, member_of: Any = None) -> tuple[str, dict[str, Any]]:
+    """``(event name, data)`` for a registry event: the entry; for
+    ``conflict`` (the entry lost its name) also ``"winner"``, the entry that
+    holds the name. ``member_of(node_id)`` adds node names and addresses."""
+
+    def member(node: NodeId) -> MemberInfo | None:
+        return member_of(node) if member_of is not None else None
+
+    data = reg_entry_to_wire(ev.origin, ev.entry, member(ev.origin))
+    if ev.kind is RegEventKind.CONFLICT and ev.winner is not None:
+        w_origin, w_entry = ev.winner
+        data["winner"] = reg_entry_to_wire(w_origin, w_entry, member(w_origin))
+    return ev.kind.value, data

@@ -464,6 +464,8 @@ class Node:
                 self._ring.add(node)
                 self._ring_dirty = True
                 self._arm_gossip()
+                if self.registry.staged:
+                    self.reg_flush_soon()
         elif node in self._live:
             self._live.discard(node)
             self._ring.remove(node)
@@ -643,6 +645,7 @@ class Node:
                 self._check_timeout(ctx)
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
+                self.registry.flush()
                 self._gossip_round()
                 self._arm_gossip()
             case TimerKind.PUSH_PULL:
@@ -655,6 +658,7 @@ class Node:
             case TimerKind.LEAVE:
                 self._out.append(LeaveDone())
             case TimerKind.REG_FLUSH:
+                self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
                 self._gossip_round()
             case TimerKind.REG_SETTLE:
@@ -1227,8 +1231,8 @@ class Node:
     def reg_emit(self, out: Output) -> None:
         self._out.append(out)
 
-    def reg_broadcast(self, key: Hashable, msg: Message) -> None:
-        self._queue.enqueue(key, codec.encode(msg))
+    def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None:
+        self._queue.enqueue(key, codec.encode(msg) if data is None else data)
         self._arm_gossip()
         if not self._reg_flush_armed and self._started and len(self._live):
             # Registry news goes out within milliseconds, not at the next
@@ -1238,6 +1242,12 @@ class Node:
 
     def reg_queued(self, key: Hashable) -> bytes | None:
         return self._queue.get(key)
+
+    def reg_flush_soon(self) -> None:
+        # Alone (or not started), staged deltas wait: _set_live calls us again.
+        if not self._reg_flush_armed and self._started and len(self._live):
+            self._reg_flush_armed = True
+            self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
 
     def reg_send(self, node: NodeId, msg: Message) -> None:
         m = self._members.get(node)

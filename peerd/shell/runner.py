@@ -585,7 +585,7 @@ class Runner:
                 key = "core:" + " ".join(message.split(" ", 2)[:2])
                 self.core_log.log(key, level, message)
             case CommandResult(ref):
-                call = self._reg_calls.get(ref)
+                call = self._reg_calls.pop(ref, None)
                 if call is not None:
                     call.result = out
                     if call.done is not None:
@@ -820,41 +820,60 @@ class Runner:
                          update: bool = False) -> dict[str, Any]:
         """Feed one registry command for ``conn`` (a RegTarget is an
         unregister, or with ``update`` a metadata update) and wait for its
-        result."""
+        result: at once, or for ``wait: "settled"`` when the core answers."""
+        call: _RegCall = await self.call_in_runner(lambda: self._reg_begin(conn, cmd, update))
+        if call.result is None:
+            call.done = trio.Event()
+            await call.done.wait()
+        return self._reg_value(call)
+
+    def _reg_begin(self, conn: object, cmd: RegisterArgs | RegTarget,
+                   update: bool = False) -> _RegCall:
+        """In the runner task: feed the command; its result is filled in when
+        the core answers (for a plain write, before this returns)."""
         self._registry()
         conn_id = getattr(conn, "id", None)
         if type(conn_id) is not int:
             raise ApiError(ErrorCode.UNAVAILABLE, "registry writes need an API connection")
+        # A connection that closed meanwhile (its ConnClosed may already be
+        # handled) must not leave entries behind.
+        if getattr(conn, "closed", False):
+            raise ApiError(ErrorCode.UNAVAILABLE, "the connection closed")
         cred = getattr(conn, "cred", None)
         pid, uid = (cred.pid, cred.uid) if cred is not None else (0, 0)
         ref = next(self._refs)
+        inp: Input
+        if isinstance(cmd, RegisterArgs):
+            if self.leaving:
+                raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+            inp = Register(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta, pid, uid,
+                           time.time_ns() // 1_000_000, cmd.settle_s)
+        elif update:
+            inp = UpdateMeta(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta)
+        else:
+            inp = Unregister(ref, conn_id, cmd.kind, cmd.scope, cmd.name)
         call = self._reg_calls[ref] = _RegCall()
+        self._reg_conns[conn_id] = conn
+        self._handle(inp)
+        if (call.result is not None and call.result.error is not None
+                and call.result.error[0] == ErrorCode.CONFLICT
+                and isinstance(cmd, RegisterArgs) and cmd.kind is RegKind.NAME):
+            call.result = CommandResult(ref, error=(ErrorCode.CONFLICT,
+                                                    self._held_by(cmd.scope, cmd.name)
+                                                    or call.result.error[1]))
+        return call
 
-        def feed() -> None:
-            # In the runner task: a connection that closed meanwhile (its
-            # ConnClosed may already be handled) must not leave entries behind.
-            if getattr(conn, "closed", False):
-                raise ApiError(ErrorCode.UNAVAILABLE, "the connection closed")
-            inp: Input
-            if isinstance(cmd, RegisterArgs):
-                if self.leaving:
-                    raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
-                inp = Register(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta, pid, uid,
-                               time.time_ns() // 1_000_000, cmd.settle_s)
-            elif update:
-                inp = UpdateMeta(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta)
-            else:
-                inp = Unregister(ref, conn_id, cmd.kind, cmd.scope, cmd.name)
-            self._reg_conns[conn_id] = conn
-            self._handle(inp)
+    def _held_by(self, scope: str, name: str) -> str | None:
+        claim = self._registry().state.lookup(scope, name)
+        if claim is None:
+            return None
+        member = getattr(self.node, "member", None)
+        info = member(claim.origin) if member is not None else None
+        where = (f"node {info.name} ({claim.origin.hex()[:8]})" if info is not None
+                 else f"node {claim.origin.hex()[:8]}")
+        return f"{scope}/{name} is held by pid {claim.entry.pid} on {where}"
 
-        try:
-            await self.call_in_runner(feed)
-            if call.result is None:
-                call.done = trio.Event()
-                await call.done.wait()
-        finally:
-            del self._reg_calls[ref]
+    def _reg_value(self, call: _RegCall) -> dict[str, Any]:
         result = call.result
         assert result is not None
         if result.error is not None:
@@ -865,6 +884,76 @@ class Runner:
             value["node_name"] = local.name
             value["node_addr"] = format_addr(local.addr)
         return value
+
+    # Quick ops: answered at once in the runner task, many per turn (see
+    # call_batch and the API server's batching).
+    _QUICK_OPS = frozenset({Op.REGISTER, Op.GROUP_JOIN, Op.UNREGISTER, Op.GROUP_LEAVE,
+                            Op.UPDATE, Op.LOOKUP})
+
+    def batchable(self, op: str, args: Mapping[str, Any]) -> bool:
+        """Registry writes without ``wait`` and lookups answer at once."""
+        return (op in self._QUICK_OPS and args.get("wait") is None
+                and getattr(self.node, "registry", None) is not None)
+
+    async def call_batch(self, conn: object,
+                         requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        """Answer quick requests in order, in one turn of the runner: the
+        results, or an ApiError for each that failed."""
+        parsed: list[tuple[str, Any] | ApiError] = []
+        for op, args in requests:
+            try:
+                parsed.append(self._parse_quick(op, args))
+            except ApiError as e:
+                parsed.append(e)
+
+        def run() -> list[Any]:
+            out: list[Any] = []
+            for item in parsed:
+                if isinstance(item, ApiError):
+                    out.append(item)
+                    continue
+                op, cmd = item
+                try:
+                    if op == Op.LOOKUP:
+                        out.append(self._lookup(cmd))
+                    else:
+                        call = self._reg_begin(conn, cmd, update=op == Op.UPDATE)
+                        out.append(call if call.result is None else self._reg_value(call))
+                except ApiError as e:
+                    out.append(e)
+            return out
+
+        self.in_flight += 1
+        try:
+            results: list[Any] = await self.call_in_runner(run)
+            for i, r in enumerate(results):
+                if isinstance(r, _RegCall):  # pragma: no cover - quick writes answer at once
+                    if r.result is None:
+                        r.done = trio.Event()
+                        await r.done.wait()
+                    try:
+                        results[i] = self._reg_value(r)
+                    except ApiError as e:
+                        results[i] = e
+            return results
+        finally:
+            self.in_flight -= 1
+
+    def _parse_quick(self, op: str, args: Mapping[str, Any]) -> tuple[str, Any]:
+        match op:
+            case Op.REGISTER:
+                return op, parse_register_args(args)
+            case Op.GROUP_JOIN:
+                return op, parse_register_args(args, RegKind.GROUP)
+            case Op.UNREGISTER:
+                return op, parse_target_args(args)
+            case Op.GROUP_LEAVE:
+                return op, parse_target_args(args, RegKind.GROUP)
+            case Op.UPDATE:
+                return op, parse_update_args(args)
+            case Op.LOOKUP:
+                return op, parse_target_args(args)
+        raise ApiError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")  # pragma: no cover
 
     def _member_of(self) -> Callable[[NodeId], MemberInfo | None]:
         members = {m.node: m for m in self.node.members()}

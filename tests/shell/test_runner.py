@@ -403,7 +403,7 @@ async def test_watch_fans_out_and_drops_slow_watchers() -> None:
     fast = runner.watch("conn1", ["members"])
     slow = runner.watch("conn2", ["members"])
     with pytest.raises(ApiError) as info:
-        runner.watch("conn3", ["registry"])
+        runner.watch("conn3", ["messages"])  # not a topic (registry is one now)
     assert info.value.code == "bad_args"
 
     async def go() -> None:
