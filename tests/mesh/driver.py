@@ -88,6 +88,7 @@ class World:
         self.deliveries: dict[bytes, dict[NodeId, int]] = collections.defaultdict(dict)
         self.results: dict[int, BroadcastResult] = {}
         self._ref = 0
+        self.trace: list[str] | None = None  # set to a list to record every step
 
     # --- nodes -------------------------------------------------------------------
 
@@ -143,6 +144,10 @@ class World:
         if not self.alive[node]:
             return []
         outs = self.nodes[node].handle(self.now, inp)
+        if self.trace is not None:
+            self.trace.append(f"{self.now:.4f} n{int.from_bytes(node, 'big')} <- {_short(inp)}")
+            self.trace.extend(f"    -> {_short(o)}" for o in outs
+                              if not isinstance(o, SetMeshTimer))
         for o in outs:
             self._apply(node, o)
         return outs
@@ -176,9 +181,10 @@ class World:
                 if dst not in g.closed_by:
                     self.feed(dst, LinkDown(src))
                 return
-            # A message dies with its link's direction: a failure kills both,
-            # a close the closer's inbound one.
-            if (src, dst) in g.dropped:
+            # A message dies with its link's direction (a failure kills both,
+            # a close the closer's inbound one), and nobody reads a link it
+            # closed itself.
+            if (src, dst) in g.dropped or dst in g.closed_by:
                 return
             if isinstance(msg, Gossip):
                 self.payload_msgs[msg.id] += 1
@@ -261,3 +267,15 @@ class World:
             assert n < max_events, "the overlay does not settle"
         for when, seq, timer, fn in held:
             heapq.heappush(self._heap, (max(when, self.now), seq, timer, fn))
+
+
+def _short(o: object) -> str:
+    """A compact, readable form of an input or output (node ids as n<i>)."""
+    import re
+
+    text = repr(o)
+    text = re.sub(r"b'((?:\\x00){15})\\x([0-9a-f]{2})'",
+                  lambda m: f"n{int(m.group(2), 16)}", text)
+    text = re.sub(r"b'(?:\\x00){15}(.)'", lambda m: f"n{ord(m.group(1))}", text)
+    text = re.sub(r"MeshPeer\(node=(n\d+), addr=\([^)]*\)\)", r"\1", text)
+    return text
