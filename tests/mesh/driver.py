@@ -125,6 +125,11 @@ class World:
                 g.dropped |= {(a, b), (b, a)}
                 self._link_event(node, other, g, None)
 
+    def freeze(self, node: NodeId) -> None:
+        """The process stops (SIGSTOP, a hung host): its links stay open, so
+        nobody hears of it, and what is sent to it is never read."""
+        self.alive[node] = False
+
     def fail_link(self, a: NodeId, b: NodeId) -> bool:
         g = self._links.get(_pair(a, b))
         if g is None or not g.up:

@@ -356,3 +356,15 @@ def test_mesh_feeds_hyparview_neighbours_to_plumtree() -> None:
     assert send.dst == nid(2) and isinstance(send.msg, Gossip)
     assert notimers(r.recv(2, gossip(1))) == [
         Deliver(M1, ORIGIN, Channel.USER, b"data", 1, nid(2))]
+
+
+def test_announcements_beyond_one_message_are_split() -> None:
+    from peerd.wire.codec import MAX_IHAVE
+
+    r = pt_rig(eager=(2,), lazy=(3,))
+    n = MAX_IHAVE + 5
+    for i in range(n):
+        r.recv(2, gossip(1, i.to_bytes(16, "big")))
+    outs = r.fire(MeshTimerKind.IHAVE_FLUSH)
+    assert [len(o.msg.ihave) for o in outs if isinstance(o, Send)
+            and isinstance(o.msg, GossipControl)] == [MAX_IHAVE, 5]
