@@ -32,7 +32,8 @@ from peerd.core.mesh.plumtree import Plumtree
 from peerd.wire import codec
 from peerd.wire.messages import MeshPeer, Message, NodeId
 
-from .driver import nid, peer
+from .driver import nid as nid
+from .driver import peer as peer
 
 T = TypeVar("T")
 

@@ -63,6 +63,7 @@ from peerd.core.mesh.events import (
     LinkDown,
     MembershipHint,
     MeshInput,
+    MeshMessage,
     MeshOutput,
     MeshTimer,
     MeshTimerFired,
@@ -337,7 +338,7 @@ class HyParView:
         self.counters["joins"] += 1
         self._ask(first, high=True, join=True)
 
-    def _on_message(self, src: NodeId, msg: HyParViewMessage | object) -> None:
+    def _on_message(self, src: NodeId, msg: MeshMessage) -> None:
         if src == self.me.node:
             self._drop("from_self")
             return
