@@ -88,7 +88,7 @@ from peerd.core.events import (
     UpdateMeta,
     WatchLinks,
 )
-from peerd.core.registry.service import RegistryService
+from peerd.core.registry.service import DIRECT_MAX, RegistryService
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -645,8 +645,7 @@ class Node:
                 self._check_timeout(ctx)
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
-                self.registry.flush()
-                self._gossip_round()
+                self._send_direct(self.registry.flush(), self._gossip_round())
                 self._arm_gossip()
             case TimerKind.PUSH_PULL:
                 self._push_pull_tick()
@@ -658,9 +657,9 @@ class Node:
             case TimerKind.LEAVE:
                 self._out.append(LeaveDone())
             case TimerKind.REG_FLUSH:
-                self.registry.flush()  # still armed: queueing does not re-arm
+                own = self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
-                self._gossip_round()
+                self._send_direct(own, self._gossip_round())
             case TimerKind.REG_SETTLE:
                 assert isinstance(ctx, int)
                 self.registry.settle_timeout(ctx)
@@ -833,13 +832,31 @@ class Node:
                 picks.append(self._members[node])
         return picks
 
-    def _gossip_round(self) -> None:
+    def _gossip_round(self) -> list[Member]:
+        """Send queued broadcasts to the gossip targets; returns them."""
         if not len(self._queue):
-            return
+            return []
+        sent = []
         for m in self._gossip_targets():
             if not len(self._queue):
                 break
             self._send(m.addr)
+            sent.append(m)
+        return sent
+
+    def _send_direct(self, own: list[bytes], skip: list[Member]) -> None:
+        """Our own registry changes, straight to every other live peer (in a
+        cluster of at most DIRECT_MAX peers; see peerd.core.registry.service)."""
+        if not own or len(self._live) > DIRECT_MAX:
+            return
+        done = {m.node for m in skip}
+        data = codec.pack(own)
+        for node in self._live:
+            if node not in done:
+                self.counters["packets_out"] += 1
+                self.counters["bytes_out"] += len(data)
+                self.counters["reg_direct_out"] += 1
+                self._out.append(SendPacket(self._members[node].addr, data))
 
     # --- membership updates --------------------------------------------------
 
@@ -1024,7 +1041,10 @@ class Node:
         self._set_incarnation(m, incarnation)
         self._set_status(m, status)
         self._set_live(m.node, False)
-        self.registry.node_down(m.node, m.generation)
+        if self.registry.node_down(m.node, m.generation):
+            # Applications wait on this: spread the death at once (the
+            # broadcast is queued right after), not at the next gossip tick.
+            self.reg_flush_soon()
         self._recently_dead[m.node] = self._now
         if status is Status.DEAD:
             self._dead[m.node] = None
@@ -1234,17 +1254,14 @@ class Node:
     def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None:
         self._queue.enqueue(key, codec.encode(msg) if data is None else data)
         self._arm_gossip()
-        if not self._reg_flush_armed and self._started and len(self._live):
-            # Registry news goes out within milliseconds, not at the next
-            # gossip tick: "visible everywhere" is what applications wait on.
-            self._reg_flush_armed = True
-            self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
 
     def reg_queued(self, key: Hashable) -> bytes | None:
         return self._queue.get(key)
 
     def reg_flush_soon(self) -> None:
-        # Alone (or not started), staged deltas wait: _set_live calls us again.
+        # Registry news goes out within milliseconds, not at the next gossip
+        # tick: "visible everywhere" is what applications wait on. Alone (or
+        # not started), staged deltas wait: _set_live calls us again.
         if not self._reg_flush_armed and self._started and len(self._live):
             self._reg_flush_armed = True
             self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
@@ -1264,6 +1281,9 @@ class Node:
 
     def reg_live(self) -> list[tuple[NodeId, int]]:
         return [(n, self._members[n].generation) for n in self._live]
+
+    def reg_live_count(self) -> int:
+        return len(self._live)
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
         return self._arm(kind, delay, ctx)

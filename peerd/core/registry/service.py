@@ -17,10 +17,16 @@ the protocol around it, driven by the membership node (its *host*):
   deltas are *staged* as objects and merged there: encoding (and merging
   with what is still queued) happens once per origin and flush, not once
   per write, so a burst of writes costs O(1) each.
+  In clusters of up to ``DIRECT_MAX`` peers, the origin also sends its
+  own changes straight to every live peer at the flush (one datagram each
+  per flush, whatever the number of writes batched in it), so the random
+  fan-out missing a node costs nothing.
 * **Anti-entropy**: with every membership push-pull the node also exchanges a
   ``RegSync`` (digest plus what the peer lacks) with the same peer.
 * **Membership**: a node declared dead or left loses its entries everywhere;
-  a restarted node (new generation) starts with none of its old ones.
+  a restarted node (new generation) starts with none of its old ones. The
+  death of a node that held entries is spread at once (a flush round a few
+  milliseconds later, not the next gossip tick), as registry news is.
 * **Conflicts**: when a local name claim loses to an older claim elsewhere,
   the owning connection gets a ``conflict`` event naming the winner and the
   losing entry is removed, so no duplicate outlives the merge.
@@ -62,6 +68,11 @@ from peerd.wire.messages import (
 
 # A merged delta larger than this (encoded) is announced instead of sent.
 MAX_DELTA_BYTES = 900
+# Up to this many live peers, a node sends its own registry changes straight
+# to every one of them at the flush, besides the epidemic: one hop, so a
+# registration is visible everywhere within milliseconds even when the random
+# fan-out misses a node (it would then wait for the next gossip tick).
+DIRECT_MAX = 32
 # Limits on what one connection, and one daemon, may hold.
 MAX_ENTRIES_PER_CONN = 10_000
 MAX_LOCAL_ENTRIES = 200_000
@@ -78,7 +89,8 @@ class Host(Protocol):
 
     def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None:
         """Queue ``msg`` (encoded: ``data``, when given) for gossip, replacing a
-        queued item with ``key``, and send soon."""
+        queued item with ``key`` (it goes at the next gossip round; call
+        :meth:`reg_flush_soon` for one within milliseconds)."""
 
     def reg_queued(self, key: Hashable) -> bytes | None:
         """The encoded message queued under ``key``, if any."""
@@ -96,6 +108,9 @@ class Host(Protocol):
 
     def reg_live(self) -> list[tuple[NodeId, int]]:
         """(node id, generation) of every live member other than us."""
+
+    def reg_live_count(self) -> int:
+        """How many live members other than us."""
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
 
@@ -278,16 +293,22 @@ class RegistryService:
         """Deltas wait for a flush."""
         return bool(self._staged)
 
-    def flush(self) -> None:
+    def flush(self) -> list[bytes]:
         """Move staged deltas into the broadcast queue (the host calls this
-        before a gossip round)."""
+        before a gossip round). Returns the encoded messages about our own
+        partition that were queued: the host may also send those straight
+        to every live peer (see DIRECT_MAX)."""
         if not self._staged:
-            return
+            return []
         staged, self._staged = self._staged, {}
+        own: list[bytes] = []
         for item in staged.values():
-            self._enqueue(item.delta(), item.ack)
+            data = self._enqueue(item.delta(), item.ack)
+            if data is not None and item.origin == self.host.node_id:
+                own.append(data)
+        return own
 
-    def _enqueue(self, delta: RegDelta, ack: bool) -> None:
+    def _enqueue(self, delta: RegDelta, ack: bool) -> bytes | None:
         key = ("r", delta.origin)
         queued = self.host.reg_queued(key)
         if queued is not None:
@@ -304,7 +325,7 @@ class RegistryService:
                 delta = merge_deltas(old, delta)
                 ack = ack or old.ack
             elif isinstance(old, RegAck) and old.version >= delta.top:
-                return
+                return None
         if ack != delta.ack:
             delta = RegDelta(delta.origin, delta.generation, delta.base, delta.top,
                              delta.changes, ack)
@@ -317,6 +338,7 @@ class RegistryService:
             data = codec.encode(msg)
         self._queued[delta.origin] = (data, msg)
         self.host.reg_broadcast(key, msg, data)
+        return data
 
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
         match msg:
@@ -332,9 +354,14 @@ class RegistryService:
         result = self.state.apply_delta(delta)
         if result is Applied.APPLIED:
             self._emit_changes()
-            # Pass it on at once: the epidemic that makes a registration
-            # visible everywhere within a few hops.
-            self._queue_delta(delta, delta.ack)
+            if self.host.reg_live_count() > DIRECT_MAX:
+                # Pass it on at once: the epidemic that makes a registration
+                # visible everywhere within a few hops.
+                self._queue_delta(delta, delta.ack)
+            else:
+                # The origin sent it to every peer itself: passing it on is
+                # only a backstop, at the gossip's own pace.
+                self._enqueue(delta, delta.ack)
         if delta.ack and result in (Applied.APPLIED, Applied.STALE):
             gen, version = self.state.digest().get(delta.origin, (0, 0))
             if gen == delta.generation and version >= delta.top:
@@ -442,6 +469,7 @@ class RegistryService:
         for origin in sorted(advanced):
             gen, version = digest[origin]
             self.host.reg_broadcast(("r", origin), RegAck(origin, gen, version))
+        self.host.reg_flush_soon()
 
     def _acks_from_digest(self, node: NodeId, digest: tuple[RegDigestRow, ...]) -> None:
         for row in digest:
@@ -484,10 +512,13 @@ class RegistryService:
 
     # --- membership -----------------------------------------------------------------
 
-    def node_down(self, node: NodeId, generation: int) -> None:
-        self.state.node_down(node, generation)
+    def node_down(self, node: NodeId, generation: int) -> bool:
+        """Drop a dead or departed node's entries; True if it had any (the
+        host then spreads the news of its death at once)."""
+        removed = self.state.node_down(node, generation)
         self._emit_changes()
         self.check_settled()
+        return bool(removed)
 
     def node_up(self, node: NodeId, generation: int) -> None:
         self.state.node_up(node, generation)

@@ -1,0 +1,121 @@
+"""How registry news leaves a node: staged deltas encoded once per flush,
+own changes sent straight to every peer in small clusters, the death of a
+node that held entries spread at once, no partition sent back to its owner.
+
+Driven through real cores wired by tests/core/harness.py (virtual time).
+"""
+
+from __future__ import annotations
+
+from peerd.core.events import ConnClosed, Register, SendPacket
+from peerd.core.registry.service import DIRECT_MAX
+from peerd.wire import codec
+from peerd.wire.messages import RegAck, RegDelta, RegDigestRow, RegKind, Status
+
+from .test_service import cluster, holders, reg
+
+NAME = RegKind.NAME
+
+
+def sent_by(c_outs: list[tuple[int, object]], i: int) -> list[SendPacket]:
+    return [o for j, o in c_outs if j == i and isinstance(o, SendPacket)]
+
+
+def spy_sends(c) -> list[tuple[int, object]]:  # type: ignore[no-untyped-def]
+    """Record every output of every node (wraps the harness's _apply)."""
+    seen: list[tuple[int, object]] = []
+    apply = c._apply
+
+    def spy(i: int, outs: list) -> None:  # type: ignore[type-arg]
+        seen.extend((i, o) for o in outs)
+        apply(i, outs)
+
+    c._apply = spy
+    return seen
+
+
+def test_own_changes_go_straight_to_every_peer_in_one_flush() -> None:
+    c, _rec = cluster(12)
+    sends = spy_sends(c)
+    t0 = c.now
+    for k in range(5):  # a burst: one flush carries all of it
+        reg(c, 4, f"burst-{k}")
+    c.run_until(t0 + c.config.registry_flush_s)
+    deltas_to: dict[tuple[str, int], int] = {}
+    for pkt in sent_by(sends, 4):
+        msgs, _ = codec.decode_packet(pkt.data)
+        for m in msgs:
+            if isinstance(m, RegDelta) and m.origin == c.nodes[4].node_id:
+                deltas_to[pkt.dst] = deltas_to.get(pkt.dst, 0) + 1
+                assert (m.base, m.top, len(m.changes)) == (0, 5, 5)
+    assert len(deltas_to) == 11 and set(deltas_to.values()) == {1}  # every peer, once
+    assert c.nodes[4].counters["reg_direct_out"] == 11 - c.config.gossip_fanout
+    c.run_until(t0 + 0.01)
+    assert all(h is not None for k in range(5) for h in holders(c, f"burst-{k}").values())
+
+
+def test_big_clusters_rely_on_the_epidemic() -> None:
+    c, _rec = cluster(DIRECT_MAX + 3, seed=3)
+    t0 = c.now
+    reg(c, 0, "wide")
+    c.run_until(t0 + 0.1)
+    assert c.nodes[0].counters["reg_direct_out"] == 0
+    assert all(h is not None for h in holders(c, "wide").values())
+
+
+def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
+    c, _rec = cluster(3)
+    t0 = c.now
+    for k in range(200):
+        reg(c, 1, f"many-{k:03d}")
+    c.run_until(t0 + c.config.registry_flush_s)
+    queued = c.nodes[1].reg_queued(("r", c.nodes[1].node_id))
+    assert queued is not None and isinstance(codec.decode(queued), RegAck)
+    c.run_until(t0 + 1.0)  # peers pull what the announcement says they lack
+    assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values())
+               for k in range(200))
+
+
+def test_the_death_of_a_node_with_entries_spreads_at_once() -> None:
+    c, _rec = cluster(10, seed=5)
+    c.icmp = True
+    reg(c, 7, "on-seven")
+    c.run_until(c.now + 0.1)
+    c.crash(7)
+    c.run_until(c.now + 10.0)
+    downs = sorted(t for t, i, e in c.events if e.member.name == "n7"
+                   and e.kind.value == "dead")
+    assert len(downs) == 9
+    # Declared by the first node, then everywhere within a few flushes: far
+    # below a gossip interval per hop.
+    assert downs[-1] - downs[0] < c.config.gossip_interval_s
+    assert all(h is None for h in holders(c, "on-seven").values())
+
+
+def test_a_sync_never_sends_a_peer_its_own_partition() -> None:
+    c, _rec = cluster(3)
+    reg(c, 0, "mine")
+    c.run_until(c.now + 0.1)
+    n0, n1 = c.nodes[0], c.nodes[1]
+    # Node 0's digest as it was before its write: node 1 is "ahead" of it.
+    stale = (RegDigestRow(n0.node_id, n0.registry.state.generation, 0),)
+    assert n1.registry.missing_for(stale) != ()
+    assert n1.registry.missing_for(stale, n0.node_id) == ()
+
+
+def test_alone_the_delta_waits_for_the_first_peer() -> None:
+    c, _rec = cluster(2)
+    c.crash(1)
+    c.run_until(c.now + 30.0)
+    assert c.nodes[0].live_count() == 1
+    c.feed(0, Register(999_001, 1, NAME, "default", "lonely", (), 1, 0, 1000))
+    c.run_until(c.now + 1.0)
+    assert c.nodes[0].registry.staged
+    c.restart(1, incarnation=5, generation=1)
+    c.run_until(c.now + 5.0)
+    assert not c.nodes[0].registry.staged
+    assert c.nodes[1].registry.state.lookup("default", "lonely") is not None
+    assert c.view(1)["n0"] is Status.ALIVE
+    c.feed(0, ConnClosed(1))
+    c.run_until(c.now + 0.1)
+    assert c.nodes[1].registry.state.lookup("default", "lonely") is None
