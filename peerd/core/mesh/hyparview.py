@@ -28,8 +28,11 @@ Theory of operation:
   view at once: NEIGHBOR with *high* priority when the active view is empty
   (the receiver must accept, dropping a neighbour if full: an isolated node
   always gets back in), *low* otherwise (accepted only if the receiver has
-  room). A refusal or a dead candidate moves on to the next one; a refusing
-  peer is not asked again for ``reject_cooldown_s``.
+  room). A dead candidate moves on to the next one at once; so does a
+  refusal while the node has fewer than half its neighbours (otherwise the
+  next shuffle tick asks again: in a settled overlay most nodes are full, and
+  a burst of refusals buys a link the node can do without). A refusing or
+  unreachable peer is not asked again for ``reject_cooldown_s``.
 * **Shuffle** (section 4.4). Every ``shuffle_interval_s`` a node sends a
   random walk with itself, ``shuffle_active`` active and ``shuffle_passive``
   passive peers. Where it ends, the node answers with as many of its own
