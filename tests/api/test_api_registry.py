@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from peerd.api.protocol import (
     registry_event_to_wire,
 )
 from peerd.core.events import MemberInfo, RegEventKind, RegistryEvent
-from peerd.shell.api_server import ApiServer, Connection, serve_api
+from peerd.shell.api_server import ApiServer, Connection
 from peerd.wire.messages import RegEntry, RegKind, Status
 
 from .conftest import NODE_ID, FakeBackend, RawConn
@@ -181,6 +180,10 @@ class RegistryBackend(FakeBackend):
                           for k, v in items[:self.page]]
                 return {"groups": groups, "more": len(items) > self.page}
         return await super().call(conn, op, args)
+
+    def watch(self, conn: Connection, topics: Sequence[str]) -> Any:
+        self.topics = list(topics)
+        return super().watch(conn, ["members"])
 
     def connection_closed(self, conn: Connection) -> None:
         self.names = {k: v for k, v in self.names.items() if v["conn"] != conn.id}
@@ -403,6 +406,27 @@ async def test_cli_exec_warns_when_a_name_is_lost(server: ApiServer,
             "on node beta") in err
 
 
+async def test_cli_watch_registry_topic(server: ApiServer, backend: RegistryBackend,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    entry = {"kind": "group", "scope": "default", "name": "w", "node": NODE_ID,
+             "node_name": "alpha", "pid": 7, "meta": {}}
+
+    async def feed() -> None:
+        await backend.watch_registered.wait()
+        backend.emit("joined", entry)
+        backend.emit("unregistered", {**entry, "kind": "name", "name": "db"})
+        backend.end_watches()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed)
+        code, out, _ = await run_cli(capsys, "watch", "--topic", "registry", "--topic",
+                                     "members", "--api-socket", str(server.path))
+    assert code == 0 and backend.topics == ["registry", "members"]
+    lines = out.splitlines()
+    assert lines[0].split()[1:4] == ["joined", "group", "default/w"]
+    assert lines[1].split()[1:4] == ["unregistered", "name", "default/db"]
+
+
 def test_format_registry_event_and_entry() -> None:
     when = datetime.datetime(2024, 1, 2, 3, 4, 5)
     entry = {"kind": "name", "scope": "default", "name": "db", "node": NODE_ID,
@@ -415,6 +439,3 @@ def test_format_registry_event_and_entry() -> None:
     assert line.endswith(f"winner=beta ({NODE_ID[:8]}) pid=8")
     assert "claimed  ?" in cli.format_entry({})
 
-
-def test_socket_is_a_unix_socket_path() -> None:  # keeps the fixture's assumption honest
-    assert socket.AF_UNIX

@@ -82,7 +82,8 @@ async def test_register_lookup_list_update_unregister() -> None:
         assert got["name"] == "db" and got["scope"] == "default" and got["kind"] == "name"
         assert (got["pid"], got["uid"]) == (111, 1000)
         assert got["node"] == node.node_id.hex() and got["node_name"] == "n1"
-        assert got["node_addr"] == "%s:%d" % node.local_member().addr
+        host, port = node.local_member().addr
+        assert got["node_addr"] == f"{host}:{port}"
         assert got["meta"] == {"port": "5432"} and isinstance(got["claimed_ms"], int)
         assert await runner.call(b, "lookup", {"name": "db"}) == got
         # Taken: the message names the holder.
