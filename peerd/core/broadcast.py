@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
+# Order key: fewest-sent first, then newest first, packed in one int so the
+# sorted list compares machine integers, not tuples: (transmits << 48) |
+# (2**48 - 1 - seq). Sequence numbers stay below 2**48 for any real lifetime.
+_SEQ_BITS = 48
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+
 
 @dataclass(slots=True)
 class _Item:
@@ -27,27 +33,48 @@ class _Item:
     data: bytes
     seq: int
     transmits: int = 0
-    sort_key: tuple[int, int] = field(default=(0, 0))
+    sort_key: int = field(default=0)
+
+
+def _order_key(transmits: int, seq: int) -> int:
+    return (transmits << _SEQ_BITS) | (_SEQ_MASK - seq)
 
 
 class BroadcastQueue:
     def __init__(self) -> None:
         self._items: dict[Hashable, _Item] = {}
-        # (transmits, -seq) -> fewest-sent first, then newest first
-        self._order: SortedList = SortedList()
+        self._order: SortedList = SortedList()  # of _order_key ints
+        self._by_order: dict[int, _Item] = {}
+        self._sizes: dict[int, int] = {}  # encoded length -> how many queued items have it
         self._seq = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def _add(self, item: _Item) -> None:
+        self._items[item.key] = item
+        self._order.add(item.sort_key)
+        self._by_order[item.sort_key] = item
+        n = len(item.data)
+        self._sizes[n] = self._sizes.get(n, 0) + 1
+
+    def _remove(self, item: _Item) -> None:
+        self._order.remove(item.sort_key)
+        del self._by_order[item.sort_key]
+        n = len(item.data)
+        left = self._sizes[n] - 1
+        if left:
+            self._sizes[n] = left
+        else:
+            del self._sizes[n]
 
     def enqueue(self, key: Hashable, data: bytes) -> None:
         """Queue ``data``; replaces any queued item with the same key."""
         self.invalidate(key)
         self._seq += 1
         item = _Item(key, data, self._seq)
-        item.sort_key = (0, -self._seq)
-        self._items[key] = item
-        self._order.add((item.sort_key, key_token(item)))
+        item.sort_key = _order_key(0, self._seq)
+        self._add(item)
 
     def has(self, key: Hashable) -> bool:
         return key in self._items
@@ -59,7 +86,7 @@ class BroadcastQueue:
     def invalidate(self, key: Hashable) -> None:
         old = self._items.pop(key, None)
         if old is not None:
-            self._order.remove((old.sort_key, key_token(old)))
+            self._remove(old)
 
     def take(self, budget: int, limit: int, overhead_per_item: int = 0) -> list[bytes]:
         """Return encoded items whose sizes (plus ``overhead_per_item`` each) fit
@@ -67,36 +94,40 @@ class BroadcastQueue:
         ``limit`` times are dropped."""
         if not self._items or budget <= 0:
             return []
+        # Once the budget is below the smallest item nothing more can fit:
+        # stop there instead of walking the rest of the queue.
+        smallest = min(self._sizes) + overhead_per_item
         chosen: list[bytes] = []
         picked: list[_Item] = []
-        for _sort_key, token in self._order:
-            item = self._items[token[1]]
+        by_order = self._by_order
+        for k in self._order:
+            item = by_order[k]
             need = len(item.data) + overhead_per_item
             if need > budget:
-                if budget < 16:
+                if budget < 16 or budget < smallest:
                     break
                 continue
             budget -= need
             chosen.append(item.data)
             picked.append(item)
         for item in picked:
-            self._order.remove((item.sort_key, key_token(item)))
+            self._remove(item)
             item.transmits += 1
             if item.transmits >= limit:
                 del self._items[item.key]
             else:
-                item.sort_key = (item.transmits, -item.seq)
-                self._order.add((item.sort_key, key_token(item)))
+                item.sort_key = _order_key(item.transmits, item.seq)
+                self._items[item.key] = item
+                self._order.add(item.sort_key)
+                by_order[item.sort_key] = item
+                n = len(item.data)
+                self._sizes[n] = self._sizes.get(n, 0) + 1
         return chosen
 
     def prune(self, max_items: int) -> None:
         """Bound the queue: drop the most-sent (oldest) items beyond ``max_items``."""
         while len(self._items) > max_items:
-            _sort_key, token = self._order.pop(-1)
-            self._items.pop(token[1], None)
-
-
-def key_token(item: _Item) -> tuple[int, Hashable]:
-    # SortedList needs totally ordered entries; seq is unique so comparison
-    # never reaches the (possibly unorderable) key.
-    return (item.seq, item.key)
+            k = self._order[-1]
+            item = self._by_order[k]
+            self._remove(item)
+            self._items.pop(item.key, None)

@@ -53,22 +53,20 @@ class Digest:
         """Add a member's state, or remove it (XOR: the same call)."""
         self.fine[bucket_of(node, FINE_BITS)] ^= member_hash(node, incarnation, status)
 
-    def buckets(self, bits: int) -> array:  # type: ignore[type-arg]
-        if bits >= FINE_BITS:
-            return array("I", self.fine)
-        out = array("I", bytes(4 << bits))
-        shift = FINE_BITS - bits
-        for i, v in enumerate(self.fine):
-            if v:
-                out[i >> shift] ^= v
-        return out
-
     def hashes(self, bits: int) -> bytes:
         """The wire form: 2**bits big-endian 32-bit bucket hashes."""
-        a = self.buckets(bits)
+        a = array("I", self.fine)
         if sys.byteorder == "little":
             a.byteswap()
-        return a.tobytes()
+        raw = a.tobytes()
+        # Fold pairs of neighbouring buckets until 2**bits are left. XOR of
+        # byte strings as big integers (no carries) keeps this in C.
+        for _ in range(FINE_BITS - max(0, bits)):
+            b = array("I", raw)
+            even, odd = b[0::2].tobytes(), b[1::2].tobytes()
+            raw = (int.from_bytes(even, "big") ^ int.from_bytes(odd, "big")).to_bytes(
+                len(even), "big")
+        return raw
 
     def differing(self, bits: int, theirs: bytes) -> list[int]:
         """Buckets whose hash differs from ``theirs`` (same bits)."""

@@ -60,13 +60,26 @@ class Snapshot:
         self.sorted_ids: list[NodeId] = sorted(self.ids)
 
 
+_MEMBER_FIELDS = ("node", "name", "addr", "incarnation", "generation", "tags", "status",
+                  "changed_at", "suspicion")
+
+
 def _copy(m: Member) -> Member:
     from peerd.core.node import Member
 
-    c = object.__new__(Member)
-    for name in Member.__slots__:
-        object.__setattr__(c, name, getattr(m, name))
-    return c
+    return Member(m.node, m.name, m.addr, m.incarnation, m.generation, m.tags, m.status,
+                  m.changed_at, m.suspicion)
+
+
+def _check_member_fields() -> None:
+    """_copy names Member's fields: fail loudly if they change."""
+    import dataclasses
+
+    from peerd.core.node import Member
+
+    got = tuple(f.name for f in dataclasses.fields(Member))
+    if got != _MEMBER_FIELDS:
+        raise AssertionError(f"peerd.core.shared._copy is out of date: Member has {got}")
 
 
 class Members:
@@ -395,6 +408,7 @@ class ProbeOrder:
 def install(node: Node, snap: Snapshot) -> None:
     """Make ``node`` (not started, knowing only itself) know ``snap``'s members,
     sharing the snapshot's records (see the module docs)."""
+    _check_member_fields()
     me = node._me
     if len(node._members) != 1:
         raise ValueError("install a snapshot into a fresh node only")

@@ -672,10 +672,15 @@ class World:
         if sw == 0:
             self._subject_settled(subj, t)
 
-    def _observer_on(self, i: int, row: bytearray, t: float) -> None:
-        """Start counting ``i``'s views (``row``) against the truth."""
+    def _observer_on(self, i: int, row: bytearray, t: float, exact_alive: int = -1) -> None:
+        """Start counting ``i``'s views (``row``) against the truth.
+        ``exact_alive``: the caller knows the row matches the truth and holds
+        that many others alive (a preloaded start: no O(N) scan)."""
         self.views[i] = row
         self.observing[i] = 1
+        if exact_alive >= 0:
+            self.alive_n[i], self.susp_n[i], self.down_n[i] = exact_alive, 0, 0
+            return
         up = self.up
         d = 0
         a = s = dn = 0
@@ -766,7 +771,8 @@ class World:
         self._account(t)
         self.running += 1
         self._set_truth(host.index, True, t)
-        self._observer_on(host.index, row, t)
+        self._observer_on(host.index, row, t,
+                          exact_alive=self.sc.start_count() - 1 if preload is not None else -1)
         self._push(t, proc, Start(seeds))
         return proc
 
