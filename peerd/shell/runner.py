@@ -444,6 +444,7 @@ class Runner:
         self._reg_calls: dict[int, _RegCall] = {}
         self._reg_conns: dict[int, Any] = {}
         self._deferred: collections.deque[Input] = collections.deque()
+        self._local_brief: tuple[str, str] | None = None
         registry = getattr(node, "registry", None)
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
@@ -555,6 +556,16 @@ class Runner:
 
     def _carry_out(self, out: Output) -> None:
         match out:
+            # Registry outputs first: a burst of writes makes two per write.
+            case CommandResult(ref):
+                call = self._reg_calls.pop(ref, None)
+                if call is not None:
+                    call.result = out
+                    if call.done is not None:
+                        call.done.set()
+            case RegistryEvent():
+                if self._watches or out.kind is RegEventKind.CONFLICT:
+                    self._registry_event(out)
             case SendPacket(dst, data):
                 if self.traffic is not None:
                     self.traffic.packet("out", data)
@@ -584,14 +595,6 @@ class Runner:
                 # one kind is summarised, other kinds still get through.
                 key = "core:" + " ".join(message.split(" ", 2)[:2])
                 self.core_log.log(key, level, message)
-            case CommandResult(ref):
-                call = self._reg_calls.pop(ref, None)
-                if call is not None:
-                    call.result = out
-                    if call.done is not None:
-                        call.done.set()
-            case RegistryEvent():
-                self._registry_event(out)
             case _:
                 self.logger.warning("unknown core output ignored", output=type(out).__name__)
 
@@ -878,11 +881,12 @@ class Runner:
         assert result is not None
         if result.error is not None:
             raise ApiError(*result.error)
-        value = dict(result.value or {})
+        value = result.value or {}
         if value:
-            local = self.node.local_member()
-            value["node_name"] = local.name
-            value["node_addr"] = format_addr(local.addr)
+            if self._local_brief is None:  # a node's name and address are fixed
+                local = self.node.local_member()
+                self._local_brief = (local.name, format_addr(local.addr))
+            value["node_name"], value["node_addr"] = self._local_brief
         return value
 
     # Quick ops: answered at once in the runner task, many per turn (see
