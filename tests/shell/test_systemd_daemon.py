@@ -395,9 +395,10 @@ def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
         assert d.stop(30) == 0, d.log
     finally:
         notify.close()
-    done = f"{d.proc.pid} +++ exited with 0 +++"
-    text = wait_for("strace to finish", lambda: trace.exists() and done in trace.read_text()
-                    and trace.read_text())
+    # strace pads the pid column ("5165  +++" for a 4-digit pid, one space for 5 digits).
+    done = re.compile(rf"^{d.proc.pid}\s+\+\+\+ exited with 0 \+\+\+", re.M)
+    text = wait_for("strace to finish", lambda: trace.exists()
+                    and done.search(trace.read_text()) is not None and trace.read_text())
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", text, re.M))
     used_families = set(re.findall(r"\bsocket\((AF_\w+)", text))
     assert {"epoll_wait", "sendto", "recvfrom", "accept4"} <= used  # it did trace the daemon
