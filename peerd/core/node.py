@@ -645,7 +645,9 @@ class Node:
                 self._check_timeout(ctx)
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
-                self._send_direct(self.registry.flush(), self._gossip_round())
+                own = self.registry.flush()
+                self._gossip_round()
+                self._send_direct(own)
                 self._arm_gossip()
             case TimerKind.PUSH_PULL:
                 self._push_pull_tick()
@@ -659,7 +661,8 @@ class Node:
             case TimerKind.REG_FLUSH:
                 own = self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
-                self._send_direct(own, self._gossip_round())
+                self._gossip_round()
+                self._send_direct(own)
             case TimerKind.REG_SETTLE:
                 assert isinstance(ctx, int)
                 self.registry.settle_timeout(ctx)
@@ -832,31 +835,27 @@ class Node:
                 picks.append(self._members[node])
         return picks
 
-    def _gossip_round(self) -> list[Member]:
-        """Send queued broadcasts to the gossip targets; returns them."""
+    def _gossip_round(self) -> None:
         if not len(self._queue):
-            return []
-        sent = []
+            return
         for m in self._gossip_targets():
             if not len(self._queue):
                 break
             self._send(m.addr)
-            sent.append(m)
-        return sent
 
-    def _send_direct(self, own: list[bytes], skip: list[Member]) -> None:
+    def _send_direct(self, own: list[bytes]) -> None:
         """Our own registry changes, straight to every other live peer (in a
-        cluster of at most DIRECT_MAX peers; see peerd.core.registry.service)."""
+        cluster of at most DIRECT_MAX peers; see peerd.core.registry.service).
+        The gossip targets too: their packet may have had no room left for
+        our item (fresher items, or ones sent fewer times, go first)."""
         if not own or len(self._live) > DIRECT_MAX:
             return
-        done = {m.node for m in skip}
         data = codec.pack(own)
         for node in self._live:
-            if node not in done:
-                self.counters["packets_out"] += 1
-                self.counters["bytes_out"] += len(data)
-                self.counters["reg_direct_out"] += 1
-                self._out.append(SendPacket(self._members[node].addr, data))
+            self.counters["packets_out"] += 1
+            self.counters["bytes_out"] += len(data)
+            self.counters["reg_direct_out"] += 1
+            self._out.append(SendPacket(self._members[node].addr, data))
 
     # --- membership updates --------------------------------------------------
 

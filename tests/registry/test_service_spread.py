@@ -48,10 +48,32 @@ def test_own_changes_go_straight_to_every_peer_in_one_flush() -> None:
             if isinstance(m, RegDelta) and m.origin == c.nodes[4].node_id:
                 deltas_to[pkt.dst] = deltas_to.get(pkt.dst, 0) + 1
                 assert (m.base, m.top, len(m.changes)) == (0, 5, 5)
-    assert len(deltas_to) == 11 and set(deltas_to.values()) == {1}  # every peer, once
-    assert c.nodes[4].counters["reg_direct_out"] == 11 - c.config.gossip_fanout
+    # Every peer directly; the gossip targets also in their gossip packet, if
+    # it had room (fresher relays may take it: see the next test).
+    assert len(deltas_to) == 11 and set(deltas_to.values()) <= {1, 2}
+    assert c.nodes[4].counters["reg_direct_out"] == 11
     c.run_until(t0 + 0.01)
     assert all(h is not None for k in range(5) for h in holders(c, f"burst-{k}").values())
+
+
+def test_a_busy_gossip_packet_does_not_delay_our_own_news() -> None:
+    """Five nodes take turns registering; relays of the others' news fill the
+    gossip packets. Every registration is still everywhere within a few ms
+    (it used to wait for a gossip tick when a gossip target's packet had no
+    room left for it)."""
+    c, rec = cluster(10, seed=1)
+    worst = 0.0
+    for k in range(100):
+        t0 = c.now
+        reg(c, k % 5, f"turn-{k}", conn=1000 + k)
+        seen: set[int] = set()
+        while len(seen) < 10 and c.now - t0 < 1.0:
+            c.run_until(c.now + 0.0005)
+            seen = {i for _t, i, e in rec.events[-200:]
+                    if e.kind.value == "registered" and e.entry.name == f"turn-{k}"}
+        worst = max(worst, c.now - t0)
+        c.run_until(c.now + 0.02)
+    assert worst < 0.01
 
 
 def test_big_clusters_rely_on_the_epidemic() -> None:
