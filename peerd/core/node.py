@@ -126,6 +126,12 @@ LIVE = (Status.ALIVE, Status.SUSPECT)
 # Bound on queued broadcasts: beyond it the most-sent are dropped (push-pull
 # repairs what they would have carried).
 MAX_QUEUED_BROADCASTS = 20_000
+# From this many live nodes on, a suspicion we only heard of is checked by
+# us before our own timer declares the suspect dead. A refutation reaches
+# every node only with high probability; the chance that one of N nodes
+# misses it grows with N, and the one that misses it must not kill a live
+# node. (Small clusters: gossip reaches the few nodes many times over.)
+LAST_CHECK_MIN_NODES = 32
 # Anti-entropy uses digest sync (peerd.core.digest) from this many members
 # on: below it a full push-pull is a few KiB and costs no more.
 DIGEST_SYNC_MIN_MEMBERS = 128
@@ -188,6 +194,9 @@ class Suspicion:
     deadline: float
     # A closed-port hint caps the timer (see module docs).
     cap: float | None = None
+    # We saw the suspect fail ourselves (our probe, a check, a hint). A
+    # suspicion we only heard of is checked once before we declare death.
+    verified: bool = False
 
 
 @dataclass(slots=True)
@@ -815,6 +824,7 @@ class Node:
             # all (restarted on the same port), it refutes in one round trip.
             self._start_check(m)
         elif m.suspicion is not None and m.suspicion.cap is None:
+            m.suspicion.verified = True  # the hint is our own evidence
             m.suspicion.cap = cap
             self._rearm_suspicion(m)
 
@@ -985,7 +995,8 @@ class Node:
         self.counters["suspicions"] += 1
         self._set_status(m, Status.SUSPECT)
         self._set_incarnation(m, incarnation)
-        susp = Suspicion(incarnation, sender, self._now, low, high, k, set(), 0, 0.0, cap)
+        susp = Suspicion(incarnation, sender, self._now, low, high, k, set(), 0, 0.0, cap,
+                         verified=sender == self._me.node)
         m.suspicion = susp
         self._rearm_suspicion(m)
         self._event(EventKind.SUSPECT, m)
@@ -994,6 +1005,8 @@ class Node:
     def _confirm(self, m: Member, sender: NodeId) -> None:
         susp = m.suspicion
         assert susp is not None
+        if sender == self._me.node:
+            susp.verified = True
         if sender == susp.origin or sender in susp.confirmers:
             return
         if len(susp.confirmers) >= susp.k:
@@ -1029,6 +1042,18 @@ class Node:
         node, incarnation = ctx
         m = self._members.get(node)
         if m is None or m.status is not Status.SUSPECT or m.incarnation != incarnation:
+            return
+        susp = m.suspicion
+        if (susp is not None and not susp.verified and not self._leaving
+                and self.live_count() >= LAST_CHECK_MIN_NODES):
+            # Heard of, never seen: ask the suspect once (the ping carries the
+            # suspicion, so a live one refutes), then decide.
+            susp.verified = True
+            self.counters["suspicion_last_checks"] += 1
+            self._start_check(m)
+            wait = formulas.scaled(self.config.probe_timeout_s, self._health)
+            susp.deadline = self._now + wait
+            susp.token = self._arm(TimerKind.SUSPICION, wait, (m.node, susp.incarnation))
             return
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")

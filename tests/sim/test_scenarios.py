@@ -15,10 +15,7 @@ SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.toml"))
 LARGE = 1000  # nodes above which a scenario is a benchmark, not a CI test
 # Shipped scenarios whose expectations do not hold yet, and why (see
 # benchmarks/sim/RESULTS.md). They still run: a fix makes them XPASS.
-KNOWN_MISSES = {
-    "loss-20pct": "under 20% loss a live node is sometimes declared dead (1 at seed 1): its "
-                  "refutation misses the node whose suspicion timer runs out first",
-}
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _param(path: Path) -> object:
