@@ -302,6 +302,7 @@ class World:
         self.open_crash: dict[int, CrashRecord] = {}
         self.open_leave: dict[int, CrashRecord] = {}
         self.open_impair: dict[int, list[Impairment]] = {}
+        self._until_heal: list[int] = []  # fault windows that last until a heal
         self.rec = Record(nodes=n)
         self.rec.convergence.append((0.0, True))
         secs = int(math.ceil(scenario.duration_s)) + 1
@@ -850,6 +851,13 @@ class World:
         kind = f.kind
         end = t + (f.duration_s or 0.0)
         self.rec.fault_windows.append((t, end if f.duration_s else t + (f.over_s or 0.0), kind))
+        if kind in ("partition", "block") and not f.duration_s:
+            self._until_heal.append(len(self.rec.fault_windows) - 1)
+        elif kind == "heal":
+            for w in self._until_heal:  # shade open partitions and blocks up to the heal
+                start, _end, k = self.rec.fault_windows[w]
+                self.rec.fault_windows[w] = (start, t, k)
+            self._until_heal = []
         if kind == "crash":
             targets = self.select(f.nodes, self._running(), rng)
             self._spread(f, rng, targets, lambda i: self._crash(i, f.icmp))

@@ -200,3 +200,20 @@ def test_packets_carry_real_encoded_bytes() -> None:
     from peerd.wire import codec
 
     assert seen and all(codec.decode_packet(d)[0] for d in seen)
+
+
+def test_plot_draws_the_timeline(tmp_path: object) -> None:
+    import pathlib
+
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from peerd.sim.report import plot
+
+    body = fault('at_s = 3\nkind = "partition"\ngroups = [0.5, 0.5]') + fault(
+        'at_s = 8\nkind = "heal"')
+    _w, rec, s = run(scenario(body, nodes=10, duration=12))
+    assert rec.fault_windows[0] == (3.0, 8.0, "partition")  # shaded until the heal
+    out = pathlib.Path(str(tmp_path)) / "t.png"
+    plot(rec, s, str(out))
+    assert out.stat().st_size > 1000
