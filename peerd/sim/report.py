@@ -66,8 +66,9 @@ def run(sc: Scenario, *, progress: ProgressBar | None = None) -> tuple[dict[str,
 
 def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
     results = checks.evaluate(rec, sc.expects)
-    faults = [f.at_s for f in sc.faults if f.kind != "join"]
-    last_fault = max(faults) if faults else 0.0
+    # converged_s counts from the end of the last fault (a pause's resume, a
+    # join wave's last start), or from 0 without faults
+    last_fault = max((end for _start, end, _kind in rec.fault_windows), default=0.0)
     conv_end = rec.converged_at_end()
     crashes = rec.crashes
     first = [c.first_s for c in crashes if c.first_s is not None]
@@ -129,7 +130,7 @@ def text_report(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "membership:",
-        f"  converged {_fmt(m['converged_s'])} s after the last fault"
+        f"  converged {_fmt(m['converged_s'])} s after the end of the last fault"
         + ("" if m["converged_at_end"] else " (NOT converged at the end)"),
         f"  false positives {m['false_positives']}, false suspicions {m['false_suspicions']}",
         f"  crashed {m['crashed']} (undetected {m['undetected']}), left {m['left']}",
