@@ -1057,15 +1057,26 @@ class Node:
             return
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
-        self._mark_down(m, Status.DEAD, incarnation)
-        self._broadcast(m.node, Dead(m.node, incarnation, self._me.node))
+        had_entries = self._mark_down(m, Status.DEAD, incarnation)
+        dead = Dead(m.node, incarnation, self._me.node)
+        self._broadcast(m.node, dead)
+        if had_entries and len(self._live) <= DIRECT_MAX:
+            # Its registry entries must vanish everywhere at once, not when
+            # the epidemic has reached the last node: tell every peer now.
+            data = codec.pack([codec.encode(dead)])
+            for node in self._live:
+                self.counters["packets_out"] += 1
+                self.counters["bytes_out"] += len(data)
+                self._out.append(SendPacket(self._members[node].addr, data))
 
-    def _mark_down(self, m: Member, status: Status, incarnation: int) -> None:
+    def _mark_down(self, m: Member, status: Status, incarnation: int) -> bool:
+        """Returns whether the node held registry entries (now dropped)."""
         self._clear_suspicion(m)
         self._set_incarnation(m, incarnation)
         self._set_status(m, status)
         self._set_live(m.node, False)
-        if self.registry.node_down(m.node, m.generation):
+        had_entries = self.registry.node_down(m.node, m.generation)
+        if had_entries:
             # Applications wait on this: spread the death at once (the
             # broadcast is queued right after), not at the next gossip tick.
             self.reg_flush_soon()
@@ -1076,6 +1087,7 @@ class Node:
             self._dead.pop(m.node, None)
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
+        return had_entries
 
     def _stale_accusation(self, m: Member, src: Addr | None = None) -> None:
         # Someone still holds an older view of us (they missed our

@@ -99,7 +99,7 @@ def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
 
 
 def test_the_death_of_a_node_with_entries_spreads_at_once() -> None:
-    c, _rec = cluster(10, seed=5)
+    c, _rec = cluster(30, seed=5)
     c.icmp = True
     reg(c, 7, "on-seven")
     c.run_until(c.now + 0.1)
@@ -107,11 +107,23 @@ def test_the_death_of_a_node_with_entries_spreads_at_once() -> None:
     c.run_until(c.now + 10.0)
     downs = sorted(t for t, i, e in c.events if e.member.name == "n7"
                    and e.kind.value == "dead")
-    assert len(downs) == 9
-    # Declared by the first node, then everywhere within a few flushes: far
-    # below a gossip interval per hop.
-    assert downs[-1] - downs[0] < c.config.gossip_interval_s
+    assert len(downs) == 29
+    # The first node to declare it tells every peer at once: one hop.
+    assert downs[-1] - downs[0] < 0.01
     assert all(h is None for h in holders(c, "on-seven").values())
+
+
+def test_in_big_clusters_the_death_spreads_by_fast_flush_rounds() -> None:
+    c, _rec = cluster(DIRECT_MAX + 8, seed=6)
+    c.icmp = True
+    reg(c, 7, "on-seven")
+    c.run_until(c.now + 0.1)
+    c.crash(7)
+    c.run_until(c.now + 10.0)
+    downs = sorted(t for t, i, e in c.events if e.member.name == "n7"
+                   and e.kind.value == "dead")
+    assert len(downs) == DIRECT_MAX + 7
+    assert downs[-1] - downs[0] < 2 * c.config.gossip_interval_s
 
 
 def test_a_sync_never_sends_a_peer_its_own_partition() -> None:
