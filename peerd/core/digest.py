@@ -16,6 +16,7 @@ number of buckets an exchange uses (about one bucket per 16 members).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
@@ -25,6 +26,7 @@ FINE_BITS = 12
 MEMBERS_PER_BUCKET = 16
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def member_hash(node: bytes, incarnation: int, status: int) -> int:
     h = hashlib.blake2b(node + incarnation.to_bytes(8, "big") + bytes((status,)), digest_size=4)
     return int.from_bytes(h.digest(), "big")

@@ -968,15 +968,17 @@ class Node:
         self._broadcast(self._me.node, self._alive_msg())
 
     def _set_status(self, m: Member, status: Status) -> None:
-        self._dig(m)
-        m.status = status
+        if m.status is not status:
+            self._dig(m)
+            m.status = status
+            self._dig(m)
         m.changed_at = self._now
-        self._dig(m)
 
     def _set_incarnation(self, m: Member, incarnation: int) -> None:
-        self._dig(m)
-        m.incarnation = incarnation
-        self._dig(m)
+        if m.incarnation != incarnation:
+            self._dig(m)
+            m.incarnation = incarnation
+            self._dig(m)
 
     def _dig(self, m: Member) -> None:
         self._digest.toggle(m.node, m.incarnation, m.status)
