@@ -76,6 +76,17 @@ def test_a_busy_gossip_packet_does_not_delay_our_own_news() -> None:
     assert worst < 0.01
 
 
+def test_first_hand_news_is_not_relayed_in_a_small_cluster() -> None:
+    c, _rec = cluster(6)
+    t0 = c.now
+    reg(c, 0, "direct")
+    c.run_until(t0 + 0.01)
+    origin = c.nodes[0].node_id
+    assert all(h is not None for h in holders(c, "direct").values())
+    assert c.nodes[0].reg_queued(("r", origin)) is not None  # the origin keeps gossiping it
+    assert all(c.nodes[i].reg_queued(("r", origin)) is None for i in range(1, 6))
+
+
 def test_big_clusters_rely_on_the_epidemic() -> None:
     c, _rec = cluster(DIRECT_MAX + 3, seed=3)
     t0 = c.now

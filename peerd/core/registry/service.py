@@ -358,9 +358,11 @@ class RegistryService:
                 # Pass it on at once: the epidemic that makes a registration
                 # visible everywhere within a few hops.
                 self._queue_delta(delta, delta.ack)
-            else:
-                # The origin sent it to every peer itself: passing it on is
-                # only a backstop, at the gossip's own pace.
+            elif src_node != delta.origin:
+                # Second-hand news in a small cluster (the origin's own send
+                # was missed): pass it on, at the gossip's own pace. Straight
+                # from its origin, it needs no relay: the origin sent it to
+                # every peer and keeps gossiping it.
                 self._enqueue(delta, delta.ack)
         if delta.ack and result in (Applied.APPLIED, Applied.STALE):
             gen, version = self.state.digest().get(delta.origin, (0, 0))
