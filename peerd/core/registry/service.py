@@ -20,7 +20,9 @@ the protocol around it, driven by the membership node (its *host*):
   In clusters of up to ``DIRECT_MAX`` peers, the origin also sends its
   own changes straight to every live peer at the flush (one datagram each
   per flush, whatever the number of writes batched in it), so the random
-  fan-out missing a node costs nothing.
+  fan-out missing a node costs nothing; a node that got a delta straight
+  from its origin then does not relay it (second-hand news it still
+  passes on, at the gossip's pace).
 * **Anti-entropy**: with every membership push-pull the node also exchanges a
   ``RegSync`` (digest plus what the peer lacks) with the same peer.
 * **Membership**: a node declared dead or left loses its entries everywhere;
