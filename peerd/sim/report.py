@@ -75,7 +75,7 @@ def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
     alls = [c.all_s for c in crashes if c.all_s is not None]
     first_fault = min((f.at_s for f in sc.faults), default=sc.duration_s)
     steady = rec.traffic(0.0, first_fault) if first_fault >= 2.0 else None
-    traffic = {k: round(v, 3) for k, v in rec.traffic().items()}
+    traffic: dict[str, Any] = {k: round(v, 3) for k, v in rec.traffic().items()}
     if steady is not None:
         traffic["before_first_fault"] = {k: round(v, 3) for k, v in steady.items()}
     summary: dict[str, Any] = {

@@ -19,7 +19,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from peerd.core import config as cfgmod
 
@@ -233,7 +233,8 @@ class _Parser:
         self.path = path
         self.lines = lines
 
-    def fail(self, reason: str, table: str = "", index: int = 0, key: str | None = None) -> None:
+    def fail(self, reason: str, table: str = "", index: int = 0,
+             key: str | None = None) -> NoReturn:
         raise ScenarioError(self.path, self.lines.of(table, index, key), reason)
 
     # typed getters; ``where`` is (table, index) for line lookup
