@@ -49,8 +49,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 
 _TOP_KEYS = {"name", "description", "nodes", "seed", "duration_s", "preset", "start_nodes",
              "seeds", "sample_s", "network", "config", "fault", "expect"}
-_NETWORK_KEYS = {"latency_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu", "seal",
-                 "stream_timeout_s"}
+_NETWORK_KEYS = {"latency_ms", "link_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu",
+                 "seal", "stream_timeout_s"}
 _EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
 
 
@@ -87,6 +87,9 @@ class NetworkSpec:
     mtu: int = 1472  # UDP payload bytes (envelope included) that fit a 1500-byte link
     seal: bool = False  # really seal/open every datagram (ChaCha20-Poly1305)
     stream_timeout_s: float = 15.0
+    # Each pair of hosts gets a fixed extra delay in [0, link_ms] (near and far
+    # peers), on top of the per-datagram latency distribution.
+    link_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +376,10 @@ class _Parser:
         mtu = self._num(d, "mtu", where, default=1472, lo=200, hi=65507)
         seal = self._bool(d, "seal", where, False)
         st = self._num(d, "stream_timeout_s", where, default=15.0, lo=0, lo_open=True)
-        assert None not in (loss, dup, reorder, reorder_ms, mtu, st)
+        link = self._num(d, "link_ms", where, default=0.0, lo=0)
+        assert None not in (loss, dup, reorder, reorder_ms, mtu, st, link)
         return NetworkSpec(Latency(lo, hi, dist), loss, dup, reorder, reorder_ms,  # type: ignore[arg-type]
-                           int(mtu), seal, st)  # type: ignore[arg-type]
+                           int(mtu), seal, st, link)  # type: ignore[arg-type]
 
     def config(self, preset: str, d: Any) -> cfgmod.SwimConfig:
         if type(d) is not dict:

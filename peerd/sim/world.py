@@ -280,6 +280,8 @@ class World:
         self.seal = net.seal
         self.envelope = sealmod.SEALED_OVERHEAD  # counted even when not really sealing
         self.stream_timeout = net.stream_timeout_s
+        self.link_s = net.link_ms / 1000.0
+        self._link_salt = random.Random(f"peerd-sim-links:{scenario.seed}").getrandbits(32)
         self.group: list[int] | None = None  # partition group per host
         self.blocks: list[tuple[frozenset[int], frozenset[int]]] = []
         self.node_loss: dict[int, float] = {}
@@ -336,6 +338,15 @@ class World:
         if self.reorder and self.rng.random() < self.reorder:
             lat += self.reorder_s
         return lat
+
+    def link_delay(self, a: int, b: int) -> float:
+        """The fixed extra delay of the link between hosts ``a`` and ``b``."""
+        if not self.link_s:
+            return 0.0
+        lo, hi = (a, b) if a < b else (b, a)
+        h = (lo * 0x9E3779B1 ^ hi * 0x85EBCA77 ^ self._link_salt) & 0xFFFFFFFF
+        h = (h ^ (h >> 15)) * 0x2C1B3C6D & 0xFFFFFFFF
+        return self.link_s * ((h ^ (h >> 12)) & 0xFFFF) / 0xFFFF
 
     # --- running ------------------------------------------------------------------------
 
@@ -490,6 +501,8 @@ class World:
             counts["dropped_loss"] += 1
             return
         inp = PacketIn(proc.host.addr, data)
+        if self.link_s:
+            t += self.link_delay(proc.host.index, host.index)
         self._seq += 1
         heapq.heappush(self._heap, (t + self._latency(), self._seq, host, inp))
         if self.dup and rng.random() < self.dup:

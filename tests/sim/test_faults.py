@@ -217,3 +217,12 @@ def test_plot_draws_the_timeline(tmp_path: object) -> None:
     out = pathlib.Path(str(tmp_path)) / "t.png"
     plot(rec, s, str(out))
     assert out.stat().st_size > 1000
+
+
+def test_links_have_their_own_fixed_delay() -> None:
+    w = World(scenario("link_ms = 40\n", nodes=10, duration=5))
+    delays = {w.link_delay(a, b) for a in range(10) for b in range(a + 1, 10)}
+    assert len(delays) > 30 and all(0.0 <= d <= 0.04 for d in delays)
+    assert w.link_delay(3, 7) == w.link_delay(7, 3) == World(w.sc).link_delay(3, 7)
+    _w, _rec, s = run(w.sc)
+    assert s["membership"]["false_suspicions"] == 0
