@@ -314,7 +314,7 @@ class World:
             "events", "datagrams", "datagrams_delivered", "dropped_loss", "dropped_partition",
             "dropped_mtu", "dropped_unknown_addr", "dropped_backlog", "duplicated",
             "unreachable_hints", "link_closed_hints", "streams", "streams_failed",
-            "seal_rejected", "member_events", "joins_ok", "joins_failed"), 0)
+            "seal_rejected", "member_events", "joins_ok", "joins_failed", "restarts"), 0)
         self._cur_sec: list[int] = self.rec.per_second[0]
         self._cur_sec_i = 0
 
@@ -949,12 +949,15 @@ class World:
             self.node_loss.pop(i, None)
         self._netfaults()
 
-    def _crash(self, i: int, icmp: bool) -> None:
+    def _crash(self, i: int, icmp: bool, record: bool = True) -> None:
         host = self.hosts[i]
         if host.cur is None:
             return
         proc = self._stop(host, icmp=icmp, reason="crash")
         assert proc is not None
+        if not record:  # a restart: not a failure to detect
+            self.counts["restarts"] += 1
+            return
         cr = CrashRecord(i, self.now, proc.gen)
         self.rec.crashes.append(cr)
         self.open_crash[i] = cr
@@ -966,7 +969,7 @@ class World:
         host = self.hosts[i]
         if host.cur is None:
             return
-        self._crash(i, True)
+        self._crash(i, True, record=False)
         self.at(self.now + down_s, lambda: self._restart_up(i))
 
     def _restart_up(self, i: int) -> None:
