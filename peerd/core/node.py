@@ -654,9 +654,8 @@ class Node:
                 self._check_timeout(ctx)
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
-                own = self.registry.flush()
+                self._send_direct(self.registry.flush())
                 self._gossip_round()
-                self._send_direct(own)
                 self._arm_gossip()
             case TimerKind.PUSH_PULL:
                 self._push_pull_tick()
@@ -670,8 +669,10 @@ class Node:
             case TimerKind.REG_FLUSH:
                 own = self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
-                self._gossip_round()
+                # Direct first: a gossip packet announcing a long burst must
+                # not reach a peer before the burst itself (it would pull).
                 self._send_direct(own)
+                self._gossip_round()
             case TimerKind.REG_SETTLE:
                 assert isinstance(ctx, int)
                 self.registry.settle_timeout(ctx)
@@ -860,12 +861,22 @@ class Node:
         our item (fresher items, or ones sent fewer times, go first)."""
         if not own or len(self._live) > DIRECT_MAX:
             return
-        data = codec.pack(own)
+        packets: list[bytes] = []
+        batch: list[bytes] = []
+        room = self.config.max_packet_bytes - 3
+        for part in own:
+            if batch and sum(len(p) for p in batch) + len(part) > room:
+                packets.append(codec.pack(batch))
+                batch = []
+            batch.append(part)
+        packets.append(codec.pack(batch))
         for node in self._live:
-            self.counters["packets_out"] += 1
-            self.counters["bytes_out"] += len(data)
-            self.counters["reg_direct_out"] += 1
-            self._out.append(SendPacket(self._members[node].addr, data))
+            addr = self._members[node].addr
+            for data in packets:
+                self.counters["packets_out"] += 1
+                self.counters["bytes_out"] += len(data)
+                self.counters["reg_direct_out"] += 1
+                self._out.append(SendPacket(addr, data))
 
     # --- membership updates --------------------------------------------------
 

@@ -80,10 +80,10 @@ def test_first_hand_news_is_not_relayed_in_a_small_cluster() -> None:
     c, _rec = cluster(6)
     t0 = c.now
     reg(c, 0, "direct")
-    c.run_until(t0 + 0.01)
+    c.run_until(t0 + c.config.registry_flush_s + 0.0015)  # the direct send has arrived
     origin = c.nodes[0].node_id
     assert all(h is not None for h in holders(c, "direct").values())
-    assert c.nodes[0].reg_queued(("r", origin)) is not None  # the origin keeps gossiping it
+    assert c.nodes[0].reg_queued(("r", origin)) is not None  # the origin gossips it too
     assert all(c.nodes[i].reg_queued(("r", origin)) is None for i in range(1, 6))
 
 
@@ -107,6 +107,29 @@ def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
     c.run_until(t0 + 1.0)  # peers pull what the announcement says they lack
     assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values())
                for k in range(200))
+
+
+def test_a_burst_goes_out_in_datagram_sized_deltas_with_no_pull() -> None:
+    c, _rec = cluster(4)
+    sends = spy_sends(c)
+    t0 = c.now
+    for k in range(120):
+        reg(c, 2, f"chunk-{k:03d}", meta=(("role", "worker"),))
+    c.run_until(t0 + c.config.registry_flush_s)
+    origin = c.nodes[2].node_id
+    chunks = []
+    for pkt in sent_by(sends, 2):
+        assert len(pkt.data) <= c.config.max_packet_bytes
+        msgs, _ = codec.decode_packet(pkt.data)
+        chunks += [(pkt.dst, m.base, m.top) for m in msgs
+                   if isinstance(m, RegDelta) and m.origin == origin]
+    to_one = sorted((b, t) for dst, b, t in chunks if dst == c.addr_of[0])
+    assert len(to_one) > 1 and to_one[0][0] == 0 and to_one[-1][1] == 120
+    assert all(a[1] == b[0] for a, b in zip(to_one, to_one[1:], strict=False))  # contiguous
+    c.run_until(t0 + 0.01)
+    assert all(all(h is not None for h in holders(c, f"chunk-{k:03d}").values())
+               for k in range(120))
+    assert sum(n.counters["reg_pulls"] for n in c.nodes) == 0
 
 
 def test_the_death_of_a_node_with_entries_spreads_at_once() -> None:

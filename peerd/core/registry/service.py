@@ -75,6 +75,9 @@ MAX_DELTA_BYTES = 900
 # registration is visible everywhere within milliseconds even when the random
 # fan-out misses a node (it would then wait for the next gossip tick).
 DIRECT_MAX = 32
+# A flush's own changes go to every peer in at most this many datagrams;
+# a longer burst is announced, and peers pull it over a stream.
+MAX_DIRECT_CHUNKS = 64
 # Limits on what one connection, and one daemon, may hold.
 MAX_ENTRIES_PER_CONN = 10_000
 MAX_LOCAL_ENTRIES = 200_000
@@ -305,10 +308,37 @@ class RegistryService:
         staged, self._staged = self._staged, {}
         own: list[bytes] = []
         for item in staged.values():
-            data = self._enqueue(item.delta(), item.ack)
+            delta = item.delta()
+            data = self._enqueue(delta, item.ack)
             if data is not None and item.origin == self.host.node_id:
-                own.append(data)
+                own.extend(self._direct_parts(delta, item.ack))
         return own
+
+    def _direct_parts(self, delta: RegDelta, ack: bool) -> list[bytes]:
+        """This flush's own changes for the direct send, as deltas that each
+        fit a datagram (the queued item may hold more: it merges flushes
+        until it is sent out). A burst longer than MAX_DIRECT_CHUNKS of
+        them is announced instead; peers then pull it."""
+        if self.host.reg_live_count() > DIRECT_MAX:
+            return []
+        chunks: list[RegDelta] = []
+        current: list[RegChange] = []
+        size, base = 0, delta.base
+        for change in delta.changes:
+            est = _change_size(change)
+            if current and size + est > MAX_DELTA_BYTES - 40:
+                chunks.append(RegDelta(delta.origin, delta.generation, base,
+                                       current[-1].version, tuple(current), ack))
+                base, current, size = current[-1].version, [], 0
+            current.append(change)
+            size += est
+        chunks.append(RegDelta(delta.origin, delta.generation, base, delta.top,
+                               tuple(current), ack))
+        if len(chunks) <= MAX_DIRECT_CHUNKS:
+            parts = [codec.encode(c) for c in chunks]
+            if all(len(p) <= MAX_DELTA_BYTES for p in parts):
+                return parts
+        return [codec.encode(RegAck(delta.origin, delta.generation, delta.top))]
 
     def _enqueue(self, delta: RegDelta, ack: bool) -> bytes | None:
         key = ("r", delta.origin)
@@ -598,6 +628,16 @@ class _Staged:
 
 def _version(change: RegChange) -> int:
     return change.version
+
+
+def _change_size(change: RegChange) -> int:
+    """About the encoded size of ``change`` (an underestimate is caught:
+    the caller checks the encoded chunks)."""
+    e = change.entry
+    if e is None:
+        return 16
+    return (48 + len(e.scope.encode()) + len(e.name.encode())
+            + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in e.meta))
 
 
 def merge_deltas(old: RegDelta, new: RegDelta) -> RegDelta:
