@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from peerd.core.events import EventKind, OpenStream, SendPacket, SetTags, TimerKind
+from peerd.core.node import FIRST_GOSSIP_DELAY_S
 from peerd.core.swim import formulas
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status
 
-from .util import Rig, addr, alive, armed_at, cfg, events, nid, of, sends
+from .util import Rig, addr, alive, armed_at, cfg, events, first_gossip_at, nid, of, sends
 
 
 def started(*peers: int, **kw: object) -> Rig:
@@ -106,7 +107,7 @@ def test_lone_node_gossip_timer_rests_until_there_is_someone_to_tell() -> None:
     assert r.node.queued_broadcasts() == 1  # the new Alive replaced the old one
     # A peer appears: the news (ours included) goes out.
     outs = r.join(2, now=10.0)
-    assert armed_at(outs) == [(TimerKind.GOSSIP, 10.2)]
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(10.0))]
     outs = r.fire(TimerKind.GOSSIP)
     assert sends(outs) == [(addr(2), [alive(2), alive(1, inc=1, tags=(("k", "v"),))])]
 
@@ -115,16 +116,34 @@ def test_gossip_timer_rests_when_the_last_peer_is_gone_for_good() -> None:
     r = started(2, config=cfg(gossip_to_dead_s=1.0))
     outs = r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
     # Alone now, but n2 is recently dead: it may still hear the news.
-    assert armed_at(outs) == [(TimerKind.GOSSIP, 1.2)]
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(1.0))]
     to = []
     while r.armed(TimerKind.GOSSIP):
-        to += [dst for dst, _ in sends(r.fire(TimerKind.GOSSIP))]
+        outs = r.fire(TimerKind.GOSSIP)
+        to += [dst for dst, _ in sends(outs)]
+        # Later rounds, while news is left, come every gossip interval.
+        assert armed_at(outs) in ([], [(TimerKind.GOSSIP, r.now + r.node.config.gossip_interval_s)])
     assert set(to) == {addr(2)} and r.node.queued_broadcasts() == 0
     # Past gossip_to_dead_s: one more round finds nobody and the timer rests.
     outs = r.handle(SetTags((("k", "v"),)), now=2.5)
-    assert armed_at(outs) == [(TimerKind.GOSSIP, 2.7)]
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(2.5))]
     outs = r.fire(TimerKind.GOSSIP)
     assert sends(outs) == [] and armed_at(outs) == []
     outs = r.handle(SetTags((("k", "w"),)), now=5.0)
     assert armed_at(outs) == []
     assert r.node.queued_broadcasts() == 1
+
+
+def test_fresh_news_after_a_quiet_spell_goes_out_within_the_first_gossip_delay() -> None:
+    r = started(2, 3, 4, 5)
+    assert r.node.queued_broadcasts() == 0 and r.armed(TimerKind.GOSSIP) == []  # quiet
+    outs = r.handle(SetTags((("k", "v"),)), now=10.0)
+    assert r.node.config.gossip_interval_s > FIRST_GOSSIP_DELAY_S
+    assert armed_at(outs) == [(TimerKind.GOSSIP, 10.0 + FIRST_GOSSIP_DELAY_S)]
+    outs = r.fire(TimerKind.GOSSIP)
+    assert r.now == 10.0 + FIRST_GOSSIP_DELAY_S
+    got = sends(outs)
+    assert len(got) == 3 and all(msgs == [alive(1, inc=1, tags=(("k", "v"),))] for _, msgs in got)
+    # Not all sends done yet (limit 4 with 5 live nodes): the next round
+    # comes a whole gossip interval later.
+    assert armed_at(outs) == [(TimerKind.GOSSIP, r.now + r.node.config.gossip_interval_s)]

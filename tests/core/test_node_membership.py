@@ -27,6 +27,7 @@ from .util import (
     armed_at,
     cfg,
     events,
+    first_gossip_at,
     name,
     nid,
     nologs,
@@ -141,7 +142,7 @@ def test_leave_announces_at_once_then_reports_done() -> None:
     assert of(outs, MemberEvent) == [MemberEvent(EventKind.LEFT, me_left)]
     # Gossiped now, not at the next tick, to every peer (fanout 3 > 2 peers).
     assert sorted(sends(outs)) == [(addr(2), [Left(nid(1), 1)]), (addr(3), [Left(nid(1), 1)])]
-    assert armed_at(outs) == [(TimerKind.GOSSIP, 5.2), (TimerKind.LEAVE, 6.0)]
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(5.0)), (TimerKind.LEAVE, 6.0)]
     assert of(outs, WatchLinks) == [WatchLinks(())]  # no more watching
     assert r.node.local_member().status is Status.LEFT
 
@@ -180,7 +181,7 @@ def test_set_tags_bumps_incarnation_and_spreads() -> None:
     outs = r.handle(SetTags(tags), now=2.0)
     assert nologs(outs)[0] == IncarnationChanged(1)
     assert of(outs, MemberEvent) == [MemberEvent(EventKind.UPDATED, info(1, inc=1, tags=tags))]
-    assert armed_at(outs) == [(TimerKind.GOSSIP, 2.2)]
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(2.0))]
     assert gossip(r) == [alive(1, inc=1, tags=tags)]
     assert r.node.local_member().tags == tags
     # The same tags again change nothing.

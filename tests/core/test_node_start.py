@@ -19,7 +19,20 @@ from peerd.core.events import (
 from peerd.wire import codec
 from peerd.wire.messages import MemberState, PushPull, Status
 
-from .util import Rig, addr, alive, cfg, events, fire, name, nid, of, sends, state_of
+from .util import (
+    Rig,
+    addr,
+    alive,
+    cfg,
+    events,
+    fire,
+    first_gossip_at,
+    name,
+    nid,
+    of,
+    sends,
+    state_of,
+)
 
 ME = MemberState(nid(1), name(1), addr(1), 0, 0, (), Status.ALIVE)
 
@@ -68,7 +81,7 @@ def test_start_queues_own_alive_for_gossip() -> None:
     assert r.node.queued_broadcasts() == 1  # our own Alive, waiting for someone to tell
     # The first live peer arms the GOSSIP timer (token 5, after the 4 armed by Start).
     join_outs = r.join(2, now=0.1)
-    assert of(join_outs, SetTimer) == [SetTimer(0.1 + 0.2, Timer(TimerKind.GOSSIP, 5))]
+    assert of(join_outs, SetTimer) == [SetTimer(first_gossip_at(0.1), Timer(TimerKind.GOSSIP, 5))]
     outs = fire(r.node, join_outs, TimerKind.GOSSIP)
     assert r.node.queued_broadcasts() == 2  # sent once of 4 times (2 live nodes)
     # Newest first: n2's Alive (which we pass on), then ours.

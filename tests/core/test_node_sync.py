@@ -29,6 +29,7 @@ from .util import (
     armed_at,
     cfg,
     events,
+    first_gossip_at,
     name,
     nid,
     nologs,
@@ -61,7 +62,7 @@ def test_stream_request_is_merged_then_answered_with_the_merged_state() -> None:
     assert nologs(outs) == [
         MemberEvent(EventKind.JOINED, MemberInfo(nid(2), name(2), addr(2), Status.ALIVE, 0, 0,
                                                  tags)),
-        SetTimer(1.2, r.timer(TimerKind.GOSSIP).timer),
+        SetTimer(first_gossip_at(1.0), r.timer(TimerKind.GOSSIP).timer),
         StreamReply(7, codec.encode(PushPull(False, (st(1), st(3), st(2, tags=tags))))),
         WatchLinks((addr(2),)),
     ]
@@ -115,7 +116,7 @@ def test_remote_view_of_us_as_dead_is_refuted_in_the_reply() -> None:
     outs = r.stream_in(7, 2, PushPull(False, (st(1, Status.DEAD), st(2))), now=1.0)
     assert nologs(outs) == [
         IncarnationChanged(1),
-        SetTimer(1.2, r.timer(TimerKind.GOSSIP).timer),
+        SetTimer(first_gossip_at(1.0), r.timer(TimerKind.GOSSIP).timer),
         StreamReply(7, codec.encode(PushPull(False, (st(1, inc=1), st(2))))),
     ]
     assert r.node.incarnation == 1

@@ -15,9 +15,9 @@ from peerd.core.events import (
     StreamResponse,
     TimerKind,
 )
-from peerd.wire.messages import Ack, Alive, Dead, Left, Ping, PingReq, Status, Suspect
+from peerd.wire.messages import Ack, Alive, Dead, Left, Nack, Ping, PingReq, Status, Suspect
 
-from .util import Rig, addr, alive, deliver, events, nid, of, sends
+from .util import Rig, addr, alive, cfg, deliver, events, nack_at, nid, of, sends, sent_msgs
 
 
 def trio() -> tuple[Rig, Rig, Rig]:
@@ -160,3 +160,45 @@ def test_ping_from_a_node_held_dead_makes_it_refute() -> None:
     a_outs = deliver(b, b_outs, [a], now=b.now + 0.2)[1]
     assert events(a_outs) == [(EventKind.ALIVE, nid(2))]
     assert a.status(2) is Status.ALIVE
+
+
+def test_helpers_nack_before_the_requesters_probe_period_ends() -> None:
+    # The LAN preset: a 1 s period, the ping-req sent 0.5 s into it. Each
+    # helper nacks NACK_AFTER x 0.5 s later, so its nack (1 ms in flight)
+    # is in before the period ends: the requester blames the target, not
+    # its own health.
+    config = cfg()
+    assert (config.probe_timeout_s, config.probe_interval_s) == (0.5, 1.0)
+    rigs = {i: Rig.make(i, seed=i, config=config) for i in range(1, 6)}
+    for i, r in rigs.items():
+        r.start()
+        r.join(*(j for j in rigs if j != i), now=0.0)
+        r.drain()
+    a = rigs[1]
+    outs = a.fire(TimerKind.PROBE)
+    t = a.now
+    (target_addr, ping), = sent_msgs(outs, Ping)  # the target is down: never delivered
+    target = int.from_bytes(ping.target, "big")
+    period_end = a.timer(TimerKind.PROBE).at
+    assert period_end == t + config.probe_interval_s
+    helpers = [rigs[i] for i in rigs if i not in (1, target)]
+
+    outs = a.fire(TimerKind.PROBE_TIMEOUT)
+    assert a.now == t + config.probe_timeout_s
+    assert sorted(dst for dst, _ in sent_msgs(outs, PingReq)) == sorted(
+        h.node.local_member().addr for h in helpers)
+    deliver(a, outs, helpers, now=a.now + 0.001)
+    for h in helpers:
+        h_outs = h.fire(TimerKind.INDIRECT_TIMEOUT)
+        assert h.now == nack_at(t + config.probe_timeout_s + 0.001, config)
+        assert sent_msgs(h_outs, Nack) == [(addr(1), Nack(ping.seq))]
+        arrival = h.now + 0.001
+        assert arrival < period_end
+        deliver(h, h_outs, [a], now=arrival)
+
+    outs = a.fire(TimerKind.PROBE)
+    assert a.now == period_end
+    assert a.node.health_score == 0  # every helper answered: the target is the problem
+    assert events(outs) == [(EventKind.SUSPECT, nid(target))]
+    assert a.timer(TimerKind.PROBE).at == period_end + config.probe_interval_s  # not stretched
+    assert target_addr == addr(target)

@@ -33,7 +33,7 @@ from peerd.core.events import (
     TimerFired,
     TimerKind,
 )
-from peerd.core.node import Node
+from peerd.core.node import FIRST_GOSSIP_DELAY_S, NACK_AFTER, Node
 from peerd.wire import codec
 from peerd.wire.messages import Addr, Alive, Message, NodeId, PushPull, Tags
 
@@ -57,6 +57,16 @@ def name(i: int) -> str:
 def cfg(**changes: object) -> SwimConfig:
     """The LAN preset with ``changes``; every test states what it relies on."""
     return cfgmod.lan().replace(**changes)
+
+
+def first_gossip_at(now: float, config: SwimConfig | None = None) -> float:
+    """When the first GOSSIP round after a quiet spell is due, for news queued at ``now``."""
+    return now + min(FIRST_GOSSIP_DELAY_S, (config or cfg()).gossip_interval_s)
+
+
+def nack_at(now: float, config: SwimConfig | None = None) -> float:
+    """When a ping-req helper that got the request at ``now`` gives up and nacks."""
+    return now + NACK_AFTER * (config or cfg()).probe_timeout_s
 
 
 def make_node(i: int = 1, *, seed: int = 7, config: SwimConfig | None = None,
