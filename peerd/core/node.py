@@ -137,6 +137,10 @@ LAST_CHECK_MIN_NODES = 32
 DIGEST_SYNC_MIN_MEMBERS = 128
 # Largest encoded push-pull state kept for reuse (see Node._state).
 STATE_CACHE_MAX_BYTES = 64 * 1024
+# A helper's nack goes out at this fraction of the probe timeout (see _on_ping_req).
+NACK_AFTER = 0.8
+# Delay of the first gossip round after a quiet spell (see _arm_gossip).
+FIRST_GOSSIP_DELAY_S = 0.005
 # How often dead/left members older than dead_reclaim_s are forgotten.
 REAP_INTERVAL_S = 60.0
 
@@ -551,7 +555,11 @@ class Node:
                 or not (len(self._live) or self._recently_dead)):
             return
         self._gossip_armed = True
-        self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+        # Fresh news after a quiet spell goes out almost at once (a short
+        # delay batches a burst into one packet); then every gossip interval
+        # while anything is left to send. Waiting a whole interval per hop
+        # would add ~interval x log(N) to every spread.
+        self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s))
 
     def _alive_msg(self) -> Alive:
         me = self._me
@@ -656,7 +664,9 @@ class Node:
                 self._gossip_armed = False
                 self._send_direct(self.registry.flush())
                 self._gossip_round()
-                self._arm_gossip()
+                if len(self._queue) and (len(self._live) or self._recently_dead):
+                    self._gossip_armed = True
+                    self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
             case TimerKind.PUSH_PULL:
                 self._push_pull_tick()
             case TimerKind.RECONNECT:
@@ -801,7 +811,12 @@ class Node:
             self._send_ping(target, seq)
         else:
             self._send(msg.target_addr, Ping(seq, msg.target))
-        self._arm(TimerKind.INDIRECT_TIMEOUT, self.config.probe_timeout_s, seq)
+        # Our nack must reach the requester before its probe period ends (it
+        # sent the ping-req one probe timeout into the period), or Lifeguard
+        # would count our answer as missing and blame the requester's health.
+        cfg = self.config
+        self._arm(TimerKind.INDIRECT_TIMEOUT,
+                  formulas.nack_delay(cfg.probe_timeout_s, cfg.probe_interval_s, NACK_AFTER), seq)
 
     def _relay_timeout(self, seq: object) -> None:
         assert isinstance(seq, int)

@@ -122,3 +122,16 @@ def test_push_pull_scale(interval: float, n: int, expected: float) -> None:
 )
 def test_scaled(value: float, score: int, expected: float) -> None:
     assert formulas.scaled(value, score) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("timeout", "interval", "expected"), [
+    (0.5, 1.0, 0.4),  # lan: the nack lands at 0.9 s, inside the 1 s period
+    (3.0, 5.0, 1.6),  # wan: what is left of the period is the tighter bound
+    (0.2, 1.0, 0.16),  # local
+    (1.0, 1.0, 0.0),  # no room left: nack at once
+])
+def test_nack_delay_keeps_the_nack_inside_the_requesters_period(
+        timeout: float, interval: float, expected: float) -> None:
+    delay = formulas.nack_delay(timeout, interval, 0.8)
+    assert delay == pytest.approx(expected)
+    assert timeout + delay <= interval

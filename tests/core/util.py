@@ -66,7 +66,8 @@ def first_gossip_at(now: float, config: SwimConfig | None = None) -> float:
 
 def nack_at(now: float, config: SwimConfig | None = None) -> float:
     """When a ping-req helper that got the request at ``now`` gives up and nacks."""
-    return now + NACK_AFTER * (config or cfg()).probe_timeout_s
+    c = config or cfg()
+    return now + NACK_AFTER * min(c.probe_timeout_s, c.probe_interval_s - c.probe_timeout_s)
 
 
 def make_node(i: int = 1, *, seed: int = 7, config: SwimConfig | None = None,

@@ -68,3 +68,15 @@ def scaled(value_s: float, health_score: int) -> float:
     own probing and widens its timeouts, since its own slowness is the likely
     cause (Lifeguard 2018, section IV-A)."""
     return value_s * (health_score + 1)
+
+
+def nack_delay(probe_timeout_s: float, probe_interval_s: float, fraction: float) -> float:
+    """How long an indirect-probe helper waits for the target before it nacks.
+
+    The requester sends its ping-req one probe timeout into its period and
+    counts nacks at the period's end (Lifeguard IV-A); a nack that lands after
+    that counts as missing and wrongly lowers the requester's health. So the
+    helper answers within ``fraction`` of whichever is shorter: the probe
+    timeout, or what is left of the period after it.
+    """
+    return fraction * max(0.0, min(probe_timeout_s, probe_interval_s - probe_timeout_s))
