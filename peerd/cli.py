@@ -288,10 +288,16 @@ def _read_key(text: str) -> str:
 # --- commands ---------------------------------------------------------------------------
 
 
-def _connect(args: argparse.Namespace) -> Any:
+# A daemon that accepts connections but does not answer (a wedged runner)
+# must not hang a command: after this long it exits 3 like an absent daemon.
+# `watch` and `exec` wait on purpose and have no limit.
+CALL_TIMEOUT_S = 30.0
+
+
+def _connect(args: argparse.Namespace, timeout: float | None = CALL_TIMEOUT_S) -> Any:
     from peerd.api.client import BlockingClient
 
-    return BlockingClient(args.api_socket)
+    return BlockingClient(args.api_socket, timeout=timeout)
 
 
 def _call(args: argparse.Namespace, op: str, **op_args: Any) -> Any:
@@ -322,7 +328,7 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     topics = list(dict.fromkeys(args.topic or ["members"]))
-    with _connect(args) as client:
+    with _connect(args, timeout=None) as client:
         try:
             for ev in client.watch(topics):
                 if args.json:
@@ -401,7 +407,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not args.names and not args.groups:
         _usage("give at least one --name or --group")
     meta = dict(args.meta or [])
-    client = _connect(args)
+    client = _connect(args, timeout=None)
     try:
         for name in args.names:
             try:

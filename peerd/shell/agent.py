@@ -449,7 +449,7 @@ class Reloader:
         problem = None
         try:
             await self._reload()
-        except (SettingsError, _Refuse, KeyringError, ApiError) as e:
+        except (SettingsError, _Refuse, KeyringError, ApiError, StateError) as e:
             problem = str(getattr(e, "message", None) or e)
             self.logger.error("reload failed; the running configuration stays", error=problem)
         if self.lifecycle is not None:

@@ -677,9 +677,13 @@ class Runner:
     def _finish(self, reason: str) -> None:
         self._finished = True
         self.exit_reason = reason
-        # Joins still waiting will never see their JoinDone: answer them now.
+        # Joins and leaves still waiting will never see their JoinDone or
+        # LeaveDone (e.g. the leave ran out of time): answer them now.
         while self._join_waiters:
             self._join_waiters.popleft().done.set()
+        for w in self._leave_waiters:
+            w.done.set()
+        self._leave_waiters.clear()
 
     def _begin_leave(self, reason: str = "leave requested over the API") -> None:
         if self._leave_deadline is not None or self._finished:
@@ -1199,7 +1203,11 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
                     if on_reload is None:
                         runner.logger.info("SIGHUP ignored: nothing to reload")
                     elif not runner.leaving and not runner.finished:
-                        await on_reload()
+                        try:
+                            await on_reload()
+                        except Exception as e:  # a failed reload keeps the running config
+                            runner.logger.exception("reload failed; the running configuration "
+                                                    "stays", e)
                     continue
                 count += 1
                 name = signal.Signals(signum).name

@@ -101,7 +101,7 @@ def encode_frame(body: bytes) -> bytes:
 
 async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, buf: bytearray) -> bytes:
     while len(buf) < n:
-        chunk = await stream.receive_some(max(n - len(buf), 65536))
+        chunk = await stream.receive_some(min(n - len(buf), 65536))
         if not chunk:
             raise FrameError("eof")
         buf += chunk
