@@ -703,7 +703,9 @@ class Node:
         # Lifeguard IV-A: missing nacks mean *our* messages or processing are
         # the problem, so they count against our own health.
         if probe.expected_nacks:
-            self._adjust_health(probe.expected_nacks - probe.nacks)
+            # never below zero: duplicate or stray nacks must not make a
+            # failed probe improve our health
+            self._adjust_health(max(0, probe.expected_nacks - probe.nacks))
         else:
             self._adjust_health(1)
         self.counters["probe_failures"] += 1
@@ -1151,6 +1153,11 @@ class Node:
             if not self._leaving:
                 self._refute(msg.incarnation)
             return
+        if m.suspicion is not None and msg.incarnation > m.suspicion.incarnation:
+            # A suspicion of a newer life supersedes ours: start over at its
+            # incarnation (a refutation of the old one must not clear it).
+            self._clear_suspicion(m)
+            m.status = Status.ALIVE
         fresh = m.suspicion is None
         self._suspect(m, msg.incarnation, msg.sender)
         if fresh:
@@ -1348,6 +1355,9 @@ class Node:
 
     def reg_live_count(self) -> int:
         return len(self._live)
+
+    def reg_known(self, node: NodeId) -> bool:
+        return node == self._me.node or node in self._live
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
         return self._arm(kind, delay, ctx)

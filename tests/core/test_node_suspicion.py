@@ -274,3 +274,16 @@ def test_stale_accusation_from_a_peer_that_missed_our_refutation_is_answered() -
     outs = r.recv(2, Suspect(nid(1), 0, nid(2)), Ping(7, nid(1)), now=2.0)
     assert sends(outs) == [(addr(2), [Ack(7), alive(1, inc=1)])]
     assert r.node.incarnation == 1
+
+
+def test_a_suspicion_of_a_newer_incarnation_restarts_the_suspicion() -> None:
+    r = started(2)
+    r.recv(2, Suspect(nid(2), 0, nid(2)), now=1.0)
+    assert r.node.member(nid(2)).status is Status.SUSPECT  # type: ignore[union-attr]
+    r.recv(2, Suspect(nid(2), 3, nid(2)), now=1.5)
+    m = r.node.member(nid(2))
+    assert m is not None and m.status is Status.SUSPECT and m.incarnation == 3
+    # a refutation of the older life does not clear the newer suspicion
+    r.recv(2, alive(2, inc=2), now=1.6)
+    m = r.node.member(nid(2))
+    assert m is not None and m.status is Status.SUSPECT and m.incarnation == 3

@@ -249,3 +249,18 @@ def test_a_burst_of_writes_converges_everywhere() -> None:
     assert sum(1 for _ in c.nodes[5].registry.state.names()) == 399
     # big merged deltas were announced, not crammed into datagrams
     assert MAX_DELTA_BYTES < 1400
+
+
+def test_partitions_of_unknown_origins_are_not_kept() -> None:
+    from peerd.core.events import PacketIn
+    from peerd.wire import codec
+    from peerd.wire.messages import RegEntry, RegSnapshot
+
+    c, rec = cluster(3)
+    stranger = b"\xee" * 16
+    entry = RegEntry(1, NAME, "default", "ghost", 1, 1, 0, ())
+    snap = RegSnapshot(stranger, 1, 1, (entry,))
+    outs = c.nodes[0].handle(c.now, PacketIn(c.addr_of[1], codec.pack([codec.encode(snap)])))
+    assert [o for o in outs if isinstance(o, RegistryEvent)] == []
+    assert stranger not in c.nodes[0].registry.state.digest()
+    assert c.nodes[0].registry.state.lookup("default", "ghost") is None

@@ -117,6 +117,10 @@ class Host(Protocol):
     def reg_live_count(self) -> int:
         """How many live members other than us."""
 
+    def reg_known(self, node: NodeId) -> bool:
+        """Whether ``node`` is a live member (or us): only their partitions
+        are kept, so made-up or long-gone origins cannot grow our state."""
+
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
 
 
@@ -263,6 +267,7 @@ class RegistryService:
         if entry is not None:
             self._owned.get(conn, {}).pop((entry.kind, entry.scope, entry.name), None)
         self._owner_of.pop(eid, None)
+        self._notified = {mark for mark in self._notified if mark[0] != eid}
         delta = self.state.unregister(eid)
         if delta is not None:
             self._spread(delta)
@@ -373,6 +378,8 @@ class RegistryService:
         return data
 
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
+        if not self.host.reg_known(msg.origin):
+            return  # not a live member's partition: see Host.reg_known
         match msg:
             case RegDelta():
                 self._on_delta(src_node, msg)
@@ -489,6 +496,8 @@ class RegistryService:
     def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
         advanced: set[NodeId] = set()
         for item in items:
+            if not self.host.reg_known(item.origin):
+                continue
             if isinstance(item, RegSnapshot):
                 res = self.state.apply_snapshot(item)
             else:

@@ -243,6 +243,8 @@ class Registry:
     def node_down(self, origin: NodeId, generation: int) -> list[Claim]:
         """Membership declared ``origin`` dead or left: drop its entries."""
         part = self._parts.get(origin)
+        if origin != self.node_id and (part is None or part.generation <= generation):
+            self._pending.pop(origin, None)
         if origin == self.node_id or part is None or part.generation > generation:
             return []
         removed = [Claim(origin, e) for e in part.entries.values()]
@@ -274,6 +276,7 @@ class Registry:
         """Membership reaped ``origin``: forget even its floor."""
         self._floors.pop(origin, None)
         self._revived.discard(origin)
+        self._pending.pop(origin, None)
 
     # --- reads ------------------------------------------------------------------
 
