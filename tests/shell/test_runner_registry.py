@@ -22,7 +22,7 @@ from peerd.shell.api_server import ApiServer, PeerCred, serve_api
 from peerd.shell.logs import Logger
 from peerd.shell.runner import Runner
 from peerd.wire import codec
-from peerd.wire.messages import RegChange, RegDelta, RegEntry, RegKind
+from peerd.wire.messages import Alive, RegChange, RegDelta, RegEntry, RegKind
 from tests.core.util import make_node
 
 from .test_runner import FakePorts
@@ -65,7 +65,9 @@ async def run_with(runner: Runner, fn: Callable[[], Awaitable[Any]]) -> Any:
 def older_claim_packet(name: str, claimed_ms: int, pid: int = 55) -> bytes:
     """A delta from another node claiming ``name`` at ``claimed_ms``."""
     entry = RegEntry(1, RegKind.NAME, "default", name, claimed_ms, pid, 0, (("k", "v"),))
-    return codec.pack([codec.encode(RegDelta(OTHER, 1, 0, 1, (RegChange(1, 1, entry),)))])
+    # The claimant announces itself first: only live members' partitions are kept.
+    return codec.pack([codec.encode(Alive(OTHER, "other", ("127.0.0.9", 7950), 1, 1, ())),
+                       codec.encode(RegDelta(OTHER, 1, 0, 1, (RegChange(1, 1, entry),)))])
 
 
 async def barrier(runner: Runner) -> None:
@@ -255,7 +257,8 @@ async def test_conflict_goes_to_the_owner_connection_and_to_watchers() -> None:
 
     holder = await run_with(runner, go)
     assert holder["node"] == OTHER.hex() and holder["pid"] == 55
-    assert "node_name" not in holder  # that node is not a member we know
+    assert holder["node_name"] == "other"  # a member we know (it announced itself)
+    assert holder["node_addr"] == "127.0.0.9:7950"
     assert len(owner.pushed) == 1 and not watcher.pushed
     stream, event, data = owner.pushed[0]
     assert (stream, event) == (CONNECTION_STREAM, "conflict")
