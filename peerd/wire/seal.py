@@ -35,7 +35,7 @@ of the 32 key bytes, e.g. ``peerd1:AAAA...AAA=`` (51 characters).
 
 Everything here is pure: no sockets and no clocks; randomness (nonces, new
 keys) comes from an injectable ``nonce_source`` / ``random_source`` that
-defaults to :func:`os.urandom`.
+defaults to :func:`secrets.token_bytes` (the OS's CSPRNG).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import base64
 import binascii
 import builtins
 import hashlib
-import os
+import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -145,7 +145,7 @@ def format_key(key: bytes) -> str:
     return KEY_PREFIX + base64.b64encode(key).decode("ascii")
 
 
-def generate_key(random_source: RandomSource = os.urandom) -> str:
+def generate_key(random_source: RandomSource = secrets.token_bytes) -> str:
     """A new random key in text form."""
     return format_key(random_source(KEY_BYTES))
 
@@ -352,7 +352,7 @@ class Sealer:
         keyring: Keyring,
         sender_id: bytes,
         epoch: int,
-        nonce_source: RandomSource = os.urandom,
+        nonce_source: RandomSource = secrets.token_bytes,
         *,
         counter: int = 0,
     ) -> None:
