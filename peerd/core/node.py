@@ -1439,10 +1439,7 @@ class Node:
                                                     self._rows(msg.bits, msg.buckets))))
             return
         # Done: the registry's anti-entropy follows membership's, as after a push-pull.
-        peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
-        if peer is not None and peer in self._live:
-            self._open_stream(self._members[peer].addr, StreamCtx("reg", peer=peer),
-                              codec.encode(self.registry.sync_request()))
+        self._follow_with_reg_sync(ctx)
 
     def _on_stream_request(self, stream: int, src: Addr, data: bytes) -> None:
         try:
@@ -1502,7 +1499,10 @@ class Node:
             return
         self._merge(msg)
         self._stream_done(ctx, ok=True)
-        # The registry's anti-entropy follows membership's, with the same peer.
+        self._follow_with_reg_sync(ctx)
+
+    def _follow_with_reg_sync(self, ctx: StreamCtx) -> None:
+        """The registry's anti-entropy follows membership's, with the same peer."""
         peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
         if peer is not None and peer in self._live:
             self._open_stream(self._members[peer].addr, StreamCtx("reg", peer=peer),

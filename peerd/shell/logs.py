@@ -27,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from peerd.api.protocol import format_addr
 from peerd.core.events import LogLevel
+
+__all__ = ["format_addr"]  # re-exported: log fields print addresses the API's way
 
 LEVEL_NAMES: dict[str, LogLevel] = {
     "debug": LogLevel.DEBUG,
@@ -63,11 +66,6 @@ def format_value(value: object) -> str:
         escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
     return text
-
-
-def format_addr(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Logger:

@@ -53,7 +53,7 @@ from peerd.core.events import (
     Unregister,
     UpdateMeta,
 )
-from peerd.core.registry.state import Applied, Claim, Registry
+from peerd.core.registry.state import Applied, Registry
 from peerd.wire import codec
 from peerd.wire.messages import (
     Message,
@@ -670,7 +670,3 @@ def entry_to_dict(origin: NodeId, entry: RegEntry) -> dict[str, object]:
         "meta": dict(entry.meta),
         "claimed_ms": entry.claimed_ms,
     }
-
-
-def claim_to_dict(claim: Claim) -> dict[str, object]:
-    return entry_to_dict(claim.origin, claim.entry)
