@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
@@ -82,38 +82,51 @@ def _check_member_fields() -> None:
         raise AssertionError(f"peerd.core.shared._copy is out of date: Member has {got}")
 
 
-class Members:
-    """The ``_members`` table: a node's own records over the shared ones."""
+class CowDict:
+    """A dict of mutable records over a shared base: the first lookup of a
+    key for possible mutation (``get`` or ``[]``) copies the base record with
+    ``copy`` into this node's own table, so shared records are never written.
+    ``peek`` reads without copying (the caller promises not to mutate)."""
 
-    __slots__ = ("_base", "_local", "_gone", "_extra")
+    __slots__ = ("_base", "_local", "_gone", "_extra", "_copy")
 
-    def __init__(self, base: dict[NodeId, Member], local: dict[NodeId, Member]) -> None:
+    def __init__(self, base: dict[Any, Any], local: dict[Any, Any],
+                 copy: Callable[[Any], Any]) -> None:
         self._base = base
         self._local = local
-        self._gone: set[NodeId] = set()  # base keys deleted here
+        self._copy = copy
+        self._gone: set[Any] = set()  # base keys deleted here
         self._extra = sum(1 for k in local if k not in base)  # local keys not in base
 
-    def get(self, key: NodeId, default: Any = None) -> Any:
-        m = self._local.get(key)
-        if m is not None:
-            return m
+    def peek(self, key: Any, default: Any = None) -> Any:
+        v = self._local.get(key)
+        if v is not None:
+            return v
+        if key in self._gone:
+            return default
+        return self._base.get(key, default)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        v = self._local.get(key)
+        if v is not None:
+            return v
         b = self._base.get(key)
         if b is None or key in self._gone:
             return default
-        m = _copy(b)
-        self._local[key] = m
-        return m
+        v = self._copy(b)
+        self._local[key] = v
+        return v
 
-    def __getitem__(self, key: NodeId) -> Member:
-        m = self.get(key, _MISSING)
-        if m is _MISSING:
+    def __getitem__(self, key: Any) -> Any:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
             raise KeyError(key)
-        return m  # type: ignore[no-any-return]
+        return v
 
     def __contains__(self, key: object) -> bool:
         return key in self._local or (key in self._base and key not in self._gone)
 
-    def __setitem__(self, key: NodeId, value: Member) -> None:
+    def __setitem__(self, key: Any, value: Any) -> None:
         if key not in self._local and (key not in self._base or key in self._gone):
             if key in self._base:
                 self._gone.discard(key)
@@ -121,7 +134,14 @@ class Members:
                 self._extra += 1
         self._local[key] = value
 
-    def __delitem__(self, key: NodeId) -> None:
+    def setdefault(self, key: Any, value: Any) -> Any:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            self[key] = value
+            return value
+        return v
+
+    def __delitem__(self, key: Any) -> None:
         if key not in self:
             raise KeyError(key)
         self._local.pop(key, None)
@@ -130,31 +150,55 @@ class Members:
         else:
             self._extra -= 1
 
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        v = self.peek(key, _MISSING)
+        if v is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        del self[key]
+        return v
+
     def __len__(self) -> int:
         return len(self._base) - len(self._gone) + self._extra
 
-    def __iter__(self) -> Iterator[NodeId]:
-        for k in self._local:
-            yield k
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self._local
         local, gone = self._local, self._gone
         for k in self._base:
             if k not in local and k not in gone:
                 yield k
 
-    def keys(self) -> Iterator[NodeId]:
+    def keys(self) -> Iterator[Any]:
         return iter(self)
 
-    def values(self) -> Iterator[Member]:
+    def values(self) -> Iterator[Any]:
         """Read-only view: shared records must not be changed through it."""
         yield from self._local.values()
         local, gone = self._local, self._gone
-        for k, m in self._base.items():
+        for k, v in self._base.items():
             if k not in local and k not in gone:
-                yield m
+                yield v
 
-    def items(self) -> Iterator[tuple[NodeId, Member]]:
-        for m in self.values():
-            yield m.node, m
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """Read-only view, like :meth:`values`."""
+        yield from self._local.items()
+        local, gone = self._local, self._gone
+        for k, v in self._base.items():
+            if k not in local and k not in gone:
+                yield k, v
+
+
+class Members(CowDict):
+    """The ``_members`` table: a node's own records over the shared ones."""
+
+    __slots__ = ()
+
+    def __init__(self, base: dict[NodeId, Member], local: dict[NodeId, Member]) -> None:
+        super().__init__(base, local, _copy)
 
 
 class Index:

@@ -131,6 +131,47 @@ def _bytes_per_node_s(rec: Record, e: Expect) -> Result:
     return e.max is None or v <= e.max, v, e.max
 
 
+def _registry_converged(rec: Record, e: Expect) -> Result:
+    """Registry workload: every running node holds exactly the live entries
+    (no missing, no stale, no duplicate claim) at some moment within
+    [after_s, after_s + within_s]. Value: seconds after after_s."""
+    from peerd.sim.world import first_true_at
+
+    assert e.within_s is not None
+    t = first_true_at(rec.registry_convergence, e.after_s)
+    value = None if t is None else round(t - e.after_s, 3)
+    return value is not None and value <= e.within_s, value, e.within_s
+
+
+def _registry_count(rec: Record, e: Expect) -> Result:
+    limit = int(e.max or 0)
+    v = rec.registry_evals.get(e.index)
+    return v is not None and v <= limit, v, limit
+
+
+def _lost_live_entries(rec: Record, e: Expect) -> Result:
+    """Registry workload, counted at after_s + within_s: (running node,
+    entry) pairs where the entry's process asked for it at or before
+    after_s and still holds it, but the node does not have it. ``max``
+    (default 0) allows that many."""
+    return _registry_count(rec, e)
+
+
+def _stale_entries(rec: Record, e: Expect) -> Result:
+    """Registry workload, counted at after_s + within_s: (running node,
+    entry) pairs where the node still holds an entry whose process exited,
+    whose node crashed, restarted or left, or which lost its name, at or
+    before after_s. ``max`` (default 0)."""
+    return _registry_count(rec, e)
+
+
+def _duplicates_after_heal(rec: Record, e: Expect) -> Result:
+    """Registry workload, counted at after_s + within_s: (running node,
+    name) pairs where the node holds two or more claims of one unique name
+    (the conflict rule has not run yet). ``max`` (default 0)."""
+    return _registry_count(rec, e)
+
+
 CHECKS: dict[str, CheckSpec] = {
     "converged": CheckSpec(_converged, ("within_s",), _converged.__doc__ or ""),
     "no_false_positives": CheckSpec(_no_false_positives, (), _no_false_positives.__doc__ or ""),
@@ -143,6 +184,13 @@ CHECKS: dict[str, CheckSpec] = {
     "left": CheckSpec(_left, ("within_s",), _left.__doc__ or ""),
     "msgs_per_node_s": CheckSpec(_msgs_per_node_s, ("max",), _msgs_per_node_s.__doc__ or ""),
     "bytes_per_node_s": CheckSpec(_bytes_per_node_s, ("max",), _bytes_per_node_s.__doc__ or ""),
+    "registry_converged": CheckSpec(_registry_converged, ("within_s",),
+                                    _registry_converged.__doc__ or ""),
+    "lost_live_entries": CheckSpec(_lost_live_entries, ("within_s",),
+                                   _lost_live_entries.__doc__ or ""),
+    "stale_entries": CheckSpec(_stale_entries, ("within_s",), _stale_entries.__doc__ or ""),
+    "duplicates_after_heal": CheckSpec(_duplicates_after_heal, ("within_s",),
+                                       _duplicates_after_heal.__doc__ or ""),
 }
 
 

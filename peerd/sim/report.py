@@ -100,6 +100,7 @@ def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
             "left": len(rec.leaves),
         },
         "traffic": traffic,
+        **({"registry": rec.registry} if rec.registry is not None else {}),
         "network": rec.counts,
         "core": {k: v for k, v in rec.core_counters.items() if not k.startswith("msg_in.")},
     }
@@ -149,6 +150,25 @@ def text_report(summary: dict[str, Any]) -> str:
         b = t["before_first_fault"]
         lines.append(f"  before the first fault: {b['msgs_per_node_s']:.2f} msgs, "
                      f"{b['bytes_per_node_s']:.0f} bytes")
+    r = s.get("registry")
+    if r is not None:
+        va, rm, rn = r["visible_all_s"], r["removed_all_s"], r["removed_with_node_s"]
+        lines += [
+            "",
+            "registry:",
+            f"  {r['entries']} entries ({r['preloaded']} preloaded, {r['registered']} registered "
+            f"at run time, {r['rejected']} rejected), {r['live_at_end']} live at the end",
+            f"  {r['exits']} process exits, {r['node_down']} with their node, "
+            f"{r['conflicts']} lost a conflict",
+            f"  visible on every node: median {_fmt(va['median'])} p99 {_fmt(va['p99'])} "
+            f"max {_fmt(va['max'])} s after register returned",
+            f"  gone from every node: median {_fmt(rm['median'])} p99 {_fmt(rm['p99'])} "
+            f"max {_fmt(rm['max'])} s after the process exited; with a dead node: "
+            f"median {_fmt(rn['median'])} p99 {_fmt(rn['p99'])} s after the crash",
+            f"  at the end: {r['missing_at_end']} missing, {r['stale_at_end']} stale, "
+            f"{r['duplicates_at_end']} duplicate claims"
+            + ("" if r["converged_at_end"] else " (NOT converged)"),
+        ]
     n = s["network"]
     lines += [
         "",

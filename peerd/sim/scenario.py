@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from peerd.core import config as cfgmod
 
 FAULT_KINDS = ("crash", "pause", "slow", "restart", "leave", "join", "partition", "heal",
-               "loss", "block")
+               "loss", "block", "register")
 
 # Keys every fault accepts, and the extra keys of each kind.
 _COMMON_FAULT_KEYS: set[str] = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
@@ -39,16 +39,19 @@ _FAULT_KEYS: dict[str, set[str]] = {
     "heal": set(),
     "loss": {"nodes", "loss", "duration_s"},
     "block": {"from", "to", "symmetric", "duration_s"},
+    "register": {"nodes", "names", "prefix"},
 }
 _ALL_FAULT_KEYS = set().union(*_FAULT_KEYS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "crash": ("nodes",), "pause": ("nodes", "duration_s"), "slow": ("nodes", "delay_ms"),
     "restart": ("nodes",), "leave": ("nodes",), "join": ("nodes",), "partition": ("groups",),
-    "heal": (), "loss": ("loss",), "block": ("from", "to"),
+    "heal": (), "loss": ("loss",), "block": ("from", "to"), "register": ("nodes", "names"),
 }
 
 _TOP_KEYS = {"name", "description", "nodes", "seed", "duration_s", "preset", "start_nodes",
-             "seeds", "sample_s", "network", "config", "fault", "expect"}
+             "seeds", "sample_s", "network", "config", "fault", "expect", "registry"}
+_REGISTRY_KEYS = {"names_per_node", "groups", "joins_per_node", "churn_per_node_s",
+                  "churn_from_s", "churn_until_s", "scope", "preload", "start_s", "over_s"}
 _NETWORK_KEYS = {"latency_ms", "link_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu",
                  "seal", "stream_timeout_s"}
 _EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
@@ -111,6 +114,31 @@ class Fault:
     repeat: int = 1
     every_s: float = 0.0
     over_s: float = 0.0
+    names: int = 0  # register: how many names each selected node claims
+    prefix: str = "shared"  # register: the names are "<prefix>-<k>"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySpec:
+    """A registry workload (``[registry]``): every node's processes register
+    ``names_per_node`` unique names and join ``joins_per_node`` of ``groups``
+    groups, each entry held by its own process (API connection); then, at
+    ``churn_per_node_s`` per running node, a random process exits (its entry
+    goes) and a new one registers a fresh name (or rejoins the same group)."""
+
+    names_per_node: int = 0
+    groups: int = 0
+    joins_per_node: int = 0
+    churn_per_node_s: float = 0.0
+    churn_from_s: float = 0.0
+    churn_until_s: float | None = None  # default: the end of the run
+    scope: str = "default"
+    # The nodes running at t=0 start with the workload's entries already
+    # replicated everywhere (a converged registry, shared copy-on-write like
+    # the member tables); false: each registers them at start_s, spread over over_s.
+    preload: bool = True
+    start_s: float = 0.0
+    over_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +170,7 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     expects: tuple[Expect, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
+    registry: RegistrySpec | None = None
 
     def with_overrides(self, *, nodes: int | None = None, seed: int | None = None,
                        duration_s: float | None = None) -> Scenario:
@@ -268,7 +297,7 @@ class _Parser:
 
     def _unknown(self, d: dict[str, Any], allowed: set[str], where: tuple[str, int],
                  what: str) -> None:
-        every = _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS
+        every = _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS
         for k in d:
             if k not in allowed:
                 hint = _closest(k, allowed)
@@ -340,10 +369,51 @@ class _Parser:
         if type(expects_v) is not list:
             self.fail("'expect' must be an array of tables: write [[expect]]", "", 0, "expect")
         expects = tuple(self.expect(i, e) for i, e in enumerate(expects_v))
+        registry = self.registry(doc["registry"]) if "registry" in doc else None
         assert duration is not None and sample_s is not None
+        if registry is None:
+            for e in expects:
+                if e.check in _REGISTRY_CHECKS:
+                    self.fail(f"check '{e.check}' needs a [registry] workload", "expect",
+                              e.index, "check")
+            for f in faults:
+                if f.kind == "register":
+                    self.fail("a 'register' fault needs a [registry] workload", "fault",
+                              f.index, "kind")
         return Scenario(self.path, name, desc, nodes_v, seed, duration, preset, start, seeds,
                         sample_s, network, config, faults, expects,
-                        dict(doc.get("config", {})))
+                        dict(doc.get("config", {})), registry)
+
+    def registry(self, d: Any) -> RegistrySpec:
+        where = ("registry", 0)
+        if type(d) is not dict:
+            self.fail("'registry' must be a table: write [registry]", "", 0, "registry")
+        self._unknown(d, _REGISTRY_KEYS, where, "[registry]")
+        ints: dict[str, int] = {}
+        for k in ("names_per_node", "groups", "joins_per_node"):
+            v = d.get(k, 0)
+            if type(v) is not int or v < 0:
+                self.fail(f"'{k}' must be an integer >= 0, got {v!r}", *where, k)
+            ints[k] = v
+        if ints["joins_per_node"] and not ints["groups"]:
+            self.fail("'joins_per_node' needs 'groups' (how many groups there are)", *where,
+                      "joins_per_node")
+        churn = self._num(d, "churn_per_node_s", where, default=0.0, lo=0)
+        churn_from = self._num(d, "churn_from_s", where, default=0.0, lo=0)
+        churn_until = self._num(d, "churn_until_s", where, lo=0)
+        scope = d.get("scope", "default")
+        if type(scope) is not str or not scope or len(scope.encode()) > 64:
+            self.fail("'scope' must be a name of 1 to 64 bytes", *where, "scope")
+        preload = self._bool(d, "preload", where, True)
+        start = self._num(d, "start_s", where, default=0.0, lo=0)
+        over = self._num(d, "over_s", where, default=0.0, lo=0)
+        if preload and (start or over):
+            self.fail("'start_s'/'over_s' are for preload = false (registrations at run time)",
+                      *where, "start_s" if start else "over_s")
+        assert churn is not None and churn_from is not None and start is not None
+        assert over is not None
+        return RegistrySpec(ints["names_per_node"], ints["groups"], ints["joins_per_node"],
+                            churn, churn_from, churn_until, scope, preload, start, over)
 
     def network(self, d: Any) -> NetworkSpec:
         where = ("network", 0)
@@ -452,6 +522,15 @@ class _Parser:
             self.fail("'repeat' needs 'every_s' (seconds between repetitions)", *where,
                       "repeat")
         over = self._num(d, "over_s", where, default=0.0, lo=0)
+        if kind == "register":
+            names = d["names"]
+            if type(names) is not int or names < 1:
+                self.fail(f"'names' must be an integer >= 1, got {names!r}", *where, "names")
+            kw["names"] = names
+            prefix = d.get("prefix", "shared")
+            if type(prefix) is not str or not prefix:
+                self.fail("'prefix' must be non-empty text", *where, "prefix")
+            kw["prefix"] = prefix
         assert at is not None
         return Fault(i, self.lines.of(*where), at, kind, repeat=repeat, every_s=every or 0.0,
                      over_s=over or 0.0, **kw)
@@ -478,6 +557,10 @@ class _Parser:
         nodes = self._selection(d["nodes"], where, "nodes") if "nodes" in d else None
         assert after is not None
         return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
+
+
+_REGISTRY_CHECKS = ("registry_converged", "lost_live_entries", "stale_entries",
+                    "duplicates_after_heal")
 
 
 def _closest(word: str, options: set[str]) -> str | None:

@@ -40,6 +40,7 @@ from typing import Any
 
 from peerd.core import shared
 from peerd.core.events import (
+    CommandResult,
     EventKind,
     IncarnationChanged,
     Input,
@@ -51,6 +52,7 @@ from peerd.core.events import (
     MemberEvent,
     OpenStream,
     PacketIn,
+    RegistryEvent,
     SendPacket,
     SetTimer,
     Start,
@@ -63,6 +65,7 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.node import Node
+from peerd.sim.registry import RegistryWorld
 from peerd.sim.scenario import Fault, Scenario, Selection
 from peerd.wire import seal as sealmod
 from peerd.wire.messages import Addr, MemberState, Status
@@ -194,18 +197,14 @@ class Record:
     per_second: list[list[int]] = field(default_factory=list)
     core_counters: dict[str, int] = field(default_factory=dict)
     running_per_second: list[float] = field(default_factory=list)
+    # with a registry workload: its summary, its convergence series (like
+    # ``convergence``) and the values of its checks, by expectation index
+    registry: dict[str, Any] | None = None
+    registry_convergence: list[tuple[float, bool]] = field(default_factory=list)
+    registry_evals: dict[int, Any] = field(default_factory=dict)
 
     def first_converged_at(self, after: float) -> float | None:
-        state = False
-        for t, ok in self.convergence:
-            if t <= after:
-                state = ok
-                continue
-            if state:
-                return after
-            if ok:
-                return t
-        return after if state else None
+        return first_true_at(self.convergence, after)
 
     def converged_at_end(self) -> float | None:
         """When the cluster last became converged, if it is converged at the end."""
@@ -230,6 +229,21 @@ class Record:
             "stream_frames_per_node_s": fr / ns,
             "stream_bytes_per_node_s": fb / ns,
         }
+
+
+def first_true_at(series: list[tuple[float, bool]], after: float) -> float | None:
+    """The first moment at or after ``after`` when a (time, state) change
+    series is true, or None."""
+    state = False
+    for t, ok in series:
+        if t <= after:
+            state = ok
+            continue
+        if state:
+            return after
+        if ok:
+            return t
+    return after if state else None
 
 
 def stats3(values: list[float]) -> dict[str, float | None]:
@@ -317,6 +331,7 @@ class World:
             "seal_rejected", "member_events", "joins_ok", "joins_failed", "restarts"), 0)
         self._cur_sec: list[int] = self.rec.per_second[0]
         self._cur_sec_i = 0
+        self.reg = RegistryWorld(self, scenario.registry) if scenario.registry else None
 
     # --- heap -----------------------------------------------------------------------
 
@@ -327,6 +342,10 @@ class World:
     def at(self, t: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` at virtual time ``t`` (faults, measurements)."""
         self._push(t, self._ctl, fn)
+
+    def deliver(self, proc: Proc, inp: Input) -> None:
+        """Give ``proc`` an input now (an API call of one of its clients)."""
+        self._push(self.now, proc, inp)
 
     def _latency(self) -> float:
         r = self.rng.random()
@@ -359,8 +378,19 @@ class World:
         row = bytearray(self.n)
         row[:k] = b"\x01" * k  # V_ALIVE
         self.up[:k] = b"\x01" * k  # all of them run from t=0 (no transient wrong views)
+        reg = self.reg
+        reg_snap, owners = None, []
+        if reg is not None and reg.spec.preload:
+            reg._quiet = True
+            reg_snap, owners = reg.preload(k)
         for h in self.hosts[:k]:
-            self._start_proc(h, preload=snap, row=bytearray(row))
+            proc = self._start_proc(h, preload=snap, row=bytearray(row))
+            if reg_snap is not None:
+                proc.node.registry.preload_shared(reg_snap, owners[h.index])
+        if reg is not None:
+            reg._quiet = False
+            reg._changed(0.0)
+            reg.start()
         for f in sc.faults:
             for r in range(f.repeat):
                 t = f.at_s + r * f.every_s
@@ -467,6 +497,12 @@ class World:
                 self.counts["joins_failed"] += o.failed
             elif c is LeaveDone:
                 self._stop(proc.host, icmp=True, reason="left")
+            elif c is RegistryEvent:
+                if self.reg is not None:
+                    self.reg.on_event(proc, o, t)
+            elif c is CommandResult:
+                if self.reg is not None:
+                    self.reg.on_result(proc, o, t)
 
     def _send(self, proc: Proc, dst: Addr, data: bytes, t: float) -> None:
         host = self.by_addr.get(dst)
@@ -720,6 +756,8 @@ class World:
     def _observer_off(self, i: int, t: float) -> None:
         if not self.observing[i]:
             return
+        if self.reg is not None:
+            self.reg.observer_off(i, t)
         self.observing[i] = 0
         row = self.views[i]
         assert row is not None
@@ -787,6 +825,8 @@ class World:
         self._set_truth(host.index, True, t)
         self._observer_on(host.index, row, t,
                           exact_alive=self.sc.start_count() - 1 if preload is not None else -1)
+        if self.reg is not None:
+            self.reg.observer_on(host.index, preload is not None and self.reg.spec.preload, t)
         self._push(t, proc, Start(seeds))
         return proc
 
@@ -843,6 +883,8 @@ class World:
 
     def _running(self) -> list[int]:
         return [h.index for h in self.hosts if h.cur is not None and not h.cur.leaving]
+
+    running_indices = _running
 
     def _fault_fn(self, f: Fault, rep: int, t: float) -> Callable[[], None]:
         return lambda: self._apply_fault(f, rep, t)
@@ -909,6 +951,9 @@ class World:
             self.group = None
             self.blocks = []
             self._netfaults()
+        elif kind == "register":
+            assert self.reg is not None  # the scenario parser demands a workload
+            self.reg.fault(f, self.select(f.nodes, self._running(), rng))
         elif kind == "block":
             src = frozenset(self.select(f.src, list(range(self.n)), rng))
             dst = frozenset(self.select(f.dst, list(range(self.n)), rng))
@@ -1078,4 +1123,8 @@ class World:
                 for k, v in h.cur.node.counters.items():
                     totals[k] = totals.get(k, 0) + v
         rec.core_counters = dict(sorted(totals.items()))
+        if self.reg is not None:
+            rec.registry = self.reg.finish()
+            rec.registry_convergence = list(self.reg.convergence)
+            rec.registry_evals = dict(self.reg.evals)
         return rec

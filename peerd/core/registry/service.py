@@ -38,7 +38,7 @@ the protocol around it, driven by the membership node (its *host*):
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,7 +53,7 @@ from peerd.core.events import (
     Unregister,
     UpdateMeta,
 )
-from peerd.core.registry.state import Applied, Registry
+from peerd.core.registry.state import Applied, Registry, SharedState
 from peerd.wire import codec
 from peerd.wire.messages import (
     Message,
@@ -176,6 +176,19 @@ class RegistryService:
         # last message queued per origin with its encoding (saves a decode)
         self._staged: dict[NodeId, _Staged] = {}
         self._queued: dict[NodeId, tuple[bytes, RegDelta | RegAck]] = {}
+
+    def preload_shared(self, snap: SharedState, owners: Mapping[int, int]) -> None:
+        """Simulator only: start from a converged registry shared by many
+        nodes (:meth:`Registry.preload_shared`); ``owners`` maps each of our
+        own entries (eid) to the API connection that holds it."""
+        self.state.preload_shared(snap)
+        local = self.state.local.entries
+        if set(owners) != set(local):
+            raise ValueError("every local entry of the snapshot needs an owner, and only those")
+        for eid, conn in owners.items():
+            entry = local[eid]
+            self._owned.setdefault(conn, {})[(entry.kind, entry.scope, entry.name)] = eid
+            self._owner_of[eid] = conn
 
     # --- API commands -------------------------------------------------------------
 
@@ -404,7 +417,7 @@ class RegistryService:
                 # every peer and keeps gossiping it.
                 self._enqueue(delta, delta.ack)
         if delta.ack and result in (Applied.APPLIED, Applied.STALE):
-            gen, version = self.state.digest().get(delta.origin, (0, 0))
+            gen, version = self.state.version_of(delta.origin)
             if gen == delta.generation and version >= delta.top:
                 self.host.reg_send(delta.origin, RegAck(delta.origin, gen, version))
         elif result is Applied.GAP or result is Applied.BUFFERED:
@@ -419,7 +432,7 @@ class RegistryService:
 
     def _want(self, src_node: NodeId | None, origin: NodeId, generation: int,
               version: int) -> None:
-        gen, have = self.state.digest().get(origin, (0, 0))
+        gen, have = self.state.version_of(origin)
         if (generation, version) <= (gen, have):
             return
         old = self._wants.get(origin)
@@ -431,10 +444,9 @@ class RegistryService:
         # Pull from the origin (or whoever told us) what we know we lack.
         if self._pull_inflight or not self._wants:
             return
-        digest = self.state.digest()
         live = dict(self.host.reg_live())
         for origin, (gen, version, src, tries) in list(self._wants.items()):
-            if (gen, version) <= digest.get(origin, (0, 0)) or tries >= 3:
+            if (gen, version) <= self.state.version_of(origin) or tries >= 3:
                 del self._wants[origin]
                 continue
             target = origin if origin in live else src
@@ -508,9 +520,8 @@ class RegistryService:
             return
         self._emit_changes()
         # Keep the epidemic going: what we just pulled, others may lack too.
-        digest = self.state.digest()
         for origin in sorted(advanced):
-            gen, version = digest[origin]
+            gen, version = self.state.version_of(origin)
             self.host.reg_broadcast(("r", origin), RegAck(origin, gen, version))
         self.host.reg_flush_soon()
 

@@ -98,21 +98,54 @@ class Conflict:
 MAX_PENDING_PER_ORIGIN = 16
 
 
+class _Table(dict):  # type: ignore[type-arg]
+    """A dict with ``peek``: a read that promises not to mutate what it gets.
+    The simulator swaps in :class:`peerd.core.shared.CowDict` (same methods),
+    whose ``get`` copies a shared record before the caller may change it."""
+
+    __slots__ = ()
+    peek = dict.get
+
+
+def _copy_partition(part: Partition) -> Partition:
+    return Partition(part.generation, part.version, dict(part.entries))
+
+
 class Registry:
     """One replica of the registry, plus the local origin's write side."""
 
     def __init__(self, node_id: NodeId, generation: int, log_size: int = 1024) -> None:
         self.node_id = node_id
         self.generation = generation
-        self._parts: dict[NodeId, Partition] = {node_id: Partition(generation)}
+        self._parts: _Table = _Table({node_id: Partition(generation)})
         self._floors: dict[NodeId, tuple[int, int]] = {}  # dropped lives
         self._revived: set[NodeId] = set()  # dropped, then seen alive again
         self._log: collections.deque[Change] = collections.deque(maxlen=log_size)
         self._pending: dict[NodeId, dict[int, Delta]] = {}
         self._next_eid = 0
         self._changes: list[tuple[RegEventKind, Claim]] = []  # for events, see drain_changes
-        self._names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
-        self._groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        # (scope, name) -> {(origin, eid): claim}
+        self._names: _Table = _Table()
+        self._groups: _Table = _Table()
+
+    def preload_shared(self, snap: SharedState) -> None:
+        """Start from ``snap`` (a converged registry that many simulated
+        nodes share, copy-on-write: :mod:`peerd.core.shared`). Our own
+        partition in it becomes ours; the caller gives its entries owners."""
+        from peerd.core.shared import CowDict
+
+        if self.entry_count() or len(self._parts) != 1:
+            raise ValueError("preload a fresh registry only")
+        own = snap.parts.get(self.node_id)
+        local = {self.node_id: Partition(self.generation)}
+        if own is not None:
+            if own.generation != self.generation:
+                raise ValueError("the snapshot holds another life of this node")
+            local[self.node_id] = _copy_partition(own)
+            self._next_eid = max(own.entries, default=0)
+        self._parts = CowDict(snap.parts, local, _copy_partition)  # type: ignore[assignment]
+        self._names = CowDict(snap.names, {}, dict)  # type: ignore[assignment]
+        self._groups = CowDict(snap.groups, {}, dict)  # type: ignore[assignment]
 
     # --- local writes (this node is the origin) -------------------------------
 
@@ -163,8 +196,15 @@ class Registry:
     def digest(self) -> dict[NodeId, tuple[int, int]]:
         return {o: (p.generation, p.version) for o, p in self._parts.items()}
 
+    def version_of(self, origin: NodeId) -> tuple[int, int]:
+        """``(generation, version)`` held of ``origin``'s partition, (0, 0) if none."""
+        part = self._parts.peek(origin)
+        return (0, 0) if part is None else (part.generation, part.version)
+
     def snapshot(self, origin: NodeId) -> Snapshot:
-        part = self._parts[origin]
+        part = self._parts.peek(origin)
+        if part is None:
+            raise KeyError(origin)
         return Snapshot(origin, part.generation, part.version, tuple(part.entries.values()))
 
     def apply_delta(self, delta: Delta) -> Applied:
@@ -281,14 +321,14 @@ class Registry:
     # --- reads ------------------------------------------------------------------
 
     def lookup(self, scope: str, name: str) -> Claim | None:
-        claims = self._names.get((scope, name))
+        claims = self._names.peek((scope, name))
         return winner(claims.values()) if claims else None
 
     def claims(self, scope: str, name: str) -> list[Claim]:
-        return sorted(self._names.get((scope, name), {}).values(), key=Claim.rank)
+        return sorted(self._names.peek((scope, name), {}).values(), key=Claim.rank)
 
     def group_members(self, scope: str, group: str) -> list[Claim]:
-        return sorted(self._groups.get((scope, group), {}).values(), key=Claim.rank)
+        return sorted(self._groups.peek((scope, group), {}).values(), key=Claim.rank)
 
     def names(self, scope: str | None = None, prefix: str = "") -> Iterator[Claim]:
         for (sc, name), claims in sorted(self._names.items()):
@@ -312,7 +352,7 @@ class Registry:
 
     def conflicts_for_local(self, scope: str, name: str) -> list[Conflict]:
         """Local name entries that lose ``(scope, name)`` to another claim."""
-        claims = self._names.get((scope, name))
+        claims = self._names.peek((scope, name))
         if not claims or len(claims) < 2:
             return []
         w = winner(claims.values())
@@ -376,3 +416,23 @@ class Registry:
             claims.pop((origin, entry.eid), None)
             if not claims:
                 del index[key]
+
+
+class SharedState:
+    """A converged registry: every origin's partition, and the indexes over
+    them, built once and shared read-only by simulated nodes (see
+    :meth:`Registry.preload_shared`). A real daemon never uses it."""
+
+    def __init__(self, partitions: Iterable[tuple[NodeId, int, Iterable[Entry]]]) -> None:
+        self.parts: dict[NodeId, Partition] = {}
+        self.names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        self.groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        for origin, generation, entries in partitions:
+            part = Partition(generation)
+            for entry in entries:
+                part.entries[entry.eid] = entry
+                part.version += 1
+                index = self.names if entry.kind is Kind.NAME else self.groups
+                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = \
+                    Claim(origin, entry)
+            self.parts[origin] = part
