@@ -39,8 +39,11 @@ from typing import Any
 import trio
 
 from peerd.api.protocol import ApiError
+from peerd.core.mesh.config import PRESETS as MESH_PRESETS
+from peerd.core.mesh.mesh import Mesh
 from peerd.core.node import Node
 from peerd.shell.api_server import serve_api
+from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
 from peerd.shell.metrics import MetricsBindError, TrafficCounter, open_metrics_socket, serve_http
 from peerd.shell.runner import EXIT_FAILURE, KeyManager, Runner, open_inputs, serve
@@ -58,7 +61,7 @@ from peerd.shell.systemd import (
 )
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, open_tcp_listener
 from peerd.shell.udp import BindError, UdpEndpoint, open_udp_socket
-from peerd.wire.messages import Addr
+from peerd.wire.messages import Addr, MeshPeer
 from peerd.wire.seal import (
     KeyFormatError,
     Keyring,
@@ -355,6 +358,11 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     tcp = TcpEndpoint(trio.SocketListener(trio.socket.from_stdlib_socket(tcp_sock)),
                       sealer=sealer, opener=opener, inputs=inputs[0], counters=counters,
                       log=net_log, limits=limits)
+    mesh_config = MESH_PRESETS.get(settings.preset, MESH_PRESETS["lan"])()
+    mesh = Mesh(MeshPeer(node_id, advertise), mesh_config, random.Random(secrets.randbits(64)))
+    links = LinkManager(node_id, sealer=sealer, keyring=keyring, inputs=inputs[0],
+                        counters=counters, log=net_log)
+    tcp.on_link = links.accept
     node = Node(node_id=node_id, name=settings.name, addr=advertise, config=settings.swim,
                 rng=random.Random(secrets.randbits(64)), incarnation=incarnation,
                 generation=generation)
@@ -365,7 +373,11 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     key_manager = KeyManager(keyring, keys, state, logger)
     runner = Runner(node, packets=udp, streams=tcp, logger=logger, inputs=inputs, state=state,
                     keys=key_manager, config=settings.swim, seeds=seeds, counters=counters,
-                    lifecycle=lifecycle, traffic=TrafficCounter(counters))
+                    lifecycle=lifecycle, traffic=TrafficCounter(counters), mesh=mesh,
+                    links=links)
+    runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
+    runner.gauge_sources["mesh_passive"] = lambda: len(mesh.hyparview.passive())
+    runner.gauge_sources["links_open"] = lambda: links.open_count
 
     async def udp_service(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -376,7 +388,7 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
         await serve_api(api_target, runner, task_status=_ApiStarted(task_status, runner))
 
-    services: list[Any] = [tcp.run, udp_service, api_service]
+    services: list[Any] = [tcp.run, links.run, udp_service, api_service]
     metrics_sock = sockets.metrics
     if metrics_sock is not None:
         async def snapshot() -> dict[str, Any]:

@@ -49,6 +49,7 @@ import contextlib
 import heapq
 import itertools
 import math
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -119,10 +120,40 @@ from peerd.core.events import (
     UpdateMeta,
     WatchLinks,
 )
+from peerd.core.mesh.events import (
+    Broadcast,
+    BroadcastResult,
+    CloseLink,
+    Connect,
+    Deliver,
+    JoinMesh,
+    LeaveMesh,
+    LinkDown,
+    MembershipHint,
+    MeshInput,
+    MeshOutput,
+    MeshTimer,
+    MeshTimerFired,
+    MessageIn,
+    NeighborDown,
+    NeighborUp,
+    Send,
+    SetMeshTimer,
+)
+from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
-from peerd.wire.messages import Addr, NodeId, RegKind, tags_from_mapping
+from peerd.wire.messages import (
+    Addr,
+    Channel,
+    MeshPeer,
+    Message,
+    NodeId,
+    RegKind,
+    Status,
+    tags_from_mapping,
+)
 from peerd.wire.seal import KeyFormatError, Keyring, KeyringError, format_key, key_id, parse_key
 
 EXIT_OK = 0
@@ -151,6 +182,22 @@ class StreamPort(Protocol):
     def open_stream(self, stream: int, dst: Addr, data: bytes) -> None: ...
     def reply(self, stream: int, data: bytes | None) -> None: ...
     def set_watch_links(self, addrs: tuple[Addr, ...]) -> None: ...
+
+
+class MeshLike(Protocol):
+    """What the runner needs from :class:`peerd.core.mesh.mesh.Mesh`."""
+
+    def handle(self, now: float, inp: MeshInput) -> list[MeshOutput]: ...
+
+
+class LinkPort(Protocol):
+    """The link manager (:class:`peerd.shell.links.LinkManager`)."""
+
+    def connect(self, peer: NodeId, addr: Addr, *, mesh: bool = True) -> None: ...
+    def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
+             mesh: bool | None = None) -> bool: ...
+    def close(self, peer: NodeId, *, mesh: bool = True) -> None: ...
+    def close_all(self) -> None: ...
 
 
 class Lifecycle(Protocol):
@@ -199,7 +246,7 @@ class _Shutdown:
     reason: str
 
 
-Item = Input | _Call | _Shutdown
+Item = Input | _Call | _Shutdown | LinkMessages | LinkLost
 EventItem = tuple[str, dict[str, Any]]
 
 
@@ -367,6 +414,10 @@ _PEER_KINDS = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, E
 PEERS_SAVE_DEBOUNCE_S = 0.2
 
 TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value})
+# Member events that make a node a candidate neighbour / forget it.
+_HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
+_HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
+MESH_JOIN_CONTACTS = 3  # SWIM members handed to the mesh as join contacts
 
 
 class Runner:
@@ -392,8 +443,18 @@ class Runner:
         max_timers_per_turn: int = 1000,
         lifecycle: Lifecycle | None = None,
         traffic: TrafficObserver | None = None,
+        mesh: MeshLike | None = None,
+        links: LinkPort | None = None,
     ) -> None:
         self.node = node
+        # The partial mesh (HyParView + Plumtree), next to the membership core
+        # and driven the same way; its links are the link manager's.
+        self.mesh = mesh
+        self.links = links
+        self._mesh_joined = False
+        self._bcast_refs = itertools.count(1)
+        self._bcast_results: dict[int, BroadcastResult] = {}
+        self._rng = random.Random()
         self.packets = packets
         self.streams = streams
         self.logger = logger
@@ -423,7 +484,7 @@ class Runner:
         # Gauges shown by `status` (and the metrics) besides the built-in ones.
         self.gauge_sources: dict[str, Callable[[], float]] = {}
         self._started_at = 0.0
-        self._timers: list[tuple[float, int, Timer]] = []
+        self._timers: list[tuple[float, int, Timer | MeshTimer]] = []
         self._seq = itertools.count()
         self._join_waiters: collections.deque[_Waiter] = collections.deque()
         self._join_changed = trio.Event()
@@ -515,7 +576,10 @@ class Runner:
         fired = 0
         while self._timers and self._timers[0][0] <= trio.current_time():
             _at, _seq, timer = heapq.heappop(self._timers)
-            self._handle(TimerFired(timer))
+            if isinstance(timer, MeshTimer):
+                self._mesh_handle(MeshTimerFired(timer))
+            else:
+                self._handle(TimerFired(timer))
             fired += 1
             if fired >= self.max_timers_per_turn:
                 # A core re-arming timers in the past must not starve inputs.
@@ -535,6 +599,13 @@ class Runner:
             case _Shutdown():
                 self.logger.info("shutting down", reason=item.reason)
                 self._begin_leave(item.reason)
+            case LinkMessages(src, msgs):
+                for msg in msgs:
+                    self._link_message(src, msg)
+            case LinkLost(node, mesh):
+                if mesh:
+                    self._mesh_handle(LinkDown(node))
+                self._link_lost(node)
             case _:
                 self._handle(item)
 
@@ -612,6 +683,11 @@ class Runner:
             self.lifecycle.members_changed(trio.current_time())
         if ev.kind in _PEER_KINDS:
             self.peers_changed.set()
+        if self.mesh is not None:
+            if ev.kind in _HINT_ALIVE:
+                self._mesh_handle(MembershipHint(alive=(MeshPeer(m.node, m.addr),)))
+            elif ev.kind in _HINT_DEAD:
+                self._mesh_handle(MembershipHint(dead=(m.node,)))
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)
@@ -651,6 +727,7 @@ class Runner:
         self._watches = keep
 
     def _join_done(self, ok: int, failed: int) -> None:
+        self._join_mesh()
         if not self._join_waiters:
             self.logger.info("join finished", ok=ok, failed=failed)
             return
@@ -691,6 +768,8 @@ class Runner:
         if self.lifecycle is not None:
             self.lifecycle.leaving(reason)
         self._leave_deadline = trio.current_time() + self.leave_timeout_s
+        if self.mesh is not None:
+            self._mesh_handle(LeaveMesh())
         self._handle(Leave())
 
     def _save_incarnation(self, incarnation: int) -> None:
@@ -707,6 +786,96 @@ class Runner:
         for w in self._watches:
             w.send.close()
         self._watches.clear()
+
+    # --- partial mesh ----------------------------------------------------------------
+
+    def _join_mesh(self) -> None:
+        """After a join (the start's or the API's): enter the overlay through a
+        few live SWIM members; with none, start alone (others join us, and
+        membership hints fill the passive view meanwhile)."""
+        if self.mesh is None or self.leaving:
+            return
+        try:
+            me = self.node.local_member().node
+            alive = [m for m in self.node.members()
+                     if m.node != me and m.status is Status.ALIVE]
+        except Exception:  # a fake node in tests
+            alive = []
+        picks = self._rng.sample(alive, min(MESH_JOIN_CONTACTS, len(alive)))
+        contacts = tuple(MeshPeer(m.node, m.addr) for m in picks)
+        if self._mesh_joined and not contacts:
+            return
+        self._mesh_joined = True
+        self._mesh_handle(JoinMesh(contacts))
+
+    def _mesh_handle(self, inp: MeshInput) -> None:
+        if self.mesh is None:
+            return
+        try:
+            outputs = self.mesh.handle(trio.current_time(), inp)
+        except Exception as e:
+            self.logger.exception("mesh core failed: this is a bug; exiting", e,
+                                  input=type(inp).__name__)
+            raise CoreFailure(f"mesh core raised on {type(inp).__name__}") from e
+        for out in outputs:
+            self._mesh_carry_out(out)
+
+    def _mesh_carry_out(self, out: MeshOutput) -> None:
+        links = self.links
+        match out:
+            case Send(dst, msg, priority):
+                if links is not None:
+                    links.send(dst, msg, priority, mesh=True)
+            case SetMeshTimer(at, timer):
+                heapq.heappush(self._timers, (at, next(self._seq), timer))
+            case Connect(peer):
+                if links is not None:
+                    links.connect(peer.node, peer.addr)
+            case CloseLink(node):
+                if links is not None:
+                    links.close(node)
+            case Deliver():
+                self._deliver(out)
+            case BroadcastResult(ref):
+                self._bcast_results[ref] = out
+            case NeighborUp(peer):
+                self.counters["mesh_neighbor_up"] += 1
+                self.logger.debug("mesh neighbour up", peer=peer.node.hex()[:8], addr=peer.addr)
+            case NeighborDown(peer):
+                self.counters["mesh_neighbor_down"] += 1
+                self.logger.debug("mesh neighbour down", peer=peer.node.hex()[:8])
+            case Log(level, message):
+                key = "mesh:" + " ".join(message.split(" ", 3)[:3])
+                self.core_log.log(key, level, message)
+            case _:
+                self.logger.warning("unknown mesh output ignored", output=type(out).__name__)
+
+    def _link_message(self, src: NodeId, msg: Message) -> None:
+        if 30 <= msg.TYPE <= 38:
+            self._mesh_handle(MessageIn(src, msg))  # type: ignore[arg-type]
+        else:
+            self._direct_message(src, msg)
+
+    def _direct_message(self, src: NodeId, msg: Message) -> None:
+        """A non-mesh message over a peer link (messages to names)."""
+        self.counters["link_drop_unexpected"] += 1
+
+    def _link_lost(self, node: NodeId) -> None:
+        """A link failed or the peer closed it (messages to names hear it)."""
+
+    def _deliver(self, d: Deliver) -> None:
+        self.counters[f"mesh_delivered_{d.channel.name.lower()}"] += 1
+
+    def broadcast(self, channel: Channel, payload: bytes) -> BroadcastResult:
+        """In the runner task: broadcast ``payload`` on ``channel`` to every node."""
+        if self.mesh is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no mesh")
+        ref = next(self._bcast_refs)
+        self._mesh_handle(Broadcast(ref, channel, payload))
+        result = self._bcast_results.pop(ref, None)
+        if result is None:  # pragma: no cover - the mesh answers at once
+            raise ApiError(ErrorCode.INTERNAL, "the mesh did not answer the broadcast")
+        return result
 
     # --- control from other tasks ------------------------------------------------------
 

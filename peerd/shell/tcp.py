@@ -3,6 +3,9 @@
 A frame is a 4-byte big-endian length followed by that many sealed bytes.
 The listener shares the UDP endpoint's host:port.
 
+A first frame whose payload starts with 0xff is a peer link's hello
+(:mod:`peerd.shell.links`), handed to ``on_link`` once it opened.
+
 Incoming connections are untrusted until their frame opens, so every limit
 is enforced before any cryptography: a cap on concurrent connections (extra
 ones are closed at once), a maximum frame size (checked on the length prefix,
@@ -35,6 +38,7 @@ import ipaddress
 import itertools
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -184,6 +188,8 @@ class TcpEndpoint:
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        # Serves an authenticated peer-link hello (the LinkManager's accept).
+        self.on_link: Callable[[trio.SocketStream, bytes, bytes], Awaitable[None]] | None = None
 
     @property
     def local_addr(self) -> Addr | None:
@@ -244,6 +250,17 @@ class TcpEndpoint:
                 return
             if not payload:
                 await self._hold_link(conn, src)
+                return
+            if payload[:1] == b"\xff":  # a peer link's hello (peerd.shell.links.MAGIC)
+                if self.on_link is None:
+                    self._drop("no_links", "peer link but no link manager", addr=src)
+                    return
+                # Authenticated: leave the pre-auth pool (the link manager caps links).
+                self.active_in -= 1
+                try:
+                    await self.on_link(conn, _sender, payload)
+                finally:
+                    self.active_in += 1
                 return
             stream_id = next(self._ids)
             pending = _Pending(trio.Event())

@@ -1,0 +1,538 @@
+"""Persistent peer links over TCP: the shell's side of the mesh link contract.
+
+The partial mesh (:mod:`peerd.core.mesh`) and messages to names talk about
+*links*: ordered, authenticated connections to single peer nodes. This module
+keeps them, with the contract stated in :mod:`peerd.core.mesh.events`: at most
+one link per peer node, :class:`~peerd.core.mesh.events.Send` in order,
+``CloseLink`` flushes then closes, a failure (or the peer's close) is reported
+once as :class:`LinkLost`, never for a close the core asked for.
+
+Wire (over the daemon's TCP listener, shared with push-pull streams and watch
+links): every frame is a 4-byte big-endian length and a sealed body
+(:mod:`peerd.wire.seal`).
+
+* The connector's first frame is a *hello*, sealed by the daemon's shared
+  sealer (so the shared opener's replay check covers it): ``MAGIC "H" src(16)
+  dst(16) nonce(8)``. The magic cannot start a push-pull payload (a CBOR
+  array) nor a watch link (empty), which is how the listener tells them
+  apart. ``src`` must equal the seal's sender (the sealer's id is the node
+  id), ``dst`` our own id (an address now used by another node is refused).
+* The acceptor answers ``MAGIC "A" src(16) echo(8) nonce(8)``: the echo of
+  the connector's nonce proves the answer is fresh.
+* Then each side writes data frames whose payload is the *other* side's
+  nonce followed by one or more ``u32 length + codec message`` records. The
+  nonce binds a frame to this link (a frame recorded on another link of the
+  same sender does not open here); each side opens the frames of one link
+  with its own replay window, so a link does not race UDP for the shared one.
+
+Queues: each link has one queue per priority (lower first, as
+``Send.priority``); the writer drains lowest priority first into frames of at
+most ``batch_bytes``. Over ``max_queue_bytes`` the newest frames of the
+lowest (droppable) priority are dropped (counted; Plumtree repairs them);
+anything else over the hard bound (``4 x max_queue_bytes``) means the peer
+does not read: the link is failed. A write that stalls ``write_timeout_s``
+fails the link too, so a frozen peer holds memory for a bounded time.
+
+Crossing connects (both ends connect at once) keep the link opened by the
+lower node id; a new inbound link from a peer we hold an established link
+with supersedes the old one (the peer lost or dropped it): the old one is
+reported lost first, its unsent frames are dropped.
+
+Direct links (messages to names) reuse the same links; a link nobody uses
+(the mesh did not ask for it, no direct traffic for ``idle_s``) is closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from peerd.core.events import LogLevel
+from peerd.shell.logs import LimitedLog
+from peerd.shell.tcp import FrameError, _enable_keepalive, connect_tcp, encode_frame, read_frame
+from peerd.wire import codec
+from peerd.wire.messages import Addr, Message, NodeId
+from peerd.wire.seal import Keyring, Opener, Sealer, SealError
+
+MAGIC = b"\xffPDL1"
+HELLO = b"H"
+ACK = b"A"
+NONCE_BYTES = 8
+ID_BYTES = 16
+_REC = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLimits:
+    # Links held at once (both directions); a connect or accept beyond is refused.
+    max_links: int = 256
+    connect_timeout_s: float = 5.0
+    # From connect to the acceptor's answer.
+    handshake_timeout_s: float = 5.0
+    # A write that does not finish this long fails the link (frozen peer).
+    write_timeout_s: float = 10.0
+    # Largest frame read or written (sealed body).
+    max_frame: int = 4 * 1024 * 1024
+    # Records (messages) joined into one sealed frame, by bytes.
+    batch_bytes: int = 256 * 1024
+    # Queued bytes per link past which the lowest priority is dropped...
+    max_queue_bytes: int = 4 * 1024 * 1024
+    # ...and the priority whose frames may be dropped (user broadcasts).
+    droppable_priority: int = 3
+    # A link with no mesh use and no direct traffic this long is closed.
+    idle_s: float = 60.0
+    # How often idle links are looked for.
+    reap_interval_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMessages:
+    """Runner input: the messages of one frame from ``src`` (in order)."""
+
+    src: NodeId
+    msgs: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLost:
+    """Runner input: the link to ``node`` failed or the peer closed it.
+    ``mesh``: the mesh owned it (and did not close it itself), so it must
+    hear :class:`~peerd.core.mesh.events.LinkDown`."""
+
+    node: NodeId
+    mesh: bool
+
+
+@dataclass(eq=False)
+class _Link:
+    peer: NodeId
+    addr: Addr | None
+    outbound: bool
+    id: int
+    state: str = "connecting"  # connecting, up, closing, dead
+    mesh: bool = False  # the mesh uses it (Connect/Send/inbound mesh traffic, no CloseLink)
+    last_used: float = 0.0  # creation or last direct traffic
+    direct: bool = False  # has carried direct (non-mesh) traffic
+    queues: dict[int, collections.deque[bytes]] = field(default_factory=dict)
+    queued_bytes: int = 0
+    wake: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    conn: trio.SocketStream | None = None
+    my_nonce: bytes = b""
+    peer_nonce: bytes = b""
+    reported: bool = False
+
+
+class LinkManager:
+    """Keeps links to peer nodes; see the module docstring.
+
+    Synchronous methods (``connect``, ``send``, ``close``) are called by the
+    runner and never wait; results come back as :class:`LinkMessages` and
+    :class:`LinkLost` items on ``inputs``. Counters: ``link_*``.
+    """
+
+    def __init__(self, node_id: NodeId, *, sealer: Sealer, keyring: Keyring,
+                 inputs: trio.MemorySendChannel[Any], counters: collections.Counter[str],
+                 log: LimitedLog, limits: LinkLimits | None = None,
+                 is_mesh_message: Callable[[Message], bool] | None = None) -> None:
+        self.node_id = node_id
+        self.sealer = sealer
+        self.keyring = keyring
+        self.inputs = inputs
+        self.counters = counters
+        self.log = log
+        self.limits = limits if limits is not None else LinkLimits()
+        self.is_mesh_message = is_mesh_message or (lambda m: 30 <= m.TYPE <= 38)
+        self.links: dict[NodeId, _Link] = {}
+        self._all: set[_Link] = set()  # including closing ones
+        self._ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+
+    # --- runner side (synchronous) ---------------------------------------------
+
+    @property
+    def open_count(self) -> int:
+        return len(self._all)
+
+    def is_up(self, peer: NodeId) -> bool:
+        link = self.links.get(peer)
+        return link is not None and link.state == "up"
+
+    def has(self, peer: NodeId) -> bool:
+        return peer in self.links
+
+    def connect(self, peer: NodeId, addr: Addr, *, mesh: bool = True) -> None:
+        """Open a link (no-op if one is open or opening, in either direction)."""
+        link = self.links.get(peer)
+        if link is not None:
+            if mesh:
+                link.mesh = True
+            return
+        if peer == self.node_id:
+            return
+        link = _Link(peer, addr, True, next(self._ids), mesh=mesh, last_used=trio.current_time())
+        self.links[peer] = link
+        self._all.add(link)
+        if self._nursery is None or len(self._all) > self.limits.max_links:
+            self.counters["link_fail_busy" if self._nursery else "link_fail_not_running"] += 1
+            self._lost(link, "busy")
+            return
+        self._nursery.start_soon(self._outbound, link)
+
+    def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
+             mesh: bool | None = None) -> bool:
+        """Queue ``msg`` for ``peer``; False (counted) if there is no link or
+        the frame was dropped. ``mesh``: mark the link as the mesh's."""
+        link = self.links.get(peer)
+        if link is None or link.state not in ("connecting", "up"):
+            self.counters["link_send_no_link"] += 1
+            return False
+        try:
+            data = codec.encode(msg)
+        except Exception as e:  # our own bug; must not kill the runner
+            self.counters["link_send_encode_error"] += 1
+            self.log.log("link_encode", LogLevel.ERROR, "cannot encode link message",
+                         type=type(msg).__name__, error=str(e))
+            return False
+        if mesh:
+            link.mesh = True
+        elif mesh is False:
+            link.direct = True
+            link.last_used = trio.current_time()
+        return self._enqueue(link, data, priority)
+
+    def close(self, peer: NodeId, *, mesh: bool = True) -> None:
+        """The mesh's CloseLink: flush then close, unless direct traffic still
+        uses the link (then it stays, and the idle reaper closes it later)."""
+        link = self.links.get(peer)
+        if link is None:
+            return
+        if mesh:
+            link.mesh = False
+            if link.direct and trio.current_time() - link.last_used < self.limits.idle_s:
+                return  # still carries messages to names; the reaper closes it when idle
+        self._close(link)
+
+    def close_all(self) -> None:
+        for link in list(self.links.values()):
+            self._close(link)
+
+    # --- internals ----------------------------------------------------------------
+
+    def _close(self, link: _Link) -> None:
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+        link.reported = True  # we closed it: no LinkLost
+        if link.state == "dead":
+            return
+        if link.state == "connecting" and not link.queued_bytes:
+            link.state = "dead"
+            link.scope.cancel()
+            self._all.discard(link)
+            return
+        link.state = "closing"
+        link.wake.set()
+
+    def _enqueue(self, link: _Link, data: bytes, priority: int) -> bool:
+        lim = self.limits
+        if link.queued_bytes > lim.max_queue_bytes:
+            if priority >= lim.droppable_priority:
+                self.counters["link_drop_queue_full"] += 1
+                return False
+            if link.queued_bytes > 4 * lim.max_queue_bytes:
+                self.counters["link_fail_queue_overflow"] += 1
+                self._fail(link, "queue_overflow")
+                return False
+        q = link.queues.get(priority)
+        if q is None:
+            q = link.queues[priority] = collections.deque()
+        q.append(data)
+        link.queued_bytes += len(data) + _REC.size
+        link.wake.set()
+        return True
+
+    def _fail(self, link: _Link, reason: str) -> None:
+        """The link is broken: report it (once) and stop its tasks."""
+        self.counters[f"link_lost_{reason}"] += 1
+        self.log.log(f"link_lost_{reason}", LogLevel.DEBUG, "link lost", peer=link.peer.hex()[:8],
+                     reason=reason)
+        self._lost(link, reason)
+        link.scope.cancel()
+
+    def _lost(self, link: _Link, reason: str) -> None:
+        link.state = "dead"
+        self._all.discard(link)
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+        if not link.reported:
+            link.reported = True
+            self._report(LinkLost(link.peer, link.mesh))
+
+    def _report(self, item: Any) -> None:
+        try:
+            self.inputs.send_nowait(item)
+        except trio.WouldBlock:
+            # Never lose a LinkLost: the runner would believe a dead link up.
+            if self._nursery is not None:
+                self._nursery.start_soon(self._feed, item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _feed(self, item: Any) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.inputs.send(item)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(self.limits.reap_interval_s)
+                self._reap()
+
+    def _reap(self) -> None:
+        now = trio.current_time()
+        for link in list(self.links.values()):
+            if (not link.mesh and link.state == "up" and not link.queued_bytes
+                    and now - link.last_used >= self.limits.idle_s):
+                self.counters["link_idle_closed"] += 1
+                self._close(link)
+
+    def _hello(self, dst: NodeId, nonce: bytes) -> bytes:
+        return self.sealer.seal(MAGIC + HELLO + self.node_id + dst + nonce)
+
+    async def _outbound(self, link: _Link) -> None:
+        assert link.addr is not None
+        lim = self.limits
+        with link.scope:
+            conn: trio.SocketStream | None = None
+            try:
+                with trio.move_on_after(lim.connect_timeout_s):
+                    try:
+                        conn = await connect_tcp(link.addr)
+                    except OSError:
+                        conn = None
+                        self._fail(link, "connect")
+                        return
+                if conn is None:
+                    self._fail(link, "connect_timeout")
+                    return
+                link.conn = conn
+                _enable_keepalive(conn)
+                link.my_nonce = secrets.token_bytes(NONCE_BYTES)
+                opener = Opener(self.keyring, max_senders=1, max_size=lim.max_frame)
+                answer: bytes | None = None
+                with trio.move_on_after(lim.handshake_timeout_s):
+                    await conn.send_all(encode_frame(self._hello(link.peer, link.my_nonce)))
+                    answer = await read_frame(conn, lim.max_frame)
+                if answer is None:
+                    self._fail(link, "handshake_timeout")
+                    return
+                sender, payload = opener.open(answer)
+                n = len(MAGIC) + 1
+                if (sender != link.peer or payload[:n] != MAGIC + ACK
+                        or payload[n:n + ID_BYTES] != link.peer
+                        or payload[n + ID_BYTES:n + ID_BYTES + NONCE_BYTES] != link.my_nonce
+                        or len(payload) != n + ID_BYTES + 2 * NONCE_BYTES):
+                    self._fail(link, "bad_ack")
+                    return
+                link.peer_nonce = payload[n + ID_BYTES + NONCE_BYTES:]
+                if link.state == "dead":
+                    return  # closed meanwhile with nothing to write
+                if link.state == "connecting":
+                    link.state = "up"
+                self.counters["link_up_out"] += 1
+                await self._run_link(link, conn, opener)
+            except (FrameError, SealError):
+                self._fail(link, "refused")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._fail(link, "reset")
+            finally:
+                self._all.discard(link)
+                if conn is not None:
+                    await trio.aclose_forcefully(conn)
+
+    async def accept(self, conn: trio.SocketStream, sender: bytes, payload: bytes) -> None:
+        """Serve an inbound link whose (already opened) hello is ``payload``;
+        called by the TCP listener, returns when the link ends."""
+        n = len(MAGIC) + 1
+        if (payload[:n] != MAGIC + HELLO or len(payload) != n + 2 * ID_BYTES + NONCE_BYTES
+                or payload[n:n + ID_BYTES] != sender):
+            self.counters["link_drop_bad_hello"] += 1
+            return
+        if payload[n + ID_BYTES:n + 2 * ID_BYTES] != self.node_id:
+            self.counters["link_drop_not_me"] += 1
+            return
+        if sender == self.node_id:
+            self.counters["link_drop_self"] += 1
+            return
+        peer_nonce = payload[n + 2 * ID_BYTES:]
+        old = self.links.get(sender)
+        if old is not None and old.state == "connecting" and old.outbound:
+            if self.node_id < sender:
+                self.counters["link_drop_crossing"] += 1  # ours wins; the peer drops its own
+                return
+            # Theirs wins: our queued frames move over to it.
+            moved = old
+            self._close_quietly(old)
+        elif old is not None:
+            moved = None
+            self.counters["link_superseded"] += 1
+            self._fail(old, "superseded")
+        else:
+            moved = None
+        if len(self._all) >= self.limits.max_links:
+            self.counters["link_drop_busy"] += 1
+            return
+        link = _Link(sender, None, False, next(self._ids), last_used=trio.current_time())
+        if moved is not None:
+            link.queues, link.queued_bytes, link.mesh = moved.queues, moved.queued_bytes, moved.mesh
+            link.last_used, link.direct = moved.last_used, moved.direct
+        link.conn = conn
+        link.peer_nonce = peer_nonce
+        link.my_nonce = secrets.token_bytes(NONCE_BYTES)
+        self.links[sender] = link
+        self._all.add(link)
+        opener = Opener(self.keyring, max_senders=1, max_size=self.limits.max_frame)
+        _enable_keepalive(conn)
+        with link.scope:
+            try:
+                ack = self.sealer.seal(MAGIC + ACK + self.node_id + peer_nonce + link.my_nonce)
+                with trio.move_on_after(self.limits.write_timeout_s) as cs:
+                    await conn.send_all(encode_frame(ack))
+                if cs.cancelled_caught:
+                    self._fail(link, "handshake_timeout")
+                    return
+                link.state = "up"
+                self.counters["link_up_in"] += 1
+                await self._run_link(link, conn, opener)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._fail(link, "reset")
+            finally:
+                self._all.discard(link)
+
+    def _close_quietly(self, link: _Link) -> None:
+        link.reported = True
+        link.state = "dead"
+        link.scope.cancel()
+        self._all.discard(link)
+        if self.links.get(link.peer) is link:
+            del self.links[link.peer]
+
+    async def _run_link(self, link: _Link, conn: trio.SocketStream, opener: Opener) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, link, conn, nursery.cancel_scope)
+            await self._reader(link, conn, opener)
+            # EOF from the peer (or a bad frame, already reported): stop writing.
+            nursery.cancel_scope.cancel()
+
+    async def _reader(self, link: _Link, conn: trio.SocketStream, opener: Opener) -> None:
+        lim = self.limits
+        while True:
+            try:
+                frame = await read_frame(conn, lim.max_frame)
+            except FrameError as e:
+                if link.state == "closing":
+                    return
+                self._fail(link, "closed" if e.reason == "eof" else e.reason)
+                return
+            try:
+                sender, payload = opener.open(frame)
+            except SealError as e:
+                self._fail(link, f"seal_{e.reason}")
+                return
+            if sender != link.peer or payload[:NONCE_BYTES] != link.my_nonce:
+                self._fail(link, "bad_frame")
+                return
+            msgs = _split(payload, NONCE_BYTES)
+            if msgs is None:
+                self._fail(link, "bad_frame")
+                return
+            if link.state == "closing":
+                continue  # we closed it: nobody reads a link it closed
+            self.counters["link_frames_in"] += 1
+            if any(self.is_mesh_message(m) for m in msgs):
+                link.mesh = True
+            else:
+                link.direct = True
+                link.last_used = trio.current_time()
+            try:
+                await self.inputs.send(LinkMessages(link.peer, msgs))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def _writer(self, link: _Link, conn: trio.SocketStream,
+                      scope: trio.CancelScope) -> None:
+        lim = self.limits
+        while True:
+            if not link.queued_bytes:
+                if link.state == "closing":
+                    # Flushed: half-close, and let the reader drain until the
+                    # peer closes too (closing with unread data would reset
+                    # the connection and could lose what we just wrote).
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                             OSError):
+                        with trio.move_on_after(lim.write_timeout_s):
+                            await conn.send_eof()
+                    await trio.sleep(lim.write_timeout_s)
+                    scope.cancel()
+                    return
+                link.wake = trio.Event()
+                await link.wake.wait()
+                continue
+            parts = [link.peer_nonce]
+            size = NONCE_BYTES
+            for prio in sorted(link.queues):
+                q = link.queues[prio]
+                while q and (size < lim.batch_bytes or len(parts) == 1):
+                    data = q.popleft()
+                    parts.append(_REC.pack(len(data)))
+                    parts.append(data)
+                    size += len(data) + _REC.size
+                if size >= lim.batch_bytes:
+                    break
+            link.queued_bytes = max(0, link.queued_bytes - (size - NONCE_BYTES))
+            body = self.sealer.seal(b"".join(parts))
+            if len(body) > lim.max_frame:
+                self.counters["link_drop_frame_too_large"] += 1
+                continue
+            with trio.move_on_after(lim.write_timeout_s) as cs:
+                try:
+                    await conn.send_all(encode_frame(body))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    if link.state != "closing":
+                        self._fail(link, "reset")
+                    return
+            if cs.cancelled_caught:
+                self._fail(link, "write_timeout")
+                return
+            self.counters["link_frames_out"] += 1
+
+
+def _split(payload: bytes, start: int) -> tuple[Message, ...] | None:
+    """The records of a data frame, decoded; None if any is malformed."""
+    out: list[Message] = []
+    i, n = start, len(payload)
+    if i >= n:
+        return None
+    while i < n:
+        if i + _REC.size > n:
+            return None
+        (length,) = _REC.unpack_from(payload, i)
+        i += _REC.size
+        if length == 0 or i + length > n:
+            return None
+        try:
+            out.append(codec.decode(payload[i:i + length]))
+        except codec.DecodeError:
+            return None
+        i += length
+    return tuple(out)

@@ -1,0 +1,85 @@
+"""The partial mesh through real daemons (issue 5): 20 ``peerd agent``
+processes on loopback; each holds a bounded number of TCP connections
+(counted by the kernel, from /proc), user events reach every daemon once,
+and messages to names arrive once, in order.
+
+Uses the harness of the membership tests: own addresses, bounded polling,
+every process stopped by pid.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from .harness import Cluster, Daemon, wait_until
+
+pytestmark = pytest.mark.proc
+
+N = 20
+_ESTABLISHED = "01"
+
+
+def tcp_established(pid: int) -> int:
+    """Established TCP connections held by the process ``pid``: its socket
+    inodes (/proc/<pid>/fd) that the kernel lists as ESTABLISHED in
+    /proc/<pid>/net/tcp and tcp6."""
+    inodes: set[str] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == _ESTABLISHED and f[9] in inodes:
+                count += 1
+    return count
+
+
+def gauges(d: Daemon) -> dict[str, float]:
+    return dict(d.status()["gauges"])
+
+
+def mesh_settled(daemons: Sequence[Daemon], active: int) -> bool:
+    """Every daemon has neighbours, and most have a full active view."""
+    views = [gauges(d).get("mesh_active", 0) for d in daemons]
+    return min(views) >= 2 and sum(v >= active - 1 for v in views) >= len(views) * 3 // 4
+
+
+def test_twenty_daemons_hold_bounded_links(cluster: Cluster) -> None:
+    daemons = cluster.start_cluster([f"m{i}" for i in range(N)])
+    wait_until(lambda: mesh_settled(daemons, 5), 30.0, "mesh views filled")
+    # Bound from the issue: 2 log2 N links (active view + direct links) per
+    # node. SWIM's watch links (one out to the ring successor, one in from
+    # the predecessor) are TCP connections too, and are counted apart.
+    bound = math.floor(2 * math.log2(N))
+    counts: dict[str, int] = {}
+    for d in daemons:
+        # The smallest of three readings: a push-pull stream (one request and
+        # its reply) may be open at the moment of one reading.
+        samples = [tcp_established(d.pid) for _ in range(3)]
+        watch = 2
+        counts[d.name] = min(samples) - watch
+    over = {n: c for n, c in counts.items() if c > bound}
+    assert not over, f"over the {bound}-link bound: {over} (all: {counts})"
+    # And the daemons' own count agrees: links are the active view (plus
+    # nothing else: no messages to names were sent).
+    for d in daemons:
+        g = gauges(d)
+        assert g["links_open"] <= 5 + 1, (d.name, g)
+    assert sum(counts.values()) > 0
+    print("links per daemon (from /proc, watch links excluded):", sorted(counts.values()))

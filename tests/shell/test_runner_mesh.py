@@ -1,0 +1,168 @@
+"""The runner's composition with the partial mesh: a fake mesh core and a
+fake link manager record what the runner feeds and carries out (mock clock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from peerd.core.events import EventKind, Input, JoinDone, MemberEvent, Output, Start
+from peerd.core.mesh.events import (
+    CloseLink,
+    Connect,
+    JoinMesh,
+    LeaveMesh,
+    LinkDown,
+    MembershipHint,
+    MeshInput,
+    MeshOutput,
+    MeshTimer,
+    MeshTimerFired,
+    MeshTimerKind,
+    MessageIn,
+    Send,
+    SetMeshTimer,
+)
+from peerd.shell.links import LinkLost, LinkMessages
+from peerd.shell.runner import CoreFailure
+from peerd.wire.messages import Ack, MeshPeer, NeighborReply, Status
+from tests.shell.test_runner import ME, PEER, FakeCore, make_runner
+
+PEER_MP = MeshPeer(PEER.node, PEER.addr)
+
+
+class FakeMesh:
+    def __init__(self, script: Any = None) -> None:
+        self.seen: list[tuple[float, MeshInput]] = []
+        self.script = script or (lambda now, inp: [])
+
+    def handle(self, now: float, inp: MeshInput) -> list[MeshOutput]:
+        self.seen.append((now, inp))
+        return list(self.script(now, inp))
+
+    def of(self, kind: type) -> list[Any]:
+        return [i for _, i in self.seen if isinstance(i, kind)]
+
+
+class FakeLinks:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
+        self.calls.append(("connect", peer, addr, mesh))
+
+    def send(self, peer: bytes, msg: Any, priority: int = 0, *, mesh: bool | None = None) -> bool:
+        self.calls.append(("send", peer, msg, priority, mesh))
+        return True
+
+    def close(self, peer: bytes, *, mesh: bool = True) -> None:
+        self.calls.append(("close", peer, mesh))
+
+    def close_all(self) -> None:
+        self.calls.append(("close_all",))
+
+
+async def run_briefly(runner: Any, body: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.sleep(0.01)
+        await body()
+        await runner.shutdown("test")
+
+
+async def test_join_and_member_events_feed_the_mesh(
+        autojump_clock: trio.testing.MockClock) -> None:
+    def script(now: float, inp: Input) -> list[Output]:
+        if isinstance(inp, Start):
+            return [MemberEvent(EventKind.JOINED, PEER), JoinDone(1, 0)]
+        return []
+
+    core = FakeCore(script)
+    mesh = FakeMesh()
+    runner, _, _ = make_runner(core, mesh=mesh, links=FakeLinks())
+
+    async def body() -> None:
+        # Each JoinDone (the Start's, then the script's) joins the mesh
+        # through the live SWIM members; the alive member was hinted.
+        assert mesh.of(JoinMesh) == [JoinMesh((PEER_MP,))] * 2
+        assert MembershipHint(alive=(PEER_MP,)) in mesh.of(MembershipHint)
+
+    await run_briefly(runner, body)
+    # The leave told the mesh.
+    assert mesh.of(LeaveMesh) == [LeaveMesh()]
+
+
+async def test_dead_member_is_hinted_dead(autojump_clock: trio.testing.MockClock) -> None:
+    from peerd.core.events import MemberInfo
+
+    dead = MemberInfo(PEER.node, "peer", PEER.addr, Status.DEAD, 3, 1, ())
+    core = FakeCore(lambda now, inp: [MemberEvent(EventKind.DEAD, dead)]
+                    if isinstance(inp, Start) else [])
+    mesh = FakeMesh()
+    runner, _, _ = make_runner(core, mesh=mesh, links=FakeLinks())
+
+    async def body() -> None:
+        assert MembershipHint(dead=(PEER.node,)) in mesh.of(MembershipHint)
+
+    await run_briefly(runner, body)
+
+
+async def test_mesh_timers_share_the_deadline_heap(
+        autojump_clock: trio.testing.MockClock) -> None:
+    t0 = trio.current_time()
+    timer = MeshTimer(MeshTimerKind.SHUFFLE, 7)
+
+    def script(now: float, inp: MeshInput) -> list[MeshOutput]:
+        if isinstance(inp, JoinMesh):
+            return [SetMeshTimer(t0 + 5, timer)]
+        return []
+
+    mesh = FakeMesh(script)
+    runner, _, _ = make_runner(FakeCore(), mesh=mesh, links=FakeLinks())
+
+    async def body() -> None:
+        await trio.sleep(10)
+        fired = [(round(t - t0, 6), i) for t, i in mesh.seen if isinstance(i, MeshTimerFired)]
+        assert fired == [(5, MeshTimerFired(timer))]
+
+    await run_briefly(runner, body)
+
+
+async def test_link_outputs_and_inputs(autojump_clock: trio.testing.MockClock) -> None:
+    def script(now: float, inp: MeshInput) -> list[MeshOutput]:
+        if isinstance(inp, JoinMesh):
+            return [Connect(PEER_MP), Send(PEER.node, NeighborReply(True), 2),
+                    CloseLink(PEER.node)]
+        return []
+
+    mesh = FakeMesh(script)
+    links = FakeLinks()
+    runner, _, _ = make_runner(FakeCore(), mesh=mesh, links=links)
+
+    async def body() -> None:
+        assert links.calls == [("connect", PEER.node, PEER.addr, True),
+                               ("send", PEER.node, NeighborReply(True), 2, True),
+                               ("close", PEER.node, True)]
+        await runner.send_channel.send(LinkMessages(PEER.node, (NeighborReply(False), Ack(1))))
+        await runner.send_channel.send(LinkLost(PEER.node, True))
+        await runner.send_channel.send(LinkLost(b"\x09" * 16, False))
+        await trio.sleep(0.01)
+        assert mesh.of(MessageIn) == [MessageIn(PEER.node, NeighborReply(False))]
+        # Only the mesh's links become LinkDown; a stray message is counted.
+        assert mesh.of(LinkDown) == [LinkDown(PEER.node)]
+        assert runner.counters["link_drop_unexpected"] == 1
+
+    await run_briefly(runner, body)
+
+
+async def test_a_raising_mesh_is_a_core_failure(autojump_clock: trio.testing.MockClock) -> None:
+    def script(now: float, inp: MeshInput) -> list[MeshOutput]:
+        raise RuntimeError("boom")
+
+    runner, _, _ = make_runner(FakeCore(), mesh=FakeMesh(script), links=FakeLinks())
+    with pytest.raises(CoreFailure):
+        await runner.run()
+    assert ME is not None
