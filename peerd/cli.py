@@ -199,6 +199,28 @@ def conflict_warning(ev: Event) -> str:
             "longer holds it")
 
 
+def show_payload(data: Any) -> str:
+    """A payload for humans: its text if it is printable UTF-8, else hex."""
+    if isinstance(data, str):
+        return data
+    if not isinstance(data, bytes):
+        return repr(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + data.hex()
+    return text if text.isprintable() else "0x" + data.hex()
+
+
+def format_user_event(ev: Event, when: datetime.datetime | None = None) -> str:
+    """One line per user event: time, name, origin node, payload."""
+    when = when or datetime.datetime.now().astimezone()
+    d = ev.data
+    origin = d.get("origin_name") or str(d.get("origin", "?"))[:SHORT_ID]
+    return (f"{when.strftime('%H:%M:%S')} event {d.get('name', '?')} from={origin} "
+            f"payload={show_payload(d.get('payload', b''))}")
+
+
 def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
     """One JSON object per line: ``{"time", "event", "data"}``."""
     when = when or datetime.datetime.now(datetime.UTC)
@@ -335,12 +357,21 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     line = event_json(ev)
                 elif ev.event in REGISTRY_EVENTS and "kind" in ev.data:
                     line = format_registry_event(ev)
+                elif ev.event == "user":
+                    line = format_user_event(ev)
                 else:
                     line = format_event(ev)
                 print(line, flush=True)
         except KeyboardInterrupt:
             return EXIT_OK  # the normal way to stop watching
     print("peerd watch: the daemon ended the stream", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    result = _call(args, "event", name=args.name, payload=args.payload.encode("utf-8"))
+    if args.json:
+        _print_json(result)
     return EXIT_OK
 
 
@@ -628,13 +659,24 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     p = add("watch", "print membership (or registry) events as they happen",
             "Print one line per membership event (joined, updated, suspect, alive, dead, "
             "left, name_conflict, reaped), or with --topic registry per registry event "
-            "(registered, unregistered, updated, joined, left, conflict), until interrupted "
-            "with Ctrl-C.")
+            "(registered, unregistered, updated, joined, left, conflict), or with --topic "
+            "events per user event, until interrupted with Ctrl-C.")
     p.add_argument("--json", action="store_true",
                    help='one JSON object per line: {"time", "event", "data"}')
-    p.add_argument("--topic", choices=("members", "registry"), action="append",
-                   help="what to watch (repeatable; default: members)")
+    p.add_argument("--topic", choices=("members", "registry", "events"), action="append",
+                   help="what to watch (repeatable; default: members; events: user events "
+                        "sent with `peerd event`)")
     p.set_defaults(func=cmd_watch)
+
+    p = add("event", "broadcast a user event to every node",
+            "Broadcast user event NAME with an optional PAYLOAD (text) to every node of the "
+            "cluster; `peerd watch --topic events` shows them (on this node too). Name and "
+            "payload together may take at most 8 KiB; larger is refused (exit 1). User "
+            "events are rate limited and travel behind the daemon's own traffic.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="")
+    p.add_argument("--json", action="store_true", help='print {"id": ...} of the broadcast')
+    p.set_defaults(func=cmd_event)
 
     scope_help = "the scope (default: default)"
     p = add("names", "list registered names",

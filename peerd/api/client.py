@@ -340,6 +340,15 @@ class Client:
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
 
+    # --- partial mesh ------------------------------------------------------------------
+
+    async def event(self, name: str, payload: bytes = b"") -> str:
+        """Broadcast a user event to every node (watch topic ``events``); the
+        broadcast id (hex). ApiError ``bad_args`` above MAX_EVENT_BYTES."""
+        result: dict[str, Any] = await self.request(Op.EVENT, {"name": name,
+                                                               "payload": payload})
+        return str(result["id"])
+
     # --- registry --------------------------------------------------------------------
 
     async def register(self, name: str, meta: Mapping[str, str] | None = None, *,
@@ -650,6 +659,10 @@ class BlockingClient:
         out = list(self._conn_events)
         self._conn_events.clear()
         return out
+
+    def event(self, name: str, payload: bytes = b"") -> str:
+        result: dict[str, Any] = self.request(Op.EVENT, {"name": name, "payload": payload})
+        return str(result["id"])
 
     def register(self, name: str, meta: Mapping[str, str] | None = None, *,
                  scope: str = DEFAULT_SCOPE, wait: str | None = None,

@@ -90,6 +90,8 @@ class Op(enum.StrEnum):
     GROUP_LEAVE = "group.leave"
     GROUP_MEMBERS = "group.members"
     GROUPS = "groups"
+    # partial mesh
+    EVENT = "event"
 
 
 class Topic(enum.StrEnum):
@@ -97,6 +99,7 @@ class Topic(enum.StrEnum):
 
     MEMBERS = "members"
     REGISTRY = "registry"
+    EVENTS = "events"  # user events (``event`` op) from every node
 
 
 CONNECTION_STREAM = 0
@@ -730,3 +733,61 @@ def registry_event_to_wire(ev: RegistryEvent, member_of: Any = None) -> tuple[st
         w_origin, w_entry = ev.winner
         data["winner"] = reg_entry_to_wire(w_origin, w_entry, member(w_origin))
     return ev.kind.value, data
+
+
+# --- user events ------------------------------------------------------------------
+
+MAX_EVENT_NAME_BYTES = 128
+MAX_EVENT_BYTES = 8 * 1024
+"""Largest user event: name plus payload, in bytes (UTF-8 name). Events are
+broadcast to every node, so they are meant to be small (a deploy marker, a
+"reload now"); bulk data belongs in messages to names."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventArgs:
+    name: str
+    payload: bytes
+
+
+def parse_event_args(args: Mapping[str, Any]) -> EventArgs:
+    """``{"name": text, ? "payload": bytes / text}`` (text is sent as UTF-8)."""
+    name = args.get("name")
+    if type(name) is not str or not name:
+        raise _bad_args('"name" must be non-empty text')
+    name_bytes = len(name.encode("utf-8", "surrogatepass"))
+    if name_bytes > MAX_EVENT_NAME_BYTES:
+        raise _bad_args(f"event name is {name_bytes} bytes, over the "
+                        f"{MAX_EVENT_NAME_BYTES}-byte limit")
+    payload = args.get("payload", b"")
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    if not isinstance(payload, bytes):
+        raise _bad_args('"payload" must be bytes or text')
+    size = name_bytes + len(payload)
+    if size > MAX_EVENT_BYTES:
+        raise _bad_args(f"event is {size} bytes (name + payload), over the "
+                        f"{MAX_EVENT_BYTES}-byte limit")
+    return EventArgs(name, payload)
+
+
+def encode_user_event(name: str, payload: bytes) -> bytes:
+    """The broadcast payload of a user event: CBOR ``[name, payload]``."""
+    return cbor2.dumps([name, payload])
+
+
+def decode_user_event(data: bytes) -> tuple[str, bytes] | None:
+    """Inverse of :func:`encode_user_event`; None for anything malformed."""
+    if len(data) > MAX_EVENT_BYTES + 64:
+        return None
+    fp = io.BytesIO(data)
+    try:
+        obj = cbor2.CBORDecoder(fp, **_DECODER_OPTIONS).decode()
+    except Exception:  # garbage makes cbor2 raise many types (see decode_body)
+        return None
+    if fp.tell() != len(data):
+        return None
+    if (type(obj) is not list or len(obj) != 2 or type(obj[0]) is not str
+            or type(obj[1]) is not bytes or not obj[0]):
+        return None
+    return obj[0], obj[1]

@@ -64,16 +64,20 @@ from peerd.api.protocol import (
     STREAM_END,
     ApiError,
     ErrorCode,
+    EventArgs,
     ListArgs,
     Op,
     RegisterArgs,
     RegTarget,
     TagUpdate,
     Topic,
+    decode_user_event,
+    encode_user_event,
     entry_wire_size,
     format_addr,
     member_event_to_wire,
     member_to_wire,
+    parse_event_args,
     parse_join_args,
     parse_key_args,
     parse_limit_arg,
@@ -413,7 +417,7 @@ _PEER_KINDS = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, E
                          EventKind.LEFT})
 PEERS_SAVE_DEBOUNCE_S = 0.2
 
-TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value})
+TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value, Topic.EVENTS.value})
 # Member events that make a node a candidate neighbour / forget it.
 _HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
 _HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
@@ -865,6 +869,38 @@ class Runner:
 
     def _deliver(self, d: Deliver) -> None:
         self.counters[f"mesh_delivered_{d.channel.name.lower()}"] += 1
+        if d.channel is not Channel.USER:
+            return  # the daemon's own channels have no consumer yet
+        decoded = decode_user_event(d.payload)
+        if decoded is None:
+            self.counters["user_event_drop_malformed"] += 1
+            return
+        self._fan_user_event(d.id, d.origin, decoded[0], decoded[1])
+
+    def _fan_user_event(self, msg_id: bytes, origin: NodeId, name: str, payload: bytes) -> None:
+        if not self._watches:
+            return
+        member = getattr(self.node, "member", None)
+        info = member(origin) if member is not None else None
+        data: dict[str, Any] = {"name": name, "payload": payload, "id": msg_id.hex(),
+                                "origin": origin.hex()}
+        if info is not None:
+            data["origin_name"] = info.name
+        self._fan_out(Topic.EVENTS.value, ("user", data))
+
+    def _user_event(self, ev: EventArgs) -> dict[str, Any]:
+        """In the runner task: broadcast a user event (lowest priority channel,
+        rate limited by the mesh); local watchers see it too."""
+        if self.leaving:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+        result = self.broadcast(Channel.USER, encode_user_event(ev.name, ev.payload))
+        if result.error is not None:
+            code, message = result.error
+            raise ApiError(ErrorCode.BAD_ARGS if code == "too_large" else ErrorCode.UNAVAILABLE,
+                           f"{code}: {message}")
+        assert result.id is not None
+        self._fan_user_event(result.id, self.node.local_member().node, ev.name, ev.payload)
+        return {"id": result.id.hex()}
 
     def broadcast(self, channel: Channel, payload: bytes) -> BroadcastResult:
         """In the runner task: broadcast ``payload`` on ``channel`` to every node."""
@@ -970,6 +1006,9 @@ class Runner:
                 return await self._join(parse_join_args(args, default_port=DEFAULT_PORT))
             case Op.LEAVE:
                 return await self._leave()
+            case Op.EVENT:
+                ev = parse_event_args(args)
+                return await self.call_in_runner(lambda: self._user_event(ev))
             case Op.KEYS_LIST:
                 return self._keys().list()
             case Op.KEYS_INSTALL:

@@ -357,13 +357,13 @@ def status_everywhere(observers: Sequence[Daemon], name: str, status: str) -> bo
 
 
 class Watcher:
-    """A ``watch`` on one daemon's ``members`` topic, read by a thread.
+    """A ``watch`` on one daemon's ``members`` topic (or ``topics``), read by a thread.
 
     Each event is kept as ``(monotonic time received, event name, data)``.
     Closing is bounded (the socket is shut down, the thread joined with a
     timeout)."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, topics: Sequence[str] = ("members",)) -> None:
         self.daemon = daemon
         self.events: list[tuple[float, str, dict[str, Any]]] = []
         self.ended: str | None = None
@@ -372,7 +372,7 @@ class Watcher:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(API_TIMEOUT_S)
         self._sock.connect(str(daemon.sock))
-        self._sock.sendall(encode_frame(Request(1, "watch", {"topics": ["members"]})))
+        self._sock.sendall(encode_frame(Request(1, "watch", {"topics": list(topics)})))
         deadline = time.monotonic() + API_TIMEOUT_S
         while time.monotonic() < deadline:
             msg = self._read_one()

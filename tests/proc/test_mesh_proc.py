@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Cluster, Daemon, wait_until
+from .harness import Cluster, Daemon, Watcher, hold_for, wait_until
 
 pytestmark = pytest.mark.proc
 
@@ -83,3 +83,35 @@ def test_twenty_daemons_hold_bounded_links(cluster: Cluster) -> None:
         assert g["links_open"] <= 5 + 1, (d.name, g)
     assert sum(counts.values()) > 0
     print("links per daemon (from /proc, watch links excluded):", sorted(counts.values()))
+
+
+def test_user_event_reaches_every_daemon_once(cluster: Cluster) -> None:
+    daemons = cluster.start_cluster([f"e{i}" for i in range(N)])
+    wait_until(lambda: mesh_settled(daemons, 5), 30.0, "mesh views filled")
+    watchers = [Watcher(d, ("events",)) for d in daemons]
+    try:
+        origin = daemons[3]
+        result = origin.api("event", name="deploy", payload=b"v42")
+        msg_id = result["id"]
+
+        def got(w: Watcher) -> list[dict[str, object]]:
+            return [data for _t, ev, data in list(w.events)
+                    if ev == "user" and data.get("id") == msg_id]
+
+        wait_until(lambda: all(len(got(w)) >= 1 for w in watchers), 10.0,
+                   "the event on every daemon")
+        # Once: no copy comes later (Plumtree's duplicates are dropped).
+        hold_for(lambda: all(len(got(w)) == 1 for w in watchers), 1.0, "exactly one copy")
+        for w in watchers:
+            (data,) = got(w)
+            assert data["name"] == "deploy" and data["payload"] == b"v42"
+            assert data["origin_name"] == origin.name
+        # Over the size limit: a clear error, nothing sent.
+        from peerd.api.protocol import ApiError
+
+        with pytest.raises(ApiError) as e:
+            origin.api("event", name="big", payload=b"x" * 9000)
+        assert e.value.code == "bad_args" and "8192-byte limit" in e.value.message
+    finally:
+        for w in watchers:
+            w.close()

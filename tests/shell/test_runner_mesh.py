@@ -166,3 +166,46 @@ async def test_a_raising_mesh_is_a_core_failure(autojump_clock: trio.testing.Moc
     with pytest.raises(CoreFailure):
         await runner.run()
     assert ME is not None
+
+
+async def test_user_events_go_to_event_watchers(autojump_clock: trio.testing.MockClock) -> None:
+    from peerd.api.protocol import encode_user_event
+    from peerd.core.mesh.events import Broadcast, BroadcastResult, Deliver
+    from peerd.wire.messages import Channel
+
+    def script(now: float, inp: MeshInput) -> list[MeshOutput]:
+        if isinstance(inp, Broadcast):
+            assert inp.channel is Channel.USER
+            if len(inp.payload) > 100:
+                return [BroadcastResult(inp.ref, error=("rate_limited", "slow down"))]
+            return [BroadcastResult(inp.ref, id=b"\x07" * 16)]
+        return []
+
+    mesh = FakeMesh(script)
+    runner, _, _ = make_runner(FakeCore(), mesh=mesh, links=FakeLinks())
+
+    async def body() -> None:
+        conn = object()
+        events = runner.watch(conn, ["events"])
+        assert await runner.call(conn, "event", {"name": "a", "payload": b"1"}) == {
+            "id": "07" * 16}
+        with pytest.raises(Exception) as e:
+            await runner.call(conn, "event", {"name": "a", "payload": b"1" * 200})
+        assert getattr(e.value, "code", None) == "unavailable"
+        await runner.send_channel.send(_call(runner, Deliver(
+            b"\x08" * 16, PEER.node, Channel.USER, encode_user_event("b", b"2"), 2, PEER.node)))
+        await runner.send_channel.send(_call(runner, Deliver(
+            b"\x09" * 16, PEER.node, Channel.USER, b"garbage", 2, PEER.node)))
+        await trio.sleep(0.01)
+        got = [events.receive_nowait() for _ in range(2)]
+        assert [(ev, d["name"], d["payload"], d["origin"]) for ev, d in got] == [
+            ("user", "a", b"1", ME.node.hex()), ("user", "b", b"2", PEER.node.hex())]
+        assert runner.counters["user_event_drop_malformed"] == 1
+
+    await run_briefly(runner, body)
+
+
+def _call(runner: Any, d: Any) -> Any:
+    from peerd.shell.runner import _Call
+
+    return _Call(lambda: runner._deliver(d))
