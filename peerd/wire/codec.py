@@ -51,6 +51,9 @@ from peerd.wire.messages import (
     MeshPeer,
     Message,
     Nack,
+    NameMsg,
+    NameReply,
+    NameStatus,
     Neighbor,
     NeighborReply,
     Ping,
@@ -89,6 +92,9 @@ MAX_SHUFFLE_PEERS = 64
 MAX_GOSSIP_PAYLOAD_BYTES = 1024 * 1024  # the wire bound; channels have smaller ones
 MAX_IHAVE = 4096  # announcements in one gossip-control
 MAX_WANT = 1024  # ids grafted in one gossip-control
+MAX_NAME_MSG_PAYLOAD_BYTES = 1024 * 1024  # a message to a name (the API's limit is lower)
+_REG_KINDS = frozenset(int(k) for k in RegKind)
+_NAME_STATUSES = frozenset(int(k) for k in NameStatus)
 #: Deepest container nesting accepted on input. The deepest path we produce is
 #: datagram > push-pull > members > member > addr/tags (5); the rest is room
 #: for message types added later.
@@ -374,6 +380,20 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             return _gossip_out(msg)
         case GossipControl():
             return _control_out(msg)
+        case NameMsg(seq, kind, scope, name, eid, sender, payload):
+            if type(kind) is not RegKind:
+                _bad_out(f"name-msg kind must be a RegKind, got {kind!r}")
+            if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
+                _bad_out(f"name-msg payload must be bytes of at most "
+                         f"{MAX_NAME_MSG_PAYLOAD_BYTES}")
+            return [NameMsg.TYPE, _uint_out(seq, "seq"), int(kind),
+                    _text_out(scope, "scope", MAX_SCOPE_BYTES),
+                    _text_out(name, "name", MAX_REG_NAME_BYTES), _uint_out(eid, "eid"),
+                    _text_out(sender, "sender", MAX_REG_NAME_BYTES), payload]
+        case NameReply(seq, status):
+            if type(status) is not NameStatus:
+                _bad_out(f"name-reply status must be a NameStatus, got {status!r}")
+            return [NameReply.TYPE, _uint_out(seq, "seq"), int(status)]
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -731,6 +751,24 @@ def _gossip_control_in(obj: list[Any]) -> Message:
                          TreeLink(link))
 
 
+def _name_msg_in(obj: list[Any]) -> Message:
+    seq, kind, scope, name, eid, sender, payload = _fields(obj, 7, "name-msg")
+    if type(kind) is not int or kind not in _REG_KINDS:
+        _bad("name-msg kind must be 0..1")
+    if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
+        _bad(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
+    return NameMsg(_uint(seq, "seq"), RegKind(kind), _text(scope, "scope", MAX_SCOPE_BYTES),
+                   _text(name, "name", MAX_REG_NAME_BYTES), _uint(eid, "eid"),
+                   _text(sender, "sender", MAX_REG_NAME_BYTES), payload)
+
+
+def _name_reply_in(obj: list[Any]) -> Message:
+    seq, status = _fields(obj, 2, "name-reply")
+    if type(status) is not int or status not in _NAME_STATUSES:
+        _bad("name-reply status must be 0..3")
+    return NameReply(_uint(seq, "seq"), NameStatus(status))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Ping.TYPE: _ping_in,
     PingReq.TYPE: _ping_req_in,
@@ -756,6 +794,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     ShuffleReply.TYPE: _shuffle_reply_in,
     Gossip.TYPE: _gossip_in,
     GossipControl.TYPE: _gossip_control_in,
+    NameMsg.TYPE: _name_msg_in,
+    NameReply.TYPE: _name_reply_in,
 }
 assert _DECODERS.keys() == MESSAGE_TYPES.keys(), "every message type needs a decoder"
 

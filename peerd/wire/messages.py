@@ -386,18 +386,60 @@ class GossipControl:
     link: TreeLink
 
 
+# --- messages to names (types 39-40) -------------------------------------------
+# Over a direct peer link (see peerd/shell/links.py) from the sender's daemon
+# to the daemon of the entry's owner, which answers every NameMsg with one
+# NameReply of the same seq: at most once, in order per link.
+
+
+class NameStatus(enum.IntEnum):
+    """Outcome of one NameMsg at the owner's daemon."""
+
+    DELIVERED = 0  # queued on the owning API connection
+    NOT_FOUND = 1  # the entry is not held here (any more): the owner vanished
+    MAILBOX_FULL = 2  # the owning connection is not reading: its queue is full
+    REFUSED = 3  # the daemon cannot take it (leaving, or it has no registry)
+
+
+@dataclass(frozen=True, slots=True)
+class NameMsg:
+    """A message for the entry ``eid`` (of ``kind`` ``scope``/``name``) owned
+    by the receiving daemon. ``sender``: the sending process's registered
+    name ("" if it has none), so the receiver can answer it."""
+
+    TYPE: ClassVar[int] = 39
+    seq: int
+    kind: RegKind
+    scope: str
+    name: str
+    eid: int
+    sender: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NameReply:
+    """The answer to the NameMsg ``seq`` sent over the same link."""
+
+    TYPE: ClassVar[int] = 40
+    seq: int
+    status: NameStatus
+
+
 Message = (
     Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull | SyncDigest | SyncRows
     | RegDelta | RegSnapshot | RegSync | RegAck
     | MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
     | Gossip | GossipControl
+    | NameMsg | NameReply
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
                               SyncDigest, SyncRows, RegDelta, RegSnapshot, RegSync, RegAck,
                               MeshJoin, ForwardJoin, Neighbor, NeighborReply, Disconnect,
-                              Shuffle, ShuffleReply, Gossip, GossipControl)
+                              Shuffle, ShuffleReply, Gossip, GossipControl, NameMsg,
+                              NameReply)
 }
 
 

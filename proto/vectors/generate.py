@@ -25,16 +25,17 @@ KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect",
         8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 20: "reg-delta",
         21: "reg-snapshot", 22: "reg-sync",
         23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
-        34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control"}
+        34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control",
+        39: "name-msg", 40: "name-reply"}
 
 
 def describe(value: Any) -> Any:
     """A JSON description of a message (or of one of its field values)."""
     from dataclasses import fields, is_dataclass
 
-    from peerd.wire.messages import Channel, RegKind, Status, TreeLink
+    from peerd.wire.messages import Channel, NameStatus, RegKind, Status, TreeLink
 
-    if isinstance(value, RegKind | Channel | TreeLink):
+    if isinstance(value, RegKind | Channel | TreeLink | NameStatus):
         return value.name.lower()
     if is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
@@ -77,6 +78,9 @@ def message_vectors() -> dict[str, Any]:
         MeshPeer,
         Message,
         Nack,
+        NameMsg,
+        NameReply,
+        NameStatus,
         Neighbor,
         NeighborReply,
         Ping,
@@ -172,6 +176,13 @@ def message_vectors() -> dict[str, Any]:
         ("gossip-control-ihave", GossipControl((IHave(m1, 2), IHave(m2, 3)), (), TreeLink.KEEP)),
         ("gossip-control-graft", GossipControl((), (m1,), TreeLink.EAGER)),
         ("gossip-control-prune", GossipControl((), (), TreeLink.LAZY)),
+        ("name-msg", NameMsg(7, RegKind.NAME, "default", "db-primary", 12, "web-1",
+                             b"ping")),
+        ("name-msg-group", NameMsg(2**40, RegKind.GROUP, "jobs", "workers", 3, "", b"")),
+        ("name-reply-delivered", NameReply(7, NameStatus.DELIVERED)),
+        ("name-reply-not-found", NameReply(8, NameStatus.NOT_FOUND)),
+        ("name-reply-mailbox-full", NameReply(9, NameStatus.MAILBOX_FULL)),
+        ("name-reply-refused", NameReply(10, NameStatus.REFUSED)),
     ]
     messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
                 for name, m in named]

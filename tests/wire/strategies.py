@@ -24,6 +24,9 @@ from peerd.wire.messages import (
     MeshPeer,
     Message,
     Nack,
+    NameMsg,
+    NameReply,
+    NameStatus,
     Neighbor,
     NeighborReply,
     Ping,
@@ -118,6 +121,11 @@ gossips = st.builds(Gossip, msg_ids, node_ids, u64, st.sampled_from(Channel),
 gossip_controls = st.builds(GossipControl,
                             st.lists(st.builds(IHave, msg_ids, u64), max_size=4).map(tuple),
                             st.lists(msg_ids, max_size=3).map(tuple), st.sampled_from(TreeLink))
+name_msgs = st.builds(NameMsg, u64, st.sampled_from(RegKind),
+                      _utf8_at_most(codec.MAX_SCOPE_BYTES),
+                      _utf8_at_most(codec.MAX_REG_NAME_BYTES), u64,
+                      _utf8_at_most(codec.MAX_REG_NAME_BYTES), st.binary(max_size=64))
+name_replies = st.builds(NameReply, u64, st.sampled_from(NameStatus))
 
 BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Ping.TYPE: pings,
@@ -144,5 +152,7 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     ShuffleReply.TYPE: shuffle_replies,
     Gossip.TYPE: gossips,
     GossipControl.TYPE: gossip_controls,
+    NameMsg.TYPE: name_msgs,
+    NameReply.TYPE: name_replies,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())

@@ -32,6 +32,9 @@ from peerd.wire.messages import (
     MeshPeer,
     Message,
     Nack,
+    NameMsg,
+    NameReply,
+    NameStatus,
     Neighbor,
     NeighborReply,
     Ping,
@@ -146,6 +149,11 @@ def message_from_json(d: dict[str, Any]) -> Message:
         case "gossip-control":
             return GossipControl(tuple(IHave(h(i["id"]), i["round"]) for i in d["ihave"]),
                                  tuple(h(w) for w in d["want"]), TreeLink[d["link"].upper()])
+        case "name-msg":
+            return NameMsg(d["seq"], RegKind[d["kind"].upper()], d["scope"], d["name"],
+                           d["eid"], d["sender"], h(d["payload"]))
+        case "name-reply":
+            return NameReply(d["seq"], NameStatus[d["status"].upper()])
     raise AssertionError(f"unknown type label {d['type']!r}")
 
 
