@@ -59,6 +59,7 @@ class TimerKind(enum.Enum):
     LEAVE = "leave"  # leave broadcast had time to spread
     REG_FLUSH = "reg_flush"  # spread fresh registry deltas now, not at the next gossip tick
     REG_SETTLE = "reg_settle"  # a register wait=settled timed out
+    REG_SYNC = "reg_sync"  # the registry's own anti-entropy round
 
 
 @dataclass(frozen=True, slots=True)

@@ -457,6 +457,7 @@ class Node:
                 self._on_stream_failed(stream, reason)
             case Start(seeds):
                 self._on_start(seeds)
+                self.registry.on_start()
             case Join(addrs):
                 self._start_join(addrs)
             case SetTags(tags):
@@ -686,6 +687,9 @@ class Node:
             case TimerKind.REG_SETTLE:
                 assert isinstance(ctx, int)
                 self.registry.settle_timeout(ctx)
+            case TimerKind.REG_SYNC:
+                if not self._leaving:
+                    self.registry.sync_tick(ctx)  # type: ignore[arg-type]
 
     # --- probing -------------------------------------------------------------
 
@@ -1361,6 +1365,10 @@ class Node:
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
         return self._arm(kind, delay, ctx)
+
+    def reg_random_peer(self) -> NodeId | None:
+        peers = self._live.sample(self.rng, 1)
+        return peers[0] if peers else None
 
     def _push_pull_tick(self) -> None:
         cfg = self.config

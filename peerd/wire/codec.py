@@ -351,14 +351,25 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             return [RegSnapshot.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
                     _uint_out(version, "version"),
                     [_reg_entry_out(e) for e in _tuple_out(entries, "entries")]]
-        case RegSync(digest, items):
+        case RegSync(digest, items, bits, buckets, hashes):
             rows = []
             for r in _tuple_out(digest, "digest"):
                 if type(r) is not RegDigestRow:
                     _bad_out(f"digest rows must be RegDigestRow, got {r!r}")
                 rows.append([_node_out(r.origin, "origin"), _uint_out(r.generation, "generation"),
                              _uint_out(r.version, "version")])
-            return [RegSync.TYPE, rows, [_reg_item_out(i) for i in _tuple_out(items, "items")]]
+            out = [RegSync.TYPE, rows, [_reg_item_out(i) for i in _tuple_out(items, "items")]]
+            if bits == -1 and not buckets and not hashes:
+                return out
+            if type(bits) is not int or not 0 <= bits <= MAX_SYNC_BITS:
+                _bad_out(f"reg-sync bits must be 0..{MAX_SYNC_BITS}, got {bits!r}")
+            if type(hashes) is not bytes or (hashes and len(hashes) != 4 << bits):
+                _bad_out("reg-sync hashes must be 4 bytes per bucket")
+            b = list(_tuple_out(buckets, "buckets"))
+            if any(type(x) is not int or not 0 <= x < 1 << bits for x in b) \
+                    or b != sorted(set(b)):
+                _bad_out("reg-sync buckets must be distinct, ascending and below 2**bits")
+            return [*out, bits, b, hashes]
         case RegAck(origin, gen, version):
             return [RegAck.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
                     _uint_out(version, "version")]
@@ -635,6 +646,17 @@ def _reg_snapshot_in(obj: list[Any]) -> Message:
 
 def _reg_sync_in(obj: list[Any]) -> Message:
     digest, items = _fields(obj, 2, "reg-sync")
+    bits, buckets, hashes = -1, (), b""
+    if len(obj) >= 6:  # [type, digest, items, bits, buckets, hashes, ...]
+        bits = _uint(obj[3], "bits")
+        if bits > MAX_SYNC_BITS:
+            _bad(f"reg-sync bits above {MAX_SYNC_BITS}")
+        buckets = tuple(_uint(x, "bucket") for x in _array(obj[4], "buckets"))
+        if any(x >= 1 << bits for x in buckets) or list(buckets) != sorted(set(buckets)):
+            _bad("reg-sync buckets must be distinct, ascending and below 2**bits")
+        hashes = obj[5]
+        if type(hashes) is not bytes or (hashes and len(hashes) != 4 << bits):
+            _bad("reg-sync hashes must be a byte string of 4 bytes per bucket")
     rows = []
     for r in _array(digest, "digest"):
         r = _array(r, "digest row")
@@ -648,7 +670,7 @@ def _reg_sync_in(obj: list[Any]) -> Message:
         if not isinstance(msg, RegDelta | RegSnapshot):
             _bad("reg-sync items must be deltas or snapshots")
         out.append(msg)
-    return RegSync(tuple(rows), tuple(out))
+    return RegSync(tuple(rows), tuple(out), bits, buckets, hashes)
 
 
 def _reg_ack_in(obj: list[Any]) -> Message:

@@ -236,11 +236,20 @@ class RegDigestRow:
 @dataclass(frozen=True, slots=True)
 class RegSync:
     """Registry anti-entropy over a stream: our digest, and the deltas or
-    snapshots we believe the peer lacks."""
+    snapshots we believe the peer lacks.
+
+    Large registries compare bucket hashes first: with ``hashes`` (and
+    ``bits``), the message only asks "which of these 2**bits buckets of
+    origins differ?"; with ``bits`` and ``buckets``, ``digest`` covers only
+    those buckets (origins outside them are not missing). ``bits`` -1: a
+    whole digest."""
 
     TYPE: ClassVar[int] = 22
     digest: tuple[RegDigestRow, ...]
     items: tuple[RegDelta | RegSnapshot, ...]
+    bits: int = -1
+    buckets: tuple[int, ...] = ()
+    hashes: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

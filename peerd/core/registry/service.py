@@ -38,10 +38,12 @@ the protocol around it, driven by the membership node (its *host*):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from peerd.core.digest import FINE_BITS, bucket_of
 from peerd.core.events import (
     CommandResult,
     ConnClosed,
@@ -82,6 +84,26 @@ MAX_DIRECT_CHUNKS = 64
 MAX_ENTRIES_PER_CONN = 10_000
 MAX_LOCAL_ENTRIES = 200_000
 MAX_META_BYTES = 1024
+# Anti-entropy of its own: every node compares its registry with one random
+# live peer this often (besides the sync that follows each membership
+# push-pull, which is minutes apart in large clusters), so a delta the
+# epidemic missed is repaired within about one round.
+SYNC_INTERVAL_S = 10.0
+# Up to this many origins a sync sends the whole digest; above, it sends
+# bucket hashes of the digest (about this many origins per bucket) and only
+# the rows of buckets that differ follow.
+FULL_DIGEST_MAX = 8
+# After a partition heals, the first extra sync waits this long (revivals
+# arrive in bursts).
+HEAL_SYNC_DELAY_S = 0.2
+ORIGINS_PER_BUCKET = 64
+
+
+def sync_bits(origins: int) -> int:
+    """Bucket bits of a hashed sync over ``origins`` origins."""
+    if origins <= ORIGINS_PER_BUCKET:
+        return 0
+    return min(FINE_BITS, math.ceil(math.log2(origins / ORIGINS_PER_BUCKET)))
 
 
 class Host(Protocol):
@@ -122,6 +144,9 @@ class Host(Protocol):
         are kept, so made-up or long-gone origins cannot grow our state."""
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
+
+    def reg_random_peer(self) -> NodeId | None:
+        """A live member other than us, at random (None when alone)."""
 
 
 @dataclass(slots=True)
@@ -176,6 +201,10 @@ class RegistryService:
         # last message queued per origin with its encoding (saves a decode)
         self._staged: dict[NodeId, _Staged] = {}
         self._queued: dict[NodeId, tuple[bytes, RegDelta | RegAck]] = {}
+        self._sync_armed = False
+        self._heal_peer: NodeId | None = None
+        # node -> generation declared dead (until seen alive again or reaped)
+        self._was_down: dict[NodeId, int] = {}
 
     def preload_shared(self, snap: SharedState, owners: Mapping[int, int]) -> None:
         """Simulator only: start from a converged registry shared by many
@@ -189,6 +218,12 @@ class RegistryService:
             entry = local[eid]
             self._owned.setdefault(conn, {})[(entry.kind, entry.scope, entry.name)] = eid
             self._owner_of[eid] = conn
+
+    def on_start(self) -> None:
+        """The node started: a registry that starts with data (preloaded)
+        starts its rounds."""
+        if self.state.origins() > 1 or self.state.local.entries:
+            self.arm_sync()
 
     # --- API commands -------------------------------------------------------------
 
@@ -296,6 +331,7 @@ class RegistryService:
 
     def _spread(self, delta: RegDelta, ack: bool = False) -> None:
         """Queue our own delta for gossip, merged with what is still queued."""
+        self.arm_sync()
         self._emit_changes()
         self._queue_delta(delta, ack)
 
@@ -393,6 +429,7 @@ class RegistryService:
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
         if not self.host.reg_known(msg.origin):
             return  # not a live member's partition: see Host.reg_known
+        self.arm_sync()
         match msg:
             case RegDelta():
                 self._on_delta(src_node, msg)
@@ -444,34 +481,81 @@ class RegistryService:
         # Pull from the origin (or whoever told us) what we know we lack.
         if self._pull_inflight or not self._wants:
             return
-        live = dict(self.host.reg_live())
+        me = self.host.node_id
+        known = self.host.reg_known
         for origin, (gen, version, src, tries) in list(self._wants.items()):
             if (gen, version) <= self.state.version_of(origin) or tries >= 3:
                 del self._wants[origin]
                 continue
-            target = origin if origin in live else src
-            if target is None or target not in live:
+            # Whoever told us holds it; else its origin, the one writer.
+            target = src if src is not None and src != me and known(src) else (
+                origin if known(origin) else None)
+            if target is None:
                 del self._wants[origin]
                 continue
             self._wants[origin] = (gen, version, src, tries + 1)
             self._pull_inflight = True
-            self.host.reg_pull(target, self.sync_request())
+            ask = sorted({origin, *(o for o, w in self._wants.items() if w[2] == target)})
+            self.host.reg_pull(target, self._pull_request(ask))
             return
 
     # --- anti-entropy -------------------------------------------------------------
 
     def sync_request(self) -> RegSync:
-        return RegSync(tuple(RegDigestRow(o, g, v) for o, (g, v) in self.state.digest().items()),
-                       ())
+        """Open an exchange: our whole digest, or its bucket hashes when large."""
+        n = self.state.origins()
+        if n <= FULL_DIGEST_MAX:
+            return RegSync(_rows(self.state.digest()), ())
+        bits = sync_bits(n)
+        return RegSync((), (), bits, (), self.state.hashes.hashes(bits))
 
-    def missing_for(self, digest: tuple[RegDigestRow, ...],
-                    peer: NodeId | None = None) -> tuple[RegDelta | RegSnapshot, ...]:
-        """What a peer with ``digest`` lacks of what we hold. Never the
+    def _pull_request(self, origins: list[NodeId]) -> RegSync:
+        """Ask for what we lack of ``origins``: our digest of their buckets."""
+        n = self.state.origins()
+        if n <= FULL_DIGEST_MAX:
+            return RegSync(_rows(self.state.digest()), ())
+        bits = sync_bits(n)
+        buckets = tuple(sorted({bucket_of(o, bits) for o in origins}))
+        return RegSync(_rows(self.state.digest_in(bits, buckets)), (), bits, buckets)
+
+    def sync_tick(self, peer: NodeId | None = None) -> None:
+        """The periodic round (``peer`` None): compare with one random live
+        peer. With ``peer``: the one-off round after a partition healed."""
+        if peer is not None:
+            self._heal_peer = None
+            if self.host.reg_known(peer):
+                self.host.reg_pull(peer, self.sync_request())
+            return
+        self._sync_armed = False
+        self.arm_sync()
+        if self.state.origins() == 1 and not self.state.local.entries:
+            return  # nothing to offer: peers holding entries will call on us
+        if self._pull_inflight:
+            return  # a pull is repairing already; the next round will check
+        peer = self.host.reg_random_peer()
+        if peer is not None:
+            self.host.reg_pull(peer, self.sync_request())
+
+    def arm_sync(self) -> None:
+        """Start the periodic rounds, once this node holds or heard of any
+        registry data (an empty registry has nothing to compare: peers that
+        hold entries call on it)."""
+        if not self._sync_armed:
+            self._sync_armed = True
+            self.host.reg_arm(TimerKind.REG_SYNC, SYNC_INTERVAL_S, None)
+
+    def missing_for(self, digest: tuple[RegDigestRow, ...], peer: NodeId | None = None,
+                    ours: dict[NodeId, tuple[int, int]] | None = None,
+                    ) -> tuple[RegDelta | RegSnapshot, ...]:
+        """What a peer with ``digest`` lacks of what we hold (of ``ours``: our
+        digest, or the part of it that ``digest`` covers). Never the
         peer's own partition (``peer``): it is the one writer of it, and its
         digest only looks behind ours because it was taken earlier."""
         theirs = {r.origin: (r.generation, r.version) for r in digest}
         items: list[RegDelta | RegSnapshot] = []
-        for origin, (gen, version) in self.state.digest().items():
+        if ours is None:
+            ours = self.state.digest()
+        for origin, (gen, version) in ours.items():
             if origin == peer:
                 continue
             have = theirs.get(origin)
@@ -485,20 +569,36 @@ class RegistryService:
 
     def on_sync_request(self, src_node: NodeId | None, req: RegSync) -> RegSync:
         """Answer a peer's sync: apply what it pushed, reply with our digest
-        and what it lacks."""
+        (of the buckets that differ, or that it covered) and what it lacks."""
         self._apply_items(req.items)
+        if req.hashes:
+            differ = tuple(self.state.hashes.differing(req.bits, req.hashes))
+            mine = self.state.digest_in(req.bits, differ) if differ else {}
+            return RegSync(_rows(mine), (), req.bits, differ)
         if src_node is not None:
             self._acks_from_digest(src_node, req.digest)
-        return RegSync(self.sync_request().digest, self.missing_for(req.digest, src_node))
+        if req.bits >= 0:
+            mine = self.state.digest_in(req.bits, req.buckets)
+            return RegSync(_rows(mine), self.missing_for(req.digest, src_node, mine), req.bits,
+                           req.buckets)
+        return RegSync(_rows(self.state.digest()), self.missing_for(req.digest, src_node))
 
     def on_sync_reply(self, src_node: NodeId | None, reply: RegSync) -> RegSync | None:
-        """Apply a sync reply; returns a push of what the peer lacks, if any."""
+        """Apply a sync reply; returns a push of what the peer lacks, if any.
+        What the peer holds newer and did not send (a reply to bucket
+        hashes carries rows only) is pulled next."""
         self._apply_items(reply.items)
         self._pull_inflight = False
-        self._pull_next()
         if src_node is not None:
             self._acks_from_digest(src_node, reply.digest)
-        missing = self.missing_for(reply.digest, src_node)
+        ours = None
+        if reply.bits >= 0:
+            ours = self.state.digest_in(reply.bits, reply.buckets)
+            for row in reply.digest:
+                if row.origin != self.host.node_id and self.host.reg_known(row.origin):
+                    self._want(src_node, row.origin, row.generation, row.version)
+        self._pull_next()
+        missing = self.missing_for(reply.digest, src_node, ours)
         return RegSync((), missing) if missing else None
 
     def sync_failed(self) -> None:
@@ -506,6 +606,8 @@ class RegistryService:
         self._pull_next()
 
     def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
+        if items:
+            self.arm_sync()
         advanced: set[NodeId] = set()
         for item in items:
             if not self.host.reg_known(item.origin):
@@ -569,16 +671,25 @@ class RegistryService:
     def node_down(self, node: NodeId, generation: int) -> bool:
         """Drop a dead or departed node's entries; True if it had any (the
         host then spreads the news of its death at once)."""
+        self._was_down[node] = generation
         removed = self.state.node_down(node, generation)
         self._emit_changes()
         self.check_settled()
         return bool(removed)
 
     def node_up(self, node: NodeId, generation: int) -> None:
+        revived = self._was_down.pop(node, None) == generation
         self.state.node_up(node, generation)
         self._emit_changes()
+        if revived and self._heal_peer is None and self._sync_armed:
+            # A node we had given up for dead is back: a partition healed.
+            # One sync with it soon brings what its side wrote meanwhile
+            # (one per burst of revivals, not one per revived node).
+            self._heal_peer = node
+            self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, node)
 
     def forget(self, node: NodeId) -> None:
+        self._was_down.pop(node, None)
         self.state.forget(node)
         self._queued.pop(node, None)
 
@@ -668,6 +779,10 @@ def merge_deltas(old: RegDelta, new: RegDelta) -> RegDelta:
         latest[change.eid] = change
     changes = tuple(sorted(latest.values(), key=lambda c: c.version))
     return RegDelta(old.origin, old.generation, old.base, new.top, changes, old.ack or new.ack)
+
+
+def _rows(digest: dict[NodeId, tuple[int, int]]) -> tuple[RegDigestRow, ...]:
+    return tuple(RegDigestRow(o, g, v) for o, (g, v) in digest.items())
 
 
 def entry_to_dict(origin: NodeId, entry: RegEntry) -> dict[str, object]:

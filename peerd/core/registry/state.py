@@ -42,6 +42,7 @@ import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from peerd.core.digest import FINE_BITS, Digest, bucket_of
 from peerd.core.events import RegEventKind
 from peerd.wire.messages import NodeId, RegChange, RegDelta, RegEntry, RegKind, RegSnapshot, Tags
 
@@ -107,6 +108,11 @@ class _Table(dict):  # type: ignore[type-arg]
     peek = dict.get
 
 
+def part_key(part: Partition) -> int:
+    """(generation, version) as one integer for the bucket hashes."""
+    return (part.generation & 0xFFFFFFFF) << 32 | (part.version & 0xFFFFFFFF)
+
+
 def _copy_partition(part: Partition) -> Partition:
     return Partition(part.generation, part.version, dict(part.entries))
 
@@ -118,6 +124,12 @@ class Registry:
         self.node_id = node_id
         self.generation = generation
         self._parts: _Table = _Table({node_id: Partition(generation)})
+        # Bucket hashes of {origin: (generation, version)} for anti-entropy
+        # between large registries (see peerd/core/digest.py), kept in O(1)
+        # per change: a partition's row is toggled out before it changes
+        # and back in after.
+        self.hashes = Digest()
+        self._toggle(node_id, self._parts[node_id])
         self._floors: dict[NodeId, tuple[int, int]] = {}  # dropped lives
         self._revived: set[NodeId] = set()  # dropped, then seen alive again
         self._log: collections.deque[Change] = collections.deque(maxlen=log_size)
@@ -144,6 +156,9 @@ class Registry:
             local[self.node_id] = _copy_partition(own)
             self._next_eid = max(own.entries, default=0)
         self._parts = CowDict(snap.parts, local, _copy_partition)  # type: ignore[assignment]
+        self.hashes = Digest(snap.hashes.fine)
+        if own is None:
+            self._toggle(self.node_id, local[self.node_id])
         self._names = CowDict(snap.names, {}, dict)  # type: ignore[assignment]
         self._groups = CowDict(snap.groups, {}, dict)  # type: ignore[assignment]
 
@@ -174,7 +189,9 @@ class Registry:
 
     def _write(self, eid: int, entry: Entry | None) -> Delta:
         part = self.local
+        self._toggle(self.node_id, part)
         part.version += 1
+        self._toggle(self.node_id, part)
         change = Change(part.version, eid, entry)
         self._log.append(change)
         self._set(self.node_id, part, eid, entry)
@@ -195,6 +212,18 @@ class Registry:
 
     def digest(self) -> dict[NodeId, tuple[int, int]]:
         return {o: (p.generation, p.version) for o, p in self._parts.items()}
+
+    def digest_in(self, bits: int, buckets: Iterable[int]) -> dict[NodeId, tuple[int, int]]:
+        """The digest restricted to origins in ``buckets`` of ``2**bits``."""
+        want = set(buckets)
+        return {o: (p.generation, p.version) for o, p in self._parts.items()
+                if bucket_of(o, bits) in want}
+
+    def origins(self) -> int:
+        return len(self._parts)
+
+    def _toggle(self, origin: NodeId, part: Partition) -> None:
+        self.hashes.toggle(origin, part_key(part), 0)
 
     def version_of(self, origin: NodeId) -> tuple[int, int]:
         """``(generation, version)`` held of ``origin``'s partition, (0, 0) if none."""
@@ -227,7 +256,9 @@ class Registry:
         for change in delta.changes:
             if change.version > part.version:
                 self._set(delta.origin, part, change.eid, change.entry)
+        self._toggle(delta.origin, part)
         part.version = delta.top
+        self._toggle(delta.origin, part)
         self._drain(delta.origin)
         return Applied.APPLIED
 
@@ -248,7 +279,9 @@ class Registry:
         part = self._reset(snap.origin, snap.generation)
         for entry in snap.entries:
             self._set(snap.origin, part, entry.eid, entry)
+        self._toggle(snap.origin, part)
         part.version = snap.version
+        self._toggle(snap.origin, part)
         self._floors.pop(snap.origin, None)
         self._revived.discard(snap.origin)
         self._drain(snap.origin)
@@ -274,7 +307,9 @@ class Registry:
                     for change in delta.changes:
                         if change.version > part.version:
                             self._set(origin, part, change.eid, change.entry)
+                    self._toggle(origin, part)
                     part.version = delta.top
+                    self._toggle(origin, part)
         if not pending:
             self._pending.pop(origin, None)
 
@@ -291,6 +326,7 @@ class Registry:
         for entry in list(part.entries.values()):
             self._index_remove(origin, entry)
             self._note(None, Claim(origin, entry))
+        self._toggle(origin, part)
         del self._parts[origin]
         self._pending.pop(origin, None)
         self._floors[origin] = (part.generation, part.version)
@@ -370,11 +406,13 @@ class Registry:
     def _reset(self, origin: NodeId, generation: int) -> Partition:
         old = self._parts.get(origin)
         if old is not None:
+            self._toggle(origin, old)
             for entry in list(old.entries.values()):
                 self._index_remove(origin, entry)
                 self._note(None, Claim(origin, entry))
         part = Partition(generation)
         self._parts[origin] = part
+        self._toggle(origin, part)
         pending = self._pending.get(origin)
         if pending:
             for base in [b for b, d in pending.items() if d.generation != generation]:
@@ -436,3 +474,6 @@ class SharedState:
                 index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = \
                     Claim(origin, entry)
             self.parts[origin] = part
+        self.hashes = Digest()
+        for origin, part in self.parts.items():
+            self.hashes.toggle(origin, part_key(part), 0)

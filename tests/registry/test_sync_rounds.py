@@ -1,0 +1,76 @@
+"""The registry's own anti-entropy: periodic rounds with one random peer,
+bucket hashes for large registries, and the extra round after a heal."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.core.registry import service as svc
+from peerd.wire import codec
+from peerd.wire.codec import DecodeError
+from peerd.wire.messages import RegDigestRow, RegSync
+from tests.registry.test_service import cluster, holders, reg
+
+
+def test_reg_sync_bucket_fields_round_trip_and_old_form_is_unchanged() -> None:
+    whole = RegSync((RegDigestRow(b"\x01" * 16, 1, 5),), ())
+    assert codec.decode(codec.encode(whole)) == whole
+    assert len(codec.to_cbor_obj(whole)) == 3  # no new fields on the wire
+    hashed = RegSync((), (), 2, (), bytes(range(16)))
+    assert codec.decode(codec.encode(hashed)) == hashed
+    part = RegSync((RegDigestRow(b"\x02" * 16, 1, 7),), (), 3, (0, 5), b"")
+    assert codec.decode(codec.encode(part)) == part
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ([13, [], b""], "bits"),  # above the finest split
+    ([2, [], b"\x00" * 15], "hashes"),  # not 4 bytes per bucket
+    ([2, [3, 1], b""], "buckets"),  # not ascending
+    ([2, [1, 1], b""], "buckets"),  # repeated
+    ([2, [4], b""], "buckets"),  # beyond 2**bits
+    ([2, [0], "text"], "hashes"),
+])
+def test_malformed_bucket_fields_are_decode_errors(fields: list, reason: str) -> None:
+    import cbor2
+
+    raw = cbor2.dumps([RegSync.TYPE, [], [], *fields])
+    with pytest.raises(DecodeError):
+        codec.decode(raw)
+
+
+def test_a_node_that_missed_a_delta_catches_up_in_a_round_not_at_push_pull() -> None:
+    c, _rec = cluster(10, seed=2)
+    c.cut = {9}  # isolated for a moment: not long enough to be suspected dead
+    reg(c, 3, "svc")
+    c.run_until(c.now + 0.3)
+    c.cut = set()
+    c.run_until(c.now + 0.2)
+    assert holders(c, "svc")[9] is None  # the epidemic is over: it missed it
+    # Push-pull is 30 s or more apart; the registry round is every
+    # SYNC_INTERVAL_S, and node 9 is in reach of everyone's rounds.
+    t0 = c.now
+    while holders(c, "svc")[9] is None and c.now < t0 + 2 * svc.SYNC_INTERVAL_S:
+        c.run_until(c.now + 0.5)
+    assert holders(c, "svc")[9] is not None
+    assert c.now - t0 <= svc.SYNC_INTERVAL_S + 1.0
+
+
+def test_large_registries_compare_bucket_hashes_and_equal_ones_send_no_rows() -> None:
+    c, _rec = cluster(svc.FULL_DIGEST_MAX + 4, seed=3)
+    for i in range(c.n):
+        reg(c, i, f"n{i}", conn=1)
+    c.run_until(c.now + 3)
+    a, b = c.nodes[0].registry, c.nodes[1].registry
+    assert a.state.digest() == b.state.digest()
+    req = a.sync_request()
+    assert req.digest == () and req.bits == svc.sync_bits(a.state.origins())
+    assert len(req.hashes) == 4 << req.bits
+    reply = b.on_sync_request(c.nodes[0].node_id, req)
+    assert reply.digest == () and reply.items == () and reply.buckets == ()
+    # A difference shows up as the rows of just the buckets that differ.
+    reg(c, 5, "late", conn=2)
+    c.run_until(c.now + 0.001)  # node 5 has it, node 1 not yet
+    req = c.nodes[5].registry.sync_request()
+    reply = b.on_sync_request(c.nodes[5].node_id, req)
+    assert c.nodes[5].node_id in {r.origin for r in reply.digest}
+    assert len(reply.buckets) == 1
