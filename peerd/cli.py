@@ -368,6 +368,27 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        if args.group:
+            result = client.send(group=args.name, payload=args.payload.encode("utf-8"),
+                                 scope=args.scope, all=args.all)
+        else:
+            if args.all:
+                raise CliError("--all needs --group", EXIT_USAGE)
+            result = client.send(args.name, args.payload.encode("utf-8"), scope=args.scope)
+    if args.json:
+        _print_json(result)
+    else:
+        failed = result.get("failed") or []
+        print(f"delivered to {result.get('delivered', 0)}"
+              + (f", failed for {len(failed)}" if failed else ""))
+        for f in failed:
+            print(f"  {str(f.get('node', '?'))[:SHORT_ID]}: {f.get('message')} "
+                  f"({f.get('code')})", file=sys.stderr)
+    return EXIT_OK if not result.get("failed") else EXIT_FAILED
+
+
 def cmd_event(args: argparse.Namespace) -> int:
     result = _call(args, "event", name=args.name, payload=args.payload.encode("utf-8"))
     if args.json:
@@ -677,6 +698,21 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="")
     p.add_argument("--json", action="store_true", help='print {"id": ...} of the broadcast')
     p.set_defaults(func=cmd_event)
+
+    p = add("send", "send a message to the process holding a name",
+            "Send PAYLOAD (text) to the process holding NAME anywhere in the cluster (with "
+            "--group, to one member of group NAME; with --all, to every member). The "
+            "receiving process gets it as a `message` event on its API connection. Exit 0 "
+            "once the owner's daemon queued it; 1 with the reason if nobody holds NAME, the "
+            "owner vanished, its mailbox is full or its daemon could not be reached (a "
+            "message is never delivered twice).")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("payload", metavar="PAYLOAD")
+    p.add_argument("--group", action="store_true", help="NAME is a process group")
+    p.add_argument("--all", action="store_true", help="with --group: every member")
+    p.add_argument("--scope", default="default", help="the scope (default: default)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_send)
 
     scope_help = "the scope (default: default)"
     p = add("names", "list registered names",

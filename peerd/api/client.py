@@ -55,6 +55,7 @@ from peerd.api.protocol import (
     CONNECTION_STREAM,
     DEFAULT_MAX_FRAME,
     DEFAULT_SCOPE,
+    MESSAGE_EVENT,
     STREAM_END,
     ApiError,
     Event,
@@ -167,6 +168,10 @@ class Client:
         # Connection events (stream 0: a registry conflict) are kept here until
         # read with connection_events(); past watch_buffer, new ones are dropped.
         self._conn_send, self._conn_receive = trio.open_memory_channel[Event](watch_buffer)
+        # Messages to names held by this connection: up to watch_buffer wait
+        # here; past that the reader stops reading the socket, the daemon's
+        # queue for this connection fills and senders get "mailbox full".
+        self._msg_send, self._msg_receive = trio.open_memory_channel[Event](watch_buffer)
         self._stream = stream
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -257,7 +262,12 @@ class Client:
                     raise ConnectionLost("peerd closed the connection")
                 decoder.feed(data)
                 while (frame := decoder.next_frame()) is not None:
-                    self._dispatch(parse_server_frame(frame))
+                    msg = parse_server_frame(frame)
+                    if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
+                            and msg.event == MESSAGE_EVENT):
+                        await self._msg_send.send(msg)  # backpressure, never a drop
+                        continue
+                    self._dispatch(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail(ConnectionLost(f"connection to peerd lost: {exc}"))
         except FrameError as exc:
@@ -325,6 +335,7 @@ class Client:
             self._streams[stream].error = exc
             self._end_stream(stream)
         self._conn_send.close()
+        self._msg_send.close()
 
     # --- connection events ---------------------------------------------------------
 
@@ -341,6 +352,59 @@ class Client:
                 return
 
     # --- partial mesh ------------------------------------------------------------------
+
+    async def send(self, name: str | None = None, payload: bytes | str = b"", *,
+                   group: str | None = None, scope: str = DEFAULT_SCOPE,
+                   all: bool = False) -> dict[str, Any]:
+        """Send ``payload`` to the process holding ``name`` (or to one member
+        of ``group``; with ``all=True`` to every member), wherever it runs.
+
+        Returns ``{"delivered": n}`` (plus ``"failed": [...]`` with ``all``)
+        once the owner's daemon queued it on the owner's connection. Raises
+        ApiError: ``not_found`` (no such name, or its owner vanished before
+        the message arrived), ``unavailable`` (mailbox full, link lost, no
+        answer in time: delivery unknown, never duplicated), ``bad_args``
+        (payload over 256 KiB). Sends on one connection arrive in order.
+
+        Request/reply: the receiver gets each message from :meth:`messages`
+        with the sender's registered name in ``data["from"]``, and answers::
+
+            async for msg in server.messages():          # holds "db"
+                await server.send(msg.data["from"], b"pong")
+
+            await client.register("client-7")            # so "db" can answer
+            await client.send("db", b"ping")
+            reply = await client.receive_message()       # from "db"
+        """
+        args: dict[str, Any] = {"payload": payload, "scope": scope}
+        if group is not None:
+            args["group"] = group
+            if all:
+                args["all"] = True
+        else:
+            if name is None:
+                raise ValueError("give a name or a group")
+            args["name"] = name
+        result: dict[str, Any] = await self.request(Op.SEND, args)
+        return result
+
+    async def receive_message(self) -> Event:
+        """The next message sent to a name this connection holds: an Event
+        ``message`` whose ``data`` has ``from`` (the sender's registered name
+        or None), ``from_node``, ``kind``, ``scope``, ``name``, ``payload``.
+        Raises ConnectionLost when the connection closes."""
+        try:
+            return await self._msg_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise self._broken or ConnectionLost("connection closed") from None
+
+    async def messages(self) -> AsyncIterator[Event]:
+        """Yield messages to this connection's names until it closes."""
+        while True:
+            try:
+                yield await self._msg_receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
 
     async def event(self, name: str, payload: bytes = b"") -> str:
         """Broadcast a user event to every node (watch topic ``events``); the
@@ -541,6 +605,9 @@ class BlockingClient:
         # Connection events (stream 0), the newest DEFAULT_WATCH_BUFFER kept.
         self._conn_events: collections.deque[Event] = collections.deque(
             maxlen=DEFAULT_WATCH_BUFFER)
+        # Messages to names that arrived while waiting for a response (not
+        # dropped: the daemon bounds what it queues for us).
+        self._messages: collections.deque[Event] = collections.deque()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.path)
@@ -622,6 +689,8 @@ class BlockingClient:
                 if isinstance(msg, Event):
                     queue = (self._conn_events if msg.stream == CONNECTION_STREAM
                              else self._events.get(msg.stream))
+                    if msg.stream == CONNECTION_STREAM and msg.event == MESSAGE_EVENT:
+                        queue = self._messages
                     if queue is not None:
                         queue.append(msg)
                 elif msg.id is None:
@@ -649,7 +718,8 @@ class BlockingClient:
         try:
             while True:
                 msg = self._read_one(timeout)
-                if isinstance(msg, Event) and msg.stream == CONNECTION_STREAM:
+                if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
+                        and self._conn_events):
                     return self._conn_events.popleft()
         except TimeoutError:
             return None
@@ -659,6 +729,35 @@ class BlockingClient:
         out = list(self._conn_events)
         self._conn_events.clear()
         return out
+
+    def send(self, name: str | None = None, payload: bytes | str = b"", *,
+             group: str | None = None, scope: str = DEFAULT_SCOPE,
+             all: bool = False) -> dict[str, Any]:
+        """See :meth:`Client.send`."""
+        args: dict[str, Any] = {"payload": payload, "scope": scope}
+        if group is not None:
+            args["group"] = group
+            if all:
+                args["all"] = True
+        else:
+            if name is None:
+                raise ValueError("give a name or a group")
+            args["name"] = name
+        result: dict[str, Any] = self.request(Op.SEND, args)
+        return result
+
+    def receive_message(self, timeout: float | None = None) -> Event | None:
+        """The next message to a name this connection holds (see
+        :meth:`Client.receive_message`), reading the socket for up to
+        ``timeout`` seconds (None: no limit); None if none came."""
+        if self._messages:
+            return self._messages.popleft()
+        try:
+            while not self._messages:
+                self._read_one(timeout)
+        except TimeoutError:
+            return None
+        return self._messages.popleft()
 
     def event(self, name: str, payload: bytes = b"") -> str:
         result: dict[str, Any] = self.request(Op.EVENT, {"name": name, "payload": payload})

@@ -92,6 +92,7 @@ class Op(enum.StrEnum):
     GROUPS = "groups"
     # partial mesh
     EVENT = "event"
+    SEND = "send"
 
 
 class Topic(enum.StrEnum):
@@ -791,3 +792,47 @@ def decode_user_event(data: bytes) -> tuple[str, bytes] | None:
             or type(obj[1]) is not bytes or not obj[0]):
         return None
     return obj[0], obj[1]
+
+
+# --- messages to names --------------------------------------------------------------
+
+MAX_MESSAGE_BYTES = 256 * 1024
+"""Largest payload of a message to a name (``send``)."""
+
+MESSAGE_EVENT = "message"
+"""Connection event (stream 0) carrying a message to a name this connection holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendArgs:
+    kind: RegKind
+    scope: str
+    name: str
+    payload: bytes
+    all: bool = False
+
+
+def parse_send_args(args: Mapping[str, Any]) -> SendArgs:
+    """``{"name": text} / {"group": text}, ? "scope", "payload": bytes / text,
+    ? "all": bool`` (``all`` only with a group)."""
+    if "group" in args:
+        kind = RegKind.GROUP
+        if "name" in args:
+            raise _bad_args('give "name" or "group", not both')
+    else:
+        kind = RegKind.NAME
+    target = parse_target_args(args, kind)
+    payload = args.get("payload", b"")
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    if not isinstance(payload, bytes):
+        raise _bad_args('"payload" must be bytes or text')
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise _bad_args(f"message is {len(payload)} bytes, over the {MAX_MESSAGE_BYTES}-byte "
+                        "limit")
+    everyone = args.get("all", False)
+    if type(everyone) is not bool:
+        raise _bad_args('"all" must be a boolean')
+    if everyone and kind is not RegKind.GROUP:
+        raise _bad_args('"all" needs a "group"')
+    return SendArgs(kind, target.scope, target.name, payload, everyone)

@@ -166,6 +166,21 @@ class Connection:
             return False
         return True
 
+    def offer(self, stream: int, event: str, data: Mapping[str, Any]) -> str:
+        """Like :meth:`push_nowait`, but says why it failed: "ok", "full"
+        (the client is not reading) or "closed". Raises ValueError if the
+        frame cannot be encoded."""
+        if self._closed:
+            return "closed"
+        frame = self._encode_event(stream, event, data)
+        try:
+            self._outgoing.send_nowait(frame)
+        except trio.WouldBlock:
+            return "full"
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return "closed"
+        return "ok"
+
     async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
         """Like :meth:`push_nowait` but waits for room. False if the connection closed."""
         frame = self._encode_event(stream, event, data)

@@ -87,6 +87,9 @@ class LinkLimits:
     max_queue_bytes: int = 4 * 1024 * 1024
     # ...and the priority whose frames may be dropped (user broadcasts).
     droppable_priority: int = 3
+    # Direct links (to daemons we send messages to names to, not neighbours)
+    # held at once; the least recently used is closed to open another.
+    max_direct_links: int = 32
     # A link with no mesh use and no direct traffic this long is closed.
     idle_s: float = 60.0
     # How often idle links are looked for.
@@ -178,6 +181,8 @@ class LinkManager:
             return
         if peer == self.node_id:
             return
+        if not mesh:
+            self._make_room_for_direct()
         link = _Link(peer, addr, True, next(self._ids), mesh=mesh, last_used=trio.current_time())
         self.links[peer] = link
         self._all.add(link)
@@ -190,7 +195,9 @@ class LinkManager:
     def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
              mesh: bool | None = None) -> bool:
         """Queue ``msg`` for ``peer``; False (counted) if there is no link or
-        the frame was dropped. ``mesh``: mark the link as the mesh's."""
+        the frame was dropped. ``mesh``: mark the link as the mesh's;
+        ``mesh=False``: direct traffic (messages to names), never dropped
+        silently: over the hard queue bound it is refused (False) instead."""
         link = self.links.get(peer)
         if link is None or link.state not in ("connecting", "up"):
             self.counters["link_send_no_link"] += 1
@@ -207,7 +214,7 @@ class LinkManager:
         elif mesh is False:
             link.direct = True
             link.last_used = trio.current_time()
-        return self._enqueue(link, data, priority)
+        return self._enqueue(link, data, priority, droppable=mesh is not False)
 
     def close(self, peer: NodeId, *, mesh: bool = True) -> None:
         """The mesh's CloseLink: flush then close, unless direct traffic still
@@ -220,6 +227,17 @@ class LinkManager:
             if link.direct and trio.current_time() - link.last_used < self.limits.idle_s:
                 return  # still carries messages to names; the reaper closes it when idle
         self._close(link)
+
+    def _make_room_for_direct(self) -> None:
+        """At the direct-link bound, close the least recently used direct
+        link (its pending messages fail explicitly: LinkLost(mesh=False))."""
+        direct = [lk for lk in self.links.values() if not lk.mesh]
+        if len(direct) < self.limits.max_direct_links:
+            return
+        victim = min(direct, key=lambda lk: lk.last_used)
+        self.counters["link_direct_evicted"] += 1
+        self._close(victim)
+        self._report(LinkLost(victim.peer, False))
 
     def close_all(self) -> None:
         for link in list(self.links.values()):
@@ -241,13 +259,16 @@ class LinkManager:
         link.state = "closing"
         link.wake.set()
 
-    def _enqueue(self, link: _Link, data: bytes, priority: int) -> bool:
+    def _enqueue(self, link: _Link, data: bytes, priority: int, droppable: bool = True) -> bool:
         lim = self.limits
         if link.queued_bytes > lim.max_queue_bytes:
-            if priority >= lim.droppable_priority:
+            if droppable and priority >= lim.droppable_priority:
                 self.counters["link_drop_queue_full"] += 1
                 return False
             if link.queued_bytes > 4 * lim.max_queue_bytes:
+                if not droppable:  # direct traffic: the sender gets an error
+                    self.counters["link_refused_queue_full"] += 1
+                    return False
                 self.counters["link_fail_queue_overflow"] += 1
                 self._fail(link, "queue_overflow")
                 return False
@@ -305,6 +326,7 @@ class LinkManager:
                     and now - link.last_used >= self.limits.idle_s):
                 self.counters["link_idle_closed"] += 1
                 self._close(link)
+                self._report(LinkLost(link.peer, False))
 
     def _hello(self, dst: NodeId, nonce: bytes) -> bytes:
         return self.sealer.seal(MAGIC + HELLO + self.node_id + dst + nonce)

@@ -69,6 +69,7 @@ from peerd.api.protocol import (
     Op,
     RegisterArgs,
     RegTarget,
+    SendArgs,
     TagUpdate,
     Topic,
     decode_user_event,
@@ -83,6 +84,7 @@ from peerd.api.protocol import (
     parse_limit_arg,
     parse_list_args,
     parse_register_args,
+    parse_send_args,
     parse_set_tags_args,
     parse_target_args,
     parse_update_args,
@@ -146,6 +148,7 @@ from peerd.core.mesh.events import (
 )
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
+from peerd.shell.messaging import Messenger, Pending
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
 from peerd.wire.messages import (
@@ -153,6 +156,8 @@ from peerd.wire.messages import (
     Channel,
     MeshPeer,
     Message,
+    NameMsg,
+    NameReply,
     NodeId,
     RegKind,
     Status,
@@ -513,6 +518,10 @@ class Runner:
         registry = getattr(node, "registry", None)
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
+        # Messages to names ride the same links as the mesh.
+        self.messenger = (Messenger(node, links, self._reg_conns, self.counters,
+                                    leaving=lambda: self.leaving)
+                          if links is not None else None)
 
     # --- the loop ---------------------------------------------------------------
 
@@ -862,10 +871,25 @@ class Runner:
 
     def _direct_message(self, src: NodeId, msg: Message) -> None:
         """A non-mesh message over a peer link (messages to names)."""
-        self.counters["link_drop_unexpected"] += 1
+        match msg:
+            case NameMsg() if self.messenger is not None:
+                self.messenger.on_message(src, msg)
+            case NameReply() if self.messenger is not None:
+                self.messenger.on_reply(src, msg)
+            case _:
+                self.counters["link_drop_unexpected"] += 1
 
     def _link_lost(self, node: NodeId) -> None:
-        """A link failed or the peer closed it (messages to names hear it)."""
+        """A link failed or the peer closed it: sends waiting on it fail."""
+        if self.messenger is not None:
+            self.messenger.link_lost(node)
+
+    def _send_begin(self, conn: object, args: SendArgs) -> Pending:
+        if self.messenger is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no peer links")
+        if self.leaving:
+            raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
+        return self.messenger.begin(conn, args)
 
     def _deliver(self, d: Deliver) -> None:
         self.counters[f"mesh_delivered_{d.channel.name.lower()}"] += 1
@@ -1009,6 +1033,11 @@ class Runner:
             case Op.EVENT:
                 ev = parse_event_args(args)
                 return await self.call_in_runner(lambda: self._user_event(ev))
+            case Op.SEND:
+                send = parse_send_args(args)
+                pending: Pending = await self.call_in_runner(lambda: self._send_begin(conn, send))
+                assert self.messenger is not None
+                return await self.messenger.wait(pending)
             case Op.KEYS_LIST:
                 return self._keys().list()
             case Op.KEYS_INSTALL:
@@ -1108,6 +1137,9 @@ class Runner:
 
     def batchable(self, op: str, args: Mapping[str, Any]) -> bool:
         """Registry writes without ``wait`` and lookups answer at once."""
+        if op == Op.SEND:
+            # Batched so that a connection's sends go out in order, many per turn.
+            return self.messenger is not None
         return (op in self._QUICK_OPS and args.get("wait") is None
                 and getattr(self.node, "registry", None) is not None)
 
@@ -1130,7 +1162,9 @@ class Runner:
                     continue
                 op, cmd = item
                 try:
-                    if op == Op.LOOKUP:
+                    if op == Op.SEND:
+                        out.append(self._send_begin(conn, cmd))
+                    elif op == Op.LOOKUP:
                         out.append(self._lookup(cmd))
                     else:
                         call = self._reg_begin(conn, cmd, update=op == Op.UPDATE)
@@ -1142,6 +1176,14 @@ class Runner:
         self.in_flight += 1
         try:
             results: list[Any] = await self.call_in_runner(run)
+            if self.messenger is not None:
+                deadline = trio.current_time() + self.messenger.send_timeout_s
+                for i, r in enumerate(results):
+                    if isinstance(r, Pending):
+                        try:
+                            results[i] = await self.messenger.wait(r, deadline)
+                        except ApiError as e:
+                            results[i] = e
             for i, r in enumerate(results):
                 if isinstance(r, _RegCall):  # pragma: no cover - quick writes answer at once
                     if r.result is None:
@@ -1157,6 +1199,8 @@ class Runner:
 
     def _parse_quick(self, op: str, args: Mapping[str, Any]) -> tuple[str, Any]:
         match op:
+            case Op.SEND:
+                return op, parse_send_args(args)
             case Op.REGISTER:
                 return op, parse_register_args(args)
             case Op.GROUP_JOIN:

@@ -115,3 +115,55 @@ def test_user_event_reaches_every_daemon_once(cluster: Cluster) -> None:
     finally:
         for w in watchers:
             w.close()
+
+
+def test_messages_to_a_name_arrive_once_in_order(cluster: Cluster) -> None:
+    from peerd.api.client import BlockingClient
+    from peerd.api.protocol import ApiError
+
+    daemons = cluster.start_cluster([f"s{i}" for i in range(N)])
+    wait_until(lambda: mesh_settled(daemons, 5), 30.0, "mesh views filled")
+    owner_d, sender_d = daemons[5], daemons[17]
+    with BlockingClient(owner_d.sock, timeout=10) as owner, \
+            BlockingClient(sender_d.sock, timeout=10) as sender:
+        owner.register("inbox")
+        sender.register("asker")
+        wait_until(lambda: sender.lookup("inbox") is not None, 10.0, "inbox visible")
+        count = 300
+        for i in range(count):
+            assert sender.send("inbox", b"m%d" % i) == {"delivered": 1}
+        got = []
+
+        def drain() -> bool:
+            while (ev := owner.receive_message(0.05)) is not None:
+                got.append(ev)
+            return len(got) >= count
+
+        wait_until(drain, 10.0, "every message at the owner")
+        assert [ev.data["payload"] for ev in got] == [b"m%d" % i for i in range(count)]
+        assert {ev.data["from"] for ev in got} == {"asker"}
+        assert got[0].data["from_node"] == gauges_id(sender_d)
+        # Once: nothing more comes.
+        assert owner.receive_message(0.5) is None
+        # Request/reply: the owner answers the sender by its registered name.
+        assert owner.send(got[0].data["from"], b"pong") == {"delivered": 1}
+        reply = sender.receive_message(10)
+        assert reply is not None and reply.data["payload"] == b"pong"
+        assert reply.data["from"] == "inbox"
+        # A direct link now joins the two daemons (unless they were neighbours).
+        # The owner goes away: its name vanishes, and a sender gets an error.
+    with pytest.raises(ApiError) as e:
+        sender_d.api("send", name="inbox", payload=b"late")
+    assert e.value.code == "not_found", e.value.message
+    with BlockingClient(sender_d.sock, timeout=10) as s2:
+        wait_until(lambda: s2.lookup("inbox") is None, 10.0, "inbox gone at the sender")
+        with pytest.raises(ApiError) as e:
+            s2.send("inbox", b"later")
+        assert e.value.code == "not_found"
+        with pytest.raises(ApiError) as e:
+            s2.send("nobody-has-this", b"x")
+        assert e.value.code == "not_found" and "no name" in e.value.message
+
+
+def gauges_id(d: Daemon) -> str:
+    return str(d.status()["id"])

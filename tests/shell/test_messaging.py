@@ -1,0 +1,265 @@
+"""Messages to names (peerd.shell.messaging) with a fake registry, links and
+connections: resolution, local and remote delivery, every error, timeouts."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from peerd.api.protocol import ApiError, SendArgs, parse_send_args
+from peerd.shell.messaging import DIRECT_PRIORITY, Messenger
+from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind
+
+ME, OTHER, THIRD = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+
+
+@dataclass
+class Entry:
+    eid: int
+    kind: RegKind
+    scope: str
+    name: str
+
+
+@dataclass
+class Claim:
+    origin: bytes
+    entry: Entry
+
+
+@dataclass
+class Part:
+    entries: dict[int, Entry] = field(default_factory=dict)
+
+
+class State:
+    def __init__(self) -> None:
+        self.claims: list[Claim] = []
+        self.local = Part()
+
+    def lookup(self, scope: str, name: str) -> Claim | None:
+        for c in self.claims:
+            if (c.entry.kind, c.entry.scope, c.entry.name) == (RegKind.NAME, scope, name):
+                return c
+        return None
+
+    def group_members(self, scope: str, name: str) -> list[Claim]:
+        return [c for c in self.claims
+                if (c.entry.kind, c.entry.scope, c.entry.name) == (RegKind.GROUP, scope, name)]
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.state = State()
+        self._owner_of: dict[int, int] = {}
+        self._owned: dict[int, dict[tuple[RegKind, str, str], int]] = {}
+
+    def add(self, origin: bytes, eid: int, kind: RegKind, name: str, conn: int | None = None
+            ) -> None:
+        e = Entry(eid, kind, "default", name)
+        self.state.claims.append(Claim(origin, e))
+        if origin == ME:
+            self.state.local.entries[eid] = e
+            assert conn is not None
+            self._owner_of[eid] = conn
+            self._owned.setdefault(conn, {})[(kind, "default", name)] = eid
+
+
+@dataclass
+class Member:
+    node: bytes
+    addr: tuple[str, int]
+
+
+class Node:
+    def __init__(self) -> None:
+        self.registry = Registry()
+
+    def local_member(self) -> Member:
+        return Member(ME, ("127.0.0.1", 1))
+
+    def member(self, node: bytes) -> Member | None:
+        return Member(node, ("127.0.0.9", 9)) if node != b"\x09" * 16 else None
+
+
+class Links:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any, int, Any]] = []
+        self.connected: list[bytes] = []
+        self.accept = True
+
+    def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
+        self.connected.append(peer)
+
+    def send(self, peer: bytes, msg: Any, priority: int = 0, *, mesh: bool | None = None
+             ) -> bool:
+        self.sent.append((peer, msg, priority, mesh))
+        return self.accept
+
+
+class Conn:
+    def __init__(self, cid: int, room: int = 10) -> None:
+        self.id = cid
+        self.room = room
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.closed = False
+
+    def offer(self, stream: int, event: str, data: dict[str, Any]) -> str:
+        if self.closed:
+            return "closed"
+        if len(self.events) >= self.room:
+            return "full"
+        self.events.append((stream, event, data))
+        return "ok"
+
+
+def setup() -> tuple[Messenger, Node, Links, dict[int, Any]]:
+    node, links = Node(), Links()
+    conns: dict[int, Any] = {}
+    m = Messenger(node, links, conns, collections.Counter(), send_timeout_s=10)
+    return m, node, links, conns
+
+
+def args(name: str, payload: bytes = b"hi", **kw: Any) -> SendArgs:
+    return parse_send_args({"name": name, "payload": payload, **kw})
+
+
+async def test_unknown_name_is_not_found() -> None:
+    m, *_ = setup()
+    with pytest.raises(ApiError) as e:
+        m.begin(Conn(1), args("nobody"))
+    assert e.value.code == "not_found" and "no name 'nobody'" in e.value.message
+
+
+async def test_local_owner_gets_it_at_once_with_the_sender_name() -> None:
+    m, node, links, conns = setup()
+    owner, sender = Conn(7), Conn(8)
+    conns[7] = owner
+    node.registry.add(ME, 1, RegKind.NAME, "db", conn=7)
+    node.registry.add(ME, 2, RegKind.NAME, "client", conn=8)
+    p = m.begin(sender, args("db", b"ping"))
+    assert await m.wait(p) == {"delivered": 1}
+    assert owner.events == [(0, "message", {"from": "client", "from_node": ME.hex(),
+                                            "kind": "name", "scope": "default", "name": "db",
+                                            "payload": b"ping"})]
+    assert links.sent == []
+
+
+async def test_remote_owner_roundtrip_and_errors() -> None:
+    m, node, links, _ = setup()
+    node.registry.add(OTHER, 5, RegKind.NAME, "db")
+    p1 = m.begin(Conn(1), args("db", b"a"))
+    p2 = m.begin(Conn(1), args("db", b"b"))
+    p3 = m.begin(Conn(1), args("db", b"c"))
+    assert links.connected == [OTHER] * 3
+    msgs = [s[1] for s in links.sent]
+    assert [(x.seq, x.eid, x.payload, x.sender) for x in msgs] == [
+        (1, 5, b"a", ""), (2, 5, b"b", ""), (3, 5, b"c", "")]
+    assert {(s[2], s[3]) for s in links.sent} == {(DIRECT_PRIORITY, False)}
+    m.on_reply(OTHER, NameReply(1, NameStatus.DELIVERED))
+    m.on_reply(OTHER, NameReply(2, NameStatus.MAILBOX_FULL))
+    m.on_reply(THIRD, NameReply(3, NameStatus.DELIVERED))  # wrong peer: ignored
+    assert m.counters["send_reply_unexpected"] == 1
+    m.on_reply(OTHER, NameReply(3, NameStatus.NOT_FOUND))
+    assert await m.wait(p1) == {"delivered": 1}
+    with pytest.raises(ApiError) as e:
+        await m.wait(p2)
+    assert e.value.code == "unavailable" and "mailbox full" in e.value.message
+    with pytest.raises(ApiError) as e:
+        await m.wait(p3)
+    assert e.value.code == "not_found" and "vanished" in e.value.message
+    assert m.pending == 0
+
+
+async def test_link_lost_fails_what_waits_on_it() -> None:
+    m, node, _, _ = setup()
+    node.registry.add(OTHER, 5, RegKind.NAME, "db")
+    node.registry.add(THIRD, 6, RegKind.NAME, "web")
+    p1, p2 = m.begin(Conn(1), args("db")), m.begin(Conn(1), args("web"))
+    m.link_lost(OTHER)
+    with pytest.raises(ApiError) as e:
+        await m.wait(p1)
+    assert e.value.code == "unavailable" and "lost" in e.value.message
+    assert not p2.finished
+
+
+async def test_no_answer_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    m, node, _, _ = setup()
+    node.registry.add(OTHER, 5, RegKind.NAME, "db")
+    p = m.begin(Conn(1), args("db"))
+    t0 = trio.current_time()
+    with pytest.raises(ApiError) as e:
+        await m.wait(p)
+    assert trio.current_time() - t0 == pytest.approx(10)
+    assert "no answer" in e.value.message and m.pending == 0
+    m.on_reply(OTHER, NameReply(1, NameStatus.DELIVERED))  # too late: ignored
+    assert m.counters["send_reply_unexpected"] == 1
+
+
+async def test_full_link_and_unknown_member_are_errors() -> None:
+    m, node, links, _ = setup()
+    node.registry.add(OTHER, 5, RegKind.NAME, "db")
+    node.registry.add(b"\x09" * 16, 6, RegKind.NAME, "ghost")
+    links.accept = False
+    with pytest.raises(ApiError) as e:
+        await m.wait(m.begin(Conn(1), args("db")))
+    assert "full or down" in e.value.message
+    with pytest.raises(ApiError) as e:
+        await m.wait(m.begin(Conn(1), args("ghost")))
+    assert "not a known member" in e.value.message
+
+
+async def test_group_one_prefers_local_and_all_reaches_everyone() -> None:
+    m, node, links, conns = setup()
+    conns[7] = local = Conn(7)
+    node.registry.add(OTHER, 5, RegKind.GROUP, "workers")
+    node.registry.add(ME, 6, RegKind.GROUP, "workers", conn=7)
+    node.registry.add(THIRD, 7, RegKind.GROUP, "workers")
+    assert await m.wait(m.begin(Conn(1), parse_send_args(
+        {"group": "workers", "payload": b"x"}))) == {"delivered": 1}
+    assert len(local.events) == 1 and links.sent == []
+    p = m.begin(Conn(1), parse_send_args({"group": "workers", "payload": b"y", "all": True}))
+    assert sorted(s[0] for s in links.sent) == [OTHER, THIRD]
+    seqs = {s[0]: s[1].seq for s in links.sent}
+    m.on_reply(OTHER, NameReply(seqs[OTHER], NameStatus.DELIVERED))
+    m.on_reply(THIRD, NameReply(seqs[THIRD], NameStatus.MAILBOX_FULL))
+    result = await m.wait(p)
+    assert result["delivered"] == 2  # the local member and OTHER
+    assert [f["node"] for f in result["failed"]] == [THIRD.hex()]
+
+
+async def test_receiver_checks_the_entry_and_answers_each() -> None:
+    m, node, links, conns = setup()
+    conns[7] = owner = Conn(7, room=1)
+    node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
+    ok = NameMsg(11, RegKind.NAME, "default", "db", 3, "asker", b"1")
+    m.on_message(OTHER, ok)
+    m.on_message(OTHER, NameMsg(12, RegKind.NAME, "default", "db", 3, "asker", b"2"))  # full
+    m.on_message(OTHER, NameMsg(13, RegKind.NAME, "default", "db", 99, "", b"3"))  # vanished
+    m.on_message(OTHER, NameMsg(14, RegKind.GROUP, "default", "db", 3, "", b"4"))  # wrong kind
+    owner.closed = True
+    m.on_message(OTHER, NameMsg(15, RegKind.NAME, "default", "db", 3, "", b"5"))  # going away
+    assert [s[1] for s in links.sent] == [
+        NameReply(11, NameStatus.DELIVERED), NameReply(12, NameStatus.MAILBOX_FULL),
+        NameReply(13, NameStatus.NOT_FOUND), NameReply(14, NameStatus.NOT_FOUND),
+        NameReply(15, NameStatus.NOT_FOUND)]
+    assert owner.events[0][2]["from"] == "asker"
+    m.leaving = lambda: True
+    m.on_message(OTHER, ok)
+    assert links.sent[-1][1] == NameReply(11, NameStatus.REFUSED)
+
+
+def test_send_args() -> None:
+    a = parse_send_args({"group": "g", "all": True, "payload": "t", "scope": "s"})
+    assert (a.kind, a.scope, a.name, a.payload, a.all) == (RegKind.GROUP, "s", "g", b"t", True)
+    for bad in ({"name": "x", "all": True}, {"name": "x", "group": "y"},
+                {"name": "x", "payload": 3}, {"name": "x", "payload": b"z" * (256 * 1024 + 1)},
+                {"payload": b""}, {"name": "x", "all": 1}):
+        with pytest.raises(ApiError) as e:
+            parse_send_args(bad)
+        assert e.value.code == "bad_args"
