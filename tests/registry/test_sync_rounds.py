@@ -74,3 +74,29 @@ def test_large_registries_compare_bucket_hashes_and_equal_ones_send_no_rows() ->
     reply = b.on_sync_request(c.nodes[5].node_id, req)
     assert c.nodes[5].node_id in {r.origin for r in reply.digest}
     assert len(reply.buckets) == 1
+
+
+def test_bucket_hashes_and_bucket_rows_match_the_digest_after_churn_and_deaths() -> None:
+    from peerd.core.digest import FINE_BITS, Digest
+    from peerd.core.registry.state import Partition, part_key
+
+    c, _rec = cluster(12, seed=5)
+    for i in range(c.n):
+        reg(c, i, f"a{i}", conn=1)
+        reg(c, i, f"b{i}", conn=2)
+    c.run_until(c.now + 2)
+    c.crash(4)
+    from peerd.core.events import ConnClosed
+    c.feed(7, ConnClosed(2))
+    c.run_until(c.now + 20)
+    for i in range(c.n):
+        if i in c.down:
+            continue
+        st = c.nodes[i].registry.state
+        fresh = Digest()
+        for origin, (gen, version) in st.digest().items():
+            fresh.toggle(origin, part_key(Partition(gen, version)), 0)
+        assert fresh.fine == st.hashes.fine
+        for bits in (0, 1, 3, FINE_BITS):
+            assert st.digest_in(bits, range(1 << bits)) == st.digest()
+        assert c.nodes[4].node_id not in st.digest()

@@ -130,6 +130,9 @@ class Registry:
         # and back in after.
         self.hashes = Digest()
         self._toggle(node_id, self._parts[node_id])
+        # finest bucket -> origins with a partition in it (rows of a bucket
+        # without a scan of every partition)
+        self._fine: _Table = _Table({bucket_of(node_id, FINE_BITS): {node_id}})
         self._floors: dict[NodeId, tuple[int, int]] = {}  # dropped lives
         self._revived: set[NodeId] = set()  # dropped, then seen alive again
         self._log: collections.deque[Change] = collections.deque(maxlen=log_size)
@@ -157,8 +160,10 @@ class Registry:
             self._next_eid = max(own.entries, default=0)
         self._parts = CowDict(snap.parts, local, _copy_partition)  # type: ignore[assignment]
         self.hashes = Digest(snap.hashes.fine)
+        self._fine = CowDict(snap.fine, {}, set)  # type: ignore[assignment]
         if own is None:
             self._toggle(self.node_id, local[self.node_id])
+            self._fine.setdefault(bucket_of(self.node_id, FINE_BITS), set()).add(self.node_id)
         self._names = CowDict(snap.names, {}, dict)  # type: ignore[assignment]
         self._groups = CowDict(snap.groups, {}, dict)  # type: ignore[assignment]
 
@@ -215,12 +220,26 @@ class Registry:
 
     def digest_in(self, bits: int, buckets: Iterable[int]) -> dict[NodeId, tuple[int, int]]:
         """The digest restricted to origins in ``buckets`` of ``2**bits``."""
-        want = set(buckets)
-        return {o: (p.generation, p.version) for o, p in self._parts.items()
-                if bucket_of(o, bits) in want}
+        out: dict[NodeId, tuple[int, int]] = {}
+        shift = FINE_BITS - bits
+        for b in buckets:
+            for f in range(b << shift, (b + 1) << shift):
+                for origin in sorted(self._fine.peek(f, ())):
+                    p = self._parts.peek(origin)
+                    if p is not None:
+                        out[origin] = (p.generation, p.version)
+        return out
 
     def origins(self) -> int:
         return len(self._parts)
+
+    def _fine_remove(self, origin: NodeId) -> None:
+        f = bucket_of(origin, FINE_BITS)
+        members = self._fine.get(f)
+        if members is not None:
+            members.discard(origin)
+            if not members:
+                del self._fine[f]
 
     def _toggle(self, origin: NodeId, part: Partition) -> None:
         self.hashes.toggle(origin, part_key(part), 0)
@@ -328,6 +347,7 @@ class Registry:
             self._note(None, Claim(origin, entry))
         self._toggle(origin, part)
         del self._parts[origin]
+        self._fine_remove(origin)
         self._pending.pop(origin, None)
         self._floors[origin] = (part.generation, part.version)
         return removed
@@ -410,6 +430,8 @@ class Registry:
             for entry in list(old.entries.values()):
                 self._index_remove(origin, entry)
                 self._note(None, Claim(origin, entry))
+        else:
+            self._fine.setdefault(bucket_of(origin, FINE_BITS), set()).add(origin)
         part = Partition(generation)
         self._parts[origin] = part
         self._toggle(origin, part)
@@ -475,5 +497,7 @@ class SharedState:
                     Claim(origin, entry)
             self.parts[origin] = part
         self.hashes = Digest()
+        self.fine: dict[int, set[NodeId]] = {}
         for origin, part in self.parts.items():
             self.hashes.toggle(origin, part_key(part), 0)
+            self.fine.setdefault(bucket_of(origin, FINE_BITS), set()).add(origin)
