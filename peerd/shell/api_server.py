@@ -88,6 +88,10 @@ log = logging.getLogger("peerd.api")
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_INFLIGHT = 64  # concurrent requests per connection before the reader pauses
 OUTGOING_QUEUE_FRAMES = 256  # frames waiting for the writer, per connection
+# Messages to names waiting for the writer, per connection (the "mailbox"),
+# bounded apart from the outgoing queue: by count and by bytes.
+MAILBOX_MESSAGES = 16_384
+MAILBOX_BYTES = 16 * 1024 * 1024
 CLOSE_GRACE_S = 5.0  # time to flush the last frames to a client we are closing
 RECEIVE_CHUNK = 65536
 SOCKET_MODE = 0o660
@@ -136,6 +140,8 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._reading = True
         self._closed = False
+        self._mailbox: collections.deque[bytes] = collections.deque()
+        self._mailbox_bytes = 0
 
     def __repr__(self) -> str:
         who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
@@ -167,19 +173,41 @@ class Connection:
         return True
 
     def offer(self, stream: int, event: str, data: Mapping[str, Any]) -> str:
-        """Like :meth:`push_nowait`, but says why it failed: "ok", "full"
-        (the client is not reading) or "closed". Raises ValueError if the
-        frame cannot be encoded."""
+        """Queue an event in the connection's mailbox (messages to names):
+        "ok", "full" (MAILBOX_MESSAGES or MAILBOX_BYTES waiting: the client
+        is not reading) or "closed". The mailbox is written out in order,
+        between the other frames. Raises ValueError if the frame cannot be
+        encoded."""
         if self._closed:
             return "closed"
         frame = self._encode_event(stream, event, data)
-        try:
-            self._outgoing.send_nowait(frame)
-        except trio.WouldBlock:
+        if (len(self._mailbox) >= MAILBOX_MESSAGES
+                or self._mailbox_bytes + len(frame) > MAILBOX_BYTES):
             return "full"
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return "closed"
+        was_empty = not self._mailbox
+        self._mailbox.append(frame)
+        self._mailbox_bytes += len(frame)
+        if was_empty:
+            # Wake the writer (an empty frame writes nothing). If its queue
+            # is full it is busy anyway and drains the mailbox after each write.
+            try:
+                self._outgoing.send_nowait(b"")
+            except trio.WouldBlock:
+                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return "closed"
         return "ok"
+
+    def _take_mail(self, budget: int, parts: list[bytes]) -> int:
+        """Move mailbox frames into ``parts`` up to ``budget`` bytes (at least one)."""
+        size = 0
+        box = self._mailbox
+        while box and (size < budget or not parts):
+            frame = box.popleft()
+            parts.append(frame)
+            size += len(frame)
+        self._mailbox_bytes -= size
+        return size
 
     async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
         """Like :meth:`push_nowait` but waits for room. False if the connection closed."""
@@ -388,7 +416,7 @@ class ApiServer:
         try:
             with conn._cancel_scope:
                 async with trio.open_nursery() as top:
-                    top.start_soon(_write_loop, stream, receive, top.cancel_scope)
+                    top.start_soon(_write_loop, stream, receive, top.cancel_scope, conn)
                     async with send:
                         async with trio.open_nursery() as work:
                             error = await self._read_loop(stream, conn, work)
@@ -623,23 +651,29 @@ WRITE_COALESCE_BYTES = 256 * 1024
 
 
 async def _write_loop(stream: trio.abc.Stream, frames: trio.MemoryReceiveChannel[bytes],
-                      connection_scope: trio.CancelScope) -> None:
+                      connection_scope: trio.CancelScope,
+                      conn: Connection | None = None) -> None:
     try:
         async with frames:
             async for frame in frames:
-                # Whatever else is already queued goes out in the same write.
-                if frames.statistics().current_buffer_used:
-                    parts = [frame]
+                while True:
+                    # Whatever else is already queued goes out in the same write.
+                    parts = [frame] if frame else []
                     size = len(frame)
-                    while size < WRITE_COALESCE_BYTES:
+                    while frames.statistics().current_buffer_used and size < WRITE_COALESCE_BYTES:
                         try:
                             more = frames.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         parts.append(more)
                         size += len(more)
-                    frame = b"".join(parts)
-                await stream.send_all(frame)
+                    if conn is not None and conn._mailbox and size < WRITE_COALESCE_BYTES:
+                        size += conn._take_mail(WRITE_COALESCE_BYTES - size, parts)
+                    if parts:
+                        await stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                    if conn is None or not conn._mailbox:
+                        break
+                    frame = b""
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         connection_scope.cancel()  # the client is gone: stop everything for it
 

@@ -128,25 +128,31 @@ class Messenger:
             claims = [local[0] if local else self.rng.choice(claims)]
         sender = self._sender_name(getattr(conn, "id", None))
         p = Pending(target, args.all)
+        links = self.links
         for c in claims:
-            msg = NameMsg(0, args.kind, args.scope, args.name, c.entry.eid, sender, args.payload)
-            if c.origin == me:
+            origin = c.origin
+            if origin == me:
                 self.counters["send_local"] += 1
+                msg = NameMsg(0, args.kind, args.scope, args.name, c.entry.eid, sender,
+                              args.payload)
                 self._outcome(p, None, me, self.deliver(me, msg))
                 continue
-            member = self.node.member(c.origin) if hasattr(self.node, "member") else None
-            if member is None:
-                self._outcome(p, None, c.origin, None, "the owner's node is not a known member")
-                continue
+            if not links.has(origin):
+                member = self.node.member(origin)
+                if member is None:
+                    self._outcome(p, None, origin, None,
+                                  "the owner's node is not a known member")
+                    continue
+                links.connect(origin, member.addr, mesh=False)
             seq = next(self._seq)
-            msg = NameMsg(seq, msg.kind, msg.scope, msg.name, msg.eid, msg.sender, msg.payload)
-            self.links.connect(c.origin, member.addr, mesh=False)
-            if not self.links.send(c.origin, msg, DIRECT_PRIORITY, mesh=False):
+            msg = NameMsg(seq, args.kind, args.scope, args.name, c.entry.eid, sender,
+                          args.payload)
+            if not links.send(origin, msg, DIRECT_PRIORITY, mesh=False):
                 self._outcome(p, None, c.origin, None, "the link to the owner's daemon is "
                                                        "full or down")
                 continue
             self.counters["send_remote"] += 1
-            p.seqs[seq] = c.origin
+            p.seqs[seq] = origin
             self._pending[seq] = p
         self._maybe_finish(p)
         return p

@@ -51,6 +51,9 @@ class FakeLinks:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
+    def has(self, peer: bytes) -> bool:
+        return False
+
     def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
         self.calls.append(("connect", peer, addr, mesh))
 
