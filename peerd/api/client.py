@@ -394,7 +394,8 @@ class Client:
         or None), ``from_node``, ``kind``, ``scope``, ``name``, ``payload``.
         Raises ConnectionLost when the connection closes."""
         try:
-            return await self._msg_receive.receive()
+            ev: Event = await self._msg_receive.receive()
+            return ev
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise self._broken or ConnectionLost("connection closed") from None
 

@@ -92,14 +92,16 @@ class Messenger:
         self.leaving = leaving
         self._seq = itertools.count(1)
         self._pending: dict[int, Pending] = {}  # seq -> call
+        self._my_id: NodeId | None = None
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def _me(self) -> NodeId:
-        me: NodeId = self.node.local_member().node
-        return me
+        if self._my_id is None:  # a node's id never changes
+            self._my_id = self.node.local_member().node
+        return self._my_id
 
     def _registry(self) -> Any:
         registry = getattr(self.node, "registry", None)
