@@ -244,3 +244,34 @@ def test_split_roundtrip_and_truncation(ids: list[int], cut: int) -> None:
         out = _split(recs[:-cut], 0)
         full = tuple(NeighborReply(i % 2 == 0) for i in ids)
         assert out is None or full[:len(out)] == out
+
+
+async def test_bad_hellos_are_counted_drops() -> None:
+    async with pair() as (_a, b):
+        intruder = Net(b"\x0e" * 16, [KEY])
+        for payload in (b"\xffjunk",  # not a hello
+                        b"\xffPDL1H" + b"\x0f" * 16 + B + b"n" * 8):  # src is not the sealer
+            stream = await trio.open_tcp_stream(*b.addr)
+            await stream.send_all(encode_frame(intruder.sealer.seal(payload)))
+            with trio.fail_after(5):
+                assert await stream.receive_some(100) == b""  # closed on us
+            await stream.aclose()
+        assert b.net.counters["link_drop_bad_hello"] == 2
+        assert b.links.open_count == 0
+
+
+async def test_peer_link_without_a_manager_is_refused() -> None:
+    net = Net(B, [KEY])
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(
+        open_tcp_listener(("127.0.0.1", 0))))
+    tcp = TcpEndpoint(listener, sealer=net.sealer, opener=net.opener, inputs=net.send,
+                      counters=net.counters, log=net.log, limits=TcpLimits())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tcp.run)
+        a = Side(A, [KEY], LinkLimits())
+        await nursery.start(a.links.run)
+        assert tcp.local_addr is not None
+        a.links.connect(B, tcp.local_addr)
+        assert await a.next() == LinkLost(B, True)
+        assert net.counters["tcp_drop_no_links"] == 1
+        nursery.cancel_scope.cancel()
