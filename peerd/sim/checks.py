@@ -172,6 +172,58 @@ def _duplicates_after_heal(rec: Record, e: Expect) -> Result:
     return _registry_count(rec, e)
 
 
+def _max_links_per_node(rec: Record, e: Expect) -> Result:
+    """Mesh: the most links (active view; the simulator opens no direct
+    links) any node held at any moment, at most ``max`` (default 2 log2 N)."""
+    from peerd.sim.mesh import bound_links
+
+    assert rec.mesh is not None
+    limit = int(e.max) if e.max is not None else bound_links(rec.nodes)
+    v = rec.mesh["max_links_per_node"]
+    return v <= limit, v, limit
+
+
+def _mesh_records(rec: Record, e: Expect) -> list[Any]:
+    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible]
+
+
+def _broadcast_reliability(rec: Record, e: Expect) -> Result:
+    """Mesh: every broadcast sent at or after after_s reached at least
+    ``min`` (default 1.0) of the nodes that ran from the broadcast until it
+    was measured. Value: the lowest fraction."""
+    limit = e.min if e.min is not None else 1.0
+    recs = _mesh_records(rec, e)
+    if not recs:
+        return False, None, limit
+    v = round(min(r.reached / r.eligible for r in recs), 6)
+    return v >= limit, v, limit
+
+
+def _broadcast_redundancy(rec: Record, e: Expect) -> Result:
+    """Mesh: payload copies received per node reached, averaged over the
+    broadcasts sent at or after after_s, at most ``max`` (1.0 is a perfect
+    tree)."""
+    recs = [r for r in _mesh_records(rec, e) if r.reached]
+    if not recs:
+        return False, None, e.max
+    v = round(sum(r.copies for r in recs) / sum(r.reached for r in recs), 4)
+    return e.max is None or v <= e.max, v, e.max
+
+
+def _broadcast_hops(rec: Record, e: Expect) -> Result:
+    """Mesh: the 99th percentile of hops from the origin over deliveries of
+    broadcasts sent at or after after_s, at most ``max`` (default 2 log2 N)."""
+    from peerd.sim.mesh import bound_links
+
+    limit = e.max if e.max is not None else bound_links(rec.nodes)
+    hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items()
+                  if i != r.origin)
+    if not hops:
+        return False, None, limit
+    v = hops[max(0, -(-99 * len(hops) // 100) - 1)]
+    return v <= limit, v, limit
+
+
 CHECKS: dict[str, CheckSpec] = {
     "converged": CheckSpec(_converged, ("within_s",), _converged.__doc__ or ""),
     "no_false_positives": CheckSpec(_no_false_positives, (), _no_false_positives.__doc__ or ""),
@@ -191,6 +243,13 @@ CHECKS: dict[str, CheckSpec] = {
     "stale_entries": CheckSpec(_stale_entries, ("within_s",), _stale_entries.__doc__ or ""),
     "duplicates_after_heal": CheckSpec(_duplicates_after_heal, ("within_s",),
                                        _duplicates_after_heal.__doc__ or ""),
+    "max_links_per_node": CheckSpec(_max_links_per_node, (),
+                                    _max_links_per_node.__doc__ or ""),
+    "broadcast_reliability": CheckSpec(_broadcast_reliability, (),
+                                       _broadcast_reliability.__doc__ or ""),
+    "broadcast_redundancy": CheckSpec(_broadcast_redundancy, ("max",),
+                                      _broadcast_redundancy.__doc__ or ""),
+    "broadcast_hops": CheckSpec(_broadcast_hops, (), _broadcast_hops.__doc__ or ""),
 }
 
 

@@ -101,6 +101,7 @@ def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
         },
         "traffic": traffic,
         **({"registry": rec.registry} if rec.registry is not None else {}),
+        "mesh": rec.mesh if rec.mesh is not None else {"enabled": False},
         "network": rec.counts,
         "core": {k: v for k, v in rec.core_counters.items() if not k.startswith("msg_in.")},
     }
@@ -168,6 +169,23 @@ def text_report(summary: dict[str, Any]) -> str:
             f"  at the end: {r['missing_at_end']} missing, {r['stale_at_end']} stale, "
             f"{r['duplicates_at_end']} duplicate claims"
             + ("" if r["converged_at_end"] else " (NOT converged)"),
+        ]
+    me = s.get("mesh")
+    if me is not None and me.get("enabled", True):
+        rel, red, hops = (me["broadcast_reliability"], me["broadcast_redundancy"],
+                          me["broadcast_hops"])
+        ar = me["all_reached_s"]
+        lines += [
+            "",
+            "mesh:",
+            f"  links per node: max {me['max_links_per_node']} (bound {me['links_bound']}), "
+            f"at the end max {me['links_at_end']['max']} mean {me['links_at_end']['mean']}",
+            f"  {me['broadcasts']} broadcasts: reliability min {_fmt(rel['min'])} "
+            f"mean {_fmt(rel['mean'])}, redundancy mean {_fmt(red['mean'])} "
+            f"max {_fmt(red['max'])}, hops p50 {_fmt(hops['p50'])} p99 {_fmt(hops['p99'])}",
+            f"  all reached in: median {_fmt(ar['median'])} p99 {_fmt(ar['p99'])} "
+            f"max {_fmt(ar['max'])} s; {me['msgs_per_node_s']:.2f} msgs, "
+            f"{me['bytes_per_node_s']:.0f} bytes per node per second on links",
         ]
     n = s["network"]
     lines += [

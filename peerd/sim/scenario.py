@@ -49,7 +49,9 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 }
 
 _TOP_KEYS = {"name", "description", "nodes", "seed", "duration_s", "preset", "start_nodes",
-             "seeds", "sample_s", "network", "config", "fault", "expect", "registry"}
+             "seeds", "sample_s", "network", "config", "fault", "expect", "registry", "mesh"}
+_MESH_KEYS = {"enabled", "broadcast_every_s", "broadcast_from_s", "broadcast_until_s",
+              "payload_bytes", "settle_s"}
 _REGISTRY_KEYS = {"names_per_node", "groups", "joins_per_node", "churn_per_node_s",
                   "churn_from_s", "churn_until_s", "scope", "preload", "start_s", "over_s"}
 _NETWORK_KEYS = {"latency_ms", "link_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu",
@@ -142,6 +144,20 @@ class RegistrySpec:
 
 
 @dataclass(frozen=True, slots=True)
+class MeshSpec:
+    """The partial mesh (``[mesh]``): on in every scenario unless ``enabled``
+    is false; a broadcast of ``payload_bytes`` from a random running node
+    every ``broadcast_every_s`` (0: none), each measured ``settle_s`` later."""
+
+    enabled: bool = True
+    broadcast_every_s: float = 5.0
+    broadcast_from_s: float = 5.0
+    broadcast_until_s: float | None = None
+    payload_bytes: int = 64
+    settle_s: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
 class Expect:
     index: int
     line: int
@@ -171,6 +187,7 @@ class Scenario:
     expects: tuple[Expect, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)
     registry: RegistrySpec | None = None
+    mesh: MeshSpec = MeshSpec()
 
     def with_overrides(self, *, nodes: int | None = None, seed: int | None = None,
                        duration_s: float | None = None) -> Scenario:
@@ -297,7 +314,8 @@ class _Parser:
 
     def _unknown(self, d: dict[str, Any], allowed: set[str], where: tuple[str, int],
                  what: str) -> None:
-        every = _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS
+        every = (_ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS
+                 | _MESH_KEYS)
         for k in d:
             if k not in allowed:
                 hint = _closest(k, allowed)
@@ -370,6 +388,12 @@ class _Parser:
             self.fail("'expect' must be an array of tables: write [[expect]]", "", 0, "expect")
         expects = tuple(self.expect(i, e) for i, e in enumerate(expects_v))
         registry = self.registry(doc["registry"]) if "registry" in doc else None
+        mesh = self.mesh(doc.get("mesh", {}))
+        if not mesh.enabled:
+            for e in expects:
+                if e.check in _MESH_CHECKS:
+                    self.fail(f"check '{e.check}' needs the mesh ([mesh] enabled = true)",
+                              "expect", e.index, "check")
         assert duration is not None and sample_s is not None
         if registry is None:
             for e in expects:
@@ -382,7 +406,24 @@ class _Parser:
                               f.index, "kind")
         return Scenario(self.path, name, desc, nodes_v, seed, duration, preset, start, seeds,
                         sample_s, network, config, faults, expects,
-                        dict(doc.get("config", {})), registry)
+                        dict(doc.get("config", {})), registry, mesh)
+
+    def mesh(self, d: Any) -> MeshSpec:
+        where = ("mesh", 0)
+        if type(d) is not dict:
+            self.fail("'mesh' must be a table: write [mesh]", "", 0, "mesh")
+        self._unknown(d, _MESH_KEYS, where, "[mesh]")
+        enabled = self._bool(d, "enabled", where, True)
+        every = self._num(d, "broadcast_every_s", where, default=5.0, lo=0)
+        start = self._num(d, "broadcast_from_s", where, default=5.0, lo=0)
+        until = self._num(d, "broadcast_until_s", where, lo=0)
+        settle = self._num(d, "settle_s", where, default=3.0, lo=0, lo_open=True)
+        size = d.get("payload_bytes", 64)
+        if type(size) is not int or not 1 <= size <= 65536:
+            self.fail(f"'payload_bytes' must be an integer in 1..65536, got {size!r}", *where,
+                      "payload_bytes")
+        assert every is not None and start is not None and settle is not None
+        return MeshSpec(enabled, every, start, until, size, settle)
 
     def registry(self, d: Any) -> RegistrySpec:
         where = ("registry", 0)
@@ -559,6 +600,8 @@ class _Parser:
         return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
 
 
+_MESH_CHECKS = ("max_links_per_node", "broadcast_reliability", "broadcast_redundancy",
+                "broadcast_hops")
 _REGISTRY_CHECKS = ("registry_converged", "lost_live_entries", "stale_entries",
                     "duplicates_after_heal")
 

@@ -65,6 +65,7 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.node import Node
+from peerd.sim.mesh import T_MESH, MeshWorld
 from peerd.sim.registry import RegistryWorld
 from peerd.sim.scenario import Fault, Scenario, Selection
 from peerd.wire import seal as sealmod
@@ -106,7 +107,8 @@ class Proc:
     """One daemon process (a core plus its shell state) on a host."""
 
     __slots__ = ("host", "node", "gen", "cur", "tkind", "paused", "backlog", "delay",
-                 "busy_until", "served", "watching", "sealer", "opener", "leaving")
+                 "busy_until", "served", "watching", "sealer", "opener", "leaving", "mesh",
+                 "mesh_target")
 
     def __init__(self, host: Host, node: Node, gen: int) -> None:
         self.host = host
@@ -123,6 +125,8 @@ class Proc:
         self.sealer: sealmod.Sealer | None = None
         self.opener: sealmod.Opener | None = None
         self.leaving = False
+        self.mesh: Any = None  # peerd.core.mesh.mesh.Mesh, when the mesh runs
+        self.mesh_target: Any = None
 
 
 class _Served:
@@ -200,6 +204,8 @@ class Record:
     # with a registry workload: its summary, its convergence series (like
     # ``convergence``) and the values of its checks, by expectation index
     registry: dict[str, Any] | None = None
+    mesh: dict[str, Any] | None = None
+    mesh_records: list[Any] = field(default_factory=list)
     registry_convergence: list[tuple[float, bool]] = field(default_factory=list)
     registry_evals: dict[int, Any] = field(default_factory=dict)
 
@@ -332,6 +338,7 @@ class World:
         self._cur_sec: list[int] = self.rec.per_second[0]
         self._cur_sec_i = 0
         self.reg = RegistryWorld(self, scenario.registry) if scenario.registry else None
+        self.mesh = MeshWorld(self, scenario.mesh) if scenario.mesh.enabled else None
 
     # --- heap -----------------------------------------------------------------------
 
@@ -391,6 +398,8 @@ class World:
             reg._quiet = False
             reg._changed(0.0)
             reg.start()
+        if self.mesh is not None:
+            self.mesh.schedule()
         for f in sc.faults:
             for r in range(f.repeat):
                 t = f.at_s + r * f.every_s
@@ -425,6 +434,12 @@ class World:
                     self.counts["dropped_backlog"] += 1
                     continue
                 proc.backlog.append((t, _seq, tgt, inp))
+                continue
+            if tgt.tkind == T_MESH:
+                # (a slow process's mesh is not slowed: its links are TCP,
+                # buffered by the kernel; the membership core's inputs are)
+                events += 1
+                self.mesh.handle(proc, inp, t)  # type: ignore[union-attr]
                 continue
             if proc.delay and tgt.tkind != T_SERVED:
                 # CPU-starved: inputs queue and each takes `delay` to process.
@@ -482,6 +497,8 @@ class World:
                 heapq.heappush(self._heap, (o.at, self._seq, proc, TimerFired(o.timer)))
             elif c is MemberEvent:
                 self._on_event(proc, o, t)
+                if self.mesh is not None:
+                    self.mesh.member_event(proc, o)
             elif c is Log:
                 continue
             elif c is IncarnationChanged:
@@ -827,6 +844,8 @@ class World:
                           exact_alive=self.sc.start_count() - 1 if preload is not None else -1)
         if self.reg is not None:
             self.reg.observer_on(host.index, preload is not None and self.reg.spec.preload, t)
+        if self.mesh is not None:
+            self.mesh.start(proc, preloaded=preload is not None)
         self._push(t, proc, Start(seeds))
         return proc
 
@@ -837,6 +856,8 @@ class World:
             return None
         t = self.now
         host.peers = proc.node.peer_addrs()[:8]
+        if self.mesh is not None and proc.mesh is not None:
+            self.mesh.stop(proc, reset=icmp)
         proc.cur = None
         host.cur = None
         host.icmp = icmp
@@ -1046,6 +1067,8 @@ class World:
         self.rec.leaves.append(lv)
         self.open_leave[i] = lv
         self._push(t, proc, Leave())
+        if self.mesh is not None:
+            self.mesh.leave(proc)
 
     def _pause(self, i: int, duration: float) -> None:
         proc = self.hosts[i].cur
@@ -1123,6 +1146,9 @@ class World:
                 for k, v in h.cur.node.counters.items():
                     totals[k] = totals.get(k, 0) + v
         rec.core_counters = dict(sorted(totals.items()))
+        if self.mesh is not None:
+            rec.mesh = self.mesh.summary()
+            rec.mesh_records = list(self.mesh.broadcasts)
         if self.reg is not None:
             rec.registry = self.reg.finish()
             rec.registry_convergence = list(self.reg.convergence)
