@@ -487,7 +487,11 @@ class ApiServer:
                 await conn._inflight.acquire()
                 work.start_soon(self._handle, conn, request, in_use)
             if batch:
-                await self._run_batch(conn, batch)
+                begin = getattr(self.backend, "begin_batch", None)
+                if begin is None:
+                    await self._run_batch(conn, batch)
+                else:
+                    await self._start_batch(conn, batch, begin, work)
             if error is not None:
                 return error
 
@@ -501,12 +505,39 @@ class ApiServer:
             log.exception("API backend failed in batchable(%r)", request.op)
             return False
 
-    async def _run_batch(self, conn: Connection, batch: list[Request]) -> None:
+    async def _start_batch(self, conn: Connection, batch: list[Request], begin: Any,
+                           work: trio.Nursery) -> None:
+        """Start a batch in order (the backend's ``begin_batch``), and let its
+        results be awaited and written by a task of its own, so the next
+        batch of this connection can start meanwhile (bounded by the
+        connection's in-flight limit, one slot per batch)."""
+        try:
+            finish = await begin(conn, [(r.op, r.args) for r in batch])
+        except Exception as exc:  # answered (and logged) as internal errors
+            await self._run_batch(conn, batch, failed=exc)
+            return
+        await conn._inflight.acquire()
+
+        async def finish_and_answer() -> None:
+            try:
+                await self._run_batch(conn, batch, finish=finish)
+            finally:
+                conn._inflight.release()
+
+        work.start_soon(finish_and_answer)
+
+    async def _run_batch(self, conn: Connection, batch: list[Request], *,
+                         finish: Any = None, failed: Exception | None = None) -> None:
         """Answer quick requests together: one backend call, one write."""
         try:
             try:
-                results = await self.backend.call_batch(  # type: ignore[attr-defined]
-                    conn, [(r.op, r.args) for r in batch])
+                if failed is not None:
+                    raise failed
+                if finish is not None:
+                    results = await finish()
+                else:
+                    results = await self.backend.call_batch(  # type: ignore[attr-defined]
+                        conn, [(r.op, r.args) for r in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
             except Exception as exc:

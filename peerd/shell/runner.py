@@ -1148,6 +1148,15 @@ class Runner:
                          requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Any]:
         """Answer quick requests in order, in one turn of the runner: the
         results, or an ApiError for each that failed."""
+        finish = await self.begin_batch(conn, requests)
+        return await finish()
+
+    async def begin_batch(self, conn: object, requests: Sequence[tuple[str, Mapping[str, Any]]]
+                          ) -> Callable[[], Awaitable[list[Any]]]:
+        """Start quick requests in order, in one turn of the runner, and return
+        what waits for their results. The API server starts a connection's
+        next batch while this one waits (sends wait for the owner's daemon):
+        the order of the sends is the order of the starts."""
         parsed: list[tuple[str, Any] | ApiError] = []
         for op, args in requests:
             try:
@@ -1177,26 +1186,34 @@ class Runner:
         self.in_flight += 1
         try:
             results: list[Any] = await self.call_in_runner(run)
-            if self.messenger is not None:
-                deadline = trio.current_time() + self.messenger.send_timeout_s
+        except BaseException:
+            self.in_flight -= 1
+            raise
+
+        async def finish() -> list[Any]:
+            try:
+                if self.messenger is not None:
+                    deadline = trio.current_time() + self.messenger.send_timeout_s
+                    for i, r in enumerate(results):
+                        if isinstance(r, Pending):
+                            try:
+                                results[i] = await self.messenger.wait(r, deadline)
+                            except ApiError as e:
+                                results[i] = e
                 for i, r in enumerate(results):
-                    if isinstance(r, Pending):
+                    if isinstance(r, _RegCall):  # pragma: no cover - quick writes answer at once
+                        if r.result is None:
+                            r.done = trio.Event()
+                            await r.done.wait()
                         try:
-                            results[i] = await self.messenger.wait(r, deadline)
+                            results[i] = self._reg_value(r)
                         except ApiError as e:
                             results[i] = e
-            for i, r in enumerate(results):
-                if isinstance(r, _RegCall):  # pragma: no cover - quick writes answer at once
-                    if r.result is None:
-                        r.done = trio.Event()
-                        await r.done.wait()
-                    try:
-                        results[i] = self._reg_value(r)
-                    except ApiError as e:
-                        results[i] = e
-            return results
-        finally:
-            self.in_flight -= 1
+                return results
+            finally:
+                self.in_flight -= 1
+
+        return finish
 
     def _parse_quick(self, op: str, args: Mapping[str, Any]) -> tuple[str, Any]:
         match op:

@@ -368,3 +368,48 @@ async def test_inflight_limit_pauses_reading(nursery: trio.Nursery, sock_path: s
         backend.release.set()
         assert [(await conn.frame() or {})["id"] for _ in range(2)] == [1, 2]
         await trio.aclose_forcefully(conn.stream)
+
+
+class OverlapBackend(FakeBackend):
+    """Batches start in order; the first one's results wait for a release."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begun: list[list[int]] = []
+        self.gate = trio.Event()
+
+    def batchable(self, op: str, args: dict[str, Any]) -> bool:
+        return op == "q"
+
+    async def begin_batch(self, conn: Any, requests: list[tuple[str, dict[str, Any]]]) -> Any:
+        ns = [int(args["n"]) for _op, args in requests]
+        first = not self.begun
+        self.begun.append(ns)
+
+        async def finish() -> list[Any]:
+            if first:
+                await self.gate.wait()
+            return [{"n": n} for n in ns]
+
+        return finish
+
+
+async def test_a_waiting_batch_does_not_stop_the_next_one(nursery: trio.Nursery,
+                                                          sock_path: str) -> None:
+    backend = OverlapBackend()
+    with trio.fail_after(TIMEOUT):
+        await nursery.start(lambda task_status: serve_api(sock_path, backend,
+                                                          task_status=task_status))
+        conn = RawConn(await trio.open_unix_socket(sock_path))
+        await conn.send(b"".join(encode_frame({"id": i, "op": "q", "args": {"n": i}})
+                                 for i in (1, 2)))
+        while sum(map(len, backend.begun)) < 2:
+            await trio.sleep(0.001)
+        await conn.send(encode_frame({"id": 3, "op": "q", "args": {"n": 3}}))
+        # The second batch started and was answered while the first waits.
+        frame = await conn.frame()
+        assert frame == {"id": 3, "ok": True, "result": {"n": 3}}
+        assert [n for b in backend.begun for n in b] == [1, 2, 3]  # started in order
+        backend.gate.set()
+        rest = [await conn.frame(), await conn.frame()]
+        assert sorted(f["id"] for f in rest if f) == [1, 2]
