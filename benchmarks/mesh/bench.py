@@ -415,8 +415,14 @@ def phase_latency(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         senders = [Conn(ds[n - 1 - i].sock) for i in range(5)]
         for k, c in enumerate(senders):
             c.call("register", name=f"client-{k}")
-        wait_for(lambda: all(c.call("lookup", name=f"echo-{k}") for c in senders
-                             for k in range(5)), 15, "echo names visible everywhere")
+        def visible() -> bool:
+            try:
+                return all(c.call("lookup", name=f"echo-{k}") for c in senders
+                           for k in range(5))
+            except RuntimeError:  # not_found: not spread yet
+                return False
+
+        wait_for(visible, 15, "echo names visible everywhere")
         # warm-up: one message on every (sender, receiver) pair opens the links
         for c in senders:
             for k in range(5):
@@ -489,7 +495,12 @@ def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.05)  # let IHAVE batches and prunes settle between samples
         for w in watchers + origin_conn:
             w.close()
-    return {"daemons": n, "all_reached": summary_ms(times), "each_daemon": summary_ms(per_hop)}
+        tree: collections.Counter[str] = collections.Counter()
+        for d in ds:
+            counters = d.api("status")["counters"]
+            tree.update({k: v for k, v in counters.items() if k.startswith("plumtree_")})
+    return {"daemons": n, "all_reached": summary_ms(times), "each_daemon": summary_ms(per_hop),
+            "plumtree_counters_summed": dict(sorted(tree.items()))}
 
 
 def machine() -> dict[str, Any]:

@@ -375,6 +375,8 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
                     keys=key_manager, config=settings.swim, seeds=seeds, counters=counters,
                     lifecycle=lifecycle, traffic=TrafficCounter(counters), mesh=mesh,
                     links=links)
+    runner.counter_sources["hyparview"] = mesh.hyparview.counters
+    runner.counter_sources["plumtree"] = mesh.plumtree.counters
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
     runner.gauge_sources["mesh_passive"] = lambda: len(mesh.hyparview.passive())
     runner.gauge_sources["links_open"] = lambda: links.open_count
