@@ -503,6 +503,14 @@ def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "plumtree_counters_summed": dict(sorted(tree.items()))}
 
 
+def wait_quiet(max_load: float, max_wait_s: float) -> float:
+    """Wait (bounded) until the host's 1-minute load is below ``max_load``."""
+    t0 = now()
+    while max_load > 0 and os.getloadavg()[0] >= max_load and now() - t0 < max_wait_s:
+        time.sleep(5)
+    return round(now() - t0, 1)
+
+
 def machine() -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError):
@@ -526,6 +534,11 @@ def main() -> int:
     p.add_argument("--latency-samples", type=int, default=2000)
     p.add_argument("--broadcast-n", type=int, default=30)
     p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--quiet-load", type=float, default=0.0,
+                   help="before each phase, wait until the 1-minute load is below this "
+                        "(0: do not wait)")
+    p.add_argument("--quiet-wait", type=float, default=600.0,
+                   help="longest wait for --quiet-load, seconds")
     p.add_argument("--keep", action="store_true", help="keep the temp dirs")
     p.add_argument("--out", help="write the results (JSON) here")
     args = p.parse_args()
@@ -537,15 +550,16 @@ def main() -> int:
     if not args.keep:
         atexit.register(shutil.rmtree, root, True)
     try:
-        if "throughput" in phases:
-            results["throughput"] = phase_throughput(root, args)
-            print(json.dumps(results["throughput"]), flush=True)
-        if "latency" in phases:
-            results["latency"] = phase_latency(root, args)
-            print(json.dumps(results["latency"]), flush=True)
-        if "broadcast" in phases:
-            results["broadcast"] = phase_broadcast(root, args)
-            print(json.dumps(results["broadcast"]), flush=True)
+        for name, fn in (("throughput", phase_throughput), ("latency", phase_latency),
+                         ("broadcast", phase_broadcast)):
+            if name not in phases:
+                continue
+            waited = wait_quiet(args.quiet_load, args.quiet_wait)
+            load0 = os.getloadavg()[0]
+            results[name] = fn(root, args)
+            results[name]["host"] = {"quiet_wait_s": waited, "loadavg_1m_start": load0,
+                                     "loadavg_1m_end": os.getloadavg()[0]}
+            print(json.dumps(results[name]), flush=True)
     finally:
         _kill_all()
     results["loadavg_1m_end"] = os.getloadavg()[0]

@@ -178,9 +178,20 @@ class ConnClosed:
     conn: int
 
 
+@dataclass(frozen=True, slots=True)
+class MeshDelivered:
+    """A broadcast on one of the node's own mesh channels (the registry's)
+    reached us over the partial mesh (see :class:`MeshCast`)."""
+
+    channel: int
+    origin: NodeId
+    payload: bytes
+
+
 Input = (
     Start | PacketIn | Unreachable | LinkClosed | TimerFired | StreamRequest | StreamResponse
     | StreamFailed | Join | SetTags | Leave | Register | Unregister | UpdateMeta | ConnClosed
+    | MeshDelivered
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -325,7 +336,18 @@ class RegistryEvent:
     winner: tuple[NodeId, RegEntry] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MeshCast:
+    """Broadcast ``payload`` to every node over the partial mesh (Plumtree)
+    on ``channel``. Emitted only by a node whose driver runs a mesh next to
+    it (:meth:`peerd.core.node.Node.attach_mesh`); each receiver's driver
+    feeds it back as :class:`MeshDelivered`."""
+
+    channel: int
+    payload: bytes
+
+
 Output = (
     SendPacket | SetTimer | OpenStream | StreamReply | WatchLinks | MemberEvent | JoinDone
-    | LeaveDone | IncarnationChanged | Log | CommandResult | RegistryEvent
+    | LeaveDone | IncarnationChanged | Log | CommandResult | RegistryEvent | MeshCast
 )

@@ -68,6 +68,8 @@ from peerd.core.events import (
     LogLevel,
     MemberEvent,
     MemberInfo,
+    MeshCast,
+    MeshDelivered,
     OpenStream,
     Output,
     PacketIn,
@@ -88,7 +90,7 @@ from peerd.core.events import (
     UpdateMeta,
     WatchLinks,
 )
-from peerd.core.registry.service import DIRECT_MAX, RegistryService
+from peerd.core.registry.service import DIRECT_MAX, MESH_CHANNEL, RegistryService
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -466,6 +468,8 @@ class Node:
                 self._on_leave()
             case Register() | Unregister() | UpdateMeta() | ConnClosed():
                 self.registry.command(inp)
+            case MeshDelivered():
+                self._on_mesh_delivered(inp)
         if self._ring_dirty:
             self._update_watch()
         self._out = []
@@ -1365,6 +1369,34 @@ class Node:
 
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
         return self._arm(kind, delay, ctx)
+
+    def attach_mesh(self, connected: bool = True) -> None:
+        """The driver's partial mesh has neighbours (``connected``) or lost
+        them all. While connected, registry deltas go out as
+        :class:`MeshCast` (one Plumtree broadcast each) instead of
+        piggybacked gossip and direct sends; they arrive as
+        :class:`MeshDelivered` either way. Anti-entropy stays as it is."""
+        if connected and not self.registry.via_mesh:
+            self.registry.sync_soon()  # broadcasts from before we joined it
+        self.registry.via_mesh = connected
+
+    def reg_cast(self, payload: bytes) -> None:
+        self._out.append(MeshCast(MESH_CHANNEL, payload))
+
+    def _on_mesh_delivered(self, inp: MeshDelivered) -> None:
+        self.counters["mesh_in"] += 1
+        if inp.channel != MESH_CHANNEL:
+            self._drop("mesh_unknown_channel", str(inp.channel))
+            return
+        try:
+            msg = codec.decode(inp.payload)
+        except DecodeError as err:
+            self._drop(err.reason, "registry mesh payload")
+            return
+        if not isinstance(msg, RegDelta | RegSnapshot | RegAck):
+            self._drop("unexpected_mesh_message", type(msg).__name__)
+            return
+        self.registry.on_message(inp.origin if inp.origin in self._live else None, msg)
 
     def reg_random_peer(self) -> NodeId | None:
         peers = self._live.sample(self.rng, 1)

@@ -106,6 +106,8 @@ from peerd.core.events import (
     Log,
     LogLevel,
     MemberEvent,
+    MeshCast,
+    MeshDelivered,
     MemberInfo,
     OpenStream,
     Output,
@@ -675,6 +677,8 @@ class Runner:
                 self._leave_done()
             case IncarnationChanged(incarnation):
                 self._save_incarnation(incarnation)
+            case MeshCast(channel, payload):
+                self._mesh_cast(channel, payload)
             case Log(level, message):
                 # Keyed by the first words ("drop reason=bad_tags"): a flood of
                 # one kind is summarised, other kinds still get through.
@@ -853,9 +857,11 @@ class Runner:
             case BroadcastResult(ref):
                 self._bcast_results[ref] = out
             case NeighborUp(peer):
+                self._mesh_neighbours_changed()
                 self.counters["mesh_neighbor_up"] += 1
                 self.logger.debug("mesh neighbour up", peer=peer.node.hex()[:8], addr=peer.addr)
             case NeighborDown(peer):
+                self._mesh_neighbours_changed()
                 self.counters["mesh_neighbor_down"] += 1
                 self.logger.debug("mesh neighbour down", peer=peer.node.hex()[:8])
             case Log(level, message):
@@ -892,10 +898,28 @@ class Runner:
             raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
         return self.messenger.begin(conn, args)
 
+    def _mesh_neighbours_changed(self) -> None:
+        """Registry deltas go over the mesh while it has neighbours."""
+        attach = getattr(self.node, "attach_mesh", None)
+        if attach is not None and self.mesh is not None:
+            attach(bool(self.mesh.hyparview.active_ids()))
+
+    def _mesh_cast(self, channel: int, payload: bytes) -> None:
+        """The core's own broadcast (registry deltas) into the mesh."""
+        if self.mesh is None:
+            self.counters["mesh_cast_dropped"] += 1
+            return
+        result = self.broadcast(Channel(channel), payload)
+        if result.error is not None:
+            self.counters["mesh_cast_refused"] += 1
+
     def _deliver(self, d: Deliver) -> None:
         self.counters[f"mesh_delivered_{d.channel.name.lower()}"] += 1
+        if d.channel is Channel.REGISTRY:
+            self._handle(MeshDelivered(int(d.channel), d.origin, d.payload))
+            return
         if d.channel is not Channel.USER:
-            return  # the daemon's own channels have no consumer yet
+            return  # membership has no consumer on the mesh
         decoded = decode_user_event(d.payload)
         if decoded is None:
             self.counters["user_event_drop_malformed"] += 1

@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peerd.core.events import EventKind, MemberEvent
+from peerd.core.events import EventKind, MemberEvent, MeshDelivered
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.mesh.events import (
     Broadcast,
@@ -45,6 +45,8 @@ from peerd.core.mesh.events import (
     MembershipHint,
     MeshTimerFired,
     MessageIn,
+    NeighborDown,
+    NeighborUp,
     Send,
     SetMeshTimer,
 )
@@ -250,6 +252,12 @@ class MeshWorld:
                 self._connect(me, o.peer, t)
             elif c is CloseLink:
                 self._close(me, o.node)
+            elif c is NeighborUp or c is NeighborDown:
+                # registry deltas over the mesh while it has neighbours, as
+                # in the daemon (gossip before the first and after the last)
+                proc.node.attach_mesh(bool(proc.mesh.hyparview.active_ids()))
+            elif c is Deliver and o.channel is Channel.REGISTRY:
+                self.w._push(t, proc, MeshDelivered(int(o.channel), o.origin, o.payload))
             elif c is Deliver:
                 rec = self.by_id.get(o.id)
                 if rec is not None and me not in rec.delivered:
@@ -269,6 +277,14 @@ class MeshWorld:
             lat = w.lat_min - w.lat_span / 3 * math.log(1.0 - r)
             return min(lat, w.lat_min + 3 * w.lat_span)
         return w.lat_min + w.lat_span * r
+
+    def cast(self, proc: Proc, channel: int, payload: bytes, t: float) -> None:
+        """The node's own broadcast (registry deltas) into its mesh."""
+        if proc.mesh is None:
+            return
+        self._ref += 1
+        self.carry_out(proc, proc.mesh.handle(t, Broadcast(self._ref, Channel(channel), payload)),
+                       t)
 
     def _host_of(self, node: bytes) -> int | None:
         return self.w.index_of.get(node)

@@ -16,6 +16,7 @@ names_per_node = 3
 groups = 4
 joins_per_node = 2
 churn_per_node_s = 0.05
+churn_from_s = 3
 churn_until_s = 12
 """
 
@@ -82,7 +83,7 @@ def test_preloaded_registry_equals_one_registered_at_run_time() -> None:
     pre = scenario(WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0"),
                    nodes=15, duration=10)
     live = scenario(WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0")
-                    + "preload = false\nstart_s = 1\nover_s = 1\n", nodes=15, duration=10)
+                    + "preload = false\nstart_s = 3\nover_s = 1\n", nodes=15, duration=10)
     w1, _, s1 = run(pre)
     w2, _, s2 = run(live)
 

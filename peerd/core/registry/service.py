@@ -58,6 +58,7 @@ from peerd.core.events import (
 from peerd.core.registry.state import Applied, Registry, SharedState
 from peerd.wire import codec
 from peerd.wire.messages import (
+    Channel,
     Message,
     NodeId,
     RegAck,
@@ -69,6 +70,13 @@ from peerd.wire.messages import (
     RegSnapshot,
     RegSync,
 )
+
+# Over a partial mesh (Node.attach_mesh), deltas are Plumtree broadcasts on
+# this channel.
+MESH_CHANNEL = int(Channel.REGISTRY)
+# A merged delta larger than this (encoded) is announced over the mesh
+# instead (peers that are behind pull it).
+MAX_MESH_DELTA_BYTES = 64 * 1024
 
 # A merged delta larger than this (encoded) is announced instead of sent.
 MAX_DELTA_BYTES = 900
@@ -148,6 +156,9 @@ class Host(Protocol):
     def reg_random_peer(self) -> NodeId | None:
         """A live member other than us, at random (None when alone)."""
 
+    def reg_cast(self, payload: bytes) -> None:
+        """Broadcast ``payload`` over the partial mesh (see ``via_mesh``)."""
+
 
 @dataclass(slots=True)
 class Settle:
@@ -202,6 +213,9 @@ class RegistryService:
         self._staged: dict[NodeId, _Staged] = {}
         self._queued: dict[NodeId, tuple[bytes, RegDelta | RegAck]] = {}
         self._sync_armed = False
+        # Deltas travel as mesh broadcasts (the driver runs a partial mesh)
+        # instead of gossip: set by Node.attach_mesh.
+        self.via_mesh = False
         self._heal_peer: NodeId | None = None
         # node -> generation declared dead (until seen alive again or reaped)
         self._was_down: dict[NodeId, int] = {}
@@ -360,6 +374,10 @@ class RegistryService:
         if not self._staged:
             return []
         staged, self._staged = self._staged, {}
+        if self.via_mesh:
+            for item in staged.values():
+                self._cast(item.delta())
+            return []
         own: list[bytes] = []
         for item in staged.values():
             delta = item.delta()
@@ -367,6 +385,14 @@ class RegistryService:
             if data is not None and item.origin == self.host.node_id:
                 own.extend(self._direct_parts(delta, item.ack))
         return own
+
+    def _cast(self, delta: RegDelta) -> None:
+        """One Plumtree broadcast reaches every node about once: no relays,
+        no direct sends. A burst too large for one is announced."""
+        data = codec.encode(delta) if len(delta.changes) * 4 <= MAX_MESH_DELTA_BYTES else b""
+        if not data or len(data) > MAX_MESH_DELTA_BYTES:
+            data = codec.encode(RegAck(delta.origin, delta.generation, delta.top))
+        self.host.reg_cast(data)
 
     def _direct_parts(self, delta: RegDelta, ack: bool) -> list[bytes]:
         """This flush's own changes for the direct send, as deltas that each
@@ -443,7 +469,9 @@ class RegistryService:
         result = self.state.apply_delta(delta)
         if result is Applied.APPLIED:
             self._emit_changes()
-            if self.host.reg_live_count() > DIRECT_MAX:
+            if self.via_mesh:
+                pass  # the mesh relays it
+            elif self.host.reg_live_count() > DIRECT_MAX:
                 # Pass it on at once: the epidemic that makes a registration
                 # visible everywhere within a few hops.
                 self._queue_delta(delta, delta.ack)
@@ -536,6 +564,18 @@ class RegistryService:
         if peer is not None:
             self.host.reg_pull(peer, self.sync_request())
 
+    def sync_soon(self) -> None:
+        """One extra round shortly, with a random peer (we just joined the
+        mesh: broadcasts sent before that did not reach us)."""
+        if self._heal_peer is None and self._started_sync():
+            peer = self.host.reg_random_peer()
+            if peer is not None:
+                self._heal_peer = peer
+                self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, peer)
+
+    def _started_sync(self) -> bool:
+        return self._sync_armed
+
     def arm_sync(self) -> None:
         """Start the periodic rounds, once this node holds or heard of any
         registry data (an empty registry has nothing to compare: peers that
@@ -621,6 +661,8 @@ class RegistryService:
         if not advanced:
             return
         self._emit_changes()
+        if self.via_mesh:
+            return  # the mesh carried it to the others (or their rounds will)
         # Keep the epidemic going: what we just pulled, others may lack too.
         for origin in sorted(advanced):
             gen, version = self.state.version_of(origin)

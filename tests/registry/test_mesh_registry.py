@@ -1,0 +1,82 @@
+"""Registry deltas over the partial mesh: with the mesh connected a node
+emits one MeshCast per flush instead of gossip and direct sends, applies
+MeshDelivered without relaying it, and drops garbage with a count."""
+
+from __future__ import annotations
+
+from peerd.core.events import MeshCast, MeshDelivered, Output, TimerKind
+from peerd.core.registry.service import MESH_CHANNEL
+from peerd.wire import codec
+from peerd.wire.messages import RegAck, RegDelta
+from tests.registry.test_service import cluster, holders, reg
+
+
+def mesh_cluster(n: int):  # type: ignore[no-untyped-def]
+    c, rec = cluster(n, seed=7)
+    casts: list[tuple[int, MeshCast]] = []
+    packets: list[tuple[int, int]] = []
+    apply = c._apply
+
+    def spy(i: int, outs: list[Output]) -> None:
+        for o in outs:
+            if isinstance(o, MeshCast):
+                casts.append((i, o))
+        packets.append((i, sum(1 for o in outs if type(o).__name__ == "SendPacket")))
+        apply(i, outs)
+
+    c._apply = spy  # type: ignore[method-assign]
+    for node in c.nodes:
+        node.attach_mesh(True)
+    return c, rec, casts
+
+
+def deliver_everywhere(c, origin: int, cast: MeshCast) -> None:  # type: ignore[no-untyped-def]
+    for j in range(c.n):
+        if j != origin:
+            c.feed(j, MeshDelivered(cast.channel, c.nodes[origin].node_id, cast.payload))
+
+
+def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay() -> None:
+    c, rec, casts = mesh_cluster(6)
+    reg(c, 2, "svc")
+    c.run_until(c.now + 0.5)
+    own = [m for i, m in casts if i == 2]
+    assert len(own) == 1 and own[0].channel == MESH_CHANNEL
+    delta = codec.decode(own[0].payload)
+    assert isinstance(delta, RegDelta) and delta.origin == c.nodes[2].node_id
+    # Without the mesh carrying it, nobody else has it: no gossip, no direct send.
+    assert [h for i, h in holders(c, "svc").items() if i != 2] == [None] * 5
+    deliver_everywhere(c, 2, own[0])
+    casts.clear()
+    c.run_until(c.now + 0.5)
+    assert all(h == (c.nodes[2].node_id, 1) for h in holders(c, "svc").values())
+    assert casts == []  # receivers leave relaying to the mesh
+
+
+def test_garbage_and_wrong_channel_are_counted_drops() -> None:
+    c, _rec, _casts = mesh_cluster(3)
+    src = c.nodes[1].node_id
+    c.feed(0, MeshDelivered(MESH_CHANNEL, src, b"\xff\x00garbage"))
+    c.feed(0, MeshDelivered(7, src, codec.encode(RegAck(src, 1, 1))))
+    c.run_until(c.now + 0.1)
+    counters = c.nodes[0].counters
+    assert counters["mesh_in"] == 2
+    assert sum(v for k, v in counters.items() if k.startswith("drop")) >= 2
+
+
+def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() -> None:
+    c, _rec, casts = mesh_cluster(5)
+    node = c.nodes[0]
+    node.attach_mesh(False)
+    reg(c, 0, "alone", conn=2)
+    c.run_until(c.now + 0.5)
+    assert [m for i, m in casts if i == 0] == []
+    assert all(h is not None for h in holders(c, "alone").values())  # gossip/direct
+    # Connecting again schedules one sync round with a peer soon.
+    outs = node.handle(c.now, MeshDelivered(MESH_CHANNEL, c.nodes[1].node_id,
+                                            codec.encode(RegAck(c.nodes[1].node_id, 0, 0))))
+    assert outs == []
+    node.attach_mesh(True)
+    assert node.registry._heal_peer is not None
+    timers = [t for t in node._timers.live.values() if t[0] is TimerKind.REG_SYNC]
+    assert any(ctx == node.registry._heal_peer for _k, ctx in timers)
