@@ -4,7 +4,10 @@ MeshDelivered without relaying it, and drops garbage with a count."""
 
 from __future__ import annotations
 
+import pytest
+
 from peerd.core.events import MeshCast, MeshDelivered, Output, TimerKind
+from peerd.core.registry import service as svc
 from peerd.core.registry.service import MESH_CHANNEL
 from peerd.wire import codec
 from peerd.wire.messages import RegAck, RegDelta
@@ -36,7 +39,8 @@ def deliver_everywhere(c, origin: int, cast: MeshCast) -> None:  # type: ignore[
             c.feed(j, MeshDelivered(cast.channel, c.nodes[origin].node_id, cast.payload))
 
 
-def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay() -> None:
+def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     c, rec, casts = mesh_cluster(6)
     reg(c, 2, "svc")
     c.run_until(c.now + 0.5)
@@ -44,12 +48,21 @@ def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay() -> No
     assert len(own) == 1 and own[0].channel == MESH_CHANNEL
     delta = codec.decode(own[0].payload)
     assert isinstance(delta, RegDelta) and delta.origin == c.nodes[2].node_id
-    # Without the mesh carrying it, nobody else has it: no gossip, no direct send.
-    assert [h for i, h in holders(c, "svc").items() if i != 2] == [None] * 5
-    deliver_everywhere(c, 2, own[0])
+    # A small cluster also gets its origin's direct send (one hop), but no
+    # gossip: with direct sends off (a large cluster), nobody else has it
+    # until the mesh delivers it.
+    assert all(h == (c.nodes[2].node_id, 1) for h in holders(c, "svc").values())
+    monkeypatch.setattr(svc, "DIRECT_MAX", 0)
+    casts.clear()
+    reg(c, 3, "big")
+    c.run_until(c.now + 0.5)
+    own = [m for i, m in casts if i == 3]
+    assert len(own) == 1
+    assert [h for i, h in holders(c, "big").items() if i != 3] == [None] * 5
+    deliver_everywhere(c, 3, own[0])
     casts.clear()
     c.run_until(c.now + 0.5)
-    assert all(h == (c.nodes[2].node_id, 1) for h in holders(c, "svc").values())
+    assert all(h == (c.nodes[3].node_id, 1) for h in holders(c, "big").values())
     assert casts == []  # receivers leave relaying to the mesh
 
 
