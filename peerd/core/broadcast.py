@@ -9,6 +9,12 @@ been sent, then newest first. A new update under the same key (for example a
 newer state of the same node) replaces the older one, so stale news never
 competes with current news for space in a packet.
 
+Counter-style rumour mongering (Demers et al. 1987, "counter" variant): an
+update enqueued with an ``ident`` that then reaches us again from a peer,
+unchanged, counts as one transmission of our copy (:meth:`heard`). A rumour
+that keeps coming back is known widely, so we stop spending datagram space
+on it sooner; a rumour that never comes back still gets the full limit.
+
 The queue stores already-encoded messages so that filling a datagram is a walk
 over byte strings, with no re-encoding on the hot path.
 """
@@ -34,6 +40,7 @@ class _Item:
     seq: int
     transmits: int = 0
     sort_key: int = field(default=0)
+    ident: Hashable = None  # what a peer's copy must equal to count (see heard)
 
 
 def _order_key(transmits: int, seq: int) -> int:
@@ -68,13 +75,30 @@ class BroadcastQueue:
         else:
             del self._sizes[n]
 
-    def enqueue(self, key: Hashable, data: bytes) -> None:
-        """Queue ``data``; replaces any queued item with the same key."""
+    def enqueue(self, key: Hashable, data: bytes, ident: Hashable = None) -> None:
+        """Queue ``data``; replaces any queued item with the same key. With an
+        ``ident``, copies heard back from peers count as transmissions."""
         self.invalidate(key)
         self._seq += 1
-        item = _Item(key, data, self._seq)
+        item = _Item(key, data, self._seq, ident=ident)
         item.sort_key = _order_key(0, self._seq)
         self._add(item)
+
+    def heard(self, key: Hashable, ident: Hashable, limit: int) -> bool:
+        """A peer sent us the update ``ident`` under ``key`` again: if it is the
+        one we queue, count one transmission of it (dropping it at ``limit``).
+        Returns whether it was counted."""
+        item = self._items.get(key)
+        if item is None or ident is None or item.ident != ident:
+            return False
+        self._remove(item)
+        item.transmits += 1
+        if item.transmits >= limit:
+            del self._items[key]
+        else:
+            item.sort_key = _order_key(item.transmits, item.seq)
+            self._add(item)
+        return True
 
     def has(self, key: Hashable) -> bool:
         return key in self._items
@@ -88,10 +112,12 @@ class BroadcastQueue:
         if old is not None:
             self._remove(old)
 
-    def take(self, budget: int, limit: int, overhead_per_item: int = 0) -> list[bytes]:
+    def take(self, budget: int, limit: int, overhead_per_item: int = 0,
+             skip: frozenset[bytes] | None = None) -> list[bytes]:
         """Return encoded items whose sizes (plus ``overhead_per_item`` each) fit
         in ``budget`` bytes, counting one transmission for each. Items sent
-        ``limit`` times are dropped."""
+        ``limit`` times are dropped. Items equal to one in ``skip`` (already in
+        the packet) count as sent without being returned."""
         if not self._items or budget <= 0:
             return []
         # Once the budget is below the smallest item nothing more can fit:
@@ -102,6 +128,9 @@ class BroadcastQueue:
         by_order = self._by_order
         for k in self._order:
             item = by_order[k]
+            if skip is not None and item.data in skip:
+                picked.append(item)
+                continue
             need = len(item.data) + overhead_per_item
             if need > budget:
                 if budget < 16 or budget < smallest:

@@ -105,6 +105,7 @@ from peerd.wire.messages import (
     Addr,
     Alive,
     Dead,
+    Died,
     Left,
     MemberState,
     Message,
@@ -145,6 +146,8 @@ NACK_AFTER = 0.8
 FIRST_GOSSIP_DELAY_S = 0.005
 # How often dead/left members older than dead_reclaim_s are forgotten.
 REAP_INTERVAL_S = 60.0
+# Context of the GOSSIP timer that passes news to the ring neighbours.
+_RING_FLUSH = "ring"
 
 
 @functools.lru_cache(maxsize=16384)
@@ -355,6 +358,10 @@ class Node:
         self._seq = 0
         self._health = 0
         self._queue = BroadcastQueue()
+        # Deaths and leaves we learnt and have not yet passed to our ring
+        # neighbours, each with the member it came from (see _ring_flush).
+        self._ring_owed: list[tuple[bytes, NodeId | None]] = []
+        self._ring_armed = False
         self._timers = _Timers()
         self._gossip_armed = False
         self._streams: dict[int, StreamCtx] = {}
@@ -540,7 +547,8 @@ class Node:
             parts.append(codec.encode(first))
         used = sum(len(p) for p in parts) + 3
         limit = formulas.retransmit_limit(self.config.retransmit_mult, self.live_count())
-        parts.extend(self._queue.take(self.config.max_packet_bytes - used, limit))
+        parts.extend(self._queue.take(self.config.max_packet_bytes - used, limit,
+                                      skip=frozenset(before) if before else None))
         if not parts:
             return
         data = codec.pack(parts)
@@ -548,8 +556,8 @@ class Node:
         self.counters["bytes_out"] += len(data)
         self._out.append(SendPacket(dst, data))
 
-    def _broadcast(self, key: NodeId, msg: Message) -> None:
-        self._queue.enqueue(("m", key), codec.encode(msg))
+    def _broadcast(self, key: NodeId, msg: Message, ident: Hashable = None) -> None:
+        self._queue.enqueue(("m", key), codec.encode(msg), ident)
         self._queue.prune(MAX_QUEUED_BROADCASTS)
         self._arm_gossip()
 
@@ -665,6 +673,8 @@ class Node:
                 self._suspicion_expired(ctx)
             case TimerKind.CONFIRM_TIMEOUT:
                 self._check_timeout(ctx)
+            case TimerKind.GOSSIP if ctx == _RING_FLUSH:
+                self._ring_flush()
             case TimerKind.GOSSIP:
                 self._gossip_armed = False
                 self._send_direct(self.registry.flush())
@@ -804,7 +814,7 @@ class Node:
         if sender is not None and sender.status is Status.DEAD:
             # A node we hold dead is talking to us (a healed partition): tell
             # it, so it refutes and its refutation spreads on both sides.
-            before = (codec.encode(Dead(sender.node, sender.incarnation, self._me.node)),)
+            before = (codec.encode(Died(sender.node, sender.incarnation)),)
         self._send(src, Ack(msg.seq), before)
 
     def _on_ping_req(self, src: Addr, msg: PingReq) -> None:
@@ -840,14 +850,22 @@ class Node:
             return
         m = self._members[node]
         if m.status not in LIVE:
+            # No process there to tell that it was declared dead: stop
+            # spending gossip packets on it (a restart on this address makes
+            # it talk to us, and we tell it then: see _on_ping).
+            self._recently_dead.pop(node, None)
             return
         self.counters["unreachable_hints"] += 1
         cap = self.config.refused_suspicion_timeout_s
         if m.status is Status.ALIVE:
             self._log(LogLevel.INFO, f"closed port name={m.name} addr={_fmt(addr)}: suspecting")
-            self._suspect(m, m.incarnation, self._me.node, cap=cap)
-            # Ask it directly, carrying the suspicion: if it is alive after
-            # all (restarted on the same port), it refutes in one round trip.
+            # Not gossiped: the one node that must hear of this suspicion is
+            # the suspect, and we ask it directly, carrying the suspicion. If
+            # it is alive after all (restarted on the same port) it refutes in
+            # one round trip; if not, we declare it dead when the short timer
+            # expires, and only that is spread. A burst of crashes then costs
+            # the cluster one rumour per death, not two.
+            self._suspect(m, m.incarnation, self._me.node, cap=cap, gossip=False)
             self._start_check(m)
         elif m.suspicion is not None and m.suspicion.cap is None:
             m.suspicion.verified = True  # the hint is our own evidence
@@ -870,6 +888,43 @@ class Node:
                 node = self.rng.choice(list(self._recently_dead))
                 picks.append(self._members[node])
         return picks
+
+    def _ring_neighbours(self) -> list[Member]:
+        ring = self._ring
+        n = len(ring)
+        if n < 2:
+            return []
+        i = ring.index(self._me.node)
+        ids = [ring[(i + 1) % n]]
+        if n > 2:
+            ids.append(ring[(i - 1) % n])
+        return [self._members[x] for x in ids]
+
+    def _ring_flush(self) -> None:
+        """Final news (a death, a leave) goes to both ring neighbours once,
+        a few milliseconds after we first learn it, except to the neighbour
+        it came from (RingCast: Voulgaris and van Steen 2007). Random gossip
+        spreads it in O(log N) rounds; the ring makes sure that no live node
+        is left out by chance, so random gossip can stop early (see
+        _heard_again), and its fast hops fill the gaps between the places
+        random gossip reached. The packets carry queued gossip too."""
+        self._ring_armed = False
+        owed = self._ring_owed
+        if not owed:
+            return
+        room = self.config.max_packet_bytes - 3
+        for m in self._ring_neighbours():
+            batch: list[bytes] = []
+            left = room
+            for data, source in owed:
+                if source == m.node or len(data) > left:
+                    continue
+                left -= len(data)
+                batch.append(data)
+            if batch:
+                self.counters["ring_packets"] += 1
+                self._send(m.addr, before=tuple(batch))
+        owed.clear()
 
     def _gossip_round(self) -> None:
         if not len(self._queue):
@@ -1020,8 +1075,9 @@ class Node:
         self._digest.toggle(m.node, m.incarnation, m.status)
 
     def _suspect(self, m: Member, incarnation: int, sender: NodeId,
-                 cap: float | None = None) -> None:
-        """Start (or confirm) a suspicion of ``m`` at ``incarnation``."""
+                 cap: float | None = None, gossip: bool = True) -> None:
+        """Start (or confirm) a suspicion of ``m`` at ``incarnation``;
+        ``gossip=False`` keeps a new suspicion to ourselves."""
         if m.suspicion is not None:
             self._confirm(m, sender)
             return
@@ -1038,7 +1094,8 @@ class Node:
         m.suspicion = susp
         self._rearm_suspicion(m)
         self._event(EventKind.SUSPECT, m)
-        self._broadcast(m.node, Suspect(m.node, incarnation, sender))
+        if gossip:
+            self._broadcast(m.node, Suspect(m.node, incarnation, sender))
 
     def _confirm(self, m: Member, sender: NodeId) -> None:
         susp = m.suspicion
@@ -1096,12 +1153,11 @@ class Node:
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
         had_entries = self._mark_down(m, Status.DEAD, incarnation)
-        dead = Dead(m.node, incarnation, self._me.node)
-        self._broadcast(m.node, dead)
+        self._broadcast_death(m.node, incarnation)
         if had_entries and len(self._live) <= DIRECT_MAX:
             # Its registry entries must vanish everywhere at once, not when
             # the epidemic has reached the last node: tell every peer now.
-            data = codec.pack([codec.encode(dead)])
+            data = codec.pack([codec.encode(Died(m.node, incarnation))])
             for node in self._live:
                 self.counters["packets_out"] += 1
                 self.counters["bytes_out"] += len(data)
@@ -1200,23 +1256,48 @@ class Node:
             return
         self._suspect(m, m.incarnation, self._me.node)
 
-    def _on_dead(self, msg: Dead, src: Addr | None = None) -> None:
-        m = self._members.get(msg.node)
+    def _on_dead(self, node: NodeId, incarnation: int, src: Addr | None = None) -> None:
+        m = self._members.get(node)
         if m is None:
             return
-        if msg.incarnation < m.incarnation:
+        if incarnation < m.incarnation:
             self._stale_accusation(m, src)
             return
         if m is self._me:
             if not self._leaving:
-                self._refute(msg.incarnation)
+                self._refute(incarnation)
             return
         if m.status not in LIVE:
+            if m.status is Status.DEAD and incarnation == m.incarnation:
+                self._heard_again(m.node, (Status.DEAD, incarnation))
             return
-        self._mark_down(m, Status.DEAD, msg.incarnation)
-        self._broadcast(m.node, msg)
+        self._mark_down(m, Status.DEAD, incarnation)
+        self._broadcast_death(m.node, incarnation, src)
 
-    def _on_left(self, msg: Left) -> None:
+    def _broadcast_death(self, node: NodeId, incarnation: int, src: Addr | None = None) -> None:
+        self._broadcast(node, Died(node, incarnation), ident=(Status.DEAD, incarnation))
+        self._owe_ring(node, src)
+
+    def _owe_ring(self, node: NodeId, src: Addr | None) -> None:
+        data = self._queue.get(("m", node))
+        if data is None or not self._started or len(self._ring) < 2:
+            return  # no neighbours to tell
+        self._ring_owed.append((data, None if src is None else self._by_addr.get(src)))
+        if not self._ring_armed:
+            self._ring_armed = True
+            self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
+                      _RING_FLUSH)
+
+    def _heard_again(self, node: NodeId, ident: Hashable) -> None:
+        """A peer told us news about ``node`` we have already: counter-style
+        rumour mongering (see :mod:`peerd.core.broadcast`). Only for final
+        news (dead, left): a refutation or a suspicion is never cut short,
+        since a node that misses one may wrongly kill a live node."""
+        limit = formulas.retransmit_limit(self.config.retransmit_mult, self.live_count())
+        if self._queue.heard(("m", node), ident, limit):
+            self.counters["rumours_heard_again"] += 1
+
+    def _on_left(self, msg: Left, src: Addr | None = None) -> None:
         m = self._members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation:
             return
@@ -1227,9 +1308,12 @@ class Node:
                 self._refute(msg.incarnation)
             return
         if m.status is Status.LEFT:
+            if msg.incarnation == m.incarnation:
+                self._heard_again(m.node, (Status.LEFT, msg.incarnation))
             return
         self._mark_down(m, Status.LEFT, msg.incarnation)
-        self._broadcast(m.node, msg)
+        self._broadcast(m.node, msg, ident=(Status.LEFT, msg.incarnation))
+        self._owe_ring(m.node, src)
 
     # --- packets -------------------------------------------------------------
 
@@ -1262,9 +1346,11 @@ class Node:
             case Suspect():
                 self._on_suspect(msg, src)
             case Dead():
-                self._on_dead(msg, src)
+                self._on_dead(msg.node, msg.incarnation, src)
+            case Died():
+                self._on_dead(msg.node, msg.incarnation, src)
             case Left():
-                self._on_left(msg)
+                self._on_left(msg, src)
             case PushPull():
                 self._drop("push_pull_in_datagram")
             case RegDelta() | RegSnapshot() | RegAck():

@@ -40,6 +40,7 @@ from peerd.wire.messages import (
     Alive,
     Channel,
     Dead,
+    Died,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -323,6 +324,8 @@ def to_cbor_obj(msg: Message) -> list[Any]:
                     _node_out(sender, "sender")]
         case Left(node, inc):
             return [Left.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
+        case Died(node, inc):
+            return [Died.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
         case PushPull(join, members):
             if type(members) is not tuple:
                 _bad_out(f"push-pull members must be a tuple, got {members!r}")
@@ -566,6 +569,11 @@ def _left_in(obj: list[Any]) -> Message:
     return Left(_node_id(node), _uint(inc, "incarnation"))
 
 
+def _died_in(obj: list[Any]) -> Message:
+    node, inc = _fields(obj, 2, "died")
+    return Died(_node_id(node), _uint(inc, "incarnation"))
+
+
 def _sync_bits(v: Any) -> int:
     if type(v) is not int or not 0 <= v <= MAX_SYNC_BITS:
         _bad(f"sync bits must be 0..{MAX_SYNC_BITS}")
@@ -800,6 +808,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Suspect.TYPE: _suspect_in,
     Dead.TYPE: _dead_in,
     Left.TYPE: _left_in,
+    Died.TYPE: _died_in,
     PushPull.TYPE: _push_pull_in,
     SyncDigest.TYPE: _sync_digest_in,
     SyncRows.TYPE: _sync_rows_in,

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
-        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 20: "reg-delta",
+        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 13: "died", 20: "reg-delta",
         21: "reg-snapshot", 22: "reg-sync",
         23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
         34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control",
@@ -67,6 +67,7 @@ def message_vectors() -> dict[str, Any]:
         Alive,
         Channel,
         Dead,
+        Died,
         Disconnect,
         ForwardJoin,
         Gossip,
@@ -126,6 +127,7 @@ def message_vectors() -> dict[str, Any]:
                                             u64_max, 1, (("ключ", "значение"),))),
         ("suspect", Suspect(b, 4, a)),
         ("dead", Dead(b, 5, c)),
+        ("died", Died(b, 5)),
         ("left", Left(a, 6)),
         ("push-pull-empty", PushPull(False, ())),
         ("push-pull-join", PushPull(True, (

@@ -104,3 +104,39 @@ def test_prune_drops_most_sent_oldest() -> None:
     assert q.take(BIG, limit=10) == [b"C", b"B"]
     q.prune(0)
     assert len(q) == 0
+
+
+# --- counter-style rumour mongering and items already in the packet -----------
+
+
+def test_heard_again_counts_a_transmission() -> None:
+    q = BroadcastQueue()
+    q.enqueue("a", b"A", ident=("dead", 0))
+    q.enqueue("b", b"B")
+    assert q.heard("a", ("dead", 0), limit=3)
+    # a now ranks as sent once: b (never sent) goes first.
+    assert q.take(BIG, limit=3) == [b"B", b"A"]
+    assert q.heard("a", ("dead", 0), limit=3)  # a's third transmission: dropped
+    assert not q.has("a")
+    assert q.take(BIG, limit=3) == [b"B"]
+
+
+def test_heard_again_needs_the_same_update() -> None:
+    q = BroadcastQueue()
+    q.enqueue("a", b"A", ident=("dead", 1))
+    q.enqueue("b", b"B")  # no ident: never counted down
+    assert not q.heard("a", ("dead", 0), limit=1)
+    assert not q.heard("b", None, limit=1)
+    assert not q.heard("missing", ("dead", 1), limit=1)
+    assert len(q) == 2
+    q.enqueue("a", b"A2")  # replaced by an update without an ident
+    assert not q.heard("a", ("dead", 1), limit=1)
+    assert q.take(BIG, limit=10) == [b"A2", b"B"]
+
+
+def test_skipped_items_count_as_sent_without_being_returned() -> None:
+    q = q_with(("a", b"A"), ("b", b"B"))
+    # The caller put A in the packet already (ahead of the piggyback).
+    assert q.take(BIG, limit=2, skip=frozenset({b"A"})) == [b"B"]
+    assert q.take(BIG, limit=2) == [b"B", b"A"]
+    assert len(q) == 0

@@ -27,14 +27,11 @@ def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
 
     assert events(outs) == [(EventKind.SUSPECT, nid(2))]
     # The ping is tracked like a confirmation check: it has its own timeout.
-    assert armed_at(outs) == [(TimerKind.SUSPICION, 10.25),
-                              (TimerKind.GOSSIP, first_gossip_at(10.0)),
-                              (TimerKind.CONFIRM_TIMEOUT, 10.5)]
-    # A buddy ping: if n2 is in fact alive it refutes within a round trip. The
-    # suspicion goes first, then the ping, then the queued broadcast of the
-    # same suspicion as piggyback.
-    assert sends(outs) == [(addr(2), [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2)),
-                                      Suspect(nid(2), 0, nid(1))])]
+    # Nothing is gossiped: the suspicion stays between us and the suspect.
+    assert armed_at(outs) == [(TimerKind.SUSPICION, 10.25), (TimerKind.CONFIRM_TIMEOUT, 10.5)]
+    # A buddy ping: if n2 is in fact alive it refutes within a round trip.
+    assert sends(outs) == [(addr(2), [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2))])]
+    assert r.node.queued_broadcasts() == 0
     assert r.counter("unreachable_hints") == 1
     assert r.counter("link_closed_hints") == (1 if hint is LinkClosed else 0)
     assert r.counter("confirm_checks") == 0  # a hint's ping is not a dogpile check
@@ -42,9 +39,24 @@ def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
     outs = r.fire(TimerKind.SUSPICION)
     assert r.now == 10.25
     assert events(outs) == [(EventKind.DEAD, nid(2))]
+    # Only the death is spread: gossip, and the ring neighbours a moment later.
+    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(10.25)),
+                              (TimerKind.GOSSIP, first_gossip_at(10.25))]
+    assert r.node.queued_broadcasts() == 1
     # The check's timeout then finds nothing left to do.
     assert nologs(r.fire(TimerKind.CONFIRM_TIMEOUT)) == []
     assert r.status(2) is Status.DEAD
+
+
+@pytest.mark.parametrize("hint", HINTS)
+def test_hint_suspicion_is_not_gossiped_but_a_refutation_is(hint: type) -> None:
+    r = started(2, 3, 4, 5)
+    r.handle(hint(addr(2)), now=10.0)
+    assert r.drain() == []  # nothing queued, nothing gossiped
+    outs = r.recv(2, Ack(1), alive(2, inc=1), now=10.002)
+    assert events(outs) == [(EventKind.ALIVE, nid(2))]
+    # Whoever heard of the suspicion some other way learns of the refutation.
+    assert [m for _, msgs in sends(r.drain()) for m in msgs][:1] == [alive(2, inc=1)]
 
 
 @pytest.mark.parametrize("hint", HINTS)
@@ -68,8 +80,7 @@ def test_unanswered_hint_ping_is_our_own_failed_check(hint: type) -> None:
     # new confirmation (we are the suspicion's origin) and kills nothing early.
     r = started(2, 3, 4, 5)
     outs = r.handle(hint(addr(2)), now=10.0)
-    assert [k for k, _ in armed_at(outs)] == [
-        TimerKind.SUSPICION, TimerKind.GOSSIP, TimerKind.CONFIRM_TIMEOUT]
+    assert [k for k, _ in armed_at(outs)] == [TimerKind.SUSPICION, TimerKind.CONFIRM_TIMEOUT]
     assert r.timer(TimerKind.SUSPICION).at == 10.5
     assert r.timer(TimerKind.CONFIRM_TIMEOUT).at == 10.5
     r.drain()

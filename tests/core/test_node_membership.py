@@ -18,7 +18,7 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
-from peerd.wire.messages import Alive, Dead, Left, Ping, Status, Suspect
+from peerd.wire.messages import Alive, Dead, Died, Left, Ping, Status, Suspect
 
 from .util import (
     Rig,
@@ -65,7 +65,7 @@ def test_dead_message_marks_dead() -> None:
     assert r.status(2) is Status.DEAD
     assert r.node.live_count() == 2
     assert r.counter("dead") == 1
-    assert gossip(r) == [Dead(nid(2), 0, nid(3))]
+    assert gossip(r) == [Died(nid(2), 0)]  # gossiped without the sender
     # Once dead, more news of its death changes nothing.
     assert nologs(r.recv(3, Dead(nid(2), 0, nid(3)), now=2.0)) == []
     assert nologs(r.recv(3, Suspect(nid(2), 0, nid(3)), now=2.0)) == []

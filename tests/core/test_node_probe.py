@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.events import EventKind, SendPacket, SetTimer, Timer, TimerKind
-from peerd.wire.messages import Ack, Dead, Left, Nack, Ping, PingReq, Status, Suspect
+from peerd.wire.messages import Ack, Dead, Died, Left, Nack, Ping, PingReq, Status, Suspect
 
 from .util import (
     Rig,
@@ -101,9 +101,9 @@ def test_unanswered_probe_without_helpers_suspects_at_next_probe() -> None:
     assert r.timer(TimerKind.PROBE_TIMEOUT).at == t + 1.0 + 1.0
     (dst, msgs), = sends(outs)
     assert dst == addr(2)
-    # Suspicion first, then the ping, then the queued broadcast of the same
-    # suspicion as piggyback.
-    assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(2, nid(2)), Suspect(nid(2), 0, nid(1))]
+    # Suspicion first, then the ping. The queued broadcast of the same
+    # suspicion is not repeated as piggyback: it counts as sent.
+    assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(2, nid(2))]
 
 
 def test_ack_lowers_health_but_not_below_zero() -> None:
@@ -317,7 +317,7 @@ def test_ping_from_a_member_we_hold_dead_tells_it_so() -> None:
     r.drain()
     outs = r.recv(2, Ping(31, nid(1)), now=2.0)
     assert nologs(outs) == of(outs, SendPacket)
-    assert sends(outs) == [(addr(2), [Dead(nid(2), 2, nid(1)), Ack(31)])]
+    assert sends(outs) == [(addr(2), [Died(nid(2), 2), Ack(31)])]
     assert r.status(2) is Status.DEAD  # only its refutation brings it back
     # Its refutation, when it comes, does.
     outs = r.recv(2, alive(2, inc=3), now=2.01)

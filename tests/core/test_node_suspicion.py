@@ -8,7 +8,7 @@ import pytest
 
 from peerd.core.events import EventKind, IncarnationChanged, TimerKind
 from peerd.core.swim import formulas
-from peerd.wire.messages import Ack, Alive, Dead, Left, Ping, Status, Suspect
+from peerd.wire.messages import Ack, Alive, Dead, Died, Left, Ping, Status, Suspect
 
 from .util import (
     Rig,
@@ -96,7 +96,7 @@ def test_independent_confirmations_shrink_the_timer() -> None:
     assert r.now == pytest.approx(t + LOW)
     assert events(outs) == [(EventKind.DEAD, nid(target))]
     assert r.status(target) is Status.DEAD
-    assert gossip(r) == [Dead(nid(target), 0, nid(1))]
+    assert gossip(r) == [Died(nid(target), 0)]
     # ... and the ones it superseded do nothing when they fire.
     assert len(superseded) == 3
     for s in superseded:

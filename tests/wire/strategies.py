@@ -13,6 +13,7 @@ from peerd.wire.messages import (
     Alive,
     Channel,
     Dead,
+    Died,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -80,6 +81,7 @@ nacks = st.builds(Nack, u64)
 alives = st.builds(Alive, node_ids, names, addrs, u64, u64, tags)
 suspects = st.builds(Suspect, node_ids, u64, node_ids)
 deads = st.builds(Dead, node_ids, u64, node_ids)
+dieds = st.builds(Died, node_ids, u64)
 lefts = st.builds(Left, node_ids, u64)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(members, max_size=4).map(tuple))
 sync_digests = st.integers(0, 12).flatmap(
@@ -135,6 +137,7 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Alive.TYPE: alives,
     Suspect.TYPE: suspects,
     Dead.TYPE: deads,
+    Died.TYPE: dieds,
     Left.TYPE: lefts,
     PushPull.TYPE: push_pulls,
     SyncDigest.TYPE: sync_digests,

@@ -21,6 +21,7 @@ from peerd.wire.messages import (
     Alive,
     Channel,
     Dead,
+    Died,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -111,6 +112,8 @@ def message_from_json(d: dict[str, Any]) -> Message:
             return Dead(h(d["node"]), d["incarnation"], h(d["sender"]))
         case "left":
             return Left(h(d["node"]), d["incarnation"])
+        case "died":
+            return Died(h(d["node"]), d["incarnation"])
         case "push-pull":
             return PushPull(d["join"], tuple(_member(m) for m in d["members"]))
         case "sync-digest":

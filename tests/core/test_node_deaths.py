@@ -1,0 +1,131 @@
+"""How deaths (and leaves) spread: gossiped as Died, counted down when heard
+again (counter-style rumour mongering), passed once to both ring neighbours."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.core.events import EventKind, TimerKind, Unreachable
+from peerd.core.node import FIRST_GOSSIP_DELAY_S
+from peerd.core.swim import formulas
+from peerd.wire import codec
+from peerd.wire.messages import Dead, Died, Left, Suspect
+
+from .util import Rig, addr, cfg, events, nid, sends
+
+
+def started(*peers: int, i: int = 3, **kw: object) -> Rig:
+    r = Rig.make(i, **kw)  # type: ignore[arg-type]
+    r.start()
+    r.join(*peers, now=0.0)
+    r.drain()
+    return r
+
+
+def limit_of(r: Rig) -> int:
+    return formulas.retransmit_limit(r.node.config.retransmit_mult, r.node.live_count())
+
+
+def test_died_is_dead_without_the_sender() -> None:
+    assert len(codec.encode(Died(nid(2), 0))) == 20
+    assert len(codec.encode(Dead(nid(2), 0, nid(3)))) == 37
+
+
+@pytest.mark.parametrize("news", [Died(nid(5), 0), Dead(nid(5), 0, nid(4))])
+def test_a_death_goes_once_to_the_ring_neighbour_it_did_not_come_from(news: object) -> None:
+    # Ring (by id) 1 2 3 4 5: n3's neighbours are n2 and n4. The news comes
+    # from n4, so only n2 needs it from us.
+    r = started(1, 2, 4, 5)
+    outs = r.recv(4, news, now=1.0)  # type: ignore[arg-type]
+    assert events(outs) == [(EventKind.DEAD, nid(5))]
+    due = [t.at for t in r.armed(TimerKind.GOSSIP)]
+    assert due == [1.0 + FIRST_GOSSIP_DELAY_S] * 2  # the gossip round, then the ring flush
+    outs = r.fire(TimerKind.GOSSIP)  # the newest: the ring flush
+    # Gossip carries the compact form, whatever form we heard.
+    assert sends(outs) == [(addr(2), [Died(nid(5), 0)])]
+    assert r.counter("ring_packets") == 1
+    # Once only: the next flush has nothing owed.
+    r.drain()
+    assert r.counter("ring_packets") == 1
+
+
+def test_a_death_we_declare_goes_to_both_ring_neighbours() -> None:
+    r = started(1, 2, 4, 5)
+    r.handle(Unreachable(addr(5)), now=1.0)
+    outs = r.fire(TimerKind.SUSPICION)
+    assert events(outs) == [(EventKind.DEAD, nid(5))]
+    # n5 is gone from the ring: the neighbours are n2 and n4 (the successor).
+    outs = r.fire(TimerKind.GOSSIP)  # the ring flush (armed after the gossip round)
+    assert sends(outs) == [(addr(4), [Died(nid(5), 0)]), (addr(2), [Died(nid(5), 0)])]
+
+
+def test_the_ring_wraps_around() -> None:
+    r = started(2, 3, 4, i=1)
+    r.recv(9, Died(nid(3), 0), now=1.0)
+    outs = r.fire(TimerKind.GOSSIP)
+    # n1's neighbours: n2 (successor) and n4 (predecessor, around the ring).
+    assert sends(outs) == [(addr(2), [Died(nid(3), 0)]), (addr(4), [Died(nid(3), 0)])]
+
+
+def test_a_death_heard_again_counts_as_a_transmission() -> None:
+    r = started(1, 2, 4, 5)
+    limit = limit_of(r)
+    assert limit == 4  # 4 live peers and us: 4 * ceil(log10(6))
+    r.recv(4, Died(nid(5), 0), now=1.0)
+    assert r.node.queued_broadcasts() == 1
+    for k in range(1, limit):
+        r.recv(k if k != 3 else 2, Died(nid(5), 0), now=1.0 + k / 100)
+        assert r.counter("rumours_heard_again") == k
+        assert r.node.queued_broadcasts() == 1
+    # The limit-th copy: known widely enough, never sent by us at all.
+    r.recv(1, Dead(nid(5), 0, nid(1)), now=1.1)
+    assert r.node.queued_broadcasts() == 0
+    assert r.counter("rumours_heard_again") == limit
+
+
+def test_copies_heard_again_and_sent_share_the_limit() -> None:
+    r = started(1, 2, 4, 5, config=cfg(gossip_fanout=1))
+    r.recv(4, Died(nid(5), 0), now=1.0)
+    r.recv(2, Died(nid(5), 0), now=1.0)
+    r.recv(1, Died(nid(5), 0), now=1.0)
+    outs = r.drain()
+    carried = [m for _, msgs in sends(outs) for m in msgs if m == Died(nid(5), 0)]
+    # 2 copies heard again: limit - 2 left, of which the ring flush (to n2,
+    # the neighbour the news did not come from first) is one.
+    assert len(carried) == limit_of(r) - 2
+
+
+def test_a_left_heard_again_counts_too() -> None:
+    r = started(1, 2, 4, 5)
+    r.recv(5, Left(nid(5), 1), now=1.0)
+    r.recv(4, Left(nid(5), 1), now=1.01)
+    assert r.counter("rumours_heard_again") == 1
+
+
+def test_other_news_heard_again_does_not_count() -> None:
+    # A suspicion (or a refutation) is never cut short: a node that misses it
+    # may kill a live node.
+    r = started(1, 2, 4, 5)
+    r.recv(4, Suspect(nid(5), 0, nid(4)), now=1.0)
+    r.recv(2, Suspect(nid(5), 0, nid(4)), now=1.01)
+    assert r.counter("rumours_heard_again") == 0
+    # Nor does a death at another incarnation than the one we queue.
+    r.recv(4, Died(nid(2), 3), now=1.1)
+    r.recv(1, Died(nid(2), 2), now=1.2)  # older: a stale accusation
+    assert r.counter("rumours_heard_again") == 0
+
+
+def test_a_closed_port_ends_gossip_to_a_dead_member() -> None:
+    # Gossip goes now and then to a recently dead node (so a wrongly
+    # declared one can refute), but a closed port says no process is there.
+    def sent_to_dead(hint: bool) -> int:
+        r = started(1, 2, 4, 5, config=cfg(gossip_to_dead_s=60.0, gossip_fanout=1))
+        r.recv(4, Died(nid(5), 0), now=1.0)
+        if hint:
+            assert r.handle(Unreachable(addr(5)), now=1.001) == []
+        for k in range(1, 4):  # more news to gossip about
+            r.recv(4, Suspect(nid(k if k != 3 else 4), 0, nid(4)), now=1.002)
+        return sum(1 for dst, _ in sends(r.drain()) if dst == addr(5))
+
+    assert sent_to_dead(hint=False) > 0
+    assert sent_to_dead(hint=True) == 0
