@@ -528,8 +528,10 @@ def main() -> int:
     p.add_argument("--preset", default="lan")
     p.add_argument("--size", type=int, default=16, help="message payload bytes")
     p.add_argument("--sequential", type=int, default=3000)
-    p.add_argument("--pipelined", type=int, default=50_000)
-    p.add_argument("--window", type=int, default=1000)
+    p.add_argument("--pipelined", type=int, default=80_000)
+    p.add_argument("--window", type=int, default=8000,
+                   help="sends in flight (a batch is answered once the owner's daemon "
+                        "answered it: keep several batches of ~1000 in flight)")
     p.add_argument("--latency-n", type=int, default=20)
     p.add_argument("--latency-samples", type=int, default=2000)
     p.add_argument("--broadcast-n", type=int, default=30)

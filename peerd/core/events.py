@@ -188,10 +188,18 @@ class MeshDelivered:
     payload: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class MeshConnected:
+    """The driver's partial mesh has neighbours (``connected``) or lost them
+    all: while it has, registry deltas go out as :class:`MeshCast`."""
+
+    connected: bool
+
+
 Input = (
     Start | PacketIn | Unreachable | LinkClosed | TimerFired | StreamRequest | StreamResponse
     | StreamFailed | Join | SetTags | Leave | Register | Unregister | UpdateMeta | ConnClosed
-    | MeshDelivered
+    | MeshDelivered | MeshConnected
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -340,7 +348,7 @@ class RegistryEvent:
 class MeshCast:
     """Broadcast ``payload`` to every node over the partial mesh (Plumtree)
     on ``channel``. Emitted only by a node whose driver runs a mesh next to
-    it (:meth:`peerd.core.node.Node.attach_mesh`); each receiver's driver
+    it (:class:`MeshConnected`); each receiver's driver
     feeds it back as :class:`MeshDelivered`."""
 
     channel: int

@@ -69,6 +69,7 @@ from peerd.core.events import (
     MemberEvent,
     MemberInfo,
     MeshCast,
+    MeshConnected,
     MeshDelivered,
     OpenStream,
     Output,
@@ -477,6 +478,8 @@ class Node:
                 self.registry.command(inp)
             case MeshDelivered():
                 self._on_mesh_delivered(inp)
+            case MeshConnected(connected):
+                self._on_mesh_connected(connected)
         if self._ring_dirty:
             self._update_watch()
         self._out = []
@@ -1456,12 +1459,12 @@ class Node:
     def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
         return self._arm(kind, delay, ctx)
 
-    def attach_mesh(self, connected: bool = True) -> None:
+    def _on_mesh_connected(self, connected: bool) -> None:
         """The driver's partial mesh has neighbours (``connected``) or lost
         them all. While connected, registry deltas go out as
         :class:`MeshCast` (one Plumtree broadcast each) instead of
-        piggybacked gossip and direct sends; they arrive as
-        :class:`MeshDelivered` either way. Anti-entropy stays as it is."""
+        piggybacked gossip; they arrive as :class:`MeshDelivered` either
+        way. Anti-entropy stays as it is."""
         if connected and not self.registry.via_mesh:
             self.registry.sync_soon()  # broadcasts from before we joined it
         self.registry.via_mesh = connected

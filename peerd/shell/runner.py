@@ -107,6 +107,7 @@ from peerd.core.events import (
     LogLevel,
     MemberEvent,
     MeshCast,
+    MeshConnected,
     MeshDelivered,
     MemberInfo,
     OpenStream,
@@ -464,6 +465,7 @@ class Runner:
         self.mesh = mesh
         self.links = links
         self._mesh_joined = False
+        self._mesh_connected = False
         self._bcast_refs = itertools.count(1)
         self._bcast_results: dict[int, BroadcastResult] = {}
         self._rng = random.Random()
@@ -899,10 +901,13 @@ class Runner:
         return self.messenger.begin(conn, args)
 
     def _mesh_neighbours_changed(self) -> None:
-        """Registry deltas go over the mesh while it has neighbours."""
-        attach = getattr(self.node, "attach_mesh", None)
-        if attach is not None and self.mesh is not None:
-            attach(bool(self.mesh.hyparview.active_ids()))
+        """Registry deltas go over the mesh while it has neighbours (a core
+        input, handled once the mesh's outputs are carried out)."""
+        if self.mesh is not None:
+            connected = bool(self.mesh.hyparview.active_ids())
+            if connected != self._mesh_connected:
+                self._mesh_connected = connected
+                self._deferred.append(MeshConnected(connected))
 
     def _mesh_cast(self, channel: int, payload: bytes) -> None:
         """The core's own broadcast (registry deltas) into the mesh."""

@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peerd.core.events import EventKind, MemberEvent, MeshDelivered
+from peerd.core.events import EventKind, MemberEvent, MeshConnected, MeshDelivered
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.mesh.events import (
     Broadcast,
@@ -255,7 +255,7 @@ class MeshWorld:
             elif c is NeighborUp or c is NeighborDown:
                 # registry deltas over the mesh while it has neighbours, as
                 # in the daemon (gossip before the first and after the last)
-                proc.node.attach_mesh(bool(proc.mesh.hyparview.active_ids()))
+                self.w._push(t, proc, MeshConnected(bool(proc.mesh.hyparview.active_ids())))
             elif c is Deliver and o.channel is Channel.REGISTRY:
                 self.w._push(t, proc, MeshDelivered(int(o.channel), o.origin, o.payload))
             elif c is Deliver:

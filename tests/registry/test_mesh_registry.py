@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.core.events import MeshCast, MeshDelivered, Output, TimerKind
+from peerd.core.events import MeshCast, MeshConnected, MeshDelivered, Output, SetTimer, TimerKind
 from peerd.core.registry import service as svc
 from peerd.core.registry.service import MESH_CHANNEL
 from peerd.wire import codec
@@ -28,8 +28,9 @@ def mesh_cluster(n: int):  # type: ignore[no-untyped-def]
         apply(i, outs)
 
     c._apply = spy  # type: ignore[method-assign]
-    for node in c.nodes:
-        node.attach_mesh(True)
+    for i in range(n):
+        c.feed(i, MeshConnected(True))
+    c.run_until(c.now + 0.01)
     return c, rec, casts
 
 
@@ -80,7 +81,7 @@ def test_garbage_and_wrong_channel_are_counted_drops() -> None:
 def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() -> None:
     c, _rec, casts = mesh_cluster(5)
     node = c.nodes[0]
-    node.attach_mesh(False)
+    assert node.handle(c.now, MeshConnected(False)) == []
     reg(c, 0, "alone", conn=2)
     c.run_until(c.now + 0.5)
     assert [m for i, m in casts if i == 0] == []
@@ -89,7 +90,9 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
     outs = node.handle(c.now, MeshDelivered(MESH_CHANNEL, c.nodes[1].node_id,
                                             codec.encode(RegAck(c.nodes[1].node_id, 0, 0))))
     assert outs == []
-    node.attach_mesh(True)
-    assert node.registry._heal_peer is not None
-    timers = [t for t in node._timers.live.values() if t[0] is TimerKind.REG_SYNC]
-    assert any(ctx == node.registry._heal_peer for _k, ctx in timers)
+    outs = node.handle(c.now, MeshConnected(True))
+    peer = node.registry._heal_peer
+    assert peer is not None and peer != node.node_id
+    armed = [o.timer for o in outs if isinstance(o, SetTimer)]
+    assert [t.kind for t in armed] == [TimerKind.REG_SYNC]
+    assert node._timers.live[armed[0].token] == (TimerKind.REG_SYNC, peer)

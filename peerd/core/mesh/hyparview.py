@@ -51,6 +51,7 @@ See :mod:`peerd.core.mesh.events` for the link contract the shell keeps.
 from __future__ import annotations
 
 import collections
+import math
 import random
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -91,6 +92,11 @@ from peerd.wire.messages import (
 )
 
 
+# Membership deaths remembered to recognise a node coming back (a heal).
+GONE_MAX = 4096
+# Revivals within a shuffle interval that mean "a partition healed".
+BRIDGE_MIN_REVIVED = 3
+
 @dataclass(slots=True)
 class _Pending:
     """A neighbor request (or join) we sent and await the answer to."""
@@ -127,6 +133,11 @@ class HyParView:
         self._left = False
         self._now = 0.0
         self._out: list[MeshOutput] = []
+        # Partition healing: nodes membership declared dead (recent, bounded),
+        # and those of them seen alive again lately (node -> when).
+        self._gone: dict[NodeId, None] = {}
+        self._revived: dict[NodeId, float] = {}
+        self._last_bridge = -math.inf
 
     # --- read side -------------------------------------------------------------
 
@@ -563,16 +574,51 @@ class HyParView:
         for node in dead:
             self._passive.pop(node, None)
             self._cooldown.pop(node, None)
+            self._gone[node] = None
+            if len(self._gone) > GONE_MAX:
+                del self._gone[next(iter(self._gone))]
             if node in self._active:
                 self.counters["neighbor_dead_hint"] += 1
                 self._drop_active(node, tell=False, keep_passive=False)
             elif self._settle_pending(node) is not None:
                 self._close_if_idle(node)
+        revived: list[MeshPeer] = []
         for peer in alive:
+            if self._gone.pop(peer.node, 0) is None:
+                revived.append(peer)
             if peer.node not in self._active:
                 self._add_passive(peer, evict=False)
         if self._started:
             self._refill()
+            if revived:
+                self._bridge(revived)
+
+    def _bridge(self, revived: list[MeshPeer]) -> None:
+        """Several nodes we had seen die are back at once: a partition has
+        healed. Our active view holds only our own side (the links across
+        failed and were replaced), and so does everyone's: the overlay is
+        two overlays, and broadcasts would not cross. One high-priority
+        neighbor request to one of them joins them (the peer makes room).
+        Once per shuffle interval, and only for a burst of revivals: a
+        single restarted node rejoins by itself and must not be swamped."""
+        now = self._now
+        window = self.config.shuffle_interval_s
+        for peer in revived:
+            self._revived[peer.node] = now
+        for node in [n for n, t in self._revived.items() if t < now - window]:
+            del self._revived[node]
+        if len(self._revived) < BRIDGE_MIN_REVIVED or now - self._last_bridge < window:
+            return
+        candidates = [p for p in revived
+                      if p.node not in self._active and p.node not in self._pending
+                      and p.node != self.me.node]
+        if not candidates:
+            return
+        self._last_bridge = now
+        self.counters["bridge_requests"] += 1
+        peer = self.rng.choice(candidates)
+        self._add_passive(peer)
+        self._ask(peer, high=True)
 
     def _on_leave(self) -> None:
         for node in list(self._active):
