@@ -380,6 +380,8 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
     runner.gauge_sources["mesh_passive"] = lambda: len(mesh.hyparview.passive())
     runner.gauge_sources["links_open"] = lambda: links.open_count
+    # SWIM's watch links are TCP connections too (kept apart from the mesh's).
+    runner.gauge_sources["watch_links"] = lambda: len(tcp.watch_links) + tcp.links_in
 
     async def udp_service(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
