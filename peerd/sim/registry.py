@@ -119,7 +119,8 @@ class RegistryWorld:
             entries = []
             for eid, (kind, name) in enumerate(self.workload(i), start=1):
                 conn, pid = self._id(), self._id()
-                idx = self._add(TEntry(i, 1, conn, pid, kind, name, 0.0, returned=0.0))
+                idx = self._add(TEntry(i, 1, conn, pid, kind, name, 0.0, returned=0.0,
+                                       visible_s=0.0))
                 self.host_live[i].add(idx)
                 entries.append(RegEntry(eid, kind, self.scope, name, 0, pid, UID, ()))
                 mine[eid] = conn
@@ -381,6 +382,7 @@ class RegistryWorld:
             if e.check in CHECKS and e.check != "registry_converged":
                 self._evaluate(e)
         real = [e for e in self.entries if e.cause != "rejected"]
+        asked = real[self.base_n:]  # registered during the run (not preloaded)
         conv_end = self.convergence[-1][0] if self.convergence[-1][1] else None
         return {
             "entries": len(real),
@@ -389,9 +391,9 @@ class RegistryWorld:
             **self.counts,
             "converged_at_end": conv_end is not None,
             "converged_s": None if conv_end is None else round(conv_end, 3),
-            "visible_all_s": stats3([e.visible_s for e in real
-                                     if e.visible_s is not None and e.returned]),
-            "not_visible_all": sum(1 for e in real if e.died is None and e.visible_s is None),
+            # register returned -> held by every running node (run-time entries)
+            "visible_all_s": stats3([e.visible_s for e in asked if e.visible_s is not None]),
+            "not_visible_all": sum(1 for e in asked if e.died is None and e.visible_s is None),
             # died -> held nowhere: after the process exited (or lost a
             # conflict), and after its node crashed or left (detection included)
             "removed_all_s": stats3([e.removed_s for e in real if e.removed_s is not None
