@@ -19,6 +19,7 @@ from peerd.shell.links import LinkLimits, LinkLost, LinkManager, LinkMessages, _
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, encode_frame, open_tcp_listener
 from peerd.wire import codec
 from peerd.wire.messages import Ack, Channel, Disconnect, Gossip, NeighborReply
+from peerd.wire.seal import Opener
 from tests.shell.conftest import Net, closed_tcp_port
 
 KEY = bytes(range(32))
@@ -275,3 +276,43 @@ async def test_peer_link_without_a_manager_is_refused() -> None:
         assert await a.next() == LinkLost(B, True)
         assert net.counters["tcp_drop_no_links"] == 1
         nursery.cancel_scope.cancel()
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def send_all(self, data: bytes) -> None:
+        self.data += data
+
+    async def send_eof(self) -> None:
+        pass
+
+
+async def test_control_is_written_before_queued_user_traffic() -> None:
+    from peerd.shell.links import _Link
+
+    net = Net(A, [KEY])
+    m = LinkManager(A, sealer=net.sealer, keyring=net.keyring, inputs=net.send,
+                    counters=net.counters, log=net.log, limits=LinkLimits(batch_bytes=200))
+    link = _Link(B, ("127.0.0.1", 1), True, 1, state="up", peer_nonce=b"n" * 8)
+    users = [gossip(i) for i in range(20)]
+    for g in users:
+        m._enqueue(link, codec.encode(g), 3)
+    m._enqueue(link, codec.encode(NeighborReply(True)), 0)  # queued last, urgent
+    out = _Capture()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(m._writer, link, out, nursery.cancel_scope)
+        await until(lambda: link.queued_bytes == 0)
+        nursery.cancel_scope.cancel()
+    opener = Opener(net.keyring, max_size=1 << 20)
+    frames, data = [], out.data
+    while data:
+        (n,) = struct.unpack(">I", data[:4])
+        _sender, payload = opener.open(data[4:4 + n])
+        assert payload[:8] == b"n" * 8
+        frames.append(_split(payload, 8))
+        data = data[4 + n:]
+    assert len(frames) > 1  # batches of about batch_bytes
+    assert frames[0][0] == NeighborReply(True)
+    assert [m for f in frames for m in f][1:] == users  # the rest in order

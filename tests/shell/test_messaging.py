@@ -266,3 +266,56 @@ def test_send_args() -> None:
         with pytest.raises(ApiError) as e:
             parse_send_args(bad)
         assert e.value.code == "bad_args"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_actions = st.lists(st.one_of(
+    st.tuples(st.just("send"), st.sampled_from(["db", "web", "workers", "nobody"]),
+              st.booleans()),
+    st.tuples(st.just("reply"), st.integers(0, 30), st.sampled_from(list(NameStatus))),
+    st.tuples(st.just("stray"), st.integers(0, 30), st.sampled_from([OTHER, THIRD])),
+    st.tuples(st.just("lost"), st.sampled_from([OTHER, THIRD]), st.booleans()),
+), max_size=40)
+
+
+@given(_actions)
+@settings(max_examples=200, deadline=None)
+def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
+    m, node, links, conns = setup()
+    conns[7] = Conn(7, room=3)
+    node.registry.add(OTHER, 5, RegKind.NAME, "db")
+    node.registry.add(THIRD, 6, RegKind.NAME, "web")
+    node.registry.add(OTHER, 7, RegKind.GROUP, "workers")
+    node.registry.add(THIRD, 8, RegKind.GROUP, "workers")
+    node.registry.add(ME, 9, RegKind.GROUP, "workers", conn=7)
+    calls = []
+    for action in actions:
+        match action:
+            case ("send", name, every):
+                a = ({"group": name, "all": every} if name == "workers" else {"name": name})
+                try:
+                    calls.append(m.begin(Conn(1), parse_send_args({**a, "payload": b"p"})))
+                except ApiError as e:
+                    assert e.code == "not_found"
+            case ("reply", i, status):
+                sent = [s for s in links.sent if isinstance(s[1], NameMsg)]
+                if sent:
+                    peer, msg = sent[i % len(sent)][:2]
+                    m.on_reply(peer, NameReply(msg.seq, status))  # may be a duplicate
+            case ("stray", seq, peer):
+                m.on_reply(peer, NameReply(seq, NameStatus.DELIVERED))
+            case ("lost", peer, _):
+                m.link_lost(peer)
+    for peer in (OTHER, THIRD):  # whatever still waits ends with its link
+        m.link_lost(peer)
+    assert m.pending == 0
+    for p in calls:
+        assert p.finished and not p.seqs
+        try:
+            r = p.result()
+        except ApiError as e:
+            assert e.code in ("not_found", "unavailable")
+        else:
+            assert r["delivered"] >= 1 or p.every
