@@ -147,7 +147,16 @@ NACK_AFTER = 0.8
 FIRST_GOSSIP_DELAY_S = 0.005
 # How often dead/left members older than dead_reclaim_s are forgotten.
 REAP_INTERVAL_S = 60.0
-# Context of the GOSSIP timer that passes news to the ring neighbours.
+# Final news goes to this many ring successors (see Node._ring_flush): two,
+# so that one crashed successor does not cut the ring while we do not know
+# it is dead yet.
+RING_SUCCESSORS = 2
+# A new ring successor gets the final news we learnt this long ago or less
+# (at most RING_RECENT_MAX items): it may have missed them while the old
+# successor was dead.
+RING_RECENT_S = 10.0
+RING_RECENT_MAX = 512
+# Context of the GOSSIP timer that passes news to the ring successors.
 _RING_FLUSH = "ring"
 
 
@@ -360,8 +369,13 @@ class Node:
         self._health = 0
         self._queue = BroadcastQueue()
         # Deaths and leaves we learnt and have not yet passed to our ring
-        # neighbours, each with the member it came from (see _ring_flush).
+        # successors, each with the member it came from (see _ring_flush);
+        # the ones of the last RING_RECENT_S, for a new successor; and the
+        # successors that are owed those.
         self._ring_owed: list[tuple[bytes, NodeId | None]] = []
+        self._ring_recent: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._successors: tuple[NodeId, ...] = ()
+        self._ring_new: set[NodeId] = set()
         self._ring_armed = False
         self._timers = _Timers()
         self._gossip_armed = False
@@ -501,19 +515,26 @@ class Node:
 
     def _update_watch(self) -> None:
         self._ring_dirty = False
-        want = min(self.config.watch_links, len(self._ring) - 1)
+        ring = self._ring
+        n = len(ring)
+        want = min(self.config.watch_links, n - 1)
         if self._leaving:
             want = 0
-        addrs: list[Addr] = []
-        if want > 0:
-            i = self._ring.index(self._me.node)
-            for step in range(1, want + 1):
-                node = self._ring[(i + step) % len(self._ring)]
-                addrs.append(self._members[node].addr)
+        # Successors (by id) of this node: watch links to the first ones,
+        # final news to the first RING_SUCCESSORS (see _ring_flush). Walking
+        # up from us is cheap in every ring representation; walking down is
+        # not in the shared one (peerd.core.shared.Ring).
+        succ: list[NodeId] = []
+        if n > 1:
+            i = ring.index(self._me.node)
+            for step in range(1, min(n - 1, max(want, RING_SUCCESSORS)) + 1):
+                succ.append(ring[(i + step) % n])
+        addrs = [self._members[node].addr for node in succ[:want]]
         watching = tuple(addrs)
         if watching != self._watching:
             self._watching = watching
             self._out.append(WatchLinks(watching))
+        self._set_successors(tuple(succ[:RING_SUCCESSORS]))
 
     # --- plumbing ------------------------------------------------------------
 
@@ -892,39 +913,59 @@ class Node:
                 picks.append(self._members[node])
         return picks
 
-    def _ring_neighbours(self) -> list[Member]:
-        ring = self._ring
-        n = len(ring)
-        if n < 2:
-            return []
-        i = ring.index(self._me.node)
-        ids = [ring[(i + 1) % n]]
-        if n > 2:
-            ids.append(ring[(i - 1) % n])
-        return [self._members[x] for x in ids]
+    def _set_successors(self, succ: tuple[NodeId, ...]) -> None:
+        if succ == self._successors:
+            return
+        # A successor that is new to us (the old one died, or a node joined
+        # between) missed what we passed on before: it gets the recent news
+        # again. Without this a crashed successor would cut the ring for
+        # every death we learnt before we knew it was dead.
+        new = [x for x in succ if x not in self._successors]
+        self._successors = succ
+        self._ring_new.intersection_update(succ)
+        if new and self._ring_recent:
+            self._ring_new.update(new)
+            self._arm_ring_flush()
+
+    def _arm_ring_flush(self) -> None:
+        if not self._ring_armed and self._started:
+            self._ring_armed = True
+            self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
+                      _RING_FLUSH)
 
     def _ring_flush(self) -> None:
-        """Final news (a death, a leave) goes to both ring neighbours once,
-        a few milliseconds after we first learn it, except to the neighbour
-        it came from (RingCast: Voulgaris and van Steen 2007). Random gossip
-        spreads it in O(log N) rounds; the ring makes sure that no live node
-        is left out by chance, so random gossip can stop early (see
-        _heard_again), and its fast hops fill the gaps between the places
-        random gossip reached. The packets carry queued gossip too."""
+        """Final news (a death, a leave) goes to our next RING_SUCCESSORS
+        nodes by id once, a few milliseconds after we first learn it (except
+        to the one it came from): a ring broadcast (RingCast, Voulgaris and
+        van Steen 2007) next to the random gossip. Random gossip spreads
+        news in O(log N) rounds but reaches every node only with high
+        probability; along the ring every live node hears it from a
+        predecessor, so random gossip can stop early (see _heard_again), and
+        the ring's fast hops fill the gaps between the places random gossip
+        reached. The packets carry queued gossip too."""
         self._ring_armed = False
+        if self._ring_dirty:
+            self._update_watch()
+        horizon = self._now - RING_RECENT_S
+        recent = self._ring_recent
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
         owed = self._ring_owed
-        if not owed:
-            return
         room = self.config.max_packet_bytes - 3
-        for m in self._ring_neighbours():
-            batch: list[bytes] = []
-            left = room
-            for data, source in owed:
-                if source == m.node or len(data) > left:
-                    continue
-                left -= len(data)
-                batch.append(data)
-            if batch:
+        for node in self._successors:
+            m = self._members[node]
+            if node in self._ring_new:
+                # everything recent, in datagram-sized packets
+                self._ring_new.discard(node)
+                items = [data for _, data in recent]
+            else:
+                items = [data for data, source in owed if source != node]
+            while items:
+                batch: list[bytes] = []
+                left = room
+                while items and (not batch or len(items[0]) <= left):
+                    left -= len(items[0])
+                    batch.append(items.pop(0))
                 self.counters["ring_packets"] += 1
                 self._send(m.addr, before=tuple(batch))
         owed.clear()
@@ -1284,12 +1325,12 @@ class Node:
     def _owe_ring(self, node: NodeId, src: Addr | None) -> None:
         data = self._queue.get(("m", node))
         if data is None or not self._started or len(self._ring) < 2:
-            return  # no neighbours to tell
+            return  # nobody to tell
         self._ring_owed.append((data, None if src is None else self._by_addr.get(src)))
-        if not self._ring_armed:
-            self._ring_armed = True
-            self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
-                      _RING_FLUSH)
+        self._ring_recent.append((self._now, data))
+        if len(self._ring_recent) > RING_RECENT_MAX:
+            self._ring_recent.popleft()
+        self._arm_ring_flush()
 
     def _heard_again(self, node: NodeId, ident: Hashable) -> None:
         """A peer told us news about ``node`` we have already: counter-style

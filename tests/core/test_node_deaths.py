@@ -1,12 +1,13 @@
 """How deaths (and leaves) spread: gossiped as Died, counted down when heard
-again (counter-style rumour mongering), passed once to both ring neighbours."""
+again (counter-style rumour mongering), passed once to the next two ring
+successors (and again to a new successor)."""
 
 from __future__ import annotations
 
 import pytest
 
 from peerd.core.events import EventKind, TimerKind, Unreachable
-from peerd.core.node import FIRST_GOSSIP_DELAY_S
+from peerd.core.node import FIRST_GOSSIP_DELAY_S, RING_RECENT_S
 from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.messages import Dead, Died, Left, Suspect
@@ -31,39 +32,65 @@ def test_died_is_dead_without_the_sender() -> None:
     assert len(codec.encode(Dead(nid(2), 0, nid(3)))) == 37
 
 
-@pytest.mark.parametrize("news", [Died(nid(5), 0), Dead(nid(5), 0, nid(4))])
-def test_a_death_goes_once_to_the_ring_neighbour_it_did_not_come_from(news: object) -> None:
-    # Ring (by id) 1 2 3 4 5: n3's neighbours are n2 and n4. The news comes
-    # from n4, so only n2 needs it from us.
-    r = started(1, 2, 4, 5)
-    outs = r.recv(4, news, now=1.0)  # type: ignore[arg-type]
-    assert events(outs) == [(EventKind.DEAD, nid(5))]
+@pytest.mark.parametrize("news", [Died(nid(9), 0), Dead(nid(9), 0, nid(4))])
+def test_a_death_goes_once_to_the_next_two_ring_successors(news: object) -> None:
+    # Ring (by id) 1 2 3 4 5 9: n3's successors are n4 and n5.
+    r = started(1, 2, 4, 5, 9)
+    outs = r.recv(2, news, now=1.0)  # type: ignore[arg-type]
+    assert events(outs) == [(EventKind.DEAD, nid(9))]
     due = [t.at for t in r.armed(TimerKind.GOSSIP)]
     assert due == [1.0 + FIRST_GOSSIP_DELAY_S] * 2  # the gossip round, then the ring flush
     outs = r.fire(TimerKind.GOSSIP)  # the newest: the ring flush
     # Gossip carries the compact form, whatever form we heard.
-    assert sends(outs) == [(addr(2), [Died(nid(5), 0)])]
-    assert r.counter("ring_packets") == 1
+    assert sends(outs) == [(addr(4), [Died(nid(9), 0)]), (addr(5), [Died(nid(9), 0)])]
+    assert r.counter("ring_packets") == 2
     # Once only: the next flush has nothing owed.
     r.drain()
-    assert r.counter("ring_packets") == 1
+    assert r.counter("ring_packets") == 2
 
 
-def test_a_death_we_declare_goes_to_both_ring_neighbours() -> None:
+def test_a_death_is_not_passed_back_to_the_successor_it_came_from() -> None:
+    r = started(1, 2, 4, 5, 9)
+    r.recv(4, Died(nid(9), 0), now=1.0)
+    outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [(addr(5), [Died(nid(9), 0)])]
+
+
+def test_a_death_we_declare_goes_to_the_successors_after_it() -> None:
     r = started(1, 2, 4, 5)
-    r.handle(Unreachable(addr(5)), now=1.0)
+    r.handle(Unreachable(addr(4)), now=1.0)
     outs = r.fire(TimerKind.SUSPICION)
-    assert events(outs) == [(EventKind.DEAD, nid(5))]
-    # n5 is gone from the ring: the neighbours are n2 and n4 (the successor).
+    assert events(outs) == [(EventKind.DEAD, nid(4))]
+    # n4 is gone from the ring: n3's successors are now n5 and n1 (around).
     outs = r.fire(TimerKind.GOSSIP)  # the ring flush (armed after the gossip round)
-    assert sends(outs) == [(addr(4), [Died(nid(5), 0)]), (addr(2), [Died(nid(5), 0)])]
+    assert sends(outs) == [(addr(5), [Died(nid(4), 0)]), (addr(1), [Died(nid(4), 0)])]
+
+
+def test_a_new_successor_gets_the_recent_news_again() -> None:
+    # n3 passes the death of n9 to n4 and n5, not knowing n4 has crashed too.
+    r = started(1, 2, 4, 5, 9)
+    r.recv(2, Died(nid(9), 0), now=1.0)
+    r.fire(TimerKind.GOSSIP)
+    r.drain()
+    # When n4's death is known, n1 becomes a successor: it may have missed
+    # the news that went to n4 (its own predecessors' copies too), so it
+    # gets both deaths. n5 gets only the new one.
+    r.recv(2, Died(nid(4), 0), now=2.0)
+    outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [(addr(5), [Died(nid(4), 0)]),
+                           (addr(1), [Died(nid(9), 0), Died(nid(4), 0)])]
+    # Past RING_RECENT_S, a new successor gets nothing old.
+    r.drain()
+    r.recv(2, Died(nid(5), 0), now=2.0 + RING_RECENT_S + 1.0)
+    outs = r.fire(TimerKind.GOSSIP)
+    assert sends(outs) == [(addr(1), [Died(nid(5), 0)]), (addr(2), [Died(nid(5), 0)])]
 
 
 def test_the_ring_wraps_around() -> None:
-    r = started(2, 3, 4, i=1)
+    r = started(2, 3, 4, i=5)
     r.recv(9, Died(nid(3), 0), now=1.0)
     outs = r.fire(TimerKind.GOSSIP)
-    # n1's neighbours: n2 (successor) and n4 (predecessor, around the ring).
+    # n5's successors: n2 and n4, around the ring.
     assert sends(outs) == [(addr(2), [Died(nid(3), 0)]), (addr(4), [Died(nid(3), 0)])]
 
 
