@@ -120,6 +120,7 @@ class MeshWorld:
         # off does not change what happens to the membership's datagrams.
         self.net_rng = random.Random(f"peerd-sim-mesh-net:{world.sc.seed}")
         self.links: dict[tuple[int, int], _Link] = {}
+        self.links_of: list[dict[tuple[int, int], None]] = [{} for _ in range(world.n)]
         self.chan_at: dict[tuple[int, int], float] = {}
         self.link_count = [0] * world.n
         self.max_links = 0
@@ -164,8 +165,9 @@ class MeshWorld:
         """The process is gone. ``reset``: its host is up and resets every
         link at once (the peers hear); else the links hang open."""
         me = proc.host.index
-        for (a, b), g in list(self.links.items()):
-            if me in (a, b) and g.up:
+        for a, b in list(self.links_of[me]):
+            g = self.links[(a, b)]
+            if g.up:
                 other = b if a == me else a
                 if reset:
                     self._fail(g, a, b, notify=(other,), delay=self._latency())
@@ -296,6 +298,9 @@ class MeshWorld:
             self._count(key, -1)
         g = _Link((old.gen + 1) if old else 1, up)
         self.links[key] = g
+        if old is None:
+            self.links_of[a][key] = None
+            self.links_of[b][key] = None
         if up:
             self._count(key, 1)
         return g
