@@ -217,8 +217,10 @@ class LinkManager:
         return self._enqueue(link, data, priority, droppable=mesh is not False)
 
     def close(self, peer: NodeId, *, mesh: bool = True) -> None:
-        """The mesh's CloseLink: flush then close, unless direct traffic still
-        uses the link (then it stays, and the idle reaper closes it later)."""
+        """Flush then close. ``mesh``: the mesh's CloseLink; the link stays
+        while direct traffic still uses it (the idle reaper closes it later).
+        ``mesh=False``: direct traffic is done with it; it stays while the
+        mesh uses it (the mesh hears of every link it did not close)."""
         link = self.links.get(peer)
         if link is None:
             return
@@ -226,6 +228,8 @@ class LinkManager:
             link.mesh = False
             if link.direct and trio.current_time() - link.last_used < self.limits.idle_s:
                 return  # still carries messages to names; the reaper closes it when idle
+        elif link.mesh:
+            return
         self._close(link)
 
     def _make_room_for_direct(self) -> None:

@@ -106,10 +106,10 @@ from peerd.core.events import (
     Log,
     LogLevel,
     MemberEvent,
+    MemberInfo,
     MeshCast,
     MeshConnected,
     MeshDelivered,
-    MemberInfo,
     OpenStream,
     Output,
     PacketIn,
@@ -708,6 +708,11 @@ class Runner:
                 self._mesh_handle(MembershipHint(alive=(MeshPeer(m.node, m.addr),)))
             elif ev.kind in _HINT_DEAD:
                 self._mesh_handle(MembershipHint(dead=(m.node,)))
+                if self.links is not None and ev.kind is not EventKind.REAPED:
+                    # A dead node's daemon answers nothing (a frozen one keeps
+                    # its links open): close what is left, fail what waits.
+                    self.links.close(m.node, mesh=False)
+                    self._link_lost(m.node)
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)

@@ -212,3 +212,23 @@ def _call(runner: Any, d: Any) -> Any:
     from peerd.shell.runner import _Call
 
     return _Call(lambda: runner._deliver(d))
+
+
+async def test_a_dead_member_closes_direct_links_and_fails_waiting_sends(
+        autojump_clock: trio.testing.MockClock) -> None:
+    from peerd.core.events import MemberInfo
+
+    dead = MemberInfo(PEER.node, "peer", PEER.addr, Status.DEAD, 3, 1, ())
+    links = FakeLinks()
+    core = FakeCore(lambda now, inp: [MemberEvent(EventKind.DEAD, dead)]
+                    if isinstance(inp, Start) else [])
+    runner, _, _ = make_runner(core, mesh=FakeMesh(), links=links)
+    lost: list[bytes] = []
+    assert runner.messenger is not None
+    runner.messenger.link_lost = lost.append  # type: ignore[method-assign]
+
+    async def body() -> None:
+        assert ("close", PEER.node, False) in links.calls
+        assert lost == [PEER.node]
+
+    await run_briefly(runner, body)
