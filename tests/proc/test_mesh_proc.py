@@ -169,3 +169,31 @@ def test_messages_to_a_name_arrive_once_in_order(cluster: Cluster) -> None:
 
 def gauges_id(d: Daemon) -> str:
     return str(d.status()["id"])
+
+
+def test_send_to_a_killed_owners_daemon_is_an_error(cluster: Cluster) -> None:
+    import time
+
+    from peerd.api.client import BlockingClient
+    from peerd.api.protocol import ApiError
+
+    daemons = cluster.start_cluster([f"k{i}" for i in range(5)])
+    owner_d, sender_d = daemons[1], daemons[3]
+    with BlockingClient(owner_d.sock, timeout=10) as owner, \
+            BlockingClient(sender_d.sock, timeout=30) as sender:
+        owner.register("victim")
+        wait_until(lambda: sender.lookup("victim") is not None, 10.0, "victim visible")
+        assert sender.send("victim", b"1") == {"delivered": 1}  # the direct link is up
+        owner_d.kill9()
+        # Every send ends with an error (never a hang, never a silent success):
+        # the link breaks or the owner's daemon is declared dead (its names go).
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            for _ in range(200):  # bounded: each send takes at most the 10 s send timeout
+                sender.send("victim", b"2")
+        assert e.value.code in ("unavailable", "not_found"), e.value.message
+        assert time.monotonic() - t0 < 15.0
+        wait_until(lambda: sender.lookup("victim") is None, 15.0, "victim gone after the death")
+        with pytest.raises(ApiError) as e:
+            sender.send("victim", b"3")
+        assert e.value.code == "not_found"
