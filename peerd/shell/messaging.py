@@ -162,8 +162,7 @@ class Messenger:
     def _sender_name(self, conn_id: Any) -> str:
         if type(conn_id) is not int:
             return ""
-        owned = getattr(self._registry(), "_owned", {}).get(conn_id, {})
-        for kind, _scope, name in owned:
+        for kind, _scope, name in self._registry().held_by_conn(conn_id):
             if kind is RegKind.NAME:
                 return str(name)
         return ""
@@ -249,7 +248,7 @@ class Messenger:
                 or entry.name != msg.name):
             self.counters["message_not_found"] += 1
             return NameStatus.NOT_FOUND
-        conn_id = getattr(registry, "_owner_of", {}).get(msg.eid)
+        conn_id = registry.owner_conn(msg.eid)
         conn = self.conns.get(conn_id) if conn_id is not None else None
         if conn is None or getattr(conn, "closed", False):
             self.counters["message_not_found"] += 1

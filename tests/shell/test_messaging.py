@@ -69,6 +69,13 @@ class Registry:
             self._owner_of[eid] = conn
             self._owned.setdefault(conn, {})[(kind, "default", name)] = eid
 
+    # the two reads messaging makes of peerd.core.registry.service.RegistryService
+    def owner_conn(self, eid: int) -> int | None:
+        return self._owner_of.get(eid)
+
+    def held_by_conn(self, conn: int) -> list[tuple[RegKind, str, str]]:
+        return list(self._owned.get(conn, {}))
+
 
 @dataclass
 class Member:

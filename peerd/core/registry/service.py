@@ -335,6 +335,16 @@ class RegistryService:
             self._spread(delta)
         self._emit_changes()
 
+    # --- reads for the host ------------------------------------------------------
+
+    def owner_conn(self, eid: int) -> int | None:
+        """The API connection that holds our entry ``eid`` (None if none)."""
+        return self._owner_of.get(eid)
+
+    def held_by_conn(self, conn: int) -> list[tuple[RegKind, str, str]]:
+        """(kind, scope, name) of what connection ``conn`` holds here, oldest first."""
+        return list(self._owned.get(conn, {}))
+
     def _won(self, entry: RegEntry) -> bool:
         if entry.kind is not RegKind.NAME:
             return True
