@@ -14,7 +14,12 @@ Phillips, Currey 2018):
   its incarnation, so a refutation always beats the suspicion it answers.
 * **Dissemination** (SWIM 4.1). Updates are piggybacked on pings and acks and
   gossiped to a few random peers every gossip interval, each a bounded number
-  of times (see :mod:`peerd.core.broadcast`).
+  of times (see :mod:`peerd.core.broadcast`). Final news (a death, a leave)
+  also goes once to the next two ring successors by id (RingCast), so every
+  live node hears it from a predecessor; that lets its random gossip stop
+  early, counting copies heard again from peers as transmissions (Demers'
+  counter variant). A closed-port suspicion is not gossiped at all: only the
+  suspect hears of it, and the cluster only of the death.
 * **Lifeguard** (2018). *Local health*: a node that misses acks, misses nacks
   from its helpers, or has to refute suspicions about itself raises a health
   score that stretches its own probe interval and timeouts, because the likely
