@@ -280,6 +280,9 @@ class MemberEvent:
     kind: EventKind
     member: MemberInfo
     other: MemberInfo | None = None  # NAME_CONFLICT: the node already holding the name
+    # ALIVE: the node had been declared dead in this same life (not a
+    # restart): a refuted death, as after a partition heals
+    revived: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -560,8 +560,9 @@ class Node:
     def _disarm(self, token: int) -> None:
         self._timers.live.pop(token, None)
 
-    def _event(self, kind: EventKind, m: Member, other: Member | None = None) -> None:
-        self._out.append(MemberEvent(kind, m.info(), other.info() if other else None))
+    def _event(self, kind: EventKind, m: Member, other: Member | None = None,
+               revived: bool = False) -> None:
+        self._out.append(MemberEvent(kind, m.info(), other.info() if other else None, revived))
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -1024,6 +1025,7 @@ class Node:
         if msg.incarnation <= m.incarnation:
             return
         old_status, old_addr, old_tags, old_name = m.status, m.addr, m.tags, m.name
+        old_gen = m.generation
         if msg.addr != m.addr:
             if self._by_addr.get(m.addr) == m.node:
                 del self._by_addr[m.addr]
@@ -1046,7 +1048,8 @@ class Node:
             self._dead.pop(m.node, None)
             if old_status is not Status.SUSPECT:
                 self._insert_probe_order(m.node)
-            self._event(EventKind.ALIVE, m)
+            self._event(EventKind.ALIVE, m,
+                        revived=old_status is Status.DEAD and old_gen == m.generation)
         elif (old_addr, old_tags, old_name) != (m.addr, m.tags, m.name):
             self._event(EventKind.UPDATED, m)
         self._broadcast(m.node, msg)

@@ -705,7 +705,9 @@ class Runner:
             self.peers_changed.set()
         if self.mesh is not None:
             if ev.kind in _HINT_ALIVE:
-                self._mesh_handle(MembershipHint(alive=(MeshPeer(m.node, m.addr),)))
+                peer = (MeshPeer(m.node, m.addr),)
+                self._mesh_handle(MembershipHint(revived=peer) if ev.revived
+                                  else MembershipHint(alive=peer))
             elif ev.kind in _HINT_DEAD:
                 self._mesh_handle(MembershipHint(dead=(m.node,)))
                 if self.links is not None and ev.kind is not EventKind.REAPED:

@@ -182,7 +182,8 @@ class MeshWorld:
         if m.node == proc.host.node_id:
             return
         if ev.kind in (EventKind.JOINED, EventKind.ALIVE):
-            hint = MembershipHint(alive=(MeshPeer(m.node, m.addr),))
+            peer = (MeshPeer(m.node, m.addr),)
+            hint = MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
         elif ev.kind in (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED):
             hint = MembershipHint(dead=(m.node,))
         else:
@@ -218,17 +219,19 @@ class MeshWorld:
         self._ref += 1
         rec = BroadcastRecord(b"", i, w.now)
         self._pending[self._ref] = rec
-        alive_then = set(running)
+        alive_then = {j: w.hosts[j].cur for j in running}  # the very processes
         payload = self.rng.randbytes(self.spec.payload_bytes)
         outs = proc.mesh.handle(w.now, Broadcast(self._ref, Channel.USER, payload))
         self.carry_out(proc, outs, w.now)
         w.at(w.now + self.spec.settle_s, lambda: self._settle(rec, alive_then))
 
-    def _settle(self, rec: BroadcastRecord, alive_then: set[int]) -> None:
+    def _settle(self, rec: BroadcastRecord, alive_then: dict[int, Any]) -> None:
         if not rec.id:
             return  # refused (rate limit): not a broadcast
-        now_running = set(self.w.running_indices())
-        eligible = sorted((alive_then & now_running) - {rec.origin})
+        hosts = self.w.hosts
+        # nodes whose process ran from the broadcast until now (not restarted)
+        eligible = [i for i in self.w.running_indices()
+                    if i != rec.origin and alive_then.get(i) is hosts[i].cur]
         rec.eligible = len(eligible)
         rec.reached = sum(1 for i in eligible if i in rec.delivered)
         self.broadcasts.append(rec)

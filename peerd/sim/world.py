@@ -431,7 +431,9 @@ class World:
                 self._undeliverable(t, tgt, inp)
                 continue
             if proc.paused:
-                if inp.__class__ is not TimerFired and len(proc.backlog) >= SOCKET_BACKLOG:
+                # Only datagrams overflow the socket buffer; timers, stream and
+                # link data (TCP: the sender waits) and API calls are kept.
+                if inp.__class__ is PacketIn and len(proc.backlog) >= SOCKET_BACKLOG:
                     self.counts["dropped_backlog"] += 1
                     continue
                 proc.backlog.append((t, _seq, tgt, inp))

@@ -51,8 +51,8 @@ def gossip(r: Rig) -> list:
 
 
 def info(i: int, status: Status = Status.ALIVE, inc: int = 0, *, tags: tuple = (),
-         at: tuple[str, int] | None = None, nm: str | None = None) -> MemberInfo:
-    return MemberInfo(nid(i), nm or name(i), at or addr(i), status, inc, 0, tags)
+         at: tuple[str, int] | None = None, nm: str | None = None, gen: int = 0) -> MemberInfo:
+    return MemberInfo(nid(i), nm or name(i), at or addr(i), status, inc, gen, tags)
 
 
 # --- dead and left -----------------------------------------------------------------
@@ -126,8 +126,17 @@ def test_dead_node_returns_with_higher_incarnation() -> None:
     r.drain()
     assert nologs(r.recv(2, alive(2, inc=0), now=2.0)) == []  # stale
     outs = r.recv(2, alive(2, inc=1), now=3.0)
-    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, info(2, inc=1))]
+    # the same life (generation) back: a refuted death, flagged for the mesh
+    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, info(2, inc=1), revived=True)]
     assert r.node.live_count() == 3
+
+
+def test_a_restarted_node_back_from_the_dead_is_alive_but_not_revived() -> None:
+    r = started(2, 3)
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    r.drain()
+    outs = r.recv(2, alive(2, inc=1, gen=1), now=3.0)
+    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, info(2, inc=1, gen=1))]
 
 
 # --- leave -----------------------------------------------------------------------

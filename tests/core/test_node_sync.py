@@ -264,7 +264,8 @@ def test_reconnect_retries_a_dead_member() -> None:
     # n2 answers: it was declared dead and refuted meanwhile.
     outs = r.handle(StreamResponse(o.stream, codec.encode(PushPull(False, (st(2, inc=1),)))),
                     now=10.1)
-    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, r.node.member(nid(2)))]  # type: ignore[arg-type]
+    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, r.node.member(nid(2)),
+                                                     revived=True)]  # type: ignore[arg-type]
     assert r.status(2) is Status.ALIVE
 
 

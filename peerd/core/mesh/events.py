@@ -116,6 +116,10 @@ class MembershipHint:
 
     alive: tuple[MeshPeer, ...] = ()
     dead: tuple[NodeId, ...] = ()
+    # Members membership had declared dead that are back in the same life (a
+    # refuted death: a partition healed), not restarted processes. A burst
+    # of them makes HyParView bridge the overlays the partition split.
+    revived: tuple[MeshPeer, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

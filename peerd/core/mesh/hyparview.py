@@ -92,8 +92,6 @@ from peerd.wire.messages import (
 )
 
 
-# Membership deaths remembered to recognise a node coming back (a heal).
-GONE_MAX = 4096
 # Revivals within a shuffle interval that mean "a partition healed".
 BRIDGE_MIN_REVIVED = 3
 
@@ -133,9 +131,7 @@ class HyParView:
         self._left = False
         self._now = 0.0
         self._out: list[MeshOutput] = []
-        # Partition healing: nodes membership declared dead (recent, bounded),
-        # and those of them seen alive again lately (node -> when).
-        self._gone: dict[NodeId, None] = {}
+        # Partition healing: members seen revived lately (node -> when).
         self._revived: dict[NodeId, float] = {}
         self._last_bridge = -math.inf
 
@@ -184,8 +180,8 @@ class HyParView:
                 self._on_link_down(node)
             case MeshTimerFired(timer):
                 self._on_timer(timer)
-            case MembershipHint(alive, dead):
-                self._on_hint(alive, dead)
+            case MembershipHint(alive, dead, revived):
+                self._on_hint(alive + revived, dead, revived)
             case LeaveMesh():
                 self._on_leave()
         self._out = []
@@ -570,22 +566,17 @@ class HyParView:
         self.counters["shuffles"] += 1
         self._send(target, Shuffle(self.me, cfg.arwl, peers))
 
-    def _on_hint(self, alive: tuple[MeshPeer, ...], dead: tuple[NodeId, ...]) -> None:
+    def _on_hint(self, alive: tuple[MeshPeer, ...], dead: tuple[NodeId, ...],
+                 revived: tuple[MeshPeer, ...] = ()) -> None:
         for node in dead:
             self._passive.pop(node, None)
             self._cooldown.pop(node, None)
-            self._gone[node] = None
-            if len(self._gone) > GONE_MAX:
-                del self._gone[next(iter(self._gone))]
             if node in self._active:
                 self.counters["neighbor_dead_hint"] += 1
                 self._drop_active(node, tell=False, keep_passive=False)
             elif self._settle_pending(node) is not None:
                 self._close_if_idle(node)
-        revived: list[MeshPeer] = []
         for peer in alive:
-            if self._gone.pop(peer.node, 0) is None:
-                revived.append(peer)
             if peer.node not in self._active:
                 self._add_passive(peer, evict=False)
         if self._started:
@@ -593,14 +584,16 @@ class HyParView:
             if revived:
                 self._bridge(revived)
 
-    def _bridge(self, revived: list[MeshPeer]) -> None:
+    def _bridge(self, revived: tuple[MeshPeer, ...]) -> None:
         """Several nodes we had seen die are back at once: a partition has
         healed. Our active view holds only our own side (the links across
         failed and were replaced), and so does everyone's: the overlay is
         two overlays, and broadcasts would not cross. One high-priority
         neighbor request to one of them joins them (the peer makes room).
-        Once per shuffle interval, and only for a burst of revivals: a
-        single restarted node rejoins by itself and must not be swamped."""
+        Revived means refuted deaths in the same life (the driver tells,
+        from membership: a restarted process is not one and rejoins by
+        itself), only for a burst of them (one false positive is not a heal),
+        and once per shuffle interval."""
         now = self._now
         window = self.config.shuffle_interval_s
         for peer in revived:

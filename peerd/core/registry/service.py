@@ -71,7 +71,7 @@ from peerd.wire.messages import (
     RegSync,
 )
 
-# Over a partial mesh (Node.attach_mesh), deltas are Plumtree broadcasts on
+# Over a partial mesh (the node's MeshConnected input), deltas are Plumtree broadcasts on
 # this channel.
 MESH_CHANNEL = int(Channel.REGISTRY)
 # A merged delta larger than this (encoded) is announced over the mesh
@@ -214,7 +214,7 @@ class RegistryService:
         self._queued: dict[NodeId, tuple[bytes, RegDelta | RegAck]] = {}
         self._sync_armed = False
         # Deltas travel as mesh broadcasts (the driver runs a partial mesh)
-        # instead of gossip: set by Node.attach_mesh.
+        # instead of gossip: set by the node on its MeshConnected input.
         self.via_mesh = False
         self._heal_peer: NodeId | None = None
         # node -> generation declared dead (until seen alive again or reaped)
