@@ -90,6 +90,7 @@ class RegistryWorld:
         self._quiet = False
         self._next = 0  # refs, conns and pids
         self.convergence: list[tuple[float, bool]] = [(0.0, True)]
+        self.unseen: set[int] = set()  # live entries not yet held everywhere
         self.evals: dict[int, Any] = {}
         self.counts = dict.fromkeys(("registered", "rejected", "exits", "node_down",
                                      "conflicts", "churn"), 0)
@@ -163,6 +164,7 @@ class RegistryWorld:
         t = w.now
         conn, pid, ref = self._id(), self._id(), self._id()
         idx = self._add(TEntry(i, proc.gen, conn, pid, kind, name, t))
+        self.unseen.add(idx)
         self.live += 1
         self.host_live[i].add(idx)
         self.refs[ref] = idx
@@ -216,8 +218,7 @@ class RegistryWorld:
             return
         self.counts["registered"] += 1
         e.returned = t
-        if e.died is None and e.visible_s is None and self.holders[idx] >= self.obs:
-            e.visible_s = 0.0
+        self._check_visible(idx, t)
 
     def on_event(self, proc: Proc, ev: RegistryEvent, t: float) -> None:
         i = proc.host.index
@@ -256,6 +257,9 @@ class RegistryWorld:
         self.obs -= 1
         for idx in held:
             self._unhold_counts(idx, t)
+        # the last node that lacked an entry may be the one that went
+        for idx in sorted(self.unseen):
+            self._check_visible(idx, t)
         self._changed(t)
 
     def _held_set(self, i: int) -> list[int]:
@@ -292,14 +296,19 @@ class RegistryWorld:
             self.holders[idx] += 1
             if e.died is None:
                 self.h_live += 1
-                if e.visible_s is None and e.returned is not None \
-                        and self.holders[idx] >= self.obs:
-                    e.visible_s = round(t - e.returned, 6)
+                self._check_visible(idx, t)
             else:
                 self.h_dead += 1
         else:
             self._unhold_counts(idx, t)
         self._changed(t)
+
+    def _check_visible(self, idx: int, t: float) -> None:
+        e = self.entries[idx]
+        if (e.died is None and e.visible_s is None and e.returned is not None
+                and self.holders[idx] >= self.obs):
+            e.visible_s = round(t - e.returned, 6)
+            self.unseen.discard(idx)
 
     def _unhold_counts(self, idx: int, t: float) -> None:
         e = self.entries[idx]
@@ -317,6 +326,7 @@ class RegistryWorld:
             return
         e.died = t
         e.cause = cause
+        self.unseen.discard(idx)
         self.live -= 1
         h = self.holders[idx]
         self.h_live -= h

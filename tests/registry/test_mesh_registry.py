@@ -96,3 +96,24 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
     armed = [o.timer for o in outs if isinstance(o, SetTimer)]
     assert [t.kind for t in armed] == [TimerKind.REG_SYNC]
     assert node._timers.live[armed[0].token] == (TimerKind.REG_SYNC, peer)
+
+
+def test_a_long_burst_goes_over_the_mesh_in_chunks_that_apply_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "MAX_MESH_DELTA_BYTES", 600)
+    monkeypatch.setattr(svc, "DIRECT_MAX", 0)
+    c, rec, casts = mesh_cluster(4)
+    for k in range(40):
+        reg(c, 1, f"burst-{k}", conn=100 + k)
+    c.run_until(c.now + 0.5)
+    own = [m for i, m in casts if i == 1]
+    deltas = [codec.decode(m.payload) for m in own]
+    assert len(own) > 3 and all(isinstance(d, RegDelta) for d in deltas)
+    assert all(len(m.payload) <= 600 for m in own)
+    assert [d.base for d in deltas[1:]] == [d.top for d in deltas[:-1]]  # consecutive
+    for m in own:
+        deliver_everywhere(c, 1, m)
+    c.run_until(c.now + 0.5)
+    for k in range(40):
+        assert set(holders(c, f"burst-{k}").values()) == {(c.nodes[1].node_id, k + 1)}
+    assert c.nodes[2].counters["reg_pulls"] == 0  # nobody had to pull

@@ -74,9 +74,9 @@ from peerd.wire.messages import (
 # Over a partial mesh (the node's MeshConnected input), deltas are Plumtree broadcasts on
 # this channel.
 MESH_CHANNEL = int(Channel.REGISTRY)
-# A merged delta larger than this (encoded) is announced over the mesh
-# instead (peers that are behind pull it).
+# Over the mesh a flush goes as deltas of at most this many bytes each.
 MAX_MESH_DELTA_BYTES = 64 * 1024
+MAX_MESH_CHUNKS = 64  # 4 MiB of changes in one flush; more is announced
 
 # A merged delta larger than this (encoded) is announced instead of sent.
 MAX_DELTA_BYTES = 900
@@ -404,12 +404,12 @@ class RegistryService:
         return own
 
     def _cast(self, delta: RegDelta) -> None:
-        """One Plumtree broadcast reaches every node about once: no relays,
-        no direct sends. A burst too large for one is announced."""
-        data = codec.encode(delta) if len(delta.changes) * 4 <= MAX_MESH_DELTA_BYTES else b""
-        if not data or len(data) > MAX_MESH_DELTA_BYTES:
-            data = codec.encode(RegAck(delta.origin, delta.generation, delta.top))
-        self.host.reg_cast(data)
+        """One Plumtree broadcast reaches every node about once: no relays.
+        A long burst goes as consecutive deltas of at most
+        MAX_MESH_DELTA_BYTES each (a bare announcement would make every
+        node pull from us at once); only a huge one is announced."""
+        for data in self._parts_of(delta, delta.ack, MAX_MESH_DELTA_BYTES, MAX_MESH_CHUNKS):
+            self.host.reg_cast(data)
 
     def _direct_parts(self, delta: RegDelta, ack: bool) -> list[bytes]:
         """This flush's own changes for the direct send, as deltas that each
@@ -418,12 +418,18 @@ class RegistryService:
         them is announced instead; peers then pull it."""
         if self.host.reg_live_count() > DIRECT_MAX:
             return []
+        return self._parts_of(delta, ack, MAX_DELTA_BYTES, MAX_DIRECT_CHUNKS)
+
+    def _parts_of(self, delta: RegDelta, ack: bool, max_bytes: int,
+                  max_chunks: int) -> list[bytes]:
+        """``delta`` as encoded consecutive deltas of at most ``max_bytes``
+        each, or, beyond ``max_chunks`` of them, one announcement (RegAck)."""
         chunks: list[RegDelta] = []
         current: list[RegChange] = []
         size, base = 0, delta.base
         for change in delta.changes:
             est = _change_size(change)
-            if current and size + est > MAX_DELTA_BYTES - 40:
+            if current and size + est > max_bytes - 40:
                 chunks.append(RegDelta(delta.origin, delta.generation, base,
                                        current[-1].version, tuple(current), ack))
                 base, current, size = current[-1].version, [], 0
@@ -431,9 +437,9 @@ class RegistryService:
             size += est
         chunks.append(RegDelta(delta.origin, delta.generation, base, delta.top,
                                tuple(current), ack))
-        if len(chunks) <= MAX_DIRECT_CHUNKS:
+        if len(chunks) <= max_chunks:
             parts = [codec.encode(c) for c in chunks]
-            if all(len(p) <= MAX_DELTA_BYTES for p in parts):
+            if all(len(p) <= max_bytes for p in parts):
                 return parts
         return [codec.encode(RegAck(delta.origin, delta.generation, delta.top))]
 
