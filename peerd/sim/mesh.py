@@ -130,7 +130,7 @@ class MeshWorld:
         self._pending: dict[int, BroadcastRecord] = {}  # ref -> record
         self._ref = 0
         self.counts = dict.fromkeys(("msgs", "bytes", "dropped_no_link", "link_failures",
-                                     "connects", "refused"), 0)
+                                     "connects", "refused", "cast_refused"), 0)
 
     # --- processes ----------------------------------------------------------------
 
@@ -276,20 +276,17 @@ class MeshWorld:
                     self.by_id[o.id] = rec
 
     def _latency(self) -> float:
-        w = self.w
-        r = self.net_rng.random()
-        if w.lat_exp:
-            lat = w.lat_min - w.lat_span / 3 * math.log(1.0 - r)
-            return min(lat, w.lat_min + 3 * w.lat_span)
-        return w.lat_min + w.lat_span * r
+        return self.w.latency_with(self.net_rng)
 
     def cast(self, proc: Proc, channel: int, payload: bytes, t: float) -> None:
         """The node's own broadcast (registry deltas) into its mesh."""
         if proc.mesh is None:
             return
         self._ref += 1
-        self.carry_out(proc, proc.mesh.handle(t, Broadcast(self._ref, Channel(channel), payload)),
-                       t)
+        outs = proc.mesh.handle(t, Broadcast(self._ref, Channel(channel), payload))
+        if any(getattr(o, "error", None) for o in outs):
+            self.counts["cast_refused"] += 1
+        self.carry_out(proc, outs, t)
 
     def _host_of(self, node: bytes) -> int | None:
         return self.w.index_of.get(node)

@@ -356,13 +356,17 @@ class World:
         self._push(self.now, proc, inp)
 
     def _latency(self) -> float:
-        r = self.rng.random()
+        return self.latency_with(self.rng)
+
+    def latency_with(self, rng: random.Random) -> float:
+        """One datagram's latency (the network's distribution), drawn from ``rng``."""
+        r = rng.random()
         if self.lat_exp:
             lat = self.lat_min - self.lat_span / 3 * math.log(1.0 - r)
             lat = min(lat, self.lat_min + 3 * self.lat_span)
         else:
             lat = self.lat_min + self.lat_span * r
-        if self.reorder and self.rng.random() < self.reorder:
+        if self.reorder and rng.random() < self.reorder:
             lat += self.reorder_s
         return lat
 

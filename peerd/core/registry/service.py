@@ -547,25 +547,21 @@ class RegistryService:
             self._wants[origin] = (gen, version, src, tries + 1)
             self._pull_inflight = True
             ask = sorted({origin, *(o for o, w in self._wants.items() if w[2] == target)})
-            self.host.reg_pull(target, self._pull_request(ask))
+            self.host.reg_pull(target, self.sync_request(ask))
             return
 
     # --- anti-entropy -------------------------------------------------------------
 
-    def sync_request(self) -> RegSync:
-        """Open an exchange: our whole digest, or its bucket hashes when large."""
+    def sync_request(self, origins: list[NodeId] | None = None) -> RegSync:
+        """Open an exchange: our whole digest while it is small; else its
+        bucket hashes, or, to pull what we lack of ``origins``, our digest
+        of just their buckets."""
         n = self.state.origins()
         if n <= FULL_DIGEST_MAX:
             return RegSync(_rows(self.state.digest()), ())
         bits = sync_bits(n)
-        return RegSync((), (), bits, (), self.state.hashes.hashes(bits))
-
-    def _pull_request(self, origins: list[NodeId]) -> RegSync:
-        """Ask for what we lack of ``origins``: our digest of their buckets."""
-        n = self.state.origins()
-        if n <= FULL_DIGEST_MAX:
-            return RegSync(_rows(self.state.digest()), ())
-        bits = sync_bits(n)
+        if origins is None:
+            return RegSync((), (), bits, (), self.state.hashes.hashes(bits))
         buckets = tuple(sorted({bucket_of(o, bits) for o in origins}))
         return RegSync(_rows(self.state.digest_in(bits, buckets)), (), bits, buckets)
 
@@ -590,14 +586,16 @@ class RegistryService:
     def sync_soon(self) -> None:
         """One extra round shortly, with a random peer (we just joined the
         mesh: broadcasts sent before that did not reach us)."""
-        if self._heal_peer is None and self._started_sync():
-            peer = self.host.reg_random_peer()
-            if peer is not None:
-                self._heal_peer = peer
-                self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, peer)
+        peer = self.host.reg_random_peer()
+        if peer is not None:
+            self._one_round_soon(peer)
 
-    def _started_sync(self) -> bool:
-        return self._sync_armed
+    def _one_round_soon(self, peer: NodeId) -> None:
+        """One extra round with ``peer`` shortly (at most one pending, and
+        only once rounds run: an empty registry has nothing to compare)."""
+        if self._heal_peer is None and self._sync_armed:
+            self._heal_peer = peer
+            self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, peer)
 
     def arm_sync(self) -> None:
         """Start the periodic rounds, once this node holds or heard of any
@@ -746,12 +744,11 @@ class RegistryService:
         revived = self._was_down.pop(node, None) == generation
         self.state.node_up(node, generation)
         self._emit_changes()
-        if revived and self._heal_peer is None and self._sync_armed:
+        if revived:
             # A node we had given up for dead is back: a partition healed.
             # One sync with it soon brings what its side wrote meanwhile
             # (one per burst of revivals, not one per revived node).
-            self._heal_peer = node
-            self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, node)
+            self._one_round_soon(node)
 
     def forget(self, node: NodeId) -> None:
         self._was_down.pop(node, None)
