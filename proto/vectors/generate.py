@@ -153,6 +153,10 @@ def message_vectors() -> dict[str, Any]:
         ("reg-snapshot", snap),
         ("reg-sync", RegSync((RegDigestRow(a, 3, 6), RegDigestRow(b, 1, 9)), (delta, snap))),
         ("reg-sync-empty", RegSync((), ())),
+        # a large registry's first message: bucket hashes (2 bits: 4 buckets)
+        ("reg-sync-hashes", RegSync((), (), 2, (), bytes(range(16)))),
+        # the reply: the rows of the buckets that differ (here buckets 0 and 2)
+        ("reg-sync-buckets", RegSync((RegDigestRow(a, 3, 6),), (), 2, (0, 2), b"")),
         ("reg-ack", RegAck(a, 3, 6)),
     ]
     pa = MeshPeer(a, ("192.0.2.1", 7946))

@@ -129,7 +129,8 @@ def message_from_json(d: dict[str, Any]) -> Message:
         case "reg-sync":
             items: list[Any] = [message_from_json(i) for i in d["items"]]
             return RegSync(tuple(RegDigestRow(h(r["origin"]), r["generation"], r["version"])
-                                 for r in d["digest"]), tuple(items))
+                                 for r in d["digest"]), tuple(items), d.get("bits", -1),
+                           tuple(d.get("buckets", ())), h(d.get("hashes", "")))
         case "reg-ack":
             return RegAck(h(d["origin"]), d["generation"], d["version"])
         case "mesh-join":
