@@ -66,6 +66,7 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.node import Node
+from peerd.core.registry.state import SharedState
 from peerd.sim.mesh import T_MESH, MeshWorld
 from peerd.sim.registry import RegistryWorld
 from peerd.sim.scenario import Fault, Scenario, Selection
@@ -391,7 +392,8 @@ class World:
         row[:k] = b"\x01" * k  # V_ALIVE
         self.up[:k] = b"\x01" * k  # all of them run from t=0 (no transient wrong views)
         reg = self.reg
-        reg_snap, owners = None, []
+        reg_snap: SharedState | None = None
+        owners: list[dict[int, int]] = []
         if reg is not None and reg.spec.preload:
             reg._quiet = True
             reg_snap, owners = reg.preload(k)

@@ -654,7 +654,9 @@ def _reg_snapshot_in(obj: list[Any]) -> Message:
 
 def _reg_sync_in(obj: list[Any]) -> Message:
     digest, items = _fields(obj, 2, "reg-sync")
-    bits, buckets, hashes = -1, (), b""
+    bits: int = -1
+    buckets: tuple[int, ...] = ()
+    hashes: bytes = b""
     if len(obj) >= 6:  # [type, digest, items, bits, buckets, hashes, ...]
         bits = _uint(obj[3], "bits")
         if bits > MAX_SYNC_BITS:

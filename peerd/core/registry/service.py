@@ -384,18 +384,17 @@ class RegistryService:
         if not self._staged:
             return []
         staged, self._staged = self._staged, {}
+        own: list[bytes] = []
         if self.via_mesh:
             # One Plumtree broadcast each; in a small cluster our own changes
             # also go straight to every peer (one hop: the tree's lazy repair
             # can take a graft timeout, which "visible everywhere" would feel).
-            own = []
             for item in staged.values():
                 delta = item.delta()
                 self._cast(delta)
                 if item.origin == self.host.node_id:
                     own.extend(self._direct_parts(delta, item.ack))
             return own
-        own: list[bytes] = []
         for item in staged.values():
             delta = item.delta()
             data = self._enqueue(delta, item.ack)

@@ -171,7 +171,8 @@ class Registry:
 
     @property
     def local(self) -> Partition:
-        return self._parts[self.node_id]
+        part: Partition = self._parts[self.node_id]
+        return part
 
     def register(self, kind: Kind, scope: str, name: str, *, claimed_ms: int, pid: int,
                  uid: int, meta: Meta = ()) -> tuple[Entry, Delta]:
