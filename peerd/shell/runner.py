@@ -466,6 +466,7 @@ class Runner:
         self.links = links
         self._mesh_joined = False
         self._mesh_connected = False
+        self._mesh_neighbours = 0  # active view size, from NeighborUp/Down
         self._bcast_refs = itertools.count(1)
         self._bcast_results: dict[int, BroadcastResult] = {}
         self._rng = random.Random()
@@ -866,11 +867,11 @@ class Runner:
             case BroadcastResult(ref):
                 self._bcast_results[ref] = out
             case NeighborUp(peer):
-                self._mesh_neighbours_changed()
+                self._mesh_neighbours_changed(+1)
                 self.counters["mesh_neighbor_up"] += 1
                 self.logger.debug("mesh neighbour up", peer=peer.node.hex()[:8], addr=peer.addr)
             case NeighborDown(peer):
-                self._mesh_neighbours_changed()
+                self._mesh_neighbours_changed(-1)
                 self.counters["mesh_neighbor_down"] += 1
                 self.logger.debug("mesh neighbour down", peer=peer.node.hex()[:8])
             case Log(level, message):
@@ -907,11 +908,12 @@ class Runner:
             raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
         return self.messenger.begin(conn, args)
 
-    def _mesh_neighbours_changed(self) -> None:
+    def _mesh_neighbours_changed(self, delta: int) -> None:
         """Registry deltas go over the mesh while it has neighbours (a core
         input, handled once the mesh's outputs are carried out)."""
+        self._mesh_neighbours = max(0, self._mesh_neighbours + delta)
         if self.mesh is not None:
-            connected = bool(self.mesh.hyparview.active_ids())
+            connected = self._mesh_neighbours > 0
             if connected != self._mesh_connected:
                 self._mesh_connected = connected
                 self._deferred.append(MeshConnected(connected))
