@@ -96,7 +96,7 @@ def test_bucket_hashes_and_bucket_rows_match_the_digest_after_churn_and_deaths()
         fresh = Digest()
         for origin, (gen, version) in st.digest().items():
             fresh.toggle(origin, part_key(Partition(gen, version)), 0)
-        assert fresh.fine == st.hashes.fine
+        assert fresh.fine == st.bucket_hashes().fine
         for bits in (0, 1, 3, FINE_BITS):
             assert st.digest_in(bits, range(1 << bits)) == st.digest()
         assert c.nodes[4].node_id not in st.digest()

@@ -560,7 +560,7 @@ class RegistryService:
             return RegSync(_rows(self.state.digest()), ())
         bits = sync_bits(n)
         if origins is None:
-            return RegSync((), (), bits, (), self.state.hashes.hashes(bits))
+            return RegSync((), (), bits, (), self.state.bucket_hashes().hashes(bits))
         buckets = tuple(sorted({bucket_of(o, bits) for o in origins}))
         return RegSync(_rows(self.state.digest_in(bits, buckets)), (), bits, buckets)
 
@@ -632,7 +632,7 @@ class RegistryService:
         (of the buckets that differ, or that it covered) and what it lacks."""
         self._apply_items(req.items)
         if req.hashes:
-            differ = tuple(self.state.hashes.differing(req.bits, req.hashes))
+            differ = tuple(self.state.bucket_hashes().differing(req.bits, req.hashes))
             mine = self.state.digest_in(req.bits, differ) if differ else {}
             return RegSync(_rows(mine), (), req.bits, differ)
         if src_node is not None:

@@ -128,8 +128,11 @@ class Registry:
         # between large registries (see peerd/core/digest.py), kept in O(1)
         # per change: a partition's row is toggled out before it changes
         # and back in after.
-        self.hashes = Digest()
+        self._hashes = Digest()
         self._toggle(node_id, self._parts[node_id])
+        # Our own partition changes on every local write: its row is brought
+        # up to date in the hashes only when they are read (bucket_hashes).
+        self._own_key = part_key(self._parts[node_id])
         # finest bucket -> origins with a partition in it (rows of a bucket
         # without a scan of every partition)
         self._fine: _Table = _Table({bucket_of(node_id, FINE_BITS): {node_id}})
@@ -159,8 +162,9 @@ class Registry:
             local[self.node_id] = _copy_partition(own)
             self._next_eid = max(own.entries, default=0)
         self._parts = CowDict(snap.parts, local, _copy_partition)  # type: ignore[assignment]
-        self.hashes = Digest(snap.hashes.fine)
+        self._hashes = Digest(snap.hashes.fine)
         self._fine = CowDict(snap.fine, {}, set)  # type: ignore[assignment]
+        self._own_key = part_key(local[self.node_id])
         if own is None:
             self._toggle(self.node_id, local[self.node_id])
             self._fine.setdefault(bucket_of(self.node_id, FINE_BITS), set()).add(self.node_id)
@@ -195,9 +199,7 @@ class Registry:
 
     def _write(self, eid: int, entry: Entry | None) -> Delta:
         part = self.local
-        self._toggle(self.node_id, part)
-        part.version += 1
-        self._toggle(self.node_id, part)
+        part.version += 1  # its hash row follows lazily: see bucket_hashes
         change = Change(part.version, eid, entry)
         self._log.append(change)
         self._set(self.node_id, part, eid, entry)
@@ -242,8 +244,18 @@ class Registry:
             if not members:
                 del self._fine[f]
 
+    def bucket_hashes(self) -> Digest:
+        """Bucket hashes of the digest (peerd/core/digest.py), for
+        anti-entropy; our own row is brought up to date here, not per write."""
+        key = part_key(self.local)
+        if key != self._own_key:
+            self._hashes.toggle(self.node_id, self._own_key, 0)
+            self._hashes.toggle(self.node_id, key, 0)
+            self._own_key = key
+        return self._hashes
+
     def _toggle(self, origin: NodeId, part: Partition) -> None:
-        self.hashes.toggle(origin, part_key(part), 0)
+        self._hashes.toggle(origin, part_key(part), 0)
 
     def version_of(self, origin: NodeId) -> tuple[int, int]:
         """``(generation, version)`` held of ``origin``'s partition, (0, 0) if none."""
