@@ -201,59 +201,16 @@ class Members(CowDict):
         super().__init__(base, local, _copy)
 
 
-class Index:
-    """``_by_addr`` / ``_by_name``: a shared dict with local changes."""
+class Index(CowDict):
+    """``_by_addr`` / ``_by_name``: a shared dict with local changes. Its
+    values are node ids (immutable), so a read never copies."""
 
-    __slots__ = ("_base", "_local", "_gone")
+    __slots__ = ()
 
     def __init__(self, base: dict[Any, NodeId]) -> None:
-        self._base = base
-        self._local: dict[Any, NodeId] = {}
-        self._gone: set[Any] = set()
+        super().__init__(base, {}, lambda v: v)
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        v = self._local.get(key, _MISSING)
-        if v is not _MISSING:
-            return v
-        if key in self._gone:
-            return default
-        return self._base.get(key, default)
-
-    def __getitem__(self, key: Any) -> NodeId:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            raise KeyError(key)
-        return v  # type: ignore[no-any-return]
-
-    def __contains__(self, key: object) -> bool:
-        return self.get(key, _MISSING) is not _MISSING
-
-    def __setitem__(self, key: Any, value: NodeId) -> None:
-        self._local[key] = value
-        self._gone.discard(key)
-
-    def setdefault(self, key: Any, value: NodeId) -> NodeId:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            self[key] = value
-            return value
-        return v  # type: ignore[no-any-return]
-
-    def __delitem__(self, key: Any) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self._local.pop(key, None)
-        if key in self._base:
-            self._gone.add(key)
-
-    def pop(self, key: Any, default: Any = _MISSING) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            if default is _MISSING:
-                raise KeyError(key)
-            return default
-        del self[key]
-        return v
+    get = CowDict.peek
 
 
 class LiveSet:
