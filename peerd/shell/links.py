@@ -34,9 +34,15 @@ does not read: the link is failed. A write that stalls ``write_timeout_s``
 fails the link too, so a frozen peer holds memory for a bounded time.
 
 Crossing connects (both ends connect at once) keep the link opened by the
-lower node id; a new inbound link from a peer we hold an established link
-with supersedes the old one (the peer lost or dropped it): the old one is
-reported lost first, its unsent frames are dropped.
+lower node id. A new inbound link from a peer we hold an established link
+with supersedes the old one (the peer closed or dropped it): new sends go on
+the new link at once; the old one's unsent frames are dropped (counted) and
+it is half-closed, but it is still read to its end, so everything the peer
+wrote on it before it moved is delivered, then its :class:`LinkLost`, and
+only then anything from the new link (per peer, every link waits for the
+ones it superseded). The old link's end is the peer's EOF, a broken
+connection, or ``drain_timeout_s`` without a frame (a peer that vanished
+with the old connection half-open), whichever comes first.
 
 Direct links (messages to names) reuse the same links; a link nobody uses
 (the mesh did not ask for it, no direct traffic for ``idle_s``) is closed.
@@ -94,6 +100,10 @@ class LinkLimits:
     idle_s: float = 60.0
     # How often idle links are looked for.
     reap_interval_s: float = 5.0
+    # A superseded link is read to its end; this long without a frame on it
+    # ends it anyway (the new link's messages wait meanwhile, so it stays
+    # below the peer's write_timeout_s).
+    drain_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +118,13 @@ class LinkMessages:
 class LinkLost:
     """Runner input: the link to ``node`` failed or the peer closed it.
     ``mesh``: the mesh owned it (and did not close it itself), so it must
-    hear :class:`~peerd.core.mesh.events.LinkDown`."""
+    hear :class:`~peerd.core.mesh.events.LinkDown`. ``link``: which link
+    (:meth:`LinkManager.link_id`; not compared); a newer link to ``node``
+    may be up."""
 
     node: NodeId
     mesh: bool
+    link: int | None = field(default=None, compare=False)
 
 
 @dataclass(eq=False)
@@ -120,7 +133,7 @@ class _Link:
     addr: Addr | None
     outbound: bool
     id: int
-    state: str = "connecting"  # connecting, up, closing, dead
+    state: str = "connecting"  # connecting, up, closing, draining (superseded), dead
     mesh: bool = False  # the mesh uses it (Connect/Send/inbound mesh traffic, no CloseLink)
     last_used: float = 0.0  # creation or last direct traffic
     direct: bool = False  # has carried direct (non-mesh) traffic
@@ -132,6 +145,11 @@ class _Link:
     my_nonce: bytes = b""
     peer_nonce: bytes = b""
     reported: bool = False
+    # Set once nothing more comes from this link (its LinkLost, if any, is
+    # in the inputs): a link that superseded it delivers only after that.
+    finished: trio.Event = field(default_factory=trio.Event)
+    after: trio.Event | None = None  # the superseded link's ``finished``
+    read_scope: trio.CancelScope | None = None  # the read in progress
 
 
 class LinkManager:
@@ -155,7 +173,8 @@ class LinkManager:
         self.limits = limits if limits is not None else LinkLimits()
         self.is_mesh_message = is_mesh_message or (lambda m: 30 <= m.TYPE <= 38)
         self.links: dict[NodeId, _Link] = {}
-        self._all: set[_Link] = set()  # including closing ones
+        self._all: set[_Link] = set()  # including closing and draining ones
+        self._draining: dict[NodeId, _Link] = {}  # the newest superseded link per peer
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
 
@@ -172,6 +191,12 @@ class LinkManager:
     def has(self, peer: NodeId) -> bool:
         return peer in self.links
 
+    def link_id(self, peer: NodeId) -> int | None:
+        """The id of the link that now carries sends to ``peer`` (as in
+        :class:`LinkLost`), None if there is none."""
+        link = self.links.get(peer)
+        return link.id if link is not None else None
+
     def connect(self, peer: NodeId, addr: Addr, *, mesh: bool = True) -> None:
         """Open a link (no-op if one is open or opening, in either direction)."""
         link = self.links.get(peer)
@@ -184,6 +209,7 @@ class LinkManager:
         if not mesh:
             self._make_room_for_direct()
         link = _Link(peer, addr, True, next(self._ids), mesh=mesh, last_used=trio.current_time())
+        link.after = self._waits_for(peer)
         self.links[peer] = link
         self._all.add(link)
         if self._nursery is None or len(self._all) > self.limits.max_links:
@@ -241,7 +267,7 @@ class LinkManager:
         victim = min(direct, key=lambda lk: lk.last_used)
         self.counters["link_direct_evicted"] += 1
         self._close(victim)
-        self._report(LinkLost(victim.peer, False))
+        self._report(LinkLost(victim.peer, False, victim.id))
 
     def close_all(self) -> None:
         for link in list(self.links.values()):
@@ -253,6 +279,7 @@ class LinkManager:
         if self.links.get(link.peer) is link:
             del self.links[link.peer]
         link.reported = True  # we closed it: no LinkLost
+        self._finish(link)  # nobody reads a link it closed: nothing more comes from it
         if link.state == "dead":
             return
         if link.state == "connecting" and not link.queued_bytes:
@@ -284,6 +311,34 @@ class LinkManager:
         link.wake.set()
         return True
 
+    def _supersede(self, old: _Link) -> None:
+        """The peer opened a new link: ``old`` stops carrying sends (its unsent
+        frames are dropped, its write side half-closed) but is read to its
+        end (see the module docs); its LinkLost comes after its last frame."""
+        self.counters["link_superseded"] += 1
+        if self.links.get(old.peer) is old:
+            del self.links[old.peer]
+        dropped = sum(len(q) for q in old.queues.values())
+        if dropped:
+            self.counters["link_drop_superseded"] += dropped
+        old.queues.clear()
+        old.queued_bytes = 0
+        old.state = "draining"
+        self._draining[old.peer] = old
+        old.wake.set()
+        if old.read_scope is not None:  # a read already waiting gets the bound too
+            old.read_scope.deadline = trio.current_time() + self.limits.drain_timeout_s
+
+    def _waits_for(self, peer: NodeId) -> trio.Event | None:
+        """What a new link to ``peer`` must wait for before it delivers."""
+        old = self._draining.get(peer)
+        return old.finished if old is not None else None
+
+    def _finish(self, link: _Link) -> None:
+        link.finished.set()
+        if self._draining.get(link.peer) is link:
+            del self._draining[link.peer]
+
     def _fail(self, link: _Link, reason: str) -> None:
         """The link is broken: report it (once) and stop its tasks."""
         self.counters[f"link_lost_{reason}"] += 1
@@ -299,21 +354,37 @@ class LinkManager:
             del self.links[link.peer]
         if not link.reported:
             link.reported = True
-            self._report(LinkLost(link.peer, link.mesh))
+            self._report(LinkLost(link.peer, link.mesh, link.id), link)
 
-    def _report(self, item: Any) -> None:
+    def _report(self, item: Any, link: _Link | None = None) -> None:
+        """Queue ``item``; ``link``: it is that link's LinkLost, which comes
+        after what the links it superseded delivered, and ends it."""
+        after = link.after if link is not None else None
+        if after is not None and not after.is_set():
+            if self._nursery is not None:
+                self._nursery.start_soon(self._feed, item, link)
+            return
         try:
             self.inputs.send_nowait(item)
         except trio.WouldBlock:
             # Never lose a LinkLost: the runner would believe a dead link up.
             if self._nursery is not None:
-                self._nursery.start_soon(self._feed, item)
+                self._nursery.start_soon(self._feed, item, link)
+                return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        if link is not None:
+            self._finish(link)
 
-    async def _feed(self, item: Any) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.inputs.send(item)
+    async def _feed(self, item: Any, link: _Link | None = None) -> None:
+        try:
+            if link is not None and link.after is not None:
+                await link.after.wait()
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.inputs.send(item)
+        finally:
+            if link is not None:
+                self._finish(link)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -330,7 +401,7 @@ class LinkManager:
                     and now - link.last_used >= self.limits.idle_s):
                 self.counters["link_idle_closed"] += 1
                 self._close(link)
-                self._report(LinkLost(link.peer, False))
+                self._report(LinkLost(link.peer, False, link.id))
 
     def _hello(self, dst: NodeId, nonce: bytes) -> bytes:
         return self.sealer.seal(MAGIC + HELLO + self.node_id + dst + nonce)
@@ -382,7 +453,7 @@ class LinkManager:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._fail(link, "reset")
             finally:
-                self._all.discard(link)
+                self._ended(link)
                 if conn is not None:
                     await trio.aclose_forcefully(conn)
 
@@ -411,8 +482,7 @@ class LinkManager:
             self._close_quietly(old)
         elif old is not None:
             moved = None
-            self.counters["link_superseded"] += 1
-            self._fail(old, "superseded")
+            self._supersede(old)
         else:
             moved = None
         if len(self._all) >= self.limits.max_links:
@@ -422,6 +492,8 @@ class LinkManager:
         if moved is not None:
             link.queues, link.queued_bytes, link.mesh = moved.queues, moved.queued_bytes, moved.mesh
             link.last_used, link.direct = moved.last_used, moved.direct
+            link.id = moved.id  # it carries what was sent on the moved one
+        link.after = self._waits_for(sender)
         link.conn = conn
         link.peer_nonce = peer_nonce
         link.my_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -437,13 +509,14 @@ class LinkManager:
                 if cs.cancelled_caught:
                     self._fail(link, "handshake_timeout")
                     return
-                link.state = "up"
+                if link.state == "connecting":  # not superseded meanwhile
+                    link.state = "up"
                 self.counters["link_up_in"] += 1
                 await self._run_link(link, conn, opener)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._fail(link, "reset")
             finally:
-                self._all.discard(link)
+                self._ended(link)
 
     def _close_quietly(self, link: _Link) -> None:
         link.reported = True
@@ -452,6 +525,13 @@ class LinkManager:
         self._all.discard(link)
         if self.links.get(link.peer) is link:
             del self.links[link.peer]
+        self._finish(link)
+
+    def _ended(self, link: _Link) -> None:
+        """A link's task is over (whatever the way)."""
+        self._all.discard(link)
+        if not link.reported:  # cancelled from outside: no report will end it
+            self._finish(link)
 
     async def _run_link(self, link: _Link, conn: trio.SocketStream, opener: Opener) -> None:
         async with trio.open_nursery() as nursery:
@@ -459,16 +539,30 @@ class LinkManager:
             await self._reader(link, conn, opener)
             # EOF from the peer (or a bad frame, already reported): stop writing.
             nursery.cancel_scope.cancel()
+        if link.state == "draining":  # superseded and read to its end
+            self._fail(link, "superseded")
 
     async def _reader(self, link: _Link, conn: trio.SocketStream, opener: Opener) -> None:
         lim = self.limits
+        if link.after is not None:
+            # Per peer, links deliver in order: not before what the peer
+            # sent on the link this one superseded.
+            await link.after.wait()
         while True:
-            try:
-                frame = await read_frame(conn, lim.max_frame)
-            except FrameError as e:
-                if link.state == "closing":
+            frame: bytes | None = None
+            with trio.CancelScope() as link.read_scope:
+                if link.state == "draining":
+                    link.read_scope.deadline = trio.current_time() + lim.drain_timeout_s
+                try:
+                    frame = await read_frame(conn, lim.max_frame)
+                except FrameError as e:
+                    if link.state in ("closing", "draining"):
+                        return  # closing: done; draining: read to its end
+                    self._fail(link, "closed" if e.reason == "eof" else e.reason)
                     return
-                self._fail(link, "closed" if e.reason == "eof" else e.reason)
+            link.read_scope = None
+            if frame is None:  # a superseded link's peer wrote nothing for drain_timeout_s
+                self.counters["link_drain_timeout"] += 1
                 return
             try:
                 sender, payload = opener.open(frame)
@@ -499,6 +593,14 @@ class LinkManager:
                       scope: trio.CancelScope) -> None:
         lim = self.limits
         while True:
+            if link.state == "draining":
+                # Superseded: nothing more goes out on it; the half-close lets
+                # a peer that is closing it finish, and the reader drains it.
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                         OSError):
+                    with trio.move_on_after(lim.write_timeout_s):
+                        await conn.send_eof()
+                return
             if not link.queued_bytes:
                 if link.state == "closing":
                     # Flushed: half-close, and let the reader drain until the
@@ -534,11 +636,12 @@ class LinkManager:
                 try:
                     await conn.send_all(encode_frame(body))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    if link.state != "closing":
+                    if link.state not in ("closing", "draining"):
                         self._fail(link, "reset")
                     return
             if cs.cancelled_caught:
-                self._fail(link, "write_timeout")
+                if link.state != "draining":  # its reader still has the peer's last frames
+                    self._fail(link, "write_timeout")
                 return
             self.counters["link_frames_out"] += 1
 

@@ -92,6 +92,7 @@ class Messenger:
         self.leaving = leaving
         self._seq = itertools.count(1)
         self._pending: dict[int, Pending] = {}  # seq -> call
+        self._via: dict[int, int | None] = {}  # seq -> the link it went on (LinkLost.link)
         self._my_id: NodeId | None = None
 
     @property
@@ -156,6 +157,7 @@ class Messenger:
             self.counters["send_remote"] += 1
             p.seqs[seq] = origin
             self._pending[seq] = p
+            self._via[seq] = links.link_id(origin)
         self._maybe_finish(p)
         return p
 
@@ -171,6 +173,7 @@ class Messenger:
                  why: str = "") -> None:
         if seq is not None:
             p.seqs.pop(seq, None)
+            self._via.pop(seq, None)
         if status is NameStatus.DELIVERED:
             p.delivered += 1
             return
@@ -222,9 +225,11 @@ class Messenger:
         self._outcome(p, reply.seq, src, reply.status)
         self._maybe_finish(p)
 
-    def link_lost(self, node: NodeId) -> None:
-        """Everything still waiting on ``node`` fails (delivery unknown)."""
-        lost = [seq for seq, p in self._pending.items() if p.seqs.get(seq) == node]
+    def link_lost(self, node: NodeId, link: int | None = None) -> None:
+        """Everything still waiting on ``node`` fails (delivery unknown); with
+        ``link``, only what went on that link (a newer one carries the rest)."""
+        lost = [seq for seq, p in self._pending.items() if p.seqs.get(seq) == node
+                and (link is None or self._via.get(seq) in (None, link))]
         for seq in lost:
             p = self._pending.pop(seq)
             self._outcome(p, seq, node, None, "the link to the owner's daemon was lost "

@@ -206,6 +206,7 @@ class LinkPort(Protocol):
     """The link manager (:class:`peerd.shell.links.LinkManager`)."""
 
     def has(self, peer: NodeId) -> bool: ...
+    def link_id(self, peer: NodeId) -> int | None: ...
     def connect(self, peer: NodeId, addr: Addr, *, mesh: bool = True) -> None: ...
     def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
              mesh: bool | None = None) -> bool: ...
@@ -621,10 +622,10 @@ class Runner:
             case LinkMessages(src, msgs):
                 for msg in msgs:
                     self._link_message(src, msg)
-            case LinkLost(node, mesh):
+            case LinkLost(node, mesh, link):
                 if mesh:
                     self._mesh_handle(LinkDown(node))
-                self._link_lost(node)
+                self._link_lost(node, link)
             case _:
                 self._handle(item)
 
@@ -896,10 +897,11 @@ class Runner:
             case _:
                 self.counters["link_drop_unexpected"] += 1
 
-    def _link_lost(self, node: NodeId) -> None:
-        """A link failed or the peer closed it: sends waiting on it fail."""
+    def _link_lost(self, node: NodeId, link: int | None = None) -> None:
+        """A link failed or the peer closed it: sends waiting on it fail
+        (``link`` None: on any link to ``node``)."""
         if self.messenger is not None:
-            self.messenger.link_lost(node)
+            self.messenger.link_lost(node, link)
 
     def _send_begin(self, conn: object, args: SendArgs) -> Pending:
         if self.messenger is None:

@@ -99,9 +99,13 @@ class Links:
         self.sent: list[tuple[bytes, Any, int, Any]] = []
         self.connected: list[bytes] = []
         self.accept = True
+        self.link = 1  # the id link_id gives
 
     def has(self, peer: bytes) -> bool:
         return peer in self.connected
+
+    def link_id(self, peer: bytes) -> int | None:
+        return self.link if peer in self.connected else None
 
     def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
         self.connected.append(peer)

@@ -54,6 +54,9 @@ class FakeLinks:
     def has(self, peer: bytes) -> bool:
         return False
 
+    def link_id(self, peer: bytes) -> int | None:
+        return None
+
     def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
         self.calls.append(("connect", peer, addr, mesh))
 
@@ -225,7 +228,8 @@ async def test_a_dead_member_closes_direct_links_and_fails_waiting_sends(
     runner, _, _ = make_runner(core, mesh=FakeMesh(), links=links)
     lost: list[bytes] = []
     assert runner.messenger is not None
-    runner.messenger.link_lost = lost.append  # type: ignore[method-assign]
+    runner.messenger.link_lost = (  # type: ignore[method-assign]
+        lambda node, link=None: lost.append(node))
 
     async def body() -> None:
         assert ("close", PEER.node, False) in links.calls
