@@ -21,10 +21,9 @@ over byte strings, with no re-encoding on the hot path.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-
-from sortedcontainers import SortedList
 
 # Order key: fewest-sent first, then newest first, packed in one int so the
 # sorted list compares machine integers, not tuples: (transmits << 48) |
@@ -48,9 +47,16 @@ def _order_key(transmits: int, seq: int) -> int:
 
 
 class BroadcastQueue:
+    """Items in order-key order, kept as a binary heap of order keys with lazy
+    deletion: an item that is sent, heard again, replaced or dropped leaves
+    its old key in the heap, and ``_by_order`` (order key -> item) says which
+    keys are current. Re-keying is one ``heappush`` instead of a sorted-list
+    remove and insert: every node pays it for each news item it sends or
+    hears again, which in a burst of failures is most of its work."""
+
     def __init__(self) -> None:
         self._items: dict[Hashable, _Item] = {}
-        self._order: SortedList = SortedList()  # of _order_key ints
+        self._heap: list[int] = []  # order keys; those not in _by_order are stale
         self._by_order: dict[int, _Item] = {}
         self._sizes: dict[int, int] = {}  # encoded length -> how many queued items have it
         self._seq = 0
@@ -60,13 +66,14 @@ class BroadcastQueue:
 
     def _add(self, item: _Item) -> None:
         self._items[item.key] = item
-        self._order.add(item.sort_key)
+        heapq.heappush(self._heap, item.sort_key)
         self._by_order[item.sort_key] = item
         n = len(item.data)
         self._sizes[n] = self._sizes.get(n, 0) + 1
 
-    def _remove(self, item: _Item) -> None:
-        self._order.remove(item.sort_key)
+    def _drop(self, item: _Item) -> None:
+        """Forget ``item`` (its heap key goes stale); the caller removes it
+        from ``_items``."""
         del self._by_order[item.sort_key]
         n = len(item.data)
         left = self._sizes[n] - 1
@@ -74,6 +81,25 @@ class BroadcastQueue:
             self._sizes[n] = left
         else:
             del self._sizes[n]
+        heap = self._heap
+        if len(heap) > 2 * len(self._by_order) + 64:  # mostly stale keys: rebuild
+            heap[:] = self._by_order
+            heapq.heapify(heap)
+
+    def _sent(self, item: _Item, limit: int) -> None:
+        """Count one transmission of ``item`` (already popped or stale in the
+        heap); drop it at ``limit``."""
+        by_order = self._by_order
+        del by_order[item.sort_key]
+        item.transmits += 1
+        if item.transmits >= limit:
+            by_order[item.sort_key] = item  # so that _drop finds it
+            del self._items[item.key]
+            self._drop(item)
+        else:
+            item.sort_key = key = _order_key(item.transmits, item.seq)
+            heapq.heappush(self._heap, key)
+            by_order[key] = item
 
     def enqueue(self, key: Hashable, data: bytes, ident: Hashable = None) -> None:
         """Queue ``data``; replaces any queued item with the same key. With an
@@ -91,13 +117,7 @@ class BroadcastQueue:
         item = self._items.get(key)
         if item is None or ident is None or item.ident != ident:
             return False
-        self._remove(item)
-        item.transmits += 1
-        if item.transmits >= limit:
-            del self._items[key]
-        else:
-            item.sort_key = _order_key(item.transmits, item.seq)
-            self._add(item)
+        self._sent(item, limit)
         return True
 
     def has(self, key: Hashable) -> bool:
@@ -110,7 +130,7 @@ class BroadcastQueue:
     def invalidate(self, key: Hashable) -> None:
         old = self._items.pop(key, None)
         if old is not None:
-            self._remove(old)
+            self._drop(old)
 
     def take(self, budget: int, limit: int, overhead_per_item: int = 0,
              skip: frozenset[bytes] | None = None) -> list[bytes]:
@@ -119,44 +139,48 @@ class BroadcastQueue:
         ``limit`` times are dropped. Items equal to one in ``skip`` (already in
         the packet) count as sent without being returned."""
         if not self._items or budget <= 0:
+            if not self._items:
+                self._heap.clear()
             return []
         # Once the budget is below the smallest item nothing more can fit:
         # stop there instead of walking the rest of the queue.
         smallest = min(self._sizes) + overhead_per_item
         chosen: list[bytes] = []
         picked: list[_Item] = []
-        by_order = self._by_order
-        for k in self._order:
-            item = by_order[k]
+        kept: list[int] = []  # current keys popped but not sent (too big)
+        heap, by_order = self._heap, self._by_order
+        pop = heapq.heappop
+        while heap:
+            item = by_order.get(heap[0])
+            if item is None:
+                pop(heap)  # stale
+                continue
             if skip is not None and item.data in skip:
+                pop(heap)
                 picked.append(item)
                 continue
             need = len(item.data) + overhead_per_item
             if need > budget:
                 if budget < 16 or budget < smallest:
                     break
+                kept.append(pop(heap))
                 continue
             budget -= need
             chosen.append(item.data)
             picked.append(item)
+            pop(heap)
+        for k in kept:
+            heapq.heappush(heap, k)
         for item in picked:
-            self._remove(item)
-            item.transmits += 1
-            if item.transmits >= limit:
-                del self._items[item.key]
-            else:
-                item.sort_key = _order_key(item.transmits, item.seq)
-                self._items[item.key] = item
-                self._order.add(item.sort_key)
-                by_order[item.sort_key] = item
-                n = len(item.data)
-                self._sizes[n] = self._sizes.get(n, 0) + 1
+            self._sent(item, limit)
         return chosen
 
     def prune(self, max_items: int) -> None:
         """Bound the queue: drop the most-sent (oldest) items beyond ``max_items``."""
-        while len(self._items) > max_items:
-            k = self._order[-1]
+        excess = len(self._items) - max_items
+        if excess <= 0:
+            return
+        for k in sorted(self._by_order)[-excess:]:
             item = self._by_order[k]
-            self._remove(item)
             self._items.pop(item.key, None)
+            self._drop(item)

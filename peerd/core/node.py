@@ -49,8 +49,9 @@ import collections
 import functools
 import ipaddress
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 from sortedcontainers import SortedList
 
@@ -356,6 +357,10 @@ class Node:
         self._dig(self._me)
         self._live = LiveSet()  # live members other than us
         self._ring: SortedList = SortedList([node_id])  # live ids, us included
+        # Reads that never change the record (an address, a generation):
+        # the simulator's shared tables (peerd.core.shared) answer these
+        # without a copy-on-write copy. For members known to be there.
+        self._peek = cast(Callable[[NodeId], Member], self._members.get)
         self._watching: tuple[Addr, ...] = ()
         self._ring_dirty = False
         self._by_addr: dict[Addr, NodeId] = {addr: node_id}
@@ -427,7 +432,7 @@ class Node:
         return len(self._live) + 1
 
     def peer_addrs(self) -> list[Addr]:
-        return [self._members[n].addr for n in self._live]
+        return [self._peek(n).addr for n in self._live]
 
     def queued_broadcasts(self) -> int:
         return len(self._queue)
@@ -534,7 +539,7 @@ class Node:
             i = ring.index(self._me.node)
             for step in range(1, min(n - 1, max(want, RING_SUCCESSORS)) + 1):
                 succ.append(ring[(i + step) % n])
-        addrs = [self._members[node].addr for node in succ[:want]]
+        addrs = [self._peek(node).addr for node in succ[:want]]
         watching = tuple(addrs)
         if watching != self._watching:
             self._watching = watching
@@ -766,7 +771,7 @@ class Node:
                 node = self._probe_order[self._probe_index]
                 self._probe_index += 1
                 if node in self._live:
-                    return self._members[node]
+                    return self._peek(node)
             # End of a round: reshuffle (SWIM 4.3 round-robin with random order
             # bounds the time until any member is probed).
             self._probe_order = list(self._live)
@@ -811,7 +816,7 @@ class Node:
         probe.expected_nacks = len(helpers)
         for h in helpers:
             self.counters["indirect_probes"] += 1
-            self._send(self._members[h].addr, PingReq(probe.seq, target.node, target.addr, True))
+            self._send(self._peek(h).addr, PingReq(probe.seq, target.node, target.addr, True))
 
     def _on_ack(self, src: Addr, seq: int) -> None:
         probe = self._probe
@@ -840,7 +845,7 @@ class Node:
             self._drop("misdirected_ping", _fmt(src))
             return
         before: tuple[bytes, ...] = ()
-        sender = self._members.get(self._by_addr.get(src, b""))
+        sender = self._peek(self._by_addr.get(src, b""))  # may be None: unknown sender
         if sender is not None and sender.status is Status.DEAD:
             # A node we hold dead is talking to us (a healed partition): tell
             # it, so it refutes and its refutation spreads on both sides.
@@ -906,7 +911,7 @@ class Node:
 
     def _gossip_targets(self) -> list[Member]:
         cfg = self.config
-        picks = [self._members[n] for n in self._live.sample(self.rng, cfg.gossip_fanout)]
+        picks = [self._peek(n) for n in self._live.sample(self.rng, cfg.gossip_fanout)]
         if self._recently_dead:
             horizon = self._now - cfg.gossip_to_dead_s
             for node, since in list(self._recently_dead.items()):
@@ -916,7 +921,7 @@ class Node:
                 # Occasionally tell a recently dead node, so that a node that
                 # was wrongly declared dead learns it and refutes.
                 node = self.rng.choice(list(self._recently_dead))
-                picks.append(self._members[node])
+                picks.append(self._peek(node))
         return picks
 
     def _set_successors(self, succ: tuple[NodeId, ...]) -> None:
@@ -959,7 +964,7 @@ class Node:
         owed = self._ring_owed
         room = self.config.max_packet_bytes - 3
         for node in self._successors:
-            m = self._members[node]
+            m = self._peek(node)
             if node in self._ring_new:
                 # everything recent, in datagram-sized packets
                 self._ring_new.discard(node)
@@ -1001,7 +1006,7 @@ class Node:
             batch.append(part)
         packets.append(codec.pack(batch))
         for node in self._live:
-            addr = self._members[node].addr
+            addr = self._peek(node).addr
             for data in packets:
                 self.counters["packets_out"] += 1
                 self.counters["bytes_out"] += len(data)
@@ -1213,7 +1218,7 @@ class Node:
             for node in self._live:
                 self.counters["packets_out"] += 1
                 self.counters["bytes_out"] += len(data)
-                self._out.append(SendPacket(self._members[node].addr, data))
+                self._out.append(SendPacket(self._peek(node).addr, data))
 
     def _mark_down(self, m: Member, status: Status, incarnation: int) -> bool:
         """Returns whether the node held registry entries (now dropped)."""
@@ -1456,7 +1461,7 @@ class Node:
         peer = ctx.peer if ctx.peer in self._live else None
         push = self.registry.on_sync_reply(peer, msg)
         if push is not None and peer is not None:
-            self._open_stream(self._members[peer].addr, StreamCtx("reg_push", peer=peer),
+            self._open_stream(self._peek(peer).addr, StreamCtx("reg_push", peer=peer),
                               codec.encode(push))
 
     # --- registry host (see peerd.core.registry.service.Host) ------------------
@@ -1497,7 +1502,7 @@ class Node:
         self._open_stream(m.addr, StreamCtx("reg", peer=node), codec.encode(msg))
 
     def reg_live(self) -> list[tuple[NodeId, int]]:
-        return [(n, self._members[n].generation) for n in self._live]
+        return [(n, self._peek(n).generation) for n in self._live]
 
     def reg_live_count(self) -> int:
         return len(self._live)
@@ -1552,7 +1557,7 @@ class Node:
             return
         picks = self._live.sample(self.rng, 1)
         if picks:
-            self._open_sync(self._members[picks[0]].addr)
+            self._open_sync(self._peek(picks[0]).addr)
 
     def _reconnect_tick(self) -> None:
         cfg = self.config
@@ -1567,7 +1572,7 @@ class Node:
             self._arm(TimerKind.RECONNECT, delay)
         if self._leaving:
             return
-        candidates = [self._members[n].addr for n in self._dead]
+        candidates = [self._peek(n).addr for n in self._dead]
         candidates += [s for s in self._seeds if self._by_addr.get(s) not in self._live]
         if not candidates:
             return
@@ -1683,7 +1688,7 @@ class Node:
         """The registry's anti-entropy follows membership's, with the same peer."""
         peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
         if peer is not None and peer in self._live:
-            self._open_stream(self._members[peer].addr, StreamCtx("reg", peer=peer),
+            self._open_stream(self._peek(peer).addr, StreamCtx("reg", peer=peer),
                               codec.encode(self.registry.sync_request()))
 
     def _on_stream_failed(self, stream: int, reason: str) -> None:

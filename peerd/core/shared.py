@@ -413,7 +413,9 @@ def install(node: Node, snap: Snapshot) -> None:
     me = node._me
     if len(node._members) != 1:
         raise ValueError("install a snapshot into a fresh node only")
-    node._members = Members(snap.members, {me.node: me})  # type: ignore[assignment]
+    members = Members(snap.members, {me.node: me})
+    node._members = members  # type: ignore[assignment]
+    node._peek = members.peek
     node._by_addr = Index(snap.by_addr)  # type: ignore[assignment]
     node._by_addr[me.addr] = me.node
     node._by_name = Index(snap.by_name)  # type: ignore[assignment]

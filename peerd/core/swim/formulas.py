@@ -6,9 +6,11 @@ simulator's expectations can quote the same bounds the nodes use.
 
 from __future__ import annotations
 
+import functools
 import math
 
 
+@functools.lru_cache(maxsize=4096)
 def retransmit_limit(retransmit_mult: int, n: int) -> int:
     """How many times one update is sent: mult * ceil(log10(N + 1)).
 
