@@ -108,11 +108,13 @@ from peerd.wire.codec import (
     DecodeError,
 )
 from peerd.wire.messages import (
+    NODE_PREFIX_BYTES,
     Ack,
     Addr,
     Alive,
     Dead,
     Died,
+    DiedRef,
     Left,
     MemberState,
     Message,
@@ -222,6 +224,10 @@ class Suspicion:
     # We saw the suspect fail ourselves (our probe, a check, a hint). A
     # suspicion we only heard of is checked once before we declare death.
     verified: bool = False
+
+
+# In Node._by_prefix: more than one known id has this prefix.
+AMBIGUOUS: NodeId = b""
 
 
 @dataclass(slots=True)
@@ -351,20 +357,23 @@ class Node:
         self.counters: collections.Counter[str] = collections.Counter()
         self._me = Member(node_id, name, addr, incarnation, generation, tags, Status.ALIVE, 0.0)
         self._members: dict[NodeId, Member] = {node_id: self._me}
+        # Reads that never change the record (an address, a generation):
+        # the simulator's shared tables (peerd.core.shared) answer these
+        # without a copy-on-write copy. For members known to be there.
+        self._peek = cast(Callable[[NodeId], Member], self._members.get)
         # Bucket hashes of the membership (digest sync), kept up to date by
         # toggling a member's hash out before each change and in after it.
         self._digest = Digest()
         self._dig(self._me)
         self._live = LiveSet()  # live members other than us
         self._ring: SortedList = SortedList([node_id])  # live ids, us included
-        # Reads that never change the record (an address, a generation):
-        # the simulator's shared tables (peerd.core.shared) answer these
-        # without a copy-on-write copy. For members known to be there.
-        self._peek = cast(Callable[[NodeId], Member], self._members.get)
         self._watching: tuple[Addr, ...] = ()
         self._ring_dirty = False
         self._by_addr: dict[Addr, NodeId] = {addr: node_id}
         self._by_name: dict[str, NodeId] = {name: node_id}
+        # First NODE_PREFIX_BYTES of each known id -> the id, or AMBIGUOUS when
+        # two known ids share them (sticky): resolves DiedRef.
+        self._by_prefix: dict[bytes, NodeId] = {node_id[:NODE_PREFIX_BYTES]: node_id}
         self._recently_dead: dict[NodeId, float] = {}  # gossip-to-dead window
         # DEAD (not left) members, which partition healing retries. A dict, not
         # a set: iteration order must not depend on the hash seed, or the same
@@ -448,6 +457,7 @@ class Node:
                        st.status, self._now)
             self._members[m.node] = m
             self._dig(m)
+            self._index_prefix(m.node)
             self._by_addr[m.addr] = m.node
             self._by_name.setdefault(m.name, m.node)
             if st.status in LIVE:
@@ -1064,6 +1074,7 @@ class Node:
                    Status.ALIVE, self._now)
         self._members[m.node] = m
         self._dig(m)
+        self._index_prefix(m.node)
         self._set_live(m.node, True)
         self._by_addr[m.addr] = m.node
         self._insert_probe_order(m.node)
@@ -1332,7 +1343,12 @@ class Node:
         self._broadcast_death(m.node, incarnation, src)
 
     def _broadcast_death(self, node: NodeId, incarnation: int, src: Addr | None = None) -> None:
-        self._broadcast(node, Died(node, incarnation), ident=(Status.DEAD, incarnation))
+        # Every node hears each death several times: name it by its id's
+        # prefix (12 bytes, not 20) unless another member we know shares it.
+        p = node[:NODE_PREFIX_BYTES]
+        msg: Died | DiedRef = (DiedRef(p, incarnation) if self._by_prefix.get(p) == node
+                               else Died(node, incarnation))
+        self._broadcast(node, msg, ident=(Status.DEAD, incarnation))
         self._owe_ring(node, src)
 
     def _owe_ring(self, node: NodeId, src: Addr | None) -> None:
@@ -1406,6 +1422,12 @@ class Node:
                 self._on_dead(msg.node, msg.incarnation, src)
             case Died():
                 self._on_dead(msg.node, msg.incarnation, src)
+            case DiedRef():
+                node = self._by_prefix.get(msg.prefix)
+                if node == AMBIGUOUS:
+                    self._drop("died_ref_ambiguous", f"from={_fmt(src)}")
+                elif node is not None:
+                    self._on_dead(node, msg.incarnation, src)
             case Left():
                 self._on_left(msg, src)
             case PushPull():
@@ -1738,6 +1760,11 @@ class Node:
                 case Status.LEFT:
                     self._on_left(Left(st.node, st.incarnation))
 
+    def _index_prefix(self, node: NodeId) -> None:
+        p = node[:NODE_PREFIX_BYTES]
+        have = self._by_prefix.get(p, node)
+        self._by_prefix[p] = node if have == node else AMBIGUOUS
+
     def _add_down(self, st: MemberState) -> None:
         # Remember nodes we only know as dead/left: partition healing retries
         # them, and a stale "alive" about them cannot resurrect them.
@@ -1745,6 +1772,7 @@ class Node:
                    self._now)
         self._members[m.node] = m
         self._dig(m)
+        self._index_prefix(m.node)
         self._by_addr.setdefault(m.addr, m.node)
         if st.status is Status.DEAD:
             self._dead[m.node] = None
@@ -1760,6 +1788,8 @@ class Node:
                 del self._by_addr[m.addr]
             if self._by_name.get(m.name) == m.node:
                 del self._by_name[m.name]
+            if self._by_prefix.get(m.node[:NODE_PREFIX_BYTES]) == m.node:
+                del self._by_prefix[m.node[:NODE_PREFIX_BYTES]]
             self._recently_dead.pop(m.node, None)
             self._dead.pop(m.node, None)
             self.registry.forget(m.node)

@@ -11,7 +11,7 @@ lookup; the first *lookup* of a member for possible mutation (``get`` or
 written. A real daemon never uses this module: it learns its peers by joining.
 
 The overlays implement exactly the operations :class:`peerd.core.node.Node`
-performs on its ``_members``, ``_by_addr``, ``_by_name``, ``_live``,
+performs on its ``_members``, ``_by_addr``, ``_by_name``, ``_by_prefix``, ``_live``,
 ``_ring`` and ``_probe_order``; they are deterministic (no iteration over
 hash-ordered sets).
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sortedcontainers import SortedList
 
 from peerd.core.digest import Digest
-from peerd.wire.messages import MemberState, NodeId, Status
+from peerd.wire.messages import NODE_PREFIX_BYTES, MemberState, NodeId, Status
 
 if TYPE_CHECKING:
     from peerd.core.node import Member, Node
@@ -38,11 +38,12 @@ class Snapshot:
     """One converged membership (all alive), shared read-only by many nodes."""
 
     def __init__(self, states: list[MemberState]) -> None:
-        from peerd.core.node import Member
+        from peerd.core.node import AMBIGUOUS, Member
 
         self.members: dict[NodeId, Member] = {}
         self.by_addr: dict[Any, NodeId] = {}
         self.by_name: dict[str, NodeId] = {}
+        self.by_prefix: dict[bytes, NodeId] = {}
         for st in states:
             if st.status is not Status.ALIVE:
                 raise ValueError("a shared snapshot holds alive members only")
@@ -52,6 +53,8 @@ class Snapshot:
                                            st.generation, st.tags, st.status, 0.0)
             self.by_addr[st.addr] = st.node
             self.by_name.setdefault(st.name, st.node)
+            p = st.node[:NODE_PREFIX_BYTES]
+            self.by_prefix[p] = AMBIGUOUS if p in self.by_prefix else st.node
         self.digest = Digest()
         for m in self.members.values():
             self.digest.toggle(m.node, m.incarnation, m.status)
@@ -202,7 +205,7 @@ class Members(CowDict):
 
 
 class Index(CowDict):
-    """``_by_addr`` / ``_by_name``: a shared dict with local changes. Its
+    """``_by_addr`` / ``_by_name`` / ``_by_prefix``: a shared dict with local changes. Its
     values are node ids (immutable), so a read never copies."""
 
     __slots__ = ()
@@ -420,6 +423,9 @@ def install(node: Node, snap: Snapshot) -> None:
     node._by_addr[me.addr] = me.node
     node._by_name = Index(snap.by_name)  # type: ignore[assignment]
     node._by_name[me.name] = me.node
+    node._by_prefix = Index(snap.by_prefix)  # type: ignore[assignment]
+    if me.node not in snap.members:
+        node._index_prefix(me.node)
     node._live = LiveSet(snap, me.node)  # type: ignore[assignment]
     node._ring = Ring(snap, me.node)
     node._ring_dirty = True

@@ -35,12 +35,14 @@ from peerd.wire.messages import (
     MESSAGE_ID_BYTES,
     MESSAGE_TYPES,
     NODE_ID_BYTES,
+    NODE_PREFIX_BYTES,
     Ack,
     Addr,
     Alive,
     Channel,
     Dead,
     Died,
+    DiedRef,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -326,6 +328,10 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             return [Left.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
         case Died(node, inc):
             return [Died.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
+        case DiedRef(prefix, inc):
+            if type(prefix) is not bytes or len(prefix) != NODE_PREFIX_BYTES:
+                _bad_out(f"node prefix must be {NODE_PREFIX_BYTES} bytes, got {prefix!r}")
+            return [DiedRef.TYPE, prefix, _uint_out(inc, "incarnation")]
         case PushPull(join, members):
             if type(members) is not tuple:
                 _bad_out(f"push-pull members must be a tuple, got {members!r}")
@@ -574,6 +580,13 @@ def _died_in(obj: list[Any]) -> Message:
     return Died(_node_id(node), _uint(inc, "incarnation"))
 
 
+def _died_ref_in(obj: list[Any]) -> Message:
+    prefix, inc = _fields(obj, 2, "died-ref")
+    if type(prefix) is not bytes or len(prefix) != NODE_PREFIX_BYTES:
+        _bad(f"node prefix must be {NODE_PREFIX_BYTES} bytes")
+    return DiedRef(prefix, _uint(inc, "incarnation"))
+
+
 def _sync_bits(v: Any) -> int:
     if type(v) is not int or not 0 <= v <= MAX_SYNC_BITS:
         _bad(f"sync bits must be 0..{MAX_SYNC_BITS}")
@@ -811,6 +824,7 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Dead.TYPE: _dead_in,
     Left.TYPE: _left_in,
     Died.TYPE: _died_in,
+    DiedRef.TYPE: _died_ref_in,
     PushPull.TYPE: _push_pull_in,
     SyncDigest.TYPE: _sync_digest_in,
     SyncRows.TYPE: _sync_rows_in,

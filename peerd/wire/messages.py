@@ -131,6 +131,23 @@ class Died:
     incarnation: int
 
 
+NODE_PREFIX_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class DiedRef:
+    """:class:`Died` naming the node by the first ``NODE_PREFIX_BYTES`` of
+    its id: 12 bytes instead of 20, for the many copies a burst of failures
+    makes every node hear. A sender uses it only when no other member it knows
+    shares the prefix; a receiver acts on it only when exactly one member it
+    knows has that prefix (otherwise it drops it, counted: the death still
+    arrives by probing, suspicion or anti-entropy)."""
+
+    TYPE: ClassVar[int] = 14
+    prefix: bytes
+    incarnation: int
+
+
 @dataclass(frozen=True, slots=True)
 class MemberState:
     """One row of a push-pull state exchange (not a message on its own)."""
@@ -449,7 +466,7 @@ class NameReply:
 
 Message = (
     Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull | SyncDigest | SyncRows
-    | Died
+    | Died | DiedRef
     | RegDelta | RegSnapshot | RegSync | RegAck
     | MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
     | Gossip | GossipControl
@@ -458,7 +475,8 @@ Message = (
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
-                              SyncDigest, SyncRows, Died, RegDelta, RegSnapshot, RegSync, RegAck,
+                              SyncDigest, SyncRows, Died, DiedRef, RegDelta, RegSnapshot, RegSync,
+                              RegAck,
                               MeshJoin, ForwardJoin, Neighbor, NeighborReply, Disconnect,
                               Shuffle, ShuffleReply, Gossip, GossipControl, NameMsg,
                               NameReply)

@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
-        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 13: "died", 20: "reg-delta",
-        21: "reg-snapshot", 22: "reg-sync",
+        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 13: "died",
+        14: "died-ref", 20: "reg-delta", 21: "reg-snapshot", 22: "reg-sync",
         23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
         34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control",
         39: "name-msg", 40: "name-reply"}
@@ -68,6 +68,7 @@ def message_vectors() -> dict[str, Any]:
         Channel,
         Dead,
         Died,
+        DiedRef,
         Disconnect,
         ForwardJoin,
         Gossip,
@@ -128,6 +129,7 @@ def message_vectors() -> dict[str, Any]:
         ("suspect", Suspect(b, 4, a)),
         ("dead", Dead(b, 5, c)),
         ("died", Died(b, 5)),
+        ("died-ref", DiedRef(b[:8], 5)),
         ("left", Left(a, 6)),
         ("push-pull-empty", PushPull(False, ())),
         ("push-pull-join", PushPull(True, (

@@ -4,15 +4,17 @@ successors (and again to a new successor)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from peerd.core.events import EventKind, TimerKind, Unreachable
-from peerd.core.node import FIRST_GOSSIP_DELAY_S, RING_RECENT_S
+from peerd.core.node import FIRST_GOSSIP_DELAY_S, RING_RECENT_S, Node
 from peerd.core.swim import formulas
 from peerd.wire import codec
-from peerd.wire.messages import Dead, Died, Left, Suspect
+from peerd.wire.messages import Alive, Dead, Died, DiedRef, Left, Status, Suspect
 
-from .util import Rig, addr, cfg, events, nid, sends
+from .util import Rig, addr, cfg, events, name, nid, sends
 
 
 def started(*peers: int, i: int = 3, **kw: object) -> Rig:
@@ -156,3 +158,86 @@ def test_a_closed_port_ends_gossip_to_a_dead_member() -> None:
 
     assert sent_to_dead(hint=False) > 0
     assert sent_to_dead(hint=True) == 0
+
+
+# --- deaths named by an id prefix (DiedRef) ------------------------------------
+# nid(i) ids all share their first 8 bytes (zeros), so the tests above see the
+# full form; these use ids whose prefixes differ, as random ids do.
+
+
+def uid(i: int) -> bytes:
+    return bytes([i]) * 16
+
+
+def prefixed(*peers: int, i: int = 3) -> Rig:
+    r = Rig(Node(node_id=uid(i), name=name(i), addr=addr(i), config=cfg(),
+                 rng=random.Random(7)))
+    r.start()
+    for p in peers:
+        r.recv(p, Alive(uid(p), name(p), addr(p), 0, 0, ()), now=0.0)
+    r.drain()
+    return r
+
+
+def test_died_ref_is_twelve_bytes() -> None:
+    assert len(codec.encode(DiedRef(uid(9)[:8], 0))) == 12
+
+
+def test_a_death_is_gossiped_by_prefix_when_no_other_member_shares_it() -> None:
+    # Ring (by id) 1 2 3 4 5 9: n3's successors are n4 and n5.
+    r = prefixed(1, 2, 4, 5, 9)
+    outs = r.recv(2, Died(uid(9), 0), now=1.0)
+    assert events(outs) == [(EventKind.DEAD, uid(9))]
+    outs = r.fire(TimerKind.GOSSIP)  # the ring flush
+    short = DiedRef(uid(9)[:8], 0)
+    assert sends(outs) == [(addr(4), [short]), (addr(5), [short])]
+
+
+def test_a_died_ref_kills_the_one_member_with_that_prefix() -> None:
+    r = prefixed(1, 2, 4, 5, 9)
+    outs = r.recv(2, DiedRef(uid(9)[:8], 0), now=1.0)
+    assert events(outs) == [(EventKind.DEAD, uid(9))]
+    # heard again: counts as a transmission of our copy, like Died
+    r.recv(4, DiedRef(uid(9)[:8], 0), now=1.1)
+    assert r.counter("rumours_heard_again") == 1
+
+
+def test_a_died_ref_for_an_unknown_prefix_changes_nothing() -> None:
+    r = prefixed(1, 2, 4)
+    outs = r.recv(2, DiedRef(uid(9)[:8], 0), now=1.0)
+    assert events(outs) == []
+    assert r.node.live_count() == 4
+    assert r.counter("drop.died_ref_ambiguous") == 0
+
+
+def test_a_shared_prefix_is_never_resolved_and_deaths_go_in_full() -> None:
+    twin = uid(9)[:8] + b"\x00" * 8  # same first 8 bytes as n9, another node
+    r = prefixed(1, 2, 4, 5, 9)
+    r.recv(6, Alive(twin, "twin", addr(6), 0, 0, ()), now=0.5)
+    r.drain()
+    outs = r.recv(2, DiedRef(uid(9)[:8], 0), now=1.0)
+    assert events(outs) == []
+    assert r.counter("drop.died_ref_ambiguous") == 1
+    assert r.node.member(uid(9)).status is Status.ALIVE  # type: ignore[union-attr]
+    assert r.node.member(twin).status is Status.ALIVE  # type: ignore[union-attr]
+    # Our own news of n9's death names it in full.
+    outs = r.recv(2, Died(uid(9), 0), now=2.0)
+    assert events(outs) == [(EventKind.DEAD, uid(9))]
+    outs = r.fire(TimerKind.GOSSIP)
+    assert [m for _a, msgs in sends(outs) for m in msgs] == [Died(uid(9), 0)] * 2
+
+
+def test_a_reaped_member_frees_its_prefix() -> None:
+    r = prefixed(1, 2, 4, 5, 9)
+    r.recv(2, Died(uid(9), 0), now=1.0)
+    r.drain()
+    reclaim = r.node.config.dead_reclaim_s
+    for t in range(2, int(reclaim) + 60, 5):  # bounded: reap runs on the sync timers
+        r.now = float(t)
+        for timer in list(r.pending):
+            if timer.at <= t:
+                r.fire(timer)
+        if r.node.member(uid(9)) is None:
+            break
+    assert r.node.member(uid(9)) is None
+    assert uid(9)[:8] not in r.node._by_prefix

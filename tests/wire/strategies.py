@@ -14,6 +14,7 @@ from peerd.wire.messages import (
     Channel,
     Dead,
     Died,
+    DiedRef,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -82,6 +83,7 @@ alives = st.builds(Alive, node_ids, names, addrs, u64, u64, tags)
 suspects = st.builds(Suspect, node_ids, u64, node_ids)
 deads = st.builds(Dead, node_ids, u64, node_ids)
 dieds = st.builds(Died, node_ids, u64)
+died_refs = st.builds(DiedRef, st.binary(min_size=8, max_size=8), u64)
 lefts = st.builds(Left, node_ids, u64)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(members, max_size=4).map(tuple))
 sync_digests = st.integers(0, 12).flatmap(
@@ -138,6 +140,7 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Suspect.TYPE: suspects,
     Dead.TYPE: deads,
     Died.TYPE: dieds,
+    DiedRef.TYPE: died_refs,
     Left.TYPE: lefts,
     PushPull.TYPE: push_pulls,
     SyncDigest.TYPE: sync_digests,

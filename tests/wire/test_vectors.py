@@ -22,6 +22,7 @@ from peerd.wire.messages import (
     Channel,
     Dead,
     Died,
+    DiedRef,
     Disconnect,
     ForwardJoin,
     Gossip,
@@ -114,6 +115,8 @@ def message_from_json(d: dict[str, Any]) -> Message:
             return Left(h(d["node"]), d["incarnation"])
         case "died":
             return Died(h(d["node"]), d["incarnation"])
+        case "died-ref":
+            return DiedRef(h(d["prefix"]), d["incarnation"])
         case "push-pull":
             return PushPull(d["join"], tuple(_member(m) for m in d["members"]))
         case "sync-digest":
