@@ -31,6 +31,18 @@ a ``conflict`` event naming the winner, without any watch:
 ``Client.connection_events()`` / ``BlockingClient.wait_connection_event()``
 (or the ``on_connection_event`` callback).
 
+Messages to names this connection holds wait in the client until the
+application reads them (``receive_message()`` / ``messages()``), in order,
+never dropped. They never hold up the answers to calls: past
+``max_messages`` unread (default 1024) the async client stops reading the
+socket only while no call waits for an answer and no watch is open (the
+daemon's mailbox for the connection then fills, and senders get
+``unavailable`` "mailbox full"); while calls wait it reads on, keeping the
+messages. The hard bound is ``max_message_bytes`` of unread payload
+(default 64 MiB): there the waiting calls, new calls and open watches fail
+with :class:`MessagesNotRead` (an ``ApiError``, code ``unavailable``) until
+the application reads its messages; still nothing is dropped.
+
 Errors: :class:`~peerd.api.protocol.ApiError` when the daemon answers a
 request with an error (``code`` says which), :class:`DaemonUnavailable` when
 the socket cannot be reached, :class:`ConnectionLost` when an established
@@ -42,6 +54,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
@@ -58,6 +71,7 @@ from peerd.api.protocol import (
     MESSAGE_EVENT,
     STREAM_END,
     ApiError,
+    ErrorCode,
     Event,
     FrameDecoder,
     FrameError,
@@ -76,6 +90,7 @@ __all__ = [
     "ConnectionLost",
     "DaemonUnavailable",
     "Event",
+    "MessagesNotRead",
     "Watch",
     "default_socket_path",
 ]
@@ -83,6 +98,8 @@ __all__ = [
 SOCKET_ENV = "PEERD_API_SOCKET"
 SYSTEM_SOCKET_PATH = "/run/peerd/peerd.sock"
 DEFAULT_WATCH_BUFFER = 1024
+DEFAULT_MAX_MESSAGES = 1024  # unread messages before reading pauses (unless calls wait)
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # unread payload bytes: calls fail past it
 _RECEIVE_CHUNK = 65536
 
 
@@ -113,6 +130,25 @@ class DaemonUnavailable(ConnectionError):
 class ConnectionLost(ConnectionError):
     """An established connection to the daemon broke (closed, reset, or it sent
     something that is not the protocol)."""
+
+
+class MessagesNotRead(ApiError):
+    """The client holds ``max_message_bytes`` of messages to this
+    connection's names that the application has not read: calls (and
+    watches) fail with this until it reads them (``receive_message()``,
+    ``messages()``). Nothing was dropped; a call that failed so may still
+    have been carried out by the daemon. Code ``unavailable``."""
+
+    def __init__(self, count: int, size: int) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE,
+                         f"{count} unread messages ({size} payload bytes) fill this client's "
+                         "buffer (max_message_bytes): read them (receive_message, messages) "
+                         "before calling again")
+
+
+def _payload_size(msg: Event) -> int:
+    payload = msg.data.get("payload")
+    return len(payload) if isinstance(payload, (bytes, str)) else 0
 
 
 def _connect_error(path: str, exc: OSError) -> DaemonUnavailable:
@@ -152,6 +188,8 @@ class Client:
     One background task reads frames and routes each response to the call
     waiting for its id, and each event to its watch; so any number of tasks
     may call concurrently over one connection (requests are pipelined).
+    Unread messages to names never hold up a response: ``max_messages`` and
+    ``max_message_bytes`` bound them as the module docs say.
 
     ``stream`` lets tests (or unusual transports) supply a connected
     ``trio.abc.Stream`` instead of a socket path."""
@@ -159,19 +197,28 @@ class Client:
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  stream: trio.abc.Stream | None = None, max_frame: int = DEFAULT_MAX_FRAME,
                  watch_buffer: int = DEFAULT_WATCH_BUFFER,
-                 on_connection_event: Callable[[Event], None] | None = None) -> None:
+                 on_connection_event: Callable[[Event], None] | None = None,
+                 max_messages: int = DEFAULT_MAX_MESSAGES,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        if max_messages < 1 or max_message_bytes < 1:
+            raise ValueError("max_messages and max_message_bytes must be at least 1")
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.max_frame = max_frame
         self.watch_buffer = watch_buffer
         self.on_connection_event = on_connection_event
         self.dropped_connection_events = 0
+        self.max_messages = max_messages
+        self.max_message_bytes = max_message_bytes
         # Connection events (stream 0: a registry conflict) are kept here until
         # read with connection_events(); past watch_buffer, new ones are dropped.
         self._conn_send, self._conn_receive = trio.open_memory_channel[Event](watch_buffer)
-        # Messages to names held by this connection: up to watch_buffer wait
-        # here; past that the reader stops reading the socket, the daemon's
-        # queue for this connection fills and senders get "mailbox full".
-        self._msg_send, self._msg_receive = trio.open_memory_channel[Event](watch_buffer)
+        # Messages to names held by this connection, with their payload sizes:
+        # the channel never blocks the reader; _wait_for_room bounds it.
+        self._msg_send, self._msg_receive = trio.open_memory_channel[tuple[Event, int]](
+            math.inf)
+        self._unread = 0
+        self._unread_bytes = 0
+        self._room = trio.Event()  # set to wake a reader that paused (see _wait_for_room)
         self._stream = stream
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
@@ -223,8 +270,11 @@ class Client:
     async def _roundtrip(self, rid: int, op: str, args: Mapping[str, Any] | None) -> Any:
         if self._broken is not None:
             raise self._broken
+        if self._unread_bytes >= self.max_message_bytes:
+            raise MessagesNotRead(self._unread, self._unread_bytes)
         frame = encode_frame(Request(rid, op, dict(args or {})), max_frame=self.max_frame)
         pending = self._pending[rid] = _Pending()
+        self._room.set()  # a reader paused on unread messages reads on for the answer
         try:
             await self._send(frame)
             await pending.done.wait()
@@ -257,6 +307,7 @@ class Client:
         decoder = FrameDecoder(self.max_frame)
         try:
             while True:
+                await self._wait_for_room()
                 data = await self._stream.receive_some(_RECEIVE_CHUNK)
                 if not data:
                     raise ConnectionLost("peerd closed the connection")
@@ -265,7 +316,10 @@ class Client:
                     msg = parse_server_frame(frame)
                     if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
                             and msg.event == MESSAGE_EVENT):
-                        await self._msg_send.send(msg)  # backpressure, never a drop
+                        size = _payload_size(msg)
+                        self._msg_send.send_nowait((msg, size))  # never blocks, never drops
+                        self._unread += 1
+                        self._unread_bytes += size
                         continue
                     self._dispatch(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -274,6 +328,37 @@ class Client:
             self._fail(ConnectionLost(f"peerd sent a bad frame: {exc.message}"))
         except (ConnectionLost, ApiError) as exc:
             self._fail(exc)
+
+    async def _wait_for_room(self) -> None:
+        """Before each read of the socket: past ``max_messages`` unread
+        messages, read only while a call waits for its answer or a watch is
+        open (so that unread messages never hold them up); past
+        ``max_message_bytes``, fail those instead and wait (the daemon's
+        mailbox then fills: senders hear "mailbox full")."""
+        while True:
+            if self._unread_bytes >= self.max_message_bytes:
+                self._refuse_waiting()
+            elif (self._unread < self.max_messages or self._streams
+                  or any(not p.done.is_set() for p in self._pending.values())):
+                return
+            self._room = trio.Event()
+            await self._room.wait()
+
+    def _refuse_waiting(self) -> None:
+        for stream in self._fail_waiters(MessagesNotRead(self._unread, self._unread_bytes)):
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_unwatch, stream)
+
+    async def _next_message(self) -> Event | None:
+        """The oldest unread message, None once the connection is closed."""
+        try:
+            msg, size = await self._msg_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        self._unread -= 1
+        self._unread_bytes -= size
+        self._room.set()
+        return msg
 
     def _dispatch(self, msg: Response | Event) -> None:
         if isinstance(msg, Event) and msg.stream == CONNECTION_STREAM:
@@ -327,15 +412,22 @@ class Client:
         """Wake every waiter with ``exc``; later calls raise it at once."""
         if self._broken is None:
             self._broken = exc
+        self._fail_waiters(exc)
+        self._conn_send.close()
+        self._msg_send.close()
+
+    def _fail_waiters(self, exc: Exception) -> list[int]:
+        """Every call waiting for an answer and every open watch raise
+        ``exc``; returns the watches' stream ids."""
         for pending in self._pending.values():
             if not pending.done.is_set():
                 pending.error = exc
                 pending.done.set()
-        for stream in list(self._streams):
+        streams = list(self._streams)
+        for stream in streams:
             self._streams[stream].error = exc
             self._end_stream(stream)
-        self._conn_send.close()
-        self._msg_send.close()
+        return streams
 
     # --- connection events ---------------------------------------------------------
 
@@ -392,20 +484,17 @@ class Client:
         """The next message sent to a name this connection holds: an Event
         ``message`` whose ``data`` has ``from`` (the sender's registered name
         or None), ``from_node``, ``kind``, ``scope``, ``name``, ``payload``.
-        Raises ConnectionLost when the connection closes."""
-        try:
-            ev: Event = await self._msg_receive.receive()
-            return ev
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise self._broken or ConnectionLost("connection closed") from None
+        Raises ConnectionLost when the connection closes (after the messages
+        that had arrived)."""
+        msg = await self._next_message()
+        if msg is None:
+            raise self._broken or ConnectionLost("connection closed")
+        return msg
 
     async def messages(self) -> AsyncIterator[Event]:
         """Yield messages to this connection's names until it closes."""
-        while True:
-            try:
-                yield await self._msg_receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
+        while (msg := await self._next_message()) is not None:
+            yield msg
 
     async def event(self, name: str, payload: bytes = b"") -> str:
         """Broadcast a user event to every node (watch topic ``events``); the
@@ -593,12 +682,17 @@ class BlockingClient:
     """A small synchronous client on a plain socket, for scripts and the CLI.
 
     Calls are sequential (one request, then its response). ``timeout`` (seconds)
-    bounds each call's wait; watches wait without limit."""
+    bounds each call's wait; watches wait without limit. It reads the socket
+    only inside calls: messages to names read on the way wait for
+    ``receive_message``; past ``max_message_bytes`` of them unread, calls
+    and watches raise :class:`MessagesNotRead` (nothing is dropped)."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
         self._decoder = FrameDecoder(max_frame)
         self.max_frame = max_frame
         self._ids = itertools.count(1)
@@ -606,9 +700,10 @@ class BlockingClient:
         # Connection events (stream 0), the newest DEFAULT_WATCH_BUFFER kept.
         self._conn_events: collections.deque[Event] = collections.deque(
             maxlen=DEFAULT_WATCH_BUFFER)
-        # Messages to names that arrived while waiting for a response (not
-        # dropped: the daemon bounds what it queues for us).
+        # Messages to names that arrived while waiting for a response (never
+        # dropped; max_message_bytes of payload at most, see _check_unread).
         self._messages: collections.deque[Event] = collections.deque()
+        self._message_bytes = 0
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.path)
@@ -633,6 +728,7 @@ class BlockingClient:
         return self.request(op, args)
 
     def request(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        self._check_unread()
         rid = next(self._ids)
         self._send(Request(rid, op, dict(args or {})))
         return self._wait_response(rid, self.timeout).unwrap()
@@ -656,6 +752,7 @@ class BlockingClient:
                         return
                     yield ev
                 self._read_one(None)
+                self._check_unread()
         finally:
             del self._events[rid]
             # Best effort: the connection may be gone already.
@@ -674,6 +771,13 @@ class BlockingClient:
             msg = self._read_one(timeout)
             if isinstance(msg, Response) and msg.id == rid:
                 return msg
+            self._check_unread()
+
+    def _check_unread(self) -> None:
+        """Calls stop reading (and raise) once ``max_message_bytes`` of
+        messages wait to be read; the rest stays in the socket."""
+        if self._message_bytes >= self.max_message_bytes:
+            raise MessagesNotRead(len(self._messages), self._message_bytes)
 
     def _read_one(self, timeout: float | None) -> Response | Event:
         """Read until one frame is complete; events go to their watch's queue."""
@@ -692,6 +796,7 @@ class BlockingClient:
                              else self._events.get(msg.stream))
                     if msg.stream == CONNECTION_STREAM and msg.event == MESSAGE_EVENT:
                         queue = self._messages
+                        self._message_bytes += _payload_size(msg)
                     if queue is not None:
                         queue.append(msg)
                 elif msg.id is None:
@@ -751,14 +856,15 @@ class BlockingClient:
         """The next message to a name this connection holds (see
         :meth:`Client.receive_message`), reading the socket for up to
         ``timeout`` seconds (None: no limit); None if none came."""
-        if self._messages:
-            return self._messages.popleft()
-        try:
-            while not self._messages:
-                self._read_one(timeout)
-        except TimeoutError:
-            return None
-        return self._messages.popleft()
+        if not self._messages:
+            try:
+                while not self._messages:
+                    self._read_one(timeout)
+            except TimeoutError:
+                return None
+        msg = self._messages.popleft()
+        self._message_bytes -= _payload_size(msg)
+        return msg
 
     def event(self, name: str, payload: bytes = b"") -> str:
         result: dict[str, Any] = self.request(Op.EVENT, {"name": name, "payload": payload})
