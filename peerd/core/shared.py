@@ -295,14 +295,18 @@ class Ring:
     """``_ring``: live ids (the node itself included) in id order, as the
     shared sorted ids minus the ones down here plus a SortedList of the ones
     up here. Supports what the watch-link code uses: add, remove, len,
-    index(x) and ring[j] for j near the last index asked."""
+    index(x) and ring[j] for j near the last index asked. The ids down here
+    are a SortedList too: ``index`` counts those below a node by bisection
+    (a node asks after every death it learns, and a burst brings thousands),
+    and 8 bytes per id instead of a set's ~40 keep a 30% crash of 10,000
+    simulated nodes within memory."""
 
     __slots__ = ("_base", "_bset", "_removed", "_added", "_anchor")
 
     def __init__(self, snap: Snapshot, me: NodeId) -> None:
         self._base = snap.sorted_ids
         self._bset = snap.index
-        self._removed: set[NodeId] = set()
+        self._removed: SortedList = SortedList()
         self._added: SortedList = SortedList()
         if me not in snap.index:
             self._added.add(me)
@@ -313,7 +317,8 @@ class Ring:
 
     def add(self, node: NodeId) -> None:
         if node in self._bset:
-            self._removed.discard(node)
+            if node in self._removed:
+                self._removed.remove(node)
         elif node not in self._added:
             self._added.add(node)
         self._anchor = None
@@ -349,8 +354,7 @@ class Ring:
                 node not in self._bset and node not in self._added):
             raise ValueError(node)
         pos = bisect.bisect_left(self._base, node)
-        # removed base ids below node: counted directly (few go down at once)
-        below = sum(1 for r in self._removed if r < node)
+        below = self._removed.bisect_left(node)  # base ids below node that are down
         idx: int = pos - below + int(self._added.bisect_left(node))
         self._anchor = (idx, node)
         return idx
