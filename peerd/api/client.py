@@ -352,9 +352,10 @@ class Client:
     async def _next_message(self) -> Event | None:
         """The oldest unread message, None once the connection is closed."""
         try:
-            msg, size = await self._msg_receive.receive()
+            item: tuple[Event, int] = await self._msg_receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return None
+        msg, size = item
         self._unread -= 1
         self._unread_bytes -= size
         self._room.set()
