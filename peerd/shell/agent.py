@@ -361,7 +361,7 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     mesh_config = MESH_PRESETS.get(settings.preset, MESH_PRESETS["lan"])()
     mesh = Mesh(MeshPeer(node_id, advertise), mesh_config, random.Random(secrets.randbits(64)))
     links = LinkManager(node_id, sealer=sealer, keyring=keyring, inputs=inputs[0],
-                        counters=counters, log=net_log)
+                        counters=counters, log=net_log, limits=settings.links)
     tcp.on_link = links.accept
     node = Node(node_id=node_id, name=settings.name, addr=advertise, config=settings.swim,
                 rng=random.Random(secrets.randbits(64)), incarnation=incarnation,
@@ -374,7 +374,7 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     runner = Runner(node, packets=udp, streams=tcp, logger=logger, inputs=inputs, state=state,
                     keys=key_manager, config=settings.swim, seeds=seeds, counters=counters,
                     lifecycle=lifecycle, traffic=TrafficCounter(counters), mesh=mesh,
-                    links=links)
+                    links=links, send_timeout_s=settings.messages.send_timeout_s)
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
     runner.counter_sources["plumtree"] = mesh.plumtree.counters
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
@@ -390,7 +390,9 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     api_target: Any = sockets.api if sockets.api is not None else str(settings.api_socket)
 
     async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
-        await serve_api(api_target, runner, task_status=_ApiStarted(task_status, runner))
+        await serve_api(api_target, runner, mailbox_messages=settings.messages.mailbox_messages,
+                        mailbox_bytes=settings.messages.mailbox_bytes,
+                        task_status=_ApiStarted(task_status, runner))
 
     services: list[Any] = [tcp.run, links.run, udp_service, api_service]
     metrics_sock = sockets.metrics
@@ -433,7 +435,7 @@ def _member_counts(node: Node) -> dict[str, int]:
 
 # Settings a running daemon cannot take over (sockets are bound, the core is built).
 _RESTART_ONLY = ("name", "bind", "advertise", "join", "api_socket", "state_dir", "preset",
-                 "insecure", "swim", "metrics_addr")
+                 "insecure", "swim", "metrics_addr", "links", "messages")
 
 
 class Reloader:

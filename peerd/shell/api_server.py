@@ -89,7 +89,8 @@ DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_INFLIGHT = 64  # concurrent requests per connection before the reader pauses
 OUTGOING_QUEUE_FRAMES = 256  # frames waiting for the writer, per connection
 # Messages to names waiting for the writer, per connection (the "mailbox"),
-# bounded apart from the outgoing queue: by count and by bytes.
+# bounded apart from the outgoing queue: by count and by bytes (defaults of
+# the [messages] settings mailbox_messages and mailbox_bytes).
 MAILBOX_MESSAGES = 16_384
 MAILBOX_BYTES = 16 * 1024 * 1024
 CLOSE_GRACE_S = 5.0  # time to flush the last frames to a client we are closing
@@ -128,7 +129,8 @@ class Connection:
 
     def __init__(self, conn_id: int, cred: PeerCred | None,
                  outgoing: trio.MemorySendChannel[bytes], max_frame: int,
-                 max_inflight: int) -> None:
+                 max_inflight: int, *, mailbox_messages: int = MAILBOX_MESSAGES,
+                 mailbox_bytes: int = MAILBOX_BYTES) -> None:
         self.id = conn_id
         self.cred = cred
         self._outgoing = outgoing
@@ -142,6 +144,8 @@ class Connection:
         self._closed = False
         self._mailbox: collections.deque[bytes] = collections.deque()
         self._mailbox_bytes = 0
+        self.mailbox_messages = mailbox_messages
+        self.mailbox_bytes = mailbox_bytes
 
     def __repr__(self) -> str:
         who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
@@ -174,15 +178,15 @@ class Connection:
 
     def offer(self, stream: int, event: str, data: Mapping[str, Any]) -> str:
         """Queue an event in the connection's mailbox (messages to names):
-        "ok", "full" (MAILBOX_MESSAGES or MAILBOX_BYTES waiting: the client
-        is not reading) or "closed". The mailbox is written out in order,
+        "ok", "full" (``mailbox_messages`` or ``mailbox_bytes`` waiting: the
+        client is not reading) or "closed". The mailbox is written out in order,
         between the other frames. Raises ValueError if the frame cannot be
         encoded."""
         if self._closed:
             return "closed"
         frame = self._encode_event(stream, event, data)
-        if (len(self._mailbox) >= MAILBOX_MESSAGES
-                or self._mailbox_bytes + len(frame) > MAILBOX_BYTES):
+        if (len(self._mailbox) >= self.mailbox_messages
+                or self._mailbox_bytes + len(frame) > self.mailbox_bytes):
             return "full"
         was_empty = not self._mailbox
         self._mailbox.append(frame)
@@ -315,6 +319,8 @@ async def serve_api(
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    mailbox_messages: int = MAILBOX_MESSAGES,
+    mailbox_bytes: int = MAILBOX_BYTES,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until cancelled.
@@ -332,7 +338,8 @@ async def serve_api(
     (its ``path``, live ``connections`` and ``counters``). Setup problems raise
     :class:`ApiSocketError` before that point.
     """
-    server = ApiServer(backend, max_frame=max_frame, max_connections=max_connections)
+    server = ApiServer(backend, max_frame=max_frame, max_connections=max_connections,
+                       mailbox_messages=mailbox_messages, mailbox_bytes=mailbox_bytes)
     await server.serve(listener, task_status=task_status)
 
 
@@ -341,11 +348,15 @@ class ApiServer:
 
     def __init__(self, backend: Backend, *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_inflight: int = DEFAULT_MAX_INFLIGHT) -> None:
+                 max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 mailbox_messages: int = MAILBOX_MESSAGES,
+                 mailbox_bytes: int = MAILBOX_BYTES) -> None:
         self.backend = backend
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.max_inflight = max_inflight
+        self.mailbox_messages = mailbox_messages
+        self.mailbox_bytes = mailbox_bytes
         self.path: str | None = None
         self.connections: dict[int, Connection] = {}
         self.counters: collections.Counter[str] = collections.Counter()
@@ -394,7 +405,8 @@ class ApiServer:
                 # holds even when many connections arrive at once.
                 send, receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_FRAMES)
                 conn = Connection(next(self._ids), peer_cred(stream), send, self.max_frame,
-                                  self.max_inflight)
+                                  self.max_inflight, mailbox_messages=self.mailbox_messages,
+                                  mailbox_bytes=self.mailbox_bytes)
                 self.connections[conn.id] = conn
                 nursery.start_soon(self._serve_connection, stream, conn, receive)
 

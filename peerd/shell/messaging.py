@@ -39,10 +39,26 @@ from typing import Any
 import trio
 
 from peerd.api.protocol import CONNECTION_STREAM, MESSAGE_EVENT, ApiError, ErrorCode, SendArgs
+from peerd.shell.api_server import MAILBOX_BYTES, MAILBOX_MESSAGES
 from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind
 
 # Link priority of direct messages: with user broadcasts, after the daemon's own.
 DIRECT_PRIORITY = 3
+SEND_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """The ``[messages]`` settings (peerd.shell.settings)."""
+
+    # A send to a remote owner waits this long for its daemon's answer, then
+    # fails "no answer" (delivery unknown). Longer: fewer false failures
+    # over slow links; shorter: a frozen owner's daemon blocks callers less.
+    send_timeout_s: float = SEND_TIMEOUT_S
+    # Per API connection, messages waiting for a client that does not read
+    # (its mailbox); past either bound senders get "mailbox full".
+    mailbox_messages: int = MAILBOX_MESSAGES
+    mailbox_bytes: int = MAILBOX_BYTES
 
 _STATUS_ERROR = {
     NameStatus.NOT_FOUND: (ErrorCode.NOT_FOUND, "the owner of {target} vanished before the "
@@ -80,7 +96,7 @@ class Messenger:
     """Owned by the runner (all methods but :meth:`wait` run in its task)."""
 
     def __init__(self, node: Any, links: Any, conns: dict[int, Any],
-                 counters: collections.Counter[str], *, send_timeout_s: float = 10.0,
+                 counters: collections.Counter[str], *, send_timeout_s: float = SEND_TIMEOUT_S,
                  rng: random.Random | None = None,
                  leaving: Callable[[], bool] = lambda: False) -> None:
         self.node = node

@@ -151,7 +151,7 @@ from peerd.core.mesh.events import (
 )
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
-from peerd.shell.messaging import Messenger, Pending
+from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger, Pending
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
 from peerd.wire.messages import (
@@ -459,6 +459,7 @@ class Runner:
         traffic: TrafficObserver | None = None,
         mesh: MeshLike | None = None,
         links: LinkPort | None = None,
+        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.node = node
         # The partial mesh (HyParView + Plumtree), next to the membership core
@@ -527,7 +528,7 @@ class Runner:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
         # Messages to names ride the same links as the mesh.
         self.messenger = (Messenger(node, links, self._reg_conns, self.counters,
-                                    leaving=lambda: self.leaving)
+                                    send_timeout_s=send_timeout_s, leaving=lambda: self.leaving)
                           if links is not None else None)
 
     # --- the loop ---------------------------------------------------------------

@@ -19,6 +19,14 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     probe_interval_s = 0.5
     suspicion_mult = 5
 
+    [links]                           # peer links (partial mesh, messages to names)
+    idle_s = 60.0
+    max_direct_links = 32
+
+    [messages]                        # messages to names
+    send_timeout_s = 10.0
+    mailbox_messages = 16384
+
 Everything is checked before the daemon starts: an unknown key or a bad
 value is a :class:`SettingsError` naming the key, so a typo cannot silently
 leave a default in place.
@@ -36,8 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
+from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
+from peerd.shell.messaging import MessageLimits
 from peerd.shell.state import default_state_dir
 from peerd.wire.messages import Addr
 
@@ -73,6 +84,8 @@ class Settings:
     swim: SwimConfig
     config_file: Path | None = None
     metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
+    links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
+    messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
 
 
 # --- addresses ----------------------------------------------------------------
@@ -136,9 +149,10 @@ _POSITIVE = {
 }
 
 
-def _swim_value(name: str, value: object, source: str | None) -> object:
-    key = f"swim.{name}"
-    kind = _SWIM_FIELDS[name].type  # a string: annotations are postponed
+def _field_value(key: str, kind: object, value: object, source: str | None,
+                 positive: bool) -> object:
+    """One table entry checked against its dataclass field's type
+    (``kind``: a string, annotations are postponed) and range."""
     if kind == "bool":
         if not isinstance(value, bool):
             raise SettingsError(key, f"expected true or false, got {value!r}", source)
@@ -159,19 +173,26 @@ def _swim_value(name: str, value: object, source: str | None) -> object:
     assert isinstance(value, (int, float))
     if value < 0:
         raise SettingsError(key, f"must not be negative, got {value}", source)
-    if name in _POSITIVE and value == 0:
+    if positive and value == 0:
         raise SettingsError(key, "must be greater than 0", source)
     return value
 
 
-def check_swim_fields(overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
-    """Each ``[swim]`` entry checked on its own (known field, type, range)."""
+def _check_fields(table: str, fields: dict[str, dataclasses.Field[Any]],
+                  positive: set[str] | frozenset[str], overrides: dict[str, Any],
+                  source: str | None) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
-        if name not in _SWIM_FIELDS:
-            raise SettingsError(f"swim.{name}", "unknown setting", source)
-        changes[name] = _swim_value(name, value, source)
+        if name not in fields:
+            raise SettingsError(f"{table}.{name}", "unknown setting", source)
+        changes[name] = _field_value(f"{table}.{name}", fields[name].type, value, source,
+                                     name in positive)
     return changes
+
+
+def check_swim_fields(overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """Each ``[swim]`` entry checked on its own (known field, type, range)."""
+    return _check_fields("swim", _SWIM_FIELDS, _POSITIVE, overrides, source)
 
 
 def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None) -> SwimConfig:
@@ -194,6 +215,49 @@ def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None
     return config
 
 
+# --- [links] and [messages] ------------------------------------------------------
+
+# The fields of LinkLimits an operator may set (timeouts and pool sizes); the
+# rest (frame and queue sizes) are protocol tuning. All must be > 0.
+_LINK_SETTINGS = ("max_links", "max_direct_links", "idle_s", "connect_timeout_s",
+                  "handshake_timeout_s", "write_timeout_s", "drain_timeout_s")
+_TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
+    "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
+    "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
+}
+# A mailbox must hold one message of the largest size, with its envelope.
+MIN_MAILBOX_BYTES = MAX_MESSAGE_BYTES + 4096
+
+
+def check_table_fields(table: str, overrides: dict[str, Any],
+                       source: str | None = None) -> dict[str, Any]:
+    """Each ``[links]`` / ``[messages]`` entry checked on its own."""
+    fields = _TABLE_FIELDS[table]
+    return _check_fields(table, fields, frozenset(fields), overrides, source)
+
+
+def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLimits:
+    """:class:`LinkLimits` with the ``[links]`` entries, checked as a whole.
+    Idle links are looked for at least twice per ``idle_s``."""
+    limits = dataclasses.replace(LinkLimits(), **check_table_fields("links", overrides, source))
+    if limits.max_direct_links > limits.max_links:
+        raise SettingsError("links.max_direct_links",
+                            f"must not exceed max_links ({limits.max_direct_links} > "
+                            f"{limits.max_links})", source)
+    return dataclasses.replace(limits,
+                               reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2))
+
+
+def build_messages(overrides: dict[str, Any], source: str | None = None) -> MessageLimits:
+    """:class:`MessageLimits` with the ``[messages]`` entries."""
+    limits = MessageLimits(**check_table_fields("messages", overrides, source))
+    if limits.mailbox_bytes < MIN_MAILBOX_BYTES:
+        raise SettingsError("messages.mailbox_bytes",
+                            f"must hold one message of the largest size: at least "
+                            f"{MIN_MAILBOX_BYTES}, got {limits.mailbox_bytes}", source)
+    return limits
+
+
 def _choices(names: object) -> str:
     return ", ".join(sorted(names))  # type: ignore[call-overload]
 
@@ -202,7 +266,7 @@ def _choices(names: object) -> str:
 
 _TOP_KEYS = {
     "name", "bind", "advertise", "join", "api_socket", "state_dir", "key_file", "preset",
-    "insecure", "log_level", "swim", "metrics_addr",
+    "insecure", "log_level", "swim", "metrics_addr", "links", "messages",
 }
 
 
@@ -233,6 +297,9 @@ def load_file(path: Path) -> dict[str, Any]:
         # Field by field here; checks across fields wait for the final preset
         # (a --preset flag may replace the file's).
         out["swim"] = check_swim_fields(out["swim"], source)
+    for table in ("links", "messages"):
+        if table in out:
+            out[table] = check_table_fields(table, out[table], source)
     return out
 
 
@@ -275,9 +342,9 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                 if text not in LEVEL_NAMES:
                     raise ValueError(f"unknown level {text!r} (one of {_choices(LEVEL_NAMES)})")
                 return text
-            case "swim":
+            case "swim" | "links" | "messages":
                 if not isinstance(value, dict):
-                    raise SettingsError(key, "expected a table ([swim])", source)
+                    raise SettingsError(key, f"expected a table ([{key}])", source)
                 return dict(value)
     except ValueError as e:
         raise SettingsError(key, str(e), source) from None
@@ -363,7 +430,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         values.update(load_file(config_file))
     values.update(cli_values(args))
     preset = values.get("preset", DEFAULT_PRESET)
-    swim = build_swim(preset, values.get("swim", {}), str(config_file) if config_file else None)
+    source = str(config_file) if config_file else None
+    swim = build_swim(preset, values.get("swim", {}), source)
     return Settings(
         name=values.get("name") or _check_name(socket.gethostname() or "peerd"),
         bind=values.get("bind", DEFAULT_BIND),
@@ -378,6 +446,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         swim=swim,
         config_file=config_file,
         metrics_addr=values.get("metrics_addr"),
+        links=build_links(values.get("links", {}), source),
+        messages=build_messages(values.get("messages", {}), source),
     )
 
 

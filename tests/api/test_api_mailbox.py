@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
 from peerd.api.protocol import FrameDecoder, parse_server_frame
-from peerd.shell import api_server
 from peerd.shell.api_server import Connection, _write_loop
 
 
-def conn(queue: int = 4) -> tuple[Connection, trio.MemoryReceiveChannel[bytes]]:
+def conn(queue: int = 4, **limits: int) -> tuple[Connection, trio.MemoryReceiveChannel[bytes]]:
     send, receive = trio.open_memory_channel[bytes](queue)
-    return Connection(1, None, send, 1 << 20, 8), receive
+    return Connection(1, None, send, 1 << 20, 8, **limits), receive
 
 
-async def test_mailbox_bounds_and_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api_server, "MAILBOX_MESSAGES", 5)
-    c, receive = conn()
+async def test_mailbox_bounds_and_order() -> None:
+    c, receive = conn(mailbox_messages=5)
     assert [c.offer(0, "message", {"i": i}) for i in range(6)] == ["ok"] * 5 + ["full"]
-    monkeypatch.setattr(api_server, "MAILBOX_MESSAGES", 100)
-    monkeypatch.setattr(api_server, "MAILBOX_BYTES", c._mailbox_bytes + 10)
+    c.mailbox_messages, c.mailbox_bytes = 100, c._mailbox_bytes + 10
     assert c.offer(0, "message", {"i": 99, "pad": "x" * 20}) == "full"  # by bytes
     # The writer drains the mailbox in order, even with its queue full of
     # other frames (responses interleave; messages keep their order).

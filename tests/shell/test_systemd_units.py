@@ -19,7 +19,16 @@ import pytest
 
 from peerd.core.config import SwimConfig
 from peerd.shell.agent import EXIT_CONFIG
-from peerd.shell.settings import _TOP_KEYS, build_swim, load_file
+from peerd.shell.links import LinkLimits
+from peerd.shell.messaging import MessageLimits
+from peerd.shell.settings import (
+    _LINK_SETTINGS,
+    _TOP_KEYS,
+    build_links,
+    build_messages,
+    build_swim,
+    load_file,
+)
 from peerd.shell.systemd import API_FD_NAME
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
@@ -143,7 +152,7 @@ def test_socket_unit_matches_the_service_and_the_client_default() -> None:
 def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Path) -> None:
     text = (UNITS / "peerd.toml").read_text()
     # Options are "#key = value" (no space after '#'); prose is "# text".
-    enabled = re.sub(r"^#(?=\w+ = |\[swim\])", "", text, flags=re.M)
+    enabled = re.sub(r"^#(?=\w+ = |\[(swim|links|messages)\])", "", text, flags=re.M)
     path = tmp_path / "peerd.toml"
     path.write_text(enabled)
     values = load_file(path)  # raises SettingsError naming a bad key
@@ -153,5 +162,10 @@ def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Pa
     build_swim(values["preset"], values["swim"], str(path))
     lan = SwimConfig()
     assert {k: getattr(lan, k) for k in swim_fields} == values["swim"]  # "the lan preset's"
+    # [links] and [messages]: every setting, with its default.
+    assert build_links(values["links"], str(path)) == LinkLimits()
+    assert set(values["links"]) == set(_LINK_SETTINGS)
+    assert build_messages(values["messages"], str(path)) == MessageLimits()
+    assert set(values["messages"]) == set(MessageLimits.__dataclass_fields__)
     # As shipped, every option is commented out: the file is valid and empty.
     assert load_file(UNITS / "peerd.toml") == {}
