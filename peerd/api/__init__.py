@@ -34,11 +34,12 @@ if TYPE_CHECKING:
         Client,
         ConnectionLost,
         DaemonUnavailable,
+        MessagesNotRead,
         default_socket_path,
     )
 
 _CLIENT_NAMES = {"BlockingClient", "Client", "ConnectionLost", "DaemonUnavailable",
-                 "default_socket_path"}
+                 "MessagesNotRead", "default_socket_path"}
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -51,6 +52,7 @@ __all__ = [
     "Event",
     "FrameDecoder",
     "FrameError",
+    "MessagesNotRead",
     "Op",
     "Request",
     "Response",
