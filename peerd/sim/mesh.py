@@ -26,6 +26,7 @@ many payload copies arrived, and the hops (``round``) it took.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import statistics
@@ -131,6 +132,9 @@ class MeshWorld:
         self._ref = 0
         self.counts = dict.fromkeys(("msgs", "bytes", "dropped_no_link", "link_failures",
                                      "connects", "refused", "cast_refused"), 0)
+        # Plumtree counters of the processes that stopped (the running ones
+        # are added in the summary)
+        self.tree_counters: collections.Counter[str] = collections.Counter()
 
     # --- processes ----------------------------------------------------------------
 
@@ -164,6 +168,8 @@ class MeshWorld:
     def stop(self, proc: Proc, reset: bool) -> None:
         """The process is gone. ``reset``: its host is up and resets every
         link at once (the peers hear); else the links hang open."""
+        if proc.mesh is not None:
+            self.tree_counters.update(proc.mesh.plumtree.counters)
         me = proc.host.index
         for a, b in list(self.links_of[me]):
             g = self.links[(a, b)]
@@ -432,10 +438,23 @@ class MeshWorld:
             # broadcast -> delivered at a node, and -> the last node reached
             "delivery_s": stats3([d for r in recs for d in r.delays]),
             "all_reached_s": stats3([r.last_s for r in recs if r.reached == r.eligible]),
+            # every process's Plumtree: repair grafts (a node the tree missed
+            # waited for one), tree moves (section 3.8) and those dropped
+            "tree": self._tree_summary(),
             "msgs_per_node_s": round(self.counts["msgs"] / ns, 3),
             "bytes_per_node_s": round(self.counts["bytes"] / ns, 1),
             **{k: v for k, v in self.counts.items() if k not in ("msgs", "bytes")},
         }
+
+    def _tree_summary(self) -> dict[str, int]:
+        c = collections.Counter(self.tree_counters)
+        for h in self.w.hosts:
+            if h.cur is not None and getattr(h.cur, "mesh", None) is not None:
+                c.update(h.cur.mesh.plumtree.counters)
+        return {"grafts": c["grafts_out"], "moves": c["optimizations"],
+                "moves_dropped": sum(c[f"optimizations_{why}"]
+                                     for why in ("overtaken", "crossed", "lost", "moot")),
+                "regrafts": c["regrafts"]}
 
     def records_after(self, t: float) -> list[BroadcastRecord]:
         return [r for r in self.broadcasts if r.at >= t]

@@ -13,13 +13,14 @@ interleavings vary with the seed; time is virtual.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.core.mesh.config import MeshConfig
+from peerd.core.mesh.config import MeshConfig, PlumtreeConfig
 from peerd.core.mesh.events import (
     Broadcast,
     BroadcastResult,
@@ -33,13 +34,14 @@ from peerd.core.mesh.events import (
     MeshTimer,
     MeshTimerFired,
     MessageIn,
+    NeighborUp,
     Send,
     SetMeshTimer,
 )
 from peerd.core.mesh.hyparview import HyParView
 from peerd.core.mesh.mesh import Mesh
 from peerd.wire import codec
-from peerd.wire.messages import Channel, Gossip, MeshPeer, NodeId
+from peerd.wire.messages import Channel, Gossip, GossipControl, MeshPeer, NodeId, TreeLink
 
 Core = Mesh | HyParView
 
@@ -67,8 +69,15 @@ def _pair(a: NodeId, b: NodeId) -> tuple[NodeId, NodeId]:
 class World:
     def __init__(self, seed: int, config: MeshConfig | None = None, *,
                  latency: tuple[float, float] = (0.001, 0.010),
-                 hyparview_only: bool = False, check_codec: bool = True) -> None:
+                 hyparview_only: bool = False, check_codec: bool = True,
+                 stalls: tuple[float, float, float] | None = None) -> None:
+        """``stalls``: (per second, shortest, longest): each node pauses now
+        and then, as on a loaded host; what arrives for it and its timers
+        wait until it runs again."""
         self.rng = random.Random(seed)
+        self.stalls = stalls
+        self._stall_rng = random.Random(f"stalls:{seed}")
+        self._paused: dict[NodeId, list[tuple[float, float]]] = {}
         self.config = config or MeshConfig()
         self.latency = latency
         self.hyparview_only = hyparview_only
@@ -170,11 +179,25 @@ class World:
     def _delay(self) -> float:
         return self.rng.uniform(*self.latency)
 
+    def _resume_at(self, node: NodeId, t: float) -> float:
+        """When ``node`` runs again if something is due for it at ``t``."""
+        if self.stalls is None:
+            return t
+        rate, shortest, longest = self.stalls
+        pauses = self._paused.setdefault(node, [])
+        while not pauses or pauses[-1][0] <= t:
+            start = (pauses[-1][1] if pauses else 0.0) + self._stall_rng.expovariate(rate)
+            pauses.append((start, start + self._stall_rng.uniform(shortest, longest)))
+        for start, end in reversed(pauses):
+            if start <= t:
+                return max(t, end)
+        return t
+
     def _link_event(self, src: NodeId, dst: NodeId, g: _Gen, msg: Any) -> None:
         """Queue a message (or, with msg None, the end of the link) src -> dst,
         in order after everything src sent dst before."""
         key = (src, dst)
-        when = max(self.now + self._delay(), self._chan_at.get(key, 0.0))
+        when = self._resume_at(dst, max(self.now + self._delay(), self._chan_at.get(key, 0.0)))
         self._chan_at[key] = when
         self.in_flight += 1
 
@@ -235,7 +258,7 @@ class World:
                     g.dropped.add((other, node))
                     self._link_event(node, other, g, None)
             case SetMeshTimer(at, timer):
-                self._at(at, lambda: self._fire(node, timer), timer=True)
+                self._at(self._resume_at(node, at), lambda: self._fire(node, timer), timer=True)
             case Deliver(msg_id, _origin, _channel, _payload, rnd, _src):
                 assert node not in self.deliveries[msg_id], "delivered twice"
                 self.deliveries[msg_id][node] = rnd
@@ -284,3 +307,85 @@ def _short(o: object) -> str:
     text = re.sub(r"b'(?:\\x00){15}(.)'", lambda m: f"n{ord(m.group(1))}", text)
     text = re.sub(r"MeshPeer\(node=(n\d+), addr=\([^)]*\)\)", r"\1", text)
     return text
+
+
+class TreeNet:
+    """Plumtree cores on a fixed overlay, for scenarios that need exact timing.
+
+    No HyParView: the links are given (``links``: node pairs, each way
+    ``default_latency`` unless ``latency[(a, b)]`` says how long a -> b takes),
+    every node starts with all its links eager, and :meth:`lazy` makes a link
+    lazy at both ends, as a PRUNE each way would. Messages keep their order
+    per direction and go through the codec; time is virtual. ``delivered[id]``
+    maps each node to when it delivered that broadcast.
+    """
+
+    def __init__(self, links: list[tuple[int, int]], config: PlumtreeConfig | None = None,
+                 latency: dict[tuple[int, int], float] | None = None,
+                 default_latency: float = 0.001) -> None:
+        from peerd.core.mesh.plumtree import Plumtree
+
+        self.config = config or PlumtreeConfig()
+        self.latency = dict(latency or {})
+        self.default_latency = default_latency
+        self.now = 0.0
+        self.nodes: dict[int, Plumtree] = {}
+        self.delivered: dict[bytes, dict[int, float]] = collections.defaultdict(dict)
+        self._heap: list[tuple[float, int, Callable[[], object]]] = []
+        self._seq = 0
+        self._chan_at: dict[tuple[int, int], float] = {}
+        for a, b in links:
+            for i in (a, b):
+                if i not in self.nodes:
+                    self.nodes[i] = Plumtree(nid(i), self.config, random.Random(i))
+        for a, b in links:
+            self.feed(a, NeighborUp(peer(b)))
+            self.feed(b, NeighborUp(peer(a)))
+
+    def lazy(self, a: int, b: int) -> None:
+        prune = GossipControl((), (), TreeLink.LAZY)
+        self.feed(a, MessageIn(nid(b), prune))
+        self.feed(b, MessageIn(nid(a), prune))
+
+    def eager(self, i: int) -> list[int]:
+        return sorted(int.from_bytes(n, "big") for n in self.nodes[i].eager_peers())
+
+    def counter(self, key: str) -> int:
+        return sum(core.counters[key] for core in self.nodes.values())
+
+    def broadcast(self, i: int, payload: bytes = b"x") -> bytes:
+        outs = self.feed(i, Broadcast(0, Channel.USER, payload))
+        result = next(o for o in outs if isinstance(o, BroadcastResult))
+        assert result.id is not None
+        self.delivered[result.id][i] = self.now
+        return result.id
+
+    def feed(self, i: int, inp: MeshInput) -> list[MeshOutput]:
+        outs = self.nodes[i].handle(self.now, inp)
+        for o in outs:
+            match o:
+                case Send(dst, msg):
+                    self._send(i, int.from_bytes(dst, "big"), msg)
+                case SetMeshTimer(at, timer):
+                    self._at(at, functools.partial(self.feed, i, MeshTimerFired(timer)))
+                case Deliver(msg_id):
+                    self.delivered[msg_id].setdefault(i, self.now)
+        return outs
+
+    def _send(self, a: int, b: int, msg: Any) -> None:
+        msg = codec.decode(codec.encode(msg))
+        when = max(self.now + self.latency.get((a, b), self.default_latency),
+                   self._chan_at.get((a, b), 0.0))
+        self._chan_at[(a, b)] = when
+        self._at(when, functools.partial(self.feed, b, MessageIn(nid(a), msg)))
+
+    def _at(self, when: float, fn: Callable[[], object]) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, fn))
+
+    def run_until(self, t: float) -> None:
+        while self._heap and self._heap[0][0] <= t:
+            when, _seq, fn = heapq.heappop(self._heap)
+            self.now = max(self.now, when)
+            fn()
+        self.now = max(self.now, t)

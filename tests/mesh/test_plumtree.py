@@ -18,6 +18,7 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
     channel_priority,
 )
+from peerd.core.mesh.plumtree import first_graft_timeout
 from peerd.wire.messages import (
     Channel,
     Gossip,
@@ -46,6 +47,11 @@ def prune() -> GossipControl:
 
 def graft(*want: bytes) -> GossipControl:
     return GossipControl((), want, TreeLink.EAGER)
+
+
+def ack() -> GossipControl:
+    """The answer to a GRAFT without wants."""
+    return GossipControl((), (), TreeLink.KEEP)
 
 
 def ihave(*items: tuple[bytes, int]) -> GossipControl:
@@ -157,10 +163,14 @@ def test_duplicate_from_an_eager_peer_prunes_it() -> None:
     assert r.counter("duplicates") == 1
 
 
-def test_duplicate_from_a_lazy_peer_changes_nothing() -> None:
+def test_duplicate_from_a_lazy_peer_is_pruned_again() -> None:
+    # It still pushes to us, so its end missed the PRUNE (a GRAFT crossed it).
     r = pt_rig(eager=(2,), lazy=(3,))
     r.recv(2, gossip(3))
-    assert r.recv(3, gossip(4)) == []
+    # (The PRUNE carries the announcement queued for 3.)
+    assert r.recv(3, gossip(4)) == [
+        Send(nid(3), GossipControl((IHave(M1, 4),), (), TreeLink.LAZY), 0)]
+    assert lazy_of(r) == [nid(3)]
 
 
 def test_prune_piggybacks_queued_announcements() -> None:
@@ -174,10 +184,47 @@ def test_prune_piggybacks_queued_announcements() -> None:
     assert r.fire(MeshTimerKind.IHAVE_FLUSH) == [Send(nid(4), ihave((M1, 4), (M2, 2)), 0)]
 
 
-def test_gossip_from_a_lazy_peer_makes_it_eager() -> None:
+def test_first_copy_from_a_lazy_peer_grafts_it_back() -> None:
+    # Its push crossed our PRUNE: we depend on it for this broadcast, and it
+    # is about to stop pushing to us. Both ends are made to agree on eager.
     r = pt_rig(eager=(2,), lazy=(3,))
-    r.recv(3, gossip(3))
+    assert notimers(r.recv(3, gossip(3))) == [
+        Deliver(M1, ORIGIN, Channel.USER, b"data", 3, nid(3)),
+        Send(nid(3), GossipControl((), (), TreeLink.EAGER), 0),
+        Send(nid(2), gossip(4), USER)]
     assert r.core.eager_peers() == [nid(2), nid(3)]
+    assert r.counter("regrafts") == 1
+
+
+def test_a_graft_without_wants_is_acknowledged_with_an_empty_control() -> None:
+    r = pt_rig(eager=(2,), lazy=(3,))
+    assert r.recv(3, GossipControl((), (), TreeLink.EAGER)) == [Send(nid(3), ack(), 0)]
+    assert r.core.eager_peers() == [nid(2), nid(3)]
+    # A graft with wants is answered by the payloads (or nothing) instead.
+    r.recv(2, gossip(3))
+    assert r.recv(2, graft(M1)) == [Send(nid(2), gossip(4), USER)]
+
+
+def test_a_prune_sent_before_our_graft_landed_is_ignored() -> None:
+    r = pt_rig(eager=(2,), lazy=(3,))
+    r.recv(3, gossip(3), now=1.0)  # grafts 3 back
+    assert r.recv(3, prune(), now=1.01) == []
+    assert r.core.eager_peers() == [nid(2), nid(3)]
+    assert r.counter("prunes_in_crossed") == 1
+    # After its acknowledgement, a PRUNE is a PRUNE again.
+    assert r.recv(3, ack(), now=1.02) == []
+    assert r.recv(3, prune(), now=1.03) == []
+    assert r.core.eager_peers() == [nid(2)]
+
+
+def test_an_acknowledgement_not_back_within_the_graft_timeout_is_not_awaited() -> None:
+    # (a peer of an earlier version sends none)
+    r = pt_rig(eager=(2,), lazy=(3,))
+    r.recv(3, gossip(3), now=1.0)
+    r.recv(3, prune(), now=1.26)
+    assert r.core.eager_peers() == [nid(2)]
+    assert notimers(r.recv(3, ack(), now=1.3)) == []
+    assert r.counter("drop.unexpected_ack") == 1
 
 
 def test_gossip_from_a_non_neighbour_is_delivered_but_not_linked() -> None:
@@ -199,7 +246,7 @@ def test_relayed_gossip_over_the_channel_limit_is_dropped() -> None:
 
 
 def test_missing_announcement_is_grafted_after_the_timeout() -> None:
-    r = pt_rig(eager=(2,), lazy=(3, 4))
+    r = pt_rig(pt_cfg(graft_lag_window=0), eager=(2,), lazy=(3, 4))
     assert notimers(r.recv(3, ihave((M1, 2)), now=1.0)) == []
     t = r.timer(MeshTimerKind.GRAFT)
     assert t.at == 1.25
@@ -224,6 +271,52 @@ def test_payload_arriving_in_time_cancels_the_graft() -> None:
     r.recv(2, gossip(3), now=1.1)
     assert r.fire(MeshTimerKind.GRAFT) == []
     assert r.core.missing_ids() == []
+
+
+@pytest.mark.parametrize(("lags", "changes", "timeout"), [
+    ([], {}, 0.05),  # nothing measured yet: the floor
+    ([0.0, 0.0, 0.0], {}, 0.05),  # the tree always first
+    ([0.0, 0.03125, 0.0], {}, 0.0625),  # twice the largest lag
+    ([0.2], {}, 0.25),  # never above graft_timeout_s
+    ([0.0], {"graft_lag_window": 0}, 0.25),  # measurement off: fixed
+    ([0.0], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.2),  # wan
+    ([0.25], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.5),
+])
+def test_first_graft_timeout(lags: list[float], changes: dict[str, float],
+                             timeout: float) -> None:
+    assert first_graft_timeout(lags, pt_cfg(**changes)) == timeout
+
+
+def test_graft_timeout_follows_the_lag_of_the_tree_behind_announcements() -> None:
+    r = pt_rig(pt_cfg(graft_lag_window=2), eager=(2,), lazy=(3,))
+    # The tree first, then the announcement: a lag of 0.
+    r.recv(2, gossip(3, M1), now=1.0)
+    r.recv(3, ihave((M1, 2)), now=1.04)
+    # An announcement first: the timer is the floor.
+    r.recv(3, ihave((M2, 2)), now=2.0)
+    assert r.timer(MeshTimerKind.GRAFT).at == 2.05
+    # The tree's copy 31.25 ms later: the next timeout is twice that.
+    r.recv(2, gossip(3, M2), now=2.03125)
+    assert r.core.graft_timeout() == 0.0625
+    m3, m4 = bytes(15) + b"\x03", bytes(15) + b"\x04"
+    r.recv(3, ihave((m3, 2)), now=3.0)
+    assert r.timer(MeshTimerKind.GRAFT).at == 3.0625
+    # Two broadcasts later (the window) it is forgotten.
+    r.recv(2, gossip(3, m3), now=3.01)
+    r.recv(2, gossip(3, m4), now=4.0)
+    r.recv(3, ihave((m4, 2)), now=4.01)
+    assert r.core.graft_timeout() == 0.05
+
+
+def test_a_needless_graft_raises_the_graft_timeout() -> None:
+    r = pt_rig(eager=(2,), lazy=(3,))
+    r.recv(3, ihave((M1, 2)), now=1.0)
+    assert notimers(r.fire(MeshTimerKind.GRAFT)) == [Send(nid(3), graft(M1), 0)]
+    r.recv(3, gossip(3), now=1.0625)  # the graft's answer: says nothing of the tree
+    assert r.core.graft_timeout() == 0.05
+    # The tree's copy was only late: 0.125 s behind the announcement.
+    assert r.recv(2, gossip(4), now=1.125) == [Send(nid(2), prune(), 0)]
+    assert r.core.graft_timeout() == 0.25
 
 
 def test_announcement_of_a_known_id_is_ignored() -> None:
@@ -264,18 +357,91 @@ def test_control_from_a_non_neighbour_is_dropped() -> None:
     assert r.counter("drop.control_from_non_neighbor") == 1
 
 
-def test_tree_optimisation_swaps_in_a_much_shorter_path() -> None:
+def test_tree_optimisation_swaps_in_a_much_shorter_path_once_acknowledged() -> None:
     r = pt_rig(pt_cfg(optimize_hops=3), eager=(2,), lazy=(3, 4))
     r.recv(2, gossip(9))
-    # 3 hops shorter through 4: 4 becomes eager, 2 lazy. (The graft carries
-    # what was queued for 4, as every control message does.)
+    # 3 hops shorter through 4: 4 is grafted. (The graft carries what was
+    # queued for 4, as every control message does.) 2 stays eager for now.
     outs = notimers(r.recv(4, ihave((M1, 6))))
-    assert outs == [Send(nid(4), GossipControl((IHave(M1, 10),), (), TreeLink.EAGER), 0),
-                    Send(nid(2), prune(), 0)]
+    assert outs == [Send(nid(4), GossipControl((IHave(M1, 10),), (), TreeLink.EAGER), 0)]
+    assert r.core.eager_peers() == [nid(2), nid(4)]
+    # 4 applied it: now 2 is pruned.
+    assert r.recv(4, ack()) == [Send(nid(2), prune(), 0)]
     assert r.core.eager_peers() == [nid(4)]
+    assert r.counter("optimizations") == 1
     # 2 hops shorter: not worth it.
-    r.recv(4, gossip(9, M2))
-    assert notimers(r.recv(3, ihave((M2, 7)))) == []
+    r.recv(4, gossip(9, M2), now=2.0)
+    assert notimers(r.recv(3, ihave((M2, 7)), now=2.0)) == []
+
+
+def test_tree_optimisation_when_the_announcement_came_before_the_payload() -> None:
+    r = pt_rig(eager=(2,), lazy=(3, 4))
+    r.recv(3, ihave((M1, 2)), now=1.0)
+    # The tree's copy comes 7 hops longer: after forwarding it (not to 3,
+    # which has it), 3 is grafted.
+    assert notimers(r.recv(2, gossip(9), now=1.03125)) == [
+        Deliver(M1, ORIGIN, Channel.USER, b"data", 9, nid(2)),
+        Send(nid(3), GossipControl((IHave(M1, 10),), (), TreeLink.EAGER), 0)]
+    assert r.recv(3, ack()) == [Send(nid(2), prune(), 0)]
+    assert r.core.eager_peers() == [nid(3)]
+
+
+def test_tree_optimisation_reads_only_the_latest_broadcast() -> None:
+    # An older broadcast's rounds describe a tree that may have moved since.
+    r = pt_rig(eager=(2,), lazy=(3,))
+    r.recv(2, gossip(9, M1))
+    r.recv(2, gossip(9, M2))
+    assert notimers(r.recv(3, ihave((M1, 1)))) == []
+    assert r.counter("optimizations") == 0
+
+
+def test_a_broadcast_passing_first_drops_the_prune() -> None:
+    # Its duplicate cuts the loop the graft made, wherever its copies meet;
+    # pruning the old parent as well could cut the tree in two.
+    r = pt_rig(eager=(2,), lazy=(3, 4))
+    r.recv(2, gossip(9, M1))
+    r.recv(4, ihave((M1, 2)))
+    r.recv(2, gossip(9, M2))
+    assert notimers(r.recv(4, ack())) == []
+    assert r.core.eager_peers() == [nid(2), nid(4)]
+    assert r.counter("optimizations_overtaken") == 1
+
+
+def test_crossed_tree_grafts_prune_nothing() -> None:
+    # 4 grafted us while we grafted it: each would prune a parent for the one
+    # link both added.
+    r = pt_rig(eager=(2,), lazy=(3, 4))
+    r.recv(2, gossip(9, M1))
+    r.recv(4, ihave((M1, 2)))
+    assert r.recv(4, GossipControl((), (), TreeLink.EAGER)) == [Send(nid(4), ack(), 0)]
+    assert notimers(r.recv(4, ack())) == []
+    assert r.core.eager_peers() == [nid(2), nid(4)]
+    assert r.counter("optimizations_crossed") == 1
+
+
+def test_losing_either_end_drops_a_tree_move() -> None:
+    r = pt_rig(eager=(2, 5), lazy=(3, 4))
+    r.recv(2, gossip(9, M1))
+    r.recv(4, ihave((M1, 2)))
+    r.handle(NeighborDown(peer(2)))
+    assert r.counter("optimizations_lost") == 1
+    assert notimers(r.recv(4, ack())) == []
+    assert r.core.eager_peers() == [nid(5), nid(4)]
+
+
+def test_at_most_one_tree_optimisation_per_interval() -> None:
+    r = pt_rig(pt_cfg(optimize_interval_s=1.0), eager=(2,), lazy=(3, 4, 5))
+    r.recv(2, gossip(9, M1), now=0.0)
+    r.recv(4, ihave((M1, 2)), now=0.0)
+    r.recv(4, ack(), now=0.01)
+    r.recv(4, gossip(9, M2), now=0.5)
+    assert notimers(r.recv(3, ihave((M2, 2)), now=0.5)) == []
+    m3 = bytes(16)
+    r.recv(4, gossip(9, m3), now=1.0)
+    outs = notimers(r.recv(3, ihave((m3, 2)), now=1.0))
+    assert [(o.dst, o.msg.link) for o in outs if isinstance(o.msg, GossipControl)] == [
+        (nid(3), TreeLink.EAGER)]
+    assert r.counter("optimizations") == 2
 
 
 def test_tree_optimisation_can_be_disabled() -> None:

@@ -75,13 +75,31 @@ class PlumtreeConfig:
     # An announced broadcast that has not arrived this long after its first
     # IHAVE is grafted from the announcer. Must exceed the usual extra delay of
     # the eager path over the lazy one, or healthy trees get redundant links.
+    # With ``graft_lag_window`` this is the ceiling of the measured timeout.
     graft_timeout_s: float = 0.25
+    # The first graft timeout is measured (plumtree.first_graft_timeout): twice
+    # the largest delay, over the last ``graft_lag_window`` broadcasts this
+    # node was announced, from the first IHAVE to the copy the tree brought
+    # (0 when the copy came first), between this floor and graft_timeout_s.
+    # It is the time a node cut off from the tree waits before it asks; the
+    # floor keeps jitter beyond what was seen from causing needless grafts
+    # (each costs a copy and moves a tree link). The floor while nothing is
+    # measured yet; a window of 0 disables the measurement (graft_timeout_s).
+    graft_timeout_min_s: float = 0.05
+    graft_lag_window: int = 32
     # After a graft, wait this long before grafting from the next announcer.
     graft_retry_s: float = 0.125
-    # Tree optimisation (Plumtree section 3.8): when an announcement shows a
-    # path at least this many hops shorter than the one a broadcast came by,
-    # the announcer becomes eager and the old parent lazy. 0 disables.
+    # Tree optimisation (Plumtree section 3.8): when an IHAVE for the latest
+    # broadcast shows a path at least this many hops shorter than the one it
+    # came by, the announcer is grafted and, once it acknowledged, the old
+    # parent pruned. Keeps hops low in large clusters. 0 disables.
     optimize_hops: int = 3
+    # At most one optimisation per node per this interval. With broadcasts
+    # from rotating origins each pulls the one shared tree toward itself:
+    # undamped, 3 to 5 moves per broadcast over 30 nodes, 3 control messages
+    # each. (A move is safe either way; this bounds their traffic.) Longer
+    # leaves longer paths in large clusters.
+    optimize_interval_s: float = 1.0
     # Broadcast ids remembered to drop duplicates: by age and by count. An id
     # forgotten while copies still circulate is delivered twice.
     seen_ttl_s: float = 120.0
@@ -121,7 +139,8 @@ def wan() -> MeshConfig:
     return MeshConfig(
         HyParViewConfig(shuffle_interval_s=30.0, neighbor_timeout_s=10.0,
                         reject_cooldown_s=30.0),
-        PlumtreeConfig(ihave_interval_s=0.2, graft_timeout_s=1.0, graft_retry_s=0.5),
+        PlumtreeConfig(ihave_interval_s=0.2, graft_timeout_s=1.0, graft_timeout_min_s=0.2,
+                       graft_retry_s=0.5),
     )
 
 
@@ -129,7 +148,8 @@ def local() -> MeshConfig:
     """One machine (loopback)."""
     return MeshConfig(
         HyParViewConfig(shuffle_interval_s=5.0, neighbor_timeout_s=1.0, reject_cooldown_s=5.0),
-        PlumtreeConfig(ihave_interval_s=0.02, graft_timeout_s=0.1, graft_retry_s=0.05),
+        PlumtreeConfig(ihave_interval_s=0.02, graft_timeout_s=0.1, graft_timeout_min_s=0.02,
+                       graft_retry_s=0.05),
     )
 
 

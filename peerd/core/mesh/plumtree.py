@@ -11,14 +11,31 @@ Theory of operation:
   duplicate means its link is redundant, so its sender is made lazy and
   told (PRUNE). After the first broadcasts a tree remains and each node
   receives each payload about once.
-* **Grafting** (section 3.6). An IHAVE for an id not received starts a timer
-  (``graft_timeout_s``). If the payload still has not come when it fires, the
-  tree is broken upstream: the node asks the first announcer for it (GRAFT),
-  which also makes that link eager, so the tree repairs itself where it
-  broke. Further announcers are tried every ``graft_retry_s``.
-* **Optimisation** (section 3.8). An IHAVE showing a path at least
-  ``optimize_hops`` shorter than the one a broadcast came by makes the
-  announcer eager and the old parent lazy, so the tree keeps short paths.
+* **Grafting** (section 3.6). An IHAVE for an id not received starts a timer.
+  If the payload still has not come when it fires, the tree is broken
+  upstream: the node asks the first announcer for it (GRAFT), which also
+  makes that link eager, so the tree repairs itself where it broke. Further
+  announcers are tried every ``graft_retry_s``. The first timeout is
+  measured, not fixed (:func:`first_graft_timeout`): twice the largest recent
+  delay from an IHAVE to the tree's copy, between ``graft_timeout_min_s`` and
+  ``graft_timeout_s`` (iroh-gossip waits a fixed 80 ms; the paper leaves it
+  to the deployment).
+* **Optimisation** (section 3.8). An IHAVE of the latest broadcast showing a
+  path at least ``optimize_hops`` shorter than the one it came by makes the
+  announcer eager and, once it acknowledged that (an empty control message
+  answers every GRAFT without wants), the old parent lazy, so the tree keeps
+  short paths. At most one per ``optimize_interval_s``; see
+  :meth:`Plumtree._optimize` for why each step is there. Done the paper's way
+  (graft and prune at once, on any IHAVE), broadcasts from rotating origins
+  kept moving links of the one shared tree, and a broadcast passing during a
+  move could find a node with no eager link left and wait for a graft.
+* **Crossed messages.** A PRUNE and a push, or a PRUNE and a GRAFT, can
+  cross on a link and leave its ends disagreeing (one pushes, the other not),
+  which can cut a node off the tree. So a first copy from a neighbour we
+  made lazy (its push crossed our PRUNE) grafts it back, since this
+  broadcast's duplicate may be pruning the path we kept; a PRUNE sent before
+  our GRAFT landed (not acknowledged yet) is ignored; a duplicate from a lazy
+  neighbour is answered with a PRUNE again.
 * **Neighbours** come and go with HyParView's NeighborUp/NeighborDown; a lost
   link is repaired by the grafts it causes.
 * **Channels.** Every broadcast carries a channel (membership, registry,
@@ -37,8 +54,8 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 from peerd.core.events import Log, LogLevel
 from peerd.core.mesh.config import PlumtreeConfig
@@ -62,12 +79,44 @@ from peerd.core.mesh.events import (
 from peerd.wire.codec import MAX_GOSSIP_PAYLOAD_BYTES, MAX_IHAVE, MAX_U64, MAX_WANT
 from peerd.wire.messages import Channel, Gossip, GossipControl, IHave, NodeId, TreeLink
 
+# The first graft timeout is this many times the largest recent lag: the
+# eager path's delay varies from broadcast to broadcast (other origins, a busy
+# neighbour), and a needless graft costs a copy and moves a tree link.
+LAG_MARGIN = 2.0
+
+
+def first_graft_timeout(lags: Sequence[float], config: PlumtreeConfig) -> float:
+    """How long to wait, after the first IHAVE of a broadcast not received,
+    before grafting it: ``LAG_MARGIN`` times the largest of the recent
+    ``lags`` (first IHAVE to the copy the tree brought, 0 when the copy came
+    first), within [graft_timeout_min_s, graft_timeout_s]; the floor while
+    no lag is known; graft_timeout_s with a ``graft_lag_window`` of 0.
+
+    A healthy tree brings most copies before their announcements (IHAVEs
+    wait for a batch), so the timeout stays near the floor, and a node the
+    tree lost (a link cut while a broadcast passed) gets the payload after
+    one IHAVE batch and the floor, not the ceiling. Where long tree paths run
+    late behind short lazy ones (large clusters), the lags hold the timeout
+    above them, so healthy paths are not grafted; a graft that was needless
+    all the same shows its lag when the tree's copy follows, and raises it."""
+    if config.graft_lag_window <= 0:
+        return config.graft_timeout_s
+    return min(config.graft_timeout_s,
+               max(config.graft_timeout_min_s, LAG_MARGIN * max(lags, default=0.0)))
+
 
 @dataclass(slots=True)
 class _Seen:
     at: float
     round: int  # hops it came by (0: our own)
     src: NodeId | None  # the neighbour it came from (None: our own)
+    # The graft timeout's lag sample (see first_graft_timeout): when the first
+    # IHAVE came, if before the payload (None: the payload came first), the
+    # peers we grafted it from (their copies say nothing of the tree), and
+    # whether this broadcast has given its sample yet.
+    ihave_at: float | None = None
+    grafted: tuple[NodeId, ...] = ()
+    sampled: bool = False
 
 
 @dataclass(slots=True)
@@ -76,6 +125,17 @@ class _Missing:
 
     announcers: list[tuple[NodeId, int]]  # (neighbour, round), first heard first
     token: int
+    first_at: float  # when the first IHAVE came
+    grafted: list[NodeId] = field(default_factory=list)  # asked, in order
+
+
+@dataclass(frozen=True, slots=True)
+class _Swap:
+    """A tree optimisation under way: ``new`` was grafted; ``old`` is pruned
+    when ``new`` acknowledges the graft, unless something moved first."""
+
+    new: NodeId
+    old: NodeId
 
 
 @dataclass(slots=True)
@@ -103,6 +163,13 @@ class Plumtree:
             collections.OrderedDict())
         self._store_bytes = 0
         self._missing: dict[bytes, _Missing] = {}
+        self._lags: collections.deque[float] = collections.deque(
+            maxlen=max(0, config.graft_lag_window))
+        self._optimize_after = 0.0  # no tree optimisation before this time
+        self._swap: _Swap | None = None
+        # GRAFTs without wants not acknowledged yet, per peer: (how many, last sent)
+        self._unacked: dict[NodeId, tuple[int, float]] = {}
+        self._latest: bytes | None = None  # the last broadcast received or sent
         self._ihave_queue: dict[NodeId, list[IHave]] = {}
         self._flush_armed = False
         self._prefix = rng.getrandbits(64).to_bytes(8, "big")
@@ -126,6 +193,10 @@ class Plumtree:
 
     def missing_ids(self) -> list[bytes]:
         return list(self._missing)
+
+    def graft_timeout(self) -> float:
+        """The first graft timeout now (see :func:`first_graft_timeout`)."""
+        return first_graft_timeout(self._lags, self.config)
 
     # --- the one entry point ---------------------------------------------------
 
@@ -242,7 +313,9 @@ class Plumtree:
         self._seq += 1
         msg_id = self._prefix + self._seq.to_bytes(8, "big")
         self.counters["broadcasts"] += 1
+        self._passed(msg_id)
         self._remember(Gossip(msg_id, self.me, 0, channel, payload), None)
+        self._seen[msg_id].sampled = True  # our own: no tree lag to learn
         self._forward(Gossip(msg_id, self.me, 1, channel, payload), None)
         self._out.append(BroadcastResult(ref, id=msg_id))
 
@@ -282,27 +355,48 @@ class Plumtree:
             self._drop("too_large", f"channel={msg.channel.name.lower()}")
             return
         neighbor = self._is_neighbor(src)
-        if msg.id in self._seen:
+        seen = self._seen.get(msg.id)
+        if seen is not None:
             self.counters["duplicates"] += 1
+            if (not seen.sampled and seen.ihave_at is not None
+                    and src not in seen.grafted):
+                # The tree's copy, late behind a graft: how late it was.
+                self._sample_lag(self._now - seen.ihave_at, seen)
             if src in self._eager:
                 # A second path to us: make it lazy on both ends (PRUNE).
                 self._make_lazy(src)
                 self.counters["prunes_out"] += 1
                 self._send_control(src, link=TreeLink.LAZY)
+            elif src in self._lazy:
+                # It pushes to us, we do not to it: its end missed that the
+                # link is lazy (a GRAFT and a PRUNE crossed). Say it again.
+                self.counters["prunes_out"] += 1
+                self._send_control(src, link=TreeLink.LAZY)
             return
         self.counters["delivered"] += 1
+        self._passed(msg.id)
         missing = self._missing.pop(msg.id, None)
-        if missing is not None:
-            self._timers.pop(missing.token, None)
         self._remember(msg, src)
         self._out.append(Deliver(msg.id, msg.origin, msg.channel, msg.payload, msg.round, src))
-        if neighbor:
+        if src in self._lazy:
+            # Its push crossed our PRUNE (or theirs): it pushed before it
+            # heard. We depend on it for this broadcast, and it will stop
+            # pushing to us once the PRUNE lands, while the path we kept
+            # may be pruned by this very broadcast's duplicate. Graft it
+            # back, so that both ends agree the link is eager.
+            self.counters["regrafts"] += 1
             self._make_eager(src)
-        else:
+            self._graft_link(src)
+        elif not neighbor:
             self.counters["gossip_from_non_neighbor"] += 1
         if msg.round < MAX_U64:
             self._forward(Gossip(msg.id, msg.origin, msg.round + 1, msg.channel, msg.payload),
                           src)
+        if missing is not None:
+            # After forwarding: an announcer grafted now has this broadcast,
+            # and a copy pushed to it would be a duplicate (and a PRUNE back).
+            self._timers.pop(missing.token, None)
+            self._arrived_after_ihave(src, msg, missing)
 
     def _on_control(self, src: NodeId, msg: GossipControl) -> None:
         self.counters["control_in"] += 1
@@ -314,9 +408,29 @@ class Plumtree:
         if msg.link is TreeLink.EAGER:
             self.counters["grafts_in"] += 1
             self._make_eager(src)
+            if not msg.want:
+                # A tree optimisation's graft: say it has been applied (an
+                # empty control message), so the grafter can prune its old
+                # parent without a moment in which neither pushes to it.
+                self.counters["swap_acks_out"] += 1
+                self._out.append(Send(src, GossipControl((), (), TreeLink.KEEP),
+                                      PRIORITY_CONTROL))
+                if self._swap is not None and self._swap.new == src:
+                    # ``src`` grafted us while we grafted it: each would prune
+                    # a parent for the one link both added. Neither does; the
+                    # next broadcast's duplicate cuts the loop.
+                    self._cancel_swap("crossed")
+        elif msg.link is TreeLink.KEEP and not msg.ihave and not msg.want:
+            self._on_swap_ack(src)
         elif msg.link is TreeLink.LAZY:
             self.counters["prunes_in"] += 1
-            self._make_lazy(src)
+            if self._awaiting_ack(src):
+                # Sent before it saw our GRAFT, which lands after it: the
+                # link is to be eager at both ends. (Its acknowledgement
+                # comes before any PRUNE it sends later.)
+                self.counters["prunes_in_crossed"] += 1
+            else:
+                self._make_lazy(src)
         for msg_id in msg.want[:MAX_WANT]:
             stored = self._store.get(msg_id)
             if stored is None:
@@ -331,18 +445,10 @@ class Plumtree:
     def _on_ihave(self, src: NodeId, item: IHave) -> None:
         seen = self._seen.get(item.id)
         if seen is not None:
-            hops = self.config.optimize_hops
-            if (hops > 0 and seen.src is not None and seen.src != src
-                    and seen.round - item.round >= hops and seen.src in self._eager
-                    and src in self._lazy):
-                # A much shorter path exists through ``src``: swap it in.
-                self.counters["optimizations"] += 1
-                self._make_eager(src)
-                self._send_control(src, link=TreeLink.EAGER)
-                self._make_lazy(seen.src)
-                self._send_control(seen.src, link=TreeLink.LAZY)
-                seen.src = src
-                seen.round = item.round
+            if not seen.sampled and seen.ihave_at is None:
+                self._sample_lag(0.0, seen)  # the tree was first
+            if item.id == self._latest and seen.src is not None:
+                self._optimize(item.id, seen, [(src, item.round)])
             return
         missing = self._missing.get(item.id)
         if missing is not None:
@@ -352,13 +458,121 @@ class Plumtree:
         if len(self._missing) >= self.config.max_missing:
             self.counters["missing_overflow"] += 1
             return
-        token = self._arm(MeshTimerKind.GRAFT, self.config.graft_timeout_s, item.id)
-        self._missing[item.id] = _Missing([(src, item.round)], token)
+        token = self._arm(MeshTimerKind.GRAFT, self.graft_timeout(), item.id)
+        self._missing[item.id] = _Missing([(src, item.round)], token, self._now)
+
+    def _arrived_after_ihave(self, src: NodeId, msg: Gossip, missing: _Missing) -> None:
+        """A broadcast we had been announced has come (just delivered)."""
+        seen = self._seen.get(msg.id)
+        if seen is None:
+            return  # remembering nothing (seen_max 0)
+        seen.ihave_at = missing.first_at
+        if src in missing.grafted:
+            # The answer to our graft: the tree's copy, if it still comes,
+            # gives the lag sample (as a duplicate).
+            seen.grafted = tuple(missing.grafted)
+            return
+        self._sample_lag(self._now - missing.first_at, seen)
+        if not missing.grafted:
+            self._optimize(msg.id, seen, missing.announcers)
+
+    # --- tree optimisation -------------------------------------------------------
+
+    def _passed(self, msg_id: bytes) -> None:
+        """A broadcast reached us first-hand (or left us)."""
+        self._latest = msg_id
+        if self._swap is not None:
+            # Its copies may have met, and a duplicate cut the loop the
+            # graft made, somewhere on it: pruning the old parent as well
+            # could cut the tree in two. The duplicate rule finishes it.
+            self._cancel_swap("overtaken")
+
+    def _optimize(self, msg_id: bytes, seen: _Seen,
+                  announcers: list[tuple[NodeId, int]]) -> None:
+        """Section 3.8: ``msg_id``, the latest broadcast we received, came by
+        ``seen.src`` in ``seen.round`` hops; ``announcers`` announced it with
+        their rounds. If one is a lazy neighbour at least ``optimize_hops``
+        closer to the origin, swap it in for the parent: graft it now, prune
+        the parent once it acknowledged the graft.
+
+        Why this care: rounds show the announcer is not below us in *this*
+        broadcast's tree, so only the latest broadcast's rounds are used (an
+        older one's tree may have moved since). The prune waits for the
+        graft to be applied, or for a moment neither would push to us and a
+        broadcast passing then would wait for a graft timeout. It is dropped
+        if a broadcast passes first (its duplicate then cuts the loop the
+        graft made, wherever the copies met) or if the announcer grafts us
+        at the same time."""
+        old = seen.src
+        hops = self.config.optimize_hops
+        if (hops <= 0 or old is None or old not in self._eager or self._swap is not None
+                or self._now < self._optimize_after):
+            return
+        best = min(((r, n) for n, r in announcers if n in self._lazy), default=None)
+        if best is None or seen.round - best[0] < hops:
+            return
+        rnd, node = best
+        self.counters["optimizations"] += 1
+        self._optimize_after = self._now + self.config.optimize_interval_s
+        seen.src, seen.round = node, rnd
+        self._make_eager(node)
+        self._graft_link(node)
+        self._swap = _Swap(node, old)
+
+    def _graft_link(self, node: NodeId) -> None:
+        """Make the link to ``node`` eager on its end too (acknowledged)."""
+        self._send_control(node, link=TreeLink.EAGER)
+        self._unacked[node] = (self._awaiting_ack(node) + 1, self._now)
+
+    def _awaiting_ack(self, node: NodeId) -> int:
+        """GRAFTs without wants sent to ``node`` and not acknowledged. An
+        acknowledgement not back within graft_timeout_s is not coming (a
+        peer of an earlier version does not send them, a link failed)."""
+        entry = self._unacked.get(node)
+        if entry is None:
+            return 0
+        if self._now - entry[1] > self.config.graft_timeout_s:
+            del self._unacked[node]
+            return 0
+        return entry[0]
+
+    def _on_swap_ack(self, src: NodeId) -> None:
+        due = self._awaiting_ack(src)
+        if not due:
+            self._drop("unexpected_ack")
+            return
+        due -= 1
+        if due:
+            self._unacked[src] = (due, self._unacked[src][1])
+        else:
+            del self._unacked[src]
+        swap = self._swap
+        if swap is None or swap.new != src or due:
+            return  # an earlier graft's, or not a swap's
+        self._swap = None
+        if swap.new not in self._eager or swap.old not in self._eager:
+            self.counters["optimizations_moot"] += 1
+            return  # the tree moved meanwhile (a prune, a lost link)
+        self.counters["prunes_out"] += 1
+        self._make_lazy(swap.old)
+        self._send_control(swap.old, link=TreeLink.LAZY)
+
+    def _cancel_swap(self, why: str) -> None:
+        self._swap = None
+        self.counters[f"optimizations_{why}"] += 1
+
+    def _sample_lag(self, lag: float, seen: _Seen) -> None:
+        seen.sampled = True
+        if self._lags.maxlen:
+            self._lags.append(max(0.0, lag))
 
     def _on_neighbor_down(self, node: NodeId) -> None:
         self._eager.pop(node, None)
         self._lazy.pop(node, None)
         self._ihave_queue.pop(node, None)
+        self._unacked.pop(node, None)
+        if self._swap is not None and node in (self._swap.new, self._swap.old):
+            self._cancel_swap("lost")
         for m in self._missing.values():
             m.announcers = [(n, r) for n, r in m.announcers if n != node]
 
@@ -387,6 +601,7 @@ class Plumtree:
             node, _round = m.announcers.pop(0)
             if self._is_neighbor(node):
                 self.counters["grafts_out"] += 1
+                m.grafted.append(node)
                 self._make_eager(node)
                 self._send_control(node, want=(msg_id,), link=TreeLink.EAGER)
                 m.token = self._arm(MeshTimerKind.GRAFT, self.config.graft_retry_s, msg_id)
