@@ -187,6 +187,10 @@ def text_report(summary: dict[str, Any]) -> str:
             f"max {_fmt(ar['max'])} s; {me['msgs_per_node_s']:.2f} msgs, "
             f"{me['bytes_per_node_s']:.0f} bytes per node per second on links",
         ]
+        tree = me.get("tree")
+        if tree is not None:
+            lines.append(f"  tree: {tree['grafts']} repair grafts, {tree['moves']} moves "
+                         f"({tree['moves_dropped']} dropped), {tree['regrafts']} re-grafts")
     n = s["network"]
     lines += [
         "",
