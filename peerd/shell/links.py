@@ -39,10 +39,28 @@ with supersedes the old one (the peer closed or dropped it): new sends go on
 the new link at once; the old one's unsent frames are dropped (counted) and
 it is half-closed, but it is still read to its end, so everything the peer
 wrote on it before it moved is delivered, then its :class:`LinkLost`, and
-only then anything from the new link (per peer, every link waits for the
-ones it superseded). The old link's end is the peer's EOF, a broken
-connection, or ``drain_timeout_s`` without a frame (a peer that vanished
-with the old connection half-open), whichever comes first.
+only then anything from the new link. The old link's end is the peer's EOF,
+a broken connection, or ``drain_timeout_s`` after it was superseded (one
+deadline, not reset by its frames: a peer still flushing a long queue on it,
+or one that vanished with the connection half-open), whichever comes first.
+Meanwhile the new link is not read, so its writer may stall that long:
+``drain_timeout_s`` must stay below ``write_timeout_s``, or the peer's own
+writes on the new link would time out (:func:`drain_s`).
+
+Per peer, everything is delivered in the order of the links: each new link
+(connected or accepted) waits for the *tail*, the newest earlier link to the
+peer whose end has not been delivered yet, and a link's end (its
+:class:`LinkLost`, or nothing if we closed it) counts as delivered only
+after its own predecessors'. A LinkLost we cause ourselves (a direct link
+evicted for another, or idle) takes the same ordered path.
+
+A link being superseded frees its slot for the new one: at ``max_links``
+a peer can still replace its link (the old one drains, so at most one more
+link is held meanwhile). While an old mesh link drains, the mesh may mark
+the new one as its own; when the old one's LinkLost tells the mesh the
+link is down (it forgets the peer and never closes the new one), the mark
+is cleared unless mesh traffic came in on the new link
+(:meth:`LinkManager.mesh_lost`), so the idle reaper still closes it.
 
 Direct links (messages to names) reuse the same links; a link nobody uses
 (the mesh did not ask for it, no direct traffic for ``idle_s``) is closed.
@@ -53,6 +71,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import math
 import secrets
 import struct
 from collections.abc import Callable
@@ -78,7 +97,9 @@ _REC = struct.Struct(">I")
 
 @dataclass(frozen=True, slots=True)
 class LinkLimits:
-    # Links held at once (both directions); a connect or accept beyond is refused.
+    # Links held at once (both directions); a connect or accept beyond is
+    # refused, except a peer replacing its link (the old one is counted as
+    # freed while it drains: at most one link more).
     max_links: int = 256
     connect_timeout_s: float = 5.0
     # From connect to the acceptor's answer.
@@ -100,10 +121,20 @@ class LinkLimits:
     idle_s: float = 60.0
     # How often idle links are looked for.
     reap_interval_s: float = 5.0
-    # A superseded link is read to its end; this long without a frame on it
-    # ends it anyway (the new link's messages wait meanwhile, so it stays
-    # below the peer's write_timeout_s).
+    # A superseded link is read to its end, for at most this long after it
+    # was superseded (one deadline, not reset by its frames). The new link is
+    # not read meanwhile, so this must stay below write_timeout_s (the
+    # peer's writes on the new link would time out): see drain_s().
     drain_timeout_s: float = 5.0
+
+
+def drain_s(limits: LinkLimits) -> float:
+    """How long a superseded link is read: ``drain_timeout_s``, kept below
+    ``write_timeout_s`` (settings refuse more; limits built by hand with
+    more get half of ``write_timeout_s``)."""
+    if limits.drain_timeout_s < limits.write_timeout_s:
+        return limits.drain_timeout_s
+    return limits.write_timeout_s / 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +166,7 @@ class _Link:
     id: int
     state: str = "connecting"  # connecting, up, closing, draining (superseded), dead
     mesh: bool = False  # the mesh uses it (Connect/Send/inbound mesh traffic, no CloseLink)
+    mesh_heard: bool = False  # a mesh message came in on it
     last_used: float = 0.0  # creation or last direct traffic
     direct: bool = False  # has carried direct (non-mesh) traffic
     queues: dict[int, collections.deque[bytes]] = field(default_factory=dict)
@@ -145,11 +177,13 @@ class _Link:
     my_nonce: bytes = b""
     peer_nonce: bytes = b""
     reported: bool = False
-    # Set once nothing more comes from this link (its LinkLost, if any, is
-    # in the inputs): a link that superseded it delivers only after that.
+    # Set once nothing more comes from this link or the ones before it (its
+    # LinkLost, if any, is in the inputs): the next link to the peer
+    # delivers only after that.
     finished: trio.Event = field(default_factory=trio.Event)
-    after: trio.Event | None = None  # the superseded link's ``finished``
+    after: trio.Event | None = None  # the previous tail's ``finished``
     read_scope: trio.CancelScope | None = None  # the read in progress
+    drain_deadline: float = math.inf  # superseded: read until then at most
 
 
 class LinkManager:
@@ -174,7 +208,9 @@ class LinkManager:
         self.is_mesh_message = is_mesh_message or (lambda m: 30 <= m.TYPE <= 38)
         self.links: dict[NodeId, _Link] = {}
         self._all: set[_Link] = set()  # including closing and draining ones
-        self._draining: dict[NodeId, _Link] = {}  # the newest superseded link per peer
+        # Per peer, the newest link whose end has not been delivered: the
+        # next link to the peer delivers after it (see the module docs).
+        self._tail: dict[NodeId, _Link] = {}
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
 
@@ -209,7 +245,7 @@ class LinkManager:
         if not mesh:
             self._make_room_for_direct()
         link = _Link(peer, addr, True, next(self._ids), mesh=mesh, last_used=trio.current_time())
-        link.after = self._waits_for(peer)
+        self._chain(link)
         self.links[peer] = link
         self._all.add(link)
         if self._nursery is None or len(self._all) > self.limits.max_links:
@@ -264,22 +300,50 @@ class LinkManager:
         direct = [lk for lk in self.links.values() if not lk.mesh]
         if len(direct) < self.limits.max_direct_links:
             return
-        victim = min(direct, key=lambda lk: lk.last_used)
-        self.counters["link_direct_evicted"] += 1
-        self._close(victim)
-        self._report(LinkLost(victim.peer, False, victim.id))
+        self._retire(min(direct, key=lambda lk: lk.last_used), "link_direct_evicted")
 
     def close_all(self) -> None:
         for link in list(self.links.values()):
             self._close(link)
 
+    def mesh_lost(self, peer: NodeId, link: int | None) -> None:
+        """The runner is about to tell the mesh that link ``link`` to
+        ``peer`` is down (a :class:`LinkLost` with ``mesh``): the mesh then
+        forgets the peer and will not close a newer link to it, so a mark it
+        put on the newer one while the old one drained is cleared, unless
+        mesh traffic came in on it (the peer made it a mesh link again).
+        Direct traffic and the idle reaper then decide when it closes."""
+        current = self.links.get(peer)
+        if (link is not None and current is not None and current.id != link
+                and not current.mesh_heard):
+            current.mesh = False
+
     # --- internals ----------------------------------------------------------------
 
-    def _close(self, link: _Link) -> None:
+    def _chain(self, link: _Link) -> None:
+        """``link`` is the newest to its peer: it delivers after the tail."""
+        tail = self._tail.get(link.peer)
+        link.after = tail.finished if tail is not None and not tail.finished.is_set() else None
+        self._tail[link.peer] = link
+
+    def _retire(self, link: _Link, counter: str) -> None:
+        """Close ``link`` ourselves (evicted for another direct link, or
+        idle) and still report its LinkLost, so that the sends waiting on it
+        fail; ordered like any LinkLost (after the links before it)."""
+        self.counters[counter] += 1
+        self._close(link, lost=True)
+
+    def _close(self, link: _Link, *, lost: bool = False) -> None:
+        """Flush then close. ``lost``: report it (:meth:`_retire`), else the
+        core asked for it and hears nothing."""
         if self.links.get(link.peer) is link:
             del self.links[link.peer]
-        link.reported = True  # we closed it: no LinkLost
-        self._finish(link)  # nobody reads a link it closed: nothing more comes from it
+        reported = link.reported
+        link.reported = True  # no other LinkLost from now on
+        if lost and not reported:
+            self._report(LinkLost(link.peer, link.mesh, link.id), link)
+        else:
+            self._finish(link)  # nobody reads a link it closed: nothing more comes from it
         if link.state == "dead":
             return
         if link.state == "connecting" and not link.queued_bytes:
@@ -324,20 +388,29 @@ class LinkManager:
         old.queues.clear()
         old.queued_bytes = 0
         old.state = "draining"
-        self._draining[old.peer] = old
+        old.drain_deadline = trio.current_time() + drain_s(self.limits)
         old.wake.set()
-        if old.read_scope is not None:  # a read already waiting gets the bound too
-            old.read_scope.deadline = trio.current_time() + self.limits.drain_timeout_s
-
-    def _waits_for(self, peer: NodeId) -> trio.Event | None:
-        """What a new link to ``peer`` must wait for before it delivers."""
-        old = self._draining.get(peer)
-        return old.finished if old is not None else None
+        if old.read_scope is not None:  # a read already waiting gets the deadline too
+            old.read_scope.deadline = old.drain_deadline
 
     def _finish(self, link: _Link) -> None:
+        """Nothing more comes from ``link``; its end counts as delivered
+        once the ends of the links before it are (then the next one reads)."""
+        if link.after is not None and not link.after.is_set() and self._nursery is not None:
+            self._nursery.start_soon(self._finish_after, link)
+            return
         link.finished.set()
-        if self._draining.get(link.peer) is link:
-            del self._draining[link.peer]
+        if self._tail.get(link.peer) is link:
+            del self._tail[link.peer]
+
+    async def _finish_after(self, link: _Link) -> None:
+        assert link.after is not None
+        try:
+            await link.after.wait()
+        finally:
+            link.finished.set()
+            if self._tail.get(link.peer) is link:
+                del self._tail[link.peer]
 
     def _fail(self, link: _Link, reason: str) -> None:
         """The link is broken: report it (once) and stop its tasks."""
@@ -399,9 +472,7 @@ class LinkManager:
         for link in list(self.links.values()):
             if (not link.mesh and link.state == "up" and not link.queued_bytes
                     and now - link.last_used >= self.limits.idle_s):
-                self.counters["link_idle_closed"] += 1
-                self._close(link)
-                self._report(LinkLost(link.peer, False, link.id))
+                self._retire(link, "link_idle_closed")
 
     def _hello(self, dst: NodeId, nonce: bytes) -> bytes:
         return self.sealer.seal(MAGIC + HELLO + self.node_id + dst + nonce)
@@ -473,27 +544,30 @@ class LinkManager:
             return
         peer_nonce = payload[n + 2 * ID_BYTES:]
         old = self.links.get(sender)
-        if old is not None and old.state == "connecting" and old.outbound:
-            if self.node_id < sender:
-                self.counters["link_drop_crossing"] += 1  # ours wins; the peer drops its own
-                return
+        crossing = old is not None and old.state == "connecting" and old.outbound
+        if crossing and self.node_id < sender:
+            self.counters["link_drop_crossing"] += 1  # ours wins; the peer drops its own
+            return
+        # The link this one replaces frees its slot (checked before anything
+        # changes: a refused link leaves the old one as it was).
+        freed = 1 if old is not None and old in self._all else 0
+        if len(self._all) - freed >= self.limits.max_links:
+            self.counters["link_drop_busy"] += 1
+            return
+        moved = None
+        if crossing:
+            assert old is not None
             # Theirs wins: our queued frames move over to it.
             moved = old
             self._close_quietly(old)
         elif old is not None:
-            moved = None
             self._supersede(old)
-        else:
-            moved = None
-        if len(self._all) >= self.limits.max_links:
-            self.counters["link_drop_busy"] += 1
-            return
         link = _Link(sender, None, False, next(self._ids), last_used=trio.current_time())
         if moved is not None:
             link.queues, link.queued_bytes, link.mesh = moved.queues, moved.queued_bytes, moved.mesh
             link.last_used, link.direct = moved.last_used, moved.direct
             link.id = moved.id  # it carries what was sent on the moved one
-        link.after = self._waits_for(sender)
+        self._chain(link)
         link.conn = conn
         link.peer_nonce = peer_nonce
         link.my_nonce = secrets.token_bytes(NONCE_BYTES)
@@ -552,7 +626,7 @@ class LinkManager:
             frame: bytes | None = None
             with trio.CancelScope() as link.read_scope:
                 if link.state == "draining":
-                    link.read_scope.deadline = trio.current_time() + lim.drain_timeout_s
+                    link.read_scope.deadline = link.drain_deadline
                 try:
                     frame = await read_frame(conn, lim.max_frame)
                 except FrameError as e:
@@ -561,7 +635,7 @@ class LinkManager:
                     self._fail(link, "closed" if e.reason == "eof" else e.reason)
                     return
             link.read_scope = None
-            if frame is None:  # a superseded link's peer wrote nothing for drain_timeout_s
+            if frame is None:  # superseded, and not at its end by its drain deadline
                 self.counters["link_drain_timeout"] += 1
                 return
             try:
@@ -580,7 +654,7 @@ class LinkManager:
                 continue  # we closed it: nobody reads a link it closed
             self.counters["link_frames_in"] += 1
             if any(self.is_mesh_message(m) for m in msgs):
-                link.mesh = True
+                link.mesh = link.mesh_heard = True
             else:
                 link.direct = True
                 link.last_used = trio.current_time()

@@ -212,6 +212,7 @@ class LinkPort(Protocol):
              mesh: bool | None = None) -> bool: ...
     def close(self, peer: NodeId, *, mesh: bool = True) -> None: ...
     def close_all(self) -> None: ...
+    def mesh_lost(self, peer: NodeId, link: int | None) -> None: ...
 
 
 class Lifecycle(Protocol):
@@ -625,6 +626,9 @@ class Runner:
                     self._link_message(src, msg)
             case LinkLost(node, mesh, link):
                 if mesh:
+                    if self.links is not None:
+                        # Before LinkDown: what the mesh then asks for stands.
+                        self.links.mesh_lost(node, link)
                     self._mesh_handle(LinkDown(node))
                 self._link_lost(node, link)
             case _:

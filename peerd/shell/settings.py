@@ -237,13 +237,21 @@ def check_table_fields(table: str, overrides: dict[str, Any],
 
 
 def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLimits:
-    """:class:`LinkLimits` with the ``[links]`` entries, checked as a whole.
-    Idle links are looked for at least twice per ``idle_s``."""
+    """:class:`LinkLimits` with the ``[links]`` entries, checked as a whole
+    (``max_direct_links <= max_links``, ``drain_timeout_s <
+    write_timeout_s``). Idle links are looked for at least twice per
+    ``idle_s``."""
     limits = dataclasses.replace(LinkLimits(), **check_table_fields("links", overrides, source))
     if limits.max_direct_links > limits.max_links:
         raise SettingsError("links.max_direct_links",
                             f"must not exceed max_links ({limits.max_direct_links} > "
                             f"{limits.max_links})", source)
+    if limits.drain_timeout_s >= limits.write_timeout_s:
+        # The peer's writes on its new link wait while the old one drains.
+        raise SettingsError("links.drain_timeout_s",
+                            f"must be below links.write_timeout_s ({limits.drain_timeout_s:g} "
+                            f">= {limits.write_timeout_s:g}): a peer's writes on the link "
+                            "that replaces a draining one wait that long", source)
     return dataclasses.replace(limits,
                                reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2))
 

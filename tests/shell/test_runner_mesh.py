@@ -70,6 +70,9 @@ class FakeLinks:
     def close_all(self) -> None:
         self.calls.append(("close_all",))
 
+    def mesh_lost(self, peer: bytes, link: int | None) -> None:
+        self.calls.append(("mesh_lost", peer, link))
+
 
 async def run_briefly(runner: Any, body: Any) -> None:
     async with trio.open_nursery() as nursery:
@@ -163,6 +166,30 @@ async def test_link_outputs_and_inputs(autojump_clock: trio.testing.MockClock) -
 
     await run_briefly(runner, body)
 
+
+async def test_a_lost_mesh_link_is_released_before_the_mesh_hears_link_down(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # The link manager clears the mesh's mark on a newer link to the node
+    # (peerd.shell.links.LinkManager.mesh_lost) before the mesh hears
+    # LinkDown, so what the mesh asks for in answer (Connect) stands.
+    links = FakeLinks()
+    at_link_down: list[Any] = []
+
+    def script(now: float, inp: MeshInput) -> list[MeshOutput]:
+        if isinstance(inp, LinkDown):
+            at_link_down.append(links.calls[-1])
+        return []
+
+    runner, _, _ = make_runner(FakeCore(), mesh=FakeMesh(script), links=links)
+
+    async def body() -> None:
+        await runner.send_channel.send(LinkLost(PEER.node, True, 7))
+        await runner.send_channel.send(LinkLost(PEER.node, False, 8))
+        await trio.sleep(0.01)
+        assert at_link_down == [("mesh_lost", PEER.node, 7)]
+        assert [c for c in links.calls if c[0] == "mesh_lost"] == [("mesh_lost", PEER.node, 7)]
+
+    await run_briefly(runner, body)
 
 async def test_a_raising_mesh_is_a_core_failure(autojump_clock: trio.testing.MockClock) -> None:
     def script(now: float, inp: MeshInput) -> list[MeshOutput]:
