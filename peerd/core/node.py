@@ -1474,11 +1474,11 @@ class Node:
             msg = codec.decode(data)
         except DecodeError as err:
             self._drop(err.reason, "registry sync reply")
-            self.registry.sync_failed()
+            self.registry.sync_failed(ctx.peer)
             return
         if not isinstance(msg, RegSync):
             self._drop("unexpected_stream_message", type(msg).__name__)
-            self.registry.sync_failed()
+            self.registry.sync_failed(ctx.peer)
             return
         peer = ctx.peer if ctx.peer in self._live else None
         push = self.registry.on_sync_reply(peer, msg)
@@ -1516,9 +1516,9 @@ class Node:
             self._send(m.addr, msg)
 
     def reg_pull(self, node: NodeId, msg: RegSync) -> None:
-        m = self._members.get(node)
+        m = self._peek(node)
         if m is None or m.status not in LIVE:
-            self.registry.sync_failed()
+            self.registry.sync_failed(node)
             return
         self.counters["reg_pulls"] += 1
         self._open_stream(m.addr, StreamCtx("reg", peer=node), codec.encode(msg))
@@ -1719,7 +1719,7 @@ class Node:
             return
         if ctx.purpose in ("reg", "reg_push"):
             self.counters["reg_sync_failed"] += 1
-            self.registry.sync_failed()
+            self.registry.sync_failed(ctx.peer)
             return
         self.counters["push_pull_failed"] += 1
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG

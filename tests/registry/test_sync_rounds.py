@@ -100,3 +100,84 @@ def test_bucket_hashes_and_bucket_rows_match_the_digest_after_churn_and_deaths()
         for bits in (0, 1, 3, FINE_BITS):
             assert st.digest_in(bits, range(1 << bits)) == st.digest()
         assert c.nodes[4].node_id not in st.digest()
+
+
+def _spy_pulls(c: object, i: int) -> list[tuple[bytes, list[bytes] | None]]:
+    """Record node i's registry pulls: (target, origins asked)."""
+    r = c.nodes[i].registry  # type: ignore[attr-defined]
+    seen: list[tuple[bytes, list[bytes] | None]] = []
+    asked: list[list[bytes] | None] = []
+    orig_req, orig_pull = r.sync_request, r.host.reg_pull
+
+    def req(origins: list[bytes] | None = None) -> RegSync:
+        asked.append(origins)
+        return orig_req(origins)
+
+    def pull(node: bytes, msg: RegSync) -> None:
+        seen.append((node, asked[-1] if asked else None))
+
+    r.sync_request = req
+    r.host = _HostWith(r.host, pull)
+    _ = orig_pull
+    return seen
+
+
+class _HostWith:
+    def __init__(self, host: object, pull: object) -> None:
+        self._host, self.reg_pull = host, pull
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._host, name)
+
+
+def test_a_reply_naming_several_newer_origins_pulls_them_in_one_request() -> None:
+    c, _rec = cluster(6, seed=4)
+    a = c.nodes[0].registry
+    pulls = _spy_pulls(c, 0)
+    src = c.nodes[1].node_id
+    origins = [c.nodes[k].node_id for k in (2, 3, 4)]
+    rows = tuple(RegDigestRow(o, c.nodes[k].local_member().generation, 5)
+                 for o, k in zip(origins, (2, 3, 4), strict=True))
+    a.on_sync_reply(src, RegSync(rows, (), 0, (0,)))
+    assert pulls == [(src, sorted(origins))]
+
+
+def test_a_rounds_reply_does_not_let_a_second_pull_start_while_one_is_out() -> None:
+    c, _rec = cluster(6, seed=4)
+    a = c.nodes[0].registry
+    pulls = _spy_pulls(c, 0)
+    src = c.nodes[1].node_id
+    o2, o3 = c.nodes[2].node_id, c.nodes[3].node_id
+    gen = c.nodes[2].local_member().generation
+    a.on_sync_reply(src, RegSync((RegDigestRow(o2, gen, 5),), (), 0, (0,)))
+    assert pulls == [(src, [o2])]
+    # A periodic round's reply from another peer names o3 as newer: wanted,
+    # but the pull to src is still out, so no second pull starts.
+    other = c.nodes[4].node_id
+    gen3 = c.nodes[3].local_member().generation
+    a.on_sync_reply(other, RegSync((RegDigestRow(o3, gen3, 5),), (), 0, (0,)))
+    assert pulls == [(src, [o2])]
+    # src's answer ends that pull, and the next starts: o2 is still behind
+    # (src sent nothing), so src is asked again, and then o3 from the other.
+    a.on_sync_reply(src, RegSync((), (), 0, (0,)))
+    assert pulls[1] == (src, [o2])
+    a.on_sync_reply(src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),),
+                                 (), -1, ()))
+    assert len(pulls) == 3
+
+
+def test_a_pull_to_a_peer_that_is_gone_does_not_block_the_next() -> None:
+    c, _rec = cluster(6, seed=4)
+    a = c.nodes[0].registry
+    pulls = _spy_pulls(c, 0)
+    src = c.nodes[1].node_id
+    o2 = c.nodes[2].node_id
+    a.on_sync_reply(src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),),
+                                 (), 0, (0,)))
+    assert pulls == [(src, [o2])]
+    # src's stream fails: the pull is over and o2 is asked again
+    a.sync_failed(src)
+    assert len(pulls) == 2
+    # a failure with another peer does not end the pull in flight
+    a.sync_failed(c.nodes[4].node_id)
+    assert len(pulls) == 2

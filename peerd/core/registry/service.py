@@ -206,7 +206,9 @@ class RegistryService:
         # who told us, pulls tried). One pull is in flight at a time; when it
         # ends, what is still missing is pulled again (a bounded number of times).
         self._wants: dict[NodeId, tuple[int, int, NodeId | None, int]] = {}
-        self._pull_inflight = False
+        # The peer the pull in flight went to, until it answers or fails:
+        # only its answer ends the pull, not the reply of an ordinary round.
+        self._pull_from: NodeId | None = None
         self._notified: set[tuple[int, NodeId, int]] = set()  # (loser eid, winner)
         # origin -> delta waiting for the flush (see _queue_delta), and the
         # last message queued per origin with its encoding (saves a decode)
@@ -518,18 +520,19 @@ class RegistryService:
         self._want(src_node, ack.origin, ack.generation, ack.version)
 
     def _want(self, src_node: NodeId | None, origin: NodeId, generation: int,
-              version: int) -> None:
+              version: int, pull: bool = True) -> None:
         gen, have = self.state.version_of(origin)
         if (generation, version) <= (gen, have):
             return
         old = self._wants.get(origin)
         if old is None or (generation, version) > old[:2]:
             self._wants[origin] = (generation, version, src_node, 0)
-        self._pull_next()
+        if pull:
+            self._pull_next()
 
     def _pull_next(self) -> None:
         # Pull from the origin (or whoever told us) what we know we lack.
-        if self._pull_inflight or not self._wants:
+        if self._pull_from is not None or not self._wants:
             return
         me = self.host.node_id
         known = self.host.reg_known
@@ -544,7 +547,7 @@ class RegistryService:
                 del self._wants[origin]
                 continue
             self._wants[origin] = (gen, version, src, tries + 1)
-            self._pull_inflight = True
+            self._pull_from = target
             ask = sorted({origin, *(o for o, w in self._wants.items() if w[2] == target)})
             self.host.reg_pull(target, self.sync_request(ask))
             return
@@ -576,7 +579,7 @@ class RegistryService:
         self.arm_sync()
         if self.state.origins() == 1 and not self.state.local.entries:
             return  # nothing to offer: peers holding entries will call on us
-        if self._pull_inflight:
+        if self._pull_from is not None:
             return  # a pull is repairing already; the next round will check
         peer = self.host.reg_random_peer()
         if peer is not None:
@@ -648,7 +651,7 @@ class RegistryService:
         What the peer holds newer and did not send (a reply to bucket
         hashes carries rows only) is pulled next."""
         self._apply_items(reply.items)
-        self._pull_inflight = False
+        self._pull_done(src_node)
         if src_node is not None:
             self._acks_from_digest(src_node, reply.digest)
         ours = None
@@ -656,14 +659,22 @@ class RegistryService:
             ours = self.state.digest_in(reply.bits, reply.buckets)
             for row in reply.digest:
                 if row.origin != self.host.node_id and self.host.reg_known(row.origin):
-                    self._want(src_node, row.origin, row.generation, row.version)
-        self._pull_next()
+                    self._want(src_node, row.origin, row.generation, row.version, pull=False)
+        self._pull_next()  # once: what one peer has newer goes in one request
         missing = self.missing_for(reply.digest, src_node, ours)
         return RegSync((), missing) if missing else None
 
-    def sync_failed(self) -> None:
-        self._pull_inflight = False
+    def sync_failed(self, peer: NodeId | None) -> None:
+        """A sync exchange with ``peer`` failed."""
+        self._pull_done(peer)
         self._pull_next()
+
+    def _pull_done(self, peer: NodeId | None) -> None:
+        """An exchange with ``peer`` ended: if our pull went there, or to a
+        node no longer known (nobody will answer it), the pull is over."""
+        pulled = self._pull_from
+        if pulled is not None and (peer == pulled or not self.host.reg_known(pulled)):
+            self._pull_from = None
 
     def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
         if items:
