@@ -91,7 +91,6 @@ from peerd.wire.messages import (
     ShuffleReply,
 )
 
-
 # Revivals within a shuffle interval that mean "a partition healed".
 BRIDGE_MIN_REVIVED = 3
 
