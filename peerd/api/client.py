@@ -38,10 +38,13 @@ never dropped. They never hold up the answers to calls: past
 socket only while no call waits for an answer and no watch is open (the
 daemon's mailbox for the connection then fills, and senders get
 ``unavailable`` "mailbox full"); while calls wait it reads on, keeping the
-messages. The hard bound is ``max_message_bytes`` of unread payload
-(default 64 MiB): there the waiting calls, new calls and open watches fail
-with :class:`MessagesNotRead` (an ``ApiError``, code ``unavailable``) until
-the application reads its messages; still nothing is dropped.
+messages. The hard bound is ``max_message_bytes`` (default 64 MiB) of
+unread messages, each counted as its frame's length plus
+``MESSAGE_OVERHEAD`` (1 KiB, about what Python keeps per message), so that
+many small or empty messages count too: there the waiting calls, new calls
+and open watches fail with :class:`MessagesNotRead` (an ``ApiError``, code
+``unavailable``) until the application reads its messages, and reading the
+socket pauses (the daemon's mailbox fills); still nothing is dropped.
 
 Errors: :class:`~peerd.api.protocol.ApiError` when the daemon answers a
 request with an error (``code`` says which), :class:`DaemonUnavailable` when
@@ -99,7 +102,10 @@ SOCKET_ENV = "PEERD_API_SOCKET"
 SYSTEM_SOCKET_PATH = "/run/peerd/peerd.sock"
 DEFAULT_WATCH_BUFFER = 1024
 DEFAULT_MAX_MESSAGES = 1024  # unread messages before reading pauses (unless calls wait)
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # unread payload bytes: calls fail past it
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # unread messages, counted bytes: calls fail past it
+# Counted per unread message on top of its frame: what Python keeps for one
+# (an Event and its dict, ~1 KiB measured), so empty ones are bounded too.
+MESSAGE_OVERHEAD = 1024
 _RECEIVE_CHUNK = 65536
 
 
@@ -134,21 +140,31 @@ class ConnectionLost(ConnectionError):
 
 class MessagesNotRead(ApiError):
     """The client holds ``max_message_bytes`` of messages to this
-    connection's names that the application has not read: calls (and
-    watches) fail with this until it reads them (``receive_message()``,
-    ``messages()``). Nothing was dropped; a call that failed so may still
-    have been carried out by the daemon. Code ``unavailable``."""
+    connection's names that the application has not read (each counted as
+    its frame plus ``MESSAGE_OVERHEAD``): calls (and watches) fail with this
+    until it reads them (``receive_message()``, ``messages()``). Nothing was
+    dropped; a call that failed so may still have been carried out by the
+    daemon. Code ``unavailable``."""
 
     def __init__(self, count: int, size: int) -> None:
         super().__init__(ErrorCode.UNAVAILABLE,
-                         f"{count} unread messages ({size} payload bytes) fill this client's "
-                         "buffer (max_message_bytes): read them (receive_message, messages) "
+                         f"{count} unread messages ({size} bytes counted: frames plus "
+                         f"{MESSAGE_OVERHEAD} each) fill this client's buffer "
+                         "(max_message_bytes): read them (receive_message, messages) "
                          "before calling again")
 
 
-def _payload_size(msg: Event) -> int:
-    payload = msg.data.get("payload")
-    return len(payload) if isinstance(payload, (bytes, str)) else 0
+def _message_charge(frame_bytes: int) -> int:
+    """What one unread message counts against ``max_message_bytes``."""
+    return frame_bytes + MESSAGE_OVERHEAD
+
+
+def _check_bounds(max_message_bytes: int, max_messages: int = 1) -> None:
+    """The same rule for both clients' bounds on unread messages."""
+    for name, value in (("max_message_bytes", max_message_bytes),
+                        ("max_messages", max_messages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
 
 
 def _connect_error(path: str, exc: OSError) -> DaemonUnavailable:
@@ -200,8 +216,7 @@ class Client:
                  on_connection_event: Callable[[Event], None] | None = None,
                  max_messages: int = DEFAULT_MAX_MESSAGES,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        if max_messages < 1 or max_message_bytes < 1:
-            raise ValueError("max_messages and max_message_bytes must be at least 1")
+        _check_bounds(max_message_bytes, max_messages)
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.max_frame = max_frame
         self.watch_buffer = watch_buffer
@@ -212,8 +227,9 @@ class Client:
         # Connection events (stream 0: a registry conflict) are kept here until
         # read with connection_events(); past watch_buffer, new ones are dropped.
         self._conn_send, self._conn_receive = trio.open_memory_channel[Event](watch_buffer)
-        # Messages to names held by this connection, with their payload sizes:
-        # the channel never blocks the reader; _wait_for_room bounds it.
+        # Messages to names held by this connection, with what each counts
+        # (_message_charge): the channel never blocks the reader;
+        # _wait_for_room bounds it.
         self._msg_send, self._msg_receive = trio.open_memory_channel[tuple[Event, int]](
             math.inf)
         self._unread = 0
@@ -312,11 +328,14 @@ class Client:
                 if not data:
                     raise ConnectionLost("peerd closed the connection")
                 decoder.feed(data)
-                while (frame := decoder.next_frame()) is not None:
+                while True:
+                    before = decoder.buffered
+                    if (frame := decoder.next_frame()) is None:
+                        break
                     msg = parse_server_frame(frame)
                     if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
                             and msg.event == MESSAGE_EVENT):
-                        size = _payload_size(msg)
+                        size = _message_charge(before - decoder.buffered)
                         self._msg_send.send_nowait((msg, size))  # never blocks, never drops
                         self._unread += 1
                         self._unread_bytes += size
@@ -685,12 +704,15 @@ class BlockingClient:
     Calls are sequential (one request, then its response). ``timeout`` (seconds)
     bounds each call's wait; watches wait without limit. It reads the socket
     only inside calls: messages to names read on the way wait for
-    ``receive_message``; past ``max_message_bytes`` of them unread, calls
-    and watches raise :class:`MessagesNotRead` (nothing is dropped)."""
+    ``receive_message``; past ``max_message_bytes`` of them unread (counted
+    as :class:`Client` counts them), calls, watches and
+    ``wait_connection_event`` raise :class:`MessagesNotRead` and stop
+    reading (nothing is dropped)."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        _check_bounds(max_message_bytes)
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -701,9 +723,9 @@ class BlockingClient:
         # Connection events (stream 0), the newest DEFAULT_WATCH_BUFFER kept.
         self._conn_events: collections.deque[Event] = collections.deque(
             maxlen=DEFAULT_WATCH_BUFFER)
-        # Messages to names that arrived while waiting for a response (never
-        # dropped; max_message_bytes of payload at most, see _check_unread).
-        self._messages: collections.deque[Event] = collections.deque()
+        # Messages to names that arrived while waiting for a response, with
+        # what each counts (never dropped; see _check_unread).
+        self._messages: collections.deque[tuple[Event, int]] = collections.deque()
         self._message_bytes = 0
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -783,6 +805,7 @@ class BlockingClient:
     def _read_one(self, timeout: float | None) -> Response | Event:
         """Read until one frame is complete; events go to their watch's queue."""
         while True:
+            before = self._decoder.buffered
             try:
                 frame = self._decoder.next_frame()
             except FrameError as exc:
@@ -793,11 +816,13 @@ class BlockingClient:
                 except FrameError as exc:
                     raise ConnectionLost(f"peerd sent a bad frame: {exc.message}") from None
                 if isinstance(msg, Event):
+                    if msg.stream == CONNECTION_STREAM and msg.event == MESSAGE_EVENT:
+                        size = _message_charge(before - self._decoder.buffered)
+                        self._messages.append((msg, size))
+                        self._message_bytes += size
+                        return msg
                     queue = (self._conn_events if msg.stream == CONNECTION_STREAM
                              else self._events.get(msg.stream))
-                    if msg.stream == CONNECTION_STREAM and msg.event == MESSAGE_EVENT:
-                        queue = self._messages
-                        self._message_bytes += _payload_size(msg)
                     if queue is not None:
                         queue.append(msg)
                 elif msg.id is None:
@@ -824,6 +849,7 @@ class BlockingClient:
             return self._conn_events.popleft()
         try:
             while True:
+                self._check_unread()
                 msg = self._read_one(timeout)
                 if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
                         and self._conn_events):
@@ -863,8 +889,8 @@ class BlockingClient:
                     self._read_one(timeout)
             except TimeoutError:
                 return None
-        msg = self._messages.popleft()
-        self._message_bytes -= _payload_size(msg)
+        msg, size = self._messages.popleft()
+        self._message_bytes -= size
         return msg
 
     def event(self, name: str, payload: bytes = b"") -> str:

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from peerd.api.client import BlockingClient, Client, MessagesNotRead
+from peerd.api.client import MESSAGE_OVERHEAD, BlockingClient, Client, MessagesNotRead
 from peerd.api.protocol import (
     Event,
     FrameDecoder,
@@ -32,8 +32,13 @@ TIMEOUT = 30  # virtual seconds (mock clock)
 def message(i: int, size: int = 1) -> bytes:
     payload = bytes([i % 256]) * size
     return encode_frame(Event(0, "message", {
-        "from": None, "from_node": "00" * 16, "kind": "name", "scope": "default",
+        "from": str(i), "from_node": "00" * 16, "kind": "name", "scope": "default",
         "name": "db", "payload": payload}))
+
+
+def counted(*frames: bytes) -> int:
+    """What these messages count against max_message_bytes."""
+    return sum(len(f) + MESSAGE_OVERHEAD for f in frames)
 
 
 class Daemon:
@@ -101,7 +106,8 @@ async def test_past_max_message_bytes_calls_fail_until_messages_are_read(
         autojump_clock: trio.testing.MockClock) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     daemon = Daemon(theirs)
-    async with Client(stream=ours, max_messages=1, max_message_bytes=100) as client:
+    bound = counted(message(0, 60)) + 1  # one message fits, two do not
+    async with Client(stream=ours, max_messages=1, max_message_bytes=bound) as client:
         failed: list[BaseException] = []
 
         async def call() -> None:
@@ -113,7 +119,7 @@ async def test_past_max_message_bytes_calls_fail_until_messages_are_read(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call)
                 await daemon.request()  # not answered yet...
-                await theirs.send_all(message(0, 60) + message(1, 60))  # ...120 bytes unread
+                await theirs.send_all(message(0, 60) + message(1, 60))  # ...past the bound
         assert failed[0].code == "unavailable" and "2 unread messages" in str(failed[0])
         with pytest.raises(MessagesNotRead):  # new calls fail at once, nothing is sent
             await client.call("status")
@@ -129,7 +135,8 @@ async def test_a_watch_keeps_the_client_reading_up_to_the_byte_bound(
         autojump_clock: trio.testing.MockClock) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     daemon = Daemon(theirs)
-    async with Client(stream=ours, max_messages=1, max_message_bytes=100) as client:
+    bound = counted(message(0, 10), message(1, 10)) + 1
+    async with Client(stream=ours, max_messages=1, max_message_bytes=bound) as client:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(daemon.answer)
@@ -162,13 +169,14 @@ def unix_pair() -> Iterator[tuple[str, socket.socket]]:
 
 def test_blocking_client_bounds_unread_messages(unix_pair: tuple[str, socket.socket]) -> None:
     path, listener = unix_pair
-    with BlockingClient(path, timeout=TIMEOUT, max_message_bytes=100) as client:
+    bound = counted(message(0, 60)) + 1
+    with BlockingClient(path, timeout=TIMEOUT, max_message_bytes=bound) as client:
         daemon, _ = listener.accept()
         with daemon:
             daemon.settimeout(TIMEOUT)
             daemon.sendall(message(0, 60) + message(1, 60)
                            + encode_frame(Response.success(1, "status")))
-            with pytest.raises(MessagesNotRead):  # the answer waits behind 120 bytes unread
+            with pytest.raises(MessagesNotRead):  # the answer waits behind them, unread
                 client.call("status")
             with pytest.raises(MessagesNotRead):
                 client.call("status")
@@ -176,3 +184,58 @@ def test_blocking_client_bounds_unread_messages(unix_pair: tuple[str, socket.soc
                     for _ in range(2)] == [0, 1]
             daemon.sendall(encode_frame(Response.success(2, "second")))
             assert client.call("status") == "second"  # the late first answer is skipped
+
+
+async def test_many_empty_messages_with_a_watch_open_reach_the_bound(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # Only payload bytes were counted, and a watch keeps the client reading
+    # past max_messages: 20,000 empty messages were buffered without bound
+    # and never raised MessagesNotRead (the daemon's mailbox never filled).
+    ours, theirs = trio.testing.memory_stream_pair()
+    daemon = Daemon(theirs)
+    bound = 1 << 20
+    async with Client(stream=ours, max_message_bytes=bound) as client:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.answer)
+                watch = client.watch(["members"])
+                await watch.start()
+        await theirs.send_all(b"".join(message(i, 0) for i in range(20_000)))
+        with trio.fail_after(TIMEOUT), pytest.raises(MessagesNotRead):
+            await watch.__anext__()
+        # It stopped reading near the bound (one read's worth past it at most).
+        assert bound <= client._unread_bytes <= bound + counted(*[message(0, 0)] * 1000)
+        assert client._unread < 2_000
+        with trio.fail_after(TIMEOUT):  # all of them still come, in order
+            got = [(await client.receive_message()).data["from"] for _ in range(20_000)]
+        assert got == [str(i) for i in range(20_000)]
+
+
+def test_a_blocking_watch_counts_empty_messages_too(
+        unix_pair: tuple[str, socket.socket]) -> None:
+    path, listener = unix_pair
+    frames = [message(i, 0) for i in range(200)]
+    bound = counted(*frames[:50])
+    with BlockingClient(path, timeout=TIMEOUT, max_message_bytes=bound) as client:
+        daemon, _ = listener.accept()
+        with daemon:
+            daemon.sendall(encode_frame(Response.success(1, {})) + b"".join(frames))
+            daemon.shutdown(socket.SHUT_WR)  # before the fix: read all, then ConnectionLost
+            with pytest.raises(MessagesNotRead):
+                for _ in client.watch(["members"]):
+                    pass
+            with pytest.raises(MessagesNotRead):
+                client.wait_connection_event(0)
+            got = [client.receive_message(TIMEOUT) for _ in range(200)]
+            assert [m.data["from"] for m in got if m is not None] == [str(i) for i in range(200)]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_both_clients_check_their_bounds_alike(bad: object) -> None:
+    ours, _theirs = trio.testing.memory_stream_pair()
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        Client(stream=ours, max_message_bytes=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_message_bytes"):  # before connecting
+        BlockingClient("/nonexistent/peerd.sock", max_message_bytes=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_messages"):
+        Client(stream=ours, max_messages=bad)  # type: ignore[arg-type]
