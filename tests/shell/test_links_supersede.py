@@ -125,6 +125,13 @@ class Side:
         with trio.fail_after(60):
             return await self.net.receive.receive()
 
+    async def open_with(self, n: int) -> PeerEnd:
+        """A new link from A that carries gossip(0) .. gossip(n - 1), a frame each."""
+        end = await self.open()
+        for i in range(n):
+            await end.send(gossip(i))
+        return end
+
     async def refused(self) -> None:
         """A new link from A that B refuses (accept returns without an answer)."""
         ours, theirs = trio.testing.memory_stream_pair()
@@ -157,17 +164,20 @@ def gossip(i: int) -> Gossip:
     return Gossip(i.to_bytes(16, "big"), A, 1, Channel.USER, b"x%d" % i)
 
 
+def frames(n: int) -> list[LinkMessages]:
+    """What B's runner gets from :meth:`Side.open_with`."""
+    return [LinkMessages(A, (gossip(i),)) for i in range(n)]
+
+
 async def test_superseded_link_is_read_to_its_end_then_lost_then_the_new_one(
         autojump_clock: trio.testing.MockClock) -> None:
     async with side_b() as b:
-        old = await b.open()
-        for i in range(5):
-            await old.send(gossip(i))
+        old = await b.open_with(5)
         await old.stream.send_eof()  # A closed it (after flushing) ...
         new = await b.open()  # ... and opened another at once
         await new.send(gossip(99))
         got = await b.until(LinkMessages(A, (gossip(99),)))
-        assert got[:5] == [LinkMessages(A, (gossip(i),)) for i in range(5)]
+        assert got[:5] == frames(5)
         assert len(got) == 7 and isinstance(got[5], LinkLost)
         assert (got[5].node, got[5].mesh) == (A, True)
         assert got[5].link is not None and got[5].link != b.links.link_id(A)
@@ -292,14 +302,12 @@ async def test_an_idle_closed_links_loss_comes_after_the_link_it_superseded(
     # link's last frames and its own LinkLost.
     limits = LinkLimits(idle_s=2, reap_interval_s=1, drain_timeout_s=5)
     async with side_b(queue=1, limits=limits) as b:
-        old = await b.open()
-        for i in range(4):
-            await old.send(gossip(i))
+        _old = await b.open_with(4)
         await b.open()  # A left the old connection half-open; the new one stays idle
         await trio.sleep(4)  # the runner is busy meanwhile; the new link is reaped
         assert b.net.counters["link_idle_closed"] == 1
         got = [await b.next() for _ in range(6)]
-        assert got[:4] == [LinkMessages(A, (gossip(i),)) for i in range(4)]
+        assert got[:4] == frames(4)
         assert isinstance(got[4], LinkLost) and got[4].mesh  # the old link's end...
         assert isinstance(got[5], LinkLost) and not got[5].mesh  # ...then the reaped one's
         assert got[4].link != got[5].link
@@ -312,15 +320,13 @@ async def test_an_evicted_links_loss_comes_after_the_link_it_superseded(
 
     monkeypatch.setattr(links_module, "connect_tcp", refused)
     async with side_b(queue=1, limits=LinkLimits(max_direct_links=1)) as b:
-        old = await b.open()
-        for i in range(4):
-            await old.send(gossip(i))
+        _old = await b.open_with(4)
         await b.open()  # a direct link (no mesh traffic yet)
         b.links.connect(C, ("127.0.0.1", 9), mesh=False)  # evicts it
         assert b.net.counters["link_direct_evicted"] == 1
         got = [await b.next() for _ in range(7)]
         from_a = [x for x in got if node_of(x) == A]
-        assert from_a[:4] == [LinkMessages(A, (gossip(i),)) for i in range(4)]
+        assert from_a[:4] == frames(4)
         assert [type(x) for x in from_a[4:]] == [LinkLost, LinkLost]
         assert from_a[4].mesh and not from_a[5].mesh and from_a[4].link != from_a[5].link
         assert [x for x in got if node_of(x) == C] == [LinkLost(C, False)]
@@ -331,16 +337,14 @@ async def test_a_link_replacing_a_closed_one_waits_for_what_that_one_waited_for(
     # The second link is closed by B (no LinkLost) while the first drains;
     # the third must still wait for the first's frames and LinkLost.
     async with side_b() as b:
-        first = await b.open()
-        for i in range(3):
-            await first.send(gossip(i))
+        first = await b.open_with(3)
         await b.open()
         b.links.close(A, mesh=False)  # direct traffic done with it, and the mesh never used it
         third = await b.open()
         await third.send(gossip(9))
         await first.stream.send_eof()
         got = await b.until(LinkMessages(A, (gossip(9),)))
-        assert got[:3] == [LinkMessages(A, (gossip(i),)) for i in range(3)]
+        assert got[:3] == frames(3)
         assert len(got) == 5 and isinstance(got[3], LinkLost)
 
 
@@ -351,9 +355,7 @@ async def test_a_crossing_link_waits_for_what_our_dropped_connect_waited_for(
 
     monkeypatch.setattr(links_module, "connect_tcp", never)
     async with side_b() as b:
-        first = await b.open()
-        for i in range(3):
-            await first.send(gossip(i))
+        first = await b.open_with(3)
         await b.open()
         b.links.close(A, mesh=False)
         b.links.connect(A, ("127.0.0.1", 9))  # ours, still connecting when A's crosses it
@@ -362,7 +364,7 @@ async def test_a_crossing_link_waits_for_what_our_dropped_connect_waited_for(
         await crossing.send(gossip(9))
         await first.stream.send_eof()
         got = await b.until(LinkMessages(A, (gossip(9),)))
-        assert got[:3] == [LinkMessages(A, (gossip(i),)) for i in range(3)]
+        assert got[:3] == frames(3)
         assert len(got) == 5 and isinstance(got[3], LinkLost)
 
 async def test_a_mesh_mark_put_on_the_new_link_while_the_old_one_drained_is_cleared(
