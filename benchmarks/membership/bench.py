@@ -68,7 +68,6 @@ import argparse
 import atexit
 import contextlib
 import datetime
-import io
 import json
 import os
 import platform
@@ -80,7 +79,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -88,6 +86,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/fleet.py
+from fleet import cpu_model, host_cpu, pin_source, udp_counters  # noqa: E402
 
 if TYPE_CHECKING:
     from peerd.api.client import Client
@@ -103,30 +104,12 @@ PEERD_SRC: Path = REPO
 
 
 def _load_peerd(rev: str, keep: bool) -> dict[str, Any]:
-    """Pin the code under test. Others may commit to the work tree during a
-    long run; with a revision, daemons (and our client) run from a
-    ``git archive`` of it instead, so every run measures the same code."""
+    """Pin the code under test (fleet.pin_source). Others may commit to the
+    work tree during a long run; with a revision, daemons (and our client) run
+    from a ``git archive`` of it instead, so every run measures the same code."""
     global PEERD_SRC, Client
-    info: dict[str, Any] = {"rev": rev}
-    if rev == "worktree":
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "peerd"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-        info.update(commit=head, dirty=bool(dirty), src=str(REPO))
-    else:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-        dest = Path(tempfile.mkdtemp(prefix=f"bench-src-{sha[:10]}-"))
-        if not keep:
-            atexit.register(shutil.rmtree, dest, True)
-        tar = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", sha, "peerd"],
-                             capture_output=True, timeout=60, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-            tf.extractall(dest, filter="data")
-        PEERD_SRC = dest
-        info.update(commit=sha, dirty=False, src=str(dest))
-    sys.path.insert(0, str(PEERD_SRC))
+    info = pin_source(rev, keep)
+    PEERD_SRC = Path(info["src"])
     import peerd.api.client
     if Path(peerd.api.client.__file__).resolve().parents[2] != PEERD_SRC.resolve():
         raise SystemExit(f"peerd imported from {peerd.api.client.__file__}, not {PEERD_SRC}")
@@ -553,19 +536,6 @@ def proc_wakeups(pid: int) -> int:
     return total
 
 
-def machine_busy() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs, to see how loaded the host was."""
-    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = f[3] + f[4]
-    return sum(f) - idle, sum(f)
-
-
-def snmp_udp() -> dict[str, int]:
-    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
-             if ln.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
-
-
 # --- the phases -------------------------------------------------------------------------
 
 
@@ -655,8 +625,8 @@ async def phase_join(cl: Cluster, res: dict[str, Any]) -> None:
 
 
 async def sample(cl: Cluster) -> dict[str, Any]:
-    out: dict[str, Any] = {"t": now(), "wall": time.time(), "snmp": snmp_udp(),
-                           "busy": machine_busy(), "nodes": {}}
+    out: dict[str, Any] = {"t": now(), "wall": time.time(), "snmp": udp_counters(),
+                           "busy": host_cpu(), "nodes": {}}
     for nd in cl.observers():
         assert nd.proc is not None
         with contextlib.suppress(OSError):
@@ -1043,12 +1013,7 @@ def _g(x: float | None) -> str:
 
 
 def machine(code: dict[str, Any]) -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     serf = ""
     with contextlib.suppress(Exception):
         serf = subprocess.run(["serf", "version"], capture_output=True, text=True,

@@ -41,29 +41,33 @@ import atexit
 import collections
 import contextlib
 import datetime
-import io
 import json
 import os
 import platform
 import random
 import shutil
-import signal
 import socket
-import statistics
 import struct
-import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-now = time.monotonic
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/fleet.py
+from fleet import (  # noqa: E402
+    Daemon,
+    Fleet,
+    cpu_model,
+    kill_all,
+    now,
+    pin_source,
+    pipeline,
+    wait_for,
+    wait_load_below,
+)
+from fleet import summary_ms as _summary_ms  # noqa: E402
 
 TARGETS = {
     "msgs_per_s_two_daemons": 20_000,
@@ -71,153 +75,17 @@ TARGETS = {
     "broadcast_all_30_ms": 100.0,
 }
 
-SRC: Path = REPO
 
+class MeshFleet(Fleet):
+    """A fleet whose start also waits until every daemon has mesh neighbours."""
 
-def pin_source(keep: bool) -> dict[str, Any]:
-    global SRC
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True, timeout=30).stdout.strip()
-    dest = Path(tempfile.mkdtemp(prefix=f"meshbench-src-{head[:10]}-"))
-    if not keep:
-        atexit.register(shutil.rmtree, dest, True)
-    data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", head, "peerd"],
-                          capture_output=True, check=True, timeout=60).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(dest, filter="data")
-    SRC = dest
-    sys.path.insert(0, str(SRC))
-    return {"commit": head, "src": str(dest)}
-
-
-# --- processes -------------------------------------------------------------------------
-
-_PROCS: list[subprocess.Popen[bytes]] = []
-
-
-def _kill_all() -> None:
-    for p in _PROCS:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-
-
-atexit.register(_kill_all)
-
-_OCTET = random.SystemRandom().randrange(2, 250)
-_hosts = iter(range(1, 60_000))
-
-
-def _host() -> str:
-    n = next(_hosts)
-    return f"127.{_OCTET}.{n // 250}.{n % 250 + 1}"
-
-
-def _free_port(host: str) -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free port on {host}")
-
-
-@dataclass(eq=False)
-class Daemon:
-    name: str
-    host: str
-    port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def sock(self) -> str:
-        return str(self.dir / "api.sock")
-
-    def start(self, preset: str, join: str | None) -> None:
-        argv = [sys.executable, "-m", "peerd", "agent", "--name", self.name, "--bind",
-                self.addr, "--api-socket", self.sock, "--state-dir", str(self.dir / "state"),
-                "--preset", preset, "--log-level", "warning"]
-        if join:
-            argv += ["--join", join]
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
-        with open(self.dir / "stderr", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
-        _PROCS.append(self.proc)
-
-    def api(self, op: str, **args: Any) -> Any:
-        from peerd.api.client import BlockingClient
-
-        with BlockingClient(self.sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    def cpu_s(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def wait_for(pred: Any, timeout: float, what: str, poll: float = 0.05) -> Any:
-    deadline = now() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except (ConnectionError, OSError, TimeoutError) as e:
-            last = e
-        if now() > deadline:
-            raise RuntimeError(f"timed out after {timeout} s waiting for {what}; last {last!r}")
-        time.sleep(poll)
-
-
-class Fleet:
-    def __init__(self, root: Path, n: int, preset: str) -> None:
-        self.daemons: list[Daemon] = []
-        for i in range(n):
-            host = _host()
-            d = Daemon(f"d{i:02d}", host, _free_port(host), root / f"d{i:02d}")
-            d.dir.mkdir(parents=True)
-            self.daemons.append(d)
-        self.preset = preset
-
-    def __enter__(self) -> Fleet:
-        seed = self.daemons[0]
-        seed.start(self.preset, None)
-        wait_for(lambda: seed.api("status"), 30, "the seed's API")
-        for d in self.daemons[1:]:
-            d.start(self.preset, seed.addr)
-        n = len(self.daemons)
-        wait_for(lambda: all(d.api("status")["members"]["alive"] == n for d in self.daemons),
-                 120, f"{n} daemons to see {n} alive")
-        if n > 2:
+    def start(self, timeout: float = 120.0) -> float:
+        t0 = now()
+        super().start(timeout)
+        if len(self.daemons) > 2:
             wait_for(lambda: all(d.api("status")["gauges"].get("mesh_active", 0) >= 2
                                  for d in self.daemons), 60, "mesh neighbours everywhere")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for d in self.daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(d.proc.pid, signal.SIGTERM)
-        for d in self.daemons:
-            if d.proc is not None:
-                try:
-                    d.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.kill(d.proc.pid, signal.SIGKILL)
-                    d.proc.wait(10)
+        return now() - t0
 
 
 def _cpu(a: Daemon, b: Daemon, cpu0: tuple[float, float], n: int) -> dict[str, float]:
@@ -230,17 +98,8 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
-    return s[k]
-
-
 def summary_ms(values: list[float]) -> dict[str, Any]:
-    ms = [v * 1000 for v in values]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 3), "p90_ms": round(pct(ms, 90), 3),
-            "p99_ms": round(pct(ms, 99), 3), "max_ms": round(max(ms), 3),
-            "mean_ms": round(statistics.fmean(ms), 3)}
+    return _summary_ms(values, digits=3)
 
 
 # --- raw API connections -----------------------------------------------------------------
@@ -327,10 +186,10 @@ class Conn:
 
 def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from peerd.api.client import BlockingClient
-    from peerd.api.protocol import FrameDecoder, Request, encode_frame
+    from peerd.api.protocol import Request, encode_frame
 
     out: dict[str, Any] = {}
-    with Fleet(root / "tp", 2, args.preset) as fleet:
+    with MeshFleet(root / "tp", 2, args.preset) as fleet:
         a, b = fleet.daemons
         sink = Conn(b.sock)
         sink.keep_events = False
@@ -364,32 +223,17 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(a.sock)
         s.settimeout(30)
-        dec = FrameDecoder()
         n = args.pipelined
         frames = [encode_frame(Request(i + 1, "send", {"name": "sink", "payload": payload}))
                   for i in range(n)]
         base = sink.messages
-        sent = got = errors = 0
-        reasons: collections.Counter[str] = collections.Counter()
         window = args.window
         cpu0 = (a.cpu_s(), b.cpu_s())
         me0 = _self_cpu()
         t0 = now()
-        while got < n:
-            if sent < n and sent - got < window:
-                k = min(n - sent, window - (sent - got))
-                s.sendall(b"".join(frames[sent:sent + k]))
-                sent += k
-            data = s.recv(1 << 20)
-            if not data:
-                raise RuntimeError("the daemon closed the connection")
-            dec.feed(data)
-            while (f := dec.next_frame()) is not None:
-                got += 1
-                if not f.get("ok"):
-                    errors += 1
-                    reasons[str(f.get("error", {}).get("message", "?"))[:60]] += 1
+        reasons = pipeline(s, frames, window)
         took = now() - t0
+        errors = sum(reasons.values())
         drained(base + n - errors)  # an error (mailbox full) was not delivered
         s.close()
         out["pipelined"] = {"messages": n, "window": window, "seconds": round(took, 3),
@@ -407,7 +251,7 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def phase_latency(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     n = args.latency_n
     rng = random.Random(7)
-    with Fleet(root / "lat", n, args.preset) as fleet:
+    with MeshFleet(root / "lat", n, args.preset) as fleet:
         ds = fleet.daemons
         receivers = [Conn(ds[i].sock) for i in range(5)]
         for k, r in enumerate(receivers):
@@ -463,7 +307,7 @@ def phase_latency(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     n = args.broadcast_n
-    with Fleet(root / "bc", n, args.preset) as fleet:
+    with MeshFleet(root / "bc", n, args.preset) as fleet:
         ds = fleet.daemons
         watchers = [Conn(d.sock) for d in ds]
         for w in watchers:
@@ -511,23 +355,15 @@ def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "plumtree_counters_summed": dict(sorted(tree.items()))}
 
 
-def wait_quiet(max_load: float, max_wait_s: float) -> float:
-    """Wait (bounded) until the host's 1-minute load is below ``max_load``."""
-    t0 = now()
-    while max_load > 0 and os.getloadavg()[0] >= max_load and now() - t0 < max_wait_s:
-        time.sleep(5)
-    return round(now() - t0, 1)
+def _source(keep: bool) -> dict[str, Any]:
+    info = pin_source("HEAD", keep, prefix="meshbench-src-")
+    return {"commit": info["commit"], "src": info["src"]}
 
 
 def machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(),
-            "kernel": platform.release(), "loadavg_1m_start": os.getloadavg()[0]}
+    return {"python": platform.python_version(), "cpu": cpu_model() or "?",
+            "cores": os.cpu_count(), "kernel": platform.release(),
+            "loadavg_1m_start": os.getloadavg()[0]}
 
 
 def main() -> int:
@@ -556,7 +392,7 @@ def main() -> int:
     args = p.parse_args()
     phases = set(args.phases.split(","))
     results: dict[str, Any] = {"started": datetime.datetime.now(datetime.UTC).isoformat(),
-                               "argv": sys.argv[1:], "source": pin_source(args.keep),
+                               "argv": sys.argv[1:], "source": _source(args.keep),
                                "machine": machine(), "targets": TARGETS}
     root = Path(tempfile.mkdtemp(prefix="meshbench-"))
     if not args.keep:
@@ -566,14 +402,14 @@ def main() -> int:
                          ("broadcast", phase_broadcast)):
             if name not in phases:
                 continue
-            waited = wait_quiet(args.quiet_load, args.quiet_wait)
+            waited = wait_load_below(args.quiet_load, args.quiet_wait)
             load0 = os.getloadavg()[0]
             results[name] = fn(root, args)
             results[name]["host"] = {"quiet_wait_s": waited, "loadavg_1m_start": load0,
                                      "loadavg_1m_end": os.getloadavg()[0]}
             print(json.dumps(results[name]), flush=True)
     finally:
-        _kill_all()
+        kill_all()
     results["loadavg_1m_end"] = os.getloadavg()[0]
     text = json.dumps(results, indent=2)
     if args.out:

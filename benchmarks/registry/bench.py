@@ -46,30 +46,40 @@ Only 127.0.0.0/8 is used.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import datetime
-import io
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-now = time.monotonic
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/fleet.py
+from fleet import (  # noqa: E402
+    Daemon,
+    Fleet,
+    cpu_model,
+    host_cpu,
+    kill_all,
+    now,
+    pin_source,
+    pipeline,
+    src_env,
+    summary_ms,
+    track,
+    udp_counters,
+    wait_for,
+    wait_load_below,
+)
 
 TARGETS = {
     "registrations_per_s": 20_000,
@@ -77,228 +87,43 @@ TARGETS = {
     "dead_gone_after_declared_s": 0.2,
 }
 
-SRC: Path = REPO  # PYTHONPATH entry of the code under test (see --rev)
 
-
-def pin_source(rev: str, keep: bool) -> dict[str, Any]:
-    """Run daemons and the client from a git archive of ``rev`` (others may
-    commit to the work tree during a run)."""
-    global SRC
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD" if rev == "worktree"
-                           else rev], capture_output=True, text=True, check=True,
-                          timeout=30).stdout.strip()
-    info: dict[str, Any] = {"rev": rev, "commit": head}
+def _source(rev: str, keep: bool) -> dict[str, Any]:
+    """Pin the code under test (fleet.pin_source); what the results record of it."""
+    info = pin_source(rev, keep, prefix="regbench-src-")
+    out = {"rev": rev, "commit": info["commit"]}
     if rev == "worktree":
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "peerd"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        info["dirty"] = bool(dirty)
-        SRC = REPO
+        out["dirty"] = info["dirty"]
     else:
-        dest = Path(tempfile.mkdtemp(prefix=f"regbench-src-{head[:10]}-"))
-        if not keep:
-            atexit.register(shutil.rmtree, dest, True)
-        data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", head,
-                               "peerd"], capture_output=True, check=True, timeout=60).stdout
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
-        SRC = dest
-        info["src"] = str(dest)
-    sys.path.insert(0, str(SRC))
-    return info
-
-
-# --- processes ---------------------------------------------------------------------------
-
-_PROCS: list[subprocess.Popen[bytes]] = []
-
-
-def _kill_all() -> None:
-    for p in _PROCS:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-
-
-atexit.register(_kill_all)
-
-
-def _free_port(host: str) -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free port on {host}")
-
-
-_OCTET = random.SystemRandom().randrange(2, 250)
-_hosts = iter(range(1, 60_000))
-
-
-def _host() -> str:
-    n = next(_hosts)
-    return f"127.{_OCTET}.{n // 250}.{n % 250 + 1}"
-
-
-@dataclass(eq=False)
-class Daemon:
-    name: str
-    host: str
-    port: int
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def sock(self) -> str:
-        return str(self.dir / "api.sock")
-
-    def start(self, preset: str, join: str | None) -> None:
-        argv = [sys.executable, "-m", "peerd", "agent", "--name", self.name, "--bind",
-                self.addr, "--api-socket", self.sock, "--state-dir", str(self.dir / "state"),
-                "--preset", preset, "--log-level", "warning"]
-        if join:
-            argv += ["--join", join]
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
-        with open(self.dir / "stderr", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
-        _PROCS.append(self.proc)
-
-    def api(self, op: str, **args: Any) -> Any:
-        from peerd.api.client import BlockingClient
-
-        with BlockingClient(self.sock, timeout=10) as c:
-            return c.call(op, **args)
-
-    def cpu_s(self) -> float:
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def wait_for(pred: Any, timeout: float, what: str, poll: float = 0.05) -> Any:
-    deadline = now() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = pred()
-            if last:
-                return last
-        except (ConnectionError, OSError, TimeoutError) as e:
-            last = e
-        if now() > deadline:
-            raise RuntimeError(f"timed out after {timeout} s waiting for {what}; last {last!r}")
-        time.sleep(poll)
-
-
-class Fleet:
-    def __init__(self, root: Path, n: int, preset: str) -> None:
-        self.daemons: list[Daemon] = []
-        for i in range(n):
-            host = _host()
-            d = Daemon(f"d{i:02d}", host, _free_port(host), root / f"d{i:02d}")
-            d.dir.mkdir(parents=True)
-            self.daemons.append(d)
-        self.preset = preset
-
-    def start(self, timeout: float = 120.0) -> float:
-        t0 = now()
-        seed = self.daemons[0]
-        seed.start(self.preset, None)
-        wait_for(lambda: seed.api("status"), 30, "the seed's API")
-        for d in self.daemons[1:]:
-            d.start(self.preset, seed.addr)
-        n = len(self.daemons)
-        wait_for(lambda: all(_alive_count(d) == n for d in self.daemons), timeout,
-                 f"{n} daemons to see {n} alive")
-        return now() - t0
-
-    def stop(self) -> None:
-        for d in self.daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(d.proc.pid, signal.SIGTERM)
-        for d in self.daemons:
-            if d.proc is not None:
-                try:
-                    d.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.kill(d.proc.pid, signal.SIGKILL)
-                    d.proc.wait(10)
-
-
-def _alive_count(d: Daemon) -> int:
-    return int(d.api("status")["members"]["alive"])
+        out["src"] = info["src"]
+    return out
 
 
 # --- host load ---------------------------------------------------------------------------
 
 
-def _host_cpu() -> tuple[int, int]:
-    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = parts[3] + parts[4]
-    return sum(parts) - idle, sum(parts)
-
-
 def _udp_errors() -> dict[str, int]:
     """Host-wide UDP receive errors (/proc/net/snmp): a datagram dropped on
     loopback shows up here (a full socket buffer: a starved receiver)."""
-    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
-             if ln.startswith("Udp:")]
-    table = dict(zip(lines[0][1:], (int(x) for x in lines[1][1:]), strict=True))
+    table = udp_counters()
     return {k: table.get(k, 0) for k in ("InErrors", "RcvbufErrors")}
 
 
 class HostLoad:
     def __init__(self) -> None:
-        self.start = _host_cpu()
+        self.start = host_cpu()
         self.load_start = os.getloadavg()[0]
         self.udp = _udp_errors()
 
     def result(self) -> dict[str, float]:
         busy0, total0 = self.start
-        busy1, total1 = _host_cpu()
+        busy1, total1 = host_cpu()
         frac = (busy1 - busy0) / max(1, total1 - total0)
         udp = _udp_errors()
         return {"host_cpu_busy_fraction": round(frac, 3),
                 "loadavg_1m_start": round(self.load_start, 2),
                 "loadavg_1m_end": round(os.getloadavg()[0], 2),
                 "udp_receive_errors": sum(udp[k] - self.udp[k] for k in udp)}
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
-    return s[k]
-
-
-def summary_ms(values: list[float]) -> dict[str, Any]:
-    ms = [v * 1000 for v in values]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p90_ms": round(pct(ms, 90), 2),
-            "p99_ms": round(pct(ms, 99), 2), "max_ms": round(max(ms), 2) if ms else None,
-            "mean_ms": round(statistics.fmean(ms), 2) if ms else None}
 
 
 # --- throughput --------------------------------------------------------------------------
@@ -321,28 +146,15 @@ def run_sequential(d: Daemon, names: list[str]) -> dict[str, Any]:
 
 
 def run_pipelined(d: Daemon, names: list[str], window: int) -> dict[str, Any]:
-    from peerd.api.protocol import FrameDecoder, Request, encode_frame
+    from peerd.api.protocol import Request, encode_frame
 
     frames = [encode_frame(Request(i + 1, "register", {"name": n})) for i, n in enumerate(names)]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(d.sock)
     s.settimeout(30)
-    dec = FrameDecoder()
-    sent = got = errors = 0
     cpu0 = d.cpu_s()
     t0 = now()
-    while got < len(frames):
-        if sent < len(frames) and sent - got < window:
-            k = min(len(frames) - sent, window - (sent - got))
-            s.sendall(b"".join(frames[sent:sent + k]))
-            sent += k
-        data = s.recv(1 << 20)
-        if not data:
-            raise RuntimeError("the daemon closed the connection")
-        dec.feed(data)
-        while (f := dec.next_frame()) is not None:
-            got += 1
-            errors += not f.get("ok")
+    errors = sum(pipeline(s, frames, window).values())
     took = now() - t0
     cpu = d.cpu_s() - cpu0
     s.close()
@@ -492,8 +304,8 @@ async def _dead(fleet: Fleet, count: int) -> dict[str, Any]:
     seen = Seen()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, victim.sock, str(count)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(SRC)})
-    _PROCS.append(holder)  # type: ignore[arg-type]
+                              env=src_env())
+    track(holder)
     names = {f"doomed-{i}" for i in range(count)} | {"doomed-group"}
     try:
         async with trio.open_nursery() as nursery:
@@ -577,27 +389,18 @@ def phase_cluster(root: Path, args: argparse.Namespace, phases: set[str]) -> dic
 
 
 def machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     mem = "?"
     with contextlib.suppress(OSError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    return {"cpu": cpu, "cpus": os.cpu_count(), "mem": mem, "kernel": platform.release(),
-            "python": platform.python_version()}
+    return {"cpu": cpu_model() or "?", "cpus": os.cpu_count(), "mem": mem,
+            "kernel": platform.release(), "python": platform.python_version()}
 
 
 def wait_quiet(max_load: float, max_wait_s: float) -> dict[str, Any]:
-    """Wait (bounded) for the host's 1-minute load to drop below ``max_load``:
-    other work on a shared machine starves the daemons and shows up as
-    latency. Returns what was seen."""
-    t0 = now()
-    while os.getloadavg()[0] > max_load and now() - t0 < max_wait_s:
-        time.sleep(5)
-    return {"max_load": max_load, "waited_s": round(now() - t0, 1),
+    """Wait (bounded) for the host's 1-minute load to drop below ``max_load``
+    (fleet.wait_load_below). Returns what was seen."""
+    waited = wait_load_below(max_load, max_wait_s)
+    return {"max_load": max_load, "waited_s": waited,
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -625,7 +428,7 @@ def main() -> int:
     p.add_argument("--quiet-wait", type=float, default=600.0)
     args = p.parse_args()
 
-    source = pin_source(args.rev, args.keep)
+    source = _source(args.rev, args.keep)
     root = Path(tempfile.mkdtemp(prefix="regbench-"))
     results: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/registry/bench.py", *sys.argv[1:]]),
@@ -644,7 +447,7 @@ def main() -> int:
             results["clusters"] = phase_cluster(root, args, cluster)
         ok = True
     finally:
-        _kill_all()
+        kill_all()
         if ok and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         else:

@@ -19,9 +19,7 @@ condition stays true over a bounded window.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -33,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fleet import free_port, fresh_host  # one address and port picker
 from peerd.api.client import BlockingClient
 from peerd.api.protocol import (
     Event,
@@ -49,34 +48,6 @@ START_TIMEOUT_S = 15.0  # 2 busy cores, several interpreters starting at once
 STOP_TIMEOUT_S = 10.0  # > the lan leave bound (2 * leave_propagate_s + 5 s)
 API_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 150
-
-# One random 127.N.0.0/16 per session: parallel sessions pick different ones,
-# and within a session every daemon gets its own address.
-_SESSION_OCTET = random.SystemRandom().randrange(2, 255)
-_host_numbers = itertools.count(1)
-
-
-def fresh_host() -> str:
-    """A loopback address no other daemon of this session uses."""
-    n = next(_host_numbers)
-    assert n < 250 * 250, "out of loopback addresses"
-    return f"127.{_SESSION_OCTET}.{n // 250}.{n % 250 + 1}"
-
-
-def free_port(host: str) -> int:
-    """A port free for both UDP and TCP on ``host`` (the daemon binds both)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free UDP+TCP port on {host}")
-
 
 # --- polling ---------------------------------------------------------------------
 
