@@ -82,7 +82,8 @@ def pin_source(rev: str = "HEAD", keep: bool = False, prefix: str = "bench-src-"
 
 
 def src_env() -> dict[str, str]:
-    """The environment of a process that runs the code under test."""
+    """The environment of a process that runs the code under test (start it
+    outside the repo: ``python -m``/``-c`` put the cwd ahead of PYTHONPATH)."""
     return {**os.environ, "PYTHONPATH": str(SRC)}
 
 
@@ -156,9 +157,11 @@ class Daemon:
                 "--preset", preset, "--log-level", "warning"]
         if join:
             argv += ["--join", join]
+        # cwd: `python -m` puts the cwd first on sys.path, ahead of PYTHONPATH
+        # (from the repo root, the work tree's peerd would run, not SRC's).
         with open(self.dir / "stderr", "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=src_env(), start_new_session=True)
+                                         env=src_env(), cwd=self.dir, start_new_session=True)
         track(self.proc)
 
     def api(self, op: str, **args: Any) -> Any:

@@ -304,7 +304,7 @@ async def _dead(fleet: Fleet, count: int) -> dict[str, Any]:
     seen = Seen()
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, victim.sock, str(count)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=src_env())
+                              env=src_env(), cwd=victim.dir)
     track(holder)
     names = {f"doomed-{i}" for i in range(count)} | {"doomed-group"}
     try:

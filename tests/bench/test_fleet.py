@@ -78,6 +78,25 @@ def test_pin_source_archives_the_revision(monkeypatch: pytest.MonkeyPatch) -> No
     assert fleet.src_env()["PYTHONPATH"] == str(src)
 
 
+def test_a_daemon_runs_the_pinned_code_from_the_repo_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "src" / "peerd"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text('print("the pinned copy")\n')
+    monkeypatch.setattr(fleet, "SRC", tmp_path / "src")
+    monkeypatch.chdir(fleet.REPO)  # where the scripts are run from; it has a peerd/
+    d = fleet.Daemon("d00", "127.0.0.1", 1, tmp_path / "d00")
+    d.dir.mkdir()
+    d.start("local", None)
+    assert d.proc is not None
+    try:
+        d.proc.wait(30)
+    finally:
+        d.stop()
+    assert (d.dir / "stderr").read_text() == "the pinned copy\n"
+
+
 class _FailingFleet(fleet.Fleet):
     def start(self, timeout: float = 120.0) -> float:
         super().start(timeout)
