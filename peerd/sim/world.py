@@ -529,9 +529,8 @@ class World:
             elif c is CommandResult:
                 if self.reg is not None:
                     self.reg.on_result(proc, o, t)
-            elif c is MeshCast:
-                if self.mesh is not None:
-                    self.mesh.cast(proc, o.channel, o.payload, t)
+            elif c is MeshCast and self.mesh is not None:  # (the last case)
+                self.mesh.cast(proc, o.channel, o.payload, t)
 
     def _send(self, proc: Proc, dst: Addr, data: bytes, t: float) -> None:
         host = self.by_addr.get(dst)
