@@ -1,5 +1,6 @@
 """Peer links (peerd.shell.links) on real loopback sockets, sharing the TCP
-listener with push-pull streams; timeouts and idling under a mock clock."""
+listener with push-pull streams; idling on memory streams under the mock
+clock (no sockets, so no waiting on the wall clock)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peerd.shell import links as links_module
 from peerd.shell.links import LinkLimits, LinkLost, LinkManager, LinkMessages, _split
-from peerd.shell.tcp import TcpEndpoint, TcpLimits, encode_frame, open_tcp_listener
+from peerd.shell.tcp import TcpEndpoint, TcpLimits, encode_frame, open_tcp_listener, read_frame
 from peerd.wire import codec
-from peerd.wire.messages import Ack, Channel, Disconnect, Gossip, NeighborReply
+from peerd.wire.messages import Ack, Addr, Channel, Disconnect, Gossip, NeighborReply
 from peerd.wire.seal import Opener
 from tests.shell.conftest import Net, closed_tcp_port
+from tests.shell.test_links_supersede import MemConn
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -202,31 +205,86 @@ def test_lowest_priority_dropped_over_the_bound() -> None:
     assert sorted(link.queues) == [0, 3]
 
 
-async def test_idle_direct_link_closes(autojump_clock: trio.testing.MockClock) -> None:
-    # Real sockets: jump only when truly idle (a loaded host can delay a
-    # loopback read by tens of ms, and a jump then would fire timeouts).
-    autojump_clock.autojump_threshold = 0.3
-    async with pair(limits=LinkLimits(idle_s=30, reap_interval_s=10)) as (a, b):
-        b.links.limits = LinkLimits(idle_s=1000)  # so that a is the one to reap it
-        a.links.connect(B, b.addr, mesh=False)
-        a.links.send(B, Ack(1), mesh=False)  # not a mesh message: direct traffic
-        await b.next()
+class MemSide:
+    """One node's link manager, its peer links carried by memory streams."""
+
+    def __init__(self, node: bytes, limits: LinkLimits) -> None:
+        self.node = node
+        self.net = Net(node, [KEY], queue=4096)
+        self.links = LinkManager(node, sealer=self.net.sealer, keyring=self.net.keyring,
+                                 inputs=self.net.send, counters=self.net.counters,
+                                 log=self.net.log, limits=limits)
+
+    async def next(self) -> Any:
+        with trio.fail_after(60):  # mock clock: virtual seconds
+            return await self.net.receive.receive()
+
+
+@asynccontextmanager
+async def mem_pair(monkeypatch: pytest.MonkeyPatch, limits_a: LinkLimits,
+                   limits_b: LinkLimits) -> AsyncIterator[tuple[MemSide, MemSide, Addr]]:
+    """A and B with no sockets: A's connect to B's address gets a memory
+    stream whose other end is served as B's TCP listener does (the hello
+    frame opened, then handed to ``accept``). Nothing waits on the wall
+    clock, so the tests run under the mock clock (autojump threshold 0)."""
+    a, b = MemSide(A, limits_a), MemSide(B, limits_b)
+    b_addr: Addr = ("127.0.0.1", 7946)
+    async with trio.open_nursery() as nursery:
+
+        async def listen(stream: trio.StapledStream[Any, Any]) -> None:
+            try:
+                frame = await read_frame(stream, 1 << 20)
+                sender, payload = b.net.opener.open(frame)
+                await b.links.accept(MemConn(stream), sender, payload)
+            finally:
+                await trio.aclose_forcefully(stream)  # as the listener does
+
+        async def connect(addr: Addr) -> Any:
+            if addr != b_addr:
+                raise OSError("connection refused")
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(listen, theirs)
+            return MemConn(ours)
+
+        monkeypatch.setattr(links_module, "connect_tcp", connect)
+        for s in (a, b):
+            await nursery.start(s.links.run)
+        yield a, b, b_addr
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_direct_link_closes(autojump_clock: trio.testing.MockClock,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = LinkLimits(idle_s=30, reap_interval_s=10)
+    # b's idle_s is long, so that a is the one to reap it.
+    async with mem_pair(monkeypatch, limits, LinkLimits(idle_s=1000)) as (a, b, b_addr):
+        a.links.connect(B, b_addr, mesh=False)
+        assert a.links.send(B, Ack(1), mesh=False)  # not a mesh message: direct traffic
+        assert await b.next() == LinkMessages(A, (Ack(1),))
         t0 = trio.current_time()
-        with trio.fail_after(60):
-            item = await b.net.receive.receive()
-        assert item == LinkLost(A, False)  # a reaped it, b heard the close
-        assert 30 <= trio.current_time() - t0 <= 41  # idle, then the next reaper round
+        assert await b.next() == LinkLost(A, False)  # a reaped it, b heard the close
+        assert 30 <= trio.current_time() - t0 <= 40  # idle, then the next reaper round
         assert a.net.counters["link_idle_closed"] == 1
+        assert b.net.counters["link_idle_closed"] == 0
+        assert await a.next() == LinkLost(B, False)  # a's runner hears it too
+        assert not a.links.has(B)
+        await trio.testing.wait_all_tasks_blocked()  # the link's task ends
+        assert a.links.open_count == 0 and b.links.open_count == 0
 
 
-async def test_mesh_link_is_not_reaped(autojump_clock: trio.testing.MockClock) -> None:
-    autojump_clock.autojump_threshold = 0.3
-    async with pair(limits=LinkLimits(idle_s=30, reap_interval_s=10)) as (a, b):
-        a.links.connect(B, b.addr)
-        a.links.send(B, NeighborReply(True), mesh=True)
-        await b.next()
-        await trio.sleep(100)
+async def test_mesh_link_is_not_reaped(autojump_clock: trio.testing.MockClock,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = LinkLimits(idle_s=30, reap_interval_s=10)
+    async with mem_pair(monkeypatch, limits, limits) as (a, b, b_addr):
+        a.links.connect(B, b_addr)
+        assert a.links.send(B, NeighborReply(True), mesh=True)
+        assert await b.next() == LinkMessages(A, (NeighborReply(True),))
+        await trio.sleep(100)  # ten reaper rounds, over three times idle_s
         assert a.links.is_up(B) and b.links.is_up(A)
+        assert a.net.counters["link_idle_closed"] == 0
+        assert b.net.counters["link_idle_closed"] == 0
+        assert a.net.receive.statistics().current_buffer_used == 0  # no LinkLost
+        assert b.net.receive.statistics().current_buffer_used == 0
 
 
 @given(st.binary(max_size=200))
