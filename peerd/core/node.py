@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import functools
 import ipaddress
+import itertools
 import random
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -1594,15 +1595,22 @@ class Node:
             self._arm(TimerKind.RECONNECT, delay)
         if self._leaving:
             return
-        candidates = [self._peek(n).addr for n in self._dead]
-        candidates += [s for s in self._seeds if self._by_addr.get(s) not in self._live]
-        if not candidates:
+        # One of the dead members or the seeds not live, uniformly; without
+        # listing the dead (thousands after a mass failure, every tick).
+        dead = self._dead
+        seeds = [s for s in self._seeds if self._by_addr.get(s) not in self._live]
+        n = len(dead) + len(seeds)
+        if not n:
             return
         syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
         if syncs >= self.config.max_concurrent_syncs:
             return
         self.counters["reconnects"] += 1
-        self._open_sync(self.rng.choice(candidates))
+        k = self.rng.randrange(n)  # the draw rng.choice makes
+        if k < len(dead):
+            self._open_sync(self._peek(next(itertools.islice(dead, k, None))).addr)
+        else:
+            self._open_sync(seeds[k - len(dead)])
 
     def _open_sync(self, addr: Addr) -> None:
         """Anti-entropy with ``addr``: a full push-pull while the membership
