@@ -162,9 +162,12 @@ REAP_INTERVAL_S = 60.0
 RING_SUCCESSORS = 2
 # A new ring successor gets the final news we learnt this long ago or less
 # (at most RING_RECENT_MAX items): it may have missed them while the old
-# successor was dead.
+# successor was dead. The bound must hold a mass failure's deaths: with 512,
+# 30% of 2,000 simulated nodes crashing left 91 deaths unknown to some
+# survivors 40 s later (the ring's repeat to a new successor lost the oldest
+# ones); with 4,096, none. At most about 100 KB of 12-byte notices per node.
 RING_RECENT_S = 10.0
-RING_RECENT_MAX = 512
+RING_RECENT_MAX = 4096
 # Context of the GOSSIP timer that passes news to the ring successors.
 _RING_FLUSH = "ring"
 

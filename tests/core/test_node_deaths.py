@@ -14,7 +14,7 @@ from peerd.core.swim import formulas
 from peerd.wire import codec
 from peerd.wire.messages import Alive, Dead, Died, DiedRef, Left, Status, Suspect
 
-from .util import Rig, addr, cfg, events, name, nid, sends
+from .util import Rig, addr, alive, cfg, events, name, nid, sends
 
 
 def started(*peers: int, i: int = 3, **kw: object) -> Rig:
@@ -86,6 +86,27 @@ def test_a_new_successor_gets_the_recent_news_again() -> None:
     r.recv(2, Died(nid(5), 0), now=2.0 + RING_RECENT_S + 1.0)
     outs = r.fire(TimerKind.GOSSIP)
     assert sends(outs) == [(addr(1), [Died(nid(5), 0)]), (addr(2), [Died(nid(5), 0)])]
+
+
+def test_a_new_successor_gets_every_death_of_a_mass_failure() -> None:
+    # n3 among 700; 600 of them die at once (n10..n609), then its successor
+    # n4 does too: the new successor n6 must get all 601 deaths, not the
+    # newest RING_RECENT_MAX of them.
+    r = Rig.make(3)
+    r.start()
+    for k in (1, 2, *range(4, 701)):
+        at = addr(k) if k < 10 else (f"10.1.{k // 250}.{k % 250 + 1}", 7946)
+        r.recv(2, alive(k, at=at), now=0.0)
+    r.drain()
+    for k in range(10, 610):
+        r.recv(2, Died(nid(k), 0), now=1.0)
+    r.fire(TimerKind.GOSSIP)
+    r.drain()
+    r.recv(2, Died(nid(4), 0), now=2.0)
+    outs = r.fire(TimerKind.GOSSIP)
+    to6 = {m.node for dst, msgs in sends(outs) if dst == addr(6) for m in msgs
+           if isinstance(m, Died)}
+    assert to6 == {nid(k) for k in (4, *range(10, 610))}
 
 
 def test_the_ring_wraps_around() -> None:
