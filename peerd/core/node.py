@@ -165,7 +165,8 @@ RING_SUCCESSORS = 2
 # successor was dead. The bound must hold a mass failure's deaths: with 512,
 # 30% of 2,000 simulated nodes crashing left 91 deaths unknown to some
 # survivors 40 s later (the ring's repeat to a new successor lost the oldest
-# ones); with 4,096, none. At most about 100 KB of 12-byte notices per node.
+# ones); with 4,096, none. At most 4,096 (time, notice) pairs per node, about
+# 0.5 MB of Python objects, and only while a burst is under RING_RECENT_S old.
 RING_RECENT_S = 10.0
 RING_RECENT_MAX = 4096
 # Context of the GOSSIP timer that passes news to the ring successors.
