@@ -81,25 +81,28 @@ class BroadcastQueue:
             self._sizes[n] = left
         else:
             del self._sizes[n]
+        self._compact()
+
+    def _compact(self) -> None:
         heap = self._heap
         if len(heap) > 2 * len(self._by_order) + 64:  # mostly stale keys: rebuild
             heap[:] = self._by_order
             heapq.heapify(heap)
 
     def _sent(self, item: _Item, limit: int) -> None:
-        """Count one transmission of ``item`` (already popped or stale in the
-        heap); drop it at ``limit``."""
-        by_order = self._by_order
-        del by_order[item.sort_key]
+        """Count one transmission of ``item`` (its heap key already popped, or
+        left stale); drop it at ``limit``."""
         item.transmits += 1
         if item.transmits >= limit:
-            by_order[item.sort_key] = item  # so that _drop finds it
             del self._items[item.key]
             self._drop(item)
-        else:
-            item.sort_key = key = _order_key(item.transmits, item.seq)
-            heapq.heappush(self._heap, key)
-            by_order[key] = item
+            return
+        by_order = self._by_order
+        del by_order[item.sort_key]
+        item.sort_key = key = _order_key(item.transmits, item.seq)
+        heapq.heappush(self._heap, key)
+        by_order[key] = item
+        self._compact()
 
     def enqueue(self, key: Hashable, data: bytes, ident: Hashable = None) -> None:
         """Queue ``data``; replaces any queued item with the same key. With an
