@@ -27,7 +27,7 @@ TIMEOUT = 10
 async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """main(argv) in a thread (it blocks on its socket) with a bounded wait."""
     with trio.fail_after(TIMEOUT):
-        code = await trio.to_thread.run_sync(cli.main, list(argv), cancellable=True)
+        code = await trio.to_thread.run_sync(cli.main, list(argv), abandon_on_cancel=True)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -187,7 +187,7 @@ async def test_blocking_client(server: ApiServer, backend: FakeBackend) -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
-            names = await trio.to_thread.run_sync(scenario, cancellable=True)
+            names = await trio.to_thread.run_sync(scenario, abandon_on_cancel=True)
     assert names == ["joined:alpha", "suspect:beta"]
 
 
@@ -212,6 +212,6 @@ async def test_blocking_client_watch_error_and_close(server: ApiServer,
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
-            assert await trio.to_thread.run_sync(scenario, cancellable=True) == "joined"
+            assert await trio.to_thread.run_sync(scenario, abandon_on_cancel=True) == "joined"
     await trio.testing.wait_all_tasks_blocked()
     assert backend.emit("x", {}) == 0

@@ -323,7 +323,7 @@ async def test_blocking_client_keeps_connection_events(server: ApiServer,
 
 async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     with trio.fail_after(TIMEOUT):
-        code = await trio.to_thread.run_sync(cli.main, list(argv), cancellable=True)
+        code = await trio.to_thread.run_sync(cli.main, list(argv), abandon_on_cancel=True)
     out, err = capsys.readouterr()
     return code, out, err
 
