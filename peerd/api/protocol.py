@@ -335,7 +335,7 @@ class FrameDecoder:
         self._pos = 0
         self._error: FrameError | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._error is None:
             self._buf += data
 
@@ -772,6 +772,16 @@ def parse_event_args(args: Mapping[str, Any]) -> EventArgs:
     return EventArgs(name, payload)
 
 
+def user_event_to_wire(msg_id: bytes, origin: NodeId, name: str, payload: bytes,
+                       origin_name: str | None = None) -> dict[str, Any]:
+    """The ``data`` of a ``user`` event on an ``events`` watch."""
+    data: dict[str, Any] = {"name": name, "payload": payload, "id": msg_id.hex(),
+                            "origin": origin.hex()}
+    if origin_name is not None:
+        data["origin_name"] = origin_name
+    return data
+
+
 def encode_user_event(name: str, payload: bytes) -> bytes:
     """The broadcast payload of a user event: CBOR ``[name, payload]``."""
     return cbor2.dumps([name, payload])
@@ -801,6 +811,16 @@ MAX_MESSAGE_BYTES = 256 * 1024
 
 MESSAGE_EVENT = "message"
 """Connection event (stream 0) carrying a message to a name this connection holds."""
+
+
+def message_event_to_wire(sender: str | None, from_node: NodeId, kind: RegKind, scope: str,
+                          name: str, payload: bytes) -> dict[str, Any]:
+    """The ``data`` of a ``message`` connection event: a message to ``name``
+    (or group) from the process holding ``sender`` (None: it holds no name)
+    on node ``from_node``."""
+    return {"from": sender or None, "from_node": from_node.hex(),
+            "kind": "name" if kind is RegKind.NAME else "group",
+            "scope": scope, "name": name, "payload": payload}
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,14 @@ from typing import Any
 
 import trio
 
-from peerd.api.protocol import CONNECTION_STREAM, MESSAGE_EVENT, ApiError, ErrorCode, SendArgs
+from peerd.api.protocol import (
+    CONNECTION_STREAM,
+    MESSAGE_EVENT,
+    ApiError,
+    ErrorCode,
+    SendArgs,
+    message_event_to_wire,
+)
 from peerd.shell.api_server import MAILBOX_BYTES, MAILBOX_MESSAGES
 from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind
 
@@ -274,9 +281,8 @@ class Messenger:
         if conn is None or getattr(conn, "closed", False):
             self.counters["message_not_found"] += 1
             return NameStatus.NOT_FOUND
-        data = {"from": msg.sender or None, "from_node": src.hex(),
-                "kind": "name" if msg.kind is RegKind.NAME else "group",
-                "scope": msg.scope, "name": msg.name, "payload": msg.payload}
+        data = message_event_to_wire(msg.sender, src, msg.kind, msg.scope, msg.name,
+                                     msg.payload)
         try:
             outcome = conn.offer(CONNECTION_STREAM, MESSAGE_EVENT, data)
         except (AttributeError, ValueError):

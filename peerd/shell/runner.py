@@ -91,6 +91,7 @@ from peerd.api.protocol import (
     reg_entry_to_wire,
     registry_event_to_wire,
     status_to_wire,
+    user_event_to_wire,
 )
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
@@ -952,10 +953,8 @@ class Runner:
             return
         member = getattr(self.node, "member", None)
         info = member(origin) if member is not None else None
-        data: dict[str, Any] = {"name": name, "payload": payload, "id": msg_id.hex(),
-                                "origin": origin.hex()}
-        if info is not None:
-            data["origin_name"] = info.name
+        data = user_event_to_wire(msg_id, origin, name, payload,
+                                  info.name if info is not None else None)
         self._fan_out(Topic.EVENTS.value, ("user", data))
 
     def _user_event(self, ev: EventArgs) -> dict[str, Any]:

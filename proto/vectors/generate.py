@@ -1,4 +1,5 @@
-"""Regenerate the wire test vectors: ``python proto/vectors/generate.py``.
+"""Regenerate the test vectors: ``python proto/vectors/generate.py`` (``--check``:
+compare with the committed files and write nothing; CI runs that).
 
 The JSON files next to this script are the normative artefact; this script
 only saves typing them by hand. Regenerating must not change them unless the
@@ -195,14 +196,15 @@ def message_vectors() -> dict[str, Any]:
     messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
                 for name, m in named]
 
-    packet = [Ping(7, a), Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ()), Suspect(b, 4, a)]
+    packet: list[Message] = [Ping(7, a), Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ()),
+                             Suspect(b, 4, a)]
     # A newer peer's datagram: one message with an appended field, one unknown type.
     newer = codec.pack([
         bytes.fromhex("8303") + bytes.fromhex("0a") + bytes.fromhex("63") + b"new",
         bytes.fromhex("820a00"),
         codec.encode(Left(a, 6)),
     ])
-    datagrams = [
+    datagrams: list[dict[str, Any]] = [
         {"name": "three-messages", "messages": [describe(m) for m in packet],
          "errors": [], "cbor_hex": codec.pack([codec.encode(m) for m in packet]).hex()},
         {"name": "empty", "messages": [], "errors": [], "cbor_hex": codec.pack([]).hex()},
@@ -342,17 +344,206 @@ def seal_vectors(ping_packet: bytes) -> dict[str, Any]:
     }
 
 
-def write(name: str, data: dict[str, Any]) -> None:
-    path = HERE / name
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {path}")
+def api_vectors() -> dict[str, Any]:
+    """Frames of the local API (proto/api.cddl), built by the daemon's own
+    encoders where it has them (status, members, registry entries and events,
+    user and message events), so the CDDL check in proto/validate.py checks
+    what the daemon sends."""
+    from peerd.api.protocol import (
+        Event,
+        Request,
+        Response,
+        encode_frame,
+        member_event_to_wire,
+        member_to_wire,
+        message_event_to_wire,
+        reg_entry_to_wire,
+        registry_event_to_wire,
+        status_to_wire,
+        user_event_to_wire,
+    )
+    from peerd.core.events import (
+        EventKind,
+        MemberEvent,
+        MemberInfo,
+        RegEventKind,
+        RegistryEvent,
+    )
+    from peerd.wire import seal
+    from peerd.wire.messages import RegEntry, RegKind, Status
+
+    a = bytes.fromhex("a1a2a3a4a5a6a7a8a9aaabacadaeafb0")
+    b = bytes.fromhex("b1b2b3b4b5b6b7b8b9babbbcbdbebfc0")
+    web1 = MemberInfo(a, "web-1", ("192.0.2.1", 7950), Status.ALIVE, 3, 17,
+                      (("role", "web"), ("zone", "eu-west-1b")))
+    db1 = MemberInfo(b, "db-1", ("2001:db8::7", 7950), Status.SUSPECT, 0, 2, ())
+    primary = RegEntry(1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000,
+                       (("role", "primary"),))
+    late = RegEntry(9, RegKind.NAME, "default", "db-primary", 1763769600250, 77, 0, ())
+    worker = RegEntry(2, RegKind.GROUP, "jobs", "workers", 1763769601000, 4243, 1000, ())
+    key = seal.format_key(bytes(range(32)))
+
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, frame: Request | Response | Event, rule: str,
+            parts: dict[str, str] | None = None) -> None:
+        out.append({"name": name, "rule": rule, "parts": parts or {},
+                    "frame_hex": encode_frame(frame).hex()})
+
+    def request(name: str, op: str, args: dict[str, Any] | None = None,
+                args_rule: str | None = None) -> None:
+        add(name, Request(len(out) + 1, op, args or {}), "client-frame",
+            {"args": args_rule} if args_rule else None)
+
+    # Requests: one per op, with every optional argument somewhere.
+    request("status", "status")
+    request("members", "members")
+    request("set-tags", "set-tags", {"tags": {"role": "web", "old": None}, "replace": False},
+            "set-tags-args")
+    request("leave", "leave")
+    request("join", "join", {"addrs": ["192.0.2.7:7950", "[2001:db8::1]:7950"]}, "join-args")
+    request("keys-list", "keys.list")
+    request("keys-install", "keys.install", {"key": key}, "key-args")
+    request("keys-use", "keys.use", {"key": key}, "key-args")
+    request("keys-remove", "keys.remove", {"key": key}, "key-args")
+    request("watch", "watch", {"topics": ["members", "registry", "events"]}, "watch-args")
+    request("unwatch", "unwatch", {"stream": 10}, "unwatch-args")
+    request("register", "register", {"name": "db-primary"}, "register-args")
+    request("register-settled", "register",
+            {"name": "db-primary", "scope": "default", "meta": {"role": "primary"},
+             "wait": "settled", "timeout_s": 2.5}, "register-args")
+    request("unregister", "unregister", {"name": "db-primary", "scope": "default"},
+            "unregister-args")
+    request("update-name", "update", {"name": "db-primary", "meta": {"role": "replica"}},
+            "update-args")
+    request("update-group", "update", {"group": "workers", "scope": "jobs", "meta": {}},
+            "update-args")
+    request("lookup", "lookup", {"name": "db-primary"}, "lookup-args")
+    request("list", "list", {"scope": "default", "prefix": "db-", "after": ["default", "db-a"],
+                             "limit": 100}, "list-args")
+    request("group-join", "group.join", {"group": "workers", "scope": "jobs",
+                                         "meta": {"slots": "4"}}, "group-join-args")
+    request("group-leave", "group.leave", {"group": "workers", "scope": "jobs"},
+            "group-leave-args")
+    request("group-members", "group.members", {"group": "workers", "scope": "jobs",
+                                               "limit": 10}, "group-members-args")
+    request("groups", "groups", {"scope": "jobs"}, "groups-args")
+    request("event", "event", {"name": "deploy", "payload": b"v1.2.3"}, "event-args")
+    request("event-text", "event", {"name": "reload"}, "event-args")
+    request("send-name", "send", {"name": "db-primary", "payload": "hello"}, "send-args")
+    request("send-group-all", "send", {"group": "workers", "scope": "jobs", "all": True,
+                                       "payload": b"\x00\x01"}, "send-args")
+
+    # Responses, with the result built as the daemon builds it.
+    def ok(name: str, result: Any, result_rule: str) -> None:
+        add(name, Response.success(len(out) + 1, result), "server-frame",
+            {"result": result_rule})
+
+    ok("status-result", status_to_wire(web1, 0, [web1, db1], version="0.1.0"), "status-result")
+    ok("members-result", [member_to_wire(web1), member_to_wire(db1)], "members-result")
+    ok("set-tags-result", {"role": "web"}, "set-tags-result")
+    ok("join-result", {"ok": 1, "failed": 1}, "join-result")
+    ok("keys-list-result", [{"id": seal.key_id(bytes(range(32))).hex(), "primary": True}],
+       "keys-list-result")
+    ok("register-result", reg_entry_to_wire(a, primary, web1), "register-result")
+    ok("register-settled-result",
+       {**reg_entry_to_wire(a, primary, web1), "settled": True, "won": True},
+       "register-result")
+    ok("lookup-result", reg_entry_to_wire(b, primary), "lookup-result")
+    ok("list-result", {"entries": [reg_entry_to_wire(a, primary, web1)], "more": False},
+       "list-result")
+    ok("group-members-result", {"entries": [reg_entry_to_wire(a, worker)], "more": True},
+       "group-members-result")
+    ok("groups-result", {"groups": [{"scope": "jobs", "group": "workers", "members": 3}],
+                         "more": False}, "groups-result")
+    ok("event-result", {"id": bytes(range(16)).hex()}, "event-result")
+    ok("send-result", {"delivered": 1}, "send-result")
+    ok("send-all-result", {"delivered": 2, "failed": [
+        {"node": b.hex(), "code": "unavailable", "message": "mailbox full"}]}, "send-result")
+    ok("empty-result", {}, "watch-result")
+    add("error", Response.failure(len(out) + 1, "conflict", "name 'db-primary' is held"),
+        "server-frame")
+    add("bad-frame", Response.failure(None, "bad_frame", "not CBOR"), "server-frame")
+
+    # Events, as the daemon fans them out.
+    def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]],
+              rule: str) -> None:
+        add(name, Event(stream, kind_and_data[0], kind_and_data[1]), rule)
+
+    event("member-joined", 10, member_event_to_wire(MemberEvent(EventKind.JOINED, web1)),
+          "member-event")
+    event("member-name-conflict", 10,
+          member_event_to_wire(MemberEvent(EventKind.NAME_CONFLICT, db1, web1)), "member-event")
+    event("registry-registered", 10,
+          registry_event_to_wire(RegistryEvent(RegEventKind.REGISTERED, a, primary)),
+          "registry-event")
+    event("registry-conflict", 10,
+          registry_event_to_wire(RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary)),
+                                 {a: web1}.get), "registry-event")
+    event("connection-conflict", 0,
+          registry_event_to_wire(RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary))),
+          "connection-event")
+    event("user-event", 10, ("user", user_event_to_wire(bytes(range(16)), a, "deploy",
+                                                         b"v1.2.3", "web-1")), "user-event")
+    event("message", 0, ("message", message_event_to_wire("caller-1", b, RegKind.NAME,
+                                                           "default", "db-primary", b"hello")),
+          "message-event")
+    event("message-anonymous", 0, ("message", message_event_to_wire(
+        None, b, RegKind.GROUP, "jobs", "workers", b"")), "message-event")
+    event("end", 10, ("end", {"code": "unavailable", "message": "watcher fell behind"}),
+          "end-event")
+
+    return {
+        "description": "peerd local API frames (proto/api.cddl). frame_hex is one whole frame "
+        "(4-byte big-endian length, then the CBOR body). The body matches the CDDL rule "
+        "'rule'; each entry of 'parts' names a field of the body (args, result) and the rule "
+        "that field matches. Built with the daemon's own encoders where it has them.",
+        "frames": out,
+    }
 
 
-def main() -> None:
+def all_vectors() -> dict[str, dict[str, Any]]:
+    """Every vector file's content, by file name."""
     msgs = message_vectors()
-    write("messages.json", msgs)
-    write("seal.json", seal_vectors(bytes.fromhex(msgs["datagrams"][0]["cbor_hex"])))
+    return {
+        "messages.json": msgs,
+        "seal.json": seal_vectors(bytes.fromhex(msgs["datagrams"][0]["cbor_hex"])),
+        "api.json": api_vectors(),
+    }
+
+
+def render(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """Write the vector files; with ``--check``, write nothing and exit 1
+    (with a diff) if a committed file differs from what the code gives."""
+    import difflib
+
+    check = argv == ["--check"]
+    if argv and not check:
+        print("usage: generate.py [--check]", file=sys.stderr)
+        return 2
+    stale = 0
+    files = all_vectors()
+    for name, data in files.items():
+        path = HERE / name
+        text = render(data)
+        if not check:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+            continue
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        if old != text:
+            stale += 1
+            diff = difflib.unified_diff(old.splitlines(True), text.splitlines(True),
+                                        f"{name} (committed)", f"{name} (generated)", n=1)
+            sys.stdout.writelines(list(diff)[:200])
+    if check:
+        print(f"vectors: {len(files)} files, {stale} differ from the generator")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -74,11 +74,17 @@ def test_bad_key_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
 # --- one real daemon ----------------------------------------------------------------
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0) -> Any:
-    """Poll ``fn`` until it returns something truthy, within a bounded deadline."""
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0,
+             proc: subprocess.Popen[str] | None = None) -> Any:
+    """Poll ``fn`` until it returns something truthy, within a bounded deadline.
+    With ``proc``: fail at once, with its stderr, if that daemon exits."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"daemon exited with {proc.returncode} while waiting for "
+                                 f"{what}:\n{err}")
         try:
             last = fn()
         except (OSError, ConnectionError) as e:
@@ -122,7 +128,7 @@ def test_real_daemons_join_and_stop_cleanly(tmp_path: Path) -> None:
     a = start(tmp_path, "a", "127.0.0.1", "--key-file", str(key_file))
     b = None
     try:
-        status = wait_for("a's API", lambda: api(tmp_path / "a.sock", "status"))
+        status = wait_for("a's API", lambda: api(tmp_path / "a.sock", "status"), proc=a)
         assert status["name"] == "a" and status["generation"] == 1
         b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file),
                   "--join", status["addr"])
