@@ -267,19 +267,11 @@ def parse_server_frame(frame: Mapping[Any, Any]) -> Response | Event:
 # --- framing ------------------------------------------------------------------
 
 
-def _decoder_options() -> dict[str, Any]:
-    # Newer cbor2 can reject map keys other than text/bytes, which closes a
-    # hash-collision denial of service (many int keys with one hash); older
-    # versions lack the option, and our own type checks still apply there.
-    options: dict[str, Any] = {"strict_hashable_types": True, "allow_duplicate_keys": False}
-    try:
-        cbor2.CBORDecoder(io.BytesIO(b""), **options)
-    except TypeError:
-        return {}
-    return options
-
-
-_DECODER_OPTIONS = _decoder_options()
+# Reject map keys other than text/bytes (a hash-collision denial of service:
+# many int keys with one hash) and duplicate keys. cbor2 >= 6.2 has both
+# options (peerd.wire.codec refuses to import on an older one).
+_DECODER_OPTIONS: dict[str, Any] = {"strict_hashable_types": True,
+                                    "allow_duplicate_keys": False}
 
 
 def decode_body(body: bytes) -> dict[Any, Any]:

@@ -879,7 +879,7 @@ _DECODER_OPTIONS: dict[str, Any] = {
 try:  # An older cbor2 would fail every decode at run time: fail loudly here instead.
     cbor2.CBORDecoder(io.BytesIO(b""), **_DECODER_OPTIONS)
 except TypeError as exc:  # pragma: no cover - depends on the installed cbor2
-    raise ImportError(f"peerd.wire.codec needs cbor2 >= 6.1 for strict decoding: {exc}") from exc
+    raise ImportError(f"peerd.wire.codec needs cbor2 >= 6.2 for strict decoding: {exc}") from exc
 
 
 def _loads(data: bytes) -> Any:

@@ -207,7 +207,7 @@ def test_plot_draws_the_timeline(tmp_path: object) -> None:
 
     import pytest
 
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib: pip install '.[plot]'")
     from peerd.sim.report import plot
 
     body = fault('at_s = 3\nkind = "partition"\ngroups = [0.5, 0.5]') + fault(

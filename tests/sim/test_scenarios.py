@@ -24,7 +24,8 @@ def _param(path: Path) -> object:
     if path.stem in KNOWN_MISSES:
         marks.append(pytest.mark.xfail(reason=KNOWN_MISSES[path.stem], strict=False))
     if sc.nodes > LARGE and not os.environ.get("PEERD_SIM_LARGE"):
-        marks.append(pytest.mark.skip(reason=f"{sc.nodes} nodes: set PEERD_SIM_LARGE=1"))
+        marks.append(pytest.mark.skip(
+            reason=f"{sc.nodes} nodes: a benchmark-size scenario; set PEERD_SIM_LARGE=1 to run it"))
     return pytest.param(path, id=path.stem, marks=marks)
 
 
