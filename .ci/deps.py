@@ -45,13 +45,26 @@ def lowest(extras: list[str]) -> list[str]:
     return pins
 
 
+def same_release(a: str, b: str) -> bool:
+    """``0.23`` and ``0.23.0`` are one release (PEP 440: trailing zeros)."""
+
+    def key(v: str) -> list[str]:
+        parts = v.split(".")
+        while len(parts) > 1 and parts[-1] == "0":
+            parts.pop()
+        return parts
+
+    return key(a) == key(b)
+
+
 def check(path: str) -> int:
     bad = 0
     for line in Path(path).read_text("utf-8").split():
         name, want = line.split("==")
         have = metadata.version(name)
-        print(f"{name} {have}" + ("" if have == want else f"  (pinned {want}!)"))
-        bad += have != want
+        ok = same_release(have, want)
+        print(f"  {name} {have}" + ("" if ok else f"  (pinned {want}: NOT the lower bound)"))
+        bad += not ok
     return 1 if bad else 0
 
 
