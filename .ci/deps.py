@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
         case ["lowest", *extras]:
             print("\n".join(lowest(extras)))
         case ["specs", extra]:
-            print("\n".join(requirements([extra])[len(requirements([])):]))
+            print("\n".join(requirements([extra])[len(requirements([])) :]))
         case ["check", path]:
             return check(path)
         case _:

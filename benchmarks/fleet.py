@@ -48,8 +48,7 @@ now = time.monotonic
 SRC: Path = REPO
 
 
-def pin_source(rev: str = "HEAD", keep: bool = False, prefix: str = "bench-src-"
-               ) -> dict[str, Any]:
+def pin_source(rev: str = "HEAD", keep: bool = False, prefix: str = "bench-src-") -> dict[str, Any]:
     """Run daemons and the client from a ``git archive`` of ``rev`` (others may
     commit to the work tree during a run); ``rev == "worktree"`` runs the work
     tree as it is. Sets :data:`SRC`, puts it first on ``sys.path`` and returns
@@ -58,21 +57,37 @@ def pin_source(rev: str = "HEAD", keep: bool = False, prefix: str = "bench-src-"
     global SRC
     info: dict[str, Any] = {"rev": rev}
     if rev == "worktree":
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "peerd"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "peerd"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         SRC = REPO
         info.update(commit=head, dirty=bool(dirty), src=str(REPO))
     else:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify",
-                              f"{rev}^{{commit}}"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
         dest = Path(tempfile.mkdtemp(prefix=f"{prefix}{sha[:10]}-"))
         if not keep:
             atexit.register(shutil.rmtree, dest, True)
-        data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", sha, "peerd"],
-                              capture_output=True, timeout=60, check=True).stdout
+        data = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", sha, "peerd"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        ).stdout
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             tar.extractall(dest, filter="data")
         SRC = dest
@@ -152,16 +167,38 @@ class Daemon:
         return str(self.dir / "api.sock")
 
     def start(self, preset: str, join: str | None) -> None:
-        argv = [sys.executable, "-m", "peerd", "agent", "--name", self.name, "--bind",
-                self.addr, "--api-socket", self.sock, "--state-dir", str(self.dir / "state"),
-                "--preset", preset, "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "peerd",
+            "agent",
+            "--name",
+            self.name,
+            "--bind",
+            self.addr,
+            "--api-socket",
+            self.sock,
+            "--state-dir",
+            str(self.dir / "state"),
+            "--preset",
+            preset,
+            "--log-level",
+            "warning",
+        ]
         if join:
             argv += ["--join", join]
         # cwd: `python -m` puts the cwd first on sys.path, ahead of PYTHONPATH
         # (from the repo root, the work tree's peerd would run, not SRC's).
         with open(self.dir / "stderr", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=src_env(), cwd=self.dir, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=src_env(),
+                cwd=self.dir,
+                start_new_session=True,
+            )
         track(self.proc)
 
     def api(self, op: str, **args: Any) -> Any:
@@ -228,8 +265,11 @@ class Fleet:
         for d in self.daemons[1:]:
             d.start(self.preset, seed.addr)
         n = len(self.daemons)
-        wait_for(lambda: all(int(d.api("status")["members"]["alive"]) == n
-                             for d in self.daemons), timeout, f"{n} daemons to see {n} alive")
+        wait_for(
+            lambda: all(int(d.api("status")["members"]["alive"]) == n for d in self.daemons),
+            timeout,
+            f"{n} daemons to see {n} alive",
+        )
         return now() - t0
 
     def stop(self) -> None:
@@ -271,7 +311,7 @@ def pipeline(s: socket.socket, frames: list[bytes], window: int) -> collections.
     while got < n:
         if sent < n and sent - got < window:
             k = min(n - sent, window - (sent - got))
-            s.sendall(b"".join(frames[sent:sent + k]))
+            s.sendall(b"".join(frames[sent : sent + k]))
             sent += k
         data = s.recv(1 << 20)
         if not data:
@@ -300,10 +340,14 @@ def pct(values: list[float], q: float) -> float:
 def summary_ms(values: list[float], digits: int = 2) -> dict[str, Any]:
     """n, p50/p90/p99/max/mean of ``values`` (seconds) in milliseconds."""
     ms = [v * 1000 for v in values]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), digits),
-            "p90_ms": round(pct(ms, 90), digits), "p99_ms": round(pct(ms, 99), digits),
-            "max_ms": round(max(ms), digits) if ms else None,
-            "mean_ms": round(statistics.fmean(ms), digits) if ms else None}
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), digits),
+        "p90_ms": round(pct(ms, 90), digits),
+        "p99_ms": round(pct(ms, 99), digits),
+        "max_ms": round(max(ms), digits) if ms else None,
+        "mean_ms": round(statistics.fmean(ms), digits) if ms else None,
+    }
 
 
 def wait_load_below(max_load: float, max_wait_s: float) -> float:
@@ -334,6 +378,9 @@ def host_cpu() -> tuple[int, int]:
 
 def udp_counters() -> dict[str, int]:
     """The host's UDP counters (the ``Udp:`` lines of /proc/net/snmp)."""
-    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
-             if ln.startswith("Udp:")]
+    lines = [
+        ln.split()
+        for ln in Path("/proc/net/snmp").read_text().splitlines()
+        if ln.startswith("Udp:")
+    ]
     return dict(zip(lines[0][1:], (int(x) for x in lines[1][1:]), strict=True))

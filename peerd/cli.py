@@ -74,8 +74,14 @@ def _member_sort_key(m: Mapping[str, Any]) -> tuple[str, str]:
 def format_members(members: Iterable[Mapping[str, Any]]) -> str:
     """The ``peerd members`` table: name, short id, address, status, incarnation, tags."""
     rows = [
-        [str(m.get("name", "?")), str(m.get("id", "?"))[:SHORT_ID], str(m.get("addr", "?")),
-         str(m.get("status", "?")), str(m.get("incarnation", "?")), format_tags(m.get("tags", {}))]
+        [
+            str(m.get("name", "?")),
+            str(m.get("id", "?"))[:SHORT_ID],
+            str(m.get("addr", "?")),
+            str(m.get("status", "?")),
+            str(m.get("incarnation", "?")),
+            format_tags(m.get("tags", {})),
+        ]
         for m in sorted(members, key=_member_sort_key)
     ]
     return format_table(["NAME", "ID", "ADDRESS", "STATUS", "INC", "TAGS"], rows)
@@ -85,9 +91,13 @@ def format_status(status: Mapping[str, Any]) -> str:
     """The ``peerd status`` report, one ``label  value`` line per field."""
     counts = status.get("members", {})
     health = status.get("health", "?")
-    health_text = (f"{health} (healthy)" if health == 0
-                   else f"{health} (degraded: this node may be slow or overloaded)"
-                   if isinstance(health, int) else str(health))
+    health_text = (
+        f"{health} (healthy)"
+        if health == 0
+        else f"{health} (degraded: this node may be slow or overloaded)"
+        if isinstance(health, int)
+        else str(health)
+    )
     fields = [
         ("name", str(status.get("name", "?"))),
         ("id", str(status.get("id", "?"))),
@@ -112,9 +122,11 @@ def format_event(ev: Event, when: datetime.datetime | None = None) -> str:
     """One human line per watch event: time, event, member, status, incarnation, tags."""
     when = when or datetime.datetime.now().astimezone()
     d = ev.data
-    line = (f"{when.strftime('%H:%M:%S')} {ev.event:<13} {_member_brief(d)} "
-            f"{d.get('status', '?')} inc={d.get('incarnation', '?')} "
-            f"tags={format_tags(d.get('tags', {}))}")
+    line = (
+        f"{when.strftime('%H:%M:%S')} {ev.event:<13} {_member_brief(d)} "
+        f"{d.get('status', '?')} inc={d.get('incarnation', '?')} "
+        f"tags={format_tags(d.get('tags', {}))}"
+    )
     other = d.get("other")
     if isinstance(other, Mapping):
         line += f" other={_member_brief(other)}"
@@ -130,21 +142,38 @@ def _entry_node(e: Mapping[str, Any]) -> str:
 
 def format_names(entries: Iterable[Mapping[str, Any]]) -> str:
     """The ``peerd names`` table: scope, name, owner node, pid, meta."""
-    rows = [[str(e.get("scope", "?")), str(e.get("name", "?")), _entry_node(e),
-             str(e.get("pid", "?")), format_tags(e.get("meta", {}))] for e in entries]
+    rows = [
+        [
+            str(e.get("scope", "?")),
+            str(e.get("name", "?")),
+            _entry_node(e),
+            str(e.get("pid", "?")),
+            format_tags(e.get("meta", {})),
+        ]
+        for e in entries
+    ]
     return format_table(["SCOPE", "NAME", "NODE", "PID", "META"], rows)
 
 
 def format_group_members(entries: Iterable[Mapping[str, Any]]) -> str:
     """The ``peerd members-of`` table: owner node, address, pid, meta."""
-    rows = [[_entry_node(e), str(e.get("node_addr", "?")), str(e.get("pid", "?")),
-             format_tags(e.get("meta", {}))] for e in entries]
+    rows = [
+        [
+            _entry_node(e),
+            str(e.get("node_addr", "?")),
+            str(e.get("pid", "?")),
+            format_tags(e.get("meta", {})),
+        ]
+        for e in entries
+    ]
     return format_table(["NODE", "ADDRESS", "PID", "META"], rows)
 
 
 def format_groups(groups: Iterable[Mapping[str, Any]]) -> str:
-    rows = [[str(g.get("scope", "?")), str(g.get("group", "?")), str(g.get("members", "?"))]
-            for g in groups]
+    rows = [
+        [str(g.get("scope", "?")), str(g.get("group", "?")), str(g.get("members", "?"))]
+        for g in groups
+    ]
     return format_table(["SCOPE", "GROUP", "MEMBERS"], rows)
 
 
@@ -172,17 +201,18 @@ def format_entry(e: Mapping[str, Any]) -> str:
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in fields)
 
 
-REGISTRY_EVENTS = frozenset({"registered", "unregistered", "updated", "joined", "left",
-                             "conflict"})
+REGISTRY_EVENTS = frozenset({"registered", "unregistered", "updated", "joined", "left", "conflict"})
 
 
 def format_registry_event(ev: Event, when: datetime.datetime | None = None) -> str:
     """One line per registry event: time, event, kind, scope/name, owner, pid, meta."""
     when = when or datetime.datetime.now().astimezone()
     d = ev.data
-    line = (f"{when.strftime('%H:%M:%S')} {ev.event:<13} {d.get('kind', '?')} "
-            f"{d.get('scope', '?')}/{d.get('name', '?')} node={_entry_node(d)} "
-            f"pid={d.get('pid', '?')} meta={format_tags(d.get('meta', {}))}")
+    line = (
+        f"{when.strftime('%H:%M:%S')} {ev.event:<13} {d.get('kind', '?')} "
+        f"{d.get('scope', '?')}/{d.get('name', '?')} node={_entry_node(d)} "
+        f"pid={d.get('pid', '?')} meta={format_tags(d.get('meta', {}))}"
+    )
     winner = d.get("winner")
     if isinstance(winner, Mapping):
         line += f" winner={_entry_node(winner)} pid={winner.get('pid', '?')}"
@@ -194,9 +224,11 @@ def conflict_warning(ev: Event) -> str:
     d = ev.data
     w = d.get("winner") if isinstance(d.get("winner"), Mapping) else {}
     assert isinstance(w, Mapping)
-    return (f"warning: lost the name {d.get('scope', '?')}/{d.get('name', '?')} to an older "
-            f"claim by pid {w.get('pid', '?')} on node {_entry_node(w)}; this process no "
-            "longer holds it")
+    return (
+        f"warning: lost the name {d.get('scope', '?')}/{d.get('name', '?')} to an older "
+        f"claim by pid {w.get('pid', '?')} on node {_entry_node(w)}; this process no "
+        "longer holds it"
+    )
 
 
 def show_payload(data: Any) -> str:
@@ -217,16 +249,21 @@ def format_user_event(ev: Event, when: datetime.datetime | None = None) -> str:
     when = when or datetime.datetime.now().astimezone()
     d = ev.data
     origin = d.get("origin_name") or str(d.get("origin", "?"))[:SHORT_ID]
-    return (f"{when.strftime('%H:%M:%S')} event {d.get('name', '?')} from={origin} "
-            f"payload={show_payload(d.get('payload', b''))}")
+    return (
+        f"{when.strftime('%H:%M:%S')} event {d.get('name', '?')} from={origin} "
+        f"payload={show_payload(d.get('payload', b''))}"
+    )
 
 
 def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
     """One JSON object per line: ``{"time", "event", "data"}``."""
     when = when or datetime.datetime.now(datetime.UTC)
-    return json.dumps({"time": when.isoformat(timespec="milliseconds"), "event": ev.event,
-                       "data": ev.data}, sort_keys=True, default=_json_default,
-                      ensure_ascii=False)
+    return json.dumps(
+        {"time": when.isoformat(timespec="milliseconds"), "event": ev.event, "data": ev.data},
+        sort_keys=True,
+        default=_json_default,
+        ensure_ascii=False,
+    )
 
 
 def _json_default(obj: object) -> Any:
@@ -280,15 +317,15 @@ def resolve_join_addrs(texts: Iterable[str], resolver: Resolver = socket.getaddr
         host, sep, port_text = text.partition(":")
         port: int | None = None
         if sep:
-            if not (port_text.isascii() and port_text.isdigit()
-                    and 1 <= int(port_text) <= 65535):
+            if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
                 _usage(f"invalid address {text!r}: port must be a number 1-65535")
             port = int(port_text)
         try:
             infos = resolver(host, port, type=socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
-            raise CliError(f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or exc}"
-                           ) from None
+            raise CliError(
+                f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         for info in infos:
             ip = str(info[4][0])
             addr = format_addr((ip, port)) if port else (f"[{ip}]" if ":" in ip else ip)
@@ -371,8 +408,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         if args.group:
-            result = client.send(group=args.name, payload=args.payload.encode("utf-8"),
-                                 scope=args.scope, all=args.all)
+            result = client.send(
+                group=args.name,
+                payload=args.payload.encode("utf-8"),
+                scope=args.scope,
+                all=args.all,
+            )
         else:
             if args.all:
                 raise CliError("--all needs --group", EXIT_USAGE)
@@ -381,11 +422,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         failed = result.get("failed") or []
-        print(f"delivered to {result.get('delivered', 0)}"
-              + (f", failed for {len(failed)}" if failed else ""))
+        print(
+            f"delivered to {result.get('delivered', 0)}"
+            + (f", failed for {len(failed)}" if failed else "")
+        )
         for f in failed:
-            print(f"  {str(f.get('node', '?'))[:SHORT_ID]}: {f.get('message')} "
-                  f"({f.get('code')})", file=sys.stderr)
+            print(
+                f"  {str(f.get('node', '?'))[:SHORT_ID]}: {f.get('message')} ({f.get('code')})",
+                file=sys.stderr,
+            )
     return EXIT_OK if not result.get("failed") else EXIT_FAILED
 
 
@@ -463,9 +508,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     try:
         for name in args.names:
             try:
-                result = client.register(name, meta, scope=args.scope,
-                                         wait="settled" if args.settled else None,
-                                         timeout_s=args.timeout if args.settled else None)
+                result = client.register(
+                    name,
+                    meta,
+                    scope=args.scope,
+                    wait="settled" if args.settled else None,
+                    timeout_s=args.timeout if args.settled else None,
+                )
             except ApiError as exc:
                 raise CliError(f"cannot register {name!r}: {exc.message}") from None
             if args.settled and not result.get("won", True):
@@ -481,12 +530,20 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     # Signals are taken synchronously (sigwaitinfo) so that a signal and the
     # child's exit can never race; the child starts with them unblocked.
-    handled = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-               signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD}
+    handled = {
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGCHLD,
+    }
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
         child = subprocess.Popen(
-            command, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask))
+            command, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        )
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         client.close()
@@ -501,8 +558,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 ev = client.wait_connection_event(None)
             except (ConnectionError, OSError):
                 if not stopping.is_set():
-                    print("peerd exec: warning: lost the connection to peerd; the "
-                          "registrations are gone", file=sys.stderr, flush=True)
+                    print(
+                        "peerd exec: warning: lost the connection to peerd; the "
+                        "registrations are gone",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return
             if ev is not None and ev.event == "conflict":
                 print(f"peerd exec: {conflict_warning(ev)}", file=sys.stderr, flush=True)
@@ -633,8 +694,9 @@ exit codes: 0 ok, 1 operation failed (the daemon said no), 2 usage error,
 
 def _client_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api-socket", metavar="PATH",
-                        help="the daemon's API socket (default: see `peerd --help`)")
+    common.add_argument(
+        "--api-socket", metavar="PATH", help="the daemon's API socket (default: see `peerd --help`)"
+    )
     return common
 
 
@@ -642,70 +704,105 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     """The whole command line. ``with_agent_flags`` imports the agent to add its
     flags; only done when the agent subcommand is what runs."""
     # The top level keeps its hand-made line breaks; subcommands' prose is rewrapped.
-    parser = argparse.ArgumentParser(prog="peerd", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="peerd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"peerd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     client = _client_options()
 
-    def add(name: str, summary: str, description: str,
-            parents: Sequence[argparse.ArgumentParser] = (client,)) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=description,
-                              parents=list(parents))
+    def add(
+        name: str,
+        summary: str,
+        description: str,
+        parents: Sequence[argparse.ArgumentParser] = (client,),
+    ) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, parents=list(parents))
 
-    agent = add("agent", "run the daemon (see `peerd agent --help`)",
-                "Run the peerd daemon in the foreground (systemd runs it as a service).",
-                parents=())
+    agent = add(
+        "agent",
+        "run the daemon (see `peerd agent --help`)",
+        "Run the peerd daemon in the foreground (systemd runs it as a service).",
+        parents=(),
+    )
     agent.set_defaults(func=cmd_agent)
     if with_agent_flags:
         module = _import_agent()
         if module is not None:
             module.add_arguments(agent)
 
-    p = add("status", "show this node's identity, health and member counts",
-            "Show this node's name, id, address, incarnation, generation, Lifeguard health "
-            "(0 = healthy) and how many members are alive, suspect, dead or left.")
+    p = add(
+        "status",
+        "show this node's identity, health and member counts",
+        "Show this node's name, id, address, incarnation, generation, Lifeguard health "
+        "(0 = healthy) and how many members are alive, suspect, dead or left.",
+    )
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(func=cmd_status)
 
-    p = add("members", "list the members of the cluster",
-            "List every member this node knows (itself included): name, short id, address, "
-            "status, incarnation, tags. Sorted by name.")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list (full ids, tags as objects)")
-    p.add_argument("--status", choices=MEMBER_STATUSES, action="append",
-                   help="only members with this status (repeatable)")
+    p = add(
+        "members",
+        "list the members of the cluster",
+        "List every member this node knows (itself included): name, short id, address, "
+        "status, incarnation, tags. Sorted by name.",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list (full ids, tags as objects)"
+    )
+    p.add_argument(
+        "--status",
+        choices=MEMBER_STATUSES,
+        action="append",
+        help="only members with this status (repeatable)",
+    )
     p.set_defaults(func=cmd_members)
 
-    p = add("watch", "print membership (or registry) events as they happen",
-            "Print one line per membership event (joined, updated, suspect, alive, dead, "
-            "left, name_conflict, reaped), or with --topic registry per registry event "
-            "(registered, unregistered, updated, joined, left, conflict), or with --topic "
-            "events per user event, until interrupted with Ctrl-C.")
-    p.add_argument("--json", action="store_true",
-                   help='one JSON object per line: {"time", "event", "data"}')
-    p.add_argument("--topic", choices=("members", "registry", "events"), action="append",
-                   help="what to watch (repeatable; default: members; events: user events "
-                        "sent with `peerd event`)")
+    p = add(
+        "watch",
+        "print membership (or registry) events as they happen",
+        "Print one line per membership event (joined, updated, suspect, alive, dead, "
+        "left, name_conflict, reaped), or with --topic registry per registry event "
+        "(registered, unregistered, updated, joined, left, conflict), or with --topic "
+        "events per user event, until interrupted with Ctrl-C.",
+    )
+    p.add_argument(
+        "--json", action="store_true", help='one JSON object per line: {"time", "event", "data"}'
+    )
+    p.add_argument(
+        "--topic",
+        choices=("members", "registry", "events"),
+        action="append",
+        help="what to watch (repeatable; default: members; events: user events "
+        "sent with `peerd event`)",
+    )
     p.set_defaults(func=cmd_watch)
 
-    p = add("event", "broadcast a user event to every node",
-            "Broadcast user event NAME with an optional PAYLOAD (text) to every node of the "
-            "cluster; `peerd watch --topic events` shows them (on this node too). Name and "
-            "payload together may take at most 8 KiB; larger is refused (exit 1). User "
-            "events are rate limited and travel behind the daemon's own traffic.")
+    p = add(
+        "event",
+        "broadcast a user event to every node",
+        "Broadcast user event NAME with an optional PAYLOAD (text) to every node of the "
+        "cluster; `peerd watch --topic events` shows them (on this node too). Name and "
+        "payload together may take at most 8 KiB; larger is refused (exit 1). User "
+        "events are rate limited and travel behind the daemon's own traffic.",
+    )
     p.add_argument("name", metavar="NAME")
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default="")
     p.add_argument("--json", action="store_true", help='print {"id": ...} of the broadcast')
     p.set_defaults(func=cmd_event)
 
-    p = add("send", "send a message to the process holding a name",
-            "Send PAYLOAD (text) to the process holding NAME anywhere in the cluster (with "
-            "--group, to one member of group NAME; with --all, to every member). The "
-            "receiving process gets it as a `message` event on its API connection. Exit 0 "
-            "once the owner's daemon queued it; 1 with the reason if nobody holds NAME, the "
-            "owner vanished, its mailbox is full or its daemon could not be reached (a "
-            "message is never delivered twice).")
+    p = add(
+        "send",
+        "send a message to the process holding a name",
+        "Send PAYLOAD (text) to the process holding NAME anywhere in the cluster (with "
+        "--group, to one member of group NAME; with --all, to every member). The "
+        "receiving process gets it as a `message` event on its API connection. Exit 0 "
+        "once the owner's daemon queued it; 1 with the reason if nobody holds NAME, the "
+        "owner vanished, its mailbox is full or its daemon could not be reached (a "
+        "message is never delivered twice).",
+    )
     p.add_argument("name", metavar="NAME")
     p.add_argument("payload", metavar="PAYLOAD")
     p.add_argument("--group", action="store_true", help="NAME is a process group")
@@ -715,122 +812,203 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send)
 
     scope_help = "the scope (default: default)"
-    p = add("names", "list registered names",
-            "List the unique names registered anywhere in the cluster (this node's "
-            "replica): scope, name, owner node, pid, metadata. Sorted by scope and name.")
+    p = add(
+        "names",
+        "list registered names",
+        "List the unique names registered anywhere in the cluster (this node's "
+        "replica): scope, name, owner node, pid, metadata. Sorted by scope and name.",
+    )
     p.add_argument("--scope", help="only this scope (default: every scope)")
     p.add_argument("--prefix", default="", help="only names starting with this")
     p.add_argument("--json", action="store_true", help="print a JSON list of entries")
     p.set_defaults(func=cmd_names)
 
-    p = add("lookup", "show who holds a name",
-            "Print the owner of NAME: node name, node id and address, pid, uid, metadata, "
-            "claim time. Exit 1 if nobody holds it.")
+    p = add(
+        "lookup",
+        "show who holds a name",
+        "Print the owner of NAME: node name, node id and address, pid, uid, metadata, "
+        "claim time. Exit 1 if nobody holds it.",
+    )
     p.add_argument("name", metavar="NAME")
     p.add_argument("--scope", default="default", help=scope_help)
     p.add_argument("--json", action="store_true", help="print the entry as JSON")
     p.set_defaults(func=cmd_lookup)
 
-    p = add("groups", "list process groups and their sizes",
-            "List the process groups of the cluster with how many members each has.")
+    p = add(
+        "groups",
+        "list process groups and their sizes",
+        "List the process groups of the cluster with how many members each has.",
+    )
     p.add_argument("--scope", help="only this scope (default: every scope)")
     p.add_argument("--prefix", default="", help="only groups starting with this")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_groups)
 
-    p = add("members-of", "list the members of a process group",
-            "List the processes in GROUP: owner node, address, pid, metadata.")
+    p = add(
+        "members-of",
+        "list the members of a process group",
+        "List the processes in GROUP: owner node, address, pid, metadata.",
+    )
     p.add_argument("group", metavar="GROUP")
     p.add_argument("--scope", default="default", help=scope_help)
     p.add_argument("--json", action="store_true", help="print a JSON list of entries")
     p.set_defaults(func=cmd_members_of)
 
-    p = add("exec", "run a command holding names and group memberships",
-            "Register each --name and join each --group, then run COMMAND; the "
-            "registrations last exactly as long as it runs (they are removed cluster-wide "
-            "when it exits, or if this process is killed). Fails with exit 1 if a name is "
-            "taken. SIGTERM, SIGHUP, SIGUSR1/2 (and SIGINT/SIGQUIT not from the terminal) "
-            "are passed to COMMAND. Exits with COMMAND's status (128+N if killed by signal "
-            "N). A warning is printed if a name is lost to an older claim elsewhere.")
-    p.add_argument("--name", dest="names", action="append", default=[], metavar="NAME",
-                   help="a unique name to hold (repeatable)")
-    p.add_argument("--group", dest="groups", action="append", default=[], metavar="GROUP",
-                   help="a process group to be in (repeatable)")
+    p = add(
+        "exec",
+        "run a command holding names and group memberships",
+        "Register each --name and join each --group, then run COMMAND; the "
+        "registrations last exactly as long as it runs (they are removed cluster-wide "
+        "when it exits, or if this process is killed). Fails with exit 1 if a name is "
+        "taken. SIGTERM, SIGHUP, SIGUSR1/2 (and SIGINT/SIGQUIT not from the terminal) "
+        "are passed to COMMAND. Exits with COMMAND's status (128+N if killed by signal "
+        "N). A warning is printed if a name is lost to an older claim elsewhere.",
+    )
+    p.add_argument(
+        "--name",
+        dest="names",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a unique name to hold (repeatable)",
+    )
+    p.add_argument(
+        "--group",
+        dest="groups",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="a process group to be in (repeatable)",
+    )
     p.add_argument("--scope", default="default", help=scope_help)
-    p.add_argument("--meta", action="append", type=parse_tag_assignment, metavar="KEY=VALUE",
-                   help="metadata for every entry (repeatable)")
-    p.add_argument("--settled", action="store_true",
-                   help="wait until every live member holds each name (and fail if an older "
-                        "claim elsewhere wins) before running COMMAND")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="bound on the --settled wait (default 5 s)")
+    p.add_argument(
+        "--meta",
+        action="append",
+        type=parse_tag_assignment,
+        metavar="KEY=VALUE",
+        help="metadata for every entry (repeatable)",
+    )
+    p.add_argument(
+        "--settled",
+        action="store_true",
+        help="wait until every live member holds each name (and fail if an older "
+        "claim elsewhere wins) before running COMMAND",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="bound on the --settled wait (default 5 s)",
+    )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
     p.set_defaults(func=cmd_exec)
 
-    tags = add("tags", "change this node's tags",
-               "Tags are key=value labels gossiped with this node's membership.",
-               parents=())
+    tags = add(
+        "tags",
+        "change this node's tags",
+        "Tags are key=value labels gossiped with this node's membership.",
+        parents=(),
+    )
     tags_sub = tags.add_subparsers(dest="tags_command", metavar="ACTION", required=True)
-    p = tags_sub.add_parser("set", parents=[client], help="set tags (KEY=VALUE ...)",
-                            description="Set tags; others are kept unless --replace. "
-                                        "Prints the node's tags afterwards.")
+    p = tags_sub.add_parser(
+        "set",
+        parents=[client],
+        help="set tags (KEY=VALUE ...)",
+        description="Set tags; others are kept unless --replace. "
+        "Prints the node's tags afterwards.",
+    )
     p.add_argument("assignments", nargs="+", type=parse_tag_assignment, metavar="KEY=VALUE")
-    p.add_argument("--replace", action="store_true",
-                   help="drop every tag not given here")
+    p.add_argument("--replace", action="store_true", help="drop every tag not given here")
     p.set_defaults(func=cmd_tags_set)
-    p = tags_sub.add_parser("delete", parents=[client], help="delete tags by key",
-                            description="Delete tags (missing keys are ignored). "
-                                        "Prints the node's tags afterwards.")
+    p = tags_sub.add_parser(
+        "delete",
+        parents=[client],
+        help="delete tags by key",
+        description="Delete tags (missing keys are ignored). Prints the node's tags afterwards.",
+    )
     p.add_argument("keys", nargs="+", metavar="KEY")
     p.set_defaults(func=cmd_tags_delete)
 
-    p = add("join", "contact more peers and merge their view of the cluster",
-            "Ask the daemon to join peers. HOST may be an IP address or a name (resolved "
-            "here; every address it resolves to is tried). Without :PORT the daemon's "
-            "default port is used. IPv6 with a port: [ADDR]:PORT. Fails (exit 1) if no "
-            "address answered.")
+    p = add(
+        "join",
+        "contact more peers and merge their view of the cluster",
+        "Ask the daemon to join peers. HOST may be an IP address or a name (resolved "
+        "here; every address it resolves to is tried). Without :PORT the daemon's "
+        "default port is used. IPv6 with a port: [ADDR]:PORT. Fails (exit 1) if no "
+        "address answered.",
+    )
     p.add_argument("addrs", nargs="+", metavar="HOST[:PORT]")
     p.set_defaults(func=cmd_join)
 
-    p = add("metrics", "print the daemon's counters and gauges (Prometheus text format)",
-            "Print the daemon's metrics in the Prometheus text exposition format: members "
-            "by status, probes, suspicions, refutations, messages and bytes in/out by type, "
-            "drops by reason, API connections. `peerd agent --metrics-addr HOST:PORT` serves "
-            "the same text over HTTP at /metrics.")
+    p = add(
+        "metrics",
+        "print the daemon's counters and gauges (Prometheus text format)",
+        "Print the daemon's metrics in the Prometheus text exposition format: members "
+        "by status, probes, suspicions, refutations, messages and bytes in/out by type, "
+        "drops by reason, API connections. `peerd agent --metrics-addr HOST:PORT` serves "
+        "the same text over HTTP at /metrics.",
+    )
     p.set_defaults(func=cmd_metrics)
 
-    p = add("sim", "run a scenario in the deterministic simulator (no daemon needed)",
-            "Run SCENARIO.toml (see scenarios/) in the simulator: many cores, a virtual "
-            "clock, a fake network, injected faults. Exit 0 if every expectation held, 1 if "
-            "one failed, 2 for a bad scenario file.", parents=())
+    p = add(
+        "sim",
+        "run a scenario in the deterministic simulator (no daemon needed)",
+        "Run SCENARIO.toml (see scenarios/) in the simulator: many cores, a virtual "
+        "clock, a fake network, injected faults. Exit 0 if every expectation held, 1 if "
+        "one failed, 2 for a bad scenario file.",
+        parents=(),
+    )
     from peerd.sim import cli as sim_cli
+
     sim_cli.add_arguments(p)
     p.set_defaults(func=sim_cli.cmd_sim)
 
-    p = add("leave", "leave the cluster gracefully; the daemon then stops",
-            "Announce that this node leaves, wait until the announcement had time to "
-            "spread, then let the daemon stop. Peers see it as 'left', not 'dead'.")
+    p = add(
+        "leave",
+        "leave the cluster gracefully; the daemon then stops",
+        "Announce that this node leaves, wait until the announcement had time to "
+        "spread, then let the daemon stop. Peers see it as 'left', not 'dead'.",
+    )
     p.set_defaults(func=cmd_leave)
 
-    keys = add("keys", "manage the keys that encrypt gossip",
-               "Gossip is sealed with the primary key; every installed key is accepted. "
-               "To rotate: generate, install on every node, use on every node, then remove "
-               "the old key. KEY may be - to read it from standard input (keeps it out of "
-               "the process list).", parents=())
+    keys = add(
+        "keys",
+        "manage the keys that encrypt gossip",
+        "Gossip is sealed with the primary key; every installed key is accepted. "
+        "To rotate: generate, install on every node, use on every node, then remove "
+        "the old key. KEY may be - to read it from standard input (keeps it out of "
+        "the process list).",
+        parents=(),
+    )
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    p = keys_sub.add_parser("generate", help="print a new random key (no daemon needed)",
-                            description="Print a new random key as one line.")
+    p = keys_sub.add_parser(
+        "generate",
+        help="print a new random key (no daemon needed)",
+        description="Print a new random key as one line.",
+    )
     p.set_defaults(func=cmd_keys_generate)
-    p = keys_sub.add_parser("list", parents=[client], help="list installed keys",
-                            description="List the ids of the installed keys; the primary "
-                                        "one seals outgoing gossip.")
+    p = keys_sub.add_parser(
+        "list",
+        parents=[client],
+        help="list installed keys",
+        description="List the ids of the installed keys; the primary one seals outgoing gossip.",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_keys_list)
     for action, op, text, done in [
-        ("install", "keys.install", "add a key to the keyring (accepted for opening)",
-         "key installed"),
-        ("use", "keys.use", "make an installed key the primary (used for sealing)",
-         "key is now primary"),
+        (
+            "install",
+            "keys.install",
+            "add a key to the keyring (accepted for opening)",
+            "key installed",
+        ),
+        (
+            "use",
+            "keys.use",
+            "make an installed key the primary (used for sealing)",
+            "key is now primary",
+        ),
         ("remove", "keys.remove", "remove a key that is not the primary", "key removed"),
     ]:
         p = keys_sub.add_parser(action, parents=[client], help=text, description=text + ".")

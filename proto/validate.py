@@ -46,10 +46,14 @@ class Report:
     def expect(self, what: str, valid: bool, result: Any) -> None:
         self.checked += 1
         if bool(result.valid) != valid:
-            detail = "; ".join(str(d) for d in result.diagnostics)[:300] if not result.valid \
+            detail = (
+                "; ".join(str(d) for d in result.diagnostics)[:300]
+                if not result.valid
                 else "accepted"
-            self.failures.append(f"{what}: expected {'valid' if valid else 'invalid'}, "
-                                 f"got {detail}")
+            )
+            self.failures.append(
+                f"{what}: expected {'valid' if valid else 'invalid'}, got {detail}"
+            )
 
 
 def load(name: str) -> dict[str, Any]:
@@ -61,27 +65,37 @@ def check_wire(report: Report) -> None:
     wire = Validator(HERE / "wire.cddl")
     msgs = load("messages.json")
     for v in msgs["messages"]:
-        report.expect(f"messages.json {v['name']}", True,
-                      wire.validate(bytes.fromhex(v["cbor_hex"]), "message",
-                                    require_deterministic=True))
+        report.expect(
+            f"messages.json {v['name']}",
+            True,
+            wire.validate(bytes.fromhex(v["cbor_hex"]), "message", require_deterministic=True),
+        )
     for v in msgs["datagrams"]:
-        report.expect(f"messages.json datagram {v['name']}", not v["errors"],
-                      wire.validate(bytes.fromhex(v["cbor_hex"]), "datagram"))
+        report.expect(
+            f"messages.json datagram {v['name']}",
+            not v["errors"],
+            wire.validate(bytes.fromhex(v["cbor_hex"]), "datagram"),
+        )
     for v in msgs["invalid"]:
         # Schema matters must fail the schema alone; CBOR-layer ones (bad_cbor)
         # fail the validator's decoder, the indefinite-length one only its
         # deterministic-encoding check.
         strict = v["reason"] not in SCHEMA_REASONS
-        report.expect(f"messages.json invalid {v['name']} ({v['reason']})", False,
-                      wire.validate(bytes.fromhex(v["cbor_hex"]), "message",
-                                    require_deterministic=strict))
+        report.expect(
+            f"messages.json invalid {v['name']} ({v['reason']})",
+            False,
+            wire.validate(bytes.fromhex(v["cbor_hex"]), "message", require_deterministic=strict),
+        )
     seal = load("seal.json")
     for group in ("sealed", "plaintext"):
         for v in seal[group]:
             if not v["payload_hex"]:  # a transport's own envelope (wire.cddl section 1)
                 continue
-            report.expect(f"seal.json {group} {v['name']} payload", True,
-                          wire.validate(bytes.fromhex(v["payload_hex"]), "datagram"))
+            report.expect(
+                f"seal.json {group} {v['name']} payload",
+                True,
+                wire.validate(bytes.fromhex(v["payload_hex"]), "datagram"),
+            )
 
 
 def check_api(report: Report) -> None:
@@ -94,15 +108,18 @@ def check_api(report: Report) -> None:
         body = frame[4:]
         if length != len(body):
             report.checked += 1
-            report.failures.append(f"api.json {v['name']}: header says {length} bytes, "
-                                   f"body has {len(body)}")
+            report.failures.append(
+                f"api.json {v['name']}: header says {length} bytes, body has {len(body)}"
+            )
             continue
-        report.expect(f"api.json {v['name']} ({v['rule']})", True,
-                      api.validate(body, v["rule"]))
+        report.expect(f"api.json {v['name']} ({v['rule']})", True, api.validate(body, v["rule"]))
         decoded = cbor2.loads(body)
         for field, rule in v["parts"].items():
-            report.expect(f"api.json {v['name']} {field} ({rule})", True,
-                          api.validate(cbor2.dumps(decoded[field]), rule))
+            report.expect(
+                f"api.json {v['name']} {field} ({rule})",
+                True,
+                api.validate(cbor2.dumps(decoded[field]), rule),
+            )
 
 
 def main() -> int:
@@ -115,8 +132,10 @@ def main() -> int:
             report.failures.append(f"{check.__name__}: {type(exc).__name__}: {exc}")
     for line in report.failures:
         print(f"FAIL {line}")
-    print(f"cddl: {report.checked} checks against wire.cddl and api.cddl, "
-          f"{len(report.failures)} failed")
+    print(
+        f"cddl: {report.checked} checks against wire.cddl and api.cddl, "
+        f"{len(report.failures)} failed"
+    )
     return 1 if report.failures else 0
 
 

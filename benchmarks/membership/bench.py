@@ -111,6 +111,7 @@ def _load_peerd(rev: str, keep: bool) -> dict[str, Any]:
     info = pin_source(rev, keep)
     PEERD_SRC = Path(info["src"])
     import peerd.api.client
+
     if Path(peerd.api.client.__file__).resolve().parents[2] != PEERD_SRC.resolve():
         raise SystemExit(f"peerd imported from {peerd.api.client.__file__}, not {PEERD_SRC}")
     Client = peerd.api.client.Client  # type: ignore[misc]
@@ -149,8 +150,8 @@ class Node:
     proc: trio.Process | None = None
     spawned_t: float | None = None
     ready_t: float | None = None
-    addr: str | None = None          # advertised gossip address once known
-    gone: bool = False               # killed / left: not an observer any more
+    addr: str | None = None  # advertised gossip address once known
+    gone: bool = False  # killed / left: not an observer any more
     view: dict[str, str] = field(default_factory=dict)
     full_since: float | None = None  # since when the view lists N alive
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (t, kind, about)
@@ -194,12 +195,14 @@ class Cluster:
         if self.converged_t is None and all(nd.full_since is not None for nd in self.nodes):
             self.converged_t = t
 
-    def first_times(self, observers: list[Node], about: str, kinds: tuple[str, ...],
-                    after: float) -> dict[str, float | None]:
+    def first_times(
+        self, observers: list[Node], about: str, kinds: tuple[str, ...], after: float
+    ) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
         for nd in observers:
-            out[nd.name] = next((t for t, k, a in nd.events
-                                 if a == about and k in kinds and t >= after), None)
+            out[nd.name] = next(
+                (t for t, k, a in nd.events if a == about and k in kinds and t >= after), None
+            )
         return out
 
     def observers(self, *excluded: Node) -> list[Node]:
@@ -275,16 +278,36 @@ class PeerdCluster(Cluster):
 
     async def spawn(self, node: Node, join: str | None) -> None:
         d = self.tmp / node.name
-        argv = [sys.executable, "-m", "peerd", "agent", "--name", node.name,
-                "--bind", f"{node.host}:0", "--api-socket", str(self.tmp / f"{node.name}.sock"),
-                "--state-dir", str(d), "--preset", "lan"]
+        argv = [
+            sys.executable,
+            "-m",
+            "peerd",
+            "agent",
+            "--name",
+            node.name,
+            "--bind",
+            f"{node.host}:0",
+            "--api-socket",
+            str(self.tmp / f"{node.name}.sock"),
+            "--state-dir",
+            str(d),
+            "--preset",
+            "lan",
+        ]
         if join:
             argv += ["--join", join]
         log = open(self.tmp / f"{node.name}.log", "ab")  # noqa: SIM115 (handed to the child)
         try:
             # cwd outside the repo: `python -m` puts the cwd first on sys.path.
-            await self._open(node, argv, stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, env=daemon_env(), cwd=str(self.tmp))
+            await self._open(
+                node,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=daemon_env(),
+                cwd=str(self.tmp),
+            )
         finally:
             log.close()
 
@@ -299,8 +322,9 @@ class PeerdCluster(Cluster):
         while client is None:
             if node.proc is not None and node.proc.returncode is not None:
                 tail = _tail(self.tmp / f"{node.name}.log")
-                node.monitor_error = (f"exited with {node.proc.returncode} before its API "
-                                      f"answered: {tail}")
+                node.monitor_error = (
+                    f"exited with {node.proc.returncode} before its API answered: {tail}"
+                )
                 return
             if now() > deadline:
                 node.monitor_error = "API never answered"
@@ -355,10 +379,13 @@ class PeerdCluster(Cluster):
         with trio.fail_after(10):
             st = await node.client.call("status")
         c = dict(st.get("counters") or {})
-        out = {"packets_out": c.get("packets_out", c.get("udp_tx", 0)),
-               "packets_in": c.get("packets_in", c.get("udp_rx", 0)),
-               "tcp_out": c.get("tcp_out", 0), "tcp_in": c.get("tcp_in", 0),
-               "health": int(st.get("health", 0))}
+        out = {
+            "packets_out": c.get("packets_out", c.get("udp_tx", 0)),
+            "packets_in": c.get("packets_in", c.get("udp_rx", 0)),
+            "tcp_out": c.get("tcp_out", 0),
+            "tcp_in": c.get("tcp_in", 0),
+            "health": int(st.get("health", 0)),
+        }
         return out
 
     async def leave(self, node: Node) -> None:
@@ -382,8 +409,10 @@ class SerfCluster(Cluster):
         (re.compile(r"memberlist: Suspect (\S+) has failed"), "suspect", None),
     ]
 
-    _METRIC = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \+0000 UTC\]\[C\] "
-                         r"'serf-agent\.memberlist\.udp\.(sent|received)': Count: (\d+)")
+    _METRIC = re.compile(
+        r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \+0000 UTC\]\[C\] "
+        r"'serf-agent\.memberlist\.udp\.(sent|received)': Count: (\d+)"
+    )
 
     def host(self, i: int) -> str:
         return f"127.1.0.{10 + i}"
@@ -395,14 +424,21 @@ class SerfCluster(Cluster):
         return f"{node.host}:{self.RPC_PORT}"
 
     async def spawn(self, node: Node, join: str | None) -> None:
-        argv = [self.args.serf, "agent", f"-node={node.name}",
-                f"-bind={node.host}:{self.PORT}", f"-rpc-addr={self.rpc(node)}",
-                "-profile=lan", "-log-level=info"]
+        argv = [
+            self.args.serf,
+            "agent",
+            f"-node={node.name}",
+            f"-bind={node.host}:{self.PORT}",
+            f"-rpc-addr={self.rpc(node)}",
+            "-profile=lan",
+            "-log-level=info",
+        ]
         if join:
             argv.append(f"-join={join}")
         node.addr = f"{node.host}:{self.PORT}"
-        await self._open(node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+        await self._open(
+            node, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
 
     async def _ready(self, node: Node, deadline: float) -> None:
         while now() < deadline:
@@ -440,9 +476,11 @@ class SerfCluster(Cluster):
                         line = raw.decode("utf-8", "replace")
                         mm = self._METRIC.match(line)
                         if mm:
-                            start = datetime.datetime.strptime(
-                                mm.group(1), "%Y-%m-%d %H:%M:%S").replace(
-                                tzinfo=datetime.UTC).timestamp()
+                            start = (
+                                datetime.datetime.strptime(mm.group(1), "%Y-%m-%d %H:%M:%S")
+                                .replace(tzinfo=datetime.UTC)
+                                .timestamp()
+                            )
                             node.metrics[(start, mm.group(2))] = int(mm.group(3))
                             continue
                         for rx, kind, status in self._EVENTS:
@@ -457,8 +495,9 @@ class SerfCluster(Cluster):
 
     async def _serf(self, *argv: str, timeout: float = 15) -> bytes:
         with trio.fail_after(timeout):
-            r = await trio.run_process([self.args.serf, *argv], capture_stdout=True,
-                                       capture_stderr=True, check=False)
+            r = await trio.run_process(
+                [self.args.serf, *argv], capture_stdout=True, capture_stderr=True, check=False
+            )
         if r.returncode != 0:
             raise RuntimeError(f"serf {argv[0]} failed: {r.stderr.decode(errors='replace')}")
         out: bytes = r.stdout
@@ -466,8 +505,9 @@ class SerfCluster(Cluster):
 
     async def members(self, node: Node) -> dict[str, str]:
         out = json.loads(await self._serf("members", "-format=json", f"-rpc-addr={self.rpc(node)}"))
-        return {m["name"]: ("dead" if m["status"] == "failed" else m["status"])
-                for m in out["members"]}
+        return {
+            m["name"]: ("dead" if m["status"] == "failed" else m["status"]) for m in out["members"]
+        }
 
     async def leave(self, node: Node) -> None:
         await self._serf("leave", f"-rpc-addr={self.rpc(node)}", timeout=30)
@@ -488,8 +528,10 @@ class SerfCluster(Cluster):
             if not starts:
                 continue
             span = 10.0 * len(starts)
-            out[nd.name] = (sum(nd.metrics.get((st, "sent"), 0) for st in starts) / span,
-                            sum(nd.metrics.get((st, "received"), 0) for st in starts) / span)
+            out[nd.name] = (
+                sum(nd.metrics.get((st, "sent"), 0) for st in starts) / span,
+                sum(nd.metrics.get((st, "received"), 0) for st in starts) / span,
+            )
         return out or None
 
 
@@ -505,7 +547,7 @@ def _tail(path: Path) -> str:
 
 def proc_cpu_s(pid: int) -> float:
     data = Path(f"/proc/{pid}/stat").read_text()
-    rest = data[data.rindex(")") + 2:].split()
+    rest = data[data.rindex(")") + 2 :].split()
     return (int(rest[11]) + int(rest[12])) / CLK_TCK  # fields 14 utime, 15 stime
 
 
@@ -571,8 +613,12 @@ async def phase_join(cl: Cluster, res: dict[str, Any]) -> None:
     t_seed = now()
     await cl.spawn(seed, None)
     cl.nursery.start_soon(cl.watch, seed, t_seed + a.start_timeout)
-    if not await wait_until(lambda: seed.ready_t is not None or seed.monitor_error,
-                            t_seed + a.start_timeout, 0.005) or seed.ready_t is None:
+    if (
+        not await wait_until(
+            lambda: seed.ready_t is not None or seed.monitor_error, t_seed + a.start_timeout, 0.005
+        )
+        or seed.ready_t is None
+    ):
         raise RuntimeError(f"seed did not start: {seed.monitor_error}")
     res["seed_ready_s"] = seed.ready_t - t_seed
     join = cl.seed_join_addr()
@@ -582,8 +628,9 @@ async def phase_join(cl: Cluster, res: dict[str, Any]) -> None:
         await cl.spawn(nd, join)
         cl.nursery.start_soon(cl.watch, nd, deadline)
     res["spawn_all_s"] = now() - t_spawn
-    if not await wait_until(lambda: all(nd.ready_t or nd.monitor_error for nd in cl.nodes),
-                            deadline, 0.01):
+    if not await wait_until(
+        lambda: all(nd.ready_t or nd.monitor_error for nd in cl.nodes), deadline, 0.01
+    ):
         pass
     bad = [f"{nd.name}: {nd.monitor_error}" for nd in cl.nodes if nd.ready_t is None]
     if bad:
@@ -602,9 +649,12 @@ async def phase_join(cl: Cluster, res: dict[str, Any]) -> None:
             if nd.full_since is None:
                 with contextlib.suppress(Exception):
                     got = await cl.members(nd)
-                    own[nd.name] = {"alive": sum(1 for x in got.values() if x == "alive"),
-                                    "missing": sorted(set(cl.by_name) - {
-                                        k for k, x in got.items() if x == "alive"})}
+                    own[nd.name] = {
+                        "alive": sum(1 for x in got.values() if x == "alive"),
+                        "missing": sorted(
+                            set(cl.by_name) - {k for k, x in got.items() if x == "alive"}
+                        ),
+                    }
         res["incomplete_views_by_api"] = own
         raise RuntimeError(f"no convergence within {a.converge_timeout} s: {counts}")
     res["converged"] = True
@@ -619,27 +669,42 @@ async def phase_join(cl: Cluster, res: dict[str, Any]) -> None:
         if n_alive != cl.n:
             mismatch.append(f"{nd.name}:{n_alive}")
     res["members_check"] = "ok" if not mismatch else "mismatch " + " ".join(mismatch)
-    log(f"  join: startup {res['startup_s']:.2f} s, converged {res['join_after_ready_s']:.3f} s "
+    log(
+        f"  join: startup {res['startup_s']:.2f} s, converged {res['join_after_ready_s']:.3f} s "
         f"after last ready ({res['join_from_spawn_s']:.2f} s from spawn); "
-        f"members check {res['members_check']}")
+        f"members check {res['members_check']}"
+    )
 
 
 async def sample(cl: Cluster) -> dict[str, Any]:
-    out: dict[str, Any] = {"t": now(), "wall": time.time(), "snmp": udp_counters(),
-                           "busy": host_cpu(), "nodes": {}}
+    out: dict[str, Any] = {
+        "t": now(),
+        "wall": time.time(),
+        "snmp": udp_counters(),
+        "busy": host_cpu(),
+        "nodes": {},
+    }
     for nd in cl.observers():
         assert nd.proc is not None
         with contextlib.suppress(OSError):
             c = await cl.counters(nd)
-            out["nodes"][nd.name] = {"t": now(), "cpu": proc_cpu_s(nd.proc.pid),
-                                     "wakeups": proc_wakeups(nd.proc.pid),
-                                     "mem": proc_mem_mib(nd.proc.pid), "counters": c}
+            out["nodes"][nd.name] = {
+                "t": now(),
+                "cpu": proc_cpu_s(nd.proc.pid),
+                "wakeups": proc_wakeups(nd.proc.pid),
+                "mem": proc_mem_mib(nd.proc.pid),
+                "counters": c,
+            }
     return out
 
 
 def suspicions(cl: Cluster, after: float, before: float) -> int:
-    return sum(1 for nd in cl.nodes for t, k, _ in nd.events
-               if after <= t <= before and k in ("suspect", "dead"))
+    return sum(
+        1
+        for nd in cl.nodes
+        for t, k, _ in nd.events
+        if after <= t <= before and k in ("suspect", "dead")
+    )
 
 
 async def phase_idle(cl: Cluster, res: dict[str, Any]) -> None:
@@ -666,8 +731,11 @@ async def phase_idle(cl: Cluster, res: dict[str, Any]) -> None:
             rx.append((b["counters"]["packets_in"] - x["counters"]["packets_in"]) / dt)
             tcp.append((b["counters"]["tcp_out"] - x["counters"]["tcp_out"]) / dt * 60)
     k = len(s1["nodes"])
-    health = [b["counters"]["health"] for b in s1["nodes"].values()
-              if b["counters"] and "health" in b["counters"]]
+    health = [
+        b["counters"]["health"]
+        for b in s1["nodes"].values()
+        if b["counters"] and "health" in b["counters"]
+    ]
     if health:
         res["health_max_at_idle_end"] = max(health)
         res["health_nonzero_at_idle_end"] = sum(1 for h in health if h)
@@ -695,17 +763,21 @@ async def phase_idle(cl: Cluster, res: dict[str, Any]) -> None:
     res["dgrams_in_per_s"] = statistics.median(rx) if rx else None
     res["tcp_streams_out_per_min"] = statistics.median(tcp) if tcp else None
     res["snmp_udp_out_per_s_per_daemon"] = (
-        (s1["snmp"]["OutDatagrams"] - s0["snmp"]["OutDatagrams"]) / window / k)
+        (s1["snmp"]["OutDatagrams"] - s0["snmp"]["OutDatagrams"]) / window / k
+    )
     res["snmp_udp_in_per_s_per_daemon"] = (
-        (s1["snmp"]["InDatagrams"] - s0["snmp"]["InDatagrams"]) / window / k)
+        (s1["snmp"]["InDatagrams"] - s0["snmp"]["InDatagrams"]) / window / k
+    )
     res["false_suspicions_until_idle_end"] = suspicions(cl, 0, now())
     res["views_complete_at_idle_end"] = sum(1 for nd in cl.nodes if nd.full_since is not None)
     dg = res["dgrams_out_per_s"]
-    log(f"  idle {window:.0f} s: cpu {res['idle_cpu_s_per_min']:.3f} s/min (median), "
+    log(
+        f"  idle {window:.0f} s: cpu {res['idle_cpu_s_per_min']:.3f} s/min (median), "
         f"rss {res['rss_mib']:.1f}/{res['rss_mib_max']:.1f} MiB, "
         f"dgrams out {'-' if dg is None else f'{dg:.2f}'}/s (snmp "
         f"{res['snmp_udp_out_per_s_per_daemon']:.2f}/s), "
-        f"suspicions so far {res['false_suspicions_until_idle_end']}, host busy {busy:.0%}")
+        f"suspicions so far {res['false_suspicions_until_idle_end']}, host busy {busy:.0%}"
+    )
     _ = t0
 
 
@@ -730,8 +802,12 @@ async def phase_crash(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     t0 = now()
     victim.gone = True
     victim.proc.send_signal(signal.SIGKILL)
-    await wait_until(lambda: all(t is not None for t in cl.first_times(
-        obs, victim.name, ("dead",), t0).values()), t0 + a.detect_timeout)
+    await wait_until(
+        lambda: all(
+            t is not None for t in cl.first_times(obs, victim.name, ("dead",), t0).values()
+        ),
+        t0 + a.detect_timeout,
+    )
     dead = spread(cl.first_times(obs, victim.name, ("dead",), t0), t0)
     sus = spread(cl.first_times(obs, victim.name, ("suspect", "dead"), t0), t0)
     res["crash_first_suspect_s"] = sus["first_s"]
@@ -741,8 +817,10 @@ async def phase_crash(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     res["crash_detail"] = {"victim": victim.name, "dead": dead["by"]}
     with trio.move_on_after(10):
         await victim.proc.wait()
-    log(f"  kill -9 {victim.name}: suspect {_f(sus['first_s'])}, dead first {_f(dead['first_s'])} "
-        f"last {_f(dead['last_s'])} ({dead['seen_by']}/{dead['observers']})")
+    log(
+        f"  kill -9 {victim.name}: suspect {_f(sus['first_s'])}, dead first {_f(dead['first_s'])} "
+        f"last {_f(dead['last_s'])} ({dead['seen_by']}/{dead['observers']})"
+    )
 
 
 async def phase_freeze(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
@@ -753,8 +831,12 @@ async def phase_freeze(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     t0 = now()
     victim.proc.send_signal(signal.SIGSTOP)
     try:
-        await wait_until(lambda: all(t is not None for t in cl.first_times(
-            obs, victim.name, ("dead",), t0).values()), t0 + a.detect_timeout)
+        await wait_until(
+            lambda: all(
+                t is not None for t in cl.first_times(obs, victim.name, ("dead",), t0).values()
+            ),
+            t0 + a.detect_timeout,
+        )
     finally:
         t1 = now()
         victim.proc.send_signal(signal.SIGCONT)
@@ -764,8 +846,12 @@ async def phase_freeze(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     res["freeze_first_dead_s"] = dead["first_s"]
     res["freeze_all_dead_s"] = dead["last_s"]
     res["freeze_missing"] = dead["missing"]
-    await wait_until(lambda: all(t is not None for t in cl.first_times(
-        obs, victim.name, ALIVE_KINDS, t1).values()), t1 + a.detect_timeout)
+    await wait_until(
+        lambda: all(
+            t is not None for t in cl.first_times(obs, victim.name, ALIVE_KINDS, t1).values()
+        ),
+        t1 + a.detect_timeout,
+    )
     back = spread(cl.first_times(obs, victim.name, ALIVE_KINDS, t1), t1)
     res["resume_first_alive_s"] = back["first_s"]
     res["resume_all_alive_s"] = back["last_s"]
@@ -776,10 +862,12 @@ async def phase_freeze(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
         with contextlib.suppress(Exception):
             own = await cl.members(victim)
             res["resumed_node_sees_alive"] = sum(1 for s in own.values() if s == "alive")
-    log(f"  SIGSTOP {victim.name}: suspect {_f(sus['first_s'])}, dead first "
+    log(
+        f"  SIGSTOP {victim.name}: suspect {_f(sus['first_s'])}, dead first "
         f"{_f(dead['first_s'])} last {_f(dead['last_s'])} ({dead['seen_by']}/{dead['observers']});"
         f" SIGCONT: alive first {_f(back['first_s'])} last {_f(back['last_s'])} "
-        f"({back['seen_by']}/{back['observers']})")
+        f"({back['seen_by']}/{back['observers']})"
+    )
 
 
 async def phase_leave(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
@@ -799,8 +887,12 @@ async def phase_leave(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     t0 = now()
     victim.gone = True
     cl.nursery.start_soon(do_leave)
-    await wait_until(lambda: all(t is not None for t in cl.first_times(
-        obs, victim.name, ("left",), t0).values()), t0 + a.detect_timeout)
+    await wait_until(
+        lambda: all(
+            t is not None for t in cl.first_times(obs, victim.name, ("left",), t0).values()
+        ),
+        t0 + a.detect_timeout,
+    )
     left = spread(cl.first_times(obs, victim.name, ("left",), t0), t0)
     res["leave_first_s"] = left["first_s"]
     res["leave_all_s"] = left["last_s"]
@@ -810,7 +902,8 @@ async def phase_leave(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     gone = spread(cl.first_times(obs, victim.name, ("left", "dead"), t0), t0)
     res["leave_all_gone_s"] = gone["last_s"]
     res["leave_seen_as_dead"] = sum(
-        1 for nd in obs for t, k, a in nd.events if a == victim.name and k == "dead" and t >= t0)
+        1 for nd in obs for t, k, a in nd.events if a == victim.name and k == "dead" and t >= t0
+    )
     res["leave_detail"] = {"victim": victim.name, "left": left["by"]}
     with trio.move_on_after(30):
         await victim.proc.wait()
@@ -819,17 +912,20 @@ async def phase_leave(cl: Cluster, res: dict[str, Any], victim: Node) -> None:
     res["leave_call_error"] = call.get("error")
     res["leave_exit_code"] = victim.proc.returncode
     res["leave_exit_s"] = now() - t0 if victim.proc.returncode is not None else None
-    log(f"  leave {victim.name}: left first {_f(left['first_s'])} last {_f(left['last_s'])} "
+    log(
+        f"  leave {victim.name}: left first {_f(left['first_s'])} last {_f(left['last_s'])} "
         f"({left['seen_by']}/{left['observers']}), call {_f(call.get('s'))}, "
-        f"exit {victim.proc.returncode}")
+        f"exit {victim.proc.returncode}"
+    )
 
 
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}s"
 
 
-async def run_once(cls: type[Cluster], n: int, rep: int,
-                   args: argparse.Namespace) -> dict[str, Any]:
+async def run_once(
+    cls: type[Cluster], n: int, rep: int, args: argparse.Namespace
+) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{cls.impl}-{n}-"))
     cl = cls(n, tmp, args)
     res: dict[str, Any] = {"impl": cls.impl, "n": n, "rep": rep}
@@ -848,14 +944,18 @@ async def run_once(cls: type[Cluster], n: int, rep: int,
                 await trio.sleep(args.pause)
                 await phase_leave(cl, res, lv)
                 res["false_suspicions_total"] = sum(
-                    1 for nd in cl.nodes for t, kd, about in nd.events
-                    if kd in ("suspect", "dead") and about not in (k.name, f.name, lv.name))
+                    1
+                    for nd in cl.nodes
+                    for t, kd, about in nd.events
+                    if kd in ("suspect", "dead") and about not in (k.name, f.name, lv.name)
+                )
             except Exception as e:  # noqa: BLE001 (recorded; the run goes on)
                 res["error"] = f"{type(e).__name__}: {e}"
                 log(f"  ERROR {res['error']}")
             finally:
-                res["monitor_errors"] = {nd.name: nd.monitor_error for nd in cl.nodes
-                                         if nd.monitor_error}
+                res["monitor_errors"] = {
+                    nd.name: nd.monitor_error for nd in cl.nodes if nd.monitor_error
+                }
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -889,8 +989,11 @@ METRICS = [
     ("rss_mib_max", "RSS per daemon (max)", "MiB"),
     ("rss_anon_mib", "RSS: private (anon) part (median)", "MiB"),
     ("pss_mib", "PSS per daemon (median)", "MiB"),
-    ("dgrams_out_per_s", "datagrams out per daemon (peerd: status counters; Serf: its "
-     "memberlist metrics)", "/s"),
+    (
+        "dgrams_out_per_s",
+        "datagrams out per daemon (peerd: status counters; Serf: its memberlist metrics)",
+        "/s",
+    ),
     ("dgrams_in_per_s", "datagrams in per daemon (same sources)", "/s"),
     ("false_suspicions_total", "suspect/dead events about healthy nodes", ""),
     ("host_cpu_busy_fraction", "whole host CPU busy during the idle window (0-1)", ""),
@@ -906,8 +1009,12 @@ SERF_REF: dict[str, Any] = {
     "rss": 15.0,
     "dgrams": 2.0,
 }
-PEERD_LIMITS = {"crash_all_dead_s": 1.5, "idle_cpu_s_per_min": 0.12, "rss_mib_max": 30.0,
-                "dgrams_out_per_s": 2.0}
+PEERD_LIMITS = {
+    "crash_all_dead_s": 1.5,
+    "idle_cpu_s_per_min": 0.12,
+    "rss_mib_max": 30.0,
+    "dgrams_out_per_s": 2.0,
+}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -919,8 +1026,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         agg: dict[str, Any] = {"runs": len(rs), "errors": sum(1 for r in rs if "error" in r)}
         for key, _, _ in METRICS:
             vals = [r[key] for r in rs if r.get(key) is not None]
-            agg[key] = ({"min": min(vals), "median": statistics.median(vals), "max": max(vals),
-                         "n": len(vals)} if vals else None)
+            agg[key] = (
+                {
+                    "min": min(vals),
+                    "median": statistics.median(vals),
+                    "max": max(vals),
+                    "n": len(vals),
+                }
+                if vals
+                else None
+            )
         out.setdefault(impl, {})[str(n)] = agg
     return out
 
@@ -930,8 +1045,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 DGRAM_TOLERANCE = 1.01
 
 
-def targets(impl_agg: dict[str, Any],
-            serf_agg: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def targets(
+    impl_agg: dict[str, Any], serf_agg: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Median of each measure against its target; met = True/False/None.
     ``serf_agg``: Serf measured in the same run, shown beside the reference."""
     rows = []
@@ -945,26 +1061,51 @@ def targets(impl_agg: dict[str, Any],
         join_ref = SERF_REF["join"].get(ni)
         crash_ref = SERF_REF["crash_all_dead"].get(ni)
 
-        def row(what: str, key: str, limit: float | None, ref: str,
-                n: str = n, ni: int = ni) -> None:
+        def row(
+            what: str, key: str, limit: float | None, ref: str, n: str = n, ni: int = ni
+        ) -> None:
             v = med(n, key)
-            rows.append({"n": ni, "what": what, "key": key, "median": v, "limit": limit,
-                         "ref": ref, "serf_here": med(n, key, serf_agg),
-                         "met": None if v is None or limit is None else v <= limit})
+            rows.append(
+                {
+                    "n": ni,
+                    "what": what,
+                    "key": key,
+                    "median": v,
+                    "limit": limit,
+                    "ref": ref,
+                    "serf_here": med(n, key, serf_agg),
+                    "met": None if v is None or limit is None else v <= limit,
+                }
+            )
 
-        row("join (after all ready) <= Serf", "join_after_ready_s",
-            join_ref[1] if join_ref else None, _rng(join_ref))
-        row("join (from spawn) <= Serf", "join_from_spawn_s",
-            join_ref[1] if join_ref else None, _rng(join_ref))
+        row(
+            "join (after all ready) <= Serf",
+            "join_after_ready_s",
+            join_ref[1] if join_ref else None,
+            _rng(join_ref),
+        )
+        row(
+            "join (from spawn) <= Serf",
+            "join_from_spawn_s",
+            join_ref[1] if join_ref else None,
+            _rng(join_ref),
+        )
         row("kill -9 dead everywhere <= 1.5 s", "crash_all_dead_s", 1.5, _rng(crash_ref))
-        row("SIGSTOP dead everywhere <= Serf crash", "freeze_all_dead_s",
-            crash_ref[1] if crash_ref else None, _rng(crash_ref))
-        row("leave seen by all <= Serf", "leave_all_s", SERF_REF["leave_all"][1],
-            _rng(SERF_REF["leave_all"]))
+        row(
+            "SIGSTOP dead everywhere <= Serf crash",
+            "freeze_all_dead_s",
+            crash_ref[1] if crash_ref else None,
+            _rng(crash_ref),
+        )
+        row(
+            "leave seen by all <= Serf",
+            "leave_all_s",
+            SERF_REF["leave_all"][1],
+            _rng(SERF_REF["leave_all"]),
+        )
         row("idle CPU <= 0.12 s/min", "idle_cpu_s_per_min", 0.12, _rng(SERF_REF["idle_cpu"]))
         row("RSS (max) <= 30 MiB", "rss_mib_max", 30.0, "15 MiB")
-        row("datagrams/s <= Serf (2.0, +1 %)", "dgrams_out_per_s", 2.0 * DGRAM_TOLERANCE,
-            "2.0/s")
+        row("datagrams/s <= Serf (2.0, +1 %)", "dgrams_out_per_s", 2.0 * DGRAM_TOLERANCE, "2.0/s")
     return rows
 
 
@@ -985,21 +1126,25 @@ def markdown(agg: dict[str, Any]) -> str:
             cells = []
             for n in sizes:
                 v = by_n[n].get(key)
-                cells.append("-" if v is None else
-                             f"{_g(v['min'])} / **{_g(v['median'])}** / {_g(v['max'])}")
+                cells.append(
+                    "-" if v is None else f"{_g(v['min'])} / **{_g(v['median'])}** / {_g(v['max'])}"
+                )
             if all(c == "-" for c in cells):
                 continue
             lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
         lines.append("")
     if "peerd" in agg:
         lines.append("### peerd against the targets (medians)\n")
-        lines.append("| N | target | Serf reference (issue) | Serf measured here | peerd median "
-                     "| met |")
+        lines.append(
+            "| N | target | Serf reference (issue) | Serf measured here | peerd median | met |"
+        )
         lines.append("|---|---|---|---|---|---|")
         for r in targets(agg["peerd"], agg.get("serf")):
             met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
-            lines.append(f"| {r['n']} | {r['what']} | {r['ref']} | {_g(r['serf_here'])} "
-                         f"| {_g(r['median'])} | {met} |")
+            lines.append(
+                f"| {r['n']} | {r['what']} | {r['ref']} | {_g(r['serf_here'])} "
+                f"| {_g(r['median'])} | {met} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -1016,12 +1161,19 @@ def machine(code: dict[str, Any]) -> dict[str, Any]:
     cpu = cpu_model()
     serf = ""
     with contextlib.suppress(Exception):
-        serf = subprocess.run(["serf", "version"], capture_output=True, text=True,
-                              timeout=10).stdout.splitlines()[0]
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "kernel": platform.release(), "peerd": code, "serf": serf,
-            "mem_total_mib": _meminfo_mib("MemTotal"),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        serf = subprocess.run(
+            ["serf", "version"], capture_output=True, text=True, timeout=10
+        ).stdout.splitlines()[0]
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "peerd": code,
+        "serf": serf,
+        "mem_total_mib": _meminfo_mib("MemTotal"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 # --- main -------------------------------------------------------------------------------
@@ -1035,34 +1187,49 @@ def _meminfo_mib(key: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 60])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--idle", type=float, default=60.0, help="idle window, seconds (0 skips)")
-    p.add_argument("--settle", type=float, default=5.0,
-                   help="wait after convergence before the idle window")
+    p.add_argument(
+        "--settle", type=float, default=5.0, help="wait after convergence before the idle window"
+    )
     p.add_argument("--pause", type=float, default=2.0, help="pause between fault phases")
     p.add_argument("--start-timeout", type=float, default=30.0)
     p.add_argument("--converge-timeout", type=float, default=120.0)
     p.add_argument("--detect-timeout", type=float, default=60.0)
-    p.add_argument("--stop-timeout", type=float, default=15.0,
-                   help="SIGTERM grace before SIGKILL at teardown")
+    p.add_argument(
+        "--stop-timeout", type=float, default=15.0, help="SIGTERM grace before SIGKILL at teardown"
+    )
     p.add_argument("--with-serf", action="store_true", help="also run HashiCorp Serf")
     p.add_argument("--serf-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--serf", default="serf", help="serf binary")
-    p.add_argument("--peerd-rev", default="HEAD", metavar="REV|worktree",
-                   help="run the daemons from `git archive REV` (default HEAD), so that "
-                        "commits made during the run cannot change the code under test; "
-                        "'worktree' runs the work tree as it is")
+    p.add_argument(
+        "--peerd-rev",
+        default="HEAD",
+        metavar="REV|worktree",
+        help="run the daemons from `git archive REV` (default HEAD), so that "
+        "commits made during the run cannot change the code under test; "
+        "'worktree' runs the work tree as it is",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary dirs and logs")
     p.add_argument("--out", type=Path, help="write results JSON here")
-    p.add_argument("--report", type=Path, metavar="RESULTS.json",
-                   help="run nothing: print (with --markdown write) the tables of a results "
-                        "file; with --out, write it back with its summary recomputed")
-    p.add_argument("--merge", type=Path, metavar="RESULTS.json",
-                   help="also report the runs of an earlier results file, except those of "
-                        "an (implementation, N) measured again now")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="RESULTS.json",
+        help="run nothing: print (with --markdown write) the tables of a results "
+        "file; with --out, write it back with its summary recomputed",
+    )
+    p.add_argument(
+        "--merge",
+        type=Path,
+        metavar="RESULTS.json",
+        help="also report the runs of an earlier results file, except those of "
+        "an (implementation, N) measured again now",
+    )
     p.add_argument("--markdown", type=Path, help="write the result tables (markdown) here")
     a = p.parse_args(argv)
     if min(a.sizes) < 4:
@@ -1105,8 +1272,9 @@ def main(argv: list[str] | None = None) -> int:
         md = markdown(agg)
         if args.out:  # refresh the derived parts (e.g. after a change of targets)
             doc["summary"] = agg
-            doc["targets"] = {"peerd": targets(agg["peerd"], agg.get("serf"))} if (
-                "peerd" in agg) else {}
+            doc["targets"] = (
+                {"peerd": targets(agg["peerd"], agg.get("serf"))} if ("peerd" in agg) else {}
+            )
             args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         if args.markdown:
             args.markdown.write_text(md + "\n")
@@ -1124,12 +1292,17 @@ def main(argv: list[str] | None = None) -> int:
         kept = [r for r in old["runs"] if (r["impl"], r["n"]) not in fresh]
         runs = kept + runs
         commands = old.get("merged_from") or []
-        commands.append({"command": old["command"], "date": old["machine"]["date"],
-                         "peerd": old["machine"]["peerd"]})
+        commands.append(
+            {
+                "command": old["command"],
+                "date": old["machine"]["date"],
+                "peerd": old["machine"]["peerd"],
+            }
+        )
     agg = aggregate(runs)
     doc = {
-        "command": "python benchmarks/membership/bench.py " + shlex.join(
-            sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/membership/bench.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine(code),
         "merged_from": commands,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -1148,8 +1321,10 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     errors = [r for r in runs if "error" in r]
     for r in errors:
-        print(f"run {r['impl']} N={r['n']} rep {r['rep']}: {r['error']} (logs {r.get('logs')})",
-              file=sys.stderr)
+        print(
+            f"run {r['impl']} N={r['n']} rep {r['rep']}: {r['error']} (logs {r.get('logs')})",
+            file=sys.stderr,
+        )
     return 1 if errors else 0
 
 

@@ -83,14 +83,21 @@ class MeshFleet(Fleet):
         t0 = now()
         super().start(timeout)
         if len(self.daemons) > 2:
-            wait_for(lambda: all(d.api("status")["gauges"].get("mesh_active", 0) >= 2
-                                 for d in self.daemons), 60, "mesh neighbours everywhere")
+            wait_for(
+                lambda: all(
+                    d.api("status")["gauges"].get("mesh_active", 0) >= 2 for d in self.daemons
+                ),
+                60,
+                "mesh neighbours everywhere",
+            )
         return now() - t0
 
 
 def _cpu(a: Daemon, b: Daemon, cpu0: tuple[float, float], n: int) -> dict[str, float]:
-    return {"sender_daemon_cpu_us_per_msg": round((a.cpu_s() - cpu0[0]) / n * 1e6, 1),
-            "receiver_daemon_cpu_us_per_msg": round((b.cpu_s() - cpu0[1]) / n * 1e6, 1)}
+    return {
+        "sender_daemon_cpu_us_per_msg": round((a.cpu_s() - cpu0[0]) / n * 1e6, 1),
+        "receiver_daemon_cpu_us_per_msg": round((b.cpu_s() - cpu0[1]) / n * 1e6, 1),
+    }
 
 
 def _self_cpu() -> float:
@@ -204,8 +211,9 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         wait_for(lambda: sink.messages >= 200, 10, "warm-up at the sink")
 
         def drained(expect: int) -> None:
-            wait_for(lambda: sink.messages >= expect, 30, f"{expect} messages at the sink",
-                     poll=0.005)
+            wait_for(
+                lambda: sink.messages >= expect, 30, f"{expect} messages at the sink", poll=0.005
+            )
 
         # sequential
         base = sink.messages
@@ -216,16 +224,22 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             sender.send("sink", payload)
         took = now() - t0
         drained(base + n)
-        out["sequential"] = {"messages": n, "seconds": round(took, 3),
-                             "per_s": round(n / took), **_cpu(a, b, cpu0, n)}
+        out["sequential"] = {
+            "messages": n,
+            "seconds": round(took, 3),
+            "per_s": round(n / took),
+            **_cpu(a, b, cpu0, n),
+        }
         sender.close()
         # pipelined
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(a.sock)
         s.settimeout(30)
         n = args.pipelined
-        frames = [encode_frame(Request(i + 1, "send", {"name": "sink", "payload": payload}))
-                  for i in range(n)]
+        frames = [
+            encode_frame(Request(i + 1, "send", {"name": "sink", "payload": payload}))
+            for i in range(n)
+        ]
         base = sink.messages
         window = args.window
         cpu0 = (a.cpu_s(), b.cpu_s())
@@ -236,10 +250,16 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         errors = sum(reasons.values())
         drained(base + n - errors)  # an error (mailbox full) was not delivered
         s.close()
-        out["pipelined"] = {"messages": n, "window": window, "seconds": round(took, 3),
-                            "per_s": round(n / took), "errors": errors,
-                            "error_reasons": dict(reasons), **_cpu(a, b, cpu0, n),
-                            "bench_process_cpu_us_per_msg": round((_self_cpu() - me0) / n * 1e6, 1)}
+        out["pipelined"] = {
+            "messages": n,
+            "window": window,
+            "seconds": round(took, 3),
+            "per_s": round(n / took),
+            "errors": errors,
+            "error_reasons": dict(reasons),
+            **_cpu(a, b, cpu0, n),
+            "bench_process_cpu_us_per_msg": round((_self_cpu() - me0) / n * 1e6, 1),
+        }
         out["delivered_at_sink"] = sink.messages
         sink.close()
     return out
@@ -259,10 +279,10 @@ def phase_latency(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         senders = [Conn(ds[n - 1 - i].sock) for i in range(5)]
         for k, c in enumerate(senders):
             c.call("register", name=f"client-{k}")
+
         def visible() -> bool:
             try:
-                return all(c.call("lookup", name=f"echo-{k}") for c in senders
-                           for k in range(5))
+                return all(c.call("lookup", name=f"echo-{k}") for c in senders for k in range(5))
             except RuntimeError:  # not_found: not spread yet
                 return False
 
@@ -288,9 +308,12 @@ def phase_latency(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             deadline = now() + 5
             while True:
                 with r.cond:
-                    arrived = [t for t, e in r.events[before:]
-                               if e.get("event") == "message"
-                               and e["data"]["payload"] == struct.pack(">Q", i)]
+                    arrived = [
+                        t
+                        for t, e in r.events[before:]
+                        if e.get("event") == "message"
+                        and e["data"]["payload"] == struct.pack(">Q", i)
+                    ]
                     if arrived:
                         break
                     r.cond.wait(0.01)
@@ -329,8 +352,11 @@ def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                 out = []
                 for w in watchers:
                     with w.cond:
-                        ts = [t for t, e in w.events if e.get("event") == "user"
-                              and e["data"].get("id") == msg_id]
+                        ts = [
+                            t
+                            for t, e in w.events
+                            if e.get("event") == "user" and e["data"].get("id") == msg_id
+                        ]
                     if not ts:
                         return None
                     out.append(ts[0])
@@ -349,10 +375,14 @@ def phase_broadcast(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         for d in ds:
             counters = d.api("status")["counters"]
             tree.update({k: v for k, v in counters.items() if k.startswith("plumtree_")})
-    return {"daemons": n, "all_reached": summary_ms(times), "each_daemon": summary_ms(per_hop),
-            "warmup_all_reached_ms": [round(t * 1000, 2) for t in warmup],
-            "all_reached_ms": [round(t * 1000, 2) for t in times],
-            "plumtree_counters_summed": dict(sorted(tree.items()))}
+    return {
+        "daemons": n,
+        "all_reached": summary_ms(times),
+        "each_daemon": summary_ms(per_hop),
+        "warmup_all_reached_ms": [round(t * 1000, 2) for t in warmup],
+        "all_reached_ms": [round(t * 1000, 2) for t in times],
+        "plumtree_counters_summed": dict(sorted(tree.items())),
+    }
 
 
 def _source(keep: bool) -> dict[str, Any]:
@@ -361,9 +391,13 @@ def _source(keep: bool) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "cpu": cpu_model() or "?",
-            "cores": os.cpu_count(), "kernel": platform.release(),
-            "loadavg_1m_start": os.getloadavg()[0]}
+    return {
+        "python": platform.python_version(),
+        "cpu": cpu_model() or "?",
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "loadavg_1m_start": os.getloadavg()[0],
+    }
 
 
 def main() -> int:
@@ -373,40 +407,62 @@ def main() -> int:
     p.add_argument("--size", type=int, default=16, help="message payload bytes")
     p.add_argument("--sequential", type=int, default=3000)
     p.add_argument("--pipelined", type=int, default=80_000)
-    p.add_argument("--window", type=int, default=8000,
-                   help="sends in flight (a batch is answered once the owner's daemon "
-                        "answered it: keep several batches of ~1000 in flight)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=8000,
+        help="sends in flight (a batch is answered once the owner's daemon "
+        "answered it: keep several batches of ~1000 in flight)",
+    )
     p.add_argument("--latency-n", type=int, default=20)
     p.add_argument("--latency-samples", type=int, default=2000)
     p.add_argument("--broadcast-n", type=int, default=30)
     p.add_argument("--samples", type=int, default=50)
-    p.add_argument("--broadcast-warmup", type=int, default=5,
-                   help="broadcasts (one per origin) before the measured ones")
-    p.add_argument("--quiet-load", type=float, default=0.0,
-                   help="before each phase, wait until the 1-minute load is below this "
-                        "(0: do not wait)")
-    p.add_argument("--quiet-wait", type=float, default=600.0,
-                   help="longest wait for --quiet-load, seconds")
+    p.add_argument(
+        "--broadcast-warmup",
+        type=int,
+        default=5,
+        help="broadcasts (one per origin) before the measured ones",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.0,
+        help="before each phase, wait until the 1-minute load is below this (0: do not wait)",
+    )
+    p.add_argument(
+        "--quiet-wait", type=float, default=600.0, help="longest wait for --quiet-load, seconds"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dirs")
     p.add_argument("--out", help="write the results (JSON) here")
     args = p.parse_args()
     phases = set(args.phases.split(","))
-    results: dict[str, Any] = {"started": datetime.datetime.now(datetime.UTC).isoformat(),
-                               "argv": sys.argv[1:], "source": _source(args.keep),
-                               "machine": machine(), "targets": TARGETS}
+    results: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(),
+        "argv": sys.argv[1:],
+        "source": _source(args.keep),
+        "machine": machine(),
+        "targets": TARGETS,
+    }
     root = Path(tempfile.mkdtemp(prefix="meshbench-"))
     if not args.keep:
         atexit.register(shutil.rmtree, root, True)
     try:
-        for name, fn in (("throughput", phase_throughput), ("latency", phase_latency),
-                         ("broadcast", phase_broadcast)):
+        for name, fn in (
+            ("throughput", phase_throughput),
+            ("latency", phase_latency),
+            ("broadcast", phase_broadcast),
+        ):
             if name not in phases:
                 continue
             waited = wait_load_below(args.quiet_load, args.quiet_wait)
             load0 = os.getloadavg()[0]
             results[name] = fn(root, args)
-            results[name]["host"] = {"quiet_wait_s": waited, "loadavg_1m_start": load0,
-                                     "loadavg_1m_end": os.getloadavg()[0]}
+            results[name]["host"] = {
+                "quiet_wait_s": waited,
+                "loadavg_1m_start": load0,
+                "loadavg_1m_end": os.getloadavg()[0],
+            }
             print(json.dumps(results[name]), flush=True)
     finally:
         kill_all()

@@ -120,10 +120,12 @@ class HostLoad:
         busy1, total1 = host_cpu()
         frac = (busy1 - busy0) / max(1, total1 - total0)
         udp = _udp_errors()
-        return {"host_cpu_busy_fraction": round(frac, 3),
-                "loadavg_1m_start": round(self.load_start, 2),
-                "loadavg_1m_end": round(os.getloadavg()[0], 2),
-                "udp_receive_errors": sum(udp[k] - self.udp[k] for k in udp)}
+        return {
+            "host_cpu_busy_fraction": round(frac, 3),
+            "loadavg_1m_start": round(self.load_start, 2),
+            "loadavg_1m_end": round(os.getloadavg()[0], 2),
+            "udp_receive_errors": sum(udp[k] - self.udp[k] for k in udp),
+        }
 
 
 # --- throughput --------------------------------------------------------------------------
@@ -140,9 +142,12 @@ def run_sequential(d: Daemon, names: list[str]) -> dict[str, Any]:
     took = now() - t0
     cpu = d.cpu_s() - cpu0
     c.close()
-    return {"names": len(names), "seconds": round(took, 3),
-            "per_s": round(len(names) / took), "daemon_cpu_us_per_reg":
-            round(cpu / len(names) * 1e6, 1)}
+    return {
+        "names": len(names),
+        "seconds": round(took, 3),
+        "per_s": round(len(names) / took),
+        "daemon_cpu_us_per_reg": round(cpu / len(names) * 1e6, 1),
+    }
 
 
 def run_pipelined(d: Daemon, names: list[str], window: int) -> dict[str, Any]:
@@ -158,9 +163,14 @@ def run_pipelined(d: Daemon, names: list[str], window: int) -> dict[str, Any]:
     took = now() - t0
     cpu = d.cpu_s() - cpu0
     s.close()
-    return {"names": len(names), "window": window, "seconds": round(took, 3),
-            "per_s": round(len(names) / took), "errors": errors,
-            "daemon_cpu_us_per_reg": round(cpu / len(names) * 1e6, 1)}
+    return {
+        "names": len(names),
+        "window": window,
+        "seconds": round(took, 3),
+        "per_s": round(len(names) / took),
+        "errors": errors,
+        "daemon_cpu_us_per_reg": round(cpu / len(names) * 1e6, 1),
+    }
 
 
 def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -182,15 +192,27 @@ def phase_throughput(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                     else:
                         r = run_pipelined(d, names, args.window)
                     runs[mode].append(r)
-                    print(f"throughput {label} {mode} rep {rep}: {r['per_s']}/s "
-                          f"({r['daemon_cpu_us_per_reg']} us CPU each)", flush=True)
+                    print(
+                        f"throughput {label} {mode} rep {rep}: {r['per_s']}/s "
+                        f"({r['daemon_cpu_us_per_reg']} us CPU each)",
+                        flush=True,
+                    )
                     # The connection closed: wait until its entries are gone.
-                    wait_for(lambda b=base, d=d: int(d.api("status")["gauges"].get(
-                        "registry_entries", 0)) <= b, 60, "the run's entries to go")
+                    wait_for(
+                        lambda b=base, d=d: (
+                            int(d.api("status")["gauges"].get("registry_entries", 0)) <= b
+                        ),
+                        60,
+                        "the run's entries to go",
+                    )
             out[label] = {
-                mode: {"runs": rs, "best_per_s": max(r["per_s"] for r in rs),
-                       "median_per_s": round(statistics.median(r["per_s"] for r in rs))}
-                for mode, rs in runs.items()}
+                mode: {
+                    "runs": rs,
+                    "best_per_s": max(r["per_s"] for r in rs),
+                    "median_per_s": round(statistics.median(r["per_s"] for r in rs)),
+                }
+                for mode, rs in runs.items()
+            }
             out[label]["host"] = load.result()
         finally:
             fleet.stop()
@@ -210,8 +232,9 @@ class Seen:
     ended: list[str] = field(default_factory=list)
 
 
-async def _watch(i: int, d: Daemon, topics: list[str], seen: Seen, victim_name: str | None,
-                 ready: Any) -> None:
+async def _watch(
+    i: int, d: Daemon, topics: list[str], seen: Seen, victim_name: str | None, ready: Any
+) -> None:
     from peerd.api.client import Client
 
     async with Client(d.sock) as c, c.watch(topics) as events:
@@ -275,11 +298,14 @@ async def _visibility(fleet: Fleet, samples: int, gap_s: float) -> dict[str, Any
                 per_daemon += [t - t_ret for t in got.values()]
                 await trio.sleep(gap_s)
         nursery.cancel_scope.cancel()
-    return {"samples": samples, "complete": len(latencies),
-            "visible_everywhere": summary_ms(latencies),
-            "per_daemon": summary_ms([max(0.0, x) for x in per_daemon]),
-            "register_call": summary_ms(register_s),
-            "last_to_see": {ds[i].name: k for i, k in sorted(slowest.items())}}
+    return {
+        "samples": samples,
+        "complete": len(latencies),
+        "visible_everywhere": summary_ms(latencies),
+        "per_daemon": summary_ms([max(0.0, x) for x in per_daemon]),
+        "register_call": summary_ms(register_s),
+        "last_to_see": {ds[i].name: k for i, k in sorted(slowest.items())},
+    }
 
 
 HOLDER = """
@@ -302,9 +328,13 @@ async def _dead(fleet: Fleet, count: int) -> dict[str, Any]:
     victim = ds[victim_i]
     others = [(i, d) for i, d in enumerate(ds) if i != victim_i]
     seen = Seen()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, victim.sock, str(count)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=src_env(), cwd=victim.dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, victim.sock, str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=src_env(),
+        cwd=victim.dir,
+    )
     track(holder)
     names = {f"doomed-{i}" for i in range(count)} | {"doomed-group"}
     try:
@@ -316,8 +346,7 @@ async def _dead(fleet: Fleet, count: int) -> dict[str, Any]:
                 started += 1
 
             for i, d in others:
-                nursery.start_soon(_watch, i, d, ["registry", "members"], seen, victim.name,
-                                   ready)
+                nursery.start_soon(_watch, i, d, ["registry", "members"], seen, victim.name, ready)
             while started < len(others):
                 await trio.sleep(0.01)
             assert holder.stdout is not None
@@ -345,12 +374,15 @@ async def _dead(fleet: Fleet, count: int) -> dict[str, Any]:
     gone = max(t for n in names for t in seen.removed.get(n, {}).values())
     own = []
     for i, _ in others:
-        last = max((seen.removed[n][i] for n in names if i in seen.removed.get(n, {})),
-                   default=None)
+        last = max(
+            (seen.removed[n][i] for n in names if i in seen.removed.get(n, {})), default=None
+        )
         if last is not None and i in seen.dead:
             own.append(last - seen.dead[i])
     return {
-        "entries": len(names), "observers": len(others), "missing_removals": missing,
+        "entries": len(names),
+        "observers": len(others),
+        "missing_removals": missing,
         "kill_to_declared_dead_s": round(declared - killed, 3),
         "kill_to_gone_everywhere_s": round(gone - killed, 3),
         "gone_after_declared_s": round(gone - declared, 3),
@@ -375,8 +407,11 @@ def phase_cluster(root: Path, args: argparse.Namespace, phases: set[str]) -> dic
                 res["visibility"] = trio.run(_visibility, fleet, args.samples, args.gap)
                 res["visibility"]["host"] = load.result()
                 v = res["visibility"]["visible_everywhere"]
-                print(f"visibility N={n}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, "
-                      f"max {v['max_ms']} ms", flush=True)
+                print(
+                    f"visibility N={n}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms, "
+                    f"max {v['max_ms']} ms",
+                    flush=True,
+                )
             if "dead" in phases:
                 load = HostLoad()
                 res["dead"] = trio.run(_dead, fleet, args.dead_names)
@@ -392,26 +427,38 @@ def machine() -> dict[str, Any]:
     mem = "?"
     with contextlib.suppress(OSError):
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    return {"cpu": cpu_model() or "?", "cpus": os.cpu_count(), "mem": mem,
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "cpu": cpu_model() or "?",
+        "cpus": os.cpu_count(),
+        "mem": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def wait_quiet(max_load: float, max_wait_s: float) -> dict[str, Any]:
     """Wait (bounded) for the host's 1-minute load to drop below ``max_load``
     (fleet.wait_load_below). Returns what was seen."""
     waited = wait_load_below(max_load, max_wait_s)
-    return {"max_load": max_load, "waited_s": waited,
-            "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {"max_load": max_load, "waited_s": waited, "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phases", nargs="+", default=["throughput", "visibility", "dead"],
-                   choices=["throughput", "visibility", "dead"])
+    p.add_argument(
+        "--phases",
+        nargs="+",
+        default=["throughput", "visibility", "dead"],
+        choices=["throughput", "visibility", "dead"],
+    )
     p.add_argument("--sizes", nargs="+", type=int, default=[10, 20, 30])
     p.add_argument("--preset", default="lan", choices=["lan", "local", "wan"])
-    p.add_argument("--count", type=int, default=10_000, help="names per pipelined run "
-                   "(at most 10000: the per-connection limit)")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=10_000,
+        help="names per pipelined run (at most 10000: the per-connection limit)",
+    )
     p.add_argument("--seq-count", type=int, default=3000, help="names per sequential run")
     p.add_argument("--window", type=int, default=256, help="pipelined requests in flight")
     p.add_argument("--reps", type=int, default=3)
@@ -422,9 +469,13 @@ def main() -> int:
     p.add_argument("--rev", default="HEAD", help="git revision to run, or 'worktree'")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--out", help="write the results here (JSON)")
-    p.add_argument("--quiet-load", type=float, default=0.0,
-                   help="before each phase, wait (at most --quiet-wait s) until the host's "
-                        "1-minute load average is below this (0: do not wait)")
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.0,
+        help="before each phase, wait (at most --quiet-wait s) until the host's "
+        "1-minute load average is below this (0: do not wait)",
+    )
     p.add_argument("--quiet-wait", type=float, default=600.0)
     args = p.parse_args()
 
@@ -433,7 +484,9 @@ def main() -> int:
     results: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/registry/bench.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(), "source": source, "targets": TARGETS,
+        "machine": machine(),
+        "source": source,
+        "targets": TARGETS,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
     }
     ok = False

@@ -38,8 +38,14 @@ if TYPE_CHECKING:
         default_socket_path,
     )
 
-_CLIENT_NAMES = {"BlockingClient", "Client", "ConnectionLost", "DaemonUnavailable",
-                 "MessagesNotRead", "default_socket_path"}
+_CLIENT_NAMES = {
+    "BlockingClient",
+    "Client",
+    "ConnectionLost",
+    "DaemonUnavailable",
+    "MessagesNotRead",
+    "default_socket_path",
+}
 
 __all__ = [
     "DEFAULT_MAX_FRAME",

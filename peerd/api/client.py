@@ -147,11 +147,13 @@ class MessagesNotRead(ApiError):
     daemon. Code ``unavailable``."""
 
     def __init__(self, count: int, size: int) -> None:
-        super().__init__(ErrorCode.UNAVAILABLE,
-                         f"{count} unread messages ({size} bytes counted: frames plus "
-                         f"{MESSAGE_OVERHEAD} each) fill this client's buffer "
-                         "(max_message_bytes): read them (receive_message, messages) "
-                         "before calling again")
+        super().__init__(
+            ErrorCode.UNAVAILABLE,
+            f"{count} unread messages ({size} bytes counted: frames plus "
+            f"{MESSAGE_OVERHEAD} each) fill this client's buffer "
+            "(max_message_bytes): read them (receive_message, messages) "
+            "before calling again",
+        )
 
 
 def _message_charge(frame_bytes: int) -> int:
@@ -161,8 +163,7 @@ def _message_charge(frame_bytes: int) -> int:
 
 def _check_bounds(max_message_bytes: int, max_messages: int = 1) -> None:
     """The same rule for both clients' bounds on unread messages."""
-    for name, value in (("max_message_bytes", max_message_bytes),
-                        ("max_messages", max_messages)):
+    for name, value in (("max_message_bytes", max_message_bytes), ("max_messages", max_messages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
 
@@ -171,8 +172,8 @@ def _connect_error(path: str, exc: OSError) -> DaemonUnavailable:
     reason = exc.strerror or str(exc)
     if isinstance(exc, PermissionError):
         return DaemonUnavailable(
-            f"cannot connect to peerd at {path}: {reason} "
-            "(is your user in the socket's group?)")
+            f"cannot connect to peerd at {path}: {reason} (is your user in the socket's group?)"
+        )
     return DaemonUnavailable(f"peerd is not running at {path}? (connect: {reason})")
 
 
@@ -210,12 +211,17 @@ class Client:
     ``stream`` lets tests (or unusual transports) supply a connected
     ``trio.abc.Stream`` instead of a socket path."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 stream: trio.abc.Stream | None = None, max_frame: int = DEFAULT_MAX_FRAME,
-                 watch_buffer: int = DEFAULT_WATCH_BUFFER,
-                 on_connection_event: Callable[[Event], None] | None = None,
-                 max_messages: int = DEFAULT_MAX_MESSAGES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        stream: trio.abc.Stream | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        watch_buffer: int = DEFAULT_WATCH_BUFFER,
+        on_connection_event: Callable[[Event], None] | None = None,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         _check_bounds(max_message_bytes, max_messages)
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.max_frame = max_frame
@@ -230,8 +236,7 @@ class Client:
         # Messages to names held by this connection, with what each counts
         # (_message_charge): the channel never blocks the reader;
         # _wait_for_room bounds it.
-        self._msg_send, self._msg_receive = trio.open_memory_channel[tuple[Event, int]](
-            math.inf)
+        self._msg_send, self._msg_receive = trio.open_memory_channel[tuple[Event, int]](math.inf)
         self._unread = 0
         self._unread_bytes = 0
         self._room = trio.Event()  # set to wake a reader that paused (see _wait_for_room)
@@ -255,8 +260,12 @@ class Client:
         self._nursery.start_soon(self._read_loop)
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
         assert self._nursery is not None and self._stream is not None
         self._nursery.cancel_scope.cancel()
         try:
@@ -333,8 +342,11 @@ class Client:
                     if (frame := decoder.next_frame()) is None:
                         break
                     msg = parse_server_frame(frame)
-                    if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
-                            and msg.event == MESSAGE_EVENT):
+                    if (
+                        isinstance(msg, Event)
+                        and msg.stream == CONNECTION_STREAM
+                        and msg.event == MESSAGE_EVENT
+                    ):
                         size = _message_charge(before - decoder.buffered)
                         self._msg_send.send_nowait((msg, size))  # never blocks, never drops
                         self._unread += 1
@@ -357,8 +369,11 @@ class Client:
         while True:
             if self._unread_bytes >= self.max_message_bytes:
                 self._refuse_waiting()
-            elif (self._unread < self.max_messages or self._streams
-                  or any(not p.done.is_set() for p in self._pending.values())):
+            elif (
+                self._unread < self.max_messages
+                or self._streams
+                or any(not p.done.is_set() for p in self._pending.values())
+            ):
                 return
             self._room = trio.Event()
             await self._room.wait()
@@ -403,7 +418,8 @@ class Client:
                 state.send.send_nowait(msg)
             except trio.WouldBlock:
                 state.error = ConnectionLost(
-                    f"watch {msg.stream} fell behind by {self.watch_buffer} events; ended")
+                    f"watch {msg.stream} fell behind by {self.watch_buffer} events; ended"
+                )
                 self._end_stream(msg.stream)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._send_unwatch, msg.stream)
@@ -465,9 +481,15 @@ class Client:
 
     # --- partial mesh ------------------------------------------------------------------
 
-    async def send(self, name: str | None = None, payload: bytes | str = b"", *,
-                   group: str | None = None, scope: str = DEFAULT_SCOPE,
-                   all: bool = False) -> dict[str, Any]:
+    async def send(
+        self,
+        name: str | None = None,
+        payload: bytes | str = b"",
+        *,
+        group: str | None = None,
+        scope: str = DEFAULT_SCOPE,
+        all: bool = False,
+    ) -> dict[str, Any]:
         """Send ``payload`` to the process holding ``name`` (or to one member
         of ``group``; with ``all=True`` to every member), wherever it runs.
 
@@ -519,39 +541,46 @@ class Client:
     async def event(self, name: str, payload: bytes = b"") -> str:
         """Broadcast a user event to every node (watch topic ``events``); the
         broadcast id (hex). ApiError ``bad_args`` above MAX_EVENT_BYTES."""
-        result: dict[str, Any] = await self.request(Op.EVENT, {"name": name,
-                                                               "payload": payload})
+        result: dict[str, Any] = await self.request(Op.EVENT, {"name": name, "payload": payload})
         return str(result["id"])
 
     # --- registry --------------------------------------------------------------------
 
-    async def register(self, name: str, meta: Mapping[str, str] | None = None, *,
-                       scope: str = DEFAULT_SCOPE, wait: str | None = None,
-                       timeout_s: float | None = None) -> dict[str, Any]:
+    async def register(
+        self,
+        name: str,
+        meta: Mapping[str, str] | None = None,
+        *,
+        scope: str = DEFAULT_SCOPE,
+        wait: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         """Claim the unique ``name`` for this connection (ApiError ``conflict``
         if it is taken). With ``wait="settled"``: return once every live
         member holds it, or after ``timeout_s`` (default 5), with ``settled``
         and ``won`` in the result."""
         result: dict[str, Any] = await self.request(
-            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s))
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s)
+        )
         return result
 
     async def unregister(self, name: str, *, scope: str = DEFAULT_SCOPE) -> None:
         await self.request(Op.UNREGISTER, {"name": name, "scope": scope})
 
-    async def update(self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE,
-                     group: bool = False) -> dict[str, Any]:
+    async def update(
+        self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE, group: bool = False
+    ) -> dict[str, Any]:
         """Replace the metadata of this connection's ``name`` (or, with
         ``group=True``, of its membership of group ``name``)."""
-        result: dict[str, Any] = await self.request(Op.UPDATE, update_args(name, meta, scope,
-                                                                           group))
+        result: dict[str, Any] = await self.request(
+            Op.UPDATE, update_args(name, meta, scope, group)
+        )
         return result
 
     async def lookup(self, name: str, *, scope: str = DEFAULT_SCOPE) -> dict[str, Any] | None:
         """The entry holding ``name`` (owner node, pid, meta...), or None."""
         try:
-            result: dict[str, Any] = await self.request(Op.LOOKUP, {"name": name,
-                                                                    "scope": scope})
+            result: dict[str, Any] = await self.request(Op.LOOKUP, {"name": name, "scope": scope})
         except ApiError as exc:
             if exc.code == "not_found":
                 return None
@@ -570,27 +599,30 @@ class Client:
                 return out
             args["after"] = [out[-1]["scope"], out[-1]["name"]]
 
-    async def join_group(self, group: str, meta: Mapping[str, str] | None = None, *,
-                         scope: str = DEFAULT_SCOPE) -> dict[str, Any]:
+    async def join_group(
+        self, group: str, meta: Mapping[str, str] | None = None, *, scope: str = DEFAULT_SCOPE
+    ) -> dict[str, Any]:
         """Join process group ``group`` (many members per group; a process may
         join many groups)."""
         result: dict[str, Any] = await self.request(
-            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None))
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None)
+        )
         return result
 
     async def leave_group(self, group: str, *, scope: str = DEFAULT_SCOPE) -> None:
         await self.request(Op.GROUP_LEAVE, {"group": group, "scope": scope})
 
-    async def group_members(self, group: str, *,
-                            scope: str = DEFAULT_SCOPE) -> list[dict[str, Any]]:
+    async def group_members(
+        self, group: str, *, scope: str = DEFAULT_SCOPE
+    ) -> list[dict[str, Any]]:
         """The members of ``group`` (an empty list for an unknown group)."""
-        page = await self.request(Op.GROUP_MEMBERS, {"group": group, "scope": scope,
-                                                     "limit": MAX_PAGE})
+        page = await self.request(
+            Op.GROUP_MEMBERS, {"group": group, "scope": scope, "limit": MAX_PAGE}
+        )
         entries: list[dict[str, Any]] = page["entries"]
         return entries
 
-    async def groups(self, *, scope: str | None = None,
-                     prefix: str = "") -> list[dict[str, Any]]:
+    async def groups(self, *, scope: str | None = None, prefix: str = "") -> list[dict[str, Any]]:
         """``[{"scope", "group", "members": count}]``, sorted; page by page."""
         out: list[dict[str, Any]] = []
         args = list_args(scope, prefix)
@@ -605,8 +637,14 @@ class Client:
 MAX_PAGE = 10_000
 
 
-def register_args(key: str, name: str, meta: Mapping[str, str] | None, scope: str,
-                  wait: str | None, timeout_s: float | None) -> dict[str, Any]:
+def register_args(
+    key: str,
+    name: str,
+    meta: Mapping[str, str] | None,
+    scope: str,
+    wait: str | None,
+    timeout_s: float | None,
+) -> dict[str, Any]:
     """Args of ``register`` (key "name") and ``group.join`` (key "group")."""
     args: dict[str, Any] = {key: name, "scope": scope}
     if meta:
@@ -676,8 +714,12 @@ class Watch:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
     def __aiter__(self) -> Watch:
@@ -709,9 +751,14 @@ class BlockingClient:
     ``wait_connection_event`` raise :class:`MessagesNotRead` and stop
     reading (nothing is dropped)."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 timeout: float | None = None, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         _check_bounds(max_message_bytes)
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
@@ -721,8 +768,7 @@ class BlockingClient:
         self._ids = itertools.count(1)
         self._events: dict[int, collections.deque[Event]] = {}
         # Connection events (stream 0), the newest DEFAULT_WATCH_BUFFER kept.
-        self._conn_events: collections.deque[Event] = collections.deque(
-            maxlen=DEFAULT_WATCH_BUFFER)
+        self._conn_events: collections.deque[Event] = collections.deque(maxlen=DEFAULT_WATCH_BUFFER)
         # Messages to names that arrived while waiting for a response, with
         # what each counts (never dropped; see _check_unread).
         self._messages: collections.deque[tuple[Event, int]] = collections.deque()
@@ -821,8 +867,11 @@ class BlockingClient:
                         self._messages.append((msg, size))
                         self._message_bytes += size
                         return msg
-                    queue = (self._conn_events if msg.stream == CONNECTION_STREAM
-                             else self._events.get(msg.stream))
+                    queue = (
+                        self._conn_events
+                        if msg.stream == CONNECTION_STREAM
+                        else self._events.get(msg.stream)
+                    )
                     if queue is not None:
                         queue.append(msg)
                 elif msg.id is None:
@@ -851,8 +900,7 @@ class BlockingClient:
             while True:
                 self._check_unread()
                 msg = self._read_one(timeout)
-                if (isinstance(msg, Event) and msg.stream == CONNECTION_STREAM
-                        and self._conn_events):
+                if isinstance(msg, Event) and msg.stream == CONNECTION_STREAM and self._conn_events:
                     return self._conn_events.popleft()
         except TimeoutError:
             return None
@@ -863,9 +911,15 @@ class BlockingClient:
         self._conn_events.clear()
         return out
 
-    def send(self, name: str | None = None, payload: bytes | str = b"", *,
-             group: str | None = None, scope: str = DEFAULT_SCOPE,
-             all: bool = False) -> dict[str, Any]:
+    def send(
+        self,
+        name: str | None = None,
+        payload: bytes | str = b"",
+        *,
+        group: str | None = None,
+        scope: str = DEFAULT_SCOPE,
+        all: bool = False,
+    ) -> dict[str, Any]:
         """See :meth:`Client.send`."""
         args: dict[str, Any] = {"payload": payload, "scope": scope}
         if group is not None:
@@ -897,18 +951,26 @@ class BlockingClient:
         result: dict[str, Any] = self.request(Op.EVENT, {"name": name, "payload": payload})
         return str(result["id"])
 
-    def register(self, name: str, meta: Mapping[str, str] | None = None, *,
-                 scope: str = DEFAULT_SCOPE, wait: str | None = None,
-                 timeout_s: float | None = None) -> dict[str, Any]:
+    def register(
+        self,
+        name: str,
+        meta: Mapping[str, str] | None = None,
+        *,
+        scope: str = DEFAULT_SCOPE,
+        wait: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s))
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s)
+        )
         return result
 
     def unregister(self, name: str, *, scope: str = DEFAULT_SCOPE) -> None:
         self.request(Op.UNREGISTER, {"name": name, "scope": scope})
 
-    def update(self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE,
-               group: bool = False) -> dict[str, Any]:
+    def update(
+        self, name: str, meta: Mapping[str, str], *, scope: str = DEFAULT_SCOPE, group: bool = False
+    ) -> dict[str, Any]:
         result: dict[str, Any] = self.request(Op.UPDATE, update_args(name, meta, scope, group))
         return result
 
@@ -931,18 +993,19 @@ class BlockingClient:
                 return out
             args["after"] = [out[-1]["scope"], out[-1]["name"]]
 
-    def join_group(self, group: str, meta: Mapping[str, str] | None = None, *,
-                   scope: str = DEFAULT_SCOPE) -> dict[str, Any]:
+    def join_group(
+        self, group: str, meta: Mapping[str, str] | None = None, *, scope: str = DEFAULT_SCOPE
+    ) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None))
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None)
+        )
         return result
 
     def leave_group(self, group: str, *, scope: str = DEFAULT_SCOPE) -> None:
         self.request(Op.GROUP_LEAVE, {"group": group, "scope": scope})
 
     def group_members(self, group: str, *, scope: str = DEFAULT_SCOPE) -> list[dict[str, Any]]:
-        page = self.request(Op.GROUP_MEMBERS, {"group": group, "scope": scope,
-                                               "limit": MAX_PAGE})
+        page = self.request(Op.GROUP_MEMBERS, {"group": group, "scope": scope, "limit": MAX_PAGE})
         entries: list[dict[str, Any]] = page["entries"]
         return entries
 

@@ -182,8 +182,11 @@ class Response:
         if self.ok:
             return {"id": self.id, "ok": True, "result": self.result}
         assert self.error is not None
-        return {"id": self.id, "ok": False,
-                "error": {"code": self.error.code, "message": self.error.message}}
+        return {
+            "id": self.id,
+            "ok": False,
+            "error": {"code": self.error.code, "message": self.error.message},
+        }
 
     def unwrap(self) -> Any:
         """The result, or :class:`ApiError` for an error reply."""
@@ -270,8 +273,7 @@ def parse_server_frame(frame: Mapping[Any, Any]) -> Response | Event:
 # Reject map keys other than text/bytes (a hash-collision denial of service:
 # many int keys with one hash) and duplicate keys. cbor2 >= 6.2 has both
 # options (peerd.wire.codec refuses to import on an older one).
-_DECODER_OPTIONS: dict[str, Any] = {"strict_hashable_types": True,
-                                    "allow_duplicate_keys": False}
+_DECODER_OPTIONS: dict[str, Any] = {"strict_hashable_types": True, "allow_duplicate_keys": False}
 
 
 def decode_body(body: bytes) -> dict[Any, Any]:
@@ -294,8 +296,9 @@ def decode_body(body: bytes) -> dict[Any, Any]:
     return obj
 
 
-def encode_frame(obj: Mapping[str, Any] | Request | Response | Event, *,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+def encode_frame(
+    obj: Mapping[str, Any] | Request | Response | Event, *, max_frame: int = DEFAULT_MAX_FRAME
+) -> bytes:
     """Header plus CBOR body for one frame.
 
     Raises :class:`FrameError` if the body would exceed ``max_frame`` (the peer
@@ -358,13 +361,13 @@ class FrameDecoder:
         if avail < HEADER.size + length:
             return None
         start = self._pos + HEADER.size
-        body = bytes(self._buf[start:start + length])
+        body = bytes(self._buf[start : start + length])
         self._pos = start + length
         if self._pos == len(self._buf):
             self._buf.clear()
             self._pos = 0
         elif self._pos >= self._COMPACT_AT:
-            del self._buf[:self._pos]
+            del self._buf[: self._pos]
             self._pos = 0
         return decode_body(body)
 
@@ -406,7 +409,7 @@ def parse_addr(text: str, default_port: int | None = None) -> Addr:
         end = text.find("]")
         if end < 0:
             raise ValueError(f"invalid address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1:]
+        host, rest = text[1:end], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"invalid address {text!r}: expected ':' after ']'")
@@ -423,8 +426,11 @@ def parse_addr(text: str, default_port: int | None = None) -> Addr:
         try:
             ip_text = str(ipaddress.ip_address(host))
         except ValueError:
-            hint = ("IPv6 with a port needs brackets, e.g. [::1]:7946" if text.count(":") > 1
-                    else "not an IP address (host names are not resolved here)")
+            hint = (
+                "IPv6 with a port needs brackets, e.g. [::1]:7946"
+                if text.count(":") > 1
+                else "not an IP address (host names are not resolved here)"
+            )
             raise ValueError(f"invalid address {text!r}: {hint}") from None
     port = _port(port_text, text) if port_text is not None else default_port
     if port is None:
@@ -456,8 +462,9 @@ def member_event_to_wire(ev: MemberEvent) -> tuple[str, dict[str, Any]]:
     return ev.kind.value, data
 
 
-def status_to_wire(local: MemberInfo, health: int, members: Iterable[MemberInfo],
-                   version: str = __version__) -> dict[str, Any]:
+def status_to_wire(
+    local: MemberInfo, health: int, members: Iterable[MemberInfo], version: str = __version__
+) -> dict[str, Any]:
     """The ``status`` result. ``members`` is every known member (counts by status)."""
     counts = {s.label: 0 for s in Status}
     for m in members:
@@ -629,8 +636,9 @@ def parse_meta_arg(args: Mapping[str, Any], required: bool = False) -> tuple[tup
     if "meta" not in args and not required:
         return ()
     meta = args.get("meta")
-    if type(meta) is not dict or any(type(k) is not str or type(v) is not str
-                                     for k, v in meta.items()):
+    if type(meta) is not dict or any(
+        type(k) is not str or type(v) is not str for k, v in meta.items()
+    ):
         raise _bad_args('"meta" must be a map of text to text')
     return tuple(sorted(meta.items()))
 
@@ -688,15 +696,15 @@ def parse_list_args(args: Mapping[str, Any]) -> ListArgs:
         raise _bad_args('"prefix" must be text')
     after = args.get("after")
     if after is not None:
-        if (type(after) is not list or len(after) != 2
-                or any(type(x) is not str for x in after)):
+        if type(after) is not list or len(after) != 2 or any(type(x) is not str for x in after):
             raise _bad_args('"after" must be [scope, name] (the last of the previous page)')
         after = (after[0], after[1])
     return ListArgs(scope, prefix, after, parse_limit_arg(args))
 
 
-def reg_entry_to_wire(origin: NodeId, entry: RegEntry,
-                      member: MemberInfo | None = None) -> dict[str, Any]:
+def reg_entry_to_wire(
+    origin: NodeId, entry: RegEntry, member: MemberInfo | None = None
+) -> dict[str, Any]:
     """One registry entry as the API shows it: what the core reports
     (:func:`peerd.core.registry.service.entry_to_dict`) plus the owner node's
     name and address from membership, when it is known."""
@@ -709,8 +717,9 @@ def reg_entry_to_wire(origin: NodeId, entry: RegEntry,
 
 def entry_wire_size(entry: RegEntry) -> int:
     """A cheap upper estimate of the encoded size of one entry map."""
-    return (160 + len(entry.scope) + len(entry.name)
-            + sum(len(k) + len(v) + 4 for k, v in entry.meta)) * 2
+    return (
+        160 + len(entry.scope) + len(entry.name) + sum(len(k) + len(v) + 4 for k, v in entry.meta)
+    ) * 2
 
 
 def registry_event_to_wire(ev: RegistryEvent, member_of: Any = None) -> tuple[str, dict[str, Any]]:
@@ -750,8 +759,9 @@ def parse_event_args(args: Mapping[str, Any]) -> EventArgs:
         raise _bad_args('"name" must be non-empty text')
     name_bytes = len(name.encode("utf-8", "surrogatepass"))
     if name_bytes > MAX_EVENT_NAME_BYTES:
-        raise _bad_args(f"event name is {name_bytes} bytes, over the "
-                        f"{MAX_EVENT_NAME_BYTES}-byte limit")
+        raise _bad_args(
+            f"event name is {name_bytes} bytes, over the {MAX_EVENT_NAME_BYTES}-byte limit"
+        )
     payload = args.get("payload", b"")
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogatepass")
@@ -759,16 +769,22 @@ def parse_event_args(args: Mapping[str, Any]) -> EventArgs:
         raise _bad_args('"payload" must be bytes or text')
     size = name_bytes + len(payload)
     if size > MAX_EVENT_BYTES:
-        raise _bad_args(f"event is {size} bytes (name + payload), over the "
-                        f"{MAX_EVENT_BYTES}-byte limit")
+        raise _bad_args(
+            f"event is {size} bytes (name + payload), over the {MAX_EVENT_BYTES}-byte limit"
+        )
     return EventArgs(name, payload)
 
 
-def user_event_to_wire(msg_id: bytes, origin: NodeId, name: str, payload: bytes,
-                       origin_name: str | None = None) -> dict[str, Any]:
+def user_event_to_wire(
+    msg_id: bytes, origin: NodeId, name: str, payload: bytes, origin_name: str | None = None
+) -> dict[str, Any]:
     """The ``data`` of a ``user`` event on an ``events`` watch."""
-    data: dict[str, Any] = {"name": name, "payload": payload, "id": msg_id.hex(),
-                            "origin": origin.hex()}
+    data: dict[str, Any] = {
+        "name": name,
+        "payload": payload,
+        "id": msg_id.hex(),
+        "origin": origin.hex(),
+    }
     if origin_name is not None:
         data["origin_name"] = origin_name
     return data
@@ -790,8 +806,13 @@ def decode_user_event(data: bytes) -> tuple[str, bytes] | None:
         return None
     if fp.tell() != len(data):
         return None
-    if (type(obj) is not list or len(obj) != 2 or type(obj[0]) is not str
-            or type(obj[1]) is not bytes or not obj[0]):
+    if (
+        type(obj) is not list
+        or len(obj) != 2
+        or type(obj[0]) is not str
+        or type(obj[1]) is not bytes
+        or not obj[0]
+    ):
         return None
     return obj[0], obj[1]
 
@@ -805,14 +826,20 @@ MESSAGE_EVENT = "message"
 """Connection event (stream 0) carrying a message to a name this connection holds."""
 
 
-def message_event_to_wire(sender: str | None, from_node: NodeId, kind: RegKind, scope: str,
-                          name: str, payload: bytes) -> dict[str, Any]:
+def message_event_to_wire(
+    sender: str | None, from_node: NodeId, kind: RegKind, scope: str, name: str, payload: bytes
+) -> dict[str, Any]:
     """The ``data`` of a ``message`` connection event: a message to ``name``
     (or group) from the process holding ``sender`` (None: it holds no name)
     on node ``from_node``."""
-    return {"from": sender or None, "from_node": from_node.hex(),
-            "kind": "name" if kind is RegKind.NAME else "group",
-            "scope": scope, "name": name, "payload": payload}
+    return {
+        "from": sender or None,
+        "from_node": from_node.hex(),
+        "kind": "name" if kind is RegKind.NAME else "group",
+        "scope": scope,
+        "name": name,
+        "payload": payload,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -840,8 +867,7 @@ def parse_send_args(args: Mapping[str, Any]) -> SendArgs:
     if not isinstance(payload, bytes):
         raise _bad_args('"payload" must be bytes or text')
     if len(payload) > MAX_MESSAGE_BYTES:
-        raise _bad_args(f"message is {len(payload)} bytes, over the {MAX_MESSAGE_BYTES}-byte "
-                        "limit")
+        raise _bad_args(f"message is {len(payload)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
     everyone = args.get("all", False)
     if type(everyone) is not bool:
         raise _bad_args('"all" must be a boolean')

@@ -135,8 +135,13 @@ class BroadcastQueue:
         if old is not None:
             self._drop(old)
 
-    def take(self, budget: int, limit: int, overhead_per_item: int = 0,
-             skip: frozenset[bytes] | None = None) -> list[bytes]:
+    def take(
+        self,
+        budget: int,
+        limit: int,
+        overhead_per_item: int = 0,
+        skip: frozenset[bytes] | None = None,
+    ) -> list[bytes]:
         """Return encoded items whose sizes (plus ``overhead_per_item`` each) fit
         in ``budget`` bytes, counting one transmission for each. Items sent
         ``limit`` times are dropped. Items equal to one in ``skip`` (already in

@@ -67,10 +67,11 @@ class Digest:
             b = array("I", raw)
             even, odd = b[0::2].tobytes(), b[1::2].tobytes()
             raw = (int.from_bytes(even, "big") ^ int.from_bytes(odd, "big")).to_bytes(
-                len(even), "big")
+                len(even), "big"
+            )
         return raw
 
     def differing(self, bits: int, theirs: bytes) -> list[int]:
         """Buckets whose hash differs from ``theirs`` (same bits)."""
         mine = self.hashes(bits)
-        return [i for i in range(1 << bits) if mine[4 * i:4 * i + 4] != theirs[4 * i:4 * i + 4]]
+        return [i for i in range(1 << bits) if mine[4 * i : 4 * i + 4] != theirs[4 * i : 4 * i + 4]]

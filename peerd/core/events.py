@@ -197,9 +197,23 @@ class MeshConnected:
 
 
 Input = (
-    Start | PacketIn | Unreachable | LinkClosed | TimerFired | StreamRequest | StreamResponse
-    | StreamFailed | Join | SetTags | Leave | Register | Unregister | UpdateMeta | ConnClosed
-    | MeshDelivered | MeshConnected
+    Start
+    | PacketIn
+    | Unreachable
+    | LinkClosed
+    | TimerFired
+    | StreamRequest
+    | StreamResponse
+    | StreamFailed
+    | Join
+    | SetTags
+    | Leave
+    | Register
+    | Unregister
+    | UpdateMeta
+    | ConnClosed
+    | MeshDelivered
+    | MeshConnected
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -359,6 +373,17 @@ class MeshCast:
 
 
 Output = (
-    SendPacket | SetTimer | OpenStream | StreamReply | WatchLinks | MemberEvent | JoinDone
-    | LeaveDone | IncarnationChanged | Log | CommandResult | RegistryEvent | MeshCast
+    SendPacket
+    | SetTimer
+    | OpenStream
+    | StreamReply
+    | WatchLinks
+    | MemberEvent
+    | JoinDone
+    | LeaveDone
+    | IncarnationChanged
+    | Log
+    | CommandResult
+    | RegistryEvent
+    | MeshCast
 )

@@ -248,12 +248,26 @@ class Member:
     suspicion: Suspicion | None = None
 
     def info(self) -> MemberInfo:
-        return MemberInfo(self.node, self.name, self.addr, self.status, self.incarnation,
-                          self.generation, self.tags)
+        return MemberInfo(
+            self.node,
+            self.name,
+            self.addr,
+            self.status,
+            self.incarnation,
+            self.generation,
+            self.tags,
+        )
 
     def state(self) -> MemberState:
-        return MemberState(self.node, self.name, self.addr, self.incarnation, self.generation,
-                           self.tags, self.status)
+        return MemberState(
+            self.node,
+            self.name,
+            self.addr,
+            self.incarnation,
+            self.generation,
+            self.tags,
+            self.status,
+        )
 
 
 @dataclass(slots=True)
@@ -354,9 +368,18 @@ class _Timers:
 class Node:
     """One peerd node's membership state machine. See the module docs."""
 
-    def __init__(self, *, node_id: NodeId, name: str, addr: Addr, config: SwimConfig,
-                 rng: random.Random, incarnation: int = 0, generation: int = 0,
-                 tags: Tags = ()) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        name: str,
+        addr: Addr,
+        config: SwimConfig,
+        rng: random.Random,
+        incarnation: int = 0,
+        generation: int = 0,
+        tags: Tags = (),
+    ) -> None:
         self.config = config
         self.rng = rng
         self.counters: collections.Counter[str] = collections.Counter()
@@ -458,8 +481,16 @@ class Node:
         for st in states:
             if st.node == self._me.node or st.node in self._members:
                 continue
-            m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags,
-                       st.status, self._now)
+            m = Member(
+                st.node,
+                st.name,
+                st.addr,
+                st.incarnation,
+                st.generation,
+                st.tags,
+                st.status,
+                self._now,
+            )
             self._members[m.node] = m
             self._dig(m)
             self._index_prefix(m.node)
@@ -580,16 +611,18 @@ class Node:
     def _disarm(self, token: int) -> None:
         self._timers.live.pop(token, None)
 
-    def _event(self, kind: EventKind, m: Member, other: Member | None = None,
-               revived: bool = False) -> None:
+    def _event(
+        self, kind: EventKind, m: Member, other: Member | None = None, revived: bool = False
+    ) -> None:
         self._out.append(MemberEvent(kind, m.info(), other.info() if other else None, revived))
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _send(self, dst: Addr, first: Message | None = None,
-              before: tuple[bytes, ...] = ()) -> None:
+    def _send(
+        self, dst: Addr, first: Message | None = None, before: tuple[bytes, ...] = ()
+    ) -> None:
         """Send ``before`` then ``first`` (if any) plus piggybacked broadcasts
         in one datagram."""
         parts: list[bytes] = list(before)
@@ -597,8 +630,13 @@ class Node:
             parts.append(codec.encode(first))
         used = sum(len(p) for p in parts) + 3
         limit = formulas.retransmit_limit(self.config.retransmit_mult, self.live_count())
-        parts.extend(self._queue.take(self.config.max_packet_bytes - used, limit,
-                                      skip=frozenset(before) if before else None))
+        parts.extend(
+            self._queue.take(
+                self.config.max_packet_bytes - used,
+                limit,
+                skip=frozenset(before) if before else None,
+            )
+        )
         if not parts:
             return
         data = codec.pack(parts)
@@ -614,8 +652,12 @@ class Node:
     def _arm_gossip(self) -> None:
         # Rest while there is nothing to say or nobody to say it to (a lone
         # node); the next broadcast or the first peer re-arms it.
-        if (self._gossip_armed or not self._started or not len(self._queue)
-                or not (len(self._live) or self._recently_dead)):
+        if (
+            self._gossip_armed
+            or not self._started
+            or not len(self._queue)
+            or not (len(self._live) or self._recently_dead)
+        ):
             return
         self._gossip_armed = True
         # Fresh news after a quiet spell goes out almost at once (a short
@@ -807,8 +849,9 @@ class Node:
         probe = Probe(self._next_seq(), target.node)
         self._probe = probe
         self._send_ping(target, probe.seq)
-        self._arm(TimerKind.PROBE_TIMEOUT, formulas.scaled(cfg.probe_timeout_s, self._health),
-                  probe.seq)
+        self._arm(
+            TimerKind.PROBE_TIMEOUT, formulas.scaled(cfg.probe_timeout_s, self._health), probe.seq
+        )
 
     def _send_ping(self, target: Member, seq: int) -> None:
         before: tuple[bytes, ...] = ()
@@ -885,8 +928,11 @@ class Node:
         # sent the ping-req one probe timeout into the period), or Lifeguard
         # would count our answer as missing and blame the requester's health.
         cfg = self.config
-        self._arm(TimerKind.INDIRECT_TIMEOUT,
-                  formulas.nack_delay(cfg.probe_timeout_s, cfg.probe_interval_s, NACK_AFTER), seq)
+        self._arm(
+            TimerKind.INDIRECT_TIMEOUT,
+            formulas.nack_delay(cfg.probe_timeout_s, cfg.probe_interval_s, NACK_AFTER),
+            seq,
+        )
 
     def _relay_timeout(self, seq: object) -> None:
         assert isinstance(seq, int)
@@ -956,8 +1002,11 @@ class Node:
     def _arm_ring_flush(self) -> None:
         if not self._ring_armed and self._started:
             self._ring_armed = True
-            self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
-                      _RING_FLUSH)
+            self._arm(
+                TimerKind.GOSSIP,
+                min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
+                _RING_FLUSH,
+            )
 
     def _ring_flush(self) -> None:
         """Final news (a death, a leave) goes to our next RING_SUCCESSORS
@@ -1051,11 +1100,18 @@ class Node:
                 del self._by_addr[m.addr]
             self._by_addr[msg.addr] = m.node
             self._ring_dirty = True
-            self._log(LogLevel.INFO, f"member moved name={msg.name} from={_fmt(m.addr)} "
-                                     f"to={_fmt(msg.addr)}")
+            self._log(
+                LogLevel.INFO,
+                f"member moved name={msg.name} from={_fmt(m.addr)} to={_fmt(msg.addr)}",
+            )
         self._dig(m)
         m.addr, m.name, m.incarnation, m.generation, m.tags = (
-            msg.addr, msg.name, msg.incarnation, msg.generation, msg.tags)
+            msg.addr,
+            msg.name,
+            msg.incarnation,
+            msg.generation,
+            msg.tags,
+        )
         self._dig(m)
         self.registry.node_up(m.node, m.generation)
         if msg.name != old_name:
@@ -1068,15 +1124,24 @@ class Node:
             self._dead.pop(m.node, None)
             if old_status is not Status.SUSPECT:
                 self._insert_probe_order(m.node)
-            self._event(EventKind.ALIVE, m,
-                        revived=old_status is Status.DEAD and old_gen == m.generation)
+            self._event(
+                EventKind.ALIVE, m, revived=old_status is Status.DEAD and old_gen == m.generation
+            )
         elif (old_addr, old_tags, old_name) != (m.addr, m.tags, m.name):
             self._event(EventKind.UPDATED, m)
         self._broadcast(m.node, msg)
 
     def _add_member(self, msg: Alive) -> None:
-        m = Member(msg.node, msg.name, msg.addr, msg.incarnation, msg.generation, msg.tags,
-                   Status.ALIVE, self._now)
+        m = Member(
+            msg.node,
+            msg.name,
+            msg.addr,
+            msg.incarnation,
+            msg.generation,
+            msg.tags,
+            Status.ALIVE,
+            self._now,
+        )
         self._members[m.node] = m
         self._dig(m)
         self._index_prefix(m.node)
@@ -1095,8 +1160,10 @@ class Node:
             other = self._members.get(holder)
             if other is not None and other.status in LIVE and other.name == m.name:
                 self.counters["name_conflicts"] += 1
-                self._log(LogLevel.WARNING, f"name conflict name={m.name} "
-                                            f"ids={other.node.hex()[:12]},{m.node.hex()[:12]}")
+                self._log(
+                    LogLevel.WARNING,
+                    f"name conflict name={m.name} ids={other.node.hex()[:12]},{m.node.hex()[:12]}",
+                )
                 self._event(EventKind.NAME_CONFLICT, m, other)
                 return
         self._by_name[m.name] = m.node
@@ -1147,8 +1214,14 @@ class Node:
     def _dig(self, m: Member) -> None:
         self._digest.toggle(m.node, m.incarnation, m.status)
 
-    def _suspect(self, m: Member, incarnation: int, sender: NodeId,
-                 cap: float | None = None, gossip: bool = True) -> None:
+    def _suspect(
+        self,
+        m: Member,
+        incarnation: int,
+        sender: NodeId,
+        cap: float | None = None,
+        gossip: bool = True,
+    ) -> None:
         """Start (or confirm) a suspicion of ``m`` at ``incarnation``;
         ``gossip=False`` keeps a new suspicion to ourselves."""
         if m.suspicion is not None:
@@ -1156,14 +1229,26 @@ class Node:
             return
         cfg = self.config
         n = self.live_count()
-        low, high = formulas.suspicion_bounds(cfg.suspicion_mult, cfg.suspicion_max_timeout_mult,
-                                              n, cfg.probe_interval_s)
+        low, high = formulas.suspicion_bounds(
+            cfg.suspicion_mult, cfg.suspicion_max_timeout_mult, n, cfg.probe_interval_s
+        )
         k = formulas.expected_confirmations(cfg.suspicion_mult, n)
         self.counters["suspicions"] += 1
         self._set_status(m, Status.SUSPECT)
         self._set_incarnation(m, incarnation)
-        susp = Suspicion(incarnation, sender, self._now, low, high, k, set(), 0, 0.0, cap,
-                         verified=sender == self._me.node)
+        susp = Suspicion(
+            incarnation,
+            sender,
+            self._now,
+            low,
+            high,
+            k,
+            set(),
+            0,
+            0.0,
+            cap,
+            verified=sender == self._me.node,
+        )
         m.suspicion = susp
         self._rearm_suspicion(m)
         self._event(EventKind.SUSPECT, m)
@@ -1197,8 +1282,9 @@ class Node:
         if susp.token:
             self._disarm(susp.token)
         susp.deadline = deadline
-        susp.token = self._arm(TimerKind.SUSPICION, max(0.0, deadline - self._now),
-                               (m.node, susp.incarnation))
+        susp.token = self._arm(
+            TimerKind.SUSPICION, max(0.0, deadline - self._now), (m.node, susp.incarnation)
+        )
 
     def _clear_suspicion(self, m: Member) -> None:
         if m.suspicion is not None:
@@ -1212,8 +1298,12 @@ class Node:
         if m is None or m.status is not Status.SUSPECT or m.incarnation != incarnation:
             return
         susp = m.suspicion
-        if (susp is not None and not susp.verified and not self._leaving
-                and self.live_count() >= LAST_CHECK_MIN_NODES):
+        if (
+            susp is not None
+            and not susp.verified
+            and not self._leaving
+            and self.live_count() >= LAST_CHECK_MIN_NODES
+        ):
             # Heard of, never seen: ask the suspect once (the ping carries the
             # suspicion, so a live one refutes), then decide.
             susp.verified = True
@@ -1274,8 +1364,10 @@ class Node:
             # packet), and whoever learns from it gossips it on. This stops by
             # itself: the stale rumour runs out of retransmissions.
             self.counters["stale_rebroadcasts"] += 1
-            self._queue.enqueue(("m", m.node), codec.encode(
-                Alive(m.node, m.name, m.addr, m.incarnation, m.generation, m.tags)))
+            self._queue.enqueue(
+                ("m", m.node),
+                codec.encode(Alive(m.node, m.name, m.addr, m.incarnation, m.generation, m.tags)),
+            )
 
     def _on_suspect(self, msg: Suspect, src: Addr | None = None) -> None:
         m = self._members.get(msg.node)
@@ -1318,8 +1410,11 @@ class Node:
         seq = self._next_seq()
         self._checks[seq] = m.node
         self._send_ping(m, seq)
-        self._arm(TimerKind.CONFIRM_TIMEOUT, formulas.scaled(self.config.probe_timeout_s,
-                                                             self._health), seq)
+        self._arm(
+            TimerKind.CONFIRM_TIMEOUT,
+            formulas.scaled(self.config.probe_timeout_s, self._health),
+            seq,
+        )
 
     def _check_timeout(self, seq: object) -> None:
         assert isinstance(seq, int)
@@ -1351,8 +1446,9 @@ class Node:
         # Every node hears each death several times: name it by its id's
         # prefix (12 bytes, not 20) unless another member we know shares it.
         p = node[:NODE_PREFIX_BYTES]
-        msg: Died | DiedRef = (DiedRef(p, incarnation) if self._by_prefix.get(p) == node
-                               else Died(node, incarnation))
+        msg: Died | DiedRef = (
+            DiedRef(p, incarnation) if self._by_prefix.get(p) == node else Died(node, incarnation)
+        )
         self._broadcast(node, msg, ident=(Status.DEAD, incarnation))
         self._owe_ring(node, src)
 
@@ -1451,8 +1547,7 @@ class Node:
         # and tags cannot change, so (node, incarnation, status) of every
         # member identifies the encoded rows.
         members = list(self._members.values())
-        key = (join, hash(tuple((m.node, m.incarnation, m.status) for m in members)),
-               len(members))
+        key = (join, hash(tuple((m.node, m.incarnation, m.status) for m in members)), len(members))
         cached = self._state_cache
         if cached is not None and cached[0] == key:
             self.counters["push_pull_state_reused"] += 1
@@ -1488,8 +1583,9 @@ class Node:
         peer = ctx.peer if ctx.peer in self._live else None
         push = self.registry.on_sync_reply(peer, msg)
         if push is not None and peer is not None:
-            self._open_stream(self._peek(peer).addr, StreamCtx("reg_push", peer=peer),
-                              codec.encode(push))
+            self._open_stream(
+                self._peek(peer).addr, StreamCtx("reg_push", peer=peer), codec.encode(push)
+            )
 
     # --- registry host (see peerd.core.registry.service.Host) ------------------
 
@@ -1594,7 +1690,7 @@ class Node:
         else:
             # Alone (every seed was down when we started, or we were cut
             # off): retry soon, backing off to the normal interval.
-            delay = min(cfg.reconnect_interval_s, cfg.probe_interval_s * 2 ** self._alone_rounds)
+            delay = min(cfg.reconnect_interval_s, cfg.probe_interval_s * 2**self._alone_rounds)
             self._alone_rounds = min(self._alone_rounds + 1, 16)
             self._arm(TimerKind.RECONNECT, delay)
         if self._leaving:
@@ -1625,14 +1721,20 @@ class Node:
             return
         bits = digestmod.bits_for(len(self._members))
         self.counters["digest_sync_out"] += 1
-        self._open_stream(addr, StreamCtx("sync", peer_addr=addr, digest_bits=bits),
-                          codec.encode(SyncDigest(bits, self._digest.hashes(bits))))
+        self._open_stream(
+            addr,
+            StreamCtx("sync", peer_addr=addr, digest_bits=bits),
+            codec.encode(SyncDigest(bits, self._digest.hashes(bits))),
+        )
 
     def _rows(self, bits: int, buckets: tuple[int, ...]) -> tuple[MemberState, ...]:
         want = set(buckets)
         shift = 16 - bits
-        return tuple(m.state() for m in self._members.values()
-                     if int.from_bytes(m.node[:2], "big") >> shift in want)
+        return tuple(
+            m.state()
+            for m in self._members.values()
+            if int.from_bytes(m.node[:2], "big") >> shift in want
+        )
 
     def _on_digest_reply(self, ctx: StreamCtx, data: bytes) -> None:
         try:
@@ -1650,10 +1752,11 @@ class Node:
             # them and answers with its own (after any refutation they caused).
             self.counters["digest_sync_rows_out"] += 1
             assert ctx.peer_addr is not None
-            self._open_stream(ctx.peer_addr, StreamCtx("sync", peer_addr=ctx.peer_addr,
-                                                       digest_bits=msg.bits, rows=True),
-                              codec.encode(SyncRows(msg.bits, msg.buckets,
-                                                    self._rows(msg.bits, msg.buckets))))
+            self._open_stream(
+                ctx.peer_addr,
+                StreamCtx("sync", peer_addr=ctx.peer_addr, digest_bits=msg.bits, rows=True),
+                codec.encode(SyncRows(msg.bits, msg.buckets, self._rows(msg.bits, msg.buckets))),
+            )
             return
         # Done: the registry's anti-entropy follows membership's, as after a push-pull.
         self._follow_with_reg_sync(ctx)
@@ -1673,8 +1776,9 @@ class Node:
         if isinstance(msg, SyncDigest):
             self.counters["digest_sync_in"] += 1
             differ = self._digest.differing(msg.bits, msg.hashes)
-            self._out.append(StreamReply(stream, codec.encode(SyncRows(msg.bits, tuple(differ),
-                                                                       ()))))
+            self._out.append(
+                StreamReply(stream, codec.encode(SyncRows(msg.bits, tuple(differ), ())))
+            )
             return
         if isinstance(msg, SyncRows):
             self.counters["digest_sync_rows_in"] += 1
@@ -1722,8 +1826,11 @@ class Node:
         """The registry's anti-entropy follows membership's, with the same peer."""
         peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
         if peer is not None and peer in self._live:
-            self._open_stream(self._peek(peer).addr, StreamCtx("reg", peer=peer),
-                              codec.encode(self.registry.sync_request()))
+            self._open_stream(
+                self._peek(peer).addr,
+                StreamCtx("reg", peer=peer),
+                codec.encode(self.registry.sync_request()),
+            )
 
     def _on_stream_failed(self, stream: int, reason: str) -> None:
         ctx = self._streams.pop(stream, None)
@@ -1780,8 +1887,9 @@ class Node:
     def _add_down(self, st: MemberState) -> None:
         # Remember nodes we only know as dead/left: partition healing retries
         # them, and a stale "alive" about them cannot resurrect them.
-        m = Member(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status,
-                   self._now)
+        m = Member(
+            st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status, self._now
+        )
         self._members[m.node] = m
         self._dig(m)
         self._index_prefix(m.node)

@@ -49,8 +49,9 @@ class Snapshot:
                 raise ValueError("a shared snapshot holds alive members only")
             if st.node in self.members:
                 continue
-            self.members[st.node] = Member(st.node, st.name, st.addr, st.incarnation,
-                                           st.generation, st.tags, st.status, 0.0)
+            self.members[st.node] = Member(
+                st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status, 0.0
+            )
             self.by_addr[st.addr] = st.node
             self.by_name.setdefault(st.name, st.node)
             p = st.node[:NODE_PREFIX_BYTES]
@@ -63,15 +64,33 @@ class Snapshot:
         self.sorted_ids: list[NodeId] = sorted(self.ids)
 
 
-_MEMBER_FIELDS = ("node", "name", "addr", "incarnation", "generation", "tags", "status",
-                  "changed_at", "suspicion")
+_MEMBER_FIELDS = (
+    "node",
+    "name",
+    "addr",
+    "incarnation",
+    "generation",
+    "tags",
+    "status",
+    "changed_at",
+    "suspicion",
+)
 
 
 def _copy(m: Member) -> Member:
     from peerd.core.node import Member
 
-    return Member(m.node, m.name, m.addr, m.incarnation, m.generation, m.tags, m.status,
-                  m.changed_at, m.suspicion)
+    return Member(
+        m.node,
+        m.name,
+        m.addr,
+        m.incarnation,
+        m.generation,
+        m.tags,
+        m.status,
+        m.changed_at,
+        m.suspicion,
+    )
 
 
 def _check_member_fields() -> None:
@@ -93,8 +112,9 @@ class CowDict:
 
     __slots__ = ("_base", "_local", "_gone", "_extra", "_copy")
 
-    def __init__(self, base: dict[Any, Any], local: dict[Any, Any],
-                 copy: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, base: dict[Any, Any], local: dict[Any, Any], copy: Callable[[Any], Any]
+    ) -> None:
         self._base = base
         self._local = local
         self._copy = copy
@@ -350,8 +370,11 @@ class Ring:
                 yield x
 
     def index(self, node: NodeId) -> int:
-        if node in self._bset and node in self._removed or (
-                node not in self._bset and node not in self._added):
+        if (
+            node in self._bset
+            and node in self._removed
+            or (node not in self._bset and node not in self._added)
+        ):
             raise ValueError(node)
         pos = bisect.bisect_left(self._base, node)
         below = self._removed.bisect_left(node)  # base ids below node that are down

@@ -83,28 +83,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``peerd agent`` flags. Defaults are None so that a config file can
     supply them and flags that were given override it."""
     parser.add_argument("--name", help="node name (default: the host name)")
-    parser.add_argument("--bind", metavar="HOST:PORT",
-                        help="UDP+TCP address to listen on (default 127.0.0.1:7950)")
-    parser.add_argument("--advertise", metavar="HOST:PORT",
-                        help="address peers use to reach us (default: the bind address)")
-    parser.add_argument("--join", metavar="HOST:PORT", action="append",
-                        help="peer to join at start (repeatable)")
+    parser.add_argument(
+        "--bind", metavar="HOST:PORT", help="UDP+TCP address to listen on (default 127.0.0.1:7950)"
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="address peers use to reach us (default: the bind address)",
+    )
+    parser.add_argument(
+        "--join", metavar="HOST:PORT", action="append", help="peer to join at start (repeatable)"
+    )
     parser.add_argument("--api-socket", metavar="PATH", help="Unix socket of the local API")
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help="state directory (node id, incarnation, peers, keyring)")
+    parser.add_argument(
+        "--state-dir", metavar="DIR", help="state directory (node id, incarnation, peers, keyring)"
+    )
     parser.add_argument("--config", metavar="FILE.toml", help="settings file (flags override)")
-    parser.add_argument("--key-file", metavar="FILE",
-                        help="cluster keys, one a line, primary first")
-    parser.add_argument("--preset", choices=["lan", "wan", "local"],
-                        help="timing preset (default lan)")
-    parser.add_argument("--insecure", action="store_true", default=None,
-                        help="allow a non-loopback bind without keys (plaintext gossip)")
+    parser.add_argument(
+        "--key-file", metavar="FILE", help="cluster keys, one a line, primary first"
+    )
+    parser.add_argument(
+        "--preset", choices=["lan", "wan", "local"], help="timing preset (default lan)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind without keys (plaintext gossip)",
+    )
     parser.add_argument("--log-level", choices=list(LEVEL_NAMES), help="default info")
-    parser.add_argument("--metrics-addr", metavar="HOST:PORT",
-                        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
-                             "(default: off; keep it on loopback)")
-    parser.add_argument("--check-config", metavar="FILE.toml",
-                        help="validate a settings file and exit (0 valid, 2 invalid)")
+    parser.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+        "(default: off; keep it on loopback)",
+    )
+    parser.add_argument(
+        "--check-config",
+        metavar="FILE.toml",
+        help="validate a settings file and exit (0 valid, 2 invalid)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,9 +193,11 @@ def _initial_keys(settings: Settings, state: StateDir, logger: Logger) -> list[b
     except KeyFormatError as e:
         raise _Refuse(f"{state.keyring_path} is corrupt: {e}", EXIT_FAILURE) from e
     if file_keys is not None and file_keys != keys:
-        logger.warning("using the keyring saved by keys.install/use/remove; --key-file differs "
-                       "and is ignored (remove the saved keyring to go back to the key file)",
-                       keyring=str(state.keyring_path))
+        logger.warning(
+            "using the keyring saved by keys.install/use/remove; --key-file differs "
+            "and is ignored (remove the saved keyring to go back to the key file)",
+            keyring=str(state.keyring_path),
+        )
     return keys
 
 
@@ -208,8 +228,9 @@ def pick_advertise(family: socket.AddressFamily) -> str | None:
     return None
 
 
-def _resolve_seeds(hosts: tuple[tuple[str, int], ...], family: socket.AddressFamily,
-                   logger: Logger) -> list[Addr]:
+def _resolve_seeds(
+    hosts: tuple[tuple[str, int], ...], family: socket.AddressFamily, logger: Logger
+) -> list[Addr]:
     """Join targets as IP literals (the core speaks addresses, not names)."""
     out: list[Addr] = []
     for host, port in hosts:
@@ -268,16 +289,22 @@ def _check_keys(settings: Settings, keys: list[bytes]) -> None:
         )
 
 
-def _start_locked(settings: Settings, logger: Logger, state: StateDir,
-                  api_sock: socket.socket | None = None,
-                  args: argparse.Namespace | None = None) -> int:
+def _start_locked(
+    settings: Settings,
+    logger: Logger,
+    state: StateDir,
+    api_sock: socket.socket | None = None,
+    args: argparse.Namespace | None = None,
+) -> int:
     bind = settings.bind
     try:
         keys = _initial_keys(settings, state, logger)
         _check_keys(settings, keys)
         if not keys and not _is_loopback(bind[0]):
-            logger.warning("--insecure: gossip on a non-loopback address is unauthenticated "
-                           "plaintext; anyone who can reach the port can inject members")
+            logger.warning(
+                "--insecure: gossip on a non-loopback address is unauthenticated "
+                "plaintext; anyone who can reach the port can inject members"
+            )
         node_id = state.node_id()
         saved_peers = state.peers()
     except StateError as e:
@@ -301,8 +328,10 @@ def _start_locked(settings: Settings, logger: Logger, state: StateDir,
             tcp_sock.close()
             raise _Refuse(str(e), EXIT_FAILURE) from e
         if not _is_loopback(settings.metrics_addr[0]):
-            logger.warning("metrics are served without authentication on a non-loopback "
-                           "address", metrics=settings.metrics_addr)
+            logger.warning(
+                "metrics are served without authentication on a non-loopback address",
+                metrics=settings.metrics_addr,
+            )
     try:
         # Only now that nothing else can fail first: each counts one life.
         generation = state.next_generation()
@@ -314,19 +343,35 @@ def _start_locked(settings: Settings, logger: Logger, state: StateDir,
         if ipaddress.ip_address(bound[0]).is_unspecified:
             picked = pick_advertise(udp_sock.family)
             if picked is None:
-                raise _Refuse(f"bind {format_addr(bind)} is unspecified and no "
-                              "non-loopback address was found: give --advertise",
-                              EXIT_CONFIG)
+                raise _Refuse(
+                    f"bind {format_addr(bind)} is unspecified and no "
+                    "non-loopback address was found: give --advertise",
+                    EXIT_CONFIG,
+                )
             advertise = (picked, bound[1])
-            logger.info("advertising the first non-loopback address; set --advertise "
-                        "to choose another", advertise=advertise)
+            logger.info(
+                "advertising the first non-loopback address; set --advertise to choose another",
+                advertise=advertise,
+            )
         else:
             advertise = bound
     seeds = _resolve_seeds(settings.join, udp_sock.family, logger)
     seeds += [p for p in saved_peers if p != advertise and p not in seeds]
     sockets = _Sockets(udp_sock, tcp_sock, api_sock, metrics_sock)
-    code: int = trio.run(_serve_daemon, settings, logger, state, sockets, keys,
-                         node_id, generation, incarnation, advertise, tuple(seeds), args)
+    code: int = trio.run(
+        _serve_daemon,
+        settings,
+        logger,
+        state,
+        sockets,
+        keys,
+        node_id,
+        generation,
+        incarnation,
+        advertise,
+        tuple(seeds),
+        args,
+    )
     return code
 
 
@@ -338,10 +383,19 @@ class _Sockets:
     metrics: socket.socket | None
 
 
-async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
-                        sockets: _Sockets, keys: list[bytes], node_id: bytes, generation: int,
-                        incarnation: int, advertise: Addr, seeds: tuple[Addr, ...],
-                        args: argparse.Namespace | None = None) -> int:
+async def _serve_daemon(
+    settings: Settings,
+    logger: Logger,
+    state: StateDir,
+    sockets: _Sockets,
+    keys: list[bytes],
+    node_id: bytes,
+    generation: int,
+    incarnation: int,
+    advertise: Addr,
+    seeds: tuple[Addr, ...],
+    args: argparse.Namespace | None = None,
+) -> int:
     udp_sock, tcp_sock = sockets.udp, sockets.tcp
     keyring = Keyring(keys)
     limits = TcpLimits()
@@ -351,30 +405,73 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     counters: Counter[str] = Counter()
     net_log = LimitedLog(logger)
     inputs = open_inputs()
-    max_datagram = max(MIN_DATAGRAM_LIMIT,
-                       2 * (settings.swim.max_packet_bytes + seal_overhead(keyring)))
-    udp = UdpEndpoint(udp_sock, sealer=sealer, opener=opener, inputs=inputs[0],
-                      counters=counters, log=net_log, max_datagram=max_datagram)
-    tcp = TcpEndpoint(trio.SocketListener(trio.socket.from_stdlib_socket(tcp_sock)),
-                      sealer=sealer, opener=opener, inputs=inputs[0], counters=counters,
-                      log=net_log, limits=limits)
+    max_datagram = max(
+        MIN_DATAGRAM_LIMIT, 2 * (settings.swim.max_packet_bytes + seal_overhead(keyring))
+    )
+    udp = UdpEndpoint(
+        udp_sock,
+        sealer=sealer,
+        opener=opener,
+        inputs=inputs[0],
+        counters=counters,
+        log=net_log,
+        max_datagram=max_datagram,
+    )
+    tcp = TcpEndpoint(
+        trio.SocketListener(trio.socket.from_stdlib_socket(tcp_sock)),
+        sealer=sealer,
+        opener=opener,
+        inputs=inputs[0],
+        counters=counters,
+        log=net_log,
+        limits=limits,
+    )
     mesh_config = MESH_PRESETS.get(settings.preset, MESH_PRESETS["lan"])()
     mesh = Mesh(MeshPeer(node_id, advertise), mesh_config, random.Random(secrets.randbits(64)))
-    links = LinkManager(node_id, sealer=sealer, keyring=keyring, inputs=inputs[0],
-                        counters=counters, log=net_log, limits=settings.links)
+    links = LinkManager(
+        node_id,
+        sealer=sealer,
+        keyring=keyring,
+        inputs=inputs[0],
+        counters=counters,
+        log=net_log,
+        limits=settings.links,
+    )
     tcp.on_link = links.accept
-    node = Node(node_id=node_id, name=settings.name, addr=advertise, config=settings.swim,
-                rng=random.Random(secrets.randbits(64)), incarnation=incarnation,
-                generation=generation)
+    node = Node(
+        node_id=node_id,
+        name=settings.name,
+        addr=advertise,
+        config=settings.swim,
+        rng=random.Random(secrets.randbits(64)),
+        incarnation=incarnation,
+        generation=generation,
+    )
     notifier = Notifier(logger=logger)
     watchdog_s = watchdog_interval()
-    lifecycle = SystemdLifecycle(notifier, lambda: _member_counts(node),
-                                 watchdog_s=watchdog_s) if notifier.enabled else None
+    lifecycle = (
+        SystemdLifecycle(notifier, lambda: _member_counts(node), watchdog_s=watchdog_s)
+        if notifier.enabled
+        else None
+    )
     key_manager = KeyManager(keyring, keys, state, logger)
-    runner = Runner(node, packets=udp, streams=tcp, logger=logger, inputs=inputs, state=state,
-                    keys=key_manager, config=settings.swim, seeds=seeds, counters=counters,
-                    lifecycle=lifecycle, traffic=TrafficCounter(counters), mesh=mesh,
-                    links=links, send_timeout_s=settings.messages.send_timeout_s)
+    runner = Runner(
+        node,
+        packets=udp,
+        streams=tcp,
+        logger=logger,
+        inputs=inputs,
+        state=state,
+        keys=key_manager,
+        config=settings.swim,
+        seeds=seeds,
+        counters=counters,
+        lifecycle=lifecycle,
+        traffic=TrafficCounter(counters),
+        mesh=mesh,
+        links=links,
+        send_timeout_s=settings.messages.send_timeout_s,
+    )
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
     runner.counter_sources["plumtree"] = mesh.plumtree.counters
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
@@ -390,13 +487,18 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
     api_target: Any = sockets.api if sockets.api is not None else str(settings.api_socket)
 
     async def api_service(*, task_status: trio.TaskStatus[Any]) -> None:
-        await serve_api(api_target, runner, mailbox_messages=settings.messages.mailbox_messages,
-                        mailbox_bytes=settings.messages.mailbox_bytes,
-                        task_status=_ApiStarted(task_status, runner))
+        await serve_api(
+            api_target,
+            runner,
+            mailbox_messages=settings.messages.mailbox_messages,
+            mailbox_bytes=settings.messages.mailbox_bytes,
+            task_status=_ApiStarted(task_status, runner),
+        )
 
     services: list[Any] = [tcp.run, links.run, udp_service, api_service]
     metrics_sock = sockets.metrics
     if metrics_sock is not None:
+
         async def snapshot() -> dict[str, Any]:
             return dict(await runner.call_in_runner(runner._status))
 
@@ -405,18 +507,29 @@ async def _serve_daemon(settings: Settings, logger: Logger, state: StateDir,
 
         services.append(metrics_service)
 
-    api_text = (f"{socket_path(sockets.api)} (from systemd)" if sockets.api is not None
-                else str(settings.api_socket))
+    api_text = (
+        f"{socket_path(sockets.api)} (from systemd)"
+        if sockets.api is not None
+        else str(settings.api_socket)
+    )
     fields: dict[str, object] = {}
     if metrics_sock is not None:
         fields["metrics"] = metrics_sock.getsockname()[:2]
     if notifier.enabled:
         fields["systemd"] = "notify" + (f", watchdog every {watchdog_s:g}s" if watchdog_s else "")
     logger.info(
-        "peerd starting", name=settings.name, id=node_id.hex(), addr=advertise,
-        bind=udp.local_addr, generation=generation, incarnation=incarnation,
-        preset=settings.preset, keys=len(keys) if keys else "none (plaintext)",
-        seeds=len(seeds), api=api_text, **fields,
+        "peerd starting",
+        name=settings.name,
+        id=node_id.hex(),
+        addr=advertise,
+        bind=udp.local_addr,
+        generation=generation,
+        incarnation=incarnation,
+        preset=settings.preset,
+        keys=len(keys) if keys else "none (plaintext)",
+        seeds=len(seeds),
+        api=api_text,
+        **fields,
     )
     reloader = Reloader(args, settings, logger, state, runner, key_manager, lifecycle)
     try:
@@ -434,8 +547,20 @@ def _member_counts(node: Node) -> dict[str, int]:
 
 
 # Settings a running daemon cannot take over (sockets are bound, the core is built).
-_RESTART_ONLY = ("name", "bind", "advertise", "join", "api_socket", "state_dir", "preset",
-                 "insecure", "swim", "metrics_addr", "links", "messages")
+_RESTART_ONLY = (
+    "name",
+    "bind",
+    "advertise",
+    "join",
+    "api_socket",
+    "state_dir",
+    "preset",
+    "insecure",
+    "swim",
+    "metrics_addr",
+    "links",
+    "messages",
+)
 
 
 class Reloader:
@@ -446,9 +571,16 @@ class Reloader:
     every other change is logged as needing a restart.
     """
 
-    def __init__(self, args: argparse.Namespace | None, settings: Settings, logger: Logger,
-                 state: StateDir, runner: Runner, keys: KeyManager,
-                 lifecycle: SystemdLifecycle | None) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace | None,
+        settings: Settings,
+        logger: Logger,
+        state: StateDir,
+        runner: Runner,
+        keys: KeyManager,
+        lifecycle: SystemdLifecycle | None,
+    ) -> None:
         self.args = args
         self.settings = settings
         self.logger = logger
@@ -487,13 +619,17 @@ class Reloader:
             changed.append("keys")
         restart = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
         if restart:
-            self.logger.warning("changed settings need a restart to apply; running with the "
-                                "old values", settings=",".join(restart))
+            self.logger.warning(
+                "changed settings need a restart to apply; running with the old values",
+                settings=",".join(restart),
+            )
         # Remember what is applied, so the next reload compares with the running values.
-        self.settings = dataclasses.replace(old, log_level=new.log_level,
-                                            key_file=new.key_file)
-        self.logger.info("reloaded", changed=",".join(changed) or "nothing",
-                         keys=len(keys) if keys else "none (plaintext)")
+        self.settings = dataclasses.replace(old, log_level=new.log_level, key_file=new.key_file)
+        self.logger.info(
+            "reloaded",
+            changed=",".join(changed) or "nothing",
+            keys=len(keys) if keys else "none (plaintext)",
+        )
 
 
 class _ApiStarted:

@@ -127,10 +127,17 @@ class Connection:
     to this connection). ``cred`` is None when the transport has no peer
     credentials (tests over memory streams, non-Linux systems)."""
 
-    def __init__(self, conn_id: int, cred: PeerCred | None,
-                 outgoing: trio.MemorySendChannel[bytes], max_frame: int,
-                 max_inflight: int, *, mailbox_messages: int = MAILBOX_MESSAGES,
-                 mailbox_bytes: int = MAILBOX_BYTES) -> None:
+    def __init__(
+        self,
+        conn_id: int,
+        cred: PeerCred | None,
+        outgoing: trio.MemorySendChannel[bytes],
+        max_frame: int,
+        max_inflight: int,
+        *,
+        mailbox_messages: int = MAILBOX_MESSAGES,
+        mailbox_bytes: int = MAILBOX_BYTES,
+    ) -> None:
         self.id = conn_id
         self.cred = cred
         self._outgoing = outgoing
@@ -185,8 +192,10 @@ class Connection:
         if self._closed:
             return "closed"
         frame = self._encode_event(stream, event, data)
-        if (len(self._mailbox) >= self.mailbox_messages
-                or self._mailbox_bytes + len(frame) > self.mailbox_bytes):
+        if (
+            len(self._mailbox) >= self.mailbox_messages
+            or self._mailbox_bytes + len(frame) > self.mailbox_bytes
+        ):
             return "full"
         was_empty = not self._mailbox
         self._mailbox.append(frame)
@@ -301,14 +310,18 @@ class Backend(Protocol):
 
     async def call(self, conn: Connection, op: str, args: dict[str, Any]) -> Any: ...
 
-    def watch(self, conn: Connection,
-              topics: Sequence[str]) -> trio.abc.ReceiveChannel[EventItem]: ...
+    def watch(
+        self, conn: Connection, topics: Sequence[str]
+    ) -> trio.abc.ReceiveChannel[EventItem]: ...
 
     def connection_closed(self, conn: Connection) -> None: ...
 
 
 ListenerArg: TypeAlias = (
-    str | os.PathLike[str] | socket.socket | trio.socket.SocketType
+    str
+    | os.PathLike[str]
+    | socket.socket
+    | trio.socket.SocketType
     | trio.abc.Listener[trio.abc.Stream]
 )
 
@@ -338,19 +351,29 @@ async def serve_api(
     (its ``path``, live ``connections`` and ``counters``). Setup problems raise
     :class:`ApiSocketError` before that point.
     """
-    server = ApiServer(backend, max_frame=max_frame, max_connections=max_connections,
-                       mailbox_messages=mailbox_messages, mailbox_bytes=mailbox_bytes)
+    server = ApiServer(
+        backend,
+        max_frame=max_frame,
+        max_connections=max_connections,
+        mailbox_messages=mailbox_messages,
+        mailbox_bytes=mailbox_bytes,
+    )
     await server.serve(listener, task_status=task_status)
 
 
 class ApiServer:
     """The accept loop and the per-connection machinery. See :func:`serve_api`."""
 
-    def __init__(self, backend: Backend, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_inflight: int = DEFAULT_MAX_INFLIGHT,
-                 mailbox_messages: int = MAILBOX_MESSAGES,
-                 mailbox_bytes: int = MAILBOX_BYTES) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        mailbox_messages: int = MAILBOX_MESSAGES,
+        mailbox_bytes: int = MAILBOX_BYTES,
+    ) -> None:
         self.backend = backend
         self.max_frame = max_frame
         self.max_connections = max_connections
@@ -362,8 +385,12 @@ class ApiServer:
         self.counters: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
 
-    async def serve(self, listener: ListenerArg, *,
-                    task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        listener: ListenerArg,
+        *,
+        task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         owned_inode: tuple[int, int] | None = None
         if isinstance(listener, str | os.PathLike):
             self.path = os.fspath(listener)
@@ -383,8 +410,9 @@ class ApiServer:
             if owned_inode is not None and self.path is not None:
                 _unlink_if_ours(self.path, owned_inode)
 
-    async def _accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream],
-                           nursery: trio.Nursery) -> None:
+    async def _accept_loop(
+        self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery
+    ) -> None:
         while True:
             try:
                 stream = await listener.accept()
@@ -404,24 +432,37 @@ class ApiServer:
                 # Registered here, before its task runs, so that the limit
                 # holds even when many connections arrive at once.
                 send, receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_FRAMES)
-                conn = Connection(next(self._ids), peer_cred(stream), send, self.max_frame,
-                                  self.max_inflight, mailbox_messages=self.mailbox_messages,
-                                  mailbox_bytes=self.mailbox_bytes)
+                conn = Connection(
+                    next(self._ids),
+                    peer_cred(stream),
+                    send,
+                    self.max_frame,
+                    self.max_inflight,
+                    mailbox_messages=self.mailbox_messages,
+                    mailbox_bytes=self.mailbox_bytes,
+                )
                 self.connections[conn.id] = conn
                 nursery.start_soon(self._serve_connection, stream, conn, receive)
 
     async def _refuse(self, stream: trio.abc.Stream) -> None:
         """Tell a client over the limit why, instead of leaving it hanging."""
-        frame = encode_frame(Response.failure(
-            None, ErrorCode.UNAVAILABLE,
-            f"too many API connections (limit {self.max_connections})"))
-        with trio.move_on_after(CLOSE_GRACE_S), contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError):
+        frame = encode_frame(
+            Response.failure(
+                None,
+                ErrorCode.UNAVAILABLE,
+                f"too many API connections (limit {self.max_connections})",
+            )
+        )
+        with (
+            trio.move_on_after(CLOSE_GRACE_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
             await stream.send_all(frame)
         await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, stream: trio.abc.Stream, conn: Connection,
-                                receive: trio.MemoryReceiveChannel[bytes]) -> None:
+    async def _serve_connection(
+        self, stream: trio.abc.Stream, conn: Connection, receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
         send = conn._outgoing
         self.counters["connections"] += 1
         log.debug("API connection %r opened", conn)
@@ -442,8 +483,7 @@ class ApiServer:
                         if error is not None:
                             self.counters["bad_frames"] += 1
                             log.info("API connection %r: %s; closing", conn, error.message)
-                            frame = encode_frame(Response.failure(None, error.code,
-                                                                  error.message))
+                            frame = encode_frame(Response.failure(None, error.code, error.message))
                             with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                                 send.send_nowait(frame)
                     # The queue is closed: the writer drains it and exits. Bound
@@ -464,8 +504,9 @@ class ApiServer:
             await trio.aclose_forcefully(stream)
             log.debug("API connection %r closed", conn)
 
-    async def _read_loop(self, stream: trio.abc.Stream, conn: Connection,
-                         work: trio.Nursery) -> FrameError | None:
+    async def _read_loop(
+        self, stream: trio.abc.Stream, conn: Connection, work: trio.Nursery
+    ) -> FrameError | None:
         """Read and dispatch requests until EOF (None) or a bad frame (the error)."""
         decoder = FrameDecoder(self.max_frame)
         while True:
@@ -517,8 +558,9 @@ class ApiServer:
             log.exception("API backend failed in batchable(%r)", request.op)
             return False
 
-    async def _start_batch(self, conn: Connection, batch: list[Request], begin: Any,
-                           work: trio.Nursery) -> None:
+    async def _start_batch(
+        self, conn: Connection, batch: list[Request], begin: Any, work: trio.Nursery
+    ) -> None:
         """Start a batch in order (the backend's ``begin_batch``), and let its
         results be awaited and written by a task of its own, so the next
         batch of this connection can start meanwhile (bounded by the
@@ -538,8 +580,14 @@ class ApiServer:
 
         work.start_soon(finish_and_answer)
 
-    async def _run_batch(self, conn: Connection, batch: list[Request], *,
-                         finish: Any = None, failed: Exception | None = None) -> None:
+    async def _run_batch(
+        self,
+        conn: Connection,
+        batch: list[Request],
+        *,
+        finish: Any = None,
+        failed: Exception | None = None,
+    ) -> None:
         """Answer quick requests together: one backend call, one write."""
         try:
             try:
@@ -549,7 +597,8 @@ class ApiServer:
                     results = await finish()
                 else:
                     results = await self.backend.call_batch(  # type: ignore[attr-defined]
-                        conn, [(r.op, r.args) for r in batch])
+                        conn, [(r.op, r.args) for r in batch]
+                    )
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
             except Exception as exc:
@@ -562,8 +611,10 @@ class ApiServer:
                     response = Response.failure(request.id, result.code, result.message)
                 elif isinstance(result, Exception):
                     response = Response.failure(
-                        request.id, ErrorCode.INTERNAL,
-                        f"{request.op}: {type(result).__name__}: {result}")
+                        request.id,
+                        ErrorCode.INTERNAL,
+                        f"{request.op}: {type(result).__name__}: {result}",
+                    )
                 else:
                     response = Response.success(request.id, result)
                 frames.append(self._encode_response(response))
@@ -587,8 +638,10 @@ class ApiServer:
         try:
             if id_in_use:
                 response = Response.failure(
-                    request.id, ErrorCode.CONFLICT,
-                    f"request id {request.id} is already in use on this connection")
+                    request.id,
+                    ErrorCode.CONFLICT,
+                    f"request id {request.id} is already in use on this connection",
+                )
             elif request.op == Op.WATCH:
                 await self._watch(conn, request, release)
                 return
@@ -613,8 +666,9 @@ class ApiServer:
         except Exception as exc:
             self.counters["internal_errors"] += 1
             log.exception("API op %r failed on %r", request.op, conn)
-            return Response.failure(request.id, ErrorCode.INTERNAL,
-                                    f"{request.op}: {type(exc).__name__}: {exc}")
+            return Response.failure(
+                request.id, ErrorCode.INTERNAL, f"{request.op}: {type(exc).__name__}: {exc}"
+            )
 
     def _encode_response(self, response: Response) -> bytes:
         """Encode, turning an unencodable or oversized result into an internal error."""
@@ -624,25 +678,36 @@ class ApiServer:
             self.counters["internal_errors"] += 1
             log.error("API response to request %s cannot be sent: %s", response.id, exc)
             message = exc.message if isinstance(exc, FrameError) else f"unencodable: {exc}"
-            return encode_frame(Response.failure(response.id, ErrorCode.INTERNAL,
-                                                 f"result cannot be sent: {message}"))
+            return encode_frame(
+                Response.failure(
+                    response.id, ErrorCode.INTERNAL, f"result cannot be sent: {message}"
+                )
+            )
 
-    async def _watch(self, conn: Connection, request: Request,
-                     release: Callable[[], None]) -> None:
+    async def _watch(self, conn: Connection, request: Request, release: Callable[[], None]) -> None:
         try:
             if request.id == CONNECTION_STREAM:
-                raise ApiError(ErrorCode.BAD_ARGS, f"a watch cannot use request id "
-                               f"{CONNECTION_STREAM}: it is the connection's own event stream")
+                raise ApiError(
+                    ErrorCode.BAD_ARGS,
+                    f"a watch cannot use request id "
+                    f"{CONNECTION_STREAM}: it is the connection's own event stream",
+                )
             topics = parse_watch_args(request.args)
             channel = self.backend.watch(conn, topics)
         except ApiError as exc:
-            await conn._outgoing.send(self._encode_response(
-                Response.failure(request.id, exc.code, exc.message)))
+            await conn._outgoing.send(
+                self._encode_response(Response.failure(request.id, exc.code, exc.message))
+            )
             return
         except Exception as exc:
             log.exception("API backend failed in watch(%r) on %r", request.args, conn)
-            await conn._outgoing.send(self._encode_response(Response.failure(
-                request.id, ErrorCode.INTERNAL, f"watch: {type(exc).__name__}: {exc}")))
+            await conn._outgoing.send(
+                self._encode_response(
+                    Response.failure(
+                        request.id, ErrorCode.INTERNAL, f"watch: {type(exc).__name__}: {exc}"
+                    )
+                )
+            )
             return
         entry = _Stream(trio.CancelScope(), channel)
         try:
@@ -650,8 +715,7 @@ class ApiServer:
                 return  # the client hung up while we set up the watch
             conn._streams[request.id] = entry
             with entry.scope:
-                await conn._outgoing.send(self._encode_response(
-                    Response.success(request.id, {})))
+                await conn._outgoing.send(self._encode_response(Response.success(request.id, {})))
                 release()  # a long-lived stream does not count as an in-flight request
                 await self._forward(conn, request.id, channel)
         finally:
@@ -660,8 +724,9 @@ class ApiServer:
             # Closing our end tells the backend (BrokenResourceError on send).
             await trio.aclose_forcefully(channel)
 
-    async def _forward(self, conn: Connection, stream_id: int,
-                       channel: trio.abc.ReceiveChannel[EventItem]) -> None:
+    async def _forward(
+        self, conn: Connection, stream_id: int, channel: trio.abc.ReceiveChannel[EventItem]
+    ) -> None:
         async for item in channel:
             try:
                 name, data = item
@@ -693,9 +758,12 @@ class ApiServer:
 WRITE_COALESCE_BYTES = 256 * 1024
 
 
-async def _write_loop(stream: trio.abc.Stream, frames: trio.MemoryReceiveChannel[bytes],
-                      connection_scope: trio.CancelScope,
-                      conn: Connection | None = None) -> None:
+async def _write_loop(
+    stream: trio.abc.Stream,
+    frames: trio.MemoryReceiveChannel[bytes],
+    connection_scope: trio.CancelScope,
+    conn: Connection | None = None,
+) -> None:
     try:
         async with frames:
             async for frame in frames:
@@ -736,8 +804,9 @@ def peer_cred(stream: trio.abc.Stream) -> PeerCred | None:
     return PeerCred(pid, uid, gid)
 
 
-async def bind_api_socket(path: str, *, mode: int = SOCKET_MODE,
-                          backlog: int = LISTEN_BACKLOG) -> trio.socket.SocketType:
+async def bind_api_socket(
+    path: str, *, mode: int = SOCKET_MODE, backlog: int = LISTEN_BACKLOG
+) -> trio.socket.SocketType:
     """Bind and listen on a Unix stream socket at ``path``.
 
     Creates the parent directory (0o750) if missing. A socket file left by a
@@ -764,7 +833,8 @@ async def bind_api_socket(path: str, *, mode: int = SOCKET_MODE,
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ApiSocketError(
-                f"API socket {path} is in use: is another peerd running?") from None
+                f"API socket {path} is in use: is another peerd running?"
+            ) from None
         raise ApiSocketError(f"cannot create API socket {path}: {exc.strerror or exc}") from None
     return sock
 

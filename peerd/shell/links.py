@@ -194,10 +194,18 @@ class LinkManager:
     :class:`LinkLost` items on ``inputs``. Counters: ``link_*``.
     """
 
-    def __init__(self, node_id: NodeId, *, sealer: Sealer, keyring: Keyring,
-                 inputs: trio.MemorySendChannel[Any], counters: collections.Counter[str],
-                 log: LimitedLog, limits: LinkLimits | None = None,
-                 is_mesh_message: Callable[[Message], bool] | None = None) -> None:
+    def __init__(
+        self,
+        node_id: NodeId,
+        *,
+        sealer: Sealer,
+        keyring: Keyring,
+        inputs: trio.MemorySendChannel[Any],
+        counters: collections.Counter[str],
+        log: LimitedLog,
+        limits: LinkLimits | None = None,
+        is_mesh_message: Callable[[Message], bool] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.sealer = sealer
         self.keyring = keyring
@@ -254,8 +262,9 @@ class LinkManager:
             return
         self._nursery.start_soon(self._outbound, link)
 
-    def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
-             mesh: bool | None = None) -> bool:
+    def send(
+        self, peer: NodeId, msg: Message, priority: int = 0, *, mesh: bool | None = None
+    ) -> bool:
         """Queue ``msg`` for ``peer``; False (counted) if there is no link or
         the frame was dropped. ``mesh``: mark the link as the mesh's;
         ``mesh=False``: direct traffic (messages to names), never dropped
@@ -268,8 +277,13 @@ class LinkManager:
             data = codec.encode(msg)
         except Exception as e:  # our own bug; must not kill the runner
             self.counters["link_send_encode_error"] += 1
-            self.log.log("link_encode", LogLevel.ERROR, "cannot encode link message",
-                         type=type(msg).__name__, error=str(e))
+            self.log.log(
+                "link_encode",
+                LogLevel.ERROR,
+                "cannot encode link message",
+                type=type(msg).__name__,
+                error=str(e),
+            )
             return False
         if mesh:
             link.mesh = True
@@ -314,8 +328,12 @@ class LinkManager:
         mesh traffic came in on it (the peer made it a mesh link again).
         Direct traffic and the idle reaper then decide when it closes."""
         current = self.links.get(peer)
-        if (link is not None and current is not None and current.id != link
-                and not current.mesh_heard):
+        if (
+            link is not None
+            and current is not None
+            and current.id != link
+            and not current.mesh_heard
+        ):
             current.mesh = False
 
     # --- internals ----------------------------------------------------------------
@@ -415,8 +433,13 @@ class LinkManager:
     def _fail(self, link: _Link, reason: str) -> None:
         """The link is broken: report it (once) and stop its tasks."""
         self.counters[f"link_lost_{reason}"] += 1
-        self.log.log(f"link_lost_{reason}", LogLevel.DEBUG, "link lost", peer=link.peer.hex()[:8],
-                     reason=reason)
+        self.log.log(
+            f"link_lost_{reason}",
+            LogLevel.DEBUG,
+            "link lost",
+            peer=link.peer.hex()[:8],
+            reason=reason,
+        )
         self._lost(link, reason)
         link.scope.cancel()
 
@@ -470,8 +493,12 @@ class LinkManager:
     def _reap(self) -> None:
         now = trio.current_time()
         for link in list(self.links.values()):
-            if (not link.mesh and link.state == "up" and not link.queued_bytes
-                    and now - link.last_used >= self.limits.idle_s):
+            if (
+                not link.mesh
+                and link.state == "up"
+                and not link.queued_bytes
+                and now - link.last_used >= self.limits.idle_s
+            ):
                 self._retire(link, "link_idle_closed")
 
     def _hello(self, dst: NodeId, nonce: bytes) -> bytes:
@@ -506,13 +533,16 @@ class LinkManager:
                     return
                 sender, payload = opener.open(answer)
                 n = len(MAGIC) + 1
-                if (sender != link.peer or payload[:n] != MAGIC + ACK
-                        or payload[n:n + ID_BYTES] != link.peer
-                        or payload[n + ID_BYTES:n + ID_BYTES + NONCE_BYTES] != link.my_nonce
-                        or len(payload) != n + ID_BYTES + 2 * NONCE_BYTES):
+                if (
+                    sender != link.peer
+                    or payload[:n] != MAGIC + ACK
+                    or payload[n : n + ID_BYTES] != link.peer
+                    or payload[n + ID_BYTES : n + ID_BYTES + NONCE_BYTES] != link.my_nonce
+                    or len(payload) != n + ID_BYTES + 2 * NONCE_BYTES
+                ):
                     self._fail(link, "bad_ack")
                     return
-                link.peer_nonce = payload[n + ID_BYTES + NONCE_BYTES:]
+                link.peer_nonce = payload[n + ID_BYTES + NONCE_BYTES :]
                 if link.state == "dead":
                     return  # closed meanwhile with nothing to write
                 if link.state == "connecting":
@@ -532,17 +562,20 @@ class LinkManager:
         """Serve an inbound link whose (already opened) hello is ``payload``;
         called by the TCP listener, returns when the link ends."""
         n = len(MAGIC) + 1
-        if (payload[:n] != MAGIC + HELLO or len(payload) != n + 2 * ID_BYTES + NONCE_BYTES
-                or payload[n:n + ID_BYTES] != sender):
+        if (
+            payload[:n] != MAGIC + HELLO
+            or len(payload) != n + 2 * ID_BYTES + NONCE_BYTES
+            or payload[n : n + ID_BYTES] != sender
+        ):
             self.counters["link_drop_bad_hello"] += 1
             return
-        if payload[n + ID_BYTES:n + 2 * ID_BYTES] != self.node_id:
+        if payload[n + ID_BYTES : n + 2 * ID_BYTES] != self.node_id:
             self.counters["link_drop_not_me"] += 1
             return
         if sender == self.node_id:
             self.counters["link_drop_self"] += 1
             return
-        peer_nonce = payload[n + 2 * ID_BYTES:]
+        peer_nonce = payload[n + 2 * ID_BYTES :]
         old = self.links.get(sender)
         crossing = old is not None and old.state == "connecting" and old.outbound
         if crossing and self.node_id < sender:
@@ -663,15 +696,15 @@ class LinkManager:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
-    async def _writer(self, link: _Link, conn: trio.SocketStream,
-                      scope: trio.CancelScope) -> None:
+    async def _writer(self, link: _Link, conn: trio.SocketStream, scope: trio.CancelScope) -> None:
         lim = self.limits
         while True:
             if link.state == "draining":
                 # Superseded: nothing more goes out on it; the half-close lets
                 # a peer that is closing it finish, and the reader drains it.
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                         OSError):
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                ):
                     with trio.move_on_after(lim.write_timeout_s):
                         await conn.send_eof()
                 return
@@ -680,8 +713,9 @@ class LinkManager:
                     # Flushed: half-close, and let the reader drain until the
                     # peer closes too (closing with unread data would reset
                     # the connection and could lose what we just wrote).
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                             OSError):
+                    with contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                    ):
                         with trio.move_on_after(lim.write_timeout_s):
                             await conn.send_eof()
                     await trio.sleep(lim.write_timeout_s)
@@ -734,7 +768,7 @@ def _split(payload: bytes, start: int) -> tuple[Message, ...] | None:
         if length == 0 or i + length > n:
             return None
         try:
-            out.append(codec.decode(payload[i:i + length]))
+            out.append(codec.decode(payload[i : i + length]))
         except codec.DecodeError:
             return None
         i += length

@@ -197,16 +197,20 @@ class StdlibBridge(logging.Handler):
     """Routes stdlib ``logging`` records (e.g. the API server's) into one
     :class:`Logger`, so the daemon writes a single line format."""
 
-    _LEVELS = ((logging.ERROR, LogLevel.ERROR), (logging.WARNING, LogLevel.WARNING),
-               (logging.INFO, LogLevel.INFO))
+    _LEVELS = (
+        (logging.ERROR, LogLevel.ERROR),
+        (logging.WARNING, LogLevel.WARNING),
+        (logging.INFO, LogLevel.INFO),
+    )
 
     def __init__(self, logger: Logger) -> None:
         super().__init__(logging.DEBUG)
         self.target = logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = next((ours for theirs, ours in self._LEVELS if record.levelno >= theirs),
-                     LogLevel.DEBUG)
+        level = next(
+            (ours for theirs, ours in self._LEVELS if record.levelno >= theirs), LogLevel.DEBUG
+        )
         try:
             message = record.getMessage()
         except Exception:  # a bad format string must not kill the daemon

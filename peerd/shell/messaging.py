@@ -67,13 +67,20 @@ class MessageLimits:
     mailbox_messages: int = MAILBOX_MESSAGES
     mailbox_bytes: int = MAILBOX_BYTES
 
+
 _STATUS_ERROR = {
-    NameStatus.NOT_FOUND: (ErrorCode.NOT_FOUND, "the owner of {target} vanished before the "
-                                                "message arrived"),
-    NameStatus.MAILBOX_FULL: (ErrorCode.UNAVAILABLE, "mailbox full: the process holding "
-                                                     "{target} is not reading its messages"),
-    NameStatus.REFUSED: (ErrorCode.UNAVAILABLE, "the daemon of {target}'s owner refused the "
-                                                "message (leaving, or no registry)"),
+    NameStatus.NOT_FOUND: (
+        ErrorCode.NOT_FOUND,
+        "the owner of {target} vanished before the message arrived",
+    ),
+    NameStatus.MAILBOX_FULL: (
+        ErrorCode.UNAVAILABLE,
+        "mailbox full: the process holding {target} is not reading its messages",
+    ),
+    NameStatus.REFUSED: (
+        ErrorCode.UNAVAILABLE,
+        "the daemon of {target}'s owner refused the message (leaving, or no registry)",
+    ),
 }
 
 
@@ -102,10 +109,17 @@ class Pending:
 class Messenger:
     """Owned by the runner (all methods but :meth:`wait` run in its task)."""
 
-    def __init__(self, node: Any, links: Any, conns: dict[int, Any],
-                 counters: collections.Counter[str], *, send_timeout_s: float = SEND_TIMEOUT_S,
-                 rng: random.Random | None = None,
-                 leaving: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        node: Any,
+        links: Any,
+        conns: dict[int, Any],
+        counters: collections.Counter[str],
+        *,
+        send_timeout_s: float = SEND_TIMEOUT_S,
+        rng: random.Random | None = None,
+        leaving: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.node = node
         self.links = links
         self.conns = conns  # the runner's connections that wrote to the registry
@@ -146,8 +160,7 @@ class Messenger:
         else:
             claims = list(state.group_members(args.scope, args.name))
         if not claims:
-            raise ApiError(ErrorCode.NOT_FOUND, f"no {what} {args.name!r} in scope "
-                                                f"{args.scope!r}")
+            raise ApiError(ErrorCode.NOT_FOUND, f"no {what} {args.name!r} in scope {args.scope!r}")
         me = self._me()
         if args.kind is RegKind.GROUP and not args.all:
             local = [c for c in claims if c.origin == me]
@@ -159,23 +172,23 @@ class Messenger:
             origin = c.origin
             if origin == me:
                 self.counters["send_local"] += 1
-                msg = NameMsg(0, args.kind, args.scope, args.name, c.entry.eid, sender,
-                              args.payload)
+                msg = NameMsg(
+                    0, args.kind, args.scope, args.name, c.entry.eid, sender, args.payload
+                )
                 self._outcome(p, None, me, self.deliver(me, msg))
                 continue
             if not links.has(origin):
                 member = self.node.member(origin)
                 if member is None:
-                    self._outcome(p, None, origin, None,
-                                  "the owner's node is not a known member")
+                    self._outcome(p, None, origin, None, "the owner's node is not a known member")
                     continue
                 links.connect(origin, member.addr, mesh=False)
             seq = next(self._seq)
-            msg = NameMsg(seq, args.kind, args.scope, args.name, c.entry.eid, sender,
-                          args.payload)
+            msg = NameMsg(seq, args.kind, args.scope, args.name, c.entry.eid, sender, args.payload)
             if not links.send(origin, msg, DIRECT_PRIORITY, mesh=False):
-                self._outcome(p, None, c.origin, None, "the link to the owner's daemon is "
-                                                       "full or down")
+                self._outcome(
+                    p, None, c.origin, None, "the link to the owner's daemon is full or down"
+                )
                 continue
             self.counters["send_remote"] += 1
             p.seqs[seq] = origin
@@ -192,8 +205,9 @@ class Messenger:
                 return str(name)
         return ""
 
-    def _outcome(self, p: Pending, seq: int | None, peer: NodeId, status: NameStatus | None,
-                 why: str = "") -> None:
+    def _outcome(
+        self, p: Pending, seq: int | None, peer: NodeId, status: NameStatus | None, why: str = ""
+    ) -> None:
         if seq is not None:
             p.seqs.pop(seq, None)
             self._via.pop(seq, None)
@@ -216,8 +230,9 @@ class Messenger:
         p.finished = True
         if p.every and not p.delivered and p.failures:
             f = p.failures[0]
-            p.error = ApiError(f["code"], f"delivered to none of the {len(p.failures)} "
-                                          f"members: {f['message']}")
+            p.error = ApiError(
+                f["code"], f"delivered to none of the {len(p.failures)} members: {f['message']}"
+            )
         if p.done is not None:
             p.done.set()
 
@@ -226,15 +241,22 @@ class Messenger:
         if not p.finished:
             if p.done is None:
                 p.done = trio.Event()
-            with trio.move_on_at(deadline if deadline is not None
-                                 else trio.current_time() + self.send_timeout_s):
+            with trio.move_on_at(
+                deadline if deadline is not None else trio.current_time() + self.send_timeout_s
+            ):
                 await p.done.wait()
             if not p.finished:
                 for seq, peer in list(p.seqs.items()):
                     self._pending.pop(seq, None)
-                    self._outcome(p, seq, peer, None, "no answer from the owner's daemon in "
-                                                      f"{self.send_timeout_s:g} s (delivery "
-                                                      "unknown)")
+                    self._outcome(
+                        p,
+                        seq,
+                        peer,
+                        None,
+                        "no answer from the owner's daemon in "
+                        f"{self.send_timeout_s:g} s (delivery "
+                        "unknown)",
+                    )
                 self.counters["send_timeouts"] += 1
                 self._maybe_finish(p)
         return p.result()
@@ -251,12 +273,16 @@ class Messenger:
     def link_lost(self, node: NodeId, link: int | None = None) -> None:
         """Everything still waiting on ``node`` fails (delivery unknown); with
         ``link``, only what went on that link (a newer one carries the rest)."""
-        lost = [seq for seq, p in self._pending.items() if p.seqs.get(seq) == node
-                and (link is None or self._via.get(seq) in (None, link))]
+        lost = [
+            seq
+            for seq, p in self._pending.items()
+            if p.seqs.get(seq) == node and (link is None or self._via.get(seq) in (None, link))
+        ]
         for seq in lost:
             p = self._pending.pop(seq)
-            self._outcome(p, seq, node, None, "the link to the owner's daemon was lost "
-                                              "(delivery unknown)")
+            self._outcome(
+                p, seq, node, None, "the link to the owner's daemon was lost (delivery unknown)"
+            )
             self._maybe_finish(p)
 
     # --- receiver -------------------------------------------------------------------
@@ -272,8 +298,12 @@ class Messenger:
             self.counters["message_refused"] += 1
             return NameStatus.REFUSED
         entry = registry.state.local.entries.get(msg.eid)
-        if (entry is None or entry.kind is not msg.kind or entry.scope != msg.scope
-                or entry.name != msg.name):
+        if (
+            entry is None
+            or entry.kind is not msg.kind
+            or entry.scope != msg.scope
+            or entry.name != msg.name
+        ):
             self.counters["message_not_found"] += 1
             return NameStatus.NOT_FOUND
         conn_id = registry.owner_conn(msg.eid)
@@ -281,8 +311,7 @@ class Messenger:
         if conn is None or getattr(conn, "closed", False):
             self.counters["message_not_found"] += 1
             return NameStatus.NOT_FOUND
-        data = message_event_to_wire(msg.sender, src, msg.kind, msg.scope, msg.name,
-                                     msg.payload)
+        data = message_event_to_wire(msg.sender, src, msg.kind, msg.scope, msg.name, msg.payload)
         try:
             outcome = conn.offer(CONNECTION_STREAM, MESSAGE_EVENT, data)
         except (AttributeError, ValueError):

@@ -70,7 +70,7 @@ def _head(data: bytes, pos: int) -> tuple[int, int, int]:
     size = 1 << (info - 24)
     if pos + size > len(data):
         raise _Malformed
-    return major, int.from_bytes(data[pos:pos + size], "big"), pos + size
+    return major, int.from_bytes(data[pos : pos + size], "big"), pos + size
 
 
 def _skip(data: bytes, pos: int) -> int:
@@ -179,74 +179,152 @@ def _rule(pattern: str, family: str, help: str, **labels: str) -> Rule:
 RULES: tuple[Rule, ...] = (
     # membership protocol (core)
     _rule(r"probes", "probes_total", "Direct probes (pings) sent to a member."),
-    _rule(r"probe_failures", "probe_failures_total",
-          "Probes that got no ack, directly or through helpers."),
-    _rule(r"indirect_probes", "indirect_probes_total",
-          "Indirect probes (ping-req) sent after a missed direct ack."),
+    _rule(
+        r"probe_failures",
+        "probe_failures_total",
+        "Probes that got no ack, directly or through helpers.",
+    ),
+    _rule(
+        r"indirect_probes",
+        "indirect_probes_total",
+        "Indirect probes (ping-req) sent after a missed direct ack.",
+    ),
     _rule(r"suspicions", "suspicions_total", "Members this node started to suspect."),
-    _rule(r"confirmations", "suspicion_confirmations_total",
-          "Independent confirmations of a suspicion received (Lifeguard)."),
-    _rule(r"confirm_checks", "suspicion_confirm_checks_total",
-          "Suspicion confirmations checked."),
-    _rule(r"refutations", "refutations_total",
-          "Times this node refuted a suspicion about itself (raised its incarnation)."),
-    _rule(r"(?P<status>dead|left)", "member_transitions_total",
-          "Members this node marked dead or left."),
+    _rule(
+        r"confirmations",
+        "suspicion_confirmations_total",
+        "Independent confirmations of a suspicion received (Lifeguard).",
+    ),
+    _rule(r"confirm_checks", "suspicion_confirm_checks_total", "Suspicion confirmations checked."),
+    _rule(
+        r"refutations",
+        "refutations_total",
+        "Times this node refuted a suspicion about itself (raised its incarnation).",
+    ),
+    _rule(
+        r"(?P<status>dead|left)",
+        "member_transitions_total",
+        "Members this node marked dead or left.",
+    ),
     _rule(r"joins", "joins_total", "Join attempts (at start and over the API)."),
-    _rule(r"name_conflicts", "name_conflicts_total",
-          "Two live nodes seen with the same name."),
-    _rule(r"reconnects", "reconnects_total",
-          "Attempts to reach a dead node or seed again (partition healing)."),
-    _rule(r"unreachable_hints", "closed_port_hints_total",
-          "ICMP port-unreachable hints handed to the core.", source="icmp"),
-    _rule(r"link_closed_hints", "closed_port_hints_total",
-          "ICMP port-unreachable hints handed to the core.", source="watch_link"),
-    _rule(r"push_pull_(?P<direction>in|out)", "push_pulls_total",
-          "Full-state exchanges (push-pull), by who started them."),
-    _rule(r"push_pull_(?P<result>failed|skipped)", "push_pull_problems_total",
-          "Push-pull exchanges that failed or were skipped (too many running)."),
-    _rule(r"packets_(?P<direction>in|out)", "packets_total",
-          "Datagrams handed to or from the core."),
-    _rule(r"bytes_(?P<direction>in|out)", "packet_bytes_total",
-          "Plaintext datagram bytes handed to or from the core."),
+    _rule(r"name_conflicts", "name_conflicts_total", "Two live nodes seen with the same name."),
+    _rule(
+        r"reconnects",
+        "reconnects_total",
+        "Attempts to reach a dead node or seed again (partition healing).",
+    ),
+    _rule(
+        r"unreachable_hints",
+        "closed_port_hints_total",
+        "ICMP port-unreachable hints handed to the core.",
+        source="icmp",
+    ),
+    _rule(
+        r"link_closed_hints",
+        "closed_port_hints_total",
+        "ICMP port-unreachable hints handed to the core.",
+        source="watch_link",
+    ),
+    _rule(
+        r"push_pull_(?P<direction>in|out)",
+        "push_pulls_total",
+        "Full-state exchanges (push-pull), by who started them.",
+    ),
+    _rule(
+        r"push_pull_(?P<result>failed|skipped)",
+        "push_pull_problems_total",
+        "Push-pull exchanges that failed or were skipped (too many running).",
+    ),
+    _rule(
+        r"packets_(?P<direction>in|out)", "packets_total", "Datagrams handed to or from the core."
+    ),
+    _rule(
+        r"bytes_(?P<direction>in|out)",
+        "packet_bytes_total",
+        "Plaintext datagram bytes handed to or from the core.",
+    ),
     # by message type (shell, TrafficCounter) and as the core handled them
-    _rule(r"wire_(?P<direction>in|out)\.(?P<type>\w+)", "messages_total",
-          "Messages on the wire (datagrams and stream frames), by type."),
-    _rule(r"wire_(?P<direction>in|out)_bytes\.(?P<type>\w+)", "message_bytes_total",
-          "Encoded message bytes on the wire, by type (before sealing)."),
-    _rule(r"msg_in\.(?P<type>\w+)", "messages_handled_total",
-          "Well-formed messages the core handled, by type."),
+    _rule(
+        r"wire_(?P<direction>in|out)\.(?P<type>\w+)",
+        "messages_total",
+        "Messages on the wire (datagrams and stream frames), by type.",
+    ),
+    _rule(
+        r"wire_(?P<direction>in|out)_bytes\.(?P<type>\w+)",
+        "message_bytes_total",
+        "Encoded message bytes on the wire, by type (before sealing).",
+    ),
+    _rule(
+        r"msg_in\.(?P<type>\w+)",
+        "messages_handled_total",
+        "Well-formed messages the core handled, by type.",
+    ),
     # drops, by layer and reason
     _rule(r"drop\.(?P<reason>\w+)", "drops_total", "Input dropped, by reason.", layer="core"),
     _rule(r"udp_drop_(?P<reason>\w+)", "drops_total", "Input dropped, by reason.", layer="udp"),
     _rule(r"tcp_drop_(?P<reason>\w+)", "drops_total", "Input dropped, by reason.", layer="tcp"),
-    _rule(r"watch_dropped", "drops_total", "Input dropped, by reason.",
-          layer="api", reason="slow_watcher"),
+    _rule(
+        r"watch_dropped",
+        "drops_total",
+        "Input dropped, by reason.",
+        layer="api",
+        reason="slow_watcher",
+    ),
     # transport
-    _rule(r"udp_(?P<direction>rx|tx)", "datagrams_total",
-          "Sealed datagrams received and sent on the UDP socket."),
-    _rule(r"udp_unreachable", "icmp_errors_total",
-          "ICMP errors for datagrams we sent, by errno.", errno="econnrefused"),
-    _rule(r"udp_icmp_(?P<errno>\w+)", "icmp_errors_total",
-          "ICMP errors for datagrams we sent, by errno."),
-    _rule(r"tcp_(?P<direction>in|out)", "streams_total",
-          "Push-pull streams served (in) and completed (out)."),
-    _rule(r"tcp_fail_(?P<reason>\w+)", "stream_failures_total",
-          "Outgoing streams that failed, by reason."),
-    _rule(r"tcp_link_(?P<event>\w+)", "watch_link_events_total",
-          "Watch link events (up, closed, failed...)."),
-    _rule(r"tcp_links_accepted", "watch_link_events_total",
-          "Watch link events (up, closed, failed...).", event="accepted"),
+    _rule(
+        r"udp_(?P<direction>rx|tx)",
+        "datagrams_total",
+        "Sealed datagrams received and sent on the UDP socket.",
+    ),
+    _rule(
+        r"udp_unreachable",
+        "icmp_errors_total",
+        "ICMP errors for datagrams we sent, by errno.",
+        errno="econnrefused",
+    ),
+    _rule(
+        r"udp_icmp_(?P<errno>\w+)",
+        "icmp_errors_total",
+        "ICMP errors for datagrams we sent, by errno.",
+    ),
+    _rule(
+        r"tcp_(?P<direction>in|out)",
+        "streams_total",
+        "Push-pull streams served (in) and completed (out).",
+    ),
+    _rule(
+        r"tcp_fail_(?P<reason>\w+)",
+        "stream_failures_total",
+        "Outgoing streams that failed, by reason.",
+    ),
+    _rule(
+        r"tcp_link_(?P<event>\w+)",
+        "watch_link_events_total",
+        "Watch link events (up, closed, failed...).",
+    ),
+    _rule(
+        r"tcp_links_accepted",
+        "watch_link_events_total",
+        "Watch link events (up, closed, failed...).",
+        event="accepted",
+    ),
     # local API
     _rule(r"api_connections", "api_connections_total", "API connections accepted."),
     _rule(r"api_requests", "api_requests_total", "API requests received."),
-    _rule(r"api_(?P<kind>refused_connections|bad_frames|internal_errors|accept_errors)",
-          "api_errors_total", "API problems, by kind."),
+    _rule(
+        r"api_(?P<kind>refused_connections|bad_frames|internal_errors|accept_errors)",
+        "api_errors_total",
+        "API problems, by kind.",
+    ),
     # the daemon itself
-    _rule(r"state_write_errors", "state_write_errors_total",
-          "Failed writes to the state directory (incarnation, peers, keyring)."),
-    _rule(r"timers_deferred", "timers_deferred_total",
-          "Runner turns that hit the per-turn timer cap."),
+    _rule(
+        r"state_write_errors",
+        "state_write_errors_total",
+        "Failed writes to the state directory (incarnation, peers, keyring).",
+    ),
+    _rule(
+        r"timers_deferred", "timers_deferred_total", "Runner turns that hit the per-turn timer cap."
+    ),
 )
 
 OTHER = ("other_total", "Counters without a dedicated metric, by name.")
@@ -289,8 +367,9 @@ class _Families:
         self.meta: dict[str, tuple[str, str]] = {}
         self.samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
 
-    def add(self, family: str, kind: str, help: str, labels: Iterable[tuple[str, str]],
-            value: float) -> None:
+    def add(
+        self, family: str, kind: str, help: str, labels: Iterable[tuple[str, str]], value: float
+    ) -> None:
         name = PREFIX + family
         self.meta.setdefault(name, (kind, help))
         key = tuple(sorted(labels))
@@ -319,25 +398,43 @@ def render(status: Mapping[str, Any]) -> str:
     """The Prometheus text for a ``status`` result (see the API's ``status``)."""
     fam = _Families()
     version = str(status.get("version", "unknown"))
-    fam.add("build_info", "gauge", "Always 1; the labels say which peerd this is.",
-            [("version", version)], 1)
+    fam.add(
+        "build_info",
+        "gauge",
+        "Always 1; the labels say which peerd this is.",
+        [("version", version)],
+        1,
+    )
     members = status.get("members")
     if isinstance(members, Mapping):
         for state in ("alive", "suspect", "dead", "left"):
-            fam.add("members", "gauge", "Members this node knows, by status (itself included).",
-                    [("status", state)], _number(members.get(state, 0)) or 0)
+            fam.add(
+                "members",
+                "gauge",
+                "Members this node knows, by status (itself included).",
+                [("status", state)],
+                _number(members.get(state, 0)) or 0,
+            )
     for key, family, help in (
-        ("health", "health_score",
-         "Lifeguard local health: 0 is healthy; higher means this node is slow or "
-         "overloaded and probes more patiently."),
+        (
+            "health",
+            "health_score",
+            "Lifeguard local health: 0 is healthy; higher means this node is slow or "
+            "overloaded and probes more patiently.",
+        ),
         ("incarnation", "incarnation", "This node's incarnation number."),
         ("generation", "generation", "This node's generation (starts so far)."),
     ):
         value = _number(status.get(key))
         if value is not None:
             fam.add(family, "gauge", help, [], value)
-    fam.add("leaving", "gauge", "1 while this node is leaving the cluster.", [],
-            1 if status.get("leaving") else 0)
+    fam.add(
+        "leaving",
+        "gauge",
+        "1 while this node is leaving the cluster.",
+        [],
+        1 if status.get("leaving") else 0,
+    )
     gauges = status.get("gauges")
     if isinstance(gauges, Mapping):
         for key, raw in sorted(gauges.items()):
@@ -392,17 +489,24 @@ def open_metrics_socket(addr: tuple[str, int]) -> socket.socket:
         sock.listen(16)
     except OSError as e:
         sock.close()
-        raise MetricsBindError(f"cannot bind the metrics address {host}:{port}: "
-                               f"{e.strerror or e}") from None
+        raise MetricsBindError(
+            f"cannot bind the metrics address {host}:{port}: {e.strerror or e}"
+        ) from None
     sock.setblocking(False)
     return sock
 
 
-def http_response(status: str, body: bytes, content_type: str = "text/plain; charset=utf-8",
-                  head_only: bool = False) -> bytes:
-    header = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-              f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-              "Cache-Control: no-store\r\n\r\n")
+def http_response(
+    status: str,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    head_only: bool = False,
+) -> bytes:
+    header = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        "Cache-Control: no-store\r\n\r\n"
+    )
     return header.encode() + (b"" if head_only else body)
 
 
@@ -415,8 +519,12 @@ def parse_request_line(head: bytes) -> tuple[str, str] | None:
     return parts[0], parts[1].split("?", 1)[0]
 
 
-async def serve_http(sock: socket.socket, snapshot: Callable[[], Awaitable[Mapping[str, Any]]],
-                     *, task_status: trio.TaskStatus[None] | None = None) -> None:
+async def serve_http(
+    sock: socket.socket,
+    snapshot: Callable[[], Awaitable[Mapping[str, Any]]],
+    *,
+    task_status: trio.TaskStatus[None] | None = None,
+) -> None:
     """Answer ``GET /metrics`` on ``sock`` with :func:`render` of ``snapshot()``.
 
     HTTP/1.1 with one request per connection (``Connection: close``). At most
@@ -487,6 +595,7 @@ async def _answer(stream: Any, snapshot: Callable[[], Awaitable[Mapping[str, Any
     try:
         body = render(await snapshot()).encode()
     except Exception as e:  # shutting down (the runner finished), or a bug
-        return http_response("503 Service Unavailable", f"{e}\n".encode(),
-                             head_only=method == "HEAD")
+        return http_response(
+            "503 Service Unavailable", f"{e}\n".encode(), head_only=method == "HEAD"
+        )
     return http_response("200 OK", body, CONTENT_TYPE, head_only=method == "HEAD")

@@ -209,8 +209,9 @@ class LinkPort(Protocol):
     def has(self, peer: NodeId) -> bool: ...
     def link_id(self, peer: NodeId) -> int | None: ...
     def connect(self, peer: NodeId, addr: Addr, *, mesh: bool = True) -> None: ...
-    def send(self, peer: NodeId, msg: Message, priority: int = 0, *,
-             mesh: bool | None = None) -> bool: ...
+    def send(
+        self, peer: NodeId, msg: Message, priority: int = 0, *, mesh: bool | None = None
+    ) -> bool: ...
     def close(self, peer: NodeId, *, mesh: bool = True) -> None: ...
     def close_all(self) -> None: ...
     def mesh_lost(self, peer: NodeId, link: int | None) -> None: ...
@@ -300,10 +301,15 @@ class _Watch:
         stats = self.send.statistics()
         try:
             if stats.current_buffer_used >= stats.max_buffer_size - 1:
-                self.send.send_nowait((STREAM_END, {
-                    "code": str(ErrorCode.UNAVAILABLE),
-                    "message": "watcher too slow: events were dropped; watch again",
-                }))
+                self.send.send_nowait(
+                    (
+                        STREAM_END,
+                        {
+                            "code": str(ErrorCode.UNAVAILABLE),
+                            "message": "watcher too slow: events were dropped; watch again",
+                        },
+                    )
+                )
                 self.send.close()
                 return False
             self.send.send_nowait(item)
@@ -326,8 +332,9 @@ class KeyManager:
     the list (primary first) to be able to write it back.
     """
 
-    def __init__(self, keyring: Keyring, keys: Iterable[bytes], state: StateDir | None,
-                 logger: Logger) -> None:
+    def __init__(
+        self, keyring: Keyring, keys: Iterable[bytes], state: StateDir | None, logger: Logger
+    ) -> None:
         self.keyring = keyring
         self._keys = list(keys)
         self.state = state
@@ -393,11 +400,13 @@ class KeyManager:
         self.keyring.replace_all(keys)
         old = self._keys
         self._keys = keys
-        self.logger.info("keyring reloaded", keys=len(keys),
-                         primary=key_id(keys[0]).hex() if keys else "none (plaintext)",
-                         added=",".join(key_id(k).hex() for k in keys if k not in old) or "-",
-                         removed=",".join(key_id(k).hex() for k in old if k not in keys)
-                         or "-")
+        self.logger.info(
+            "keyring reloaded",
+            keys=len(keys),
+            primary=key_id(keys[0]).hex() if keys else "none (plaintext)",
+            added=",".join(key_id(k).hex() for k in keys if k not in old) or "-",
+            removed=",".join(key_id(k).hex() for k in old if k not in keys) or "-",
+        )
         return True
 
     def _persist(self) -> None:
@@ -425,8 +434,9 @@ _EVENT_LEVEL = {
     EventKind.NAME_CONFLICT: LogLevel.WARNING,
 }
 # Membership changes that make the saved peers file stale.
-_PEER_KINDS = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, EventKind.DEAD,
-                         EventKind.LEFT})
+_PEER_KINDS = frozenset(
+    {EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, EventKind.DEAD, EventKind.LEFT}
+)
 PEERS_SAVE_DEBOUNCE_S = 0.2
 
 TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value, Topic.EVENTS.value})
@@ -446,8 +456,7 @@ class Runner:
         packets: PacketPort,
         streams: StreamPort,
         logger: Logger,
-        inputs: tuple[trio.MemorySendChannel[Item], trio.MemoryReceiveChannel[Item]]
-        | None = None,
+        inputs: tuple[trio.MemorySendChannel[Item], trio.MemoryReceiveChannel[Item]] | None = None,
         state: StateDir | None = None,
         keys: KeyManager | None = None,
         config: SwimConfig | None = None,
@@ -494,7 +503,8 @@ class Runner:
         self.watcher_buffer = max(2, watcher_buffer)
         self.join_timeout_s = join_timeout_s
         self.leave_timeout_s = (
-            leave_timeout_s if leave_timeout_s is not None
+            leave_timeout_s
+            if leave_timeout_s is not None
             else 2 * self.config.leave_propagate_s + 5.0
         )
         self.max_timers_per_turn = max_timers_per_turn
@@ -529,9 +539,18 @@ class Runner:
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
         # Messages to names ride the same links as the mesh.
-        self.messenger = (Messenger(node, links, self._reg_conns, self.counters,
-                                    send_timeout_s=send_timeout_s, leaving=lambda: self.leaving)
-                          if links is not None else None)
+        self.messenger = (
+            Messenger(
+                node,
+                links,
+                self._reg_conns,
+                self.counters,
+                send_timeout_s=send_timeout_s,
+                leaving=lambda: self.leaving,
+            )
+            if links is not None
+            else None
+        )
 
     # --- the loop ---------------------------------------------------------------
 
@@ -567,16 +586,14 @@ class Runner:
         self._handle(Start(self.seeds))
         try:
             while not self._finished:
-                if self.lifecycle is not None and (
-                        self.lifecycle.deadline <= trio.current_time()):
+                if self.lifecycle is not None and (self.lifecycle.deadline <= trio.current_time()):
                     self.lifecycle.tick(trio.current_time())
                 self._fire_due_timers()
                 while self._deferred and not self._finished:
                     self._handle(self._deferred.popleft())
                 if self._finished:
                     break
-                if (self._leave_deadline is not None
-                        and trio.current_time() >= self._leave_deadline):
+                if self._leave_deadline is not None and trio.current_time() >= self._leave_deadline:
                     self.logger.warning("leave not confirmed in time; exiting anyway")
                     self._finish("leave timed out")
                     break
@@ -645,8 +662,9 @@ class Runner:
         try:
             outputs = self.node.handle(trio.current_time(), inp)
         except Exception as e:
-            self.logger.exception("core failed: this is a bug; exiting", e,
-                                  input=type(inp).__name__)
+            self.logger.exception(
+                "core failed: this is a bug; exiting", e, input=type(inp).__name__
+            )
             raise CoreFailure(f"core raised on {type(inp).__name__}") from e
         for out in outputs:
             self._carry_out(out)
@@ -700,13 +718,17 @@ class Runner:
     def _member_event(self, ev: MemberEvent) -> None:
         m = ev.member
         fields: dict[str, object] = {
-            "name": m.name, "id": m.node.hex(), "addr": m.addr, "incarnation": m.incarnation,
+            "name": m.name,
+            "id": m.node.hex(),
+            "addr": m.addr,
+            "incarnation": m.incarnation,
         }
         if ev.other is not None:
             fields["other_id"] = ev.other.node.hex()
             fields["other_addr"] = ev.other.addr
-        self.logger.log(_EVENT_LEVEL.get(ev.kind, LogLevel.INFO), f"member {ev.kind.value}",
-                        **fields)
+        self.logger.log(
+            _EVENT_LEVEL.get(ev.kind, LogLevel.INFO), f"member {ev.kind.value}", **fields
+        )
         if self.lifecycle is not None:
             self.lifecycle.members_changed(trio.current_time())
         if ev.kind in _PEER_KINDS:
@@ -714,8 +736,9 @@ class Runner:
         if self.mesh is not None:
             if ev.kind in _HINT_ALIVE:
                 peer = (MeshPeer(m.node, m.addr),)
-                self._mesh_handle(MembershipHint(revived=peer) if ev.revived
-                                  else MembershipHint(alive=peer))
+                self._mesh_handle(
+                    MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
+                )
             elif ev.kind in _HINT_DEAD:
                 self._mesh_handle(MembershipHint(dead=(m.node,)))
                 if self.links is not None and ev.kind is not EventKind.REAPED:
@@ -734,10 +757,14 @@ class Runner:
         item = registry_event_to_wire(ev, getattr(self.node, "member", None))
         if conflict:
             winner = item[1].get("winner", {})
-            self.logger.warning("registry conflict: a local claim lost its name",
-                                scope=ev.entry.scope, name=ev.entry.name, pid=ev.entry.pid,
-                                winner_node=winner.get("node_name") or winner.get("node"),
-                                winner_pid=winner.get("pid"))
+            self.logger.warning(
+                "registry conflict: a local claim lost its name",
+                scope=ev.entry.scope,
+                name=ev.entry.name,
+                pid=ev.entry.pid,
+                winner_node=winner.get("node_name") or winner.get("node"),
+                winner_pid=winner.get("pid"),
+            )
             conn = self._reg_conns.get(ev.conn) if ev.conn is not None else None
             if conn is not None:
                 try:
@@ -757,8 +784,9 @@ class Runner:
             elif w.send.statistics().open_receive_channels:
                 # Still read by the server, so it was closed for being too slow.
                 self.counters["watch_dropped"] += 1
-                self.logger.warning("API watcher dropped: not reading fast enough",
-                                    conn=repr(w.conn))
+                self.logger.warning(
+                    "API watcher dropped: not reading fast enough", conn=repr(w.conn)
+                )
         self._watches = keep
 
     def _join_done(self, ok: int, failed: int) -> None:
@@ -773,8 +801,9 @@ class Runner:
         self._join_changed = trio.Event()
         if waiter.label == "start" and (ok or failed):
             level = LogLevel.INFO if ok else LogLevel.WARNING
-            self.logger.log(level, "joined the cluster" if ok else "no seed answered",
-                            ok=ok, failed=failed)
+            self.logger.log(
+                level, "joined the cluster" if ok else "no seed answered", ok=ok, failed=failed
+            )
         if waiter.label == "start" and self.lifecycle is not None:
             self.lifecycle.started(trio.current_time(), ok, failed)
 
@@ -832,8 +861,7 @@ class Runner:
             return
         try:
             me = self.node.local_member().node
-            alive = [m for m in self.node.members()
-                     if m.node != me and m.status is Status.ALIVE]
+            alive = [m for m in self.node.members() if m.node != me and m.status is Status.ALIVE]
         except Exception:  # a fake node in tests
             alive = []
         picks = self._rng.sample(alive, min(MESH_JOIN_CONTACTS, len(alive)))
@@ -849,8 +877,9 @@ class Runner:
         try:
             outputs = self.mesh.handle(trio.current_time(), inp)
         except Exception as e:
-            self.logger.exception("mesh core failed: this is a bug; exiting", e,
-                                  input=type(inp).__name__)
+            self.logger.exception(
+                "mesh core failed: this is a bug; exiting", e, input=type(inp).__name__
+            )
             raise CoreFailure(f"mesh core raised on {type(inp).__name__}") from e
         for out in outputs:
             self._mesh_carry_out(out)
@@ -953,8 +982,9 @@ class Runner:
             return
         member = getattr(self.node, "member", None)
         info = member(origin) if member is not None else None
-        data = user_event_to_wire(msg_id, origin, name, payload,
-                                  info.name if info is not None else None)
+        data = user_event_to_wire(
+            msg_id, origin, name, payload, info.name if info is not None else None
+        )
         self._fan_out(Topic.EVENTS.value, ("user", data))
 
     def _user_event(self, ev: EventArgs) -> dict[str, Any]:
@@ -965,8 +995,10 @@ class Runner:
         result = self.broadcast(Channel.USER, encode_user_event(ev.name, ev.payload))
         if result.error is not None:
             code, message = result.error
-            raise ApiError(ErrorCode.BAD_ARGS if code == "too_large" else ErrorCode.UNAVAILABLE,
-                           f"{code}: {message}")
+            raise ApiError(
+                ErrorCode.BAD_ARGS if code == "too_large" else ErrorCode.UNAVAILABLE,
+                f"{code}: {message}",
+            )
         assert result.id is not None
         self._fan_user_event(result.id, self.node.local_member().node, ev.name, ev.payload)
         return {"id": result.id.hex()}
@@ -1105,8 +1137,9 @@ class Runner:
             raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no registry")
         return registry
 
-    async def _reg_write(self, conn: object, cmd: RegisterArgs | RegTarget,
-                         update: bool = False) -> dict[str, Any]:
+    async def _reg_write(
+        self, conn: object, cmd: RegisterArgs | RegTarget, update: bool = False
+    ) -> dict[str, Any]:
         """Feed one registry command for ``conn`` (a RegTarget is an
         unregister, or with ``update`` a metadata update) and wait for its
         result: at once, or for ``wait: "settled"`` when the core answers."""
@@ -1116,8 +1149,9 @@ class Runner:
             await call.done.wait()
         return self._reg_value(call)
 
-    def _reg_begin(self, conn: object, cmd: RegisterArgs | RegTarget,
-                   update: bool = False) -> _RegCall:
+    def _reg_begin(
+        self, conn: object, cmd: RegisterArgs | RegTarget, update: bool = False
+    ) -> _RegCall:
         """In the runner task: feed the command; its result is filled in when
         the core answers (for a plain write, before this returns)."""
         self._registry()
@@ -1135,8 +1169,18 @@ class Runner:
         if isinstance(cmd, RegisterArgs):
             if self.leaving:
                 raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
-            inp = Register(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta, pid, uid,
-                           time.time_ns() // 1_000_000, cmd.settle_s)
+            inp = Register(
+                ref,
+                conn_id,
+                cmd.kind,
+                cmd.scope,
+                cmd.name,
+                cmd.meta,
+                pid,
+                uid,
+                time.time_ns() // 1_000_000,
+                cmd.settle_s,
+            )
         elif update:
             inp = UpdateMeta(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta)
         else:
@@ -1144,12 +1188,20 @@ class Runner:
         call = self._reg_calls[ref] = _RegCall()
         self._reg_conns[conn_id] = conn
         self._handle(inp)
-        if (call.result is not None and call.result.error is not None
-                and call.result.error[0] == ErrorCode.CONFLICT
-                and isinstance(cmd, RegisterArgs) and cmd.kind is RegKind.NAME):
-            call.result = CommandResult(ref, error=(ErrorCode.CONFLICT,
-                                                    self._held_by(cmd.scope, cmd.name)
-                                                    or call.result.error[1]))
+        if (
+            call.result is not None
+            and call.result.error is not None
+            and call.result.error[0] == ErrorCode.CONFLICT
+            and isinstance(cmd, RegisterArgs)
+            and cmd.kind is RegKind.NAME
+        ):
+            call.result = CommandResult(
+                ref,
+                error=(
+                    ErrorCode.CONFLICT,
+                    self._held_by(cmd.scope, cmd.name) or call.result.error[1],
+                ),
+            )
         return call
 
     def _held_by(self, scope: str, name: str) -> str | None:
@@ -1158,8 +1210,11 @@ class Runner:
             return None
         member = getattr(self.node, "member", None)
         info = member(claim.origin) if member is not None else None
-        where = (f"node {info.name} ({claim.origin.hex()[:8]})" if info is not None
-                 else f"node {claim.origin.hex()[:8]}")
+        where = (
+            f"node {info.name} ({claim.origin.hex()[:8]})"
+            if info is not None
+            else f"node {claim.origin.hex()[:8]}"
+        )
         return f"{scope}/{name} is held by pid {claim.entry.pid} on {where}"
 
     def _reg_value(self, call: _RegCall) -> dict[str, Any]:
@@ -1177,26 +1232,32 @@ class Runner:
 
     # Quick ops: answered at once in the runner task, many per turn (see
     # call_batch and the API server's batching).
-    _QUICK_OPS = frozenset({Op.REGISTER, Op.GROUP_JOIN, Op.UNREGISTER, Op.GROUP_LEAVE,
-                            Op.UPDATE, Op.LOOKUP})
+    _QUICK_OPS = frozenset(
+        {Op.REGISTER, Op.GROUP_JOIN, Op.UNREGISTER, Op.GROUP_LEAVE, Op.UPDATE, Op.LOOKUP}
+    )
 
     def batchable(self, op: str, args: Mapping[str, Any]) -> bool:
         """Registry writes without ``wait`` and lookups answer at once."""
         if op == Op.SEND:
             # Batched so that a connection's sends go out in order, many per turn.
             return self.messenger is not None
-        return (op in self._QUICK_OPS and args.get("wait") is None
-                and getattr(self.node, "registry", None) is not None)
+        return (
+            op in self._QUICK_OPS
+            and args.get("wait") is None
+            and getattr(self.node, "registry", None) is not None
+        )
 
-    async def call_batch(self, conn: object,
-                         requests: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+    async def call_batch(
+        self, conn: object, requests: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[Any]:
         """Answer quick requests in order, in one turn of the runner: the
         results, or an ApiError for each that failed."""
         finish = await self.begin_batch(conn, requests)
         return await finish()
 
-    async def begin_batch(self, conn: object, requests: Sequence[tuple[str, Mapping[str, Any]]]
-                          ) -> Callable[[], Awaitable[list[Any]]]:
+    async def begin_batch(
+        self, conn: object, requests: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> Callable[[], Awaitable[list[Any]]]:
         """Start quick requests in order, in one turn of the runner, and return
         what waits for their results. The API server starts a connection's
         next batch while this one waits (sends wait for the owner's daemon):
@@ -1284,11 +1345,13 @@ class Runner:
     def _lookup(self, target: RegTarget) -> dict[str, Any]:
         claim = self._registry().state.lookup(target.scope, target.name)
         if claim is None:
-            raise ApiError(ErrorCode.NOT_FOUND, f"no name {target.name!r} in scope "
-                                                f"{target.scope!r}")
+            raise ApiError(
+                ErrorCode.NOT_FOUND, f"no name {target.name!r} in scope {target.scope!r}"
+            )
         member = getattr(self.node, "member", None)
-        return reg_entry_to_wire(claim.origin, claim.entry,
-                                 member(claim.origin) if member is not None else None)
+        return reg_entry_to_wire(
+            claim.origin, claim.entry, member(claim.origin) if member is not None else None
+        )
 
     def _list_names(self, page: ListArgs) -> dict[str, Any]:
         member_of = self._member_of()
@@ -1331,8 +1394,7 @@ class Runner:
         return self.keys
 
     def _status(self) -> dict[str, Any]:
-        out = status_to_wire(self.node.local_member(), self.node.health_score,
-                             self.node.members())
+        out = status_to_wire(self.node.local_member(), self.node.health_score, self.node.members())
         out["counters"] = self.all_counters()
         out["gauges"] = self.gauges()
         out["leaving"] = self.leaving
@@ -1359,13 +1421,16 @@ class Runner:
             raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
         tags = update.apply(dict(self.node.local_member().tags))
         if len(tags) > self.config.max_tags:
-            raise ApiError(ErrorCode.BAD_ARGS,
-                           f"at most {self.config.max_tags} tags (swim.max_tags)")
+            raise ApiError(
+                ErrorCode.BAD_ARGS, f"at most {self.config.max_tags} tags (swim.max_tags)"
+            )
         size = sum(len(k.encode()) + len(v.encode()) for k, v in tags.items())
         if size > self.config.max_tags_bytes:
-            raise ApiError(ErrorCode.BAD_ARGS,
-                           f"tags take {size} bytes, more than {self.config.max_tags_bytes} "
-                           "(swim.max_tags_bytes)")
+            raise ApiError(
+                ErrorCode.BAD_ARGS,
+                f"tags take {size} bytes, more than {self.config.max_tags_bytes} "
+                "(swim.max_tags_bytes)",
+            )
         self._handle(SetTags(tags_from_mapping(tags)))
         return dict(self.node.local_member().tags)
 
@@ -1412,8 +1477,10 @@ class Runner:
         """Start a watch; events are queued without waiting (see :class:`_Watch`)."""
         unknown = [t for t in topics if t not in TOPICS]
         if unknown:
-            raise ApiError(ErrorCode.BAD_ARGS,
-                           f"unknown topic {unknown[0]!r} (known: {', '.join(sorted(TOPICS))})")
+            raise ApiError(
+                ErrorCode.BAD_ARGS,
+                f"unknown topic {unknown[0]!r} (known: {', '.join(sorted(TOPICS))})",
+            )
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
         send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
@@ -1442,8 +1509,9 @@ class Runner:
                 pass  # the runner is gone; so are the entries
 
 
-def open_inputs(size: int = 1024) -> tuple[trio.MemorySendChannel[Item],
-                                           trio.MemoryReceiveChannel[Item]]:
+def open_inputs(
+    size: int = 1024,
+) -> tuple[trio.MemorySendChannel[Item], trio.MemoryReceiveChannel[Item]]:
     """The runner's input channel; receivers get the sending end."""
     send, receive = trio.open_memory_channel[Item](size)
     return send, receive
@@ -1468,10 +1536,15 @@ Service = Callable[..., Awaitable[None]]
 """An async callable taking ``task_status=`` (like ``trio.serve_listeners``)."""
 
 
-async def serve(runner: Runner, services: Sequence[Service] = (), *,
-                handle_signals: bool = False, peers_save_interval_s: float = 60.0,
-                flush_timeout_s: float = 1.0,
-                on_reload: Callable[[], Awaitable[None]] | None = None) -> int:
+async def serve(
+    runner: Runner,
+    services: Sequence[Service] = (),
+    *,
+    handle_signals: bool = False,
+    peers_save_interval_s: float = 60.0,
+    flush_timeout_s: float = 1.0,
+    on_reload: Callable[[], Awaitable[None]] | None = None,
+) -> int:
     """Start ``services`` in order, then the runner; return the exit code.
 
     0 after the node left (signal or API leave); 1 if a service failed to
@@ -1483,8 +1556,12 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
     """
     exit_code = EXIT_OK
 
-    async def guard(fn: Service, nursery: trio.Nursery, *,
-                    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def guard(
+        fn: Service,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         nonlocal exit_code
         status = _StartStatus(task_status)
         try:
@@ -1508,8 +1585,7 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
             await runner.save_peers()
 
     async def signals(*, task_status: trio.TaskStatus[Any]) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                       signal.SIGHUP) as received:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
             task_status.started()
             count = 0
             async for signum in received:
@@ -1520,8 +1596,9 @@ async def serve(runner: Runner, services: Sequence[Service] = (), *,
                         try:
                             await on_reload()
                         except Exception as e:  # a failed reload keeps the running config
-                            runner.logger.exception("reload failed; the running configuration "
-                                                    "stays", e)
+                            runner.logger.exception(
+                                "reload failed; the running configuration stays", e
+                            )
                     continue
                 count += 1
                 name = signal.Signals(signum).name

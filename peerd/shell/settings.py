@@ -142,15 +142,24 @@ def parse_ip_addr(text: str, *, allow_unspecified: bool, allow_port_zero: bool) 
 _SWIM_FIELDS = {f.name: f for f in dataclasses.fields(SwimConfig)}
 # Fields that must be strictly positive (zero would divide, spin or disable probing).
 _POSITIVE = {
-    "probe_interval_s", "probe_timeout_s", "gossip_interval_s", "suspicion_mult",
-    "suspicion_max_timeout_mult", "retransmit_mult", "gossip_fanout", "awareness_max",
-    "reconnect_interval_s", "max_packet_bytes", "max_concurrent_syncs",
+    "probe_interval_s",
+    "probe_timeout_s",
+    "gossip_interval_s",
+    "suspicion_mult",
+    "suspicion_max_timeout_mult",
+    "retransmit_mult",
+    "gossip_fanout",
+    "awareness_max",
+    "reconnect_interval_s",
+    "max_packet_bytes",
+    "max_concurrent_syncs",
     "refused_suspicion_timeout_s",
 }
 
 
-def _field_value(key: str, kind: object, value: object, source: str | None,
-                 positive: bool) -> object:
+def _field_value(
+    key: str, kind: object, value: object, source: str | None, positive: bool
+) -> object:
     """One table entry checked against its dataclass field's type
     (``kind``: a string, annotations are postponed) and range."""
     if kind == "bool":
@@ -178,15 +187,20 @@ def _field_value(key: str, kind: object, value: object, source: str | None,
     return value
 
 
-def _check_fields(table: str, fields: dict[str, dataclasses.Field[Any]],
-                  positive: set[str] | frozenset[str], overrides: dict[str, Any],
-                  source: str | None) -> dict[str, Any]:
+def _check_fields(
+    table: str,
+    fields: dict[str, dataclasses.Field[Any]],
+    positive: set[str] | frozenset[str],
+    overrides: dict[str, Any],
+    source: str | None,
+) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
         if name not in fields:
             raise SettingsError(f"{table}.{name}", "unknown setting", source)
-        changes[name] = _field_value(f"{table}.{name}", fields[name].type, value, source,
-                                     name in positive)
+        changes[name] = _field_value(
+            f"{table}.{name}", fields[name].type, value, source, name in positive
+        )
     return changes
 
 
@@ -198,8 +212,9 @@ def check_swim_fields(overrides: dict[str, Any], source: str | None = None) -> d
 def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None) -> SwimConfig:
     """The preset with ``overrides`` applied, validated field by field and as a whole."""
     if preset not in PRESETS:
-        raise SettingsError("preset", f"unknown preset {preset!r} (one of {_choices(PRESETS)})",
-                            source)
+        raise SettingsError(
+            "preset", f"unknown preset {preset!r} (one of {_choices(PRESETS)})", source
+        )
     config = PRESETS[preset]().replace(**check_swim_fields(overrides, source))
     if config.probe_timeout_s > config.probe_interval_s:
         raise SettingsError(
@@ -219,8 +234,15 @@ def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None
 
 # The fields of LinkLimits an operator may set (timeouts and pool sizes); the
 # rest (frame and queue sizes) are protocol tuning. All must be > 0.
-_LINK_SETTINGS = ("max_links", "max_direct_links", "idle_s", "connect_timeout_s",
-                  "handshake_timeout_s", "write_timeout_s", "drain_timeout_s")
+_LINK_SETTINGS = (
+    "max_links",
+    "max_direct_links",
+    "idle_s",
+    "connect_timeout_s",
+    "handshake_timeout_s",
+    "write_timeout_s",
+    "drain_timeout_s",
+)
 _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
     "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
     "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
@@ -229,8 +251,9 @@ _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
 MIN_MAILBOX_BYTES = MAX_MESSAGE_BYTES + 4096
 
 
-def check_table_fields(table: str, overrides: dict[str, Any],
-                       source: str | None = None) -> dict[str, Any]:
+def check_table_fields(
+    table: str, overrides: dict[str, Any], source: str | None = None
+) -> dict[str, Any]:
     """Each ``[links]`` / ``[messages]`` entry checked on its own."""
     fields = _TABLE_FIELDS[table]
     return _check_fields(table, fields, frozenset(fields), overrides, source)
@@ -243,26 +266,35 @@ def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLim
     ``idle_s``."""
     limits = dataclasses.replace(LinkLimits(), **check_table_fields("links", overrides, source))
     if limits.max_direct_links > limits.max_links:
-        raise SettingsError("links.max_direct_links",
-                            f"must not exceed max_links ({limits.max_direct_links} > "
-                            f"{limits.max_links})", source)
+        raise SettingsError(
+            "links.max_direct_links",
+            f"must not exceed max_links ({limits.max_direct_links} > {limits.max_links})",
+            source,
+        )
     if limits.drain_timeout_s >= limits.write_timeout_s:
         # The peer's writes on its new link wait while the old one drains.
-        raise SettingsError("links.drain_timeout_s",
-                            f"must be below links.write_timeout_s ({limits.drain_timeout_s:g} "
-                            f">= {limits.write_timeout_s:g}): a peer's writes on the link "
-                            "that replaces a draining one wait that long", source)
-    return dataclasses.replace(limits,
-                               reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2))
+        raise SettingsError(
+            "links.drain_timeout_s",
+            f"must be below links.write_timeout_s ({limits.drain_timeout_s:g} "
+            f">= {limits.write_timeout_s:g}): a peer's writes on the link "
+            "that replaces a draining one wait that long",
+            source,
+        )
+    return dataclasses.replace(
+        limits, reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2)
+    )
 
 
 def build_messages(overrides: dict[str, Any], source: str | None = None) -> MessageLimits:
     """:class:`MessageLimits` with the ``[messages]`` entries."""
     limits = MessageLimits(**check_table_fields("messages", overrides, source))
     if limits.mailbox_bytes < MIN_MAILBOX_BYTES:
-        raise SettingsError("messages.mailbox_bytes",
-                            f"must hold one message of the largest size: at least "
-                            f"{MIN_MAILBOX_BYTES}, got {limits.mailbox_bytes}", source)
+        raise SettingsError(
+            "messages.mailbox_bytes",
+            f"must hold one message of the largest size: at least "
+            f"{MIN_MAILBOX_BYTES}, got {limits.mailbox_bytes}",
+            source,
+        )
     return limits
 
 
@@ -273,8 +305,20 @@ def _choices(names: object) -> str:
 # --- the file ------------------------------------------------------------------
 
 _TOP_KEYS = {
-    "name", "bind", "advertise", "join", "api_socket", "state_dir", "key_file", "preset",
-    "insecure", "log_level", "swim", "metrics_addr", "links", "messages",
+    "name",
+    "bind",
+    "advertise",
+    "join",
+    "api_socket",
+    "state_dir",
+    "key_file",
+    "preset",
+    "insecure",
+    "log_level",
+    "swim",
+    "metrics_addr",
+    "links",
+    "messages",
 }
 
 
@@ -329,7 +373,7 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                 return parse_ip_addr(want_str(), allow_unspecified=True, allow_port_zero=True)
             case "join":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise SettingsError(key, "expected a list of \"host:port\" strings", source)
+                    raise SettingsError(key, 'expected a list of "host:port" strings', source)
                 return tuple(_join_addr(v) for v in value)
             case "api_socket" | "state_dir" | "key_file":
                 text = want_str()
@@ -391,8 +435,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
                 case "bind" | "metrics_addr":
                     out[key] = parse_ip_addr(value, allow_unspecified=True, allow_port_zero=True)
                 case "advertise":
-                    out[key] = parse_ip_addr(value, allow_unspecified=False,
-                                             allow_port_zero=False)
+                    out[key] = parse_ip_addr(value, allow_unspecified=False, allow_port_zero=False)
                 case _:
                     out[key] = value
     except ValueError as e:

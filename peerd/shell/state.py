@@ -206,9 +206,12 @@ class StateDir:
             out: list[Addr] = []
             for item in raw:
                 if (
-                    not isinstance(item, list) or len(item) != 2
-                    or not isinstance(item[0], str) or not isinstance(item[1], int)
-                    or isinstance(item[1], bool) or not 0 < item[1] < 65536
+                    not isinstance(item, list)
+                    or len(item) != 2
+                    or not isinstance(item[0], str)
+                    or not isinstance(item[1], int)
+                    or isinstance(item[1], bool)
+                    or not 0 < item[1] < 65536
                 ):
                     raise ValueError
                 out.append((item[0], item[1]))

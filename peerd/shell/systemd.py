@@ -71,8 +71,9 @@ class Notifier:
     ``errors`` counts datagrams that could not be sent.
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None,
-                 logger: Logger | None = None) -> None:
+    def __init__(
+        self, environ: Mapping[str, str] | None = None, logger: Logger | None = None
+    ) -> None:
         env = os.environ if environ is None else environ
         raw = env.get("NOTIFY_SOCKET")
         self.address = notify_address(raw)
@@ -81,8 +82,9 @@ class Notifier:
         self.sent: list[str] = []
         self._sock: socket.socket | None = None
         if raw and self.address is None and logger is not None:
-            logger.warning("NOTIFY_SOCKET is not a Unix socket path; not notifying systemd",
-                           notify_socket=raw)
+            logger.warning(
+                "NOTIFY_SOCKET is not a Unix socket path; not notifying systemd", notify_socket=raw
+            )
 
     @property
     def enabled(self) -> bool:
@@ -96,13 +98,15 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(message.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL,
-                              self.address)
+            self._sock.sendto(
+                message.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self.address
+            )
         except OSError as e:
             self.errors += 1
             if self.logger is not None and (self.errors == 1 or self.errors % 100 == 0):
-                self.logger.warning("cannot notify systemd", error=e.strerror or str(e),
-                                    failures=self.errors)
+                self.logger.warning(
+                    "cannot notify systemd", error=e.strerror or str(e), failures=self.errors
+                )
             return False
         self.sent.append(message)
         del self.sent[:-64]
@@ -128,8 +132,9 @@ def monotonic_usec() -> int:
 # --- watchdog -----------------------------------------------------------------------
 
 
-def watchdog_interval(environ: Mapping[str, str] | None = None,
-                      pid: int | None = None) -> float | None:
+def watchdog_interval(
+    environ: Mapping[str, str] | None = None, pid: int | None = None
+) -> float | None:
     """Seconds between ``WATCHDOG=1`` pings (half of ``WATCHDOG_USEC``), or None.
 
     None when the watchdog is off, malformed, or meant for another process
@@ -168,8 +173,9 @@ class PassedFd:
     name: str
 
 
-def listen_fds(environ: MutableMapping[str, str] | None = None, pid: int | None = None,
-               unset: bool = True) -> list[PassedFd]:
+def listen_fds(
+    environ: MutableMapping[str, str] | None = None, pid: int | None = None, unset: bool = True
+) -> list[PassedFd]:
     """The descriptors passed by socket activation, in order (empty if none).
 
     Like ``sd_listen_fds_with_names(unset_environment=1)``: the variables are
@@ -217,8 +223,10 @@ def take_api_socket(fds: list[PassedFd], logger: Logger | None = None) -> socket
             for p in fds:
                 _close_fd(p.fd)
             names = ", ".join(p.name for p in fds)
-            raise ActivationError(f"{len(fds)} sockets were passed ({names}) and none is "
-                                  f"named {API_FD_NAME!r} (FileDescriptorName={API_FD_NAME})")
+            raise ActivationError(
+                f"{len(fds)} sockets were passed ({names}) and none is "
+                f"named {API_FD_NAME!r} (FileDescriptorName={API_FD_NAME})"
+            )
         chosen = fds[0]
     for p in fds:
         if p is not chosen:
@@ -228,8 +236,9 @@ def take_api_socket(fds: list[PassedFd], logger: Logger | None = None) -> socket
     try:
         sock = socket.socket(fileno=chosen.fd)
     except OSError as e:
-        raise ActivationError(f"fd {chosen.fd} ({chosen.name}) passed by systemd is not a "
-                              f"socket: {e.strerror or e}") from None
+        raise ActivationError(
+            f"fd {chosen.fd} ({chosen.name}) passed by systemd is not a socket: {e.strerror or e}"
+        ) from None
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError:
@@ -237,9 +246,11 @@ def take_api_socket(fds: list[PassedFd], logger: Logger | None = None) -> socket
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
         kind = f"{sock.family.name}/{sock.type.name}"
         sock.close()
-        raise ActivationError(f"fd {chosen.fd} ({chosen.name}) passed by systemd is {kind}"
-                              f"{'' if listening else ', not listening'}; the API needs a "
-                              "listening Unix stream socket (ListenStream=/run/peerd/peerd.sock)")
+        raise ActivationError(
+            f"fd {chosen.fd} ({chosen.name}) passed by systemd is {kind}"
+            f"{'' if listening else ', not listening'}; the API needs a "
+            "listening Unix stream socket (ListenStream=/run/peerd/peerd.sock)"
+        )
     sock.setblocking(False)
     return sock
 
@@ -299,8 +310,14 @@ class SystemdLifecycle:
     STATUS updates are coalesced: at most one per ``status_interval_s``.
     """
 
-    def __init__(self, notifier: Notifier, member_counts: Callable[[], Mapping[str, int]],
-                 *, watchdog_s: float | None = None, status_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        member_counts: Callable[[], Mapping[str, int]],
+        *,
+        watchdog_s: float | None = None,
+        status_interval_s: float = 1.0,
+    ) -> None:
         self.notifier = notifier
         self.member_counts = member_counts
         self.watchdog_s = watchdog_s
@@ -323,8 +340,7 @@ class SystemdLifecycle:
     def status_text(self) -> str:
         counts = self.member_counts()
         total = sum(counts.values())
-        detail = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("alive", "suspect", "dead",
-                                                               "left"))
+        detail = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("alive", "suspect", "dead", "left"))
         return f"{total} members: {detail}"
 
     def started(self, now: float, ok: int, failed: int) -> None:
@@ -371,8 +387,11 @@ class SystemdLifecycle:
 
     def reloading(self) -> None:
         if self.ready and not self.stopping:
-            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
-                                 status_line("reloading the configuration"))
+            self.notifier.notify(
+                "RELOADING=1",
+                f"MONOTONIC_USEC={monotonic_usec()}",
+                status_line("reloading the configuration"),
+            )
 
     def reloaded(self, problem: str | None = None) -> None:
         if not self.ready or self.stopping:

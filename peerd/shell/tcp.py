@@ -216,8 +216,9 @@ class TcpEndpoint:
             except OSError as e:
                 # EMFILE and friends: back off instead of spinning or dying.
                 name = errno.errorcode.get(e.errno or 0, "error").lower()
-                self._drop(f"accept_{name}", f"accept failed: {e.strerror or e}",
-                           level=LogLevel.WARNING)
+                self._drop(
+                    f"accept_{name}", f"accept failed: {e.strerror or e}", level=LogLevel.WARNING
+                )
                 await trio.sleep(0.1)
                 continue
             if self.active_in >= self.limits.max_connections:
@@ -245,8 +246,13 @@ class TcpEndpoint:
                 _sender, payload = self.opener.open(frame)
             except SealError as e:
                 reason = str(getattr(e, "reason", "") or "seal")
-                self._drop(f"seal_{reason}", "stream rejected", addr=src, reason=reason,
-                           level=LogLevel.WARNING)
+                self._drop(
+                    f"seal_{reason}",
+                    "stream rejected",
+                    addr=src,
+                    reason=reason,
+                    level=LogLevel.WARNING,
+                )
                 return
             if not payload:
                 await self._hold_link(conn, src)
@@ -351,8 +357,13 @@ class TcpEndpoint:
             self.active_out -= 1
         if isinstance(result, StreamFailed):
             self.counters[f"tcp_fail_{result.reason}"] += 1
-            self.log.log(f"tcp_fail_{result.reason}", LogLevel.DEBUG, "tcp stream failed",
-                         addr=dst, reason=result.reason)
+            self.log.log(
+                f"tcp_fail_{result.reason}",
+                LogLevel.DEBUG,
+                "tcp stream failed",
+                addr=dst,
+                reason=result.reason,
+            )
         else:
             self.counters["tcp_out"] += 1
         await self._feed(result)
@@ -422,8 +433,13 @@ class TcpEndpoint:
                 if outcome == "closed" or (outcome == "refused" and not reported):
                     reported = True
                     self.counters[f"tcp_link_{outcome}"] += 1
-                    self.log.log("tcp_link_closed", LogLevel.DEBUG, "tcp watch link lost",
-                                 addr=addr, how=outcome)
+                    self.log.log(
+                        "tcp_link_closed",
+                        LogLevel.DEBUG,
+                        "tcp watch link lost",
+                        addr=addr,
+                        how=outcome,
+                    )
                     await self._feed(LinkClosed(addr))
                 if outcome == "closed":
                     delay = self.limits.link_retry_s
@@ -455,7 +471,8 @@ class TcpEndpoint:
                 with trio.move_on_after(self.limits.response_timeout_s):
                     await conn.send_all(encode_frame(self.sealer.seal(b"")))
                     _sender, payload = self.opener.open(
-                        await read_frame(conn, self.limits.max_frame))
+                        await read_frame(conn, self.limits.max_frame)
+                    )
                     acked = payload == b""
                 if not acked:
                     return "failed"
@@ -476,8 +493,9 @@ class TcpEndpoint:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             await self.inputs.send(inp)
 
-    def _drop(self, kind: str, message: str, *, level: LogLevel = LogLevel.DEBUG,
-              **fields: object) -> None:
+    def _drop(
+        self, kind: str, message: str, *, level: LogLevel = LogLevel.DEBUG, **fields: object
+    ) -> None:
         key = f"tcp_drop_{kind}"
         self.counters[key] += 1
         self.log.log(key, level, f"tcp {message}", **fields)
@@ -513,4 +531,3 @@ def _peer(conn: trio.SocketStream) -> Addr:
         return normalize_addr(conn.socket.getpeername())
     except OSError:
         return ("0.0.0.0", 0)
-

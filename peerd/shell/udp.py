@@ -179,8 +179,7 @@ class UdpEndpoint:
         """Seal and send one datagram now; failures are counted, never raised."""
         target = sockaddr_for(dst[0], dst[1], self.family)
         if target is None:
-            self._drop("send_family", f"cannot reach {format_addr(dst)} from this socket",
-                       addr=dst)
+            self._drop("send_family", f"cannot reach {format_addr(dst)} from this socket", addr=dst)
             return
         data = self.sealer.seal(payload)
         for _ in range(2):
@@ -235,8 +234,13 @@ class UdpEndpoint:
             _sender, payload = self.opener.open(data)
         except SealError as e:
             reason = str(getattr(e, "reason", "") or "seal")
-            self._drop(f"seal_{reason}", "datagram rejected", addr=src, reason=reason,
-                       level=LogLevel.WARNING)
+            self._drop(
+                f"seal_{reason}",
+                "datagram rejected",
+                addr=src,
+                reason=reason,
+                level=LogLevel.WARNING,
+            )
             return
         self.counters["udp_rx"] += 1
         self._feed(PacketIn(src, payload))
@@ -267,8 +271,9 @@ class UdpEndpoint:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.counters["udp_drop_closed"] += 1
 
-    def _drop(self, kind: str, message: str, *, level: LogLevel = LogLevel.DEBUG,
-              **fields: object) -> None:
+    def _drop(
+        self, kind: str, message: str, *, level: LogLevel = LogLevel.DEBUG, **fields: object
+    ) -> None:
         key = f"udp_drop_{kind}"
         self.counters[key] += 1
         self.log.log(key, level, f"udp {message}", **fields)

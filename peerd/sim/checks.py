@@ -101,7 +101,8 @@ def _no_cascade(rec: Record, e: Expect) -> Result:
     by anyone at or after after_s. Value: how many such nodes."""
     impaired = {p.node for p in rec.impairments}
     hit = {n for n, t in rec.false_positive_times.items() if t >= e.after_s} | {
-        n for n, t in rec.first_false_suspicion.items() if t >= e.after_s}
+        n for n, t in rec.first_false_suspicion.items() if t >= e.after_s
+    }
     n = len(hit - impaired)
     limit = int(e.max or 0)
     return n <= limit, n, limit
@@ -218,8 +219,7 @@ def _broadcast_hops(rec: Record, e: Expect) -> Result:
     from peerd.sim.mesh import bound_links
 
     limit = e.max if e.max is not None else bound_links(rec.nodes)
-    hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items()
-                  if i != r.origin)
+    hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items() if i != r.origin)
     if not hops:
         return False, None, limit
     v = hops[max(0, -(-99 * len(hops) // 100) - 1)]
@@ -238,19 +238,23 @@ CHECKS: dict[str, CheckSpec] = {
     "left": CheckSpec(_left, ("within_s",), _left.__doc__ or ""),
     "msgs_per_node_s": CheckSpec(_msgs_per_node_s, ("max",), _msgs_per_node_s.__doc__ or ""),
     "bytes_per_node_s": CheckSpec(_bytes_per_node_s, ("max",), _bytes_per_node_s.__doc__ or ""),
-    "registry_converged": CheckSpec(_registry_converged, ("within_s",),
-                                    _registry_converged.__doc__ or ""),
-    "lost_live_entries": CheckSpec(_lost_live_entries, ("within_s",),
-                                   _lost_live_entries.__doc__ or ""),
+    "registry_converged": CheckSpec(
+        _registry_converged, ("within_s",), _registry_converged.__doc__ or ""
+    ),
+    "lost_live_entries": CheckSpec(
+        _lost_live_entries, ("within_s",), _lost_live_entries.__doc__ or ""
+    ),
     "stale_entries": CheckSpec(_stale_entries, ("within_s",), _stale_entries.__doc__ or ""),
-    "duplicates_after_heal": CheckSpec(_duplicates_after_heal, ("within_s",),
-                                       _duplicates_after_heal.__doc__ or ""),
-    "max_links_per_node": CheckSpec(_max_links_per_node, (),
-                                    _max_links_per_node.__doc__ or ""),
-    "broadcast_reliability": CheckSpec(_broadcast_reliability, (),
-                                       _broadcast_reliability.__doc__ or ""),
-    "broadcast_redundancy": CheckSpec(_broadcast_redundancy, ("max",),
-                                      _broadcast_redundancy.__doc__ or ""),
+    "duplicates_after_heal": CheckSpec(
+        _duplicates_after_heal, ("within_s",), _duplicates_after_heal.__doc__ or ""
+    ),
+    "max_links_per_node": CheckSpec(_max_links_per_node, (), _max_links_per_node.__doc__ or ""),
+    "broadcast_reliability": CheckSpec(
+        _broadcast_reliability, (), _broadcast_reliability.__doc__ or ""
+    ),
+    "broadcast_redundancy": CheckSpec(
+        _broadcast_redundancy, ("max",), _broadcast_redundancy.__doc__ or ""
+    ),
     "broadcast_hops": CheckSpec(_broadcast_hops, (), _broadcast_hops.__doc__ or ""),
 }
 

@@ -16,12 +16,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", metavar="SCENARIO.toml", help="scenario file (see scenarios/)")
     p.add_argument("--nodes", type=int, metavar="N", help="override the number of nodes")
     p.add_argument("--seed", type=int, metavar="S", help="override the seed")
-    p.add_argument("--duration", type=float, metavar="S",
-                   help="override the virtual duration, in seconds")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (no progress bar)")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="draw the membership timeline (needs matplotlib: peerd[plot])")
+    p.add_argument(
+        "--duration", type=float, metavar="S", help="override the virtual duration, in seconds"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw the membership timeline (needs matplotlib: peerd[plot])",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -30,8 +33,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from peerd.sim.scenario import ScenarioError, load
 
     try:
-        sc = load(args.scenario).with_overrides(nodes=args.nodes, seed=args.seed,
-                                                duration_s=args.duration)
+        sc = load(args.scenario).with_overrides(
+            nodes=args.nodes, seed=args.seed, duration_s=args.duration
+        )
     except ScenarioError as exc:
         print(f"peerd sim: bad scenario: {exc}", file=sys.stderr)
         return EXIT_BAD_SCENARIO
@@ -39,8 +43,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("peerd sim: --plot needs matplotlib (pip install 'peerd[plot]')",
-                  file=sys.stderr)
+            print("peerd sim: --plot needs matplotlib (pip install 'peerd[plot]')", file=sys.stderr)
             return EXIT_BAD_SCENARIO
     bar = None
     if not args.json and not args.quiet:

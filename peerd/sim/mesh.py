@@ -130,8 +130,18 @@ class MeshWorld:
         self.by_id: dict[bytes, BroadcastRecord] = {}
         self._pending: dict[int, BroadcastRecord] = {}  # ref -> record
         self._ref = 0
-        self.counts = dict.fromkeys(("msgs", "bytes", "dropped_no_link", "link_failures",
-                                     "connects", "refused", "cast_refused"), 0)
+        self.counts = dict.fromkeys(
+            (
+                "msgs",
+                "bytes",
+                "dropped_no_link",
+                "link_failures",
+                "connects",
+                "refused",
+                "cast_refused",
+            ),
+            0,
+        )
         # Plumtree counters of the processes that stopped (the running ones
         # are added in the summary)
         self.tree_counters: collections.Counter[str] = collections.Counter()
@@ -142,8 +152,11 @@ class MeshWorld:
         w = self.w
         host = proc.host
         me = MeshPeer(host.node_id, host.addr)
-        proc.mesh = Mesh(me, self.config, random.Random(
-            f"peerd-sim-mesh-node:{w.sc.seed}:{host.index}:{proc.gen}"))
+        proc.mesh = Mesh(
+            me,
+            self.config,
+            random.Random(f"peerd-sim-mesh-node:{w.sc.seed}:{host.index}:{proc.gen}"),
+        )
         proc.mesh_target = MeshTarget(proc)
         t = w.now
         if preloaded:
@@ -153,8 +166,7 @@ class MeshWorld:
             k = w.sc.start_count()
             i = host.index
             others = [j for j in self.rng.sample(range(k), min(k, 9)) if j != i][:8]
-            w._push(t, proc.mesh_target, MembershipHint(alive=tuple(self._peer(j)
-                                                                    for j in others)))
+            w._push(t, proc.mesh_target, MembershipHint(alive=tuple(self._peer(j) for j in others)))
             contact = () if i == 0 else (self._peer(self.rng.randrange(i)),)
             w._push(t + 2.0 * i / max(1, k), proc.mesh_target, JoinMesh(contact))
         else:
@@ -215,8 +227,9 @@ class MeshWorld:
 
     def _broadcast(self) -> None:
         w = self.w
-        running = [i for i in w.running_indices()
-                   if getattr(w.hosts[i].cur, "mesh", None) is not None]
+        running = [
+            i for i in w.running_indices() if getattr(w.hosts[i].cur, "mesh", None) is not None
+        ]
         if not running:
             return
         i = running[self.rng.randrange(len(running))]
@@ -236,8 +249,11 @@ class MeshWorld:
             return  # refused (rate limit): not a broadcast
         hosts = self.w.hosts
         # nodes whose process ran from the broadcast until now (not restarted)
-        eligible = [i for i in self.w.running_indices()
-                    if i != rec.origin and alive_then.get(i) is hosts[i].cur]
+        eligible = [
+            i
+            for i in self.w.running_indices()
+            if i != rec.origin and alive_then.get(i) is hosts[i].cur
+        ]
         rec.eligible = len(eligible)
         rec.reached = sum(1 for i in eligible if i in rec.delivered)
         self.broadcasts.append(rec)
@@ -335,8 +351,7 @@ class MeshWorld:
             g = self._set_up(me, other, False)
             g.dropped |= {(me, other), (other, me)}
             self.counts["refused"] += 1
-            refused = host.cur is None and host.icmp and host.started \
-                and not w._blocked(me, other)
+            refused = host.cur is None and host.icmp and host.started and not w._blocked(me, other)
             delay = 2 * self._latency() if refused else min(5.0, w.stream_timeout)
             self._event(other, me, g, None, t + delay)
             return
@@ -387,8 +402,7 @@ class MeshWorld:
             return
         self._event(me, other, g, o.msg, t)
 
-    def _event(self, src: int, dst: int, g: _Link, msg: Any, t: float,
-               force: bool = False) -> None:
+    def _event(self, src: int, dst: int, g: _Link, msg: Any, t: float, force: bool = False) -> None:
         """Queue a message (None: the end of the link) src -> dst, in order."""
         w = self.w
         key = (src, dst)
@@ -424,17 +438,27 @@ class MeshWorld:
             "enabled": True,
             "max_links_per_node": self.max_links,
             "links_bound": bound_links(n),
-            "links_at_end": {"max": max(self.link_count, default=0),
-                             "mean": round(statistics.mean(
-                                 [self.link_count[i] for i in self.w.running_indices()] or [0]),
-                                 3)},
+            "links_at_end": {
+                "max": max(self.link_count, default=0),
+                "mean": round(
+                    statistics.mean([self.link_count[i] for i in self.w.running_indices()] or [0]),
+                    3,
+                ),
+            },
             "broadcasts": len(recs),
-            "broadcast_reliability": {"min": round(min(rel), 6) if rel else None,
-                                      "mean": round(statistics.mean(rel), 6) if rel else None},
-            "broadcast_redundancy": {"mean": round(statistics.mean(red), 4) if red else None,
-                                     "max": round(max(red), 4) if red else None},
-            "broadcast_hops": {"p50": _pct(hops, 0.5), "p99": _pct(hops, 0.99),
-                               "max": hops[-1] if hops else None},
+            "broadcast_reliability": {
+                "min": round(min(rel), 6) if rel else None,
+                "mean": round(statistics.mean(rel), 6) if rel else None,
+            },
+            "broadcast_redundancy": {
+                "mean": round(statistics.mean(red), 4) if red else None,
+                "max": round(max(red), 4) if red else None,
+            },
+            "broadcast_hops": {
+                "p50": _pct(hops, 0.5),
+                "p99": _pct(hops, 0.99),
+                "max": hops[-1] if hops else None,
+            },
             # broadcast -> delivered at a node, and -> the last node reached
             "delivery_s": stats3([d for r in recs for d in r.delays]),
             "all_reached_s": stats3([r.last_s for r in recs if r.reached == r.eligible]),
@@ -451,10 +475,14 @@ class MeshWorld:
         for h in self.w.hosts:
             if h.cur is not None and getattr(h.cur, "mesh", None) is not None:
                 c.update(h.cur.mesh.plumtree.counters)
-        return {"grafts": c["grafts_out"], "moves": c["optimizations"],
-                "moves_dropped": sum(c[f"optimizations_{why}"]
-                                     for why in ("overtaken", "crossed", "lost", "moot")),
-                "regrafts": c["regrafts"]}
+        return {
+            "grafts": c["grafts_out"],
+            "moves": c["optimizations"],
+            "moves_dropped": sum(
+                c[f"optimizations_{why}"] for why in ("overtaken", "crossed", "lost", "moot")
+            ),
+            "regrafts": c["regrafts"],
+        }
 
     def records_after(self, t: float) -> list[BroadcastRecord]:
         return [r for r in self.broadcasts if r.at >= t]

@@ -92,8 +92,9 @@ class RegistryWorld:
         self.convergence: list[tuple[float, bool]] = [(0.0, True)]
         self.unseen: set[int] = set()  # live entries not yet held everywhere
         self.evals: dict[int, Any] = {}
-        self.counts = dict.fromkeys(("registered", "rejected", "exits", "node_down",
-                                     "conflicts", "churn"), 0)
+        self.counts = dict.fromkeys(
+            ("registered", "rejected", "exits", "node_down", "conflicts", "churn"), 0
+        )
 
     # --- the workload ---------------------------------------------------------------
 
@@ -104,8 +105,10 @@ class RegistryWorld:
     def workload(self, i: int) -> list[tuple[RegKind, str]]:
         s = self.spec
         out = [(RegKind.NAME, f"n{i}.{k}") for k in range(s.names_per_node)]
-        out += [(RegKind.GROUP, f"g{(i * s.joins_per_node + k) % s.groups}")
-                for k in range(s.joins_per_node)]
+        out += [
+            (RegKind.GROUP, f"g{(i * s.joins_per_node + k) % s.groups}")
+            for k in range(s.joins_per_node)
+        ]
         self.seq[i] = s.names_per_node
         return out
 
@@ -120,8 +123,9 @@ class RegistryWorld:
             entries = []
             for eid, (kind, name) in enumerate(self.workload(i), start=1):
                 conn, pid = self._id(), self._id()
-                idx = self._add(TEntry(i, 1, conn, pid, kind, name, 0.0, returned=0.0,
-                                       visible_s=0.0))
+                idx = self._add(
+                    TEntry(i, 1, conn, pid, kind, name, 0.0, returned=0.0, visible_s=0.0)
+                )
                 self.host_live[i].add(idx)
                 entries.append(RegEntry(eid, kind, self.scope, name, 0, pid, UID, ()))
                 mine[eid] = conn
@@ -169,8 +173,7 @@ class RegistryWorld:
         self.host_live[i].add(idx)
         self.refs[ref] = idx
         self._changed(t)
-        w.deliver(proc, Register(ref, conn, kind, self.scope, name, (), pid, UID,
-                                 int(t * 1000)))
+        w.deliver(proc, Register(ref, conn, kind, self.scope, name, (), pid, UID, int(t * 1000)))
 
     def fault(self, f: Fault, targets: list[int]) -> None:
         """``register`` fault: each target node claims ``<prefix>-0..names-1``."""
@@ -305,8 +308,12 @@ class RegistryWorld:
 
     def _check_visible(self, idx: int, t: float) -> None:
         e = self.entries[idx]
-        if (e.died is None and e.visible_s is None and e.returned is not None
-                and self.holders[idx] >= self.obs):
+        if (
+            e.died is None
+            and e.visible_s is None
+            and e.returned is not None
+            and self.holders[idx] >= self.obs
+        ):
             e.visible_s = round(t - e.returned, 6)
             self.unseen.discard(idx)
 
@@ -352,13 +359,19 @@ class RegistryWorld:
     def lost(self, cutoff: float) -> int:
         """(running node, entry) pairs missing: the entry is live and was
         asked for at or before ``cutoff``."""
-        return sum(self.obs - self.holders[idx] for idx, e in enumerate(self.entries)
-                   if e.died is None and e.born <= cutoff)
+        return sum(
+            self.obs - self.holders[idx]
+            for idx, e in enumerate(self.entries)
+            if e.died is None and e.born <= cutoff
+        )
 
     def stale(self, cutoff: float) -> int:
         """(running node, entry) pairs still held of entries dead at or before ``cutoff``."""
-        return sum(self.holders[idx] for idx, e in enumerate(self.entries)
-                   if e.died is not None and e.died <= cutoff)
+        return sum(
+            self.holders[idx]
+            for idx, e in enumerate(self.entries)
+            if e.died is not None and e.died <= cutoff
+        )
 
     def duplicates(self) -> int:
         """(running node, name) pairs where the node holds more than one
@@ -392,7 +405,7 @@ class RegistryWorld:
             if e.check in CHECKS and e.check != "registry_converged":
                 self._evaluate(e)
         real = [e for e in self.entries if e.cause != "rejected"]
-        asked = real[self.base_n:]  # registered during the run (not preloaded)
+        asked = real[self.base_n :]  # registered during the run (not preloaded)
         conv_end = self.convergence[-1][0] if self.convergence[-1][1] else None
         return {
             "entries": len(real),
@@ -406,11 +419,12 @@ class RegistryWorld:
             "not_visible_all": sum(1 for e in asked if e.died is None and e.visible_s is None),
             # died -> held nowhere: after the process exited (or lost a
             # conflict), and after its node crashed or left (detection included)
-            "removed_all_s": stats3([e.removed_s for e in real if e.removed_s is not None
-                                     and e.cause != "node_down"]),
-            "removed_with_node_s": stats3([e.removed_s for e in real
-                                           if e.removed_s is not None
-                                           and e.cause == "node_down"]),
+            "removed_all_s": stats3(
+                [e.removed_s for e in real if e.removed_s is not None and e.cause != "node_down"]
+            ),
+            "removed_with_node_s": stats3(
+                [e.removed_s for e in real if e.removed_s is not None and e.cause == "node_down"]
+            ),
             "missing_at_end": self.live * self.obs - self.h_live,
             "stale_at_end": self.h_dead,
             "duplicates_at_end": self.duplicates(),

@@ -42,9 +42,11 @@ class ProgressBar:
         width = 30
         fill = int(frac * width)
         bar = "#" * fill + "-" * (width - fill)
-        line = (f"\r[{bar}] {world.now:7.1f}/{self.total:g} s virtual  "
-                f"{now - self.start:6.1f} s wall  running={world.running} "
-                f"wrong-views={world.wrong}")
+        line = (
+            f"\r[{bar}] {world.now:7.1f}/{self.total:g} s virtual  "
+            f"{now - self.start:6.1f} s wall  running={world.running} "
+            f"wrong-views={world.wrong}"
+        )
         self.stream.write(line)
         self.stream.flush()
 
@@ -149,8 +151,10 @@ def text_report(summary: dict[str, Any]) -> str:
     ]
     if "before_first_fault" in t:
         b = t["before_first_fault"]
-        lines.append(f"  before the first fault: {b['msgs_per_node_s']:.2f} msgs, "
-                     f"{b['bytes_per_node_s']:.0f} bytes")
+        lines.append(
+            f"  before the first fault: {b['msgs_per_node_s']:.2f} msgs, "
+            f"{b['bytes_per_node_s']:.0f} bytes"
+        )
     r = s.get("registry")
     if r is not None:
         va, rm, rn = r["visible_all_s"], r["removed_all_s"], r["removed_with_node_s"]
@@ -172,8 +176,11 @@ def text_report(summary: dict[str, Any]) -> str:
         ]
     me = s.get("mesh")
     if me is not None and me.get("enabled", True):
-        rel, red, hops = (me["broadcast_reliability"], me["broadcast_redundancy"],
-                          me["broadcast_hops"])
+        rel, red, hops = (
+            me["broadcast_reliability"],
+            me["broadcast_redundancy"],
+            me["broadcast_hops"],
+        )
         ar = me["all_reached_s"]
         lines += [
             "",
@@ -189,8 +196,10 @@ def text_report(summary: dict[str, Any]) -> str:
         ]
         tree = me.get("tree")
         if tree is not None:
-            lines.append(f"  tree: {tree['grafts']} repair grafts, {tree['moves']} moves "
-                         f"({tree['moves_dropped']} dropped), {tree['regrafts']} re-grafts")
+            lines.append(
+                f"  tree: {tree['grafts']} repair grafts, {tree['moves']} moves "
+                f"({tree['moves_dropped']} dropped), {tree['regrafts']} re-grafts"
+            )
     n = s["network"]
     lines += [
         "",
@@ -228,16 +237,23 @@ def plot(rec: Record, summary: dict[str, Any], path: str) -> None:
     series = [("alive", 3, "tab:green"), ("suspect", 6, "tab:orange"), ("dead/left", 9, "tab:red")]
     for ax, (label, col, color) in zip(axes, series, strict=True):
         ax.plot(ts, [r[col] for r in tl], color=color, label=f"{label} (mean)")
-        ax.fill_between(ts, [r[col + 1] for r in tl], [r[col + 2] for r in tl], color=color,
-                        alpha=0.25, label="min-max over nodes")
+        ax.fill_between(
+            ts,
+            [r[col + 1] for r in tl],
+            [r[col + 2] for r in tl],
+            color=color,
+            alpha=0.25,
+            label="min-max over nodes",
+        )
         ax.set_ylabel(f"nodes seen {label}")
         for start, end, _kind in rec.fault_windows:
             ax.axvspan(start, max(end, start + 0.2), color="grey", alpha=0.2)
         ax.legend(loc="upper right", fontsize="small")
     axes[0].plot(ts, [r[1] for r in tl], color="black", linestyle=":", label="running")
     for start, _end, kind in rec.fault_windows:
-        axes[0].annotate(kind, (start, axes[0].get_ylim()[1]), fontsize="x-small",
-                         rotation=90, va="top")
+        axes[0].annotate(
+            kind, (start, axes[0].get_ylim()[1]), fontsize="x-small", rotation=90, va="top"
+        )
     axes[-1].set_xlabel("virtual time (s)")
     fig.suptitle(f"{summary['scenario']}: {summary['nodes']} nodes, seed {summary['seed']}")
     fig.tight_layout()

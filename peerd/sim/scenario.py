@@ -23,8 +23,19 @@ from typing import Any, NoReturn
 
 from peerd.core import config as cfgmod
 
-FAULT_KINDS = ("crash", "pause", "slow", "restart", "leave", "join", "partition", "heal",
-               "loss", "block", "register")
+FAULT_KINDS = (
+    "crash",
+    "pause",
+    "slow",
+    "restart",
+    "leave",
+    "join",
+    "partition",
+    "heal",
+    "loss",
+    "block",
+    "register",
+)
 
 # Keys every fault accepts, and the extra keys of each kind.
 _COMMON_FAULT_KEYS: set[str] = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
@@ -43,19 +54,67 @@ _FAULT_KEYS: dict[str, set[str]] = {
 }
 _ALL_FAULT_KEYS = set().union(*_FAULT_KEYS.values())
 _REQUIRED: dict[str, tuple[str, ...]] = {
-    "crash": ("nodes",), "pause": ("nodes", "duration_s"), "slow": ("nodes", "delay_ms"),
-    "restart": ("nodes",), "leave": ("nodes",), "join": ("nodes",), "partition": ("groups",),
-    "heal": (), "loss": ("loss",), "block": ("from", "to"), "register": ("nodes", "names"),
+    "crash": ("nodes",),
+    "pause": ("nodes", "duration_s"),
+    "slow": ("nodes", "delay_ms"),
+    "restart": ("nodes",),
+    "leave": ("nodes",),
+    "join": ("nodes",),
+    "partition": ("groups",),
+    "heal": (),
+    "loss": ("loss",),
+    "block": ("from", "to"),
+    "register": ("nodes", "names"),
 }
 
-_TOP_KEYS = {"name", "description", "nodes", "seed", "duration_s", "preset", "start_nodes",
-             "seeds", "sample_s", "network", "config", "fault", "expect", "registry", "mesh"}
-_MESH_KEYS = {"enabled", "broadcast_every_s", "broadcast_from_s", "broadcast_until_s",
-              "payload_bytes", "settle_s"}
-_REGISTRY_KEYS = {"names_per_node", "groups", "joins_per_node", "churn_per_node_s",
-                  "churn_from_s", "churn_until_s", "scope", "preload", "start_s", "over_s"}
-_NETWORK_KEYS = {"latency_ms", "link_ms", "loss", "duplicate", "reorder", "reorder_ms", "mtu",
-                 "seal", "stream_timeout_s"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "nodes",
+    "seed",
+    "duration_s",
+    "preset",
+    "start_nodes",
+    "seeds",
+    "sample_s",
+    "network",
+    "config",
+    "fault",
+    "expect",
+    "registry",
+    "mesh",
+}
+_MESH_KEYS = {
+    "enabled",
+    "broadcast_every_s",
+    "broadcast_from_s",
+    "broadcast_until_s",
+    "payload_bytes",
+    "settle_s",
+}
+_REGISTRY_KEYS = {
+    "names_per_node",
+    "groups",
+    "joins_per_node",
+    "churn_per_node_s",
+    "churn_from_s",
+    "churn_until_s",
+    "scope",
+    "preload",
+    "start_s",
+    "over_s",
+}
+_NETWORK_KEYS = {
+    "latency_ms",
+    "link_ms",
+    "loss",
+    "duplicate",
+    "reorder",
+    "reorder_ms",
+    "mtu",
+    "seal",
+    "stream_timeout_s",
+}
 _EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
 
 
@@ -189,8 +248,9 @@ class Scenario:
     registry: RegistrySpec | None = None
     mesh: MeshSpec = MeshSpec()
 
-    def with_overrides(self, *, nodes: int | None = None, seed: int | None = None,
-                       duration_s: float | None = None) -> Scenario:
+    def with_overrides(
+        self, *, nodes: int | None = None, seed: int | None = None, duration_s: float | None = None
+    ) -> Scenario:
         changes: dict[str, Any] = {}
         if nodes is not None:
             if nodes < 1:
@@ -282,14 +342,24 @@ class _Parser:
         self.path = path
         self.lines = lines
 
-    def fail(self, reason: str, table: str = "", index: int = 0,
-             key: str | None = None) -> NoReturn:
+    def fail(
+        self, reason: str, table: str = "", index: int = 0, key: str | None = None
+    ) -> NoReturn:
         raise ScenarioError(self.path, self.lines.of(table, index, key), reason)
 
     # typed getters; ``where`` is (table, index) for line lookup
-    def _num(self, d: dict[str, Any], key: str, where: tuple[str, int], *,
-             default: float | None = None, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False, required: bool = False) -> float | None:
+    def _num(
+        self,
+        d: dict[str, Any],
+        key: str,
+        where: tuple[str, int],
+        *,
+        default: float | None = None,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        required: bool = False,
+    ) -> float | None:
         if key not in d:
             if required:
                 self.fail(f"missing required key '{key}'", *where)
@@ -304,6 +374,14 @@ class _Parser:
             self.fail(f"'{key}' must be <= {hi:g}, got {v:g}", *where, key)
         return v
 
+    def _num_or(
+        self, d: dict[str, Any], key: str, where: tuple[str, int], default: float, **bounds: Any
+    ) -> float:
+        """:meth:`_num` with a default, so never None."""
+        v = self._num(d, key, where, default=default, **bounds)
+        assert v is not None
+        return v
+
     def _bool(self, d: dict[str, Any], key: str, where: tuple[str, int], default: bool) -> bool:
         if key not in d:
             return default
@@ -312,10 +390,12 @@ class _Parser:
             self.fail(f"'{key}' must be true or false, got {v!r}", *where, key)
         return bool(v)
 
-    def _unknown(self, d: dict[str, Any], allowed: set[str], where: tuple[str, int],
-                 what: str) -> None:
-        every = (_ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS
-                 | _MESH_KEYS)
+    def _unknown(
+        self, d: dict[str, Any], allowed: set[str], where: tuple[str, int], what: str
+    ) -> None:
+        every = (
+            _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS | _MESH_KEYS
+        )
         for k in d:
             if k not in allowed:
                 hint = _closest(k, allowed)
@@ -343,8 +423,12 @@ class _Parser:
             if not v or any(type(x) is not int or x < 0 for x in v):
                 self.fail(f"'{key}' list must hold node indices (integers >= 0)", *where, key)
             return tuple(v)
-        self.fail(f"'{key}' must be a fraction (0.05), a count (5), a list of node indices "
-                  f"([0, 3]) or \"all\", got {v!r}", *where, key)
+        self.fail(
+            f"'{key}' must be a fraction (0.05), a count (5), a list of node indices "
+            f'([0, 3]) or "all", got {v!r}',
+            *where,
+            key,
+        )
         raise AssertionError
 
     def scenario(self, doc: dict[str, Any]) -> Scenario:
@@ -365,15 +449,21 @@ class _Parser:
         duration = self._num(doc, "duration_s", top, lo=0, lo_open=True, required=True)
         preset = doc.get("preset", "lan")
         if preset not in cfgmod.PRESETS:
-            self.fail(f"'preset' must be one of {', '.join(cfgmod.PRESETS)}, got {preset!r}",
-                      "", 0, "preset")
+            self.fail(
+                f"'preset' must be one of {', '.join(cfgmod.PRESETS)}, got {preset!r}",
+                "",
+                0,
+                "preset",
+            )
         start = self._selection(doc.get("start_nodes", "all"), top, "start_nodes")
         if isinstance(start, tuple):
-            self.fail("'start_nodes' must be a fraction, a count or \"all\"", "", 0,
-                      "start_nodes")
+            self.fail("'start_nodes' must be a fraction, a count or \"all\"", "", 0, "start_nodes")
         seeds_v = doc.get("seeds", [0, 1, 2])
-        if type(seeds_v) is not list or not seeds_v or any(
-                type(x) is not int or x < 0 for x in seeds_v):
+        if (
+            type(seeds_v) is not list
+            or not seeds_v
+            or any(type(x) is not int or x < 0 for x in seeds_v)
+        ):
             self.fail("'seeds' must be a non-empty list of node indices", "", 0, "seeds")
         seeds = tuple(s for s in seeds_v if s < nodes_v) or (0,)
         sample_s = self._num(doc, "sample_s", top, default=1.0, lo=0.01)
@@ -392,21 +482,43 @@ class _Parser:
         if not mesh.enabled:
             for e in expects:
                 if e.check in _MESH_CHECKS:
-                    self.fail(f"check '{e.check}' needs the mesh ([mesh] enabled = true)",
-                              "expect", e.index, "check")
+                    self.fail(
+                        f"check '{e.check}' needs the mesh ([mesh] enabled = true)",
+                        "expect",
+                        e.index,
+                        "check",
+                    )
         assert duration is not None and sample_s is not None
         if registry is None:
             for e in expects:
                 if e.check in _REGISTRY_CHECKS:
-                    self.fail(f"check '{e.check}' needs a [registry] workload", "expect",
-                              e.index, "check")
+                    self.fail(
+                        f"check '{e.check}' needs a [registry] workload", "expect", e.index, "check"
+                    )
             for f in faults:
                 if f.kind == "register":
-                    self.fail("a 'register' fault needs a [registry] workload", "fault",
-                              f.index, "kind")
-        return Scenario(self.path, name, desc, nodes_v, seed, duration, preset, start, seeds,
-                        sample_s, network, config, faults, expects,
-                        dict(doc.get("config", {})), registry, mesh)
+                    self.fail(
+                        "a 'register' fault needs a [registry] workload", "fault", f.index, "kind"
+                    )
+        return Scenario(
+            self.path,
+            name,
+            desc,
+            nodes_v,
+            seed,
+            duration,
+            preset,
+            start,
+            seeds,
+            sample_s,
+            network,
+            config,
+            faults,
+            expects,
+            dict(doc.get("config", {})),
+            registry,
+            mesh,
+        )
 
     def mesh(self, d: Any) -> MeshSpec:
         where = ("mesh", 0)
@@ -420,8 +532,11 @@ class _Parser:
         settle = self._num(d, "settle_s", where, default=3.0, lo=0, lo_open=True)
         size = d.get("payload_bytes", 64)
         if type(size) is not int or not 1 <= size <= 65536:
-            self.fail(f"'payload_bytes' must be an integer in 1..65536, got {size!r}", *where,
-                      "payload_bytes")
+            self.fail(
+                f"'payload_bytes' must be an integer in 1..65536, got {size!r}",
+                *where,
+                "payload_bytes",
+            )
         assert every is not None and start is not None and settle is not None
         return MeshSpec(enabled, every, start, until, size, settle)
 
@@ -437,8 +552,11 @@ class _Parser:
                 self.fail(f"'{k}' must be an integer >= 0, got {v!r}", *where, k)
             ints[k] = v
         if ints["joins_per_node"] and not ints["groups"]:
-            self.fail("'joins_per_node' needs 'groups' (how many groups there are)", *where,
-                      "joins_per_node")
+            self.fail(
+                "'joins_per_node' needs 'groups' (how many groups there are)",
+                *where,
+                "joins_per_node",
+            )
         churn = self._num(d, "churn_per_node_s", where, default=0.0, lo=0)
         churn_from = self._num(d, "churn_from_s", where, default=0.0, lo=0)
         churn_until = self._num(d, "churn_until_s", where, lo=0)
@@ -449,12 +567,25 @@ class _Parser:
         start = self._num(d, "start_s", where, default=0.0, lo=0)
         over = self._num(d, "over_s", where, default=0.0, lo=0)
         if preload and (start or over):
-            self.fail("'start_s'/'over_s' are for preload = false (registrations at run time)",
-                      *where, "start_s" if start else "over_s")
+            self.fail(
+                "'start_s'/'over_s' are for preload = false (registrations at run time)",
+                *where,
+                "start_s" if start else "over_s",
+            )
         assert churn is not None and churn_from is not None and start is not None
         assert over is not None
-        return RegistrySpec(ints["names_per_node"], ints["groups"], ints["joins_per_node"],
-                            churn, churn_from, churn_until, scope, preload, start, over)
+        return RegistrySpec(
+            ints["names_per_node"],
+            ints["groups"],
+            ints["joins_per_node"],
+            churn,
+            churn_from,
+            churn_until,
+            scope,
+            preload,
+            start,
+            over,
+        )
 
     def network(self, d: Any) -> NetworkSpec:
         where = ("network", 0)
@@ -465,12 +596,12 @@ class _Parser:
         if type(lat) in (int, float):
             lat = {"min": lat, "max": lat}
         if type(lat) is not dict:
-            self.fail("'latency_ms' must be a number or { min = 1, max = 10 }", *where,
-                      "latency_ms")
+            self.fail(
+                "'latency_ms' must be a number or { min = 1, max = 10 }", *where, "latency_ms"
+            )
         for k in lat:
             if k not in ("min", "max", "dist"):
-                self.fail(f"unknown key '{k}' in latency_ms (min, max, dist)", *where,
-                          "latency_ms")
+                self.fail(f"unknown key '{k}' in latency_ms (min, max, dist)", *where, "latency_ms")
         lo = self._num(lat, "min", where, default=1.0, lo=0)
         hi = self._num(lat, "max", where, default=lo, lo=0)
         assert lo is not None and hi is not None
@@ -478,19 +609,18 @@ class _Parser:
             self.fail(f"latency_ms max ({hi:g}) is below min ({lo:g})", *where, "latency_ms")
         dist = lat.get("dist", "uniform")
         if dist not in ("uniform", "exponential"):
-            self.fail("latency_ms dist must be \"uniform\" or \"exponential\"", *where,
-                      "latency_ms")
-        loss = self._num(d, "loss", where, default=0.0, lo=0, hi=1)
-        dup = self._num(d, "duplicate", where, default=0.0, lo=0, hi=1)
-        reorder = self._num(d, "reorder", where, default=0.0, lo=0, hi=1)
-        reorder_ms = self._num(d, "reorder_ms", where, default=max(20.0, 2 * hi), lo=0)
-        mtu = self._num(d, "mtu", where, default=1472, lo=200, hi=65507)
+            self.fail('latency_ms dist must be "uniform" or "exponential"', *where, "latency_ms")
+        loss = self._num_or(d, "loss", where, 0.0, lo=0, hi=1)
+        dup = self._num_or(d, "duplicate", where, 0.0, lo=0, hi=1)
+        reorder = self._num_or(d, "reorder", where, 0.0, lo=0, hi=1)
+        reorder_ms = self._num_or(d, "reorder_ms", where, max(20.0, 2 * hi), lo=0)
+        mtu = self._num_or(d, "mtu", where, 1472, lo=200, hi=65507)
         seal = self._bool(d, "seal", where, False)
-        st = self._num(d, "stream_timeout_s", where, default=15.0, lo=0, lo_open=True)
-        link = self._num(d, "link_ms", where, default=0.0, lo=0)
-        assert None not in (loss, dup, reorder, reorder_ms, mtu, st, link)
-        return NetworkSpec(Latency(lo, hi, dist), loss, dup, reorder, reorder_ms,  # type: ignore[arg-type]
-                           int(mtu), seal, st, link)  # type: ignore[arg-type]
+        st = self._num_or(d, "stream_timeout_s", where, 15.0, lo=0, lo_open=True)
+        link = self._num_or(d, "link_ms", where, 0.0, lo=0)
+        return NetworkSpec(
+            Latency(lo, hi, dist), loss, dup, reorder, reorder_ms, int(mtu), seal, st, link
+        )
 
     def config(self, preset: str, d: Any) -> cfgmod.SwimConfig:
         if type(d) is not dict:
@@ -521,8 +651,11 @@ class _Parser:
             self.fail("each [[fault]] must be a table", *where)
         kind = d.get("kind")
         if kind not in FAULT_KINDS:
-            self.fail(f"fault 'kind' must be one of {' | '.join(FAULT_KINDS)}, got {kind!r}",
-                      *where, "kind")
+            self.fail(
+                f"fault 'kind' must be one of {' | '.join(FAULT_KINDS)}, got {kind!r}",
+                *where,
+                "kind",
+            )
         self._unknown(d, _COMMON_FAULT_KEYS | _FAULT_KEYS[kind], where, f"a '{kind}' fault")
         for k in _REQUIRED[kind]:
             if k not in d:
@@ -539,13 +672,18 @@ class _Parser:
             kw["duration_s"] = self._num(d, "duration_s", where, lo=0, lo_open=True)
         if "groups" in d:
             g = d["groups"]
-            if (type(g) is not list or len(g) < 2
-                    or any(type(x) not in (int, float) or x <= 0 for x in g)):
-                self.fail("'groups' must list at least two positive fractions, e.g. [0.5, 0.5]",
-                          *where, "groups")
+            if (
+                type(g) is not list
+                or len(g) < 2
+                or any(type(x) not in (int, float) or x <= 0 for x in g)
+            ):
+                self.fail(
+                    "'groups' must list at least two positive fractions, e.g. [0.5, 0.5]",
+                    *where,
+                    "groups",
+                )
             if abs(sum(g) - 1.0) > 1e-6:
-                self.fail(f"'groups' fractions must add up to 1, got {sum(g):g}", *where,
-                          "groups")
+                self.fail(f"'groups' fractions must add up to 1, got {sum(g):g}", *where, "groups")
             kw["groups"] = tuple(float(x) for x in g)
         if "loss" in d:
             kw["loss"] = self._num(d, "loss", where, lo=0, hi=1)
@@ -560,8 +698,7 @@ class _Parser:
             self.fail(f"'repeat' must be an integer >= 1, got {repeat!r}", *where, "repeat")
         every = self._num(d, "every_s", where, default=0.0, lo=0)
         if repeat > 1 and not every:
-            self.fail("'repeat' needs 'every_s' (seconds between repetitions)", *where,
-                      "repeat")
+            self.fail("'repeat' needs 'every_s' (seconds between repetitions)", *where, "repeat")
         over = self._num(d, "over_s", where, default=0.0, lo=0)
         if kind == "register":
             names = d["names"]
@@ -573,8 +710,16 @@ class _Parser:
                 self.fail("'prefix' must be non-empty text", *where, "prefix")
             kw["prefix"] = prefix
         assert at is not None
-        return Fault(i, self.lines.of(*where), at, kind, repeat=repeat, every_s=every or 0.0,
-                     over_s=over or 0.0, **kw)
+        return Fault(
+            i,
+            self.lines.of(*where),
+            at,
+            kind,
+            repeat=repeat,
+            every_s=every or 0.0,
+            over_s=over or 0.0,
+            **kw,
+        )
 
     def expect(self, i: int, d: Any) -> Expect:
         from peerd.sim.checks import CHECKS  # the registry lives with the checks
@@ -585,8 +730,9 @@ class _Parser:
         self._unknown(d, _EXPECT_KEYS, where, "an [[expect]]")
         check = d.get("check")
         if check not in CHECKS:
-            self.fail(f"unknown check {check!r}; known: {', '.join(sorted(CHECKS))}", *where,
-                      "check")
+            self.fail(
+                f"unknown check {check!r}; known: {', '.join(sorted(CHECKS))}", *where, "check"
+            )
         spec = CHECKS[check]
         for k in spec.needs:
             if k not in d:
@@ -600,10 +746,18 @@ class _Parser:
         return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
 
 
-_MESH_CHECKS = ("max_links_per_node", "broadcast_reliability", "broadcast_redundancy",
-                "broadcast_hops")
-_REGISTRY_CHECKS = ("registry_converged", "lost_live_entries", "stale_entries",
-                    "duplicates_after_heal")
+_MESH_CHECKS = (
+    "max_links_per_node",
+    "broadcast_reliability",
+    "broadcast_redundancy",
+    "broadcast_hops",
+)
+_REGISTRY_CHECKS = (
+    "registry_converged",
+    "lost_live_entries",
+    "stale_entries",
+    "duplicates_after_heal",
+)
 
 
 def _closest(word: str, options: set[str]) -> str | None:

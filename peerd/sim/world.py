@@ -87,8 +87,19 @@ T_HOST, T_PROC, T_SERVED, T_CTL = 0, 1, 2, 3
 class Host:
     """One machine and address: outlives the processes that run on it."""
 
-    __slots__ = ("index", "addr", "node_id", "cur", "icmp", "gen", "inc", "started", "tkind",
-                 "watchers", "peers")
+    __slots__ = (
+        "index",
+        "addr",
+        "node_id",
+        "cur",
+        "icmp",
+        "gen",
+        "inc",
+        "started",
+        "tkind",
+        "watchers",
+        "peers",
+    )
 
     def __init__(self, index: int, addr: Addr, node_id: bytes) -> None:
         self.index = index
@@ -108,9 +119,24 @@ class Host:
 class Proc:
     """One daemon process (a core plus its shell state) on a host."""
 
-    __slots__ = ("host", "node", "gen", "cur", "tkind", "paused", "backlog", "delay",
-                 "busy_until", "served", "watching", "sealer", "opener", "leaving", "mesh",
-                 "mesh_target")
+    __slots__ = (
+        "host",
+        "node",
+        "gen",
+        "cur",
+        "tkind",
+        "paused",
+        "backlog",
+        "delay",
+        "busy_until",
+        "served",
+        "watching",
+        "sealer",
+        "opener",
+        "leaving",
+        "mesh",
+        "mesh_target",
+    )
 
     def __init__(self, host: Host, node: Node, gen: int) -> None:
         self.host = host
@@ -260,8 +286,7 @@ def stats3(values: list[float]) -> dict[str, float | None]:
         return {"median": None, "p99": None, "max": None}
     s = sorted(values)
     p99 = s[max(0, math.ceil(0.99 * len(s)) - 1)]
-    return {"median": round(statistics.median(s), 3), "p99": round(p99, 3),
-            "max": round(s[-1], 3)}
+    return {"median": round(statistics.median(s), 3), "p99": round(p99, 3), "max": round(s[-1], 3)}
 
 
 def node_id_for(seed: int, index: int) -> bytes:
@@ -274,8 +299,9 @@ def addr_for(index: int) -> Addr:
 
 
 class World:
-    def __init__(self, scenario: Scenario, *,
-                 progress: Callable[[World], None] | None = None) -> None:
+    def __init__(
+        self, scenario: Scenario, *, progress: Callable[[World], None] | None = None
+    ) -> None:
         self.sc = scenario
         self.cfg = scenario.config
         self.progress = progress
@@ -308,8 +334,11 @@ class World:
         self.blocks: list[tuple[frozenset[int], frozenset[int]]] = []
         self.node_loss: dict[int, float] = {}
         self.netfaults = False
-        self._keyring = sealmod.Keyring([random.Random(f"peerd-sim-key:{scenario.seed}")
-                                         .randbytes(32)]) if self.seal else None
+        self._keyring = (
+            sealmod.Keyring([random.Random(f"peerd-sim-key:{scenario.seed}").randbytes(32)])
+            if self.seal
+            else None
+        )
         self.streams: dict[int, Stream] = {}
         self._sid = 0
         # ground truth and views
@@ -332,11 +361,29 @@ class World:
         secs = int(math.ceil(scenario.duration_s)) + 1
         self.rec.per_second = [[0, 0, 0, 0] for _ in range(secs)]
         self.rec.running_per_second = [0.0] * secs
-        self.counts: dict[str, int] = dict.fromkeys((
-            "events", "datagrams", "datagrams_delivered", "dropped_loss", "dropped_partition",
-            "dropped_mtu", "dropped_unknown_addr", "dropped_backlog", "duplicated",
-            "unreachable_hints", "link_closed_hints", "streams", "streams_failed",
-            "seal_rejected", "member_events", "joins_ok", "joins_failed", "restarts"), 0)
+        self.counts: dict[str, int] = dict.fromkeys(
+            (
+                "events",
+                "datagrams",
+                "datagrams_delivered",
+                "dropped_loss",
+                "dropped_partition",
+                "dropped_mtu",
+                "dropped_unknown_addr",
+                "dropped_backlog",
+                "duplicated",
+                "unreachable_hints",
+                "link_closed_hints",
+                "streams",
+                "streams_failed",
+                "seal_rejected",
+                "member_events",
+                "joins_ok",
+                "joins_failed",
+                "restarts",
+            ),
+            0,
+        )
         self._cur_sec: list[int] = self.rec.per_second[0]
         self._cur_sec_i = 0
         self.reg = RegistryWorld(self, scenario.registry) if scenario.registry else None
@@ -385,8 +432,10 @@ class World:
     def setup(self) -> None:
         sc = self.sc
         k = sc.start_count()
-        states = [MemberState(h.node_id, f"n{h.index}", h.addr, 0, 1, (), Status.ALIVE)
-                  for h in self.hosts[:k]]
+        states = [
+            MemberState(h.node_id, f"n{h.index}", h.addr, 0, 1, (), Status.ALIVE)
+            for h in self.hosts[:k]
+        ]
         snap = shared.Snapshot(states)
         row = bytearray(self.n)
         row[:k] = b"\x01" * k  # V_ALIVE
@@ -489,8 +538,13 @@ class World:
         if inp.__class__ is PacketIn:
             # Nothing listens there. A live host answers with ICMP port unreachable.
             src = self.by_addr.get(inp.src)
-            if host.icmp and host.started and src is not None and src.cur is not None \
-                    and not self._blocked(host.index, src.index):
+            if (
+                host.icmp
+                and host.started
+                and src is not None
+                and src.cur is not None
+                and not self._blocked(host.index, src.index)
+            ):
                 self.counts["unreachable_hints"] += 1
                 self._push(t + self._latency(), src.cur, Unreachable(host.addr))
 
@@ -583,12 +637,16 @@ class World:
     def _open_stream(self, proc: Proc, o: OpenStream, t: float) -> None:
         self.counts["streams"] += 1
         host = self.by_addr.get(o.dst)
-        if host is None or self._blocked(proc.host.index, host.index) or (
-                host.cur is None and not (host.icmp and host.started)):
+        if (
+            host is None
+            or self._blocked(proc.host.index, host.index)
+            or (host.cur is None and not (host.icmp and host.started))
+        ):
             # Nobody answers the SYN: the connect times out.
             self.counts["streams_failed"] += 1
-            self._push(t + min(5.0, self.stream_timeout), proc,
-                       StreamFailed(o.stream, "connect_timeout"))
+            self._push(
+                t + min(5.0, self.stream_timeout), proc, StreamFailed(o.stream, "connect_timeout")
+            )
             return
         if host.cur is None:
             self.counts["streams_failed"] += 1
@@ -824,15 +882,25 @@ class World:
             pos = nxt
         self._last_ns_t = t
 
-    def _start_proc(self, host: Host, preload: shared.Snapshot | None = None,
-                    seeds: tuple[Addr, ...] = (), row: bytearray | None = None) -> Proc:
+    def _start_proc(
+        self,
+        host: Host,
+        preload: shared.Snapshot | None = None,
+        seeds: tuple[Addr, ...] = (),
+        row: bytearray | None = None,
+    ) -> Proc:
         t = self.now
         host.gen += 1
         gen = host.gen
-        node = Node(node_id=host.node_id, name=f"n{host.index}", addr=host.addr,
-                    config=self.cfg,
-                    rng=random.Random(f"peerd-sim-node:{self.sc.seed}:{host.index}:{gen}"),
-                    incarnation=host.inc, generation=gen)
+        node = Node(
+            node_id=host.node_id,
+            name=f"n{host.index}",
+            addr=host.addr,
+            config=self.cfg,
+            rng=random.Random(f"peerd-sim-node:{self.sc.seed}:{host.index}:{gen}"),
+            incarnation=host.inc,
+            generation=gen,
+        )
         if row is None:
             row = bytearray(self.n)
         if preload is not None:
@@ -842,8 +910,9 @@ class World:
         if self.seal:
             assert self._keyring is not None
             nonce_rng = random.Random(f"peerd-sim-nonce:{self.sc.seed}:{host.index}:{gen}")
-            proc.sealer = sealmod.Sealer(self._keyring, host.node_id, gen,
-                                         nonce_source=nonce_rng.randbytes)
+            proc.sealer = sealmod.Sealer(
+                self._keyring, host.node_id, gen, nonce_source=nonce_rng.randbytes
+            )
             proc.opener = sealmod.Opener(self._keyring)
         host.cur = proc
         host.started = True
@@ -851,8 +920,9 @@ class World:
         self._account(t)
         self.running += 1
         self._set_truth(host.index, True, t)
-        self._observer_on(host.index, row, t,
-                          exact_alive=self.sc.start_count() - 1 if preload is not None else -1)
+        self._observer_on(
+            host.index, row, t, exact_alive=self.sc.start_count() - 1 if preload is not None else -1
+        )
         if self.reg is not None:
             self.reg.observer_on(host.index, preload is not None and self.reg.spec.preload, t)
         if self.mesh is not None:
@@ -893,8 +963,7 @@ class World:
                     del self.streams[sid]
                     self.counts["streams_failed"] += 1
                     if st.opener.cur is not None:
-                        self._push(t + self._latency(), st.opener,
-                                   StreamFailed(st.stream, "reset"))
+                        self._push(t + self._latency(), st.opener, StreamFailed(st.stream, "reset"))
         return proc
 
     # --- faults -------------------------------------------------------------------------
@@ -921,8 +990,9 @@ class World:
     def _fault_fn(self, f: Fault, rep: int, t: float) -> Callable[[], None]:
         return lambda: self._apply_fault(f, rep, t)
 
-    def _spread(self, f: Fault, rng: random.Random, targets: list[int],
-                fn: Callable[[int], None]) -> None:
+    def _spread(
+        self, f: Fault, rng: random.Random, targets: list[int], fn: Callable[[int], None]
+    ) -> None:
         if f.over_s and len(targets) > 1:
             order = list(targets)
             rng.shuffle(order)
@@ -1115,10 +1185,12 @@ class World:
         self.rec.impairments.append(imp)
         self.open_impair.setdefault(i, []).append(imp)
         if end is not None:
+
             def done() -> None:
                 proc.delay = 0.0
                 if proc.cur is not None and self.subj_wrong[i] == 0 and imp.cleared_s is None:
                     imp.cleared_s = 0.0
+
             self.at(end, done)
 
     # --- measuring ----------------------------------------------------------------------
@@ -1136,12 +1208,22 @@ class World:
         sn = [self.susp_n[i] for i in obs] or [0]
         dn = [self.down_n[i] for i in obs] or [0]
         # self is not in the views: +1 so that "alive" counts the observer too
-        self.rec.timeline.append((
-            round(self.now, 6), self.running, self.wrong,
-            sum(an) / k + 1, min(an) + 1, max(an) + 1,
-            sum(sn) / k, min(sn), max(sn),
-            sum(dn) / k, min(dn), max(dn),
-        ))
+        self.rec.timeline.append(
+            (
+                round(self.now, 6),
+                self.running,
+                self.wrong,
+                sum(an) / k + 1,
+                min(an) + 1,
+                max(an) + 1,
+                sum(sn) / k,
+                min(sn),
+                max(sn),
+                sum(dn) / k,
+                min(dn),
+                max(dn),
+            )
+        )
         if self.progress is not None:
             self.progress(self)
 

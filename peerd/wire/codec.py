@@ -222,17 +222,26 @@ def _member_out(m: Any) -> list[Any]:
 def _reg_entry_out(e: Any) -> list[Any]:
     if type(e) is not RegEntry or type(e.kind) is not RegKind:
         _bad_out(f"registry entries must be RegEntry, got {e!r}")
-    return [_uint_out(e.eid, "eid"), int(e.kind), _text_out(e.scope, "scope", MAX_SCOPE_BYTES),
-            _text_out(e.name, "registry name", MAX_REG_NAME_BYTES),
-            _uint_out(e.claimed_ms, "claimed_ms"), _uint_out(e.pid, "pid"), _uint_out(e.uid, "uid"),
-            _tags_out(e.meta)]
+    return [
+        _uint_out(e.eid, "eid"),
+        int(e.kind),
+        _text_out(e.scope, "scope", MAX_SCOPE_BYTES),
+        _text_out(e.name, "registry name", MAX_REG_NAME_BYTES),
+        _uint_out(e.claimed_ms, "claimed_ms"),
+        _uint_out(e.pid, "pid"),
+        _uint_out(e.uid, "uid"),
+        _tags_out(e.meta),
+    ]
 
 
 def _reg_change_out(c: Any) -> list[Any]:
     if type(c) is not RegChange:
         _bad_out(f"registry changes must be RegChange, got {c!r}")
-    return [_uint_out(c.version, "version"), _uint_out(c.eid, "eid"),
-            None if c.entry is None else _reg_entry_out(c.entry)]
+    return [
+        _uint_out(c.version, "version"),
+        _uint_out(c.eid, "eid"),
+        None if c.entry is None else _reg_entry_out(c.entry),
+    ]
 
 
 def _reg_item_out(item: Any) -> list[Any]:
@@ -277,8 +286,14 @@ def _gossip_out(m: Gossip) -> list[Any]:
         _bad_out(f"gossip channel must be a Channel, got {m.channel!r}")
     if type(m.payload) is not bytes or len(m.payload) > MAX_GOSSIP_PAYLOAD_BYTES:
         _bad_out(f"gossip payload must be bytes of at most {MAX_GOSSIP_PAYLOAD_BYTES}")
-    return [Gossip.TYPE, _msg_id_out(m.id), _node_out(m.origin, "origin"),
-            _uint_out(m.round, "round"), int(m.channel), m.payload]
+    return [
+        Gossip.TYPE,
+        _msg_id_out(m.id),
+        _node_out(m.origin, "origin"),
+        _uint_out(m.round, "round"),
+        int(m.channel),
+        m.payload,
+    ]
 
 
 def _control_out(m: GossipControl) -> list[Any]:
@@ -308,22 +323,41 @@ def to_cbor_obj(msg: Message) -> list[Any]:
         case Ping(seq, target):
             return [Ping.TYPE, _uint_out(seq, "seq"), _node_out(target, "target")]
         case PingReq(seq, target, target_addr, nack):
-            return [PingReq.TYPE, _uint_out(seq, "seq"), _node_out(target, "target"),
-                    _addr_out(target_addr), _bool_out(nack, "nack")]
+            return [
+                PingReq.TYPE,
+                _uint_out(seq, "seq"),
+                _node_out(target, "target"),
+                _addr_out(target_addr),
+                _bool_out(nack, "nack"),
+            ]
         case Ack(seq):
             return [Ack.TYPE, _uint_out(seq, "seq")]
         case Nack(seq):
             return [Nack.TYPE, _uint_out(seq, "seq")]
         case Alive(node, name, addr, inc, gen, tags):
-            return [Alive.TYPE, _node_out(node, "node"), _text_out(name, "name", MAX_NAME_BYTES),
-                    _addr_out(addr), _uint_out(inc, "incarnation"),
-                    _uint_out(gen, "generation"), _tags_out(tags)]
+            return [
+                Alive.TYPE,
+                _node_out(node, "node"),
+                _text_out(name, "name", MAX_NAME_BYTES),
+                _addr_out(addr),
+                _uint_out(inc, "incarnation"),
+                _uint_out(gen, "generation"),
+                _tags_out(tags),
+            ]
         case Suspect(node, inc, sender):
-            return [Suspect.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation"),
-                    _node_out(sender, "sender")]
+            return [
+                Suspect.TYPE,
+                _node_out(node, "node"),
+                _uint_out(inc, "incarnation"),
+                _node_out(sender, "sender"),
+            ]
         case Dead(node, inc, sender):
-            return [Dead.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation"),
-                    _node_out(sender, "sender")]
+            return [
+                Dead.TYPE,
+                _node_out(node, "node"),
+                _uint_out(inc, "incarnation"),
+                _node_out(sender, "sender"),
+            ]
         case Left(node, inc):
             return [Left.TYPE, _node_out(node, "node"), _uint_out(inc, "incarnation")]
         case Died(node, inc):
@@ -346,27 +380,42 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(bits) is not int or not 0 <= bits <= MAX_SYNC_BITS:
                 _bad_out(f"sync rows bits must be 0..{MAX_SYNC_BITS}, got {bits!r}")
             if type(buckets) is not tuple or any(
-                    type(b) is not int or not 0 <= b < 1 << bits for b in buckets):
+                type(b) is not int or not 0 <= b < 1 << bits for b in buckets
+            ):
                 _bad_out(f"sync rows buckets must be a tuple of ints below {1 << bits}")
             if type(members) is not tuple:
                 _bad_out(f"sync rows members must be a tuple, got {members!r}")
             return [SyncRows.TYPE, bits, list(buckets), [_member_out(m) for m in members]]
         case RegDelta(origin, gen, base, top, changes, ack):
-            return [RegDelta.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
-                    _uint_out(base, "base"), _uint_out(top, "top"),
-                    [_reg_change_out(c) for c in _tuple_out(changes, "changes")],
-                    _bool_out(ack, "ack")]
+            return [
+                RegDelta.TYPE,
+                _node_out(origin, "origin"),
+                _uint_out(gen, "generation"),
+                _uint_out(base, "base"),
+                _uint_out(top, "top"),
+                [_reg_change_out(c) for c in _tuple_out(changes, "changes")],
+                _bool_out(ack, "ack"),
+            ]
         case RegSnapshot(origin, gen, version, entries):
-            return [RegSnapshot.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
-                    _uint_out(version, "version"),
-                    [_reg_entry_out(e) for e in _tuple_out(entries, "entries")]]
+            return [
+                RegSnapshot.TYPE,
+                _node_out(origin, "origin"),
+                _uint_out(gen, "generation"),
+                _uint_out(version, "version"),
+                [_reg_entry_out(e) for e in _tuple_out(entries, "entries")],
+            ]
         case RegSync(digest, items, bits, buckets, hashes):
             rows = []
             for r in _tuple_out(digest, "digest"):
                 if type(r) is not RegDigestRow:
                     _bad_out(f"digest rows must be RegDigestRow, got {r!r}")
-                rows.append([_node_out(r.origin, "origin"), _uint_out(r.generation, "generation"),
-                             _uint_out(r.version, "version")])
+                rows.append(
+                    [
+                        _node_out(r.origin, "origin"),
+                        _uint_out(r.generation, "generation"),
+                        _uint_out(r.version, "version"),
+                    ]
+                )
             out = [RegSync.TYPE, rows, [_reg_item_out(i) for i in _tuple_out(items, "items")]]
             if bits == -1 and not buckets and not hashes:
                 return out
@@ -375,13 +424,16 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(hashes) is not bytes or (hashes and len(hashes) != 4 << bits):
                 _bad_out("reg-sync hashes must be 4 bytes per bucket")
             b = list(_tuple_out(buckets, "buckets"))
-            if any(type(x) is not int or not 0 <= x < 1 << bits for x in b) \
-                    or b != sorted(set(b)):
+            if any(type(x) is not int or not 0 <= x < 1 << bits for x in b) or b != sorted(set(b)):
                 _bad_out("reg-sync buckets must be distinct, ascending and below 2**bits")
             return [*out, bits, b, hashes]
         case RegAck(origin, gen, version):
-            return [RegAck.TYPE, _node_out(origin, "origin"), _uint_out(gen, "generation"),
-                    _uint_out(version, "version")]
+            return [
+                RegAck.TYPE,
+                _node_out(origin, "origin"),
+                _uint_out(gen, "generation"),
+                _uint_out(version, "version"),
+            ]
         case MeshJoin(joiner):
             return [MeshJoin.TYPE, _peer_out(joiner, "joiner")]
         case ForwardJoin(joiner, ttl):
@@ -404,12 +456,17 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(kind) is not RegKind:
                 _bad_out(f"name-msg kind must be a RegKind, got {kind!r}")
             if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
-                _bad_out(f"name-msg payload must be bytes of at most "
-                         f"{MAX_NAME_MSG_PAYLOAD_BYTES}")
-            return [NameMsg.TYPE, _uint_out(seq, "seq"), int(kind),
-                    _text_out(scope, "scope", MAX_SCOPE_BYTES),
-                    _text_out(name, "name", MAX_REG_NAME_BYTES), _uint_out(eid, "eid"),
-                    _text_out(sender, "sender", MAX_REG_NAME_BYTES), payload]
+                _bad_out(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
+            return [
+                NameMsg.TYPE,
+                _uint_out(seq, "seq"),
+                int(kind),
+                _text_out(scope, "scope", MAX_SCOPE_BYTES),
+                _text_out(name, "name", MAX_REG_NAME_BYTES),
+                _uint_out(eid, "eid"),
+                _text_out(sender, "sender", MAX_REG_NAME_BYTES),
+                payload,
+            ]
         case NameReply(seq, status):
             if type(status) is not NameStatus:
                 _bad_out(f"name-reply status must be a NameStatus, got {status!r}")
@@ -509,10 +566,12 @@ def _tags_in(v: Any) -> Tags:
         _bad(f"more than {MAX_TAGS} tags")
     if not v:
         return ()
-    return tuple(sorted(
-        (_text(k, "tag key", MAX_TAG_KEY_BYTES), _text(val, "tag value", MAX_TAG_VALUE_BYTES))
-        for k, val in v.items()
-    ))
+    return tuple(
+        sorted(
+            (_text(k, "tag key", MAX_TAG_KEY_BYTES), _text(val, "tag value", MAX_TAG_VALUE_BYTES))
+            for k, val in v.items()
+        )
+    )
 
 
 def _fields(obj: list[Any], n: int, name: str) -> list[Any]:
@@ -528,9 +587,15 @@ def _member_in(v: Any) -> MemberState:
     node, name, addr, inc, gen, tags, status = v[:7]
     if type(status) is not int or status not in _STATUS_VALUES:
         _bad("member status must be 0..3")
-    return MemberState(_node_id(node), _text(name, "name", MAX_NAME_BYTES), _addr_in(addr),
-                       _uint(inc, "incarnation"), _uint(gen, "generation"), _tags_in(tags),
-                       Status(status))
+    return MemberState(
+        _node_id(node),
+        _text(name, "name", MAX_NAME_BYTES),
+        _addr_in(addr),
+        _uint(inc, "incarnation"),
+        _uint(gen, "generation"),
+        _tags_in(tags),
+        Status(status),
+    )
 
 
 def _ping_in(obj: list[Any]) -> Message:
@@ -540,8 +605,9 @@ def _ping_in(obj: list[Any]) -> Message:
 
 def _ping_req_in(obj: list[Any]) -> Message:
     seq, target, addr, nack = _fields(obj, 4, "ping-req")
-    return PingReq(_uint(seq, "seq"), _node_id(target, "target"), _addr_in(addr),
-                   _bool(nack, "nack"))
+    return PingReq(
+        _uint(seq, "seq"), _node_id(target, "target"), _addr_in(addr), _bool(nack, "nack")
+    )
 
 
 def _ack_in(obj: list[Any]) -> Message:
@@ -556,8 +622,14 @@ def _nack_in(obj: list[Any]) -> Message:
 
 def _alive_in(obj: list[Any]) -> Message:
     node, name, addr, inc, gen, tags = _fields(obj, 6, "alive")
-    return Alive(_node_id(node), _text(name, "name", MAX_NAME_BYTES), _addr_in(addr),
-                 _uint(inc, "incarnation"), _uint(gen, "generation"), _tags_in(tags))
+    return Alive(
+        _node_id(node),
+        _text(name, "name", MAX_NAME_BYTES),
+        _addr_in(addr),
+        _uint(inc, "incarnation"),
+        _uint(gen, "generation"),
+        _tags_in(tags),
+    )
 
 
 def _suspect_in(obj: list[Any]) -> Message:
@@ -604,8 +676,11 @@ def _sync_digest_in(obj: list[Any]) -> Message:
 def _sync_rows_in(obj: list[Any]) -> Message:
     bits, buckets, members = _fields(obj, 3, "sync-rows")
     bits = _sync_bits(bits)
-    if type(buckets) is not list or len(buckets) > 1 << MAX_SYNC_BITS or any(
-            type(b) is not int or not 0 <= b < 1 << bits for b in buckets):
+    if (
+        type(buckets) is not list
+        or len(buckets) > 1 << MAX_SYNC_BITS
+        or any(type(b) is not int or not 0 <= b < 1 << bits for b in buckets)
+    ):
         _bad("sync rows buckets must be an array of bucket numbers below 2**bits")
     if type(members) is not list:
         _bad("sync rows members must be an array")
@@ -632,9 +707,16 @@ def _reg_entry_in(v: Any) -> RegEntry:
     eid, kind, scope, name, claimed, pid, uid, meta = v[:8]
     if type(kind) is not int or kind not in (0, 1):
         _bad("registry entry kind must be 0 or 1")
-    return RegEntry(_uint(eid, "eid"), RegKind(kind), _text(scope, "scope", MAX_SCOPE_BYTES),
-                    _text(name, "registry name", MAX_REG_NAME_BYTES), _uint(claimed, "claimed_ms"),
-                    _uint(pid, "pid"), _uint(uid, "uid"), _tags_in(meta))
+    return RegEntry(
+        _uint(eid, "eid"),
+        RegKind(kind),
+        _text(scope, "scope", MAX_SCOPE_BYTES),
+        _text(name, "registry name", MAX_REG_NAME_BYTES),
+        _uint(claimed, "claimed_ms"),
+        _uint(pid, "pid"),
+        _uint(uid, "uid"),
+        _tags_in(meta),
+    )
 
 
 def _reg_change_in(v: Any) -> RegChange:
@@ -653,16 +735,24 @@ def _reg_delta_in(obj: list[Any]) -> Message:
     b, t = _uint(base, "base"), _uint(top, "top")
     if t < b:
         _bad("reg-delta top below base")
-    return RegDelta(_node_id(origin, "origin"), _uint(gen, "generation"), b, t,
-                    tuple(_reg_change_in(c) for c in _array(changes, "changes")),
-                    _bool(ack, "ack"))
+    return RegDelta(
+        _node_id(origin, "origin"),
+        _uint(gen, "generation"),
+        b,
+        t,
+        tuple(_reg_change_in(c) for c in _array(changes, "changes")),
+        _bool(ack, "ack"),
+    )
 
 
 def _reg_snapshot_in(obj: list[Any]) -> Message:
     origin, gen, version, entries = _fields(obj, 4, "reg-snapshot")
-    return RegSnapshot(_node_id(origin, "origin"), _uint(gen, "generation"),
-                       _uint(version, "version"),
-                       tuple(_reg_entry_in(e) for e in _array(entries, "entries")))
+    return RegSnapshot(
+        _node_id(origin, "origin"),
+        _uint(gen, "generation"),
+        _uint(version, "version"),
+        tuple(_reg_entry_in(e) for e in _array(entries, "entries")),
+    )
 
 
 def _reg_sync_in(obj: list[Any]) -> Message:
@@ -685,8 +775,11 @@ def _reg_sync_in(obj: list[Any]) -> Message:
         r = _array(r, "digest row")
         if len(r) < 3:
             _bad("digest row needs 3 fields")
-        rows.append(RegDigestRow(_node_id(r[0], "origin"), _uint(r[1], "generation"),
-                                 _uint(r[2], "version")))
+        rows.append(
+            RegDigestRow(
+                _node_id(r[0], "origin"), _uint(r[1], "generation"), _uint(r[2], "version")
+            )
+        )
     out: list[RegDelta | RegSnapshot] = []
     for item in _array(items, "items"):
         msg = from_cbor_obj(item)
@@ -772,8 +865,9 @@ def _gossip_in(obj: list[Any]) -> Message:
         _bad("gossip channel must be 0..2")
     if type(payload) is not bytes or len(payload) > MAX_GOSSIP_PAYLOAD_BYTES:
         _bad(f"gossip payload must be bytes of at most {MAX_GOSSIP_PAYLOAD_BYTES}")
-    return Gossip(_msg_id(mid), _node_id(origin, "origin"), _uint(rnd, "round"),
-                  Channel(channel), payload)
+    return Gossip(
+        _msg_id(mid), _node_id(origin, "origin"), _uint(rnd, "round"), Channel(channel), payload
+    )
 
 
 def _gossip_control_in(obj: list[Any]) -> Message:
@@ -792,8 +886,7 @@ def _gossip_control_in(obj: list[Any]) -> Message:
         if len(i) < 2:
             _bad("ihave entry needs 2 fields")
         items.append(IHave(_msg_id(i[0]), _uint(i[1], "round")))
-    return GossipControl(tuple(items), tuple(_msg_id(w, "wanted id") for w in want),
-                         TreeLink(link))
+    return GossipControl(tuple(items), tuple(_msg_id(w, "wanted id") for w in want), TreeLink(link))
 
 
 def _name_msg_in(obj: list[Any]) -> Message:
@@ -802,9 +895,15 @@ def _name_msg_in(obj: list[Any]) -> Message:
         _bad("name-msg kind must be 0..1")
     if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
         _bad(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
-    return NameMsg(_uint(seq, "seq"), RegKind(kind), _text(scope, "scope", MAX_SCOPE_BYTES),
-                   _text(name, "name", MAX_REG_NAME_BYTES), _uint(eid, "eid"),
-                   _text(sender, "sender", MAX_REG_NAME_BYTES), payload)
+    return NameMsg(
+        _uint(seq, "seq"),
+        RegKind(kind),
+        _text(scope, "scope", MAX_SCOPE_BYTES),
+        _text(name, "name", MAX_REG_NAME_BYTES),
+        _uint(eid, "eid"),
+        _text(sender, "sender", MAX_REG_NAME_BYTES),
+        payload,
+    )
 
 
 def _name_reply_in(obj: list[Any]) -> Message:
@@ -866,8 +965,31 @@ def _reject_tag(*_args: Any) -> NoReturn:
 
 # Tags cbor2 would otherwise turn into Python objects (some costly: rationals,
 # bigfloats, regexes, shared references). Other tags reach the tag hook.
-_BUILTIN_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
-                 1004, 43000, 55799)
+_BUILTIN_TAGS = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    25,
+    28,
+    29,
+    30,
+    35,
+    36,
+    37,
+    52,
+    54,
+    100,
+    256,
+    258,
+    260,
+    261,
+    1004,
+    43000,
+    55799,
+)
 _DECODER_OPTIONS: dict[str, Any] = {
     "tag_hook": _reject_tag,
     "semantic_decoders": {t: _reject_tag for t in _BUILTIN_TAGS},

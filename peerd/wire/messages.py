@@ -465,21 +465,68 @@ class NameReply:
 
 
 Message = (
-    Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Left | PushPull | SyncDigest | SyncRows
-    | Died | DiedRef
-    | RegDelta | RegSnapshot | RegSync | RegAck
-    | MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
-    | Gossip | GossipControl
-    | NameMsg | NameReply
+    Ping
+    | PingReq
+    | Ack
+    | Nack
+    | Alive
+    | Suspect
+    | Dead
+    | Left
+    | PushPull
+    | SyncDigest
+    | SyncRows
+    | Died
+    | DiedRef
+    | RegDelta
+    | RegSnapshot
+    | RegSync
+    | RegAck
+    | MeshJoin
+    | ForwardJoin
+    | Neighbor
+    | NeighborReply
+    | Disconnect
+    | Shuffle
+    | ShuffleReply
+    | Gossip
+    | GossipControl
+    | NameMsg
+    | NameReply
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, Left, PushPull,
-                              SyncDigest, SyncRows, Died, DiedRef, RegDelta, RegSnapshot, RegSync,
-                              RegAck,
-                              MeshJoin, ForwardJoin, Neighbor, NeighborReply, Disconnect,
-                              Shuffle, ShuffleReply, Gossip, GossipControl, NameMsg,
-                              NameReply)
+    cls.TYPE: cls
+    for cls in (
+        Ping,
+        PingReq,
+        Ack,
+        Nack,
+        Alive,
+        Suspect,
+        Dead,
+        Left,
+        PushPull,
+        SyncDigest,
+        SyncRows,
+        Died,
+        DiedRef,
+        RegDelta,
+        RegSnapshot,
+        RegSync,
+        RegAck,
+        MeshJoin,
+        ForwardJoin,
+        Neighbor,
+        NeighborReply,
+        Disconnect,
+        Shuffle,
+        ShuffleReply,
+        Gossip,
+        GossipControl,
+        NameMsg,
+        NameReply,
+    )
 }
 
 

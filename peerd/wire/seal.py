@@ -161,7 +161,7 @@ def parse_key(text: str) -> bytes:
         if _b64_len(s) == KEY_BYTES:
             hint = f" (it looks like bare base64: add the {KEY_PREFIX!r} prefix)"
         raise KeyFormatError(f"a key must start with {KEY_PREFIX!r}{hint}")
-    body = s[len(KEY_PREFIX):]
+    body = s[len(KEY_PREFIX) :]
     try:
         key = base64.b64decode(body.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error):
@@ -307,8 +307,9 @@ class Keyring:
 
     def _rebuild(self, keys: builtins.list[bytes]) -> None:
         # Reuse the AEAD objects of keys we keep: building one costs a key schedule.
-        reusable = {k: (kid, self._ciphers[kid]) for k, kid in zip(self._keys, self._ids,
-                                                                     strict=True)}
+        reusable = {
+            k: (kid, self._ciphers[kid]) for k, kid in zip(self._keys, self._ids, strict=True)
+        }
         ids: builtins.list[bytes] = []
         ciphers: dict[bytes, ChaCha20Poly1305] = {}
         for k in keys:
@@ -449,13 +450,13 @@ class Opener:
                 raise SealError("encrypted_rejected", "sealed packet but no keys configured")
             if n < SEALED_OVERHEAD:
                 raise SealError("malformed", "shorter than a sealed envelope")
-            kid = bytes(data[1:_HEADER_SEALED - NONCE_BYTES])
+            kid = bytes(data[1 : _HEADER_SEALED - NONCE_BYTES])
             cipher = self._keyring._cipher(kid)
             if cipher is None:
                 raise SealError("unknown_key", f"key id {kid.hex()}")
             header = bytes(data[:_HEADER_SEALED])
             try:
-                inner = cipher.decrypt(header[1 + KEY_ID_BYTES:], data[_HEADER_SEALED:], header)
+                inner = cipher.decrypt(header[1 + KEY_ID_BYTES :], data[_HEADER_SEALED:], header)
             except InvalidTag:
                 raise SealError("auth_failed") from None
         elif version == VERSION_PLAIN:
@@ -470,7 +471,7 @@ class Opener:
             raise SealError("malformed", f"unknown version {version}")
         sender, epoch, counter = _INNER.unpack_from(inner)
         self._check_replay(sender, epoch, counter)
-        return sender, inner[_INNER.size:]
+        return sender, inner[_INNER.size :]
 
     def _check_replay(self, sender: bytes, epoch: int, counter: int) -> None:
         senders = self._senders

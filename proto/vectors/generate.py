@@ -22,12 +22,36 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-KIND = {1: "ping", 2: "ping-req", 3: "ack", 4: "nack", 5: "alive", 6: "suspect", 7: "dead",
-        8: "left", 9: "push-pull", 11: "sync-digest", 12: "sync-rows", 13: "died",
-        14: "died-ref", 20: "reg-delta", 21: "reg-snapshot", 22: "reg-sync",
-        23: "reg-ack", 30: "mesh-join", 31: "forward-join", 32: "neighbor", 33: "neighbor-reply",
-        34: "disconnect", 35: "shuffle", 36: "shuffle-reply", 37: "gossip", 38: "gossip-control",
-        39: "name-msg", 40: "name-reply"}
+KIND = {
+    1: "ping",
+    2: "ping-req",
+    3: "ack",
+    4: "nack",
+    5: "alive",
+    6: "suspect",
+    7: "dead",
+    8: "left",
+    9: "push-pull",
+    11: "sync-digest",
+    12: "sync-rows",
+    13: "died",
+    14: "died-ref",
+    20: "reg-delta",
+    21: "reg-snapshot",
+    22: "reg-sync",
+    23: "reg-ack",
+    30: "mesh-join",
+    31: "forward-join",
+    32: "neighbor",
+    33: "neighbor-reply",
+    34: "disconnect",
+    35: "shuffle",
+    36: "shuffle-reply",
+    37: "gossip",
+    38: "gossip-control",
+    39: "name-msg",
+    40: "name-reply",
+}
 
 
 def describe(value: Any) -> Any:
@@ -125,29 +149,42 @@ def message_vectors() -> dict[str, Any]:
         ("nack", Nack(65535)),
         ("alive", Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, tags)),
         ("alive-empty", Alive(c, "", ("::", 0), 0, 0, ())),
-        ("alive-unicode-ipv4-mapped", Alive(b, "nœud-é", ("::ffff:192.0.2.9", 65535),
-                                            u64_max, 1, (("ключ", "значение"),))),
+        (
+            "alive-unicode-ipv4-mapped",
+            Alive(b, "nœud-é", ("::ffff:192.0.2.9", 65535), u64_max, 1, (("ключ", "значение"),)),
+        ),
         ("suspect", Suspect(b, 4, a)),
         ("dead", Dead(b, 5, c)),
         ("died", Died(b, 5)),
         ("died-ref", DiedRef(b[:8], 5)),
         ("left", Left(a, 6)),
         ("push-pull-empty", PushPull(False, ())),
-        ("push-pull-join", PushPull(True, (
-            MemberState(a, "web-1", ("192.0.2.1", 7946), 3, 17, (("dc", "par1"),),
-                        Status.ALIVE),
-            MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
-            MemberState(c, "db-1", ("192.0.2.3", 7946), 1, 1, (), Status.DEAD),
-            MemberState(a[::-1], "db-2", ("192.0.2.4", 7947), 0, 4, (), Status.LEFT),
-        ))),
+        (
+            "push-pull-join",
+            PushPull(
+                True,
+                (
+                    MemberState(
+                        a, "web-1", ("192.0.2.1", 7946), 3, 17, (("dc", "par1"),), Status.ALIVE
+                    ),
+                    MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
+                    MemberState(c, "db-1", ("192.0.2.3", 7946), 1, 1, (), Status.DEAD),
+                    MemberState(a[::-1], "db-2", ("192.0.2.4", 7947), 0, 4, (), Status.LEFT),
+                ),
+            ),
+        ),
         ("sync-digest", SyncDigest(2, bytes.fromhex("00000000deadbeef0badf00d00000001"))),
         ("sync-rows-buckets", SyncRows(2, (1, 2), ())),
-        ("sync-rows-members", SyncRows(2, (1,), (
-            MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),
-        ))),
+        (
+            "sync-rows-members",
+            SyncRows(
+                2, (1,), (MemberState(b, "web-2", ("2001:db8::2", 7946), 9, 2, (), Status.SUSPECT),)
+            ),
+        ),
     ]
-    svc = RegEntry(1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000,
-                   (("role", "primary"),))
+    svc = RegEntry(
+        1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000, (("role", "primary"),)
+    )
     grp = RegEntry(2, RegKind.GROUP, "jobs", "workers", 1763769600123, 4243, 1000, ())
     delta = RegDelta(a, 3, 4, 6, (RegChange(5, 1, svc), RegChange(6, 2, None)), True)
     snap = RegSnapshot(b, 1, 9, (svc, grp))
@@ -185,31 +222,45 @@ def message_vectors() -> dict[str, Any]:
         ("gossip-control-ihave", GossipControl((IHave(m1, 2), IHave(m2, 3)), (), TreeLink.KEEP)),
         ("gossip-control-graft", GossipControl((), (m1,), TreeLink.EAGER)),
         ("gossip-control-prune", GossipControl((), (), TreeLink.LAZY)),
-        ("name-msg", NameMsg(7, RegKind.NAME, "default", "db-primary", 12, "web-1",
-                             b"ping")),
+        ("name-msg", NameMsg(7, RegKind.NAME, "default", "db-primary", 12, "web-1", b"ping")),
         ("name-msg-group", NameMsg(2**40, RegKind.GROUP, "jobs", "workers", 3, "", b"")),
         ("name-reply-delivered", NameReply(7, NameStatus.DELIVERED)),
         ("name-reply-not-found", NameReply(8, NameStatus.NOT_FOUND)),
         ("name-reply-mailbox-full", NameReply(9, NameStatus.MAILBOX_FULL)),
         ("name-reply-refused", NameReply(10, NameStatus.REFUSED)),
     ]
-    messages = [{"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
-                for name, m in named]
+    messages = [
+        {"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
+        for name, m in named
+    ]
 
-    packet: list[Message] = [Ping(7, a), Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ()),
-                             Suspect(b, 4, a)]
+    packet: list[Message] = [
+        Ping(7, a),
+        Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ()),
+        Suspect(b, 4, a),
+    ]
     # A newer peer's datagram: one message with an appended field, one unknown type.
-    newer = codec.pack([
-        bytes.fromhex("8303") + bytes.fromhex("0a") + bytes.fromhex("63") + b"new",
-        bytes.fromhex("820a00"),
-        codec.encode(Left(a, 6)),
-    ])
+    newer = codec.pack(
+        [
+            bytes.fromhex("8303") + bytes.fromhex("0a") + bytes.fromhex("63") + b"new",
+            bytes.fromhex("820a00"),
+            codec.encode(Left(a, 6)),
+        ]
+    )
     datagrams: list[dict[str, Any]] = [
-        {"name": "three-messages", "messages": [describe(m) for m in packet],
-         "errors": [], "cbor_hex": codec.pack([codec.encode(m) for m in packet]).hex()},
+        {
+            "name": "three-messages",
+            "messages": [describe(m) for m in packet],
+            "errors": [],
+            "cbor_hex": codec.pack([codec.encode(m) for m in packet]).hex(),
+        },
         {"name": "empty", "messages": [], "errors": [], "cbor_hex": codec.pack([]).hex()},
-        {"name": "from-a-newer-peer", "messages": [describe(Ack(10)), describe(Left(a, 6))],
-         "errors": ["unknown_type"], "cbor_hex": newer.hex()},
+        {
+            "name": "from-a-newer-peer",
+            "messages": [describe(Ack(10)), describe(Left(a, 6))],
+            "errors": ["unknown_type"],
+            "cbor_hex": newer.hex(),
+        },
     ]
     for d in datagrams:  # the generator checks itself before writing anything
         msgs, errs = codec.decode_packet(bytes.fromhex(d["cbor_hex"]))
@@ -223,8 +274,11 @@ def message_vectors() -> dict[str, Any]:
         ("truncated", ping[:-2], "bad_cbor"),
         ("cbor-tag", "c1" + ping, "bad_cbor"),
         ("indefinite-array", "9f0301ff", "bad_cbor"),
-        ("duplicate-tag-key", "87 05 50" + a.hex() + "60 82 44c0000201 00 00 00 a2 6161 60 6161 60",
-         "bad_cbor"),
+        (
+            "duplicate-tag-key",
+            "87 05 50" + a.hex() + "60 82 44c0000201 00 00 00 a2 6161 60 6161 60",
+            "bad_cbor",
+        ),
         ("not-an-array", "a0", "not_message"),
         ("empty-array", "80", "not_message"),
         ("text-type", "8263616b6301", "not_message"),
@@ -235,16 +289,31 @@ def message_vectors() -> dict[str, Any]:
         ("seq-is-bool", "8203f5", "bad_field"),
         ("short-node-id", "8301014f" + a.hex()[:30], "bad_field"),
         ("ip-5-bytes", "85 02 01 50" + a.hex() + "82 45 c000020100 01 f4", "bad_field"),
-        ("bad-status", "83 09 f4 81 87 50" + a.hex() + "60 82 44c0000201 00 00 00 a0 04",
-         "bad_field"),
-        ("name-256-bytes", "87 05 50" + a.hex() + "79 0100" + "61" * 256
-         + "82 44c0000201 00 00 00 a0", "bad_field"),
-        ("forward-join-ttl-256", "83 181f 82 50" + a.hex() + "82 44c0000201 00 190100",
-         "bad_field"),
-        ("gossip-unknown-channel", "86 1825 50" + m1.hex() + "50" + a.hex() + "01 03 40",
-         "bad_field"),
-        ("gossip-short-id", "86 1825 4f" + m1.hex()[:30] + "50" + a.hex() + "01 00 40",
-         "bad_field"),
+        (
+            "bad-status",
+            "83 09 f4 81 87 50" + a.hex() + "60 82 44c0000201 00 00 00 a0 04",
+            "bad_field",
+        ),
+        (
+            "name-256-bytes",
+            "87 05 50" + a.hex() + "79 0100" + "61" * 256 + "82 44c0000201 00 00 00 a0",
+            "bad_field",
+        ),
+        (
+            "forward-join-ttl-256",
+            "83 181f 82 50" + a.hex() + "82 44c0000201 00 190100",
+            "bad_field",
+        ),
+        (
+            "gossip-unknown-channel",
+            "86 1825 50" + m1.hex() + "50" + a.hex() + "01 03 40",
+            "bad_field",
+        ),
+        (
+            "gossip-short-id",
+            "86 1825 4f" + m1.hex()[:30] + "50" + a.hex() + "01 00 40",
+            "bad_field",
+        ),
         ("gossip-control-unknown-link", "84 1826 80 80 03", "bad_field"),
         ("mesh-join-missing-peer", "81 181e", "bad_arity"),
     ]
@@ -276,22 +345,33 @@ def seal_vectors(ping_packet: bytes) -> dict[str, Any]:
     key = bytes(range(32))
     other_key = bytes(range(32, 64))
     sender = bytes(range(0x10, 0x20))
-    def sealed(name: str, epoch: int, counter: int, payload: bytes,
-               nonce: bytes) -> dict[str, Any]:
+
+    def sealed(name: str, epoch: int, counter: int, payload: bytes, nonce: bytes) -> dict[str, Any]:
         s = seal.Sealer(seal.Keyring([key]), sender, epoch, lambda n: nonce, counter=counter)
-        return {"name": name, "sender_id_hex": sender.hex(), "epoch": epoch, "counter": counter,
-                "nonce_hex": nonce.hex(), "payload_hex": payload.hex(),
-                "envelope_hex": s.seal(payload).hex()}
+        return {
+            "name": name,
+            "sender_id_hex": sender.hex(),
+            "epoch": epoch,
+            "counter": counter,
+            "nonce_hex": nonce.hex(),
+            "payload_hex": payload.hex(),
+            "envelope_hex": s.seal(payload).hex(),
+        }
 
     def plain(name: str, epoch: int, counter: int, payload: bytes) -> dict[str, Any]:
         s = seal.Sealer(seal.Keyring(), sender, epoch, counter=counter)
-        return {"name": name, "sender_id_hex": sender.hex(), "epoch": epoch, "counter": counter,
-                "payload_hex": payload.hex(), "envelope_hex": s.seal(payload).hex()}
+        return {
+            "name": name,
+            "sender_id_hex": sender.hex(),
+            "epoch": epoch,
+            "counter": counter,
+            "payload_hex": payload.hex(),
+            "envelope_hex": s.seal(payload).hex(),
+        }
 
     sealed_vectors = [
         sealed("ping-datagram", 7, 0, ping_packet, bytes(range(0xA0, 0xAC))),
-        sealed("empty-payload-large-counter", 4294967295, 2**40 + 5, b"",
-               bytes(range(0xB0, 0xBC))),
+        sealed("empty-payload-large-counter", 4294967295, 2**40 + 5, b"", bytes(range(0xB0, 0xBC))),
     ]
     plain_vectors = [plain("ping-datagram", 7, 0, ping_packet)]
 
@@ -305,12 +385,21 @@ def seal_vectors(ping_packet: bytes) -> dict[str, Any]:
         ("unknown-key-id", "keyed", good[:1] + other_id + good[5:], "unknown_key"),
         ("truncated", "keyed", good[: seal.SEALED_OVERHEAD - 1], "malformed"),
         ("unknown-version", "keyed", b"\x03" + good[1:], "malformed"),
-        ("plaintext-to-keyed", "keyed", bytes.fromhex(plain_vectors[0]["envelope_hex"]),
-         "plaintext_rejected"),
+        (
+            "plaintext-to-keyed",
+            "keyed",
+            bytes.fromhex(plain_vectors[0]["envelope_hex"]),
+            "plaintext_rejected",
+        ),
         ("sealed-to-plaintext", "plaintext", good, "encrypted_rejected"),
-        ("plaintext-with-key-id", "plaintext",
-         bytes.fromhex(plain_vectors[0]["envelope_hex"])[:1] + other_id
-         + bytes.fromhex(plain_vectors[0]["envelope_hex"])[5:], "malformed"),
+        (
+            "plaintext-with-key-id",
+            "plaintext",
+            bytes.fromhex(plain_vectors[0]["envelope_hex"])[:1]
+            + other_id
+            + bytes.fromhex(plain_vectors[0]["envelope_hex"])[5:],
+            "malformed",
+        ),
     ]
     rejected_out = []
     for name, mode, data, reason in rejected:
@@ -321,8 +410,9 @@ def seal_vectors(ping_packet: bytes) -> dict[str, Any]:
             assert err.reason == reason, (name, err)
         else:
             raise AssertionError(f"{name} opened")
-        rejected_out.append({"name": name, "mode": mode, "envelope_hex": data.hex(),
-                             "reason": reason})
+        rejected_out.append(
+            {"name": name, "mode": mode, "envelope_hex": data.hex(), "reason": reason}
+        )
 
     return {
         "description": "peerd envelope (proto/wire.cddl section 2). sealed: with 'key' and "
@@ -374,32 +464,56 @@ def api_vectors() -> dict[str, Any]:
 
     a = bytes.fromhex("a1a2a3a4a5a6a7a8a9aaabacadaeafb0")
     b = bytes.fromhex("b1b2b3b4b5b6b7b8b9babbbcbdbebfc0")
-    web1 = MemberInfo(a, "web-1", ("192.0.2.1", 7950), Status.ALIVE, 3, 17,
-                      (("role", "web"), ("zone", "eu-west-1b")))
+    web1 = MemberInfo(
+        a,
+        "web-1",
+        ("192.0.2.1", 7950),
+        Status.ALIVE,
+        3,
+        17,
+        (("role", "web"), ("zone", "eu-west-1b")),
+    )
     db1 = MemberInfo(b, "db-1", ("2001:db8::7", 7950), Status.SUSPECT, 0, 2, ())
-    primary = RegEntry(1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000,
-                       (("role", "primary"),))
+    primary = RegEntry(
+        1, RegKind.NAME, "default", "db-primary", 1763769600000, 4242, 1000, (("role", "primary"),)
+    )
     late = RegEntry(9, RegKind.NAME, "default", "db-primary", 1763769600250, 77, 0, ())
     worker = RegEntry(2, RegKind.GROUP, "jobs", "workers", 1763769601000, 4243, 1000, ())
     key = seal.format_key(bytes(range(32)))
 
     out: list[dict[str, Any]] = []
 
-    def add(name: str, frame: Request | Response | Event, rule: str,
-            parts: dict[str, str] | None = None) -> None:
-        out.append({"name": name, "rule": rule, "parts": parts or {},
-                    "frame_hex": encode_frame(frame).hex()})
+    def add(
+        name: str, frame: Request | Response | Event, rule: str, parts: dict[str, str] | None = None
+    ) -> None:
+        out.append(
+            {
+                "name": name,
+                "rule": rule,
+                "parts": parts or {},
+                "frame_hex": encode_frame(frame).hex(),
+            }
+        )
 
-    def request(name: str, op: str, args: dict[str, Any] | None = None,
-                args_rule: str | None = None) -> None:
-        add(name, Request(len(out) + 1, op, args or {}), "client-frame",
-            {"args": args_rule} if args_rule else None)
+    def request(
+        name: str, op: str, args: dict[str, Any] | None = None, args_rule: str | None = None
+    ) -> None:
+        add(
+            name,
+            Request(len(out) + 1, op, args or {}),
+            "client-frame",
+            {"args": args_rule} if args_rule else None,
+        )
 
     # Requests: one per op, with every optional argument somewhere.
     request("status", "status")
     request("members", "members")
-    request("set-tags", "set-tags", {"tags": {"role": "web", "old": None}, "replace": False},
-            "set-tags-args")
+    request(
+        "set-tags",
+        "set-tags",
+        {"tags": {"role": "web", "old": None}, "replace": False},
+        "set-tags-args",
+    )
     request("leave", "leave")
     request("join", "join", {"addrs": ["192.0.2.7:7950", "[2001:db8::1]:7950"]}, "join-args")
     request("keys-list", "keys.list")
@@ -409,89 +523,171 @@ def api_vectors() -> dict[str, Any]:
     request("watch", "watch", {"topics": ["members", "registry", "events"]}, "watch-args")
     request("unwatch", "unwatch", {"stream": 10}, "unwatch-args")
     request("register", "register", {"name": "db-primary"}, "register-args")
-    request("register-settled", "register",
-            {"name": "db-primary", "scope": "default", "meta": {"role": "primary"},
-             "wait": "settled", "timeout_s": 2.5}, "register-args")
-    request("unregister", "unregister", {"name": "db-primary", "scope": "default"},
-            "unregister-args")
-    request("update-name", "update", {"name": "db-primary", "meta": {"role": "replica"}},
-            "update-args")
-    request("update-group", "update", {"group": "workers", "scope": "jobs", "meta": {}},
-            "update-args")
+    request(
+        "register-settled",
+        "register",
+        {
+            "name": "db-primary",
+            "scope": "default",
+            "meta": {"role": "primary"},
+            "wait": "settled",
+            "timeout_s": 2.5,
+        },
+        "register-args",
+    )
+    request(
+        "unregister", "unregister", {"name": "db-primary", "scope": "default"}, "unregister-args"
+    )
+    request(
+        "update-name", "update", {"name": "db-primary", "meta": {"role": "replica"}}, "update-args"
+    )
+    request(
+        "update-group", "update", {"group": "workers", "scope": "jobs", "meta": {}}, "update-args"
+    )
     request("lookup", "lookup", {"name": "db-primary"}, "lookup-args")
-    request("list", "list", {"scope": "default", "prefix": "db-", "after": ["default", "db-a"],
-                             "limit": 100}, "list-args")
-    request("group-join", "group.join", {"group": "workers", "scope": "jobs",
-                                         "meta": {"slots": "4"}}, "group-join-args")
-    request("group-leave", "group.leave", {"group": "workers", "scope": "jobs"},
-            "group-leave-args")
-    request("group-members", "group.members", {"group": "workers", "scope": "jobs",
-                                               "limit": 10}, "group-members-args")
+    request(
+        "list",
+        "list",
+        {"scope": "default", "prefix": "db-", "after": ["default", "db-a"], "limit": 100},
+        "list-args",
+    )
+    request(
+        "group-join",
+        "group.join",
+        {"group": "workers", "scope": "jobs", "meta": {"slots": "4"}},
+        "group-join-args",
+    )
+    request("group-leave", "group.leave", {"group": "workers", "scope": "jobs"}, "group-leave-args")
+    request(
+        "group-members",
+        "group.members",
+        {"group": "workers", "scope": "jobs", "limit": 10},
+        "group-members-args",
+    )
     request("groups", "groups", {"scope": "jobs"}, "groups-args")
     request("event", "event", {"name": "deploy", "payload": b"v1.2.3"}, "event-args")
     request("event-text", "event", {"name": "reload"}, "event-args")
     request("send-name", "send", {"name": "db-primary", "payload": "hello"}, "send-args")
-    request("send-group-all", "send", {"group": "workers", "scope": "jobs", "all": True,
-                                       "payload": b"\x00\x01"}, "send-args")
+    request(
+        "send-group-all",
+        "send",
+        {"group": "workers", "scope": "jobs", "all": True, "payload": b"\x00\x01"},
+        "send-args",
+    )
 
     # Responses, with the result built as the daemon builds it.
     def ok(name: str, result: Any, result_rule: str) -> None:
-        add(name, Response.success(len(out) + 1, result), "server-frame",
-            {"result": result_rule})
+        add(name, Response.success(len(out) + 1, result), "server-frame", {"result": result_rule})
 
     ok("status-result", status_to_wire(web1, 0, [web1, db1], version="0.1.0"), "status-result")
     ok("members-result", [member_to_wire(web1), member_to_wire(db1)], "members-result")
     ok("set-tags-result", {"role": "web"}, "set-tags-result")
     ok("join-result", {"ok": 1, "failed": 1}, "join-result")
-    ok("keys-list-result", [{"id": seal.key_id(bytes(range(32))).hex(), "primary": True}],
-       "keys-list-result")
+    ok(
+        "keys-list-result",
+        [{"id": seal.key_id(bytes(range(32))).hex(), "primary": True}],
+        "keys-list-result",
+    )
     ok("register-result", reg_entry_to_wire(a, primary, web1), "register-result")
-    ok("register-settled-result",
-       {**reg_entry_to_wire(a, primary, web1), "settled": True, "won": True},
-       "register-result")
+    ok(
+        "register-settled-result",
+        {**reg_entry_to_wire(a, primary, web1), "settled": True, "won": True},
+        "register-result",
+    )
     ok("lookup-result", reg_entry_to_wire(b, primary), "lookup-result")
-    ok("list-result", {"entries": [reg_entry_to_wire(a, primary, web1)], "more": False},
-       "list-result")
-    ok("group-members-result", {"entries": [reg_entry_to_wire(a, worker)], "more": True},
-       "group-members-result")
-    ok("groups-result", {"groups": [{"scope": "jobs", "group": "workers", "members": 3}],
-                         "more": False}, "groups-result")
+    ok(
+        "list-result",
+        {"entries": [reg_entry_to_wire(a, primary, web1)], "more": False},
+        "list-result",
+    )
+    ok(
+        "group-members-result",
+        {"entries": [reg_entry_to_wire(a, worker)], "more": True},
+        "group-members-result",
+    )
+    ok(
+        "groups-result",
+        {"groups": [{"scope": "jobs", "group": "workers", "members": 3}], "more": False},
+        "groups-result",
+    )
     ok("event-result", {"id": bytes(range(16)).hex()}, "event-result")
     ok("send-result", {"delivered": 1}, "send-result")
-    ok("send-all-result", {"delivered": 2, "failed": [
-        {"node": b.hex(), "code": "unavailable", "message": "mailbox full"}]}, "send-result")
+    ok(
+        "send-all-result",
+        {
+            "delivered": 2,
+            "failed": [{"node": b.hex(), "code": "unavailable", "message": "mailbox full"}],
+        },
+        "send-result",
+    )
     ok("empty-result", {}, "watch-result")
-    add("error", Response.failure(len(out) + 1, "conflict", "name 'db-primary' is held"),
-        "server-frame")
+    add(
+        "error",
+        Response.failure(len(out) + 1, "conflict", "name 'db-primary' is held"),
+        "server-frame",
+    )
     add("bad-frame", Response.failure(None, "bad_frame", "not CBOR"), "server-frame")
 
     # Events, as the daemon fans them out.
-    def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]],
-              rule: str) -> None:
+    def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]], rule: str) -> None:
         add(name, Event(stream, kind_and_data[0], kind_and_data[1]), rule)
 
-    event("member-joined", 10, member_event_to_wire(MemberEvent(EventKind.JOINED, web1)),
-          "member-event")
-    event("member-name-conflict", 10,
-          member_event_to_wire(MemberEvent(EventKind.NAME_CONFLICT, db1, web1)), "member-event")
-    event("registry-registered", 10,
-          registry_event_to_wire(RegistryEvent(RegEventKind.REGISTERED, a, primary)),
-          "registry-event")
-    event("registry-conflict", 10,
-          registry_event_to_wire(RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary)),
-                                 {a: web1}.get), "registry-event")
-    event("connection-conflict", 0,
-          registry_event_to_wire(RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary))),
-          "connection-event")
-    event("user-event", 10, ("user", user_event_to_wire(bytes(range(16)), a, "deploy",
-                                                         b"v1.2.3", "web-1")), "user-event")
-    event("message", 0, ("message", message_event_to_wire("caller-1", b, RegKind.NAME,
-                                                           "default", "db-primary", b"hello")),
-          "message-event")
-    event("message-anonymous", 0, ("message", message_event_to_wire(
-        None, b, RegKind.GROUP, "jobs", "workers", b"")), "message-event")
-    event("end", 10, ("end", {"code": "unavailable", "message": "watcher fell behind"}),
-          "end-event")
+    event(
+        "member-joined",
+        10,
+        member_event_to_wire(MemberEvent(EventKind.JOINED, web1)),
+        "member-event",
+    )
+    event(
+        "member-name-conflict",
+        10,
+        member_event_to_wire(MemberEvent(EventKind.NAME_CONFLICT, db1, web1)),
+        "member-event",
+    )
+    event(
+        "registry-registered",
+        10,
+        registry_event_to_wire(RegistryEvent(RegEventKind.REGISTERED, a, primary)),
+        "registry-event",
+    )
+    event(
+        "registry-conflict",
+        10,
+        registry_event_to_wire(
+            RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary)), {a: web1}.get
+        ),
+        "registry-event",
+    )
+    event(
+        "connection-conflict",
+        0,
+        registry_event_to_wire(RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary))),
+        "connection-event",
+    )
+    event(
+        "user-event",
+        10,
+        ("user", user_event_to_wire(bytes(range(16)), a, "deploy", b"v1.2.3", "web-1")),
+        "user-event",
+    )
+    event(
+        "message",
+        0,
+        (
+            "message",
+            message_event_to_wire("caller-1", b, RegKind.NAME, "default", "db-primary", b"hello"),
+        ),
+        "message-event",
+    )
+    event(
+        "message-anonymous",
+        0,
+        ("message", message_event_to_wire(None, b, RegKind.GROUP, "jobs", "workers", b"")),
+        "message-event",
+    )
+    event(
+        "end", 10, ("end", {"code": "unavailable", "message": "watcher fell behind"}), "end-event"
+    )
 
     return {
         "description": "peerd local API frames (proto/api.cddl). frame_hex is one whole frame "
@@ -537,8 +733,13 @@ def main(argv: list[str]) -> int:
         old = path.read_text(encoding="utf-8") if path.exists() else ""
         if old != text:
             stale += 1
-            diff = difflib.unified_diff(old.splitlines(True), text.splitlines(True),
-                                        f"{name} (committed)", f"{name} (generated)", n=1)
+            diff = difflib.unified_diff(
+                old.splitlines(True),
+                text.splitlines(True),
+                f"{name} (committed)",
+                f"{name} (generated)",
+                n=1,
+            )
             sys.stdout.writelines(list(diff)[:200])
     if check:
         print(f"vectors: {len(files)} files, {stale} differ from the generator")

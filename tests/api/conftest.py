@@ -25,10 +25,24 @@ from peerd.shell.api_server import ApiServer, Connection, EventItem, serve_api
 NODE_ID = "00112233445566778899aabbccddeeff"
 
 MEMBERS: list[dict[str, Any]] = [
-    {"name": "alpha", "id": NODE_ID, "addr": "10.0.0.1:7946", "status": "alive",
-     "incarnation": 3, "generation": 1, "tags": {"role": "db", "dc": "eu"}},
-    {"name": "beta", "id": "ff" * 16, "addr": "[fd00::2]:7946", "status": "suspect",
-     "incarnation": 1, "generation": 4, "tags": {}},
+    {
+        "name": "alpha",
+        "id": NODE_ID,
+        "addr": "10.0.0.1:7946",
+        "status": "alive",
+        "incarnation": 3,
+        "generation": 1,
+        "tags": {"role": "db", "dc": "eu"},
+    },
+    {
+        "name": "beta",
+        "id": "ff" * 16,
+        "addr": "[fd00::2]:7946",
+        "status": "suspect",
+        "incarnation": 1,
+        "generation": 4,
+        "tags": {},
+    },
 ]
 
 
@@ -52,10 +66,16 @@ class FakeBackend:
         self.calls.append((conn, op, args))
         match op:
             case "status":
-                return {"name": "alpha", "id": NODE_ID, "addr": "10.0.0.1:7946",
-                        "incarnation": 3, "generation": 1, "health": 0,
-                        "members": {"alive": 1, "suspect": 1, "dead": 0, "left": 0},
-                        "version": "0.1.0"}
+                return {
+                    "name": "alpha",
+                    "id": NODE_ID,
+                    "addr": "10.0.0.1:7946",
+                    "incarnation": 3,
+                    "generation": 1,
+                    "health": 0,
+                    "members": {"alive": 1, "suspect": 1, "dead": 0, "left": 0},
+                    "version": "0.1.0",
+                }
             case "members":
                 return MEMBERS
             case "set-tags":
@@ -95,8 +115,9 @@ class FakeBackend:
                 return "x" * 2_000_000
         raise ApiError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
 
-    def watch(self, conn: Connection, topics: Sequence[str]) -> trio.MemoryReceiveChannel[
-            EventItem]:
+    def watch(
+        self, conn: Connection, topics: Sequence[str]
+    ) -> trio.MemoryReceiveChannel[EventItem]:
         for topic in topics:
             if topic != "members":
                 raise ApiError(ErrorCode.BAD_ARGS, f"unknown topic {topic!r}")

@@ -38,18 +38,40 @@ async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, 
 def test_format_members_table() -> None:
     lines = cli.format_members(list(reversed(MEMBERS))).splitlines()
     assert lines[0].split() == ["NAME", "ID", "ADDRESS", "STATUS", "INC", "TAGS"]
-    assert lines[1].split() == ["alpha", NODE_ID[:8], "10.0.0.1:7946", "alive", "3",
-                                "dc=eu,role=db"]
+    assert lines[1].split() == [
+        "alpha",
+        NODE_ID[:8],
+        "10.0.0.1:7946",
+        "alive",
+        "3",
+        "dc=eu,role=db",
+    ]
     assert lines[2].split() == ["beta", "ffffffff", "[fd00::2]:7946", "suspect", "1", "-"]
     # Columns line up: every row has its address at the same offset.
-    assert len({line.index(cell) for line, cell in zip(lines, ["ADDRESS", "10.0", "[fd00"],
-                                                       strict=True)}) == 1
+    assert (
+        len(
+            {
+                line.index(cell)
+                for line, cell in zip(lines, ["ADDRESS", "10.0", "[fd00"], strict=True)
+            }
+        )
+        == 1
+    )
 
 
 def test_format_status() -> None:
-    text = cli.format_status({"name": "a", "id": NODE_ID, "addr": "1.2.3.4:5", "incarnation": 2,
-                              "generation": 7, "health": 0, "version": "1",
-                              "members": {"alive": 3, "dead": 1}})
+    text = cli.format_status(
+        {
+            "name": "a",
+            "id": NODE_ID,
+            "addr": "1.2.3.4:5",
+            "incarnation": 2,
+            "generation": 7,
+            "health": 0,
+            "version": "1",
+            "members": {"alive": 3, "dead": 1},
+        }
+    )
     assert "members      3 alive, 0 suspect, 1 dead, 0 left" in text
     assert "health       0 (healthy)" in text
     assert "leaving" not in text
@@ -77,14 +99,22 @@ def test_tag_assignment_parsing() -> None:
 def test_resolve_join_addrs() -> None:
     def resolver(host: str, port: int | None, **kw: Any) -> list[tuple[Any, ...]]:
         assert host == "db.example" and kw["type"] == socket.SOCK_DGRAM
-        return [(socket.AF_INET, 0, 0, "", ("10.0.0.5", port or 0)),
-                (socket.AF_INET6, 0, 0, "", ("fd00::5", port or 0, 0, 0)),
-                (socket.AF_INET, 0, 0, "", ("10.0.0.5", port or 0))]
+        return [
+            (socket.AF_INET, 0, 0, "", ("10.0.0.5", port or 0)),
+            (socket.AF_INET6, 0, 0, "", ("fd00::5", port or 0, 0, 0)),
+            (socket.AF_INET, 0, 0, "", ("10.0.0.5", port or 0)),
+        ]
 
     assert cli.resolve_join_addrs(["1.2.3.4:5", "[::1]:6", "10.0.0.9", "::2"], resolver) == [
-        "1.2.3.4:5", "[::1]:6", "10.0.0.9", "::2"]
+        "1.2.3.4:5",
+        "[::1]:6",
+        "10.0.0.9",
+        "::2",
+    ]
     assert cli.resolve_join_addrs(["db.example:7950"], resolver) == [
-        "10.0.0.5:7950", "[fd00::5]:7950"]
+        "10.0.0.5:7950",
+        "[fd00::5]:7950",
+    ]
     assert cli.resolve_join_addrs(["db.example"], resolver) == ["10.0.0.5", "[fd00::5]"]
     for bad in ["db.example:x", "[::1", "1.2.3.4:99999"]:
         with pytest.raises(cli.CliError) as info:
@@ -122,8 +152,9 @@ async def test_status(server: ApiServer, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0 and json.loads(out)["members"]["suspect"] == 1
 
 
-async def test_tags(server: ApiServer, backend: FakeBackend,
-                    capsys: pytest.CaptureFixture[str]) -> None:
+async def test_tags(
+    server: ApiServer, backend: FakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ["--api-socket", str(server.path)]
     code, out, _ = await run_cli(capsys, "tags", "set", "zone=b", "role=web", *sock)
     assert code == 0 and out == "dc=eu\nrole=web\nzone=b\n"
@@ -137,8 +168,9 @@ async def test_tags(server: ApiServer, backend: FakeBackend,
     assert code == 1 and err.count("\n") == 1 and "(bad_args)" in err
 
 
-async def test_join_and_leave(server: ApiServer, backend: FakeBackend,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+async def test_join_and_leave(
+    server: ApiServer, backend: FakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ["--api-socket", str(server.path)]
     code, out, _ = await run_cli(capsys, "join", "10.0.0.2:7950", "192.0.2.1:7950", *sock)
     assert code == 0 and out == "joined: 1 answered, 1 failed\n"
@@ -150,8 +182,12 @@ async def test_join_and_leave(server: ApiServer, backend: FakeBackend,
     assert code == 0 and backend.left
 
 
-async def test_keys(server: ApiServer, backend: FakeBackend,
-                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_keys(
+    server: ApiServer,
+    backend: FakeBackend,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     sock = ["--api-socket", str(server.path)]
     code, out, _ = await run_cli(capsys, "keys", "list", *sock)
     assert code == 0 and out.splitlines()[1].split() == ["k1", "primary"]
@@ -172,8 +208,9 @@ def test_keys_generate(capsys: pytest.CaptureFixture[str]) -> None:
     seal.parse_key(line)  # what install accepts
 
 
-async def test_watch(server: ApiServer, backend: FakeBackend,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+async def test_watch(
+    server: ApiServer, backend: FakeBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def feed() -> None:
         await backend.watch_registered.wait()
         backend.emit("joined", MEMBERS[1])
@@ -184,8 +221,7 @@ async def test_watch(server: ApiServer, backend: FakeBackend,
         backend.watch_registered = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(feed)
-            code, out, err = await run_cli(capsys, "watch", *flag, "--api-socket",
-                                           str(server.path))
+            code, out, err = await run_cli(capsys, "watch", *flag, "--api-socket", str(server.path))
         lines = out.splitlines()
         assert code == 0 and len(lines) == 2 and "ended the stream" in err
         if flag:
@@ -198,12 +234,14 @@ async def test_daemon_unreachable(sock_dir: str, capsys: pytest.CaptureFixture[s
     path = os.path.join(sock_dir, "none.sock")
     code, out, err = await run_cli(capsys, "members", "--api-socket", path)
     assert code == 3 and out == ""
-    assert err == (f"peerd members: peerd is not running at {path}? "
-                   "(connect: No such file or directory)\n")
+    assert err == (
+        f"peerd members: peerd is not running at {path}? (connect: No such file or directory)\n"
+    )
 
 
-async def test_socket_from_environment(server: ApiServer, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_socket_from_environment(
+    server: ApiServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PEERD_API_SOCKET", str(server.path))
     code, out, _ = await run_cli(capsys, "status", "--json")
     assert code == 0 and json.loads(out)["name"] == "alpha"
@@ -247,8 +285,7 @@ def test_agent_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == {"bind": "1.2.3.4:5"}
 
 
-def test_agent_missing(monkeypatch: pytest.MonkeyPatch,
-                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_agent_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(cli, "_import_agent", lambda: None)
     assert cli.main(["agent"]) == 1
     assert "not available" in capsys.readouterr().err

@@ -28,9 +28,13 @@ async def test_call_and_errors(server: ApiServer) -> None:
         async with Client(server.path) as client:
             assert await client.call("members") == MEMBERS
             assert await client.call("set-tags", tags={"dc": None, "x": "1"}) == {
-                "role": "db", "x": "1"}
+                "role": "db",
+                "x": "1",
+            }
             assert await client.request("join", {"addrs": ["10.0.0.2:7946", "192.0.2.1:1"]}) == {
-                "ok": 1, "failed": 1}
+                "ok": 1,
+                "failed": 1,
+            }
             with pytest.raises(ApiError) as info:
                 await client.call("nope")
             assert info.value.code == "unknown_op"
@@ -39,8 +43,9 @@ async def test_call_and_errors(server: ApiServer) -> None:
             assert info.value.code == "internal" and "kaboom" in info.value.message
 
 
-async def test_concurrent_calls_share_one_connection(server: ApiServer,
-                                                     backend: FakeBackend) -> None:
+async def test_concurrent_calls_share_one_connection(
+    server: ApiServer, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with Client(server.path) as client:
             results: list[str] = []
@@ -58,16 +63,19 @@ async def test_concurrent_calls_share_one_connection(server: ApiServer,
             assert len(server.connections) == 1
 
 
-async def test_watch_iterates_and_unwatches_on_exit(server: ApiServer,
-                                                    backend: FakeBackend) -> None:
+async def test_watch_iterates_and_unwatches_on_exit(
+    server: ApiServer, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with Client(server.path) as client:
             async with client.watch(["members"]) as events:
                 assert backend.emit("joined", MEMBERS[0]) == 1
                 backend.emit("dead", MEMBERS[1])
                 got = [await events.__anext__(), await events.__anext__()]
-                assert got == [Event(events.stream or 0, "joined", MEMBERS[0]),
-                               Event(events.stream or 0, "dead", MEMBERS[1])]
+                assert got == [
+                    Event(events.stream or 0, "joined", MEMBERS[0]),
+                    Event(events.stream or 0, "dead", MEMBERS[1]),
+                ]
             await client.call("status")  # the unwatch went out before this
             await trio.testing.wait_all_tasks_blocked()
             assert backend.emit("left", MEMBERS[0]) == 0
@@ -101,8 +109,9 @@ async def test_watch_bad_topic(server: ApiServer) -> None:
             assert client._streams == {}
 
 
-async def test_slow_watcher_overflows_without_blocking_calls(server: ApiServer,
-                                                             backend: FakeBackend) -> None:
+async def test_slow_watcher_overflows_without_blocking_calls(
+    server: ApiServer, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with Client(server.path, watch_buffer=2) as client, client.watch() as events:
             for i in range(5):
@@ -115,8 +124,9 @@ async def test_slow_watcher_overflows_without_blocking_calls(server: ApiServer,
                 await events.__anext__()
 
 
-async def test_connection_lost_wakes_pending_calls(nursery: trio.Nursery, sock_path: str,
-                                                   backend: FakeBackend) -> None:
+async def test_connection_lost_wakes_pending_calls(
+    nursery: trio.Nursery, sock_path: str, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         server_scope = trio.CancelScope()
 
@@ -191,8 +201,9 @@ async def test_blocking_client(server: ApiServer, backend: FakeBackend) -> None:
     assert names == ["joined:alpha", "suspect:beta"]
 
 
-async def test_blocking_client_watch_error_and_close(server: ApiServer,
-                                                     backend: FakeBackend) -> None:
+async def test_blocking_client_watch_error_and_close(
+    server: ApiServer, backend: FakeBackend
+) -> None:
     path = server.path
 
     def scenario() -> str:

@@ -31,9 +31,20 @@ TIMEOUT = 30  # virtual seconds (mock clock)
 
 def message(i: int, size: int = 1) -> bytes:
     payload = bytes([i % 256]) * size
-    return encode_frame(Event(0, "message", {
-        "from": str(i), "from_node": "00" * 16, "kind": "name", "scope": "default",
-        "name": "db", "payload": payload}))
+    return encode_frame(
+        Event(
+            0,
+            "message",
+            {
+                "from": str(i),
+                "from_node": "00" * 16,
+                "kind": "name",
+                "scope": "default",
+                "name": "db",
+                "payload": payload,
+            },
+        )
+    )
 
 
 def counted(*frames: bytes) -> int:
@@ -66,7 +77,8 @@ async def payloads(client: Client, n: int) -> list[int]:
 
 
 async def test_unread_messages_do_not_hold_up_answers(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     daemon = Daemon(theirs)
     async with Client(stream=ours, max_messages=2) as client:
@@ -88,7 +100,8 @@ async def test_unread_messages_do_not_hold_up_answers(
 
 
 async def test_past_max_messages_an_idle_client_stops_reading(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     async with Client(stream=ours, max_messages=3) as client:
         await theirs.send_all(b"".join(message(i) for i in range(4)))
@@ -103,7 +116,8 @@ async def test_past_max_messages_an_idle_client_stops_reading(
 
 
 async def test_past_max_message_bytes_calls_fail_until_messages_are_read(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     daemon = Daemon(theirs)
     bound = counted(message(0, 60)) + 1  # one message fits, two do not
@@ -132,7 +146,8 @@ async def test_past_max_message_bytes_calls_fail_until_messages_are_read(
 
 
 async def test_a_watch_keeps_the_client_reading_up_to_the_byte_bound(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     daemon = Daemon(theirs)
     bound = counted(message(0, 10), message(1, 10)) + 1
@@ -174,20 +189,24 @@ def test_blocking_client_bounds_unread_messages(unix_pair: tuple[str, socket.soc
         daemon, _ = listener.accept()
         with daemon:
             daemon.settimeout(TIMEOUT)
-            daemon.sendall(message(0, 60) + message(1, 60)
-                           + encode_frame(Response.success(1, "status")))
+            daemon.sendall(
+                message(0, 60) + message(1, 60) + encode_frame(Response.success(1, "status"))
+            )
             with pytest.raises(MessagesNotRead):  # the answer waits behind them, unread
                 client.call("status")
             with pytest.raises(MessagesNotRead):
                 client.call("status")
-            assert [client.receive_message(0).data["payload"][0]  # type: ignore[union-attr]
-                    for _ in range(2)] == [0, 1]
+            assert [
+                client.receive_message(0).data["payload"][0]  # type: ignore[union-attr]
+                for _ in range(2)
+            ] == [0, 1]
             daemon.sendall(encode_frame(Response.success(2, "second")))
             assert client.call("status") == "second"  # the late first answer is skipped
 
 
 async def test_many_empty_messages_with_a_watch_open_reach_the_bound(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # Only payload bytes were counted, and a watch keeps the client reading
     # past max_messages: 20,000 empty messages were buffered without bound
     # and never raised MessagesNotRead (the daemon's mailbox never filled).
@@ -211,8 +230,7 @@ async def test_many_empty_messages_with_a_watch_open_reach_the_bound(
         assert got == [str(i) for i in range(20_000)]
 
 
-def test_a_blocking_watch_counts_empty_messages_too(
-        unix_pair: tuple[str, socket.socket]) -> None:
+def test_a_blocking_watch_counts_empty_messages_too(unix_pair: tuple[str, socket.socket]) -> None:
     path, listener = unix_pair
     frames = [message(i, 0) for i in range(200)]
     bound = counted(*frames[:50])

@@ -21,8 +21,7 @@ def test_event_args() -> None:
     a = parse_event_args({"name": "deploy", "payload": "v1"})
     assert (a.name, a.payload) == ("deploy", b"v1")
     assert parse_event_args({"name": "x"}).payload == b""
-    for bad in ({}, {"name": ""}, {"name": 3}, {"name": "x", "payload": 5},
-                {"name": "n" * 129}):
+    for bad in ({}, {"name": ""}, {"name": 3}, {"name": "x", "payload": 5}, {"name": "n" * 129}):
         with pytest.raises(ApiError) as e:
             parse_event_args(bad)
         assert e.value.code == "bad_args"
@@ -32,8 +31,10 @@ def test_event_size_limit_is_a_clear_error() -> None:
     parse_event_args({"name": "x", "payload": b"y" * (MAX_EVENT_BYTES - 1)})
     with pytest.raises(ApiError) as e:
         parse_event_args({"name": "x", "payload": b"y" * MAX_EVENT_BYTES})
-    assert e.value.message == (f"event is {MAX_EVENT_BYTES + 1} bytes (name + payload), over "
-                               f"the {MAX_EVENT_BYTES}-byte limit")
+    assert e.value.message == (
+        f"event is {MAX_EVENT_BYTES + 1} bytes (name + payload), over "
+        f"the {MAX_EVENT_BYTES}-byte limit"
+    )
 
 
 @given(st.text(min_size=1, max_size=50), st.binary(max_size=300))
@@ -58,8 +59,17 @@ def test_decoder_refuses_trailing_bytes_and_wrong_shapes() -> None:
 
 
 def test_cli_event_line_and_parser() -> None:
-    ev = Event(5, "user", {"name": "deploy", "payload": b"v42", "origin": "ab" * 16,
-                           "origin_name": "web1", "id": "00" * 16})
+    ev = Event(
+        5,
+        "user",
+        {
+            "name": "deploy",
+            "payload": b"v42",
+            "origin": "ab" * 16,
+            "origin_name": "web1",
+            "id": "00" * 16,
+        },
+    )
     line = format_user_event(ev)
     assert line.endswith("event deploy from=web1 payload=v42")
     assert show_payload(b"\x00\xff") == "0x00ff"

@@ -77,7 +77,8 @@ def test_partial_frames_wait_for_more_bytes() -> None:
 def test_encode_accepts_dataclasses() -> None:
     assert decode_all(encode_frame(Request(3, "status"))) == [{"id": 3, "op": "status"}]
     assert decode_all(encode_frame(Event(3, "joined", {"a": 1}))) == [
-        {"stream": 3, "event": "joined", "data": {"a": 1}}]
+        {"stream": 3, "event": "joined", "data": {"a": 1}}
+    ]
 
 
 def test_oversized_length_rejected_from_header_alone() -> None:
@@ -148,10 +149,16 @@ def test_fuzz_cbor_bodies_only_raise_frame_error(body: bytes) -> None:
 
 
 cbor_values = st.recursive(
-    st.none() | st.booleans() | st.integers(0, 2**64 - 1) | st.integers(-(2**63), -1)
-    | st.text(max_size=20) | st.binary(max_size=20) | st.floats(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(0, 2**64 - 1)
+    | st.integers(-(2**63), -1)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 frames = st.lists(st.dictionaries(st.text(max_size=8), cbor_values, max_size=5), max_size=8)
@@ -159,8 +166,9 @@ frames = st.lists(st.dictionaries(st.text(max_size=8), cbor_values, max_size=5),
 
 @settings(max_examples=80, deadline=None)
 @given(frames, st.data())
-def test_fuzz_random_chunking_gives_same_frames(objs: list[dict[str, Any]],
-                                                data: st.DataObject) -> None:
+def test_fuzz_random_chunking_gives_same_frames(
+    objs: list[dict[str, Any]], data: st.DataObject
+) -> None:
     stream = b"".join(encode_frame(o) for o in objs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     dec = FrameDecoder()
@@ -180,7 +188,8 @@ def test_fuzz_random_chunking_gives_same_frames(objs: list[dict[str, Any]],
 
 def test_parse_request() -> None:
     assert parse_request({"id": 5, "op": "join", "args": {"addrs": []}, "extra": 1}) == Request(
-        5, "join", {"addrs": []})
+        5, "join", {"addrs": []}
+    )
     assert parse_request({"id": 0, "op": "status"}).args == {}
 
 
@@ -294,15 +303,22 @@ def test_format_addr_brackets_ipv6() -> None:
 
 # --- op payloads ----------------------------------------------------------------
 
-NODE_A = MemberInfo(bytes(range(16)), "a", ("10.0.0.1", 7946), Status.ALIVE, 3, 2,
-                    (("role", "db"),))
+NODE_A = MemberInfo(
+    bytes(range(16)), "a", ("10.0.0.1", 7946), Status.ALIVE, 3, 2, (("role", "db"),)
+)
 NODE_B = MemberInfo(b"\xff" * 16, "a", ("::1", 7946), Status.SUSPECT, 1, 1, ())
 
 
 def test_member_to_wire() -> None:
     assert member_to_wire(NODE_A) == {
-        "name": "a", "id": "000102030405060708090a0b0c0d0e0f", "addr": "10.0.0.1:7946",
-        "status": "alive", "incarnation": 3, "generation": 2, "tags": {"role": "db"}}
+        "name": "a",
+        "id": "000102030405060708090a0b0c0d0e0f",
+        "addr": "10.0.0.1:7946",
+        "status": "alive",
+        "incarnation": 3,
+        "generation": 2,
+        "tags": {"role": "db"},
+    }
 
 
 def test_member_event_to_wire() -> None:
@@ -329,8 +345,15 @@ def test_set_tags_args() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [{}, {"tags": []}, {"tags": {"a": 1}}, {"tags": {"": "x"}}, {"tags": {}, "replace": 1},
-     {"tags": {"k" * 65: "v"}}, {"tags": {"k": "v" * 513}}],
+    [
+        {},
+        {"tags": []},
+        {"tags": {"a": 1}},
+        {"tags": {"": "x"}},
+        {"tags": {}, "replace": 1},
+        {"tags": {"k" * 65: "v"}},
+        {"tags": {"k": "v" * 513}},
+    ],
 )
 def test_set_tags_bad_args(args: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as info:
@@ -350,9 +373,13 @@ def test_other_arg_parsers() -> None:
     assert parse_key_args({"key": " k1 "}) == "k1"
     assert parse_watch_args({"topics": ["members", "members"]}) == ("members",)
     assert parse_unwatch_args({"stream": 4}) == 4
-    for parser, args in [(parse_join_args, {"addrs": ["nohost:1"]}), (parse_join_args, {}),
-                         (parse_key_args, {"key": ""}), (parse_watch_args, {"topics": []}),
-                         (parse_unwatch_args, {"stream": True})]:
+    for parser, args in [
+        (parse_join_args, {"addrs": ["nohost:1"]}),
+        (parse_join_args, {}),
+        (parse_key_args, {"key": ""}),
+        (parse_watch_args, {"topics": []}),
+        (parse_unwatch_args, {"stream": True}),
+    ]:
         with pytest.raises(ApiError) as info:
             parser(args)  # type: ignore[operator]
         assert info.value.code == "bad_args"

@@ -46,14 +46,26 @@ NODE_B = "ab" * 16
 def test_parse_register_args_defaults_and_limits() -> None:
     a = parse_register_args({"name": "db", "meta": {"z": "1", "a": "2"}})
     assert (a.kind, a.scope, a.name, a.meta, a.settle_s) == (
-        RegKind.NAME, "default", "db", (("a", "2"), ("z", "1")), None)
+        RegKind.NAME,
+        "default",
+        "db",
+        (("a", "2"), ("z", "1")),
+        None,
+    )
     g = parse_register_args({"group": "w", "scope": "s", "wait": "settled"}, RegKind.GROUP)
     assert (g.kind, g.scope, g.name, g.settle_s) == (RegKind.GROUP, "s", "w", 5.0)
     assert parse_register_args({"name": "x", "wait": "settled", "timeout_s": 0.5}).settle_s == 0.5
-    for bad in [{}, {"name": 3}, {"name": ""}, {"name": "x", "scope": ""},
-                {"name": "x", "meta": []}, {"name": "x", "meta": {"k": None}},
-                {"name": "x", "wait": "now"}, {"name": "x", "wait": "settled", "timeout_s": 61},
-                {"name": "x", "wait": "settled", "timeout_s": "1"}]:
+    for bad in [
+        {},
+        {"name": 3},
+        {"name": ""},
+        {"name": "x", "scope": ""},
+        {"name": "x", "meta": []},
+        {"name": "x", "meta": {"k": None}},
+        {"name": "x", "wait": "now"},
+        {"name": "x", "wait": "settled", "timeout_s": 61},
+        {"name": "x", "wait": "settled", "timeout_s": "1"},
+    ]:
         with pytest.raises(ApiError) as info:
             parse_register_args(bad)
         assert info.value.code == ErrorCode.BAD_ARGS, bad
@@ -73,8 +85,15 @@ def test_parse_target_update_and_list_args() -> None:
     assert (page.scope, page.prefix, page.after, page.limit) == (None, "", None, 1000)
     page = parse_list_args({"scope": "s", "prefix": "p", "after": ["s", "n"], "limit": 5})
     assert (page.scope, page.prefix, page.after, page.limit) == ("s", "p", ("s", "n"), 5)
-    for bad in [{"scope": ""}, {"prefix": 1}, {"after": "x"}, {"after": ["a", 1]},
-                {"limit": 0}, {"limit": 10_001}, {"limit": True}]:
+    for bad in [
+        {"scope": ""},
+        {"prefix": 1},
+        {"after": "x"},
+        {"after": ["a", 1]},
+        {"limit": 0},
+        {"limit": 10_001},
+        {"limit": True},
+    ]:
         with pytest.raises(ApiError):
             parse_list_args(bad)
 
@@ -85,9 +104,18 @@ def test_entry_and_event_converters() -> None:
     loser = RegEntry(3, RegKind.NAME, "default", "db", 2000, 10, 1000, (("k", "v"),))
     winner = RegEntry(1, RegKind.NAME, "default", "db", 1000, 20, 0, ())
     data = reg_entry_to_wire(me, loser, member)
-    assert data == {"kind": "name", "scope": "default", "name": "db", "node": NODE_ID,
-                    "node_name": "alpha", "node_addr": "10.0.0.1:7946", "pid": 10,
-                    "uid": 1000, "meta": {"k": "v"}, "claimed_ms": 2000}
+    assert data == {
+        "kind": "name",
+        "scope": "default",
+        "name": "db",
+        "node": NODE_ID,
+        "node_name": "alpha",
+        "node_addr": "10.0.0.1:7946",
+        "pid": 10,
+        "uid": 1000,
+        "meta": {"k": "v"},
+        "claimed_ms": 2000,
+    }
     ev = RegistryEvent(RegEventKind.CONFLICT, me, loser, 7, (other, winner))
     name, data = registry_event_to_wire(ev, {me: member}.get)
     assert name == "conflict" and data["node_name"] == "alpha"
@@ -110,18 +138,30 @@ class RegistryBackend(FakeBackend):
         self.batches: list[int] = []
         self.page = 1000
 
-    def _entry(self, conn: Connection, kind: str, scope: str, name: str,
-               meta: dict[str, str]) -> dict[str, Any]:
+    def _entry(
+        self, conn: Connection, kind: str, scope: str, name: str, meta: dict[str, str]
+    ) -> dict[str, Any]:
         pid = conn.cred.pid if conn.cred else 0
-        return {"kind": kind, "scope": scope, "name": name, "node": NODE_ID,
-                "node_name": "alpha", "node_addr": "10.0.0.1:7946", "pid": pid, "uid": 0,
-                "meta": meta, "claimed_ms": 1_700_000_000_000, "conn": conn.id}
+        return {
+            "kind": kind,
+            "scope": scope,
+            "name": name,
+            "node": NODE_ID,
+            "node_name": "alpha",
+            "node_addr": "10.0.0.1:7946",
+            "pid": pid,
+            "uid": 0,
+            "meta": meta,
+            "claimed_ms": 1_700_000_000_000,
+            "conn": conn.id,
+        }
 
     def batchable(self, op: str, args: dict[str, Any]) -> bool:
         return op in ("register", "lookup") and "wait" not in args
 
-    async def call_batch(self, conn: Connection,
-                         requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+    async def call_batch(
+        self, conn: Connection, requests: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[Any]:
         self.batches.append(len(requests))
         out: list[Any] = []
         for op, args in requests:
@@ -139,10 +179,13 @@ class RegistryBackend(FakeBackend):
             case "register":
                 key = (scope, args["name"])
                 if key in self.names:
-                    raise ApiError(ErrorCode.CONFLICT, f"{scope}/{args['name']} is held by "
-                                                       f"pid {self.names[key]['pid']}")
-                entry = self.names[key] = self._entry(conn, "name", scope, args["name"],
-                                                      args.get("meta", {}))
+                    raise ApiError(
+                        ErrorCode.CONFLICT,
+                        f"{scope}/{args['name']} is held by pid {self.names[key]['pid']}",
+                    )
+                entry = self.names[key] = self._entry(
+                    conn, "name", scope, args["name"], args.get("meta", {})
+                )
                 if args["name"].startswith("lose-"):
                     winner = {**entry, "node": NODE_B, "node_name": "beta", "pid": 99}
                     conn.push_nowait(CONNECTION_STREAM, "conflict", {**entry, "winner": winner})
@@ -162,8 +205,7 @@ class RegistryBackend(FakeBackend):
                 after = args.get("after")
                 if after is not None:
                     items = [(k, v) for k, v in items if k > tuple(after)]
-                page = [{k: v for k, v in e.items() if k != "conn"}
-                        for _, e in items[:self.page]]
+                page = [{k: v for k, v in e.items() if k != "conn"} for _, e in items[: self.page]]
                 return {"entries": page, "more": len(items) > self.page}
             case "group.join":
                 entry = self._entry(conn, "group", scope, args["group"], args.get("meta", {}))
@@ -176,8 +218,9 @@ class RegistryBackend(FakeBackend):
                 after = args.get("after")
                 if after is not None:
                     items = [(k, v) for k, v in items if k > tuple(after)]
-                groups = [{"scope": k[0], "group": k[1], "members": len(v)}
-                          for k, v in items[:self.page]]
+                groups = [
+                    {"scope": k[0], "group": k[1], "members": len(v)} for k, v in items[: self.page]
+                ]
                 return {"groups": groups, "more": len(items) > self.page}
         return await super().call(conn, op, args)
 
@@ -201,10 +244,12 @@ def backend() -> RegistryBackend:
 
 
 async def test_quick_requests_in_one_read_are_one_batch_and_one_write(
-        server: ApiServer, backend: RegistryBackend, raw: Any) -> None:
+    server: ApiServer, backend: RegistryBackend, raw: Any
+) -> None:
     conn: RawConn = await raw()
-    frames = [encode_frame({"id": i, "op": "register", "args": {"name": f"n{i}"}})
-              for i in range(1, 41)]
+    frames = [
+        encode_frame({"id": i, "op": "register", "args": {"name": f"n{i}"}}) for i in range(1, 41)
+    ]
     frames.insert(5, encode_frame({"id": 100, "op": "status"}))  # not batchable
     frames.append(encode_frame({"id": 3, "op": "register", "args": {"name": "dup"}}))
     await conn.send(b"".join(frames))
@@ -226,16 +271,20 @@ async def test_quick_requests_in_one_read_are_one_batch_and_one_write(
     assert not [c for c in backend.calls if c[1] == "register" and c[2]["name"] == "dup"]
 
 
-async def test_a_failing_batch_answers_internal_for_each(server: ApiServer,
-                                                         raw: Any) -> None:
+async def test_a_failing_batch_answers_internal_for_each(server: ApiServer, raw: Any) -> None:
     conn: RawConn = await raw()
-    await conn.send(b"".join(encode_frame({"id": i, "op": "register",
-                                           "args": {"name": n}})
-                             for i, n in [(1, "ok"), (2, "boom")]))
+    await conn.send(
+        b"".join(
+            encode_frame({"id": i, "op": "register", "args": {"name": n}})
+            for i, n in [(1, "ok"), (2, "boom")]
+        )
+    )
     with trio.fail_after(TIMEOUT):
         answers = [await conn.frame(), await conn.frame()]
-    assert [(a["id"], a["error"]["code"]) for a in answers if a] == [(1, "internal"),
-                                                                    (2, "internal")]
+    assert [(a["id"], a["error"]["code"]) for a in answers if a] == [
+        (1, "internal"),
+        (2, "internal"),
+    ]
     assert server.counters["internal_errors"] == 1
 
 
@@ -273,7 +322,8 @@ async def test_trio_client_registry_methods(server: ApiServer, backend: Registry
                 await c.register(f"n{i}")
             names = await c.names()
             assert [(e["scope"], e["name"]) for e in names] == [
-                ("default", f"n{i}") for i in range(5)] + [("s", "db")]
+                ("default", f"n{i}") for i in range(5)
+            ] + [("s", "db")]
             for g in ["a", "b", "c"]:
                 await c.join_group(g)
             assert [g["group"] for g in await c.groups()] == ["a", "b", "c"]
@@ -292,8 +342,9 @@ async def test_trio_client_registry_methods(server: ApiServer, backend: Registry
     assert backend.names == {}
 
 
-async def test_blocking_client_keeps_connection_events(server: ApiServer,
-                                                       backend: RegistryBackend) -> None:
+async def test_blocking_client_keeps_connection_events(
+    server: ApiServer, backend: RegistryBackend
+) -> None:
     assert server.path is not None
     path = server.path
 
@@ -332,8 +383,9 @@ async def hold(path: str, *names: str) -> trio.SocketStream:
     """A connection that registers ``names`` and stays open."""
     stream = await trio.open_unix_socket(path)
     for i, name in enumerate(names, 1):
-        await stream.send_all(encode_frame({"id": i, "op": "register",
-                                            "args": {"name": name, "meta": {"k": "v"}}}))
+        await stream.send_all(
+            encode_frame({"id": i, "op": "register", "args": {"name": name, "meta": {"k": "v"}}})
+        )
     conn = RawConn(stream)
     for _ in names:
         frame = await conn.frame()
@@ -341,16 +393,23 @@ async def hold(path: str, *names: str) -> trio.SocketStream:
     return stream
 
 
-async def test_cli_names_lookup_groups_members_of(server: ApiServer, backend: RegistryBackend,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_cli_names_lookup_groups_members_of(
+    server: ApiServer, backend: RegistryBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert server.path is not None
     sock = ["--api-socket", server.path]
     stream = await hold(server.path, "web", "db")
     code, out, _ = await run_cli(capsys, "names", *sock)
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["SCOPE", "NAME", "NODE", "PID", "META"]
-    assert lines[1].split() == ["default", "db", "alpha", f"({NODE_ID[:8]})", str(os.getpid()),
-                                "k=v"]
+    assert lines[1].split() == [
+        "default",
+        "db",
+        "alpha",
+        f"({NODE_ID[:8]})",
+        str(os.getpid()),
+        "k=v",
+    ]
     code, out, _ = await run_cli(capsys, "names", "--json", *sock)
     assert [e["name"] for e in json.loads(out)] == ["db", "web"]
     code, out, _ = await run_cli(capsys, "lookup", "web", *sock)
@@ -361,8 +420,9 @@ async def test_cli_names_lookup_groups_members_of(server: ApiServer, backend: Re
     assert code == 1 and out == "" and "not_found" in err
     code, out, _ = await run_cli(capsys, "lookup", "db", "--json", *sock)
     assert json.loads(out)["name"] == "db"
-    backend.groups[("default", "w")] = [backend._entry(server.connections[min(
-        server.connections)], "group", "default", "w", {})]
+    backend.groups[("default", "w")] = [
+        backend._entry(server.connections[min(server.connections)], "group", "default", "w", {})
+    ]
     code, out, _ = await run_cli(capsys, "groups", *sock)
     assert code == 0 and out.splitlines()[1].split() == ["default", "w", "1"]
     code, out, _ = await run_cli(capsys, "members-of", "w", *sock)
@@ -372,16 +432,31 @@ async def test_cli_names_lookup_groups_members_of(server: ApiServer, backend: Re
 
 
 async def test_cli_exec_holds_names_while_the_child_runs(
-        server: ApiServer, backend: RegistryBackend,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    server: ApiServer, backend: RegistryBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert server.path is not None
     sock = ["--api-socket", server.path]
     # The child checks (through its own client) that the name is held.
-    child = ("import sys; from peerd.api.client import BlockingClient; "
-             f"c = BlockingClient({server.path!r}); "
-             "e = c.lookup('job'); sys.exit(3 if e and e['meta'] == {'role': 'x'} else 9)")
-    code, out, err = await run_cli(capsys, "exec", "--name", "job", "--group", "workers",
-                                   "--meta", "role=x", *sock, "--", sys.executable, "-c", child)
+    child = (
+        "import sys; from peerd.api.client import BlockingClient; "
+        f"c = BlockingClient({server.path!r}); "
+        "e = c.lookup('job'); sys.exit(3 if e and e['meta'] == {'role': 'x'} else 9)"
+    )
+    code, out, err = await run_cli(
+        capsys,
+        "exec",
+        "--name",
+        "job",
+        "--group",
+        "workers",
+        "--meta",
+        "role=x",
+        *sock,
+        "--",
+        sys.executable,
+        "-c",
+        child,
+    )
     assert code == 3, err
     # The CLI's connection is closed; the server notices when it reads the
     # EOF (a busy host may take a moment): poll, bounded.
@@ -393,27 +468,38 @@ async def test_cli_exec_holds_names_while_the_child_runs(
     code, out, err = await run_cli(capsys, "exec", "--name", "taken", *sock, "--", "false")
     assert code == 1 and "cannot register 'taken'" in err and "held by pid" in err
     await stream.aclose()
-    code, _, err = await run_cli(capsys, "exec", *sock, "--name", "x", "--",
-                                 "/nonexistent/command")
+    code, _, err = await run_cli(capsys, "exec", *sock, "--name", "x", "--", "/nonexistent/command")
     assert code == 127 and "cannot run" in err
     code, _, err = await run_cli(capsys, "exec", *sock, "--", "true")
     assert code == 2 and "--name or --group" in err
 
 
-async def test_cli_exec_warns_when_a_name_is_lost(server: ApiServer,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_cli_exec_warns_when_a_name_is_lost(
+    server: ApiServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert server.path is not None
-    code, _, err = await run_cli(capsys, "exec", "--name", "lose-me", "--api-socket",
-                                 server.path, "--", "true")
+    code, _, err = await run_cli(
+        capsys, "exec", "--name", "lose-me", "--api-socket", server.path, "--", "true"
+    )
     assert code == 0
-    assert ("peerd exec: warning: lost the name default/lose-me to an older claim by pid 99 "
-            "on node beta") in err
+    assert (
+        "peerd exec: warning: lost the name default/lose-me to an older claim by pid 99 "
+        "on node beta"
+    ) in err
 
 
-async def test_cli_watch_registry_topic(server: ApiServer, backend: RegistryBackend,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    entry = {"kind": "group", "scope": "default", "name": "w", "node": NODE_ID,
-             "node_name": "alpha", "pid": 7, "meta": {}}
+async def test_cli_watch_registry_topic(
+    server: ApiServer, backend: RegistryBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = {
+        "kind": "group",
+        "scope": "default",
+        "name": "w",
+        "node": NODE_ID,
+        "node_name": "alpha",
+        "pid": 7,
+        "meta": {},
+    }
 
     async def feed() -> None:
         await backend.watch_registered.wait()
@@ -423,8 +509,16 @@ async def test_cli_watch_registry_topic(server: ApiServer, backend: RegistryBack
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
-        code, out, _ = await run_cli(capsys, "watch", "--topic", "registry", "--topic",
-                                     "members", "--api-socket", str(server.path))
+        code, out, _ = await run_cli(
+            capsys,
+            "watch",
+            "--topic",
+            "registry",
+            "--topic",
+            "members",
+            "--api-socket",
+            str(server.path),
+        )
     assert code == 0 and backend.topics == ["registry", "members"]
     lines = out.splitlines()
     assert lines[0].split()[1:4] == ["joined", "group", "default/w"]
@@ -433,13 +527,21 @@ async def test_cli_watch_registry_topic(server: ApiServer, backend: RegistryBack
 
 def test_format_registry_event_and_entry() -> None:
     when = datetime.datetime(2024, 1, 2, 3, 4, 5)
-    entry = {"kind": "name", "scope": "default", "name": "db", "node": NODE_ID,
-             "node_name": "alpha", "pid": 7, "meta": {"a": "b"}}
+    entry = {
+        "kind": "name",
+        "scope": "default",
+        "name": "db",
+        "node": NODE_ID,
+        "node_name": "alpha",
+        "pid": 7,
+        "meta": {"a": "b"},
+    }
     line = cli.format_registry_event(Event(1, "registered", entry), when)
-    assert line == (f"03:04:05 registered    name default/db node=alpha ({NODE_ID[:8]}) "
-                    "pid=7 meta=a=b")
-    line = cli.format_registry_event(Event(1, "conflict", {**entry, "winner": {
-        **entry, "node_name": "beta", "pid": 8}}), when)
+    assert line == (
+        f"03:04:05 registered    name default/db node=alpha ({NODE_ID[:8]}) pid=7 meta=a=b"
+    )
+    line = cli.format_registry_event(
+        Event(1, "conflict", {**entry, "winner": {**entry, "node_name": "beta", "pid": 8}}), when
+    )
     assert line.endswith(f"winner=beta ({NODE_ID[:8]}) pid=8")
     assert "claimed  ?" in cli.format_entry({})
-

@@ -47,8 +47,9 @@ async def test_request_response(server: ApiServer, raw: Connect) -> None:
         ("watch", {}, "bad_args"),
     ],
 )
-async def test_error_responses(server: ApiServer, raw: Connect, op: str, args: dict[str, Any],
-                               code: str) -> None:
+async def test_error_responses(
+    server: ApiServer, raw: Connect, op: str, args: dict[str, Any], code: str
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
         await conn.request({"id": 7, "op": op, "args": args})
@@ -62,12 +63,14 @@ async def test_error_responses(server: ApiServer, raw: Connect, op: str, args: d
         assert frame is not None and frame["id"] == 8 and frame["ok"]
 
 
-async def test_pipelined_requests_answered_out_of_order(server: ApiServer, raw: Connect,
-                                                        backend: FakeBackend) -> None:
+async def test_pipelined_requests_answered_out_of_order(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
-        await conn.send(encode_frame({"id": 10, "op": "slow"})
-                        + encode_frame({"id": 11, "op": "status"}))
+        await conn.send(
+            encode_frame({"id": 10, "op": "slow"}) + encode_frame({"id": 11, "op": "status"})
+        )
         first = await conn.frame()
         assert first is not None and first["id"] == 11
         await backend.slow_started.wait()
@@ -76,12 +79,14 @@ async def test_pipelined_requests_answered_out_of_order(server: ApiServer, raw: 
         assert second == {"id": 10, "ok": True, "result": "slow done"}
 
 
-async def test_reused_pending_id_is_a_conflict(server: ApiServer, raw: Connect,
-                                               backend: FakeBackend) -> None:
+async def test_reused_pending_id_is_a_conflict(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
-        await conn.send(encode_frame({"id": 1, "op": "slow"}) + encode_frame({"id": 1,
-                                                                             "op": "status"}))
+        await conn.send(
+            encode_frame({"id": 1, "op": "slow"}) + encode_frame({"id": 1, "op": "status"})
+        )
         frame = await conn.frame()
         assert frame is not None and frame["error"]["code"] == "conflict"
         backend.release.set()
@@ -92,8 +97,9 @@ async def test_reused_pending_id_is_a_conflict(server: ApiServer, raw: Connect,
         assert frame is not None and frame["ok"]
 
 
-async def test_watch_events_and_unwatch(server: ApiServer, raw: Connect,
-                                        backend: FakeBackend) -> None:
+async def test_watch_events_and_unwatch(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
         await conn.request({"id": 5, "op": "watch", "args": {"topics": ["members"]}})
@@ -103,8 +109,10 @@ async def test_watch_events_and_unwatch(server: ApiServer, raw: Connect,
         backend.emit("suspect", MEMBERS[1])
         await conn.request({"id": 6, "op": "unwatch", "args": {"stream": 5}})
         frames = [await conn.frame(), await conn.frame()]
-        assert frames == [{"stream": 5, "event": "suspect", "data": MEMBERS[1]},
-                          {"id": 6, "ok": True, "result": {}}]
+        assert frames == [
+            {"stream": 5, "event": "suspect", "data": MEMBERS[1]},
+            {"id": 6, "ok": True, "result": {}},
+        ]
         # Nothing of stream 5 after the unwatch reply; the backend learns it is closed.
         backend.emit("dead", MEMBERS[1])
         await conn.request({"id": 7, "op": "status"})
@@ -119,8 +127,9 @@ async def test_watch_events_and_unwatch(server: ApiServer, raw: Connect,
         assert frame is not None and frame["ok"]
 
 
-async def test_backend_ending_a_watch_sends_end(server: ApiServer, raw: Connect,
-                                                backend: FakeBackend) -> None:
+async def test_backend_ending_a_watch_sends_end(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
         await conn.request({"id": 1, "op": "watch", "args": {"topics": ["members"]}})
@@ -136,8 +145,9 @@ async def test_backend_ending_a_watch_sends_end(server: ApiServer, raw: Connect,
         assert await conn.frame() == {"stream": 3, "event": "end", "data": {}}
 
 
-async def test_malformed_backend_event_is_dropped(server: ApiServer, raw: Connect,
-                                                  backend: FakeBackend) -> None:
+async def test_malformed_backend_event_is_dropped(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
         await conn.request({"id": 1, "op": "watch", "args": {"topics": ["members"]}})
@@ -161,8 +171,9 @@ GARBAGE = {
 
 
 @pytest.mark.parametrize("kind", sorted(GARBAGE))
-async def test_garbage_gets_error_frame_and_close(server: ApiServer, raw: Connect,
-                                                  backend: FakeBackend, kind: str) -> None:
+async def test_garbage_gets_error_frame_and_close(
+    server: ApiServer, raw: Connect, backend: FakeBackend, kind: str
+) -> None:
     with trio.fail_after(TIMEOUT):
         good = await raw()
         await good.request({"id": 1, "op": "status"})
@@ -189,12 +200,15 @@ async def test_garbage_after_good_requests(server: ApiServer, raw: Connect) -> N
         assert len(frames) <= 2
 
 
-async def test_connection_limit(nursery: trio.Nursery, sock_path: str,
-                                backend: FakeBackend) -> None:
+async def test_connection_limit(
+    nursery: trio.Nursery, sock_path: str, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         server: ApiServer = await nursery.start(
-            lambda task_status: serve_api(sock_path, backend, max_connections=2,
-                                          task_status=task_status))
+            lambda task_status: serve_api(
+                sock_path, backend, max_connections=2, task_status=task_status
+            )
+        )
         async with Client(sock_path) as c1, Client(sock_path) as c2:
             assert (await c1.call("status"))["name"] == "alpha"
             await c2.call("status")
@@ -221,8 +235,9 @@ async def test_peer_credentials_recorded(server: ApiServer) -> None:
         assert who["pid"] == os.getpid() and who["uid"] == os.getuid()
 
 
-async def test_connection_closed_called_once_per_connection(server: ApiServer,
-                                                            backend: FakeBackend) -> None:
+async def test_connection_closed_called_once_per_connection(
+    server: ApiServer, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with Client(server.path) as client:
             conn_id = (await client.call("whoami"))["conn"]
@@ -232,8 +247,9 @@ async def test_connection_closed_called_once_per_connection(server: ApiServer,
         assert server.connections == {}
 
 
-async def test_eof_lets_pending_calls_answer(server: ApiServer, raw: Connect,
-                                             backend: FakeBackend) -> None:
+async def test_eof_lets_pending_calls_answer(
+    server: ApiServer, raw: Connect, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         conn = await raw()
         await conn.request({"id": 1, "op": "watch", "args": {"topics": ["members"]}})
@@ -246,8 +262,9 @@ async def test_eof_lets_pending_calls_answer(server: ApiServer, raw: Connect,
         assert frames == [{"id": 2, "ok": True, "result": "slow done"}]
 
 
-async def test_socket_setup_and_cleanup(nursery: trio.Nursery, sock_path: str,
-                                        backend: FakeBackend) -> None:
+async def test_socket_setup_and_cleanup(
+    nursery: trio.Nursery, sock_path: str, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         with trio.CancelScope() as scope:
             done = trio.Event()
@@ -271,8 +288,9 @@ async def test_socket_setup_and_cleanup(nursery: trio.Nursery, sock_path: str,
     assert not os.path.exists(sock_path)
 
 
-async def test_stale_socket_is_replaced(nursery: trio.Nursery, sock_dir: str,
-                                        backend: FakeBackend) -> None:
+async def test_stale_socket_is_replaced(
+    nursery: trio.Nursery, sock_dir: str, backend: FakeBackend
+) -> None:
     path = os.path.join(sock_dir, "stale.sock")
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)
@@ -293,8 +311,7 @@ async def test_refuses_to_replace_a_regular_file(sock_dir: str, backend: FakeBac
         assert f.read() == "precious"
 
 
-async def test_prebound_socket(nursery: trio.Nursery, sock_dir: str,
-                               backend: FakeBackend) -> None:
+async def test_prebound_socket(nursery: trio.Nursery, sock_dir: str, backend: FakeBackend) -> None:
     # What systemd socket activation hands over: bound and listening.
     path = os.path.join(sock_dir, "activated.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -354,14 +371,16 @@ async def test_backend_push_to_connection(server: ApiServer, raw: Connect) -> No
         assert not target.push_nowait(1, "late", {})
 
 
-async def test_inflight_limit_pauses_reading(nursery: trio.Nursery, sock_path: str,
-                                             backend: FakeBackend) -> None:
+async def test_inflight_limit_pauses_reading(
+    nursery: trio.Nursery, sock_path: str, backend: FakeBackend
+) -> None:
     with trio.fail_after(TIMEOUT):
         server = ApiServer(backend, max_inflight=1)
         await nursery.start(server.serve, sock_path)
         conn = RawConn(await trio.open_unix_socket(sock_path))
-        await conn.send(encode_frame({"id": 1, "op": "slow"})
-                        + encode_frame({"id": 2, "op": "status"}))
+        await conn.send(
+            encode_frame({"id": 1, "op": "slow"}) + encode_frame({"id": 2, "op": "status"})
+        )
         await backend.slow_started.wait()
         await trio.testing.wait_all_tasks_blocked()
         assert [op for _, op, _ in backend.calls] == ["slow"]  # "status" not even read yet
@@ -394,15 +413,18 @@ class OverlapBackend(FakeBackend):
         return finish
 
 
-async def test_a_waiting_batch_does_not_stop_the_next_one(nursery: trio.Nursery,
-                                                          sock_path: str) -> None:
+async def test_a_waiting_batch_does_not_stop_the_next_one(
+    nursery: trio.Nursery, sock_path: str
+) -> None:
     backend = OverlapBackend()
     with trio.fail_after(TIMEOUT):
-        await nursery.start(lambda task_status: serve_api(sock_path, backend,
-                                                          task_status=task_status))
+        await nursery.start(
+            lambda task_status: serve_api(sock_path, backend, task_status=task_status)
+        )
         conn = RawConn(await trio.open_unix_socket(sock_path))
-        await conn.send(b"".join(encode_frame({"id": i, "op": "q", "args": {"n": i}})
-                                 for i in (1, 2)))
+        await conn.send(
+            b"".join(encode_frame({"id": i, "op": "q", "args": {"n": i}}) for i in (1, 2))
+        )
         while sum(map(len, backend.begun)) < 2:
             await trio.sleep(0.001)
         await conn.send(encode_frame({"id": 3, "op": "q", "args": {"n": 3}}))

@@ -57,8 +57,9 @@ def test_every_op_has_a_request_vector() -> None:
     assert ops == {op.value for op in p.Op}
 
 
-@pytest.mark.parametrize("vector", [v for v in VECTORS if v["rule"] == "client-frame"],
-                         ids=lambda v: v["name"])
+@pytest.mark.parametrize(
+    "vector", [v for v in VECTORS if v["rule"] == "client-frame"], ids=lambda v: v["name"]
+)
 def test_request_vector_is_accepted_by_the_server(vector: dict[str, Any]) -> None:
     request = p.parse_request(decode(vector))
     assert request.op in {op.value for op in p.Op}
@@ -69,14 +70,16 @@ def test_request_vector_is_accepted_by_the_server(vector: dict[str, Any]) -> Non
         parser(request.args)  # raises ApiError on args the daemon would refuse
 
 
-@pytest.mark.parametrize("vector", [v for v in VECTORS if v["rule"] != "client-frame"],
-                         ids=lambda v: v["name"])
+@pytest.mark.parametrize(
+    "vector", [v for v in VECTORS if v["rule"] != "client-frame"], ids=lambda v: v["name"]
+)
 def test_server_vector_is_accepted_by_the_client(vector: dict[str, Any]) -> None:
     parsed = p.parse_server_frame(decode(vector))
     if isinstance(parsed, p.Event):
         assert vector["rule"].endswith("event")
-        assert (parsed.stream == p.CONNECTION_STREAM) == (vector["rule"] in
-                                                          ("connection-event", "message-event"))
+        assert (parsed.stream == p.CONNECTION_STREAM) == (
+            vector["rule"] in ("connection-event", "message-event")
+        )
     else:
         assert vector["rule"] == "server-frame"
         assert parsed.ok == ("result" in vector["parts"])
@@ -84,8 +87,14 @@ def test_server_vector_is_accepted_by_the_client(vector: dict[str, Any]) -> None
 
 def test_message_event_data_is_what_the_client_reads() -> None:
     data = p.message_event_to_wire(None, bytes(16), RegKind.GROUP, "jobs", "workers", b"x")
-    assert data == {"from": None, "from_node": "00" * 16, "kind": "group", "scope": "jobs",
-                    "name": "workers", "payload": b"x"}
+    assert data == {
+        "from": None,
+        "from_node": "00" * 16,
+        "kind": "group",
+        "scope": "jobs",
+        "name": "workers",
+        "payload": b"x",
+    }
     assert p.message_event_to_wire("me", bytes(16), RegKind.NAME, "s", "n", b"")["from"] == "me"
 
 
@@ -93,5 +102,10 @@ def test_user_event_data_names_the_origin_only_when_known() -> None:
     origin = bytes(range(16))
     assert "origin_name" not in p.user_event_to_wire(bytes(16), origin, "deploy", b"", None)
     data = p.user_event_to_wire(bytes(16), origin, "deploy", b"v1", "web-1")
-    assert data == {"name": "deploy", "payload": b"v1", "id": "00" * 16,
-                    "origin": origin.hex(), "origin_name": "web-1"}
+    assert data == {
+        "name": "deploy",
+        "payload": b"v1",
+        "id": "00" * 16,
+        "origin": origin.hex(),
+        "origin_name": "web-1",
+    }

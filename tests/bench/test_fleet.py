@@ -26,8 +26,14 @@ def test_pct_takes_the_rank_the_results_were_recorded_with() -> None:
 
 def test_summary_ms_rounds_to_the_digits_asked() -> None:
     s = fleet.summary_ms([0.0012345, 0.0023456])
-    assert s == {"n": 2, "p50_ms": 2.35, "p90_ms": 2.35, "p99_ms": 2.35, "max_ms": 2.35,
-                 "mean_ms": 1.79}
+    assert s == {
+        "n": 2,
+        "p50_ms": 2.35,
+        "p90_ms": 2.35,
+        "p99_ms": 2.35,
+        "max_ms": 2.35,
+        "mean_ms": 1.79,
+    }
     assert fleet.summary_ms([0.0012345], digits=3)["p50_ms"] == 1.234
     empty = fleet.summary_ms([])
     assert empty["n"] == 0 and empty["max_ms"] is None and empty["mean_ms"] is None
@@ -40,8 +46,10 @@ def test_hosts_are_distinct_loopback_addresses_with_a_free_port() -> None:
         parts = [int(x) for x in h.split(".")]
         assert parts[0] == 127 and all(0 <= x <= 255 for x in parts)
     port = fleet.free_port(hosts[0])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+    ):
         udp.bind((hosts[0], port))
         tcp.bind((hosts[0], port))
 
@@ -63,8 +71,12 @@ def test_wait_for_returns_the_value_and_is_bounded() -> None:
 
 
 def test_pin_source_archives_the_revision(monkeypatch: pytest.MonkeyPatch) -> None:
-    if subprocess.run(["git", "-C", str(fleet.REPO), "rev-parse", "HEAD"],
-                      capture_output=True, timeout=30).returncode != 0:
+    if (
+        subprocess.run(
+            ["git", "-C", str(fleet.REPO), "rev-parse", "HEAD"], capture_output=True, timeout=30
+        ).returncode
+        != 0
+    ):
         pytest.skip("not a git checkout")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(fleet, "SRC", fleet.SRC)
@@ -79,7 +91,8 @@ def test_pin_source_archives_the_revision(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_a_daemon_runs_the_pinned_code_from_the_repo_root(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = tmp_path / "src" / "peerd"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")

@@ -64,17 +64,24 @@ class Cluster:
         addr = (f"127.0.{i // 250}.{i % 250 + 1}", 7950)
         self.addr_of[i] = addr
         self.by_addr[addr] = i
-        node = Node(node_id=i.to_bytes(16, "big"), name=f"n{i}", addr=addr, config=self.config,
-                    rng=random.Random(self.rng.random()), incarnation=incarnation,
-                    generation=generation)
+        node = Node(
+            node_id=i.to_bytes(16, "big"),
+            name=f"n{i}",
+            addr=addr,
+            config=self.config,
+            rng=random.Random(self.rng.random()),
+            incarnation=incarnation,
+            generation=generation,
+        )
         if i < len(self.nodes):
             self.nodes[i] = node
         else:
             self.nodes.append(node)
         return node
 
-    def restart(self, i: int, incarnation: int, generation: int,
-                seeds: tuple[int, ...] = (0,)) -> Node:
+    def restart(
+        self, i: int, incarnation: int, generation: int, seeds: tuple[int, ...] = (0,)
+    ) -> Node:
         """Bring crashed node i back as a new process with the same id, name and
         address: the old process's timers, in-flight packets and streams are gone
         (streams it was serving fail for their openers)."""
@@ -162,8 +169,9 @@ class Cluster:
     def all_see(self, target: int, status: Status, among: range | list[int] | None = None) -> bool:
         name = f"n{target}"
         idx = among if among is not None else range(self.n)
-        return all(self.view(i).get(name) == status for i in idx
-                   if i not in self.down and i != target)
+        return all(
+            self.view(i).get(name) == status for i in idx if i not in self.down and i != target
+        )
 
     def converged(self) -> bool:
         live = [i for i in range(self.n) if i not in self.down]

@@ -31,9 +31,13 @@ def wait(c: Cluster, cond: Callable[[], bool], limit: float, step: float = 0.05)
 
 
 def bad_news(c: Cluster, about_others_than: set[str], since: float = 0.0) -> list:
-    return [(t, i, e.kind, e.member.name) for t, i, e in c.events
-            if t >= since and e.kind in (EventKind.SUSPECT, EventKind.DEAD, EventKind.LEFT)
-            and e.member.name not in about_others_than]
+    return [
+        (t, i, e.kind, e.member.name)
+        for t, i, e in c.events
+        if t >= since
+        and e.kind in (EventKind.SUSPECT, EventKind.DEAD, EventKind.LEFT)
+        and e.member.name not in about_others_than
+    ]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -119,18 +123,22 @@ def sees_alive(c: Cluster, watchers: list[int], targets: list[int]) -> bool:
 # ends refute (the reply is merged state), and the refutations spread on both
 # sides. heal_at 70.0 is just before the nodes' reconnect ticks (every 10 s
 # from 1 s), 74.5 is mid-interval.
-@pytest.mark.parametrize(("seed", "heal_at"), [
-    (3, 70.0),
-    (7, 70.0),
-    (2, 74.5),
-    (5, 74.5),
-    (9, 74.5),
-    # seed 1: n3 misses n9's refutation in the heal's gossip burst; n9 answers
-    # n3's stale accusation by re-asserting its Alive.
-    (1, 74.5),
-])
+@pytest.mark.parametrize(
+    ("seed", "heal_at"),
+    [
+        (3, 70.0),
+        (7, 70.0),
+        (2, 74.5),
+        (5, 74.5),
+        (9, 74.5),
+        # seed 1: n3 misses n9's refutation in the heal's gossip burst; n9 answers
+        # n3's stale accusation by re-asserting its Alive.
+        (1, 74.5),
+    ],
+)
 def test_partition_heal_is_seen_by_both_sides_within_one_reconnect_interval(
-        seed: int, heal_at: float) -> None:
+    seed: int, heal_at: float
+) -> None:
     c = boot(seed=seed)
     c.run_until(10.0)
     assert c.converged()
@@ -141,8 +149,9 @@ def test_partition_heal_is_seen_by_both_sides_within_one_reconnect_interval(
         assert all(c.view(i)[f"n{j}"] is Status.DEAD for i in a for j in b)
     c.cut = set()
     limit = c.config.reconnect_interval_s + 3.0
-    wait(c, lambda: sees_alive(c, left, right) and sees_alive(c, right, left), limit=limit,
-         step=0.05)
+    wait(
+        c, lambda: sees_alive(c, left, right) and sees_alive(c, right, left), limit=limit, step=0.05
+    )
     c.run_until(c.now + 30.0)
     assert c.converged()
 
@@ -184,6 +193,9 @@ def test_closed_port_hint_for_a_live_node_never_kills_it() -> None:
         assert c.converged()
         c.feed(0, Unreachable(c.addr_of[5]))  # spurious: n5 is alive and reachable
         c.run_until(15.0)
-        false_deaths += [(seed, t, i) for t, i, e in c.events
-                         if e.kind is EventKind.DEAD and e.member.name == "n5"]
+        false_deaths += [
+            (seed, t, i)
+            for t, i, e in c.events
+            if e.kind is EventKind.DEAD and e.member.name == "n5"
+        ]
     assert false_deaths == []

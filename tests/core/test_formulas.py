@@ -42,8 +42,9 @@ def test_retransmit_limit(mult: int, n: int, expected: int) -> None:
         (6.0, 6.0, 50, 5.0, (6.0 * math.log10(50) * 5.0, 6.0 * math.log10(50) * 5.0 * 6.0)),
     ],
 )
-def test_suspicion_bounds(mult: float, max_mult: float, n: int, interval: float,
-                          expected: tuple[float, float]) -> None:
+def test_suspicion_bounds(
+    mult: float, max_mult: float, n: int, interval: float, expected: tuple[float, float]
+) -> None:
     assert formulas.suspicion_bounds(mult, max_mult, n, interval) == pytest.approx(expected)
 
 
@@ -124,14 +125,18 @@ def test_scaled(value: float, score: int, expected: float) -> None:
     assert formulas.scaled(value, score) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("timeout", "interval", "expected"), [
-    (0.5, 1.0, 0.4),  # lan: the nack lands at 0.9 s, inside the 1 s period
-    (3.0, 5.0, 1.6),  # wan: what is left of the period is the tighter bound
-    (0.2, 1.0, 0.16),  # local
-    (1.0, 1.0, 0.0),  # no room left: nack at once
-])
+@pytest.mark.parametrize(
+    ("timeout", "interval", "expected"),
+    [
+        (0.5, 1.0, 0.4),  # lan: the nack lands at 0.9 s, inside the 1 s period
+        (3.0, 5.0, 1.6),  # wan: what is left of the period is the tighter bound
+        (0.2, 1.0, 0.16),  # local
+        (1.0, 1.0, 0.0),  # no room left: nack at once
+    ],
+)
 def test_nack_delay_keeps_the_nack_inside_the_requesters_period(
-        timeout: float, interval: float, expected: float) -> None:
+    timeout: float, interval: float, expected: float
+) -> None:
     delay = formulas.nack_delay(timeout, interval, 0.8)
     assert delay == pytest.approx(expected)
     assert timeout + delay <= interval

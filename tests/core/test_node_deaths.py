@@ -79,8 +79,10 @@ def test_a_new_successor_gets_the_recent_news_again() -> None:
     # gets both deaths. n5 gets only the new one.
     r.recv(2, Died(nid(4), 0), now=2.0)
     outs = r.fire(TimerKind.GOSSIP)
-    assert sends(outs) == [(addr(5), [Died(nid(4), 0)]),
-                           (addr(1), [Died(nid(9), 0), Died(nid(4), 0)])]
+    assert sends(outs) == [
+        (addr(5), [Died(nid(4), 0)]),
+        (addr(1), [Died(nid(9), 0), Died(nid(4), 0)]),
+    ]
     # Past RING_RECENT_S, a new successor gets nothing old.
     r.drain()
     r.recv(2, Died(nid(5), 0), now=2.0 + RING_RECENT_S + 1.0)
@@ -104,8 +106,9 @@ def test_a_new_successor_gets_every_death_of_a_mass_failure() -> None:
     r.drain()
     r.recv(2, Died(nid(4), 0), now=2.0)
     outs = r.fire(TimerKind.GOSSIP)
-    to6 = {m.node for dst, msgs in sends(outs) if dst == addr(6) for m in msgs
-           if isinstance(m, Died)}
+    to6 = {
+        m.node for dst, msgs in sends(outs) if dst == addr(6) for m in msgs if isinstance(m, Died)
+    }
     assert to6 == {nid(k) for k in (4, *range(10, 610))}
 
 
@@ -191,8 +194,7 @@ def uid(i: int) -> bytes:
 
 
 def prefixed(*peers: int, i: int = 3) -> Rig:
-    r = Rig(Node(node_id=uid(i), name=name(i), addr=addr(i), config=cfg(),
-                 rng=random.Random(7)))
+    r = Rig(Node(node_id=uid(i), name=name(i), addr=addr(i), config=cfg(), rng=random.Random(7)))
     r.start()
     for p in peers:
         r.recv(p, Alive(uid(p), name(p), addr(p), 0, 0, ()), now=0.0)

@@ -41,7 +41,7 @@ def test_piggybacked_sends_count_towards_the_limit() -> None:
     r.join(9, now=1.0)  # 3 live nodes: limit 4
     carried = 0
     for _ in range(5):
-        (dst, msgs), = sends(r.fire(TimerKind.PROBE))
+        ((dst, msgs),) = sends(r.fire(TimerKind.PROBE))
         carried += msgs.count(alive(9))
         r.recv(dst, Ack(msgs[0].seq))  # type: ignore[union-attr]
     assert carried == 4
@@ -56,7 +56,7 @@ def test_packets_stay_within_max_packet_bytes() -> None:
     outs = r.fire(TimerKind.PROBE)
     (ping_pkt,) = of(outs, SendPacket)
     assert len(ping_pkt.data) <= budget
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert isinstance(msgs[0], Ping) and len(msgs) > 2  # the probe, plus as much news as fits
     outs = r.fire(TimerKind.GOSSIP)
     assert len(of(outs, SendPacket)) == 3

@@ -40,8 +40,10 @@ def test_hint_suspects_with_the_short_timer_and_pings(hint: type) -> None:
     assert r.now == 10.25
     assert events(outs) == [(EventKind.DEAD, nid(2))]
     # Only the death is spread: gossip, and the ring neighbours a moment later.
-    assert armed_at(outs) == [(TimerKind.GOSSIP, first_gossip_at(10.25)),
-                              (TimerKind.GOSSIP, first_gossip_at(10.25))]
+    assert armed_at(outs) == [
+        (TimerKind.GOSSIP, first_gossip_at(10.25)),
+        (TimerKind.GOSSIP, first_gossip_at(10.25)),
+    ]
     assert r.node.queued_broadcasts() == 1
     # The check's timeout then finds nothing left to do.
     assert nologs(r.fire(TimerKind.CONFIRM_TIMEOUT)) == []

@@ -50,8 +50,16 @@ def gossip(r: Rig) -> list:
     return sends(outs)[0][1] if outs else []
 
 
-def info(i: int, status: Status = Status.ALIVE, inc: int = 0, *, tags: tuple = (),
-         at: tuple[str, int] | None = None, nm: str | None = None, gen: int = 0) -> MemberInfo:
+def info(
+    i: int,
+    status: Status = Status.ALIVE,
+    inc: int = 0,
+    *,
+    tags: tuple = (),
+    at: tuple[str, int] | None = None,
+    nm: str | None = None,
+    gen: int = 0,
+) -> MemberInfo:
     return MemberInfo(nid(i), nm or name(i), at or addr(i), status, inc, gen, tags)
 
 
@@ -175,8 +183,11 @@ def test_leaving_node_stops_probing_and_syncing() -> None:
     r = started(2)
     r.handle(Leave(), now=5.0)
     r.drain()
-    for kind, interval in ((TimerKind.PROBE, 1.0), (TimerKind.PUSH_PULL, 30.0),
-                           (TimerKind.RECONNECT, 10.0)):
+    for kind, interval in (
+        (TimerKind.PROBE, 1.0),
+        (TimerKind.PUSH_PULL, 30.0),
+        (TimerKind.RECONNECT, 10.0),
+    ):
         outs = r.fire(kind)
         assert outs == [SetTimer(r.now + interval, Timer(kind, outs[0].timer.token))]  # type: ignore[union-attr]
 
@@ -257,8 +268,11 @@ def test_set_tags_at_the_wire_limits_is_accepted_and_encodable() -> None:
     ("config", "tags"),
     [
         pytest.param(cfg(), (("a", "1"), ("a", "2")), id="duplicate-key"),
-        pytest.param(cfg(max_tags=100), tuple((f"k{i:02}", "") for i in range(65)),
-                     id="more-than-the-codec-allows"),
+        pytest.param(
+            cfg(max_tags=100),
+            tuple((f"k{i:02}", "") for i in range(65)),
+            id="more-than-the-codec-allows",
+        ),
     ],
 )
 def test_set_tags_the_codec_rejects_is_dropped_not_raised(config: object, tags: tuple) -> None:
@@ -311,8 +325,14 @@ def test_same_incarnation_at_a_new_address_is_ignored() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [("0.0.0.0", 7946), ("::", 7946), ("224.0.0.1", 7946), ("ff02::1", 7946),
-     ("255.255.255.255", 7946), ("10.0.0.9", 0)],
+    [
+        ("0.0.0.0", 7946),
+        ("::", 7946),
+        ("224.0.0.1", 7946),
+        ("ff02::1", 7946),
+        ("255.255.255.255", 7946),
+        ("10.0.0.9", 0),
+    ],
 )
 def test_alive_with_unusable_address_is_rejected(bad: tuple[str, int]) -> None:
     r = started(2)
@@ -346,8 +366,9 @@ def test_second_node_claiming_a_name_is_a_conflict_and_both_are_kept() -> None:
 def test_claiming_our_name_is_a_conflict() -> None:
     r = started(2)
     outs = r.recv(9, alive(9, nm="n1"), now=1.0)
-    assert of(outs, MemberEvent)[0] == MemberEvent(EventKind.NAME_CONFLICT, info(9, nm="n1"),
-                                                   info(1))
+    assert of(outs, MemberEvent)[0] == MemberEvent(
+        EventKind.NAME_CONFLICT, info(9, nm="n1"), info(1)
+    )
 
 
 def test_name_of_a_dead_node_can_be_taken() -> None:
@@ -361,6 +382,6 @@ def test_name_of_a_dead_node_can_be_taken() -> None:
 def test_renaming_into_a_taken_name_is_a_conflict() -> None:
     r = started(2, 3)
     outs = r.recv(3, alive(3, inc=1, nm="n2"), now=1.0)
-    assert [(e.kind, e.member.node, e.other.node if e.other else None)
-            for e in of(outs, MemberEvent)] == [
-        (EventKind.NAME_CONFLICT, nid(3), nid(2)), (EventKind.UPDATED, nid(3), None)]
+    assert [
+        (e.kind, e.member.node, e.other.node if e.other else None) for e in of(outs, MemberEvent)
+    ] == [(EventKind.NAME_CONFLICT, nid(3), nid(2)), (EventKind.UPDATED, nid(3), None)]

@@ -33,7 +33,7 @@ def started(*peers: int, **kw: object) -> Rig:
 
 
 def probe_target(outs: list) -> int:
-    (ping_dst, ping), = sent_msgs(outs, Ping)
+    ((ping_dst, ping),) = sent_msgs(outs, Ping)
     target = int.from_bytes(ping.target, "big")
     assert ping_dst == addr(target)
     return target
@@ -52,7 +52,9 @@ def test_probe_pings_the_target_with_piggybacked_gossip() -> None:
 
     assert sends(outs) == [(addr(2), [Ping(1, nid(2)), alive(2), alive(1)])]
     assert [(s.timer.kind, s.at) for s in timers(outs)] == [
-        (TimerKind.PROBE, t + 1.0), (TimerKind.PROBE_TIMEOUT, t + 0.5)]
+        (TimerKind.PROBE, t + 1.0),
+        (TimerKind.PROBE_TIMEOUT, t + 0.5),
+    ]
     assert r.counter("probes") == 1
 
 
@@ -99,7 +101,7 @@ def test_unanswered_probe_without_helpers_suspects_at_next_probe() -> None:
     # suspicion to its subject (buddy system).
     assert r.timer(TimerKind.PROBE).at == t + 1.0 + 2.0
     assert r.timer(TimerKind.PROBE_TIMEOUT).at == t + 1.0 + 1.0
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert dst == addr(2)
     # Suspicion first, then the ping. The queued broadcast of the same
     # suspicion is not repeated as piggyback: it counts as sent.
@@ -257,8 +259,9 @@ def test_ping_req_is_relayed_with_our_own_seq_and_the_ack_forwarded() -> None:
     r = started(2, 3)
     outs = r.recv(2, PingReq(77, nid(3), addr(3), True), now=5.0)
     assert sends(outs) == [(addr(3), [Ping(1, nid(3))])]
-    assert [(s.timer.kind, s.at) for s in timers(outs)] == [(TimerKind.INDIRECT_TIMEOUT,
-                                                                   nack_at(5.0))]
+    assert [(s.timer.kind, s.at) for s in timers(outs)] == [
+        (TimerKind.INDIRECT_TIMEOUT, nack_at(5.0))
+    ]
 
     outs = r.recv(3, Ack(1), now=5.01)
     assert sends(outs) == [(addr(2), [Ack(77)])]
@@ -346,7 +349,7 @@ def test_ping_to_a_suspect_carries_the_suspicion() -> None:
 
     # One datagram: the suspicion, then our probe, so a live n2 reads the
     # suspicion first and its refutation rides on the ack.
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert dst == addr(2)
     assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2))]
 
@@ -356,6 +359,6 @@ def test_relayed_ping_to_a_suspect_carries_the_suspicion() -> None:
     r.recv(4, Suspect(nid(3), 0, nid(4)), now=0.1)
     r.drain()
     outs = r.recv(2, PingReq(50, nid(3), addr(3), True), now=0.2)
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert dst == addr(3)
     assert msgs == [Suspect(nid(3), 0, nid(1)), Ping(1, nid(3))]

@@ -42,8 +42,7 @@ from peerd.wire.messages import (
 
 from .util import Rig, addr, decode, nid, of, state_of
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def fresh() -> Rig:
@@ -74,9 +73,11 @@ cbor_value = st.recursive(
     max_leaves=12,
 )
 # Message-shaped: [type, field...] with plausible and implausible fields.
-message_like = st.builds(lambda t, fields: [t, *fields],
-                         st.integers(min_value=-1, max_value=12),
-                         st.lists(cbor_value, max_size=7))
+message_like = st.builds(
+    lambda t, fields: [t, *fields],
+    st.integers(min_value=-1, max_value=12),
+    st.lists(cbor_value, max_size=7),
+)
 datagram_like = st.lists(st.one_of(message_like, cbor_value), max_size=4).map(cbor2.dumps)
 hostile = st.one_of(st.binary(max_size=1500), datagram_like, message_like.map(cbor2.dumps))
 
@@ -120,8 +121,11 @@ ADDRS = st.one_of(
     st.sampled_from([("0.0.0.0", 7946), ("10.0.0.9", 0), ("::1", 7946)]),
 )
 NAMES = st.sampled_from(["n1", "n2", "n3", "n4", "n5"])
-TAGS = st.lists(st.tuples(st.sampled_from(["a", "b", "role"]), st.sampled_from(["x", "y"])),
-                max_size=3, unique_by=lambda kv: kv[0]).map(lambda kv: tuple(sorted(kv)))
+TAGS = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "role"]), st.sampled_from(["x", "y"])),
+    max_size=3,
+    unique_by=lambda kv: kv[0],
+).map(lambda kv: tuple(sorted(kv)))
 SEQS = st.integers(min_value=0, max_value=30)
 
 messages: st.SearchStrategy[Message] = st.one_of(
@@ -134,8 +138,16 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Ack, SEQS),
     st.builds(Nack, SEQS),
 )
-member_states = st.builds(MemberState, NODES.map(nid), NAMES, ADDRS, INCS, st.integers(0, 2),
-                          TAGS, st.sampled_from(list(Status)))
+member_states = st.builds(
+    MemberState,
+    NODES.map(nid),
+    NAMES,
+    ADDRS,
+    INCS,
+    st.integers(0, 2),
+    TAGS,
+    st.sampled_from(list(Status)),
+)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(member_states, max_size=5).map(tuple))
 
 ops = st.one_of(
@@ -204,8 +216,9 @@ def test_random_traffic_keeps_invariants(steps: list[tuple[float, tuple[Any, ...
         for m in members:
             assert m.incarnation >= seen_inc.get(m.node, 0), m
             seen_inc[m.node] = m.incarnation
-        live = [m for m in members if m.node != nid(1) and m.status in (Status.ALIVE,
-                                                                          Status.SUSPECT)]
+        live = [
+            m for m in members if m.node != nid(1) and m.status in (Status.ALIVE, Status.SUSPECT)
+        ]
         assert r.node.live_count() == len(live) + 1
 
         for o in outs:

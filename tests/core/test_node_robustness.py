@@ -91,12 +91,15 @@ def test_newer_peer_fields_are_ignored() -> None:
     assert sends(outs) == [(addr(2), [Ack(5)])]
 
 
-@pytest.mark.parametrize("accusation", [
-    Suspect(nid(1), MAX_U64, nid(2)),
-    Dead(nid(1), MAX_U64, nid(2)),
-    Left(nid(1), MAX_U64),
-    alive(1, MAX_U64, tags=(("forged", "1"),)),
-])
+@pytest.mark.parametrize(
+    "accusation",
+    [
+        Suspect(nid(1), MAX_U64, nid(2)),
+        Dead(nid(1), MAX_U64, nid(2)),
+        Left(nid(1), MAX_U64),
+        alive(1, MAX_U64, tags=(("forged", "1"),)),
+    ],
+)
 def test_accusation_at_max_incarnation_does_not_break_the_node(accusation: object) -> None:
     r = started(2)
     # Nobody can outbid MAX_U64: the node does not refute (a counted drop)
@@ -193,8 +196,15 @@ def test_same_seed_same_choices_across_processes() -> None:
     choices = set()
     for hash_seed in ("1", "2", "3", "4"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=str(ROOT))
-        out = subprocess.run([sys.executable, "-c", _RECONNECT_CHOICE], env=env, cwd=ROOT,
-                             capture_output=True, text=True, check=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", _RECONNECT_CHOICE],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         choices.add(out.stdout.strip())
     assert len(choices) == 1, choices
 

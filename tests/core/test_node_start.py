@@ -149,8 +149,12 @@ def test_start_with_push_pull_disabled_and_persisted_state() -> None:
     r = Rig.make(config=cfg(push_pull_interval_s=0.0), incarnation=4, tags=(("role", "db"),))
     outs = r.start(addr(2))
     assert [t.timer.kind for t in of(outs, SetTimer)] == [
-        TimerKind.PROBE, TimerKind.RECONNECT, TimerKind.REAP]
+        TimerKind.PROBE,
+        TimerKind.RECONNECT,
+        TimerKind.REAP,
+    ]
     assert outs[0] == IncarnationChanged(4)
     (o,) = of(outs, OpenStream)
-    assert state_of(o.data) == PushPull(True, (MemberState(
-        nid(1), name(1), addr(1), 4, 0, (("role", "db"),), Status.ALIVE),))
+    assert state_of(o.data) == PushPull(
+        True, (MemberState(nid(1), name(1), addr(1), 4, 0, (("role", "db"),), Status.ALIVE),)
+    )

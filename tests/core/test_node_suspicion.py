@@ -47,7 +47,7 @@ def gossip(r: Rig) -> list:
 
 def fail_probe(r: Rig) -> tuple[int, float]:
     """Run one probe nobody answers; returns (target, time the suspicion starts)."""
-    (_, ping), = sent_msgs(r.fire(TimerKind.PROBE), Ping)
+    ((_, ping),) = sent_msgs(r.fire(TimerKind.PROBE), Ping)
     r.fire(TimerKind.PROBE_TIMEOUT)
     return int.from_bytes(ping.target, "big"), r.timer(TimerKind.PROBE).at
 
@@ -112,7 +112,7 @@ def test_duplicate_and_origin_confirmations_do_not_count() -> None:
     assert (TimerKind.SUSPICION, 10.0 + HIGH) in armed_at(outs)
     # With K = 3 of 5 live nodes, every node checks a fresh suspicion itself:
     # a buddy ping plus a confirm timer (2K/N >= 1).
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert dst == addr(2)
     assert msgs == [Suspect(nid(2), 0, nid(1)), Ping(1, nid(2)), Suspect(nid(2), 0, nid(3))]
     assert (TimerKind.CONFIRM_TIMEOUT, 10.5) in armed_at(outs)

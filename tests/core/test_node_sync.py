@@ -60,8 +60,9 @@ def test_stream_request_is_merged_then_answered_with_the_merged_state() -> None:
     # The merge comes first (its event and the GOSSIP timer for the news),
     # then the reply, which already includes what we just learned.
     assert nologs(outs) == [
-        MemberEvent(EventKind.JOINED, MemberInfo(nid(2), name(2), addr(2), Status.ALIVE, 0, 0,
-                                                 tags)),
+        MemberEvent(
+            EventKind.JOINED, MemberInfo(nid(2), name(2), addr(2), Status.ALIVE, 0, 0, tags)
+        ),
         SetTimer(first_gossip_at(1.0), r.timer(TimerKind.GOSSIP).timer),
         StreamReply(7, codec.encode(PushPull(False, (st(1), st(3), st(2, tags=tags))))),
         WatchLinks((addr(2),)),
@@ -77,8 +78,15 @@ def test_reply_carries_every_member_with_its_status() -> None:
     r.recv(2, alive(3, inc=2), now=0.5)
     r.recv(2, Suspect(nid(2), 0, nid(3)), Dead(nid(3), 2, nid(2)), Left(nid(4), 1), now=0.6)
     outs = r.stream_in(1, 9, PushPull(False, ()), now=1.0)
-    assert state_of(outs[0].data) == PushPull(False, (  # type: ignore[union-attr]
-        st(1), st(2, Status.SUSPECT), st(3, Status.DEAD, 2), st(4, Status.LEFT, 1)))
+    assert state_of(outs[0].data) == PushPull(
+        False,
+        (  # type: ignore[union-attr]
+            st(1),
+            st(2, Status.SUSPECT),
+            st(3, Status.DEAD, 2),
+            st(4, Status.LEFT, 1),
+        ),
+    )
 
 
 def test_remote_dead_for_a_member_we_see_alive_is_only_a_suspicion() -> None:
@@ -92,16 +100,25 @@ def test_remote_dead_for_a_member_we_see_alive_is_only_a_suspicion() -> None:
 
 def test_remote_suspect_and_left() -> None:
     r = started(3, 4)
-    outs = r.stream_in(7, 2, PushPull(False, (st(3, Status.SUSPECT), st(4, Status.LEFT, 1),
-                                              st(5, Status.SUSPECT))), now=1.0)
-    assert events(outs) == [(EventKind.SUSPECT, nid(3)), (EventKind.LEFT, nid(4)),
-                            (EventKind.JOINED, nid(5)), (EventKind.SUSPECT, nid(5))]
+    outs = r.stream_in(
+        7,
+        2,
+        PushPull(False, (st(3, Status.SUSPECT), st(4, Status.LEFT, 1), st(5, Status.SUSPECT))),
+        now=1.0,
+    )
+    assert events(outs) == [
+        (EventKind.SUSPECT, nid(3)),
+        (EventKind.LEFT, nid(4)),
+        (EventKind.JOINED, nid(5)),
+        (EventKind.SUSPECT, nid(5)),
+    ]
 
 
 def test_remote_dead_or_left_for_an_unknown_node_is_remembered_quietly() -> None:
     r = started(3)
-    outs = r.stream_in(7, 2, PushPull(False, (st(5, Status.DEAD, 4), st(6, Status.LEFT, 1))),
-                       now=1.0)
+    outs = r.stream_in(
+        7, 2, PushPull(False, (st(5, Status.DEAD, 4), st(6, Status.LEFT, 1))), now=1.0
+    )
     assert events(outs) == []
     assert r.status(5) is Status.DEAD and r.status(6) is Status.LEFT
     # A stale Alive cannot resurrect it; a newer one can.
@@ -133,8 +150,14 @@ def test_reply_carries_the_merged_view_of_others() -> None:
     assert events(outs) == [(EventKind.JOINED, nid(2)), (EventKind.SUSPECT, nid(3))]
     (reply,) = of(outs, StreamReply)
     assert nologs(outs).index(reply) > nologs(outs).index(of(outs, MemberEvent)[-1])
-    assert state_of(reply.data) == PushPull(False, (  # type: ignore[arg-type]
-        st(1), st(3, Status.SUSPECT), st(2)))
+    assert state_of(reply.data) == PushPull(
+        False,
+        (  # type: ignore[arg-type]
+            st(1),
+            st(3, Status.SUSPECT),
+            st(2),
+        ),
+    )
 
 
 def test_remote_state_with_unusable_address_is_dropped() -> None:
@@ -262,10 +285,12 @@ def test_reconnect_retries_a_dead_member() -> None:
     (o,) = of(outs, OpenStream)
     assert o.dst == addr(2)
     # n2 answers: it was declared dead and refuted meanwhile.
-    outs = r.handle(StreamResponse(o.stream, codec.encode(PushPull(False, (st(2, inc=1),)))),
-                    now=10.1)
-    assert of(outs, MemberEvent) == [MemberEvent(EventKind.ALIVE, r.node.member(nid(2)),
-                                                     revived=True)]  # type: ignore[arg-type]
+    outs = r.handle(
+        StreamResponse(o.stream, codec.encode(PushPull(False, (st(2, inc=1),)))), now=10.1
+    )
+    assert of(outs, MemberEvent) == [
+        MemberEvent(EventKind.ALIVE, r.node.member(nid(2)), revived=True)
+    ]  # type: ignore[arg-type]
     assert r.status(2) is Status.ALIVE
 
 

@@ -47,7 +47,7 @@ def test_indirect_probe_through_a_real_helper() -> None:
     a, b, c = trio()
     for _ in range(4):  # probe until a targets c; b answers its probes
         outs = a.fire(TimerKind.PROBE)
-        (dst, msgs), = sends(outs)
+        ((dst, msgs),) = sends(outs)
         if dst == addr(3):
             break
         deliver(b, deliver(a, outs, [b])[2], [a])
@@ -59,7 +59,7 @@ def test_indirect_probe_through_a_real_helper() -> None:
     outs = a.fire(TimerKind.PROBE_TIMEOUT)
     assert sends(outs) == [(addr(2), [PingReq(seq, nid(3), addr(3), True)])]
     b_outs = deliver(a, outs, [b])[2]
-    (dst, relay), = sends(b_outs)
+    ((dst, relay),) = sends(b_outs)
     assert dst == addr(3) and isinstance(relay[0], Ping) and relay[0].target == nid(3)
     c_outs = deliver(b, b_outs, [c])[3]
     assert sends(c_outs) == [(addr(2), [Ack(relay[0].seq)])]
@@ -94,12 +94,12 @@ def suspect_b(a: Rig) -> list:
 def test_buddy_ping_makes_a_live_suspect_refute() -> None:
     a, b = two()
     outs = suspect_b(a)
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert dst == addr(2) and Suspect(nid(2), 0, nid(1)) in msgs
 
     b_outs = deliver(a, outs, [b], now=a.now + 0.001)[2]
     assert b.node.incarnation == 1
-    (dst, reply), = sends(b_outs)
+    ((dst, reply),) = sends(b_outs)
     (ping,) = [m for m in msgs if isinstance(m, Ping)]
     assert (dst, reply[0]) == (addr(1), Ack(ping.seq))
     b_outs += b.drain()  # the refutation spreads (here: to a, b's only peer)
@@ -113,7 +113,7 @@ def test_ack_to_a_buddy_ping_carries_the_refutation() -> None:
     outs = suspect_b(a)
     # Suspicion first, so that b has refuted (and queued its Alive) by the
     # time it reads the ping and acks.
-    (dst, msgs), = sends(outs)
+    ((dst, msgs),) = sends(outs)
     assert (dst, msgs[:2]) == (addr(2), [Suspect(nid(2), 0, nid(1)), Ping(2, nid(2))])
     b_outs = deliver(a, outs, [b], now=a.now + 0.001)[2]
     assert sends(b_outs) == [(addr(1), [Ack(2), alive(2, inc=1)])]
@@ -145,7 +145,7 @@ def test_ping_from_a_node_held_dead_makes_it_refute() -> None:
     a.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)  # a is alone now: the news stays queued
     assert a.status(2) is Status.DEAD
     outs = b.fire(TimerKind.PROBE)
-    (dst, (ping,)), = sends(outs)
+    ((dst, (ping,)),) = sends(outs)
     assert dst == addr(1) and isinstance(ping, Ping)
 
     a_outs = deliver(b, outs, [a], now=b.now + 0.001)[1]
@@ -178,7 +178,7 @@ def test_helpers_nack_before_the_requesters_probe_period_ends() -> None:
     a = rigs[1]
     outs = a.fire(TimerKind.PROBE)
     t = a.now
-    (target_addr, ping), = sent_msgs(outs, Ping)  # the target is down: never delivered
+    ((target_addr, ping),) = sent_msgs(outs, Ping)  # the target is down: never delivered
     target = int.from_bytes(ping.target, "big")
     period_end = a.timer(TimerKind.PROBE).at
     assert period_end == t + config.probe_interval_s
@@ -187,7 +187,8 @@ def test_helpers_nack_before_the_requesters_probe_period_ends() -> None:
     outs = a.fire(TimerKind.PROBE_TIMEOUT)
     assert a.now == t + config.probe_timeout_s
     assert sorted(dst for dst, _ in sent_msgs(outs, PingReq)) == sorted(
-        h.node.local_member().addr for h in helpers)
+        h.node.local_member().addr for h in helpers
+    )
     deliver(a, outs, helpers, now=a.now + 0.001)
     for h in helpers:
         h_outs = h.fire(TimerKind.INDIRECT_TIMEOUT)

@@ -21,8 +21,12 @@ def ids(n: int) -> list[bytes]:
 
 
 def snapshot(nodes: list[bytes]) -> shared.Snapshot:
-    return shared.Snapshot([MemberState(x, f"n{i}", ("10.0.0.1", 1000 + i), 0, 1, (),
-                                        Status.ALIVE) for i, x in enumerate(nodes)])
+    return shared.Snapshot(
+        [
+            MemberState(x, f"n{i}", ("10.0.0.1", 1000 + i), 0, 1, (), Status.ALIVE)
+            for i, x in enumerate(nodes)
+        ]
+    )
 
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(0, N + 9)), max_size=80)
@@ -30,8 +34,9 @@ ops = st.lists(st.tuples(st.booleans(), st.integers(0, N + 9)), max_size=80)
 
 @settings(max_examples=200, deadline=None)
 @given(ops=ops, me_in_base=st.booleans())
-def test_ring_and_live_set_match_the_plain_structures(ops: list[tuple[bool, int]],
-                                                      me_in_base: bool) -> None:
+def test_ring_and_live_set_match_the_plain_structures(
+    ops: list[tuple[bool, int]], me_in_base: bool
+) -> None:
     every = ids(N + 10)  # the last 10 are not in the snapshot
     me = every[0] if me_in_base else every[N]
     snap = snapshot(every[:N])

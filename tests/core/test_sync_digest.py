@@ -45,8 +45,14 @@ def state(i: int, inc: int = 0, status: Status = Status.ALIVE) -> MemberState:
 
 
 def make(i: int, n: int = N, shared: bool = False) -> tuple[Node, list[Output]]:
-    node = Node(node_id=nid(i), name=f"n{i}", addr=addr(i), config=config.lan(),
-                rng=random.Random(i), generation=1)
+    node = Node(
+        node_id=nid(i),
+        name=f"n{i}",
+        addr=addr(i),
+        config=config.lan(),
+        rng=random.Random(i),
+        generation=1,
+    )
     states = [state(j) for j in range(n)]
     if shared:
         from peerd.core.shared import Snapshot
@@ -81,8 +87,9 @@ def test_bucket_hash_is_an_order_free_xor() -> None:
     assert a.hashes(0) != b.hashes(0) and len(a.hashes(3)) == 4 * 8
 
 
-@pytest.mark.parametrize(("members", "bits"), [(1, 0), (16, 0), (17, 1), (300, 5), (1000, 6),
-                                               (10_000, 10), (10**6, 12)])
+@pytest.mark.parametrize(
+    ("members", "bits"), [(1, 0), (16, 0), (17, 1), (300, 5), (1000, 6), (10_000, 10), (10**6, 12)]
+)
 def test_about_sixteen_members_per_bucket(members: int, bits: int) -> None:
     assert digest.bits_for(members) == bits
 
@@ -139,13 +146,19 @@ def _exchange(a: Node, b: Node, outs: list[Output], now: float) -> int:
     while pending:
         o = pending.pop(0)
         moved += len(o.data)
-        (rep,) = [x for x in b.handle(now, StreamRequest(77, addr(1), o.data))
-                  if isinstance(x, StreamReply)]
+        (rep,) = [
+            x
+            for x in b.handle(now, StreamRequest(77, addr(1), o.data))
+            if isinstance(x, StreamReply)
+        ]
         assert rep.data is not None
         moved += len(rep.data)
         back = a.handle(now, StreamResponse(o.stream, rep.data))
-        pending += [x for x in back if isinstance(x, OpenStream)
-                    and isinstance(codec.decode(x.data), SyncRows)]
+        pending += [
+            x
+            for x in back
+            if isinstance(x, OpenStream) and isinstance(codec.decode(x.data), SyncRows)
+        ]
     return moved
 
 

@@ -70,17 +70,39 @@ def nack_at(now: float, config: SwimConfig | None = None) -> float:
     return now + NACK_AFTER * min(c.probe_timeout_s, c.probe_interval_s - c.probe_timeout_s)
 
 
-def make_node(i: int = 1, *, seed: int = 7, config: SwimConfig | None = None,
-              incarnation: int = 0, generation: int = 0, tags: Tags = ()) -> Node:
-    return Node(node_id=nid(i), name=name(i), addr=addr(i), config=config or cfg(),
-                rng=random.Random(seed), incarnation=incarnation, generation=generation,
-                tags=tags)
+def make_node(
+    i: int = 1,
+    *,
+    seed: int = 7,
+    config: SwimConfig | None = None,
+    incarnation: int = 0,
+    generation: int = 0,
+    tags: Tags = (),
+) -> Node:
+    return Node(
+        node_id=nid(i),
+        name=name(i),
+        addr=addr(i),
+        config=config or cfg(),
+        rng=random.Random(seed),
+        incarnation=incarnation,
+        generation=generation,
+        tags=tags,
+    )
 
 
-def alive(i: int, inc: int = 0, *, gen: int = 0, tags: Tags = (), nm: str | None = None,
-          at: Addr | None = None) -> Alive:
-    return Alive(nid(i), nm if nm is not None else name(i), at if at is not None else addr(i),
-                 inc, gen, tags)
+def alive(
+    i: int,
+    inc: int = 0,
+    *,
+    gen: int = 0,
+    tags: Tags = (),
+    nm: str | None = None,
+    at: Addr | None = None,
+) -> Alive:
+    return Alive(
+        nid(i), nm if nm is not None else name(i), at if at is not None else addr(i), inc, gen, tags
+    )
 
 
 def packet(*msgs: Message) -> bytes:
@@ -134,8 +156,9 @@ def events(outs: Iterable[Output]) -> list[tuple[EventKind, NodeId]]:
     return [(e.kind, e.member.node) for e in of(outs, MemberEvent)]
 
 
-def fire(node: Node, outs: Iterable[Output], kind: TimerKind,
-         now: float | None = None) -> list[Output]:
+def fire(
+    node: Node, outs: Iterable[Output], kind: TimerKind, now: float | None = None
+) -> list[Output]:
     """Fire the one timer of ``kind`` armed in ``outs`` (at its deadline by default)."""
     t = one(timers(outs, kind), SetTimer)
     return node.handle(t.at if now is None else now, TimerFired(t.timer))
@@ -178,8 +201,9 @@ class Rig:
     def recv_raw(self, src: int | Addr, data: bytes, now: float | None = None) -> list[Output]:
         return self.handle(PacketIn(addr(src) if isinstance(src, int) else src, data), now)
 
-    def stream_in(self, stream: int, src: int | Addr, msg: Message,
-                  now: float | None = None) -> list[Output]:
+    def stream_in(
+        self, stream: int, src: int | Addr, msg: Message, now: float | None = None
+    ) -> list[Output]:
         src_addr = addr(src) if isinstance(src, int) else src
         return self.handle(StreamRequest(stream, src_addr, codec.encode(msg)), now)
 
@@ -231,8 +255,9 @@ class Rig:
         return None if m is None else m.status
 
 
-def deliver(sender: Rig, outs: Iterable[Output], rigs: Iterable[Rig],
-            now: float | None = None) -> dict[int, list[Output]]:
+def deliver(
+    sender: Rig, outs: Iterable[Output], rigs: Iterable[Rig], now: float | None = None
+) -> dict[int, list[Output]]:
     """Hand the datagrams in ``outs`` from ``sender`` to whichever of ``rigs``
     they are addressed to; returns each receiver's outputs by node number."""
     by_addr = {r.node.local_member().addr: r for r in rigs}

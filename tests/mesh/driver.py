@@ -67,10 +67,16 @@ def _pair(a: NodeId, b: NodeId) -> tuple[NodeId, NodeId]:
 
 
 class World:
-    def __init__(self, seed: int, config: MeshConfig | None = None, *,
-                 latency: tuple[float, float] = (0.001, 0.010),
-                 hyparview_only: bool = False, check_codec: bool = True,
-                 stalls: tuple[float, float, float] | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        config: MeshConfig | None = None,
+        *,
+        latency: tuple[float, float] = (0.001, 0.010),
+        hyparview_only: bool = False,
+        check_codec: bool = True,
+        stalls: tuple[float, float, float] | None = None,
+    ) -> None:
         """``stalls``: (per second, shortest, longest): each node pauses now
         and then, as on a loaded host; what arrives for it and its timers
         wait until it runs again."""
@@ -160,14 +166,16 @@ class World:
         outs = self.nodes[node].handle(self.now, inp)
         if self.trace is not None:
             self.trace.append(f"{self.now:.4f} n{int.from_bytes(node, 'big')} <- {_short(inp)}")
-            self.trace.extend(f"    -> {_short(o)}" for o in outs
-                              if not isinstance(o, SetMeshTimer))
+            self.trace.extend(
+                f"    -> {_short(o)}" for o in outs if not isinstance(o, SetMeshTimer)
+            )
         for o in outs:
             self._apply(node, o)
         return outs
 
-    def broadcast(self, node: NodeId, payload: bytes,
-                  channel: Channel = Channel.USER) -> BroadcastResult:
+    def broadcast(
+        self, node: NodeId, payload: bytes, channel: Channel = Channel.USER
+    ) -> BroadcastResult:
         self._ref += 1
         self.feed(node, Broadcast(self._ref, channel, payload))
         return self.results[self._ref]
@@ -302,8 +310,7 @@ def _short(o: object) -> str:
     import re
 
     text = repr(o)
-    text = re.sub(r"b'((?:\\x00){15})\\x([0-9a-f]{2})'",
-                  lambda m: f"n{int(m.group(2), 16)}", text)
+    text = re.sub(r"b'((?:\\x00){15})\\x([0-9a-f]{2})'", lambda m: f"n{int(m.group(2), 16)}", text)
     text = re.sub(r"b'(?:\\x00){15}(.)'", lambda m: f"n{ord(m.group(1))}", text)
     text = re.sub(r"MeshPeer\(node=(n\d+), addr=\([^)]*\)\)", r"\1", text)
     return text
@@ -320,9 +327,13 @@ class TreeNet:
     maps each node to when it delivered that broadcast.
     """
 
-    def __init__(self, links: list[tuple[int, int]], config: PlumtreeConfig | None = None,
-                 latency: dict[tuple[int, int], float] | None = None,
-                 default_latency: float = 0.001) -> None:
+    def __init__(
+        self,
+        links: list[tuple[int, int]],
+        config: PlumtreeConfig | None = None,
+        latency: dict[tuple[int, int], float] | None = None,
+        default_latency: float = 0.001,
+    ) -> None:
         from peerd.core.mesh.plumtree import Plumtree
 
         self.config = config or PlumtreeConfig()
@@ -374,8 +385,10 @@ class TreeNet:
 
     def _send(self, a: int, b: int, msg: Any) -> None:
         msg = codec.decode(codec.encode(msg))
-        when = max(self.now + self.latency.get((a, b), self.default_latency),
-                   self._chan_at.get((a, b), 0.0))
+        when = max(
+            self.now + self.latency.get((a, b), self.default_latency),
+            self._chan_at.get((a, b), 0.0),
+        )
         self._chan_at[(a, b)] = when
         self._at(when, functools.partial(self.feed, b, MessageIn(nid(a), msg)))
 

@@ -45,8 +45,7 @@ def test_restarts_and_a_single_revival_are_not_bridged_to() -> None:
     r = started()
     # Restarted processes come back as plain alive hints: passive seeds only.
     r.handle(MembershipHint(dead=(nid(40), nid(41), nid(42))), now=2.0)
-    assert neighbor_requests(r.handle(MembershipHint(alive=peers(40, 41, 42)),
-                                      now=5.0)) == []
+    assert neighbor_requests(r.handle(MembershipHint(alive=peers(40, 41, 42)), now=5.0)) == []
     assert nid(40) in r.core.passive_ids()
     # One refuted death is a false positive, not a heal.
     r.handle(MembershipHint(dead=(nid(10),)), now=6.0)

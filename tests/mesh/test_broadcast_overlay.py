@@ -63,11 +63,13 @@ def broadcast(w: World, origin: NodeId | None = None, settle_s: float = 1.5) -> 
 
 
 def summary(label: str, runs: list[Stats]) -> str:
-    return (f"{label}: reliability min {min(s.reliability for s in runs):.3f}, "
-            f"redundancy mean {statistics.mean(s.redundancy for s in runs):.3f} "
-            f"max {max(s.redundancy for s in runs):.3f}, "
-            f"hops mean {statistics.mean(s.mean_hops for s in runs):.2f} "
-            f"max {max(s.max_hops for s in runs)}")
+    return (
+        f"{label}: reliability min {min(s.reliability for s in runs):.3f}, "
+        f"redundancy mean {statistics.mean(s.redundancy for s in runs):.3f} "
+        f"max {max(s.redundancy for s in runs):.3f}, "
+        f"hops mean {statistics.mean(s.mean_hops for s in runs):.2f} "
+        f"max {max(s.max_hops for s in runs)}"
+    )
 
 
 def test_broadcast_reaches_everyone_along_a_tree() -> None:

@@ -40,8 +40,9 @@ from .util import Rig, hv_cfg, hv_rig, ids, nid, notimers, one, peer, peers, wit
 ME = peer(1)
 
 
-def joined(*active: int, passive: tuple[int, ...] = (), config: HyParViewConfig | None = None
-           ) -> Rig:
+def joined(
+    *active: int, passive: tuple[int, ...] = (), config: HyParViewConfig | None = None
+) -> Rig:
     """A started node with ``active`` neighbours and ``passive`` peers."""
     r = hv_rig(config)
     r.handle(JoinMesh())
@@ -58,10 +59,19 @@ def joined(*active: int, passive: tuple[int, ...] = (), config: HyParViewConfig 
 # --- formulas --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "active", "passive"), [
-    (1, 1, 6), (2, 2, 12), (10, 2, 12), (11, 3, 18), (100, 3, 18), (1000, 4, 24),
-    (10_000, 5, 30), (10_001, 6, 36),
-])
+@pytest.mark.parametrize(
+    ("n", "active", "passive"),
+    [
+        (1, 1, 6),
+        (2, 2, 12),
+        (10, 2, 12),
+        (11, 3, 18),
+        (100, 3, 18),
+        (1000, 4, 24),
+        (10_000, 5, 30),
+        (10_001, 6, 36),
+    ],
+)
 def test_view_sizes(n: int, active: int, passive: int) -> None:
     assert active_view_size(n) == active
     assert passive_view_size(n) == passive
@@ -69,8 +79,10 @@ def test_view_sizes(n: int, active: int, passive: int) -> None:
 
 def test_defaults_are_the_papers_for_ten_thousand_nodes() -> None:
     cfg = HyParViewConfig()
-    assert (cfg.active_size, cfg.passive_size) == (active_view_size(10_000),
-                                                   passive_view_size(10_000))
+    assert (cfg.active_size, cfg.passive_size) == (
+        active_view_size(10_000),
+        passive_view_size(10_000),
+    )
     assert (cfg.arwl, cfg.prwl) == (6, 3)
 
 
@@ -161,8 +173,9 @@ def test_forward_join_at_prwl_leaves_the_joiner_passive() -> None:
 
 
 @pytest.mark.parametrize(("active", "ttl"), [((2, 3), 0), ((2,), 4)])
-def test_forward_join_ends_asking_the_joiner_with_high_priority(active: tuple[int, ...],
-                                                                 ttl: int) -> None:
+def test_forward_join_ends_asking_the_joiner_with_high_priority(
+    active: tuple[int, ...], ttl: int
+) -> None:
     r = joined(*active)
     outs = r.recv(2, ForwardJoin(peer(9), ttl), now=5.0)
     assert notimers(outs) == [Connect(peer(9)), Send(nid(9), Neighbor(ME, True))]
@@ -172,8 +185,7 @@ def test_forward_join_ends_asking_the_joiner_with_high_priority(active: tuple[in
 
 def test_forward_join_ttl_is_capped_at_arwl() -> None:
     r = joined(2, 3)
-    assert notimers(r.recv(2, ForwardJoin(peer(9), 200))) == [
-        Send(nid(3), ForwardJoin(peer(9), 3))]
+    assert notimers(r.recv(2, ForwardJoin(peer(9), 200))) == [Send(nid(3), ForwardJoin(peer(9), 3))]
 
 
 def test_forward_join_back_to_the_joiner_or_to_a_neighbour_ends_quietly() -> None:
@@ -194,13 +206,17 @@ def test_forward_join_with_nowhere_else_to_go_ends_here() -> None:
 def test_low_priority_request_accepted_when_there_is_room() -> None:
     r = joined(2)
     assert notimers(r.recv(5, Neighbor(peer(5), False))) == [
-        NeighborUp(peer(5)), Send(nid(5), NeighborReply(True))]
+        NeighborUp(peer(5)),
+        Send(nid(5), NeighborReply(True)),
+    ]
 
 
 def test_low_priority_request_refused_when_full() -> None:
     r = joined(2, 3, 4)
     assert notimers(r.recv(5, Neighbor(peer(5), False))) == [
-        Send(nid(5), NeighborReply(False)), CloseLink(nid(5))]
+        Send(nid(5), NeighborReply(False)),
+        CloseLink(nid(5)),
+    ]
     assert ids(r.core.passive_ids()) == [5]
     assert r.counter("neighbor_refused") == 1
 
@@ -210,15 +226,22 @@ def test_pending_requests_count_against_room() -> None:
     r.handle(LinkDown(nid(4)))  # asks 6 (low priority: 2 and 3 are still there)
     assert ids(r.core.pending_ids()) == [6]
     assert notimers(r.recv(5, Neighbor(peer(5), False))) == [
-        Send(nid(5), NeighborReply(False)), CloseLink(nid(5))]
+        Send(nid(5), NeighborReply(False)),
+        CloseLink(nid(5)),
+    ]
 
 
 def test_high_priority_request_accepted_when_full() -> None:
     r = joined(2, 3, 4)
     outs = notimers(r.recv(5, Neighbor(peer(5), True)))
     victim = one(outs, NeighborDown).peer
-    assert outs == [NeighborDown(victim), Send(victim.node, Disconnect(True)),
-                    CloseLink(victim.node), NeighborUp(peer(5)), Send(nid(5), NeighborReply(True))]
+    assert outs == [
+        NeighborDown(victim),
+        Send(victim.node, Disconnect(True)),
+        CloseLink(victim.node),
+        NeighborUp(peer(5)),
+        Send(nid(5), NeighborReply(True)),
+    ]
     assert len(r.core.active_ids()) == 3
 
 
@@ -233,7 +256,9 @@ def test_crossing_requests_make_both_neighbours() -> None:
     assert ids(r.core.pending_ids()) == [6]
     # 6 asked us at the same time: its request answers ours.
     assert notimers(r.recv(6, Neighbor(peer(6), False))) == [
-        NeighborUp(peer(6)), Send(nid(6), NeighborReply(True))]
+        NeighborUp(peer(6)),
+        Send(nid(6), NeighborReply(True)),
+    ]
     assert r.core.pending_ids() == []
     # Then its answer to our request changes nothing.
     assert notimers(r.recv(6, NeighborReply(True))) == []
@@ -260,8 +285,9 @@ def test_refusal_cools_the_peer_down_and_waits_for_the_tick_when_not_short() -> 
     # The tick asks the other one; the refusing peer waits for its cooldown.
     outs = r.fire(MeshTimerKind.SHUFFLE)
     assert Send(other, Neighbor(ME, False)) in outs
-    assert not [o for o in outs if isinstance(o, Send) and o.dst == asked
-                and isinstance(o.msg, Neighbor)]
+    assert not [
+        o for o in outs if isinstance(o, Send) and o.dst == asked and isinstance(o.msg, Neighbor)
+    ]
 
 
 def test_refusal_of_a_short_node_tries_the_next_candidate_at_once() -> None:
@@ -270,14 +296,19 @@ def test_refusal_of_a_short_node_tries_the_next_candidate_at_once() -> None:
     (asked,) = r.core.pending_ids()
     other = nid(6) if asked == nid(7) else nid(7)
     outs = r.recv(ids([asked])[0], NeighborReply(False))
-    assert notimers(outs) == [CloseLink(asked), Connect(peer(ids([other])[0])),
-                              Send(other, Neighbor(ME, True))]
+    assert notimers(outs) == [
+        CloseLink(asked),
+        Connect(peer(ids([other])[0])),
+        Send(other, Neighbor(ME, True)),
+    ]
 
 
 def test_late_accept_is_undone() -> None:
     r = joined(2)
     assert notimers(r.recv(5, NeighborReply(True))) == [
-        Send(nid(5), Disconnect(True)), CloseLink(nid(5))]
+        Send(nid(5), Disconnect(True)),
+        CloseLink(nid(5)),
+    ]
     assert r.counter("late_accept") == 1
 
 
@@ -300,8 +331,12 @@ def test_stray_refusal_is_ignored() -> None:
 def test_disconnect_keeps_the_peer_passive_and_refills_from_others() -> None:
     r = joined(2, 3, passive=(6,))
     outs = notimers(r.recv(2, Disconnect(True)))
-    assert outs == [NeighborDown(peer(2)), CloseLink(nid(2)), Connect(peer(6)),
-                    Send(nid(6), Neighbor(ME, False))]
+    assert outs == [
+        NeighborDown(peer(2)),
+        CloseLink(nid(2)),
+        Connect(peer(6)),
+        Send(nid(6), Neighbor(ME, False)),
+    ]
     assert ids(r.core.passive_ids()) == [2]
 
 
@@ -326,8 +361,12 @@ def test_last_neighbour_gone_with_nothing_passive_rejoins_a_contact() -> None:
     outs = notimers(r.recv(2, Disconnect(True)))
     # 2 went passive, but we exclude the peer that just dropped us from the
     # immediate refill, so with nobody else the contact is joined again.
-    assert outs == [NeighborDown(peer(2)), CloseLink(nid(2)), Connect(peer(2)),
-                    Send(nid(2), MeshJoin(ME))]
+    assert outs == [
+        NeighborDown(peer(2)),
+        CloseLink(nid(2)),
+        Connect(peer(2)),
+        Send(nid(2), MeshJoin(ME)),
+    ]
 
 
 # --- shuffle ---------------------------------------------------------------------
@@ -480,8 +519,12 @@ def test_leave_tells_every_neighbour_and_closes_everything() -> None:
     r = joined(2, 3, passive=(6,))
     outs = notimers(r.handle(LeaveMesh()))
     assert outs == [
-        Send(nid(2), Disconnect(False)), NeighborDown(peer(2)), CloseLink(nid(2)),
-        Send(nid(3), Disconnect(False)), NeighborDown(peer(3)), CloseLink(nid(3)),
+        Send(nid(2), Disconnect(False)),
+        NeighborDown(peer(2)),
+        CloseLink(nid(2)),
+        Send(nid(3), Disconnect(False)),
+        NeighborDown(peer(3)),
+        CloseLink(nid(3)),
     ]
     assert r.core.active_ids() == [] and r.core.passive_ids() == []
     assert notimers(r.recv(5, Neighbor(peer(5), True))) == []
@@ -508,4 +551,3 @@ def test_views_stay_within_bounds_and_disjoint() -> None:
         assert len(active) <= 3 and len(passive) <= 4
         assert not set(active) & set(passive)
         assert nid(1) not in active and nid(1) not in passive
-

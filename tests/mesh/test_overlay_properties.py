@@ -51,16 +51,30 @@ def check_settled(w: World) -> None:
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32), script=ops,
-       timeout=st.sampled_from([0.004, 0.03, 3.0]), latency=st.sampled_from([0.001, 0.01]))
-def test_active_views_stay_symmetric_and_bounded(seed: int, script: list[tuple[str, float]],
-                                                 timeout: float, latency: float) -> None:
+@given(
+    seed=st.integers(0, 2**32),
+    script=ops,
+    timeout=st.sampled_from([0.004, 0.03, 3.0]),
+    latency=st.sampled_from([0.001, 0.01]),
+)
+def test_active_views_stay_symmetric_and_bounded(
+    seed: int, script: list[tuple[str, float]], timeout: float, latency: float
+) -> None:
     # A neighbour timeout near the link latency makes requests time out while
     # their answers are on the way: the late-answer paths get exercised.
-    cfg = MeshConfig(HyParViewConfig(active_size=ACTIVE, passive_size=PASSIVE, arwl=4, prwl=2,
-                                     shuffle_interval_s=0.25, shuffle_active=2,
-                                     shuffle_passive=2, neighbor_timeout_s=timeout,
-                                     reject_cooldown_s=0.5))
+    cfg = MeshConfig(
+        HyParViewConfig(
+            active_size=ACTIVE,
+            passive_size=PASSIVE,
+            arwl=4,
+            prwl=2,
+            shuffle_interval_s=0.25,
+            shuffle_active=2,
+            shuffle_passive=2,
+            neighbor_timeout_s=timeout,
+            reject_cooldown_s=0.5,
+        )
+    )
     w = World(seed, cfg, latency=(latency / 10, latency), hyparview_only=True)
     w.join(1)
     ever = 1
@@ -88,8 +102,12 @@ def test_active_views_stay_symmetric_and_bounded(seed: int, script: list[tuple[s
                     node = live[int(arg) % len(live)]
                     others = [int.from_bytes(n, "big") for n in live if n != node]
                     dead = [n for n in w.nodes if not w.alive[n]]
-                    w.feed(node, MembershipHint(alive=tuple(peer(i) for i in others[:4]),
-                                                dead=tuple(dead[:2])))
+                    w.feed(
+                        node,
+                        MembershipHint(
+                            alive=tuple(peer(i) for i in others[:4]), dead=tuple(dead[:2])
+                        ),
+                    )
             case "run":
                 w.run_for(arg)
         check_bounds(w)
@@ -104,8 +122,9 @@ def test_active_views_stay_symmetric_and_bounded(seed: int, script: list[tuple[s
 
 
 def test_a_settled_overlay_of_forty_is_full_and_symmetric() -> None:
-    cfg = MeshConfig(HyParViewConfig(active_size=ACTIVE, passive_size=PASSIVE,
-                                     shuffle_interval_s=0.5))
+    cfg = MeshConfig(
+        HyParViewConfig(active_size=ACTIVE, passive_size=PASSIVE, shuffle_interval_s=0.5)
+    )
     w = World(5, cfg, hyparview_only=True)
     w.join(1)
     for i in range(2, 41):

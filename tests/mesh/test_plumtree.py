@@ -36,8 +36,9 @@ ORIGIN = nid(50)
 USER = channel_priority(Channel.USER)
 
 
-def gossip(rnd: int = 3, msg_id: bytes = M1, payload: bytes = b"data",
-           channel: Channel = Channel.USER) -> Gossip:
+def gossip(
+    rnd: int = 3, msg_id: bytes = M1, payload: bytes = b"data", channel: Channel = Channel.USER
+) -> Gossip:
     return Gossip(msg_id, ORIGIN, rnd, channel, payload)
 
 
@@ -77,13 +78,15 @@ def test_broadcast_pushes_to_eager_and_announces_to_lazy() -> None:
     mid = result.id
     assert len(mid) == 16 and mid.endswith((1).to_bytes(8, "big"))
     g = Gossip(mid, nid(1), 1, Channel.USER, b"hi")
-    assert outs == [Send(nid(2), g, USER), Send(nid(4), g, USER),
-                    SetMeshTimer(1.05, r.timer(MeshTimerKind.IHAVE_FLUSH).timer),
-                    BroadcastResult(7, id=mid)]
+    assert outs == [
+        Send(nid(2), g, USER),
+        Send(nid(4), g, USER),
+        SetMeshTimer(1.05, r.timer(MeshTimerKind.IHAVE_FLUSH).timer),
+        BroadcastResult(7, id=mid),
+    ]
     # The origin does not deliver to itself, and a copy coming back is a duplicate.
     assert r.core.has_seen(mid)
-    assert r.fire(MeshTimerKind.IHAVE_FLUSH) == [
-        Send(nid(3), ihave((mid, 1)), 0)]
+    assert r.fire(MeshTimerKind.IHAVE_FLUSH) == [Send(nid(3), ihave((mid, 1)), 0)]
 
 
 def test_ids_are_sequential_under_a_random_prefix() -> None:
@@ -93,8 +96,9 @@ def test_ids_are_sequential_under_a_random_prefix() -> None:
     assert a is not None and b is not None
     assert a[:8] == b[:8]
     assert int.from_bytes(b[8:], "big") == int.from_bytes(a[8:], "big") + 1
-    other = one(pt_rig(seed=8, eager=(2,)).handle(Broadcast(1, Channel.REGISTRY, b"")),
-                BroadcastResult).id
+    other = one(
+        pt_rig(seed=8, eager=(2,)).handle(Broadcast(1, Channel.REGISTRY, b"")), BroadcastResult
+    ).id
     assert other is not None and other[:8] != a[:8]
 
 
@@ -103,17 +107,25 @@ def test_broadcast_over_the_channel_limit_is_refused(channel: Channel) -> None:
     limit = pt_cfg().max_payload_bytes[channel]
     r = pt_rig(eager=(2,))
     outs = r.handle(Broadcast(3, channel, bytes(limit + 1)))
-    assert outs == [BroadcastResult(3, error=(
-        "too_large", f"{channel.name.lower()} payload of {limit + 1} bytes is over the limit "
-        f"of {limit} bytes"))]
+    assert outs == [
+        BroadcastResult(
+            3,
+            error=(
+                "too_large",
+                f"{channel.name.lower()} payload of {limit + 1} bytes is over the limit "
+                f"of {limit} bytes",
+            ),
+        )
+    ]
     assert one(r.handle(Broadcast(4, channel, bytes(limit))), BroadcastResult).error is None
 
 
 def test_user_broadcasts_are_rate_limited_and_the_daemons_are_not() -> None:
     r = pt_rig(pt_cfg(rate={Channel.USER: (1000.0, 3000.0)}), eager=(2,))
     big = bytes(1000)
-    results = [one(r.handle(Broadcast(i, Channel.USER, big), now=0.0), BroadcastResult)
-               for i in range(4)]
+    results = [
+        one(r.handle(Broadcast(i, Channel.USER, big), now=0.0), BroadcastResult) for i in range(4)
+    ]
     assert [x.error is None for x in results] == [True, True, True, False]
     assert results[3].error is not None and results[3].error[0] == "rate_limited"
     # Membership and registry traffic is not held back by a busy user.
@@ -152,7 +164,9 @@ def test_announcements_are_batched_per_peer() -> None:
     r.recv(2, gossip(5, M2))
     assert len(r.timers(MeshTimerKind.IHAVE_FLUSH)) == 1
     assert r.fire(MeshTimerKind.IHAVE_FLUSH) == [
-        Send(nid(3), ihave((M1, 2), (M2, 6)), 0), Send(nid(4), ihave((M1, 2), (M2, 6)), 0)]
+        Send(nid(3), ihave((M1, 2), (M2, 6)), 0),
+        Send(nid(4), ihave((M1, 2), (M2, 6)), 0),
+    ]
 
 
 def test_duplicate_from_an_eager_peer_prunes_it() -> None:
@@ -169,7 +183,8 @@ def test_duplicate_from_a_lazy_peer_is_pruned_again() -> None:
     r.recv(2, gossip(3))
     # (The PRUNE carries the announcement queued for 3.)
     assert r.recv(3, gossip(4)) == [
-        Send(nid(3), GossipControl((IHave(M1, 4),), (), TreeLink.LAZY), 0)]
+        Send(nid(3), GossipControl((IHave(M1, 4),), (), TreeLink.LAZY), 0)
+    ]
     assert lazy_of(r) == [nid(3)]
 
 
@@ -191,7 +206,8 @@ def test_first_copy_from_a_lazy_peer_grafts_it_back() -> None:
     assert notimers(r.recv(3, gossip(3))) == [
         Deliver(M1, ORIGIN, Channel.USER, b"data", 3, nid(3)),
         Send(nid(3), GossipControl((), (), TreeLink.EAGER), 0),
-        Send(nid(2), gossip(4), USER)]
+        Send(nid(2), gossip(4), USER),
+    ]
     assert r.core.eager_peers() == [nid(2), nid(3)]
     assert r.counter("regrafts") == 1
 
@@ -230,8 +246,10 @@ def test_an_acknowledgement_not_back_within_the_graft_timeout_is_not_awaited() -
 def test_gossip_from_a_non_neighbour_is_delivered_but_not_linked() -> None:
     r = pt_rig(eager=(2,))
     outs = r.recv(9, gossip(3))
-    assert notimers(outs) == [Deliver(M1, ORIGIN, Channel.USER, b"data", 3, nid(9)),
-                              Send(nid(2), gossip(4), USER)]
+    assert notimers(outs) == [
+        Deliver(M1, ORIGIN, Channel.USER, b"data", 3, nid(9)),
+        Send(nid(2), gossip(4), USER),
+    ]
     assert r.core.eager_peers() == [nid(2)]
 
 
@@ -273,17 +291,19 @@ def test_payload_arriving_in_time_cancels_the_graft() -> None:
     assert r.core.missing_ids() == []
 
 
-@pytest.mark.parametrize(("lags", "changes", "timeout"), [
-    ([], {}, 0.05),  # nothing measured yet: the floor
-    ([0.0, 0.0, 0.0], {}, 0.05),  # the tree always first
-    ([0.0, 0.03125, 0.0], {}, 0.0625),  # twice the largest lag
-    ([0.2], {}, 0.25),  # never above graft_timeout_s
-    ([0.0], {"graft_lag_window": 0}, 0.25),  # measurement off: fixed
-    ([0.0], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.2),  # wan
-    ([0.25], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.5),
-])
-def test_first_graft_timeout(lags: list[float], changes: dict[str, float],
-                             timeout: float) -> None:
+@pytest.mark.parametrize(
+    ("lags", "changes", "timeout"),
+    [
+        ([], {}, 0.05),  # nothing measured yet: the floor
+        ([0.0, 0.0, 0.0], {}, 0.05),  # the tree always first
+        ([0.0, 0.03125, 0.0], {}, 0.0625),  # twice the largest lag
+        ([0.2], {}, 0.25),  # never above graft_timeout_s
+        ([0.0], {"graft_lag_window": 0}, 0.25),  # measurement off: fixed
+        ([0.0], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.2),  # wan
+        ([0.25], {"graft_timeout_min_s": 0.2, "graft_timeout_s": 1.0}, 0.5),
+    ],
+)
+def test_first_graft_timeout(lags: list[float], changes: dict[str, float], timeout: float) -> None:
     assert first_graft_timeout(lags, pt_cfg(**changes)) == timeout
 
 
@@ -340,8 +360,12 @@ def test_own_broadcast_answers_grafts_at_round_one() -> None:
     mid = one(r.handle(Broadcast(1, Channel.MEMBERSHIP, b"m")), BroadcastResult).id
     assert mid is not None
     assert r.recv(3, graft(mid)) == [
-        Send(nid(3), Gossip(mid, nid(1), 1, Channel.MEMBERSHIP, b"m"),
-             channel_priority(Channel.MEMBERSHIP))]
+        Send(
+            nid(3),
+            Gossip(mid, nid(1), 1, Channel.MEMBERSHIP, b"m"),
+            channel_priority(Channel.MEMBERSHIP),
+        )
+    ]
 
 
 def test_prune_makes_the_sender_lazy() -> None:
@@ -381,7 +405,8 @@ def test_tree_optimisation_when_the_announcement_came_before_the_payload() -> No
     # which has it), 3 is grafted.
     assert notimers(r.recv(2, gossip(9), now=1.03125)) == [
         Deliver(M1, ORIGIN, Channel.USER, b"data", 9, nid(2)),
-        Send(nid(3), GossipControl((IHave(M1, 10),), (), TreeLink.EAGER), 0)]
+        Send(nid(3), GossipControl((IHave(M1, 10),), (), TreeLink.EAGER), 0),
+    ]
     assert r.recv(3, ack()) == [Send(nid(2), prune(), 0)]
     assert r.core.eager_peers() == [nid(3)]
 
@@ -440,7 +465,8 @@ def test_at_most_one_tree_optimisation_per_interval() -> None:
     r.recv(4, gossip(9, m3), now=1.0)
     outs = notimers(r.recv(3, ihave((m3, 2)), now=1.0))
     assert [(o.dst, o.msg.link) for o in outs if isinstance(o.msg, GossipControl)] == [
-        (nid(3), TreeLink.EAGER)]
+        (nid(3), TreeLink.EAGER)
+    ]
     assert r.counter("optimizations") == 2
 
 
@@ -520,8 +546,7 @@ def test_mesh_feeds_hyparview_neighbours_to_plumtree() -> None:
     outs = r.handle(Broadcast(1, Channel.USER, b"x"))
     send = one(outs, Send)
     assert send.dst == nid(2) and isinstance(send.msg, Gossip)
-    assert notimers(r.recv(2, gossip(1))) == [
-        Deliver(M1, ORIGIN, Channel.USER, b"data", 1, nid(2))]
+    assert notimers(r.recv(2, gossip(1))) == [Deliver(M1, ORIGIN, Channel.USER, b"data", 1, nid(2))]
 
 
 def test_announcements_beyond_one_message_are_split() -> None:
@@ -532,5 +557,6 @@ def test_announcements_beyond_one_message_are_split() -> None:
     for i in range(n):
         r.recv(2, gossip(1, i.to_bytes(16, "big")))
     outs = r.fire(MeshTimerKind.IHAVE_FLUSH)
-    assert [len(o.msg.ihave) for o in outs if isinstance(o, Send)
-            and isinstance(o.msg, GossipControl)] == [MAX_IHAVE, 5]
+    assert [
+        len(o.msg.ihave) for o in outs if isinstance(o, Send) and isinstance(o.msg, GossipControl)
+    ] == [MAX_IHAVE, 5]

@@ -70,8 +70,9 @@ def test_an_undisturbed_tree_move_completes_once_acknowledged() -> None:
 def test_a_push_crossing_a_prune_is_grafted_back() -> None:
     # A ring O=1, P=2, X=3, Q=4, all links eager. 2 -> 3 takes 5 ms, 3 -> 2
     # and 2 -> 1 take 10 ms, the others 1 ms.
-    net = TreeNet([(1, 2), (2, 3), (3, 4), (4, 1)],
-                  latency={(2, 3): 0.005, (3, 2): 0.010, (2, 1): 0.010})
+    net = TreeNet(
+        [(1, 2), (2, 3), (3, 4), (4, 1)], latency={(2, 3): 0.005, (3, 2): 0.010, (2, 1): 0.010}
+    )
     net.broadcast(1)  # X gets it from Q at 2 ms, from P at 6 ms: X prunes P
     net.run_until(0.007)
     # P broadcasts before it hears (the PRUNE lands at 16 ms): its push is
@@ -87,7 +88,11 @@ def test_a_push_crossing_a_prune_is_grafted_back() -> None:
     m3 = net.broadcast(2)
     net.run_until(1.0)
     assert {i: round(t - 0.5, 4) for i, t in net.delivered[m3].items()} == {
-        2: 0.0, 3: 0.005, 4: 0.006, 1: 0.007}
+        2: 0.0,
+        3: 0.005,
+        4: 0.006,
+        1: 0.007,
+    }
     assert net.counter("grafts_out") == 0
 
 
@@ -114,8 +119,13 @@ def test_busy_nodes_and_rotating_origins_leave_no_node_off_the_tree() -> None:
     off_tree = 0
     times: list[float] = []
     for seed in range(3):
-        w = World(seed, MeshConfig(), latency=(0.001, 0.004), check_codec=False,
-                  stalls=(3.0, 0.010, 0.060))
+        w = World(
+            seed,
+            MeshConfig(),
+            latency=(0.001, 0.004),
+            check_codec=False,
+            stalls=(3.0, 0.010, 0.060),
+        )
         w.join(1)
         for i in range(2, 31):
             w.join(i, w.rng.randint(1, i - 1))
@@ -133,7 +143,9 @@ def test_busy_nodes_and_rotating_origins_leave_no_node_off_the_tree() -> None:
             if k >= 0:
                 times.append(w.now - t0)
             w.run_for(0.05)
-    print(f"\n30 busy nodes, 150 broadcasts: all reached p50 "
-          f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms")
+    print(
+        f"\n30 busy nodes, 150 broadcasts: all reached p50 "
+        f"{statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms"
+    )
     assert off_tree == 0
     assert max(times) < 0.25

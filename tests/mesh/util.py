@@ -40,9 +40,17 @@ T = TypeVar("T")
 
 def hv_cfg(**changes: Any) -> HyParViewConfig:
     """Small views so that full-view cases are cheap to set up."""
-    base = HyParViewConfig(active_size=3, passive_size=4, arwl=4, prwl=2,
-                           shuffle_interval_s=10.0, shuffle_active=1, shuffle_passive=2,
-                           neighbor_timeout_s=3.0, reject_cooldown_s=10.0)
+    base = HyParViewConfig(
+        active_size=3,
+        passive_size=4,
+        arwl=4,
+        prwl=2,
+        shuffle_interval_s=10.0,
+        shuffle_active=1,
+        shuffle_passive=2,
+        neighbor_timeout_s=3.0,
+        reject_cooldown_s=10.0,
+    )
     return base.replace(**changes)
 
 
@@ -94,8 +102,9 @@ class Rig:
         assert found, f"no {kind} timer armed"
         return found[-1]
 
-    def fire(self, kind: MeshTimerKind | SetMeshTimer,
-             now: float | None = None) -> list[MeshOutput]:
+    def fire(
+        self, kind: MeshTimerKind | SetMeshTimer, now: float | None = None
+    ) -> list[MeshOutput]:
         """Fire a timer (by default the newest of ``kind``) at its deadline."""
         t = kind if isinstance(kind, SetMeshTimer) else self.timer(kind)
         self.armed.remove(t)
@@ -109,8 +118,12 @@ def hv_rig(config: HyParViewConfig | None = None, seed: int = 7) -> Rig:
     return Rig(HyParView(peer(1), config or hv_cfg(), random.Random(seed)))
 
 
-def pt_rig(config: PlumtreeConfig | None = None, seed: int = 7,
-           eager: Iterable[int] = (), lazy: Iterable[int] = ()) -> Rig:
+def pt_rig(
+    config: PlumtreeConfig | None = None,
+    seed: int = 7,
+    eager: Iterable[int] = (),
+    lazy: Iterable[int] = (),
+) -> Rig:
     """A Plumtree with ``eager`` neighbours (new links start eager) and
     ``lazy`` ones (pruned by a PRUNE from them)."""
     from peerd.wire.messages import GossipControl, TreeLink

@@ -52,8 +52,9 @@ def watchers() -> Iterator[Callable[[Sequence[Daemon]], list[Watcher]]]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """On failure, attach every daemon's stderr (tail) to the report."""
     report = yield
     c: Cluster | None = getattr(item, "peerd_cluster", None)

@@ -156,7 +156,8 @@ class Daemon:
             if not self.running():
                 raise AssertionError(
                     f"daemon {self.name} exited with {self.proc and self.proc.returncode} "
-                    f"before its API answered:\n{self.log_tail()}")
+                    f"before its API answered:\n{self.log_tail()}"
+                )
             return self.status()
 
         status: dict[str, Any] = wait_until(ready, timeout, f"{self.name}'s API")
@@ -178,8 +179,10 @@ class Daemon:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"daemon {self.name} (pid {self.proc.pid}) did not exit "
-                                 f"within {timeout} s:\n{self.log_tail()}") from None
+            raise AssertionError(
+                f"daemon {self.name} (pid {self.proc.pid}) did not exit "
+                f"within {timeout} s:\n{self.log_tail()}"
+            ) from None
         self.record_exit()
         return code
 
@@ -211,29 +214,68 @@ class Cluster:
         self.daemons: list[Daemon] = []
         self.problems: list[str] = []
 
-    def new(self, name: str, *, preset: str = "local", key_file: Path | None = None,
-            host: str | None = None, port: int | None = None) -> Daemon:
+    def new(
+        self,
+        name: str,
+        *,
+        preset: str = "local",
+        key_file: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> Daemon:
         """A daemon's identity and paths (not started)."""
         host = host or fresh_host()
-        d = Daemon(name=name, host=host, port=port if port is not None else free_port(host),
-                   state_dir=self.tmp / f"state-{name}", sock=self.sock_dir / f"{name}.sock",
-                   log_path=self.tmp / f"{name}.stderr", preset=preset, key_file=key_file)
+        d = Daemon(
+            name=name,
+            host=host,
+            port=port if port is not None else free_port(host),
+            state_dir=self.tmp / f"state-{name}",
+            sock=self.sock_dir / f"{name}.sock",
+            log_path=self.tmp / f"{name}.stderr",
+            preset=preset,
+            key_file=key_file,
+        )
         self.daemons.append(d)
         return d
 
-    def argv(self, d: Daemon, *, join: Iterable[str] = (), bind: str | None = None,
-             extra: Sequence[str] = ()) -> list[str]:
-        argv = [sys.executable, "-m", "peerd", "agent", "--name", d.name,
-                "--bind", bind or d.addr, "--api-socket", str(d.sock),
-                "--state-dir", str(d.state_dir), "--preset", d.preset]
+    def argv(
+        self,
+        d: Daemon,
+        *,
+        join: Iterable[str] = (),
+        bind: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "peerd",
+            "agent",
+            "--name",
+            d.name,
+            "--bind",
+            bind or d.addr,
+            "--api-socket",
+            str(d.sock),
+            "--state-dir",
+            str(d.state_dir),
+            "--preset",
+            d.preset,
+        ]
         if d.key_file is not None:
             argv += ["--key-file", str(d.key_file)]
         for addr in join:
             argv += ["--join", addr]
         return argv + list(extra)
 
-    def start(self, d: Daemon, *, join: Iterable[str] = (), bind: str | None = None,
-              extra: Sequence[str] = ()) -> Daemon:
+    def start(
+        self,
+        d: Daemon,
+        *,
+        join: Iterable[str] = (),
+        bind: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> Daemon:
         """Start (or restart) ``d`` without waiting for it."""
         assert not d.running(), f"{d.name} is already running"
         d.record_exit()
@@ -242,17 +284,23 @@ class Cluster:
         with open(d.log_path, "ab") as log:
             log.write(f"=== test harness: life {d.lives} of {d.name} ===\n".encode())
             log.flush()
-            d.proc = subprocess.Popen(self.argv(d, join=join, bind=bind, extra=extra),
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True)
+            d.proc = subprocess.Popen(
+                self.argv(d, join=join, bind=bind, extra=extra),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         return d
 
-    def spawn(self, name: str, *, join: Iterable[str] = (), extra: Sequence[str] = (),
-              **kw: Any) -> Daemon:
+    def spawn(
+        self, name: str, *, join: Iterable[str] = (), extra: Sequence[str] = (), **kw: Any
+    ) -> Daemon:
         return self.start(self.new(name, **kw), join=join, extra=extra)
 
-    def start_cluster(self, names: Sequence[str], *, converge: bool = True,
-                      **kw: Any) -> list[Daemon]:
+    def start_cluster(
+        self, names: Sequence[str], *, converge: bool = True, **kw: Any
+    ) -> list[Daemon]:
         """The first daemon is the seed; the others join it, started together."""
         seed = self.spawn(names[0], **kw)
         others = [self.new(n, **kw) for n in names[1:]]
@@ -279,8 +327,10 @@ class Cluster:
             try:
                 d.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.problems.append(f"{d.name} (pid {d.pid}) did not stop within "
-                                     f"{STOP_TIMEOUT_S} s of SIGTERM; killed")
+                self.problems.append(
+                    f"{d.name} (pid {d.pid}) did not stop within "
+                    f"{STOP_TIMEOUT_S} s of SIGTERM; killed"
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(d.pid, signal.SIGKILL)
                 d.proc.wait(STOP_TIMEOUT_S)
@@ -311,8 +361,7 @@ def converged(daemons: Sequence[Daemon]) -> bool:
 
 def wait_converged(daemons: Sequence[Daemon], timeout: float = 15.0) -> None:
     want = {d.name: ("alive", d.addr) for d in daemons}
-    wait_until(lambda: converged(daemons), timeout,
-               f"every daemon to list exactly {want}")
+    wait_until(lambda: converged(daemons), timeout, f"every daemon to list exactly {want}")
 
 
 def status_everywhere(observers: Sequence[Daemon], name: str, status: str) -> bool:
@@ -353,8 +402,7 @@ class Watcher:
         else:
             raise AssertionError(f"watch on {daemon.name} not acknowledged")
         self._sock.settimeout(0.1)
-        self._thread = threading.Thread(target=self._run, name=f"watch-{daemon.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch-{daemon.name}", daemon=True)
         self._thread.start()
 
     def _read_one(self) -> Response | Event | None:

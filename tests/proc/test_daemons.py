@@ -55,23 +55,35 @@ LEAVE_EXIT_BOUND_S = 8.0
 Watchers = Callable[[Sequence[Daemon]], list[Watcher]]
 
 
-def cli(*args: str, stdin: str | None = None, timeout: float = 20.0
-        ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerd", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def cli(
+    *args: str, stdin: str | None = None, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peerd", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def bad_events(w: Watcher, names: set[str]) -> list[tuple[str, str]]:
     """Events saying one of ``names`` is in trouble or gone."""
-    return [(ev, data.get("name", "?")) for _t, ev, data in list(w.events)
-            if ev in ("suspect", "dead", "left", "reaped") and data.get("name") in names]
+    return [
+        (ev, data.get("name", "?"))
+        for _t, ev, data in list(w.events)
+        if ev in ("suspect", "dead", "left", "reaped") and data.get("name") in names
+    ]
 
 
 def wait_event(ws: Sequence[Watcher], name: str, event: str, timeout: float = 5.0) -> None:
     """Every watcher has received ``event`` about ``name`` (the watch stream may
     trail the members list by a moment)."""
-    wait_until(lambda: all(event in [ev for _t, ev in w.about(name)] for w in ws), timeout,
-               f"a {event!r} event about {name} on every watch")
+    wait_until(
+        lambda: all(event in [ev for _t, ev in w.about(name)] for w in ws),
+        timeout,
+        f"a {event!r} event about {name} on every watch",
+    )
 
 
 def counter_sum(counters: dict[str, int], pred: Callable[[str], bool]) -> int:
@@ -91,9 +103,14 @@ def test_five_daemons_converge(cluster: Cluster) -> None:
     ids = {d.name: d.status()["id"] for d in daemons}
     assert len(set(ids.values())) == 5
     # Checked once more through the CLI, which is what operators use.
-    procs = [subprocess.Popen([sys.executable, "-m", "peerd", "members", "--api-socket",
-                               str(d.sock), "--json"], stdout=subprocess.PIPE, text=True)
-             for d in daemons]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "peerd", "members", "--api-socket", str(d.sock), "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for d in daemons
+    ]
     for d, p in zip(daemons, procs, strict=True):
         out, _ = p.communicate(timeout=20)
         assert p.returncode == 0, f"peerd members on {d.name} exited {p.returncode}"
@@ -102,7 +119,8 @@ def test_five_daemons_converge(cluster: Cluster) -> None:
         for m in listed:
             owner = next(x for x in daemons if x.name == m["name"])
             assert (m["status"], m["addr"], m["id"]) == ("alive", owner.addr, ids[m["name"]]), (
-                f"{d.name} lists {m}")
+                f"{d.name} lists {m}"
+            )
             assert m["generation"] == 1
 
 
@@ -110,14 +128,18 @@ def test_five_daemons_converge(cluster: Cluster) -> None:
 
 
 def test_kill9_is_detected_everywhere_within_the_lan_bound(
-        cluster: Cluster, watchers: Watchers, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster: Cluster, watchers: Watchers, capsys: pytest.CaptureFixture[str]
+) -> None:
     daemons = cluster.start_cluster(["a", "b", "c", "d"], preset="lan")
     victim, survivors = daemons[2], [d for d in daemons if d is not daemons[2]]
     ws = watchers(survivors)
     t0 = time.monotonic()
     victim.kill9()
-    wait_until(lambda: status_everywhere(survivors, victim.name, "dead"), 15.0,
-               f"every survivor to list {victim.name} dead")
+    wait_until(
+        lambda: status_everywhere(survivors, victim.name, "dead"),
+        15.0,
+        f"every survivor to list {victim.name} dead",
+    )
     seen = time.monotonic() - t0
     wait_event(ws, victim.name, "dead")
     # Exact times from the watch streams (the poll above only bounds them).
@@ -126,9 +148,11 @@ def test_kill9_is_detected_everywhere_within_the_lan_bound(
         times = [t for t, ev in w.about(victim.name) if ev == "dead"]
         dead_at[w.daemon.name] = times[0] - t0
     with capsys.disabled():
-        print("\n[proc] lan kill -9 detection: dead at "
-              + ", ".join(f"{n} {s:.2f} s" for n, s in sorted(dead_at.items()))
-              + f" (all listed dead by {seen:.2f} s; bound {LAN_KILL_DETECTION_BOUND_S} s)")
+        print(
+            "\n[proc] lan kill -9 detection: dead at "
+            + ", ".join(f"{n} {s:.2f} s" for n, s in sorted(dead_at.items()))
+            + f" (all listed dead by {seen:.2f} s; bound {LAN_KILL_DETECTION_BOUND_S} s)"
+        )
     assert max(dead_at.values()) <= LAN_KILL_DETECTION_BOUND_S, dead_at
     # Nobody else was hurt on the way.
     for d in survivors:
@@ -139,7 +163,8 @@ def test_kill9_is_detected_everywhere_within_the_lan_bound(
 
 
 def test_frozen_daemon_is_found_by_probing_and_refutes_when_it_resumes(
-        cluster: Cluster, watchers: Watchers, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster: Cluster, watchers: Watchers, capsys: pytest.CaptureFixture[str]
+) -> None:
     """SIGSTOP: no closed port and no closed link, so only probing finds it.
 
     Bound (local preset, 4 nodes): the suspicion timeout starts at
@@ -151,8 +176,11 @@ def test_frozen_daemon_is_found_by_probing_and_refutes_when_it_resumes(
     t0 = time.monotonic()
     os.kill(frozen.pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: status_everywhere(others, frozen.name, "dead"), 15.0,
-                   f"{frozen.name} (stopped) listed dead everywhere")
+        wait_until(
+            lambda: status_everywhere(others, frozen.name, "dead"),
+            15.0,
+            f"{frozen.name} (stopped) listed dead everywhere",
+        )
         dead_after = time.monotonic() - t0
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
@@ -161,8 +189,10 @@ def test_frozen_daemon_is_found_by_probing_and_refutes_when_it_resumes(
     back_after = time.monotonic() - t1
     wait_event(ws, frozen.name, "alive")
     with capsys.disabled():
-        print(f"\n[proc] SIGSTOP (local): dead everywhere by {dead_after:.2f} s; "
-              f"alive again {back_after:.2f} s after SIGCONT")
+        print(
+            f"\n[proc] SIGSTOP (local): dead everywhere by {dead_after:.2f} s; "
+            f"alive again {back_after:.2f} s after SIGCONT"
+        )
     for w in ws:
         events = [ev for _t, ev in w.about(frozen.name)]
         assert events[:1] == ["suspect"] and events[-1] == "alive", (w.daemon.name, events)
@@ -174,7 +204,8 @@ def test_frozen_daemon_is_found_by_probing_and_refutes_when_it_resumes(
 
 
 def test_leave_command_marks_left_everywhere_and_the_daemon_exits_0(
-        cluster: Cluster, watchers: Watchers) -> None:
+    cluster: Cluster, watchers: Watchers
+) -> None:
     daemons = cluster.start_cluster(["a", "b", "c"])
     leaver, stayers = daemons[1], [daemons[0], daemons[2]]
     ws = watchers(stayers)
@@ -182,13 +213,18 @@ def test_leave_command_marks_left_everywhere_and_the_daemon_exits_0(
     assert done.returncode == 0, done.stderr
     assert "left the cluster" in done.stdout
     assert leaver.wait_exit(LEAVE_EXIT_BOUND_S) == 0
-    wait_until(lambda: status_everywhere(stayers, leaver.name, "left"), 10.0,
-               f"{leaver.name} listed left everywhere")
+    wait_until(
+        lambda: status_everywhere(stayers, leaver.name, "left"),
+        10.0,
+        f"{leaver.name} listed left everywhere",
+    )
     wait_event(ws, leaver.name, "left")
     for w in ws:
         events = [ev for _t, ev in w.about(leaver.name)]
         assert "left" in events and "dead" not in events and "suspect" not in events, (
-            w.daemon.name, events)
+            w.daemon.name,
+            events,
+        )
     for d in stayers:
         v = view(d)
         assert all(v[s.name] == ("alive", s.addr) for s in stayers), v
@@ -218,15 +254,21 @@ def test_killed_daemon_restarted_with_its_state_dir_rejoins(cluster: Cluster) ->
     assert c.status()["id"] == before["id"]
 
 
-def test_killed_daemon_rejoins_from_its_persisted_peers_at_a_new_address(
-        cluster: Cluster) -> None:
+def test_killed_daemon_rejoins_from_its_persisted_peers_at_a_new_address(cluster: Cluster) -> None:
     a, b, c = cluster.start_cluster(["a", "b", "c"])
     before = c.status()
     # The daemon rewrites its peers file within a fraction of a second of a
     # membership change (not only every minute); kill it as soon as it has.
     peers_file = c.state_dir / "peers"
-    wait_until(lambda: peers_file.exists() and a.addr.split(":")[0] in peers_file.read_text()
-               and b.addr.split(":")[0] in peers_file.read_text(), 3.0, "c saved its peers")
+    wait_until(
+        lambda: (
+            peers_file.exists()
+            and a.addr.split(":")[0] in peers_file.read_text()
+            and b.addr.split(":")[0] in peers_file.read_text()
+        ),
+        3.0,
+        "c saved its peers",
+    )
     c.kill9()
     wait_until(lambda: status_everywhere([a, b], "c", "dead"), 10.0, "c listed dead")
     # A new address: a and b keep retrying c's old one, so only c's own saved
@@ -242,8 +284,7 @@ def test_killed_daemon_rejoins_from_its_persisted_peers_at_a_new_address(
 # --- 5. keys --------------------------------------------------------------------
 
 
-def test_only_daemons_with_the_cluster_key_are_accepted(cluster: Cluster,
-                                                       tmp_path: Path) -> None:
+def test_only_daemons_with_the_cluster_key_are_accepted(cluster: Cluster, tmp_path: Path) -> None:
     keys = []
     for _ in range(2):
         made = cli("keys", "generate")
@@ -264,12 +305,17 @@ def test_only_daemons_with_the_cluster_key_are_accepted(cluster: Cluster,
         d.wait_ready()
 
     def refused(c: dict[str, int]) -> tuple[int, int]:
-        return (counter_sum(c, lambda k: k.endswith("seal_unknown_key")),
-                counter_sum(c, lambda k: k.endswith("seal_plaintext_rejected")))
+        return (
+            counter_sum(c, lambda k: k.endswith("seal_unknown_key")),
+            counter_sum(c, lambda k: k.endswith("seal_plaintext_rejected")),
+        )
 
     # Their join attempts did arrive, and the seal refused both kinds.
-    wait_until(lambda: min(refused(seed.counters())) >= 1, 10.0,
-               "the seed to refuse the outsiders' wrongly sealed and plaintext joins")
+    wait_until(
+        lambda: min(refused(seed.counters())) >= 1,
+        10.0,
+        "the seed to refuse the outsiders' wrongly sealed and plaintext joins",
+    )
 
     want = {d.name: ["a", "b", "c"] for d in members} | {d.name: [d.name] for d in outsiders}
 
@@ -283,8 +329,9 @@ def test_only_daemons_with_the_cluster_key_are_accepted(cluster: Cluster,
     assert all(d.running() for d in outsiders)
 
 
-def test_key_rotation_without_downtime(cluster: Cluster, watchers: Watchers,
-                                       tmp_path: Path) -> None:
+def test_key_rotation_without_downtime(
+    cluster: Cluster, watchers: Watchers, tmp_path: Path
+) -> None:
     old, new = generate_key(), generate_key()
     key_file = tmp_path / "cluster.keys"
     key_file.write_text(old + "\n")
@@ -299,8 +346,11 @@ def test_key_rotation_without_downtime(cluster: Cluster, watchers: Watchers,
         """Every daemon receives ``datagrams`` more it can open (~2 a second:
         the probe it answers and the ack of its own)."""
         rx = {d.name: d.counters().get("udp_rx", 0) for d in daemons}
-        wait_until(lambda: all(d.counters().get("udp_rx", 0) >= rx[d.name] + datagrams
-                               for d in daemons), 10.0, "datagrams to keep flowing")
+        wait_until(
+            lambda: all(d.counters().get("udp_rx", 0) >= rx[d.name] + datagrams for d in daemons),
+            10.0,
+            "datagrams to keep flowing",
+        )
 
     def keyring(d: Daemon) -> list[tuple[str, bool]]:
         return sorted((k["id"], k["primary"]) for k in d.api("keys.list"))
@@ -398,17 +448,18 @@ def _read_until_closed(s: socket.socket, timeout: float) -> tuple[list[Any], str
 
 
 def test_api_garbage_gets_an_error_frame_and_a_closed_connection(
-        cluster: Cluster, watchers: Watchers) -> None:
+    cluster: Cluster, watchers: Watchers
+) -> None:
     d = cluster.spawn("a")
     d.wait_ready()
     rng = random.Random(20240601)
     body = bytes(rng.getrandbits(8) for _ in range(200))
     garbage = [
-        bytes(rng.getrandbits(8) for _ in range(4096)),          # random: length too big
+        bytes(rng.getrandbits(8) for _ in range(4096)),  # random: length too big
         b"\xff\xff\xff\xff" + bytes(rng.getrandbits(8) for _ in range(64)),
-        len(body).to_bytes(4, "big") + body,                    # a frame of random bytes
-        b"\x00\x00\x00\x00",                                    # empty frame
-        b"\x00\x00\x00\x05\xa1\x01\x02\x03\x04",                  # CBOR, but trailing bytes
+        len(body).to_bytes(4, "big") + body,  # a frame of random bytes
+        b"\x00\x00\x00\x00",  # empty frame
+        b"\x00\x00\x00\x05\xa1\x01\x02\x03\x04",  # CBOR, but trailing bytes
     ]
     assert int.from_bytes(garbage[0][:4], "big") > 1 << 20  # the seed gives an oversize header
     [watch] = watchers([d])  # a watch stream open on another connection meanwhile
@@ -428,9 +479,15 @@ def test_api_garbage_gets_an_error_frame_and_a_closed_connection(
             assert [m["name"] for m in good.call("members")] == ["a"]
         # ... and so is the watch: it sees a tag update made now.
         assert good.call("set-tags", tags={"after": "garbage"}) == {"after": "garbage"}
-        wait_until(lambda: [data for _t, ev, data in watch.events
-                            if ev == "updated" and data["tags"] == {"after": "garbage"}],
-                   5.0, "the watch to report the tag update")
+        wait_until(
+            lambda: [
+                data
+                for _t, ev, data in watch.events
+                if ev == "updated" and data["tags"] == {"after": "garbage"}
+            ],
+            5.0,
+            "the watch to report the tag update",
+        )
         assert watch.ended is None
         counters = good.call("status")["counters"]
     assert counters["api_bad_frames"] == len(garbage), counters
@@ -445,13 +502,13 @@ def test_udp_garbage_is_dropped_and_counted(cluster: Cluster) -> None:
 
     garbage: list[bytes] = [b"", b"\x00", b"\x01", b"\x02"]
     # Random bytes with a version byte that is neither sealed (1) nor plaintext (2).
-    garbage += [bytes([rng.choice(range(3, 256))]) + rand(rng.randrange(0, 1400))
-                for _ in range(40)]
+    garbage += [
+        bytes([rng.choice(range(3, 256))]) + rand(rng.randrange(0, 1400)) for _ in range(40)
+    ]
     # Sealed-looking (a keyless daemon rejects them) and plaintext envelopes with a
     # random sender around a payload that is not a message (the core drops them).
     garbage += [b"\x01" + rand(rng.randrange(60, 600)) for _ in range(10)]
-    garbage += [b"\x02\x00\x00\x00\x00" + rand(28) + rand(rng.randrange(0, 400))
-                for _ in range(10)]
+    garbage += [b"\x02\x00\x00\x00\x00" + rand(28) + rand(rng.randrange(0, 400)) for _ in range(10)]
     garbage += [rand(20000)]  # bigger than any datagram the daemon reads
     before = a.counters()
 
@@ -462,16 +519,20 @@ def test_udp_garbage_is_dropped_and_counted(cluster: Cluster) -> None:
         s.bind((fresh_host(), 0))
         for data in garbage:
             s.sendto(data, (a.host, a.port))
-    wait_until(lambda: dropped(a.counters()) >= dropped(before) + len(garbage), 10.0,
-               f"{len(garbage)} garbage datagrams counted as drops")
+    wait_until(
+        lambda: dropped(a.counters()) >= dropped(before) + len(garbage),
+        10.0,
+        f"{len(garbage)} garbage datagrams counted as drops",
+    )
     after = a.counters()
     assert dropped(after) == dropped(before) + len(garbage), (before, after)
     assert a.running()
     # Still a working member: b stays alive in a's view and vice versa, and a
     # change made after the garbage spreads.
     a.api("set-tags", tags={"still": "here"})
-    wait_until(lambda: b.members()["a"]["tags"] == {"still": "here"}, 10.0,
-               "a's tag update to reach b")
+    wait_until(
+        lambda: b.members()["a"]["tags"] == {"still": "here"}, 10.0, "a's tag update to reach b"
+    )
     assert view(a) == view(b) == {"a": ("alive", a.addr), "b": ("alive", b.addr)}
 
 
@@ -484,13 +545,18 @@ def test_sigterm_leaves_gracefully_and_exits_0(cluster: Cluster, watchers: Watch
     ws = watchers(stayers)
     os.kill(victim.pid, signal.SIGTERM)
     assert victim.wait_exit(LEAVE_EXIT_BOUND_S) == 0, victim.log_tail()
-    wait_until(lambda: status_everywhere(stayers, victim.name, "left"), 10.0,
-               f"{victim.name} listed left everywhere")
+    wait_until(
+        lambda: status_everywhere(stayers, victim.name, "left"),
+        10.0,
+        f"{victim.name} listed left everywhere",
+    )
     wait_event(ws, victim.name, "left")
     for w in ws:
         events = [ev for _t, ev in w.about(victim.name)]
         assert "left" in events and "dead" not in events and "suspect" not in events, (
-            w.daemon.name, events)
+            w.daemon.name,
+            events,
+        )
     log = victim.log()
     assert "left the cluster" in log and "Traceback" not in log
     assert not victim.sock.exists()  # the API socket is cleaned up

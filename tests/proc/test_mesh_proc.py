@@ -97,11 +97,13 @@ def test_user_event_reaches_every_daemon_once(cluster: Cluster) -> None:
         msg_id = result["id"]
 
         def got(w: Watcher) -> list[dict[str, object]]:
-            return [data for _t, ev, data in list(w.events)
-                    if ev == "user" and data.get("id") == msg_id]
+            return [
+                data for _t, ev, data in list(w.events) if ev == "user" and data.get("id") == msg_id
+            ]
 
-        wait_until(lambda: all(len(got(w)) >= 1 for w in watchers), 10.0,
-                   "the event on every daemon")
+        wait_until(
+            lambda: all(len(got(w)) >= 1 for w in watchers), 10.0, "the event on every daemon"
+        )
         # Once: no copy comes later (Plumtree's duplicates are dropped).
         hold_for(lambda: all(len(got(w)) == 1 for w in watchers), 1.0, "exactly one copy")
         for w in watchers:
@@ -126,8 +128,10 @@ def test_messages_to_a_name_arrive_once_in_order(cluster: Cluster) -> None:
     daemons = cluster.start_cluster([f"s{i}" for i in range(N)])
     wait_until(lambda: mesh_settled(daemons, 5), 30.0, "mesh views filled")
     owner_d, sender_d = daemons[5], daemons[17]
-    with BlockingClient(owner_d.sock, timeout=10) as owner, \
-            BlockingClient(sender_d.sock, timeout=10) as sender:
+    with (
+        BlockingClient(owner_d.sock, timeout=10) as owner,
+        BlockingClient(sender_d.sock, timeout=10) as sender,
+    ):
         owner.register("inbox")
         sender.register("asker")
         wait_until(lambda: sender.lookup("inbox") is not None, 10.0, "inbox visible")
@@ -179,8 +183,10 @@ def test_send_to_a_killed_owners_daemon_is_an_error(cluster: Cluster) -> None:
 
     daemons = cluster.start_cluster([f"k{i}" for i in range(5)])
     owner_d, sender_d = daemons[1], daemons[3]
-    with BlockingClient(owner_d.sock, timeout=10) as owner, \
-            BlockingClient(sender_d.sock, timeout=30) as sender:
+    with (
+        BlockingClient(owner_d.sock, timeout=10) as owner,
+        BlockingClient(sender_d.sock, timeout=30) as sender,
+    ):
         owner.register("victim")
         wait_until(lambda: sender.lookup("victim") is not None, 10.0, "victim visible")
         assert sender.send("victim", b"1") == {"delivered": 1}  # the direct link is up

@@ -41,7 +41,8 @@ def deliver_everywhere(c, origin: int, cast: MeshCast) -> None:  # type: ignore[
 
 
 def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     c, rec, casts = mesh_cluster(6)
     reg(c, 2, "svc")
     c.run_until(c.now + 0.5)
@@ -87,8 +88,12 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
     assert [m for i, m in casts if i == 0] == []
     assert all(h is not None for h in holders(c, "alone").values())  # gossip/direct
     # Connecting again schedules one sync round with a peer soon.
-    outs = node.handle(c.now, MeshDelivered(MESH_CHANNEL, c.nodes[1].node_id,
-                                            codec.encode(RegAck(c.nodes[1].node_id, 0, 0))))
+    outs = node.handle(
+        c.now,
+        MeshDelivered(
+            MESH_CHANNEL, c.nodes[1].node_id, codec.encode(RegAck(c.nodes[1].node_id, 0, 0))
+        ),
+    )
     assert outs == []
     outs = node.handle(c.now, MeshConnected(True))
     peer = node.registry._heal_peer
@@ -99,7 +104,8 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
 
 
 def test_a_long_burst_goes_over_the_mesh_in_chunks_that_apply_in_order(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(svc, "MAX_MESH_DELTA_BYTES", 600)
     monkeypatch.setattr(svc, "DIRECT_MAX", 0)
     c, rec, casts = mesh_cluster(4)

@@ -56,8 +56,17 @@ def cluster(n: int, seed: int = 1) -> tuple[Cluster, Rec]:
 _refs = iter(range(1, 10**9))
 
 
-def reg(c: Cluster, i: int, name: str, *, conn: int = 1, kind: RegKind = NAME,
-        claimed_ms: int = 1000, settle: float | None = None, meta: tuple = ()) -> int:
+def reg(
+    c: Cluster,
+    i: int,
+    name: str,
+    *,
+    conn: int = 1,
+    kind: RegKind = NAME,
+    claimed_ms: int = 1000,
+    settle: float | None = None,
+    meta: tuple = (),
+) -> int:
     ref = next(_refs)
     c.feed(i, Register(ref, conn, kind, "default", name, meta, 100 + i, 0, claimed_ms, settle))
     return ref
@@ -103,16 +112,21 @@ def test_taken_names_and_ownership_are_enforced() -> None:
     assert rec.results[(0, r3)].error is not None and rec.results[(0, r3)].error[0] == "conflict"
     assert rec.results[(1, r4)].error is not None and rec.results[(1, r4)].error[0] == "conflict"
     assert rec.results[(0, ref5)].error == (
-        "not_found", "this connection holds no name default/svc")
+        "not_found",
+        "this connection holds no name default/svc",
+    )
     assert all(h is not None for h in holders(c, "svc").values())
 
 
-@pytest.mark.parametrize(("name", "meta", "why"), [
-    ("", (), "empty name"),
-    ("x" * 256, (), "names are at most 255 bytes"),
-    ("ok", (("k", "v" * 600),), "metadata values are at most 512 bytes"),
-    ("ok", (("a", "1"), ("a", "2")), "duplicate metadata key"),
-])
+@pytest.mark.parametrize(
+    ("name", "meta", "why"),
+    [
+        ("", (), "empty name"),
+        ("x" * 256, (), "names are at most 255 bytes"),
+        ("ok", (("k", "v" * 600),), "metadata values are at most 512 bytes"),
+        ("ok", (("a", "1"), ("a", "2")), "duplicate metadata key"),
+    ],
+)
 def test_bad_arguments_are_refused(name: str, meta: tuple, why: str) -> None:
     c, rec = cluster(2)
     ref = reg(c, 0, name, meta=meta)
@@ -149,9 +163,11 @@ def test_groups_hold_many_members_and_meta_updates_spread() -> None:
     c.run_until(c.now + 0.1)
     assert rec.results[(1, ref)].error is None
     for i in range(5):
-        metas = [m.entry.meta for m in c.nodes[i].registry.state.group_members("default",
-                                                                               "workers")
-                 if m.entry.pid == 101]
+        metas = [
+            m.entry.meta
+            for m in c.nodes[i].registry.state.group_members("default", "workers")
+            if m.entry.pid == 101
+        ]
         assert metas == [(("load", "0.5"),)]
 
 
@@ -243,8 +259,9 @@ def test_a_burst_of_writes_converges_everywhere() -> None:
     c.run_until(c.now + 0.01)
     c.feed(0, ConnClosed(0))
     c.run_until(c.now + 3.0)
-    states = [{o: v for o, v in c.nodes[i].registry.state.state().items() if v[1] > 0}
-              for i in range(6)]
+    states = [
+        {o: v for o, v in c.nodes[i].registry.state.state().items() if v[1] > 0} for i in range(6)
+    ]
     assert len(states[0]) == 3 and all(s == states[0] for s in states)
     assert sum(1 for _ in c.nodes[5].registry.state.names()) == 399
     # big merged deltas were announced, not crammed into datagrams

@@ -69,8 +69,11 @@ def test_a_busy_gossip_packet_does_not_delay_our_own_news() -> None:
         seen: set[int] = set()
         while len(seen) < 10 and c.now - t0 < 1.0:
             c.run_until(c.now + 0.0005)
-            seen = {i for _t, i, e in rec.events[-200:]
-                    if e.kind.value == "registered" and e.entry.name == f"turn-{k}"}
+            seen = {
+                i
+                for _t, i, e in rec.events[-200:]
+                if e.kind.value == "registered" and e.entry.name == f"turn-{k}"
+            }
         worst = max(worst, c.now - t0)
         c.run_until(c.now + 0.02)
     assert worst < 0.01
@@ -105,8 +108,7 @@ def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
     queued = c.nodes[1].reg_queued(("r", c.nodes[1].node_id))
     assert queued is not None and isinstance(codec.decode(queued), RegAck)
     c.run_until(t0 + 1.0)  # peers pull what the announcement says they lack
-    assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values())
-               for k in range(200))
+    assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values()) for k in range(200))
 
 
 def test_a_burst_goes_out_in_datagram_sized_deltas_with_no_pull() -> None:
@@ -121,14 +123,16 @@ def test_a_burst_goes_out_in_datagram_sized_deltas_with_no_pull() -> None:
     for pkt in sent_by(sends, 2):
         assert len(pkt.data) <= c.config.max_packet_bytes
         msgs, _ = codec.decode_packet(pkt.data)
-        chunks += [(pkt.dst, m.base, m.top) for m in msgs
-                   if isinstance(m, RegDelta) and m.origin == origin]
+        chunks += [
+            (pkt.dst, m.base, m.top) for m in msgs if isinstance(m, RegDelta) and m.origin == origin
+        ]
     to_one = sorted((b, t) for dst, b, t in chunks if dst == c.addr_of[0])
     assert len(to_one) > 1 and to_one[0][0] == 0 and to_one[-1][1] == 120
     assert all(a[1] == b[0] for a, b in zip(to_one, to_one[1:], strict=False))  # contiguous
     c.run_until(t0 + 0.01)
-    assert all(all(h is not None for h in holders(c, f"chunk-{k:03d}").values())
-               for k in range(120))
+    assert all(
+        all(h is not None for h in holders(c, f"chunk-{k:03d}").values()) for k in range(120)
+    )
     assert sum(n.counters["reg_pulls"] for n in c.nodes) == 0
 
 
@@ -139,8 +143,7 @@ def test_the_death_of_a_node_with_entries_spreads_at_once() -> None:
     c.run_until(c.now + 0.1)
     c.crash(7)
     c.run_until(c.now + 10.0)
-    downs = sorted(t for t, i, e in c.events if e.member.name == "n7"
-                   and e.kind.value == "dead")
+    downs = sorted(t for t, i, e in c.events if e.member.name == "n7" and e.kind.value == "dead")
     assert len(downs) == 29
     # The first node to declare it tells every peer at once: one hop.
     assert downs[-1] - downs[0] < 0.01
@@ -154,8 +157,7 @@ def test_in_big_clusters_the_death_spreads_by_fast_flush_rounds() -> None:
     c.run_until(c.now + 0.1)
     c.crash(7)
     c.run_until(c.now + 10.0)
-    downs = sorted(t for t, i, e in c.events if e.member.name == "n7"
-                   and e.kind.value == "dead")
+    downs = sorted(t for t, i, e in c.events if e.member.name == "n7" and e.kind.value == "dead")
     assert len(downs) == DIRECT_MAX + 7
     assert downs[-1] - downs[0] < 2 * c.config.gossip_interval_s
 

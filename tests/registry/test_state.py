@@ -30,8 +30,14 @@ def origin_ops(rng: random.Random, reg: Registry, steps: int) -> list[Delta]:
         op = rng.random()
         if op < 0.5 or not live:
             kind = Kind.NAME if rng.random() < 0.6 else Kind.GROUP
-            _, d = reg.register(kind, "default", rng.choice(NAMES), claimed_ms=rng.randrange(5),
-                                pid=rng.randrange(1, 99), uid=0)
+            _, d = reg.register(
+                kind,
+                "default",
+                rng.choice(NAMES),
+                claimed_ms=rng.randrange(5),
+                pid=rng.randrange(1, 99),
+                uid=0,
+            )
         elif op < 0.8:
             d = reg.unregister(rng.choice(live))  # type: ignore[assignment]
         else:
@@ -64,10 +70,15 @@ def local_state(reg: Registry) -> tuple[int, int, frozenset[Entry]]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 25),
-       loss=st.floats(0, 0.6), dup=st.floats(0, 0.5))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(1, 25),
+    loss=st.floats(0, 0.6),
+    dup=st.floats(0, 0.5),
+)
 def test_any_order_duplication_and_loss_then_anti_entropy_converges(
-        seed: int, steps: int, loss: float, dup: float) -> None:
+    seed: int, steps: int, loss: float, dup: float
+) -> None:
     rng = random.Random(seed)
     origins = {o: Registry(o, 1, log_size=8) for o in ORIGINS}
     traffic: list[Delta] = []
@@ -89,8 +100,10 @@ def test_any_order_duplication_and_loss_then_anti_entropy_converges(
     for reg in origins.values():
         anti_entropy(reg, origins)
     for name in NAMES:
-        picks = {(w.origin, w.entry.eid) if (w := r.lookup("default", name)) else None
-                 for r in [*replicas, *origins.values()]}
+        picks = {
+            (w.origin, w.entry.eid) if (w := r.lookup("default", name)) else None
+            for r in [*replicas, *origins.values()]
+        }
         assert len(picks) == 1
 
 
@@ -200,8 +213,9 @@ def test_dead_node_entries_vanish_and_late_deltas_of_that_life_are_ignored() -> 
 
 def test_out_of_order_deltas_are_buffered_then_applied() -> None:
     origin = Registry(ORIGINS[0], 1)
-    deltas = [origin.register(Kind.GROUP, "s", f"g{i}", claimed_ms=i, pid=1, uid=0)[1]
-              for i in range(4)]
+    deltas = [
+        origin.register(Kind.GROUP, "s", f"g{i}", claimed_ms=i, pid=1, uid=0)[1] for i in range(4)
+    ]
     replica = Registry(ORIGINS[1], 1)
     assert replica.apply_delta(deltas[2]) is Applied.BUFFERED
     assert replica.apply_delta(deltas[1]) is Applied.BUFFERED

@@ -22,14 +22,17 @@ def test_reg_sync_bucket_fields_round_trip_and_old_form_is_unchanged() -> None:
     assert codec.decode(codec.encode(part)) == part
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ([13, [], b""], "bits"),  # above the finest split
-    ([2, [], b"\x00" * 15], "hashes"),  # not 4 bytes per bucket
-    ([2, [3, 1], b""], "buckets"),  # not ascending
-    ([2, [1, 1], b""], "buckets"),  # repeated
-    ([2, [4], b""], "buckets"),  # beyond 2**bits
-    ([2, [0], "text"], "hashes"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ([13, [], b""], "bits"),  # above the finest split
+        ([2, [], b"\x00" * 15], "hashes"),  # not 4 bytes per bucket
+        ([2, [3, 1], b""], "buckets"),  # not ascending
+        ([2, [1, 1], b""], "buckets"),  # repeated
+        ([2, [4], b""], "buckets"),  # beyond 2**bits
+        ([2, [0], "text"], "hashes"),
+    ],
+)
 def test_malformed_bucket_fields_are_decode_errors(fields: list, reason: str) -> None:
     import cbor2
 
@@ -87,6 +90,7 @@ def test_bucket_hashes_and_bucket_rows_match_the_digest_after_churn_and_deaths()
     c.run_until(c.now + 2)
     c.crash(4)
     from peerd.core.events import ConnClosed
+
     c.feed(7, ConnClosed(2))
     c.run_until(c.now + 20)
     for i in range(c.n):
@@ -136,8 +140,10 @@ def test_a_reply_naming_several_newer_origins_pulls_them_in_one_request() -> Non
     pulls = _spy_pulls(c, 0)
     src = c.nodes[1].node_id
     origins = [c.nodes[k].node_id for k in (2, 3, 4)]
-    rows = tuple(RegDigestRow(o, c.nodes[k].local_member().generation, 5)
-                 for o, k in zip(origins, (2, 3, 4), strict=True))
+    rows = tuple(
+        RegDigestRow(o, c.nodes[k].local_member().generation, 5)
+        for o, k in zip(origins, (2, 3, 4), strict=True)
+    )
     a.on_sync_reply(src, RegSync(rows, (), 0, (0,)))
     assert pulls == [(src, sorted(origins))]
 
@@ -161,8 +167,9 @@ def test_a_rounds_reply_does_not_let_a_second_pull_start_while_one_is_out() -> N
     # (src sent nothing), so src is asked again, and then o3 from the other.
     a.on_sync_reply(src, RegSync((), (), 0, (0,)))
     assert pulls[1] == (src, [o2])
-    a.on_sync_reply(src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),),
-                                 (), -1, ()))
+    a.on_sync_reply(
+        src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),), (), -1, ())
+    )
     assert len(pulls) == 3
 
 
@@ -172,8 +179,9 @@ def test_a_pull_to_a_peer_that_is_gone_does_not_block_the_next() -> None:
     pulls = _spy_pulls(c, 0)
     src = c.nodes[1].node_id
     o2 = c.nodes[2].node_id
-    a.on_sync_reply(src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),),
-                                 (), 0, (0,)))
+    a.on_sync_reply(
+        src, RegSync((RegDigestRow(o2, c.nodes[2].local_member().generation, 5),), (), 0, (0,))
+    )
     assert pulls == [(src, [o2])]
     # src's stream fails: the pull is over and o2 is asked again
     a.sync_failed(src)

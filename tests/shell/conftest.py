@@ -29,8 +29,13 @@ needs_ipv6 = pytest.mark.skipif(not have_ipv6(), reason="no IPv6 loopback")
 class Net:
     """One side's sealing and bookkeeping, as the agent wires it."""
 
-    def __init__(self, sender_id: bytes, keys: list[bytes] | None = None,
-                 max_size: int = 1 << 20, queue: int = 64) -> None:
+    def __init__(
+        self,
+        sender_id: bytes,
+        keys: list[bytes] | None = None,
+        max_size: int = 1 << 20,
+        queue: int = 64,
+    ) -> None:
         self.keyring = Keyring(keys)
         self.sealer = Sealer(self.keyring, sender_id, 1)
         self.opener = Opener(self.keyring, max_size=max_size)

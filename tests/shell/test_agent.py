@@ -28,12 +28,14 @@ from peerd.wire.seal import format_key, generate_key
 def args(tmp_path: Path, *argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     agent.add_arguments(parser)
-    return parser.parse_args(["--state-dir", str(tmp_path / "state"),
-                              "--api-socket", str(tmp_path / "api.sock"), *argv])
+    return parser.parse_args(
+        ["--state-dir", str(tmp_path / "state"), "--api-socket", str(tmp_path / "api.sock"), *argv]
+    )
 
 
 def test_non_loopback_bind_without_key_is_refused(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     assert agent.run(args(tmp_path, "--bind", "0.0.0.0:0")) == 2
     err = capfd.readouterr().err
     assert "refusing to bind 0.0.0.0:0 without a key" in err
@@ -49,8 +51,7 @@ def test_address_in_use_fails_at_once(tmp_path: Path, capfd: pytest.CaptureFixtu
     assert "already in use" in capfd.readouterr().err
 
 
-def test_tcp_port_in_use_fails_at_once(tmp_path: Path,
-                                       capfd: pytest.CaptureFixture[str]) -> None:
+def test_tcp_port_in_use_fails_at_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -74,8 +75,12 @@ def test_bad_key_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
 # --- one real daemon ----------------------------------------------------------------
 
 
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0,
-             proc: subprocess.Popen[str] | None = None) -> Any:
+def wait_for(
+    what: str,
+    fn: Callable[[], Any],
+    timeout: float = 15.0,
+    proc: subprocess.Popen[str] | None = None,
+) -> Any:
     """Poll ``fn`` until it returns something truthy, within a bounded deadline.
     With ``proc``: fail at once, with its stderr, if that daemon exits."""
     deadline = time.monotonic() + timeout
@@ -83,8 +88,9 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0,
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             _, err = proc.communicate()
-            raise AssertionError(f"daemon exited with {proc.returncode} while waiting for "
-                                 f"{what}:\n{err}")
+            raise AssertionError(
+                f"daemon exited with {proc.returncode} while waiting for {what}:\n{err}"
+            )
         try:
             last = fn()
         except (OSError, ConnectionError) as e:
@@ -104,10 +110,27 @@ def api(sock: Path, op: str, **kw: Any) -> Any:
 def start(tmp: Path, name: str, host: str, *extra: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     return subprocess.Popen(
-        [sys.executable, "-m", "peerd", "agent", "--name", name, "--bind", f"{host}:0",
-         "--state-dir", str(tmp / name), "--api-socket", str(tmp / f"{name}.sock"),
-         "--preset", "local", *extra],
-        stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "peerd",
+            "agent",
+            "--name",
+            name,
+            "--bind",
+            f"{host}:0",
+            "--state-dir",
+            str(tmp / name),
+            "--api-socket",
+            str(tmp / f"{name}.sock"),
+            "--preset",
+            "local",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
@@ -130,30 +153,49 @@ def test_real_daemons_join_and_stop_cleanly(tmp_path: Path) -> None:
     try:
         status = wait_for("a's API", lambda: api(tmp_path / "a.sock", "status"), proc=a)
         assert status["name"] == "a" and status["generation"] == 1
-        b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file),
-                  "--join", status["addr"])
-        wait_for("b to see a alive", lambda: [
-            m for m in api(tmp_path / "b.sock", "members")
-            if m["name"] == "a" and m["status"] == "alive"])
-        wait_for("a to see b alive", lambda: [
-            m for m in api(tmp_path / "a.sock", "members")
-            if m["name"] == "b" and m["status"] == "alive"])
+        b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file), "--join", status["addr"])
+        wait_for(
+            "b to see a alive",
+            lambda: [
+                m
+                for m in api(tmp_path / "b.sock", "members")
+                if m["name"] == "a" and m["status"] == "alive"
+            ],
+        )
+        wait_for(
+            "a to see b alive",
+            lambda: [
+                m
+                for m in api(tmp_path / "a.sock", "members")
+                if m["name"] == "b" and m["status"] == "alive"
+            ],
+        )
         counters = api(tmp_path / "a.sock", "status")["counters"]
         assert counters["tcp_in"] >= 1  # b's join push-pull, sealed and opened
         code, err = stop(b)
         b = None
         assert code == 0, err
         assert "left the cluster" in err
-        left = wait_for("a to see b left", lambda: [
-            m for m in api(tmp_path / "a.sock", "members")
-            if m["name"] == "b" and m["status"] == "left"])[0]
+        left = wait_for(
+            "a to see b left",
+            lambda: [
+                m
+                for m in api(tmp_path / "a.sock", "members")
+                if m["name"] == "b" and m["status"] == "left"
+            ],
+        )[0]
         # b remembered a: restarted without --join, it rejoins as a new generation
         # with a higher incarnation than anything its earlier life used.
         assert (tmp_path / "b" / "peers").read_text().startswith('[["127.0.0.1", ')
         b = start(tmp_path, "b", "127.0.0.2", "--key-file", str(key_file))
-        back = wait_for("a to see b back", lambda: [
-            m for m in api(tmp_path / "a.sock", "members")
-            if m["name"] == "b" and m["status"] == "alive"])[0]
+        back = wait_for(
+            "a to see b back",
+            lambda: [
+                m
+                for m in api(tmp_path / "a.sock", "members")
+                if m["name"] == "b" and m["status"] == "alive"
+            ],
+        )[0]
         assert back["id"] == left["id"]
         assert back["generation"] == 2
         assert back["incarnation"] > left["incarnation"]

@@ -34,14 +34,27 @@ class Side:
     def __init__(self, node: bytes, keys: list[bytes] | None, limits: LinkLimits) -> None:
         self.node = node
         self.net = Net(node, keys, queue=4096)
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(
-            open_tcp_listener(("127.0.0.1", 0))))
-        self.tcp = TcpEndpoint(listener, sealer=self.net.sealer, opener=self.net.opener,
-                               inputs=self.net.send, counters=self.net.counters,
-                               log=self.net.log, limits=TcpLimits())
-        self.links = LinkManager(node, sealer=self.net.sealer, keyring=self.net.keyring,
-                                 inputs=self.net.send, counters=self.net.counters,
-                                 log=self.net.log, limits=limits)
+        listener = trio.SocketListener(
+            trio.socket.from_stdlib_socket(open_tcp_listener(("127.0.0.1", 0)))
+        )
+        self.tcp = TcpEndpoint(
+            listener,
+            sealer=self.net.sealer,
+            opener=self.net.opener,
+            inputs=self.net.send,
+            counters=self.net.counters,
+            log=self.net.log,
+            limits=TcpLimits(),
+        )
+        self.links = LinkManager(
+            node,
+            sealer=self.net.sealer,
+            keyring=self.net.keyring,
+            inputs=self.net.send,
+            counters=self.net.counters,
+            log=self.net.log,
+            limits=limits,
+        )
         self.tcp.on_link = self.links.accept
 
     @property
@@ -56,8 +69,11 @@ class Side:
 
 
 @asynccontextmanager
-async def pair(keys_a: list[bytes] | None = None, keys_b: list[bytes] | None = None,
-               limits: LinkLimits | None = None) -> AsyncIterator[tuple[Side, Side]]:
+async def pair(
+    keys_a: list[bytes] | None = None,
+    keys_b: list[bytes] | None = None,
+    limits: LinkLimits | None = None,
+) -> AsyncIterator[tuple[Side, Side]]:
     lim = limits or LinkLimits()
     a = Side(A, [KEY] if keys_a is None else keys_a, lim)
     b = Side(B, [KEY] if keys_b is None else keys_b, lim)
@@ -189,9 +205,15 @@ async def test_push_pull_still_works_next_to_links() -> None:
 def test_lowest_priority_dropped_over_the_bound() -> None:
     counters: collections.Counter[str] = collections.Counter()
     net = Net(A, [KEY])
-    m = LinkManager(A, sealer=net.sealer, keyring=net.keyring, inputs=net.send,
-                    counters=counters, log=net.log,
-                    limits=LinkLimits(max_queue_bytes=1000, droppable_priority=3))
+    m = LinkManager(
+        A,
+        sealer=net.sealer,
+        keyring=net.keyring,
+        inputs=net.send,
+        counters=counters,
+        log=net.log,
+        limits=LinkLimits(max_queue_bytes=1000, droppable_priority=3),
+    )
     from peerd.shell.links import _Link
 
     link = _Link(B, ("127.0.0.1", 1), True, 1, state="up")
@@ -211,9 +233,15 @@ class MemSide:
     def __init__(self, node: bytes, limits: LinkLimits) -> None:
         self.node = node
         self.net = Net(node, [KEY], queue=4096)
-        self.links = LinkManager(node, sealer=self.net.sealer, keyring=self.net.keyring,
-                                 inputs=self.net.send, counters=self.net.counters,
-                                 log=self.net.log, limits=limits)
+        self.links = LinkManager(
+            node,
+            sealer=self.net.sealer,
+            keyring=self.net.keyring,
+            inputs=self.net.send,
+            counters=self.net.counters,
+            log=self.net.log,
+            limits=limits,
+        )
 
     async def next(self) -> Any:
         with trio.fail_after(60):  # mock clock: virtual seconds
@@ -221,8 +249,9 @@ class MemSide:
 
 
 @asynccontextmanager
-async def mem_pair(monkeypatch: pytest.MonkeyPatch, limits_a: LinkLimits,
-                   limits_b: LinkLimits) -> AsyncIterator[tuple[MemSide, MemSide, Addr]]:
+async def mem_pair(
+    monkeypatch: pytest.MonkeyPatch, limits_a: LinkLimits, limits_b: LinkLimits
+) -> AsyncIterator[tuple[MemSide, MemSide, Addr]]:
     """A and B with no sockets: A's connect to B's address gets a memory
     stream whose other end is served as B's TCP listener does (the hello
     frame opened, then handed to ``accept``). Nothing waits on the wall
@@ -253,8 +282,9 @@ async def mem_pair(monkeypatch: pytest.MonkeyPatch, limits_a: LinkLimits,
         nursery.cancel_scope.cancel()
 
 
-async def test_idle_direct_link_closes(autojump_clock: trio.testing.MockClock,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_idle_direct_link_closes(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     limits = LinkLimits(idle_s=30, reap_interval_s=10)
     # b's idle_s is long, so that a is the one to reap it.
     async with mem_pair(monkeypatch, limits, LinkLimits(idle_s=1000)) as (a, b, b_addr):
@@ -272,8 +302,9 @@ async def test_idle_direct_link_closes(autojump_clock: trio.testing.MockClock,
         assert a.links.open_count == 0 and b.links.open_count == 0
 
 
-async def test_mesh_link_is_not_reaped(autojump_clock: trio.testing.MockClock,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_mesh_link_is_not_reaped(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     limits = LinkLimits(idle_s=30, reap_interval_s=10)
     async with mem_pair(monkeypatch, limits, limits) as (a, b, b_addr):
         a.links.connect(B, b_addr)
@@ -297,21 +328,25 @@ def test_split_never_raises(data: bytes) -> None:
 @given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=20), st.integers(0, 30))
 @settings(max_examples=100, deadline=None)
 def test_split_roundtrip_and_truncation(ids: list[int], cut: int) -> None:
-    recs = b"".join(struct.pack(">I", len(e)) + e
-                    for e in (codec.encode(NeighborReply(i % 2 == 0)) for i in ids))
+    recs = b"".join(
+        struct.pack(">I", len(e)) + e
+        for e in (codec.encode(NeighborReply(i % 2 == 0)) for i in ids)
+    )
     assert _split(recs, 0) == tuple(NeighborReply(i % 2 == 0) for i in ids)
     if 0 < cut < len(recs):
         # A cut frame is refused, unless it ends on a record boundary.
         out = _split(recs[:-cut], 0)
         full = tuple(NeighborReply(i % 2 == 0) for i in ids)
-        assert out is None or full[:len(out)] == out
+        assert out is None or full[: len(out)] == out
 
 
 async def test_bad_hellos_are_counted_drops() -> None:
     async with pair() as (_a, b):
         intruder = Net(b"\x0e" * 16, [KEY])
-        for payload in (b"\xffjunk",  # not a hello
-                        b"\xffPDL1H" + b"\x0f" * 16 + B + b"n" * 8):  # src is not the sealer
+        for payload in (
+            b"\xffjunk",  # not a hello
+            b"\xffPDL1H" + b"\x0f" * 16 + B + b"n" * 8,
+        ):  # src is not the sealer
             stream = await trio.open_tcp_stream(*b.addr)
             await stream.send_all(encode_frame(intruder.sealer.seal(payload)))
             with trio.fail_after(5):
@@ -323,10 +358,18 @@ async def test_bad_hellos_are_counted_drops() -> None:
 
 async def test_peer_link_without_a_manager_is_refused() -> None:
     net = Net(B, [KEY])
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(
-        open_tcp_listener(("127.0.0.1", 0))))
-    tcp = TcpEndpoint(listener, sealer=net.sealer, opener=net.opener, inputs=net.send,
-                      counters=net.counters, log=net.log, limits=TcpLimits())
+    listener = trio.SocketListener(
+        trio.socket.from_stdlib_socket(open_tcp_listener(("127.0.0.1", 0)))
+    )
+    tcp = TcpEndpoint(
+        listener,
+        sealer=net.sealer,
+        opener=net.opener,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        limits=TcpLimits(),
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(tcp.run)
         a = Side(A, [KEY], LinkLimits())
@@ -353,8 +396,15 @@ async def test_control_is_written_before_queued_user_traffic() -> None:
     from peerd.shell.links import _Link
 
     net = Net(A, [KEY])
-    m = LinkManager(A, sealer=net.sealer, keyring=net.keyring, inputs=net.send,
-                    counters=net.counters, log=net.log, limits=LinkLimits(batch_bytes=200))
+    m = LinkManager(
+        A,
+        sealer=net.sealer,
+        keyring=net.keyring,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        limits=LinkLimits(batch_bytes=200),
+    )
     link = _Link(B, ("127.0.0.1", 1), True, 1, state="up", peer_nonce=b"n" * 8)
     users = [gossip(i) for i in range(20)]
     for g in users:
@@ -369,10 +419,10 @@ async def test_control_is_written_before_queued_user_traffic() -> None:
     frames, data = [], out.data
     while data:
         (n,) = struct.unpack(">I", data[:4])
-        _sender, payload = opener.open(data[4:4 + n])
+        _sender, payload = opener.open(data[4 : 4 + n])
         assert payload[:8] == b"n" * 8
         frames.append(_split(payload, 8))
-        data = data[4 + n:]
+        data = data[4 + n :]
     assert len(frames) > 1  # batches of about batch_bytes
     assert frames[0][0] == NeighborReply(True)
     assert [m for f in frames for m in f][1:] == users  # the rest in order
@@ -382,8 +432,14 @@ async def test_direct_close_leaves_a_mesh_link_alone() -> None:
     from peerd.shell.links import _Link
 
     net = Net(A, [KEY])
-    m = LinkManager(A, sealer=net.sealer, keyring=net.keyring, inputs=net.send,
-                    counters=net.counters, log=net.log)
+    m = LinkManager(
+        A,
+        sealer=net.sealer,
+        keyring=net.keyring,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+    )
     link = _Link(B, ("127.0.0.1", 1), True, 1, state="up", mesh=True)
     m.links[B] = link
     m.close(B, mesh=False)

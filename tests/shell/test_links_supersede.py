@@ -117,8 +117,8 @@ class Side:
         with trio.fail_after(60):
             _sender, payload = end.opener.open(await read_frame(ours, 1 << 20))
         n = len(MAGIC) + 1
-        assert payload[:n] == MAGIC + ACK and payload[n + 16:n + 24] == nonce
-        end.b_nonce = payload[n + 24:]
+        assert payload[:n] == MAGIC + ACK and payload[n + 16 : n + 24] == nonce
+        end.b_nonce = payload[n + 24 :]
         return end
 
     async def next(self) -> Any:
@@ -152,8 +152,15 @@ async def side_b(queue: int = 1, limits: LinkLimits | None = None) -> AsyncItera
     # A one-item input queue: B's reader of a link stalls on the runner, so
     # frames are still unread when the new link comes.
     net = Net(B, [KEY], queue=queue)
-    links = LinkManager(B, sealer=net.sealer, keyring=net.keyring, inputs=net.send,
-                        counters=net.counters, log=net.log, limits=limits)
+    links = LinkManager(
+        B,
+        sealer=net.sealer,
+        keyring=net.keyring,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        limits=limits,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(links.run)
         yield Side(nursery, links, net)
@@ -170,7 +177,8 @@ def frames(n: int) -> list[LinkMessages]:
 
 
 async def test_superseded_link_is_read_to_its_end_then_lost_then_the_new_one(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b() as b:
         old = await b.open_with(5)
         await old.stream.send_eof()  # A closed it (after flushing) ...
@@ -186,7 +194,8 @@ async def test_superseded_link_is_read_to_its_end_then_lost_then_the_new_one(
 
 
 async def test_a_half_open_superseded_link_ends_after_the_drain_timeout(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b(limits=LinkLimits(drain_timeout_s=5)) as b:
         old = await b.open()
         await old.send(gossip(1))
@@ -202,7 +211,8 @@ async def test_a_half_open_superseded_link_ends_after_the_drain_timeout(
 
 
 async def test_sends_move_to_the_new_link_and_the_old_one_is_half_closed(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b(queue=16) as b:
         old = await b.open()
         await old.send(gossip(1))
@@ -217,7 +227,8 @@ async def test_sends_move_to_the_new_link_and_the_old_one_is_half_closed(
 
 
 async def test_a_link_closed_meanwhile_does_not_let_a_third_one_overtake(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b() as b:
         old = await b.open()
         await old.send(gossip(1))
@@ -253,7 +264,8 @@ def node_of(item: Any) -> bytes:
 
 
 async def test_at_max_links_a_peer_can_still_replace_its_link(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The old link was torn down first and then the new one refused as
     # busy: the node lost its link to the peer.
     async with side_b(queue=16, limits=LinkLimits(max_links=1)) as b:
@@ -274,7 +286,8 @@ async def test_at_max_links_a_peer_can_still_replace_its_link(
 
 
 async def test_a_peer_still_writing_on_the_old_link_holds_the_new_one_drain_timeout_s_at_most(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # drain_timeout_s was reset by every frame: a peer flushing a long queue
     # on the old link held the new link's delivery for as long as it wrote.
     async with side_b(queue=64, limits=LinkLimits(drain_timeout_s=5)) as b:
@@ -297,7 +310,8 @@ async def test_a_peer_still_writing_on_the_old_link_holds_the_new_one_drain_time
 
 
 async def test_an_idle_closed_links_loss_comes_after_the_link_it_superseded(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The reaper's LinkLost went straight into the inputs, before the old
     # link's last frames and its own LinkLost.
     limits = LinkLimits(idle_s=2, reap_interval_s=1, drain_timeout_s=5)
@@ -314,7 +328,8 @@ async def test_an_idle_closed_links_loss_comes_after_the_link_it_superseded(
 
 
 async def test_an_evicted_links_loss_comes_after_the_link_it_superseded(
-        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def refused(addr: Any) -> Any:
         raise OSError("connection refused")
 
@@ -333,7 +348,8 @@ async def test_an_evicted_links_loss_comes_after_the_link_it_superseded(
 
 
 async def test_a_link_replacing_a_closed_one_waits_for_what_that_one_waited_for(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The second link is closed by B (no LinkLost) while the first drains;
     # the third must still wait for the first's frames and LinkLost.
     async with side_b() as b:
@@ -349,7 +365,8 @@ async def test_a_link_replacing_a_closed_one_waits_for_what_that_one_waited_for(
 
 
 async def test_a_crossing_link_waits_for_what_our_dropped_connect_waited_for(
-        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async def never(addr: Any) -> Any:
         await trio.sleep_forever()
 
@@ -367,8 +384,10 @@ async def test_a_crossing_link_waits_for_what_our_dropped_connect_waited_for(
         assert got[:3] == frames(3)
         assert len(got) == 5 and isinstance(got[3], LinkLost)
 
+
 async def test_a_mesh_mark_put_on_the_new_link_while_the_old_one_drained_is_cleared(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The mesh sent on the new link during the drain (marking it its own),
     # then heard LinkDown with the old one's LinkLost, forgot the peer and
     # never closed the new link: the idle reaper skipped it for ever.
@@ -388,7 +407,8 @@ async def test_a_mesh_mark_put_on_the_new_link_while_the_old_one_drained_is_clea
 
 
 async def test_a_new_link_the_peer_made_a_mesh_link_keeps_its_mark(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b(queue=16, limits=LinkLimits(idle_s=10, reap_interval_s=1)) as b:
         old = await b.open()
         await old.send(gossip(1))
@@ -405,7 +425,8 @@ async def test_a_new_link_the_peer_made_a_mesh_link_keeps_its_mark(
 
 
 async def test_frames_dropped_with_a_superseded_link_are_counted_and_their_sends_fail(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with side_b(queue=16) as b:
         node = Node()
         m = Messenger(node, b.links, {}, b.net.counters, send_timeout_s=60)
@@ -430,4 +451,3 @@ async def test_frames_dropped_with_a_superseded_link_are_counted_and_their_sends
                 p.result()
             assert info.value.code == "unavailable" and "link" in info.value.message
         assert not later.finished and m.pending == 1
-

@@ -21,8 +21,9 @@ def test_line_format() -> None:
     logger.info("member joined", name="web1", id=b"\x01\x02", addr=("10.0.0.5", 7950))
     logger.warning("x", addr=("::1", 1), note="two words", empty="")
     lines = out.getvalue().splitlines()
-    assert lines[0] == ("2026-11-21T12:00:00Z info  member joined name=web1 id=0102 "
-                        "addr=10.0.0.5:7950")
+    assert lines[0] == (
+        "2026-11-21T12:00:00Z info  member joined name=web1 id=0102 addr=10.0.0.5:7950"
+    )
     assert lines[1] == '2026-11-21T12:00:00Z warn  x addr=[::1]:1 note="two words" empty=""'
 
 
@@ -71,5 +72,6 @@ def test_stdlib_records_use_the_same_format() -> None:
         logging.getLogger("peerd.api").info("API connection %s opened", 3)
     finally:
         root.handlers[:], root.level, root.propagate = saved
-    assert out.getvalue() == ("2026-11-21T12:00:00Z info  API connection 3 opened "
-                              "source=peerd.api\n")
+    assert out.getvalue() == (
+        "2026-11-21T12:00:00Z info  API connection 3 opened source=peerd.api\n"
+    )

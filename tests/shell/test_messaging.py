@@ -49,8 +49,11 @@ class State:
         return None
 
     def group_members(self, scope: str, name: str) -> list[Claim]:
-        return [c for c in self.claims
-                if (c.entry.kind, c.entry.scope, c.entry.name) == (RegKind.GROUP, scope, name)]
+        return [
+            c
+            for c in self.claims
+            if (c.entry.kind, c.entry.scope, c.entry.name) == (RegKind.GROUP, scope, name)
+        ]
 
 
 class Registry:
@@ -59,8 +62,9 @@ class Registry:
         self._owner_of: dict[int, int] = {}
         self._owned: dict[int, dict[tuple[RegKind, str, str], int]] = {}
 
-    def add(self, origin: bytes, eid: int, kind: RegKind, name: str, conn: int | None = None
-            ) -> None:
+    def add(
+        self, origin: bytes, eid: int, kind: RegKind, name: str, conn: int | None = None
+    ) -> None:
         e = Entry(eid, kind, "default", name)
         self.state.claims.append(Claim(origin, e))
         if origin == ME:
@@ -110,8 +114,7 @@ class Links:
     def connect(self, peer: bytes, addr: Any, *, mesh: bool = True) -> None:
         self.connected.append(peer)
 
-    def send(self, peer: bytes, msg: Any, priority: int = 0, *, mesh: bool | None = None
-             ) -> bool:
+    def send(self, peer: bytes, msg: Any, priority: int = 0, *, mesh: bool | None = None) -> bool:
         self.sent.append((peer, msg, priority, mesh))
         return self.accept
 
@@ -158,9 +161,20 @@ async def test_local_owner_gets_it_at_once_with_the_sender_name() -> None:
     node.registry.add(ME, 2, RegKind.NAME, "client", conn=8)
     p = m.begin(sender, args("db", b"ping"))
     assert await m.wait(p) == {"delivered": 1}
-    assert owner.events == [(0, "message", {"from": "client", "from_node": ME.hex(),
-                                            "kind": "name", "scope": "default", "name": "db",
-                                            "payload": b"ping"})]
+    assert owner.events == [
+        (
+            0,
+            "message",
+            {
+                "from": "client",
+                "from_node": ME.hex(),
+                "kind": "name",
+                "scope": "default",
+                "name": "db",
+                "payload": b"ping",
+            },
+        )
+    ]
     assert links.sent == []
 
 
@@ -173,7 +187,10 @@ async def test_remote_owner_roundtrip_and_errors() -> None:
     assert links.connected == [OTHER]  # one link, reused
     msgs = [s[1] for s in links.sent]
     assert [(x.seq, x.eid, x.payload, x.sender) for x in msgs] == [
-        (1, 5, b"a", ""), (2, 5, b"b", ""), (3, 5, b"c", "")]
+        (1, 5, b"a", ""),
+        (2, 5, b"b", ""),
+        (3, 5, b"c", ""),
+    ]
     assert {(s[2], s[3]) for s in links.sent} == {(DIRECT_PRIORITY, False)}
     m.on_reply(OTHER, NameReply(1, NameStatus.DELIVERED))
     m.on_reply(OTHER, NameReply(2, NameStatus.MAILBOX_FULL))
@@ -234,8 +251,9 @@ async def test_group_one_prefers_local_and_all_reaches_everyone() -> None:
     node.registry.add(OTHER, 5, RegKind.GROUP, "workers")
     node.registry.add(ME, 6, RegKind.GROUP, "workers", conn=7)
     node.registry.add(THIRD, 7, RegKind.GROUP, "workers")
-    assert await m.wait(m.begin(Conn(1), parse_send_args(
-        {"group": "workers", "payload": b"x"}))) == {"delivered": 1}
+    assert await m.wait(
+        m.begin(Conn(1), parse_send_args({"group": "workers", "payload": b"x"}))
+    ) == {"delivered": 1}
     assert len(local.events) == 1 and links.sent == []
     p = m.begin(Conn(1), parse_send_args({"group": "workers", "payload": b"y", "all": True}))
     assert sorted(s[0] for s in links.sent) == [OTHER, THIRD]
@@ -259,9 +277,12 @@ async def test_receiver_checks_the_entry_and_answers_each() -> None:
     owner.closed = True
     m.on_message(OTHER, NameMsg(15, RegKind.NAME, "default", "db", 3, "", b"5"))  # going away
     assert [s[1] for s in links.sent] == [
-        NameReply(11, NameStatus.DELIVERED), NameReply(12, NameStatus.MAILBOX_FULL),
-        NameReply(13, NameStatus.NOT_FOUND), NameReply(14, NameStatus.NOT_FOUND),
-        NameReply(15, NameStatus.NOT_FOUND)]
+        NameReply(11, NameStatus.DELIVERED),
+        NameReply(12, NameStatus.MAILBOX_FULL),
+        NameReply(13, NameStatus.NOT_FOUND),
+        NameReply(14, NameStatus.NOT_FOUND),
+        NameReply(15, NameStatus.NOT_FOUND),
+    ]
     assert owner.events[0][2]["from"] == "asker"
     m.leaving = lambda: True
     m.on_message(OTHER, ok)
@@ -271,9 +292,14 @@ async def test_receiver_checks_the_entry_and_answers_each() -> None:
 def test_send_args() -> None:
     a = parse_send_args({"group": "g", "all": True, "payload": "t", "scope": "s"})
     assert (a.kind, a.scope, a.name, a.payload, a.all) == (RegKind.GROUP, "s", "g", b"t", True)
-    for bad in ({"name": "x", "all": True}, {"name": "x", "group": "y"},
-                {"name": "x", "payload": 3}, {"name": "x", "payload": b"z" * (256 * 1024 + 1)},
-                {"payload": b""}, {"name": "x", "all": 1}):
+    for bad in (
+        {"name": "x", "all": True},
+        {"name": "x", "group": "y"},
+        {"name": "x", "payload": 3},
+        {"name": "x", "payload": b"z" * (256 * 1024 + 1)},
+        {"payload": b""},
+        {"name": "x", "all": 1},
+    ):
         with pytest.raises(ApiError) as e:
             parse_send_args(bad)
         assert e.value.code == "bad_args"
@@ -282,13 +308,17 @@ def test_send_args() -> None:
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_actions = st.lists(st.one_of(
-    st.tuples(st.just("send"), st.sampled_from(["db", "web", "workers", "nobody"]),
-              st.booleans()),
-    st.tuples(st.just("reply"), st.integers(0, 30), st.sampled_from(list(NameStatus))),
-    st.tuples(st.just("stray"), st.integers(0, 30), st.sampled_from([OTHER, THIRD])),
-    st.tuples(st.just("lost"), st.sampled_from([OTHER, THIRD]), st.booleans()),
-), max_size=40)
+_actions = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("send"), st.sampled_from(["db", "web", "workers", "nobody"]), st.booleans()
+        ),
+        st.tuples(st.just("reply"), st.integers(0, 30), st.sampled_from(list(NameStatus))),
+        st.tuples(st.just("stray"), st.integers(0, 30), st.sampled_from([OTHER, THIRD])),
+        st.tuples(st.just("lost"), st.sampled_from([OTHER, THIRD]), st.booleans()),
+    ),
+    max_size=40,
+)
 
 
 @given(_actions)
@@ -305,7 +335,7 @@ def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
     for action in actions:
         match action:
             case ("send", name, every):
-                a = ({"group": name, "all": every} if name == "workers" else {"name": name})
+                a = {"group": name, "all": every} if name == "workers" else {"name": name}
                 try:
                     calls.append(m.begin(Conn(1), parse_send_args({**a, "payload": b"p"})))
                 except ApiError as e:

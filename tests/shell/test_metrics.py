@@ -40,14 +40,21 @@ A, B = b"\x01" * 16, b"\x02" * 16
 
 
 def test_message_sizes_attributes_every_byte_of_every_message() -> None:
-    msgs = [Ping(7, A), Ack(7), Suspect(B, 3, A),
-            Alive(A, "web1", ("10.0.0.1", 7950), 4, 2, (("role", "db"), ("zone", "a"))),
-            PingReq(9, B, ("::1", 7950), True)]
+    msgs = [
+        Ping(7, A),
+        Ack(7),
+        Suspect(B, 3, A),
+        Alive(A, "web1", ("10.0.0.1", 7950), 4, 2, (("role", "db"), ("zone", "a"))),
+        PingReq(9, B, ("::1", 7950), True),
+    ]
     encoded = [codec.encode(m) for m in msgs]
     payload = codec.pack(encoded)
     assert message_sizes(payload) == [
-        ("ping", len(encoded[0])), ("ack", len(encoded[1])), ("suspect", len(encoded[2])),
-        ("alive", len(encoded[3])), ("pingreq", len(encoded[4])),
+        ("ping", len(encoded[0])),
+        ("ack", len(encoded[1])),
+        ("suspect", len(encoded[2])),
+        ("alive", len(encoded[3])),
+        ("pingreq", len(encoded[4])),
     ]
     # A datagram of 30 messages: the packet header takes 2 bytes, not attributed.
     many = codec.pack([codec.encode(Ack(i)) for i in range(30)])
@@ -63,15 +70,18 @@ def test_stream_frames_are_one_message() -> None:
     assert stream_message_type(cbor2.dumps({"a": 1})) == "unknown"
 
 
-@pytest.mark.parametrize("payload", [
-    b"",
-    b"\xa0",  # a map, not an array
-    b"\x82\x82\x01",  # truncated
-    b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff",  # claims 2**64-1 messages
-    b"\x81\x9f\x01\xff",  # indefinite length
-    b"\x81\x82\x01\x5a\xff\xff\xff\xff",  # a byte string longer than the datagram
-    codec.pack([codec.encode(Ack(1))]) + b"\x00",  # trailing bytes
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\xa0",  # a map, not an array
+        b"\x82\x82\x01",  # truncated
+        b"\x9b\xff\xff\xff\xff\xff\xff\xff\xff",  # claims 2**64-1 messages
+        b"\x81\x9f\x01\xff",  # indefinite length
+        b"\x81\x82\x01\x5a\xff\xff\xff\xff",  # a byte string longer than the datagram
+        codec.pack([codec.encode(Ack(1))]) + b"\x00",  # trailing bytes
+    ],
+)
 def test_malformed_datagrams_are_counted_whole(payload: bytes) -> None:
     assert message_sizes(payload) == [("malformed", len(payload))]
 
@@ -139,18 +149,42 @@ def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
 
 
 STATUS: dict[str, Any] = {
-    "name": "web1", "id": "ab" * 16, "addr": "10.0.0.1:7950", "incarnation": 3,
-    "generation": 2, "health": 1, "version": "0.1.0", "leaving": False,
+    "name": "web1",
+    "id": "ab" * 16,
+    "addr": "10.0.0.1:7950",
+    "incarnation": 3,
+    "generation": 2,
+    "health": 1,
+    "version": "0.1.0",
+    "leaving": False,
     "members": {"alive": 3, "suspect": 1, "dead": 0, "left": 2},
     "gauges": {"api_connections": 2, "keys": 1, "uptime_s": 12.5},
     "counters": {
-        "probes": 10, "probe_failures": 1, "suspicions": 2, "refutations": 1, "dead": 1,
-        "left": 2, "packets_in": 40, "bytes_out": 9000, "msg_in.ping": 5,
-        "wire_in.ping": 5, "wire_out.ack": 5, "wire_out_bytes.ack": 10,
-        "wire_in_bytes.pushpull": 700, "drop.bad_cbor": 3, "udp_drop_seal_auth": 4,
-        "tcp_drop_closed": 1, "udp_rx": 40, "udp_tx": 41, "api_connections": 7,
-        "api_requests": 12, "api_bad_frames": 1, "brand_new_counter": 9,
-        "tcp_link_up": 1, "tcp_fail_timeout": 2, "watch_dropped": 1,
+        "probes": 10,
+        "probe_failures": 1,
+        "suspicions": 2,
+        "refutations": 1,
+        "dead": 1,
+        "left": 2,
+        "packets_in": 40,
+        "bytes_out": 9000,
+        "msg_in.ping": 5,
+        "wire_in.ping": 5,
+        "wire_out.ack": 5,
+        "wire_out_bytes.ack": 10,
+        "wire_in_bytes.pushpull": 700,
+        "drop.bad_cbor": 3,
+        "udp_drop_seal_auth": 4,
+        "tcp_drop_closed": 1,
+        "udp_rx": 40,
+        "udp_tx": 41,
+        "api_connections": 7,
+        "api_requests": 12,
+        "api_bad_frames": 1,
+        "brand_new_counter": 9,
+        "tcp_link_up": 1,
+        "tcp_fail_timeout": 2,
+        "watch_dropped": 1,
     },
 }
 
@@ -159,19 +193,32 @@ def test_render_is_valid_exposition_with_the_expected_families() -> None:
     fams = parse_exposition(render(STATUS))
     assert fams["peerd_members"]["type"] == "gauge"
     assert fams["peerd_members"]["samples"] == {
-        'status="alive"': 3, 'status="dead"': 0, 'status="left"': 2, 'status="suspect"': 1}
+        'status="alive"': 3,
+        'status="dead"': 0,
+        'status="left"': 2,
+        'status="suspect"': 1,
+    }
     assert fams["peerd_probes_total"]["samples"] == {"": 10}
     assert fams["peerd_suspicions_total"]["samples"] == {"": 2}
     assert fams["peerd_refutations_total"]["samples"] == {"": 1}
     assert fams["peerd_member_transitions_total"]["samples"] == {
-        'status="dead"': 1, 'status="left"': 2}
+        'status="dead"': 1,
+        'status="left"': 2,
+    }
     assert fams["peerd_messages_total"]["samples"] == {
-        'direction="in",type="ping"': 5, 'direction="out",type="ack"': 5}
+        'direction="in",type="ping"': 5,
+        'direction="out",type="ack"': 5,
+    }
     assert fams["peerd_message_bytes_total"]["samples"] == {
-        'direction="in",type="pushpull"': 700, 'direction="out",type="ack"': 10}
+        'direction="in",type="pushpull"': 700,
+        'direction="out",type="ack"': 10,
+    }
     assert fams["peerd_drops_total"]["samples"] == {
-        'layer="core",reason="bad_cbor"': 3, 'layer="udp",reason="seal_auth"': 4,
-        'layer="tcp",reason="closed"': 1, 'layer="api",reason="slow_watcher"': 1}
+        'layer="core",reason="bad_cbor"': 3,
+        'layer="udp",reason="seal_auth"': 4,
+        'layer="tcp",reason="closed"': 1,
+        'layer="api",reason="slow_watcher"': 1,
+    }
     assert fams["peerd_api_connections"]["samples"] == {"": 2}
     assert fams["peerd_api_connections_total"]["samples"] == {"": 7}
     assert fams["peerd_api_errors_total"]["samples"] == {'kind="bad_frames"': 1}
@@ -183,8 +230,14 @@ def test_render_is_valid_exposition_with_the_expected_families() -> None:
 
 
 def test_render_escapes_label_values_and_survives_odd_input() -> None:
-    text = render({"version": 'x"y\\z\nw', "counters": {"a\nb": 1, "c": "not a number"},
-                   "gauges": {"keys": True}, "members": "nonsense"})
+    text = render(
+        {
+            "version": 'x"y\\z\nw',
+            "counters": {"a\nb": 1, "c": "not a number"},
+            "gauges": {"keys": True},
+            "members": "nonsense",
+        }
+    )
     fams = parse_exposition(text)
     assert fams["peerd_build_info"]["samples"] == {'version="x\\"y\\\\z\\nw"': 1}
     assert fams["peerd_other_total"]["samples"] == {'name="a\\nb"': 1}
@@ -192,8 +245,7 @@ def test_render_escapes_label_values_and_survives_odd_input() -> None:
 
 
 def test_render_of_an_empty_status() -> None:
-    assert parse_exposition(render({}))["peerd_build_info"]["samples"] == {
-        'version="unknown"': 1}
+    assert parse_exposition(render({}))["peerd_build_info"]["samples"] == {'version="unknown"': 1}
 
 
 # --- HTTP -------------------------------------------------------------------------------
@@ -229,10 +281,8 @@ async def test_http_endpoint_serves_the_same_text() -> None:
         assert body.decode() == render(STATUS)
         reply = await _http(port, b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"\r\n\r\n")
-        assert (await _http(port, b"GET /nope HTTP/1.1\r\n\r\n")).startswith(
-            b"HTTP/1.1 404 ")
-        assert (await _http(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(
-            b"HTTP/1.1 405 ")
+        assert (await _http(port, b"GET /nope HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        assert (await _http(port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
         assert (await _http(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
         assert (await _http(port, b"GET /" + b"a" * 9000)).startswith(b"HTTP/1.1 431 ")
         assert calls == 2

@@ -69,8 +69,9 @@ class FakeCore:
             case Start():
                 return [JoinDone(0, 0), *self.script(now, inp)]
             case SetTags(tags):
-                self.me = MemberInfo(ME.node, ME.name, ME.addr, ME.status, ME.incarnation + 1,
-                                     ME.generation, tags)
+                self.me = MemberInfo(
+                    ME.node, ME.name, ME.addr, ME.status, ME.incarnation + 1, ME.generation, tags
+                )
         return self.script(now, inp)
 
     def inputs(self, kind: type) -> list[tuple[float, Any]]:
@@ -109,8 +110,7 @@ class FakePorts:
 def make_runner(core: FakeCore, **kw: Any) -> tuple[Runner, FakePorts, io.StringIO]:
     ports = FakePorts()
     out = io.StringIO()
-    runner = Runner(core, packets=ports, streams=ports, logger=Logger(LogLevel.DEBUG, out),
-                    **kw)
+    runner = Runner(core, packets=ports, streams=ports, logger=Logger(LogLevel.DEBUG, out), **kw)
     return runner, ports, out
 
 
@@ -124,8 +124,12 @@ async def test_timers_fire_in_deadline_order(autojump_clock: trio.testing.MockCl
     def script(now: float, inp: Input) -> list[Output]:
         match inp:
             case Start():
-                return [SetTimer(t0 + 5, timer(1)), SetTimer(t0 + 2, timer(2)),
-                        SetTimer(t0 + 2, timer(3)), SetTimer(t0 + 9, timer(4))]
+                return [
+                    SetTimer(t0 + 5, timer(1)),
+                    SetTimer(t0 + 2, timer(2)),
+                    SetTimer(t0 + 2, timer(3)),
+                    SetTimer(t0 + 9, timer(4)),
+                ]
             case TimerFired(Timer(token=2)):
                 # Armed from inside a firing: one in the past, one between others.
                 return [SetTimer(now - 1, timer(5)), SetTimer(t0 + 3, timer(6))]
@@ -145,10 +149,12 @@ async def test_timers_fire_in_deadline_order(autojump_clock: trio.testing.MockCl
 
 
 async def test_inputs_and_timers_are_interleaved_by_time(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     t0 = trio.current_time()
-    core = FakeCore(lambda now, inp: [SetTimer(t0 + 10, timer(1))]
-                    if isinstance(inp, Start) else [])
+    core = FakeCore(
+        lambda now, inp: [SetTimer(t0 + 10, timer(1))] if isinstance(inp, Start) else []
+    )
     runner, _, _ = make_runner(core)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(runner.run)
@@ -159,16 +165,26 @@ async def test_inputs_and_timers_are_interleaved_by_time(
         await trio.sleep(1)
         await runner.shutdown("test")
     kinds = [(round(t - t0), type(i).__name__) for t, i in core.seen]
-    assert kinds == [(0, "Start"), (4, "PacketIn"), (10, "TimerFired"), (14, "PacketIn"),
-                     (15, "Leave")]
+    assert kinds == [
+        (0, "Start"),
+        (4, "PacketIn"),
+        (10, "TimerFired"),
+        (14, "PacketIn"),
+        (15, "Leave"),
+    ]
 
 
 async def test_outputs_are_carried_out(tmp_path: Path) -> None:
     def script(now: float, inp: Input) -> list[Output]:
         if isinstance(inp, PacketIn):
-            return [SendPacket(("10.0.0.2", 1), b"p"), OpenStream(4, ("10.0.0.3", 1), b"s"),
-                    StreamReply(9, None), WatchLinks((("10.0.0.4", 1),)),
-                    IncarnationChanged(42), Log(LogLevel.WARNING, "core says hi")]
+            return [
+                SendPacket(("10.0.0.2", 1), b"p"),
+                OpenStream(4, ("10.0.0.3", 1), b"s"),
+                StreamReply(9, None),
+                WatchLinks((("10.0.0.4", 1),)),
+                IncarnationChanged(42),
+                Log(LogLevel.WARNING, "core says hi"),
+            ]
         return []
 
     with StateDir(tmp_path) as state:
@@ -187,7 +203,8 @@ async def test_outputs_are_carried_out(tmp_path: Path) -> None:
 
 
 async def test_core_exception_exits_non_zero_with_one_traceback(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     t0 = trio.current_time()
 
     def script(now: float, inp: Input) -> list[Output]:
@@ -249,8 +266,7 @@ async def test_graceful_shutdown_saves_peers(tmp_path: Path) -> None:
         assert "shutting down reason=SIGTERM" in out.getvalue()
 
 
-async def test_leave_without_leave_done_is_bounded(
-        autojump_clock: trio.testing.MockClock) -> None:
+async def test_leave_without_leave_done_is_bounded(autojump_clock: trio.testing.MockClock) -> None:
     class Deaf(FakeCore):
         def handle(self, now: float, inp: Input) -> list[Output]:
             self.seen.append((now, inp))
@@ -441,11 +457,14 @@ async def test_keys_ops_persist_to_the_state_dir(tmp_path: Path) -> None:
 
         async def go() -> None:
             assert await runner.call(None, "keys.list", {}) == [
-                {"id": key_id(KEY1).hex(), "primary": True}]
+                {"id": key_id(KEY1).hex(), "primary": True}
+            ]
             await runner.call(None, "keys.install", {"key": format_key(KEY2)})
             await runner.call(None, "keys.use", {"key": format_key(KEY2)})
-            for args, code in [({"key": "junk"}, "bad_args"),
-                               ({"key": format_key(bytes(32))}, "not_found")]:
+            for args, code in [
+                ({"key": "junk"}, "bad_args"),
+                ({"key": format_key(bytes(32))}, "not_found"),
+            ]:
                 with pytest.raises(ApiError) as info:
                     await runner.call(None, "keys.remove", args)
                 assert info.value.code == code
@@ -461,8 +480,7 @@ async def test_keys_ops_persist_to_the_state_dir(tmp_path: Path) -> None:
         assert load_key_file(text) == [KEY2]
 
 
-async def test_timer_flood_does_not_starve_inputs(
-        autojump_clock: trio.testing.MockClock) -> None:
+async def test_timer_flood_does_not_starve_inputs(autojump_clock: trio.testing.MockClock) -> None:
     def script(now: float, inp: Input) -> list[Output]:
         if isinstance(inp, Start | TimerFired):
             return [SetTimer(now, timer(1))]  # a buggy core: always due again
@@ -485,6 +503,7 @@ async def test_pending_join_is_answered_when_the_node_leaves() -> None:
 
     async def go() -> None:
         async with trio.open_nursery() as nursery:
+
             async def join() -> None:
                 with pytest.raises(ApiError) as info:
                     await runner.call(None, "join", {"addrs": ["10.0.0.1:1"]})
@@ -498,8 +517,9 @@ async def test_pending_join_is_answered_when_the_node_leaves() -> None:
 
 
 async def test_failure_carrying_out_an_output_exits_70() -> None:
-    core = FakeCore(lambda now, inp: [SendPacket(("10.0.0.1", 1), b"x")]
-                    if isinstance(inp, Start) else [])
+    core = FakeCore(
+        lambda now, inp: [SendPacket(("10.0.0.1", 1), b"x")] if isinstance(inp, Start) else []
+    )
     runner, ports, out = make_runner(core)
 
     def broken_send(dst: tuple[str, int], payload: bytes) -> None:
@@ -511,8 +531,13 @@ async def test_failure_carrying_out_an_output_exits_70() -> None:
 
 
 async def test_core_log_floods_are_summarised() -> None:
-    core = FakeCore(lambda now, inp: [Log(LogLevel.DEBUG, "drop reason=bad_packet from=x")]
-                    if isinstance(inp, PacketIn) else [])
+    core = FakeCore(
+        lambda now, inp: (
+            [Log(LogLevel.DEBUG, "drop reason=bad_packet from=x")]
+            if isinstance(inp, PacketIn)
+            else []
+        )
+    )
     runner, _, out = make_runner(core)
 
     async def go() -> None:
@@ -524,8 +549,9 @@ async def test_core_log_floods_are_summarised() -> None:
     assert out.getvalue().count("drop reason=bad_packet") == 20
 
 
-async def test_peers_are_saved_periodically(tmp_path: Path,
-                                            autojump_clock: trio.testing.MockClock) -> None:
+async def test_peers_are_saved_periodically(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     with StateDir(tmp_path) as state:
         runner, _, _ = make_runner(FakeCore(), state=state)
 

@@ -82,8 +82,7 @@ async def run_briefly(runner: Any, body: Any) -> None:
         await runner.shutdown("test")
 
 
-async def test_join_and_member_events_feed_the_mesh(
-        autojump_clock: trio.testing.MockClock) -> None:
+async def test_join_and_member_events_feed_the_mesh(autojump_clock: trio.testing.MockClock) -> None:
     def script(now: float, inp: Input) -> list[Output]:
         if isinstance(inp, Start):
             return [MemberEvent(EventKind.JOINED, PEER), JoinDone(1, 0)]
@@ -108,8 +107,9 @@ async def test_dead_member_is_hinted_dead(autojump_clock: trio.testing.MockClock
     from peerd.core.events import MemberInfo
 
     dead = MemberInfo(PEER.node, "peer", PEER.addr, Status.DEAD, 3, 1, ())
-    core = FakeCore(lambda now, inp: [MemberEvent(EventKind.DEAD, dead)]
-                    if isinstance(inp, Start) else [])
+    core = FakeCore(
+        lambda now, inp: [MemberEvent(EventKind.DEAD, dead)] if isinstance(inp, Start) else []
+    )
     mesh = FakeMesh()
     runner, _, _ = make_runner(core, mesh=mesh, links=FakeLinks())
 
@@ -119,8 +119,7 @@ async def test_dead_member_is_hinted_dead(autojump_clock: trio.testing.MockClock
     await run_briefly(runner, body)
 
 
-async def test_mesh_timers_share_the_deadline_heap(
-        autojump_clock: trio.testing.MockClock) -> None:
+async def test_mesh_timers_share_the_deadline_heap(autojump_clock: trio.testing.MockClock) -> None:
     t0 = trio.current_time()
     timer = MeshTimer(MeshTimerKind.SHUFFLE, 7)
 
@@ -143,8 +142,7 @@ async def test_mesh_timers_share_the_deadline_heap(
 async def test_link_outputs_and_inputs(autojump_clock: trio.testing.MockClock) -> None:
     def script(now: float, inp: MeshInput) -> list[MeshOutput]:
         if isinstance(inp, JoinMesh):
-            return [Connect(PEER_MP), Send(PEER.node, NeighborReply(True), 2),
-                    CloseLink(PEER.node)]
+            return [Connect(PEER_MP), Send(PEER.node, NeighborReply(True), 2), CloseLink(PEER.node)]
         return []
 
     mesh = FakeMesh(script)
@@ -152,9 +150,11 @@ async def test_link_outputs_and_inputs(autojump_clock: trio.testing.MockClock) -
     runner, _, _ = make_runner(FakeCore(), mesh=mesh, links=links)
 
     async def body() -> None:
-        assert links.calls == [("connect", PEER.node, PEER.addr, True),
-                               ("send", PEER.node, NeighborReply(True), 2, True),
-                               ("close", PEER.node, True)]
+        assert links.calls == [
+            ("connect", PEER.node, PEER.addr, True),
+            ("send", PEER.node, NeighborReply(True), 2, True),
+            ("close", PEER.node, True),
+        ]
         await runner.send_channel.send(LinkMessages(PEER.node, (NeighborReply(False), Ack(1))))
         await runner.send_channel.send(LinkLost(PEER.node, True))
         await runner.send_channel.send(LinkLost(b"\x09" * 16, False))
@@ -168,7 +168,8 @@ async def test_link_outputs_and_inputs(autojump_clock: trio.testing.MockClock) -
 
 
 async def test_a_lost_mesh_link_is_released_before_the_mesh_hears_link_down(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     # The link manager clears the mesh's mark on a newer link to the node
     # (peerd.shell.links.LinkManager.mesh_lost) before the mesh hears
     # LinkDown, so what the mesh asks for in answer (Connect) stands.
@@ -190,6 +191,7 @@ async def test_a_lost_mesh_link_is_released_before_the_mesh_hears_link_down(
         assert [c for c in links.calls if c[0] == "mesh_lost"] == [("mesh_lost", PEER.node, 7)]
 
     await run_briefly(runner, body)
+
 
 async def test_a_raising_mesh_is_a_core_failure(autojump_clock: trio.testing.MockClock) -> None:
     def script(now: float, inp: MeshInput) -> list[MeshOutput]:
@@ -220,19 +222,32 @@ async def test_user_events_go_to_event_watchers(autojump_clock: trio.testing.Moc
     async def body() -> None:
         conn = object()
         events = runner.watch(conn, ["events"])
-        assert await runner.call(conn, "event", {"name": "a", "payload": b"1"}) == {
-            "id": "07" * 16}
+        assert await runner.call(conn, "event", {"name": "a", "payload": b"1"}) == {"id": "07" * 16}
         with pytest.raises(Exception) as e:
             await runner.call(conn, "event", {"name": "a", "payload": b"1" * 200})
         assert getattr(e.value, "code", None) == "unavailable"
-        await runner.send_channel.send(_call(runner, Deliver(
-            b"\x08" * 16, PEER.node, Channel.USER, encode_user_event("b", b"2"), 2, PEER.node)))
-        await runner.send_channel.send(_call(runner, Deliver(
-            b"\x09" * 16, PEER.node, Channel.USER, b"garbage", 2, PEER.node)))
+        await runner.send_channel.send(
+            _call(
+                runner,
+                Deliver(
+                    b"\x08" * 16,
+                    PEER.node,
+                    Channel.USER,
+                    encode_user_event("b", b"2"),
+                    2,
+                    PEER.node,
+                ),
+            )
+        )
+        await runner.send_channel.send(
+            _call(runner, Deliver(b"\x09" * 16, PEER.node, Channel.USER, b"garbage", 2, PEER.node))
+        )
         await trio.sleep(0.01)
         got = [events.receive_nowait() for _ in range(2)]
         assert [(ev, d["name"], d["payload"], d["origin"]) for ev, d in got] == [
-            ("user", "a", b"1", ME.node.hex()), ("user", "b", b"2", PEER.node.hex())]
+            ("user", "a", b"1", ME.node.hex()),
+            ("user", "b", b"2", PEER.node.hex()),
+        ]
         assert runner.counters["user_event_drop_malformed"] == 1
 
     await run_briefly(runner, body)
@@ -245,18 +260,21 @@ def _call(runner: Any, d: Any) -> Any:
 
 
 async def test_a_dead_member_closes_direct_links_and_fails_waiting_sends(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     from peerd.core.events import MemberInfo
 
     dead = MemberInfo(PEER.node, "peer", PEER.addr, Status.DEAD, 3, 1, ())
     links = FakeLinks()
-    core = FakeCore(lambda now, inp: [MemberEvent(EventKind.DEAD, dead)]
-                    if isinstance(inp, Start) else [])
+    core = FakeCore(
+        lambda now, inp: [MemberEvent(EventKind.DEAD, dead)] if isinstance(inp, Start) else []
+    )
     runner, _, _ = make_runner(core, mesh=FakeMesh(), links=links)
     lost: list[bytes] = []
     assert runner.messenger is not None
     runner.messenger.link_lost = (  # type: ignore[method-assign]
-        lambda node, link=None: lost.append(node))
+        lambda node, link=None: lost.append(node)
+    )
 
     async def body() -> None:
         assert ("close", PEER.node, False) in links.calls

@@ -66,8 +66,12 @@ def older_claim_packet(name: str, claimed_ms: int, pid: int = 55) -> bytes:
     """A delta from another node claiming ``name`` at ``claimed_ms``."""
     entry = RegEntry(1, RegKind.NAME, "default", name, claimed_ms, pid, 0, (("k", "v"),))
     # The claimant announces itself first: only live members' partitions are kept.
-    return codec.pack([codec.encode(Alive(OTHER, "other", ("127.0.0.9", 7950), 1, 1, ())),
-                       codec.encode(RegDelta(OTHER, 1, 0, 1, (RegChange(1, 1, entry),)))])
+    return codec.pack(
+        [
+            codec.encode(Alive(OTHER, "other", ("127.0.0.9", 7950), 1, 1, ())),
+            codec.encode(RegDelta(OTHER, 1, 0, 1, (RegChange(1, 1, entry),))),
+        ]
+    )
 
 
 async def barrier(runner: Runner) -> None:
@@ -94,14 +98,15 @@ async def test_register_lookup_list_update_unregister() -> None:
         assert info.value.code == "conflict" and "pid 111 on node n1" in info.value.message
         await runner.call(b, "register", {"name": "db", "scope": "other"})
         page = await runner.call(b, "list", {})
-        assert [(e["scope"], e["name"]) for e in page["entries"]] == [("default", "db"),
-                                                                      ("other", "db")]
+        assert [(e["scope"], e["name"]) for e in page["entries"]] == [
+            ("default", "db"),
+            ("other", "db"),
+        ]
         assert page["more"] is False
         page = await runner.call(b, "list", {"scope": "other", "prefix": "d"})
         assert [e["pid"] for e in page["entries"]] == [222]
         # Only the owning connection may change or remove an entry.
-        for op, args in [("unregister", {"name": "db"}),
-                         ("update", {"name": "db", "meta": {}})]:
+        for op, args in [("unregister", {"name": "db"}), ("update", {"name": "db", "meta": {}})]:
             with pytest.raises(ApiError) as info:
                 await runner.call(b, op, args)
             assert info.value.code == "not_found"
@@ -130,12 +135,17 @@ async def test_groups_members_and_paging() -> None:
         members = await runner.call(None, "group.members", {"group": "workers"})
         assert [e["pid"] for e in members["entries"]] == [101, 102, 103]
         assert members["more"] is False
-        assert (await runner.call(None, "group.members", {"group": "workers", "limit": 2})
-                )["more"] is True
+        assert (await runner.call(None, "group.members", {"group": "workers", "limit": 2}))[
+            "more"
+        ] is True
         groups = await runner.call(None, "groups", {})
-        assert groups == {"groups": [{"scope": "default", "group": "cache", "members": 1},
-                                     {"scope": "default", "group": "workers", "members": 3}],
-                          "more": False}
+        assert groups == {
+            "groups": [
+                {"scope": "default", "group": "cache", "members": 1},
+                {"scope": "default", "group": "workers", "members": 3},
+            ],
+            "more": False,
+        }
         page = await runner.call(None, "groups", {"limit": 1})
         assert page["more"] and page["groups"][0]["group"] == "cache"
         page = await runner.call(None, "groups", {"after": ["default", "cache"]})
@@ -214,8 +224,12 @@ async def test_closed_connection_drops_its_entries_and_watchers_see_it() -> None
         except (trio.WouldBlock, trio.EndOfChannel):
             break
     assert [(ev, d["name"]) for ev, d in seen] == [
-        ("registered", "svc"), ("joined", "g"), ("registered", "other"),
-        ("unregistered", "svc"), ("left", "g")]
+        ("registered", "svc"),
+        ("joined", "g"),
+        ("registered", "other"),
+        ("unregistered", "svc"),
+        ("left", "g"),
+    ]
     assert seen[0][1]["node_name"] == "n1" and seen[0][1]["pid"] == 4321
     with pytest.raises((trio.WouldBlock, trio.EndOfChannel)):
         members_only.receive_nowait()
@@ -249,8 +263,9 @@ async def test_conflict_goes_to_the_owner_connection_and_to_watchers() -> None:
     async def go() -> dict[str, Any]:
         mine = await runner.call(owner, "register", {"name": "db"})
         # Another node's older claim of the same name arrives.
-        await runner.send_channel.send(PacketIn(("127.0.0.9", 7950),
-                                                older_claim_packet("db", mine["claimed_ms"] - 1)))
+        await runner.send_channel.send(
+            PacketIn(("127.0.0.9", 7950), older_claim_packet("db", mine["claimed_ms"] - 1))
+        )
         await barrier(runner)
         got: dict[str, Any] = await runner.call(watcher, "lookup", {"name": "db"})
         return got
@@ -279,8 +294,7 @@ async def test_settled_wait_alone_and_leaving() -> None:
     conn = FakeConn(1)
 
     async def go() -> None:
-        got = await runner.call(conn, "register", {"name": "x", "wait": "settled",
-                                                   "timeout_s": 1})
+        got = await runner.call(conn, "register", {"name": "x", "wait": "settled", "timeout_s": 1})
         assert got["settled"] is True and got["won"] is True  # nobody else to ask
         runner._begin_leave()
         with pytest.raises(ApiError) as info:
@@ -298,25 +312,36 @@ async def test_call_batch_answers_in_order_with_errors_in_place() -> None:
     assert not runner.batchable("list", {}) and not runner.batchable("status", {})
 
     async def go() -> list[Any]:
-        out: list[Any] = await runner.call_batch(conn, [
-            ("register", {"name": "a"}),
-            ("register", {"name": "a"}),
-            ("register", {"nom": "b"}),
-            ("lookup", {"name": "a"}),
-            ("lookup", {"name": "zz"}),
-            ("group.join", {"group": "g"}),
-            ("update", {"name": "a", "meta": {"m": "1"}}),
-            ("unregister", {"name": "a"}),
-            ("group.leave", {"group": "g"}),
-        ])
+        out: list[Any] = await runner.call_batch(
+            conn,
+            [
+                ("register", {"name": "a"}),
+                ("register", {"name": "a"}),
+                ("register", {"nom": "b"}),
+                ("lookup", {"name": "a"}),
+                ("lookup", {"name": "zz"}),
+                ("group.join", {"group": "g"}),
+                ("update", {"name": "a", "meta": {"m": "1"}}),
+                ("unregister", {"name": "a"}),
+                ("group.leave", {"group": "g"}),
+            ],
+        )
         return out
 
     out = await run_with(runner, go)
     assert out[0]["name"] == "a" and out[0]["node_name"] == "n1"
     assert [type(r).__name__ for r in out] == [
-        "dict", "ApiError", "ApiError", "dict", "ApiError", "dict", "dict", "dict", "dict"]
-    assert [r.code for r in out if isinstance(r, ApiError)] == ["conflict", "bad_args",
-                                                                "not_found"]
+        "dict",
+        "ApiError",
+        "ApiError",
+        "dict",
+        "ApiError",
+        "dict",
+        "dict",
+        "dict",
+        "dict",
+    ]
+    assert [r.code for r in out if isinstance(r, ApiError)] == ["conflict", "bad_args", "not_found"]
     assert out[3]["pid"] == 4321 and out[6]["meta"] == {"m": "1"} and out[7] == {}
 
 
@@ -342,7 +367,8 @@ async def daemon(nursery: trio.Nursery) -> AsyncIterator[tuple[Runner, ApiServer
 
 
 async def test_client_pipelines_registrations_bound_to_its_connection(
-        daemon: tuple[Runner, ApiServer, str]) -> None:
+    daemon: tuple[Runner, ApiServer, str],
+) -> None:
     runner, _, path = daemon
     with trio.fail_after(10):
         async with Client(path) as a, Client(path) as b:
@@ -376,14 +402,18 @@ async def test_client_pipelines_registrations_bound_to_its_connection(
 
 
 async def test_client_receives_conflicts_as_connection_events(
-        daemon: tuple[Runner, ApiServer, str]) -> None:
+    daemon: tuple[Runner, ApiServer, str],
+) -> None:
     runner, _, path = daemon
     seen: list[str] = []
     with trio.fail_after(10):
         async with Client(path, on_connection_event=lambda ev: seen.append(ev.event)) as c:
             mine = await c.register("db")
-            await runner.send_channel.send(PacketIn(
-                ("127.0.0.9", 7950), older_claim_packet("db", mine["claimed_ms"] - 5, pid=77)))
+            await runner.send_channel.send(
+                PacketIn(
+                    ("127.0.0.9", 7950), older_claim_packet("db", mine["claimed_ms"] - 5, pid=77)
+                )
+            )
             async for ev in c.connection_events():
                 assert ev.stream == CONNECTION_STREAM and ev.event == "conflict"
                 assert ev.data["name"] == "db" and ev.data["winner"]["pid"] == 77

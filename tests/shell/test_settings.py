@@ -62,7 +62,9 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_file_values_and_swim_overrides(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 name = "web1"
 bind = "[::]:7000"
 advertise = "[2001:db8::5]:7000"
@@ -76,7 +78,8 @@ insecure = true
 [swim]
 probe_interval_s = 6
 indirect_checks = 5
-""")
+""",
+    )
     s = resolve(parse_args("--config", str(path)))
     assert s.name == "web1"
     assert s.bind == ("::", 7000)
@@ -90,10 +93,14 @@ indirect_checks = 5
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
-    path = write(tmp_path, 'name = "a"\npreset = "wan"\njoin = ["10.0.0.9"]\n'
-                           '[swim]\nprobe_timeout_s = 0.1\n')
-    s = resolve(parse_args("--config", str(path), "--name", "b", "--preset", "local",
-                           "--join", "10.0.0.1:1"))
+    path = write(
+        tmp_path, 'name = "a"\npreset = "wan"\njoin = ["10.0.0.9"]\n[swim]\nprobe_timeout_s = 0.1\n'
+    )
+    s = resolve(
+        parse_args(
+            "--config", str(path), "--name", "b", "--preset", "local", "--join", "10.0.0.1:1"
+        )
+    )
     assert s.name == "b"
     assert s.join == (("10.0.0.1", 1),)
     # [swim] still applies on top of the preset chosen on the command line.
@@ -115,25 +122,28 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ("[swim]\nmax_packet_bytes = 100", "swim.max_packet_bytes", "at least 512"),
         ('bind = "localhost:1"', "bind", "not an IPv4 or IPv6"),
         ('advertise = "0.0.0.0:1"', "advertise", "unspecified"),
-        ("join = \"10.0.0.1\"", "join", "list"),
+        ('join = "10.0.0.1"', "join", "list"),
         ('join = ["10.0.0.1:0"]', "join", "port 0"),
         ('preset = "fast"', "preset", "unknown preset"),
         ("[links]\nidle = 5\n", "links.idle", "unknown setting"),
         ("[links]\nidle_s = -1\n", "links.idle_s", "must not be negative"),
         ("[links]\nidle_s = 0\n", "links.idle_s", "greater than 0"),
         ("[links]\nidle_s = inf\n", "links.idle_s", "finite"),
-        ("[links]\nconnect_timeout_s = \"5\"\n", "links.connect_timeout_s", "a number"),
+        ('[links]\nconnect_timeout_s = "5"\n', "links.connect_timeout_s", "a number"),
         ("[links]\nmax_links = 2.5\n", "links.max_links", "an integer"),
         ("[links]\nmax_links = true\n", "links.max_links", "a number"),
         ("[links]\nmax_frame = 1000\n", "links.max_frame", "unknown setting"),  # not exposed
-        ("[links]\nmax_direct_links = 300\n", "links.max_direct_links",
-         "must not exceed max_links (300 > 256)"),
+        (
+            "[links]\nmax_direct_links = 300\n",
+            "links.max_direct_links",
+            "must not exceed max_links (300 > 256)",
+        ),
         ("links = 3\n", "links", "expected a table ([links])"),
         ("[messages]\nsend_timeout_s = 0\n", "messages.send_timeout_s", "greater than 0"),
         ("[messages]\nmailbox_messages = 0\n", "messages.mailbox_messages", "greater than 0"),
         ("[messages]\nmailbox_bytes = 1000\n", "messages.mailbox_bytes", "at least 266240"),
         ("[messages]\nmailbox = 5\n", "messages.mailbox", "unknown setting"),
-        ("messages = \"x\"\n", "messages", "expected a table ([messages])"),
+        ('messages = "x"\n', "messages", "expected a table ([messages])"),
         ('log_level = "loud"', "log_level", "unknown level"),
         ("insecure = 1", "insecure", "true or false"),
         ("name = 5", "name", "expected a string"),
@@ -185,8 +195,9 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "swim.suspicion_mult" in capsys.readouterr().err
 
 
-def test_check_config_reads_the_key_file(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_reads_the_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "keys").write_text("not a key\n")
     path = write(tmp_path, 'key_file = "keys"\n')
     assert agent.run(parse_args("--check-config", str(path))) == 2

@@ -28,12 +28,18 @@ def test_defaults_are_todays_values(tmp_path: Path) -> None:
     s = check_config(write(tmp_path, ""))
     assert s.links == LinkLimits() and s.messages == MessageLimits()
     assert (s.links.idle_s, s.links.max_direct_links, s.links.connect_timeout_s) == (60, 32, 5)
-    assert (s.messages.send_timeout_s, s.messages.mailbox_messages,
-            s.messages.mailbox_bytes) == (10, 16384, 16 * 1024 * 1024)
+    assert (s.messages.send_timeout_s, s.messages.mailbox_messages, s.messages.mailbox_bytes) == (
+        10,
+        16384,
+        16 * 1024 * 1024,
+    )
 
 
 def test_tables_set_their_fields(tmp_path: Path) -> None:
-    s = check_config(write(tmp_path, """
+    s = check_config(
+        write(
+            tmp_path,
+            """
 [links]
 max_links = 64
 max_direct_links = 8
@@ -47,20 +53,33 @@ drain_timeout_s = 3
 send_timeout_s = 2.5
 mailbox_messages = 100
 mailbox_bytes = 1048576
-"""))
+""",
+        )
+    )
     assert s.links == dataclasses.replace(
-        LinkLimits(), max_links=64, max_direct_links=8, idle_s=4.0, connect_timeout_s=1.5,
-        handshake_timeout_s=2.0, write_timeout_s=20.0, drain_timeout_s=3.0,
-        reap_interval_s=2.0)  # idle links are looked for twice per idle_s
-    assert s.messages == MessageLimits(send_timeout_s=2.5, mailbox_messages=100,
-                                       mailbox_bytes=1048576)
+        LinkLimits(),
+        max_links=64,
+        max_direct_links=8,
+        idle_s=4.0,
+        connect_timeout_s=1.5,
+        handshake_timeout_s=2.0,
+        write_timeout_s=20.0,
+        drain_timeout_s=3.0,
+        reap_interval_s=2.0,
+    )  # idle links are looked for twice per idle_s
+    assert s.messages == MessageLimits(
+        send_timeout_s=2.5, mailbox_messages=100, mailbox_bytes=1048576
+    )
     assert isinstance(s.links.idle_s, float)
 
 
-@pytest.mark.parametrize("table", [
-    "write_timeout_s = 4\n",                        # the default drain_timeout_s is 5
-    "write_timeout_s = 3\ndrain_timeout_s = 3\n",
-])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "write_timeout_s = 4\n",  # the default drain_timeout_s is 5
+        "write_timeout_s = 3\ndrain_timeout_s = 3\n",
+    ],
+)
 def test_drain_timeout_must_stay_below_write_timeout(tmp_path: Path, table: str) -> None:
     # The new link is not read while the old one drains: the peer's writes
     # on it must not reach write_timeout_s.
@@ -72,8 +91,9 @@ def test_drain_timeout_must_stay_below_write_timeout(tmp_path: Path, table: str)
     assert (s.links.write_timeout_s, s.links.drain_timeout_s) == (3, 2.9)
 
 
-def test_agent_refuses_a_bad_table_with_exit_2(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_agent_refuses_a_bad_table_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write(tmp_path, "[links]\nidle_time = 5\n")
     assert agent.run(parse_args("--config", str(path))) == 2
     assert "links.idle_time: unknown setting" in capsys.readouterr().err
@@ -81,7 +101,8 @@ def test_agent_refuses_a_bad_table_with_exit_2(tmp_path: Path,
 
 
 async def test_idle_s_from_the_file_closes_an_idle_direct_link(
-        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     # Memory streams under the mock clock (tests.shell.test_links_supersede):
     # no sockets, so nothing here depends on how busy the host is.
     limits = resolve(parse_args("--config", str(write(tmp_path, "[links]\nidle_s = 4\n")))).links
@@ -98,8 +119,9 @@ async def test_idle_s_from_the_file_closes_an_idle_direct_link(
 
 def test_send_timeout_s_reaches_the_messenger(tmp_path: Path) -> None:
     s = check_config(write(tmp_path, "[messages]\nsend_timeout_s = 2.5\n"))
-    runner, _, _ = make_runner(FakeCore(lambda now, inp: []), links=FakeLinks(),
-                               send_timeout_s=s.messages.send_timeout_s)
+    runner, _, _ = make_runner(
+        FakeCore(lambda now, inp: []), links=FakeLinks(), send_timeout_s=s.messages.send_timeout_s
+    )
     assert runner.messenger is not None and runner.messenger.send_timeout_s == 2.5
 
 
@@ -111,8 +133,10 @@ def test_mailbox_messages_from_the_file_reach_the_api_server(tmp_path: Path) -> 
     proc = start(tmp_path, "a", "127.0.0.1", "--config", str(config))
     try:
         wait_for("a's API", lambda: api(tmp_path / "a.sock", "status"))
-        with BlockingClient(tmp_path / "a.sock", timeout=10) as holder, \
-                BlockingClient(tmp_path / "a.sock", timeout=10) as sender:
+        with (
+            BlockingClient(tmp_path / "a.sock", timeout=10) as holder,
+            BlockingClient(tmp_path / "a.sock", timeout=10) as sender,
+        ):
             holder.register("db")  # and then reads nothing
             error = None
             for _ in range(40):

@@ -61,8 +61,9 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
-def test_atomic_write_failure_keeps_old_content(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_atomic_write_failure_keeps_old_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "f"
     atomic_write(target, b"old")
 
@@ -78,6 +79,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path: Path,
 
 def test_write_failure_is_a_state_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with StateDir(tmp_path) as st:
+
         def broken_replace(src: object, dst: object) -> None:
             raise OSError(28, "No space left on device")
 
@@ -94,14 +96,13 @@ def test_write_failure_is_a_state_error(tmp_path: Path, monkeypatch: pytest.Monk
         ("generation", "many\n", "next_generation"),
         ("generation", "-4\n", "next_generation"),
         ("incarnation", "1.5\n", "start_incarnation"),
-        ("peers", "{\"a\": 1}\n", "peers"),
-        ("peers", "[[\"10.0.0.1\", 99999]]\n", "peers"),
-        ("peers", "[[\"10.0.0.1\"]]\n", "peers"),
+        ("peers", '{"a": 1}\n', "peers"),
+        ("peers", '[["10.0.0.1", 99999]]\n', "peers"),
+        ("peers", '[["10.0.0.1"]]\n', "peers"),
         ("peers", "not json", "peers"),
     ],
 )
-def test_corrupt_file_is_a_clear_error(tmp_path: Path, name: str, content: str,
-                                       call: str) -> None:
+def test_corrupt_file_is_a_clear_error(tmp_path: Path, name: str, content: str, call: str) -> None:
     (tmp_path / name).write_text(content)
     with StateDir(tmp_path) as st, pytest.raises(StateError) as info:
         getattr(st, call)()

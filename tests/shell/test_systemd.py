@@ -135,8 +135,10 @@ def test_take_api_socket_picks_the_one_named_api(tmp_path: Path) -> None:
     api = _listening_unix(tmp_path)
     other = _listening_unix(tmp_path, "other.sock")
     out = io.StringIO()
-    sock = take_api_socket([PassedFd(os.dup(other.fileno()), "metrics"),
-                            PassedFd(os.dup(api.fileno()), "api")], Logger(stream=out))
+    sock = take_api_socket(
+        [PassedFd(os.dup(other.fileno()), "metrics"), PassedFd(os.dup(api.fileno()), "api")],
+        Logger(stream=out),
+    )
     assert sock is not None
     assert sock.getsockname() == str(tmp_path / "api.sock")
     assert "ignoring a socket passed by systemd" in out.getvalue()
@@ -176,8 +178,7 @@ def test_stderr_is_journal_matches_device_and_inode(tmp_path: Path) -> None:
     with open(path, "w") as f:
         st = os.fstat(f.fileno())
         assert stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, f.fileno())
-        assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"},
-                                     f.fileno())
+        assert not stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, f.fileno())
         assert not stderr_is_journal({}, f.fileno())
         assert not stderr_is_journal({"JOURNAL_STREAM": "garbage"}, f.fileno())
 
@@ -194,8 +195,12 @@ def test_journal_lines_carry_syslog_priorities() -> None:
     except ValueError as e:
         log.exception("core failed", e)
     lines = out.getvalue().splitlines()
-    assert lines[:4] == ["<7>debug d", "<6>info  member joined name=web1",
-                         "<4>warn  member suspect name=web2", "<3>error boom"]
+    assert lines[:4] == [
+        "<7>debug d",
+        "<6>info  member joined name=web1",
+        "<4>warn  member suspect name=web2",
+        "<3>error boom",
+    ]
     assert lines[4] == '<3>error core failed error="ValueError: bad"'
     assert all(line.startswith("<3>    ") for line in lines[5:])  # one entry per line
     plain = io.StringIO()
@@ -222,8 +227,9 @@ def test_lifecycle_ready_status_watchdog_and_stopping() -> None:
     assert rec.messages == ["WATCHDOG=1"] and lc.deadline == 0.5
     lc.members_changed(0.1)  # before READY: nothing
     lc.started(0.2, ok=1, failed=1)
-    assert rec.messages[-1] == ("READY=1\nSTATUS=1 members: 1 alive, 0 suspect, 0 dead, "
-                                "0 left (joined 1 of 2 seeds)")
+    assert rec.messages[-1] == (
+        "READY=1\nSTATUS=1 members: 1 alive, 0 suspect, 0 dead, 0 left (joined 1 of 2 seeds)"
+    )
     counts = {"alive": 2}
     lc.members_changed(0.3)  # within a second of the last STATUS: coalesced
     assert rec.messages[-1].startswith("READY=1")
@@ -232,13 +238,17 @@ def test_lifecycle_ready_status_watchdog_and_stopping() -> None:
     assert rec.messages[-1] == "WATCHDOG=1"
     assert lc.deadline == pytest.approx(1.0)  # min(next ping 1.0, status due 1.2)
     lc.tick(1.2)
-    assert rec.messages[-2:] == ["WATCHDOG=1",
-                                 "STATUS=2 members: 2 alive, 0 suspect, 0 dead, 0 left"]
+    assert rec.messages[-2:] == [
+        "WATCHDOG=1",
+        "STATUS=2 members: 2 alive, 0 suspect, 0 dead, 0 left",
+    ]
     lc.reloading()
     assert rec.messages[-1].startswith("RELOADING=1\nMONOTONIC_USEC=")
     lc.reloaded("swim.x: unknown setting")
-    assert rec.messages[-1] == ("READY=1\nSTATUS=2 members: 2 alive, 0 suspect, 0 dead, 0 left "
-                                "(reload failed: swim.x: unknown setting)")
+    assert rec.messages[-1] == (
+        "READY=1\nSTATUS=2 members: 2 alive, 0 suspect, 0 dead, 0 left "
+        "(reload failed: swim.x: unknown setting)"
+    )
     lc.leaving("SIGTERM")
     assert rec.messages[-1] == "STOPPING=1\nSTATUS=leaving the cluster (SIGTERM)"
     lc.leaving("again")
@@ -258,7 +268,8 @@ def test_lifecycle_without_watchdog_never_ticks_for_nothing() -> None:
 
 
 async def test_runner_sends_ready_after_the_first_join_and_pings_from_its_loop(
-        autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    autojump_clock,
+) -> None:  # type: ignore[no-untyped-def]
     t0 = trio.current_time()
     join_timer = Timer(TimerKind.PROBE, 1)
 

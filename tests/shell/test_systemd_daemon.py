@@ -41,9 +41,16 @@ def api(sock: Path, op: str, **kw: Any) -> Any:
 class Daemon:
     """One ``peerd agent`` process; stderr goes to a file the test can read."""
 
-    def __init__(self, tmp: Path, name: str, host: str, *extra: str,
-                 env: dict[str, str] | None = None, prefix: list[str] | None = None,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        host: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.name = name
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
@@ -51,13 +58,30 @@ class Daemon:
         for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "JOURNAL_STREAM"):
             if env is None or key not in env:
                 full_env.pop(key, None)
-        argv = [*(prefix or [sys.executable, "-m", "peerd"]), "agent", "--name", name,
-                "--bind", f"{host}:0", "--state-dir", str(tmp / name),
-                "--api-socket", str(self.sock), "--preset", "local", *extra]
+        argv = [
+            *(prefix or [sys.executable, "-m", "peerd"]),
+            "agent",
+            "--name",
+            name,
+            "--bind",
+            f"{host}:0",
+            "--state-dir",
+            str(tmp / name),
+            "--api-socket",
+            str(self.sock),
+            "--preset",
+            "local",
+            *extra,
+        ]
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log,
-                                         env=full_env, pass_fds=pass_fds)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=full_env,
+                pass_fds=pass_fds,
+            )
 
     @property
     def log(self) -> str:
@@ -113,15 +137,18 @@ class NotifySocket:
                 return self.messages
             self.messages.append((time.monotonic(), data.decode()))
 
-    def wait(self, what: str, pred: Callable[[str], bool], after: int = 0,
-             timeout: float = 15.0) -> tuple[int, str]:
+    def wait(
+        self, what: str, pred: Callable[[str], bool], after: int = 0, timeout: float = 15.0
+    ) -> tuple[int, str]:
         """The first message at index >= ``after`` matching ``pred``."""
+
         def find() -> tuple[int, str] | None:
             msgs = self.drain()
             for i in range(after, len(msgs)):
                 if pred(msgs[i][1]):
                     return i, msgs[i][1]
             return None
+
         found: tuple[int, str] = wait_for(what, find, timeout)
         return found
 
@@ -141,8 +168,9 @@ def key_ids(d: Daemon) -> list[tuple[str, bool]]:
     return [(k["id"], k["primary"]) for k in api(d.sock, "keys.list")]
 
 
-def test_notify_watchdog_reload_rotation_metrics_and_stop(tmp_path: Path,
-                                                          daemons: list[Daemon]) -> None:
+def test_notify_watchdog_reload_rotation_metrics_and_stop(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
     k1, k2 = os.urandom(32), os.urandom(32)
     id1, id2 = key_id(k1).hex(), key_id(k2).hex()
     for name in ("a", "b"):
@@ -154,23 +182,32 @@ def test_notify_watchdog_reload_rotation_metrics_and_stop(tmp_path: Path,
     config = tmp_path / "b.toml"
     config.write_text(f'key_file = "b.keys"\nlog_level = "info"\njoin = ["{a_addr}"]\n')
     notify = NotifySocket(tmp_path / "notify")
-    b = Daemon(tmp_path, "b", "127.0.0.22", "--config", str(config),
-               "--metrics-addr", "127.0.0.22:0",
-               env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"})
+    b = Daemon(
+        tmp_path,
+        "b",
+        "127.0.0.22",
+        "--config",
+        str(config),
+        "--metrics-addr",
+        "127.0.0.22:0",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"},
+    )
     daemons.append(b)
     try:
         # READY=1 once the sockets are bound and the first join has finished.
         i, ready = notify.wait("READY=1", lambda m: "READY=1" in m.split("\n"))
-        assert fields(ready)["STATUS"] == ("2 members: 2 alive, 0 suspect, 0 dead, 0 left "
-                                           "(joined 1 of 1 seeds)")
+        assert fields(ready)["STATUS"] == (
+            "2 members: 2 alive, 0 suspect, 0 dead, 0 left (joined 1 of 1 seeds)"
+        )
         assert api(b.sock, "status")["members"]["alive"] == 2  # API already served
         assert a.sees("b", "alive") or wait_for("a to see b", lambda: a.sees("b", "alive"))
         assert "STOPPING=1" not in "".join(m for _, m in notify.messages[:i])
 
         # WATCHDOG=1 every half of WATCHDOG_USEC (0.15 s), from the runner's loop.
         notify.wait("3 watchdog pings", lambda m: m == "WATCHDOG=1", after=i)
-        wait_for("3 watchdog pings", lambda: sum(
-            m == "WATCHDOG=1" for _, m in notify.drain()[i:]) >= 3)
+        wait_for(
+            "3 watchdog pings", lambda: sum(m == "WATCHDOG=1" for _, m in notify.drain()[i:]) >= 3
+        )
         pings = [t for t, m in notify.messages if m == "WATCHDOG=1"]
         gaps = [y - x for x, y in zip(pings, pings[1:], strict=False)]
         assert min(gaps) > 0.05 and sorted(gaps)[len(gaps) // 2] < 0.3, gaps
@@ -202,8 +239,9 @@ def test_notify_watchdog_reload_rotation_metrics_and_stop(tmp_path: Path,
         # Membership stayed intact: same lives, still exchanging (now under k2 only),
         # and not one datagram was lost to a key mismatch.
         rx = api(a.sock, "status")["counters"].get("udp_rx", 0)
-        wait_for("more traffic from b", lambda: api(a.sock, "status")["counters"]["udp_rx"]
-                 >= rx + 3)
+        wait_for(
+            "more traffic from b", lambda: api(a.sock, "status")["counters"]["udp_rx"] >= rx + 3
+        )
         assert a.member("b") == before["a"] and b.member("a") == before["b"]
         assert api(b.sock, "status")["generation"] == generation
         for d in (a, b):
@@ -215,17 +253,22 @@ def test_notify_watchdog_reload_rotation_metrics_and_stop(tmp_path: Path,
         config.write_text('key_file = "b.keys"\nlog_levle = "debug"\n')
         mark = len(notify.drain())
         b.signal(signal.SIGHUP)
-        _, failed = notify.wait("READY=1 after a failed reload",
-                                lambda m: m.startswith("READY=1\n"), mark)
+        _, failed = notify.wait(
+            "READY=1 after a failed reload", lambda m: m.startswith("READY=1\n"), mark
+        )
         assert "reload failed" in fields(failed)["STATUS"]
         assert "log_levle: unknown setting" in fields(failed)["STATUS"]
         assert "reload failed; the running configuration stays" in b.log
         assert api(b.sock, "status")["members"]["alive"] == 2
 
         # Metrics: the CLI and the HTTP endpoint print the same families.
-        cli = subprocess.run([sys.executable, "-m", "peerd", "metrics", "--api-socket",
-                              str(b.sock)], capture_output=True, text=True, timeout=20,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        cli = subprocess.run(
+            [sys.executable, "-m", "peerd", "metrics", "--api-socket", str(b.sock)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
         assert cli.returncode == 0, cli.stderr
         fams = parse_exposition(cli.stdout)
         assert fams["peerd_members"]["samples"]['status="alive"'] == 2
@@ -267,8 +310,7 @@ os.execv(sys.executable, [sys.executable, "-m", "peerd", *sys.argv[2:]])
 """
 
 
-def test_socket_activation_and_journal_priorities(
-        tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_socket_activation_and_journal_priorities(tmp_path: Path, daemons: list[Daemon]) -> None:
     path = tmp_path / "activated.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -277,16 +319,24 @@ def test_socket_activation_and_journal_priorities(
     # stderr is "the journal": JOURNAL_STREAM names its device and inode.
     (tmp_path / "s.log").write_text("")
     st = os.stat(tmp_path / "s.log")
-    d = Daemon(tmp_path, "s", "127.0.0.23",
-               env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "api",
-                    "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
-               prefix=[sys.executable, "-c", WRAPPER, str(fd)], pass_fds=(fd,))
+    d = Daemon(
+        tmp_path,
+        "s",
+        "127.0.0.23",
+        env={
+            "LISTEN_FDS": "1",
+            "LISTEN_FDNAMES": "api",
+            "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}",
+        },
+        prefix=[sys.executable, "-c", WRAPPER, str(fd)],
+        pass_fds=(fd,),
+    )
     daemons.append(d)
     listener.close()  # the daemon holds it now, as systemd would keep its copy
     status = wait_for("the API on the passed socket", lambda: api(path, "status"))
     assert status["name"] == "s"
     assert not d.sock.exists()  # it did not bind its own --api-socket
-    assert f"api=\"{path} (from systemd)\"" in d.log
+    assert f'api="{path} (from systemd)"' in d.log
     assert d.stop() == 0, d.log
     assert path.exists()  # the socket belongs to the service manager: left in place
     lines = d.log.splitlines()
@@ -295,24 +345,44 @@ def test_socket_activation_and_journal_priorities(
 
 
 def run_agent(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peerd", "agent", *argv], capture_output=True,
-                          text=True, timeout=20, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return subprocess.run(
+        [sys.executable, "-m", "peerd", "agent", *argv],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('bind = "127.0.0.1:0"\nlog-level = "info"\n',
-     "log-level: unknown setting (dashes are written as underscores)"),
-    ('[swim]\nprobe_intervl_s = 1.0\n', "swim.probe_intervl_s: unknown setting"),
-    ('bind = "somewhere"\n', "bind: 'somewhere' is not an IPv4 or IPv6 address"),
-    ('[swim]\nprobe_timeout_s = -1\n', "swim.probe_timeout_s: must not be negative"),
-    ('metrics_addr = "127.0.0.1:99999"\n', "metrics_addr: '127.0.0.1:99999': port out of range"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'bind = "127.0.0.1:0"\nlog-level = "info"\n',
+            "log-level: unknown setting (dashes are written as underscores)",
+        ),
+        ("[swim]\nprobe_intervl_s = 1.0\n", "swim.probe_intervl_s: unknown setting"),
+        ('bind = "somewhere"\n', "bind: 'somewhere' is not an IPv4 or IPv6 address"),
+        ("[swim]\nprobe_timeout_s = -1\n", "swim.probe_timeout_s: must not be negative"),
+        (
+            'metrics_addr = "127.0.0.1:99999"\n',
+            "metrics_addr: '127.0.0.1:99999': port out of range",
+        ),
+    ],
+)
 def test_bad_config_refuses_to_start_and_check_config_says_why(
-        tmp_path: Path, text: str, message: str) -> None:
+    tmp_path: Path, text: str, message: str
+) -> None:
     config = tmp_path / "peerd.toml"
     config.write_text(text)
-    started = run_agent("--config", str(config), "--state-dir", str(tmp_path / "state"),
-                        "--api-socket", str(tmp_path / "api.sock"))
+    started = run_agent(
+        "--config",
+        str(config),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--api-socket",
+        str(tmp_path / "api.sock"),
+    )
     assert started.returncode == 2
     assert f"{config}: {message}" in started.stderr
     assert not (tmp_path / "state").exists()  # refused before touching anything
@@ -322,8 +392,9 @@ def test_bad_config_refuses_to_start_and_check_config_says_why(
 
 def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
     config = tmp_path / "peerd.toml"
-    config.write_text('bind = "127.0.0.1:7950"\nmetrics_addr = "127.0.0.1:7951"\n'
-                      '[swim]\nprobe_interval_s = 2.0\n')
+    config.write_text(
+        'bind = "127.0.0.1:7950"\nmetrics_addr = "127.0.0.1:7951"\n[swim]\nprobe_interval_s = 2.0\n'
+    )
     checked = run_agent("--check-config", str(config))
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == f"{config}: ok\n"
@@ -331,8 +402,13 @@ def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
 
 def _expand_syscall_group(name: str, cache: dict[str, set[str]]) -> set[str]:
     if name not in cache:
-        out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            ["systemd-analyze", "syscall-filter", name],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
         names: set[str] = set()
         for line in out.splitlines()[1:]:
             line = line.strip()
@@ -347,15 +423,16 @@ def _expand_syscall_group(name: str, cache: dict[str, set[str]]) -> set[str]:
 def _can_strace() -> bool:
     if not (shutil.which("strace") and shutil.which("systemd-analyze")):
         return False
-    probe = subprocess.run(["strace", "-f", "-o", os.devnull, "true"], capture_output=True,
-                           timeout=20)
+    probe = subprocess.run(
+        ["strace", "-f", "-o", os.devnull, "true"], capture_output=True, timeout=20
+    )
     return probe.returncode == 0  # ptrace may be forbidden (containers)
 
 
-@pytest.mark.skipif(not _can_strace(), reason="needs strace (with ptrace allowed) and "
-                    "systemd-analyze")
-def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
-                                                   daemons: list[Daemon]) -> None:
+@pytest.mark.skipif(
+    not _can_strace(), reason="needs strace (with ptrace allowed) and systemd-analyze"
+)
+def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path, daemons: list[Daemon]) -> None:
     """Every system call and socket family a daemon uses (start, join, API, metrics,
     reload, leave) is allowed by peerd.service's SystemCallFilter= and
     RestrictAddressFamilies=, so the hardening cannot break it."""
@@ -368,7 +445,7 @@ def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
         deny = value.startswith("~")
         names: set[str] = set()
         for item in value.lstrip("~").split():
-            names |= (_expand_syscall_group(item, cache) if item.startswith("@") else {item})
+            names |= _expand_syscall_group(item, cache) if item.startswith("@") else {item}
         allowed = allowed - names if deny else allowed | names
     families = set(svc["RestrictAddressFamilies"][-1].split())
 
@@ -376,11 +453,19 @@ def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
     notify = NotifySocket(tmp_path / "notify")
     write_keys(tmp_path / "keys", os.urandom(32))
     # -D: strace runs as a detached grandchild, so the pid we signal is the daemon's.
-    d = Daemon(tmp_path, "t", "127.0.0.24", "--key-file", str(tmp_path / "keys"),
-               "--join", "127.0.0.24:9", "--metrics-addr", "127.0.0.24:0",
-               env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
-               prefix=["strace", "-D", "-f", "-q", "-o", str(trace), sys.executable, "-m",
-                       "peerd"])
+    d = Daemon(
+        tmp_path,
+        "t",
+        "127.0.0.24",
+        "--key-file",
+        str(tmp_path / "keys"),
+        "--join",
+        "127.0.0.24:9",
+        "--metrics-addr",
+        "127.0.0.24:0",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+        prefix=["strace", "-D", "-f", "-q", "-o", str(trace), sys.executable, "-m", "peerd"],
+    )
     daemons.append(d)
     try:
         notify.wait("READY=1", lambda m: m.startswith("READY=1"), timeout=30)
@@ -397,8 +482,10 @@ def test_the_daemon_stays_inside_the_units_sandbox(tmp_path: Path,
         notify.close()
     # strace pads the pid column ("5165  +++" for a 4-digit pid, one space for 5 digits).
     done = re.compile(rf"^{d.proc.pid}\s+\+\+\+ exited with 0 \+\+\+", re.M)
-    text = wait_for("strace to finish", lambda: trace.exists()
-                    and done.search(trace.read_text()) is not None and trace.read_text())
+    text = wait_for(
+        "strace to finish",
+        lambda: trace.exists() and done.search(trace.read_text()) is not None and trace.read_text(),
+    )
     used = set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", text, re.M))
     used_families = set(re.findall(r"\bsocket\((AF_\w+)", text))
     assert {"epoll_wait", "sendto", "recvfrom", "accept4"} <= used  # it did trace the daemon

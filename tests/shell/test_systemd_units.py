@@ -37,7 +37,8 @@ MAX_EXPOSURE = 2.0
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (apt-get install systemd); .ci/run installs it")
+    reason="systemd-analyze is not installed (apt-get install systemd); .ci/run installs it",
+)
 
 
 def unit(name: str) -> dict[str, list[str]]:
@@ -72,8 +73,9 @@ def test_systemd_analyze_verify_passes_on_every_unit(tmp_path: Path) -> None:
 
 @needs_systemd_analyze
 def test_security_exposure_is_at_most_2() -> None:
-    result = run("systemd-analyze", "security", "--offline=yes", "--no-pager",
-                 str(UNITS / "peerd.service"))
+    result = run(
+        "systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNITS / "peerd.service")
+    )
     m = re.search(r"Overall exposure level for peerd\.service: (\d+\.\d+)", result.stdout)
     assert m is not None, result.stdout + result.stderr
     exposure = float(m.group(1))
@@ -81,9 +83,10 @@ def test_security_exposure_is_at_most_2() -> None:
     assert exposure <= MAX_EXPOSURE, result.stdout
 
 
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None
-                    or shutil.which("systemd-tmpfiles") is None,
-                    reason="systemd-sysusers/systemd-tmpfiles are not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="systemd-sysusers/systemd-tmpfiles are not installed",
+)
 def test_sysusers_and_tmpfiles_snippets_apply_to_an_empty_root(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     result = run("systemd-sysusers", f"--root={tmp_path}", str(UNITS / "peerd.sysusers"))
@@ -92,8 +95,9 @@ def test_sysusers_and_tmpfiles_snippets_apply_to_an_empty_root(tmp_path: Path) -
     groups = {line.split(":")[0] for line in (tmp_path / "etc" / "group").read_text().split()}
     assert re.search(r"^peerd:x:\d+:\d+:.*:/var/lib/peerd:", passwd, re.M)
     assert {"peerd", "peerd-clients"} <= groups
-    result = run("systemd-tmpfiles", f"--root={tmp_path}", "--create",
-                 str(UNITS / "peerd.tmpfiles"))
+    result = run(
+        "systemd-tmpfiles", f"--root={tmp_path}", "--create", str(UNITS / "peerd.tmpfiles")
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "peerd").stat().st_mode & 0o777 == 0o755
 
@@ -119,8 +123,12 @@ def test_service_has_what_the_daemon_relies_on() -> None:
     assert one["ConfigurationDirectory"] == "peerd"
     assert one["RuntimeDirectoryPreserve"] == "yes"  # or stopping would delete the socket
     for key, value in {
-        "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-        "PrivateDevices": "yes", "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
     }.items():
         assert one[key] == value, key
@@ -142,8 +150,12 @@ def test_socket_unit_matches_the_service_and_the_client_default() -> None:
     tmpfiles = (UNITS / "peerd.tmpfiles").read_text()
     runtime = f"/run/{svc['RuntimeDirectory']}"
     assert Path(sock["ListenStream"]).parent == Path(runtime)
-    assert re.search(rf"^d {re.escape(runtime)} {svc['RuntimeDirectoryMode']} {svc['User']} "
-                     rf"{svc['Group']} -$", tmpfiles, re.M)
+    assert re.search(
+        rf"^d {re.escape(runtime)} {svc['RuntimeDirectoryMode']} {svc['User']} "
+        rf"{svc['Group']} -$",
+        tmpfiles,
+        re.M,
+    )
     sysusers = (UNITS / "peerd.sysusers").read_text()
     assert re.search(rf"^g {re.escape(sock['SocketGroup'])}\b", sysusers, re.M)
     assert re.search(rf"^u {re.escape(svc['User'])}\b", sysusers, re.M)

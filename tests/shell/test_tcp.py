@@ -18,15 +18,28 @@ OTHER_KEY = bytes(range(1, 33))
 
 
 def server(net: Net, limits: TcpLimits, host: str = "127.0.0.1") -> TcpEndpoint:
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(
-        open_tcp_listener((host, 0))))
-    return TcpEndpoint(listener, sealer=net.sealer, opener=net.opener, inputs=net.send,
-                       counters=net.counters, log=net.log, limits=limits)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(open_tcp_listener((host, 0))))
+    return TcpEndpoint(
+        listener,
+        sealer=net.sealer,
+        opener=net.opener,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        limits=limits,
+    )
 
 
 def client(net: Net, limits: TcpLimits) -> TcpEndpoint:
-    return TcpEndpoint(None, sealer=net.sealer, opener=net.opener, inputs=net.send,
-                       counters=net.counters, log=net.log, limits=limits)
+    return TcpEndpoint(
+        None,
+        sealer=net.sealer,
+        opener=net.opener,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        limits=limits,
+    )
 
 
 async def until(cond: Callable[[], bool]) -> None:

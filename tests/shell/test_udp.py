@@ -22,9 +22,15 @@ KEY_B = bytes(range(1, 33))
 
 
 def endpoint(host: str, net: Net, max_datagram: int = 2048) -> UdpEndpoint:
-    return UdpEndpoint(open_udp_socket((host, 0)), sealer=net.sealer, opener=net.opener,
-                       inputs=net.send, counters=net.counters, log=net.log,
-                       max_datagram=max_datagram)
+    return UdpEndpoint(
+        open_udp_socket((host, 0)),
+        sealer=net.sealer,
+        opener=net.opener,
+        inputs=net.send,
+        counters=net.counters,
+        log=net.log,
+        max_datagram=max_datagram,
+    )
 
 
 async def next_input(ep: UdpEndpoint, net: Net) -> object:

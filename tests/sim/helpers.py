@@ -9,11 +9,14 @@ from peerd.sim.scenario import Scenario, loads
 from peerd.sim.world import Record, World
 
 
-def scenario(body: str = "", *, nodes: int = 30, duration: float = 30, seed: int = 1,
-             extra_top: str = "") -> Scenario:
-    text = (f'name = "t"\nnodes = {nodes}\nseed = {seed}\nduration_s = {duration}\n'
-            f'preset = "lan"\n{extra_top}\n[network]\nlatency_ms = {{ min = 1, max = 5 }}\n'
-            f"{body}")
+def scenario(
+    body: str = "", *, nodes: int = 30, duration: float = 30, seed: int = 1, extra_top: str = ""
+) -> Scenario:
+    text = (
+        f'name = "t"\nnodes = {nodes}\nseed = {seed}\nduration_s = {duration}\n'
+        f'preset = "lan"\n{extra_top}\n[network]\nlatency_ms = {{ min = 1, max = 5 }}\n'
+        f"{body}"
+    )
     return loads(text, "test.toml")
 
 

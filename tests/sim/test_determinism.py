@@ -15,9 +15,26 @@ ROOT = Path(__file__).parents[2]
 def _run(hashseed: str, seed: int = 1) -> dict[str, object]:
     env = dict(os.environ, PYTHONHASHSEED=hashseed)
     out = subprocess.run(
-        [sys.executable, "-m", "peerd", "sim", str(ROOT / "scenarios" / "crash-10pct.toml"),
-         "--nodes", "60", "--duration", "40", "--seed", str(seed), "--json"],
-        capture_output=True, text=True, env=env, check=False, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "peerd",
+            "sim",
+            str(ROOT / "scenarios" / "crash-10pct.toml"),
+            "--nodes",
+            "60",
+            "--duration",
+            "40",
+            "--seed",
+            str(seed),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        cwd=ROOT,
+    )
     assert out.returncode in (0, 1), out.stderr
     summary: dict[str, object] = json.loads(out.stdout)
     return summary

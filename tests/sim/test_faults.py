@@ -34,8 +34,9 @@ def test_crash_is_detected_and_counted() -> None:
 
 
 def test_host_crash_is_silent_and_found_by_probing() -> None:
-    w, rec, s = run(scenario(fault('at_s = 5\nkind = "crash"\nnodes = [3]\nicmp = false'),
-                             duration=60))
+    w, rec, s = run(
+        scenario(fault('at_s = 5\nkind = "crash"\nnodes = [3]\nicmp = false'), duration=60)
+    )
     assert s["network"]["unreachable_hints"] == 0 and s["network"]["link_closed_hints"] == 0
     assert rec.crashes[0].all_s is not None and rec.crashes[0].all_s > 1.0
 
@@ -62,8 +63,11 @@ def test_pause_defers_inputs_until_resume() -> None:
 
 
 def test_slow_node_processes_late() -> None:
-    sc = scenario(fault('at_s = 2\nkind = "slow"\nnodes = [2]\ndelay_ms = 400\nduration_s = 10'),
-                  nodes=10, duration=20)
+    sc = scenario(
+        fault('at_s = 2\nkind = "slow"\nnodes = [2]\ndelay_ms = 400\nduration_s = 10'),
+        nodes=10,
+        duration=20,
+    )
     w = World(sc)
     w.setup()
     w.run_until(2.0)
@@ -76,8 +80,9 @@ def test_slow_node_processes_late() -> None:
 
 
 def test_restart_is_a_new_generation_with_the_persisted_incarnation() -> None:
-    w, rec, s = run(scenario(fault('at_s = 5\nkind = "restart"\nnodes = [6]\ndown_s = 2'),
-                             duration=30))
+    w, rec, s = run(
+        scenario(fault('at_s = 5\nkind = "restart"\nnodes = [6]\ndown_s = 2'), duration=30)
+    )
     h = w.hosts[6]
     assert h.gen == 2 and h.cur is not None
     assert h.cur.node.local_member().generation == 2
@@ -96,8 +101,12 @@ def test_leave_is_seen_as_left() -> None:
 
 
 def test_join_wave_through_seeds() -> None:
-    sc = scenario(fault('at_s = 1\nkind = "join"\nnodes = "all"\nover_s = 5'), nodes=25,
-                  duration=40, extra_top="start_nodes = 5")
+    sc = scenario(
+        fault('at_s = 1\nkind = "join"\nnodes = "all"\nover_s = 5'),
+        nodes=25,
+        duration=40,
+        extra_top="start_nodes = 5",
+    )
     w, rec, s = run(sc)
     assert w.running == 25
     views = w.views[24]
@@ -107,7 +116,8 @@ def test_join_wave_through_seeds() -> None:
 
 def test_partition_drops_across_groups_then_heals() -> None:
     body = fault('at_s = 5\nkind = "partition"\ngroups = [0.5, 0.5]') + fault(
-        'at_s = 30\nkind = "heal"')
+        'at_s = 30\nkind = "heal"'
+    )
     w = World(scenario(body, duration=70))
     w.setup()
     w.run_until(29.0)
@@ -134,8 +144,7 @@ def test_global_loss_window() -> None:
 
 
 def test_node_loss_only_touches_that_node() -> None:
-    sc = scenario(fault('at_s = 0\nkind = "loss"\nnodes = [0]\nloss = 1.0'), nodes=10,
-                  duration=15)
+    sc = scenario(fault('at_s = 0\nkind = "loss"\nnodes = [0]\nloss = 1.0'), nodes=10, duration=15)
     w = World(sc)
     w.setup()
     w.run_until(15.0)
@@ -168,15 +177,19 @@ def test_network_duplicates_reorders_and_mtu() -> None:
     _w, _rec, s = run(sc)
     assert s["network"]["duplicated"] > 0
     assert s["network"]["dropped_mtu"] == 0  # small probes fit
-    big = scenario("mtu = 200\n" + fault('at_s = 2\nkind = "crash"\nnodes = 0.3'), nodes=60,
-                   duration=10)
+    big = scenario(
+        "mtu = 200\n" + fault('at_s = 2\nkind = "crash"\nnodes = 0.3'), nodes=60, duration=10
+    )
     _w, _rec, s = run(big)
     assert s["network"]["dropped_mtu"] > 0  # gossip-filled datagrams do not
 
 
 def test_sealed_network_opens_every_datagram() -> None:
-    w, rec, s = run(scenario("seal = true\n" + fault('at_s = 3\nkind = "crash"\nnodes = [2]'),
-                             nodes=10, duration=15))
+    w, rec, s = run(
+        scenario(
+            "seal = true\n" + fault('at_s = 3\nkind = "crash"\nnodes = [2]'), nodes=10, duration=15
+        )
+    )
     assert s["network"]["seal_rejected"] == 0
     assert rec.crashes[0].all_s is not None
     assert w.hosts[0].cur is not None and w.hosts[0].cur.sealer is not None
@@ -211,7 +224,8 @@ def test_plot_draws_the_timeline(tmp_path: object) -> None:
     from peerd.sim.report import plot
 
     body = fault('at_s = 3\nkind = "partition"\ngroups = [0.5, 0.5]') + fault(
-        'at_s = 8\nkind = "heal"')
+        'at_s = 8\nkind = "heal"'
+    )
     _w, rec, s = run(scenario(body, nodes=10, duration=12))
     assert rec.fault_windows[0] == (3.0, 8.0, "partition")  # shaded until the heal
     out = pathlib.Path(str(tmp_path)) / "t.png"

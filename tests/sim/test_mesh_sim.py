@@ -23,7 +23,9 @@ def active(w, i):  # type: ignore[no-untyped-def]
 
 
 def test_every_process_runs_a_mesh_and_broadcasts_reach_everyone() -> None:
-    sc = scenario(MESH + """
+    sc = scenario(
+        MESH
+        + """
 [[expect]]
 check = "broadcast_reliability"
 after_s = 3
@@ -31,7 +33,10 @@ after_s = 3
 check = "max_links_per_node"
 [[expect]]
 check = "broadcast_hops"
-""", nodes=60, duration=20)
+""",
+        nodes=60,
+        duration=20,
+    )
     w, rec, summary = run(sc)
     assert all(isinstance(w.hosts[i].cur.mesh, Mesh) for i in range(60))
     m = summary["mesh"]
@@ -47,7 +52,9 @@ check = "broadcast_hops"
 
 
 def test_after_30pct_crash_the_tree_repairs_and_reaches_every_live_node() -> None:
-    sc = scenario(MESH + """
+    sc = scenario(
+        MESH
+        + """
 [[fault]]
 at_s = 10
 kind = "crash"
@@ -55,7 +62,10 @@ nodes = 0.3
 [[expect]]
 check = "broadcast_reliability"
 after_s = 16
-""", nodes=80, duration=30)
+""",
+        nodes=80,
+        duration=30,
+    )
     w, rec, summary = run(sc)
     assert summary["passed"], summary["checks"]
     after = [r for r in rec.mesh_records if r.at >= 16]
@@ -63,7 +73,9 @@ after_s = 16
 
 
 def test_mesh_checks_fail_when_they_should() -> None:
-    sc = scenario(MESH + """
+    sc = scenario(
+        MESH
+        + """
 [[fault]]
 at_s = 8
 kind = "partition"
@@ -77,7 +89,10 @@ max = 2
 [[expect]]
 check = "broadcast_redundancy"
 max = 0.5
-""", nodes=40, duration=25)
+""",
+        nodes=40,
+        duration=25,
+    )
     _, _, summary = run(sc)
     by = {c["name"].split("@")[0]: c for c in summary["checks"]}
     assert not by["broadcast_reliability"]["passed"]

@@ -42,7 +42,9 @@ def replica_pids(world, i: int) -> set[int]:  # type: ignore[no-untyped-def]
 
 
 def test_ground_truth_matches_every_replica_and_checks_pass() -> None:
-    sc = scenario(WORKLOAD + """
+    sc = scenario(
+        WORKLOAD
+        + """
 [[fault]]
 at_s = 5
 kind = "crash"
@@ -51,7 +53,11 @@ nodes = 2
 at_s = 8
 kind = "restart"
 nodes = 1
-""" + CHECKS, nodes=25, duration=30)
+"""
+        + CHECKS,
+        nodes=25,
+        duration=30,
+    )
     w, rec, summary = run(sc)
     reg = w.reg
     assert reg is not None
@@ -80,10 +86,15 @@ def test_same_scenario_same_registry_summary() -> None:
 
 
 def test_preloaded_registry_equals_one_registered_at_run_time() -> None:
-    pre = scenario(WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0"),
-                   nodes=15, duration=10)
-    live = scenario(WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0")
-                    + "preload = false\nstart_s = 3\nover_s = 1\n", nodes=15, duration=10)
+    pre = scenario(
+        WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0"), nodes=15, duration=10
+    )
+    live = scenario(
+        WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0")
+        + "preload = false\nstart_s = 3\nover_s = 1\n",
+        nodes=15,
+        duration=10,
+    )
     w1, _, s1 = run(pre)
     w2, _, s2 = run(live)
 
@@ -98,14 +109,20 @@ def test_preloaded_registry_equals_one_registered_at_run_time() -> None:
 
 
 def test_lost_live_entries_and_convergence_fail_while_a_node_is_cut_off() -> None:
-    sc = scenario(WORKLOAD + """
+    sc = scenario(
+        WORKLOAD
+        + """
 [[fault]]
 at_s = 2
 kind = "block"
 from = [3]
 to = "all"
 symmetric = true
-""" + CHECKS, nodes=12, duration=30)
+"""
+        + CHECKS,
+        nodes=12,
+        duration=30,
+    )
     _, _, summary = run(sc)
     by = {c["name"].split("@")[0]: c for c in summary["checks"]}
     assert not by["registry_converged"]["passed"]
@@ -115,7 +132,9 @@ symmetric = true
 def test_stale_entries_fail_when_a_dead_node_is_not_noticed_in_time() -> None:
     # A host that dies silently (no ICMP, no closed links) is only found by
     # probing; checked 0.5 s later, its entries are still everywhere.
-    sc = scenario(WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0") + """
+    sc = scenario(
+        WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0")
+        + """
 [[fault]]
 at_s = 5
 kind = "crash"
@@ -125,15 +144,21 @@ icmp = false
 check = "stale_entries"
 after_s = 5
 within_s = 0.5
-""", nodes=12, duration=8)
+""",
+        nodes=12,
+        duration=8,
+    )
     _, _, summary = run(sc)
     (check,) = summary["checks"]
     assert not check["passed"] and check["value"] == 11 * 5
 
 
 def test_duplicates_after_heal_counts_claims_the_conflict_rule_left(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    body = WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0") + """
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = (
+        WORKLOAD.replace("churn_per_node_s = 0.05", "churn_per_node_s = 0")
+        + """
 [[fault]]
 at_s = 2
 kind = "partition"
@@ -152,6 +177,7 @@ check = "duplicates_after_heal"
 after_s = 30
 within_s = 25
 """
+    )
     sc = scenario(body, nodes=10, duration=60)
     _, _, ok = run(sc)
     assert ok["passed"], ok["checks"]
@@ -164,16 +190,23 @@ within_s = 25
     assert not check["passed"] and check["value"] == 10 * 2  # every node, both names
 
 
-@pytest.mark.parametrize("text, reason", [
-    ('[[expect]]\ncheck = "stale_entries"\nwithin_s = 5\n', "needs a [registry] workload"),
-    ('[[fault]]\nat_s = 1\nkind = "register"\nnodes = 1\nnames = 1\n',
-     "needs a [registry] workload"),
-    ("[registry]\nnames_per_nod = 3\n", "did you mean 'names_per_node'"),
-    ("[registry]\njoins_per_node = 2\n", "needs 'groups'"),
-    ("[registry]\nnames_per_node = 1\nstart_s = 3\n", "preload = false"),
-    ('[registry]\nnames_per_node = 1\n[[fault]]\nat_s = 1\nkind = "register"\nnodes = 1\n',
-     "needs 'names'"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('[[expect]]\ncheck = "stale_entries"\nwithin_s = 5\n', "needs a [registry] workload"),
+        (
+            '[[fault]]\nat_s = 1\nkind = "register"\nnodes = 1\nnames = 1\n',
+            "needs a [registry] workload",
+        ),
+        ("[registry]\nnames_per_nod = 3\n", "did you mean 'names_per_node'"),
+        ("[registry]\njoins_per_node = 2\n", "needs 'groups'"),
+        ("[registry]\nnames_per_node = 1\nstart_s = 3\n", "preload = false"),
+        (
+            '[registry]\nnames_per_node = 1\n[[fault]]\nat_s = 1\nkind = "register"\nnodes = 1\n',
+            "needs 'names'",
+        ),
+    ],
+)
 def test_registry_scenario_errors(text: str, reason: str) -> None:
     with pytest.raises(ScenarioError) as err:
         scenario(text)
@@ -184,5 +217,6 @@ def test_kind_names_of_the_workload() -> None:
     sc = scenario(WORKLOAD, nodes=3, duration=1)
     w, _, _ = run(sc)
     st = w.hosts[0].cur.node.registry.state
-    assert {(c.entry.kind, c.entry.name) for c in st.entries() if c.origin == w.hosts[0].node_id} \
-        >= {(RegKind.NAME, "n0.0"), (RegKind.GROUP, "g0")}
+    assert {
+        (c.entry.kind, c.entry.name) for c in st.entries() if c.origin == w.hosts[0].node_id
+    } >= {(RegKind.NAME, "n0.0"), (RegKind.GROUP, "g0")}

@@ -24,8 +24,7 @@ UNTIL = 12.0
 
 
 def _record() -> tuple[World, list[tuple[float, Input, list[Output]]]]:
-    sc = scenario('[[fault]]\nat_s = 4\nkind = "crash"\nnodes = [5, 9]\n', nodes=12,
-                  duration=UNTIL)
+    sc = scenario('[[fault]]\nat_s = 4\nkind = "crash"\nnodes = [5, 9]\n', nodes=12, duration=UNTIL)
     w = World(sc)
     w.setup()
     proc = w.hosts[WATCHED].cur
@@ -46,10 +45,17 @@ def _record() -> tuple[World, list[tuple[float, Input, list[Output]]]]:
 def _twin(w: World) -> Node:
     """The watched node as the world built it: same id, config, RNG, members."""
     h = w.hosts[WATCHED]
-    node = Node(node_id=h.node_id, name=f"n{h.index}", addr=h.addr, config=w.cfg,
-                rng=random.Random(f"peerd-sim-node:{w.sc.seed}:{h.index}:1"), generation=1)
-    states = [MemberState(x.node_id, f"n{x.index}", x.addr, 0, 1, (), Status.ALIVE)
-              for x in w.hosts]
+    node = Node(
+        node_id=h.node_id,
+        name=f"n{h.index}",
+        addr=h.addr,
+        config=w.cfg,
+        rng=random.Random(f"peerd-sim-node:{w.sc.seed}:{h.index}:1"),
+        generation=1,
+    )
+    states = [
+        MemberState(x.node_id, f"n{x.index}", x.addr, 0, 1, (), Status.ALIVE) for x in w.hosts
+    ]
     node.preload_shared(shared.Snapshot(states))
     return node
 
@@ -86,8 +92,13 @@ async def test_runner_and_world_give_the_same_outputs(autojump_clock: Any) -> No
         def set_watch_links(self, addrs: Any) -> None: ...
 
     ports = Ports()
-    runner = Runner(twin, packets=ports, streams=ports,
-                    logger=Logger(LogLevel.ERROR, io.StringIO()), config=w.cfg)
+    runner = Runner(
+        twin,
+        packets=ports,
+        streams=ports,
+        logger=Logger(LogLevel.ERROR, io.StringIO()),
+        config=w.cfg,
+    )
     # Everything but timers and Start comes from outside the core: feed it at
     # the time the world delivered it; the runner arms and fires the timers.
     feed = [(t, i) for t, i, _o in log if not isinstance(i, TimerFired | Start)]

@@ -24,16 +24,30 @@ def _param(path: Path) -> object:
     if path.stem in KNOWN_MISSES:
         marks.append(pytest.mark.xfail(reason=KNOWN_MISSES[path.stem], strict=False))
     if sc.nodes > LARGE and not os.environ.get("PEERD_SIM_LARGE"):
-        marks.append(pytest.mark.skip(
-            reason=f"{sc.nodes} nodes: a benchmark-size scenario; set PEERD_SIM_LARGE=1 to run it"))
+        marks.append(
+            pytest.mark.skip(
+                reason=f"{sc.nodes} nodes: a benchmark-size scenario; "
+                "set PEERD_SIM_LARGE=1 to run it"
+            )
+        )
     return pytest.param(path, id=path.stem, marks=marks)
 
 
 def test_there_are_scenarios() -> None:
     names = {p.stem for p in SCENARIOS}
-    for must in ("steady", "crash-1pct", "crash-10pct", "partition-heal", "loss-20pct",
-                 "pause-10s", "slow-nodes", "rolling-restart", "flapping-link", "mass-join-10k",
-                 "scale-10k"):
+    for must in (
+        "steady",
+        "crash-1pct",
+        "crash-10pct",
+        "partition-heal",
+        "loss-20pct",
+        "pause-10s",
+        "slow-nodes",
+        "rolling-restart",
+        "flapping-link",
+        "mass-join-10k",
+        "scale-10k",
+    ):
         assert must in names
 
 

@@ -61,8 +61,10 @@ def _utf8_at_most(n: int) -> st.SearchStrategy[str]:
     return st.text(max_size=n).filter(lambda s: len(s.encode("utf-8")) <= n)
 
 
-names = st.one_of(_utf8_at_most(codec.MAX_NAME_BYTES),
-                  st.text(alphabet="abc-", min_size=250, max_size=codec.MAX_NAME_BYTES))
+names = st.one_of(
+    _utf8_at_most(codec.MAX_NAME_BYTES),
+    st.text(alphabet="abc-", min_size=250, max_size=codec.MAX_NAME_BYTES),
+)
 addrs: st.SearchStrategy[Addr] = st.tuples(
     st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str),
     st.integers(min_value=0, max_value=65535),
@@ -87,26 +89,49 @@ died_refs = st.builds(DiedRef, st.binary(min_size=8, max_size=8), u64)
 lefts = st.builds(Left, node_ids, u64)
 push_pulls = st.builds(PushPull, st.booleans(), st.lists(members, max_size=4).map(tuple))
 sync_digests = st.integers(0, 12).flatmap(
-    lambda b: st.builds(SyncDigest, st.just(b), st.binary(min_size=4 << b, max_size=4 << b)))
-sync_rows = st.integers(0, 12).flatmap(lambda b: st.builds(
-    SyncRows, st.just(b), st.lists(st.integers(0, (1 << b) - 1), max_size=4).map(tuple),
-    st.lists(members, max_size=3).map(tuple)))
+    lambda b: st.builds(SyncDigest, st.just(b), st.binary(min_size=4 << b, max_size=4 << b))
+)
+sync_rows = st.integers(0, 12).flatmap(
+    lambda b: st.builds(
+        SyncRows,
+        st.just(b),
+        st.lists(st.integers(0, (1 << b) - 1), max_size=4).map(tuple),
+        st.lists(members, max_size=3).map(tuple),
+    )
+)
 
-reg_entries = st.builds(RegEntry, u64, st.sampled_from(RegKind),
-                        _utf8_at_most(codec.MAX_SCOPE_BYTES),
-                        _utf8_at_most(codec.MAX_REG_NAME_BYTES), u64, u64, u64, tags)
+reg_entries = st.builds(
+    RegEntry,
+    u64,
+    st.sampled_from(RegKind),
+    _utf8_at_most(codec.MAX_SCOPE_BYTES),
+    _utf8_at_most(codec.MAX_REG_NAME_BYTES),
+    u64,
+    u64,
+    u64,
+    tags,
+)
 reg_changes = st.one_of(
     st.builds(lambda v, e: RegChange(v, e.eid, e), u64, reg_entries),
     st.builds(RegChange, u64, u64, st.none()),
 )
-reg_deltas = st.builds(lambda o, g, b, n, cs, a: RegDelta(o, g, b, b + n, cs, a), node_ids,
-                       u64, st.integers(0, 2**62), st.integers(0, 2**62),
-                       st.lists(reg_changes, max_size=3).map(tuple), st.booleans())
-reg_snapshots = st.builds(RegSnapshot, node_ids, u64, u64,
-                          st.lists(reg_entries, max_size=3).map(tuple))
-reg_syncs = st.builds(RegSync, st.lists(st.builds(RegDigestRow, node_ids, u64, u64),
-                                        max_size=3).map(tuple),
-                      st.lists(st.one_of(reg_deltas, reg_snapshots), max_size=2).map(tuple))
+reg_deltas = st.builds(
+    lambda o, g, b, n, cs, a: RegDelta(o, g, b, b + n, cs, a),
+    node_ids,
+    u64,
+    st.integers(0, 2**62),
+    st.integers(0, 2**62),
+    st.lists(reg_changes, max_size=3).map(tuple),
+    st.booleans(),
+)
+reg_snapshots = st.builds(
+    RegSnapshot, node_ids, u64, u64, st.lists(reg_entries, max_size=3).map(tuple)
+)
+reg_syncs = st.builds(
+    RegSync,
+    st.lists(st.builds(RegDigestRow, node_ids, u64, u64), max_size=3).map(tuple),
+    st.lists(st.one_of(reg_deltas, reg_snapshots), max_size=2).map(tuple),
+)
 reg_acks = st.builds(RegAck, node_ids, u64, u64)
 
 mesh_peers = st.builds(MeshPeer, node_ids, addrs)
@@ -120,15 +145,25 @@ neighbor_replies = st.builds(NeighborReply, st.booleans())
 disconnects = st.builds(Disconnect, st.booleans())
 shuffles = st.builds(Shuffle, mesh_peers, ttls, peer_lists)
 shuffle_replies = st.builds(ShuffleReply, peer_lists)
-gossips = st.builds(Gossip, msg_ids, node_ids, u64, st.sampled_from(Channel),
-                    st.binary(max_size=64))
-gossip_controls = st.builds(GossipControl,
-                            st.lists(st.builds(IHave, msg_ids, u64), max_size=4).map(tuple),
-                            st.lists(msg_ids, max_size=3).map(tuple), st.sampled_from(TreeLink))
-name_msgs = st.builds(NameMsg, u64, st.sampled_from(RegKind),
-                      _utf8_at_most(codec.MAX_SCOPE_BYTES),
-                      _utf8_at_most(codec.MAX_REG_NAME_BYTES), u64,
-                      _utf8_at_most(codec.MAX_REG_NAME_BYTES), st.binary(max_size=64))
+gossips = st.builds(
+    Gossip, msg_ids, node_ids, u64, st.sampled_from(Channel), st.binary(max_size=64)
+)
+gossip_controls = st.builds(
+    GossipControl,
+    st.lists(st.builds(IHave, msg_ids, u64), max_size=4).map(tuple),
+    st.lists(msg_ids, max_size=3).map(tuple),
+    st.sampled_from(TreeLink),
+)
+name_msgs = st.builds(
+    NameMsg,
+    u64,
+    st.sampled_from(RegKind),
+    _utf8_at_most(codec.MAX_SCOPE_BYTES),
+    _utf8_at_most(codec.MAX_REG_NAME_BYTES),
+    u64,
+    _utf8_at_most(codec.MAX_REG_NAME_BYTES),
+    st.binary(max_size=64),
+)
 name_replies = st.builds(NameReply, u64, st.sampled_from(NameStatus))
 
 BY_TYPE: dict[int, st.SearchStrategy[Message]] = {

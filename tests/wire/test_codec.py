@@ -49,15 +49,28 @@ def decode_reason(data: bytes) -> str:
 
 
 def alive_obj(**over: Any) -> list[Any]:
-    fields: dict[str, Any] = {"node": N1, "name": "n", "addr": [IP4, 1], "inc": 0, "gen": 0,
-                              "tags": {}}
+    fields: dict[str, Any] = {
+        "node": N1,
+        "name": "n",
+        "addr": [IP4, 1],
+        "inc": 0,
+        "gen": 0,
+        "tags": {},
+    }
     fields.update(over)
     return [5, *fields.values()]
 
 
 def member_obj(**over: Any) -> list[Any]:
-    fields: dict[str, Any] = {"node": N1, "name": "n", "addr": [IP4, 1], "inc": 0, "gen": 0,
-                              "tags": {}, "status": 0}
+    fields: dict[str, Any] = {
+        "node": N1,
+        "name": "n",
+        "addr": [IP4, 1],
+        "inc": 0,
+        "gen": 0,
+        "tags": {},
+        "status": 0,
+    }
     fields.update(over)
     return list(fields.values())
 
@@ -112,7 +125,8 @@ def test_extra_trailing_fields_are_ignored() -> None:
     assert codec.decode(raw([3, 7, "future", [1, 2]])) == Ack(7)
     member = member_obj(status=2) + ["future"]
     assert codec.decode(raw([9, False, [member]])) == PushPull(
-        False, (MemberState(N1, "n", ("192.0.2.1", 1), 0, 0, (), Status.DEAD),))
+        False, (MemberState(N1, "n", ("192.0.2.1", 1), 0, 0, (), Status.DEAD),)
+    )
 
 
 def test_non_shortest_integers_are_accepted() -> None:
@@ -312,12 +326,19 @@ def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
 
 
 _leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64 - 1),
-    st.floats(), st.binary(max_size=20), st.text(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64 - 1),
+    st.floats(),
+    st.binary(max_size=20),
+    st.text(max_size=10),
     st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, N1, IP4, "192.0.2.1", [IP4, 1]]),
 )
-_values = st.one_of(_leaves, st.lists(_leaves, max_size=8),
-                    st.dictionaries(st.text(max_size=5), _leaves, max_size=4))
+_values = st.one_of(
+    _leaves,
+    st.lists(_leaves, max_size=8),
+    st.dictionaries(st.text(max_size=5), _leaves, max_size=4),
+)
 
 
 @FUZZ
@@ -331,7 +352,7 @@ def test_a_field_replaced_by_anything(msg: Message, data: st.DataObject) -> None
     except DecodeError:
         return
     # Accepted only if the replacement happened to be a valid value.
-    assert codec.to_cbor_obj(out)[1:] == obj[1:len(codec.to_cbor_obj(out))]
+    assert codec.to_cbor_obj(out)[1:] == obj[1 : len(codec.to_cbor_obj(out))]
 
 
 @FUZZ
@@ -343,8 +364,9 @@ def test_structurally_plausible_garbage(type_no: int, fields: list[Any]) -> None
 
 @FUZZ
 @given(st.lists(ws.messages, min_size=1, max_size=4), st.data())
-def test_mutated_encodings_raise_only_decode_error(msgs: list[Message], data: st.DataObject
-                                                   ) -> None:
+def test_mutated_encodings_raise_only_decode_error(
+    msgs: list[Message], data: st.DataObject
+) -> None:
     packet = bytearray(codec.pack([codec.encode(m) for m in msgs]))
     for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
         op = data.draw(st.sampled_from(["flip", "set", "cut", "insert", "delete"]))

@@ -93,14 +93,16 @@ def test_key_id_is_domain_separated_sha256_prefix() -> None:
 
 
 def test_load_key_file() -> None:
-    text = "\n".join([
-        "# cluster keys, newest first",
-        "",
-        seal.format_key(K2) + "   # primary since March",
-        "   " + seal.format_key(K1),
-        "#" + seal.format_key(K3),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# cluster keys, newest first",
+            "",
+            seal.format_key(K2) + "   # primary since March",
+            "   " + seal.format_key(K1),
+            "#" + seal.format_key(K3),
+            "",
+        ]
+    )
     assert seal.load_key_file(text) == [K2, K1]
     assert seal.load_key_file("") == []
     assert seal.load_key_file("# nothing yet\n\n") == []
@@ -222,8 +224,10 @@ def test_round_trip_and_layout() -> None:
 def test_plaintext_round_trip_and_layout() -> None:
     ring = Keyring()
     env = Sealer(ring, A, 9).seal(b"payload")
-    assert env == bytes([seal.VERSION_PLAIN]) + bytes(4) + A + bytes([0, 0, 0, 9]) + bytes(8) \
-        + b"payload"
+    assert (
+        env
+        == bytes([seal.VERSION_PLAIN]) + bytes(4) + A + bytes([0, 0, 0, 9]) + bytes(8) + b"payload"
+    )
     assert len(env) == len(b"payload") + seal.PLAIN_OVERHEAD
     assert Opener(ring).open(env) == (A, b"payload")
 
@@ -234,8 +238,7 @@ def test_counter_increments_and_nonces_come_from_the_source() -> None:
     envs = [sealer.seal(b"x") for _ in range(3)]
     assert [e[5:17] for e in envs] == [i.to_bytes(12, "big") for i in range(3)]
     cipher = ChaCha20Poly1305(K1)
-    counters = [int.from_bytes(cipher.decrypt(e[5:17], e[17:], e[:17])[20:28], "big")
-                for e in envs]
+    counters = [int.from_bytes(cipher.decrypt(e[5:17], e[17:], e[:17])[20:28], "big") for e in envs]
     assert counters == [0, 1, 2]
     assert Sealer(ring, A, 1).seal(b"x")[5:17] != Sealer(ring, A, 1).seal(b"x")[5:17]
 
@@ -469,8 +472,13 @@ def test_keyring_changes_apply_at_once_to_sealer_and_opener() -> None:
 
 def test_every_reason_label_is_listed() -> None:
     assert set(seal.SEAL_REASONS) == {
-        "too_large", "malformed", "plaintext_rejected", "encrypted_rejected", "unknown_key",
-        "auth_failed", "replay",
+        "too_large",
+        "malformed",
+        "plaintext_rejected",
+        "encrypted_rejected",
+        "unknown_key",
+        "auth_failed",
+        "replay",
     }
 
 
@@ -478,8 +486,12 @@ def test_every_reason_label_is_listed() -> None:
 
 
 @FAST
-@given(st.binary(max_size=2000), st.binary(min_size=16, max_size=16),
-       st.integers(min_value=0, max_value=seal.EPOCH_MAX), st.booleans())
+@given(
+    st.binary(max_size=2000),
+    st.binary(min_size=16, max_size=16),
+    st.integers(min_value=0, max_value=seal.EPOCH_MAX),
+    st.booleans(),
+)
 def test_seal_open_round_trip(payload: bytes, sender: bytes, epoch: int, keyed: bool) -> None:
     ring = Keyring([K1] if keyed else [])
     env = Sealer(ring, sender, epoch).seal(payload)
@@ -508,13 +520,13 @@ def test_any_change_to_a_sealed_envelope_is_rejected(payload: bytes, data: st.Da
         i = data.draw(st.integers(min_value=0, max_value=len(env) - 1))
         mutated[i] ^= 1 << data.draw(st.integers(min_value=0, max_value=7))
     elif op == "cut":
-        del mutated[data.draw(st.integers(min_value=0, max_value=len(env) - 1)):]
+        del mutated[data.draw(st.integers(min_value=0, max_value=len(env) - 1)) :]
     elif op == "append":
         mutated += data.draw(st.binary(min_size=1, max_size=8))
     else:
         i = data.draw(st.integers(min_value=0, max_value=len(env) - 1))
         chunk = data.draw(st.binary(min_size=1, max_size=8))
-        mutated[i:i + len(chunk)] = chunk
+        mutated[i : i + len(chunk)] = chunk
     if bytes(mutated) == env:
         return
     with pytest.raises(SealError) as info:
@@ -523,10 +535,17 @@ def test_any_change_to_a_sealed_envelope_is_rejected(payload: bytes, data: st.Da
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(min_value=1, max_value=70), st.lists(
-    st.tuples(st.sampled_from([A, B]), st.integers(min_value=0, max_value=3),
-              st.integers(min_value=0, max_value=150)),
-    max_size=120))
+@given(
+    st.integers(min_value=1, max_value=70),
+    st.lists(
+        st.tuples(
+            st.sampled_from([A, B]),
+            st.integers(min_value=0, max_value=3),
+            st.integers(min_value=0, max_value=150),
+        ),
+        max_size=120,
+    ),
+)
 def test_replay_window_matches_a_reference_model(
     window: int, events: list[tuple[bytes, int, int]]
 ) -> None:

@@ -76,13 +76,28 @@ def _tags(v: dict[str, str]) -> tuple[tuple[str, str], ...]:
 
 
 def _member(d: dict[str, Any]) -> MemberState:
-    return MemberState(bytes.fromhex(d["node"]), d["name"], _addr(d["addr"]), d["incarnation"],
-                       d["generation"], _tags(d["tags"]), Status[d["status"].upper()])
+    return MemberState(
+        bytes.fromhex(d["node"]),
+        d["name"],
+        _addr(d["addr"]),
+        d["incarnation"],
+        d["generation"],
+        _tags(d["tags"]),
+        Status[d["status"].upper()],
+    )
 
 
 def _reg_entry(d: dict[str, Any]) -> RegEntry:
-    return RegEntry(d["eid"], RegKind[d["kind"].upper()], d["scope"], d["name"], d["claimed_ms"],
-                    d["pid"], d["uid"], _tags(d["meta"]))
+    return RegEntry(
+        d["eid"],
+        RegKind[d["kind"].upper()],
+        d["scope"],
+        d["name"],
+        d["claimed_ms"],
+        d["pid"],
+        d["uid"],
+        _tags(d["meta"]),
+    )
 
 
 def _reg_change(d: dict[str, Any]) -> RegChange:
@@ -105,8 +120,14 @@ def message_from_json(d: dict[str, Any]) -> Message:
         case "nack":
             return Nack(d["seq"])
         case "alive":
-            return Alive(h(d["node"]), d["name"], _addr(d["addr"]), d["incarnation"],
-                         d["generation"], _tags(d["tags"]))
+            return Alive(
+                h(d["node"]),
+                d["name"],
+                _addr(d["addr"]),
+                d["incarnation"],
+                d["generation"],
+                _tags(d["tags"]),
+            )
         case "suspect":
             return Suspect(h(d["node"]), d["incarnation"], h(d["sender"]))
         case "dead":
@@ -124,16 +145,32 @@ def message_from_json(d: dict[str, Any]) -> Message:
         case "sync-rows":
             return SyncRows(d["bits"], tuple(d["buckets"]), tuple(_member(m) for m in d["members"]))
         case "reg-delta":
-            return RegDelta(h(d["origin"]), d["generation"], d["base"], d["top"],
-                            tuple(_reg_change(c) for c in d["changes"]), d["ack"])
+            return RegDelta(
+                h(d["origin"]),
+                d["generation"],
+                d["base"],
+                d["top"],
+                tuple(_reg_change(c) for c in d["changes"]),
+                d["ack"],
+            )
         case "reg-snapshot":
-            return RegSnapshot(h(d["origin"]), d["generation"], d["version"],
-                               tuple(_reg_entry(e) for e in d["entries"]))
+            return RegSnapshot(
+                h(d["origin"]),
+                d["generation"],
+                d["version"],
+                tuple(_reg_entry(e) for e in d["entries"]),
+            )
         case "reg-sync":
             items: list[Any] = [message_from_json(i) for i in d["items"]]
-            return RegSync(tuple(RegDigestRow(h(r["origin"]), r["generation"], r["version"])
-                                 for r in d["digest"]), tuple(items), d.get("bits", -1),
-                           tuple(d.get("buckets", ())), h(d.get("hashes", "")))
+            return RegSync(
+                tuple(
+                    RegDigestRow(h(r["origin"]), r["generation"], r["version"]) for r in d["digest"]
+                ),
+                tuple(items),
+                d.get("bits", -1),
+                tuple(d.get("buckets", ())),
+                h(d.get("hashes", "")),
+            )
         case "reg-ack":
             return RegAck(h(d["origin"]), d["generation"], d["version"])
         case "mesh-join":
@@ -151,14 +188,29 @@ def message_from_json(d: dict[str, Any]) -> Message:
         case "shuffle-reply":
             return ShuffleReply(tuple(_peer(p) for p in d["peers"]))
         case "gossip":
-            return Gossip(h(d["id"]), h(d["origin"]), d["round"], Channel[d["channel"].upper()],
-                          h(d["payload"]))
+            return Gossip(
+                h(d["id"]),
+                h(d["origin"]),
+                d["round"],
+                Channel[d["channel"].upper()],
+                h(d["payload"]),
+            )
         case "gossip-control":
-            return GossipControl(tuple(IHave(h(i["id"]), i["round"]) for i in d["ihave"]),
-                                 tuple(h(w) for w in d["want"]), TreeLink[d["link"].upper()])
+            return GossipControl(
+                tuple(IHave(h(i["id"]), i["round"]) for i in d["ihave"]),
+                tuple(h(w) for w in d["want"]),
+                TreeLink[d["link"].upper()],
+            )
         case "name-msg":
-            return NameMsg(d["seq"], RegKind[d["kind"].upper()], d["scope"], d["name"],
-                           d["eid"], d["sender"], h(d["payload"]))
+            return NameMsg(
+                d["seq"],
+                RegKind[d["kind"].upper()],
+                d["scope"],
+                d["name"],
+                d["eid"],
+                d["sender"],
+                h(d["payload"]),
+            )
         case "name-reply":
             return NameReply(d["seq"], NameStatus[d["status"].upper()])
     raise AssertionError(f"unknown type label {d['type']!r}")
@@ -174,8 +226,12 @@ def _name(v: dict[str, Any]) -> str:
 def test_every_message_type_has_a_vector() -> None:
     covered = {type(message_from_json(v["message"])).TYPE for v in MESSAGES["messages"]}
     assert covered == set(MESSAGE_TYPES)
-    statuses = {m["status"] for v in MESSAGES["messages"] if v["message"]["type"] == "push-pull"
-                for m in v["message"]["members"]}
+    statuses = {
+        m["status"]
+        for v in MESSAGES["messages"]
+        if v["message"]["type"] == "push-pull"
+        for m in v["message"]["members"]
+    }
     assert statuses == {s.label for s in Status}
     by_type: dict[str, list[dict[str, Any]]] = {}
     for v in MESSAGES["messages"]:
@@ -227,8 +283,12 @@ def test_key_vector() -> None:
 
 
 def _inner(v: dict[str, Any]) -> bytes:
-    return (bytes.fromhex(v["sender_id_hex"]) + v["epoch"].to_bytes(4, "big")
-            + v["counter"].to_bytes(8, "big") + bytes.fromhex(v["payload_hex"]))
+    return (
+        bytes.fromhex(v["sender_id_hex"])
+        + v["epoch"].to_bytes(4, "big")
+        + v["counter"].to_bytes(8, "big")
+        + bytes.fromhex(v["payload_hex"])
+    )
 
 
 @pytest.mark.parametrize("vector", SEAL["sealed"], ids=_name)

@@ -59,8 +59,7 @@ class HyParViewConfig:
 
 
 def _default_max_payload() -> dict[Channel, int]:
-    return {Channel.MEMBERSHIP: 64 * 1024, Channel.REGISTRY: 512 * 1024,
-            Channel.USER: 64 * 1024}
+    return {Channel.MEMBERSHIP: 64 * 1024, Channel.REGISTRY: 512 * 1024, Channel.USER: 64 * 1024}
 
 
 def _default_rate() -> dict[Channel, tuple[float, float]]:
@@ -137,10 +136,10 @@ def lan() -> MeshConfig:
 def wan() -> MeshConfig:
     """High, variable latency: slower upkeep, more patient grafts."""
     return MeshConfig(
-        HyParViewConfig(shuffle_interval_s=30.0, neighbor_timeout_s=10.0,
-                        reject_cooldown_s=30.0),
-        PlumtreeConfig(ihave_interval_s=0.2, graft_timeout_s=1.0, graft_timeout_min_s=0.2,
-                       graft_retry_s=0.5),
+        HyParViewConfig(shuffle_interval_s=30.0, neighbor_timeout_s=10.0, reject_cooldown_s=30.0),
+        PlumtreeConfig(
+            ihave_interval_s=0.2, graft_timeout_s=1.0, graft_timeout_min_s=0.2, graft_retry_s=0.5
+        ),
     )
 
 
@@ -148,8 +147,9 @@ def local() -> MeshConfig:
     """One machine (loopback)."""
     return MeshConfig(
         HyParViewConfig(shuffle_interval_s=5.0, neighbor_timeout_s=1.0, reject_cooldown_s=5.0),
-        PlumtreeConfig(ihave_interval_s=0.02, graft_timeout_s=0.1, graft_timeout_min_s=0.02,
-                       graft_retry_s=0.05),
+        PlumtreeConfig(
+            ihave_interval_s=0.02, graft_timeout_s=0.1, graft_timeout_min_s=0.02, graft_retry_s=0.05
+        ),
     )
 
 

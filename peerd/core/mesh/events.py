@@ -153,8 +153,15 @@ class NeighborDown:
 
 
 MeshInput = (
-    JoinMesh | MessageIn | LinkDown | MeshTimerFired | MembershipHint | LeaveMesh | Broadcast
-    | NeighborUp | NeighborDown
+    JoinMesh
+    | MessageIn
+    | LinkDown
+    | MeshTimerFired
+    | MembershipHint
+    | LeaveMesh
+    | Broadcast
+    | NeighborUp
+    | NeighborDown
 )
 
 # --- outputs --------------------------------------------------------------------
@@ -215,6 +222,13 @@ class BroadcastResult:
 
 
 MeshOutput = (
-    Connect | Send | CloseLink | SetMeshTimer | NeighborUp | NeighborDown | Deliver
-    | BroadcastResult | Log
+    Connect
+    | Send
+    | CloseLink
+    | SetMeshTimer
+    | NeighborUp
+    | NeighborDown
+    | Deliver
+    | BroadcastResult
+    | Log
 )

@@ -94,6 +94,7 @@ from peerd.wire.messages import (
 # Revivals within a shuffle interval that mean "a partition healed".
 BRIDGE_MIN_REVIVED = 3
 
+
 @dataclass(slots=True)
 class _Pending:
     """A neighbor request (or join) we sent and await the answer to."""
@@ -262,8 +263,9 @@ class HyParView:
         else:
             self._passive.pop(node, None)
 
-    def _add_passive(self, peer: MeshPeer, *, evict: bool = True,
-                     prefer: tuple[NodeId, ...] = ()) -> None:
+    def _add_passive(
+        self, peer: MeshPeer, *, evict: bool = True, prefer: tuple[NodeId, ...] = ()
+    ) -> None:
         node = peer.node
         if node == self.me.node or node in self._active or node in self._pending:
             return
@@ -284,8 +286,7 @@ class HyParView:
     def _ask(self, peer: MeshPeer, *, high: bool, join: bool = False) -> None:
         """Send a neighbor request (or a join) and await the answer."""
         self._passive.pop(peer.node, None)
-        token = self._arm(MeshTimerKind.NEIGHBOR_TIMEOUT, self.config.neighbor_timeout_s,
-                          peer.node)
+        token = self._arm(MeshTimerKind.NEIGHBOR_TIMEOUT, self.config.neighbor_timeout_s, peer.node)
         self._pending[peer.node] = _Pending(peer.addr, high, join, token)
         if join:
             self._send(peer, MeshJoin(self.me))
@@ -298,8 +299,9 @@ class HyParView:
         if want <= 0:
             return
         now = self._now
-        candidates = [n for n in self._passive
-                      if n not in exclude and self._cooldown.get(n, 0.0) <= now]
+        candidates = [
+            n for n in self._passive if n not in exclude and self._cooldown.get(n, 0.0) <= now
+        ]
         picks = self.rng.sample(candidates, min(want, len(candidates)))
         for node in picks:
             # High priority only for the first request of an isolated node:
@@ -471,8 +473,9 @@ class HyParView:
         self._drop_active(src, tell=False, keep_passive=alive)
         self._refill(exclude=(src,))
 
-    def _on_shuffle(self, src: NodeId, origin: MeshPeer, ttl: int,
-                    peers: tuple[MeshPeer, ...]) -> None:
+    def _on_shuffle(
+        self, src: NodeId, origin: MeshPeer, ttl: int, peers: tuple[MeshPeer, ...]
+    ) -> None:
         if origin.node == self.me.node:
             return
         ttl = min(ttl, self.config.arwl)
@@ -565,8 +568,12 @@ class HyParView:
         self.counters["shuffles"] += 1
         self._send(target, Shuffle(self.me, cfg.arwl, peers))
 
-    def _on_hint(self, alive: tuple[MeshPeer, ...], dead: tuple[NodeId, ...],
-                 revived: tuple[MeshPeer, ...] = ()) -> None:
+    def _on_hint(
+        self,
+        alive: tuple[MeshPeer, ...],
+        dead: tuple[NodeId, ...],
+        revived: tuple[MeshPeer, ...] = (),
+    ) -> None:
         for node in dead:
             self._passive.pop(node, None)
             self._cooldown.pop(node, None)
@@ -601,9 +608,11 @@ class HyParView:
             del self._revived[node]
         if len(self._revived) < BRIDGE_MIN_REVIVED or now - self._last_bridge < window:
             return
-        candidates = [p for p in revived
-                      if p.node not in self._active and p.node not in self._pending
-                      and p.node != self.me.node]
+        candidates = [
+            p
+            for p in revived
+            if p.node not in self._active and p.node not in self._pending and p.node != self.me.node
+        ]
         if not candidates:
             return
         self._last_bridge = now

@@ -101,8 +101,9 @@ def first_graft_timeout(lags: Sequence[float], config: PlumtreeConfig) -> float:
     all the same shows its lag when the tree's copy follows, and raises it."""
     if config.graft_lag_window <= 0:
         return config.graft_timeout_s
-    return min(config.graft_timeout_s,
-               max(config.graft_timeout_min_s, LAG_MARGIN * max(lags, default=0.0)))
+    return min(
+        config.graft_timeout_s, max(config.graft_timeout_min_s, LAG_MARGIN * max(lags, default=0.0))
+    )
 
 
 @dataclass(slots=True)
@@ -150,8 +151,9 @@ class Plumtree:
     def __init__(self, me: NodeId, config: PlumtreeConfig, rng: random.Random) -> None:
         for ch, limit in config.max_payload_bytes.items():
             if not 0 <= limit <= MAX_GOSSIP_PAYLOAD_BYTES:
-                raise ValueError(f"max_payload_bytes[{ch.name}] must be 0.."
-                                 f"{MAX_GOSSIP_PAYLOAD_BYTES}")
+                raise ValueError(
+                    f"max_payload_bytes[{ch.name}] must be 0..{MAX_GOSSIP_PAYLOAD_BYTES}"
+                )
         self.me = me
         self.config = config
         self.rng = rng
@@ -160,11 +162,13 @@ class Plumtree:
         self._lazy: dict[NodeId, None] = {}
         self._seen: collections.OrderedDict[bytes, _Seen] = collections.OrderedDict()
         self._store: collections.OrderedDict[bytes, tuple[float, Gossip]] = (
-            collections.OrderedDict())
+            collections.OrderedDict()
+        )
         self._store_bytes = 0
         self._missing: dict[bytes, _Missing] = {}
         self._lags: collections.deque[float] = collections.deque(
-            maxlen=max(0, config.graft_lag_window))
+            maxlen=max(0, config.graft_lag_window)
+        )
         self._optimize_after = 0.0  # no tree optimisation before this time
         self._swap: _Swap | None = None
         # GRAFTs without wants not acknowledged yet, per peer: (how many, last sent)
@@ -254,13 +258,19 @@ class Plumtree:
         self.counters["gossip_out"] += 1
         self._out.append(Send(dst, msg, channel_priority(msg.channel)))
 
-    def _send_control(self, dst: NodeId, want: tuple[bytes, ...] = (),
-                      link: TreeLink = TreeLink.KEEP) -> None:
+    def _send_control(
+        self, dst: NodeId, want: tuple[bytes, ...] = (), link: TreeLink = TreeLink.KEEP
+    ) -> None:
         """Send a control message, carrying any announcements queued for ``dst``."""
         queued = self._ihave_queue.pop(dst, [])
         while len(queued) > MAX_IHAVE:
-            self._out.append(Send(dst, GossipControl(tuple(queued[:MAX_IHAVE]), (),
-                                                     TreeLink.KEEP), PRIORITY_CONTROL))
+            self._out.append(
+                Send(
+                    dst,
+                    GossipControl(tuple(queued[:MAX_IHAVE]), (), TreeLink.KEEP),
+                    PRIORITY_CONTROL,
+                )
+            )
             queued = queued[MAX_IHAVE:]
         self.counters["control_out"] += 1
         self._out.append(Send(dst, GossipControl(tuple(queued), want, link), PRIORITY_CONTROL))
@@ -299,16 +309,30 @@ class Plumtree:
         limit = self.config.max_payload_bytes.get(channel, MAX_GOSSIP_PAYLOAD_BYTES)
         if len(payload) > limit:
             self.counters["broadcast_too_large"] += 1
-            self._out.append(BroadcastResult(ref, error=(
-                "too_large", f"{channel.name.lower()} payload of {len(payload)} bytes is over "
-                f"the limit of {limit} bytes")))
+            self._out.append(
+                BroadcastResult(
+                    ref,
+                    error=(
+                        "too_large",
+                        f"{channel.name.lower()} payload of {len(payload)} bytes is over "
+                        f"the limit of {limit} bytes",
+                    ),
+                )
+            )
             return
         if not self._take_tokens(channel, len(payload)):
             self.counters["broadcast_rate_limited"] += 1
             rate, burst = self.config.rate[channel]
-            self._out.append(BroadcastResult(ref, error=(
-                "rate_limited", f"{channel.name.lower()} broadcasts are limited to "
-                f"{rate:.0f} bytes/s (burst {burst:.0f}); try again later")))
+            self._out.append(
+                BroadcastResult(
+                    ref,
+                    error=(
+                        "rate_limited",
+                        f"{channel.name.lower()} broadcasts are limited to "
+                        f"{rate:.0f} bytes/s (burst {burst:.0f}); try again later",
+                    ),
+                )
+            )
             return
         self._seq += 1
         msg_id = self._prefix + self._seq.to_bytes(8, "big")
@@ -358,8 +382,7 @@ class Plumtree:
         seen = self._seen.get(msg.id)
         if seen is not None:
             self.counters["duplicates"] += 1
-            if (not seen.sampled and seen.ihave_at is not None
-                    and src not in seen.grafted):
+            if not seen.sampled and seen.ihave_at is not None and src not in seen.grafted:
                 # The tree's copy, late behind a graft: how late it was.
                 self._sample_lag(self._now - seen.ihave_at, seen)
             if src in self._eager:
@@ -390,8 +413,7 @@ class Plumtree:
         elif not neighbor:
             self.counters["gossip_from_non_neighbor"] += 1
         if msg.round < MAX_U64:
-            self._forward(Gossip(msg.id, msg.origin, msg.round + 1, msg.channel, msg.payload),
-                          src)
+            self._forward(Gossip(msg.id, msg.origin, msg.round + 1, msg.channel, msg.payload), src)
         if missing is not None:
             # After forwarding: an announcer grafted now has this broadcast,
             # and a copy pushed to it would be a duplicate (and a PRUNE back).
@@ -413,8 +435,7 @@ class Plumtree:
                 # empty control message), so the grafter can prune its old
                 # parent without a moment in which neither pushes to it.
                 self.counters["swap_acks_out"] += 1
-                self._out.append(Send(src, GossipControl((), (), TreeLink.KEEP),
-                                      PRIORITY_CONTROL))
+                self._out.append(Send(src, GossipControl((), (), TreeLink.KEEP), PRIORITY_CONTROL))
                 if self._swap is not None and self._swap.new == src:
                     # ``src`` grafted us while we grafted it: each would prune
                     # a parent for the one link both added. Neither does; the
@@ -487,8 +508,7 @@ class Plumtree:
             # could cut the tree in two. The duplicate rule finishes it.
             self._cancel_swap("overtaken")
 
-    def _optimize(self, msg_id: bytes, seen: _Seen,
-                  announcers: list[tuple[NodeId, int]]) -> None:
+    def _optimize(self, msg_id: bytes, seen: _Seen, announcers: list[tuple[NodeId, int]]) -> None:
         """Section 3.8: ``msg_id``, the latest broadcast we received, came by
         ``seen.src`` in ``seen.round`` hops; ``announcers`` announced it with
         their rounds. If one is a lazy neighbour at least ``optimize_hops``
@@ -505,8 +525,13 @@ class Plumtree:
         at the same time."""
         old = seen.src
         hops = self.config.optimize_hops
-        if (hops <= 0 or old is None or old not in self._eager or self._swap is not None
-                or self._now < self._optimize_after):
+        if (
+            hops <= 0
+            or old is None
+            or old not in self._eager
+            or self._swap is not None
+            or self._now < self._optimize_after
+        ):
             return
         best = min(((r, n) for n, r in announcers if n in self._lazy), default=None)
         if best is None or seen.round - best[0] < hops:

@@ -266,22 +266,35 @@ class RegistryService:
         key = (cmd.kind, cmd.scope, cmd.name)
         if key in owned:
             what = "name" if cmd.kind is RegKind.NAME else "group membership"
-            self._fail(cmd.ref, "conflict", f"this connection already holds the {what} "
-                                            f"{cmd.scope}/{cmd.name}")
+            self._fail(
+                cmd.ref,
+                "conflict",
+                f"this connection already holds the {what} {cmd.scope}/{cmd.name}",
+            )
             return
         if cmd.kind is RegKind.NAME:
             holder = self.state.lookup(cmd.scope, cmd.name)
             if holder is not None:
-                self._fail(cmd.ref, "conflict", f"{cmd.scope}/{cmd.name} is held by pid "
-                                                f"{holder.entry.pid} on node "
-                                                f"{holder.origin.hex()[:12]}")
+                self._fail(
+                    cmd.ref,
+                    "conflict",
+                    f"{cmd.scope}/{cmd.name} is held by pid "
+                    f"{holder.entry.pid} on node "
+                    f"{holder.origin.hex()[:12]}",
+                )
                 return
         if len(owned) >= MAX_ENTRIES_PER_CONN or len(self._owner_of) >= MAX_LOCAL_ENTRIES:
             self._fail(cmd.ref, "unavailable", "too many registrations")
             return
-        entry, delta = self.state.register(cmd.kind, cmd.scope, cmd.name,
-                                           claimed_ms=cmd.claimed_ms, pid=cmd.pid, uid=cmd.uid,
-                                           meta=cmd.meta)
+        entry, delta = self.state.register(
+            cmd.kind,
+            cmd.scope,
+            cmd.name,
+            claimed_ms=cmd.claimed_ms,
+            pid=cmd.pid,
+            uid=cmd.uid,
+            meta=cmd.meta,
+        )
         owned[key] = entry.eid
         self._owner_of[entry.eid] = cmd.conn
         settle = cmd.settle_s is not None and bool(self.host.reg_live())
@@ -300,8 +313,9 @@ class RegistryService:
         eid = self._owned.get(cmd.conn, {}).get((cmd.kind, cmd.scope, cmd.name))
         if eid is None:
             what = "name" if cmd.kind is RegKind.NAME else "group membership"
-            self._fail(cmd.ref, "not_found", f"this connection holds no {what} "
-                                             f"{cmd.scope}/{cmd.name}")
+            self._fail(
+                cmd.ref, "not_found", f"this connection holds no {what} {cmd.scope}/{cmd.name}"
+            )
             return
         self._remove_local(cmd.conn, eid)
         self.host.reg_emit(CommandResult(cmd.ref, value={}))
@@ -318,8 +332,7 @@ class RegistryService:
         res = self.state.update_meta(eid, cmd.meta)
         assert res is not None
         self._spread(res[1])
-        self.host.reg_emit(CommandResult(cmd.ref, value=entry_to_dict(self.host.node_id,
-                                                                      res[0])))
+        self.host.reg_emit(CommandResult(cmd.ref, value=entry_to_dict(self.host.node_id, res[0])))
 
     def drop_conn(self, conn: int) -> None:
         for eid in list(self._owned.get(conn, {}).values()):
@@ -421,8 +434,7 @@ class RegistryService:
             return []
         return self._parts_of(delta, ack, MAX_DELTA_BYTES, MAX_DIRECT_CHUNKS)
 
-    def _parts_of(self, delta: RegDelta, ack: bool, max_bytes: int,
-                  max_chunks: int) -> list[bytes]:
+    def _parts_of(self, delta: RegDelta, ack: bool, max_bytes: int, max_chunks: int) -> list[bytes]:
         """``delta`` as encoded consecutive deltas of at most ``max_bytes``
         each, or, beyond ``max_chunks`` of them, one announcement (RegAck)."""
         chunks: list[RegDelta] = []
@@ -431,13 +443,22 @@ class RegistryService:
         for change in delta.changes:
             est = _change_size(change)
             if current and size + est > max_bytes - 40:
-                chunks.append(RegDelta(delta.origin, delta.generation, base,
-                                       current[-1].version, tuple(current), ack))
+                chunks.append(
+                    RegDelta(
+                        delta.origin,
+                        delta.generation,
+                        base,
+                        current[-1].version,
+                        tuple(current),
+                        ack,
+                    )
+                )
                 base, current, size = current[-1].version, [], 0
             current.append(change)
             size += est
-        chunks.append(RegDelta(delta.origin, delta.generation, base, delta.top,
-                               tuple(current), ack))
+        chunks.append(
+            RegDelta(delta.origin, delta.generation, base, delta.top, tuple(current), ack)
+        )
         if len(chunks) <= max_chunks:
             parts = [codec.encode(c) for c in chunks]
             if all(len(p) <= max_bytes for p in parts):
@@ -456,15 +477,19 @@ class RegistryService:
                     old = codec.decode(queued)
                 except codec.DecodeError:  # pragma: no cover - we encoded it
                     old = None
-            if (isinstance(old, RegDelta) and old.generation == delta.generation
-                    and old.top == delta.base):
+            if (
+                isinstance(old, RegDelta)
+                and old.generation == delta.generation
+                and old.top == delta.base
+            ):
                 delta = merge_deltas(old, delta)
                 ack = ack or old.ack
             elif isinstance(old, RegAck) and old.version >= delta.top:
                 return None
         if ack != delta.ack:
-            delta = RegDelta(delta.origin, delta.generation, delta.base, delta.top,
-                             delta.changes, ack)
+            delta = RegDelta(
+                delta.origin, delta.generation, delta.base, delta.top, delta.changes, ack
+            )
         msg: RegDelta | RegAck = delta
         # At least 4 bytes per change: a long delta is too big without encoding it.
         data = b"" if len(delta.changes) * 4 > MAX_DELTA_BYTES else codec.encode(delta)
@@ -519,8 +544,14 @@ class RegistryService:
             return
         self._want(src_node, ack.origin, ack.generation, ack.version)
 
-    def _want(self, src_node: NodeId | None, origin: NodeId, generation: int,
-              version: int, pull: bool = True) -> None:
+    def _want(
+        self,
+        src_node: NodeId | None,
+        origin: NodeId,
+        generation: int,
+        version: int,
+        pull: bool = True,
+    ) -> None:
         gen, have = self.state.version_of(origin)
         if (generation, version) <= (gen, have):
             return
@@ -541,8 +572,11 @@ class RegistryService:
                 del self._wants[origin]
                 continue
             # Whoever told us holds it; else its origin, the one writer.
-            target = src if src is not None and src != me and known(src) else (
-                origin if known(origin) else None)
+            target = (
+                src
+                if src is not None and src != me and known(src)
+                else (origin if known(origin) else None)
+            )
             if target is None:
                 del self._wants[origin]
                 continue
@@ -607,9 +641,12 @@ class RegistryService:
             self._sync_armed = True
             self.host.reg_arm(TimerKind.REG_SYNC, SYNC_INTERVAL_S, None)
 
-    def missing_for(self, digest: tuple[RegDigestRow, ...], peer: NodeId | None = None,
-                    ours: dict[NodeId, tuple[int, int]] | None = None,
-                    ) -> tuple[RegDelta | RegSnapshot, ...]:
+    def missing_for(
+        self,
+        digest: tuple[RegDigestRow, ...],
+        peer: NodeId | None = None,
+        ours: dict[NodeId, tuple[int, int]] | None = None,
+    ) -> tuple[RegDelta | RegSnapshot, ...]:
         """What a peer with ``digest`` lacks of what we hold (of ``ours``: our
         digest, or the part of it that ``digest`` covers). Never the
         peer's own partition (``peer``): it is the one writer of it, and its
@@ -642,8 +679,9 @@ class RegistryService:
             self._acks_from_digest(src_node, req.digest)
         if req.bits >= 0:
             mine = self.state.digest_in(req.bits, req.buckets)
-            return RegSync(_rows(mine), self.missing_for(req.digest, src_node, mine), req.bits,
-                           req.buckets)
+            return RegSync(
+                _rows(mine), self.missing_for(req.digest, src_node, mine), req.bits, req.buckets
+            )
         return RegSync(_rows(self.state.digest()), self.missing_for(req.digest, src_node))
 
     def on_sync_reply(self, src_node: NodeId | None, reply: RegSync) -> RegSync | None:
@@ -787,9 +825,15 @@ class RegistryService:
             if mark in self._notified:
                 continue
             self._notified.add(mark)
-            self.host.reg_emit(RegistryEvent(RegEventKind.CONFLICT, self.host.node_id, loser,
-                                             conn, (conflict.winner.origin,
-                                                    conflict.winner.entry)))
+            self.host.reg_emit(
+                RegistryEvent(
+                    RegEventKind.CONFLICT,
+                    self.host.node_id,
+                    loser,
+                    conn,
+                    (conflict.winner.origin, conflict.winner.entry),
+                )
+            )
             # The loser's entry goes, so no duplicate outlives the merge; its
             # process was told and can hand over.
             if conn is not None:
@@ -810,8 +854,14 @@ class _Staged:
 
     @classmethod
     def of(cls, delta: RegDelta, ack: bool) -> _Staged:
-        return cls(delta.origin, delta.generation, delta.base, delta.top,
-                   {c.eid: c for c in delta.changes}, ack or delta.ack)
+        return cls(
+            delta.origin,
+            delta.generation,
+            delta.base,
+            delta.top,
+            {c.eid: c for c in delta.changes},
+            ack or delta.ack,
+        )
 
     def extend(self, delta: RegDelta, ack: bool) -> bool:
         if delta.generation != self.generation or delta.base != self.top:
@@ -825,8 +875,14 @@ class _Staged:
         return True
 
     def delta(self) -> RegDelta:
-        return RegDelta(self.origin, self.generation, self.base, self.top,
-                        tuple(sorted(self.changes.values(), key=_version)), self.ack)
+        return RegDelta(
+            self.origin,
+            self.generation,
+            self.base,
+            self.top,
+            tuple(sorted(self.changes.values(), key=_version)),
+            self.ack,
+        )
 
 
 def _version(change: RegChange) -> int:
@@ -839,8 +895,12 @@ def _change_size(change: RegChange) -> int:
     e = change.entry
     if e is None:
         return 16
-    return (48 + len(e.scope.encode()) + len(e.name.encode())
-            + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in e.meta))
+    return (
+        48
+        + len(e.scope.encode())
+        + len(e.name.encode())
+        + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in e.meta)
+    )
 
 
 def merge_deltas(old: RegDelta, new: RegDelta) -> RegDelta:

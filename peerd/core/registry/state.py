@@ -178,8 +178,17 @@ class Registry:
         part: Partition = self._parts[self.node_id]
         return part
 
-    def register(self, kind: Kind, scope: str, name: str, *, claimed_ms: int, pid: int,
-                 uid: int, meta: Meta = ()) -> tuple[Entry, Delta]:
+    def register(
+        self,
+        kind: Kind,
+        scope: str,
+        name: str,
+        *,
+        claimed_ms: int,
+        pid: int,
+        uid: int,
+        meta: Meta = (),
+    ) -> tuple[Entry, Delta]:
         self._next_eid += 1
         entry = Entry(self._next_eid, kind, scope, name, claimed_ms, pid, uid, meta)
         return entry, self._write(entry.eid, entry)
@@ -188,8 +197,9 @@ class Registry:
         old = self.local.entries.get(eid)
         if old is None:
             return None
-        entry = Entry(old.eid, old.kind, old.scope, old.name, old.claimed_ms, old.pid, old.uid,
-                      meta)
+        entry = Entry(
+            old.eid, old.kind, old.scope, old.name, old.claimed_ms, old.pid, old.uid, meta
+        )
         return entry, self._write(eid, entry)
 
     def unregister(self, eid: int) -> Delta | None:
@@ -300,13 +310,18 @@ class Registry:
         floor = self._floors.get(snap.origin)
         # The same life after a refuted death may come back, from the state we
         # dropped onwards; an older life never.
-        if floor is not None and snap.generation <= floor[0] and (
-                snap.generation < floor[0] or snap.origin not in self._revived
-                or snap.version < floor[1]):
+        if (
+            floor is not None
+            and snap.generation <= floor[0]
+            and (
+                snap.generation < floor[0]
+                or snap.origin not in self._revived
+                or snap.version < floor[1]
+            )
+        ):
             return Applied.STALE
         part = self._parts.get(snap.origin)
-        if part is not None and (snap.generation, snap.version) <= (part.generation,
-                                                                    part.version):
+        if part is not None and (snap.generation, snap.version) <= (part.generation, part.version):
             return Applied.STALE
         part = self._reset(snap.origin, snap.generation)
         for entry in snap.entries:
@@ -426,13 +441,16 @@ class Registry:
             return []
         w = winner(claims.values())
         assert w is not None
-        return [Conflict(c.entry, w) for c in claims.values()
-                if c.origin == self.node_id and c is not w]
+        return [
+            Conflict(c.entry, w) for c in claims.values() if c.origin == self.node_id and c is not w
+        ]
 
     def state(self) -> dict[NodeId, tuple[int, int, frozenset[Entry]]]:
         """The comparable replicated state (for tests and checks)."""
-        return {o: (p.generation, p.version, frozenset(p.entries.values()))
-                for o, p in self._parts.items()}
+        return {
+            o: (p.generation, p.version, frozenset(p.entries.values()))
+            for o, p in self._parts.items()
+        }
 
     # --- internals --------------------------------------------------------------
 
@@ -474,8 +492,10 @@ class Registry:
         old = part.entries.pop(eid, None)
         if old is not None:
             self._index_remove(origin, old)
-        self._note(None if entry is None else Claim(origin, entry),
-                   None if old is None else Claim(origin, old))
+        self._note(
+            None if entry is None else Claim(origin, entry),
+            None if old is None else Claim(origin, old),
+        )
         if entry is not None:
             part.entries[eid] = entry
             index = self._names if entry.kind is Kind.NAME else self._groups
@@ -506,8 +526,9 @@ class SharedState:
                 part.entries[entry.eid] = entry
                 part.version += 1
                 index = self.names if entry.kind is Kind.NAME else self.groups
-                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = \
-                    Claim(origin, entry)
+                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = Claim(
+                    origin, entry
+                )
             self.parts[origin] = part
         self.hashes = Digest()
         self.fine: dict[int, set[NodeId]] = {}

@@ -20,8 +20,9 @@ def retransmit_limit(retransmit_mult: int, n: int) -> int:
     return retransmit_mult * max(1, math.ceil(math.log10(n + 1)))
 
 
-def suspicion_bounds(suspicion_mult: float, max_timeout_mult: float, n: int,
-                     probe_interval_s: float) -> tuple[float, float]:
+def suspicion_bounds(
+    suspicion_mult: float, max_timeout_mult: float, n: int, probe_interval_s: float
+) -> tuple[float, float]:
     """(min, max) suspicion timeout for a cluster of ``n`` nodes.
 
     The minimum grows with log10(N) because an update needs that many more
