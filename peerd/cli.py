@@ -13,6 +13,7 @@ the daemon's dependencies are not importable.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import json
@@ -23,12 +24,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from peerd import __version__
-from peerd.api.protocol import ApiError, Event, format_addr, parse_addr
+from peerd.api.protocol import SNAPSHOT_END, ApiError, Event, format_addr, parse_addr
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+# "code" of a --json error that did not come from the daemon (whose codes,
+# "not_found", "bad_args"..., pass through as they are), by exit code.
+ERROR_KINDS = {EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable"}
 
 MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
 SHORT_ID = 8  # hex digits of a node id shown in tables; --json has the full id
@@ -255,15 +260,53 @@ def format_user_event(ev: Event, when: datetime.datetime | None = None) -> str:
     )
 
 
+def format_snapshot_end(ev: Event, when: datetime.datetime | None = None) -> str:
+    """The line closing the snapshot of one topic (``watch --snapshot``)."""
+    when = when or datetime.datetime.now().astimezone()
+    d = ev.data
+    return (
+        f"{when.strftime('%H:%M:%S')} {ev.event:<13} topic={d.get('topic', '?')} "
+        f"count={d.get('count', '?')}"
+    )
+
+
+def payload_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with its bytes ``payload`` (user events, messages) made JSON:
+    the text when it is valid UTF-8 (``"payload_encoding": "utf-8"``), else
+    base64 (``"payload_encoding": "base64"``)."""
+    out = dict(data)
+    payload = out.get("payload")
+    if isinstance(payload, bytes | bytearray):
+        try:
+            out["payload"] = bytes(payload).decode("utf-8")
+            out["payload_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            out["payload"] = base64.b64encode(payload).decode("ascii")
+            out["payload_encoding"] = "base64"
+    return out
+
+
 def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
-    """One JSON object per line: ``{"time", "event", "data"}``."""
+    """One JSON object per line: ``{"time", "topic", "event", "data"}``; a
+    payload as :func:`payload_json` makes it."""
     when = when or datetime.datetime.now(datetime.UTC)
     return json.dumps(
-        {"time": when.isoformat(timespec="milliseconds"), "event": ev.event, "data": ev.data},
+        {
+            "time": when.isoformat(timespec="milliseconds"),
+            "topic": ev.data.get("topic"),
+            "event": ev.event,
+            "data": payload_json(ev.data),
+        },
         sort_keys=True,
         default=_json_default,
         ensure_ascii=False,
     )
+
+
+def error_json(code: str, message: str) -> str:
+    """What a command run with ``--json`` prints on stdout when it fails:
+    ``{"error": {"code", "message"}}`` on one line (the exit code is unchanged)."""
+    return json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False)
 
 
 def _json_default(obj: object) -> Any:
@@ -389,10 +432,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
     topics = list(dict.fromkeys(args.topic or ["members"]))
     with _connect(args, timeout=None) as client:
         try:
-            for ev in client.watch(topics):
+            for ev in client.watch(topics, snapshot=args.snapshot):
+                topic = ev.data.get("topic")
                 if args.json:
                     line = event_json(ev)
-                elif ev.event in REGISTRY_EVENTS and "kind" in ev.data:
+                elif ev.event == SNAPSHOT_END:
+                    line = format_snapshot_end(ev)
+                elif topic == "registry" or (
+                    topic is None and ev.event in REGISTRY_EVENTS and "kind" in ev.data
+                ):
                     line = format_registry_event(ev)
                 elif ev.event == "user":
                     line = format_user_event(ev)
@@ -700,11 +748,28 @@ def _client_options() -> argparse.ArgumentParser:
     return common
 
 
+class _UsageError(Exception):
+    """A command-line usage error while ``--json`` was given."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but under ``--json`` a usage error is raised (and printed as
+    JSON by :func:`main`) instead of printed as text. Subcommand parsers are
+    of the same class (argparse makes them with ``type(parent)``)."""
+
+    json_errors = False  # set by main() for the duration of one parse
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            raise _UsageError(f"{self.prog}: {message}")
+        super().error(message)
+
+
 def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     """The whole command line. ``with_agent_flags`` imports the agent to add its
     flags; only done when the agent subcommand is what runs."""
     # The top level keeps its hand-made line breaks; subcommands' prose is rewrapped.
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="peerd",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -769,7 +834,17 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "events per user event, until interrupted with Ctrl-C.",
     )
     p.add_argument(
-        "--json", action="store_true", help='one JSON object per line: {"time", "event", "data"}'
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"time", "topic", "event", "data"}; a payload is '
+        'its text when it is valid UTF-8, else base64, as "payload_encoding" says',
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first the current state (members: a `member` line each; registry: an "
+        "`entry` line each), a `snapshot_end` line per topic, then the changes, with "
+        "no gap between them",
     )
     p.add_argument(
         "--topic",
@@ -1032,23 +1107,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_name(argv)
     parser = build_parser(with_agent_flags=command == "agent")
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    _Parser.json_errors = "--json" in own
     try:
         args = parser.parse_args(argv)
+    except _UsageError as exc:  # a usage error under --json
+        print(error_json("usage", str(exc)), flush=True)
+        return EXIT_USAGE
     except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    finally:
+        _Parser.json_errors = False
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     where = f"peerd {args.command}"
+    as_json = bool(getattr(args, "json", False))
+
+    def fail(code: str, message: str, exit_code: int, text: str) -> int:
+        # Under --json the error is one JSON line on stdout (where the
+        # consumer reads); otherwise one line on stderr. Same exit codes.
+        if as_json:
+            print(error_json(code, message), flush=True)
+        else:
+            print(f"{where}: {text}", file=sys.stderr)
+        return exit_code
+
     try:
         code: int = args.func(args)
         return code
     except CliError as exc:
-        print(f"{where}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        kind = ERROR_KINDS.get(exc.exit_code, "failed")
+        return fail(kind, str(exc), exc.exit_code, str(exc))
     except ApiError as exc:
-        print(f"{where}: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(exc.code, exc.message, EXIT_FAILED, f"{exc.message} ({exc.code})")
     except BrokenPipeError:
         # Output piped into `head` and friends: not an error. (The client
         # turns socket errors into ConnectionLost, so this is stdout.) Point
@@ -1056,8 +1148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_OK
     except (ConnectionError, TimeoutError) as exc:  # DaemonUnavailable, ConnectionLost
-        print(f"{where}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return fail("unreachable", str(exc), EXIT_UNREACHABLE, str(exc))
     except KeyboardInterrupt:
         return 130
 

@@ -562,6 +562,24 @@ def parse_watch_args(args: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_text_list(args, "topics")))
 
 
+def parse_watch_snapshot(args: Mapping[str, Any]) -> bool:
+    """``? "snapshot": bool`` of a watch (default false): the current state of
+    each topic first, then its changes (see :data:`SNAPSHOT_END`)."""
+    snapshot = args.get("snapshot", False)
+    if type(snapshot) is not bool:
+        raise _bad_args('"snapshot" must be a bool')
+    return snapshot
+
+
+SNAPSHOT_MEMBER = "member"
+"""Watch event (topic ``members``, with ``snapshot``): one member as it is at the cut."""
+SNAPSHOT_ENTRY = "entry"
+"""Watch event (topic ``registry``, with ``snapshot``): one entry as it is at the cut."""
+SNAPSHOT_END = "snapshot_end"
+"""Watch event closing the snapshot of one topic: ``{"topic", "count"}``.
+Every event of that topic after it is a change made after the cut."""
+
+
 def parse_unwatch_args(args: Mapping[str, Any]) -> int:
     """``{"stream": uint}``."""
     stream = args.get("stream")

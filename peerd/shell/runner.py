@@ -52,7 +52,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +61,9 @@ import trio
 from peerd.api.protocol import (
     CONNECTION_STREAM,
     PAGE_BUDGET_BYTES,
+    SNAPSHOT_END,
+    SNAPSHOT_ENTRY,
+    SNAPSHOT_MEMBER,
     STREAM_END,
     ApiError,
     ErrorCode,
@@ -320,6 +323,37 @@ class _Watch:
             self.send.close()
             return False
         return True
+
+
+class _SnapshotThenLive(trio.abc.ReceiveChannel[EventItem]):
+    """A watch with a snapshot: the items of the cut first, then the live channel.
+
+    The cut is a list of references to immutable records (member infos,
+    registry entries) taken in the same synchronous step as the watch was
+    registered, so no event can fall between the two; the records are turned
+    into wire maps only as the client reads them. Live events queue behind
+    the snapshot in the watch's bounded channel meanwhile (a client that
+    reads the snapshot too slowly while many changes happen is dropped like
+    any slow watcher)."""
+
+    def __init__(
+        self, first: Iterator[EventItem], live: trio.MemoryReceiveChannel[EventItem]
+    ) -> None:
+        self._first: Iterator[EventItem] | None = first
+        self._live = live
+
+    async def receive(self) -> EventItem:
+        if self._first is not None:
+            item = next(self._first, None)
+            if item is not None:
+                await trio.lowlevel.checkpoint()
+                return item
+            self._first = None
+        return await self._live.receive()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._live.aclose()
 
 
 # --- keys -----------------------------------------------------------------------
@@ -777,6 +811,9 @@ class Runner:
             self._fan_out(Topic.REGISTRY.value, item)
 
     def _fan_out(self, topic: str, item: EventItem) -> None:
+        # Every watch event names its topic ("joined", "left", "updated"
+        # exist in two); one copy shared by the watchers of that topic.
+        item = (item[0], {**item[1], "topic": topic})
         keep: list[_Watch] = []
         for w in self._watches:
             if topic not in w.topics or w.offer(item):
@@ -1473,8 +1510,17 @@ class Runner:
         await waiter.done.wait()
         return {}
 
-    def watch(self, conn: object, topics: Sequence[str]) -> trio.MemoryReceiveChannel[EventItem]:
-        """Start a watch; events are queued without waiting (see :class:`_Watch`)."""
+    def watch(
+        self, conn: object, topics: Sequence[str], snapshot: bool = False
+    ) -> trio.abc.ReceiveChannel[EventItem]:
+        """Start a watch; events are queued without waiting (see :class:`_Watch`).
+
+        With ``snapshot``, the stream starts with the current state of each
+        topic (in the order given), each topic's closed by a ``snapshot_end``
+        event. The state is read and the watch registered in this one
+        synchronous step, between two turns of the runner: one consistent
+        cut, every later change arrives as an event, none is missed or
+        reported twice."""
         unknown = [t for t in topics if t not in TOPICS]
         if unknown:
             raise ApiError(
@@ -1483,9 +1529,40 @@ class Runner:
             )
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        first = self._snapshot(topics) if snapshot else None
         send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
         self._watches.append(_Watch(conn, frozenset(topics), send))
-        return receive
+        return receive if first is None else _SnapshotThenLive(first, receive)
+
+    def _snapshot(self, topics: Sequence[str]) -> Iterator[EventItem]:
+        """The state of ``topics`` now, as references; converted when read."""
+        members = list(self.node.members())
+        cut: list[tuple[str, list[Any]]] = []
+        for topic in topics:
+            if topic == Topic.MEMBERS.value:
+                cut.append((topic, members))
+            elif topic == Topic.REGISTRY.value:
+                registry = getattr(self.node, "registry", None)
+                claims = list(registry.state.entries()) if registry is not None else []
+                cut.append((topic, claims))
+            else:  # events: nothing is current; only the end marker
+                cut.append((topic, []))
+        by_node = {m.node: m for m in members}
+
+        def items() -> Iterator[EventItem]:
+            for topic, records in cut:
+                for r in records:
+                    if topic == Topic.MEMBERS.value:
+                        name, data = SNAPSHOT_MEMBER, member_to_wire(r)
+                    else:
+                        name = SNAPSHOT_ENTRY
+                        data = reg_entry_to_wire(r.origin, r.entry, by_node.get(r.origin))
+                    data["topic"] = topic
+                    data["snapshot"] = True
+                    yield name, data
+                yield SNAPSHOT_END, {"topic": topic, "count": len(records)}
+
+        return items()
 
     def connection_closed(self, conn: object) -> None:
         keep = []
