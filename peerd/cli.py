@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -416,10 +417,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _regex(text: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        _usage(f"{what}: bad regular expression {text!r}: {exc}")
+
+
+def member_filter(
+    name: str | None, tags: Iterable[tuple[str, str]]
+) -> Callable[[Mapping[str, Any]], bool]:
+    """``members --name REGEX --tag K=REGEX ...``: the name and every given
+    tag must match in full (a member without tag K does not match)."""
+    name_rx = _regex(name, "--name") if name is not None else None
+    tag_rxs = [(k, _regex(v, f"--tag {k}")) for k, v in tags]
+
+    def keep(m: Mapping[str, Any]) -> bool:
+        if name_rx is not None and not name_rx.fullmatch(str(m.get("name", ""))):
+            return False
+        member_tags = m.get("tags") or {}
+        for key, rx in tag_rxs:
+            value = member_tags.get(key)
+            if not isinstance(value, str) or not rx.fullmatch(value):
+                return False
+        return True
+
+    return keep
+
+
 def cmd_members(args: argparse.Namespace) -> int:
+    keep = member_filter(args.name, args.tag or ())
     members = _call(args, "members")
     if args.status:
         members = [m for m in members if m.get("status") in args.status]
+    members = [m for m in members if keep(m)]
     members = sorted(members, key=_member_sort_key)
     if args.json:
         _print_json(members)
@@ -822,6 +853,19 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         choices=MEMBER_STATUSES,
         action="append",
         help="only members with this status (repeatable)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="REGEX",
+        help="only members whose name matches REGEX in full (Python re syntax)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        type=parse_tag_assignment,
+        metavar="KEY=REGEX",
+        help="only members with tag KEY whose value matches REGEX in full "
+        "(repeatable: all must match)",
     )
     p.set_defaults(func=cmd_members)
 

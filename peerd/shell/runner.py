@@ -153,11 +153,13 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
+from peerd.core.node import tags_problem
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger, Pending
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
+from peerd.shell.tags import NodeTags
 from peerd.wire.messages import (
     Addr,
     Channel,
@@ -569,6 +571,9 @@ class Runner:
         self._reg_conns: dict[int, Any] = {}
         self._deferred: collections.deque[Input] = collections.deque()
         self._local_brief: tuple[str, str] | None = None
+        # Configured tags and run-time changes (the agent sets it): set-tags
+        # then keeps its changes in the state directory; None: not kept.
+        self.node_tags: NodeTags | None = None
         registry = getattr(node, "registry", None)
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
@@ -1468,8 +1473,53 @@ class Runner:
                 f"tags take {size} bytes, more than {self.config.max_tags_bytes} "
                 "(swim.max_tags_bytes)",
             )
+        if self.node_tags is not None and self.state is not None:
+            # Saved before it applies: a change that cannot be kept is refused.
+            kept = self.node_tags.copy()
+            kept.set_effective(tags)
+            try:
+                self.state.save_tags(kept)
+            except StateError as e:
+                self.counters["state_write_errors"] += 1
+                self.logger.error("tags not persisted; not changed", error=str(e))
+                raise ApiError(ErrorCode.UNAVAILABLE, f"tags not changed: {e}") from None
+            self.node_tags = kept
         self._handle(SetTags(tags_from_mapping(tags)))
         return dict(self.node.local_member().tags)
+
+    def reconfigure_tags(self, configured: Iterable[tuple[str, str]]) -> bool:
+        """In the runner task, on reload: take the configured tags (run-time
+        changes of keys the configuration changed are dropped, see
+        :mod:`peerd.shell.tags`). True when the node's tags changed."""
+        if self.node_tags is None:
+            return False
+        tags = self.node_tags.copy()
+        dropped = tags.reconfigure(dict(configured))
+        if dropped:
+            self.logger.info("configured tags replace tags set at run time", keys=",".join(dropped))
+        if tags == self.node_tags:
+            return False
+        effective = tags.effective()
+        problem = tags_problem(self.config, tuple(sorted(effective.items())))
+        if problem is not None:
+            self.logger.warning(
+                "tags set at run time do not fit with the configured ones; dropped",
+                problem=problem,
+                keys=",".join(sorted(tags.runtime)),
+            )
+            tags.runtime.clear()
+            effective = tags.effective()
+        if self.state is not None:
+            try:
+                self.state.save_tags(tags)
+            except StateError as e:
+                self.counters["state_write_errors"] += 1
+                self.logger.error("tags not persisted", error=str(e))
+        self.node_tags = tags
+        before = dict(self.node.local_member().tags)
+        if effective != before and not self.leaving:
+            self._handle(SetTags(tags_from_mapping(effective)))
+        return effective != before
 
     async def _join(self, addrs: tuple[Addr, ...]) -> dict[str, int]:
         """One join at a time, after the start's: JoinDone carries no id, so
