@@ -580,6 +580,32 @@ SNAPSHOT_END = "snapshot_end"
 Every event of that topic after it is a change made after the cut."""
 
 
+def with_topic(item: tuple[str, dict[str, Any]], topic: str) -> tuple[str, dict[str, Any]]:
+    """A change event as a watch stream carries it: its data names its
+    ``topic`` (a copy; the original may be sent elsewhere too)."""
+    return item[0], {**item[1], "topic": topic}
+
+
+def snapshot_member_to_wire(m: MemberInfo) -> tuple[str, dict[str, Any]]:
+    """One member of a ``members`` snapshot."""
+    data = member_to_wire(m)
+    data["topic"], data["snapshot"] = Topic.MEMBERS.value, True
+    return SNAPSHOT_MEMBER, data
+
+
+def snapshot_entry_to_wire(
+    origin: NodeId, entry: RegEntry, member: MemberInfo | None = None
+) -> tuple[str, dict[str, Any]]:
+    """One entry of a ``registry`` snapshot."""
+    data = reg_entry_to_wire(origin, entry, member)
+    data["topic"], data["snapshot"] = Topic.REGISTRY.value, True
+    return SNAPSHOT_ENTRY, data
+
+
+def snapshot_end_to_wire(topic: str, count: int) -> tuple[str, dict[str, Any]]:
+    return SNAPSHOT_END, {"topic": topic, "count": count}
+
+
 def parse_unwatch_args(args: Mapping[str, Any]) -> int:
     """``{"stream": uint}``."""
     stream = args.get("stream")

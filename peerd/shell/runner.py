@@ -61,9 +61,6 @@ import trio
 from peerd.api.protocol import (
     CONNECTION_STREAM,
     PAGE_BUDGET_BYTES,
-    SNAPSHOT_END,
-    SNAPSHOT_ENTRY,
-    SNAPSHOT_MEMBER,
     STREAM_END,
     ApiError,
     ErrorCode,
@@ -93,8 +90,12 @@ from peerd.api.protocol import (
     parse_update_args,
     reg_entry_to_wire,
     registry_event_to_wire,
+    snapshot_end_to_wire,
+    snapshot_entry_to_wire,
+    snapshot_member_to_wire,
     status_to_wire,
     user_event_to_wire,
+    with_topic,
 )
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
@@ -818,7 +819,7 @@ class Runner:
     def _fan_out(self, topic: str, item: EventItem) -> None:
         # Every watch event names its topic ("joined", "left", "updated"
         # exist in two); one copy shared by the watchers of that topic.
-        item = (item[0], {**item[1], "topic": topic})
+        item = with_topic(item, topic)
         keep: list[_Watch] = []
         for w in self._watches:
             if topic not in w.topics or w.offer(item):
@@ -1603,14 +1604,10 @@ class Runner:
             for topic, records in cut:
                 for r in records:
                     if topic == Topic.MEMBERS.value:
-                        name, data = SNAPSHOT_MEMBER, member_to_wire(r)
+                        yield snapshot_member_to_wire(r)
                     else:
-                        name = SNAPSHOT_ENTRY
-                        data = reg_entry_to_wire(r.origin, r.entry, by_node.get(r.origin))
-                    data["topic"] = topic
-                    data["snapshot"] = True
-                    yield name, data
-                yield SNAPSHOT_END, {"topic": topic, "count": len(records)}
+                        yield snapshot_entry_to_wire(r.origin, r.entry, by_node.get(r.origin))
+                yield snapshot_end_to_wire(topic, len(records))
 
         return items()
 
