@@ -843,7 +843,8 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "members",
         "list the members of the cluster",
         "List every member this node knows (itself included): name, short id, address, "
-        "status, incarnation, tags. Sorted by name.",
+        "status, incarnation, tags. Sorted by name. --tag and --name select by "
+        "regular expressions matched in full (Serf's members -tag, -name).",
     )
     p.add_argument(
         "--json", action="store_true", help="print a JSON list (full ids, tags as objects)"
@@ -1026,7 +1027,9 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     tags = add(
         "tags",
         "change this node's tags",
-        "Tags are key=value labels gossiped with this node's membership.",
+        "Tags are key=value labels gossiped with this node's membership. Changes "
+        "made here are kept in the state directory over restarts, until the config "
+        "file's [tags] (or a --tag flag) changes the same key.",
         parents=(),
     )
     tags_sub = tags.add_subparsers(dest="tags_command", metavar="ACTION", required=True)
