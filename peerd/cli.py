@@ -13,22 +13,28 @@ the daemon's dependencies are not importable.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from peerd import __version__
-from peerd.api.protocol import ApiError, Event, format_addr, parse_addr
+from peerd.api.protocol import SNAPSHOT_END, ApiError, Event, format_addr, parse_addr
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+# "code" of a --json error that did not come from the daemon (whose codes,
+# "not_found", "bad_args"..., pass through as they are), by exit code.
+ERROR_KINDS = {EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable"}
 
 MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
 SHORT_ID = 8  # hex digits of a node id shown in tables; --json has the full id
@@ -255,15 +261,53 @@ def format_user_event(ev: Event, when: datetime.datetime | None = None) -> str:
     )
 
 
+def format_snapshot_end(ev: Event, when: datetime.datetime | None = None) -> str:
+    """The line closing the snapshot of one topic (``watch --snapshot``)."""
+    when = when or datetime.datetime.now().astimezone()
+    d = ev.data
+    return (
+        f"{when.strftime('%H:%M:%S')} {ev.event:<13} topic={d.get('topic', '?')} "
+        f"count={d.get('count', '?')}"
+    )
+
+
+def payload_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with its bytes ``payload`` (user events, messages) made JSON:
+    the text when it is valid UTF-8 (``"payload_encoding": "utf-8"``), else
+    base64 (``"payload_encoding": "base64"``)."""
+    out = dict(data)
+    payload = out.get("payload")
+    if isinstance(payload, bytes | bytearray):
+        try:
+            out["payload"] = bytes(payload).decode("utf-8")
+            out["payload_encoding"] = "utf-8"
+        except UnicodeDecodeError:
+            out["payload"] = base64.b64encode(payload).decode("ascii")
+            out["payload_encoding"] = "base64"
+    return out
+
+
 def event_json(ev: Event, when: datetime.datetime | None = None) -> str:
-    """One JSON object per line: ``{"time", "event", "data"}``."""
+    """One JSON object per line: ``{"time", "topic", "event", "data"}``; a
+    payload as :func:`payload_json` makes it."""
     when = when or datetime.datetime.now(datetime.UTC)
     return json.dumps(
-        {"time": when.isoformat(timespec="milliseconds"), "event": ev.event, "data": ev.data},
+        {
+            "time": when.isoformat(timespec="milliseconds"),
+            "topic": ev.data.get("topic"),
+            "event": ev.event,
+            "data": payload_json(ev.data),
+        },
         sort_keys=True,
         default=_json_default,
         ensure_ascii=False,
     )
+
+
+def error_json(code: str, message: str) -> str:
+    """What a command run with ``--json`` prints on stdout when it fails:
+    ``{"error": {"code", "message"}}`` on one line (the exit code is unchanged)."""
+    return json.dumps({"error": {"code": code, "message": message}}, ensure_ascii=False)
 
 
 def _json_default(obj: object) -> Any:
@@ -373,10 +417,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _regex(text: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        _usage(f"{what}: bad regular expression {text!r}: {exc}")
+
+
+def member_filter(
+    name: str | None, tags: Iterable[tuple[str, str]]
+) -> Callable[[Mapping[str, Any]], bool]:
+    """``members --name REGEX --tag K=REGEX ...``: the name and every given
+    tag must match in full (a member without tag K does not match)."""
+    name_rx = _regex(name, "--name") if name is not None else None
+    tag_rxs = [(k, _regex(v, f"--tag {k}")) for k, v in tags]
+
+    def keep(m: Mapping[str, Any]) -> bool:
+        if name_rx is not None and not name_rx.fullmatch(str(m.get("name", ""))):
+            return False
+        member_tags = m.get("tags") or {}
+        for key, rx in tag_rxs:
+            value = member_tags.get(key)
+            if not isinstance(value, str) or not rx.fullmatch(value):
+                return False
+        return True
+
+    return keep
+
+
 def cmd_members(args: argparse.Namespace) -> int:
+    keep = member_filter(args.name, args.tag or ())
     members = _call(args, "members")
     if args.status:
         members = [m for m in members if m.get("status") in args.status]
+    members = [m for m in members if keep(m)]
     members = sorted(members, key=_member_sort_key)
     if args.json:
         _print_json(members)
@@ -389,10 +463,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
     topics = list(dict.fromkeys(args.topic or ["members"]))
     with _connect(args, timeout=None) as client:
         try:
-            for ev in client.watch(topics):
+            for ev in client.watch(topics, snapshot=args.snapshot):
+                topic = ev.data.get("topic")
                 if args.json:
                     line = event_json(ev)
-                elif ev.event in REGISTRY_EVENTS and "kind" in ev.data:
+                elif ev.event == SNAPSHOT_END:
+                    line = format_snapshot_end(ev)
+                elif topic == "registry" or (
+                    topic is None and ev.event in REGISTRY_EVENTS and "kind" in ev.data
+                ):
                     line = format_registry_event(ev)
                 elif ev.event == "user":
                     line = format_user_event(ev)
@@ -700,11 +779,28 @@ def _client_options() -> argparse.ArgumentParser:
     return common
 
 
+class _UsageError(Exception):
+    """A command-line usage error while ``--json`` was given."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but under ``--json`` a usage error is raised (and printed as
+    JSON by :func:`main`) instead of printed as text. Subcommand parsers are
+    of the same class (argparse makes them with ``type(parent)``)."""
+
+    json_errors = False  # set by main() for the duration of one parse
+
+    def error(self, message: str) -> NoReturn:
+        if _Parser.json_errors:
+            raise _UsageError(f"{self.prog}: {message}")
+        super().error(message)
+
+
 def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     """The whole command line. ``with_agent_flags`` imports the agent to add its
     flags; only done when the agent subcommand is what runs."""
     # The top level keeps its hand-made line breaks; subcommands' prose is rewrapped.
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="peerd",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -747,7 +843,8 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "members",
         "list the members of the cluster",
         "List every member this node knows (itself included): name, short id, address, "
-        "status, incarnation, tags. Sorted by name.",
+        "status, incarnation, tags. Sorted by name. --tag and --name select by "
+        "regular expressions matched in full (Serf's members -tag, -name).",
     )
     p.add_argument(
         "--json", action="store_true", help="print a JSON list (full ids, tags as objects)"
@@ -757,6 +854,19 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         choices=MEMBER_STATUSES,
         action="append",
         help="only members with this status (repeatable)",
+    )
+    p.add_argument(
+        "--name",
+        metavar="REGEX",
+        help="only members whose name matches REGEX in full (Python re syntax)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        type=parse_tag_assignment,
+        metavar="KEY=REGEX",
+        help="only members with tag KEY whose value matches REGEX in full "
+        "(repeatable: all must match)",
     )
     p.set_defaults(func=cmd_members)
 
@@ -769,7 +879,17 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "events per user event, until interrupted with Ctrl-C.",
     )
     p.add_argument(
-        "--json", action="store_true", help='one JSON object per line: {"time", "event", "data"}'
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"time", "topic", "event", "data"}; a payload is '
+        'its text when it is valid UTF-8, else base64, as "payload_encoding" says',
+    )
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first the current state (members: a `member` line each; registry: an "
+        "`entry` line each), a `snapshot_end` line per topic, then the changes, with "
+        "no gap between them",
     )
     p.add_argument(
         "--topic",
@@ -907,7 +1027,9 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
     tags = add(
         "tags",
         "change this node's tags",
-        "Tags are key=value labels gossiped with this node's membership.",
+        "Tags are key=value labels gossiped with this node's membership. Changes "
+        "made here are kept in the state directory over restarts, until the config "
+        "file's [tags] (or a --tag flag) changes the same key.",
         parents=(),
     )
     tags_sub = tags.add_subparsers(dest="tags_command", metavar="ACTION", required=True)
@@ -1032,23 +1154,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_name(argv)
     parser = build_parser(with_agent_flags=command == "agent")
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    _Parser.json_errors = "--json" in own
     try:
         args = parser.parse_args(argv)
+    except _UsageError as exc:  # a usage error under --json
+        print(error_json("usage", str(exc)), flush=True)
+        return EXIT_USAGE
     except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    finally:
+        _Parser.json_errors = False
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     where = f"peerd {args.command}"
+    as_json = bool(getattr(args, "json", False))
+
+    def fail(code: str, message: str, exit_code: int, text: str) -> int:
+        # Under --json the error is one JSON line on stdout (where the
+        # consumer reads); otherwise one line on stderr. Same exit codes.
+        if as_json:
+            print(error_json(code, message), flush=True)
+        else:
+            print(f"{where}: {text}", file=sys.stderr)
+        return exit_code
+
     try:
         code: int = args.func(args)
         return code
     except CliError as exc:
-        print(f"{where}: {exc}", file=sys.stderr)
-        return exc.exit_code
+        kind = ERROR_KINDS.get(exc.exit_code, "failed")
+        return fail(kind, str(exc), exc.exit_code, str(exc))
     except ApiError as exc:
-        print(f"{where}: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_FAILED
+        return fail(exc.code, exc.message, EXIT_FAILED, f"{exc.message} ({exc.code})")
     except BrokenPipeError:
         # Output piped into `head` and friends: not an error. (The client
         # turns socket errors into ConnectionLost, so this is stdout.) Point
@@ -1056,8 +1195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_OK
     except (ConnectionError, TimeoutError) as exc:  # DaemonUnavailable, ConnectionLost
-        print(f"{where}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return fail("unreachable", str(exc), EXIT_UNREACHABLE, str(exc))
     except KeyboardInterrupt:
         return 130
 

@@ -283,14 +283,16 @@ class Client:
         """Like :meth:`call`, with args as a mapping (for keys that are not identifiers)."""
         return await self._roundtrip(next(self._ids), op, args)
 
-    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Watch:
+    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,), snapshot: bool = False) -> Watch:
         """A stream of events for ``topics``: an async iterator of :class:`Event`,
         best used as ``async with client.watch([...]) as events`` so that it is
         unwatched on exit. The watch starts on entry (or the first iteration);
         events arriving before you iterate are buffered (``watch_buffer``
         events; past that the watch ends with an error rather than block the
-        connection's other calls)."""
-        return Watch(self, list(topics))
+        connection's other calls). With ``snapshot``, the current state comes
+        first (``member`` / ``entry`` events, then ``snapshot_end`` per
+        topic), then the changes, with no gap between them."""
+        return Watch(self, list(topics), snapshot)
 
     async def _roundtrip(self, rid: int, op: str, args: Mapping[str, Any] | None) -> Any:
         if self._broken is not None:
@@ -677,9 +679,10 @@ class Watch:
     ApiError if the daemon ended it with an error, and ConnectionLost if the
     connection broke or this watcher fell behind."""
 
-    def __init__(self, client: Client, topics: list[str]) -> None:
+    def __init__(self, client: Client, topics: list[str], snapshot: bool = False) -> None:
         self._client = client
         self.topics = topics
+        self.snapshot = snapshot
         self.stream: int | None = None
         self._receive: trio.MemoryReceiveChannel[Event] | None = None
         self._state: _StreamState | None = None
@@ -696,7 +699,10 @@ class Watch:
         self._state = client._streams[rid] = _StreamState(send)
         self.stream = rid
         try:
-            await client._roundtrip(rid, Op.WATCH, {"topics": self.topics})
+            args: dict[str, Any] = {"topics": self.topics}
+            if self.snapshot:
+                args["snapshot"] = True
+            await client._roundtrip(rid, Op.WATCH, args)
         except BaseException:
             client._end_stream(rid)
             raise
@@ -802,13 +808,19 @@ class BlockingClient:
         self._send(Request(rid, op, dict(args or {})))
         return self._wait_response(rid, self.timeout).unwrap()
 
-    def watch(self, topics: Sequence[str] = (Topic.MEMBERS,)) -> Generator[Event, None, None]:
+    def watch(
+        self, topics: Sequence[str] = (Topic.MEMBERS,), snapshot: bool = False
+    ) -> Generator[Event, None, None]:
         """Yield events for ``topics`` until the daemon ends the stream (or
-        raise as :class:`Watch` does). Closing the generator unwatches."""
+        raise as :class:`Watch` does). Closing the generator unwatches.
+        ``snapshot``: the current state first, as :meth:`Client.watch`."""
         rid = next(self._ids)
         self._events[rid] = collections.deque()
+        args: dict[str, Any] = {"topics": list(topics)}
+        if snapshot:
+            args["snapshot"] = True
         try:
-            self._send(Request(rid, Op.WATCH, {"topics": list(topics)}))
+            self._send(Request(rid, Op.WATCH, args))
             self._wait_response(rid, self.timeout).unwrap()
             while True:
                 queue = self._events[rid]

@@ -562,6 +562,50 @@ def parse_watch_args(args: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_text_list(args, "topics")))
 
 
+def parse_watch_snapshot(args: Mapping[str, Any]) -> bool:
+    """``? "snapshot": bool`` of a watch (default false): the current state of
+    each topic first, then its changes (see :data:`SNAPSHOT_END`)."""
+    snapshot = args.get("snapshot", False)
+    if type(snapshot) is not bool:
+        raise _bad_args('"snapshot" must be a bool')
+    return snapshot
+
+
+SNAPSHOT_MEMBER = "member"
+"""Watch event (topic ``members``, with ``snapshot``): one member as it is at the cut."""
+SNAPSHOT_ENTRY = "entry"
+"""Watch event (topic ``registry``, with ``snapshot``): one entry as it is at the cut."""
+SNAPSHOT_END = "snapshot_end"
+"""Watch event closing the snapshot of one topic: ``{"topic", "count"}``.
+Every event of that topic after it is a change made after the cut."""
+
+
+def with_topic(item: tuple[str, dict[str, Any]], topic: str) -> tuple[str, dict[str, Any]]:
+    """A change event as a watch stream carries it: its data names its
+    ``topic`` (a copy; the original may be sent elsewhere too)."""
+    return item[0], {**item[1], "topic": topic}
+
+
+def snapshot_member_to_wire(m: MemberInfo) -> tuple[str, dict[str, Any]]:
+    """One member of a ``members`` snapshot."""
+    data = member_to_wire(m)
+    data["topic"], data["snapshot"] = Topic.MEMBERS.value, True
+    return SNAPSHOT_MEMBER, data
+
+
+def snapshot_entry_to_wire(
+    origin: NodeId, entry: RegEntry, member: MemberInfo | None = None
+) -> tuple[str, dict[str, Any]]:
+    """One entry of a ``registry`` snapshot."""
+    data = reg_entry_to_wire(origin, entry, member)
+    data["topic"], data["snapshot"] = Topic.REGISTRY.value, True
+    return SNAPSHOT_ENTRY, data
+
+
+def snapshot_end_to_wire(topic: str, count: int) -> tuple[str, dict[str, Any]]:
+    return SNAPSHOT_END, {"topic": topic, "count": count}
+
+
 def parse_unwatch_args(args: Mapping[str, Any]) -> int:
     """``{"stream": uint}``."""
     stream = args.get("stream")

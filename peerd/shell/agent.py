@@ -15,8 +15,10 @@ says STOPPING=1 when it starts to leave.
 
 SIGHUP reloads: the config file is read again (with the same flags on top)
 and what can change in a running daemon is applied without leaving the
-cluster: ``log_level`` and the keyring (the key file, or the keyring saved in
-the state directory, by the same rule as at start). Other changed settings
+cluster: ``log_level``, the keyring (the key file, or the keyring saved in
+the state directory, by the same rule as at start) and the configured tags
+(``[tags]``, ``--tag``; see :mod:`peerd.shell.tags` for how they meet tags
+set at run time). Other changed settings
 are logged as needing a restart. A config that does not validate is logged
 and the running configuration stays.
 """
@@ -41,7 +43,7 @@ import trio
 from peerd.api.protocol import ApiError
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.mesh.mesh import Mesh
-from peerd.core.node import Node
+from peerd.core.node import Node, tags_problem
 from peerd.shell.api_server import serve_api
 from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
@@ -59,9 +61,10 @@ from peerd.shell.systemd import (
     take_api_socket,
     watchdog_interval,
 )
+from peerd.shell.tags import NodeTags
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, open_tcp_listener
 from peerd.shell.udp import BindError, UdpEndpoint, open_udp_socket
-from peerd.wire.messages import Addr, MeshPeer
+from peerd.wire.messages import Addr, MeshPeer, tags_from_mapping
 from peerd.wire.seal import (
     KeyFormatError,
     Keyring,
@@ -117,6 +120,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
         "(default: off; keep it on loopback)",
+    )
+    parser.add_argument(
+        "--tag",
+        metavar="KEY=VALUE",
+        action="append",
+        help="a tag of this node (repeatable; wins over the config file's [tags] for "
+        "its key; see README, Tags)",
     )
     parser.add_argument(
         "--check-config",
@@ -278,6 +288,30 @@ def _start(settings: Settings, logger: Logger, args: argparse.Namespace | None =
                 signal.signal(signal.SIGHUP, old_hup)
 
 
+def _start_tags(settings: Settings, state: StateDir, logger: Logger) -> NodeTags:
+    """The configured tags with the run-time changes saved by earlier runs on
+    top, by the rule of :mod:`peerd.shell.tags`; saved again (reconciled)."""
+    saved = state.tags()
+    tags = saved if saved is not None else NodeTags()
+    before = tags.copy()
+    dropped = tags.reconfigure(dict(settings.tags))
+    if dropped:
+        logger.info("configured tags replace tags set at run time", keys=",".join(dropped))
+    problem = tags_problem(settings.swim, tuple(sorted(tags.effective().items())))
+    if problem is not None:
+        logger.warning(
+            "tags set at run time do not fit with the configured ones; dropped",
+            problem=problem,
+            keys=",".join(sorted(tags.runtime)),
+        )
+        tags.runtime.clear()
+    if saved is None and not tags.configured:
+        return tags  # nothing to remember
+    if tags != before or saved is None:
+        state.save_tags(tags)
+    return tags
+
+
 def _check_keys(settings: Settings, keys: list[bytes]) -> None:
     bind = settings.bind
     if not keys and not _is_loopback(bind[0]) and not settings.insecure:
@@ -307,6 +341,7 @@ def _start_locked(
             )
         node_id = state.node_id()
         saved_peers = state.peers()
+        node_tags = _start_tags(settings, state, logger)
     except StateError as e:
         raise _Refuse(str(e), EXIT_FAILURE) from e
     try:
@@ -371,6 +406,7 @@ def _start_locked(
         advertise,
         tuple(seeds),
         args,
+        node_tags,
     )
     return code
 
@@ -395,8 +431,10 @@ async def _serve_daemon(
     advertise: Addr,
     seeds: tuple[Addr, ...],
     args: argparse.Namespace | None = None,
+    node_tags: NodeTags | None = None,
 ) -> int:
     udp_sock, tcp_sock = sockets.udp, sockets.tcp
+    node_tags = node_tags if node_tags is not None else NodeTags(dict(settings.tags))
     keyring = Keyring(keys)
     limits = TcpLimits()
     # One sealer for both transports (one counter sequence per epoch), one opener.
@@ -446,6 +484,7 @@ async def _serve_daemon(
         rng=random.Random(secrets.randbits(64)),
         incarnation=incarnation,
         generation=generation,
+        tags=tags_from_mapping(node_tags.effective()),
     )
     notifier = Notifier(logger=logger)
     watchdog_s = watchdog_interval()
@@ -472,6 +511,7 @@ async def _serve_daemon(
         links=links,
         send_timeout_s=settings.messages.send_timeout_s,
     )
+    runner.node_tags = node_tags  # set-tags keeps run-time changes in the state dir
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
     runner.counter_sources["plumtree"] = mesh.plumtree.counters
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
@@ -567,7 +607,7 @@ class Reloader:
     """SIGHUP: read the config file and the keys again, keep the membership.
 
     The flags the daemon was started with still override the file, as at
-    start. Only ``log_level`` and the keyring apply to the running daemon;
+    start. Only ``log_level``, the keyring and the tags apply to the running daemon;
     every other change is logged as needing a restart.
     """
 
@@ -617,6 +657,8 @@ class Reloader:
             changed.append("log_level")
         if await self.runner.call_in_runner(lambda: self.keys.replace(keys)):
             changed.append("keys")
+        if await self.runner.call_in_runner(lambda: self.runner.reconfigure_tags(new.tags)):
+            changed.append("tags")
         restart = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
         if restart:
             self.logger.warning(
@@ -624,7 +666,9 @@ class Reloader:
                 settings=",".join(restart),
             )
         # Remember what is applied, so the next reload compares with the running values.
-        self.settings = dataclasses.replace(old, log_level=new.log_level, key_file=new.key_file)
+        self.settings = dataclasses.replace(
+            old, log_level=new.log_level, key_file=new.key_file, tags=new.tags
+        )
         self.logger.info(
             "reloaded",
             changed=",".join(changed) or "nothing",

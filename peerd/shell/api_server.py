@@ -70,6 +70,7 @@ from peerd.api.protocol import (
     parse_request,
     parse_unwatch_args,
     parse_watch_args,
+    parse_watch_snapshot,
 )
 
 __all__ = [
@@ -280,7 +281,10 @@ class Backend(Protocol):
         ``trio.open_memory_channel(N)[1]``. Raise ApiError (``bad_args``)
         for an unknown topic. It is synchronous so that registering cannot
         interleave with event delivery: no event is lost between the
-        snapshot a client takes and its watch.
+        snapshot a client takes and its watch. When the request asks for
+        ``"snapshot": true`` it is called as ``watch(conn, topics,
+        snapshot=True)``: the channel then starts with the current state
+        (taken in that same synchronous step).
 
         The backend keeps the sending end and should feed it with
         ``send_nowait``: on ``trio.WouldBlock`` the watcher is too slow and the
@@ -311,7 +315,7 @@ class Backend(Protocol):
     async def call(self, conn: Connection, op: str, args: dict[str, Any]) -> Any: ...
 
     def watch(
-        self, conn: Connection, topics: Sequence[str]
+        self, conn: Connection, topics: Sequence[str], snapshot: bool = False
     ) -> trio.abc.ReceiveChannel[EventItem]: ...
 
     def connection_closed(self, conn: Connection) -> None: ...
@@ -693,7 +697,11 @@ class ApiServer:
                     f"{CONNECTION_STREAM}: it is the connection's own event stream",
                 )
             topics = parse_watch_args(request.args)
-            channel = self.backend.watch(conn, topics)
+            if parse_watch_snapshot(request.args):
+                # Only then: backends without snapshots keep working.
+                channel = self.backend.watch(conn, topics, snapshot=True)
+            else:
+                channel = self.backend.watch(conn, topics)
         except ApiError as exc:
             await conn._outgoing.send(
                 self._encode_response(Response.failure(request.id, exc.code, exc.message))

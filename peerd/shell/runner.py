@@ -52,7 +52,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,8 +90,12 @@ from peerd.api.protocol import (
     parse_update_args,
     reg_entry_to_wire,
     registry_event_to_wire,
+    snapshot_end_to_wire,
+    snapshot_entry_to_wire,
+    snapshot_member_to_wire,
     status_to_wire,
     user_event_to_wire,
+    with_topic,
 )
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
@@ -150,11 +154,13 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
+from peerd.core.node import tags_problem
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger, Pending
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
+from peerd.shell.tags import NodeTags
 from peerd.wire.messages import (
     Addr,
     Channel,
@@ -320,6 +326,37 @@ class _Watch:
             self.send.close()
             return False
         return True
+
+
+class _SnapshotThenLive(trio.abc.ReceiveChannel[EventItem]):
+    """A watch with a snapshot: the items of the cut first, then the live channel.
+
+    The cut is a list of references to immutable records (member infos,
+    registry entries) taken in the same synchronous step as the watch was
+    registered, so no event can fall between the two; the records are turned
+    into wire maps only as the client reads them. Live events queue behind
+    the snapshot in the watch's bounded channel meanwhile (a client that
+    reads the snapshot too slowly while many changes happen is dropped like
+    any slow watcher)."""
+
+    def __init__(
+        self, first: Iterator[EventItem], live: trio.MemoryReceiveChannel[EventItem]
+    ) -> None:
+        self._first: Iterator[EventItem] | None = first
+        self._live = live
+
+    async def receive(self) -> EventItem:
+        if self._first is not None:
+            item = next(self._first, None)
+            if item is not None:
+                await trio.lowlevel.checkpoint()
+                return item
+            self._first = None
+        return await self._live.receive()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._live.aclose()
 
 
 # --- keys -----------------------------------------------------------------------
@@ -535,6 +572,9 @@ class Runner:
         self._reg_conns: dict[int, Any] = {}
         self._deferred: collections.deque[Input] = collections.deque()
         self._local_brief: tuple[str, str] | None = None
+        # Configured tags and run-time changes (the agent sets it): set-tags
+        # then keeps its changes in the state directory; None: not kept.
+        self.node_tags: NodeTags | None = None
         registry = getattr(node, "registry", None)
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
@@ -777,6 +817,9 @@ class Runner:
             self._fan_out(Topic.REGISTRY.value, item)
 
     def _fan_out(self, topic: str, item: EventItem) -> None:
+        # Every watch event names its topic ("joined", "left", "updated"
+        # exist in two); one copy shared by the watchers of that topic.
+        item = with_topic(item, topic)
         keep: list[_Watch] = []
         for w in self._watches:
             if topic not in w.topics or w.offer(item):
@@ -1431,8 +1474,53 @@ class Runner:
                 f"tags take {size} bytes, more than {self.config.max_tags_bytes} "
                 "(swim.max_tags_bytes)",
             )
+        if self.node_tags is not None and self.state is not None:
+            # Saved before it applies: a change that cannot be kept is refused.
+            kept = self.node_tags.copy()
+            kept.set_effective(tags)
+            try:
+                self.state.save_tags(kept)
+            except StateError as e:
+                self.counters["state_write_errors"] += 1
+                self.logger.error("tags not persisted; not changed", error=str(e))
+                raise ApiError(ErrorCode.UNAVAILABLE, f"tags not changed: {e}") from None
+            self.node_tags = kept
         self._handle(SetTags(tags_from_mapping(tags)))
         return dict(self.node.local_member().tags)
+
+    def reconfigure_tags(self, configured: Iterable[tuple[str, str]]) -> bool:
+        """In the runner task, on reload: take the configured tags (run-time
+        changes of keys the configuration changed are dropped, see
+        :mod:`peerd.shell.tags`). True when the node's tags changed."""
+        if self.node_tags is None:
+            return False
+        tags = self.node_tags.copy()
+        dropped = tags.reconfigure(dict(configured))
+        if dropped:
+            self.logger.info("configured tags replace tags set at run time", keys=",".join(dropped))
+        if tags == self.node_tags:
+            return False
+        effective = tags.effective()
+        problem = tags_problem(self.config, tuple(sorted(effective.items())))
+        if problem is not None:
+            self.logger.warning(
+                "tags set at run time do not fit with the configured ones; dropped",
+                problem=problem,
+                keys=",".join(sorted(tags.runtime)),
+            )
+            tags.runtime.clear()
+            effective = tags.effective()
+        if self.state is not None:
+            try:
+                self.state.save_tags(tags)
+            except StateError as e:
+                self.counters["state_write_errors"] += 1
+                self.logger.error("tags not persisted", error=str(e))
+        self.node_tags = tags
+        before = dict(self.node.local_member().tags)
+        if effective != before and not self.leaving:
+            self._handle(SetTags(tags_from_mapping(effective)))
+        return effective != before
 
     async def _join(self, addrs: tuple[Addr, ...]) -> dict[str, int]:
         """One join at a time, after the start's: JoinDone carries no id, so
@@ -1473,8 +1561,17 @@ class Runner:
         await waiter.done.wait()
         return {}
 
-    def watch(self, conn: object, topics: Sequence[str]) -> trio.MemoryReceiveChannel[EventItem]:
-        """Start a watch; events are queued without waiting (see :class:`_Watch`)."""
+    def watch(
+        self, conn: object, topics: Sequence[str], snapshot: bool = False
+    ) -> trio.abc.ReceiveChannel[EventItem]:
+        """Start a watch; events are queued without waiting (see :class:`_Watch`).
+
+        With ``snapshot``, the stream starts with the current state of each
+        topic (in the order given), each topic's closed by a ``snapshot_end``
+        event. The state is read and the watch registered in this one
+        synchronous step, between two turns of the runner: one consistent
+        cut, every later change arrives as an event, none is missed or
+        reported twice."""
         unknown = [t for t in topics if t not in TOPICS]
         if unknown:
             raise ApiError(
@@ -1483,9 +1580,36 @@ class Runner:
             )
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
+        first = self._snapshot(topics) if snapshot else None
         send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
         self._watches.append(_Watch(conn, frozenset(topics), send))
-        return receive
+        return receive if first is None else _SnapshotThenLive(first, receive)
+
+    def _snapshot(self, topics: Sequence[str]) -> Iterator[EventItem]:
+        """The state of ``topics`` now, as references; converted when read."""
+        members = list(self.node.members())
+        cut: list[tuple[str, list[Any]]] = []
+        for topic in topics:
+            if topic == Topic.MEMBERS.value:
+                cut.append((topic, members))
+            elif topic == Topic.REGISTRY.value:
+                registry = getattr(self.node, "registry", None)
+                claims = list(registry.state.entries()) if registry is not None else []
+                cut.append((topic, claims))
+            else:  # events: nothing is current; only the end marker
+                cut.append((topic, []))
+        by_node = {m.node: m for m in members}
+
+        def items() -> Iterator[EventItem]:
+            for topic, records in cut:
+                for r in records:
+                    if topic == Topic.MEMBERS.value:
+                        yield snapshot_member_to_wire(r)
+                    else:
+                        yield snapshot_entry_to_wire(r.origin, r.entry, by_node.get(r.origin))
+                yield snapshot_end_to_wire(topic, len(records))
+
+        return items()
 
     def connection_closed(self, conn: object) -> None:
         keep = []

@@ -27,6 +27,10 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     send_timeout_s = 10.0
     mailbox_messages = 16384
 
+    [tags]                            # this node's tags (--tag K=V adds/overrides)
+    role = "web"
+    dc = "eu-1"
+
 Everything is checked before the daemon starts: an unknown key or a bad
 value is a :class:`SettingsError` naming the key, so a typo cannot silently
 leave a default in place.
@@ -46,6 +50,7 @@ from typing import Any
 
 from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
+from peerd.core.node import tags_problem
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits
@@ -86,6 +91,7 @@ class Settings:
     metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
+    tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
 
 
 # --- addresses ----------------------------------------------------------------
@@ -319,6 +325,7 @@ _TOP_KEYS = {
     "metrics_addr",
     "links",
     "messages",
+    "tags",
 }
 
 
@@ -394,6 +401,13 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                 if text not in LEVEL_NAMES:
                     raise ValueError(f"unknown level {text!r} (one of {_choices(LEVEL_NAMES)})")
                 return text
+            case "tags":
+                if not isinstance(value, dict):
+                    raise SettingsError(key, "expected a table ([tags]) of strings", source)
+                for k, v in value.items():
+                    if not isinstance(v, str):
+                        raise SettingsError(f"tags.{k}", f"expected a string, got {v!r}", source)
+                return dict(value)
             case "swim" | "links" | "messages":
                 if not isinstance(value, dict):
                     raise SettingsError(key, f"expected a table ([{key}])", source)
@@ -452,7 +466,27 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = Path(os.path.expanduser(value)).absolute()
     if getattr(args, "insecure", None):
         out["insecure"] = True
+    tag_flags = getattr(args, "tag", None)
+    if tag_flags:
+        tags: dict[str, str] = {}
+        for text in tag_flags:
+            key, sep, value = str(text).partition("=")
+            if not sep or not key:
+                raise SettingsError("--tag", f"expected KEY=VALUE, got {text!r}")
+            tags[key] = value
+        out["tags"] = tags
     return out
+
+
+def check_tags(tags: dict[str, str], swim: SwimConfig, source: str | None = None) -> None:
+    """The configured tags must fit the limits a node's tags have (the same
+    rule as for ``peerd tags set``)."""
+    for key in tags:
+        if not key:
+            raise SettingsError("tags", "empty tag key", source)
+    problem = tags_problem(swim, tuple(sorted(tags.items())))
+    if problem is not None:
+        raise SettingsError("tags", problem, source)
 
 
 def default_api_socket() -> Path:
@@ -479,10 +513,13 @@ def resolve(args: argparse.Namespace) -> Settings:
     if getattr(args, "config", None):
         config_file = Path(args.config)
         values.update(load_file(config_file))
+    file_tags = values.get("tags", {})
     values.update(cli_values(args))
+    values["tags"] = {**file_tags, **values.get("tags", {})}  # a --tag wins for its key
     preset = values.get("preset", DEFAULT_PRESET)
     source = str(config_file) if config_file else None
     swim = build_swim(preset, values.get("swim", {}), source)
+    check_tags(values["tags"], swim, source)
     return Settings(
         name=values.get("name") or _check_name(socket.gethostname() or "peerd"),
         bind=values.get("bind", DEFAULT_BIND),
@@ -499,6 +536,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         metrics_addr=values.get("metrics_addr"),
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
+        tags=tuple(sorted(values["tags"].items())),
     )
 
 

@@ -13,6 +13,8 @@ Layout (directory mode 0700, files 0600, all small text files)::
                     API (keys.install/use/remove); once it exists it is the
                     keyring at start and --key-file is ignored (a warning
                     says so when they differ)
+      tags          JSON: tags set at run time (``peerd tags set``), kept as
+                    changes to the configured tags (see peerd.shell.tags)
 
 Why each exists: the node id makes a restarted node the same node; the
 generation marks entries from an earlier life as stale and lets peers'
@@ -34,6 +36,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+from peerd.shell.tags import NodeTags
 from peerd.wire.messages import NODE_ID_BYTES, Addr
 
 MAX_SAVED_PEERS = 64
@@ -237,6 +240,41 @@ class StateDir:
 
     def save_keyring_text(self, text: str) -> None:
         self._write(self.keyring_path, text)
+
+    # --- tags ---------------------------------------------------------------
+
+    @property
+    def tags_path(self) -> Path:
+        return self.path / "tags"
+
+    def tags(self) -> NodeTags | None:
+        """The tags saved by the last run (None: never saved); a corrupt file
+        is an error, as for the peers."""
+        text = self._read_text(self.tags_path)
+        if text is None:
+            return None
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError
+            configured, runtime = raw.get("configured", {}), raw.get("runtime", {})
+            if not isinstance(configured, dict) or not isinstance(runtime, dict):
+                raise ValueError
+            if not all(isinstance(v, str) for v in configured.values()):
+                raise ValueError
+            if not all(v is None or isinstance(v, str) for v in runtime.values()):
+                raise ValueError
+        except ValueError as e:
+            raise StateError(
+                f"{self.tags_path} is corrupt: expected a JSON object with "
+                '"configured" and "runtime" maps; remove it (the tags set at run '
+                "time are then lost; the configured ones stay)"
+            ) from e
+        return NodeTags(dict(configured), dict(runtime))
+
+    def save_tags(self, tags: NodeTags) -> None:
+        data = {"configured": tags.configured, "runtime": tags.runtime}
+        self._write(self.tags_path, json.dumps(data, sort_keys=True) + "\n")
 
     # --- helpers ------------------------------------------------------------
 

@@ -28,6 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """A bad scenario or option: one line on stderr, or under --json the
+    CLI's JSON error on stdout; exit 2 either way."""
+    if getattr(args, "json", False):
+        from peerd.cli import error_json
+
+        print(error_json("usage", message))
+    else:
+        print(f"peerd sim: {message}", file=sys.stderr)
+    return EXIT_BAD_SCENARIO
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     from peerd.sim import report
     from peerd.sim.scenario import ScenarioError, load
@@ -37,14 +49,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
             nodes=args.nodes, seed=args.seed, duration_s=args.duration
         )
     except ScenarioError as exc:
-        print(f"peerd sim: bad scenario: {exc}", file=sys.stderr)
-        return EXIT_BAD_SCENARIO
+        return _fail(args, f"bad scenario: {exc}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("peerd sim: --plot needs matplotlib (pip install 'peerd[plot]')", file=sys.stderr)
-            return EXIT_BAD_SCENARIO
+            return _fail(args, "--plot needs matplotlib (pip install 'peerd[plot]')")
     bar = None
     if not args.json and not args.quiet:
         bar = report.ProgressBar(sys.stderr, sc.duration_s)

@@ -449,8 +449,12 @@ def api_vectors() -> dict[str, Any]:
         message_event_to_wire,
         reg_entry_to_wire,
         registry_event_to_wire,
+        snapshot_end_to_wire,
+        snapshot_entry_to_wire,
+        snapshot_member_to_wire,
         status_to_wire,
         user_event_to_wire,
+        with_topic,
     )
     from peerd.core.events import (
         EventKind,
@@ -521,6 +525,12 @@ def api_vectors() -> dict[str, Any]:
     request("keys-use", "keys.use", {"key": key}, "key-args")
     request("keys-remove", "keys.remove", {"key": key}, "key-args")
     request("watch", "watch", {"topics": ["members", "registry", "events"]}, "watch-args")
+    request(
+        "watch-snapshot",
+        "watch",
+        {"topics": ["members", "registry"], "snapshot": True},
+        "watch-args",
+    )
     request("unwatch", "unwatch", {"stream": 10}, "unwatch-args")
     request("register", "register", {"name": "db-primary"}, "register-args")
     request(
@@ -632,32 +642,45 @@ def api_vectors() -> dict[str, Any]:
     def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]], rule: str) -> None:
         add(name, Event(stream, kind_and_data[0], kind_and_data[1]), rule)
 
+    # A watch stream's events name their topic (with_topic, as the runner does).
     event(
         "member-joined",
         10,
-        member_event_to_wire(MemberEvent(EventKind.JOINED, web1)),
+        with_topic(member_event_to_wire(MemberEvent(EventKind.JOINED, web1)), "members"),
         "member-event",
     )
     event(
         "member-name-conflict",
         10,
-        member_event_to_wire(MemberEvent(EventKind.NAME_CONFLICT, db1, web1)),
+        with_topic(
+            member_event_to_wire(MemberEvent(EventKind.NAME_CONFLICT, db1, web1)), "members"
+        ),
         "member-event",
     )
     event(
         "registry-registered",
         10,
-        registry_event_to_wire(RegistryEvent(RegEventKind.REGISTERED, a, primary)),
+        with_topic(
+            registry_event_to_wire(RegistryEvent(RegEventKind.REGISTERED, a, primary)), "registry"
+        ),
         "registry-event",
     )
     event(
         "registry-conflict",
         10,
-        registry_event_to_wire(
-            RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary)), {a: web1}.get
+        with_topic(
+            registry_event_to_wire(
+                RegistryEvent(RegEventKind.CONFLICT, b, late, 3, (a, primary)), {a: web1}.get
+            ),
+            "registry",
         ),
         "registry-event",
     )
+    event("snapshot-member", 11, snapshot_member_to_wire(web1), "snapshot-member-event")
+    event("snapshot-members-end", 11, snapshot_end_to_wire("members", 1), "snapshot-end-event")
+    event("snapshot-entry", 11, snapshot_entry_to_wire(a, primary, web1), "snapshot-entry-event")
+    event("snapshot-entry-group", 11, snapshot_entry_to_wire(b, worker), "snapshot-entry-event")
+    event("snapshot-registry-end", 11, snapshot_end_to_wire("registry", 2), "snapshot-end-event")
     event(
         "connection-conflict",
         0,
@@ -667,7 +690,10 @@ def api_vectors() -> dict[str, Any]:
     event(
         "user-event",
         10,
-        ("user", user_event_to_wire(bytes(range(16)), a, "deploy", b"v1.2.3", "web-1")),
+        with_topic(
+            ("user", user_event_to_wire(bytes(range(16)), a, "deploy", b"v1.2.3", "web-1")),
+            "events",
+        ),
         "user-event",
     )
     event(

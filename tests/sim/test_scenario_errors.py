@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,19 @@ def test_cli_exit_2_with_line(tmp_path: Path) -> None:
     bad.write_text(GOOD.replace('kind = "crash"', 'kind = "explode"'))
     out = subprocess.run(
         [sys.executable, "-m", "peerd", "sim", str(bad), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2
+    # Under --json the error is JSON on stdout (as for every --json command).
+    error = json.loads(out.stdout)["error"]
+    assert error["code"] == "usage"
+    assert f"{bad}:6:" in error["message"] and "explode" in error["message"]
+    assert out.stderr == ""
+    # Without --json: the line on stderr.
+    out = subprocess.run(
+        [sys.executable, "-m", "peerd", "sim", str(bad)],
         capture_output=True,
         text=True,
         check=False,
