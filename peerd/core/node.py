@@ -116,6 +116,8 @@ from peerd.wire.messages import (
     Dead,
     Died,
     DiedRef,
+    KeyReply,
+    KeyRequest,
     Left,
     MemberState,
     Message,
@@ -1537,6 +1539,8 @@ class Node:
                 self.registry.on_message(self._live_node_at(src), msg)
             case RegSync():
                 self._drop("reg_sync_in_datagram")
+            case KeyRequest() | KeyReply():
+                self._drop("key_op_in_datagram")
 
     # --- push-pull (anti-entropy) -------------------------------------------
 
