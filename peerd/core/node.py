@@ -1846,7 +1846,18 @@ class Node:
             return
         self.counters["push_pull_failed"] += 1
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
-        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}")
+        hint = ""
+        if reason == "eof":
+            # The listener closes without a reply when it cannot open our
+            # frame (peerd/shell/tcp.py): with a daemon listening, that is
+            # almost always a key mismatch.
+            hint = (
+                " hint=the peer closed the stream without answering: most likely its keys "
+                "differ from ours and it could not open our frame (compare `peerd keys list`)"
+            )
+        elif reason.startswith("seal_"):
+            hint = " hint=we cannot open the peer's reply: its keys differ from ours"
+        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}{hint}")
         self._stream_done(ctx, ok=False)
 
     def _stream_done(self, ctx: StreamCtx, ok: bool) -> None:
