@@ -1852,11 +1852,12 @@ class Node:
             # frame (peerd/shell/tcp.py): with a daemon listening, that is
             # almost always a key mismatch.
             hint = (
-                " hint=the peer closed the stream without answering: most likely its keys "
-                "differ from ours and it could not open our frame (compare `peerd keys list`)"
+                " hint=the peer closed the stream without answering, as it does when it "
+                "cannot open our frame: most often our keys differ (compare `peerd keys "
+                "list`), else its log says why (tcp stream rejected reason=...)"
             )
         elif reason.startswith("seal_"):
-            hint = " hint=we cannot open the peer's reply: its keys differ from ours"
+            hint = " hint=we cannot open the peer's reply: our keys differ"
         self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}{hint}")
         self._stream_done(ctx, ok=False)
 

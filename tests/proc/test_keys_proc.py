@@ -244,7 +244,7 @@ def test_keys_list_shows_where_keyring_and_key_file_disagree(
     stale.write_text(old + "\n")
     late = cluster.spawn("late", key_file=stale, join=[d.addr])
     line = wait_until(lambda: _pushpull_failure(late), 15.0, "late's join to fail")
-    assert "reason=eof" in line and "keys differ" in line, line
+    assert "reason=eof" in line and "our keys differ" in line, line
     assert sorted(late.members()) == ["late"]
 
 
