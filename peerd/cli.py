@@ -679,10 +679,19 @@ def _key_command(op: str, done: str) -> Callable[[argparse.Namespace], int]:
         if args.cluster:
             extra["cluster"] = True
         result = _call(args, op, key=_read_key(args.key), **extra)
+        if args.cluster and (not isinstance(result, dict) or "nodes" not in result):
+            # An older daemon ignores the "cluster" argument it does not know.
+            print(
+                "peerd keys: the daemon ignored --cluster (an older peerd?): it acted "
+                "on this node only",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         if args.json:
             _print_json(result)
-        elif args.cluster:
-            nodes = result.get("nodes", []) if isinstance(result, dict) else []
+            return EXIT_FAILED if args.cluster and result.get("failed") else EXIT_OK
+        if args.cluster:
+            nodes = result["nodes"]
             rows = [
                 [
                     str(n.get("name", "?")),
