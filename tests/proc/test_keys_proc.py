@@ -16,7 +16,7 @@ import pytest
 
 from peerd.wire.seal import generate_key, key_id, parse_key
 
-from .harness import Cluster, Daemon, hold_for, view, wait_converged, wait_until
+from .harness import Cluster, Daemon, hold_for, view, wait_until
 
 pytestmark = pytest.mark.proc
 
