@@ -640,7 +640,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    keys = _call(args, "keys.list")
+    keys = _call(args, "keys.list", file=True)
     if args.json:
         _print_json(keys)
         return EXIT_OK

@@ -90,10 +90,10 @@ class KeyManager:
         ids = tuple(key_id(k) for k in self._keys)
         return (ids[0] if ids else b""), ids
 
-    def list(self) -> builtins.list[dict[str, Any]]:
+    def list(self, file_only: bool = False) -> builtins.list[dict[str, Any]]:
         """The installed keys, primary first; with a key file, where it differs:
-        ``in_file``/``file_primary`` on each key, and keys only in the file
-        as entries with ``installed: false``."""
+        ``in_file``/``file_primary`` on each key, and with ``file_only`` the
+        keys only in the file after them, as entries with ``installed: false``."""
         rows: list[dict[str, Any]] = [
             {"id": kid, "primary": primary, "installed": True}
             for kid, primary in self.keyring.list()
@@ -107,7 +107,7 @@ class KeyManager:
             row["file_primary"] = bool(file_ids) and row["id"] == file_ids[0]
         installed = {row["id"] for row in rows}
         for i, kid in enumerate(file_ids):
-            if kid not in installed:
+            if file_only and kid not in installed:
                 rows.append(
                     {
                         "id": kid,

@@ -82,6 +82,7 @@ from peerd.api.protocol import (
     parse_join_args,
     parse_key_args,
     parse_key_flags,
+    parse_keys_list_args,
     parse_limit_arg,
     parse_list_args,
     parse_register_args,
@@ -1022,7 +1023,7 @@ class Runner:
                 assert self.messenger is not None
                 return await self.messenger.wait(pending)
             case Op.KEYS_LIST:
-                return self._keys().list()
+                return self._keys().list(file_only=parse_keys_list_args(args))
             case Op.KEYS_INSTALL | Op.KEYS_USE | Op.KEYS_REMOVE:
                 key = parse_key_args(args)
                 force, cluster = parse_key_flags(args)

@@ -554,6 +554,7 @@ def api_vectors() -> dict[str, Any]:
     request("leave", "leave")
     request("join", "join", {"addrs": ["192.0.2.7:7950", "[2001:db8::1]:7950"]}, "join-args")
     request("keys-list", "keys.list")
+    request("keys-list-file", "keys.list", {"file": True}, "keys-list-args")
     request("keys-install", "keys.install", {"key": key}, "key-args")
     request("keys-use", "keys.use", {"key": key}, "key-args")
     request("keys-remove", "keys.remove", {"key": key}, "key-args")

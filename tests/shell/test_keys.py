@@ -72,7 +72,8 @@ def test_list_compares_with_the_key_file(tmp_path: Path) -> None:
     m = manager([K2, K1])
     m.key_file = tmp_path / "keys"
     m.key_file.write_text(format_key(K1) + "\n" + format_key(K3) + "\n")
-    rows = {r["id"]: r for r in m.list()}
+    assert key_id(K3).hex() not in {r["id"] for r in m.list()}  # installed keys only
+    rows = {r["id"]: r for r in m.list(file_only=True)}
     assert rows[key_id(K2).hex()] == {
         "id": key_id(K2).hex(),
         "primary": True,
