@@ -154,7 +154,7 @@ def _check_config(path: str, args: argparse.Namespace | None = None) -> int:
             settings = check_config(path)
         else:
             settings = resolve(argparse.Namespace(**{**vars(args), "config": path}))
-        preflight(settings, StateDir(settings.state_dir), None)
+        preflight(settings, StateDir(settings.state_dir), None, probe=True)
     except (SettingsError, _Refuse) as e:
         print(f"peerd agent: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -163,19 +163,36 @@ def _check_config(path: str, args: argparse.Namespace | None = None) -> int:
 
 
 def preflight(
-    settings: Settings, state: StateDir, logger: Logger | None, *, api_path: bool = True
+    settings: Settings,
+    state: StateDir,
+    logger: Logger | None,
+    *,
+    api_path: bool = True,
+    probe: bool = False,
 ) -> list[bytes]:
     """Every start-up refusal that the settings and the files they name decide
     (run by ``--check-config`` and by the start itself): the key file and the
     saved keyring must parse, a non-loopback bind needs a key or ``insecure``,
     the API socket path must fit a Unix socket address, and an unspecified bind
     without ``advertise`` needs a non-loopback address on this host. Returns
-    the keys to start with. What only the start can find out (an address or a
-    port in use, an unwritable state directory) is not checked here."""
+    the keys to start with. With ``probe`` (check-config: the start does it
+    for real) also the state files a start reads, and that the bind and
+    metrics hosts are addresses of this host (bound on port 0, so a running
+    daemon's own port is not in the way). What only the start can find out
+    (a port in use, an unwritable state directory) is not checked."""
     try:
         keys = _initial_keys(settings, state, logger)
+        if probe:
+            state.check()
     except StateError as e:
         raise _Refuse(str(e), EXIT_FAILURE) from e
+    if probe:
+        try:
+            open_udp_socket((settings.bind[0], 0)).close()
+            if settings.metrics_addr is not None:
+                open_metrics_socket((settings.metrics_addr[0], 0)).close()
+        except (BindError, MetricsBindError) as e:
+            raise _Refuse(str(e).replace(":0:", ":", 1), EXIT_FAILURE) from e
     _check_keys(settings, keys)
     if api_path:  # (not when systemd hands over the API socket)
         _check_api_socket(settings)

@@ -134,6 +134,17 @@ class StateDir:
 
     # --- node id ------------------------------------------------------------
 
+    def check(self) -> None:
+        """Read every file a start reads, writing nothing and taking no lock
+        (``peerd agent --check-config``): StateError for what a start would
+        refuse. A missing directory or file is fine (a start creates it)."""
+        text = self._read_text(self.path / "node_id")
+        if text is not None:
+            self._parse_node_id(text)
+        self._read_int("generation")
+        self._read_int("incarnation")
+        self.peers()
+
     def node_id(self) -> bytes:
         """The node id, created (16 random bytes) on first use."""
         path = self.path / "node_id"
@@ -142,6 +153,10 @@ class StateDir:
             node_id = secrets.token_bytes(NODE_ID_BYTES)
             self._write(path, node_id.hex() + "\n")
             return node_id
+        return self._parse_node_id(text)
+
+    def _parse_node_id(self, text: str) -> bytes:
+        path = self.path / "node_id"
         try:
             node_id = bytes.fromhex(text.strip())
         except ValueError:

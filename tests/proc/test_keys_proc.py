@@ -282,7 +282,15 @@ def test_check_config_rejects_what_the_daemon_refuses(tmp_path: Path) -> None:
         "v6-bind-without-key": base + 'bind = "[::]:0"\nadvertise = "192.0.2.1:7950"\n',
         "api-socket-too-long": f'state_dir = "{state}"\nbind = "127.0.0.1:0"\n'
         f'api_socket = "/tmp/{"x" * 120}.sock"\n',
+        # 192.0.2.0/24 (TEST-NET-1) is not an address of this host.
+        "bind-not-on-this-host": base + f'bind = "192.0.2.77:7950"\nkey_file = "{key_file}"\n',
+        "metrics-not-on-this-host": base
+        + 'bind = "127.0.0.1:0"\nmetrics_addr = "192.0.2.78:7951"\n',
+        "corrupt-node-id": f'state_dir = "{tmp_path / "bad-state"}"\napi_socket = "{sock}"\n'
+        'bind = "127.0.0.1:0"\n',
     }
+    (tmp_path / "bad-state").mkdir(mode=0o700)
+    (tmp_path / "bad-state" / "node_id").write_text("not hex\n")
     for name, text in refused.items():
         config = tmp_path / f"{name}.toml"
         config.write_text(text)
