@@ -16,7 +16,10 @@ process instead of keeping a half-dead node answering probes.
 Keys changed over the API (keys.install/use/remove) apply at once (the sealer
 and opener share the keyring) and are written to ``<state-dir>/keyring``;
 at the next start that file, when present, is the keyring and ``--key-file``
-is only used while it does not exist (like Serf's keyring file).
+is only used while it does not exist (like Serf's keyring file). With
+``cluster: true`` they act on every live member: peers' KeyRequests arrive
+as stream requests that the runner answers itself (peerd.shell.keys), so
+the core never sees them.
 
 The API ``leave`` answers once the leave had time to spread; the daemon then
 exits 0, as after SIGTERM.

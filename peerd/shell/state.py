@@ -10,7 +10,8 @@ Layout (directory mode 0700, files 0600, all small text files)::
       peers         JSON list of [host, port]: last known peers (join seeds)
       keyring       keys in the key-file format (``peerd1:...``, one a line,
                     primary first); written only when keys change over the
-                    API (keys.install/use/remove); once it exists it is the
+                    API (keys.install/use/remove, here or, with --cluster,
+                    from another node); secret; once it exists it is the
                     keyring at start and --key-file is ignored (a warning
                     says so when they differ)
 
