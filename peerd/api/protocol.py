@@ -556,6 +556,25 @@ def parse_key_args(args: Mapping[str, Any]) -> str:
     return key.strip()
 
 
+def parse_keys_list_args(args: Mapping[str, Any]) -> bool:
+    """``{? "file": bool}`` of keys.list: also list keys only the key file holds."""
+    value = args.get("file", False)
+    if type(value) is not bool:
+        raise _bad_args('"file" must be a bool')
+    return value
+
+
+def parse_key_flags(args: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(force, cluster)`` of keys.install/use/remove (both default false)."""
+    out = []
+    for name in ("force", "cluster"):
+        value = args.get(name, False)
+        if type(value) is not bool:
+            raise _bad_args(f'"{name}" must be a bool')
+        out.append(value)
+    return out[0], out[1]
+
+
 def parse_watch_args(args: Mapping[str, Any]) -> tuple[str, ...]:
     """``{"topics": [text, ...]}``, deduplicated in order. Whether a topic is
     known is the backend's call (new subsystems add topics)."""

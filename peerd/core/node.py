@@ -116,6 +116,8 @@ from peerd.wire.messages import (
     Dead,
     Died,
     DiedRef,
+    KeyReply,
+    KeyRequest,
     Left,
     MemberState,
     Message,
@@ -1537,6 +1539,8 @@ class Node:
                 self.registry.on_message(self._live_node_at(src), msg)
             case RegSync():
                 self._drop("reg_sync_in_datagram")
+            case KeyRequest() | KeyReply():
+                self._drop("key_op_in_datagram")
 
     # --- push-pull (anti-entropy) -------------------------------------------
 
@@ -1842,7 +1846,19 @@ class Node:
             return
         self.counters["push_pull_failed"] += 1
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
-        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}")
+        hint = ""
+        if reason == "eof":
+            # The listener closes without a reply when it cannot open our
+            # frame (peerd/shell/tcp.py): with a daemon listening, that is
+            # almost always a key mismatch.
+            hint = (
+                " hint=the peer closed the stream without answering, as it does when it "
+                "cannot open our frame: most often our keys differ (compare `peerd keys "
+                "list`), else its log says why (tcp stream rejected reason=...)"
+            )
+        elif reason.startswith("seal_"):
+            hint = " hint=we cannot open the peer's reply: our keys differ"
+        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}{hint}")
         self._stream_done(ctx, ok=False)
 
     def _stream_done(self, ctx: StreamCtx, ok: bool) -> None:

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import random
 import secrets
 import signal
@@ -45,10 +46,11 @@ from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.mesh.mesh import Mesh
 from peerd.core.node import Node, tags_problem
 from peerd.shell.api_server import serve_api
+from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
 from peerd.shell.metrics import MetricsBindError, TrafficCounter, open_metrics_socket, serve_http
-from peerd.shell.runner import EXIT_FAILURE, KeyManager, Runner, open_inputs, serve
+from peerd.shell.runner import EXIT_FAILURE, Runner, open_inputs, serve
 from peerd.shell.settings import Settings, SettingsError, check_config, resolve
 from peerd.shell.state import StateDir, StateError
 from peerd.shell.systemd import (
@@ -138,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``peerd agent``; returns the process exit code."""
     if getattr(args, "check_config", None):
-        return _check_config(args.check_config)
+        return _check_config(args.check_config, args)
     try:
         settings = resolve(args)
     except SettingsError as e:
@@ -153,19 +155,91 @@ def run(args: argparse.Namespace) -> int:
         return e.code
 
 
-def _check_config(path: str) -> int:
+def _check_config(path: str, args: argparse.Namespace | None = None) -> int:
+    """``--check-config FILE``: the file, with the other flags given on top
+    (as ``peerd agent --config FILE ...`` would read them), through the same
+    :func:`preflight` as a start, so what passes here does not refuse there."""
     try:
-        settings = check_config(path)
-        if settings.key_file is not None:
-            _load_key_file(settings.key_file)
-    except SettingsError as e:
-        print(f"peerd agent: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except _Refuse as e:
+        if args is None:
+            settings = check_config(path)
+        else:
+            settings = resolve(argparse.Namespace(**{**vars(args), "config": path}))
+        preflight(settings, StateDir(settings.state_dir), None, probe=True)
+    except (SettingsError, _Refuse) as e:
         print(f"peerd agent: {e}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{path}: ok")
     return 0
+
+
+def preflight(
+    settings: Settings,
+    state: StateDir,
+    logger: Logger | None,
+    *,
+    api_path: bool = True,
+    probe: bool = False,
+) -> list[bytes]:
+    """Every start-up refusal that the settings and the files they name decide
+    (run by ``--check-config`` and by the start itself): the key file and the
+    saved keyring must parse, a non-loopback bind needs a key or ``insecure``,
+    the API socket path must fit a Unix socket address, and an unspecified bind
+    without ``advertise`` needs a non-loopback address on this host. Returns
+    the keys to start with. With ``probe`` (check-config: the start does it
+    for real) also the state files a start reads, and that the bind and
+    metrics hosts are addresses of this host (bound on port 0, so a running
+    daemon's own port is not in the way). What only the start can find out
+    (a port in use, an unwritable state directory) is not checked."""
+    try:
+        keys = _initial_keys(settings, state, logger)
+        if probe:
+            state.check()
+    except StateError as e:
+        raise _Refuse(str(e), EXIT_FAILURE) from e
+    if probe:
+        try:
+            open_udp_socket((settings.bind[0], 0)).close()
+            if settings.metrics_addr is not None:
+                open_metrics_socket((settings.metrics_addr[0], 0)).close()
+        except (BindError, MetricsBindError) as e:
+            raise _Refuse(str(e).replace(":0:", ":", 1), EXIT_FAILURE) from e
+    _check_keys(settings, keys)
+    if api_path:  # (not when systemd hands over the API socket)
+        _check_api_socket(settings)
+    if settings.advertise is None:
+        family = socket.AF_INET6 if ":" in settings.bind[0] else socket.AF_INET
+        _default_advertise(settings.bind, family)
+    return keys
+
+
+# sockaddr_un.sun_path is 108 bytes on Linux, with the terminating NUL.
+MAX_UNIX_PATH_BYTES = 107
+
+
+def _check_api_socket(settings: Settings) -> None:
+    size = len(os.fsencode(settings.api_socket))
+    if size > MAX_UNIX_PATH_BYTES:
+        raise _Refuse(
+            f"api_socket {settings.api_socket} is {size} bytes long; a Unix socket path "
+            f"holds at most {MAX_UNIX_PATH_BYTES}: choose a shorter one",
+            EXIT_CONFIG,
+        )
+
+
+def _default_advertise(bound: Addr, family: socket.AddressFamily) -> Addr | None:
+    """The advertise address for a bind without ``advertise``: the bind itself,
+    or for an unspecified bind the first non-loopback address (None: use the
+    bound address)."""
+    if not ipaddress.ip_address(bound[0]).is_unspecified:
+        return None
+    picked = pick_advertise(family)
+    if picked is None:
+        raise _Refuse(
+            f"bind {format_addr(bound)} is unspecified and no "
+            "non-loopback address was found: give --advertise",
+            EXIT_CONFIG,
+        )
+    return (picked, bound[1])
 
 
 class _Refuse(Exception):
@@ -192,7 +266,7 @@ def _load_key_file(path: Path) -> list[bytes]:
         raise _Refuse(f"key file {path}: not text", EXIT_CONFIG) from e
 
 
-def _initial_keys(settings: Settings, state: StateDir, logger: Logger) -> list[bytes]:
+def _initial_keys(settings: Settings, state: StateDir, logger: Logger | None) -> list[bytes]:
     """The state keyring (written by the API) wins over --key-file once it exists."""
     file_keys = _load_key_file(settings.key_file) if settings.key_file else None
     text = state.keyring_text()
@@ -202,7 +276,7 @@ def _initial_keys(settings: Settings, state: StateDir, logger: Logger) -> list[b
         keys = load_key_file(text)
     except KeyFormatError as e:
         raise _Refuse(f"{state.keyring_path} is corrupt: {e}", EXIT_FAILURE) from e
-    if file_keys is not None and file_keys != keys:
+    if file_keys is not None and file_keys != keys and logger is not None:
         logger.warning(
             "using the keyring saved by keys.install/use/remove; --key-file differs "
             "and is ignored (remove the saved keyring to go back to the key file)",
@@ -331,9 +405,8 @@ def _start_locked(
     args: argparse.Namespace | None = None,
 ) -> int:
     bind = settings.bind
+    keys = preflight(settings, state, logger, api_path=api_sock is None)
     try:
-        keys = _initial_keys(settings, state, logger)
-        _check_keys(settings, keys)
         if not keys and not _is_loopback(bind[0]):
             logger.warning(
                 "--insecure: gossip on a non-loopback address is unauthenticated "
@@ -375,15 +448,9 @@ def _start_locked(
         raise _Refuse(str(e), EXIT_FAILURE) from e
     advertise = settings.advertise
     if advertise is None:
-        if ipaddress.ip_address(bound[0]).is_unspecified:
-            picked = pick_advertise(udp_sock.family)
-            if picked is None:
-                raise _Refuse(
-                    f"bind {format_addr(bind)} is unspecified and no "
-                    "non-loopback address was found: give --advertise",
-                    EXIT_CONFIG,
-                )
-            advertise = (picked, bound[1])
+        picked = _default_advertise(bound, udp_sock.family)
+        if picked is not None:
+            advertise = picked
             logger.info(
                 "advertising the first non-loopback address; set --advertise to choose another",
                 advertise=advertise,
@@ -493,7 +560,7 @@ async def _serve_daemon(
         if notifier.enabled
         else None
     )
-    key_manager = KeyManager(keyring, keys, state, logger)
+    key_manager = KeyManager(keyring, keys, state, logger, key_file=settings.key_file)
     runner = Runner(
         node,
         packets=udp,
@@ -647,8 +714,7 @@ class Reloader:
 
     async def _reload(self) -> None:
         new = resolve(self.args if self.args is not None else argparse.Namespace())
-        keys = _initial_keys(new, self.state, self.logger)
-        _check_keys(new, keys)
+        keys = preflight(new, self.state, self.logger, api_path=False)
         old = self.settings
         changed: list[str] = []
         if new.log_level != old.log_level:
@@ -669,6 +735,7 @@ class Reloader:
         self.settings = dataclasses.replace(
             old, log_level=new.log_level, key_file=new.key_file, tags=new.tags
         )
+        self.keys.key_file = new.key_file
         self.logger.info(
             "reloaded",
             changed=",".join(changed) or "nothing",

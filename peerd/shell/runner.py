@@ -16,7 +16,10 @@ process instead of keeping a half-dead node answering probes.
 Keys changed over the API (keys.install/use/remove) apply at once (the sealer
 and opener share the keyring) and are written to ``<state-dir>/keyring``;
 at the next start that file, when present, is the keyring and ``--key-file``
-is only used while it does not exist (like Serf's keyring file).
+is only used while it does not exist (like Serf's keyring file). With
+``cluster: true`` they act on every live member: peers' KeyRequests arrive
+as stream requests that the runner answers itself (peerd.shell.keys), so
+the core never sees them.
 
 The API ``leave`` answers once the leave had time to spread; the daemon then
 exits 0, as after SIGTERM.
@@ -81,6 +84,8 @@ from peerd.api.protocol import (
     parse_event_args,
     parse_join_args,
     parse_key_args,
+    parse_key_flags,
+    parse_keys_list_args,
     parse_limit_arg,
     parse_list_args,
     parse_register_args,
@@ -155,15 +160,21 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
 )
 from peerd.core.node import tags_problem
+from peerd.shell.keys import KeyManager as KeyManager
+from peerd.shell.keys import Target, cluster_op
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger, Pending
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
 from peerd.shell.tags import NodeTags
+from peerd.wire import codec
+from peerd.wire.codec import DecodeError
 from peerd.wire.messages import (
     Addr,
     Channel,
+    KeyOp,
+    KeyRequest,
     MeshPeer,
     Message,
     NameMsg,
@@ -173,7 +184,7 @@ from peerd.wire.messages import (
     Status,
     tags_from_mapping,
 )
-from peerd.wire.seal import KeyFormatError, Keyring, KeyringError, format_key, key_id, parse_key
+from peerd.wire.seal import key_id
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -357,109 +368,6 @@ class _SnapshotThenLive(trio.abc.ReceiveChannel[EventItem]):
     async def aclose(self) -> None:
         self._first = None
         await self._live.aclose()
-
-
-# --- keys -----------------------------------------------------------------------
-
-
-class KeyManager:
-    """The API's view of the keyring, persisted to the state directory.
-
-    The seal Keyring does not hand out its key bytes, so the manager mirrors
-    the list (primary first) to be able to write it back.
-    """
-
-    def __init__(
-        self, keyring: Keyring, keys: Iterable[bytes], state: StateDir | None, logger: Logger
-    ) -> None:
-        self.keyring = keyring
-        self._keys = list(keys)
-        self.state = state
-        self.logger = logger
-
-    def list(self) -> list[dict[str, Any]]:
-        return [{"id": kid, "primary": primary} for kid, primary in self.keyring.list()]
-
-    def _parse(self, text: str) -> bytes:
-        try:
-            return bytes(parse_key(text))
-        except KeyFormatError as e:
-            raise ApiError(ErrorCode.BAD_ARGS, str(e)) from None
-
-    def install(self, text: str) -> dict[str, Any]:
-        key = self._parse(text)
-        try:
-            added = self.keyring.install(key)
-        except KeyringError as e:
-            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
-        if added:
-            self._keys.append(key)
-            self._persist()
-            self.logger.info("key installed", key_id=key_id(key).hex())
-        return {}
-
-    def use(self, text: str) -> dict[str, Any]:
-        key = self._parse(text)
-        if key not in self._keys:
-            raise ApiError(ErrorCode.NOT_FOUND, f"key {key_id(key).hex()} is not installed")
-        try:
-            self.keyring.use(key)
-        except KeyringError as e:
-            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
-        self._keys = [key, *(k for k in self._keys if k != key)]
-        self._persist()
-        self.logger.info("primary key changed", key_id=key_id(key).hex())
-        return {}
-
-    def remove(self, text: str) -> dict[str, Any]:
-        key = self._parse(text)
-        if key not in self._keys:
-            raise ApiError(ErrorCode.NOT_FOUND, f"key {key_id(key).hex()} is not installed")
-        try:
-            self.keyring.remove(key)
-        except KeyringError as e:
-            raise ApiError(ErrorCode.CONFLICT, str(e)) from None
-        self._keys = [k for k in self._keys if k != key]
-        self._persist()
-        self.logger.info("key removed", key_id=key_id(key).hex())
-        return {}
-
-    def replace(self, keys: Sequence[bytes]) -> bool:
-        """Take ``keys`` (primary first) as the whole keyring: a reload.
-
-        Not persisted: the keys came from disk (the key file or the saved
-        keyring). Returns False when nothing changed. Raises KeyringError
-        (nothing changed then).
-        """
-        keys = list(keys)
-        if keys == self._keys:
-            return False
-        self.keyring.replace_all(keys)
-        old = self._keys
-        self._keys = keys
-        self.logger.info(
-            "keyring reloaded",
-            keys=len(keys),
-            primary=key_id(keys[0]).hex() if keys else "none (plaintext)",
-            added=",".join(key_id(k).hex() for k in keys if k not in old) or "-",
-            removed=",".join(key_id(k).hex() for k in old if k not in keys) or "-",
-        )
-        return True
-
-    def _persist(self) -> None:
-        if self.state is None:
-            return
-        text = (
-            "# peerd keyring: written by the daemon on keys.install/use/remove.\n"
-            "# The first key is the primary. This file overrides --key-file.\n"
-            + "".join(format_key(k) + "\n" for k in self._keys)
-        )
-        try:
-            self.state.save_keyring_text(text)
-        except StateError as e:
-            # The change is live; failing to persist must be loud, not fatal.
-            self.logger.error("keyring not persisted", error=str(e))
-            raise ApiError(ErrorCode.INTERNAL, f"key changed but not persisted: {e}") from None
 
 
 # --- the runner -------------------------------------------------------------------
@@ -682,6 +590,8 @@ class Runner:
             case LinkMessages(src, msgs):
                 for msg in msgs:
                     self._link_message(src, msg)
+            case StreamRequest(stream, src, data) if codec.peek_type(data) == KeyRequest.TYPE:
+                self._on_key_request(stream, src, data)
             case LinkLost(node, mesh, link):
                 if mesh:
                     if self.links is not None:
@@ -1159,15 +1069,16 @@ class Runner:
                 assert self.messenger is not None
                 return await self.messenger.wait(pending)
             case Op.KEYS_LIST:
-                return self._keys().list()
-            case Op.KEYS_INSTALL:
+                return self._keys().list(file_only=parse_keys_list_args(args))
+            case Op.KEYS_INSTALL | Op.KEYS_USE | Op.KEYS_REMOVE:
                 key = parse_key_args(args)
-                return await self.call_in_runner(lambda: self._keys().install(key))
-            case Op.KEYS_USE:
-                key = parse_key_args(args)
-                return await self.call_in_runner(lambda: self._keys().use(key))
-            case Op.KEYS_REMOVE:
-                key = parse_key_args(args)
+                force, cluster = parse_key_flags(args)
+                if cluster:
+                    return await self._keys_cluster(op, key)
+                if op == Op.KEYS_INSTALL:
+                    return await self.call_in_runner(lambda: self._keys().install(key, force))
+                if op == Op.KEYS_USE:
+                    return await self.call_in_runner(lambda: self._keys().use(key))
                 return await self.call_in_runner(lambda: self._keys().remove(key))
             case _:
                 raise ApiError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}")
@@ -1430,6 +1341,55 @@ class Runner:
                 return {"entries": entries, "more": True}
             entries.append(reg_entry_to_wire(claim.origin, claim.entry, member_of(claim.origin)))
         return {"entries": entries, "more": False}
+
+    async def _keys_cluster(self, op: str, text: str) -> dict[str, Any]:
+        """keys.install/use/remove with ``cluster``: see peerd.shell.keys.cluster_op."""
+        keys = self._keys()
+        request = getattr(self.streams, "request", None)
+        if request is None:
+            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon cannot reach its peers")
+        kop = {"keys.install": KeyOp.INSTALL, "keys.use": KeyOp.USE}.get(op, KeyOp.REMOVE)
+
+        def targets() -> tuple[bytes, Target, list[Target]]:
+            if kop is KeyOp.INSTALL:
+                key = keys.resolve(text, need_key=True)
+            else:
+                try:
+                    key = key_id(keys.resolve(text))
+                except ApiError:
+                    # remove/use of a key this node lacks: a full id still names it.
+                    if len(text) != 8:
+                        raise
+                    key = bytes.fromhex(text)
+            me = self.node.local_member()
+            peers = [
+                Target(m.node, m.name, m.addr)
+                for m in self.node.members()
+                if m.node != me.node and m.status in (Status.ALIVE, Status.SUSPECT)
+            ]
+            return key, Target(me.node, me.name, me.addr), peers
+
+        key, me, peers = await self.call_in_runner(targets)
+        return await cluster_op(
+            kop, key, keys, me, peers, request, format_addr, self.call_in_runner
+        )
+
+    def _on_key_request(self, stream: int, src: Addr, data: bytes) -> None:
+        """A peer's KeyRequest (peerd keys ... --cluster): answered here, in
+        the shell that owns the keyring; the core never sees it."""
+        try:
+            msg = codec.decode(data)
+        except DecodeError as e:
+            self.counters[f"key_request_drop_{e.reason}"] += 1
+            self.streams.reply(stream, None)
+            return
+        if self.keys is None or not isinstance(msg, KeyRequest):
+            self.counters["key_request_drop_unexpected"] += 1
+            self.streams.reply(stream, None)
+            return
+        self.counters["key_requests_in"] += 1
+        reply = self.keys.on_request(msg, format_addr(src))
+        self.streams.reply(stream, codec.encode(reply))
 
     def _keys(self) -> KeyManager:
         if self.keys is None:

@@ -10,7 +10,8 @@ Layout (directory mode 0700, files 0600, all small text files)::
       peers         JSON list of [host, port]: last known peers (join seeds)
       keyring       keys in the key-file format (``peerd1:...``, one a line,
                     primary first); written only when keys change over the
-                    API (keys.install/use/remove); once it exists it is the
+                    API (keys.install/use/remove, here or, with --cluster,
+                    from another node); secret; once it exists it is the
                     keyring at start and --key-file is ignored (a warning
                     says so when they differ)
       tags          JSON: tags set at run time (``peerd tags set``), kept as
@@ -137,6 +138,17 @@ class StateDir:
 
     # --- node id ------------------------------------------------------------
 
+    def check(self) -> None:
+        """Read every file a start reads, writing nothing and taking no lock
+        (``peerd agent --check-config``): StateError for what a start would
+        refuse. A missing directory or file is fine (a start creates it)."""
+        text = self._read_text(self.path / "node_id")
+        if text is not None:
+            self._parse_node_id(text)
+        self._read_int("generation")
+        self._read_int("incarnation")
+        self.peers()
+
     def node_id(self) -> bytes:
         """The node id, created (16 random bytes) on first use."""
         path = self.path / "node_id"
@@ -145,6 +157,10 @@ class StateDir:
             node_id = secrets.token_bytes(NODE_ID_BYTES)
             self._write(path, node_id.hex() + "\n")
             return node_id
+        return self._parse_node_id(text)
+
+    def _parse_node_id(self, text: str) -> bytes:
+        path = self.path / "node_id"
         try:
             node_id = bytes.fromhex(text.strip())
         except ValueError:

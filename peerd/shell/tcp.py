@@ -368,6 +368,25 @@ class TcpEndpoint:
             self.counters["tcp_out"] += 1
         await self._feed(result)
 
+    async def request(self, dst: Addr, data: bytes) -> bytes | str:
+        """One request/reply exchange for the shell itself (``peerd keys
+        --cluster``), on the same sealed stream transport as push-pull: the
+        reply's payload, or the failure reason."""
+        if self.active_out >= self.limits.max_outgoing:
+            self.counters["tcp_fail_busy"] += 1
+            return "busy"
+        self.active_out += 1
+        try:
+            result = await self._exchange(0, dst, data)
+        finally:
+            self.active_out -= 1
+        if isinstance(result, StreamFailed):
+            self.counters[f"tcp_fail_{result.reason}"] += 1
+            return result.reason
+        self.counters["tcp_out"] += 1
+        assert isinstance(result, StreamResponse)
+        return result.data
+
     async def _exchange(self, stream: int, dst: Addr, data: bytes) -> Input:
         body = self.sealer.seal(data)
         if len(body) > self.limits.max_frame:

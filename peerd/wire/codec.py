@@ -48,6 +48,10 @@ from peerd.wire.messages import (
     Gossip,
     GossipControl,
     IHave,
+    KeyOp,
+    KeyReply,
+    KeyRequest,
+    KeyStatus,
     Left,
     MemberState,
     MeshJoin,
@@ -98,6 +102,12 @@ MAX_WANT = 1024  # ids grafted in one gossip-control
 MAX_NAME_MSG_PAYLOAD_BYTES = 1024 * 1024  # a message to a name (the API's limit is lower)
 _REG_KINDS = frozenset(int(k) for k in RegKind)
 _NAME_STATUSES = frozenset(int(k) for k in NameStatus)
+_KEY_OPS = frozenset(int(k) for k in KeyOp)
+_KEY_STATUSES = frozenset(int(k) for k in KeyStatus)
+KEY_BYTES = 32
+KEY_ID_BYTES = 4
+MAX_KEY_IDS = 64  # a keyring is a handful of keys during a rotation
+MAX_KEY_MESSAGE_BYTES = 512
 #: Deepest container nesting accepted on input. The deepest path we produce is
 #: datagram > push-pull > members > member > addr/tags (5); the rest is room
 #: for message types added later.
@@ -471,6 +481,28 @@ def to_cbor_obj(msg: Message) -> list[Any]:
             if type(status) is not NameStatus:
                 _bad_out(f"name-reply status must be a NameStatus, got {status!r}")
             return [NameReply.TYPE, _uint_out(seq, "seq"), int(status)]
+        case KeyRequest(op, key):
+            if type(op) is not KeyOp:
+                _bad_out(f"key-request op must be a KeyOp, got {op!r}")
+            if type(key) is not bytes or len(key) != _key_len(op):
+                _bad_out(f"key-request {op.name.lower()} needs {_key_len(op)} key bytes")
+            return [KeyRequest.TYPE, int(op), key]
+        case KeyReply(status, primary, keys, message):
+            if type(status) is not KeyStatus:
+                _bad_out(f"key-reply status must be a KeyStatus, got {status!r}")
+            if type(primary) is not bytes or len(primary) not in (0, KEY_ID_BYTES):
+                _bad_out("key-reply primary must be empty or a key id")
+            if len(keys) > MAX_KEY_IDS or any(
+                type(k) is not bytes or len(k) != KEY_ID_BYTES for k in keys
+            ):
+                _bad_out(f"key-reply keys must be at most {MAX_KEY_IDS} key ids")
+            return [
+                KeyReply.TYPE,
+                int(status),
+                primary,
+                list(keys),
+                _text_out(message, "message", MAX_KEY_MESSAGE_BYTES),
+            ]
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -913,6 +945,40 @@ def _name_reply_in(obj: list[Any]) -> Message:
     return NameReply(_uint(seq, "seq"), NameStatus(status))
 
 
+def _key_len(op: KeyOp) -> int:
+    return {KeyOp.QUERY: 0, KeyOp.INSTALL: KEY_BYTES}.get(op, KEY_ID_BYTES)
+
+
+def _key_request_in(obj: list[Any]) -> Message:
+    op, key = _fields(obj, 2, "key-request")
+    if type(op) is not int or op not in _KEY_OPS:
+        _bad("key-request op must be 0..3")
+    kop = KeyOp(op)
+    if type(key) is not bytes or len(key) != _key_len(kop):
+        _bad(f"key-request {kop.name.lower()} needs {_key_len(kop)} key bytes")
+    return KeyRequest(kop, key)
+
+
+def _key_reply_in(obj: list[Any]) -> Message:
+    status, primary, keys, message = _fields(obj, 4, "key-reply")
+    if type(status) is not int or status not in _KEY_STATUSES:
+        _bad("key-reply status must be 0..4")
+    if type(primary) is not bytes or len(primary) not in (0, KEY_ID_BYTES):
+        _bad("key-reply primary must be empty or a 4-byte key id")
+    keys = _array(keys, "keys")
+    if len(keys) > MAX_KEY_IDS:
+        _bad(f"more than {MAX_KEY_IDS} key ids")
+    for k in keys:
+        if type(k) is not bytes or len(k) != KEY_ID_BYTES:
+            _bad("a key id is 4 bytes")
+    return KeyReply(
+        KeyStatus(status),
+        primary,
+        tuple(keys),
+        _text(message, "message", MAX_KEY_MESSAGE_BYTES),
+    )
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     Ping.TYPE: _ping_in,
     PingReq.TYPE: _ping_req_in,
@@ -942,6 +1008,8 @@ _DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     GossipControl.TYPE: _gossip_control_in,
     NameMsg.TYPE: _name_msg_in,
     NameReply.TYPE: _name_reply_in,
+    KeyRequest.TYPE: _key_request_in,
+    KeyReply.TYPE: _key_reply_in,
 }
 assert _DECODERS.keys() == MESSAGE_TYPES.keys(), "every message type needs a decoder"
 
@@ -1015,6 +1083,16 @@ def _loads(data: bytes) -> Any:
     if fp.tell() != len(data):
         raise DecodeError("bad_cbor", "trailing bytes after the top-level item")
     return obj
+
+
+def peek_type(data: bytes) -> int | None:
+    """The type number of an encoded message, read from its first bytes
+    without decoding it (None when they are not an array of fewer than 24
+    items starting with a type below 24): lets a transport route a frame
+    before paying for the decoding."""
+    if len(data) >= 2 and 0x81 <= data[0] <= 0x97 and data[1] < 24:
+        return data[1]
+    return None
 
 
 def decode(data: bytes) -> Message:

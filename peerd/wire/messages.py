@@ -464,6 +464,51 @@ class NameReply:
     status: NameStatus
 
 
+# --- keyring operations across the cluster (types 15-16) ----------------------
+# ``peerd keys ... --cluster``: one KeyRequest per stream (the push-pull
+# transport: one sealed request frame, one sealed reply frame), answered by
+# one KeyReply. Keys travel only sealed (a plaintext node refuses install).
+
+
+class KeyOp(enum.IntEnum):
+    QUERY = 0  # change nothing; answer with the keyring
+    INSTALL = 1  # key: the 32-byte key
+    USE = 2  # key: the 4-byte key id of an installed key
+    REMOVE = 3  # key: the 4-byte key id
+
+
+class KeyStatus(enum.IntEnum):
+    """Outcome of one KeyRequest at the receiving daemon."""
+
+    OK = 0  # done (or nothing to do: already so)
+    NOT_INSTALLED = 1  # use of a key this node does not have
+    PRIMARY = 2  # remove of this node's primary key
+    PLAINTEXT = 3  # install on a node without keys: refused (it would cut it off)
+    FAILED = 4  # anything else (message says what)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRequest:
+    """Ask a daemon to report or change its keyring. ``key``: empty for
+    QUERY, the key (32 bytes) for INSTALL, its key id (4 bytes) otherwise."""
+
+    TYPE: ClassVar[int] = 15
+    op: KeyOp
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReply:
+    """The answer to a KeyRequest: the outcome and the keyring afterwards
+    (key ids; ``primary`` empty: the node runs without keys)."""
+
+    TYPE: ClassVar[int] = 16
+    status: KeyStatus
+    primary: bytes
+    keys: tuple[bytes, ...]
+    message: str
+
+
 Message = (
     Ping
     | PingReq
@@ -493,6 +538,8 @@ Message = (
     | GossipControl
     | NameMsg
     | NameReply
+    | KeyRequest
+    | KeyReply
 )
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
@@ -526,6 +573,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         GossipControl,
         NameMsg,
         NameReply,
+        KeyRequest,
+        KeyReply,
     )
 }
 

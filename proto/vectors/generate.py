@@ -51,6 +51,8 @@ KIND = {
     38: "gossip-control",
     39: "name-msg",
     40: "name-reply",
+    15: "key-request",
+    16: "key-reply",
 }
 
 
@@ -58,9 +60,17 @@ def describe(value: Any) -> Any:
     """A JSON description of a message (or of one of its field values)."""
     from dataclasses import fields, is_dataclass
 
-    from peerd.wire.messages import Channel, NameStatus, RegKind, Status, TreeLink
+    from peerd.wire.messages import (
+        Channel,
+        KeyOp,
+        KeyStatus,
+        NameStatus,
+        RegKind,
+        Status,
+        TreeLink,
+    )
 
-    if isinstance(value, RegKind | Channel | TreeLink | NameStatus):
+    if isinstance(value, RegKind | Channel | TreeLink | NameStatus | KeyOp | KeyStatus):
         return value.name.lower()
     if is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
@@ -99,6 +109,10 @@ def message_vectors() -> dict[str, Any]:
         Gossip,
         GossipControl,
         IHave,
+        KeyOp,
+        KeyReply,
+        KeyRequest,
+        KeyStatus,
         Left,
         MemberState,
         MeshJoin,
@@ -228,6 +242,29 @@ def message_vectors() -> dict[str, Any]:
         ("name-reply-not-found", NameReply(8, NameStatus.NOT_FOUND)),
         ("name-reply-mailbox-full", NameReply(9, NameStatus.MAILBOX_FULL)),
         ("name-reply-refused", NameReply(10, NameStatus.REFUSED)),
+        ("key-request-query", KeyRequest(KeyOp.QUERY, b"")),
+        ("key-request-install", KeyRequest(KeyOp.INSTALL, bytes(range(32)))),
+        ("key-request-use", KeyRequest(KeyOp.USE, bytes.fromhex("1a2b3c4d"))),
+        ("key-request-remove", KeyRequest(KeyOp.REMOVE, bytes.fromhex("0badf00d"))),
+        (
+            "key-reply-ok",
+            KeyReply(
+                KeyStatus.OK,
+                bytes.fromhex("1a2b3c4d"),
+                (bytes.fromhex("1a2b3c4d"), bytes.fromhex("0badf00d")),
+                "",
+            ),
+        ),
+        (
+            "key-reply-not-installed",
+            KeyReply(
+                KeyStatus.NOT_INSTALLED,
+                bytes.fromhex("0badf00d"),
+                (bytes.fromhex("0badf00d"),),
+                "no installed key has an id starting with '1a2b3c4d'",
+            ),
+        ),
+        ("key-reply-plaintext", KeyReply(KeyStatus.PLAINTEXT, b"", (), "no keys")),
     ]
     messages = [
         {"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
@@ -521,9 +558,13 @@ def api_vectors() -> dict[str, Any]:
     request("leave", "leave")
     request("join", "join", {"addrs": ["192.0.2.7:7950", "[2001:db8::1]:7950"]}, "join-args")
     request("keys-list", "keys.list")
+    request("keys-list-file", "keys.list", {"file": True}, "keys-list-args")
     request("keys-install", "keys.install", {"key": key}, "key-args")
     request("keys-use", "keys.use", {"key": key}, "key-args")
     request("keys-remove", "keys.remove", {"key": key}, "key-args")
+    request("keys-install-force", "keys.install", {"key": key, "force": True}, "key-args")
+    request("keys-use-id-cluster", "keys.use", {"key": "1a2b3c4d", "cluster": True}, "key-args")
+    request("keys-remove-prefix", "keys.remove", {"key": "1a2b"}, "key-args")
     request("watch", "watch", {"topics": ["members", "registry", "events"]}, "watch-args")
     request(
         "watch-snapshot",
@@ -595,8 +636,62 @@ def api_vectors() -> dict[str, Any]:
     ok("join-result", {"ok": 1, "failed": 1}, "join-result")
     ok(
         "keys-list-result",
-        [{"id": seal.key_id(bytes(range(32))).hex(), "primary": True}],
+        [{"id": seal.key_id(bytes(range(32))).hex(), "primary": True, "installed": True}],
         "keys-list-result",
+    )
+    ok(
+        "keys-list-result-key-file-differs",
+        [
+            {
+                "id": "1a2b3c4d",
+                "primary": True,
+                "installed": True,
+                "in_file": False,
+                "file_primary": False,
+            },
+            {
+                "id": "0badf00d",
+                "primary": False,
+                "installed": True,
+                "in_file": True,
+                "file_primary": True,
+            },
+            {
+                "id": "5eed5eed",
+                "primary": False,
+                "installed": False,
+                "in_file": True,
+                "file_primary": False,
+            },
+        ],
+        "keys-list-result",
+    )
+    ok(
+        "keys-cluster-result",
+        {
+            "nodes": [
+                {
+                    "name": "web-1",
+                    "id": "00" * 16,
+                    "addr": "192.0.2.1:7950",
+                    "ok": True,
+                    "status": "ok",
+                    "primary": "1a2b3c4d",
+                    "keys": ["1a2b3c4d", "0badf00d"],
+                },
+                {
+                    "name": "db-1",
+                    "id": "11" * 16,
+                    "addr": "192.0.2.2:7950",
+                    "ok": False,
+                    "status": "unreachable",
+                    "message": "connect_timeout",
+                },
+            ],
+            "ok": 1,
+            "failed": 1,
+        },
+        "key-cluster-result",
     )
     ok("register-result", reg_entry_to_wire(a, primary, web1), "register-result")
     ok(

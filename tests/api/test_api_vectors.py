@@ -25,9 +25,10 @@ VECTORS = json.loads(
 ARGS_PARSERS: dict[str, Callable[[Mapping[str, Any]], object]] = {
     "set-tags": p.parse_set_tags_args,
     "join": lambda a: p.parse_join_args(a, default_port=7950),
-    "keys.install": p.parse_key_args,
-    "keys.use": p.parse_key_args,
-    "keys.remove": p.parse_key_args,
+    "keys.list": p.parse_keys_list_args,
+    "keys.install": lambda a: (p.parse_key_args(a), p.parse_key_flags(a)),
+    "keys.use": lambda a: (p.parse_key_args(a), p.parse_key_flags(a)),
+    "keys.remove": lambda a: (p.parse_key_args(a), p.parse_key_flags(a)),
     "watch": p.parse_watch_args,
     "unwatch": p.parse_unwatch_args,
     "register": p.parse_register_args,

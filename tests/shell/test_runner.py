@@ -38,8 +38,9 @@ from peerd.core.events import (
     TimerKind,
     WatchLinks,
 )
+from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
-from peerd.shell.runner import EXIT_BUG, EXIT_FAILURE, EXIT_OK, KeyManager, Runner, serve
+from peerd.shell.runner import EXIT_BUG, EXIT_FAILURE, EXIT_OK, Runner, serve
 from peerd.shell.state import StateDir
 from peerd.wire.messages import Status
 from peerd.wire.seal import Keyring, format_key, key_id, load_key_file
@@ -457,7 +458,7 @@ async def test_keys_ops_persist_to_the_state_dir(tmp_path: Path) -> None:
 
         async def go() -> None:
             assert await runner.call(None, "keys.list", {}) == [
-                {"id": key_id(KEY1).hex(), "primary": True}
+                {"id": key_id(KEY1).hex(), "primary": True, "installed": True}
             ]
             await runner.call(None, "keys.install", {"key": format_key(KEY2)})
             await runner.call(None, "keys.use", {"key": format_key(KEY2)})

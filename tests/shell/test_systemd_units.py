@@ -113,7 +113,10 @@ def test_service_has_what_the_daemon_relies_on() -> None:
     assert one["Restart"] == "on-failure"
     assert one["RestartPreventExitStatus"] == str(EXIT_CONFIG)  # bad config: don't loop
     assert svc["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
-    assert svc["ExecReload"][0] == f"{INSTALLED_PEERD} agent --check-config /etc/peerd/peerd.toml"
+    assert svc["ExecReload"][0] == (
+        f"{INSTALLED_PEERD} agent --check-config /etc/peerd/peerd.toml"
+        " --state-dir /var/lib/peerd --api-socket /run/peerd/peerd.sock"
+    )
     start = one["ExecStart"].split()
     assert start[:2] == [INSTALLED_PEERD, "agent"]
     flags = dict(zip(start[2::2], start[3::2], strict=True))

@@ -20,6 +20,10 @@ from peerd.wire.messages import (
     Gossip,
     GossipControl,
     IHave,
+    KeyOp,
+    KeyReply,
+    KeyRequest,
+    KeyStatus,
     Left,
     MemberState,
     MeshJoin,
@@ -165,6 +169,19 @@ name_msgs = st.builds(
     st.binary(max_size=64),
 )
 name_replies = st.builds(NameReply, u64, st.sampled_from(NameStatus))
+key_ids = st.binary(min_size=4, max_size=4)
+key_requests = st.one_of(
+    st.just(KeyRequest(KeyOp.QUERY, b"")),
+    st.builds(KeyRequest, st.just(KeyOp.INSTALL), st.binary(min_size=32, max_size=32)),
+    st.builds(KeyRequest, st.sampled_from([KeyOp.USE, KeyOp.REMOVE]), key_ids),
+)
+key_replies = st.builds(
+    KeyReply,
+    st.sampled_from(KeyStatus),
+    st.one_of(st.just(b""), key_ids),
+    st.lists(key_ids, max_size=5).map(tuple),
+    _utf8_at_most(codec.MAX_KEY_MESSAGE_BYTES),
+)
 
 BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     Ping.TYPE: pings,
@@ -195,5 +212,7 @@ BY_TYPE: dict[int, st.SearchStrategy[Message]] = {
     GossipControl.TYPE: gossip_controls,
     NameMsg.TYPE: name_msgs,
     NameReply.TYPE: name_replies,
+    KeyRequest.TYPE: key_requests,
+    KeyReply.TYPE: key_replies,
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())

@@ -28,6 +28,10 @@ from peerd.wire.messages import (
     Gossip,
     GossipControl,
     IHave,
+    KeyOp,
+    KeyReply,
+    KeyRequest,
+    KeyStatus,
     Left,
     MemberState,
     MeshJoin,
@@ -213,6 +217,15 @@ def message_from_json(d: dict[str, Any]) -> Message:
             )
         case "name-reply":
             return NameReply(d["seq"], NameStatus[d["status"].upper()])
+        case "key-request":
+            return KeyRequest(KeyOp[d["op"].upper()], h(d["key"]))
+        case "key-reply":
+            return KeyReply(
+                KeyStatus[d["status"].upper().replace("-", "_")],
+                h(d["primary"]),
+                tuple(h(k) for k in d["keys"]),
+                d["message"],
+            )
     raise AssertionError(f"unknown type label {d['type']!r}")
 
 
