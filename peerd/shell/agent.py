@@ -242,6 +242,29 @@ def _default_advertise(bound: Addr, family: socket.AddressFamily) -> Addr | None
     return (picked, bound[1])
 
 
+EPHEMERAL_BIND_ATTEMPTS = 32
+
+
+def bind_endpoints(bind: Addr) -> tuple[socket.socket, socket.socket]:
+    """The UDP socket and the TCP listener, on one host:port.
+
+    With port 0 the kernel picks the UDP port, and that port may be taken for
+    TCP (by any connection whose ephemeral local port it is, common on a busy
+    loopback): then another port is tried, up to EPHEMERAL_BIND_ATTEMPTS
+    times, instead of refusing to start. A port given by the user is tried
+    once. Raises BindError."""
+    attempts = EPHEMERAL_BIND_ATTEMPTS if bind[1] == 0 else 1
+    for attempt in range(1, attempts + 1):
+        udp_sock = open_udp_socket(bind)
+        try:
+            return udp_sock, open_tcp_listener((bind[0], udp_sock.getsockname()[1]))
+        except BindError as e:
+            udp_sock.close()
+            if not e.in_use or attempt == attempts:
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 class _Refuse(Exception):
     """Startup cannot go on; ``code`` is the exit code."""
 
@@ -418,15 +441,10 @@ def _start_locked(
     except StateError as e:
         raise _Refuse(str(e), EXIT_FAILURE) from e
     try:
-        udp_sock = open_udp_socket(bind)
+        udp_sock, tcp_sock = bind_endpoints(bind)
     except BindError as e:
         raise _Refuse(str(e), EXIT_FAILURE) from e
     bound: Addr = (bind[0], udp_sock.getsockname()[1])
-    try:
-        tcp_sock = open_tcp_listener(bound)
-    except BindError as e:
-        udp_sock.close()
-        raise _Refuse(str(e), EXIT_FAILURE) from e
     metrics_sock: socket.socket | None = None
     if settings.metrics_addr is not None:
         try:

@@ -145,7 +145,7 @@ def open_tcp_listener(addr: Addr) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        raise BindError(bind_error_message("TCP", addr, e)) from e
+        raise BindError(bind_error_message("TCP", addr, e), e.errno == errno.EADDRINUSE) from e
     return sock
 
 

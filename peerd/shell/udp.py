@@ -55,7 +55,12 @@ class Opener(Protocol):
 
 
 class BindError(Exception):
-    """Binding failed (address in use, not local, permission): fatal at start."""
+    """Binding failed (address in use, not local, permission): fatal at start.
+    ``in_use``: the port was taken (EADDRINUSE)."""
+
+    def __init__(self, message: str, in_use: bool = False) -> None:
+        super().__init__(message)
+        self.in_use = in_use
 
 
 def address_family(host: str) -> socket.AddressFamily:
@@ -123,7 +128,7 @@ def open_udp_socket(addr: Addr) -> socket.socket:
         enable_recverr(sock)
     except OSError as e:
         sock.close()
-        raise BindError(bind_error_message("UDP", addr, e)) from e
+        raise BindError(bind_error_message("UDP", addr, e), e.errno == errno.EADDRINUSE) from e
     return sock
 
 

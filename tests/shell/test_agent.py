@@ -72,6 +72,49 @@ def test_bad_key_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
     assert "key file" in capfd.readouterr().err
 
 
+def test_port_0_tries_another_port_when_tcp_has_the_one_udp_got(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel's UDP port may be some loopback connection's TCP port: that
+    # used to stop the daemon at start ("address already in use").
+    taken: list[int] = []
+    real = agent.open_tcp_listener
+
+    def busy_twice(addr: tuple[str, int]) -> socket.socket:
+        if len(taken) < 2:
+            taken.append(addr[1])
+            holder = socket.socket()  # really take the TCP port, then try it
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(addr)
+            holder.listen(1)
+            try:
+                return real(addr)
+            finally:
+                holder.close()
+        return real(addr)
+
+    monkeypatch.setattr(agent, "open_tcp_listener", busy_twice)
+    udp, tcp = agent.bind_endpoints(("127.0.0.1", 0))
+    try:
+        port = udp.getsockname()[1]
+        assert tcp.getsockname()[1] == port and port not in taken and len(taken) == 2
+    finally:
+        udp.close()
+        tcp.close()
+
+
+def test_a_given_port_taken_for_tcp_is_refused_at_once() -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        with pytest.raises(agent.BindError, match="TCP .*address already in use") as err:
+            agent.bind_endpoints(("127.0.0.1", holder.getsockname()[1]))
+        assert err.value.in_use
+    finally:
+        holder.close()
+
+
 # --- one real daemon ----------------------------------------------------------------
 
 
