@@ -228,6 +228,17 @@ def message_vectors() -> dict[str, Any]:
         ("name-reply-not-found", NameReply(8, NameStatus.NOT_FOUND)),
         ("name-reply-mailbox-full", NameReply(9, NameStatus.MAILBOX_FULL)),
         ("name-reply-refused", NameReply(10, NameStatus.REFUSED)),
+        ("name-reply-no-receiver", NameReply(11, NameStatus.NO_RECEIVER)),
+        (
+            "name-msg-with-origin",
+            NameMsg(
+                12, RegKind.NAME, "default", "db", 4, "caller-7", b"ping", 3, 41, "default", 9, 2, 0
+            ),
+        ),
+        (
+            "name-msg-reply",
+            NameMsg(13, RegKind.NAME, "", "", 0, "db", b"pong", 2, 17, "default", 4, 3, 41),
+        ),
     ]
     messages = [
         {"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
@@ -315,6 +326,7 @@ def message_vectors() -> dict[str, Any]:
             "bad_field",
         ),
         ("gossip-control-unknown-link", "84 1826 80 80 03", "bad_field"),
+        ("name-reply-unknown-status", "83 1828 0b 05", "bad_field"),
         ("mesh-join-missing-peer", "81 181e", "bad_arity"),
     ]
     invalid_out = []
