@@ -906,7 +906,9 @@ def _name_msg_in(obj: list[Any]) -> Message:
     if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
         _bad(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
     extra: tuple[int, int, str, int, int, int] = (0, 0, "", 0, 0, 0)
-    if len(obj) >= 14:  # [type, 7 fields, from_gen, from_conn, from_scope, from_eid, to_gen, to_conn]
+    if (
+        len(obj) >= 14
+    ):  # [type, 7 fields, from_gen, from_conn, from_scope, from_eid, to_gen, to_conn]
         fg, fc, fs, fe, tg, tc = obj[8:14]
         extra = (
             _uint(fg, "from_gen"),

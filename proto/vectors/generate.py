@@ -453,6 +453,7 @@ def api_vectors() -> dict[str, Any]:
     what the daemon sends."""
     from peerd.api.protocol import (
         Event,
+        ReplyTo,
         Request,
         Response,
         encode_frame,
@@ -556,6 +557,12 @@ def api_vectors() -> dict[str, Any]:
     request(
         "update-group", "update", {"group": "workers", "scope": "jobs", "meta": {}}, "update-args"
     )
+    request(
+        "register-no-messages",
+        "register",
+        {"name": "job-1", "messages": False, "wait": "settled"},
+        "register-args",
+    )
     request("lookup", "lookup", {"name": "db-primary"}, "lookup-args")
     request(
         "list",
@@ -584,6 +591,12 @@ def api_vectors() -> dict[str, Any]:
         "send-group-all",
         "send",
         {"group": "workers", "scope": "jobs", "all": True, "payload": b"\x00\x01"},
+        "send-args",
+    )
+    request(
+        "send-reply",
+        "send",
+        {"reply_to": ReplyTo(b, 3, 41).token(), "payload": b"pong"},
         "send-args",
     )
 
@@ -639,6 +652,13 @@ def api_vectors() -> dict[str, Any]:
         "server-frame",
     )
     add("bad-frame", Response.failure(None, "bad_frame", "not CBOR"), "server-frame")
+    add(
+        "error-no-receiver",
+        Response.failure(
+            len(out) + 1, "no_receiver", "default/job-1 is held by a process that takes no messages"
+        ),
+        "server-frame",
+    )
 
     # Events, as the daemon fans them out.
     def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]], rule: str) -> None:
@@ -687,7 +707,27 @@ def api_vectors() -> dict[str, Any]:
         0,
         (
             "message",
-            message_event_to_wire("caller-1", b, RegKind.NAME, "default", "db-primary", b"hello"),
+            message_event_to_wire(
+                "caller-1",
+                b,
+                RegKind.NAME,
+                "default",
+                "db-primary",
+                b"hello",
+                from_scope="default",
+                reply_to=ReplyTo(b, 3, 41).token(),
+            ),
+        ),
+        "message-event",
+    )
+    event(
+        "message-reply",
+        0,
+        (
+            "message",
+            message_event_to_wire(
+                "db-primary", a, None, "", "", b"pong", reply_to=ReplyTo(a, 7, 2).token()
+            ),
         ),
         "message-event",
     )
