@@ -406,8 +406,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    if (args.reply_to is None) == (args.name is None):
+        _usage("give NAME, or --reply-to TOKEN, and PAYLOAD")
     with _connect(args) as client:
-        if args.group:
+        if args.reply_to is not None:
+            if args.group or args.all:
+                raise CliError("--reply-to takes no --group or --all", EXIT_USAGE)
+            result = client.send(payload=args.payload.encode("utf-8"), reply_to=args.reply_to)
+        elif args.group:
             result = client.send(
                 group=args.name,
                 payload=args.payload.encode("utf-8"),
@@ -868,10 +874,17 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "receiving process gets it as a `message` event on its API connection. Exit 0 "
         "once the owner's daemon queued it; 1 with the reason if nobody holds NAME, the "
         "owner vanished, its mailbox is full or its daemon could not be reached (a "
-        "message is never delivered twice).",
+        "message is never delivered twice), or its holder takes no messages "
+        "(no_receiver: a name held by peerd exec). With --reply-to TOKEN (and no NAME), "
+        "answer the connection that sent a message (its event's reply_to).",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("payload", metavar="PAYLOAD")
+    p.add_argument(
+        "--reply-to",
+        metavar="TOKEN",
+        help="answer the connection that sent a message: the reply_to of its event",
+    )
     p.add_argument("--group", action="store_true", help="NAME is a process group")
     p.add_argument("--all", action="store_true", help="with --group: every member")
     p.add_argument("--scope", default="default", help="the scope (default: default)")

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from peerd.api.client import BlockingClient
+from peerd.api.protocol import ApiError
 
 from .harness import Cluster, wait_until
 
@@ -141,3 +142,60 @@ def test_every_reply_finds_a_caller_that_just_registered(cluster: Cluster) -> No
     assert service.served == TRIALS
     assert len(by_token) == TRIALS * ("reply_to" in HOWS)
     assert len(by_name) == TRIALS * ("from" in HOWS)
+
+
+def test_reply_to_reaches_that_connection_only_and_the_cli_uses_it(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    a, b, _ = cluster.start_cluster(["ta", "tb", "tc"])
+    with (
+        BlockingClient(a.sock, timeout=10) as svc,
+        BlockingClient(b.sock, timeout=10) as asker,
+    ):
+        svc.register("echo")
+        wait_until(lambda: asker.lookup("echo"), 10.0, "echo visible at tb")
+        # The asker holds no name: only reply_to can answer it.
+        assert asker.send("echo", b"q1") == {"delivered": 1}
+        msg = svc.receive_message(10)
+        assert msg is not None and msg.data["from"] is None
+        token = msg.data["reply_to"]
+        cli = subprocess.run(
+            [sys.executable, "-m", "peerd", "send", "--api-socket", str(a.sock)]
+            + ["--reply-to", token, "pong"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert cli.returncode == 0 and cli.stdout.strip() == "delivered to 1", cli.stderr
+        reply = asker.receive_message(10)
+        assert reply is not None and reply.data["kind"] == "reply"
+        assert (reply.data["payload"], reply.data["from"]) == (b"pong", None)
+        # Another connection of the same process and daemon gets nothing.
+        with BlockingClient(b.sock, timeout=10) as other:
+            assert other.send("echo", b"q2") == {"delivered": 1}
+            msg2 = svc.receive_message(10)
+            assert msg2 is not None and msg2.data["reply_to"] != token
+        # That connection closed: its token answers not_found, never another.
+        with pytest.raises(ApiError) as e:
+            svc.reply(msg2, b"late")
+        assert e.value.code == "not_found" and "gone" in e.value.message
+        assert svc.reply(msg, b"still here") == {"delivered": 1}
+        assert asker.receive_message(10) is not None
+    # A daemon life that ended: the restarted tb (new generation) refuses the token.
+    b.terminate()
+    b.wait_exit(20)
+    cluster.start(b, join=[a.addr])
+    b.wait_ready()
+    with BlockingClient(a.sock, timeout=10) as svc2:
+        wait_until(
+            lambda: any(
+                m["name"] == "tb" and m["status"] == "alive" and m["generation"] == 2
+                for m in svc2.call("members")
+            ),
+            15.0,
+            "tb's second life known at ta",
+        )
+        with pytest.raises(ApiError) as e:
+            svc2.send(payload=b"x", reply_to=token)
+        assert e.value.code == "not_found"
