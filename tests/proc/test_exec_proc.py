@@ -2,10 +2,14 @@
 
 - Names held by ``peerd exec`` take no messages: a send gets ``no_receiver``
   (through the API and the CLI), never ``delivered``.
-- 50 trials, each two ``peerd exec --name leader-N`` started at the same
-  instant on two nodes (the launchers import the CLI first, then both are
-  released by one write): never do both commands run on past the conflict
-  window. Each trial records when each command started and when the loser
+- 50 trials, each two ``peerd exec --name leader-N`` claiming at the same
+  instant on two nodes: never do both commands run on past the conflict
+  window. The claims are made truly concurrent: both daemons are frozen
+  (SIGSTOP) while both execs connect and send their ``register``, then
+  resumed together, so each daemon takes its local claim before the other
+  claim can reach it (without this, loopback is so fast that the second
+  exec nearly always sees the first claim and is refused at once). Each
+  trial records when each command started and when the loser
   was stopped; the figures (trials where the settle wait kept the second
   command from starting at all, and the overlap where it did not) are
   printed and recorded in README with the command.
@@ -30,7 +34,7 @@ from .harness import Cluster, Daemon, wait_until
 pytestmark = pytest.mark.proc
 
 TRIALS = int(os.environ.get("PEERD_EXEC_TRIALS", "50"))
-BATCH = 10  # trials run at once (20 launchers)
+BATCH = int(os.environ.get("PEERD_EXEC_BATCH", "1"))  # trials per freeze
 EXIT_S = 20.0  # a loser exits within this (settle timeout 5 s, plus a loaded box)
 # Overlap allowed between two commands: the settle wait's bound (5 s). The
 # measured figure is far below; see README "peerd exec".
@@ -46,16 +50,14 @@ sys.stdin.readline()
 sys.exit(cli.main(sys.argv[1:]))
 """
 
-# The command: notes when it started and when it was told to stop.
+# The command (sh, which starts in about a millisecond): notes when it
+# started and when it was told to stop (SIGTERM: the trap), and otherwise
+# waits (bounded).
 COMMAND = """
-import os, signal, sys, time
-log = open(sys.argv[1], "a", buffering=1)
-def stop(*_):
-    log.write(f"stop {time.time()}\\n")
-    os._exit(0)
-signal.signal(signal.SIGTERM, stop)
-log.write(f"start {time.time()}\\n")
-sys.stdin.read()
+trap 'echo stop $(date +%s.%N) >> "$0"; kill $p 2>/dev/null; exit 0' TERM
+echo start $(date +%s.%N) >> "$0"
+sleep 30 & p=$!
+wait $p
 """
 
 
@@ -74,7 +76,7 @@ class Launched:
                 name,
                 *extra,
                 "--",
-                sys.executable,
+                "sh",
                 "-c",
                 COMMAND,
                 str(log),
@@ -94,6 +96,17 @@ class Launched:
         assert self.proc.stdin is not None
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
+
+    def waiting(self) -> bool:
+        """The launcher connected to its daemon and sleeps (waits for an
+        answer): its register was sent."""
+        pid = self.proc.pid
+        try:
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state == "S" and any(f.startswith("socket:") for f in fds)
 
     def events(self) -> dict[str, float]:
         try:
@@ -159,8 +172,7 @@ def test_a_name_held_by_exec_answers_no_receiver(
         timeout=30,
     )
     assert cli.returncode == 1 and "no_receiver" in cli.stderr and "delivered" not in cli.stdout
-    assert job.proc.stdin is not None
-    job.proc.stdin.close()
+    job.proc.send_signal(signal.SIGTERM)  # passed on to the command
     assert job.proc.wait(20) == 0
 
 
@@ -195,9 +207,20 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
         for _, _, pair in trials:
             for p in pair:
                 p.ready()
-        for _, _, pair in trials:
-            pair[0].go()
-            pair[1].go()
+        os.kill(a.pid, signal.SIGSTOP)
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            for _, _, pair in trials:
+                pair[0].go()
+                pair[1].go()
+            wait_until(
+                lambda trials=trials: all(p.waiting() for _, _, pair in trials for p in pair),
+                EXIT_S,
+                "every exec to send its claim",
+            )
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+            os.kill(b.pid, signal.SIGCONT)
         for _i, name, pair in trials:
             # One of the two exits (refused, or stopped after it lost)...
             loser = wait_until(
@@ -212,13 +235,17 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
             assert code in (1, 4), f"{name}: the loser exited {code}: {err}"
             # ... and the other holds the name everywhere, its command running.
             assert winner.proc.poll() is None, f"{name}: both execs exited"
-            wait_until(
-                lambda name=name, winner=winner: all(
-                    lookup_pid(d, name) == winner.proc.pid for d in daemons
-                ),
-                10.0,
-                f"{name} held by the survivor everywhere",
-            )
+            try:
+                wait_until(
+                    lambda name=name, winner=winner: all(
+                        lookup_pid(d, name) == winner.proc.pid for d in daemons
+                    ),
+                    30.0,  # a daemon suspected while frozen may need a sync round
+                    f"{name} held by the survivor ({winner.proc.pid}) everywhere",
+                )
+            except AssertionError as e:
+                seen = {d.name: lookup_pid(d, name) for d in daemons}
+                raise AssertionError(f"{e}; holders now {seen}; loser {code} {err}") from None
             wait_until(lambda w=winner: "start" in w.events(), 10.0, f"{name}'s command started")
             lost = loser.events()
             if "start" not in lost:
@@ -228,9 +255,12 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
                 assert code == 4 and "stop" in lost, f"{name}: {lost} {err}"
                 both = max(lost["start"], winner.events()["start"])
                 windows.append(max(0.0, lost["stop"] - both))
-            assert winner.proc.stdin is not None
-            winner.proc.stdin.close()
-            assert winner.proc.wait(20) == 0
+            winner.proc.send_signal(signal.SIGTERM)  # passed on to the command
+            end = winner.proc.wait(20)
+            assert end == 0, (
+                f"{name}: winner exited {end}: {winner.events()} "
+                f"{winner.proc.stderr.read() if winner.proc.stderr else ''}; loser {lost} {err}"
+            )
     assert prevented + len(windows) == TRIALS
     print(
         f"\n{mode}: {TRIALS} trials: the loser's command never ran in {prevented}; "
