@@ -52,12 +52,12 @@ sys.exit(cli.main(sys.argv[1:]))
 
 # The command (sh, which starts in about a millisecond): notes when it
 # started and when it was told to stop (SIGTERM: the trap), and otherwise
-# waits (bounded).
+# runs until its standard input (the launcher's) closes.
 COMMAND = """
-trap 'echo stop $(date +%s.%N) >> "$0"; kill $p 2>/dev/null; exit 0' TERM
+trap 'echo stop $(date +%s.%N) >> "$0"; exit 0' TERM
 echo start $(date +%s.%N) >> "$0"
-sleep 30 & p=$!
-wait $p
+read x
+exit 0
 """
 
 
@@ -172,7 +172,8 @@ def test_a_name_held_by_exec_answers_no_receiver(
         timeout=30,
     )
     assert cli.returncode == 1 and "no_receiver" in cli.stderr and "delivered" not in cli.stdout
-    job.proc.send_signal(signal.SIGTERM)  # passed on to the command
+    assert job.proc.stdin is not None
+    job.proc.stdin.close()  # the command ends
     assert job.proc.wait(20) == 0
 
 
@@ -255,7 +256,8 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
                 assert code == 4 and "stop" in lost, f"{name}: {lost} {err}"
                 both = max(lost["start"], winner.events()["start"])
                 windows.append(max(0.0, lost["stop"] - both))
-            winner.proc.send_signal(signal.SIGTERM)  # passed on to the command
+            assert winner.proc.stdin is not None
+            winner.proc.stdin.close()  # the command ends
             end = winner.proc.wait(20)
             assert end == 0, (
                 f"{name}: winner exited {end}: {winner.events()} "
