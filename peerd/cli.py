@@ -485,8 +485,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    if (args.reply_to is None) == (args.name is None):
+        _usage("give NAME, or --reply-to TOKEN, and PAYLOAD")
     with _connect(args) as client:
-        if args.group:
+        if args.reply_to is not None:
+            if args.group or args.all:
+                raise CliError("--reply-to takes no --group or --all", EXIT_USAGE)
+            result = client.send(payload=args.payload.encode("utf-8"), reply_to=args.reply_to)
+        elif args.group:
             result = client.send(
                 group=args.name,
                 payload=args.payload.encode("utf-8"),
@@ -565,15 +571,29 @@ def cmd_members_of(args: argparse.Namespace) -> int:
 SI_KERNEL = 0x80  # siginfo si_code of a signal sent by the kernel (the tty's ^C)
 
 
+EXIT_NAME_LOST = 4  # peerd exec stopped COMMAND: a name was lost to an older claim
+EXIT_DAEMON_LOST = 5  # peerd exec stopped COMMAND: the connection to the daemon was lost
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     """Hold names and group memberships exactly as long as COMMAND runs.
 
     The registrations belong to this process's API connection: when the
     child exits, this process exits and the connection closes, so the
-    daemon removes them cluster-wide (also if this process is killed)."""
+    daemon removes them cluster-wide (also if this process is killed).
+
+    Safe by default: each name is claimed with ``wait="settled"`` (every
+    live member acknowledged it) and COMMAND does not start if the claim
+    lost. While it runs, a name lost to an older claim elsewhere (or the
+    connection to the daemon, which takes the names with it) stops it
+    (``--on-lose term``: SIGTERM, then SIGKILL after ``--grace`` seconds;
+    exit 4, or 5 for the connection), or only warns (``--on-lose warn``).
+    The entries take no messages (COMMAND cannot read them): a send to them
+    fails ``no_receiver``."""
     import signal
     import subprocess
     import threading
+    import time
 
     command = list(args.argv)
     if command and command[0] == "--":
@@ -582,6 +602,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         _usage("no command given (peerd exec [--name N] [--group G] -- COMMAND ARGS)")
     if not args.names and not args.groups:
         _usage("give at least one --name or --group")
+    if args.grace < 0:
+        _usage("--grace must be at least 0")
+    settle = not args.no_settle
     meta = dict(args.meta or [])
     client = _connect(args, timeout=None)
     try:
@@ -591,18 +614,31 @@ def cmd_exec(args: argparse.Namespace) -> int:
                     name,
                     meta,
                     scope=args.scope,
-                    wait="settled" if args.settled else None,
-                    timeout_s=args.timeout if args.settled else None,
+                    wait="settled" if settle else None,
+                    timeout_s=args.timeout if settle else None,
+                    messages=False,
                 )
             except ApiError as exc:
                 raise CliError(f"cannot register {name!r}: {exc.message}") from None
-            if args.settled and not result.get("won", True):
+            if settle and not result.get("won", True):
                 raise CliError(f"cannot register {name!r}: an older claim elsewhere holds it")
+            if settle and not result.get("settled", True):
+                print(
+                    f"peerd exec: warning: {name!r} not acknowledged by every member within "
+                    f"{args.timeout:g} s; starting anyway (a conflict found later stops COMMAND "
+                    "unless --on-lose warn)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for group in args.groups:
             try:
-                client.join_group(group, meta, scope=args.scope)
+                client.join_group(group, meta, scope=args.scope, messages=False)
             except ApiError as exc:
                 raise CliError(f"cannot join group {group!r}: {exc.message}") from None
+        # A name lost while the others settled: do not start at all.
+        for ev in client.connection_events():
+            if ev.event == "conflict":
+                raise CliError(f"cannot register: {conflict_warning(ev)}")
     except BaseException:
         client.close()
         raise
@@ -630,6 +666,32 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CliError(f"cannot run {command[0]!r}: {exc.strerror or exc}", code) from None
 
     stopping = threading.Event()
+    # The child's pid stays ours until poll() reaps it: signal it only under
+    # this lock and while it is not reaped, so a recycled pid is never hit.
+    child_lock = threading.Lock()
+    lost: list[int] = []  # the exit code the stop stands for, once COMMAND is told
+    stop_at: list[float] = []  # monotonic time of the SIGTERM
+
+    def signal_child(signo: int) -> None:
+        with child_lock:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signo)
+
+    def lose(why: str, code: int) -> None:
+        if args.on_lose == "warn" or stopping.is_set():
+            print(f"peerd exec: warning: {why}", file=sys.stderr, flush=True)
+            return
+        if lost:
+            return
+        print(
+            f"peerd exec: {why}; stopping COMMAND (SIGTERM, SIGKILL after {args.grace:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        lost.append(code)
+        stop_at.append(time.monotonic())
+        signal_child(signal.SIGTERM)
 
     def read_events() -> None:
         while True:
@@ -637,20 +699,30 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 ev = client.wait_connection_event(None)
             except (ConnectionError, OSError):
                 if not stopping.is_set():
-                    print(
-                        "peerd exec: warning: lost the connection to peerd; the "
-                        "registrations are gone",
-                        file=sys.stderr,
-                        flush=True,
+                    lose(
+                        "lost the connection to peerd; the registrations are gone",
+                        EXIT_DAEMON_LOST,
                     )
                 return
             if ev is not None and ev.event == "conflict":
-                print(f"peerd exec: {conflict_warning(ev)}", file=sys.stderr, flush=True)
+                lose(conflict_warning(ev).removeprefix("warning: "), EXIT_NAME_LOST)
 
     reader = threading.Thread(target=read_events, name="peerd-exec-events", daemon=True)
     reader.start()
+    killed = False
     try:
-        while child.poll() is None:
+        while True:
+            with child_lock:
+                if child.poll() is not None:
+                    break
+            if stop_at and not killed and time.monotonic() - stop_at[0] >= args.grace:
+                killed = True
+                print(
+                    f"peerd exec: COMMAND still runs {args.grace:g} s after SIGTERM; SIGKILL",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                signal_child(signal.SIGKILL)
             # Bounded: run from a thread (tests), SIGCHLD may go to another one.
             info = signal.sigtimedwait(handled, 0.1)
             if info is None or info.si_signo == signal.SIGCHLD:
@@ -659,13 +731,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
             # process group): forwarding them would deliver them twice.
             if info.si_signo in (signal.SIGINT, signal.SIGQUIT) and info.si_code == SI_KERNEL:
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, info.si_signo)
+            signal_child(info.si_signo)
     finally:
         stopping.set()
         client.close()  # the daemon drops the registrations now
         reader.join(1.0)  # warnings already received are printed
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if lost:
+        return lost[0]
     code = child.returncode
     return 128 - code if code < 0 else code
 
@@ -977,10 +1050,17 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "receiving process gets it as a `message` event on its API connection. Exit 0 "
         "once the owner's daemon queued it; 1 with the reason if nobody holds NAME, the "
         "owner vanished, its mailbox is full or its daemon could not be reached (a "
-        "message is never delivered twice).",
+        "message is never delivered twice), or its holder takes no messages "
+        "(no_receiver: a name held by peerd exec). With --reply-to TOKEN (and no NAME), "
+        "answer the connection that sent a message (its event's reply_to).",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("payload", metavar="PAYLOAD")
+    p.add_argument(
+        "--reply-to",
+        metavar="TOKEN",
+        help="answer the connection that sent a message: the reply_to of its event",
+    )
     p.add_argument("--group", action="store_true", help="NAME is a process group")
     p.add_argument("--all", action="store_true", help="with --group: every member")
     p.add_argument("--scope", default="default", help="the scope (default: default)")
@@ -1037,8 +1117,12 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "registrations last exactly as long as it runs (they are removed cluster-wide "
         "when it exits, or if this process is killed). Fails with exit 1 if a name is "
         "taken. SIGTERM, SIGHUP, SIGUSR1/2 (and SIGINT/SIGQUIT not from the terminal) "
-        "are passed to COMMAND. Exits with COMMAND's status (128+N if killed by signal "
-        "N). A warning is printed if a name is lost to an older claim elsewhere.",
+        "are passed to COMMAND. Each name is first acknowledged by every live member "
+        "(--no-settle skips that) and COMMAND does not start if an older claim wins. If a "
+        "name is lost while COMMAND runs, COMMAND is stopped (--on-lose). The entries take "
+        "no messages: a send to them fails with no_receiver. Exits with COMMAND's status "
+        "(128+N if killed by signal N); 1 if a name is taken; 4 if COMMAND was stopped "
+        "because a name was lost, 5 because the connection to the daemon was lost.",
     )
     p.add_argument(
         "--name",
@@ -1065,17 +1149,39 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         help="metadata for every entry (repeatable)",
     )
     p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="start COMMAND as soon as the local daemon took each name, without waiting "
+        "for every live member to acknowledge it (a concurrent claim elsewhere may then "
+        "win after COMMAND started)",
+    )
+    p.add_argument(
         "--settled",
         action="store_true",
-        help="wait until every live member holds each name (and fail if an older "
-        "claim elsewhere wins) before running COMMAND",
+        help="accepted for compatibility: waiting for the claim to settle is the default",
     )
     p.add_argument(
         "--timeout",
         type=float,
         default=5.0,
         metavar="S",
-        help="bound on the --settled wait (default 5 s)",
+        help="bound on the settle wait (default 5 s; past it COMMAND starts with a warning)",
+    )
+    p.add_argument(
+        "--on-lose",
+        choices=("term", "warn"),
+        default="term",
+        help="when a name is lost to an older claim elsewhere (or the connection to the "
+        "daemon, and with it the names) while COMMAND runs: term (default) stops it, "
+        "SIGTERM then SIGKILL after --grace, and exits 4 (5 for the connection); warn "
+        "only prints a warning",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between SIGTERM and SIGKILL with --on-lose term (default 10)",
     )
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ARGS")
     p.set_defaults(func=cmd_exec)

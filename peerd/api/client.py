@@ -491,6 +491,7 @@ class Client:
         group: str | None = None,
         scope: str = DEFAULT_SCOPE,
         all: bool = False,
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         """Send ``payload`` to the process holding ``name`` (or to one member
         of ``group``; with ``all=True`` to every member), wherever it runs.
@@ -500,29 +501,34 @@ class Client:
         ApiError: ``not_found`` (no such name, or its owner vanished before
         the message arrived), ``unavailable`` (mailbox full, link lost, no
         answer in time: delivery unknown, never duplicated), ``bad_args``
-        (payload over 256 KiB). Sends on one connection arrive in order.
+        (payload over 256 KiB), ``no_receiver`` (the holder takes no
+        messages: it registered with ``messages=False``, as ``peerd exec``
+        does). Sends on one connection arrive in order.
+
+        ``reply_to``: the token of a received message (``data["reply_to"]``;
+        :meth:`reply` does this): answers the connection that sent it,
+        through its node, with no registry lookup (``not_found`` once that
+        connection closed or its daemon restarted).
 
         Request/reply: the receiver gets each message from :meth:`messages`
-        with the sender's registered name in ``data["from"]``, and answers::
+        and answers the sending connection itself (it needs no name), or
+        the sender's registered name (``data["from"]`` in
+        ``data["from_scope"]``, reachable at once even from a daemon whose
+        replica does not hold it yet)::
 
             async for msg in server.messages():          # holds "db"
-                await server.send(msg.data["from"], b"pong")
+                await server.reply(msg, b"pong")
 
-            await client.register("client-7")            # so "db" can answer
             await client.send("db", b"ping")
-            reply = await client.receive_message()       # from "db"
+            reply = await client.receive_message()       # kind "reply", from "db"
         """
-        args: dict[str, Any] = {"payload": payload, "scope": scope}
-        if group is not None:
-            args["group"] = group
-            if all:
-                args["all"] = True
-        else:
-            if name is None:
-                raise ValueError("give a name or a group")
-            args["name"] = name
+        args = send_args(name, payload, group, scope, all, reply_to)
         result: dict[str, Any] = await self.request(Op.SEND, args)
         return result
+
+    async def reply(self, msg: Event, payload: bytes | str = b"") -> dict[str, Any]:
+        """Answer the connection that sent the message ``msg`` (see :meth:`send`)."""
+        return await self.send(payload=payload, reply_to=reply_token(msg))
 
     async def receive_message(self) -> Event:
         """The next message sent to a name this connection holds: an Event
@@ -556,13 +562,15 @@ class Client:
         scope: str = DEFAULT_SCOPE,
         wait: str | None = None,
         timeout_s: float | None = None,
+        messages: bool = True,
     ) -> dict[str, Any]:
         """Claim the unique ``name`` for this connection (ApiError ``conflict``
         if it is taken). With ``wait="settled"``: return once every live
         member holds it, or after ``timeout_s`` (default 5), with ``settled``
-        and ``won`` in the result."""
+        and ``won`` in the result. ``messages=False``: this process takes no
+        messages; a ``send`` to the name fails ``no_receiver``."""
         result: dict[str, Any] = await self.request(
-            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s)
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s, messages)
         )
         return result
 
@@ -602,12 +610,17 @@ class Client:
             args["after"] = [out[-1]["scope"], out[-1]["name"]]
 
     async def join_group(
-        self, group: str, meta: Mapping[str, str] | None = None, *, scope: str = DEFAULT_SCOPE
+        self,
+        group: str,
+        meta: Mapping[str, str] | None = None,
+        *,
+        scope: str = DEFAULT_SCOPE,
+        messages: bool = True,
     ) -> dict[str, Any]:
         """Join process group ``group`` (many members per group; a process may
         join many groups)."""
         result: dict[str, Any] = await self.request(
-            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None)
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None, messages)
         )
         return result
 
@@ -639,6 +652,42 @@ class Client:
 MAX_PAGE = 10_000
 
 
+def send_args(
+    name: str | None,
+    payload: bytes | str,
+    group: str | None,
+    scope: str,
+    every: bool,
+    reply_to: str | None,
+) -> dict[str, Any]:
+    """Args of ``send``: to a name, a group, or a reply token."""
+    args: dict[str, Any] = {"payload": payload}
+    if reply_to is not None:
+        if name is not None or group is not None:
+            raise ValueError("give a name, a group or reply_to, not several")
+        args["reply_to"] = reply_to
+        return args
+    args["scope"] = scope
+    if group is not None:
+        args["group"] = group
+        if every:
+            args["all"] = True
+    else:
+        if name is None:
+            raise ValueError("give a name or a group")
+        args["name"] = name
+    return args
+
+
+def reply_token(msg: Event) -> str:
+    """The ``reply_to`` token of a received message (ValueError if it has none:
+    not a message, or from a daemon too old to give one)."""
+    token = msg.data.get("reply_to") if msg.event == "message" else None
+    if not isinstance(token, str):
+        raise ValueError("this message carries no reply_to token")
+    return token
+
+
 def register_args(
     key: str,
     name: str,
@@ -646,9 +695,12 @@ def register_args(
     scope: str,
     wait: str | None,
     timeout_s: float | None,
+    messages: bool = True,
 ) -> dict[str, Any]:
     """Args of ``register`` (key "name") and ``group.join`` (key "group")."""
     args: dict[str, Any] = {key: name, "scope": scope}
+    if not messages:
+        args["messages"] = False
     if meta:
         args["meta"] = dict(meta)
     if wait is not None:
@@ -931,19 +983,16 @@ class BlockingClient:
         group: str | None = None,
         scope: str = DEFAULT_SCOPE,
         all: bool = False,
+        reply_to: str | None = None,
     ) -> dict[str, Any]:
         """See :meth:`Client.send`."""
-        args: dict[str, Any] = {"payload": payload, "scope": scope}
-        if group is not None:
-            args["group"] = group
-            if all:
-                args["all"] = True
-        else:
-            if name is None:
-                raise ValueError("give a name or a group")
-            args["name"] = name
+        args = send_args(name, payload, group, scope, all, reply_to)
         result: dict[str, Any] = self.request(Op.SEND, args)
         return result
+
+    def reply(self, msg: Event, payload: bytes | str = b"") -> dict[str, Any]:
+        """See :meth:`Client.reply`."""
+        return self.send(payload=payload, reply_to=reply_token(msg))
 
     def receive_message(self, timeout: float | None = None) -> Event | None:
         """The next message to a name this connection holds (see
@@ -971,9 +1020,10 @@ class BlockingClient:
         scope: str = DEFAULT_SCOPE,
         wait: str | None = None,
         timeout_s: float | None = None,
+        messages: bool = True,
     ) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s)
+            Op.REGISTER, register_args("name", name, meta, scope, wait, timeout_s, messages)
         )
         return result
 
@@ -1006,10 +1056,15 @@ class BlockingClient:
             args["after"] = [out[-1]["scope"], out[-1]["name"]]
 
     def join_group(
-        self, group: str, meta: Mapping[str, str] | None = None, *, scope: str = DEFAULT_SCOPE
+        self,
+        group: str,
+        meta: Mapping[str, str] | None = None,
+        *,
+        scope: str = DEFAULT_SCOPE,
+        messages: bool = True,
     ) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
-            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None)
+            Op.GROUP_JOIN, register_args("group", group, meta, scope, None, None, messages)
         )
         return result
 

@@ -63,6 +63,9 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     UNAVAILABLE = "unavailable"  # daemon not ready, shutting down, or overloaded
+    # send: the name is held by a process that takes no messages (it was
+    # registered with "messages": false, e.g. by `peerd exec`)
+    NO_RECEIVER = "no_receiver"
     INTERNAL = "internal"  # a bug in the daemon; the message says what
 
 
@@ -655,6 +658,8 @@ class RegisterArgs:
     name: str
     meta: tuple[tuple[str, str], ...]
     settle_s: float | None
+    # False: the holder takes no messages; a send to it fails "no_receiver".
+    messages: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,7 +712,8 @@ def parse_meta_arg(args: Mapping[str, Any], required: bool = False) -> tuple[tup
 
 
 def parse_register_args(args: Mapping[str, Any], kind: RegKind = RegKind.NAME) -> RegisterArgs:
-    """``register``: ``{"name", ? "scope", ? "meta", ? "wait": "settled", ? "timeout_s"}``;
+    """``register``: ``{"name", ? "scope", ? "meta", ? "wait": "settled", ? "timeout_s",
+    ? "messages": bool}``;
     ``group.join``: the same with ``"group"`` for ``"name"``."""
     key = "name" if kind is RegKind.NAME else "group"
     name = _text_arg(args, key)
@@ -722,7 +728,10 @@ def parse_register_args(args: Mapping[str, Any], kind: RegKind = RegKind.NAME) -
         if type(timeout) not in (int, float) or not 0 < timeout <= MAX_SETTLE_TIMEOUT_S:
             raise _bad_args(f'"timeout_s" must be a number in (0, {MAX_SETTLE_TIMEOUT_S:g}]')
         settle_s = float(timeout)
-    return RegisterArgs(kind, scope, name, meta, settle_s)
+    messages = args.get("messages", True)
+    if type(messages) is not bool:
+        raise _bad_args('"messages" must be a boolean')
+    return RegisterArgs(kind, scope, name, meta, settle_s, messages)
 
 
 def parse_target_args(args: Mapping[str, Any], kind: RegKind = RegKind.NAME) -> RegTarget:
@@ -890,19 +899,64 @@ MESSAGE_EVENT = "message"
 
 
 def message_event_to_wire(
-    sender: str | None, from_node: NodeId, kind: RegKind, scope: str, name: str, payload: bytes
+    sender: str | None,
+    from_node: NodeId,
+    kind: RegKind | None,
+    scope: str,
+    name: str,
+    payload: bytes,
+    *,
+    from_scope: str = "",
+    reply_to: str | None = None,
 ) -> dict[str, Any]:
     """The ``data`` of a ``message`` connection event: a message to ``name``
-    (or group) from the process holding ``sender`` (None: it holds no name)
-    on node ``from_node``."""
+    (or group; ``kind`` None: a reply to this connection, ``scope`` and
+    ``name`` "") from the process holding ``sender`` in ``from_scope`` (None:
+    it holds no name) on node ``from_node``. ``reply_to``: the token that
+    answers the sending connection itself (None: the sender's daemon is too
+    old to say which)."""
     return {
         "from": sender or None,
+        "from_scope": (from_scope or DEFAULT_SCOPE) if sender else None,
         "from_node": from_node.hex(),
-        "kind": "name" if kind is RegKind.NAME else "group",
+        "kind": "reply" if kind is None else "name" if kind is RegKind.NAME else "group",
         "scope": scope,
         "name": name,
         "payload": payload,
+        "reply_to": reply_to,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """A ``reply_to`` token, decoded: the API connection ``conn`` of the
+    daemon ``node`` in its life ``generation``. Connection ids are never
+    reused within a daemon life, and a new life has a new generation, so a
+    token names one connection of one process, ever."""
+
+    node: NodeId
+    generation: int
+    conn: int
+
+    def token(self) -> str:
+        return f"{self.node.hex()}.{self.generation:x}.{self.conn:x}"
+
+    @classmethod
+    def parse(cls, token: Any) -> ReplyTo:
+        """Raises ApiError bad_args for anything :meth:`token` cannot have made."""
+        if type(token) is not str or len(token) > 80:
+            raise _bad_args('"reply_to" must be the text of a message\'s "reply_to"')
+        parts = token.split(".")
+        try:
+            if len(parts) != 3 or len(parts[0]) != 32:
+                raise ValueError
+            node = bytes.fromhex(parts[0])
+            gen, conn = int(parts[1], 16), int(parts[2], 16)
+        except ValueError:
+            raise _bad_args(f'"reply_to" is not a reply token: {token!r}') from None
+        if not (0 < gen <= MAX_UINT and 0 < conn <= MAX_UINT) or parts[1] != f"{gen:x}":
+            raise _bad_args(f'"reply_to" is not a reply token: {token!r}')
+        return cls(node, gen, conn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,18 +966,28 @@ class SendArgs:
     name: str
     payload: bytes
     all: bool = False
+    # Set: answer the connection this token names (kind/scope/name unused).
+    reply_to: ReplyTo | None = None
 
 
 def parse_send_args(args: Mapping[str, Any]) -> SendArgs:
-    """``{"name": text} / {"group": text}, ? "scope", "payload": bytes / text,
-    ? "all": bool`` (``all`` only with a group)."""
-    if "group" in args:
-        kind = RegKind.GROUP
-        if "name" in args:
-            raise _bad_args('give "name" or "group", not both')
+    """``{"name": text} / {"group": text} / {"reply_to": token}, ? "scope",
+    "payload": bytes / text, ? "all": bool`` (``all`` only with a group)."""
+    reply_to: ReplyTo | None = None
+    if "reply_to" in args:
+        if "name" in args or "group" in args:
+            raise _bad_args('give one of "name", "group" and "reply_to"')
+        reply_to = ReplyTo.parse(args["reply_to"])
+        kind, scope, name = RegKind.NAME, "", ""
     else:
-        kind = RegKind.NAME
-    target = parse_target_args(args, kind)
+        if "group" in args:
+            kind = RegKind.GROUP
+            if "name" in args:
+                raise _bad_args('give "name" or "group", not both')
+        else:
+            kind = RegKind.NAME
+        target = parse_target_args(args, kind)
+        scope, name = target.scope, target.name
     payload = args.get("payload", b"")
     if isinstance(payload, str):
         payload = payload.encode("utf-8", "surrogatepass")
@@ -936,4 +1000,4 @@ def parse_send_args(args: Mapping[str, Any]) -> SendArgs:
         raise _bad_args('"all" must be a boolean')
     if everyone and kind is not RegKind.GROUP:
         raise _bad_args('"all" needs a "group"')
-    return SendArgs(kind, target.scope, target.name, payload, everyone)
+    return SendArgs(kind, scope, name, payload, everyone, reply_to)

@@ -495,6 +495,7 @@ class Runner:
                 self.counters,
                 send_timeout_s=send_timeout_s,
                 leaving=lambda: self.leaving,
+                clock=trio.current_time,
             )
             if links is not None
             else None
@@ -1142,6 +1143,11 @@ class Runner:
         call = self._reg_calls[ref] = _RegCall()
         self._reg_conns[conn_id] = conn
         self._handle(inp)
+        if isinstance(cmd, RegisterArgs) and not cmd.messages and self.messenger is not None:
+            # Its holder takes no messages: the messenger refuses them (no_receiver).
+            eid = self._registry().eid_of(conn_id, cmd.kind, cmd.scope, cmd.name)
+            if eid is not None:
+                self.messenger.mark_quiet(eid)
         if (
             call.result is not None
             and call.result.error is not None

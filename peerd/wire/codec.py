@@ -467,7 +467,7 @@ def to_cbor_obj(msg: Message) -> list[Any]:
                 _bad_out(f"name-msg kind must be a RegKind, got {kind!r}")
             if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
                 _bad_out(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
-            return [
+            fields: list[Any] = [
                 NameMsg.TYPE,
                 _uint_out(seq, "seq"),
                 int(kind),
@@ -477,6 +477,16 @@ def to_cbor_obj(msg: Message) -> list[Any]:
                 _text_out(sender, "sender", MAX_REG_NAME_BYTES),
                 payload,
             ]
+            if msg.extended or msg.from_scope:  # the trailing fields: all or none
+                fields += [
+                    _uint_out(msg.from_gen, "from_gen"),
+                    _uint_out(msg.from_conn, "from_conn"),
+                    _text_out(msg.from_scope, "from_scope", MAX_SCOPE_BYTES),
+                    _uint_out(msg.from_eid, "from_eid"),
+                    _uint_out(msg.to_gen, "to_gen"),
+                    _uint_out(msg.to_conn, "to_conn"),
+                ]
+            return fields
         case NameReply(seq, status):
             if type(status) is not NameStatus:
                 _bad_out(f"name-reply status must be a NameStatus, got {status!r}")
@@ -927,6 +937,19 @@ def _name_msg_in(obj: list[Any]) -> Message:
         _bad("name-msg kind must be 0..1")
     if type(payload) is not bytes or len(payload) > MAX_NAME_MSG_PAYLOAD_BYTES:
         _bad(f"name-msg payload must be bytes of at most {MAX_NAME_MSG_PAYLOAD_BYTES}")
+    extra: tuple[int, int, str, int, int, int] = (0, 0, "", 0, 0, 0)
+    if (
+        len(obj) >= 14
+    ):  # [type, 7 fields, from_gen, from_conn, from_scope, from_eid, to_gen, to_conn]
+        fg, fc, fs, fe, tg, tc = obj[8:14]
+        extra = (
+            _uint(fg, "from_gen"),
+            _uint(fc, "from_conn"),
+            _text(fs, "from_scope", MAX_SCOPE_BYTES),
+            _uint(fe, "from_eid"),
+            _uint(tg, "to_gen"),
+            _uint(tc, "to_conn"),
+        )
     return NameMsg(
         _uint(seq, "seq"),
         RegKind(kind),
@@ -935,13 +958,14 @@ def _name_msg_in(obj: list[Any]) -> Message:
         _uint(eid, "eid"),
         _text(sender, "sender", MAX_REG_NAME_BYTES),
         payload,
+        *extra,
     )
 
 
 def _name_reply_in(obj: list[Any]) -> Message:
     seq, status = _fields(obj, 2, "name-reply")
     if type(status) is not int or status not in _NAME_STATUSES:
-        _bad("name-reply status must be 0..3")
+        _bad("name-reply status must be 0..4")
     return NameReply(_uint(seq, "seq"), NameStatus(status))
 
 

@@ -437,13 +437,30 @@ class NameStatus(enum.IntEnum):
     NOT_FOUND = 1  # the entry is not held here (any more): the owner vanished
     MAILBOX_FULL = 2  # the owning connection is not reading: its queue is full
     REFUSED = 3  # the daemon cannot take it (leaving, or it has no registry)
+    # The entry is held by a process that takes no messages (registered with
+    # messages=false, e.g. by ``peerd exec``). Only sent to a sender that
+    # showed it knows this value (its NameMsg had the reply fields); an
+    # older sender gets REFUSED instead.
+    NO_RECEIVER = 4
 
 
 @dataclass(frozen=True, slots=True)
 class NameMsg:
     """A message for the entry ``eid`` (of ``kind`` ``scope``/``name``) owned
     by the receiving daemon. ``sender``: the sending process's registered
-    name ("" if it has none), so the receiver can answer it."""
+    name ("" if it has none), so the receiver can answer it.
+
+    Trailing fields (appended in wire version 1, all or none; 0 / "" when
+    absent): where the message came from, so that an answer needs no
+    registry: ``from_gen`` the sending daemon's generation, ``from_conn``
+    the sending API connection there (a reply goes back to exactly that
+    connection of that life); ``from_scope`` / ``from_eid`` the scope and
+    entry id of ``sender`` on the sending daemon (a hint that lets the
+    receiver route a send to ``sender`` before its replica holds the entry).
+    ``to_gen``: the receiving daemon's generation the sender meant (0: any);
+    ``to_conn`` non-zero: the message is a reply for that API connection,
+    not for an entry (then ``scope``/``name`` are "" and ``eid`` 0, which
+    an older receiver answers NOT_FOUND)."""
 
     TYPE: ClassVar[int] = 39
     seq: int
@@ -453,6 +470,17 @@ class NameMsg:
     eid: int
     sender: str
     payload: bytes
+    from_gen: int = 0
+    from_conn: int = 0
+    from_scope: str = ""
+    from_eid: int = 0
+    to_gen: int = 0
+    to_conn: int = 0
+
+    @property
+    def extended(self) -> bool:
+        """The message carries the trailing fields (its sender knows them)."""
+        return bool(self.from_gen or self.from_conn or self.from_eid or self.to_gen or self.to_conn)
 
 
 @dataclass(frozen=True, slots=True)

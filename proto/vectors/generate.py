@@ -265,6 +265,17 @@ def message_vectors() -> dict[str, Any]:
             ),
         ),
         ("key-reply-plaintext", KeyReply(KeyStatus.PLAINTEXT, b"", (), "no keys")),
+        ("name-reply-no-receiver", NameReply(11, NameStatus.NO_RECEIVER)),
+        (
+            "name-msg-with-origin",
+            NameMsg(
+                12, RegKind.NAME, "default", "db", 4, "caller-7", b"ping", 3, 41, "default", 9, 2, 0
+            ),
+        ),
+        (
+            "name-msg-reply",
+            NameMsg(13, RegKind.NAME, "", "", 0, "db", b"pong", 2, 17, "default", 4, 3, 41),
+        ),
     ]
     messages = [
         {"name": name, "message": describe(m), "cbor_hex": codec.encode(m).hex()}
@@ -352,6 +363,7 @@ def message_vectors() -> dict[str, Any]:
             "bad_field",
         ),
         ("gossip-control-unknown-link", "84 1826 80 80 03", "bad_field"),
+        ("name-reply-unknown-status", "83 1828 0b 05", "bad_field"),
         ("mesh-join-missing-peer", "81 181e", "bad_arity"),
     ]
     invalid_out = []
@@ -478,6 +490,7 @@ def api_vectors() -> dict[str, Any]:
     what the daemon sends."""
     from peerd.api.protocol import (
         Event,
+        ReplyTo,
         Request,
         Response,
         encode_frame,
@@ -595,6 +608,12 @@ def api_vectors() -> dict[str, Any]:
     request(
         "update-group", "update", {"group": "workers", "scope": "jobs", "meta": {}}, "update-args"
     )
+    request(
+        "register-no-messages",
+        "register",
+        {"name": "job-1", "messages": False, "wait": "settled"},
+        "register-args",
+    )
     request("lookup", "lookup", {"name": "db-primary"}, "lookup-args")
     request(
         "list",
@@ -623,6 +642,12 @@ def api_vectors() -> dict[str, Any]:
         "send-group-all",
         "send",
         {"group": "workers", "scope": "jobs", "all": True, "payload": b"\x00\x01"},
+        "send-args",
+    )
+    request(
+        "send-reply",
+        "send",
+        {"reply_to": ReplyTo(b, 3, 41).token(), "payload": b"pong"},
         "send-args",
     )
 
@@ -732,6 +757,13 @@ def api_vectors() -> dict[str, Any]:
         "server-frame",
     )
     add("bad-frame", Response.failure(None, "bad_frame", "not CBOR"), "server-frame")
+    add(
+        "error-no-receiver",
+        Response.failure(
+            len(out) + 1, "no_receiver", "default/job-1 is held by a process that takes no messages"
+        ),
+        "server-frame",
+    )
 
     # Events, as the daemon fans them out.
     def event(name: str, stream: int, kind_and_data: tuple[str, dict[str, Any]], rule: str) -> None:
@@ -796,7 +828,27 @@ def api_vectors() -> dict[str, Any]:
         0,
         (
             "message",
-            message_event_to_wire("caller-1", b, RegKind.NAME, "default", "db-primary", b"hello"),
+            message_event_to_wire(
+                "caller-1",
+                b,
+                RegKind.NAME,
+                "default",
+                "db-primary",
+                b"hello",
+                from_scope="default",
+                reply_to=ReplyTo(b, 3, 41).token(),
+            ),
+        ),
+        "message-event",
+    )
+    event(
+        "message-reply",
+        0,
+        (
+            "message",
+            message_event_to_wire(
+                "db-primary", a, None, "", "", b"pong", reply_to=ReplyTo(a, 7, 2).token()
+            ),
         ),
         "message-event",
     )

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,10 +130,14 @@ def test_entry_and_event_converters() -> None:
 class RegistryBackend(FakeBackend):
     """FakeBackend plus an in-memory registry with batching, and a hook that
     pushes a connection event after a register of a name starting with
-    ``lose-`` (as the daemon does when the claim loses a conflict)."""
+    ``lose-`` (as the daemon does when the claim loses a conflict), or, for a
+    name starting with ``late-``, when anyone looks it up (a loss while the
+    holder runs)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.register_args: list[dict[str, Any]] = []
+        self.conns: dict[int, Connection] = {}
         self.names: dict[tuple[str, str], dict[str, Any]] = {}
         self.groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.batches: list[int] = []
@@ -177,6 +182,8 @@ class RegistryBackend(FakeBackend):
         scope = args.get("scope", "default")
         match op:
             case "register":
+                self.register_args.append(dict(args))
+                self.conns[conn.id] = conn
                 key = (scope, args["name"])
                 if key in self.names:
                     raise ApiError(
@@ -199,6 +206,10 @@ class RegistryBackend(FakeBackend):
                 entry = self.names.get((scope, args["name"]))
                 if entry is None:
                     raise ApiError(ErrorCode.NOT_FOUND, f"no name {args['name']!r}")
+                owner = self.conns.get(entry["conn"])
+                if args["name"].startswith("late-") and owner is not None:
+                    winner = {**entry, "node": NODE_B, "node_name": "beta", "pid": 99}
+                    owner.push_nowait(CONNECTION_STREAM, "conflict", {**entry, "winner": winner})
                 return {k: v for k, v in entry.items() if k != "conn"}
             case "list":
                 items = sorted(self.names.items())
@@ -474,18 +485,61 @@ async def test_cli_exec_holds_names_while_the_child_runs(
     assert code == 2 and "--name or --group" in err
 
 
-async def test_cli_exec_warns_when_a_name_is_lost(
+async def test_cli_exec_does_not_start_when_the_claim_lost(
+    server: ApiServer, backend: RegistryBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert server.path is not None
+    for extra in ((), ("--no-settle",)):
+        code, out, err = await run_cli(
+            capsys, "exec", "--name", "lose-me", *extra, "--api-socket", server.path, "--", "echo"
+        )
+        assert code == 1 and out == "", err
+        assert "lost the name default/lose-me to an older claim by pid 99 on node beta" in err
+    # Settled by default (--no-settle opts out); the entries take no messages.
+    settled, fast = backend.register_args
+    assert settled["wait"] == "settled" and settled["timeout_s"] == 5.0
+    assert "wait" not in fast
+    assert settled["messages"] is False and fast["messages"] is False
+
+
+# The child looks its own name up (the fake backend then reports the name
+# lost) and waits to be stopped (bounded).
+LATE_CHILD = (
+    "import signal, sys, time; from peerd.api.client import BlockingClient; "
+    "ignore = sys.argv[2] == 'ignore'; "
+    "ignore and signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "BlockingClient(sys.argv[1]).lookup('late-job'); time.sleep(20); sys.exit(7)"
+)
+
+
+async def test_cli_exec_stops_the_command_when_a_name_is_lost(
     server: ApiServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert server.path is not None
+    sock = ["--api-socket", server.path]
+    child = [sys.executable, "-c", LATE_CHILD, server.path]
+    t0 = time.monotonic()
+    code, _, err = await run_cli(capsys, "exec", "--name", "late-job", *sock, "--", *child, "")
+    assert code == cli.EXIT_NAME_LOST, err
+    assert "lost the name default/late-job" in err and "stopping COMMAND" in err
+    assert time.monotonic() - t0 < 10  # SIGTERM, not the child's own 20 s
+    # A command that ignores SIGTERM is killed after the grace period.
+    t0 = time.monotonic()
     code, _, err = await run_cli(
-        capsys, "exec", "--name", "lose-me", "--api-socket", server.path, "--", "true"
+        capsys, "exec", "--name", "late-job", "--grace", "0.3", *sock, "--", *child, "ignore"
     )
-    assert code == 0
-    assert (
-        "peerd exec: warning: lost the name default/lose-me to an older claim by pid 99 "
-        "on node beta"
-    ) in err
+    assert code == cli.EXIT_NAME_LOST and "SIGKILL" in err, err
+    assert time.monotonic() - t0 < 10
+    # --on-lose warn: the command runs on (here to its own end).
+    child_quick = [sys.executable, "-c", LATE_CHILD.replace("time.sleep(20)", "0"), server.path]
+    code, _, err = await run_cli(
+        capsys, "exec", "--name", "late-job", "--on-lose", "warn", *sock, "--", *child_quick, ""
+    )
+    assert code == 7, err
+    code, _, err = await run_cli(
+        capsys, "exec", "--name", "x", "--grace", "-1", *sock, "--", "true"
+    )
+    assert code == 2 and "--grace" in err
 
 
 async def test_cli_watch_registry_topic(

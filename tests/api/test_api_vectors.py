@@ -90,11 +90,13 @@ def test_message_event_data_is_what_the_client_reads() -> None:
     data = p.message_event_to_wire(None, bytes(16), RegKind.GROUP, "jobs", "workers", b"x")
     assert data == {
         "from": None,
+        "from_scope": None,
         "from_node": "00" * 16,
         "kind": "group",
         "scope": "jobs",
         "name": "workers",
         "payload": b"x",
+        "reply_to": None,
     }
     assert p.message_event_to_wire("me", bytes(16), RegKind.NAME, "s", "n", b"")["from"] == "me"
 

@@ -13,7 +13,7 @@ import trio.testing
 
 from peerd.api.protocol import ApiError, SendArgs, parse_send_args
 from peerd.shell.messaging import DIRECT_PRIORITY, Messenger
-from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind
+from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind, Status
 
 ME, OTHER, THIRD = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
 
@@ -41,6 +41,12 @@ class State:
     def __init__(self) -> None:
         self.claims: list[Claim] = []
         self.local = Part()
+        self.generation = 4  # this daemon's life
+
+    def version_of(self, origin: bytes) -> tuple[int, int]:
+        if origin == ME:
+            return (self.generation, 1)
+        return (2, 1) if any(c.origin == origin for c in self.claims) else (0, 0)
 
     def lookup(self, scope: str, name: str) -> Claim | None:
         for c in self.claims:
@@ -80,21 +86,29 @@ class Registry:
     def held_by_conn(self, conn: int) -> list[tuple[RegKind, str, str]]:
         return list(self._owned.get(conn, {}))
 
+    def eid_of(self, conn: int, kind: RegKind, scope: str, name: str) -> int | None:
+        return self._owned.get(conn, {}).get((kind, scope, name))
+
 
 @dataclass
 class Member:
     node: bytes
     addr: tuple[str, int]
+    status: Status = Status.ALIVE
+    generation: int = 2
 
 
 class Node:
     def __init__(self) -> None:
         self.registry = Registry()
+        self.members: dict[bytes, Member] = {}  # overrides
 
     def local_member(self) -> Member:
         return Member(ME, ("127.0.0.1", 1))
 
     def member(self, node: bytes) -> Member | None:
+        if node in self.members:
+            return self.members[node]
         return Member(node, ("127.0.0.9", 9)) if node != b"\x09" * 16 else None
 
 
@@ -167,11 +181,13 @@ async def test_local_owner_gets_it_at_once_with_the_sender_name() -> None:
             "message",
             {
                 "from": "client",
+                "from_scope": "default",
                 "from_node": ME.hex(),
                 "kind": "name",
                 "scope": "default",
                 "name": "db",
                 "payload": b"ping",
+                "reply_to": f"{ME.hex()}.4.8",  # this daemon, life 4, connection 8
             },
         )
     ]
@@ -289,6 +305,148 @@ async def test_receiver_checks_the_entry_and_answers_each() -> None:
     assert links.sent[-1][1] == NameReply(11, NameStatus.REFUSED)
 
 
+async def test_reply_to_reaches_the_sending_connection_and_nothing_else() -> None:
+    # Receiver side: a message from OTHER's connection 41 (life 2) carries a
+    # token naming exactly that connection; no registry is involved.
+    m, node, links, conns = setup()
+    conns[7] = owner = Conn(7)
+    node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
+    m.on_message(OTHER, NameMsg(11, RegKind.NAME, "default", "db", 3, "", b"q", 2, 41, "", 0, 4, 0))
+    data = owner.events[0][2]
+    assert data["from"] is None and data["reply_to"] == f"{OTHER.hex()}.2.29"
+    p = m.begin(owner, parse_send_args({"reply_to": data["reply_to"], "payload": b"a"}))
+    out = links.sent[-1][1]
+    assert links.sent[-1][0] == OTHER
+    assert (out.to_gen, out.to_conn, out.eid, out.name, out.sender, out.from_conn) == (
+        2,
+        41,
+        0,
+        "",
+        "db",
+        7,
+    )
+    m.on_reply(OTHER, NameReply(out.seq, NameStatus.NOT_FOUND))
+    with pytest.raises(ApiError) as e:
+        await m.wait(p)
+    assert e.value.code == "not_found" and "sent the message is gone" in e.value.message
+
+    # Sender side (the daemon that issued the token): the reply reaches the
+    # connection while it is open, then never (not another one).
+    m2, node2, links2, conns2 = setup()
+    conns2[41] = asker = Conn(41)
+    msg = NameMsg(5, RegKind.NAME, "", "", 0, "db", b"a", 2, 7, "default", 3, 4, 41)
+    m2.on_message(OTHER, msg)
+    assert links2.sent[-1][1] == NameReply(5, NameStatus.DELIVERED)
+    ev = asker.events[-1][2]
+    assert (ev["kind"], ev["name"], ev["from"], ev["payload"]) == ("reply", "", "db", b"a")
+    assert ev["reply_to"] == f"{OTHER.hex()}.2.7"  # and the conversation can go on
+    m2.on_message(OTHER, NameMsg(6, RegKind.NAME, "", "", 0, "db", b"b", 2, 7, "", 0, 3, 41))
+    assert links2.sent[-1][1] == NameReply(6, NameStatus.NOT_FOUND)  # an earlier life
+    m2.on_message(OTHER, NameMsg(7, RegKind.NAME, "", "", 0, "db", b"c", 2, 7, "", 0, 4, 42))
+    assert links2.sent[-1][1] == NameReply(7, NameStatus.NOT_FOUND)  # no such connection
+    asker.closed = True
+    m2.on_message(OTHER, msg)
+    assert links2.sent[-1][1] == NameReply(5, NameStatus.NOT_FOUND)
+    assert len(asker.events) == 1
+
+
+async def test_reply_to_a_local_sender_and_stale_tokens() -> None:
+    m, node, links, conns = setup()
+    conns[7] = owner = Conn(7)
+    node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
+    asker = Conn(8)  # holds no name: replies find it all the same
+    assert await m.wait(m.begin(asker, args("db", b"q"))) == {"delivered": 1}
+    token = owner.events[0][2]["reply_to"]
+    assert await m.wait(m.begin(owner, parse_send_args({"reply_to": token, "payload": b"a"})))
+    assert asker.events[0][2]["payload"] == b"a" and links.sent == []
+    asker.closed = True
+    with pytest.raises(ApiError) as e:
+        await m.wait(m.begin(owner, parse_send_args({"reply_to": token, "payload": b"b"})))
+    assert e.value.code == "not_found"
+    # A token of a life of ours that ended, or of a node known dead or
+    # restarted since, fails at once.
+    for tok, setup_member in (
+        (f"{ME.hex()}.3.8", None),
+        (f"{OTHER.hex()}.1.8", None),  # OTHER is in life 2 now
+        (f"{THIRD.hex()}.2.8", Status.DEAD),
+    ):
+        if setup_member is not None:
+            node.members[THIRD] = Member(THIRD, ("127.0.0.9", 9), setup_member, 2)
+        sent = len(links.sent)
+        with pytest.raises(ApiError) as e:
+            await m.wait(m.begin(owner, parse_send_args({"reply_to": tok, "payload": b"c"})))
+        assert e.value.code == "not_found", tok
+        assert len(links.sent) == sent
+    for bad in ("", "x.1.1", f"{ME.hex()}.0.1", f"{ME.hex()}.1", f"{ME.hex()}.01.1", 7):
+        with pytest.raises(ApiError) as e:
+            parse_send_args({"reply_to": bad, "payload": b""})
+        assert e.value.code == "bad_args"
+    with pytest.raises(ApiError):
+        parse_send_args({"reply_to": token, "name": "x", "payload": b""})
+
+
+async def test_a_sender_name_is_reachable_before_the_replica_has_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    m, node, links, conns = setup()
+    m.clock = trio.current_time
+    conns[7] = Conn(7)
+    node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
+    # caller-1 on OTHER (life 2, entry 9) sent before its registration arrived.
+    m.on_message(
+        OTHER,
+        NameMsg(11, RegKind.NAME, "default", "db", 3, "caller-1", b"q", 2, 41, "jobs", 9, 4, 0),
+    )
+    assert conns[7].events[0][2]["from_scope"] == "jobs"
+    with pytest.raises(ApiError):  # another scope: no hint
+        m.begin(conns[7], args("caller-1"))
+    p = m.begin(conns[7], args("caller-1", scope="jobs"))
+    out = links.sent[-1][1]
+    assert links.sent[-1][0] == OTHER and (out.scope, out.name, out.eid, out.to_gen) == (
+        "jobs",
+        "caller-1",
+        9,
+        2,
+    )
+    m.on_reply(OTHER, NameReply(out.seq, NameStatus.DELIVERED))
+    assert await m.wait(p) == {"delivered": 1}
+    assert m.counters["send_via_hint"] == 1
+    # The replica, once it knows the name, wins (here: another holder).
+    node.registry.state.claims.append(Claim(THIRD, Entry(5, RegKind.NAME, "jobs", "caller-1")))
+    m.begin(conns[7], args("caller-1", scope="jobs"))
+    assert links.sent[-1][0] == THIRD and links.sent[-1][1].eid == 5
+    node.registry.state.claims.pop()
+    # A restarted or dead node's hint is not used; hints expire.
+    node.members[OTHER] = Member(OTHER, ("127.0.0.9", 9), Status.ALIVE, 3)
+    with pytest.raises(ApiError):
+        m.begin(conns[7], args("caller-1", scope="jobs"))
+    del node.members[OTHER]
+    m.on_message(
+        OTHER,
+        NameMsg(12, RegKind.NAME, "default", "db", 3, "caller-1", b"q", 2, 41, "jobs", 9, 4, 0),
+    )
+    m.begin(conns[7], args("caller-1", scope="jobs"))
+    await trio.sleep(31)
+    with pytest.raises(ApiError):
+        m.begin(conns[7], args("caller-1", scope="jobs"))
+
+
+async def test_a_quiet_holder_gets_no_receiver_never_delivered() -> None:
+    m, node, links, conns = setup()
+    conns[7] = held = Conn(7)
+    node.registry.add(ME, 3, RegKind.NAME, "job", conn=7)
+    m.mark_quiet(3)
+    with pytest.raises(ApiError) as e:
+        await m.wait(m.begin(Conn(8), args("job")))
+    assert e.value.code == "no_receiver" and "takes no messages" in e.value.message
+    new = NameMsg(11, RegKind.NAME, "default", "job", 3, "", b"1", 2, 41, "", 0, 4, 0)
+    old = NameMsg(12, RegKind.NAME, "default", "job", 3, "", b"1")  # an older sender
+    m.on_message(OTHER, new)
+    m.on_message(OTHER, old)
+    assert [s[1].status for s in links.sent] == [NameStatus.NO_RECEIVER, NameStatus.REFUSED]
+    assert held.events == []
+
+
 def test_send_args() -> None:
     a = parse_send_args({"group": "g", "all": True, "payload": "t", "scope": "s"})
     assert (a.kind, a.scope, a.name, a.payload, a.all) == (RegKind.GROUP, "s", "g", b"t", True)
@@ -357,6 +515,6 @@ def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
         try:
             r = p.result()
         except ApiError as e:
-            assert e.code in ("not_found", "unavailable")
+            assert e.code in ("not_found", "unavailable", "no_receiver")
         else:
             assert r["delivered"] >= 1 or p.every

@@ -167,6 +167,12 @@ name_msgs = st.builds(
     u64,
     _utf8_at_most(codec.MAX_REG_NAME_BYTES),
     st.binary(max_size=64),
+    u64,
+    u64,
+    _utf8_at_most(codec.MAX_SCOPE_BYTES),
+    u64,
+    u64,
+    u64,
 )
 name_replies = st.builds(NameReply, u64, st.sampled_from(NameStatus))
 key_ids = st.binary(min_size=4, max_size=4)

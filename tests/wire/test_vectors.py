@@ -214,6 +214,12 @@ def message_from_json(d: dict[str, Any]) -> Message:
                 d["eid"],
                 d["sender"],
                 h(d["payload"]),
+                d.get("from_gen", 0),
+                d.get("from_conn", 0),
+                d.get("from_scope", ""),
+                d.get("from_eid", 0),
+                d.get("to_gen", 0),
+                d.get("to_conn", 0),
             )
         case "name-reply":
             return NameReply(d["seq"], NameStatus[d["status"].upper()])

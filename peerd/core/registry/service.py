@@ -360,6 +360,10 @@ class RegistryService:
         """(kind, scope, name) of what connection ``conn`` holds here, oldest first."""
         return list(self._owned.get(conn, {}))
 
+    def eid_of(self, conn: int, kind: RegKind, scope: str, name: str) -> int | None:
+        """The id of the entry ``conn`` holds as (kind, scope, name), if any."""
+        return self._owned.get(conn, {}).get((kind, scope, name))
+
     def _won(self, entry: RegEntry) -> bool:
         if entry.kind is not RegKind.NAME:
             return True
