@@ -33,7 +33,11 @@ from .harness import Cluster, Daemon, wait_until
 
 pytestmark = pytest.mark.proc
 
+# The settle mode is the promise (50 trials always); the --no-settle mode
+# measures the window, 20 trials in the suite (PEERD_EXEC_TRIALS=50 for the
+# figures in README; each trial starts two CLI processes).
 TRIALS = int(os.environ.get("PEERD_EXEC_TRIALS", "50"))
+NO_SETTLE_TRIALS = int(os.environ.get("PEERD_EXEC_TRIALS", "20"))
 BATCH = int(os.environ.get("PEERD_EXEC_BATCH", "1"))  # trials per freeze
 EXIT_S = 20.0  # a loser exits within this (settle timeout 5 s, plus a loaded box)
 # Overlap allowed between two commands: the settle wait's bound (5 s). The
@@ -191,14 +195,15 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
     cluster: Cluster, procs: Procs, tmp_path: Path, mode: str
 ) -> None:
     extra = ("--no-settle",) if mode == "no-settle" else ()
+    total = NO_SETTLE_TRIALS if mode == "no-settle" else TRIALS
     daemons = cluster.start_cluster(["ea", "eb", "ec"])
     a, b = daemons[0], daemons[1]
     prevented = 0  # trials where the second command's code never ran
     windows: list[float] = []  # overlap of the two commands where both started
     codes: dict[int, int] = {}
-    for first in range(0, TRIALS, BATCH):
+    for first in range(0, total, BATCH):
         trials = []
-        for i in range(first, min(TRIALS, first + BATCH)):
+        for i in range(first, min(total, first + BATCH)):
             name = f"leader-{i}"
             pair = (
                 procs.launch(a, name, tmp_path / f"{i}-a.log", *extra),
@@ -263,9 +268,9 @@ def test_simultaneous_exec_claims_never_run_two_commands_past_the_window(
                 f"{name}: winner exited {end}: {winner.events()} "
                 f"{winner.proc.stderr.read() if winner.proc.stderr else ''}; loser {lost} {err}"
             )
-    assert prevented + len(windows) == TRIALS
+    assert prevented + len(windows) == total
     print(
-        f"\n{mode}: {TRIALS} trials: the loser's command never ran in {prevented}; "
+        f"\n{mode}: {total} trials: the loser's command never ran in {prevented}; "
         f"both ran in {len(windows)}"
         + (
             f", overlap (ms) max {max(windows) * 1000:.1f}, "
