@@ -49,6 +49,20 @@ STOP_TIMEOUT_S = 10.0  # > the lan leave bound (2 * leave_propagate_s + 5 s)
 API_TIMEOUT_S = 5.0
 LOG_TAIL_LINES = 150
 
+# --- helper processes -------------------------------------------------------------
+
+
+def kill_and_reap(proc: subprocess.Popen[Any]) -> None:
+    """End a client process a test started: SIGKILL by pid if it still runs,
+    a bounded wait, and its pipes closed."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+
+
 # --- polling ---------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ import pytest
 from peerd.api.client import BlockingClient
 from peerd.api.protocol import ApiError
 
-from .harness import Cluster, Daemon, wait_until
+from .harness import Cluster, Daemon, kill_and_reap, wait_until
 
 pytestmark = pytest.mark.proc
 
@@ -131,12 +131,7 @@ class Procs:
 
     def stop_all(self) -> None:
         for p in self.launched:
-            if p.proc.poll() is None:
-                os.kill(p.proc.pid, signal.SIGKILL)
-            p.proc.wait(10)
-            for f in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
-                if f is not None:
-                    f.close()
+            kill_and_reap(p.proc)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 
 from peerd.api.protocol import ApiError
 
-from .harness import Cluster, Daemon, hold_for, wait_until
+from .harness import Cluster, Daemon, hold_for, kill_and_reap, wait_until
 
 pytestmark = pytest.mark.proc
 
@@ -79,12 +79,7 @@ class Procs:
 
     def stop_all(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-            for f in (p.stdin, p.stdout, p.stderr):
-                if f is not None:
-                    f.close()
+            kill_and_reap(p)
 
 
 @pytest.fixture
