@@ -50,7 +50,8 @@ from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
 from peerd.shell.metrics import MetricsBindError, TrafficCounter, open_metrics_socket, serve_http
-from peerd.shell.runner import EXIT_FAILURE, Runner, open_inputs, serve
+from peerd.shell.runner import Runner, open_inputs
+from peerd.shell.serve import EXIT_FAILURE, serve
 from peerd.shell.settings import Settings, SettingsError, check_config, resolve
 from peerd.shell.state import StateDir, StateError
 from peerd.shell.systemd import (

@@ -40,7 +40,8 @@ from peerd.core.events import (
 )
 from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
-from peerd.shell.runner import EXIT_BUG, EXIT_FAILURE, EXIT_OK, Runner, serve
+from peerd.shell.runner import Runner
+from peerd.shell.serve import EXIT_BUG, EXIT_FAILURE, EXIT_OK, serve
 from peerd.shell.state import StateDir
 from peerd.wire.messages import Status
 from peerd.wire.seal import Keyring, format_key, key_id, load_key_file
