@@ -43,7 +43,6 @@ import trio
 
 from peerd.api.protocol import (
     PAGE_BUDGET_BYTES,
-    STREAM_END,
     ApiError,
     ErrorCode,
     EventArgs,
@@ -53,7 +52,6 @@ from peerd.api.protocol import (
     RegTarget,
     SendArgs,
     TagUpdate,
-    Topic,
     encode_user_event,
     entry_wire_size,
     format_addr,
@@ -71,9 +69,6 @@ from peerd.api.protocol import (
     parse_target_args,
     parse_update_args,
     reg_entry_to_wire,
-    snapshot_end_to_wire,
-    snapshot_entry_to_wire,
-    snapshot_member_to_wire,
     status_to_wire,
 )
 from peerd.core.config import SwimConfig
@@ -92,13 +87,14 @@ from peerd.core.mesh.events import (
     BroadcastResult,
 )
 from peerd.core.node import tags_problem
-from peerd.shell.keys import KeyManager as KeyManager
+from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
 from peerd.shell.messaging import Messenger, Pending
-from peerd.shell.ports import EventItem, Item, NodeLike, _Waiter
+from peerd.shell.ports import EventItem, Item, NodeLike, Waiter
 from peerd.shell.settings import DEFAULT_PORT
 from peerd.shell.state import StateDir, StateError
 from peerd.shell.tags import NodeTags
+from peerd.shell.watches import TOPICS, SnapshotThenLive, Watch, snapshot_cut
 from peerd.wire.messages import (
     Addr,
     Channel,
@@ -109,83 +105,11 @@ from peerd.wire.messages import (
 
 
 @dataclass(eq=False, slots=True)
-class _RegCall:
+class RegCall:
     """A registry command waiting for its CommandResult."""
 
     result: CommandResult | None = None
     done: trio.Event | None = None  # made only when the result does not come at once
-
-
-@dataclass(eq=False)
-class _Watch:
-    """One API watch: the sending end of its event channel (the server reads the other)."""
-
-    conn: object
-    topics: frozenset[str]
-    send: trio.MemorySendChannel[EventItem]
-
-    def offer(self, item: EventItem) -> bool:
-        """Queue an event; False once the watch is gone (closed or too slow).
-
-        The last free slot is kept for an ``end`` event, so a client that
-        fell behind learns why its stream stopped.
-        """
-        stats = self.send.statistics()
-        try:
-            if stats.current_buffer_used >= stats.max_buffer_size - 1:
-                self.send.send_nowait(
-                    (
-                        STREAM_END,
-                        {
-                            "code": str(ErrorCode.UNAVAILABLE),
-                            "message": "watcher too slow: events were dropped; watch again",
-                        },
-                    )
-                )
-                self.send.close()
-                return False
-            self.send.send_nowait(item)
-        except trio.WouldBlock:
-            self.send.close()
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.send.close()
-            return False
-        return True
-
-
-class _SnapshotThenLive(trio.abc.ReceiveChannel[EventItem]):
-    """A watch with a snapshot: the items of the cut first, then the live channel.
-
-    The cut is a list of references to immutable records (member infos,
-    registry entries) taken in the same synchronous step as the watch was
-    registered, so no event can fall between the two; the records are turned
-    into wire maps only as the client reads them. Live events queue behind
-    the snapshot in the watch's bounded channel meanwhile (a client that
-    reads the snapshot too slowly while many changes happen is dropped like
-    any slow watcher)."""
-
-    def __init__(
-        self, first: Iterator[EventItem], live: trio.MemoryReceiveChannel[EventItem]
-    ) -> None:
-        self._first: Iterator[EventItem] | None = first
-        self._live = live
-
-    async def receive(self) -> EventItem:
-        if self._first is not None:
-            item = next(self._first, None)
-            if item is not None:
-                await trio.lowlevel.checkpoint()
-                return item
-            self._first = None
-        return await self._live.receive()
-
-    async def aclose(self) -> None:
-        self._first = None
-        await self._live.aclose()
-
-
-TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value, Topic.EVENTS.value})
 
 
 class Backend:
@@ -208,15 +132,15 @@ class Backend:
     in_flight: int
     _started_at: float
     _timers: list[Any]
-    _join_waiters: collections.deque[_Waiter]
+    _join_waiters: collections.deque[Waiter]
     _join_changed: trio.Event
     _join_lock: trio.Lock
-    _leave_waiters: list[_Waiter]
-    _watches: list[_Watch]
+    _leave_waiters: list[Waiter]
+    _watches: list[Watch]
     _left: bool
     _finished: bool
     _refs: Iterator[int]
-    _reg_calls: dict[int, _RegCall]
+    _reg_calls: dict[int, RegCall]
     _reg_conns: dict[int, Any]
     _deferred: collections.deque[Input]
     _local_brief: tuple[str, str] | None
@@ -327,7 +251,7 @@ class Backend:
         """Feed one registry command for ``conn`` (a RegTarget is an
         unregister, or with ``update`` a metadata update) and wait for its
         result: at once, or for ``wait: "settled"`` when the core answers."""
-        call: _RegCall = await self.call_in_runner(lambda: self._reg_begin(conn, cmd, update))
+        call: RegCall = await self.call_in_runner(lambda: self._reg_begin(conn, cmd, update))
         if call.result is None:
             call.done = trio.Event()
             await call.done.wait()
@@ -335,7 +259,7 @@ class Backend:
 
     def _reg_begin(
         self, conn: object, cmd: RegisterArgs | RegTarget, update: bool = False
-    ) -> _RegCall:
+    ) -> RegCall:
         """In the runner task: feed the command; its result is filled in when
         the core answers (for a plain write, before this returns)."""
         self._registry()
@@ -369,7 +293,7 @@ class Backend:
             inp = UpdateMeta(ref, conn_id, cmd.kind, cmd.scope, cmd.name, cmd.meta)
         else:
             inp = Unregister(ref, conn_id, cmd.kind, cmd.scope, cmd.name)
-        call = self._reg_calls[ref] = _RegCall()
+        call = self._reg_calls[ref] = RegCall()
         self._reg_conns[conn_id] = conn
         self._handle(inp)
         if isinstance(cmd, RegisterArgs) and not cmd.messages and self.messenger is not None:
@@ -406,7 +330,7 @@ class Backend:
         )
         return f"{scope}/{name} is held by pid {claim.entry.pid} on {where}"
 
-    def _reg_value(self, call: _RegCall) -> dict[str, Any]:
+    def _reg_value(self, call: RegCall) -> dict[str, Any]:
         result = call.result
         assert result is not None
         if result.error is not None:
@@ -495,7 +419,7 @@ class Backend:
                             except ApiError as e:
                                 results[i] = e
                 for i, r in enumerate(results):
-                    if isinstance(r, _RegCall):  # pragma: no cover - quick writes answer at once
+                    if isinstance(r, RegCall):  # pragma: no cover - quick writes answer at once
                         if r.result is None:
                             r.done = trio.Event()
                             await r.done.wait()
@@ -691,10 +615,10 @@ class Backend:
         results are paired with requests by order, which is only sound when
         a single join is outstanding."""
 
-        def begin() -> _Waiter:
+        def begin() -> Waiter:
             if self.leaving:
                 raise ApiError(ErrorCode.UNAVAILABLE, "the node is leaving")
-            waiter = _Waiter("api")
+            waiter = Waiter("api")
             self._join_waiters.append(waiter)
             self._handle(Join(addrs))
             return waiter
@@ -703,7 +627,7 @@ class Backend:
             async with self._join_lock:
                 while self._join_waiters:
                     await self._join_changed.wait()
-                waiter: _Waiter = await self.call_in_runner(begin)
+                waiter: Waiter = await self.call_in_runner(begin)
                 await waiter.done.wait()
                 if waiter.result is None:
                     raise ApiError(ErrorCode.UNAVAILABLE, "the node left before the join ended")
@@ -712,8 +636,8 @@ class Backend:
         raise ApiError(ErrorCode.UNAVAILABLE, "join did not finish in time")
 
     async def _leave(self) -> dict[str, Any]:
-        def begin() -> _Waiter:
-            waiter = _Waiter("leave")
+        def begin() -> Waiter:
+            waiter = Waiter("leave")
             if self._left:
                 waiter.done.set()
                 return waiter
@@ -721,14 +645,14 @@ class Backend:
             self._begin_leave()
             return waiter
 
-        waiter: _Waiter = await self.call_in_runner(begin)
+        waiter: Waiter = await self.call_in_runner(begin)
         await waiter.done.wait()
         return {}
 
     def watch(
         self, conn: object, topics: Sequence[str], snapshot: bool = False
     ) -> trio.abc.ReceiveChannel[EventItem]:
-        """Start a watch; events are queued without waiting (see :class:`_Watch`).
+        """Start a watch; events are queued without waiting (see :class:`Watch`).
 
         With ``snapshot``, the stream starts with the current state of each
         topic (in the order given), each topic's closed by a ``snapshot_end``
@@ -744,36 +668,10 @@ class Backend:
             )
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
-        first = self._snapshot(topics) if snapshot else None
+        first = snapshot_cut(self.node, topics) if snapshot else None
         send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
-        self._watches.append(_Watch(conn, frozenset(topics), send))
-        return receive if first is None else _SnapshotThenLive(first, receive)
-
-    def _snapshot(self, topics: Sequence[str]) -> Iterator[EventItem]:
-        """The state of ``topics`` now, as references; converted when read."""
-        members = list(self.node.members())
-        cut: list[tuple[str, list[Any]]] = []
-        for topic in topics:
-            if topic == Topic.MEMBERS.value:
-                cut.append((topic, members))
-            elif topic == Topic.REGISTRY.value:
-                registry = getattr(self.node, "registry", None)
-                claims = list(registry.state.entries()) if registry is not None else []
-                cut.append((topic, claims))
-            else:  # events: nothing is current; only the end marker
-                cut.append((topic, []))
-        by_node = {m.node: m for m in members}
-
-        def items() -> Iterator[EventItem]:
-            for topic, records in cut:
-                for r in records:
-                    if topic == Topic.MEMBERS.value:
-                        yield snapshot_member_to_wire(r)
-                    else:
-                        yield snapshot_entry_to_wire(r.origin, r.entry, by_node.get(r.origin))
-                yield snapshot_end_to_wire(topic, len(records))
-
-        return items()
+        self._watches.append(Watch(conn, frozenset(topics), send))
+        return receive if first is None else SnapshotThenLive(first, receive)
 
     def connection_closed(self, conn: object) -> None:
         keep = []

@@ -23,8 +23,7 @@ from peerd.api.protocol import (
     ErrorCode,
     format_addr,
 )
-from peerd.shell.keys import KeyManager as KeyManager
-from peerd.shell.keys import Target, cluster_op
+from peerd.shell.keys import KeyManager, Target, cluster_op
 from peerd.shell.ports import NodeLike, StreamPort
 from peerd.wire import codec
 from peerd.wire.codec import DecodeError

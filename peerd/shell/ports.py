@@ -6,7 +6,7 @@ tests can hand in fakes and the real endpoints (UDP, TCP, links, systemd)
 stay independent of the loop. Everything that reaches the loop arrives as one
 :data:`Item` on one bounded channel (:func:`open_inputs`): core inputs from
 the receivers, link messages, and closures other tasks want run in the
-runner task (:class:`_Call`), which is how the API backend reads and writes
+runner task (:class:`Call`), which is how the API backend reads and writes
 the core without locks. These types sit below the runner, the backend and
 key operations, which all use them, so none of those imports another in a
 cycle.
@@ -30,7 +30,6 @@ from peerd.core.mesh.events import (
     MeshInput,
     MeshOutput,
 )
-from peerd.shell.keys import KeyManager as KeyManager
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.wire.messages import (
     Addr,
@@ -114,7 +113,7 @@ class CoreFailure(Exception):
 
 
 @dataclass(eq=False)
-class _Call:
+class Call:
     """Run ``fn`` inside the runner task (the only place the core is touched)."""
 
     fn: Callable[[], Any]
@@ -124,16 +123,16 @@ class _Call:
 
 
 @dataclass(eq=False)
-class _Shutdown:
+class Shutdown:
     reason: str
 
 
-Item = Input | _Call | _Shutdown | LinkMessages | LinkLost
+Item = Input | Call | Shutdown | LinkMessages | LinkLost
 EventItem = tuple[str, dict[str, Any]]
 
 
 @dataclass(eq=False)
-class _Waiter:
+class Waiter:
     """An API call (or the start) waiting for a JoinDone / LeaveDone."""
 
     label: str

@@ -101,12 +101,15 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
-from peerd.shell.backend import Backend, _RegCall, _Watch
+from peerd.shell.backend import Backend, RegCall
 from peerd.shell.keyops import KeyOps
 from peerd.shell.keys import KeyManager as KeyManager
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger
+from peerd.shell.ports import (
+    Call as Call,
+)
 from peerd.shell.ports import (
     CoreFailure as CoreFailure,
 )
@@ -118,19 +121,17 @@ from peerd.shell.ports import (
     MeshLike,
     NodeLike,
     PacketPort,
+    Shutdown,
     StreamPort,
     TrafficObserver,
-    _Shutdown,
-    _Waiter,
-)
-from peerd.shell.ports import (
-    _Call as _Call,
+    Waiter,
 )
 from peerd.shell.ports import (
     open_inputs as open_inputs,
 )
 from peerd.shell.state import StateDir, StateError
 from peerd.shell.tags import NodeTags
+from peerd.shell.watches import Watch
 from peerd.wire import codec
 from peerd.wire.messages import (
     Addr,
@@ -231,11 +232,11 @@ class Runner(Backend, KeyOps):
         self._started_at = 0.0
         self._timers: list[tuple[float, int, Timer | MeshTimer]] = []
         self._seq = itertools.count()
-        self._join_waiters: collections.deque[_Waiter] = collections.deque()
+        self._join_waiters: collections.deque[Waiter] = collections.deque()
         self._join_changed = trio.Event()
         self._join_lock = trio.Lock()
-        self._leave_waiters: list[_Waiter] = []
-        self._watches: list[_Watch] = []
+        self._leave_waiters: list[Waiter] = []
+        self._watches: list[Watch] = []
         self._leave_deadline: float | None = None
         self._left = False
         self._finished = False
@@ -247,7 +248,7 @@ class Runner(Backend, KeyOps):
         # registry commands in flight (ref -> waiter), and the connections that
         # wrote to the registry (id -> connection, for conflict events)
         self._refs = itertools.count(1)
-        self._reg_calls: dict[int, _RegCall] = {}
+        self._reg_calls: dict[int, RegCall] = {}
         self._reg_conns: dict[int, Any] = {}
         self._deferred: collections.deque[Input] = collections.deque()
         self._local_brief: tuple[str, str] | None = None
@@ -302,7 +303,7 @@ class Runner(Backend, KeyOps):
         """
         # The core answers Start with a JoinDone (0/0 without seeds): pair it.
         self._started_at = trio.current_time()
-        self._join_waiters.append(_Waiter("start"))
+        self._join_waiters.append(Waiter("start"))
         self._handle(Start(self.seeds))
         try:
             while not self._finished:
@@ -348,7 +349,7 @@ class Runner(Backend, KeyOps):
 
     def _dispatch(self, item: Item) -> None:
         match item:
-            case _Call():
+            case Call():
                 try:
                     item.result = item.fn()
                 except CoreFailure:
@@ -356,7 +357,7 @@ class Runner(Backend, KeyOps):
                 except Exception as e:  # ApiError and friends go back to the caller
                     item.error = e
                 item.done.set()
-            case _Shutdown():
+            case Shutdown():
                 self.logger.info("shutting down", reason=item.reason)
                 self._begin_leave(item.reason)
             case LinkMessages(src, msgs):
@@ -365,12 +366,7 @@ class Runner(Backend, KeyOps):
             case StreamRequest(stream, src, data) if codec.peek_type(data) == KeyRequest.TYPE:
                 self._on_key_request(stream, src, data)
             case LinkLost(node, mesh, link):
-                if mesh:
-                    if self.links is not None:
-                        # Before LinkDown: what the mesh then asks for stands.
-                        self.links.mesh_lost(node, link)
-                    self._mesh_handle(LinkDown(node))
-                self._link_lost(node, link)
+                self._on_link_lost(node, mesh, link)
             case _:
                 self._handle(item)
 
@@ -455,19 +451,7 @@ class Runner(Backend, KeyOps):
             self.lifecycle.members_changed(trio.current_time())
         if ev.kind in _PEER_KINDS:
             self.peers_changed.set()
-        if self.mesh is not None:
-            if ev.kind in _HINT_ALIVE:
-                peer = (MeshPeer(m.node, m.addr),)
-                self._mesh_handle(
-                    MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
-                )
-            elif ev.kind in _HINT_DEAD:
-                self._mesh_handle(MembershipHint(dead=(m.node,)))
-                if self.links is not None and ev.kind is not EventKind.REAPED:
-                    # A dead node's daemon answers nothing (a frozen one keeps
-                    # its links open): close what is left, fail what waits.
-                    self.links.close(m.node, mesh=False)
-                    self._link_lost(m.node)
+        self._mesh_member_event(ev)
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)
@@ -502,7 +486,7 @@ class Runner(Backend, KeyOps):
         # Every watch event names its topic ("joined", "left", "updated"
         # exist in two); one copy shared by the watchers of that topic.
         item = with_topic(item, topic)
-        keep: list[_Watch] = []
+        keep: list[Watch] = []
         for w in self._watches:
             if topic not in w.topics or w.offer(item):
                 keep.append(w)
@@ -557,8 +541,7 @@ class Runner(Backend, KeyOps):
         if self.lifecycle is not None:
             self.lifecycle.leaving(reason)
         self._leave_deadline = trio.current_time() + self.leave_timeout_s
-        if self.mesh is not None:
-            self._mesh_handle(LeaveMesh())
+        self._leave_mesh()
         self._handle(Leave())
 
     def _save_incarnation(self, incarnation: int) -> None:
@@ -576,7 +559,43 @@ class Runner(Backend, KeyOps):
             w.send.close()
         self._watches.clear()
 
-    # --- partial mesh ----------------------------------------------------------------
+    # === mesh wiring ====================================================================
+    # How membership, the registry, the mesh core and the peer links are joined,
+    # kept together so that a core Peer owning the mesh can replace it in one go.
+    # Hooks outside this section: __init__ (mesh state), _fire_due_timers
+    # (MeshTimer), _dispatch (LinkMessages, LinkLost), _carry_out (MeshCast),
+    # _member_event, _join_done and _begin_leave (one call each). The section
+    # ends at "end of mesh wiring".
+
+    def _mesh_member_event(self, ev: MemberEvent) -> None:
+        """Membership hints for the mesh: live members become candidate
+        neighbours, dead ones are forgotten (and their links closed)."""
+        m = ev.member
+        if self.mesh is not None:
+            if ev.kind in _HINT_ALIVE:
+                peer = (MeshPeer(m.node, m.addr),)
+                self._mesh_handle(
+                    MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
+                )
+            elif ev.kind in _HINT_DEAD:
+                self._mesh_handle(MembershipHint(dead=(m.node,)))
+                if self.links is not None and ev.kind is not EventKind.REAPED:
+                    # A dead node's daemon answers nothing (a frozen one keeps
+                    # its links open): close what is left, fail what waits.
+                    self.links.close(m.node, mesh=False)
+                    self._link_lost(m.node)
+
+    def _on_link_lost(self, node: NodeId, mesh: bool, link: int | None) -> None:
+        if mesh:
+            if self.links is not None:
+                # Before LinkDown: what the mesh then asks for stands.
+                self.links.mesh_lost(node, link)
+            self._mesh_handle(LinkDown(node))
+        self._link_lost(node, link)
+
+    def _leave_mesh(self) -> None:
+        if self.mesh is not None:
+            self._mesh_handle(LeaveMesh())
 
     def _join_mesh(self) -> None:
         """After a join (the start's or the API's): enter the overlay through a
@@ -716,13 +735,15 @@ class Runner(Backend, KeyOps):
             raise ApiError(ErrorCode.INTERNAL, "the mesh did not answer the broadcast")
         return result
 
+    # === end of mesh wiring =============================================================
+
     # --- control from other tasks ------------------------------------------------------
 
     async def call_in_runner(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in the runner task and return its result (or raise its error)."""
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
-        call = _Call(fn)
+        call = Call(fn)
         await self.send_channel.send(call)
         await call.done.wait()
         if call.error is not None:
@@ -731,7 +752,7 @@ class Runner(Backend, KeyOps):
 
     async def shutdown(self, reason: str) -> None:
         """Graceful stop: leave, then the loop ends on LeaveDone (or its bound)."""
-        await self.send_channel.send(_Shutdown(reason))
+        await self.send_channel.send(Shutdown(reason))
 
     async def save_peers(self) -> None:
         """Remember live peers as join hints for the next start (in the runner

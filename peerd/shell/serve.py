@@ -18,7 +18,6 @@ from typing import Any
 
 import trio
 
-from peerd.shell.keys import KeyManager as KeyManager
 from peerd.shell.ports import CoreFailure
 from peerd.shell.runner import Runner
 

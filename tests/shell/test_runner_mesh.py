@@ -254,9 +254,9 @@ async def test_user_events_go_to_event_watchers(autojump_clock: trio.testing.Moc
 
 
 def _call(runner: Any, d: Any) -> Any:
-    from peerd.shell.runner import _Call
+    from peerd.shell.runner import Call
 
-    return _Call(lambda: runner._deliver(d))
+    return Call(lambda: runner._deliver(d))
 
 
 async def test_a_dead_member_closes_direct_links_and_fails_waiting_sends(
