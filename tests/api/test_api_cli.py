@@ -278,7 +278,7 @@ def test_agent_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
         loads.append(1)
         return fake
 
-    monkeypatch.setattr(cli, "_import_agent", import_agent)
+    monkeypatch.setattr(cli.parser, "_import_agent", import_agent)
     assert cli.main(["members", "--help"]) == 0
     assert loads == []  # client commands never import the agent
     assert cli.main(["agent", "--bind", "1.2.3.4:5"]) == 7
@@ -286,6 +286,6 @@ def test_agent_is_loaded_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_agent_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "_import_agent", lambda: None)
+    monkeypatch.setattr(cli.parser, "_import_agent", lambda: None)
     assert cli.main(["agent"]) == 1
     assert "not available" in capsys.readouterr().err
