@@ -12,25 +12,15 @@ import argparse
 from typing import Any, NoReturn
 
 EXIT_OK = 0
-
-
 EXIT_FAILED = 1
-
-
 EXIT_USAGE = 2
-
-
 EXIT_UNREACHABLE = 3
-
 
 # "code" of a --json error that did not come from the daemon (whose codes,
 # "not_found", "bad_args"..., pass through as they are), by exit code.
 ERROR_KINDS = {EXIT_FAILED: "failed", EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable"}
 
-
 MEMBER_STATUSES = ("alive", "suspect", "dead", "left")
-
-
 SHORT_ID = 8  # hex digits of a node id shown in tables; --json has the full id
 
 

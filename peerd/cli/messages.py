@@ -108,8 +108,6 @@ SI_KERNEL = 0x80  # siginfo si_code of a signal sent by the kernel (the tty's ^C
 
 
 EXIT_NAME_LOST = 4  # peerd exec stopped COMMAND: a name was lost to an older claim
-
-
 EXIT_DAEMON_LOST = 5  # peerd exec stopped COMMAND: the connection to the daemon was lost
 
 

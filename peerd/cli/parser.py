@@ -53,7 +53,6 @@ peerd: a masterless peer-to-peer membership and registry daemon.
 `peerd agent` runs the daemon on this host. The other commands talk to the
 local daemon through its API socket."""
 
-
 EPILOG = """\
 API socket: --api-socket PATH, else $PEERD_API_SOCKET, else /run/peerd/peerd.sock
 for root, else $XDG_RUNTIME_DIR/peerd/peerd.sock, else /tmp/peerd-UID/peerd.sock.
