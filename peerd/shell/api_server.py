@@ -4,7 +4,10 @@ Protocol: :mod:`peerd.api.protocol`, spec ``proto/api.cddl``. This module is
 only transport: it accepts Unix-socket connections, splits them into frames,
 hands each request to a :class:`Backend` and writes back what the backend
 answers. What an op *means* is the backend's business (the daemon's runner
-implements it), so new ops (registry, messaging) need no change here.
+implements it), so new ops (registry, messaging) need no change here. The
+connection as the backend sees it and the :class:`Backend` contract are in
+:mod:`peerd.shell.api_conn`; binding the socket file and reading peer
+credentials, in :mod:`peerd.shell.api_socket`.
 
 Shape of one connection (all tasks in one nursery per connection)::
 
@@ -46,11 +49,8 @@ import itertools
 import logging
 import os
 import socket
-import stat
-import struct
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
 
 import trio
 
@@ -60,7 +60,6 @@ from peerd.api.protocol import (
     STREAM_END,
     ApiError,
     ErrorCode,
-    Event,
     FrameDecoder,
     FrameError,
     Op,
@@ -72,8 +71,25 @@ from peerd.api.protocol import (
     parse_watch_args,
     parse_watch_snapshot,
 )
+from peerd.shell.api_conn import (
+    MAILBOX_BYTES,
+    MAILBOX_MESSAGES,
+    Backend,
+    Connection,
+    EventItem,
+    _Stream,
+)
+from peerd.shell.api_socket import (
+    ApiSocketError,
+    PeerCred,
+    _unlink_if_ours,
+    bind_api_socket,
+    peer_cred,
+)
 
 __all__ = [
+    "MAILBOX_BYTES",  # the mailbox defaults, for peerd.shell.messaging
+    "MAILBOX_MESSAGES",
     "ApiError",
     "ApiServer",
     "ApiSocketError",
@@ -89,236 +105,9 @@ log = logging.getLogger("peerd.api")
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_INFLIGHT = 64  # concurrent requests per connection before the reader pauses
 OUTGOING_QUEUE_FRAMES = 256  # frames waiting for the writer, per connection
-# Messages to names waiting for the writer, per connection (the "mailbox"),
-# bounded apart from the outgoing queue: by count and by bytes (defaults of
-# the [messages] settings mailbox_messages and mailbox_bytes).
-MAILBOX_MESSAGES = 16_384
-MAILBOX_BYTES = 16 * 1024 * 1024
 CLOSE_GRACE_S = 5.0  # time to flush the last frames to a client we are closing
 RECEIVE_CHUNK = 65536
-SOCKET_MODE = 0o660
-DIRECTORY_MODE = 0o750
-LISTEN_BACKLOG = 128
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-class ApiSocketError(Exception):
-    """The API socket could not be set up (in use, not a socket, no permission).
-    The message is one line fit for the operator."""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCred:
-    """Credentials of the process at the other end of a Unix socket, as the
-    kernel recorded them at connect time (they cannot be forged)."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-EventItem: TypeAlias = tuple[str, dict[str, Any]]
-"""What a watch channel carries: ``(event name, data map)``."""
-
-
-class Connection:
-    """One client connection, as the backend sees it.
-
-    ``id`` is unique for the server's lifetime (a key for registrations bound
-    to this connection). ``cred`` is None when the transport has no peer
-    credentials (tests over memory streams, non-Linux systems)."""
-
-    def __init__(
-        self,
-        conn_id: int,
-        cred: PeerCred | None,
-        outgoing: trio.MemorySendChannel[bytes],
-        max_frame: int,
-        max_inflight: int,
-        *,
-        mailbox_messages: int = MAILBOX_MESSAGES,
-        mailbox_bytes: int = MAILBOX_BYTES,
-    ) -> None:
-        self.id = conn_id
-        self.cred = cred
-        self._outgoing = outgoing
-        self._max_frame = max_frame
-        self._cancel_scope = trio.CancelScope()
-        self._inflight = trio.Semaphore(max_inflight)
-        # id -> the request using it (a watch keeps its id until its stream ends)
-        self._ids_in_use: dict[int, Request] = {}
-        self._streams: dict[int, _Stream] = {}
-        self._reading = True
-        self._closed = False
-        self._mailbox: collections.deque[bytes] = collections.deque()
-        self._mailbox_bytes = 0
-        self.mailbox_messages = mailbox_messages
-        self.mailbox_bytes = mailbox_bytes
-
-    def __repr__(self) -> str:
-        who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
-        return f"<Connection {self.id}{who}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def streams(self) -> frozenset[int]:
-        """Ids of the watch streams open on this connection."""
-        return frozenset(self._streams)
-
-    def push_nowait(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
-        """Queue an event frame ``{"stream", "event", "data"}`` without waiting.
-
-        For events that belong to no watch: connection events on stream
-        ``CONNECTION_STREAM`` (0), such as a registry conflict for an entry
-        this connection owns.
-        Returns False if the connection is closed or its queue is full (the
-        client is not reading); the backend decides whether that is fatal
-        (:meth:`close`). Raises ValueError if the frame cannot be encoded."""
-        frame = self._encode_event(stream, event, data)
-        try:
-            self._outgoing.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-        return True
-
-    def offer(self, stream: int, event: str, data: Mapping[str, Any]) -> str:
-        """Queue an event in the connection's mailbox (messages to names):
-        "ok", "full" (``mailbox_messages`` or ``mailbox_bytes`` waiting: the
-        client is not reading) or "closed". The mailbox is written out in order,
-        between the other frames. Raises ValueError if the frame cannot be
-        encoded."""
-        if self._closed:
-            return "closed"
-        frame = self._encode_event(stream, event, data)
-        if (
-            len(self._mailbox) >= self.mailbox_messages
-            or self._mailbox_bytes + len(frame) > self.mailbox_bytes
-        ):
-            return "full"
-        was_empty = not self._mailbox
-        self._mailbox.append(frame)
-        self._mailbox_bytes += len(frame)
-        if was_empty:
-            # Wake the writer (an empty frame writes nothing). If its queue
-            # is full it is busy anyway and drains the mailbox after each write.
-            try:
-                self._outgoing.send_nowait(b"")
-            except trio.WouldBlock:
-                pass
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return "closed"
-        return "ok"
-
-    def _take_mail(self, budget: int, parts: list[bytes]) -> int:
-        """Move mailbox frames into ``parts`` up to ``budget`` bytes (at least one)."""
-        size = 0
-        box = self._mailbox
-        while box and (size < budget or not parts):
-            frame = box.popleft()
-            parts.append(frame)
-            size += len(frame)
-        self._mailbox_bytes -= size
-        return size
-
-    async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
-        """Like :meth:`push_nowait` but waits for room. False if the connection closed."""
-        frame = self._encode_event(stream, event, data)
-        try:
-            await self._outgoing.send(frame)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
-        return True
-
-    def close(self) -> None:
-        """Drop the connection now (pending requests are cancelled)."""
-        self._cancel_scope.cancel()
-
-    def _encode_event(self, stream: int, event: str, data: Mapping[str, Any]) -> bytes:
-        try:
-            return encode_frame(Event(stream, event, dict(data)), max_frame=self._max_frame)
-        except FrameError as exc:
-            raise ValueError(exc.message) from None
-        except Exception as exc:
-            raise ValueError(f"event {event!r} cannot be encoded: {exc}") from exc
-
-
-@dataclass(slots=True)
-class _Stream:
-    scope: trio.CancelScope
-    channel: trio.abc.ReceiveChannel[EventItem]
-
-
-class Backend(Protocol):
-    """What the API server needs from the daemon. The runner implements it.
-
-    All three methods run in the daemon's trio thread, called from the
-    server's connection tasks.
-
-    ``async call(conn, op, args) -> result``
-        Perform one request and return its result, which must be
-        CBOR-encodable (dict, list, str, int, bool, None, bytes). ``args`` is the
-        request's args map (keys are text; values unchecked: validate them, the
-        ``parse_*_args`` helpers in :mod:`peerd.api.protocol` do it for the
-        current ops). Raise :class:`~peerd.api.protocol.ApiError` to answer with
-        an error: ``unknown_op`` for an op the backend does not know,
-        ``bad_args``, ``not_found``, ``conflict``, ``unavailable`` (e.g. still
-        starting, or leaving). Any other exception is answered as ``internal``
-        and logged with its traceback: it is a bug.
-
-        Calls run concurrently, several per connection, so a slow op (``join``,
-        ``leave``) does not hold up others. A call is cancelled when its client
-        disconnects or the server stops, so it must be cancel-safe: hand the
-        work to the core and await its answer, rather than half-apply state
-        from the calling task. ``watch`` and ``unwatch`` never reach ``call``.
-
-    ``watch(conn, topics) -> ReceiveChannel[(event, data)]``
-        Start a watch for ``topics`` (deduplicated, non-empty; ``"members"``
-        and ``"registry"`` in the daemon) and return the receiving end of a
-        channel of ``(event name, data map)`` items, typically
-        ``trio.open_memory_channel(N)[1]``. Raise ApiError (``bad_args``)
-        for an unknown topic. It is synchronous so that registering cannot
-        interleave with event delivery: no event is lost between the
-        snapshot a client takes and its watch. When the request asks for
-        ``"snapshot": true`` it is called as ``watch(conn, topics,
-        snapshot=True)``: the channel then starts with the current state
-        (taken in that same synchronous step).
-
-        The backend keeps the sending end and should feed it with
-        ``send_nowait``: on ``trio.WouldBlock`` the watcher is too slow and the
-        backend should close its sending end (the client gets an ``end``
-        event); on ``trio.BrokenResourceError`` the server has closed the
-        stream (unwatch, disconnect) and the backend should forget it. To end
-        a stream with a reason, send ``("end", {"code": ..., "message": ...})``
-        and close. The server forwards each item as an event frame whose
-        ``stream`` is the watch request's id.
-
-    ``connection_closed(conn)``
-        Called once per connection, after all its calls have finished or been
-        cancelled and its streams closed. Drop whatever is bound to the
-        connection (its registry entries). Must not block; an exception is
-        logged and ignored.
-
-    Events about the connection itself (not asked for by a watch) go out
-    with :meth:`Connection.push_nowait` on stream ``CONNECTION_STREAM`` (0);
-    a watch request with id 0 is therefore refused (``bad_args``).
-
-    Optional, for speed: ``batchable(op, args) -> bool`` says that a request
-    answers at once (no waiting on the network), and ``async
-    call_batch(conn, [(op, args), ...]) -> [result or ApiError, ...]``
-    performs such requests in order, in one go. The reader stops reading
-    while a batch runs, so a batch must not wait for long.
-    """
-
-    async def call(self, conn: Connection, op: str, args: dict[str, Any]) -> Any: ...
-
-    def watch(
-        self, conn: Connection, topics: Sequence[str], snapshot: bool = False
-    ) -> trio.abc.ReceiveChannel[EventItem]: ...
-
-    def connection_closed(self, conn: Connection) -> None: ...
 
 
 ListenerArg: TypeAlias = (
@@ -795,88 +584,3 @@ async def _write_loop(
                     frame = b""
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         connection_scope.cancel()  # the client is gone: stop everything for it
-
-
-def peer_cred(stream: trio.abc.Stream) -> PeerCred | None:
-    """SO_PEERCRED of a Unix-socket stream (Linux), else None."""
-    sock = getattr(stream, "socket", None)
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if sock is None or so_peercred is None or sock.family != socket.AF_UNIX:
-        return None
-    size = struct.calcsize("3i")
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, size)
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
-
-
-async def bind_api_socket(
-    path: str, *, mode: int = SOCKET_MODE, backlog: int = LISTEN_BACKLOG
-) -> trio.socket.SocketType:
-    """Bind and listen on a Unix stream socket at ``path``.
-
-    Creates the parent directory (0o750) if missing. A socket file left by a
-    crashed daemon is removed, but only after a connect to it is refused:
-    removing a live daemon's socket would orphan it silently. Raises
-    :class:`ApiSocketError` if another process listens there, if the path is
-    something other than a socket, or on any OS error."""
-    parent = os.path.dirname(path) or "."
-    try:
-        if not os.path.isdir(parent):
-            os.makedirs(parent, mode=DIRECTORY_MODE, exist_ok=True)
-            os.chmod(parent, DIRECTORY_MODE)  # makedirs' mode is filtered by the umask
-        _remove_stale_socket(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.bind(path)
-            os.chmod(path, mode)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-    except ApiSocketError:
-        raise
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise ApiSocketError(
-                f"API socket {path} is in use: is another peerd running?"
-            ) from None
-        raise ApiSocketError(f"cannot create API socket {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ApiSocketError(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)  # a full backlog must not block the daemon's start
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        log.info("removing stale API socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except FileNotFoundError:
-        return
-    except BlockingIOError:
-        pass  # backlog full: someone is listening
-    finally:
-        probe.close()
-    raise ApiSocketError(f"another peerd is already listening on {path}")
-
-
-def _unlink_if_ours(path: str, inode: tuple[int, int]) -> None:
-    # A newer daemon may have replaced the file; never remove its socket.
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == inode:
-            os.unlink(path)
-    except OSError:
-        pass
