@@ -564,8 +564,9 @@ class Runner(Backend, KeyOps):
     # kept together so that a core Peer owning the mesh can replace it in one go.
     # Hooks outside this section: __init__ (mesh state), _fire_due_timers
     # (MeshTimer), _dispatch (LinkMessages, LinkLost), _carry_out (MeshCast),
-    # _member_event, _join_done and _begin_leave (one call each). The section
-    # ends at "end of mesh wiring".
+    # _member_event, _join_done and _begin_leave (one call each); in the API
+    # backend, the ``event`` op (broadcast, _fan_user_event) and ``send``
+    # (messenger). The section ends at "end of mesh wiring".
 
     def _mesh_member_event(self, ev: MemberEvent) -> None:
         """Membership hints for the mesh: live members become candidate
