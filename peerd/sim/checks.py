@@ -178,7 +178,7 @@ def _duplicates_after_heal(rec: Record, e: Expect) -> Result:
 def _max_links_per_node(rec: Record, e: Expect) -> Result:
     """Mesh: the most links (active view; the simulator opens no direct
     links) any node held at any moment, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.mesh import bound_links
+    from peerd.sim.workloads.mesh import bound_links
 
     assert rec.mesh is not None
     limit = int(e.max) if e.max is not None else bound_links(rec.nodes)
@@ -216,7 +216,7 @@ def _broadcast_redundancy(rec: Record, e: Expect) -> Result:
 def _broadcast_hops(rec: Record, e: Expect) -> Result:
     """Mesh: the 99th percentile of hops from the origin over deliveries of
     broadcasts sent at or after after_s, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.mesh import bound_links
+    from peerd.sim.workloads.mesh import bound_links
 
     limit = e.max if e.max is not None else bound_links(rec.nodes)
     hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items() if i != r.origin)

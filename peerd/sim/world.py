@@ -67,8 +67,8 @@ from peerd.core.events import (
 )
 from peerd.core.node import Node
 from peerd.core.registry.state import SharedState
-from peerd.sim.mesh import T_MESH, MeshWorld
-from peerd.sim.registry import RegistryWorld
+from peerd.sim.workloads.mesh import T_MESH, MeshWorld
+from peerd.sim.workloads.registry import RegistryWorld
 from peerd.sim.scenario import Fault, Scenario, Selection
 from peerd.wire import seal as sealmod
 from peerd.wire.messages import Addr, MemberState, Status

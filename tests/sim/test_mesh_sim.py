@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.mesh.mesh import Mesh
-from peerd.sim.mesh import bound_links
+from peerd.sim.workloads.mesh import bound_links
 from peerd.sim.scenario import ScenarioError
 from tests.sim.helpers import run, scenario
 
