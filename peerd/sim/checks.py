@@ -1,6 +1,6 @@
 """Expectations a scenario can state (``[[expect]] check = ...``), as a registry.
 
-Each check reads the :class:`peerd.sim.world.Record` a run produced and returns
+Each check reads the :class:`peerd.sim.measure.Record` a run produced and returns
 ``(passed, value, limit)``. Values are in seconds or counts; ``None`` means the
 thing never happened (a cluster that never converged, a crash nobody saw).
 Add a check by writing a function and registering it in :data:`CHECKS`.
@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peerd.sim.measure import first_true_at
+
 if TYPE_CHECKING:
+    from peerd.sim.measure import Record
     from peerd.sim.scenario import Expect
-    from peerd.sim.world import Record
 
 Result = tuple[bool, Any, Any]
 
@@ -138,7 +140,6 @@ def _registry_converged(rec: Record, e: Expect) -> Result:
     within_s]. A name's losing claim counts as live until its node reports
     the conflict: duplicate claims are what duplicates_after_heal checks.
     Value: seconds after after_s."""
-    from peerd.sim.world import first_true_at
 
     assert e.within_s is not None
     t = first_true_at(rec.registry_convergence, e.after_s)

@@ -14,8 +14,9 @@ import time
 from typing import IO, Any
 
 from peerd.sim import checks
+from peerd.sim.measure import Record, stats3
 from peerd.sim.scenario import Scenario
-from peerd.sim.world import Record, World, stats3
+from peerd.sim.world import World
 
 
 def peak_rss_mib() -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.mesh.mesh import Mesh
-from peerd.sim.workloads.mesh import bound_links
 from peerd.sim.scenario import ScenarioError
+from peerd.sim.workloads.mesh import bound_links
 from tests.sim.helpers import run, scenario
 
 MESH = """

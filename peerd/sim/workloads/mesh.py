@@ -52,13 +52,15 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
 )
 from peerd.core.mesh.mesh import Mesh
+from peerd.sim.engine import T_MESH
+from peerd.sim.measure import stats3
 from peerd.wire.messages import Channel, Gossip, GossipControl, MeshPeer
 
 if TYPE_CHECKING:
+    from peerd.sim.engine import Proc
+    from peerd.sim.faults import Faults as World
     from peerd.sim.scenario import MeshSpec
-    from peerd.sim.world import Proc, World
 
-T_MESH = 4  # heap target kind: an input for a process's mesh core
 
 # Rough encoded sizes (CBOR, before the seal) of mesh messages, for traffic.
 _CONTROL_BYTES = 40
@@ -426,7 +428,6 @@ class MeshWorld:
     # --- the summary ------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        from peerd.sim.world import stats3
 
         n = self.w.n
         recs = self.broadcasts
