@@ -3,7 +3,8 @@
 Each check reads the :class:`peerd.sim.measure.Record` a run produced and returns
 ``(passed, value, limit)``. Values are in seconds or counts; ``None`` means the
 thing never happened (a cluster that never converged, a crash nobody saw).
-Add a check by writing a function and registering it in :data:`CHECKS`.
+Add a check by writing a function, registering it in ``_FNS`` and naming the
+keys it needs in :data:`peerd.sim.scenario.CHECK_NEEDS` (the scenario language).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peerd.sim.measure import first_true_at
+from peerd.sim.scenario import CHECK_NEEDS
+from peerd.sim.workloads.mesh import bound_links
 
 if TYPE_CHECKING:
     from peerd.sim.measure import Record
@@ -179,7 +182,6 @@ def _duplicates_after_heal(rec: Record, e: Expect) -> Result:
 def _max_links_per_node(rec: Record, e: Expect) -> Result:
     """Mesh: the most links (active view; the simulator opens no direct
     links) any node held at any moment, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.workloads.mesh import bound_links
 
     assert rec.mesh is not None
     limit = int(e.max) if e.max is not None else bound_links(rec.nodes)
@@ -217,7 +219,6 @@ def _broadcast_redundancy(rec: Record, e: Expect) -> Result:
 def _broadcast_hops(rec: Record, e: Expect) -> Result:
     """Mesh: the 99th percentile of hops from the origin over deliveries of
     broadcasts sent at or after after_s, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.workloads.mesh import bound_links
 
     limit = e.max if e.max is not None else bound_links(rec.nodes)
     hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items() if i != r.origin)
@@ -227,37 +228,31 @@ def _broadcast_hops(rec: Record, e: Expect) -> Result:
     return v <= limit, v, limit
 
 
-CHECKS: dict[str, CheckSpec] = {
-    "converged": CheckSpec(_converged, ("within_s",), _converged.__doc__ or ""),
-    "no_false_positives": CheckSpec(_no_false_positives, (), _no_false_positives.__doc__ or ""),
-    "false_suspicions": CheckSpec(_false_suspicions, ("max",), _false_suspicions.__doc__ or ""),
-    "detected": CheckSpec(_detected, ("within_s",), _detected.__doc__ or ""),
-    "detected_first": CheckSpec(_detected_first, ("within_s",), _detected_first.__doc__ or ""),
-    "suspected": CheckSpec(_suspected, (), _suspected.__doc__ or ""),
-    "refuted": CheckSpec(_refuted, ("within_s",), _refuted.__doc__ or ""),
-    "no_cascade": CheckSpec(_no_cascade, (), _no_cascade.__doc__ or ""),
-    "left": CheckSpec(_left, ("within_s",), _left.__doc__ or ""),
-    "msgs_per_node_s": CheckSpec(_msgs_per_node_s, ("max",), _msgs_per_node_s.__doc__ or ""),
-    "bytes_per_node_s": CheckSpec(_bytes_per_node_s, ("max",), _bytes_per_node_s.__doc__ or ""),
-    "registry_converged": CheckSpec(
-        _registry_converged, ("within_s",), _registry_converged.__doc__ or ""
-    ),
-    "lost_live_entries": CheckSpec(
-        _lost_live_entries, ("within_s",), _lost_live_entries.__doc__ or ""
-    ),
-    "stale_entries": CheckSpec(_stale_entries, ("within_s",), _stale_entries.__doc__ or ""),
-    "duplicates_after_heal": CheckSpec(
-        _duplicates_after_heal, ("within_s",), _duplicates_after_heal.__doc__ or ""
-    ),
-    "max_links_per_node": CheckSpec(_max_links_per_node, (), _max_links_per_node.__doc__ or ""),
-    "broadcast_reliability": CheckSpec(
-        _broadcast_reliability, (), _broadcast_reliability.__doc__ or ""
-    ),
-    "broadcast_redundancy": CheckSpec(
-        _broadcast_redundancy, ("max",), _broadcast_redundancy.__doc__ or ""
-    ),
-    "broadcast_hops": CheckSpec(_broadcast_hops, (), _broadcast_hops.__doc__ or ""),
+_FNS: dict[str, Callable[[Record, Expect], Result]] = {
+    "converged": _converged,
+    "no_false_positives": _no_false_positives,
+    "false_suspicions": _false_suspicions,
+    "detected": _detected,
+    "detected_first": _detected_first,
+    "suspected": _suspected,
+    "refuted": _refuted,
+    "no_cascade": _no_cascade,
+    "left": _left,
+    "msgs_per_node_s": _msgs_per_node_s,
+    "bytes_per_node_s": _bytes_per_node_s,
+    "registry_converged": _registry_converged,
+    "lost_live_entries": _lost_live_entries,
+    "stale_entries": _stale_entries,
+    "duplicates_after_heal": _duplicates_after_heal,
+    "max_links_per_node": _max_links_per_node,
+    "broadcast_reliability": _broadcast_reliability,
+    "broadcast_redundancy": _broadcast_redundancy,
+    "broadcast_hops": _broadcast_hops,
 }
+CHECKS: dict[str, CheckSpec] = {
+    name: CheckSpec(fn, CHECK_NEEDS[name], fn.__doc__ or "") for name, fn in _FNS.items()
+}
+assert set(CHECKS) == set(CHECK_NEEDS), "a check in scenario.CHECK_NEEDS has no function here"
 
 
 def evaluate(rec: Record, expects: tuple[Expect, ...]) -> list[dict[str, Any]]:
