@@ -190,13 +190,17 @@ def _max_links_per_node(rec: Record, e: Expect) -> Result:
 
 
 def _mesh_records(rec: Record, e: Expect) -> list[Any]:
-    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible]
+    return [
+        r for r in rec.mesh_records if r.at >= e.after_s and r.eligible and not r.origin_died
+    ]
 
 
 def _broadcast_reliability(rec: Record, e: Expect) -> Result:
     """Mesh: every broadcast sent at or after after_s reached at least
     ``min`` (default 1.0) of the nodes that ran from the broadcast until it
-    was measured. Value: the lowest fraction."""
+    was measured. A broadcast whose origin died before any copy of it left
+    is not counted (the summary reports those as broadcasts_origin_died).
+    Value: the lowest fraction."""
     limit = e.min if e.min is not None else 1.0
     recs = _mesh_records(rec, e)
     if not recs:
