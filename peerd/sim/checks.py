@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from peerd.sim.measure import first_true_at
 from peerd.sim.scenario import CHECK_NEEDS
 from peerd.sim.workloads.mesh import bound_links
+from peerd.sim.workloads.names import hist_pct
 
 if TYPE_CHECKING:
     from peerd.sim.measure import Record
@@ -190,9 +191,7 @@ def _max_links_per_node(rec: Record, e: Expect) -> Result:
 
 
 def _mesh_records(rec: Record, e: Expect) -> list[Any]:
-    return [
-        r for r in rec.mesh_records if r.at >= e.after_s and r.eligible and not r.origin_died
-    ]
+    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible and not r.origin_died]
 
 
 def _broadcast_reliability(rec: Record, e: Expect) -> Result:
@@ -232,6 +231,36 @@ def _broadcast_hops(rec: Record, e: Expect) -> Result:
     return v <= limit, v, limit
 
 
+def _name_delivery(rec: Record, e: Expect) -> Result:
+    """Names workload: of the messages sent at or after after_s to a name
+    whose owner was live at send time and for the next second, the fraction
+    that reached that owner, at least ``min`` (default 0.999)."""
+    limit = e.min if e.min is not None else 0.999
+    tot = rec.names_at.get(e.after_s)
+    v = tot.delivery() if tot is not None else None
+    return v is not None and v >= limit, v, limit
+
+
+def _name_latency(rec: Record, e: Expect) -> Result:
+    """Names workload: the p99 of send-to-delivery time of the messages sent
+    at or after after_s that were delivered, in milliseconds (0.1 ms
+    resolution), at most ``max_ms``."""
+    tot = rec.names_at.get(e.after_s)
+    v = hist_pct(tot.latency, 0.99) if tot is not None else None
+    return v is not None and v <= (e.max_ms or 0.0), v, e.max_ms
+
+
+def _lost_messages(rec: Record, e: Expect) -> Result:
+    """Names workload: messages sent at or after after_s that were neither
+    delivered nor failed with an error to the sender within settle_s (they
+    vanished), at most ``max`` (default 0). Fails when nothing was sent."""
+    limit = int(e.max or 0)
+    tot = rec.names_at.get(e.after_s)
+    if tot is None or not tot.sent:
+        return False, None, limit
+    return tot.lost <= limit, tot.lost, limit
+
+
 _FNS: dict[str, Callable[[Record, Expect], Result]] = {
     "converged": _converged,
     "no_false_positives": _no_false_positives,
@@ -252,6 +281,9 @@ _FNS: dict[str, Callable[[Record, Expect], Result]] = {
     "broadcast_reliability": _broadcast_reliability,
     "broadcast_redundancy": _broadcast_redundancy,
     "broadcast_hops": _broadcast_hops,
+    "name_delivery": _name_delivery,
+    "name_latency": _name_latency,
+    "lost_messages": _lost_messages,
 }
 CHECKS: dict[str, CheckSpec] = {
     name: CheckSpec(fn, CHECK_NEEDS[name], fn.__doc__ or "") for name, fn in _FNS.items()

@@ -83,6 +83,7 @@ _TOP_KEYS = {
     "expect",
     "registry",
     "mesh",
+    "names",
 }
 _MESH_KEYS = {
     "enabled",
@@ -104,6 +105,15 @@ _REGISTRY_KEYS = {
     "start_s",
     "over_s",
 }
+_NAMES_KEYS = {
+    "names_per_node",
+    "send_every_s",
+    "send_from_s",
+    "send_until_s",
+    "payload_bytes",
+    "reply",
+    "settle_s",
+}
 _NETWORK_KEYS = {
     "latency_ms",
     "link_ms",
@@ -115,7 +125,7 @@ _NETWORK_KEYS = {
     "seal",
     "stream_timeout_s",
 }
-_EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
+_EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "max_ms", "nodes", "note"}
 
 
 class ScenarioError(Exception):
@@ -217,6 +227,24 @@ class MeshSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class NamesSpec:
+    """A names workload (``[names]``): every running node's processes send,
+    one message every ``send_every_s`` per node on average, a message of
+    ``payload_bytes`` to a random registered name (``names_per_node`` names
+    of its own per node; 0: the [registry] workload's unique names), asking
+    for a reply if ``reply``; each message is judged ``settle_s`` (>= 1) after
+    it was sent. Driven once names messaging runs in the simulator."""
+
+    names_per_node: int = 0
+    send_every_s: float = 1.0
+    send_from_s: float = 0.0
+    send_until_s: float | None = None  # default: the end of the run minus settle_s
+    payload_bytes: int = 64
+    reply: bool = False
+    settle_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Expect:
     index: int
     line: int
@@ -226,6 +254,7 @@ class Expect:
     max: float | None = None
     min: float | None = None
     nodes: Selection | None = None
+    max_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +276,7 @@ class Scenario:
     overrides: dict[str, Any] = field(default_factory=dict)
     registry: RegistrySpec | None = None
     mesh: MeshSpec = MeshSpec()
+    names: NamesSpec | None = None
 
     def with_overrides(
         self, *, nodes: int | None = None, seed: int | None = None, duration_s: float | None = None
@@ -394,7 +424,13 @@ class _Parser:
         self, d: dict[str, Any], allowed: set[str], where: tuple[str, int], what: str
     ) -> None:
         every = (
-            _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS | _MESH_KEYS
+            _ALL_FAULT_KEYS
+            | _TOP_KEYS
+            | _NETWORK_KEYS
+            | _EXPECT_KEYS
+            | _REGISTRY_KEYS
+            | _MESH_KEYS
+            | _NAMES_KEYS
         )
         for k in d:
             if k not in allowed:
@@ -479,6 +515,13 @@ class _Parser:
         expects = tuple(self.expect(i, e) for i, e in enumerate(expects_v))
         registry = self.registry(doc["registry"]) if "registry" in doc else None
         mesh = self.mesh(doc.get("mesh", {}))
+        names = self.names(doc["names"], registry) if "names" in doc else None
+        if names is None:
+            for e in expects:
+                if e.check in _NAMES_CHECKS:
+                    self.fail(
+                        f"check '{e.check}' needs a [names] workload", "expect", e.index, "check"
+                    )
         if not mesh.enabled:
             for e in expects:
                 if e.check in _MESH_CHECKS:
@@ -518,7 +561,42 @@ class _Parser:
             dict(doc.get("config", {})),
             registry,
             mesh,
+            names,
         )
+
+    def names(self, d: Any, registry: RegistrySpec | None) -> NamesSpec:
+        where = ("names", 0)
+        if type(d) is not dict:
+            self.fail("'names' must be a table: write [names]", "", 0, "names")
+        self._unknown(d, _NAMES_KEYS, where, "[names]")
+        per_node = d.get("names_per_node", 0)
+        if type(per_node) is not int or per_node < 0:
+            self.fail(
+                f"'names_per_node' must be an integer >= 0, got {per_node!r}",
+                *where,
+                "names_per_node",
+            )
+        if not per_node and (registry is None or not registry.names_per_node):
+            self.fail(
+                "[names] needs names: 'names_per_node' here, or a [registry] workload "
+                "with names_per_node",
+                *where,
+                "names_per_node",
+            )
+        every = self._num(d, "send_every_s", where, default=1.0, lo=0, lo_open=True)
+        start = self._num(d, "send_from_s", where, default=0.0, lo=0)
+        until = self._num(d, "send_until_s", where, lo=0)
+        size = d.get("payload_bytes", 64)
+        if type(size) is not int or not 0 <= size <= 65536:
+            self.fail(
+                f"'payload_bytes' must be an integer in 0..65536, got {size!r}",
+                *where,
+                "payload_bytes",
+            )
+        reply = self._bool(d, "reply", where, False)
+        settle = self._num(d, "settle_s", where, default=5.0, lo=1.0)
+        assert every is not None and start is not None and settle is not None
+        return NamesSpec(per_node, every, start, until, size, reply, settle)
 
     def mesh(self, d: Any) -> MeshSpec:
         where = ("mesh", 0)
@@ -739,8 +817,9 @@ class _Parser:
         mx = self._num(d, "max", where)
         mn = self._num(d, "min", where)
         nodes = self._selection(d["nodes"], where, "nodes") if "nodes" in d else None
+        max_ms = self._num(d, "max_ms", where, lo=0, lo_open=True)
         assert after is not None
-        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
+        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes, max_ms)
 
 
 # The checks a scenario can state, with the keys each needs (their functions
@@ -765,6 +844,9 @@ CHECK_NEEDS: dict[str, tuple[str, ...]] = {
     "broadcast_reliability": (),
     "broadcast_redundancy": ("max",),
     "broadcast_hops": (),
+    "name_delivery": (),
+    "name_latency": ("max_ms",),
+    "lost_messages": (),
 }
 
 _MESH_CHECKS = (
@@ -773,6 +855,7 @@ _MESH_CHECKS = (
     "broadcast_redundancy",
     "broadcast_hops",
 )
+_NAMES_CHECKS = ("name_delivery", "name_latency", "lost_messages")
 _REGISTRY_CHECKS = (
     "registry_converged",
     "lost_live_entries",

@@ -42,6 +42,7 @@ from peerd.sim.faults import Faults
 from peerd.sim.measure import V_ALIVE, Record
 from peerd.sim.scenario import Scenario
 from peerd.sim.workloads.mesh import MeshWorld
+from peerd.sim.workloads.names import NAMES_CHECKS, NameRecorder
 from peerd.sim.workloads.registry import RegistryWorld
 from peerd.wire import seal as sealmod
 from peerd.wire.messages import Addr, MemberState, Status
@@ -54,6 +55,18 @@ class World(Faults):
         super().__init__(scenario, progress=progress)
         self.reg = RegistryWorld(self, scenario.registry) if scenario.registry else None
         self.mesh = MeshWorld(self, scenario.mesh) if scenario.mesh.enabled else None
+        # The names workload's measurement; its driver (processes sending to
+        # names) comes with names messaging in the core.
+        ns = scenario.names
+        self.names = (
+            NameRecorder(
+                ns.settle_s,
+                ns.reply,
+                [e.after_s for e in scenario.expects if e.check in NAMES_CHECKS],
+            )
+            if ns is not None
+            else None
+        )
 
     # --- running ------------------------------------------------------------------------
 
@@ -207,4 +220,7 @@ class World(Faults):
             rec.registry = self.reg.finish()
             rec.registry_convergence = list(self.reg.convergence)
             rec.registry_evals = dict(self.reg.evals)
+        if self.names is not None:
+            rec.names = self.names.finish(self.sc.duration_s)
+            rec.names_at = dict(self.names.totals)
         return rec
