@@ -191,6 +191,7 @@ class Engine:
         # the workloads, when the scenario runs them (set by the world)
         self.reg: Any = None
         self.mesh: Any = None
+        self.names: Any = None
 
     # --- heap -----------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class Faults(Network):
         proc.cur = None
         host.cur = None
         host.icmp = icmp
+        if self.names is not None:  # the messages its names were sent count from here
+            self.names.process_ended(host.index, proc.gen, t)
         self._account(t)
         self.running -= 1
         self._observer_off(host.index, t)

@@ -152,3 +152,13 @@ def test_section_errors(body: str, reason: str) -> None:
 def test_registry_names_can_be_reused() -> None:
     sc = scenario("[registry]\nnames_per_node = 2\n[names]\nsend_every_s = 2\n", nodes=5)
     assert sc.names is not None and sc.names.names_per_node == 0
+
+
+def test_the_world_reports_process_ends_to_the_recorder() -> None:
+    sc = scenario(
+        '[names]\nnames_per_node = 1\n[[fault]]\nat_s = 2\nkind = "crash"\nnodes = [3]\n',
+        nodes=5,
+        duration=4,
+    )
+    w, _rec, _summary = run(sc)
+    assert w.names is not None and w.names._ended == {(3, 1): 2.0}
