@@ -1,9 +1,10 @@
 """Expectations a scenario can state (``[[expect]] check = ...``), as a registry.
 
-Each check reads the :class:`peerd.sim.world.Record` a run produced and returns
+Each check reads the :class:`peerd.sim.measure.Record` a run produced and returns
 ``(passed, value, limit)``. Values are in seconds or counts; ``None`` means the
 thing never happened (a cluster that never converged, a crash nobody saw).
-Add a check by writing a function and registering it in :data:`CHECKS`.
+Add a check by writing a function, registering it in ``_FNS`` and naming the
+keys it needs in :data:`peerd.sim.scenario.CHECK_NEEDS` (the scenario language).
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peerd.sim.measure import first_true_at
+from peerd.sim.scenario import CHECK_NEEDS
+from peerd.sim.workloads.mesh import bound_links
+from peerd.sim.workloads.names import hist_pct
+
 if TYPE_CHECKING:
+    from peerd.sim.measure import Record
     from peerd.sim.scenario import Expect
-    from peerd.sim.world import Record
 
 Result = tuple[bool, Any, Any]
 
@@ -138,7 +144,6 @@ def _registry_converged(rec: Record, e: Expect) -> Result:
     within_s]. A name's losing claim counts as live until its node reports
     the conflict: duplicate claims are what duplicates_after_heal checks.
     Value: seconds after after_s."""
-    from peerd.sim.world import first_true_at
 
     assert e.within_s is not None
     t = first_true_at(rec.registry_convergence, e.after_s)
@@ -178,7 +183,6 @@ def _duplicates_after_heal(rec: Record, e: Expect) -> Result:
 def _max_links_per_node(rec: Record, e: Expect) -> Result:
     """Mesh: the most links (active view; the simulator opens no direct
     links) any node held at any moment, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.mesh import bound_links
 
     assert rec.mesh is not None
     limit = int(e.max) if e.max is not None else bound_links(rec.nodes)
@@ -187,13 +191,15 @@ def _max_links_per_node(rec: Record, e: Expect) -> Result:
 
 
 def _mesh_records(rec: Record, e: Expect) -> list[Any]:
-    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible]
+    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible and not r.origin_died]
 
 
 def _broadcast_reliability(rec: Record, e: Expect) -> Result:
     """Mesh: every broadcast sent at or after after_s reached at least
     ``min`` (default 1.0) of the nodes that ran from the broadcast until it
-    was measured. Value: the lowest fraction."""
+    was measured. A broadcast whose origin died before any copy of it left
+    is not counted (the summary reports those as broadcasts_origin_died).
+    Value: the lowest fraction."""
     limit = e.min if e.min is not None else 1.0
     recs = _mesh_records(rec, e)
     if not recs:
@@ -216,7 +222,6 @@ def _broadcast_redundancy(rec: Record, e: Expect) -> Result:
 def _broadcast_hops(rec: Record, e: Expect) -> Result:
     """Mesh: the 99th percentile of hops from the origin over deliveries of
     broadcasts sent at or after after_s, at most ``max`` (default 2 log2 N)."""
-    from peerd.sim.mesh import bound_links
 
     limit = e.max if e.max is not None else bound_links(rec.nodes)
     hops = sorted(h for r in _mesh_records(rec, e) for i, h in r.delivered.items() if i != r.origin)
@@ -226,37 +231,64 @@ def _broadcast_hops(rec: Record, e: Expect) -> Result:
     return v <= limit, v, limit
 
 
-CHECKS: dict[str, CheckSpec] = {
-    "converged": CheckSpec(_converged, ("within_s",), _converged.__doc__ or ""),
-    "no_false_positives": CheckSpec(_no_false_positives, (), _no_false_positives.__doc__ or ""),
-    "false_suspicions": CheckSpec(_false_suspicions, ("max",), _false_suspicions.__doc__ or ""),
-    "detected": CheckSpec(_detected, ("within_s",), _detected.__doc__ or ""),
-    "detected_first": CheckSpec(_detected_first, ("within_s",), _detected_first.__doc__ or ""),
-    "suspected": CheckSpec(_suspected, (), _suspected.__doc__ or ""),
-    "refuted": CheckSpec(_refuted, ("within_s",), _refuted.__doc__ or ""),
-    "no_cascade": CheckSpec(_no_cascade, (), _no_cascade.__doc__ or ""),
-    "left": CheckSpec(_left, ("within_s",), _left.__doc__ or ""),
-    "msgs_per_node_s": CheckSpec(_msgs_per_node_s, ("max",), _msgs_per_node_s.__doc__ or ""),
-    "bytes_per_node_s": CheckSpec(_bytes_per_node_s, ("max",), _bytes_per_node_s.__doc__ or ""),
-    "registry_converged": CheckSpec(
-        _registry_converged, ("within_s",), _registry_converged.__doc__ or ""
-    ),
-    "lost_live_entries": CheckSpec(
-        _lost_live_entries, ("within_s",), _lost_live_entries.__doc__ or ""
-    ),
-    "stale_entries": CheckSpec(_stale_entries, ("within_s",), _stale_entries.__doc__ or ""),
-    "duplicates_after_heal": CheckSpec(
-        _duplicates_after_heal, ("within_s",), _duplicates_after_heal.__doc__ or ""
-    ),
-    "max_links_per_node": CheckSpec(_max_links_per_node, (), _max_links_per_node.__doc__ or ""),
-    "broadcast_reliability": CheckSpec(
-        _broadcast_reliability, (), _broadcast_reliability.__doc__ or ""
-    ),
-    "broadcast_redundancy": CheckSpec(
-        _broadcast_redundancy, ("max",), _broadcast_redundancy.__doc__ or ""
-    ),
-    "broadcast_hops": CheckSpec(_broadcast_hops, (), _broadcast_hops.__doc__ or ""),
+def _name_delivery(rec: Record, e: Expect) -> Result:
+    """Names workload: of the messages sent at or after after_s to a name
+    whose owner was live at send time and for the next second, the fraction
+    that reached that owner, at least ``min`` (default 0.999)."""
+    limit = e.min if e.min is not None else 0.999
+    tot = rec.names_at.get(e.after_s)
+    v = tot.delivery() if tot is not None else None
+    return v is not None and v >= limit, v, limit
+
+
+def _name_latency(rec: Record, e: Expect) -> Result:
+    """Names workload: the p99 of send-to-delivery time of the messages sent
+    at or after after_s that were delivered, in milliseconds (0.1 ms
+    resolution), at most ``max_ms``."""
+    tot = rec.names_at.get(e.after_s)
+    v = hist_pct(tot.latency, 0.99) if tot is not None else None
+    return v is not None and v <= (e.max_ms or 0.0), v, e.max_ms
+
+
+def _lost_messages(rec: Record, e: Expect) -> Result:
+    """Names workload: messages sent at or after after_s that were neither
+    delivered nor failed with an error to the sender within settle_s (they
+    vanished), at most ``max`` (default 0). Fails when nothing was sent."""
+    limit = int(e.max or 0)
+    tot = rec.names_at.get(e.after_s)
+    if tot is None or not tot.sent:
+        return False, None, limit
+    return tot.lost <= limit, tot.lost, limit
+
+
+_FNS: dict[str, Callable[[Record, Expect], Result]] = {
+    "converged": _converged,
+    "no_false_positives": _no_false_positives,
+    "false_suspicions": _false_suspicions,
+    "detected": _detected,
+    "detected_first": _detected_first,
+    "suspected": _suspected,
+    "refuted": _refuted,
+    "no_cascade": _no_cascade,
+    "left": _left,
+    "msgs_per_node_s": _msgs_per_node_s,
+    "bytes_per_node_s": _bytes_per_node_s,
+    "registry_converged": _registry_converged,
+    "lost_live_entries": _lost_live_entries,
+    "stale_entries": _stale_entries,
+    "duplicates_after_heal": _duplicates_after_heal,
+    "max_links_per_node": _max_links_per_node,
+    "broadcast_reliability": _broadcast_reliability,
+    "broadcast_redundancy": _broadcast_redundancy,
+    "broadcast_hops": _broadcast_hops,
+    "name_delivery": _name_delivery,
+    "name_latency": _name_latency,
+    "lost_messages": _lost_messages,
 }
+CHECKS: dict[str, CheckSpec] = {
+    name: CheckSpec(fn, CHECK_NEEDS[name], fn.__doc__ or "") for name, fn in _FNS.items()
+}
+assert set(CHECKS) == set(CHECK_NEEDS), "a check in scenario.CHECK_NEEDS has no function here"
 
 
 def evaluate(rec: Record, expects: tuple[Expect, ...]) -> list[dict[str, Any]]:

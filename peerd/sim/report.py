@@ -14,8 +14,9 @@ import time
 from typing import IO, Any
 
 from peerd.sim import checks
+from peerd.sim.measure import Record, stats3
 from peerd.sim.scenario import Scenario
-from peerd.sim.world import Record, World, stats3
+from peerd.sim.world import World
 
 
 def peak_rss_mib() -> float:
@@ -104,6 +105,7 @@ def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
         "traffic": traffic,
         **({"registry": rec.registry} if rec.registry is not None else {}),
         "mesh": rec.mesh if rec.mesh is not None else {"enabled": False},
+        **({"names": rec.names} if rec.names is not None else {}),
         "network": rec.counts,
         "core": {k: v for k, v in rec.core_counters.items() if not k.startswith("msg_in.")},
     }

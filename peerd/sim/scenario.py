@@ -17,265 +17,54 @@ import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from peerd.core import config as cfgmod
-
-FAULT_KINDS = (
-    "crash",
-    "pause",
-    "slow",
-    "restart",
-    "leave",
-    "join",
-    "partition",
-    "heal",
-    "loss",
-    "block",
-    "register",
+from peerd.sim.spec import (  # re-exported: the scenario's data
+    _ALL_FAULT_KEYS,
+    _COMMON_FAULT_KEYS,
+    _EXPECT_KEYS,
+    _FAULT_KEYS,
+    _MESH_CHECKS,
+    _MESH_KEYS,
+    _NAMES_CHECKS,
+    _NAMES_KEYS,
+    _NETWORK_KEYS,
+    _REGISTRY_CHECKS,
+    _REGISTRY_KEYS,
+    _REQUIRED,
+    _TOP_KEYS,
+    CHECK_NEEDS,
+    FAULT_KINDS,
+    Expect,
+    Fault,
+    Latency,
+    MeshSpec,
+    NamesSpec,
+    NetworkSpec,
+    RegistrySpec,
+    Scenario,
+    ScenarioError,
+    Selection,
 )
 
-# Keys every fault accepts, and the extra keys of each kind.
-_COMMON_FAULT_KEYS: set[str] = {"at_s", "kind", "repeat", "every_s", "over_s", "note"}
-_FAULT_KEYS: dict[str, set[str]] = {
-    "crash": {"nodes", "icmp"},
-    "pause": {"nodes", "duration_s"},
-    "slow": {"nodes", "duration_s", "delay_ms"},
-    "restart": {"nodes", "down_s"},
-    "leave": {"nodes"},
-    "join": {"nodes"},
-    "partition": {"groups", "duration_s"},
-    "heal": set(),
-    "loss": {"nodes", "loss", "duration_s"},
-    "block": {"from", "to", "symmetric", "duration_s"},
-    "register": {"nodes", "names", "prefix"},
-}
-_ALL_FAULT_KEYS = set().union(*_FAULT_KEYS.values())
-_REQUIRED: dict[str, tuple[str, ...]] = {
-    "crash": ("nodes",),
-    "pause": ("nodes", "duration_s"),
-    "slow": ("nodes", "delay_ms"),
-    "restart": ("nodes",),
-    "leave": ("nodes",),
-    "join": ("nodes",),
-    "partition": ("groups",),
-    "heal": (),
-    "loss": ("loss",),
-    "block": ("from", "to"),
-    "register": ("nodes", "names"),
-}
-
-_TOP_KEYS = {
-    "name",
-    "description",
-    "nodes",
-    "seed",
-    "duration_s",
-    "preset",
-    "start_nodes",
-    "seeds",
-    "sample_s",
-    "network",
-    "config",
-    "fault",
-    "expect",
-    "registry",
-    "mesh",
-}
-_MESH_KEYS = {
-    "enabled",
-    "broadcast_every_s",
-    "broadcast_from_s",
-    "broadcast_until_s",
-    "payload_bytes",
-    "settle_s",
-}
-_REGISTRY_KEYS = {
-    "names_per_node",
-    "groups",
-    "joins_per_node",
-    "churn_per_node_s",
-    "churn_from_s",
-    "churn_until_s",
-    "scope",
-    "preload",
-    "start_s",
-    "over_s",
-}
-_NETWORK_KEYS = {
-    "latency_ms",
-    "link_ms",
-    "loss",
-    "duplicate",
-    "reorder",
-    "reorder_ms",
-    "mtu",
-    "seal",
-    "stream_timeout_s",
-}
-_EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "nodes", "note"}
-
-
-class ScenarioError(Exception):
-    """A bad scenario file: ``line`` (1-based, 0 if unknown) and ``reason``."""
-
-    def __init__(self, path: str, line: int, reason: str) -> None:
-        where = f"{path}:{line}" if line else path
-        super().__init__(f"{where}: {reason}")
-        self.path = path
-        self.line = line
-        self.reason = reason
-
-
-# A selection of nodes: "all", a fraction of N (float in (0, 1]), a count
-# (int >= 0) or explicit indices.
-Selection = str | float | int | tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Latency:
-    min_ms: float = 1.0
-    max_ms: float = 10.0
-    dist: str = "uniform"  # uniform | exponential (min + exp with mean (max-min)/3, capped)
-
-
-@dataclass(frozen=True, slots=True)
-class NetworkSpec:
-    latency: Latency = Latency()
-    loss: float = 0.0
-    duplicate: float = 0.0
-    reorder: float = 0.0  # probability a datagram is held back by reorder_ms extra
-    reorder_ms: float = 20.0
-    mtu: int = 1472  # UDP payload bytes (envelope included) that fit a 1500-byte link
-    seal: bool = False  # really seal/open every datagram (ChaCha20-Poly1305)
-    stream_timeout_s: float = 15.0
-    # Each pair of hosts gets a fixed extra delay in [0, link_ms] (near and far
-    # peers), on top of the per-datagram latency distribution.
-    link_ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Fault:
-    index: int  # position in the file (derives the fault's RNG)
-    line: int
-    at_s: float
-    kind: str
-    nodes: Selection | None = None
-    duration_s: float | None = None
-    groups: tuple[float, ...] = ()
-    loss: float = 0.0
-    delay_ms: float = 0.0
-    down_s: float = 1.0
-    icmp: bool = True
-    src: Selection | None = None
-    dst: Selection | None = None
-    symmetric: bool = False
-    repeat: int = 1
-    every_s: float = 0.0
-    over_s: float = 0.0
-    names: int = 0  # register: how many names each selected node claims
-    prefix: str = "shared"  # register: the names are "<prefix>-<k>"
-
-
-@dataclass(frozen=True, slots=True)
-class RegistrySpec:
-    """A registry workload (``[registry]``): every node's processes register
-    ``names_per_node`` unique names and join ``joins_per_node`` of ``groups``
-    groups, each entry held by its own process (API connection); then, at
-    ``churn_per_node_s`` per running node, a random process exits (its entry
-    goes) and a new one registers a fresh name (or rejoins the same group)."""
-
-    names_per_node: int = 0
-    groups: int = 0
-    joins_per_node: int = 0
-    churn_per_node_s: float = 0.0
-    churn_from_s: float = 0.0
-    churn_until_s: float | None = None  # default: the end of the run
-    scope: str = "default"
-    # The nodes running at t=0 start with the workload's entries already
-    # replicated everywhere (a converged registry, shared copy-on-write like
-    # the member tables); false: each registers them at start_s, spread over over_s.
-    preload: bool = True
-    start_s: float = 0.0
-    over_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class MeshSpec:
-    """The partial mesh (``[mesh]``): on in every scenario unless ``enabled``
-    is false; a broadcast of ``payload_bytes`` from a random running node
-    every ``broadcast_every_s`` (0: none), each measured ``settle_s`` later."""
-
-    enabled: bool = True
-    broadcast_every_s: float = 5.0
-    broadcast_from_s: float = 5.0
-    broadcast_until_s: float | None = None
-    payload_bytes: int = 64
-    settle_s: float = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class Expect:
-    index: int
-    line: int
-    check: str
-    after_s: float = 0.0
-    within_s: float | None = None
-    max: float | None = None
-    min: float | None = None
-    nodes: Selection | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    path: str
-    name: str
-    description: str
-    nodes: int
-    seed: int
-    duration_s: float
-    preset: str
-    start_nodes: Selection
-    seeds: tuple[int, ...]
-    sample_s: float
-    network: NetworkSpec
-    config: cfgmod.SwimConfig
-    faults: tuple[Fault, ...] = ()
-    expects: tuple[Expect, ...] = ()
-    overrides: dict[str, Any] = field(default_factory=dict)
-    registry: RegistrySpec | None = None
-    mesh: MeshSpec = MeshSpec()
-
-    def with_overrides(
-        self, *, nodes: int | None = None, seed: int | None = None, duration_s: float | None = None
-    ) -> Scenario:
-        changes: dict[str, Any] = {}
-        if nodes is not None:
-            if nodes < 1:
-                raise ScenarioError(self.path, 0, "--nodes must be at least 1")
-            changes["nodes"] = nodes
-            changes["seeds"] = tuple(s for s in self.seeds if s < nodes) or (0,)
-        if seed is not None:
-            changes["seed"] = seed
-        if duration_s is not None:
-            if duration_s <= 0:
-                raise ScenarioError(self.path, 0, "--duration must be positive")
-            changes["duration_s"] = duration_s
-        return dataclasses.replace(self, **changes)
-
-    def start_count(self) -> int:
-        """How many nodes run (preloaded, converged) at t=0."""
-        sel = self.start_nodes
-        if sel == "all":
-            return self.nodes
-        if isinstance(sel, float):
-            return max(1, min(self.nodes, round(sel * self.nodes)))
-        if isinstance(sel, int):
-            return max(1, min(self.nodes, sel))
-        raise AssertionError("start_nodes is validated at load")
-
+__all__ = [
+    "CHECK_NEEDS",
+    "Expect",
+    "FAULT_KINDS",
+    "Fault",
+    "Latency",
+    "MeshSpec",
+    "NamesSpec",
+    "NetworkSpec",
+    "RegistrySpec",
+    "Scenario",
+    "ScenarioError",
+    "Selection",
+    "load",
+    "loads",
+]
 
 # --- locating lines ----------------------------------------------------------------
 
@@ -394,7 +183,13 @@ class _Parser:
         self, d: dict[str, Any], allowed: set[str], where: tuple[str, int], what: str
     ) -> None:
         every = (
-            _ALL_FAULT_KEYS | _TOP_KEYS | _NETWORK_KEYS | _EXPECT_KEYS | _REGISTRY_KEYS | _MESH_KEYS
+            _ALL_FAULT_KEYS
+            | _TOP_KEYS
+            | _NETWORK_KEYS
+            | _EXPECT_KEYS
+            | _REGISTRY_KEYS
+            | _MESH_KEYS
+            | _NAMES_KEYS
         )
         for k in d:
             if k not in allowed:
@@ -479,6 +274,13 @@ class _Parser:
         expects = tuple(self.expect(i, e) for i, e in enumerate(expects_v))
         registry = self.registry(doc["registry"]) if "registry" in doc else None
         mesh = self.mesh(doc.get("mesh", {}))
+        names = self.names(doc["names"], registry) if "names" in doc else None
+        if names is None:
+            for e in expects:
+                if e.check in _NAMES_CHECKS:
+                    self.fail(
+                        f"check '{e.check}' needs a [names] workload", "expect", e.index, "check"
+                    )
         if not mesh.enabled:
             for e in expects:
                 if e.check in _MESH_CHECKS:
@@ -518,7 +320,42 @@ class _Parser:
             dict(doc.get("config", {})),
             registry,
             mesh,
+            names,
         )
+
+    def names(self, d: Any, registry: RegistrySpec | None) -> NamesSpec:
+        where = ("names", 0)
+        if type(d) is not dict:
+            self.fail("'names' must be a table: write [names]", "", 0, "names")
+        self._unknown(d, _NAMES_KEYS, where, "[names]")
+        per_node = d.get("names_per_node", 0)
+        if type(per_node) is not int or per_node < 0:
+            self.fail(
+                f"'names_per_node' must be an integer >= 0, got {per_node!r}",
+                *where,
+                "names_per_node",
+            )
+        if not per_node and (registry is None or not registry.names_per_node):
+            self.fail(
+                "[names] needs names: 'names_per_node' here, or a [registry] workload "
+                "with names_per_node",
+                *where,
+                "names_per_node",
+            )
+        every = self._num(d, "send_every_s", where, default=1.0, lo=0, lo_open=True)
+        start = self._num(d, "send_from_s", where, default=0.0, lo=0)
+        until = self._num(d, "send_until_s", where, lo=0)
+        size = d.get("payload_bytes", 64)
+        if type(size) is not int or not 0 <= size <= 65536:
+            self.fail(
+                f"'payload_bytes' must be an integer in 0..65536, got {size!r}",
+                *where,
+                "payload_bytes",
+            )
+        reply = self._bool(d, "reply", where, False)
+        settle = self._num(d, "settle_s", where, default=5.0, lo=1.0)
+        assert every is not None and start is not None and settle is not None
+        return NamesSpec(per_node, every, start, until, size, reply, settle)
 
     def mesh(self, d: Any) -> MeshSpec:
         where = ("mesh", 0)
@@ -722,19 +559,16 @@ class _Parser:
         )
 
     def expect(self, i: int, d: Any) -> Expect:
-        from peerd.sim.checks import CHECKS  # the registry lives with the checks
-
         where = ("expect", i)
         if type(d) is not dict:
             self.fail("each [[expect]] must be a table", *where)
         self._unknown(d, _EXPECT_KEYS, where, "an [[expect]]")
         check = d.get("check")
-        if check not in CHECKS:
+        if check not in CHECK_NEEDS:
             self.fail(
-                f"unknown check {check!r}; known: {', '.join(sorted(CHECKS))}", *where, "check"
+                f"unknown check {check!r}; known: {', '.join(sorted(CHECK_NEEDS))}", *where, "check"
             )
-        spec = CHECKS[check]
-        for k in spec.needs:
+        for k in CHECK_NEEDS[check]:
             if k not in d:
                 self.fail(f"check '{check}' needs '{k}'", *where)
         after = self._num(d, "after_s", where, default=0.0, lo=0)
@@ -742,22 +576,9 @@ class _Parser:
         mx = self._num(d, "max", where)
         mn = self._num(d, "min", where)
         nodes = self._selection(d["nodes"], where, "nodes") if "nodes" in d else None
+        max_ms = self._num(d, "max_ms", where, lo=0, lo_open=True)
         assert after is not None
-        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes)
-
-
-_MESH_CHECKS = (
-    "max_links_per_node",
-    "broadcast_reliability",
-    "broadcast_redundancy",
-    "broadcast_hops",
-)
-_REGISTRY_CHECKS = (
-    "registry_converged",
-    "lost_live_entries",
-    "stale_entries",
-    "duplicates_after_heal",
-)
+        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes, max_ms)
 
 
 def _closest(word: str, options: set[str]) -> str | None:

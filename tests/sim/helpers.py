@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from peerd.sim.measure import Record
 from peerd.sim.report import summarize
 from peerd.sim.scenario import Scenario, loads
-from peerd.sim.world import Record, World
+from peerd.sim.world import World
 
 
 def scenario(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from peerd.core.events import PacketIn
-from peerd.sim.world import V_ALIVE, V_DEAD, V_LEFT, World
+from peerd.sim.measure import V_ALIVE, V_DEAD, V_LEFT
+from peerd.sim.world import World
 from peerd.wire.messages import Status
 
 from .helpers import run, scenario

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.mesh.mesh import Mesh
-from peerd.sim.mesh import bound_links
 from peerd.sim.scenario import ScenarioError
+from peerd.sim.workloads.mesh import bound_links
 from tests.sim.helpers import run, scenario
 
 MESH = """
@@ -109,3 +109,42 @@ def test_mesh_can_be_off_and_then_its_checks_are_refused() -> None:
         scenario('[mesh]\nenabled = false\n[[expect]]\ncheck = "broadcast_hops"\n')
     with pytest.raises(ScenarioError, match="did you mean 'broadcast_every_s'"):
         scenario("[mesh]\nbroadcast_evry_s = 1\n")
+
+
+def test_a_broadcast_whose_origin_crashes_at_that_instant_is_not_counted_lost() -> None:
+    # seed 3: the broadcast at t=3 starts on node 8, which the crash at t=3
+    # (later in the same instant) takes down before any copy leaves it
+    sc = scenario(
+        MESH
+        + """
+[[fault]]
+at_s = 3
+kind = "crash"
+nodes = 0.5
+[[expect]]
+check = "broadcast_reliability"
+after_s = 3
+""",
+        nodes=10,
+        duration=10,
+        seed=3,
+    )
+    w, rec, summary = run(sc)
+    crashed = {c.node for c in rec.crashes}
+    assert w.mesh.origin_died == 1 and summary["mesh"]["broadcasts_origin_died"] == 1
+    assert all(r.at != 3.0 for r in rec.mesh_records)  # not among the measured
+    assert 8 in crashed
+    assert summary["passed"], summary["checks"]  # was 0.0: lost to every node
+
+
+def test_broadcast_reliability_ignores_records_whose_origin_died() -> None:
+    from peerd.sim.checks import CHECKS
+    from peerd.sim.measure import Record
+    from peerd.sim.scenario import Expect
+    from peerd.sim.workloads.mesh import BroadcastRecord
+
+    ok = BroadcastRecord(b"a", 0, 1.0, eligible=4, reached=4, copies=4)
+    died = BroadcastRecord(b"b", 1, 2.0, eligible=4, reached=0, copies=0, origin_died=True)
+    rec = Record(nodes=5, mesh_records=[ok, died])
+    e = Expect(0, 1, "broadcast_reliability", 0.0, None, None, None, None)
+    assert CHECKS["broadcast_reliability"].fn(rec, e) == (True, 1.0, 1.0)

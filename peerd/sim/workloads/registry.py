@@ -38,11 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 from peerd.core.events import CommandResult, ConnClosed, RegEventKind, Register, RegistryEvent
 from peerd.core.registry.state import SharedState
+from peerd.sim.measure import stats3
 from peerd.wire.messages import RegEntry, RegKind
 
 if TYPE_CHECKING:
+    from peerd.sim.engine import Proc
+    from peerd.sim.faults import Faults as World
     from peerd.sim.scenario import Expect, Fault, RegistrySpec
-    from peerd.sim.world import Proc, World
 
 UID = 1000
 
@@ -399,7 +401,6 @@ class RegistryWorld:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate what was due after the end, and summarize."""
-        from peerd.sim.world import stats3
 
         for e in self.w.sc.expects:
             if e.check in CHECKS and e.check != "registry_converged":

@@ -52,13 +52,15 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
 )
 from peerd.core.mesh.mesh import Mesh
+from peerd.sim.engine import T_MESH
+from peerd.sim.measure import stats3
 from peerd.wire.messages import Channel, Gossip, GossipControl, MeshPeer
 
 if TYPE_CHECKING:
+    from peerd.sim.engine import Proc
+    from peerd.sim.faults import Faults as World
     from peerd.sim.scenario import MeshSpec
-    from peerd.sim.world import Proc, World
 
-T_MESH = 4  # heap target kind: an input for a process's mesh core
 
 # Rough encoded sizes (CBOR, before the seal) of mesh messages, for traffic.
 _CONTROL_BYTES = 40
@@ -109,6 +111,9 @@ class BroadcastRecord:
     delivered: dict[int, int] = field(default_factory=dict)  # host -> round
     last_s: float = 0.0  # the last delivery, after the broadcast
     delays: list[float] = field(default_factory=list)
+    # the origin's process ended before any copy reached another process: no
+    # protocol could deliver it, so it is not a broadcast to measure
+    origin_died: bool = False
 
 
 class MeshWorld:
@@ -127,6 +132,7 @@ class MeshWorld:
         self.max_links = 0
         self.max_links_at = 0.0
         self.broadcasts: list[BroadcastRecord] = []
+        self.origin_died = 0  # broadcasts not measured: see BroadcastRecord.origin_died
         self.by_id: dict[bytes, BroadcastRecord] = {}
         self._pending: dict[int, BroadcastRecord] = {}  # ref -> record
         self._ref = 0
@@ -248,6 +254,12 @@ class MeshWorld:
         if not rec.id:
             return  # refused (rate limit): not a broadcast
         hosts = self.w.hosts
+        if rec.copies == 0 and alive_then.get(rec.origin) is not hosts[rec.origin].cur:
+            # Started at the instant its origin crashed (or just before): no
+            # copy ever left, nobody could have it. Counted apart, not as lost.
+            rec.origin_died = True
+            self.origin_died += 1
+            return
         # nodes whose process ran from the broadcast until now (not restarted)
         eligible = [
             i
@@ -426,7 +438,6 @@ class MeshWorld:
     # --- the summary ------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        from peerd.sim.world import stats3
 
         n = self.w.n
         recs = self.broadcasts
@@ -446,6 +457,7 @@ class MeshWorld:
                 ),
             },
             "broadcasts": len(recs),
+            "broadcasts_origin_died": self.origin_died,
             "broadcast_reliability": {
                 "min": round(min(rel), 6) if rel else None,
                 "mean": round(statistics.mean(rel), 6) if rel else None,

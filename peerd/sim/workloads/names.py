@@ -1,0 +1,240 @@
+"""The names workload: messages from random processes to random registered
+names, measured from outside the cores.
+
+Theory of operation. Applications mostly talk to names, so what a scenario
+must be able to say is whether a message to a name reaches the process that
+owns it while faults run, how fast, and whether any message can vanish
+without the sender being told. The driver (the simulated application
+processes; it needs the core's names messaging and is wired in later) reports
+each message's life to a :class:`NameRecorder`: ``sent``, then any of
+``delivered`` (at the owner), ``failed`` (the error the sender got),
+``replied``; the world reports each process end (``process_ended``).
+
+Each message is judged ``settle_s`` after it was sent (``settle_s`` >= 1 s):
+
+- *eligible*: its name's owner was live at send time and its process did not
+  end within the next second (a message racing its owner's crash may
+  legitimately fail; ``name_delivery`` is the fraction of eligible messages
+  that reached that owner);
+- *lost*: neither delivered nor failed by then: it vanished and the sender
+  was not told (``lost_messages`` must be 0);
+- its delivery latency goes into a histogram of 0.1 ms buckets
+  (``name_latency`` is its p99).
+
+Built for 10,000 nodes: per-message work is O(1) (a dict lookup by message
+id, an append to a queue ordered by send time, and a pop when it is judged);
+only messages younger than ``settle_s`` are held, so memory is bounded by the
+send rate times ``settle_s``, and what is kept afterwards is counts and a
+histogram (at most one bucket per 0.1 ms of latency seen). Each ``after_s``
+of a names check gets its own aggregate (a message counts in those whose
+cutoff is at or before its send time), so checks need no per-message record.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+NAMES_CHECKS = ("name_delivery", "name_latency", "lost_messages")
+OWNER_WINDOW_S = 1.0  # the owner must live this long after the send to be eligible
+_BUCKET_S = 1e-4  # latency histogram resolution: 0.1 ms
+
+
+@dataclass(slots=True)
+class NameRecord:
+    """One message to a name, while it is open (younger than settle_s)."""
+
+    id: int
+    sent_at: float
+    sender: int  # host index
+    name: str
+    owner: int  # host index of the name's owner at send time, -1: none
+    owner_gen: int  # generation of the owner's process at send time
+    owner_live: bool  # the owner's process ran (and was not leaving) at send time
+    delivered_at: float | None = None
+    delivered_to: int = -1
+    error: str | None = None
+    reply_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Totals:
+    """What remains of the messages sent at or after one cutoff."""
+
+    sent: int = 0
+    delivered: int = 0
+    failed: int = 0
+    lost: int = 0
+    eligible: int = 0
+    eligible_delivered: int = 0
+    owner_died: int = 0  # owner live at send, its process ended within the window
+    replies: int = 0
+    replies_missing: int = 0  # a reply was asked for, delivered, never came, no error
+    errors: dict[str, int] = field(default_factory=dict)
+    latency: dict[int, int] = field(default_factory=dict)  # 0.1 ms bucket -> count
+    rtt: dict[int, int] = field(default_factory=dict)
+
+    def delivery(self) -> float | None:
+        return round(self.eligible_delivered / self.eligible, 6) if self.eligible else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "lost": self.lost,
+            "eligible": self.eligible,
+            "eligible_delivered": self.eligible_delivered,
+            "owner_died": self.owner_died,
+            "name_delivery": self.delivery(),
+            "latency_ms": _hist_stats(self.latency),
+            "replies": self.replies,
+            "replies_missing": self.replies_missing,
+            "reply_rtt_ms": _hist_stats(self.rtt),
+            "errors": dict(sorted(self.errors.items())),
+        }
+
+
+class NameRecorder:
+    """Records the messages of a names workload; see the module docstring."""
+
+    def __init__(self, settle_s: float, reply: bool, cutoffs: Iterable[float] = ()) -> None:
+        if settle_s < OWNER_WINDOW_S:
+            raise ValueError("settle_s must be at least the owner window (1 s)")
+        self.settle_s = settle_s
+        self.reply = reply
+        self._open: dict[int, NameRecord] = {}
+        self._queue: collections.deque[NameRecord] = collections.deque()  # by sent_at
+        # when each (host, generation) process ended: what "owner live for the
+        # next second" is judged against (one entry per process end)
+        self._ended: dict[tuple[int, int], float] = {}
+        self.totals = {c: _Totals() for c in sorted({0.0, *cutoffs})}
+        self.late = 0  # events for a message already judged (or never sent)
+
+    # --- events from the driver and the world --------------------------------------
+
+    def sent(
+        self,
+        msg: int,
+        t: float,
+        sender: int,
+        name: str,
+        owner: int,
+        owner_gen: int,
+        owner_live: bool,
+    ) -> None:
+        self.judge(t)
+        rec = NameRecord(msg, t, sender, name, owner, owner_gen, owner_live)
+        self._open[msg] = rec
+        self._queue.append(rec)
+
+    def delivered(self, msg: int, t: float, node: int) -> None:
+        self.judge(t)
+        rec = self._get(msg, t)
+        if rec is not None and rec.delivered_at is None:
+            rec.delivered_at = t
+            rec.delivered_to = node
+
+    def failed(self, msg: int, t: float, error: str) -> None:
+        self.judge(t)
+        rec = self._get(msg, t)
+        if rec is not None and rec.error is None:
+            rec.error = error
+
+    def replied(self, msg: int, t: float) -> None:
+        self.judge(t)
+        rec = self._get(msg, t)
+        if rec is not None and rec.reply_at is None:
+            rec.reply_at = t
+
+    def process_ended(self, host: int, gen: int, t: float) -> None:
+        self.judge(t)
+        self._ended[(host, gen)] = t
+
+    # --- judging ---------------------------------------------------------------------
+
+    def judge(self, now: float) -> None:
+        """Judge every message sent at or before ``now - settle_s``."""
+        q = self._queue
+        limit = now - self.settle_s
+        while q and q[0].sent_at <= limit + 1e-9:
+            rec = q.popleft()
+            del self._open[rec.id]
+            self._judge(rec)
+
+    def finish(self, end: float | None = None) -> dict[str, Any]:
+        """Judge what is due at ``end`` (None: every message still open, as
+        if its settle time had passed) and return the summary ("names")."""
+        self.judge(math.inf if end is None else end)
+        out = self.totals[0.0].summary()
+        out["open_at_end"] = len(self._open)
+        out["late_events"] = self.late
+        return out
+
+    def at_cutoff(self, after_s: float) -> _Totals:
+        return self.totals[after_s]
+
+    def _get(self, msg: int, t: float) -> NameRecord | None:
+        rec = self._open.get(msg)
+        if rec is None:
+            self.late += 1
+        return rec
+
+    def _judge(self, rec: NameRecord) -> None:
+        died_at = self._ended.get((rec.owner, rec.owner_gen))
+        window_ok = died_at is None or died_at > rec.sent_at + OWNER_WINDOW_S
+        eligible = rec.owner >= 0 and rec.owner_live and window_ok
+        owner_died = rec.owner >= 0 and rec.owner_live and not window_ok
+        reached = rec.delivered_at is not None and rec.delivered_to == rec.owner
+        for cutoff, tot in self.totals.items():
+            if rec.sent_at < cutoff:
+                break  # (totals are in cutoff order)
+            tot.sent += 1
+            if rec.delivered_at is not None:
+                tot.delivered += 1
+                _add(tot.latency, rec.delivered_at - rec.sent_at)
+            if rec.error is not None:
+                tot.failed += 1
+                tot.errors[rec.error] = tot.errors.get(rec.error, 0) + 1
+            elif rec.delivered_at is None:
+                tot.lost += 1
+            if eligible:
+                tot.eligible += 1
+                tot.eligible_delivered += reached
+            tot.owner_died += owner_died
+            if self.reply and rec.delivered_at is not None:
+                if rec.reply_at is not None:
+                    tot.replies += 1
+                    _add(tot.rtt, rec.reply_at - rec.sent_at)
+                elif rec.error is None:
+                    tot.replies_missing += 1
+
+
+def _add(hist: dict[int, int], seconds: float) -> None:
+    b = max(0, round(seconds / _BUCKET_S))
+    hist[b] = hist.get(b, 0) + 1
+
+
+def hist_pct(hist: dict[int, int], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile of a histogram, in milliseconds."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for b in sorted(hist):
+        seen += hist[b]
+        if seen >= rank:
+            return round(b * _BUCKET_S * 1000.0, 1)
+    raise AssertionError("unreachable")
+
+
+def _hist_stats(hist: dict[int, int]) -> dict[str, float | None]:
+    return {
+        "median": hist_pct(hist, 0.5),
+        "p99": hist_pct(hist, 0.99),
+        "max": round(max(hist) * _BUCKET_S * 1000.0, 1) if hist else None,
+    }
