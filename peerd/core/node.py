@@ -50,14 +50,10 @@ import functools
 import ipaddress
 import itertools
 import random
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
-from typing import cast
-
-from sortedcontainers import SortedList
 
 from peerd.core import digest as digestmod
-from peerd.core import shared
 from peerd.core.broadcast import BroadcastQueue
 from peerd.core.config import SwimConfig
 from peerd.core.digest import Digest
@@ -100,7 +96,16 @@ from peerd.core.events import (
 )
 from peerd.core.registry.service import DIRECT_MAX, MESH_CHANNEL, RegistryService
 from peerd.core.swim import formulas
-from peerd.core.swim.members import AMBIGUOUS, LiveSet, Member, Suspicion
+from peerd.core.swim.members import (
+    AMBIGUOUS,
+    IdRing,
+    LiveIds,
+    Member,
+    ProbeOrder,
+    StoreFactory,
+    Suspicion,
+    local_tables,
+)
 from peerd.wire import codec
 from peerd.wire.codec import (
     MAX_TAG_KEY_BYTES,
@@ -271,35 +276,38 @@ class Node:
         incarnation: int = 0,
         generation: int = 0,
         tags: Tags = (),
+        store: StoreFactory | None = None,
     ) -> None:
         self.config = config
         self.rng = rng
         self.counters: collections.Counter[str] = collections.Counter()
         self._me = Member(node_id, name, addr, incarnation, generation, tags, Status.ALIVE, 0.0)
-        self._members: dict[NodeId, Member] = {node_id: self._me}
-        # Reads that never change the record (an address, a generation):
-        # the simulator's shared tables (peerd.core.shared) answer these
-        # without a copy-on-write copy. For members known to be there.
-        self._peek = cast(Callable[[NodeId], Member], self._members.get)
+        # The members store (see peerd.core.swim.members), bound to our own
+        # attributes: the hot paths read them without an indirection.
+        tables = (store or local_tables)(self._me, rng)
+        self._members: MutableMapping[NodeId, Member] = tables.members
+        # Reads that never change the record (an address, a generation): a
+        # store that shares records (the simulator's) answers these without a
+        # copy-on-write copy. For members known to be there.
+        self._peek: Callable[[NodeId], Member] = tables.peek
         # Bucket hashes of the membership (digest sync), kept up to date by
         # toggling a member's hash out before each change and in after it.
-        self._digest = Digest()
-        self._dig(self._me)
-        self._live = LiveSet()  # live members other than us
-        self._ring: SortedList = SortedList([node_id])  # live ids, us included
+        self._digest: Digest = tables.digest
+        self._live: LiveIds = tables.live  # live members other than us
+        self._ring: IdRing = tables.ring  # live ids, us included
         self._watching: tuple[Addr, ...] = ()
-        self._ring_dirty = False
-        self._by_addr: dict[Addr, NodeId] = {addr: node_id}
-        self._by_name: dict[str, NodeId] = {name: node_id}
+        self._ring_dirty = tables.preloaded
+        self._by_addr: MutableMapping[Addr, NodeId] = tables.by_addr
+        self._by_name: MutableMapping[str, NodeId] = tables.by_name
         # First NODE_PREFIX_BYTES of each known id -> the id, or AMBIGUOUS when
         # two known ids share them (sticky): resolves DiedRef.
-        self._by_prefix: dict[bytes, NodeId] = {node_id[:NODE_PREFIX_BYTES]: node_id}
+        self._by_prefix: MutableMapping[bytes, NodeId] = tables.by_prefix
         self._recently_dead: dict[NodeId, float] = {}  # gossip-to-dead window
         # DEAD (not left) members, which partition healing retries. A dict, not
         # a set: iteration order must not depend on the hash seed, or the same
         # seed would give different runs.
         self._dead: dict[NodeId, None] = {}
-        self._probe_order: list[NodeId] = []
+        self._probe_order: ProbeOrder = tables.probe_order
         self._probe_index = 0
         self._probe: Probe | None = None
         self._relays: dict[int, Relay] = {}
@@ -324,7 +332,8 @@ class Node:
         self._seeds: tuple[Addr, ...] = ()
         self._leaving = False
         self._started = False
-        self._preloaded = False  # started from preload(): no join announcement
+        # started from preload() or a preloaded store: no join announcement
+        self._preloaded = tables.preloaded
         self._state_cache: tuple[Hashable, bytes] | None = None
         self._alone_rounds = 0
         self._out: list[Output] = []
@@ -370,6 +379,7 @@ class Node:
         """Know these members before :class:`Start`, silently: no events, no
         gossip. For simulations that begin from a converged cluster (a real
         daemon learns its peers by joining)."""
+        order = [self._probe_order[i] for i in range(len(self._probe_order))]
         for st in states:
             if st.node == self._me.node or st.node in self._members:
                 continue
@@ -390,18 +400,11 @@ class Node:
             self._by_name.setdefault(m.name, m.node)
             if st.status in LIVE:
                 self._set_live(m.node, True)
-                self._probe_order.append(m.node)
+                order.append(m.node)
             elif st.status is Status.DEAD:
                 self._dead[m.node] = None
-        self.rng.shuffle(self._probe_order)
-        self._preloaded = True
-
-    def preload_shared(self, snapshot: shared.Snapshot) -> None:
-        """Like :meth:`preload`, for many nodes of one simulation at once:
-        they share ``snapshot``'s records copy-on-write (see
-        :mod:`peerd.core.shared`), so 10,000 converged nodes do not need
-        10^8 member records."""
-        shared.install(self, snapshot)
+        self.rng.shuffle(order)
+        self._probe_order = order
         self._preloaded = True
 
     # --- the one entry point -------------------------------------------------
@@ -471,7 +474,7 @@ class Node:
         # Successors (by id) of this node: watch links to the first ones,
         # final news to the first RING_SUCCESSORS (see _ring_flush). Walking
         # up from us is cheap in every ring representation; walking down is
-        # not in the shared one (peerd.core.shared.Ring).
+        # not in the shared one (peerd.sim.store.Ring).
         succ: list[NodeId] = []
         if n > 1:
             i = ring.index(self._me.node)

@@ -38,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.core import shared
 from peerd.core.events import (
     CommandResult,
     EventKind,
@@ -66,7 +65,7 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.node import Node
-from peerd.core.registry.state import SharedState
+from peerd.sim import store
 from peerd.sim.mesh import T_MESH, MeshWorld
 from peerd.sim.registry import RegistryWorld
 from peerd.sim.scenario import Fault, Scenario, Selection
@@ -436,12 +435,12 @@ class World:
             MemberState(h.node_id, f"n{h.index}", h.addr, 0, 1, (), Status.ALIVE)
             for h in self.hosts[:k]
         ]
-        snap = shared.Snapshot(states)
+        snap = store.Snapshot(states)
         row = bytearray(self.n)
         row[:k] = b"\x01" * k  # V_ALIVE
         self.up[:k] = b"\x01" * k  # all of them run from t=0 (no transient wrong views)
         reg = self.reg
-        reg_snap: SharedState | None = None
+        reg_snap: store.SharedState | None = None
         owners: list[dict[int, int]] = []
         if reg is not None and reg.spec.preload:
             reg._quiet = True
@@ -449,7 +448,7 @@ class World:
         for h in self.hosts[:k]:
             proc = self._start_proc(h, preload=snap, row=bytearray(row))
             if reg_snap is not None:
-                proc.node.registry.preload_shared(reg_snap, owners[h.index])
+                proc.node.registry.preload(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
         if reg is not None:
             reg._quiet = False
             reg._changed(0.0)
@@ -885,7 +884,7 @@ class World:
     def _start_proc(
         self,
         host: Host,
-        preload: shared.Snapshot | None = None,
+        preload: store.Snapshot | None = None,
         seeds: tuple[Addr, ...] = (),
         row: bytearray | None = None,
     ) -> Proc:
@@ -900,11 +899,10 @@ class World:
             rng=random.Random(f"peerd-sim-node:{self.sc.seed}:{host.index}:{gen}"),
             incarnation=host.inc,
             generation=gen,
+            store=None if preload is None else preload.tables,
         )
         if row is None:
             row = bytearray(self.n)
-        if preload is not None:
-            node.preload_shared(preload)
         row[host.index] = V_ALIVE
         proc = Proc(host, node, gen)
         if self.seal:

@@ -8,15 +8,32 @@ SWIM 4.2) and, while the member is suspect, its running suspicion timer
 confirmation). Live ids are also kept in a :class:`LiveSet`, which gives the
 uniform random choice that probing helpers, gossip targets and anti-entropy
 partners are drawn with (SWIM 4.1, 4.3) in O(1) per change.
+
+The tables a node keeps over its members (the records, the address, name and
+id-prefix indexes, the live ids, the id ring, the probe order and the digest
+of the whole) form its *members store*: :class:`MemberTables`, built by a
+:data:`StoreFactory` handed to the node. :func:`local_tables` is the plain
+store of a daemon, which starts knowing only itself and learns its peers by
+joining. A simulator that starts thousands of nodes from one converged
+cluster supplies its own factory (peerd.sim.store: copy-on-write tables over
+one shared snapshot); the protocols below name exactly the operations the
+node performs on each table, so any implementation of them will do. The node
+binds the tables to its own attributes once, at construction: the hot paths
+pay no indirection for the store.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
+from typing import Protocol, cast
 
+from sortedcontainers import SortedList
+
+from peerd.core.digest import Digest
 from peerd.core.events import MemberInfo
-from peerd.wire.messages import Addr, MemberState, NodeId, Status, Tags
+from peerd.wire.messages import NODE_PREFIX_BYTES, Addr, MemberState, NodeId, Status, Tags
 
 
 @dataclass(slots=True)
@@ -128,3 +145,101 @@ class LiveSet:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._items)
+
+
+class LiveIds(Protocol):
+    """The live ids other than the node's own: set operations and uniform sampling."""
+
+    def __len__(self) -> int: ...
+    def __contains__(self, node: object) -> bool: ...
+    def __iter__(self) -> Iterator[NodeId]: ...
+    def add(self, node: NodeId) -> None: ...
+    def discard(self, node: NodeId) -> None: ...
+    def sample(
+        self, rng: random.Random, k: int, exclude: tuple[NodeId, ...] = ()
+    ) -> list[NodeId]: ...
+
+
+class IdRing(Protocol):
+    """The live ids, the node's own included, in id order (ring successors)."""
+
+    def __len__(self) -> int: ...
+    def add(self, node: NodeId) -> None: ...
+    def remove(self, node: NodeId) -> None: ...
+    def index(self, node: NodeId) -> int: ...
+    def __getitem__(self, j: int) -> NodeId: ...
+
+
+class ProbeOrder(Protocol):
+    """The shuffled round-robin order of probe targets (SWIM 4.3)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> NodeId: ...
+    def insert(self, pos: int, node: NodeId) -> None: ...
+
+
+class MemberTables:
+    """A node's members store (see the module docs). ``peek`` reads a record
+    the caller will not change (a store that shares records answers it without
+    a copy); ``preloaded`` says the store starts with a converged cluster
+    (the node then starts without a join announcement)."""
+
+    __slots__ = (
+        "members",
+        "peek",
+        "by_addr",
+        "by_name",
+        "by_prefix",
+        "live",
+        "ring",
+        "probe_order",
+        "digest",
+        "preloaded",
+    )
+
+    def __init__(
+        self,
+        *,
+        members: MutableMapping[NodeId, Member],
+        peek: Callable[[NodeId], Member],
+        by_addr: MutableMapping[Addr, NodeId],
+        by_name: MutableMapping[str, NodeId],
+        by_prefix: MutableMapping[bytes, NodeId],
+        live: LiveIds,
+        ring: IdRing,
+        probe_order: ProbeOrder,
+        digest: Digest,
+        preloaded: bool = False,
+    ) -> None:
+        self.members = members
+        self.peek = peek
+        self.by_addr = by_addr
+        self.by_name = by_name
+        self.by_prefix = by_prefix
+        self.live = live
+        self.ring = ring
+        self.probe_order = probe_order
+        self.digest = digest
+        self.preloaded = preloaded
+
+
+# Builds a node's store from its own record and its RNG.
+StoreFactory = Callable[[Member, random.Random], MemberTables]
+
+
+def local_tables(me: Member, rng: random.Random) -> MemberTables:
+    """The plain store: plain dicts and lists, knowing only ``me``."""
+    members: dict[NodeId, Member] = {me.node: me}
+    digest = Digest()
+    digest.toggle(me.node, me.incarnation, me.status)
+    return MemberTables(
+        members=members,
+        peek=cast(Callable[[NodeId], Member], members.get),
+        by_addr={me.addr: me.node},
+        by_name={me.name: me.node},
+        by_prefix={me.node[:NODE_PREFIX_BYTES]: me.node},
+        live=LiveSet(),
+        ring=SortedList([me.node]),
+        probe_order=[],
+        digest=digest,
+    )
