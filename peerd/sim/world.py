@@ -64,7 +64,7 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
-from peerd.core.node import Node
+from peerd.core.peer import Peer
 from peerd.sim import store
 from peerd.sim.mesh import T_MESH, MeshWorld
 from peerd.sim.registry import RegistryWorld
@@ -137,7 +137,7 @@ class Proc:
         "mesh_target",
     )
 
-    def __init__(self, host: Host, node: Node, gen: int) -> None:
+    def __init__(self, host: Host, node: Peer, gen: int) -> None:
         self.host = host
         self.node = node
         self.gen = gen
@@ -891,7 +891,7 @@ class World:
         t = self.now
         host.gen += 1
         gen = host.gen
-        node = Node(
+        node = Peer(
             node_id=host.node_id,
             name=f"n{host.index}",
             addr=host.addr,
