@@ -54,7 +54,6 @@ class Why(enum.Enum):
     VANISHED = "vanished"  # the owner's daemon no longer holds the entry
     REPLY_GONE = "reply_gone"  # the connection or daemon life a reply was for ended
     MAILBOX_FULL = "mailbox_full"  # the receiving connection is not reading
-    DAEMON_MAILBOXES_FULL = "daemon_mailboxes_full"  # the per-daemon bound
     REFUSED = "refused"  # the owner's daemon is leaving or has no registry
     NO_RECEIVER = "no_receiver"  # the holder registered with messages=false
     NO_REGISTRY = "no_registry"  # this daemon has no registry
