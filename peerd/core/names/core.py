@@ -485,9 +485,8 @@ class Names:
     def _receive(self, src: NodeId, msg: NameMsg, call: int, out: list[NamesOutput]) -> int:
         """Check ``msg`` and ask for it to be queued on its connection (the
         token, answered by :class:`Offered`), or answer it now (0)."""
-        status = self._check(msg)
+        status, conn = self._check(msg)
         if status is None:
-            conn = msg.to_conn or self.view.owner_conn(msg.eid) or 0
             size = len(msg.payload)
             if (
                 self.mailbox_messages >= self.config.daemon_mailbox_messages
@@ -522,15 +521,15 @@ class Names:
         self._answer(_Delivery(0, 0, 0, call, src, msg.seq), status, out)
         return 0
 
-    def _check(self, msg: NameMsg) -> NameStatus | None:
-        """Why ``msg`` cannot be queued here (None: it can)."""
+    def _check(self, msg: NameMsg) -> tuple[NameStatus | None, int]:
+        """Why ``msg`` cannot be queued here (None: it can, on the connection)."""
         my_gen = self.view.my_generation()
         if my_gen is None or self.view.leaving():
             self.counters["message_refused"] += 1
-            return NameStatus.REFUSED
+            return NameStatus.REFUSED, 0
         if msg.to_gen and my_gen and msg.to_gen != my_gen:  # meant for an earlier life
             self.counters["message_not_found"] += 1
-            return NameStatus.NOT_FOUND
+            return NameStatus.NOT_FOUND, 0
         if msg.to_conn:  # a reply to one of our connections
             conn: int | None = msg.to_conn
         else:
@@ -542,16 +541,16 @@ class Names:
                 or entry.name != msg.name
             ):
                 self.counters["message_not_found"] += 1
-                return NameStatus.NOT_FOUND
+                return NameStatus.NOT_FOUND, 0
             conn = self.view.owner_conn(msg.eid)
             if msg.eid in self.quiet and conn is not None and self.view.conn_open(conn):
                 self.counters["message_no_receiver"] += 1
                 # An older sender cannot decode NO_RECEIVER: it gets REFUSED.
-                return NameStatus.NO_RECEIVER if msg.extended else NameStatus.REFUSED
+                return (NameStatus.NO_RECEIVER if msg.extended else NameStatus.REFUSED), 0
         if conn is None or not self.view.conn_open(conn):
             self.counters["message_not_found"] += 1
-            return NameStatus.NOT_FOUND
-        return None
+            return NameStatus.NOT_FOUND, 0
+        return None, conn
 
     def _offered(self, token: int, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         d = self._deliveries.pop(token, None)
