@@ -251,7 +251,7 @@ class Names:
     # --- sender ---------------------------------------------------------------------
 
     def _send_to_name(self, now: float, s: SendToName, out: list[NamesOutput]) -> None:
-        if s.call in self._calls:
+        if s.call <= 0 or s.call in self._calls:  # the shell's tokens: unique, > 0
             self.counters["send_duplicate_call"] += 1
             return
         my_gen = self.view.my_generation()
@@ -303,7 +303,7 @@ class Names:
         self._started(now, s.call, call, out)
 
     def _reply_to_sender(self, now: float, r: ReplyToSender, out: list[NamesOutput]) -> None:
-        if r.call in self._calls:
+        if r.call <= 0 or r.call in self._calls:  # the shell's tokens: unique, > 0
             self.counters["send_duplicate_call"] += 1
             return
         my_gen = self.view.my_generation()

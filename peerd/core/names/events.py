@@ -89,7 +89,7 @@ class ReplyAddr:
 class SendToName:
     """API ``send`` from connection ``conn`` (0: none) to a name or a group
     (``every``: all its members). ``call`` is the shell's token for the call
-    (unique), echoed in its :class:`SendResult`."""
+    (unique, > 0), echoed in its :class:`SendResult`."""
 
     call: int
     conn: int
