@@ -154,6 +154,8 @@ class Connection:
         self._mailbox_bytes = 0
         self.mailbox_messages = mailbox_messages
         self.mailbox_bytes = mailbox_bytes
+        # Told how many mailbox messages the writer took (None: the connection closed).
+        self.on_mail: Callable[[int | None], None] | None = None
 
     def __repr__(self) -> str:
         who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
@@ -216,11 +218,15 @@ class Connection:
         """Move mailbox frames into ``parts`` up to ``budget`` bytes (at least one)."""
         size = 0
         box = self._mailbox
+        taken = 0
         while box and (size < budget or not parts):
             frame = box.popleft()
             parts.append(frame)
             size += len(frame)
+            taken += 1
         self._mailbox_bytes -= size
+        if self.on_mail is not None:
+            self.on_mail(taken)
         return size
 
     async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
@@ -499,6 +505,8 @@ class ApiServer:
             log.exception("API connection %r failed", conn)
         finally:
             conn._closed = True
+            if conn.on_mail is not None:
+                conn.on_mail(None)
             del self.connections[conn.id]
             conn._streams.clear()
             try:
