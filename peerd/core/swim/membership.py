@@ -21,6 +21,8 @@ the outputs the concerns appended are returned. It also owns the life cycle
 
 from __future__ import annotations
 
+import random
+
 from peerd.core.events import (
     ConnClosed,
     EventKind,
@@ -125,6 +127,16 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
     def member(self, node: NodeId) -> MemberInfo | None:
         m = self._members.get(node)
         return m.info() if m else None
+
+    def sample_alive(self, rng: random.Random, k: int) -> list[MemberInfo]:
+        """Up to ``k`` random members other than this node that are alive (not
+        suspect): contacts for the mesh. O(k), whatever the cluster size."""
+        out = []
+        for node in self._live.sample(rng, k):
+            m = self._peek(node)
+            if m.status is Status.ALIVE:
+                out.append(m.info())
+        return out
 
     def live_count(self) -> int:
         """Live members including this node (the N of the formulas)."""
