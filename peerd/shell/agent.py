@@ -44,7 +44,8 @@ import trio
 from peerd.api.protocol import ApiError
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.mesh.mesh import Mesh
-from peerd.core.node import Node, tags_problem
+from peerd.core.node import tags_problem
+from peerd.core.peer import Peer
 from peerd.shell.api_server import serve_api
 from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
@@ -562,7 +563,7 @@ async def _serve_daemon(
         limits=settings.links,
     )
     tcp.on_link = links.accept
-    node = Node(
+    node = Peer(
         node_id=node_id,
         name=settings.name,
         addr=advertise,
@@ -667,7 +668,7 @@ async def _serve_daemon(
     return code
 
 
-def _member_counts(node: Node) -> dict[str, int]:
+def _member_counts(node: Peer) -> dict[str, int]:
     counts: Counter[str] = Counter(m.status.label for m in node.members())
     return dict(counts)
 

@@ -15,7 +15,7 @@ the server's: private fields of the connection that only
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
@@ -67,6 +67,8 @@ class Connection:
         self._mailbox_bytes = 0
         self.mailbox_messages = mailbox_messages
         self.mailbox_bytes = mailbox_bytes
+        # Told how many mailbox messages the writer took (None: the connection closed).
+        self.on_mail: Callable[[int | None], None] | None = None
 
     def __repr__(self) -> str:
         who = f" pid={self.cred.pid} uid={self.cred.uid}" if self.cred else ""
@@ -129,11 +131,15 @@ class Connection:
         """Move mailbox frames into ``parts`` up to ``budget`` bytes (at least one)."""
         size = 0
         box = self._mailbox
+        taken = 0
         while box and (size < budget or not parts):
             frame = box.popleft()
             parts.append(frame)
             size += len(frame)
+            taken += 1
         self._mailbox_bytes -= size
+        if self.on_mail is not None:
+            self.on_mail(taken)
         return size
 
     async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:

@@ -288,6 +288,8 @@ class ApiServer:
             log.exception("API connection %r failed", conn)
         finally:
             conn._closed = True
+            if conn.on_mail is not None:
+                conn.on_mail(None)
             del self.connections[conn.id]
             conn._streams.clear()
             try:

@@ -1,73 +1,39 @@
-"""Messages to registered names: the ``send`` op, over direct peer links.
+"""Messages to registered names in the trio daemon: an adapter around the names core.
 
-Sender side (in the runner task): ``send(name | group, payload)`` resolves
-the owner from the local registry replica (a name: its holder; a group: one
-member, a local one first, else a random one; ``all``: every member). A
-local owner gets the message at once; a remote one gets a
-:class:`~peerd.wire.messages.NameMsg` over the link to its daemon (opened on
-demand from the link manager's bounded pool of direct links; idle ones
-close). Every NameMsg is answered by one :class:`NameReply` with its
-``seq``, so the API call returns ``{"delivered": n}`` or a clear error:
+Every decision about a message (who owns the name, which route, which
+``seq``, when a call times out, whether a receiver may have it, how full the
+mailboxes are, what a reply token means, what the outcome is) is made by
+:class:`peerd.core.names.core.Names`; its theory of operation is there.
+This module only moves things between it and the daemon:
 
-* ``not_found``: nobody holds the name (here), or the owner vanished before
-  the message got there (its entry is gone at the owner's daemon);
-* ``unavailable``: the receiving connection's mailbox is full, the owner's
-  daemon refused it, the link to it failed or it did not answer in time
-  (then delivery is unknown: at most once, never twice).
+* in: the runner's calls (:meth:`Messenger.begin` for the API ``send``,
+  :meth:`~Messenger.on_message` / :meth:`~Messenger.on_reply` for link
+  traffic, :meth:`~Messenger.link_lost`, :meth:`~Messenger.mark_quiet`), and
+  the API connections' reports (a mailbox message taken, the connection
+  closed) become core inputs, stamped with the clock;
+* out: :class:`~peerd.core.names.events.LinkSend` goes to the link manager
+  (whose pool of direct links stays here), and its acceptance comes back;
+  :class:`DeliverToConn` becomes a ``message`` connection event offered to
+  the API connection, whose answer comes back; a :class:`SendResult`
+  completes the waiting API call, with the core's error mapped onto the
+  API's error codes and texts;
+* time: a :class:`SendDeadline` is kept in a heap on the daemon's clock and
+  fired when its API call stops waiting (:meth:`Messenger.wait`) or, for a
+  call nobody waits for any more, at the next entry into the messenger. (A
+  later step moves these timers into the runner's single timer heap.)
 
-Receiver side: the entry ``eid`` must still be held by this daemon (a name
-re-registered since is a different entry, so a message for a vanished owner
-never reaches its successor); the payload is queued on the owning API
-connection as a connection event (stream 0) ``message`` with the sender's
-registered name, if it has one, so the receiver can answer it. That
-connection's bounded outgoing queue is the mailbox.
-
-Replies need no registry. Every NameMsg says where it came from: the
-sending daemon's generation and the sending API connection there
-(``from_gen``, ``from_conn``). The receiver turns them into the message
-event's ``reply_to`` token (node, generation, connection), and
-``send(reply_to=token)`` goes straight back over the link to that node,
-which queues it on exactly that connection of that daemon life: a closed
-connection or a restarted daemon answers ``not_found`` (connection ids are
-never reused within a life, and a new life has a new generation), so a
-reply never reaches another process. Only connections that sent a message
-can be reached this way.
-
-Read-your-writes for the sender's own names. A message also carries the
-sender's name with its scope and entry id (``from_scope``, ``from_eid``).
-It goes straight to the owner's daemon over a direct link, so it usually
-arrives before the registry delta that announces the sender's name (that
-one travels by the mesh, or a few ms later). The receiving daemon keeps a
-*hint* per sender name: (node, generation, eid). A ``send`` to a name its
-replica does not hold uses the hint: the message goes to that node for
-that eid, and the owning daemon checks the entry as for any message (it
-answers ``not_found`` if the entry is gone), so a hint can be late but
-never wrong. The replica, once it holds the name, always wins; hints expire
-after ``HINT_TTL_S`` (the replica learns an entry within milliseconds, or
-within one anti-entropy round of 10 s when a delta was lost), are bounded in
-number (least recently refreshed dropped first), and are ignored once the
-node is known dead or in a newer generation. Why not make the sender wait
-until its registration settled before sending? That costs every send a
-cluster-wide round trip; the hint costs nothing, and needs no change to the
-registry's replication.
-
-Messages to a name whose holder registered with ``messages=false`` (e.g.
-``peerd exec``, whose command cannot read them) are refused by the owning
-daemon with NO_RECEIVER (API error ``no_receiver``), never ``delivered``.
-
-Order: the API server answers a connection's sends in batches, in order,
-and one link carries everything between two daemons in order, so the
-messages of one sender to one receiver arrive in the order they were sent.
+The read-only view the core needs (:class:`_View`) reads the Node, its
+RegistryService and the runner's table of API connections that wrote to the
+registry or sent a message; the core never changes them.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import itertools
+import heapq
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +41,6 @@ import trio
 
 from peerd.api.protocol import (
     CONNECTION_STREAM,
-    DEFAULT_SCOPE,
     MESSAGE_EVENT,
     ApiError,
     ErrorCode,
@@ -83,8 +48,11 @@ from peerd.api.protocol import (
     SendArgs,
     message_event_to_wire,
 )
+from peerd.core.names import events as ev
+from peerd.core.names.core import Names, NamesConfig
+from peerd.core.names.view import LocalEntry, MemberRef, OwnerRef
 from peerd.shell.api_server import MAILBOX_BYTES, MAILBOX_MESSAGES
-from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
+from peerd.wire.messages import NameMsg, NameReply, NodeId, RegKind
 
 # Link priority of direct messages: with user broadcasts, after the daemon's own.
 DIRECT_PRIORITY = 3
@@ -110,23 +78,28 @@ class MessageLimits:
     mailbox_bytes: int = MAILBOX_BYTES
 
 
-_STATUS_ERROR = {
-    NameStatus.NOT_FOUND: (
-        ErrorCode.NOT_FOUND,
-        "the owner of {target} vanished before the message arrived",
+_CODE = {
+    ev.SendError.NOT_FOUND: ErrorCode.NOT_FOUND,
+    ev.SendError.NO_RECEIVER: ErrorCode.NO_RECEIVER,
+    ev.SendError.MAILBOX_FULL: ErrorCode.UNAVAILABLE,
+    ev.SendError.UNAVAILABLE: ErrorCode.UNAVAILABLE,
+}
+_TEXT = {
+    ev.Why.VANISHED: "the owner of {target} vanished before the message arrived",
+    ev.Why.MAILBOX_FULL: "mailbox full: the process holding {target} is not reading its messages",
+    ev.Why.REFUSED: (
+        "the daemon of {target}'s owner refused the message (leaving, or no registry)"
     ),
-    NameStatus.MAILBOX_FULL: (
-        ErrorCode.UNAVAILABLE,
-        "mailbox full: the process holding {target} is not reading its messages",
-    ),
-    NameStatus.REFUSED: (
-        ErrorCode.UNAVAILABLE,
-        "the daemon of {target}'s owner refused the message (leaving, or no registry)",
-    ),
-    NameStatus.NO_RECEIVER: (
-        ErrorCode.NO_RECEIVER,
+    ev.Why.NO_RECEIVER: (
         "{target} is held by a process that takes no messages (it registered with "
-        "messages=false, as peerd exec does)",
+        "messages=false, as peerd exec does)"
+    ),
+    ev.Why.NO_REGISTRY: "this daemon has no registry",
+    ev.Why.UNKNOWN_MEMBER: "{target}: the owner's node is not a known member",
+    ev.Why.LINK_REFUSED: "{target}: the link to the owner's daemon is full or down",
+    ev.Why.LINK_LOST: "{target}: the link to the owner's daemon was lost (delivery unknown)",
+    ev.Why.TIMEOUT: (
+        "{target}: no answer from the owner's daemon in {timeout:g} s (delivery unknown)"
     ),
 }
 REPLY_TARGET = "the sender of the message"
@@ -134,31 +107,29 @@ REPLY_GONE = (
     "the process that sent the message is gone (its connection closed, or its daemon "
     "restarted or died)"
 )
-
-
-@dataclass(slots=True)
-class Hint:
-    """Where the sender of a message held its name when it sent it."""
-
-    node: NodeId
-    generation: int
-    eid: int
-    expires: float
+_OFFER = {"ok": ev.OfferOutcome.OK, "closed": ev.OfferOutcome.CLOSED}
 
 
 @dataclass(eq=False, slots=True)
 class Pending:
-    """One ``send`` call: its outstanding NameMsgs (seq -> peer) and outcome."""
+    """One ``send`` call, as the API backend holds it until its outcome."""
 
     target: str
     every: bool
-    seqs: dict[int, NodeId] = field(default_factory=dict)
+    call: int
+    names: Names
     delivered: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     error: ApiError | None = None
     done: trio.Event | None = None
     finished: bool = False
     reply: bool = False  # a send to a reply_to token
+    timer: ev.SendDeadline | None = None
+
+    @property
+    def seqs(self) -> dict[int, NodeId]:
+        """What the call still waits for."""
+        return {} if self.finished else self.names.outstanding(self.call)
 
     def result(self) -> dict[str, Any]:
         if self.error is not None:
@@ -167,6 +138,81 @@ class Pending:
         if self.every:
             out["failed"] = self.failures
         return out
+
+
+class _View:
+    """The core's read-only view of the Node, its registry and the runner's
+    API connections (through the messenger, whose attributes tests replace)."""
+
+    def __init__(self, m: Messenger) -> None:
+        self.m = m
+        self._me: NodeId | None = None
+
+    def _registry(self) -> Any:
+        return getattr(self.m.node, "registry", None)
+
+    def me(self) -> NodeId:
+        if self._me is None:  # a node's id never changes
+            self._me = self.m.node.local_member().node
+        return self._me
+
+    def my_generation(self) -> int | None:
+        registry = self._registry()
+        return None if registry is None else int(getattr(registry.state, "generation", 0))
+
+    def leaving(self) -> bool:
+        return bool(self.m.leaving())
+
+    def _gen_of(self, origin: NodeId) -> int:
+        """The generation of ``origin``'s partition in our replica (0: unknown)."""
+        version_of = getattr(self._registry().state, "version_of", None)
+        return int(version_of(origin)[0]) if version_of is not None else 0
+
+    def lookup(self, scope: str, name: str) -> OwnerRef | None:
+        claim = self._registry().state.lookup(scope, name)
+        if claim is None:
+            return None
+        return OwnerRef(claim.origin, claim.entry.eid, self._gen_of(claim.origin))
+
+    def group_members(self, scope: str, name: str) -> Sequence[OwnerRef]:
+        return [
+            OwnerRef(c.origin, c.entry.eid, self._gen_of(c.origin))
+            for c in self._registry().state.group_members(scope, name)
+        ]
+
+    def member(self, node: NodeId) -> MemberRef | None:
+        m = self.m.node.member(node)
+        return None if m is None else MemberRef(m.status, m.generation, m.addr)
+
+    def local_entry(self, eid: int) -> LocalEntry | None:
+        registry = self._registry()
+        entry = registry.state.local.entries.get(eid) if registry is not None else None
+        return None if entry is None else LocalEntry(entry.kind, entry.scope, entry.name)
+
+    def owner_conn(self, eid: int) -> int | None:
+        conn = self._registry().owner_conn(eid)
+        return None if conn is None else int(conn)
+
+    def sender_of(self, conn: int) -> tuple[str, str, int]:
+        registry = self._registry()
+        for kind, scope, name in registry.held_by_conn(conn):
+            if kind is RegKind.NAME:
+                eid_of = getattr(registry, "eid_of", None)
+                eid = eid_of(conn, kind, scope, name) if eid_of is not None else None
+                return str(name), str(scope), int(eid or 0)
+        return "", "", 0
+
+    def conn_open(self, conn: int) -> bool:
+        c = self.m.conns.get(conn)
+        return c is not None and not getattr(c, "closed", False)
+
+
+def _clock() -> float:
+    """Trio's clock inside a trio run (as the runner passes), else monotonic."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 class Messenger:
@@ -182,7 +228,7 @@ class Messenger:
         send_timeout_s: float = SEND_TIMEOUT_S,
         rng: random.Random | None = None,
         leaving: Callable[[], bool] = lambda: False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.node = node
         self.links = links
@@ -191,346 +237,199 @@ class Messenger:
         self.send_timeout_s = send_timeout_s
         self.rng = rng or random.Random()
         self.leaving = leaving
-        self._seq = itertools.count(1)
-        self._pending: dict[int, Pending] = {}  # seq -> call
-        self._via: dict[int, int | None] = {}  # seq -> the link it went on (LinkLost.link)
-        self._my_id: NodeId | None = None
-        self.clock = clock
-        # Entries (local eids) whose holder takes no messages (register's
-        # "messages": false). Eids are never reused in a daemon life; ids of
-        # entries gone are pruned as the set grows.
-        self.quiet: set[int] = set()
-        self._quiet_pruned = 64
-        # (scope, name) -> where its holder sent from (see the module docstring)
-        self._hints: collections.OrderedDict[tuple[str, str], Hint] = collections.OrderedDict()
+        self.clock = clock or _clock
+        self.names = Names(
+            _View(self),
+            NamesConfig(send_timeout_s=send_timeout_s, hint_ttl_s=HINT_TTL_S, max_hints=MAX_HINTS),
+            rng=self.rng,
+            counters=counters,
+        )
+        self._calls = 0
+        self._waiting: dict[int, Pending] = {}  # call -> the API call's handle
+        self._timers: list[tuple[float, int, ev.SendDeadline]] = []
+        self._hooked: set[int] = set()  # connections that report taken mail
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self.names.pending
 
-    def _me(self) -> NodeId:
-        if self._my_id is None:  # a node's id never changes
-            self._my_id = self.node.local_member().node
-        return self._my_id
-
-    def _registry(self) -> Any:
-        registry = getattr(self.node, "registry", None)
-        if registry is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no registry")
-        return registry
-
-    def _my_gen(self) -> int:
-        return int(getattr(self._registry().state, "generation", 0))
+    @property
+    def quiet(self) -> set[int]:
+        return self.names.quiet
 
     def mark_quiet(self, eid: int) -> None:
         """Entry ``eid`` (ours) is held by a process that takes no messages."""
-        self.quiet.add(eid)
-        if len(self.quiet) > 2 * self._quiet_pruned:
-            local = self._registry().state.local.entries
-            self.quiet = {e for e in self.quiet if e in local}
-            self._quiet_pruned = max(64, len(self.quiet))
+        self._feed(ev.MarkQuiet(eid))
 
     # --- sender ---------------------------------------------------------------------
 
     def begin(self, conn: object, args: SendArgs) -> Pending:
         """Resolve and send (or deliver locally); the outcome fills in later."""
-        state = self._registry().state
+        self._fire_due()
         conn_id = getattr(conn, "id", None)
         if type(conn_id) is int and not getattr(conn, "closed", False):
-            # Replies to this connection's messages must find it (see deliver).
+            # Replies to this connection's messages must find it.
             self.conns.setdefault(conn_id, conn)
-        if args.reply_to is not None:
-            return self._begin_reply(conn_id, args, args.reply_to)
-        what = "name" if args.kind is RegKind.NAME else "group"
-        target = f"{args.scope}/{args.name}"
-        # (owner node, entry id, the owner's generation as far as we know)
-        targets: list[tuple[NodeId, int, int]]
-        if args.kind is RegKind.NAME:
-            claim = state.lookup(args.scope, args.name)
-            if claim is not None:
-                targets = [(claim.origin, claim.entry.eid, self._gen_of(claim.origin))]
-            else:
-                hint = self._hint(args.scope, args.name)
-                targets = [(hint.node, hint.eid, hint.generation)] if hint is not None else []
-                if targets:
-                    self.counters["send_via_hint"] += 1
-        else:
-            targets = [
-                (c.origin, c.entry.eid, self._gen_of(c.origin))
-                for c in state.group_members(args.scope, args.name)
-            ]
-        if not targets:
-            raise ApiError(ErrorCode.NOT_FOUND, f"no {what} {args.name!r} in scope {args.scope!r}")
-        me = self._me()
-        if args.kind is RegKind.GROUP and not args.all:
-            local = [t for t in targets if t[0] == me]
-            targets = [local[0] if local else self.rng.choice(targets)]
-        p = Pending(target, args.all)
-        for origin, eid, gen in targets:
-            msg = self._msg(conn_id, args.kind, args.scope, args.name, eid, args.payload, gen, 0)
-            self._dispatch(p, origin, msg)
-        self._maybe_finish(p)
-        return p
-
-    def _begin_reply(self, conn_id: Any, args: SendArgs, to: ReplyTo) -> Pending:
-        p = Pending(REPLY_TARGET, False, reply=True)
-        if to.node != self._me():
-            member = self.node.member(to.node)
-            if (
-                member is None
-                or member.status in (Status.DEAD, Status.LEFT)
-                or member.generation > to.generation
-            ):
-                self.counters["send_failed_not_found"] += 1
-                raise ApiError(ErrorCode.NOT_FOUND, REPLY_GONE)
-        msg = self._msg(conn_id, RegKind.NAME, "", "", 0, args.payload, to.generation, to.conn)
-        self._dispatch(p, to.node, msg)
-        self._maybe_finish(p)
-        return p
-
-    def _msg(
-        self,
-        conn_id: Any,
-        kind: RegKind,
-        scope: str,
-        name: str,
-        eid: int,
-        payload: bytes,
-        to_gen: int,
-        to_conn: int,
-    ) -> NameMsg:
-        """A NameMsg (seq 0: set by _dispatch) with the sender's origin fields."""
-        sender, sender_scope, sender_eid = "", "", 0
-        if type(conn_id) is int:
-            sender, sender_scope, sender_eid = self._sender(conn_id)
         else:
             conn_id = 0
-        return NameMsg(
-            0,
-            kind,
-            scope,
-            name,
-            eid,
-            sender,
-            payload,
-            self._my_gen(),
-            conn_id,
-            sender_scope,
-            sender_eid,
-            to_gen,
-            to_conn,
-        )
-
-    def _dispatch(self, p: Pending, origin: NodeId, msg: NameMsg) -> None:
-        me = self._me()
-        if origin == me:
-            self.counters["send_local"] += 1
-            self._outcome(p, None, me, self.deliver(me, msg))
-            return
-        links = self.links
-        if not links.has(origin):
-            member = self.node.member(origin)
-            if member is None:
-                self._outcome(p, None, origin, None, "the owner's node is not a known member")
-                return
-            links.connect(origin, member.addr, mesh=False)
-        seq = next(self._seq)
-        msg = dataclasses.replace(msg, seq=seq)
-        if not links.send(origin, msg, DIRECT_PRIORITY, mesh=False):
-            self._outcome(p, None, origin, None, "the link to the owner's daemon is full or down")
-            return
-        self.counters["send_remote"] += 1
-        p.seqs[seq] = origin
-        self._pending[seq] = p
-        self._via[seq] = links.link_id(origin)
-
-    def _gen_of(self, origin: NodeId) -> int:
-        """The generation of ``origin``'s partition in our replica (0: unknown)."""
-        version_of = getattr(self._registry().state, "version_of", None)
-        return int(version_of(origin)[0]) if version_of is not None else 0
-
-    def _hint(self, scope: str, name: str) -> Hint | None:
-        key = (scope, name)
-        hint = self._hints.get(key)
-        if hint is None:
-            return None
-        member = self.node.member(hint.node)
-        if (
-            hint.expires <= self.clock()
-            or member is None
-            or member.status in (Status.DEAD, Status.LEFT)
-            or member.generation > hint.generation
-        ):
-            del self._hints[key]
-            return None
-        return hint
-
-    def _learn_hint(self, src: NodeId, msg: NameMsg) -> None:
-        if not (msg.sender and msg.from_eid and msg.from_gen) or msg.to_conn:
-            return
-        key = (msg.from_scope or DEFAULT_SCOPE, msg.sender)
-        self._hints[key] = Hint(src, msg.from_gen, msg.from_eid, self.clock() + HINT_TTL_S)
-        self._hints.move_to_end(key)
-        while len(self._hints) > MAX_HINTS:
-            self._hints.popitem(last=False)
-
-    def _sender(self, conn_id: int) -> tuple[str, str, int]:
-        """(name, scope, eid) of the first name connection ``conn_id`` holds here."""
-        registry = self._registry()
-        for kind, scope, name in registry.held_by_conn(conn_id):
-            if kind is RegKind.NAME:
-                eid_of = getattr(registry, "eid_of", None)
-                eid = eid_of(conn_id, kind, scope, name) if eid_of is not None else None
-                return str(name), str(scope), int(eid or 0)
-        return "", "", 0
-
-    def _outcome(
-        self, p: Pending, seq: int | None, peer: NodeId, status: NameStatus | None, why: str = ""
-    ) -> None:
-        if seq is not None:
-            p.seqs.pop(seq, None)
-            self._via.pop(seq, None)
-        if status is NameStatus.DELIVERED:
-            p.delivered += 1
-            return
-        if status is NameStatus.NOT_FOUND and p.reply:
-            code, message = ErrorCode.NOT_FOUND, REPLY_GONE
-        elif status is not None:
-            code, text = _STATUS_ERROR[status]
-            message = text.format(target=p.target)
-        else:
-            code, message = ErrorCode.UNAVAILABLE, f"{p.target}: {why}"
-        self.counters[f"send_failed_{code}"] += 1
-        p.failures.append({"node": peer.hex(), "code": str(code), "message": message})
-        if not p.every:
-            p.error = ApiError(code, message)
-
-    def _maybe_finish(self, p: Pending) -> None:
-        if p.seqs or p.finished:
-            return
-        p.finished = True
-        if p.every and not p.delivered and p.failures:
-            f = p.failures[0]
-            p.error = ApiError(
-                f["code"], f"delivered to none of the {len(p.failures)} members: {f['message']}"
+        self._calls += 1
+        call = self._calls
+        inp: ev.NamesInput
+        if args.reply_to is not None:
+            to = args.reply_to
+            p = Pending(REPLY_TARGET, False, call, self.names, reply=True)
+            inp = ev.ReplyToSender(
+                call, conn_id, ev.ReplyAddr(to.node, to.generation, to.conn), args.payload
             )
-        if p.done is not None:
-            p.done.set()
+        else:
+            p = Pending(f"{args.scope}/{args.name}", args.all, call, self.names)
+            inp = ev.SendToName(
+                call, conn_id, args.kind, args.scope, args.name, args.payload, args.all
+            )
+        self._waiting[call] = p
+        refused = self._feed(inp)
+        if refused is not None:
+            what = "name" if args.kind is RegKind.NAME else "group"
+            if refused.why in (ev.Why.NO_SUCH_NAME, ev.Why.NO_SUCH_GROUP):
+                raise ApiError(
+                    ErrorCode.NOT_FOUND, f"no {what} {args.name!r} in scope {args.scope!r}"
+                )
+            raise self._error(p, refused)
+        return p
 
     async def wait(self, p: Pending, deadline: float | None = None) -> dict[str, Any]:
-        """The call's result, or ApiError; bounded by ``send_timeout_s``."""
-        if not p.finished:
+        """The call's result, or ApiError; bounded by its deadline."""
+        if not p.finished and p.timer is not None:
             if p.done is None:
                 p.done = trio.Event()
-            with trio.move_on_at(
-                deadline if deadline is not None else trio.current_time() + self.send_timeout_s
-            ):
+            at = trio.current_time() + max(0.0, p.timer.at - self.clock())
+            with trio.move_on_at(at if deadline is None else min(at, deadline)):
                 await p.done.wait()
             if not p.finished:
-                for seq, peer in list(p.seqs.items()):
-                    self._pending.pop(seq, None)
-                    self._outcome(
-                        p,
-                        seq,
-                        peer,
-                        None,
-                        "no answer from the owner's daemon in "
-                        f"{self.send_timeout_s:g} s (delivery "
-                        "unknown)",
-                    )
-                self.counters["send_timeouts"] += 1
-                self._maybe_finish(p)
+                self._feed(ev.DeadlineFired(p.timer))
         return p.result()
 
     def on_reply(self, src: NodeId, reply: NameReply) -> None:
-        p = self._pending.get(reply.seq)
-        if p is None or p.seqs.get(reply.seq) != src:
-            self.counters["send_reply_unexpected"] += 1
-            return
-        del self._pending[reply.seq]
-        self._outcome(p, reply.seq, src, reply.status)
-        self._maybe_finish(p)
+        self._fire_due()
+        self._feed(ev.NameReplyIn(src, reply))
 
     def link_lost(self, node: NodeId, link: int | None = None) -> None:
         """Everything still waiting on ``node`` fails (delivery unknown); with
         ``link``, only what went on that link (a newer one carries the rest)."""
-        lost = [
-            seq
-            for seq, p in self._pending.items()
-            if p.seqs.get(seq) == node and (link is None or self._via.get(seq) in (None, link))
-        ]
-        for seq in lost:
-            p = self._pending.pop(seq)
-            self._outcome(
-                p, seq, node, None, "the link to the owner's daemon was lost (delivery unknown)"
-            )
-            self._maybe_finish(p)
+        self._feed(ev.LinkLost(node, link))
 
     # --- receiver -------------------------------------------------------------------
 
     def on_message(self, src: NodeId, msg: NameMsg) -> None:
-        self._learn_hint(src, msg)
-        status = self.deliver(src, msg)
-        self.links.send(src, NameReply(msg.seq, status), DIRECT_PRIORITY, mesh=False)
+        self._fire_due()
+        self._feed(ev.NameMsgIn(src, msg))
 
-    def deliver(self, src: NodeId, msg: NameMsg) -> NameStatus:
-        """Queue ``msg`` on the connection holding entry ``msg.eid`` here (or,
-        for a reply, on connection ``msg.to_conn``)."""
-        registry = getattr(self.node, "registry", None)
-        if registry is None or self.leaving():
-            self.counters["message_refused"] += 1
-            return NameStatus.REFUSED
-        my_gen = int(getattr(registry.state, "generation", 0))
-        if msg.to_gen and my_gen and msg.to_gen != my_gen:  # meant for an earlier life
-            self.counters["message_not_found"] += 1
-            return NameStatus.NOT_FOUND
-        kind: RegKind | None = msg.kind
-        if msg.to_conn:  # a reply to one of our connections
-            kind = None
-            conn = self.conns.get(msg.to_conn)
-        else:
-            entry = registry.state.local.entries.get(msg.eid)
-            if (
-                entry is None
-                or entry.kind is not msg.kind
-                or entry.scope != msg.scope
-                or entry.name != msg.name
-            ):
-                self.counters["message_not_found"] += 1
-                return NameStatus.NOT_FOUND
-            conn_id = registry.owner_conn(msg.eid)
-            conn = self.conns.get(conn_id) if conn_id is not None else None
-            if msg.eid in self.quiet and conn is not None:
-                self.counters["message_no_receiver"] += 1
-                # An older sender cannot decode NO_RECEIVER: it gets REFUSED.
-                return NameStatus.NO_RECEIVER if msg.extended else NameStatus.REFUSED
-        if conn is None or getattr(conn, "closed", False):
-            self.counters["message_not_found"] += 1
-            return NameStatus.NOT_FOUND
+    # --- carrying out the core's outputs -------------------------------------------
+
+    def _feed(self, first: ev.NamesInput) -> ev.Failure | None:
+        """Hand ``first`` to the core and carry out what it says, feeding back
+        the answers it asked for. Returns the failure of a call refused at once."""
+        refused: ev.Failure | None = None
+        inputs: collections.deque[ev.NamesInput] = collections.deque([first])
+        while inputs:
+            for out in self.names.handle(self.clock(), inputs.popleft()):
+                match out:
+                    case ev.LinkSend(node, addr, msg, seq):
+                        inputs.extend(self._link_send(node, addr, msg, seq))
+                    case ev.DeliverToConn():
+                        inputs.append(ev.Offered(out.token, self._offer(out)))
+                    case ev.SendDeadline():
+                        heapq.heappush(self._timers, (out.at, out.call, out))
+                        p = self._waiting.get(out.call)
+                        if p is not None:
+                            p.timer = out
+                    case ev.SendResult():
+                        if out.at_once:
+                            self._waiting.pop(out.call, None)
+                            refused = out.error
+                        else:
+                            self._complete(out)
+        return refused
+
+    def _link_send(
+        self, node: NodeId, addr: Any, msg: NameMsg | NameReply, seq: int
+    ) -> list[ev.NamesInput]:
+        links = self.links
+        if addr is not None and not links.has(node):
+            links.connect(node, addr, mesh=False)
+        ok = bool(links.send(node, msg, DIRECT_PRIORITY, mesh=False))
+        if not seq:
+            return []
+        return [ev.LinkSendDone(seq, ok, links.link_id(node) if ok else None)]
+
+    def _offer(self, d: ev.DeliverToConn) -> ev.OfferOutcome:
+        conn = self.conns.get(d.conn)
+        if conn is None:
+            return ev.OfferOutcome.CLOSED
+        if d.conn not in self._hooked and hasattr(conn, "on_mail"):
+            self._hooked.add(d.conn)
+            conn.on_mail = lambda n, c=d.conn: self._mail(c, n)
         reply_to = (
-            ReplyTo(src, msg.from_gen, msg.from_conn).token()
-            if msg.from_gen and msg.from_conn
+            ReplyTo(d.reply_to.node, d.reply_to.generation, d.reply_to.conn).token()
+            if d.reply_to is not None
             else None
         )
         data = message_event_to_wire(
-            msg.sender,
-            src,
-            kind,
-            msg.scope,
-            msg.name,
-            msg.payload,
-            from_scope=msg.from_scope,
+            d.sender,
+            d.from_node,
+            d.kind,
+            d.scope,
+            d.name,
+            d.payload,
+            from_scope=d.from_scope,
             reply_to=reply_to,
         )
         try:
             outcome = conn.offer(CONNECTION_STREAM, MESSAGE_EVENT, data)
         except (AttributeError, ValueError):
             outcome = "closed"
-        if outcome == "closed":  # the owner is going away: its entries follow
-            self.counters["message_not_found"] += 1
-            return NameStatus.NOT_FOUND
-        if outcome != "ok":
-            self.counters["message_mailbox_full"] += 1
-            return NameStatus.MAILBOX_FULL
-        self.counters["message_delivered"] += 1
-        return NameStatus.DELIVERED
+        return _OFFER.get(outcome, ev.OfferOutcome.FULL)
+
+    def _mail(self, conn: int, taken: int | None) -> None:
+        """An API connection's report: its writer took mailbox messages, or
+        (None) it closed."""
+        if taken is None:
+            self._hooked.discard(conn)
+            self._feed(ev.ConnClosed(conn))
+        else:
+            self._feed(ev.MailboxTaken(conn, taken))
+
+    def _fire_due(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            self._feed(ev.DeadlineFired(timer))
+
+    def _complete(self, r: ev.SendResult) -> None:
+        p = self._waiting.pop(r.call, None)
+        if p is None:
+            return
+        p.delivered = r.delivered
+        p.failures = [
+            {"node": f.node.hex(), "code": str(_CODE[f.error]), "message": self._text(p, f)}
+            for f in r.failures
+        ]
+        if r.error is not None:
+            p.error = self._error(p, r.error)
+            if p.every:
+                first = p.failures[0]
+                p.error = ApiError(
+                    first["code"],
+                    f"delivered to none of the {len(p.failures)} members: {first['message']}",
+                )
+        p.finished = True
+        if p.done is not None:
+            p.done.set()
+
+    def _text(self, p: Pending, f: ev.Failure) -> str:
+        if f.why is ev.Why.REPLY_GONE:
+            return REPLY_GONE
+        return _TEXT[f.why].format(target=p.target, timeout=self.send_timeout_s)
+
+    def _error(self, p: Pending, f: ev.Failure) -> ApiError:
+        return ApiError(_CODE[f.error], self._text(p, f))

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from peerd.core.events import Input, PacketIn
-from peerd.core.node import Node
+from peerd.core.peer import Peer
 from peerd.sim.scenario import Scenario
 from peerd.wire import seal as sealmod
 from peerd.wire.messages import Addr
@@ -96,7 +96,7 @@ class Proc:
         "mesh_target",
     )
 
-    def __init__(self, host: Host, node: Node, gen: int) -> None:
+    def __init__(self, host: Host, node: Peer, gen: int) -> None:
         self.host = host
         self.node = node
         self.gen = gen

@@ -17,7 +17,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from peerd.core import shared
 from peerd.core.events import (
     CommandResult,
     IncarnationChanged,
@@ -35,8 +34,8 @@ from peerd.core.events import (
     TimerFired,
     WatchLinks,
 )
-from peerd.core.node import Node
-from peerd.core.registry.state import SharedState
+from peerd.core.peer import Peer
+from peerd.sim import store
 from peerd.sim.engine import Host, Proc
 from peerd.sim.faults import Faults
 from peerd.sim.measure import V_ALIVE, Record
@@ -77,12 +76,12 @@ class World(Faults):
             MemberState(h.node_id, f"n{h.index}", h.addr, 0, 1, (), Status.ALIVE)
             for h in self.hosts[:k]
         ]
-        snap = shared.Snapshot(states)
+        snap = store.Snapshot(states)
         row = bytearray(self.n)
         row[:k] = b"\x01" * k  # V_ALIVE
         self.up[:k] = b"\x01" * k  # all of them run from t=0 (no transient wrong views)
         reg = self.reg
-        reg_snap: SharedState | None = None
+        reg_snap: store.SharedState | None = None
         owners: list[dict[int, int]] = []
         if reg is not None and reg.spec.preload:
             reg._quiet = True
@@ -90,7 +89,7 @@ class World(Faults):
         for h in self.hosts[:k]:
             proc = self._start_proc(h, preload=snap, row=bytearray(row))
             if reg_snap is not None:
-                proc.node.registry.preload_shared(reg_snap, owners[h.index])
+                proc.node.registry.preload(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
         if reg is not None:
             reg._quiet = False
             reg._changed(0.0)
@@ -156,14 +155,15 @@ class World(Faults):
     def _start_proc(
         self,
         host: Host,
-        preload: shared.Snapshot | None = None,
+        preload: store.Snapshot | None = None,
         seeds: tuple[Addr, ...] = (),
         row: bytearray | None = None,
     ) -> Proc:
         t = self.now
         host.gen += 1
         gen = host.gen
-        node = Node(
+        node = Peer(
+            store=None if preload is None else preload.tables,
             node_id=host.node_id,
             name=f"n{host.index}",
             addr=host.addr,
@@ -174,8 +174,6 @@ class World(Faults):
         )
         if row is None:
             row = bytearray(self.n)
-        if preload is not None:
-            node.preload_shared(preload)
         row[host.index] = V_ALIVE
         proc = Proc(host, node, gen)
         if self.seal:

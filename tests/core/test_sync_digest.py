@@ -19,6 +19,7 @@ from peerd.core.events import (
     TimerKind,
 )
 from peerd.core.node import DIGEST_SYNC_MIN_MEMBERS, Node
+from peerd.sim.store import Snapshot
 from peerd.wire import codec
 from peerd.wire.messages import (
     Dead,
@@ -45,6 +46,7 @@ def state(i: int, inc: int = 0, status: Status = Status.ALIVE) -> MemberState:
 
 
 def make(i: int, n: int = N, shared: bool = False) -> tuple[Node, list[Output]]:
+    states = [state(j) for j in range(n)]
     node = Node(
         node_id=nid(i),
         name=f"n{i}",
@@ -52,13 +54,9 @@ def make(i: int, n: int = N, shared: bool = False) -> tuple[Node, list[Output]]:
         config=config.lan(),
         rng=random.Random(i),
         generation=1,
+        store=Snapshot(states).tables if shared else None,
     )
-    states = [state(j) for j in range(n)]
-    if shared:
-        from peerd.core.shared import Snapshot
-
-        node.preload_shared(Snapshot(states))
-    else:
+    if not shared:
         node.preload(states)
     return node, node.handle(0.0, Start(()))
 

@@ -518,3 +518,31 @@ def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
             assert e.code in ("not_found", "unavailable", "no_receiver")
         else:
             assert r["delivered"] >= 1 or p.every
+
+
+async def test_the_core_counts_a_real_mailbox_until_the_writer_takes_it() -> None:
+    # The API connection reports what its writer took, and its close: the
+    # names core's per-daemon mailbox count follows.
+    from peerd.shell.api_server import Connection, _write_loop
+
+    m, node, _, conns = setup()
+    send, receive = trio.open_memory_channel[bytes](4)
+    conns[7] = real = Connection(7, None, send, 1 << 20, 8)
+    node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
+    for _ in range(3):
+        assert await m.wait(m.begin(Conn(8), args("db"))) == {"delivered": 1}
+    assert (m.names.mailbox_messages, m.names.mailbox_bytes) == (3, 6)
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write_loop, server, receive, nursery.cancel_scope, real)
+        await client.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert m.names.mailbox_messages == 0
+    send2, _receive2 = trio.open_memory_channel[bytes](4)
+    conns[9] = other = Connection(9, None, send2, 1 << 20, 8)
+    node.registry.add(ME, 4, RegKind.NAME, "web", conn=9)
+    assert await m.wait(m.begin(Conn(8), args("web"))) == {"delivered": 1}
+    assert m.names.mailbox_messages == 1 and other.on_mail is not None
+    other.on_mail(None)  # what the server does when the connection ends
+    assert (m.names.mailbox_messages, m.names.mailbox_bytes) == (0, 0)

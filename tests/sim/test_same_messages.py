@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 
-from peerd.core import shared
 from peerd.core.events import Input, Output, Start, TimerFired
 from peerd.core.node import Node
+from peerd.sim import store
 from peerd.sim.world import World
 from peerd.wire.messages import MemberState, Status
 
@@ -45,19 +45,18 @@ def _record() -> tuple[World, list[tuple[float, Input, list[Output]]]]:
 def _twin(w: World) -> Node:
     """The watched node as the world built it: same id, config, RNG, members."""
     h = w.hosts[WATCHED]
-    node = Node(
+    states = [
+        MemberState(x.node_id, f"n{x.index}", x.addr, 0, 1, (), Status.ALIVE) for x in w.hosts
+    ]
+    return Node(
         node_id=h.node_id,
         name=f"n{h.index}",
         addr=h.addr,
         config=w.cfg,
         rng=random.Random(f"peerd-sim-node:{w.sc.seed}:{h.index}:1"),
         generation=1,
+        store=store.Snapshot(states).tables,
     )
-    states = [
-        MemberState(x.node_id, f"n{x.index}", x.addr, 0, 1, (), Status.ALIVE) for x in w.hosts
-    ]
-    node.preload_shared(shared.Snapshot(states))
-    return node
 
 
 def test_world_and_direct_driving_give_the_same_outputs() -> None:

@@ -37,6 +37,8 @@ from peerd.wire.messages import (
     GossipControl,
     MeshJoin,
     MeshPeer,
+    NameMsg,
+    NameReply,
     Neighbor,
     NeighborReply,
     NodeId,
@@ -89,17 +91,23 @@ class JoinMesh:
 
 @dataclass(frozen=True, slots=True)
 class MessageIn:
-    """A message arrived over the link from ``src``."""
+    """A message arrived over the link from ``src`` (the mesh's, or a message
+    to a name and its answer: the peer routes them by type)."""
 
     src: NodeId
-    msg: MeshMessage
+    msg: MeshMessage | NameMsg | NameReply
 
 
 @dataclass(frozen=True, slots=True)
 class LinkDown:
-    """The link to ``node`` failed or the peer closed it (see the module docs)."""
+    """The link to ``node`` failed or the peer closed it (see the module docs).
+
+    ``link``: which link (None: any link to ``node``); ``mesh``: the mesh used
+    it (a link opened only for messages to names is news for those alone)."""
 
     node: NodeId
+    link: int | None = None
+    mesh: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +193,12 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class CloseLink:
-    """Write out what is queued for ``node``, then close the link."""
+    """Write out what is queued for ``node``, then close the link. ``mesh``
+    False: close every link to ``node``, also those the mesh does not use
+    (its daemon is dead: nothing will answer on them)."""
 
     node: NodeId
+    mesh: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from peerd.core.events import (
     Unregister,
     UpdateMeta,
 )
-from peerd.core.registry.state import Applied, Registry, SharedState
+from peerd.core.registry.state import Applied, Registry, RegistryTables
 from peerd.wire import codec
 from peerd.wire.messages import (
     Channel,
@@ -222,11 +222,11 @@ class RegistryService:
         # node -> generation declared dead (until seen alive again or reaped)
         self._was_down: dict[NodeId, int] = {}
 
-    def preload_shared(self, snap: SharedState, owners: Mapping[int, int]) -> None:
-        """Simulator only: start from a converged registry shared by many
-        nodes (:meth:`Registry.preload_shared`); ``owners`` maps each of our
-        own entries (eid) to the API connection that holds it."""
-        self.state.preload_shared(snap)
+    def preload(self, tables: RegistryTables, owners: Mapping[int, int]) -> None:
+        """Simulator only: start from a converged registry (:meth:`Registry.adopt`);
+        ``owners`` maps each of our own entries (eid) to the API connection
+        that holds it."""
+        self.state.adopt(tables)
         local = self.state.local.entries
         if set(owners) != set(local):
             raise ValueError("every local entry of the snapshot needs an owner, and only those")

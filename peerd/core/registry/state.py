@@ -101,8 +101,9 @@ MAX_PENDING_PER_ORIGIN = 16
 
 class _Table(dict):  # type: ignore[type-arg]
     """A dict with ``peek``: a read that promises not to mutate what it gets.
-    The simulator swaps in :class:`peerd.core.shared.CowDict` (same methods),
-    whose ``get`` copies a shared record before the caller may change it."""
+    The simulator's store (peerd.sim.store) supplies copy-on-write tables with
+    the same methods, whose ``get`` copies a shared record before the caller
+    may change it (see :class:`RegistryTables`)."""
 
     __slots__ = ()
     peek = dict.get
@@ -113,8 +114,19 @@ def part_key(part: Partition) -> int:
     return (part.generation & 0xFFFFFFFF) << 32 | (part.version & 0xFFFFFFFF)
 
 
-def _copy_partition(part: Partition) -> Partition:
-    return Partition(part.generation, part.version, dict(part.entries))
+@dataclass(slots=True)
+class RegistryTables:
+    """A replica's tables, for a registry that starts converged
+    (:meth:`Registry.adopt`): the partitions by origin (ours included), the
+    bucket hashes of their versions, origins by finest bucket, and the name
+    and group indexes. A simulator gives many nodes tables that share one
+    converged registry (peerd.sim.store); a daemon never needs them."""
+
+    parts: _Table
+    hashes: Digest
+    fine: _Table
+    names: _Table
+    groups: _Table
 
 
 class Registry:
@@ -146,30 +158,22 @@ class Registry:
         self._names: _Table = _Table()
         self._groups: _Table = _Table()
 
-    def preload_shared(self, snap: SharedState) -> None:
-        """Start from ``snap`` (a converged registry that many simulated
-        nodes share, copy-on-write: :mod:`peerd.core.shared`). Our own
-        partition in it becomes ours; the caller gives its entries owners."""
-        from peerd.core.shared import CowDict
-
+    def adopt(self, tables: RegistryTables) -> None:
+        """Start from ``tables`` (a converged registry, for simulations: see
+        :class:`RegistryTables`). Our own partition in them is ours; the
+        caller gives its entries owners."""
         if self.entry_count() or len(self._parts) != 1:
             raise ValueError("preload a fresh registry only")
-        own = snap.parts.get(self.node_id)
-        local = {self.node_id: Partition(self.generation)}
-        if own is not None:
-            if own.generation != self.generation:
-                raise ValueError("the snapshot holds another life of this node")
-            local[self.node_id] = _copy_partition(own)
-            self._next_eid = max(own.entries, default=0)
-        self._parts = CowDict(snap.parts, local, _copy_partition)  # type: ignore[assignment]
-        self._hashes = Digest(snap.hashes.fine)
-        self._fine = CowDict(snap.fine, {}, set)  # type: ignore[assignment]
-        self._own_key = part_key(local[self.node_id])
-        if own is None:
-            self._toggle(self.node_id, local[self.node_id])
-            self._fine.setdefault(bucket_of(self.node_id, FINE_BITS), set()).add(self.node_id)
-        self._names = CowDict(snap.names, {}, dict)  # type: ignore[assignment]
-        self._groups = CowDict(snap.groups, {}, dict)  # type: ignore[assignment]
+        own: Partition = tables.parts[self.node_id]
+        if own.generation != self.generation:
+            raise ValueError("the snapshot holds another life of this node")
+        self._parts = tables.parts
+        self._hashes = tables.hashes
+        self._fine = tables.fine
+        self._names = tables.names
+        self._groups = tables.groups
+        self._own_key = part_key(own)
+        self._next_eid = max(own.entries, default=0)
 
     # --- local writes (this node is the origin) -------------------------------
 
@@ -509,29 +513,3 @@ class Registry:
             claims.pop((origin, entry.eid), None)
             if not claims:
                 del index[key]
-
-
-class SharedState:
-    """A converged registry: every origin's partition, and the indexes over
-    them, built once and shared read-only by simulated nodes (see
-    :meth:`Registry.preload_shared`). A real daemon never uses it."""
-
-    def __init__(self, partitions: Iterable[tuple[NodeId, int, Iterable[Entry]]]) -> None:
-        self.parts: dict[NodeId, Partition] = {}
-        self.names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
-        self.groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
-        for origin, generation, entries in partitions:
-            part = Partition(generation)
-            for entry in entries:
-                part.entries[entry.eid] = entry
-                part.version += 1
-                index = self.names if entry.kind is Kind.NAME else self.groups
-                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = Claim(
-                    origin, entry
-                )
-            self.parts[origin] = part
-        self.hashes = Digest()
-        self.fine: dict[int, set[NodeId]] = {}
-        for origin, part in self.parts.items():
-            self.hashes.toggle(origin, part_key(part), 0)
-            self.fine.setdefault(bucket_of(origin, FINE_BITS), set()).add(origin)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peerd.core.events import CommandResult, ConnClosed, RegEventKind, Register, RegistryEvent
-from peerd.core.registry.state import SharedState
 from peerd.sim.measure import stats3
+from peerd.sim.store import SharedState
 from peerd.wire.messages import RegEntry, RegKind
 
 if TYPE_CHECKING:

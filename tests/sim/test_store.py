@@ -1,4 +1,4 @@
-"""The simulator's shared membership tables (peerd.core.shared) behave like
+"""The simulator's shared membership tables (peerd.sim.store) behave like
 the plain structures the node uses in a daemon."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sortedcontainers import SortedList
 
-from peerd.core import shared
-from peerd.core.node import LiveSet
+from peerd.core.swim.members import LiveSet
+from peerd.sim import store as shared
 from peerd.wire.messages import MemberState, Status
 
 N = 40

@@ -1,35 +1,45 @@
-"""Copy-on-write membership tables for simulations of large converged clusters.
+"""Copy-on-write members and registry stores for simulations of large converged clusters.
 
 A simulator that starts 10,000 cores from a converged cluster would give each
 its own table of 10,000 members: 10^8 member records, tens of GiB. But at the
 start every node's table is the same. :class:`Snapshot` holds that common
 table once; :func:`install` gives a node overlay objects that read the
 snapshot and keep only the node's own changes (a member it touched, a node
-that died, one that joined). Reads of untouched members cost one extra dict
+that died, one that joined): :meth:`Snapshot.tables` is a members-store factory
+(:data:`peerd.core.swim.members.StoreFactory`) handed to the node at
+construction. Reads of untouched members cost one extra dict
 lookup; the first *lookup* of a member for possible mutation (``get`` or
 ``[]``) copies it into the node's own table, so the shared records are never
 written. A real daemon never uses this module: it learns its peers by joining.
 
-The overlays implement exactly the operations :class:`peerd.core.node.Node`
-performs on its ``_members``, ``_by_addr``, ``_by_name``, ``_by_prefix``, ``_live``,
-``_ring`` and ``_probe_order``; they are deterministic (no iteration over
-hash-ordered sets).
+The overlays implement exactly the operations of the members-store protocols
+(:mod:`peerd.core.swim.members`: the records, the indexes, the live ids, the
+ring and the probe order); they are deterministic (no iteration over
+hash-ordered sets). The registry's replica is shared the same way:
+:class:`SharedState` holds a converged registry once and gives each node
+copy-on-write tables over it (:class:`peerd.core.registry.state.RegistryTables`).
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 from sortedcontainers import SortedList
 
-from peerd.core.digest import Digest
+from peerd.core.digest import FINE_BITS, Digest, bucket_of
+from peerd.core.registry.state import (
+    Claim,
+    Entry,
+    Kind,
+    Partition,
+    RegistryTables,
+    part_key,
+)
+from peerd.core.swim.members import AMBIGUOUS, Member, MemberTables
 from peerd.wire.messages import NODE_PREFIX_BYTES, MemberState, NodeId, Status
-
-if TYPE_CHECKING:
-    from peerd.core.node import Member, Node
 
 _MISSING: Any = object()
 
@@ -38,8 +48,6 @@ class Snapshot:
     """One converged membership (all alive), shared read-only by many nodes."""
 
     def __init__(self, states: list[MemberState]) -> None:
-        from peerd.core.node import AMBIGUOUS, Member
-
         self.members: dict[NodeId, Member] = {}
         self.by_addr: dict[Any, NodeId] = {}
         self.by_name: dict[str, NodeId] = {}
@@ -63,6 +71,39 @@ class Snapshot:
         self.index: dict[NodeId, int] = {n: i for i, n in enumerate(self.ids)}
         self.sorted_ids: list[NodeId] = sorted(self.ids)
 
+    def tables(self, me: Member, rng: random.Random) -> MemberTables:
+        """The members store of a fresh node ``me`` that knows this snapshot's
+        members, sharing its records (see the module docs). A
+        :data:`peerd.core.swim.members.StoreFactory`."""
+        _check_member_fields()
+        members = Members(self.members, {me.node: me})
+        by_addr = Index(self.by_addr)
+        by_addr[me.addr] = me.node
+        by_name = Index(self.by_name)
+        by_name[me.name] = me.node
+        by_prefix = Index(self.by_prefix)
+        if me.node not in self.members:
+            p = me.node[:NODE_PREFIX_BYTES]
+            have = by_prefix.get(p, me.node)
+            by_prefix[p] = me.node if have == me.node else AMBIGUOUS
+        digest = Digest(self.digest.fine)
+        template = self.members.get(me.node)
+        if template is not None:  # the snapshot's row of this node gives way to its own
+            digest.toggle(template.node, template.incarnation, template.status)
+        digest.toggle(me.node, me.incarnation, me.status)
+        return MemberTables(
+            members=cast(Any, members),
+            peek=members.peek,
+            by_addr=cast(Any, by_addr),
+            by_name=cast(Any, by_name),
+            by_prefix=cast(Any, by_prefix),
+            live=LiveSet(self, me.node),
+            ring=Ring(self, me.node),
+            probe_order=ProbeOrder(self, rng),
+            digest=digest,
+            preloaded=True,
+        )
+
 
 _MEMBER_FIELDS = (
     "node",
@@ -78,8 +119,6 @@ _MEMBER_FIELDS = (
 
 
 def _copy(m: Member) -> Member:
-    from peerd.core.node import Member
-
     return Member(
         m.node,
         m.name,
@@ -97,11 +136,9 @@ def _check_member_fields() -> None:
     """_copy names Member's fields: fail loudly if they change."""
     import dataclasses
 
-    from peerd.core.node import Member
-
     got = tuple(f.name for f in dataclasses.fields(Member))
     if got != _MEMBER_FIELDS:
-        raise AssertionError(f"peerd.core.shared._copy is out of date: Member has {got}")
+        raise AssertionError(f"peerd.sim.store._copy is out of date: Member has {got}")
 
 
 class CowDict:
@@ -238,7 +275,7 @@ class Index(CowDict):
 
 class LiveSet:
     """``_live``: the shared ids minus the ones that went down here, plus the
-    ones that came up here. Same interface as :class:`peerd.core.node.LiveSet`."""
+    ones that came up here. Same interface as :class:`peerd.core.swim.members.LiveSet`."""
 
     __slots__ = ("_base", "_bindex", "_removed", "_items", "_index")
 
@@ -436,31 +473,54 @@ class ProbeOrder:
         self._n += 1
 
 
-def install(node: Node, snap: Snapshot) -> None:
-    """Make ``node`` (not started, knowing only itself) know ``snap``'s members,
-    sharing the snapshot's records (see the module docs)."""
-    _check_member_fields()
-    me = node._me
-    if len(node._members) != 1:
-        raise ValueError("install a snapshot into a fresh node only")
-    members = Members(snap.members, {me.node: me})
-    node._members = members  # type: ignore[assignment]
-    node._peek = members.peek
-    node._by_addr = Index(snap.by_addr)  # type: ignore[assignment]
-    node._by_addr[me.addr] = me.node
-    node._by_name = Index(snap.by_name)  # type: ignore[assignment]
-    node._by_name[me.name] = me.node
-    node._by_prefix = Index(snap.by_prefix)  # type: ignore[assignment]
-    if me.node not in snap.members:
-        node._index_prefix(me.node)
-    node._live = LiveSet(snap, me.node)  # type: ignore[assignment]
-    node._ring = Ring(snap, me.node)
-    node._ring_dirty = True
-    node._probe_order = ProbeOrder(snap, node.rng)  # type: ignore[assignment]
-    node._probe_index = 0
-    digest = Digest(snap.digest.fine)
-    template = snap.members.get(me.node)
-    if template is not None:  # the snapshot's row of this node gives way to its own
-        digest.toggle(template.node, template.incarnation, template.status)
-    digest.toggle(me.node, me.incarnation, me.status)
-    node._digest = digest
+class SharedState:
+    """A converged registry: every origin's partition, and the indexes over
+    them, built once and shared read-only by simulated nodes (see
+    :meth:`tables`). A real daemon never uses it."""
+
+    def __init__(self, partitions: Iterable[tuple[NodeId, int, Iterable[Entry]]]) -> None:
+        self.parts: dict[NodeId, Partition] = {}
+        self.names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        self.groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        for origin, generation, entries in partitions:
+            part = Partition(generation)
+            for entry in entries:
+                part.entries[entry.eid] = entry
+                part.version += 1
+                index = self.names if entry.kind is Kind.NAME else self.groups
+                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = Claim(
+                    origin, entry
+                )
+            self.parts[origin] = part
+        self.hashes = Digest()
+        self.fine: dict[int, set[NodeId]] = {}
+        for origin, part in self.parts.items():
+            self.hashes.toggle(origin, part_key(part), 0)
+            self.fine.setdefault(bucket_of(origin, FINE_BITS), set()).add(origin)
+
+    def tables(self, node_id: NodeId, generation: int) -> RegistryTables:
+        """Copy-on-write tables over this registry for the node ``node_id``
+        in its life ``generation`` (for :meth:`peerd.core.registry.state.Registry.adopt`)."""
+        own = self.parts.get(node_id)
+        local = {node_id: Partition(generation)}
+        if own is not None:
+            if own.generation != generation:
+                raise ValueError("the snapshot holds another life of this node")
+            local[node_id] = _copy_partition(own)
+        parts = CowDict(self.parts, local, _copy_partition)
+        hashes = Digest(self.hashes.fine)
+        fine = CowDict(self.fine, {}, set)
+        if own is None:
+            hashes.toggle(node_id, part_key(local[node_id]), 0)
+            fine.setdefault(bucket_of(node_id, FINE_BITS), set()).add(node_id)
+        return RegistryTables(
+            parts=cast(Any, parts),
+            hashes=hashes,
+            fine=cast(Any, fine),
+            names=cast(Any, CowDict(self.names, {}, dict)),
+            groups=cast(Any, CowDict(self.groups, {}, dict)),
+        )
+
+
+def _copy_partition(part: Partition) -> Partition:
+    return Partition(part.generation, part.version, dict(part.entries))

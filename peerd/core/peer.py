@@ -1,0 +1,398 @@
+"""One peer: where the subsystems of the core meet (docs/DESIGN.md, "One Peer").
+
+Theory of operation: a daemon and a simulated node are the same pure object,
+driven only through :meth:`Peer.handle` (an input and the time it happened,
+returning what to do), and read through the few methods the shells show over
+the API (members, the local member, the registry, counters, local health).
+The shells construct a :class:`Peer` and never reach past it, so what the
+simulator measures at 10,000 nodes is what the daemon runs.
+
+A Peer composes; each protocol lives in its subsystem with its own state and
+rules: membership (:mod:`peerd.core.swim`, which also carries the registry's
+deltas on its gossip), the registry (:mod:`peerd.core.registry`), the partial
+mesh (:mod:`peerd.core.mesh`: HyParView links and Plumtree trees) and
+messages to names (:mod:`peerd.core.names`). What joins them is decided
+here, once, for both runtimes:
+
+* membership feeds the mesh: every member that joins, comes back or changes
+  is a hint for HyParView's passive view, every one that dies, leaves or is
+  forgotten is dropped from it, and a dead node's links are closed (its
+  daemon answers nothing; a frozen one keeps its links open) and whatever
+  messages to names waited on them fail;
+* the mesh enters the overlay after each join of the membership (the start's
+  or the API's), through a few random alive members, whose passive view a
+  few more seed; a leave leaves the mesh first;
+* the registry's deltas go over the mesh (Plumtree on the registry channel)
+  while the mesh has neighbours, and by gossip before the first and after
+  the last; what the mesh delivers on that channel goes back to the registry;
+* peer links carry the mesh's messages and messages to names; the Peer
+  routes each by its type, and a lost link is news for both;
+* every timer is a typed value: the Peer hands it back to the subsystem whose
+  type it is.
+
+Without a mesh and names (``mesh=None``, ``names=None``, as the simulator's
+membership-only scenarios run) the Peer is exactly the membership node:
+``handle`` is bound to its entry point, at no extra cost per input.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Callable
+
+from peerd.core.config import SwimConfig
+from peerd.core.events import (
+    ConnClosed,
+    EventKind,
+    Input,
+    JoinDone,
+    Leave,
+    MemberEvent,
+    MemberInfo,
+    MeshCast,
+    MeshConnected,
+    MeshDelivered,
+    Output,
+    Register,
+    SetTimer,
+    TimerFired,
+)
+from peerd.core.mesh.config import MeshConfig
+from peerd.core.mesh.events import (
+    Broadcast,
+    BroadcastResult,
+    CloseLink,
+    Deliver,
+    JoinMesh,
+    LeaveMesh,
+    LinkDown,
+    MembershipHint,
+    MeshInput,
+    MeshOutput,
+    MeshTimer,
+    MeshTimerFired,
+    MessageIn,
+    NeighborDown,
+    NeighborUp,
+    SetMeshTimer,
+)
+from peerd.core.mesh.mesh import Mesh
+from peerd.core.names import events as nev
+from peerd.core.names.core import Names, NamesConfig
+from peerd.core.names.replica import PeerView
+from peerd.core.registry.service import RegistryService
+from peerd.core.swim.members import StoreFactory
+from peerd.core.swim.membership import Node
+from peerd.wire.messages import Addr, Channel, MeshPeer, NameMsg, NameReply, NodeId, Tags
+
+# SWIM members handed to the mesh as join contacts, and more to seed its
+# passive view (HyParView's join needs one live contact; a few more cover a
+# contact that died since membership last heard of it).
+MESH_JOIN_CONTACTS = 3
+MESH_JOIN_HINTS = 8
+_HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
+_HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
+# Inputs that only the names core takes.
+_NAMES_INPUTS = (
+    nev.SendToName,
+    nev.ReplyToSender,
+    nev.LinkSendDone,
+    nev.Offered,
+    nev.MailboxTaken,
+    nev.MarkQuiet,
+)
+
+# Everything a Peer takes and returns (one vocabulary: membership's and the
+# registry's, the mesh's link inputs and outputs, names messaging's).
+PeerInput = (
+    Input
+    | MessageIn
+    | LinkDown
+    | Broadcast
+    | JoinMesh
+    | nev.SendToName
+    | nev.ReplyToSender
+    | nev.LinkSendDone
+    | nev.Offered
+    | nev.MailboxTaken
+    | nev.MarkQuiet
+)
+PeerOutput = Output | MeshOutput | nev.NamesOutput
+
+
+class Peer:
+    """The core of one peerd node. See the module docs."""
+
+    __slots__ = (
+        "membership",
+        "registry",
+        "mesh",
+        "names",
+        "counters",
+        "handle",
+        "_view",
+        "_mesh_rng",
+        "_mesh_joined",
+        "_neighbours",
+        "_connected",
+        "_leaving",
+    )
+
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        name: str,
+        addr: Addr,
+        config: SwimConfig,
+        rng: random.Random,
+        incarnation: int = 0,
+        generation: int = 0,
+        tags: Tags = (),
+        store: StoreFactory | None = None,
+        mesh: MeshConfig | None = None,
+        names: NamesConfig | None = None,
+        mesh_rng: random.Random | None = None,
+        names_rng: random.Random | None = None,
+    ) -> None:
+        self.membership = Node(
+            node_id=node_id,
+            name=name,
+            addr=addr,
+            config=config,
+            rng=rng,
+            incarnation=incarnation,
+            generation=generation,
+            tags=tags,
+            store=store,
+        )
+        self.registry: RegistryService = self.membership.registry
+        # Drop and message counters of the whole peer (the shells show them).
+        self.counters: collections.Counter[str] = self.membership.counters
+        # Randomness of its own for each subsystem (seeded from the node id
+        # unless given): turning the mesh on does not change membership's draws.
+        self._mesh_rng = mesh_rng or random.Random(b"peerd-mesh:" + node_id)
+        self.mesh = (
+            Mesh(MeshPeer(node_id, addr), mesh, self._mesh_rng) if mesh is not None else None
+        )
+        self._view = PeerView(self.membership, self.registry)
+        self.names = (
+            Names(
+                self._view,
+                names,
+                rng=names_rng or random.Random(b"peerd-names:" + node_id),
+                counters=self.counters,
+            )
+            if names is not None
+            else None
+        )
+        self._mesh_joined = False
+        self._neighbours = 0  # the mesh's active view, from NeighborUp/Down
+        self._connected = False  # told to the registry: deltas go over the mesh
+        self._leaving = False
+        # The one way in: feed one input that happened at ``now``; returns what
+        # to do. A membership-only peer binds it to the membership's own entry
+        # point, so the simulator pays no extra call per input.
+        self.handle: Callable[[float, PeerInput], list[PeerOutput]]
+        if self.mesh is None and self.names is None:
+            self.handle = self.membership.handle
+        else:
+            self.handle = self._handle
+
+    # --- routing -------------------------------------------------------------------
+
+    def _handle(self, now: float, inp: PeerInput) -> list[PeerOutput]:
+        out: list[PeerOutput] = []
+        match inp:
+            case TimerFired(timer) if isinstance(timer, MeshTimer):
+                self._to_mesh(now, MeshTimerFired(timer), out)
+            case TimerFired(timer) if isinstance(timer, nev.SendDeadline):
+                self._to_names(now, nev.DeadlineFired(timer), out)
+            case MessageIn(src, msg) if isinstance(msg, NameMsg):
+                self._to_names(now, nev.NameMsgIn(src, msg), out)
+            case MessageIn(src, msg) if isinstance(msg, NameReply):
+                self._to_names(now, nev.NameReplyIn(src, msg), out)
+            case MessageIn():
+                if self.mesh is not None:
+                    self._to_mesh(now, inp, out)
+                else:
+                    self.counters["link_drop_unexpected"] += 1
+            case LinkDown(node, link, mesh):
+                if mesh and self.mesh is not None:
+                    self._to_mesh(now, LinkDown(node), out)
+                self._to_names(now, nev.LinkLost(node, link), out)
+            case Broadcast(ref):
+                if self.mesh is None or self._leaving:
+                    out.append(BroadcastResult(ref, error=("unavailable", "no mesh")))
+                else:
+                    self._to_mesh(now, inp, out)
+            case JoinMesh():
+                self._to_mesh(now, inp, out)
+            case Leave():
+                self._leaving = True
+                self._view.is_leaving = True
+                if self.mesh is not None:
+                    self._to_mesh(now, LeaveMesh(), out)
+                self._to_membership(now, inp, out)
+            case ConnClosed(conn):
+                self._to_membership(now, inp, out)
+                self._view.conns.discard(conn)
+                self._to_names(now, inp, out)
+            case nev.SendToName(conn=conn) | nev.ReplyToSender(conn=conn):
+                if conn > 0:
+                    self._view.conns.add(conn)
+                self._to_names(now, inp, out)
+            case _ if isinstance(inp, _NAMES_INPUTS):
+                self._to_names(now, inp, out)
+            case Register(conn=conn):
+                self._view.conns.add(conn)
+                self._to_membership(now, inp, out)
+            case _:
+                self._to_membership(now, inp, out)
+        return out
+
+    def _to_membership(self, now: float, inp: PeerInput, out: list[PeerOutput]) -> None:
+        for o in self.membership.handle(now, inp):
+            c = o.__class__
+            if c is MeshCast:
+                assert isinstance(o, MeshCast)
+                self._cast(now, o, out)
+                continue
+            out.append(o)
+            if c is MemberEvent:
+                assert isinstance(o, MemberEvent)
+                self._member_event(now, o, out)
+            elif c is JoinDone:
+                self._join_mesh(now, out)
+
+    def _member_event(self, now: float, ev: MemberEvent, out: list[PeerOutput]) -> None:
+        m = ev.member
+        if ev.kind in _HINT_ALIVE:
+            if self.mesh is not None:
+                peer = (MeshPeer(m.node, m.addr),)
+                hint = MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
+                self._to_mesh(now, hint, out)
+        elif ev.kind in _HINT_DEAD:
+            if self.mesh is not None:
+                self._to_mesh(now, MembershipHint(dead=(m.node,)), out)
+            if ev.kind is not EventKind.REAPED:
+                # A dead node's daemon answers nothing (a frozen one keeps its
+                # links open): close what is left, fail what waits on it.
+                out.append(CloseLink(m.node, mesh=False))
+                self._to_names(now, nev.LinkLost(m.node, None), out)
+
+    def _join_mesh(self, now: float, out: list[PeerOutput]) -> None:
+        """After a join (the start's or the API's): enter the overlay through a
+        few alive members; with none, start alone (others join us, and the
+        members' hints fill the passive view meanwhile)."""
+        if self.mesh is None or self._leaving:
+            return
+        picks = self.membership.sample_alive(self._mesh_rng, MESH_JOIN_CONTACTS + MESH_JOIN_HINTS)
+        if self._mesh_joined and not picks:
+            return
+        peers = tuple(MeshPeer(m.node, m.addr) for m in picks)
+        if peers[MESH_JOIN_CONTACTS:]:
+            self._to_mesh(now, MembershipHint(alive=peers[MESH_JOIN_CONTACTS:]), out)
+        self._mesh_joined = True
+        self._to_mesh(now, JoinMesh(peers[:MESH_JOIN_CONTACTS]), out)
+
+    def _cast(self, now: float, cast: MeshCast, out: list[PeerOutput]) -> None:
+        """The registry's own broadcast (its deltas) into the mesh (ref 0: ours)."""
+        if self.mesh is None:
+            self.counters["mesh_cast_dropped"] += 1
+            return
+        self._to_mesh(now, Broadcast(0, Channel(cast.channel), cast.payload), out)
+
+    def _to_mesh(self, now: float, inp: MeshInput, out: list[PeerOutput]) -> None:
+        mesh = self.mesh
+        if mesh is None:
+            return
+        changed = False
+        for o in mesh.handle(now, inp):
+            c = o.__class__
+            if c is SetMeshTimer:
+                assert isinstance(o, SetMeshTimer)
+                out.append(SetTimer(o.at, o.timer))
+            elif c is Deliver:
+                assert isinstance(o, Deliver)
+                if o.channel is Channel.REGISTRY:
+                    self._to_membership(
+                        now, MeshDelivered(int(o.channel), o.origin, o.payload), out
+                    )
+                elif o.channel is Channel.USER:
+                    out.append(o)
+                # (membership has no consumer on the mesh)
+            elif c is BroadcastResult:
+                assert isinstance(o, BroadcastResult)
+                if o.ref:
+                    out.append(o)
+                elif o.error is not None:
+                    self.counters["mesh_cast_refused"] += 1
+            elif c is NeighborUp or c is NeighborDown:
+                self._neighbours = max(0, self._neighbours + (1 if c is NeighborUp else -1))
+                changed = True
+                out.append(o)
+            else:
+                out.append(o)
+        if changed and (self._neighbours > 0) != self._connected:
+            self._connected = self._neighbours > 0
+            self._to_membership(now, MeshConnected(self._connected), out)
+
+    def _to_names(self, now: float, inp: nev.NamesInput, out: list[PeerOutput]) -> None:
+        names = self.names
+        if names is None:
+            if isinstance(inp, nev.SendToName | nev.ReplyToSender):
+                failure = nev.Failure(
+                    self.membership.node_id, nev.SendError.UNAVAILABLE, nev.Why.NO_REGISTRY
+                )
+                out.append(nev.SendResult(inp.call, 0, (failure,), failure, at_once=True))
+            return
+        for o in names.handle(now, inp):
+            if o.__class__ is nev.SendDeadline:
+                assert isinstance(o, nev.SendDeadline)
+                out.append(SetTimer(o.at, o))
+            else:
+                out.append(o)
+
+    # --- the read side the shells use ------------------------------------------
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.membership.node_id
+
+    @property
+    def incarnation(self) -> int:
+        return self.membership.incarnation
+
+    @property
+    def health_score(self) -> int:
+        """Lifeguard local health (0 is healthy)."""
+        return self.membership.health_score
+
+    @property
+    def leaving(self) -> bool:
+        return self._leaving
+
+    @property
+    def mesh_neighbours(self) -> int:
+        return self._neighbours
+
+    def live_count(self) -> int:
+        """Live members, this node included."""
+        return self.membership.live_count()
+
+    def local_member(self) -> MemberInfo:
+        return self.membership.local_member()
+
+    def members(self) -> list[MemberInfo]:
+        return self.membership.members()
+
+    def member(self, node: NodeId) -> MemberInfo | None:
+        return self.membership.member(node)
+
+    def peer_addrs(self) -> list[Addr]:
+        return self.membership.peer_addrs()
+
+    def queued_broadcasts(self) -> int:
+        return self.membership.queued_broadcasts()

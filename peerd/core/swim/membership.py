@@ -1,0 +1,388 @@
+"""The membership node: SWIM failure detection with the Lifeguard refinements.
+
+Theory of operation (SWIM: Das, Gupta, Motivala 2002; Lifeguard: Dadgar,
+Phillips, Currey 2018): :class:`Node` composes the concerns of the protocol,
+each in its own module of this folder over one shared state
+(:mod:`peerd.core.swim.base`):
+
+* probing and Lifeguard's local health (:mod:`peerd.core.swim.probe`);
+* suspicion, dogpile, refutation, deaths (:mod:`peerd.core.swim.suspicion`);
+* gossip, piggyback and RingCast (:mod:`peerd.core.swim.dissemination`);
+* push-pull, digest sync and partition healing (:mod:`peerd.core.swim.sync`);
+* news applied to the members table (:mod:`peerd.core.swim.updates`), whose
+  records and store are in :mod:`peerd.core.swim.members`;
+* the registry's host callbacks (:mod:`peerd.core.swim.reghost`).
+
+It owns the one entry point, :meth:`Node.handle`: an input (a datagram, a
+stream, a timer, a command) is dispatched to the concern it belongs to, and
+the outputs the concerns appended are returned. It also owns the life cycle
+(start, join, leave, tags) and the read side the shells use.
+"""
+
+from __future__ import annotations
+
+import random
+
+from peerd.core.events import (
+    ConnClosed,
+    EventKind,
+    IncarnationChanged,
+    Input,
+    Join,
+    JoinDone,
+    Leave,
+    LeaveDone,
+    LinkClosed,
+    MemberInfo,
+    MeshConnected,
+    MeshDelivered,
+    Output,
+    PacketIn,
+    Register,
+    SetTags,
+    Start,
+    StreamFailed,
+    StreamRequest,
+    StreamResponse,
+    Timer,
+    TimerFired,
+    TimerKind,
+    Unreachable,
+    Unregister,
+    UpdateMeta,
+)
+from peerd.core.swim import formulas
+from peerd.core.swim.base import (
+    _RING_FLUSH,
+    LIVE,
+    REAP_INTERVAL_S,
+    JoinBatch,
+    StreamCtx,
+    _fmt,
+    tags_problem,
+)
+from peerd.core.swim.dissemination import Dissemination
+from peerd.core.swim.members import (
+    AMBIGUOUS,
+    Member,
+)
+from peerd.core.swim.probe import Probing
+from peerd.core.swim.reghost import RegistryHost
+from peerd.core.swim.suspicion import Suspicions
+from peerd.core.swim.sync import AntiEntropy
+from peerd.core.swim.updates import Updates
+from peerd.wire import codec
+from peerd.wire.codec import (
+    MAX_U64,
+    DecodeError,
+)
+from peerd.wire.messages import (
+    Ack,
+    Addr,
+    Alive,
+    Dead,
+    Died,
+    DiedRef,
+    KeyReply,
+    KeyRequest,
+    Left,
+    MemberState,
+    Message,
+    Nack,
+    NodeId,
+    Ping,
+    PingReq,
+    PushPull,
+    RegAck,
+    RegDelta,
+    RegSnapshot,
+    RegSync,
+    Status,
+    Suspect,
+    Tags,
+)
+
+
+class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHost):
+    """One peerd node's membership state machine. See the module docs."""
+
+    @property
+    def node_id(self) -> NodeId:
+        return self._me.node
+
+    @property
+    def incarnation(self) -> int:
+        return self._me.incarnation
+
+    @property
+    def health_score(self) -> int:
+        return self._health
+
+    def local_member(self) -> MemberInfo:
+        return self._me.info()
+
+    def members(self) -> list[MemberInfo]:
+        return [m.info() for m in self._members.values()]
+
+    def member(self, node: NodeId) -> MemberInfo | None:
+        m = self._members.get(node)
+        return m.info() if m else None
+
+    def sample_alive(self, rng: random.Random, k: int) -> list[MemberInfo]:
+        """Up to ``k`` random members other than this node that are alive (not
+        suspect): contacts for the mesh. O(k), whatever the cluster size."""
+        out = []
+        for node in self._live.sample(rng, k):
+            m = self._peek(node)
+            if m.status is Status.ALIVE:
+                out.append(m.info())
+        return out
+
+    def live_count(self) -> int:
+        """Live members including this node (the N of the formulas)."""
+        return len(self._live) + 1
+
+    def peer_addrs(self) -> list[Addr]:
+        return [self._peek(n).addr for n in self._live]
+
+    def queued_broadcasts(self) -> int:
+        return len(self._queue)
+
+    def preload(self, states: list[MemberState]) -> None:
+        """Know these members before :class:`Start`, silently: no events, no
+        gossip. For simulations that begin from a converged cluster (a real
+        daemon learns its peers by joining)."""
+        order = [self._probe_order[i] for i in range(len(self._probe_order))]
+        for st in states:
+            if st.node == self._me.node or st.node in self._members:
+                continue
+            m = Member(
+                st.node,
+                st.name,
+                st.addr,
+                st.incarnation,
+                st.generation,
+                st.tags,
+                st.status,
+                self._now,
+            )
+            self._members[m.node] = m
+            self._dig(m)
+            self._index_prefix(m.node)
+            self._by_addr[m.addr] = m.node
+            self._by_name.setdefault(m.name, m.node)
+            if st.status in LIVE:
+                self._set_live(m.node, True)
+                order.append(m.node)
+            elif st.status is Status.DEAD:
+                self._dead[m.node] = None
+        self.rng.shuffle(order)
+        self._probe_order = order
+        self._preloaded = True
+
+    def handle(self, now: float, inp: Input) -> list[Output]:
+        """Feed one input; returns what to do. Bad input is counted, never raised."""
+        self._now = now
+        out: list[Output] = []
+        self._out = out
+        match inp:
+            case PacketIn(src, data):
+                self._on_packet(src, data)
+            case TimerFired(timer):
+                self._on_timer(timer)
+            case Unreachable(addr):
+                self._on_unreachable(addr)
+            case LinkClosed(addr):
+                self.counters["link_closed_hints"] += 1
+                self._on_unreachable(addr)
+            case StreamRequest(stream, src, data):
+                self._on_stream_request(stream, src, data)
+            case StreamResponse(stream, data):
+                self._on_stream_response(stream, data)
+            case StreamFailed(stream, reason):
+                self._on_stream_failed(stream, reason)
+            case Start(seeds):
+                self._on_start(seeds)
+                self.registry.on_start()
+            case Join(addrs):
+                self._start_join(addrs)
+            case SetTags(tags):
+                self._on_set_tags(tags)
+            case Leave():
+                self._on_leave()
+            case Register() | Unregister() | UpdateMeta() | ConnClosed():
+                self.registry.command(inp)
+            case MeshDelivered():
+                self._on_mesh_delivered(inp)
+            case MeshConnected(connected):
+                self._on_mesh_connected(connected)
+        if self._ring_dirty:
+            self._update_watch()
+        self._out = []
+        return out
+
+    def _on_start(self, seeds: tuple[Addr, ...]) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._seeds = tuple(s for s in seeds if s != self._me.addr)
+        self._out.append(IncarnationChanged(self._me.incarnation))
+        cfg = self.config
+        if not self._preloaded:
+            self._broadcast(self._me.node, self._alive_msg())
+        # Spread first probes of a fleet started together over one interval.
+        self._arm(TimerKind.PROBE, self.rng.uniform(0, cfg.probe_interval_s))
+        if cfg.push_pull_interval_s > 0 and self._preloaded:
+            # Preloaded (a simulation starting converged): as if running for
+            # long already, each node at a random phase of the interval.
+            interval = formulas.push_pull_scale(cfg.push_pull_interval_s, self.live_count())
+            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.0, 1.0) * interval)
+        elif cfg.push_pull_interval_s > 0:
+            # An early first sync repairs what a join's gossip missed (nodes
+            # that joined at the same moment), then the regular interval.
+            first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
+            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.5, 1.0) * first)
+        self._arm(TimerKind.RECONNECT, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
+        self._arm(TimerKind.REAP, REAP_INTERVAL_S)
+        self._start_join(self._seeds)
+
+    def _start_join(self, addrs: tuple[Addr, ...]) -> None:
+        targets = [a for a in dict.fromkeys(addrs) if a != self._me.addr]
+        if not targets:
+            self._out.append(JoinDone(0, 0))
+            return
+        batch = len(self._batches) + 1
+        while batch in self._batches:
+            batch += 1
+        self._batches[batch] = JoinBatch(pending=len(targets))
+        for addr in targets:
+            self._open_push_pull(addr, StreamCtx("join", batch), join=True)
+
+    def _on_set_tags(self, tags: Tags) -> None:
+        problem = tags_problem(self.config, tags)
+        if problem:
+            self._drop("bad_tags", problem)
+            return
+        tags = tuple(sorted(tags))  # canonical, as it comes back from the wire
+        if tags == self._me.tags or self._leaving:
+            return
+        if self._me.incarnation >= MAX_U64:
+            self._drop("incarnation_exhausted")
+            return
+        self._me.tags = tags
+        self._bump_incarnation(self._me.incarnation + 1)
+        self._broadcast(self._me.node, self._alive_msg())
+        self._event(EventKind.UPDATED, self._me)
+
+    def _on_leave(self) -> None:
+        if self._leaving:
+            return
+        self._leaving = True
+        self._bump_incarnation(min(self._me.incarnation + 1, MAX_U64))
+        self._set_status(self._me, Status.LEFT)
+        msg = Left(self._me.node, self._me.incarnation)
+        self._broadcast(self._me.node, msg)
+        self._event(EventKind.LEFT, self._me)
+        self._ring_dirty = True
+        # Don't wait for the next gossip tick: a leave is usually followed by
+        # the process exiting, and the sooner peers hear it the better.
+        self._gossip_round()
+        self._arm(TimerKind.LEAVE, self.config.leave_propagate_s)
+
+    def _on_timer(self, timer: Timer) -> None:
+        armed = self._timers.live.get(timer.token)
+        if armed is None or armed[0] is not timer.kind:
+            return  # superseded (or not ours)
+        del self._timers.live[timer.token]
+        ctx = armed[1]
+        match timer.kind:
+            case TimerKind.PROBE:
+                self._probe_tick()
+            case TimerKind.PROBE_TIMEOUT:
+                self._probe_timeout(ctx)
+            case TimerKind.INDIRECT_TIMEOUT:
+                self._relay_timeout(ctx)
+            case TimerKind.SUSPICION:
+                self._suspicion_expired(ctx)
+            case TimerKind.CONFIRM_TIMEOUT:
+                self._check_timeout(ctx)
+            case TimerKind.GOSSIP if ctx == _RING_FLUSH:
+                self._ring_flush()
+            case TimerKind.GOSSIP:
+                self._gossip_armed = False
+                self._send_direct(self.registry.flush())
+                self._gossip_round()
+                if len(self._queue) and (len(self._live) or self._recently_dead):
+                    self._gossip_armed = True
+                    self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
+            case TimerKind.PUSH_PULL:
+                self._push_pull_tick()
+            case TimerKind.RECONNECT:
+                self._reconnect_tick()
+            case TimerKind.REAP:
+                self._reap()
+                self._arm(TimerKind.REAP, REAP_INTERVAL_S)
+            case TimerKind.LEAVE:
+                self._out.append(LeaveDone())
+            case TimerKind.REG_FLUSH:
+                own = self.registry.flush()  # still armed: queueing does not re-arm
+                self._reg_flush_armed = False
+                # Direct first: a gossip packet announcing a long burst must
+                # not reach a peer before the burst itself (it would pull).
+                self._send_direct(own)
+                self._gossip_round()
+            case TimerKind.REG_SETTLE:
+                assert isinstance(ctx, int)
+                self.registry.settle_timeout(ctx)
+            case TimerKind.REG_SYNC:
+                if not self._leaving:
+                    self.registry.sync_tick(ctx)  # type: ignore[arg-type]
+
+    def _on_packet(self, src: Addr, data: bytes) -> None:
+        self.counters["packets_in"] += 1
+        self.counters["bytes_in"] += len(data)
+        try:
+            msgs, errors = codec.decode_packet(data)
+        except DecodeError as err:
+            self._drop(err.reason, f"from={_fmt(src)}")
+            return
+        for bad in errors:
+            self._drop(bad.reason, f"from={_fmt(src)}")
+        for msg in msgs:
+            self._dispatch(src, msg)
+
+    def _dispatch(self, src: Addr, msg: Message) -> None:
+        self.counters[f"msg_in.{type(msg).__name__.lower()}"] += 1
+        match msg:
+            case Ping():
+                self._on_ping(src, msg)
+            case Ack(seq):
+                self._on_ack(src, seq)
+            case Nack(seq):
+                self._on_nack(seq)
+            case PingReq():
+                self._on_ping_req(src, msg)
+            case Alive():
+                self._on_alive(msg)
+            case Suspect():
+                self._on_suspect(msg, src)
+            case Dead():
+                self._on_dead(msg.node, msg.incarnation, src)
+            case Died():
+                self._on_dead(msg.node, msg.incarnation, src)
+            case DiedRef():
+                node = self._by_prefix.get(msg.prefix)
+                if node == AMBIGUOUS:
+                    self._drop("died_ref_ambiguous", f"from={_fmt(src)}")
+                elif node is not None:
+                    self._on_dead(node, msg.incarnation, src)
+            case Left():
+                self._on_left(msg, src)
+            case PushPull():
+                self._drop("push_pull_in_datagram")
+            case RegDelta() | RegSnapshot() | RegAck():
+                self.registry.on_message(self._live_node_at(src), msg)
+            case RegSync():
+                self._drop("reg_sync_in_datagram")
+            case KeyRequest() | KeyReply():
+                self._drop("key_op_in_datagram")

@@ -1,0 +1,335 @@
+"""Anti-entropy: push-pull and digest sync, partition healing, reaping.
+
+Theory of operation: gossip delivers with high probability, not certainly.
+Push-pull full-state exchanges over a stream, on join and periodically with a
+random member, repair whatever gossip missed (the anti-entropy of Demers et
+al.). From ``DIGEST_SYNC_MIN_MEMBERS`` members on, the exchange first
+compares bucket hashes of the two tables (:mod:`peerd.core.digest`) and then
+sends only the rows of the buckets that differ, so a sync of two converged
+10,000-member tables costs a few hundred bytes instead of a megabyte.
+
+*Partition healing*: dead members and the configured seeds are retried with
+a push-pull every ``reconnect_interval``: after a split, each side has the
+other as dead; when the link returns, one exchange makes each side learn it
+was declared dead, refute, and the halves merge. Dead and left members are
+forgotten after ``dead_reclaim_s`` (reaping), which bounds the table.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from peerd.core import digest as digestmod
+from peerd.core.events import (
+    EventKind,
+    JoinDone,
+    LogLevel,
+    OpenStream,
+    StreamReply,
+    TimerKind,
+)
+from peerd.core.swim import formulas
+from peerd.core.swim.base import (
+    DIGEST_SYNC_MIN_MEMBERS,
+    LIVE,
+    STATE_CACHE_MAX_BYTES,
+    NodeBase,
+    StreamCtx,
+    _fmt,
+    addr_problem,
+)
+from peerd.core.swim.members import (
+    Member,
+)
+from peerd.wire import codec
+from peerd.wire.codec import (
+    DecodeError,
+)
+from peerd.wire.messages import (
+    NODE_PREFIX_BYTES,
+    Addr,
+    Alive,
+    Left,
+    MemberState,
+    PushPull,
+    RegSync,
+    Status,
+    Suspect,
+    SyncDigest,
+    SyncRows,
+)
+
+
+class AntiEntropy(NodeBase):
+    """Push-pull, digest sync, partition healing and reaping. See the module docs."""
+
+    def _state(self, join: bool) -> bytes:
+        # Encoding every member is the cost of a push-pull (and of every
+        # reconnect attempt, refused or not). Reuse the last encoding while
+        # no member changed: within one incarnation a member's name, address
+        # and tags cannot change, so (node, incarnation, status) of every
+        # member identifies the encoded rows.
+        members = list(self._members.values())
+        key = (join, hash(tuple((m.node, m.incarnation, m.status) for m in members)), len(members))
+        cached = self._state_cache
+        if cached is not None and cached[0] == key:
+            self.counters["push_pull_state_reused"] += 1
+            return cached[1]
+        data = codec.encode(PushPull(join, tuple(m.state() for m in members)))
+        # Bounded: a simulation holds thousands of nodes' caches at once.
+        self._state_cache = (key, data) if len(data) <= STATE_CACHE_MAX_BYTES else None
+        return data
+
+    def _open_push_pull(self, addr: Addr, ctx: StreamCtx, join: bool) -> None:
+        ctx.peer_addr = addr
+        self._open_stream(addr, ctx, self._state(join))
+        self.counters["push_pull_out"] += 1
+
+    def _open_stream(self, addr: Addr, ctx: StreamCtx, data: bytes) -> None:
+        self._next_stream += 1
+        self._streams[self._next_stream] = ctx
+        self._out.append(OpenStream(self._next_stream, addr, data))
+
+    def _push_pull_tick(self) -> None:
+        cfg = self.config
+        n = self.live_count()
+        self._arm(TimerKind.PUSH_PULL, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        if self._leaving:
+            return
+        syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
+        if syncs >= cfg.max_concurrent_syncs:
+            self.counters["push_pull_skipped"] += 1
+            return
+        picks = self._live.sample(self.rng, 1)
+        if picks:
+            self._open_sync(self._peek(picks[0]).addr)
+
+    def _reconnect_tick(self) -> None:
+        cfg = self.config
+        if self._live:
+            self._alone_rounds = 0
+            self._arm(TimerKind.RECONNECT, cfg.reconnect_interval_s)
+        else:
+            # Alone (every seed was down when we started, or we were cut
+            # off): retry soon, backing off to the normal interval.
+            delay = min(cfg.reconnect_interval_s, cfg.probe_interval_s * 2**self._alone_rounds)
+            self._alone_rounds = min(self._alone_rounds + 1, 16)
+            self._arm(TimerKind.RECONNECT, delay)
+        if self._leaving:
+            return
+        # One of the dead members or the seeds not live, uniformly; without
+        # listing the dead (thousands after a mass failure, every tick).
+        dead = self._dead
+        seeds = [s for s in self._seeds if self._by_addr.get(s) not in self._live]
+        n = len(dead) + len(seeds)
+        if not n:
+            return
+        syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
+        if syncs >= self.config.max_concurrent_syncs:
+            return
+        self.counters["reconnects"] += 1
+        k = self.rng.randrange(n)  # the draw rng.choice makes
+        if k < len(dead):
+            self._open_sync(self._peek(next(itertools.islice(dead, k, None))).addr)
+        else:
+            self._open_sync(seeds[k - len(dead)])
+
+    def _open_sync(self, addr: Addr) -> None:
+        """Anti-entropy with ``addr``: a full push-pull while the membership
+        is small, a digest sync once the full state would be the bigger cost
+        (see :mod:`peerd.core.digest`)."""
+        if len(self._members) < DIGEST_SYNC_MIN_MEMBERS:
+            self._open_push_pull(addr, StreamCtx("sync"), join=False)
+            return
+        bits = digestmod.bits_for(len(self._members))
+        self.counters["digest_sync_out"] += 1
+        self._open_stream(
+            addr,
+            StreamCtx("sync", peer_addr=addr, digest_bits=bits),
+            codec.encode(SyncDigest(bits, self._digest.hashes(bits))),
+        )
+
+    def _rows(self, bits: int, buckets: tuple[int, ...]) -> tuple[MemberState, ...]:
+        want = set(buckets)
+        shift = 16 - bits
+        return tuple(
+            m.state()
+            for m in self._members.values()
+            if int.from_bytes(m.node[:2], "big") >> shift in want
+        )
+
+    def _on_digest_reply(self, ctx: StreamCtx, data: bytes) -> None:
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, "digest sync reply")
+            return
+        if not isinstance(msg, SyncRows) or msg.bits != ctx.digest_bits:
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            return
+        if ctx.rows:
+            self._merge(PushPull(False, msg.members))
+        elif msg.buckets:
+            # Second step: our rows of the buckets that differ; the peer merges
+            # them and answers with its own (after any refutation they caused).
+            self.counters["digest_sync_rows_out"] += 1
+            assert ctx.peer_addr is not None
+            self._open_stream(
+                ctx.peer_addr,
+                StreamCtx("sync", peer_addr=ctx.peer_addr, digest_bits=msg.bits, rows=True),
+                codec.encode(SyncRows(msg.bits, msg.buckets, self._rows(msg.bits, msg.buckets))),
+            )
+            return
+        # Done: the registry's anti-entropy follows membership's, as after a push-pull.
+        self._follow_with_reg_sync(ctx)
+
+    def _on_stream_request(self, stream: int, src: Addr, data: bytes) -> None:
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, f"stream from={_fmt(src)}")
+            self._out.append(StreamReply(stream, None))
+            return
+        if isinstance(msg, RegSync):
+            self.counters["reg_sync_in"] += 1
+            reply = self.registry.on_sync_request(self._live_node_at(src), msg)
+            self._out.append(StreamReply(stream, codec.encode(reply)))
+            return
+        if isinstance(msg, SyncDigest):
+            self.counters["digest_sync_in"] += 1
+            differ = self._digest.differing(msg.bits, msg.hashes)
+            self._out.append(
+                StreamReply(stream, codec.encode(SyncRows(msg.bits, tuple(differ), ())))
+            )
+            return
+        if isinstance(msg, SyncRows):
+            self.counters["digest_sync_rows_in"] += 1
+            # Merge first, then reply (as for push-pull).
+            self._merge(PushPull(False, msg.members))
+            rows = SyncRows(msg.bits, msg.buckets, self._rows(msg.bits, msg.buckets))
+            self._out.append(StreamReply(stream, codec.encode(rows)))
+            return
+        if not isinstance(msg, PushPull):
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            self._out.append(StreamReply(stream, None))
+            return
+        self.counters["push_pull_in"] += 1
+        # Merge first, then reply: the reply then carries our refutation if
+        # the peer held us dead (a healed partition), so both sides learn in
+        # one exchange that both ends are alive.
+        self._merge(msg)
+        self._out.append(StreamReply(stream, self._state(False)))
+
+    def _on_stream_response(self, stream: int, data: bytes) -> None:
+        ctx = self._streams.pop(stream, None)
+        if ctx is None:
+            return
+        if ctx.purpose in ("reg", "reg_push"):
+            self._on_reg_reply(ctx, data)
+            return
+        if ctx.digest_bits is not None:
+            self._on_digest_reply(ctx, data)
+            return
+        try:
+            msg = codec.decode(data)
+        except DecodeError as err:
+            self._drop(err.reason, "stream reply")
+            self._stream_done(ctx, ok=False)
+            return
+        if not isinstance(msg, PushPull):
+            self._drop("unexpected_stream_message", type(msg).__name__)
+            self._stream_done(ctx, ok=False)
+            return
+        self._merge(msg)
+        self._stream_done(ctx, ok=True)
+        self._follow_with_reg_sync(ctx)
+
+    def _on_stream_failed(self, stream: int, reason: str) -> None:
+        ctx = self._streams.pop(stream, None)
+        if ctx is None:
+            return
+        if ctx.purpose in ("reg", "reg_push"):
+            self.counters["reg_sync_failed"] += 1
+            self.registry.sync_failed(ctx.peer)
+            return
+        self.counters["push_pull_failed"] += 1
+        level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
+        hint = ""
+        if reason == "eof":
+            # The listener closes without a reply when it cannot open our
+            # frame (peerd/shell/tcp.py): with a daemon listening, that is
+            # almost always a key mismatch.
+            hint = (
+                " hint=the peer closed the stream without answering, as it does when it "
+                "cannot open our frame: most often our keys differ (compare `peerd keys "
+                "list`), else its log says why (tcp stream rejected reason=...)"
+            )
+        elif reason.startswith("seal_"):
+            hint = " hint=we cannot open the peer's reply: our keys differ"
+        self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}{hint}")
+        self._stream_done(ctx, ok=False)
+
+    def _stream_done(self, ctx: StreamCtx, ok: bool) -> None:
+        if ctx.purpose != "join":
+            return
+        batch = self._batches.get(ctx.batch)
+        if batch is None:
+            return
+        batch.pending -= 1
+        if ok:
+            batch.ok += 1
+        else:
+            batch.failed += 1
+        if batch.pending == 0:
+            del self._batches[ctx.batch]
+            self._out.append(JoinDone(batch.ok, batch.failed))
+
+    def _merge(self, msg: PushPull) -> None:
+        """Merge a peer's full state. Their "dead" is only a suspicion to us:
+        a stale view must not kill a node our own probes can still reach."""
+        for st in msg.members:
+            alive = Alive(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags)
+            m = self._members.get(st.node)
+            if m is None and st.status in (Status.DEAD, Status.LEFT):
+                if st.node != self._me.node and not addr_problem(st.addr):
+                    self._add_down(st)
+                continue
+            match st.status:
+                case Status.ALIVE:
+                    self._on_alive(alive)
+                case Status.SUSPECT | Status.DEAD:
+                    self._on_alive(alive)
+                    self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                case Status.LEFT:
+                    self._on_left(Left(st.node, st.incarnation))
+
+    def _add_down(self, st: MemberState) -> None:
+        # Remember nodes we only know as dead/left: partition healing retries
+        # them, and a stale "alive" about them cannot resurrect them.
+        m = Member(
+            st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status, self._now
+        )
+        self._members[m.node] = m
+        self._dig(m)
+        self._index_prefix(m.node)
+        self._by_addr.setdefault(m.addr, m.node)
+        if st.status is Status.DEAD:
+            self._dead[m.node] = None
+
+    def _reap(self) -> None:
+        horizon = self._now - self.config.dead_reclaim_s
+        for m in list(self._members.values()):
+            if m.status in LIVE or m.changed_at > horizon or m is self._me:
+                continue
+            self._dig(m)
+            del self._members[m.node]
+            if self._by_addr.get(m.addr) == m.node:
+                del self._by_addr[m.addr]
+            if self._by_name.get(m.name) == m.node:
+                del self._by_name[m.name]
+            if self._by_prefix.get(m.node[:NODE_PREFIX_BYTES]) == m.node:
+                del self._by_prefix[m.node[:NODE_PREFIX_BYTES]]
+            self._recently_dead.pop(m.node, None)
+            self._dead.pop(m.node, None)
+            self.registry.forget(m.node)
+            self._event(EventKind.REAPED, m)
