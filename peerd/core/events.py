@@ -17,6 +17,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from peerd.core.timers import Timer as Timer  # re-exported
+from peerd.core.timers import (
+    TimerKind as TimerKind,  # re-exported: the older name of a timer's purpose
+)
 from peerd.wire.messages import Addr, NodeId, RegEntry, RegKind, Status, Tags
 
 # --- inputs -------------------------------------------------------------------
@@ -44,31 +48,6 @@ class Unreachable:
     (ICMP port unreachable): a hint, never proof, that the peer is gone."""
 
     addr: Addr
-
-
-class TimerKind(enum.Enum):
-    PROBE = "probe"  # next protocol period
-    PROBE_TIMEOUT = "probe_timeout"  # direct ping unanswered: go indirect
-    INDIRECT_TIMEOUT = "indirect_timeout"  # we probed for someone else; send nack
-    SUSPICION = "suspicion"  # suspicion timer for one node
-    CONFIRM_TIMEOUT = "confirm_timeout"  # our own check of someone else's suspect
-    GOSSIP = "gossip"
-    PUSH_PULL = "push_pull"
-    RECONNECT = "reconnect"  # retry dead nodes and seeds (partition healing)
-    REAP = "reap"  # forget long-dead nodes
-    LEAVE = "leave"  # leave broadcast had time to spread
-    REG_FLUSH = "reg_flush"  # spread fresh registry deltas now, not at the next gossip tick
-    REG_SETTLE = "reg_settle"  # a register wait=settled timed out
-    REG_SYNC = "reg_sync"  # the registry's own anti-entropy round
-
-
-@dataclass(frozen=True, slots=True)
-class Timer:
-    """Identifies one armed timer. ``token`` is unique per arming: a timer that
-    was superseded is recognised as stale when it fires and ignored."""
-
-    kind: TimerKind
-    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +206,8 @@ class SendPacket:
 
 @dataclass(frozen=True, slots=True)
 class SetTimer:
-    """Arm ``timer`` to fire at monotonic time ``at`` (feed back :class:`TimerFired`)."""
+    """Arm ``timer`` (a typed value, :mod:`peerd.core.timers`) to fire at monotonic
+    time ``at``: feed back :class:`TimerFired` with the same value."""
 
     at: float
     timer: Timer

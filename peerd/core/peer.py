@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import random
 from collections.abc import Callable
+from typing import cast
 
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
@@ -196,7 +197,9 @@ class Peer:
         # point, so the simulator pays no extra call per input.
         self.handle: Callable[[float, PeerInput], list[PeerOutput]]
         if self.mesh is None and self.names is None:
-            self.handle = self.membership.handle
+            self.handle = cast(
+                Callable[[float, PeerInput], list[PeerOutput]], self.membership.handle
+            )
         else:
             self.handle = self._handle
 
@@ -249,7 +252,7 @@ class Peer:
                 self._view.conns.add(conn)
                 self._to_membership(now, inp, out)
             case _:
-                self._to_membership(now, inp, out)
+                self._to_membership(now, cast(Input, inp), out)
         return out
 
     def _to_membership(self, now: float, inp: PeerInput, out: list[PeerOutput]) -> None:

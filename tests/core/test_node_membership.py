@@ -13,11 +13,11 @@ from peerd.core.events import (
     MemberInfo,
     SetTags,
     SetTimer,
-    Timer,
     TimerKind,
     Unreachable,
     WatchLinks,
 )
+from peerd.core.timers import membership_timer
 from peerd.wire.messages import Alive, Dead, Died, Left, Ping, Status, Suspect
 
 from .util import (
@@ -189,7 +189,7 @@ def test_leaving_node_stops_probing_and_syncing() -> None:
         (TimerKind.RECONNECT, 10.0),
     ):
         outs = r.fire(kind)
-        assert outs == [SetTimer(r.now + interval, Timer(kind, outs[0].timer.token))]  # type: ignore[union-attr]
+        assert outs == [SetTimer(r.now + interval, membership_timer(kind, outs[0].timer.token))]  # type: ignore[union-attr]
 
 
 # --- tags --------------------------------------------------------------------------

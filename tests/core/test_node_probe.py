@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.core.events import EventKind, SendPacket, SetTimer, Timer, TimerKind
+from peerd.core.events import EventKind, SendPacket, SetTimer, TimerKind
+from peerd.core.timers import membership_timer
 from peerd.wire.messages import Ack, Dead, Died, Left, Nack, Ping, PingReq, Status, Suspect
 
 from .util import (
@@ -64,7 +65,7 @@ def test_no_probe_when_alone() -> None:
     t = r.timer(TimerKind.PROBE).at
     outs = r.fire(TimerKind.PROBE)
     # Tokens 1-4 were armed by Start (no GOSSIP timer: nobody to tell).
-    assert of(outs, SetTimer) == [SetTimer(t + 1.0, Timer(TimerKind.PROBE, 5))]
+    assert of(outs, SetTimer) == [SetTimer(t + 1.0, membership_timer(TimerKind.PROBE, 5))]
     assert len(outs) == 1
 
 

@@ -16,10 +16,10 @@ from peerd.core.events import (
     IncarnationChanged,
     Leave,
     SetTags,
-    Timer,
     TimerFired,
     TimerKind,
 )
+from peerd.core.timers import membership_timer
 from peerd.wire import codec
 from peerd.wire.codec import MAX_U64
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status, Suspect
@@ -159,7 +159,9 @@ def test_leave_at_max_incarnation_does_not_raise() -> None:
 def test_timer_with_the_right_token_but_the_wrong_kind_is_ignored(wrong: TimerKind) -> None:
     r = started(2)
     probe = r.timer(TimerKind.PROBE)
-    assert nologs(r.handle(TimerFired(Timer(wrong, probe.timer.token)), now=probe.at)) == []
+    assert (
+        nologs(r.handle(TimerFired(membership_timer(wrong, probe.timer.token)), now=probe.at)) == []
+    )
     assert r.counter("probes") == 0
     # The real timer is still armed and works.
     outs = r.fire(probe)
@@ -167,14 +169,14 @@ def test_timer_with_the_right_token_but_the_wrong_kind_is_ignored(wrong: TimerKi
     assert [k for k, _ in armed_at(outs)] == [TimerKind.PROBE, TimerKind.PROBE_TIMEOUT]
     # ... and once fired, its token is spent whatever the kind.
     assert r.handle(TimerFired(probe.timer), now=r.now) == []
-    assert r.handle(TimerFired(Timer(wrong, probe.timer.token)), now=r.now) == []
+    assert r.handle(TimerFired(membership_timer(wrong, probe.timer.token)), now=r.now) == []
     assert r.counter("probes") == 1
 
 
 def test_timer_never_armed_is_ignored() -> None:
     r = started(2)
     for kind in TimerKind:
-        assert r.handle(TimerFired(Timer(kind, 999)), now=1.0) == []
+        assert r.handle(TimerFired(membership_timer(kind, 999)), now=1.0) == []
 
 
 _RECONNECT_CHOICE = textwrap.dedent("""

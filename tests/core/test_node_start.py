@@ -13,9 +13,9 @@ from peerd.core.events import (
     SetTimer,
     StreamFailed,
     StreamResponse,
-    Timer,
     TimerKind,
 )
+from peerd.core.timers import membership_timer
 from peerd.wire import codec
 from peerd.wire.messages import MemberState, PushPull, Status
 
@@ -55,10 +55,10 @@ def test_start_arms_timers_and_joins_each_seed() -> None:
     # The first RECONNECT comes after one probe interval (min(1 s, 10 s)): a
     # node whose seeds were all down retries soon.
     assert of(outs, SetTimer) == [
-        SetTimer(now + probe_delay, Timer(TimerKind.PROBE, 1)),
-        SetTimer(now + sync_delay, Timer(TimerKind.PUSH_PULL, 2)),
-        SetTimer(now + 1.0, Timer(TimerKind.RECONNECT, 3)),
-        SetTimer(now + 60.0, Timer(TimerKind.REAP, 4)),
+        SetTimer(now + probe_delay, membership_timer(TimerKind.PROBE, 1)),
+        SetTimer(now + sync_delay, membership_timer(TimerKind.PUSH_PULL, 2)),
+        SetTimer(now + 1.0, membership_timer(TimerKind.RECONNECT, 3)),
+        SetTimer(now + 60.0, membership_timer(TimerKind.REAP, 4)),
     ]
     opens = of(outs, OpenStream)
     assert [(o.stream, o.dst) for o in opens] == [(1, addr(2)), (2, addr(3))]
@@ -81,7 +81,9 @@ def test_start_queues_own_alive_for_gossip() -> None:
     assert r.node.queued_broadcasts() == 1  # our own Alive, waiting for someone to tell
     # The first live peer arms the GOSSIP timer (token 5, after the 4 armed by Start).
     join_outs = r.join(2, now=0.1)
-    assert of(join_outs, SetTimer) == [SetTimer(first_gossip_at(0.1), Timer(TimerKind.GOSSIP, 5))]
+    assert of(join_outs, SetTimer) == [
+        SetTimer(first_gossip_at(0.1), membership_timer(TimerKind.GOSSIP, 5))
+    ]
     outs = fire(r.node, join_outs, TimerKind.GOSSIP)
     assert r.node.queued_broadcasts() == 2  # sent once of 4 times (2 live nodes)
     # Newest first: n2's Alive (which we pass on), then ours.

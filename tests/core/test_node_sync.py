@@ -15,10 +15,10 @@ from peerd.core.events import (
     StreamReply,
     StreamRequest,
     StreamResponse,
-    Timer,
     TimerKind,
     WatchLinks,
 )
+from peerd.core.timers import membership_timer
 from peerd.wire import codec
 from peerd.wire.messages import Ack, Dead, Left, MemberState, Ping, PushPull, Status, Suspect, Tags
 
@@ -202,7 +202,9 @@ def test_push_pull_timer_syncs_with_a_live_member() -> None:
     t = r.timer(TimerKind.PUSH_PULL).at
     outs = r.fire(TimerKind.PUSH_PULL)
     assert nologs(outs) == [
-        SetTimer(t + 30.0, Timer(TimerKind.PUSH_PULL, of(outs, SetTimer)[0].timer.token)),
+        SetTimer(
+            t + 30.0, membership_timer(TimerKind.PUSH_PULL, of(outs, SetTimer)[0].timer.token)
+        ),
         OpenStream(1, addr(2), codec.encode(PushPull(False, (st(1), st(2))))),
     ]
     # The answer is merged.

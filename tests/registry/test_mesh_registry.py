@@ -9,6 +9,7 @@ import pytest
 from peerd.core.events import MeshCast, MeshConnected, MeshDelivered, Output, SetTimer, TimerKind
 from peerd.core.registry import service as svc
 from peerd.core.registry.service import MESH_CHANNEL
+from peerd.core.timers import RegSyncTick
 from peerd.wire import codec
 from peerd.wire.messages import RegAck, RegDelta
 from tests.registry.test_service import cluster, holders, reg
@@ -100,7 +101,7 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
     assert peer is not None and peer != node.node_id
     armed = [o.timer for o in outs if isinstance(o, SetTimer)]
     assert [t.kind for t in armed] == [TimerKind.REG_SYNC]
-    assert node._timers.live[armed[0].token] == (TimerKind.REG_SYNC, peer)
+    assert armed == [RegSyncTick(armed[0].token, peer)]  # the timer says with whom
 
 
 def test_a_long_burst_goes_over_the_mesh_in_chunks_that_apply_in_order(

@@ -17,10 +17,10 @@ from peerd.core.events import (
     MemberEvent,
     SetTimer,
     Start,
-    Timer,
     TimerFired,
     TimerKind,
 )
+from peerd.core.timers import membership_timer
 from peerd.shell.logs import Logger
 from peerd.shell.systemd import (
     ActivationError,
@@ -271,7 +271,7 @@ async def test_runner_sends_ready_after_the_first_join_and_pings_from_its_loop(
     autojump_clock,
 ) -> None:  # type: ignore[no-untyped-def]
     t0 = trio.current_time()
-    join_timer = Timer(TimerKind.PROBE, 1)
+    join_timer = membership_timer(TimerKind.PROBE, 1)
 
     class SlowJoinCore(FakeCore):
         def handle(self, now, inp):  # type: ignore[no-untyped-def]
@@ -318,7 +318,7 @@ async def test_member_events_update_status(autojump_clock) -> None:  # type: ign
     def script(now, inp):  # type: ignore[no-untyped-def]
         match inp:
             case Start():
-                return [SetTimer(t0 + 2, Timer(TimerKind.PROBE, 1))]
+                return [SetTimer(t0 + 2, membership_timer(TimerKind.PROBE, 1))]
             case TimerFired():
                 counts["alive"] = 2
                 return [MemberEvent(EventKind.JOINED, PEER)]

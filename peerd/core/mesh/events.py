@@ -25,10 +25,11 @@ Contract with whoever carries out the outputs (the shell's link manager):
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from peerd.core.events import Log
+from peerd.core.timers import MeshTimer as MeshTimer  # re-exported
+from peerd.core.timers import MeshTimerKind as MeshTimerKind  # re-exported
 from peerd.wire.messages import (
     Channel,
     Disconnect,
@@ -51,6 +52,8 @@ HyParViewMessage = (
 )
 PlumtreeMessage = Gossip | GossipControl
 MeshMessage = HyParViewMessage | PlumtreeMessage
+# What a peer link carries: the mesh's messages, messages to names and their answers.
+LinkMessage = MeshMessage | NameMsg | NameReply
 
 # Send priorities (lower first). Overlay and tree control is tiny and keeps
 # the mesh itself alive, so it goes before any payload.
@@ -60,21 +63,6 @@ PRIORITY_CONTROL = 0
 def channel_priority(channel: Channel) -> int:
     """Priority of a gossip payload on ``channel`` (after all control)."""
     return PRIORITY_CONTROL + 1 + int(channel)
-
-
-class MeshTimerKind(enum.Enum):
-    SHUFFLE = "shuffle"  # HyParView: periodic shuffle and view upkeep
-    NEIGHBOR_TIMEOUT = "neighbor_timeout"  # a neighbor request got no answer
-    IHAVE_FLUSH = "ihave_flush"  # Plumtree: send batched announcements
-    GRAFT = "graft"  # Plumtree: an announced broadcast did not arrive
-
-
-@dataclass(frozen=True, slots=True)
-class MeshTimer:
-    """One armed timer; ``token`` is unique per arming (stale ones are ignored)."""
-
-    kind: MeshTimerKind
-    token: int
 
 
 # --- inputs ---------------------------------------------------------------------
@@ -95,7 +83,7 @@ class MessageIn:
     to a name and its answer: the peer routes them by type)."""
 
     src: NodeId
-    msg: MeshMessage | NameMsg | NameReply
+    msg: LinkMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,8 +53,9 @@ from __future__ import annotations
 import collections
 import math
 import random
-from collections.abc import Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from peerd.core.events import Log, LogLevel
 from peerd.core.mesh.config import HyParViewConfig
@@ -65,19 +66,19 @@ from peerd.core.mesh.events import (
     JoinMesh,
     LeaveMesh,
     LinkDown,
+    LinkMessage,
     MembershipHint,
     MeshInput,
-    MeshMessage,
     MeshOutput,
     MeshTimer,
     MeshTimerFired,
-    MeshTimerKind,
     MessageIn,
     NeighborDown,
     NeighborUp,
     Send,
     SetMeshTimer,
 )
+from peerd.core.timers import NeighborTimeout, ShuffleTick
 from peerd.wire.messages import (
     Addr,
     Disconnect,
@@ -125,7 +126,7 @@ class HyParView:
         self._contacts: tuple[MeshPeer, ...] = ()
         self._untried: list[MeshPeer] = []  # contacts left for the current join
         self._last_shuffle: tuple[NodeId, ...] = ()
-        self._timers: dict[int, tuple[MeshTimerKind, Hashable]] = {}
+        self._timers: dict[int, MeshTimer] = {}
         self._next_token = 0
         self._started = False
         self._left = False
@@ -196,11 +197,13 @@ class HyParView:
         self.counters[f"drop.{reason}"] += 1
         self._log(LogLevel.DEBUG, f"mesh drop reason={reason} {detail}".rstrip())
 
-    def _arm(self, kind: MeshTimerKind, delay: float, ctx: Hashable = None) -> int:
+    def _arm(self, make: Callable[..., MeshTimer], delay: float, *context: Any) -> int:
+        """Arm the timer ``make(token, *context)`` to fire in ``delay`` s."""
         self._next_token += 1
         token = self._next_token
-        self._timers[token] = (kind, ctx)
-        self._out.append(SetMeshTimer(self._now + delay, MeshTimer(kind, token)))
+        timer = make(token, *context)
+        self._timers[token] = timer
+        self._out.append(SetMeshTimer(self._now + delay, timer))
         return token
 
     def _disarm(self, token: int) -> None:
@@ -286,7 +289,7 @@ class HyParView:
     def _ask(self, peer: MeshPeer, *, high: bool, join: bool = False) -> None:
         """Send a neighbor request (or a join) and await the answer."""
         self._passive.pop(peer.node, None)
-        token = self._arm(MeshTimerKind.NEIGHBOR_TIMEOUT, self.config.neighbor_timeout_s, peer.node)
+        token = self._arm(NeighborTimeout, self.config.neighbor_timeout_s, peer.node)
         self._pending[peer.node] = _Pending(peer.addr, high, join, token)
         if join:
             self._send(peer, MeshJoin(self.me))
@@ -335,7 +338,7 @@ class HyParView:
             self._started = True
             interval = self.config.shuffle_interval_s
             # A random phase spreads the shuffles of nodes started together.
-            self._arm(MeshTimerKind.SHUFFLE, self.rng.uniform(0.5, 1.0) * interval)
+            self._arm(ShuffleTick, self.rng.uniform(0.5, 1.0) * interval)
         contacts = tuple(c for c in dict.fromkeys(contacts) if c.node != self.me.node)
         if not contacts:
             return
@@ -349,7 +352,7 @@ class HyParView:
         self.counters["joins"] += 1
         self._ask(first, high=True, join=True)
 
-    def _on_message(self, src: NodeId, msg: MeshMessage) -> None:
+    def _on_message(self, src: NodeId, msg: LinkMessage) -> None:
         if src == self.me.node:
             self._drop("from_self")
             return
@@ -524,17 +527,15 @@ class HyParView:
 
     def _on_timer(self, timer: MeshTimer) -> None:
         armed = self._timers.get(timer.token)
-        if armed is None or armed[0] is not timer.kind:
+        if armed is None or (armed is not timer and armed != timer):
             return  # superseded, or not ours
         del self._timers[timer.token]
-        ctx = armed[1]
-        match timer.kind:
-            case MeshTimerKind.SHUFFLE:
-                self._arm(MeshTimerKind.SHUFFLE, self.config.shuffle_interval_s)
+        match armed:
+            case ShuffleTick():
+                self._arm(ShuffleTick, self.config.shuffle_interval_s)
                 self._tick()
-            case MeshTimerKind.NEIGHBOR_TIMEOUT:
-                assert isinstance(ctx, bytes)
-                self._neighbor_timeout(ctx)
+            case NeighborTimeout(node=node):
+                self._neighbor_timeout(node)
 
     def _neighbor_timeout(self, node: NodeId) -> None:
         p = self._pending.pop(node, None)

@@ -15,16 +15,16 @@ from peerd.core.mesh.events import (
     MeshInput,
     MeshOutput,
     MeshTimerFired,
-    MeshTimerKind,
     MessageIn,
     NeighborDown,
     NeighborUp,
 )
 from peerd.core.mesh.hyparview import HyParView
 from peerd.core.mesh.plumtree import Plumtree
+from peerd.core.timers import GraftTimeout, IHaveFlush
 from peerd.wire.messages import Gossip, GossipControl, MeshPeer, NodeId
 
-_PLUMTREE_TIMERS = (MeshTimerKind.IHAVE_FLUSH, MeshTimerKind.GRAFT)
+_PLUMTREE_TIMERS = (IHaveFlush, GraftTimeout)
 
 
 class Mesh:
@@ -44,7 +44,7 @@ class Mesh:
         match inp:
             case MessageIn(msg=Gossip() | GossipControl()) | Broadcast():
                 return self.plumtree.handle(now, inp)
-            case MeshTimerFired(timer) if timer.kind in _PLUMTREE_TIMERS:
+            case MeshTimerFired(timer) if isinstance(timer, _PLUMTREE_TIMERS):
                 return self.plumtree.handle(now, inp)
             case NeighborUp() | NeighborDown():
                 return self.plumtree.handle(now, inp)

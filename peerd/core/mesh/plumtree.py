@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from peerd.core.events import Log, LogLevel
 from peerd.core.mesh.config import PlumtreeConfig
@@ -68,7 +69,6 @@ from peerd.core.mesh.events import (
     MeshOutput,
     MeshTimer,
     MeshTimerFired,
-    MeshTimerKind,
     MessageIn,
     NeighborDown,
     NeighborUp,
@@ -76,6 +76,7 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
     channel_priority,
 )
+from peerd.core.timers import GraftTimeout, IHaveFlush
 from peerd.wire.codec import MAX_GOSSIP_PAYLOAD_BYTES, MAX_IHAVE, MAX_U64, MAX_WANT
 from peerd.wire.messages import Channel, Gossip, GossipControl, IHave, NodeId, TreeLink
 
@@ -179,7 +180,7 @@ class Plumtree:
         self._prefix = rng.getrandbits(64).to_bytes(8, "big")
         self._seq = 0
         self._buckets: dict[Channel, _Bucket] = {}
-        self._timers: dict[int, tuple[MeshTimerKind, Hashable]] = {}
+        self._timers: dict[int, MeshTimer] = {}
         self._next_token = 0
         self._now = 0.0
         self._out: list[MeshOutput] = []
@@ -234,11 +235,13 @@ class Plumtree:
         self.counters[f"drop.{reason}"] += 1
         self._out.append(Log(LogLevel.DEBUG, f"plumtree drop reason={reason} {detail}".rstrip()))
 
-    def _arm(self, kind: MeshTimerKind, delay: float, ctx: Hashable = None) -> int:
+    def _arm(self, make: Callable[..., MeshTimer], delay: float, *context: Any) -> int:
+        """Arm the timer ``make(token, *context)`` to fire in ``delay`` s."""
         self._next_token += 1
         token = self._next_token
-        self._timers[token] = (kind, ctx)
-        self._out.append(SetMeshTimer(self._now + delay, MeshTimer(kind, token)))
+        timer = make(token, *context)
+        self._timers[token] = timer
+        self._out.append(SetMeshTimer(self._now + delay, timer))
         return token
 
     def _is_neighbor(self, node: NodeId) -> bool:
@@ -279,7 +282,7 @@ class Plumtree:
         self._ihave_queue.setdefault(dst, []).append(item)
         if not self._flush_armed:
             self._flush_armed = True
-            self._arm(MeshTimerKind.IHAVE_FLUSH, self.config.ihave_interval_s)
+            self._arm(IHaveFlush, self.config.ihave_interval_s)
 
     # --- caches ----------------------------------------------------------------
 
@@ -479,7 +482,7 @@ class Plumtree:
         if len(self._missing) >= self.config.max_missing:
             self.counters["missing_overflow"] += 1
             return
-        token = self._arm(MeshTimerKind.GRAFT, self.graft_timeout(), item.id)
+        token = self._arm(GraftTimeout, self.graft_timeout(), item.id)
         self._missing[item.id] = _Missing([(src, item.round)], token, self._now)
 
     def _arrived_after_ihave(self, src: NodeId, msg: Gossip, missing: _Missing) -> None:
@@ -605,17 +608,15 @@ class Plumtree:
 
     def _on_timer(self, timer: MeshTimer) -> None:
         armed = self._timers.get(timer.token)
-        if armed is None or armed[0] is not timer.kind:
+        if armed is None or (armed is not timer and armed != timer):
             return  # superseded, or not ours
         del self._timers[timer.token]
-        match timer.kind:
-            case MeshTimerKind.IHAVE_FLUSH:
+        match armed:
+            case IHaveFlush():
                 self._flush_armed = False
                 for node in list(self._ihave_queue):
                     self._send_control(node)
-            case MeshTimerKind.GRAFT:
-                msg_id = armed[1]
-                assert isinstance(msg_id, bytes)
+            case GraftTimeout(msg_id=msg_id):
                 self._graft(msg_id)
 
     def _graft(self, msg_id: bytes) -> None:
@@ -629,7 +630,7 @@ class Plumtree:
                 m.grafted.append(node)
                 self._make_eager(node)
                 self._send_control(node, want=(msg_id,), link=TreeLink.EAGER)
-                m.token = self._arm(MeshTimerKind.GRAFT, self.config.graft_retry_s, msg_id)
+                m.token = self._arm(GraftTimeout, self.config.graft_retry_s, msg_id)
                 return
         # Nobody left to ask: forget it; a later announcement starts over.
         self.counters["graft_gave_up"] += 1

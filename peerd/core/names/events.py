@@ -31,6 +31,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from peerd.core.events import ConnClosed as ConnClosed  # one type: the registry's too
+from peerd.core.timers import SendDeadline as SendDeadline  # a typed timer
 from peerd.wire.messages import Addr, NameMsg, NameReply, NodeId, RegKind
 
 # --- outcomes ---------------------------------------------------------------------
@@ -170,27 +172,10 @@ class MailboxTaken:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnClosed:
-    """API connection ``conn`` closed: its queued messages are gone."""
-
-    conn: int
-
-
-@dataclass(frozen=True, slots=True)
 class MarkQuiet:
     """Local entry ``eid`` is held by a process that takes no messages."""
 
     eid: int
-
-
-@dataclass(frozen=True, slots=True)
-class SendDeadline:
-    """A typed timer: call ``call`` fails with TIMEOUT for whatever has not
-    been answered at ``at``. Set by the core (an output), fired by the shell
-    (inside :class:`DeadlineFired`); firing a finished call's timer is a no-op."""
-
-    at: float
-    call: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,10 @@ the protocol around it, driven by the membership node (its *host*):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable as _Callable
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any as _Any
 from typing import Protocol
 
 from peerd.core.digest import FINE_BITS, bucket_of
@@ -51,11 +53,11 @@ from peerd.core.events import (
     RegEventKind,
     Register,
     RegistryEvent,
-    TimerKind,
     Unregister,
     UpdateMeta,
 )
 from peerd.core.registry.state import Applied, Registry, RegistryTables
+from peerd.core.timers import MembershipTimer, RegSettleTimeout, RegSyncTick
 from peerd.wire import codec
 from peerd.wire.messages import (
     Channel,
@@ -151,7 +153,9 @@ class Host(Protocol):
         """Whether ``node`` is a live member (or us): only their partitions
         are kept, so made-up or long-gone origins cannot grow our state."""
 
-    def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
+    def reg_arm(
+        self, make: _Callable[..., MembershipTimer], delay: float, *context: _Any
+    ) -> int: ...
 
     def reg_random_peer(self) -> NodeId | None:
         """A live member other than us, at random (None when alone)."""
@@ -303,7 +307,7 @@ class RegistryService:
         if settle:
             assert cmd.settle_s is not None
             self._settles[cmd.ref] = Settle(cmd.ref, entry.eid, delta.top)
-            self.host.reg_arm(TimerKind.REG_SETTLE, cmd.settle_s, cmd.ref)
+            self.host.reg_arm(RegSettleTimeout, cmd.settle_s, cmd.ref)
             return
         if cmd.settle_s is not None:
             result.update(settled=True, won=self._won(entry))
@@ -635,7 +639,7 @@ class RegistryService:
         only once rounds run: an empty registry has nothing to compare)."""
         if self._heal_peer is None and self._sync_armed:
             self._heal_peer = peer
-            self.host.reg_arm(TimerKind.REG_SYNC, HEAL_SYNC_DELAY_S, peer)
+            self.host.reg_arm(RegSyncTick, HEAL_SYNC_DELAY_S, peer)
 
     def arm_sync(self) -> None:
         """Start the periodic rounds, once this node holds or heard of any
@@ -643,7 +647,7 @@ class RegistryService:
         hold entries call on it)."""
         if not self._sync_armed:
             self._sync_armed = True
-            self.host.reg_arm(TimerKind.REG_SYNC, SYNC_INTERVAL_S, None)
+            self.host.reg_arm(RegSyncTick, SYNC_INTERVAL_S, None)
 
     def missing_for(
         self,

@@ -25,7 +25,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peerd.core.broadcast import BroadcastQueue
 from peerd.core.config import SwimConfig
@@ -41,8 +41,6 @@ from peerd.core.events import (
     Output,
     SendPacket,
     SetTimer,
-    Timer,
-    TimerKind,
 )
 from peerd.core.registry.service import RegistryService
 from peerd.core.swim import formulas
@@ -54,6 +52,7 @@ from peerd.core.swim.members import (
     StoreFactory,
     local_tables,
 )
+from peerd.core.timers import MembershipTimer, Timer
 from peerd.wire import codec
 from peerd.wire.codec import (
     MAX_TAG_KEY_BYTES,
@@ -192,7 +191,7 @@ class JoinBatch:
 @dataclass(slots=True)
 class _Timers:
     next_token: int = 0
-    live: dict[int, tuple[TimerKind, Hashable]] = field(default_factory=dict)
+    live: dict[int, MembershipTimer] = field(default_factory=dict)
 
 
 class NodeBase:
@@ -282,11 +281,14 @@ class NodeBase:
         self.counters[f"drop.{reason}"] += 1
         self._log(LogLevel.DEBUG, f"drop reason={reason} {detail}".rstrip())
 
-    def _arm(self, kind: TimerKind, delay: float, ctx: Hashable = None) -> int:
+    def _arm(self, make: Callable[..., MembershipTimer], delay: float, *context: Any) -> int:
+        """Arm the timer ``make(token, *context)`` (a type of
+        :mod:`peerd.core.timers`) to fire in ``delay`` s; returns its token."""
         self._timers.next_token += 1
         token = self._timers.next_token
-        self._timers.live[token] = (kind, ctx)
-        self._out.append(SetTimer(self._now + delay, Timer(kind, token)))
+        timer = make(token, *context)
+        self._timers.live[token] = timer
+        self._out.append(SetTimer(self._now + delay, timer))
         return token
 
     def _disarm(self, token: int) -> None:
@@ -504,7 +506,9 @@ class NodeBase:
 
         def reg_known(self, node: NodeId) -> bool: ...
 
-        def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int: ...
+        def reg_arm(
+            self, make: Callable[..., MembershipTimer], delay: float, *context: Any
+        ) -> int: ...
 
         def _on_mesh_connected(self, connected: bool) -> None: ...
 

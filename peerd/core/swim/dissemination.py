@@ -23,13 +23,11 @@ from collections.abc import Hashable
 
 from peerd.core.events import (
     SendPacket,
-    TimerKind,
     WatchLinks,
 )
 from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
-    _RING_FLUSH,
     FIRST_GOSSIP_DELAY_S,
     MAX_QUEUED_BROADCASTS,
     RING_RECENT_MAX,
@@ -40,6 +38,7 @@ from peerd.core.swim.base import (
 from peerd.core.swim.members import (
     Member,
 )
+from peerd.core.timers import GossipTick, RingFlush
 from peerd.wire import codec
 from peerd.wire.messages import (
     NODE_PREFIX_BYTES,
@@ -99,7 +98,7 @@ class Dissemination(NodeBase):
         # delay batches a burst into one packet); then every gossip interval
         # while anything is left to send. Waiting a whole interval per hop
         # would add ~interval x log(N) to every spread.
-        self._arm(TimerKind.GOSSIP, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s))
+        self._arm(GossipTick, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s))
 
     def _alive_msg(self) -> Alive:
         me = self._me
@@ -137,11 +136,7 @@ class Dissemination(NodeBase):
     def _arm_ring_flush(self) -> None:
         if not self._ring_armed and self._started:
             self._ring_armed = True
-            self._arm(
-                TimerKind.GOSSIP,
-                min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s),
-                _RING_FLUSH,
-            )
+            self._arm(RingFlush, min(FIRST_GOSSIP_DELAY_S, self.config.gossip_interval_s))
 
     def _ring_flush(self) -> None:
         """Final news (a death, a leave) goes to our next RING_SUCCESSORS

@@ -44,16 +44,13 @@ from peerd.core.events import (
     StreamFailed,
     StreamRequest,
     StreamResponse,
-    Timer,
     TimerFired,
-    TimerKind,
     Unreachable,
     Unregister,
     UpdateMeta,
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
-    _RING_FLUSH,
     LIVE,
     REAP_INTERVAL_S,
     JoinBatch,
@@ -71,6 +68,23 @@ from peerd.core.swim.reghost import RegistryHost
 from peerd.core.swim.suspicion import Suspicions
 from peerd.core.swim.sync import AntiEntropy
 from peerd.core.swim.updates import Updates
+from peerd.core.timers import (
+    ConfirmTimeout,
+    GossipTick,
+    IndirectTimeout,
+    LeaveSpread,
+    ProbeTick,
+    ProbeTimeout,
+    PushPullTick,
+    ReapTick,
+    ReconnectTick,
+    RegFlush,
+    RegSettleTimeout,
+    RegSyncTick,
+    RingFlush,
+    SuspicionTimeout,
+    Timer,
+)
 from peerd.wire import codec
 from peerd.wire.codec import (
     MAX_U64,
@@ -231,19 +245,19 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
         if not self._preloaded:
             self._broadcast(self._me.node, self._alive_msg())
         # Spread first probes of a fleet started together over one interval.
-        self._arm(TimerKind.PROBE, self.rng.uniform(0, cfg.probe_interval_s))
+        self._arm(ProbeTick, self.rng.uniform(0, cfg.probe_interval_s))
         if cfg.push_pull_interval_s > 0 and self._preloaded:
             # Preloaded (a simulation starting converged): as if running for
             # long already, each node at a random phase of the interval.
             interval = formulas.push_pull_scale(cfg.push_pull_interval_s, self.live_count())
-            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.0, 1.0) * interval)
+            self._arm(PushPullTick, self.rng.uniform(0.0, 1.0) * interval)
         elif cfg.push_pull_interval_s > 0:
             # An early first sync repairs what a join's gossip missed (nodes
             # that joined at the same moment), then the regular interval.
             first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
-            self._arm(TimerKind.PUSH_PULL, self.rng.uniform(0.5, 1.0) * first)
-        self._arm(TimerKind.RECONNECT, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
-        self._arm(TimerKind.REAP, REAP_INTERVAL_S)
+            self._arm(PushPullTick, self.rng.uniform(0.5, 1.0) * first)
+        self._arm(ReconnectTick, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
+        self._arm(ReapTick, REAP_INTERVAL_S)
         self._start_join(self._seeds)
 
     def _start_join(self, addrs: tuple[Addr, ...]) -> None:
@@ -287,56 +301,54 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
         # Don't wait for the next gossip tick: a leave is usually followed by
         # the process exiting, and the sooner peers hear it the better.
         self._gossip_round()
-        self._arm(TimerKind.LEAVE, self.config.leave_propagate_s)
+        self._arm(LeaveSpread, self.config.leave_propagate_s)
 
     def _on_timer(self, timer: Timer) -> None:
-        armed = self._timers.live.get(timer.token)
-        if armed is None or armed[0] is not timer.kind:
+        armed = self._timers.live.get(getattr(timer, "token", 0))
+        if armed is None or (armed is not timer and armed != timer):
             return  # superseded (or not ours)
-        del self._timers.live[timer.token]
-        ctx = armed[1]
-        match timer.kind:
-            case TimerKind.PROBE:
+        del self._timers.live[armed.token]
+        match armed:
+            case ProbeTick():
                 self._probe_tick()
-            case TimerKind.PROBE_TIMEOUT:
-                self._probe_timeout(ctx)
-            case TimerKind.INDIRECT_TIMEOUT:
-                self._relay_timeout(ctx)
-            case TimerKind.SUSPICION:
-                self._suspicion_expired(ctx)
-            case TimerKind.CONFIRM_TIMEOUT:
-                self._check_timeout(ctx)
-            case TimerKind.GOSSIP if ctx == _RING_FLUSH:
+            case ProbeTimeout(seq=seq):
+                self._probe_timeout(seq)
+            case IndirectTimeout(seq=seq):
+                self._relay_timeout(seq)
+            case SuspicionTimeout(node=node, incarnation=incarnation):
+                self._suspicion_expired((node, incarnation))
+            case ConfirmTimeout(seq=seq):
+                self._check_timeout(seq)
+            case RingFlush():
                 self._ring_flush()
-            case TimerKind.GOSSIP:
+            case GossipTick():
                 self._gossip_armed = False
                 self._send_direct(self.registry.flush())
                 self._gossip_round()
                 if len(self._queue) and (len(self._live) or self._recently_dead):
                     self._gossip_armed = True
-                    self._arm(TimerKind.GOSSIP, self.config.gossip_interval_s)
-            case TimerKind.PUSH_PULL:
+                    self._arm(GossipTick, self.config.gossip_interval_s)
+            case PushPullTick():
                 self._push_pull_tick()
-            case TimerKind.RECONNECT:
+            case ReconnectTick():
                 self._reconnect_tick()
-            case TimerKind.REAP:
+            case ReapTick():
                 self._reap()
-                self._arm(TimerKind.REAP, REAP_INTERVAL_S)
-            case TimerKind.LEAVE:
+                self._arm(ReapTick, REAP_INTERVAL_S)
+            case LeaveSpread():
                 self._out.append(LeaveDone())
-            case TimerKind.REG_FLUSH:
+            case RegFlush():
                 own = self.registry.flush()  # still armed: queueing does not re-arm
                 self._reg_flush_armed = False
                 # Direct first: a gossip packet announcing a long burst must
                 # not reach a peer before the burst itself (it would pull).
                 self._send_direct(own)
                 self._gossip_round()
-            case TimerKind.REG_SETTLE:
-                assert isinstance(ctx, int)
-                self.registry.settle_timeout(ctx)
-            case TimerKind.REG_SYNC:
+            case RegSettleTimeout(ref=ref):
+                self.registry.settle_timeout(ref)
+            case RegSyncTick(peer=peer):
                 if not self._leaving:
-                    self.registry.sync_tick(ctx)  # type: ignore[arg-type]
+                    self.registry.sync_tick(peer)
 
     def _on_packet(self, src: Addr, data: bytes) -> None:
         self.counters["packets_in"] += 1

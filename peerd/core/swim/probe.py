@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from peerd.core.events import (
     LogLevel,
-    TimerKind,
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
@@ -41,6 +40,7 @@ from peerd.core.swim.base import (
 from peerd.core.swim.members import (
     Member,
 )
+from peerd.core.timers import IndirectTimeout, ProbeTick, ProbeTimeout
 from peerd.wire import codec
 from peerd.wire.messages import (
     Ack,
@@ -97,7 +97,7 @@ class Probing(NodeBase):
     def _probe_tick(self) -> None:
         self._finish_probe()
         cfg = self.config
-        self._arm(TimerKind.PROBE, formulas.scaled(cfg.probe_interval_s, self._health))
+        self._arm(ProbeTick, formulas.scaled(cfg.probe_interval_s, self._health))
         if self._leaving:
             return
         target = self._next_target()
@@ -107,9 +107,7 @@ class Probing(NodeBase):
         probe = Probe(self._next_seq(), target.node)
         self._probe = probe
         self._send_ping(target, probe.seq)
-        self._arm(
-            TimerKind.PROBE_TIMEOUT, formulas.scaled(cfg.probe_timeout_s, self._health), probe.seq
-        )
+        self._arm(ProbeTimeout, formulas.scaled(cfg.probe_timeout_s, self._health), probe.seq)
 
     def _send_ping(self, target: Member, seq: int) -> None:
         before: tuple[bytes, ...] = ()
@@ -187,7 +185,7 @@ class Probing(NodeBase):
         # would count our answer as missing and blame the requester's health.
         cfg = self.config
         self._arm(
-            TimerKind.INDIRECT_TIMEOUT,
+            IndirectTimeout,
             formulas.nack_delay(cfg.probe_timeout_s, cfg.probe_interval_s, NACK_AFTER),
             seq,
         )

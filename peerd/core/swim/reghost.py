@@ -11,13 +11,14 @@ registry and the membership's state; no protocol decision is made here.
 
 from __future__ import annotations
 
+from collections.abc import Callable as _Callable
 from collections.abc import Hashable
+from typing import Any as _Any
 
 from peerd.core.events import (
     MeshCast,
     MeshDelivered,
     Output,
-    TimerKind,
 )
 from peerd.core.registry.service import MESH_CHANNEL
 from peerd.core.swim.base import (
@@ -25,6 +26,7 @@ from peerd.core.swim.base import (
     NodeBase,
     StreamCtx,
 )
+from peerd.core.timers import MembershipTimer, RegFlush
 from peerd.wire import codec
 from peerd.wire.codec import (
     DecodeError,
@@ -83,7 +85,7 @@ class RegistryHost(NodeBase):
         # not started), staged deltas wait: _set_live calls us again.
         if not self._reg_flush_armed and self._started and len(self._live):
             self._reg_flush_armed = True
-            self._arm(TimerKind.REG_FLUSH, self.config.registry_flush_s)
+            self._arm(RegFlush, self.config.registry_flush_s)
 
     def reg_send(self, node: NodeId, msg: Message) -> None:
         m = self._members.get(node)
@@ -107,8 +109,8 @@ class RegistryHost(NodeBase):
     def reg_known(self, node: NodeId) -> bool:
         return node == self._me.node or node in self._live
 
-    def reg_arm(self, kind: TimerKind, delay: float, ctx: Hashable) -> int:
-        return self._arm(kind, delay, ctx)
+    def reg_arm(self, make: _Callable[..., MembershipTimer], delay: float, *context: _Any) -> int:
+        return self._arm(make, delay, *context)
 
     def _on_mesh_connected(self, connected: bool) -> None:
         """The driver's partial mesh has neighbours (``connected``) or lost

@@ -26,7 +26,6 @@ from peerd.core.events import (
     IncarnationChanged,
     LogLevel,
     SendPacket,
-    TimerKind,
 )
 from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
@@ -39,6 +38,7 @@ from peerd.core.swim.members import (
     Member,
     Suspicion,
 )
+from peerd.core.timers import ConfirmTimeout, SuspicionTimeout
 from peerd.wire import codec
 from peerd.wire.codec import (
     MAX_U64,
@@ -156,7 +156,7 @@ class Suspicions(NodeBase):
             self._disarm(susp.token)
         susp.deadline = deadline
         susp.token = self._arm(
-            TimerKind.SUSPICION, max(0.0, deadline - self._now), (m.node, susp.incarnation)
+            SuspicionTimeout, max(0.0, deadline - self._now), m.node, susp.incarnation
         )
 
     def _clear_suspicion(self, m: Member) -> None:
@@ -184,7 +184,7 @@ class Suspicions(NodeBase):
             self._start_check(m)
             wait = formulas.scaled(self.config.probe_timeout_s, self._health)
             susp.deadline = self._now + wait
-            susp.token = self._arm(TimerKind.SUSPICION, wait, (m.node, susp.incarnation))
+            susp.token = self._arm(SuspicionTimeout, wait, m.node, susp.incarnation)
             return
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
@@ -284,7 +284,7 @@ class Suspicions(NodeBase):
         self._checks[seq] = m.node
         self._send_ping(m, seq)
         self._arm(
-            TimerKind.CONFIRM_TIMEOUT,
+            ConfirmTimeout,
             formulas.scaled(self.config.probe_timeout_s, self._health),
             seq,
         )

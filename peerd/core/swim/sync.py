@@ -26,7 +26,6 @@ from peerd.core.events import (
     LogLevel,
     OpenStream,
     StreamReply,
-    TimerKind,
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
@@ -41,6 +40,7 @@ from peerd.core.swim.base import (
 from peerd.core.swim.members import (
     Member,
 )
+from peerd.core.timers import PushPullTick, ReconnectTick
 from peerd.wire import codec
 from peerd.wire.codec import (
     DecodeError,
@@ -93,7 +93,7 @@ class AntiEntropy(NodeBase):
     def _push_pull_tick(self) -> None:
         cfg = self.config
         n = self.live_count()
-        self._arm(TimerKind.PUSH_PULL, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        self._arm(PushPullTick, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
         if self._leaving:
             return
         syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
@@ -108,13 +108,13 @@ class AntiEntropy(NodeBase):
         cfg = self.config
         if self._live:
             self._alone_rounds = 0
-            self._arm(TimerKind.RECONNECT, cfg.reconnect_interval_s)
+            self._arm(ReconnectTick, cfg.reconnect_interval_s)
         else:
             # Alone (every seed was down when we started, or we were cut
             # off): retry soon, backing off to the normal interval.
             delay = min(cfg.reconnect_interval_s, cfg.probe_interval_s * 2**self._alone_rounds)
             self._alone_rounds = min(self._alone_rounds + 1, 16)
-            self._arm(TimerKind.RECONNECT, delay)
+            self._arm(ReconnectTick, delay)
         if self._leaving:
             return
         # One of the dead members or the seeds not live, uniformly; without
