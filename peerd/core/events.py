@@ -1,15 +1,53 @@
-"""Inputs fed to the sans-I/O core and the outputs it returns.
+"""The one vocabulary of the core: every input a :class:`peerd.core.peer.Peer`
+takes and every output it returns, as frozen values.
 
-The shell (trio daemon) and the simulator both drive a core the same way::
+The shell (trio daemon) and the simulator both drive a peer the same way::
 
-    outputs = node.handle(now, some_input)
+    outputs = peer.handle(now, some_input)
 
-and then carry out each output: send a datagram, arm a timer, open a stream,
-tell API watchers. ``now`` is monotonic seconds; the core never reads a clock.
+and then carry out each output: send a datagram, arm a timer, open a stream or
+a link, answer an API call, tell API watchers. ``now`` is monotonic seconds;
+the core never reads a clock. Timers are typed values (:mod:`peerd.core.timers`):
+``SetTimer(at, timer)`` out, ``TimerFired(timer)`` back in.
 
-Streams are request/response: the opener sends one frame and gets one frame
-back (push-pull anti-entropy). Payloads here are plaintext; sealing is the
-transport's job (see :mod:`peerd.wire.seal`).
+Sections, in order: membership and the registry (datagrams, request/response
+streams for anti-entropy, the API's registry commands); the partial mesh's
+links (persistent, ordered connections to single peers, whose contract is
+below); messages to names (the API's ``send``, over the same links). Payloads
+here are plaintext; sealing is the transport's job (see
+:mod:`peerd.wire.seal`). A subsystem reads only its own section; the peer
+reads them all, and :data:`PeerInput` / :data:`PeerOutput` are what a runtime
+must handle.
+
+The mesh's link contract, for whoever carries out its outputs:
+
+    The mesh is driven like the membership core (``outputs = mesh.handle(now,
+    input)``) but talks about *links*: persistent, ordered, authenticated
+    connections to single peers (TCP in the daemon, a fake in the simulator).
+
+    Contract with whoever carries out the outputs (the shell's link manager):
+
+    * At most one link per peer node. :class:`Connect` opens one (a no-op if one
+      is open, in either direction); :class:`Send` writes a message on it, in
+      order; :class:`CloseLink` writes out what was queued, then closes.
+    * :class:`LinkDown` reports that a link failed (connect refused, reset,
+      timeout) or that the *peer* closed it. It is never reported for a link the
+      core closed itself.
+    * Per peer, inputs arrive in the order the peer sent them, across links: if a
+      peer closes a link and opens a new one, the old link's messages and its
+      :class:`LinkDown` come before anything from the new one. (A new inbound link
+      from a peer supersedes the old one: the old one is read to its end first.)
+    * A :class:`Send` on a link that has died is dropped silently: its
+      :class:`LinkDown` is on its way.
+    * ``Send.priority``: lower is more urgent. A busy link writes queued frames
+      lowest priority first and may drop frames of the lowest priority
+      (user broadcasts) when its queue is over a bound; Plumtree repairs them.
+
+Messages to names need three answers from the runtime, each carrying a token
+the core chose: :class:`LinkSend` with a non-zero ``seq`` is answered by
+:class:`LinkSendDone`; :class:`DeliverToConn` by :class:`Offered`; the
+:class:`~peerd.core.timers.SendDeadline` timer fires as :class:`DeadlineFired`.
+Mailbox occupancy comes back as :class:`MailboxTaken` and :class:`ConnClosed`.
 """
 
 from __future__ import annotations
@@ -17,11 +55,32 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from peerd.core.timers import MeshTimer as MeshTimer  # re-exported
+from peerd.core.timers import MeshTimerKind as MeshTimerKind  # re-exported
+from peerd.core.timers import SendDeadline as SendDeadline  # re-exported
 from peerd.core.timers import Timer as Timer  # re-exported
-from peerd.core.timers import (
-    TimerKind as TimerKind,  # re-exported: the older name of a timer's purpose
+from peerd.core.timers import TimerKind as TimerKind  # re-exported
+from peerd.wire.messages import (
+    Addr,
+    Channel,
+    Disconnect,
+    ForwardJoin,
+    Gossip,
+    GossipControl,
+    MeshJoin,
+    MeshPeer,
+    NameMsg,
+    NameReply,
+    Neighbor,
+    NeighborReply,
+    NodeId,
+    RegEntry,
+    RegKind,
+    Shuffle,
+    ShuffleReply,
+    Status,
+    Tags,
 )
-from peerd.wire.messages import Addr, NodeId, RegEntry, RegKind, Status, Tags
 
 # --- inputs -------------------------------------------------------------------
 
@@ -367,3 +426,427 @@ Output = (
     | RegistryEvent
     | MeshCast
 )
+
+
+# === the mesh's links (HyParView + Plumtree) ==========================================
+
+HyParViewMessage = (
+    MeshJoin | ForwardJoin | Neighbor | NeighborReply | Disconnect | Shuffle | ShuffleReply
+)
+PlumtreeMessage = Gossip | GossipControl
+MeshMessage = HyParViewMessage | PlumtreeMessage
+# What a peer link carries: the mesh's messages, messages to names and their answers.
+LinkMessage = MeshMessage | NameMsg | NameReply
+
+# Send priorities (lower first). Overlay and tree control is tiny and keeps
+# the mesh itself alive, so it goes before any payload.
+PRIORITY_CONTROL = 0
+
+
+def channel_priority(channel: Channel) -> int:
+    """Priority of a gossip payload on ``channel`` (after all control)."""
+    return PRIORITY_CONTROL + 1 + int(channel)
+
+
+# --- inputs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JoinMesh:
+    """Start (the first time) and join the overlay through the first reachable
+    of ``contacts``; the others are kept as passive peers. Empty: start alone
+    (the first node), others will join us."""
+
+    contacts: tuple[MeshPeer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageIn:
+    """A message arrived over the link from ``src`` (the mesh's, or a message
+    to a name and its answer: the peer routes them by type)."""
+
+    src: NodeId
+    msg: LinkMessage
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDown:
+    """The link to ``node`` failed or the peer closed it (see the module docs).
+
+    ``link``: which link (None: any link to ``node``); ``mesh``: the mesh used
+    it (a link opened only for messages to names is news for those alone)."""
+
+    node: NodeId
+    link: int | None = None
+    mesh: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MeshTimerFired:
+    timer: MeshTimer
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipHint:
+    """What SWIM membership knows: ``alive`` members may seed the passive view
+    (only where there is room); ``dead`` ones are forgotten, and an active link
+    to one is dropped (a frozen process keeps its links open but carries
+    nothing). The overlay works without hints; they make it heal faster."""
+
+    alive: tuple[MeshPeer, ...] = ()
+    dead: tuple[NodeId, ...] = ()
+    # Members membership had declared dead that are back in the same life (a
+    # refuted death: a partition healed), not restarted processes. A burst
+    # of them makes HyParView bridge the overlays the partition split.
+    revived: tuple[MeshPeer, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveMesh:
+    """Leave: tell every neighbour (they forget us), close all links."""
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Broadcast ``payload`` to every node on ``channel``; answered by a
+    :class:`BroadcastResult` with the same ``ref``. The origin does not
+    deliver its own broadcast to itself."""
+
+    ref: int
+    channel: Channel
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborUp:
+    """HyParView output (and Plumtree input): ``peer`` joined the active view."""
+
+    peer: MeshPeer
+
+
+@dataclass(frozen=True, slots=True)
+class NeighborDown:
+    """HyParView output (and Plumtree input): ``peer`` left the active view."""
+
+    peer: MeshPeer
+
+
+MeshInput = (
+    JoinMesh
+    | MessageIn
+    | LinkDown
+    | MeshTimerFired
+    | MembershipHint
+    | LeaveMesh
+    | Broadcast
+    | NeighborUp
+    | NeighborDown
+)
+
+# --- outputs --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Open a link to ``peer`` (no-op if one is open). Failure: :class:`LinkDown`."""
+
+    peer: MeshPeer
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``msg`` on the link to ``dst`` (see the module docs for ``priority``)."""
+
+    dst: NodeId
+    msg: MeshMessage
+    priority: int = PRIORITY_CONTROL
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLink:
+    """Write out what is queued for ``node``, then close the link. ``mesh``
+    False: close every link to ``node``, also those the mesh does not use
+    (its daemon is dead: nothing will answer on them)."""
+
+    node: NodeId
+    mesh: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SetMeshTimer:
+    """Arm ``timer`` at monotonic time ``at`` (feed back :class:`MeshTimerFired`)."""
+
+    at: float
+    timer: MeshTimer
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """A broadcast reached this node (once per id). ``round``: hops from the
+    origin; ``src``: the neighbour it came from."""
+
+    id: bytes
+    origin: NodeId
+    channel: Channel
+    payload: bytes
+    round: int
+    src: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastResult:
+    """Answer to :class:`Broadcast`: the message ``id``, or ``error`` =
+    (code, message) with code ``too_large`` or ``rate_limited``."""
+
+    ref: int
+    id: bytes | None = None
+    error: tuple[str, str] | None = None
+
+
+MeshOutput = (
+    Connect
+    | Send
+    | CloseLink
+    | SetMeshTimer
+    | NeighborUp
+    | NeighborDown
+    | Deliver
+    | BroadcastResult
+    | Log
+)
+
+
+# === messages to names ==============================================================
+
+# --- outcomes ---------------------------------------------------------------------
+
+
+class SendError(enum.Enum):
+    """How a send failed, as the API caller sees it (the shell maps these
+    onto its error codes)."""
+
+    NOT_FOUND = "not_found"
+    NO_RECEIVER = "no_receiver"
+    MAILBOX_FULL = "mailbox_full"
+    UNAVAILABLE = "unavailable"
+
+
+class Why(enum.Enum):
+    """The precise reason behind a :class:`SendError` (for the message text)."""
+
+    NO_SUCH_NAME = "no_such_name"  # nobody holds it in our replica (and no hint)
+    NO_SUCH_GROUP = "no_such_group"
+    VANISHED = "vanished"  # the owner's daemon no longer holds the entry
+    REPLY_GONE = "reply_gone"  # the connection or daemon life a reply was for ended
+    MAILBOX_FULL = "mailbox_full"  # the receiving connection is not reading
+    REFUSED = "refused"  # the owner's daemon is leaving or has no registry
+    NO_RECEIVER = "no_receiver"  # the holder registered with messages=false
+    NO_REGISTRY = "no_registry"  # this daemon has no registry
+    UNKNOWN_MEMBER = "unknown_member"  # the owner's node is not a known member
+    LINK_REFUSED = "link_refused"  # the link to the owner's daemon is full or down
+    LINK_LOST = "link_lost"  # the link was lost while we waited (delivery unknown)
+    TIMEOUT = "timeout"  # no answer in time (delivery unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One target that did not get the message."""
+
+    node: NodeId
+    error: SendError
+    why: Why
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAddr:
+    """A ``reply_to`` token: API connection ``conn`` of daemon ``node`` in its
+    life ``generation`` (connection ids are never reused within a life)."""
+
+    node: NodeId
+    generation: int
+    conn: int
+
+
+# --- inputs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendToName:
+    """API ``send`` from connection ``conn`` (0: none) to a name or a group
+    (``every``: all its members). ``call`` is the shell's token for the call
+    (unique, > 0), echoed in its :class:`SendResult`."""
+
+    call: int
+    conn: int
+    kind: RegKind
+    scope: str
+    name: str
+    payload: bytes
+    every: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyToSender:
+    """API ``send(reply_to=token)`` from connection ``conn``."""
+
+    call: int
+    conn: int
+    to: ReplyAddr
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NameMsgIn:
+    """A NameMsg from daemon ``src`` over a peer link."""
+
+    src: NodeId
+    msg: NameMsg
+
+
+@dataclass(frozen=True, slots=True)
+class NameReplyIn:
+    """A NameReply from daemon ``src`` over a peer link."""
+
+    src: NodeId
+    reply: NameReply
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSendDone:
+    """The answer to a :class:`LinkSend` with ``seq``: ``ok`` False when the
+    link manager refused it (full or down); ``link`` the link it went on."""
+
+    seq: int
+    ok: bool
+    link: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLost:
+    """The link to ``node`` failed or closed: what went on it (``link`` None:
+    on any link to ``node``) is lost, delivery unknown."""
+
+    node: NodeId
+    link: int | None = None
+
+
+class OfferOutcome(enum.Enum):
+    """What an API connection said to a pushed message."""
+
+    OK = "ok"
+    FULL = "full"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Offered:
+    """The answer to a :class:`DeliverToConn`: what the connection said."""
+
+    token: int
+    outcome: OfferOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxTaken:
+    """The writer of connection ``conn`` took ``count`` queued messages."""
+
+    conn: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkQuiet:
+    """Local entry ``eid`` is held by a process that takes no messages."""
+
+    eid: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineFired:
+    timer: SendDeadline
+
+
+NamesInput = (
+    SendToName
+    | ReplyToSender
+    | NameMsgIn
+    | NameReplyIn
+    | LinkSendDone
+    | LinkLost
+    | Offered
+    | MailboxTaken
+    | ConnClosed
+    | MarkQuiet
+    | DeadlineFired
+)
+
+# --- outputs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSend:
+    """Send ``msg`` to daemon ``node`` over a direct link (``addr``: open one
+    there if none is up; None: only over a link that is up, as for an answer
+    to a message that just came in). ``seq`` non-zero: answer with
+    :class:`LinkSendDone`."""
+
+    node: NodeId
+    addr: Addr | None
+    msg: NameMsg | NameReply
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverToConn:
+    """Push a ``message`` connection event on API connection ``conn`` and
+    answer with :class:`Offered` (same ``token``). ``kind`` None: a reply
+    (``scope``/``name`` ""). ``reply_to``: the token that answers the sender
+    (None: its daemon is too old to say)."""
+
+    token: int
+    conn: int
+    sender: str
+    from_node: NodeId
+    from_scope: str
+    kind: RegKind | None
+    scope: str
+    name: str
+    payload: bytes
+    reply_to: ReplyAddr | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """The outcome of call ``call``: ``delivered`` copies, the ``failures``,
+    and ``error`` when the call as a whole failed (for one target: its
+    failure; for ``every``: when none was delivered). ``at_once``: the call
+    failed before anything was sent (the API call raises right away)."""
+
+    call: int
+    delivered: int
+    failures: tuple[Failure, ...]
+    error: Failure | None
+    at_once: bool = False
+
+
+NamesOutput = LinkSend | DeliverToConn | SendResult | SendDeadline
+
+
+# === everything together ==============================================================
+
+# Everything a Peer takes and returns (one vocabulary: membership's and the
+# registry's, the mesh's link inputs and outputs, names messaging's).
+PeerInput = (
+    Input
+    | MessageIn
+    | LinkDown
+    | Broadcast
+    | JoinMesh
+    | SendToName
+    | ReplyToSender
+    | LinkSendDone
+    | Offered
+    | MailboxTaken
+    | MarkQuiet
+)
+PeerOutput = Output | MeshOutput | NamesOutput

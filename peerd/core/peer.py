@@ -42,44 +42,42 @@ import random
 from collections.abc import Callable
 from typing import cast
 
+from peerd.core import events as nev
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
-    ConnClosed,
-    EventKind,
-    Input,
-    JoinDone,
-    Leave,
-    MemberEvent,
-    MemberInfo,
-    MeshCast,
-    MeshConnected,
-    MeshDelivered,
-    Output,
-    Register,
-    SetTimer,
-    TimerFired,
-)
-from peerd.core.mesh.config import MeshConfig
-from peerd.core.mesh.events import (
     Broadcast,
     BroadcastResult,
     CloseLink,
+    ConnClosed,
     Deliver,
+    EventKind,
+    Input,
+    JoinDone,
     JoinMesh,
+    Leave,
     LeaveMesh,
     LinkDown,
+    MemberEvent,
+    MemberInfo,
     MembershipHint,
+    MeshCast,
+    MeshConnected,
+    MeshDelivered,
     MeshInput,
-    MeshOutput,
     MeshTimer,
     MeshTimerFired,
     MessageIn,
     NeighborDown,
     NeighborUp,
+    PeerInput,
+    PeerOutput,
+    Register,
     SetMeshTimer,
+    SetTimer,
+    TimerFired,
 )
+from peerd.core.mesh.config import MeshConfig
 from peerd.core.mesh.mesh import Mesh
-from peerd.core.names import events as nev
 from peerd.core.names.core import Names, NamesConfig
 from peerd.core.names.replica import PeerView
 from peerd.core.registry.service import RegistryService
@@ -103,23 +101,6 @@ _NAMES_INPUTS = (
     nev.MailboxTaken,
     nev.MarkQuiet,
 )
-
-# Everything a Peer takes and returns (one vocabulary: membership's and the
-# registry's, the mesh's link inputs and outputs, names messaging's).
-PeerInput = (
-    Input
-    | MessageIn
-    | LinkDown
-    | Broadcast
-    | JoinMesh
-    | nev.SendToName
-    | nev.ReplyToSender
-    | nev.LinkSendDone
-    | nev.Offered
-    | nev.MailboxTaken
-    | nev.MarkQuiet
-)
-PeerOutput = Output | MeshOutput | nev.NamesOutput
 
 
 class Peer:
@@ -255,7 +236,7 @@ class Peer:
                 self._to_membership(now, cast(Input, inp), out)
         return out
 
-    def _to_membership(self, now: float, inp: PeerInput, out: list[PeerOutput]) -> None:
+    def _to_membership(self, now: float, inp: Input, out: list[PeerOutput]) -> None:
         for o in self.membership.handle(now, inp):
             c = o.__class__
             if c is MeshCast:

@@ -57,9 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from peerd.core.events import Log, LogLevel
-from peerd.core.mesh.config import HyParViewConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     CloseLink,
     Connect,
     HyParViewMessage,
@@ -67,6 +65,8 @@ from peerd.core.mesh.events import (
     LeaveMesh,
     LinkDown,
     LinkMessage,
+    Log,
+    LogLevel,
     MembershipHint,
     MeshInput,
     MeshOutput,
@@ -78,6 +78,7 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
+from peerd.core.mesh.config import HyParViewConfig
 from peerd.core.timers import NeighborTimeout, ShuffleTick
 from peerd.wire.messages import (
     Addr,

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import random
 
-from peerd.core.mesh.config import MeshConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     Broadcast,
     MeshInput,
     MeshOutput,
@@ -19,6 +18,7 @@ from peerd.core.mesh.events import (
     NeighborDown,
     NeighborUp,
 )
+from peerd.core.mesh.config import MeshConfig
 from peerd.core.mesh.hyparview import HyParView
 from peerd.core.mesh.plumtree import Plumtree
 from peerd.core.timers import GraftTimeout, IHaveFlush

@@ -58,13 +58,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.core.events import Log, LogLevel
-from peerd.core.mesh.config import PlumtreeConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     PRIORITY_CONTROL,
     Broadcast,
     BroadcastResult,
     Deliver,
+    Log,
+    LogLevel,
     MeshInput,
     MeshOutput,
     MeshTimer,
@@ -76,6 +76,7 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
     channel_priority,
 )
+from peerd.core.mesh.config import PlumtreeConfig
 from peerd.core.timers import GraftTimeout, IHaveFlush
 from peerd.wire.codec import MAX_GOSSIP_PAYLOAD_BYTES, MAX_IHAVE, MAX_U64, MAX_WANT
 from peerd.wire.messages import Channel, Gossip, GossipControl, IHave, NodeId, TreeLink

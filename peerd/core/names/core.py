@@ -78,7 +78,7 @@ import collections
 import random
 from dataclasses import dataclass, field
 
-from peerd.core.names.events import (
+from peerd.core.events import (
     ConnClosed,
     DeadlineFired,
     DeliverToConn,
