@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.events import MeshCast, MeshConnected, MeshDelivered, Output, SetTimer, TimerKind
-from peerd.core.registry import service as svc
+from peerd.core.registry import spread
 from peerd.core.registry.service import MESH_CHANNEL
 from peerd.core.timers import RegSyncTick
 from peerd.wire import codec
@@ -55,7 +55,7 @@ def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay(
     # gossip: with direct sends off (a large cluster), nobody else has it
     # until the mesh delivers it.
     assert all(h == (c.nodes[2].node_id, 1) for h in holders(c, "svc").values())
-    monkeypatch.setattr(svc, "DIRECT_MAX", 0)
+    monkeypatch.setattr(spread, "DIRECT_MAX", 0)
     casts.clear()
     reg(c, 3, "big")
     c.run_until(c.now + 0.5)
@@ -107,8 +107,8 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
 def test_a_long_burst_goes_over_the_mesh_in_chunks_that_apply_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(svc, "MAX_MESH_DELTA_BYTES", 600)
-    monkeypatch.setattr(svc, "DIRECT_MAX", 0)
+    monkeypatch.setattr(spread, "MAX_MESH_DELTA_BYTES", 600)
+    monkeypatch.setattr(spread, "DIRECT_MAX", 0)
     c, rec, casts = mesh_cluster(4)
     for k in range(40):
         reg(c, 1, f"burst-{k}", conn=100 + k)
