@@ -146,11 +146,6 @@ class Sends:
         self._waiting: dict[int, Pending] = {}  # call token -> the API call's handle
         self._hooked: set[int] = set()  # connections that report taken mail
 
-    @property
-    def waiting(self) -> int:
-        """API calls without an outcome yet."""
-        return len(self._waiting)
-
     def start(
         self, conn: object, args: SendArgs
     ) -> tuple[Pending, ev.SendToName | ev.ReplyToSender]:

@@ -194,8 +194,12 @@ async def test_answers_are_fed_after_the_outputs_in_order(
     trigger = TimerFired(MeshTimer(MeshTimerKind.GRAFT, 1))
     order: list[Any] = []
 
+    calls_at_first_answer: list[int] = []
+
     def script(now: float, inp: Input) -> list[Output]:
         order.append(inp)
+        if isinstance(inp, nev.LinkSendDone) and not calls_at_first_answer:
+            calls_at_first_answer.append(len(links.calls))
         if inp == trigger:
             return [  # type: ignore[list-item]
                 nev.LinkSend(OTHER, ("127.0.0.9", 9), msg, seq=11),
@@ -242,6 +246,7 @@ async def test_answers_are_fed_after_the_outputs_in_order(
         ("send", OTHER, NameReply(2, NameStatus.DELIVERED), DIRECT_PRIORITY, False),
         ("send", PEER.node, msg, DIRECT_PRIORITY, False),
     ]
+    assert calls_at_first_answer == [4]  # every output of the input carried out first
     assert conn.offers[0][1] == "message" and conn.offers[0][2]["payload"] == b"hi"
     assert conn.on_mail is not None  # the connection reports what its writer takes
 
