@@ -222,7 +222,7 @@ class Peer:
             case ConnClosed(conn):
                 self._to_membership(now, inp, out)
                 self._view.conns.discard(conn)
-                self._to_names(now, inp, out)
+                self._to_names(now, nev.ConnClosed(conn), out)
             case nev.SendToName(conn=conn) | nev.ReplyToSender(conn=conn):
                 if conn > 0:
                     self._view.conns.add(conn)

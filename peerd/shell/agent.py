@@ -43,13 +43,13 @@ import trio
 
 from peerd.api.protocol import ApiError
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
-from peerd.core.mesh.mesh import Mesh
 from peerd.core.node import tags_problem
 from peerd.core.peer import Peer
 from peerd.shell.api_server import serve_api
 from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
+from peerd.shell.messaging import names_config
 from peerd.shell.metrics import MetricsBindError, TrafficCounter, open_metrics_socket, serve_http
 from peerd.shell.runner import Runner, open_inputs
 from peerd.shell.serve import EXIT_FAILURE, serve
@@ -68,7 +68,7 @@ from peerd.shell.systemd import (
 from peerd.shell.tags import NodeTags
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, open_tcp_listener
 from peerd.shell.udp import BindError, UdpEndpoint, open_udp_socket
-from peerd.wire.messages import Addr, MeshPeer, tags_from_mapping
+from peerd.wire.messages import Addr, tags_from_mapping
 from peerd.wire.seal import (
     KeyFormatError,
     Keyring,
@@ -551,8 +551,6 @@ async def _serve_daemon(
         log=net_log,
         limits=limits,
     )
-    mesh_config = MESH_PRESETS.get(settings.preset, MESH_PRESETS["lan"])()
-    mesh = Mesh(MeshPeer(node_id, advertise), mesh_config, random.Random(secrets.randbits(64)))
     links = LinkManager(
         node_id,
         sealer=sealer,
@@ -563,16 +561,7 @@ async def _serve_daemon(
         limits=settings.links,
     )
     tcp.on_link = links.accept
-    node = Peer(
-        node_id=node_id,
-        name=settings.name,
-        addr=advertise,
-        config=settings.swim,
-        rng=random.Random(secrets.randbits(64)),
-        incarnation=incarnation,
-        generation=generation,
-        tags=tags_from_mapping(node_tags.effective()),
-    )
+    node = make_peer(settings, node_id, advertise, incarnation, generation, node_tags)
     notifier = Notifier(logger=logger)
     watchdog_s = watchdog_interval()
     lifecycle = (
@@ -594,11 +583,11 @@ async def _serve_daemon(
         counters=counters,
         lifecycle=lifecycle,
         traffic=TrafficCounter(counters),
-        mesh=mesh,
         links=links,
-        send_timeout_s=settings.messages.send_timeout_s,
     )
     runner.node_tags = node_tags  # set-tags keeps run-time changes in the state dir
+    mesh = node.mesh
+    assert mesh is not None
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
     runner.counter_sources["plumtree"] = mesh.plumtree.counters
     runner.gauge_sources["mesh_active"] = lambda: len(mesh.hyparview.active())
@@ -666,6 +655,33 @@ async def _serve_daemon(
         notifier.close()
     logger.info("peerd stopped", exit=code, reason=runner.exit_reason or "cancelled")
     return code
+
+
+def make_peer(
+    settings: Settings,
+    node_id: bytes,
+    advertise: Addr,
+    incarnation: int,
+    generation: int,
+    node_tags: NodeTags,
+) -> Peer:
+    """The daemon's core: membership and registry, the partial mesh of the
+    preset, and messages to names with the ``[messages]`` settings; each
+    subsystem draws from its own generator, seeded from the system's."""
+    return Peer(
+        node_id=node_id,
+        name=settings.name,
+        addr=advertise,
+        config=settings.swim,
+        rng=random.Random(secrets.randbits(64)),
+        incarnation=incarnation,
+        generation=generation,
+        tags=tags_from_mapping(node_tags.effective()),
+        mesh=MESH_PRESETS.get(settings.preset, MESH_PRESETS["lan"])(),
+        names=names_config(settings.messages),
+        mesh_rng=random.Random(secrets.randbits(64)),
+        names_rng=random.Random(secrets.randbits(64)),
+    )
 
 
 def _member_counts(node: Peer) -> dict[str, int]:

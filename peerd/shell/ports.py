@@ -24,12 +24,8 @@ import trio
 from peerd.core.events import (
     Input,
     MemberInfo,
-    Output,
 )
-from peerd.core.mesh.events import (
-    MeshInput,
-    MeshOutput,
-)
+from peerd.core.peer import PeerInput, PeerOutput
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.wire.messages import (
     Addr,
@@ -39,11 +35,11 @@ from peerd.wire.messages import (
 
 
 class NodeLike(Protocol):
-    """What the runner needs from :class:`peerd.core.node.Node` (fakes in tests)."""
+    """What the runner needs from :class:`peerd.core.peer.Peer` (fakes in tests)."""
 
     counters: collections.Counter[str]
 
-    def handle(self, now: float, inp: Input) -> list[Output]: ...
+    def handle(self, now: float, inp: PeerInput) -> list[PeerOutput]: ...
     def members(self) -> list[MemberInfo]: ...
     def local_member(self) -> MemberInfo: ...
     @property
@@ -59,12 +55,6 @@ class StreamPort(Protocol):
     def open_stream(self, stream: int, dst: Addr, data: bytes) -> None: ...
     def reply(self, stream: int, data: bytes | None) -> None: ...
     def set_watch_links(self, addrs: tuple[Addr, ...]) -> None: ...
-
-
-class MeshLike(Protocol):
-    """What the runner needs from :class:`peerd.core.mesh.mesh.Mesh`."""
-
-    def handle(self, now: float, inp: MeshInput) -> list[MeshOutput]: ...
 
 
 class LinkPort(Protocol):

@@ -1,12 +1,19 @@
 """The runner: the one task that owns the core.
 
-Every receiver (UDP, TCP, API calls, signals) puts items into one bounded trio
-memory channel; only the runner task calls ``node.handle(now, input)``, so the
-core needs no locks and sees one totally ordered input history, as in the
+The core is one :class:`~peerd.core.peer.Peer` (membership, registry, the
+partial mesh and messages to names); every protocol decision is its own, and
+the runner only moves bytes and fires timers for it. Every receiver (UDP,
+TCP, peer links, API calls, signals) puts items into one bounded trio memory
+channel; only the runner task calls ``node.handle(now, input)``, so the core
+needs no locks and sees one totally ordered input history, as in the
 simulator. Outputs are carried out without awaiting: datagrams are sent (or
-dropped) at once, streams and watch links are handed to TCP tasks, timers go
-on one deadline heap that the loop itself waits on (``trio.move_on_at(next
-deadline)``). A slow peer or API client therefore never stalls the core.
+dropped) at once, streams, watch links and peer-link messages are handed to
+TCP tasks, messages to names are offered to API connections, and every timer,
+whatever its type, goes on one deadline heap that the loop itself waits on
+(``trio.move_on_at(next deadline)``). A slow peer or API client therefore
+never stalls the core. An output that asks for an answer (did the link take
+the message, did the API connection) is answered right after the outputs of
+the same input are carried out, never from inside them.
 
 An exception out of ``node.handle`` is a bug, not a network condition (the
 core turns bad input into counted drops): the runner logs it once with its
@@ -34,7 +41,6 @@ import contextlib
 import heapq
 import itertools
 import math
-import random
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,18 +62,13 @@ from peerd.core.events import (
     CommandResult,
     EventKind,
     IncarnationChanged,
-    Input,
     JoinDone,
     Leave,
     LeaveDone,
     Log,
     LogLevel,
     MemberEvent,
-    MeshCast,
-    MeshConnected,
-    MeshDelivered,
     OpenStream,
-    Output,
     PacketIn,
     RegEventKind,
     RegistryEvent,
@@ -77,7 +78,6 @@ from peerd.core.events import (
     StreamReply,
     StreamRequest,
     StreamResponse,
-    Timer,
     TimerFired,
     WatchLinks,
 )
@@ -87,26 +87,29 @@ from peerd.core.mesh.events import (
     CloseLink,
     Connect,
     Deliver,
-    JoinMesh,
-    LeaveMesh,
     LinkDown,
-    MembershipHint,
-    MeshInput,
-    MeshOutput,
-    MeshTimer,
-    MeshTimerFired,
+    MeshMessage,
     MessageIn,
     NeighborDown,
     NeighborUp,
     Send,
-    SetMeshTimer,
 )
+from peerd.core.names.events import (
+    DeliverToConn,
+    LinkSend,
+    LinkSendDone,
+    MailboxTaken,
+    Offered,
+    OfferOutcome,
+    SendResult,
+)
+from peerd.core.peer import PeerInput, PeerOutput
 from peerd.shell.backend import Backend, RegCall
 from peerd.shell.keyops import KeyOps
 from peerd.shell.keys import KeyManager as KeyManager
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
-from peerd.shell.messaging import SEND_TIMEOUT_S, Messenger
+from peerd.shell.messaging import DIRECT_PRIORITY, Sends
 from peerd.shell.ports import (
     Call as Call,
 )
@@ -118,7 +121,6 @@ from peerd.shell.ports import (
     Item,
     Lifecycle,
     LinkPort,
-    MeshLike,
     NodeLike,
     PacketPort,
     Shutdown,
@@ -137,12 +139,10 @@ from peerd.wire.messages import (
     Addr,
     Channel,
     KeyRequest,
-    MeshPeer,
     Message,
     NameMsg,
     NameReply,
     NodeId,
-    Status,
 )
 
 # --- the runner -------------------------------------------------------------------
@@ -157,10 +157,9 @@ _EVENT_LEVEL = {
 _PEER_KINDS = frozenset(
     {EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED, EventKind.DEAD, EventKind.LEFT}
 )
-
-_HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
-_HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
-MESH_JOIN_CONTACTS = 3  # SWIM members handed to the mesh as join contacts
+# What a peer link may carry into the core (anything else decoded there is
+# counted and dropped: it has no input).
+_LINK_MESSAGES = MeshMessage | NameMsg | NameReply
 
 
 class Runner(Backend, KeyOps):
@@ -185,21 +184,14 @@ class Runner(Backend, KeyOps):
         max_timers_per_turn: int = 1000,
         lifecycle: Lifecycle | None = None,
         traffic: TrafficObserver | None = None,
-        mesh: MeshLike | None = None,
         links: LinkPort | None = None,
-        send_timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
         self.node = node
-        # The partial mesh (HyParView + Plumtree), next to the membership core
-        # and driven the same way; its links are the link manager's.
-        self.mesh = mesh
+        # The peer links (the partial mesh's, and direct ones for messages
+        # to names): the link manager's.
         self.links = links
-        self._mesh_joined = False
-        self._mesh_connected = False
-        self._mesh_neighbours = 0  # active view size, from NeighborUp/Down
         self._bcast_refs = itertools.count(1)
         self._bcast_results: dict[int, BroadcastResult] = {}
-        self._rng = random.Random()
         self.packets = packets
         self.streams = streams
         self.logger = logger
@@ -230,7 +222,8 @@ class Runner(Backend, KeyOps):
         # Gauges shown by `status` (and the metrics) besides the built-in ones.
         self.gauge_sources: dict[str, Callable[[], float]] = {}
         self._started_at = 0.0
-        self._timers: list[tuple[float, int, Timer | MeshTimer]] = []
+        # One heap for every timer the core sets, whatever its type.
+        self._timers: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
         self._join_waiters: collections.deque[Waiter] = collections.deque()
         self._join_changed = trio.Event()
@@ -250,7 +243,12 @@ class Runner(Backend, KeyOps):
         self._refs = itertools.count(1)
         self._reg_calls: dict[int, RegCall] = {}
         self._reg_conns: dict[int, Any] = {}
-        self._deferred: collections.deque[Input] = collections.deque()
+        self._deferred: collections.deque[PeerInput] = collections.deque()
+        # Answers the core asked for while its outputs were carried out
+        # (LinkSendDone, Offered): fed right after, in order.
+        self._feedback: collections.deque[PeerInput] = collections.deque()
+        # Mailbox messages the API connections' writers took (conn -> count).
+        self._taken: dict[int, int] = {}
         self._local_brief: tuple[str, str] | None = None
         # Configured tags and run-time changes (the agent sets it): set-tags
         # then keeps its changes in the state directory; None: not kept.
@@ -258,18 +256,12 @@ class Runner(Backend, KeyOps):
         registry = getattr(node, "registry", None)
         if registry is not None:
             self.gauge_sources["registry_entries"] = registry.state.entry_count
-        # Messages to names ride the same links as the mesh.
-        self.messenger = (
-            Messenger(
-                node,
-                links,
-                self._reg_conns,
-                self.counters,
-                send_timeout_s=send_timeout_s,
-                leaving=lambda: self.leaving,
-                clock=trio.current_time,
-            )
-            if links is not None
+        # The API side of messages to names (the core's names messaging
+        # decides; its links are the mesh's link manager's).
+        names = getattr(node, "names", None)
+        self.sends = (
+            Sends(self._reg_conns, send_timeout_s=names.config.send_timeout_s)
+            if names is not None
             else None
         )
 
@@ -309,6 +301,8 @@ class Runner(Backend, KeyOps):
             while not self._finished:
                 if self.lifecycle is not None and (self.lifecycle.deadline <= trio.current_time()):
                     self.lifecycle.tick(trio.current_time())
+                if self._taken:
+                    self._feed_taken()
                 self._fire_due_timers()
                 while self._deferred and not self._finished:
                     self._handle(self._deferred.popleft())
@@ -337,10 +331,7 @@ class Runner(Backend, KeyOps):
         fired = 0
         while self._timers and self._timers[0][0] <= trio.current_time():
             _at, _seq, timer = heapq.heappop(self._timers)
-            if isinstance(timer, MeshTimer):
-                self._mesh_handle(MeshTimerFired(timer))
-            else:
-                self._handle(TimerFired(timer))
+            self._handle(TimerFired(timer))
             fired += 1
             if fired >= self.max_timers_per_turn:
                 # A core re-arming timers in the past must not starve inputs.
@@ -348,6 +339,8 @@ class Runner(Backend, KeyOps):
                 return
 
     def _dispatch(self, item: Item) -> None:
+        if self._taken:
+            self._feed_taken()
         match item:
             case Call():
                 try:
@@ -361,8 +354,7 @@ class Runner(Backend, KeyOps):
                 self.logger.info("shutting down", reason=item.reason)
                 self._begin_leave(item.reason)
             case LinkMessages(src, msgs):
-                for msg in msgs:
-                    self._link_message(src, msg)
+                self._link_messages(src, msgs)
             case StreamRequest(stream, src, data) if codec.peek_type(data) == KeyRequest.TYPE:
                 self._on_key_request(stream, src, data)
             case LinkLost(node, mesh, link):
@@ -370,7 +362,15 @@ class Runner(Backend, KeyOps):
             case _:
                 self._handle(item)
 
-    def _handle(self, inp: Input) -> None:
+    def _handle(self, inp: PeerInput) -> None:
+        """Feed ``inp``, carry out the outputs, then feed the answers they
+        asked for (each in turn, with its own outputs), in order."""
+        self._feed(inp)
+        feedback = self._feedback
+        while feedback:
+            self._feed(feedback.popleft())
+
+    def _feed(self, inp: PeerInput) -> None:
         if self.traffic is not None:
             match inp:
                 case PacketIn(_, data):
@@ -387,7 +387,7 @@ class Runner(Backend, KeyOps):
         for out in outputs:
             self._carry_out(out)
 
-    def _carry_out(self, out: Output) -> None:
+    def _carry_out(self, out: PeerOutput) -> None:
         match out:
             # Registry outputs first: a burst of writes makes two per write.
             case CommandResult(ref):
@@ -423,8 +423,33 @@ class Runner(Backend, KeyOps):
                 self._leave_done()
             case IncarnationChanged(incarnation):
                 self._save_incarnation(incarnation)
-            case MeshCast(channel, payload):
-                self._mesh_cast(channel, payload)
+            # Peer links (the mesh's and direct ones) and messages to names.
+            case Send(dst, msg, priority):
+                if self.links is not None:
+                    self.links.send(dst, msg, priority, mesh=True)
+            case LinkSend():
+                self._link_send(out)
+            case DeliverToConn():
+                self._offer(out)
+            case SendResult():
+                if self.sends is not None:
+                    self.sends.complete(out)
+            case Connect(peer):
+                if self.links is not None:
+                    self.links.connect(peer.node, peer.addr)
+            case CloseLink(node, mesh):
+                if self.links is not None:
+                    self.links.close(node, mesh=mesh)
+            case Deliver():
+                self._deliver(out)
+            case BroadcastResult(ref):
+                self._bcast_results[ref] = out
+            case NeighborUp(peer):
+                self.counters["mesh_neighbor_up"] += 1
+                self.logger.debug("mesh neighbour up", peer=peer.node.hex()[:8], addr=peer.addr)
+            case NeighborDown(peer):
+                self.counters["mesh_neighbor_down"] += 1
+                self.logger.debug("mesh neighbour down", peer=peer.node.hex()[:8])
             case Log(level, message):
                 # Keyed by the first words ("drop reason=bad_tags"): a flood of
                 # one kind is summarised, other kinds still get through.
@@ -451,7 +476,6 @@ class Runner(Backend, KeyOps):
             self.lifecycle.members_changed(trio.current_time())
         if ev.kind in _PEER_KINDS:
             self.peers_changed.set()
-        self._mesh_member_event(ev)
         if self._watches:
             item = member_event_to_wire(ev)
             self._fan_out(Topic.MEMBERS.value, item)
@@ -499,7 +523,6 @@ class Runner(Backend, KeyOps):
         self._watches = keep
 
     def _join_done(self, ok: int, failed: int) -> None:
-        self._join_mesh()
         if not self._join_waiters:
             self.logger.info("join finished", ok=ok, failed=failed)
             return
@@ -534,6 +557,9 @@ class Runner(Backend, KeyOps):
         for w in self._leave_waiters:
             w.done.set()
         self._leave_waiters.clear()
+        if self.sends is not None:
+            # Their deadlines will not fire any more.
+            self.sends.abandon(ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down"))
 
     def _begin_leave(self, reason: str = "leave requested over the API") -> None:
         if self._leave_deadline is not None or self._finished:
@@ -541,7 +567,6 @@ class Runner(Backend, KeyOps):
         if self.lifecycle is not None:
             self.lifecycle.leaving(reason)
         self._leave_deadline = trio.current_time() + self.leave_timeout_s
-        self._leave_mesh()
         self._handle(Leave())
 
     def _save_incarnation(self, incarnation: int) -> None:
@@ -559,156 +584,65 @@ class Runner(Backend, KeyOps):
             w.send.close()
         self._watches.clear()
 
-    # === mesh wiring ====================================================================
-    # How membership, the registry, the mesh core and the peer links are joined,
-    # kept together so that a core Peer owning the mesh can replace it in one go.
-    # Hooks outside this section: __init__ (mesh state), _fire_due_timers
-    # (MeshTimer), _dispatch (LinkMessages, LinkLost), _carry_out (MeshCast),
-    # _member_event, _join_done and _begin_leave (one call each); in the API
-    # backend, the ``event`` op (broadcast, _fan_user_event) and ``send``
-    # (messenger). The section ends at "end of mesh wiring".
+    # --- peer links, broadcasts, messages to names -----------------------------------
+    # Carrying out what the Peer decided (see peerd.core.peer for why): the
+    # link manager moves its messages, the API server its events.
 
-    def _mesh_member_event(self, ev: MemberEvent) -> None:
-        """Membership hints for the mesh: live members become candidate
-        neighbours, dead ones are forgotten (and their links closed)."""
-        m = ev.member
-        if self.mesh is not None:
-            if ev.kind in _HINT_ALIVE:
-                peer = (MeshPeer(m.node, m.addr),)
-                self._mesh_handle(
-                    MembershipHint(revived=peer) if ev.revived else MembershipHint(alive=peer)
-                )
-            elif ev.kind in _HINT_DEAD:
-                self._mesh_handle(MembershipHint(dead=(m.node,)))
-                if self.links is not None and ev.kind is not EventKind.REAPED:
-                    # A dead node's daemon answers nothing (a frozen one keeps
-                    # its links open): close what is left, fail what waits.
-                    self.links.close(m.node, mesh=False)
-                    self._link_lost(m.node)
-
-    def _on_link_lost(self, node: NodeId, mesh: bool, link: int | None) -> None:
-        if mesh:
-            if self.links is not None:
-                # Before LinkDown: what the mesh then asks for stands.
-                self.links.mesh_lost(node, link)
-            self._mesh_handle(LinkDown(node))
-        self._link_lost(node, link)
-
-    def _leave_mesh(self) -> None:
-        if self.mesh is not None:
-            self._mesh_handle(LeaveMesh())
-
-    def _join_mesh(self) -> None:
-        """After a join (the start's or the API's): enter the overlay through a
-        few live SWIM members; with none, start alone (others join us, and
-        membership hints fill the passive view meanwhile)."""
-        if self.mesh is None or self.leaving:
-            return
-        try:
-            me = self.node.local_member().node
-            alive = [m for m in self.node.members() if m.node != me and m.status is Status.ALIVE]
-        except Exception:  # a fake node in tests
-            alive = []
-        picks = self._rng.sample(alive, min(MESH_JOIN_CONTACTS, len(alive)))
-        contacts = tuple(MeshPeer(m.node, m.addr) for m in picks)
-        if self._mesh_joined and not contacts:
-            return
-        self._mesh_joined = True
-        self._mesh_handle(JoinMesh(contacts))
-
-    def _mesh_handle(self, inp: MeshInput) -> None:
-        if self.mesh is None:
-            return
-        try:
-            outputs = self.mesh.handle(trio.current_time(), inp)
-        except Exception as e:
-            self.logger.exception(
-                "mesh core failed: this is a bug; exiting", e, input=type(inp).__name__
-            )
-            raise CoreFailure(f"mesh core raised on {type(inp).__name__}") from e
-        for out in outputs:
-            self._mesh_carry_out(out)
-
-    def _mesh_carry_out(self, out: MeshOutput) -> None:
-        links = self.links
-        match out:
-            case Send(dst, msg, priority):
-                if links is not None:
-                    links.send(dst, msg, priority, mesh=True)
-            case SetMeshTimer(at, timer):
-                heapq.heappush(self._timers, (at, next(self._seq), timer))
-            case Connect(peer):
-                if links is not None:
-                    links.connect(peer.node, peer.addr)
-            case CloseLink(node):
-                if links is not None:
-                    links.close(node)
-            case Deliver():
-                self._deliver(out)
-            case BroadcastResult(ref):
-                self._bcast_results[ref] = out
-            case NeighborUp(peer):
-                self._mesh_neighbours_changed(+1)
-                self.counters["mesh_neighbor_up"] += 1
-                self.logger.debug("mesh neighbour up", peer=peer.node.hex()[:8], addr=peer.addr)
-            case NeighborDown(peer):
-                self._mesh_neighbours_changed(-1)
-                self.counters["mesh_neighbor_down"] += 1
-                self.logger.debug("mesh neighbour down", peer=peer.node.hex()[:8])
-            case Log(level, message):
-                key = "mesh:" + " ".join(message.split(" ", 3)[:3])
-                self.core_log.log(key, level, message)
-            case _:
-                self.logger.warning("unknown mesh output ignored", output=type(out).__name__)
-
-    def _link_message(self, src: NodeId, msg: Message) -> None:
-        if 30 <= msg.TYPE <= 38:
-            self._mesh_handle(MessageIn(src, msg))  # type: ignore[arg-type]
-        else:
-            self._direct_message(src, msg)
-
-    def _direct_message(self, src: NodeId, msg: Message) -> None:
-        """A non-mesh message over a peer link (messages to names)."""
-        match msg:
-            case NameMsg() if self.messenger is not None:
-                self.messenger.on_message(src, msg)
-            case NameReply() if self.messenger is not None:
-                self.messenger.on_reply(src, msg)
-            case _:
+    def _link_messages(self, src: NodeId, msgs: Iterable[Message]) -> None:
+        for msg in msgs:
+            if isinstance(msg, _LINK_MESSAGES):
+                self._handle(MessageIn(src, msg))
+            else:  # a type no link carries: decoded, but no input of the core
                 self.counters["link_drop_unexpected"] += 1
 
-    def _link_lost(self, node: NodeId, link: int | None = None) -> None:
-        """A link failed or the peer closed it: sends waiting on it fail
-        (``link`` None: on any link to ``node``)."""
-        if self.messenger is not None:
-            self.messenger.link_lost(node, link)
+    def _on_link_lost(self, node: NodeId, mesh: bool, link: int | None) -> None:
+        if mesh and self.links is not None:
+            # Before LinkDown: what the mesh then asks for stands.
+            self.links.mesh_lost(node, link)
+        self._handle(LinkDown(node, link, mesh))
 
-    def _mesh_neighbours_changed(self, delta: int) -> None:
-        """Registry deltas go over the mesh while it has neighbours (a core
-        input, handled once the mesh's outputs are carried out)."""
-        self._mesh_neighbours = max(0, self._mesh_neighbours + delta)
-        if self.mesh is not None:
-            connected = self._mesh_neighbours > 0
-            if connected != self._mesh_connected:
-                self._mesh_connected = connected
-                self._deferred.append(MeshConnected(connected))
+    def _link_send(self, out: LinkSend) -> None:
+        """A message to a name (or its answer) over a direct link, opened on
+        demand; the core hears whether the link manager took it."""
+        node, links = out.node, self.links
+        ok = False
+        if links is not None:
+            if out.addr is not None and not links.has(node):
+                links.connect(node, out.addr, mesh=False)
+            ok = bool(links.send(node, out.msg, DIRECT_PRIORITY, mesh=False))
+        if out.seq:
+            link = links.link_id(node) if ok and links is not None else None
+            self._feedback.append(LinkSendDone(out.seq, ok, link))
 
-    def _mesh_cast(self, channel: int, payload: bytes) -> None:
-        """The core's own broadcast (registry deltas) into the mesh."""
-        if self.mesh is None:
-            self.counters["mesh_cast_dropped"] += 1
+    def _offer(self, d: DeliverToConn) -> None:
+        outcome = (
+            self.sends.offer(d, self._mail_report)
+            if self.sends is not None
+            else OfferOutcome.CLOSED
+        )
+        self._feedback.append(Offered(d.token, outcome))
+
+    def _mail_report(self, conn: int, taken: int | None) -> None:
+        """An API connection's writer took ``taken`` mailbox messages (None:
+        the connection closed, which ``connection_closed`` tells the core).
+        Called from the server's tasks: summed here, fed at the runner's next
+        turn (the core needs them before its next delivery, not sooner)."""
+        if taken is None:
+            if self.sends is not None:
+                self.sends.forget_conn(conn)
             return
-        result = self.broadcast(Channel(channel), payload)
-        if result.error is not None:
-            self.counters["mesh_cast_refused"] += 1
+        self._taken[conn] = self._taken.get(conn, 0) + taken
+
+    def _feed_taken(self) -> None:
+        taken, self._taken = self._taken, {}
+        for conn, count in taken.items():
+            self._handle(MailboxTaken(conn, count))
 
     def _deliver(self, d: Deliver) -> None:
+        """A user broadcast (the Peer keeps what the daemon itself broadcasts)."""
         self.counters[f"mesh_delivered_{d.channel.name.lower()}"] += 1
-        if d.channel is Channel.REGISTRY:
-            self._handle(MeshDelivered(int(d.channel), d.origin, d.payload))
-            return
         if d.channel is not Channel.USER:
-            return  # membership has no consumer on the mesh
+            return
         decoded = decode_user_event(d.payload)
         if decoded is None:
             self.counters["user_event_drop_malformed"] += 1
@@ -726,17 +660,14 @@ class Runner(Backend, KeyOps):
         self._fan_out(Topic.EVENTS.value, ("user", data))
 
     def broadcast(self, channel: Channel, payload: bytes) -> BroadcastResult:
-        """In the runner task: broadcast ``payload`` on ``channel`` to every node."""
-        if self.mesh is None:
-            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no mesh")
+        """In the runner task: broadcast ``payload`` on ``channel`` to every
+        node (the Peer answers at once; no mesh: an ``unavailable`` error)."""
         ref = next(self._bcast_refs)
-        self._mesh_handle(Broadcast(ref, channel, payload))
+        self._handle(Broadcast(ref, channel, payload))
         result = self._bcast_results.pop(ref, None)
-        if result is None:  # pragma: no cover - the mesh answers at once
-            raise ApiError(ErrorCode.INTERNAL, "the mesh did not answer the broadcast")
+        if result is None:  # a core without a mesh (a Peer answers at once)
+            raise ApiError(ErrorCode.UNAVAILABLE, "this daemon has no mesh")
         return result
-
-    # === end of mesh wiring =============================================================
 
     # --- control from other tasks ------------------------------------------------------
 

@@ -32,13 +32,12 @@ from peerd.shell.links import (
     LinkMessages,
     _split,
 )
-from peerd.shell.messaging import Messenger
 from peerd.shell.tcp import FrameError, encode_frame, read_frame
 from peerd.wire import codec
 from peerd.wire.messages import Channel, Gossip, Message, NameMsg, NameReply, NameStatus, RegKind
 from peerd.wire.seal import Opener
 from tests.shell.conftest import Net
-from tests.shell.test_messaging import Conn, Links, Node, args
+from tests.shell.test_messaging import Conn, Links, Messenger, Node, args
 
 KEY = bytes(range(32))
 A, B, C = b"\x0a" * 16, b"\x0b" * 16, b"\x0c" * 16

@@ -1,9 +1,14 @@
-"""Messages to names (peerd.shell.messaging) with a fake registry, links and
-connections: resolution, local and remote delivery, every error, timeouts."""
+"""Messages to names through the daemon's runner: a real Peer (its names core
+routes, the runner carries out) over a fake registry replica, fake links and
+fake API connections: resolution, local and remote delivery, every error and
+its API text, timeouts on the runner's timer heap."""
 
 from __future__ import annotations
 
 import collections
+import io
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,8 +17,17 @@ import trio
 import trio.testing
 
 from peerd.api.protocol import ApiError, SendArgs, parse_send_args
-from peerd.shell.messaging import DIRECT_PRIORITY, Messenger
-from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind, Status
+from peerd.core.config import SwimConfig
+from peerd.core.events import LogLevel
+from peerd.core.names.core import NamesConfig
+from peerd.core.names.events import MarkQuiet
+from peerd.core.names.view import LocalEntry, MemberRef, OwnerRef
+from peerd.core.peer import Peer
+from peerd.shell.links import LinkLost, LinkMessages
+from peerd.shell.logs import Logger
+from peerd.shell.messaging import DIRECT_PRIORITY, HINT_TTL_S, MAX_HINTS, Pending
+from peerd.shell.runner import Runner
+from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
 
 ME, OTHER, THIRD = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
 
@@ -133,6 +147,143 @@ class Links:
         return self.accept
 
 
+class View:
+    """The names core's view (peerd.core.names.view.NamesView) over the fake
+    node and the runner's API connections, in place of the Peer's own."""
+
+    def __init__(self, node: Node, conns: dict[int, Any]) -> None:
+        self.node = node
+        self.conns = conns
+        self.is_leaving = False
+
+    def me(self) -> NodeId:
+        return ME
+
+    def my_generation(self) -> int | None:
+        return self.node.registry.state.generation
+
+    def leaving(self) -> bool:
+        return self.is_leaving
+
+    def _gen_of(self, origin: bytes) -> int:
+        return self.node.registry.state.version_of(origin)[0]
+
+    def lookup(self, scope: str, name: str) -> OwnerRef | None:
+        claim = self.node.registry.state.lookup(scope, name)
+        if claim is None:
+            return None
+        return OwnerRef(claim.origin, claim.entry.eid, self._gen_of(claim.origin))
+
+    def group_members(self, scope: str, name: str) -> Sequence[OwnerRef]:
+        return [
+            OwnerRef(c.origin, c.entry.eid, self._gen_of(c.origin))
+            for c in self.node.registry.state.group_members(scope, name)
+        ]
+
+    def member(self, node: NodeId) -> MemberRef | None:
+        m = self.node.member(node)
+        return None if m is None else MemberRef(m.status, m.generation, m.addr)
+
+    def local_entry(self, eid: int) -> LocalEntry | None:
+        e = self.node.registry.state.local.entries.get(eid)
+        return None if e is None else LocalEntry(e.kind, e.scope, e.name)
+
+    def owner_conn(self, eid: int) -> int | None:
+        return self.node.registry.owner_conn(eid)
+
+    def sender_of(self, conn: int) -> tuple[str, str, int]:
+        registry = self.node.registry
+        for kind, scope, name in registry.held_by_conn(conn):
+            if kind is RegKind.NAME:
+                return name, scope, registry.eid_of(conn, kind, scope, name) or 0
+        return "", "", 0
+
+    def conn_open(self, conn: int) -> bool:
+        c = self.conns.get(conn)
+        return c is not None and not getattr(c, "closed", False)
+
+
+class Messenger:
+    """The test's handle on a runner whose Peer has names messaging: what an
+    API ``send`` and the peer links do, in the runner's own entry points."""
+
+    def __init__(
+        self,
+        node: Node,
+        links: Any,
+        conns: dict[int, Any] | None = None,
+        counters: collections.Counter[str] | None = None,
+        send_timeout_s: float = 10,
+    ) -> None:
+        self.node = node
+        self.peer = Peer(
+            node_id=ME,
+            name="me",
+            addr=("127.0.0.1", 1),
+            config=SwimConfig(),
+            rng=random.Random(1),
+            generation=4,
+            names=NamesConfig(
+                send_timeout_s=send_timeout_s, hint_ttl_s=HINT_TTL_S, max_hints=MAX_HINTS
+            ),
+            names_rng=random.Random(2),
+        )
+        self.runner = Runner(
+            self.peer,
+            packets=None,  # type: ignore[arg-type]
+            streams=None,  # type: ignore[arg-type]
+            logger=Logger(LogLevel.DEBUG, io.StringIO()),
+            counters=counters,
+            links=links,
+        )
+        self.conns = self.runner._reg_conns
+        self.conns.update(conns or {})
+        assert self.peer.names is not None
+        self.names = self.peer.names
+        self.view = View(node, self.conns)
+        self.names.view = self.view
+        self.counters = self.peer.counters
+
+    @property
+    def pending(self) -> int:
+        return self.names.pending
+
+    def begin(self, conn: object, a: SendArgs) -> Pending:
+        return self.runner._send_begin(conn, a)
+
+    async def wait(self, p: Pending) -> dict[str, Any]:
+        """The call's outcome; the runner's timers fire meanwhile (as its loop would)."""
+        runner = self.runner
+        while not p.finished and runner._timers:
+            await trio.sleep_until(runner._timers[0][0])
+            runner._fire_due_timers()
+        assert runner.sends is not None
+        return await runner.sends.wait(p)
+
+    def on_message(self, src: bytes, msg: NameMsg) -> None:
+        self.runner._dispatch(LinkMessages(src, (msg,)))
+
+    def on_reply(self, src: bytes, reply: NameReply) -> None:
+        self.runner._dispatch(LinkMessages(src, (reply,)))
+
+    def link_lost(self, node: bytes, link: int | None = None) -> None:
+        self.runner._dispatch(LinkLost(node, False, link))
+
+    def mark_quiet(self, eid: int) -> None:
+        self.runner._handle(MarkQuiet(eid))
+
+    def pump(self) -> None:
+        """One turn of the runner: what other tasks queued for it."""
+        while True:
+            try:
+                item = self.runner._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self.runner._dispatch(item)
+        if self.runner._taken:  # what the writers took
+            self.runner._feed_taken()
+
+
 class Conn:
     def __init__(self, cid: int, room: int = 10) -> None:
         self.id = cid
@@ -151,9 +302,8 @@ class Conn:
 
 def setup() -> tuple[Messenger, Node, Links, dict[int, Any]]:
     node, links = Node(), Links()
-    conns: dict[int, Any] = {}
-    m = Messenger(node, links, conns, collections.Counter(), send_timeout_s=10)
-    return m, node, links, conns
+    m = Messenger(node, links, send_timeout_s=10)
+    return m, node, links, m.conns
 
 
 def args(name: str, payload: bytes = b"hi", **kw: Any) -> SendArgs:
@@ -300,7 +450,7 @@ async def test_receiver_checks_the_entry_and_answers_each() -> None:
         NameReply(15, NameStatus.NOT_FOUND),
     ]
     assert owner.events[0][2]["from"] == "asker"
-    m.leaving = lambda: True
+    m.view.is_leaving = True
     m.on_message(OTHER, ok)
     assert links.sent[-1][1] == NameReply(11, NameStatus.REFUSED)
 
@@ -389,7 +539,6 @@ async def test_a_sender_name_is_reachable_before_the_replica_has_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     m, node, links, conns = setup()
-    m.clock = trio.current_time
     conns[7] = Conn(7)
     node.registry.add(ME, 3, RegKind.NAME, "db", conn=7)
     # caller-1 on OTHER (life 2, entry 9) sent before its registration arrived.
@@ -482,6 +631,13 @@ _actions = st.lists(
 @given(_actions)
 @settings(max_examples=200, deadline=None)
 def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
+    async def run() -> None:
+        every_send_ends_exactly_once(actions)
+
+    trio.run(run)
+
+
+def every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
     m, node, links, conns = setup()
     conns[7] = Conn(7, room=3)
     node.registry.add(OTHER, 5, RegKind.NAME, "db")
@@ -511,7 +667,7 @@ def test_every_send_ends_exactly_once(actions: list[tuple[Any, ...]]) -> None:
         m.link_lost(peer)
     assert m.pending == 0
     for p in calls:
-        assert p.finished and not p.seqs
+        assert p.finished
         try:
             r = p.result()
         except ApiError as e:
@@ -538,11 +694,17 @@ async def test_the_core_counts_a_real_mailbox_until_the_writer_takes_it() -> Non
         await client.receive_some()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
+    m.pump()  # the runner's next turn hears what the writer took
     assert m.names.mailbox_messages == 0
     send2, _receive2 = trio.open_memory_channel[bytes](4)
     conns[9] = other = Connection(9, None, send2, 1 << 20, 8)
     node.registry.add(ME, 4, RegKind.NAME, "web", conn=9)
     assert await m.wait(m.begin(Conn(8), args("web"))) == {"delivered": 1}
     assert m.names.mailbox_messages == 1 and other.on_mail is not None
-    other.on_mail(None)  # what the server does when the connection ends
+    # What the server does when the connection ends: the registry and the
+    # mailboxes hear it as one input.
+    other._closed = True
+    other.on_mail(None)
+    m.runner.connection_closed(other)
+    m.pump()
     assert (m.names.mailbox_messages, m.names.mailbox_bytes) == (0, 0)

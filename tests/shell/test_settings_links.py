@@ -1,5 +1,5 @@
 """The [links] and [messages] settings: parsing, validation, and that they
-reach the link manager, the messenger and the API server."""
+reach the link manager, the names core and the API server."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from peerd.shell import agent
 from peerd.shell.links import LinkLimits, LinkLost
 from peerd.shell.messaging import MessageLimits
 from peerd.shell.settings import SettingsError, check_config, resolve
+from peerd.shell.tags import NodeTags
 from peerd.wire.messages import Ack
 from tests.shell.test_agent import api, start, stop, wait_for
 from tests.shell.test_links_supersede import A, side_b
-from tests.shell.test_runner import FakeCore, make_runner
+from tests.shell.test_runner import make_runner
 from tests.shell.test_runner_mesh import FakeLinks
 from tests.shell.test_settings import parse_args, write
 
@@ -117,12 +118,13 @@ async def test_idle_s_from_the_file_closes_an_idle_direct_link(
         assert await peer.receive() is None  # and closed on the peer
 
 
-def test_send_timeout_s_reaches_the_messenger(tmp_path: Path) -> None:
+def test_send_timeout_s_reaches_the_names_core_and_the_api_texts(tmp_path: Path) -> None:
     s = check_config(write(tmp_path, "[messages]\nsend_timeout_s = 2.5\n"))
-    runner, _, _ = make_runner(
-        FakeCore(lambda now, inp: []), links=FakeLinks(), send_timeout_s=s.messages.send_timeout_s
-    )
-    assert runner.messenger is not None and runner.messenger.send_timeout_s == 2.5
+    peer = agent.make_peer(s, b"\x01" * 16, ("127.0.0.1", 7950), 0, 1, NodeTags({}))
+    assert peer.names is not None and peer.names.config.send_timeout_s == 2.5
+    assert peer.mesh is not None
+    runner, _, _ = make_runner(peer, links=FakeLinks())  # type: ignore[arg-type]
+    assert runner.sends is not None and runner.sends.send_timeout_s == 2.5
 
 
 @pytest.mark.proc
