@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import cast
 
 from peerd.core import events as nev
@@ -81,6 +81,7 @@ from peerd.core.mesh.mesh import Mesh
 from peerd.core.names.core import Names, NamesConfig
 from peerd.core.names.replica import PeerView
 from peerd.core.registry.service import RegistryService
+from peerd.core.registry.state import RegistryTables
 from peerd.core.swim.members import StoreFactory
 from peerd.core.swim.membership import Node
 from peerd.wire.messages import Addr, Channel, MeshPeer, NameMsg, NameReply, NodeId, Tags
@@ -338,6 +339,15 @@ class Peer:
                 out.append(SetTimer(o.at, o))
             else:
                 out.append(o)
+
+    # --- the simulator's converged start ------------------------------------------
+
+    def preload_registry(self, tables: RegistryTables, owners: Mapping[int, int]) -> None:
+        """Simulator only: start from a converged registry (see
+        :meth:`RegistryService.preload`); the connections holding our own
+        entries (``owners``: eid -> conn) are open API connections."""
+        self.registry.preload(tables, owners)
+        self._view.conns.update(owners.values())
 
     # --- the read side the shells use ------------------------------------------
 

@@ -78,6 +78,7 @@ from peerd.core.events import (
     Input,
     Join,
     MemberInfo,
+    PeerInput,
     Register,
     SetTags,
     Unregister,
@@ -88,7 +89,6 @@ from peerd.core.mesh.events import (
 )
 from peerd.core.names.events import MarkQuiet
 from peerd.core.node import tags_problem
-from peerd.core.peer import PeerInput
 from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
 from peerd.shell.messaging import Pending, Sends

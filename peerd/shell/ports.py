@@ -24,8 +24,9 @@ import trio
 from peerd.core.events import (
     Input,
     MemberInfo,
+    PeerInput,
+    PeerOutput,
 )
-from peerd.core.peer import PeerInput, PeerOutput
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.wire.messages import (
     Addr,

@@ -70,6 +70,8 @@ from peerd.core.events import (
     MemberEvent,
     OpenStream,
     PacketIn,
+    PeerInput,
+    PeerOutput,
     RegEventKind,
     RegistryEvent,
     SendPacket,
@@ -103,7 +105,6 @@ from peerd.core.names.events import (
     OfferOutcome,
     SendResult,
 )
-from peerd.core.peer import PeerInput, PeerOutput
 from peerd.shell.backend import Backend, RegCall
 from peerd.shell.keyops import KeyOps
 from peerd.shell.keys import KeyManager as KeyManager

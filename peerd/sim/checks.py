@@ -253,12 +253,15 @@ def _name_latency(rec: Record, e: Expect) -> Result:
 def _lost_messages(rec: Record, e: Expect) -> Result:
     """Names workload: messages sent at or after after_s that were neither
     delivered nor failed with an error to the sender within settle_s (they
-    vanished), at most ``max`` (default 0). Fails when nothing was sent."""
+    vanished), plus API calls (sends and replies, whenever made) still without
+    a result at the end of the run past their deadline, at most ``max``
+    (default 0). Fails when nothing was sent."""
     limit = int(e.max or 0)
     tot = rec.names_at.get(e.after_s)
     if tot is None or not tot.sent:
         return False, None, limit
-    return tot.lost <= limit, tot.lost, limit
+    v = tot.lost + int((rec.names or {}).get("no_result", 0))
+    return v <= limit, v, limit
 
 
 _FNS: dict[str, Callable[[Record, Expect], Result]] = {

@@ -27,7 +27,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from peerd.core.events import Input, PacketIn
+from peerd.core.events import Input, PacketIn, Timer, TimerFired
+from peerd.core.mesh.events import LinkDown, MessageIn
 from peerd.core.peer import Peer
 from peerd.sim.scenario import Scenario
 from peerd.wire import seal as sealmod
@@ -39,7 +40,6 @@ SOCKET_BACKLOG = 4096  # datagrams a paused process's socket buffers before drop
 # Target kinds: deliver to whatever runs on a host / to one process (through
 # its slow queue) / to one process, already served by the slow queue / control.
 T_HOST, T_PROC, T_SERVED, T_CTL = 0, 1, 2, 3
-T_MESH = 4  # heap target kind: an input for a process's mesh core
 
 
 class Host:
@@ -92,8 +92,6 @@ class Proc:
         "sealer",
         "opener",
         "leaving",
-        "mesh",
-        "mesh_target",
     )
 
     def __init__(self, host: Host, node: Peer, gen: int) -> None:
@@ -111,8 +109,14 @@ class Proc:
         self.sealer: sealmod.Sealer | None = None
         self.opener: sealmod.Opener | None = None
         self.leaving = False
-        self.mesh: Any = None  # peerd.core.mesh.mesh.Mesh, when the mesh runs
-        self.mesh_target: Any = None
+
+
+def _link_input(inp: Any) -> bool:
+    """What a CPU-starved process is not slowed on: its peer links (TCP,
+    buffered by the kernel) and the mesh's timers; the membership core's
+    inputs (and the API's) are."""
+    c = inp.__class__
+    return c is MessageIn or c is LinkDown or (c is TimerFired and inp.timer.__class__ is not Timer)
 
 
 class _Served:
@@ -192,6 +196,8 @@ class Engine:
         self.reg: Any = None
         self.mesh: Any = None
         self.names: Any = None
+        self.names_driver: Any = None
+        self.links: Any = None  # peer links (peerd.sim.links), with a mesh or names
 
     # --- heap -----------------------------------------------------------------------
 
@@ -226,13 +232,7 @@ class Engine:
                     continue
                 proc.backlog.append((t, _seq, tgt, inp))
                 continue
-            if tgt.tkind == T_MESH:
-                # (a slow process's mesh is not slowed: its links are TCP,
-                # buffered by the kernel; the membership core's inputs are)
-                events += 1
-                self.mesh.handle(proc, inp, t)
-                continue
-            if proc.delay and tgt.tkind != T_SERVED:
+            if proc.delay and tgt.tkind != T_SERVED and not _link_input(inp):
                 # CPU-starved: inputs queue and each takes `delay` to process.
                 done = max(t, proc.busy_until) + proc.delay
                 proc.busy_until = done

@@ -47,13 +47,16 @@ class Faults(Network):
             return None
         t = self.now
         host.peers = proc.node.peer_addrs()[:8]
-        if self.mesh is not None and proc.mesh is not None:
-            self.mesh.stop(proc, reset=icmp)
+        if self.links is not None:
+            self.links.stop(proc, reset=icmp)
+        if self.mesh is not None:
+            self.mesh.stop(proc)
         proc.cur = None
         host.cur = None
         host.icmp = icmp
         if self.names is not None:  # the messages its names were sent count from here
             self.names.process_ended(host.index, proc.gen, t)
+            self.names_driver.process_ended(host.index, proc.gen, t)
         self._account(t)
         self.running -= 1
         self._observer_off(host.index, t)
@@ -260,8 +263,6 @@ class Faults(Network):
         self.rec.leaves.append(lv)
         self.open_leave[i] = lv
         self._push(t, proc, Leave())
-        if self.mesh is not None:
-            self.mesh.leave(proc)
 
     def _pause(self, i: int, duration: float) -> None:
         proc = self.hosts[i].cur

@@ -2,11 +2,15 @@
 measurements, with the workloads the scenario asks for.
 
 Theory of operation. :class:`World` is the composition: it builds the cores
-(the real :class:`peerd.core.node.Node`), preloads their shared state at a
-large start, schedules faults and samples, and routes each output a core
-produces to the layer that simulates its effect (network, measurement or a
-workload). The layers it extends (engine, measure, network, faults) each
-open with their own theory of operation.
+(each process is one whole :class:`peerd.core.peer.Peer`, with the mesh when
+the scenario has ``[mesh]`` and names messaging when it has a registry or
+names workload, each with RNG streams of its own), preloads their shared
+state at a large start, schedules faults and samples, and routes each output
+a core produces to the layer that simulates its effect (network, peer links,
+measurement or a workload). No protocol decision is made here: what joins
+membership, registry, mesh and names is the Peer's. The layers it extends
+(engine, measure, network, faults) each open with their own theory of
+operation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from peerd.core.events import (
     LeaveDone,
     Log,
     MemberEvent,
-    MeshCast,
     OpenStream,
     RegistryEvent,
     SendPacket,
@@ -34,14 +37,28 @@ from peerd.core.events import (
     TimerFired,
     WatchLinks,
 )
+from peerd.core.mesh.config import PRESETS as MESH_PRESETS
+from peerd.core.mesh.events import (
+    BroadcastResult,
+    CloseLink,
+    Connect,
+    Deliver,
+    NeighborDown,
+    NeighborUp,
+    Send,
+)
+from peerd.core.names import events as nev
+from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
 from peerd.sim import store
 from peerd.sim.engine import Host, Proc
 from peerd.sim.faults import Faults
+from peerd.sim.links import Links
 from peerd.sim.measure import V_ALIVE, Record
 from peerd.sim.scenario import Scenario
+from peerd.sim.spec import RegistrySpec
 from peerd.sim.workloads.mesh import MeshWorld
-from peerd.sim.workloads.names import NAMES_CHECKS, NameRecorder
+from peerd.sim.workloads.names import NAMES_CHECKS, NameRecorder, NamesWorld
 from peerd.sim.workloads.registry import RegistryWorld
 from peerd.wire import seal as sealmod
 from peerd.wire.messages import Addr, MemberState, Status
@@ -52,11 +69,24 @@ class World(Faults):
         self, scenario: Scenario, *, progress: Callable[[World], None] | None = None
     ) -> None:
         super().__init__(scenario, progress=progress)
-        self.reg = RegistryWorld(self, scenario.registry) if scenario.registry else None
-        self.mesh = MeshWorld(self, scenario.mesh) if scenario.mesh.enabled else None
-        # The names workload's measurement; its driver (processes sending to
-        # names) comes with names messaging in the core.
         ns = scenario.names
+        regspec = scenario.registry
+        if regspec is None and ns is not None and ns.names_per_node:
+            # names of the workload's own, registered (preloaded) like a registry's
+            regspec = RegistrySpec(names_per_node=ns.names_per_node)
+        self.reg = RegistryWorld(self, regspec) if regspec else None
+        # What each Peer runs besides membership: the mesh with [mesh], names
+        # messaging with a registry or a names workload; then peer links.
+        self.mesh_config = (
+            MESH_PRESETS.get(scenario.preset, MESH_PRESETS["lan"])()
+            if scenario.mesh.enabled
+            else None
+        )
+        self.names_config = NamesConfig() if self.reg is not None or ns is not None else None
+        if self.mesh_config is not None or self.names_config is not None:
+            self.links = Links(self)
+        self.mesh = MeshWorld(self, scenario.mesh) if scenario.mesh.enabled else None
+        # The names workload: its measurement and its driver.
         self.names = (
             NameRecorder(
                 ns.settle_s,
@@ -64,6 +94,11 @@ class World(Faults):
                 [e.after_s for e in scenario.expects if e.check in NAMES_CHECKS],
             )
             if ns is not None
+            else None
+        )
+        self.names_driver = (
+            NamesWorld(self, ns, self.names, self.names_config.send_timeout_s)
+            if ns is not None and self.names is not None and self.names_config is not None
             else None
         )
 
@@ -89,13 +124,15 @@ class World(Faults):
         for h in self.hosts[:k]:
             proc = self._start_proc(h, preload=snap, row=bytearray(row))
             if reg_snap is not None:
-                proc.node.registry.preload(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
+                proc.node.preload_registry(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
         if reg is not None:
             reg._quiet = False
             reg._changed(0.0)
             reg.start()
         if self.mesh is not None:
             self.mesh.schedule()
+        if self.names_driver is not None:
+            self.names_driver.schedule()
         for f in sc.faults:
             for r in range(f.repeat):
                 t = f.at_s + r * f.every_s
@@ -126,8 +163,6 @@ class World(Faults):
                 heapq.heappush(self._heap, (o.at, self._seq, proc, TimerFired(o.timer)))
             elif c is MemberEvent:
                 self._on_event(proc, o, t)
-                if self.mesh is not None:
-                    self.mesh.member_event(proc, o)
             elif c is Log:
                 continue
             elif c is IncarnationChanged:
@@ -149,8 +184,29 @@ class World(Faults):
             elif c is CommandResult:
                 if self.reg is not None:
                     self.reg.on_result(proc, o, t)
-            elif c is MeshCast and self.mesh is not None:  # (the last case)
-                self.mesh.cast(proc, o.channel, o.payload, t)
+            # peer links (the mesh's and messages to names)
+            elif c is Send:
+                self.links.send(proc.host.index, o.dst, o.msg, t)
+            elif c is nev.LinkSend:
+                ok, link = self.links.link_send(proc.host.index, o, t)
+                if o.seq:
+                    self._push(t, proc, nev.LinkSendDone(o.seq, ok, link))
+            elif c is Connect:
+                self.links.connect(proc.host.index, o.peer.node, t)
+            elif c is CloseLink:
+                self.links.close(proc.host.index, o.node, o.mesh)
+            # what the applications get
+            elif c is nev.DeliverToConn or c is nev.SendResult:
+                assert self.names_driver is not None  # (no names workload: no sends)
+                self.names_driver.output(proc, o, t)
+            elif c is Deliver:
+                if self.mesh is not None:
+                    self.mesh.delivered(proc, o, t)
+            elif c is BroadcastResult:
+                if self.mesh is not None:
+                    self.mesh.result(o)
+            elif c is NeighborUp or c is NeighborDown:
+                continue
 
     def _start_proc(
         self,
@@ -162,15 +218,24 @@ class World(Faults):
         t = self.now
         host.gen += 1
         gen = host.gen
+        seed, i = self.sc.seed, host.index
         node = Peer(
             store=None if preload is None else preload.tables,
             node_id=host.node_id,
-            name=f"n{host.index}",
+            name=f"n{i}",
             addr=host.addr,
             config=self.cfg,
-            rng=random.Random(f"peerd-sim-node:{self.sc.seed}:{host.index}:{gen}"),
+            rng=random.Random(f"peerd-sim-node:{seed}:{i}:{gen}"),
             incarnation=host.inc,
             generation=gen,
+            mesh=self.mesh_config,
+            names=self.names_config,
+            mesh_rng=None
+            if self.mesh_config is None
+            else random.Random(f"peerd-sim-mesh-node:{seed}:{i}:{gen}"),
+            names_rng=None
+            if self.names_config is None
+            else random.Random(f"peerd-sim-names-node:{seed}:{i}:{gen}"),
         )
         if row is None:
             row = bytearray(self.n)
@@ -194,8 +259,6 @@ class World(Faults):
         )
         if self.reg is not None:
             self.reg.observer_on(host.index, preload is not None and self.reg.spec.preload, t)
-        if self.mesh is not None:
-            self.mesh.start(proc, preloaded=preload is not None)
         self._push(t, proc, Start(seeds))
         return proc
 
@@ -219,6 +282,9 @@ class World(Faults):
             rec.registry_convergence = list(self.reg.convergence)
             rec.registry_evals = dict(self.reg.evals)
         if self.names is not None:
+            assert self.names_driver is not None
+            self.names_driver.finish()
             rec.names = self.names.finish(self.sc.duration_s)
+            rec.names.update(self.names_driver.summary())
             rec.names_at = dict(self.names.totals)
         return rec

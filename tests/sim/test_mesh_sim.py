@@ -10,16 +10,18 @@ from peerd.sim.scenario import ScenarioError
 from peerd.sim.workloads.mesh import bound_links
 from tests.sim.helpers import run, scenario
 
+# (every Peer joins the overlay at t=0, after its start's join, as daemons
+# started together do: the overlay has formed within a few seconds)
 MESH = """
 [mesh]
 broadcast_every_s = 1
-broadcast_from_s = 3
+broadcast_from_s = 8
 settle_s = 2
 """
 
 
 def active(w, i):  # type: ignore[no-untyped-def]
-    return {p.node for p in w.hosts[i].cur.mesh.hyparview.active()}
+    return {p.node for p in w.hosts[i].cur.node.mesh.hyparview.active()}
 
 
 def test_every_process_runs_a_mesh_and_broadcasts_reach_everyone() -> None:
@@ -28,7 +30,7 @@ def test_every_process_runs_a_mesh_and_broadcasts_reach_everyone() -> None:
         + """
 [[expect]]
 check = "broadcast_reliability"
-after_s = 3
+after_s = 8
 [[expect]]
 check = "max_links_per_node"
 [[expect]]
@@ -38,9 +40,9 @@ check = "broadcast_hops"
         duration=20,
     )
     w, rec, summary = run(sc)
-    assert all(isinstance(w.hosts[i].cur.mesh, Mesh) for i in range(60))
+    assert all(isinstance(w.hosts[i].cur.node.mesh, Mesh) for i in range(60))
     m = summary["mesh"]
-    assert m["broadcasts"] >= 14 and m["broadcast_reliability"]["min"] == 1.0
+    assert m["broadcasts"] >= 10 and m["broadcast_reliability"]["min"] == 1.0
     assert 1 <= m["max_links_per_node"] <= bound_links(60)
     assert summary["passed"], summary["checks"]
     # the overlay is symmetric and the world's links are the active views
@@ -48,7 +50,7 @@ check = "broadcast_hops"
         for p in active(w, i):
             j = w.index_of[p]
             assert w.hosts[i].node_id in active(w, j)
-        assert w.mesh.link_count[i] == len(active(w, i))
+        assert w.links.link_count[i] == len(active(w, i))
 
 
 def test_after_30pct_crash_the_tree_repairs_and_reaches_every_live_node() -> None:
@@ -104,7 +106,7 @@ max = 0.5
 def test_mesh_can_be_off_and_then_its_checks_are_refused() -> None:
     sc = scenario("[mesh]\nenabled = false\n", nodes=10, duration=5)
     w, _, summary = run(sc)
-    assert summary["mesh"] == {"enabled": False} and w.hosts[0].cur.mesh is None
+    assert summary["mesh"] == {"enabled": False} and w.hosts[0].cur.node.mesh is None
     with pytest.raises(ScenarioError, match="needs the mesh"):
         scenario('[mesh]\nenabled = false\n[[expect]]\ncheck = "broadcast_hops"\n')
     with pytest.raises(ScenarioError, match="did you mean 'broadcast_every_s'"):
@@ -112,10 +114,10 @@ def test_mesh_can_be_off_and_then_its_checks_are_refused() -> None:
 
 
 def test_a_broadcast_whose_origin_crashes_at_that_instant_is_not_counted_lost() -> None:
-    # seed 3: the broadcast at t=3 starts on node 8, which the crash at t=3
+    # seed 5: the broadcast at t=3 starts on a node that the crash at t=3
     # (later in the same instant) takes down before any copy leaves it
     sc = scenario(
-        MESH
+        MESH.replace("broadcast_from_s = 8", "broadcast_from_s = 3")
         + """
 [[fault]]
 at_s = 3
@@ -127,13 +129,11 @@ after_s = 3
 """,
         nodes=10,
         duration=10,
-        seed=3,
+        seed=5,
     )
     w, rec, summary = run(sc)
-    crashed = {c.node for c in rec.crashes}
     assert w.mesh.origin_died == 1 and summary["mesh"]["broadcasts_origin_died"] == 1
     assert all(r.at != 3.0 for r in rec.mesh_records)  # not among the measured
-    assert 8 in crashed
     assert summary["passed"], summary["checks"]  # was 0.0: lost to every node
 
 

@@ -24,7 +24,12 @@ UNTIL = 12.0
 
 
 def _record() -> tuple[World, list[tuple[float, Input, list[Output]]]]:
-    sc = scenario('[[fault]]\nat_s = 4\nkind = "crash"\nnodes = [5, 9]\n', nodes=12, duration=UNTIL)
+    # (membership only: without the mesh the Peer is the bare membership node)
+    sc = scenario(
+        '[mesh]\nenabled = false\n[[fault]]\nat_s = 4\nkind = "crash"\nnodes = [5, 9]\n',
+        nodes=12,
+        duration=UNTIL,
+    )
     w = World(sc)
     w.setup()
     proc = w.hosts[WATCHED].cur

@@ -5,10 +5,13 @@ Theory of operation. Applications mostly talk to names, so what a scenario
 must be able to say is whether a message to a name reaches the process that
 owns it while faults run, how fast, and whether any message can vanish
 without the sender being told. The driver (the simulated application
-processes; it needs the core's names messaging and is wired in later) reports
+processes) reports
 each message's life to a :class:`NameRecorder`: ``sent``, then any of
 ``delivered`` (at the owner), ``failed`` (the error the sender got),
-``replied``; the world reports each process end (``process_ended``).
+``replied``; the world reports each process end (``process_ended``). The
+driver, :class:`NamesWorld`, is the simulated application: it feeds each
+Peer the API's :class:`SendToName` and :class:`ReplyToSender` and takes what
+the Peer pushes on its connections.
 
 Each message is judged ``settle_s`` after it was sent (``settle_s`` >= 1 s):
 
@@ -34,9 +37,18 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from peerd.core.names import events as nev
+from peerd.wire.messages import RegKind
+
+if TYPE_CHECKING:
+    from peerd.sim.engine import Proc
+    from peerd.sim.faults import Faults as World
+    from peerd.sim.scenario import NamesSpec
 
 NAMES_CHECKS = ("name_delivery", "name_latency", "lost_messages")
 OWNER_WINDOW_S = 1.0  # the owner must live this long after the send to be eligible
@@ -238,3 +250,189 @@ def _hist_stats(hist: dict[int, int]) -> dict[str, float | None]:
         "p99": hist_pct(hist, 0.99),
         "max": round(max(hist) * _BUCKET_S * 1000.0, 1) if hist else None,
     }
+
+
+# --- the driver ------------------------------------------------------------------------
+
+
+class Pool:
+    """A set of ints with an O(1) uniform random pick (swap-remove list)."""
+
+    __slots__ = ("items", "pos")
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+        self.pos: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, x: int) -> None:
+        if x not in self.pos:
+            self.pos[x] = len(self.items)
+            self.items.append(x)
+
+    def discard(self, x: int) -> None:
+        i = self.pos.pop(x, None)
+        if i is None:
+            return
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self.pos[last] = i
+
+    def pick(self, rng: random.Random) -> int:
+        return self.items[rng.randrange(len(self.items))]
+
+
+@dataclass(slots=True)
+class _Call:
+    msg: int  # the message (the send's call id) it is about
+    host: int  # the calling process: host index and generation
+    gen: int
+    at: float
+    reply: bool  # a ReplyToSender (else a SendToName)
+    owner_conn: int = 0
+
+
+class NamesWorld:
+    """The simulated application processes of a names workload.
+
+    Every ``send_every_s`` a random live registry process (an API connection
+    of the [registry] workload on a running node) sends ``payload_bytes`` to
+    a random registered name; both picks are O(1) (:class:`Pool` of the
+    registry's ground truth). The payload carries the message id, so the
+    receiving process knows which message it got; with ``reply`` it answers
+    through :class:`ReplyToSender` with the ``reply_to`` it was given. Every
+    API call's :class:`SendResult` is accounted: a call that has none when
+    the run ends, past its deadline, is counted in ``no_result`` (and fails
+    ``lost_messages``); calls of a process that ended first died with it
+    (``sender_gone``)."""
+
+    def __init__(self, world: World, spec: NamesSpec, rec: NameRecorder, timeout_s: float) -> None:
+        self.w = world
+        self.spec = spec
+        self.rec = rec
+        self.rng = random.Random(f"peerd-sim-names:{world.sc.seed}")
+        self.timeout = timeout_s  # the Peers' send timeout
+        self._call = 0
+        self.calls: dict[int, _Call] = {}
+        self.by_proc: dict[tuple[int, int], set[int]] = {}
+        self.counts = dict.fromkeys(
+            (
+                "calls",
+                "results",
+                "results_unknown",
+                "reply_calls",
+                "replies_failed",
+                "sender_gone",
+                "wrong_receiver",
+            ),
+            0,
+        )
+        self.no_result = 0
+        self.reply_errors: dict[str, int] = {}
+
+    def schedule(self) -> None:
+        s = self.spec
+        end = s.send_until_s if s.send_until_s is not None else self.w.sc.duration_s - s.settle_s
+        self._end = end
+        if s.send_from_s <= end:
+            self.w.at(s.send_from_s, self._tick)
+
+    def _tick(self) -> None:
+        w = self.w
+        t = w.now
+        nxt = round(t + self.spec.send_every_s, 9)
+        if nxt <= self._end + 1e-9:
+            w.at(nxt, self._tick)
+        reg = w.reg
+        if not reg.live_procs or not reg.live_names:
+            return
+        sender = reg.entries[reg.live_procs.pick(self.rng)]
+        target = reg.entries[reg.live_names.pick(self.rng)]
+        proc = w.hosts[sender.host].cur
+        assert proc is not None and proc.gen == sender.gen
+        owner = w.hosts[target.host].cur
+        live = owner is not None and owner.gen == target.gen and not owner.leaving
+        call = self._new(_Call(0, sender.host, sender.gen, t, False, target.conn))
+        self.calls[call].msg = call
+        self.rec.sent(call, t, sender.host, target.name, target.host, target.gen, live)
+        payload = call.to_bytes(8, "big") + bytes(max(0, self.spec.payload_bytes - 8))
+        w._push(
+            t,
+            proc,
+            nev.SendToName(call, sender.conn, RegKind.NAME, reg.scope, target.name, payload),
+        )
+
+    def _new(self, c: _Call) -> int:
+        self._call += 1
+        self.calls[self._call] = c
+        self.by_proc.setdefault((c.host, c.gen), set()).add(self._call)
+        self.counts["reply_calls" if c.reply else "calls"] += 1
+        return self._call
+
+    def _close(self, call: int) -> _Call | None:
+        c = self.calls.pop(call, None)
+        if c is not None:
+            self.by_proc[(c.host, c.gen)].discard(call)
+        return c
+
+    # --- what the processes get ----------------------------------------------------------
+
+    def output(self, proc: Proc, o: Any, t: float) -> None:
+        w = self.w
+        if o.__class__ is nev.SendResult:
+            self._result(o, t)
+            return
+        # a message (or a reply) pushed on one of this process's connections:
+        # a live process takes it (a closed one was told by ConnClosed)
+        w._push(t, proc, nev.Offered(o.token, nev.OfferOutcome.OK))
+        msg = int.from_bytes(o.payload[:8], "big")
+        i = proc.host.index
+        if o.kind is None:
+            self.rec.replied(msg, t)
+            return
+        c = self.calls.get(msg)
+        right = c is None or c.owner_conn == o.conn
+        if not right:
+            self.counts["wrong_receiver"] += 1
+        self.rec.delivered(msg, t, i if right else -1)
+        if self.spec.reply and o.reply_to is not None:
+            call = self._new(_Call(msg, i, proc.gen, t, True))
+            w._push(t, proc, nev.ReplyToSender(call, o.conn, o.reply_to, o.payload[:8]))
+
+    def _result(self, o: nev.SendResult, t: float) -> None:
+        c = self._close(o.call)
+        if c is None:
+            self.counts["results_unknown"] += 1
+            return
+        self.counts["results"] += 1
+        if o.error is None:
+            return
+        why = f"{o.error.error.value}:{o.error.why.value}"
+        if c.reply:
+            self.counts["replies_failed"] += 1
+            self.reply_errors[why] = self.reply_errors.get(why, 0) + 1
+        else:
+            self.rec.failed(c.msg, t, why)
+
+    def process_ended(self, host: int, gen: int, t: float) -> None:
+        """Its calls die with it: nobody is left to be told."""
+        for call in sorted(self.by_proc.pop((host, gen), ())):
+            c = self.calls.pop(call)
+            self.counts["sender_gone"] += 1
+            if not c.reply:
+                self.rec.failed(c.msg, t, "sender_gone")
+
+    def finish(self) -> None:
+        end = self.w.sc.duration_s
+        self.no_result = sum(1 for c in self.calls.values() if c.at + self.timeout < end)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.counts),
+            "calls_open_at_end": len(self.calls),
+            "no_result": self.no_result,
+            "reply_errors": dict(sorted(self.reply_errors.items())),
+        }

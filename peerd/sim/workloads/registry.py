@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from peerd.core.events import CommandResult, ConnClosed, RegEventKind, Register, RegistryEvent
 from peerd.sim.measure import stats3
 from peerd.sim.store import SharedState
+from peerd.sim.workloads.names import Pool
 from peerd.wire.messages import RegEntry, RegKind
 
 if TYPE_CHECKING:
@@ -93,6 +94,11 @@ class RegistryWorld:
         self._next = 0  # refs, conns and pids
         self.convergence: list[tuple[float, bool]] = [(0.0, True)]
         self.unseen: set[int] = set()  # live entries not yet held everywhere
+        # for the names workload, O(1) random picks: live entries (each one a
+        # process, i.e. an API connection, on a running node) and the live
+        # names whose register returned ok
+        self.live_procs = Pool()
+        self.live_names = Pool()
         self.evals: dict[int, Any] = {}
         self.counts = dict.fromkeys(
             ("registered", "rejected", "exits", "node_down", "conflicts", "churn"), 0
@@ -129,6 +135,9 @@ class RegistryWorld:
                     TEntry(i, 1, conn, pid, kind, name, 0.0, returned=0.0, visible_s=0.0)
                 )
                 self.host_live[i].add(idx)
+                self.live_procs.add(idx)
+                if kind is RegKind.NAME:
+                    self.live_names.add(idx)
                 entries.append(RegEntry(eid, kind, self.scope, name, 0, pid, UID, ()))
                 mine[eid] = conn
             parts.append((host.node_id, 1, entries))
@@ -173,6 +182,7 @@ class RegistryWorld:
         self.unseen.add(idx)
         self.live += 1
         self.host_live[i].add(idx)
+        self.live_procs.add(idx)
         self.refs[ref] = idx
         self._changed(t)
         w.deliver(proc, Register(ref, conn, kind, self.scope, name, (), pid, UID, int(t * 1000)))
@@ -223,6 +233,8 @@ class RegistryWorld:
             return
         self.counts["registered"] += 1
         e.returned = t
+        if e.kind is RegKind.NAME and e.died is None:
+            self.live_names.add(idx)
         self._check_visible(idx, t)
 
     def on_event(self, proc: Proc, ev: RegistryEvent, t: float) -> None:
@@ -341,6 +353,8 @@ class RegistryWorld:
         self.h_live -= h
         self.h_dead += h
         self.host_live[e.host].discard(idx)
+        self.live_procs.discard(idx)
+        self.live_names.discard(idx)
         if h == 0:
             e.removed_s = 0.0
         self._changed(t)
