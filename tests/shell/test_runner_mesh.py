@@ -23,7 +23,6 @@ from peerd.core.mesh.events import (
     Connect,
     LinkDown,
     MeshTimer,
-    MeshTimerKind,
     MessageIn,
     NeighborDown,
     NeighborUp,
@@ -32,6 +31,7 @@ from peerd.core.mesh.events import (
 from peerd.core.names import events as nev
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
+from peerd.core.timers import GraftTimeout, ShuffleTick
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.messaging import DIRECT_PRIORITY
 from peerd.wire.messages import (
@@ -87,7 +87,7 @@ async def run_briefly(runner: Any, body: Any) -> None:
 
 async def test_every_timer_type_shares_the_one_heap(autojump_clock: trio.testing.MockClock) -> None:
     t0 = trio.current_time()
-    mesh_timer = MeshTimer(MeshTimerKind.SHUFFLE, 7)
+    mesh_timer = ShuffleTick(7)
     deadline = nev.SendDeadline(t0 + 3, 1)
 
     def script(now: float, inp: Input) -> list[Output]:
@@ -191,7 +191,7 @@ async def test_answers_are_fed_after_the_outputs_in_order(
     # inside them, and in the order they were asked for.
     msg = NameMsg(1, RegKind.NAME, "default", "db", 5, "", b"x")
     deliver = nev.DeliverToConn(9, 42, "", OTHER, "", RegKind.NAME, "default", "db", b"hi", None)
-    trigger = TimerFired(MeshTimer(MeshTimerKind.GRAFT, 1))
+    trigger = TimerFired(GraftTimeout(1, b"x" * 16))
     order: list[Any] = []
 
     calls_at_first_answer: list[int] = []
