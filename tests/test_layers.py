@@ -109,8 +109,8 @@ def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read() -> None:
     g = graph()
-    assert "peerd.core.node" in g
-    assert "peerd.core.swim.membership" in g["peerd.core.node"]
+    assert "peerd.core.peer" in g
+    assert "peerd.core.swim.membership" in g["peerd.core.peer"]
     assert "peerd.core.swim.members" in g["peerd.core.swim.base"]
     assert "peerd.wire.codec" in g["peerd.core.swim.base"]
 

@@ -43,8 +43,8 @@ import trio
 
 from peerd.api.protocol import ApiError
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
-from peerd.core.node import tags_problem
 from peerd.core.peer import Peer
+from peerd.core.swim.base import tags_problem
 from peerd.shell.api_server import serve_api
 from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager

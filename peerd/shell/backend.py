@@ -73,10 +73,12 @@ from peerd.api.protocol import (
 )
 from peerd.core.config import SwimConfig
 from peerd.core.events import (
+    BroadcastResult,
     CommandResult,
     ConnClosed,
     Input,
     Join,
+    MarkQuiet,
     MemberInfo,
     PeerInput,
     Register,
@@ -84,11 +86,7 @@ from peerd.core.events import (
     Unregister,
     UpdateMeta,
 )
-from peerd.core.mesh.events import (
-    BroadcastResult,
-)
-from peerd.core.names.events import MarkQuiet
-from peerd.core.node import tags_problem
+from peerd.core.swim.base import tags_problem
 from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
 from peerd.shell.messaging import Pending, Sends

@@ -2,8 +2,8 @@
 
 The partial mesh (:mod:`peerd.core.mesh`) and messages to names talk about
 *links*: ordered, authenticated connections to single peer nodes. This module
-keeps them, with the contract stated in :mod:`peerd.core.mesh.events`: at most
-one link per peer node, :class:`~peerd.core.mesh.events.Send` in order,
+keeps them, with the contract stated in :mod:`peerd.core.events`: at most
+one link per peer node, :class:`~peerd.core.events.Send` in order,
 ``CloseLink`` flushes then closes, a failure (or the peer's close) is reported
 once as :class:`LinkLost`, never for a close the core asked for.
 
@@ -149,7 +149,7 @@ class LinkMessages:
 class LinkLost:
     """Runner input: the link to ``node`` failed or the peer closed it.
     ``mesh``: the mesh owned it (and did not close it itself), so it must
-    hear :class:`~peerd.core.mesh.events.LinkDown`. ``link``: which link
+    hear :class:`~peerd.core.events.LinkDown`. ``link``: which link
     (:meth:`LinkManager.link_id`; not compared); a newer link to ``node``
     may be up."""
 

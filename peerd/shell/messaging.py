@@ -6,18 +6,18 @@ mailboxes are, what a reply token means, what the outcome is) is made by the
 names core (:mod:`peerd.core.names.core`, its theory of operation is there),
 which the one :class:`~peerd.core.peer.Peer` owns; the runner
 (:mod:`peerd.shell.runner`) carries out its outputs like any other: link
-sends through the link manager, :class:`~peerd.core.names.events.SendDeadline`
+sends through the link manager, :class:`~peerd.core.events.SendDeadline`
 timers on the runner's one timer heap. What is left here is what only the
 shell can know, the API:
 
 * :class:`Sends`: an API ``send`` call becomes a core input with a fresh call
   token (:meth:`Sends.start`), and the call's :class:`Pending` handle waits,
-  in the calling task, for the :class:`~peerd.core.names.events.SendResult`
+  in the calling task, for the :class:`~peerd.core.events.SendResult`
   with that token (:meth:`Sends.complete`, :meth:`Sends.wait`);
-* the core's :class:`~peerd.core.names.events.SendError` and
-  :class:`~peerd.core.names.events.Why` become the API's error codes and
+* the core's :class:`~peerd.core.events.SendError` and
+  :class:`~peerd.core.events.Why` become the API's error codes and
   texts;
-* a :class:`~peerd.core.names.events.DeliverToConn` becomes a ``message``
+* a :class:`~peerd.core.events.DeliverToConn` becomes a ``message``
   connection event offered to the API connection's mailbox
   (:meth:`Sends.offer`), whose answer the runner feeds back.
 """
@@ -39,7 +39,7 @@ from peerd.api.protocol import (
     SendArgs,
     message_event_to_wire,
 )
-from peerd.core.names import events as ev
+from peerd.core import events as ev
 from peerd.core.names.core import NamesConfig
 from peerd.shell.api_conn import MAILBOX_BYTES, MAILBOX_MESSAGES
 from peerd.wire.messages import RegKind

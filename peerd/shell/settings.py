@@ -50,7 +50,7 @@ from typing import Any
 
 from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
-from peerd.core.node import tags_problem
+from peerd.core.swim.base import tags_problem
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits

@@ -1,6 +1,6 @@
 """The engine: one event heap, one virtual clock, and the targets inputs go to.
 
-Theory of operation. Every core is the real :class:`peerd.core.node.Node`,
+Theory of operation. Every core is the real :class:`peerd.core.swim.membership.Node`,
 driven exactly as the daemon's runner drives it (``handle(now, input)`` and
 then carry out each output); only the outputs' effects are simulated. One
 heap holds ``(time, seq, target, input)``: ``seq`` makes the order total and
@@ -27,8 +27,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from peerd.core.events import Input, PacketIn, Timer, TimerFired
-from peerd.core.mesh.events import LinkDown, MessageIn
+from peerd.core.events import Input, LinkDown, MessageIn, PacketIn, Timer, TimerFired
 from peerd.core.peer import Peer
 from peerd.sim.scenario import Scenario
 from peerd.wire import seal as sealmod

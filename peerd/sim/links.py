@@ -1,7 +1,7 @@
 """Peer links in a simulated run: the TCP links a daemon keeps to other
 daemons, for the partial mesh and for messages to names.
 
-Theory of operation. Links follow the contract in :mod:`peerd.core.mesh.events`
+Theory of operation. Links follow the contract in :mod:`peerd.core.events`
 (as the shell's link manager, :mod:`peerd.shell.links`, does over TCP): one
 link per pair of hosts at a time, messages in order per direction, a close
 delivers what the closer sent and then tells the other end, nobody hears of a
@@ -31,8 +31,8 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peerd.core.mesh.events import LinkDown, MessageIn
-from peerd.core.names import events as nev
+from peerd.core import events as nev
+from peerd.core.events import LinkDown, MessageIn
 from peerd.wire.messages import Gossip, GossipControl, NameMsg, NameReply
 
 if TYPE_CHECKING:

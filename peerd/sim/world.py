@@ -21,15 +21,23 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from peerd.core import events as nev
 from peerd.core.events import (
+    BroadcastResult,
+    CloseLink,
     CommandResult,
+    Connect,
+    Deliver,
     IncarnationChanged,
     JoinDone,
     LeaveDone,
     Log,
     MemberEvent,
+    NeighborDown,
+    NeighborUp,
     OpenStream,
     RegistryEvent,
+    Send,
     SendPacket,
     SetTimer,
     Start,
@@ -38,16 +46,6 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
-from peerd.core.mesh.events import (
-    BroadcastResult,
-    CloseLink,
-    Connect,
-    Deliver,
-    NeighborDown,
-    NeighborUp,
-    Send,
-)
-from peerd.core.names import events as nev
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
 from peerd.sim import store

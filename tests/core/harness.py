@@ -31,7 +31,7 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
-from peerd.core.node import Node
+from peerd.core.swim.membership import Node
 from peerd.wire.messages import Addr, Status
 
 

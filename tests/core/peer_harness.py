@@ -1,7 +1,7 @@
 """A few whole Peers (membership, registry, mesh, names) on a tiny fake network.
 
 Extends the membership test driver (:mod:`tests.core.harness`) with peer
-links as the link contract of :mod:`peerd.core.mesh.events` describes them:
+links as the link contract of :mod:`peerd.core.events` describes them:
 one link per pair, in order, a close is news for the other end only. API
 connections are numbers; a message offered to one is always taken. Enough to
 check that the Peer's outputs compose into working messaging and broadcast,
@@ -14,9 +14,8 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from peerd.core.events import Register
-from peerd.core.mesh.config import local as mesh_local
-from peerd.core.mesh.events import (
+from peerd.core import events as nev
+from peerd.core.events import (
     Broadcast,
     BroadcastResult,
     CloseLink,
@@ -24,9 +23,10 @@ from peerd.core.mesh.events import (
     Deliver,
     LinkDown,
     MessageIn,
+    Register,
     Send,
 )
-from peerd.core.names import events as nev
+from peerd.core.mesh.config import local as mesh_local
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
 from peerd.wire.messages import RegKind

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from peerd.core.events import EventKind, TimerKind, Unreachable
-from peerd.core.node import FIRST_GOSSIP_DELAY_S, RING_RECENT_S, Node
 from peerd.core.swim import formulas
+from peerd.core.swim.base import FIRST_GOSSIP_DELAY_S, RING_RECENT_S
+from peerd.core.swim.membership import Node
 from peerd.wire import codec
 from peerd.wire.messages import Alive, Dead, Died, DiedRef, Left, Status, Suspect
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from peerd.core.events import EventKind, OpenStream, SendPacket, SetTags, TimerKind
-from peerd.core.node import FIRST_GOSSIP_DELAY_S
 from peerd.core.swim import formulas
+from peerd.core.swim.base import FIRST_GOSSIP_DELAY_S
 from peerd.wire.messages import Ack, Dead, Left, Ping, Status
 
 from .util import Rig, addr, alive, armed_at, cfg, events, first_gossip_at, nid, of, sends

@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 
 from peerd.core.events import PacketIn, SetTimer, Start, TimerFired
-from peerd.core.node import Node
 from peerd.core.peer import Peer
+from peerd.core.swim.membership import Node
 
 from .util import addr, alive, cfg, name, nid, packet
 
@@ -46,7 +46,7 @@ def test_peer_gives_the_outputs_of_its_membership() -> None:
 
 # --- a Peer with the mesh and names messaging -------------------------------------
 
-from peerd.core.names import events as nev  # noqa: E402
+from peerd.core import events as nev  # noqa: E402
 from peerd.core.peer import MESH_JOIN_CONTACTS  # noqa: E402
 
 from .peer_harness import PeerCluster  # noqa: E402

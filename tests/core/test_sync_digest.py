@@ -18,7 +18,8 @@ from peerd.core.events import (
     TimerFired,
     TimerKind,
 )
-from peerd.core.node import DIGEST_SYNC_MIN_MEMBERS, Node
+from peerd.core.swim.base import DIGEST_SYNC_MIN_MEMBERS
+from peerd.core.swim.membership import Node
 from peerd.sim.store import Snapshot
 from peerd.wire import codec
 from peerd.wire.messages import (

@@ -1,4 +1,4 @@
-"""Helpers for exact-output tests of :class:`peerd.core.node.Node`.
+"""Helpers for exact-output tests of :class:`peerd.core.swim.membership.Node`.
 
 Conventions: node ``i`` has id ``i`` as a 16-byte big-endian integer (so ring
 order is numeric order), name ``n<i>`` and address ``10.0.0.<i>:7946``. The
@@ -33,7 +33,8 @@ from peerd.core.events import (
     TimerFired,
     TimerKind,
 )
-from peerd.core.node import FIRST_GOSSIP_DELAY_S, NACK_AFTER, Node
+from peerd.core.swim.base import FIRST_GOSSIP_DELAY_S, NACK_AFTER
+from peerd.core.swim.membership import Node
 from peerd.wire import codec
 from peerd.wire.messages import Addr, Alive, Message, NodeId, PushPull, Tags
 

@@ -1,6 +1,6 @@
 """A tiny discrete-event driver that wires many mesh cores together.
 
-It keeps the link contract of :mod:`peerd.core.mesh.events`: one link per
+It keeps the link contract of :mod:`peerd.core.events`: one link per
 pair of nodes at a time (a new *generation* after each close or failure),
 messages in order per direction and across generations, a close delivers
 what the closer sent and then tells the other end (whose own in-flight
@@ -20,8 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from peerd.core.mesh.config import MeshConfig, PlumtreeConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     Broadcast,
     BroadcastResult,
     CloseLink,
@@ -38,6 +37,7 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
+from peerd.core.mesh.config import MeshConfig, PlumtreeConfig
 from peerd.core.mesh.hyparview import HyParView
 from peerd.core.mesh.mesh import Mesh
 from peerd.wire import codec

@@ -6,7 +6,7 @@ burst within a shuffle interval ask nobody."""
 
 from __future__ import annotations
 
-from peerd.core.mesh.events import JoinMesh, MembershipHint, Send
+from peerd.core.events import JoinMesh, MembershipHint, Send
 from peerd.wire.messages import Neighbor
 
 from .util import hv_rig, nid, of, peer, peers, with_active

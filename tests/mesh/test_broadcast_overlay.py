@@ -17,8 +17,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from peerd.core.events import MembershipHint
 from peerd.core.mesh.config import HyParViewConfig, MeshConfig, PlumtreeConfig
-from peerd.core.mesh.events import MembershipHint
 from peerd.wire.messages import Channel, NodeId
 
 from .driver import World

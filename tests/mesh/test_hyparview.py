@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.core.mesh.config import HyParViewConfig, active_view_size, passive_view_size
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     CloseLink,
     Connect,
     JoinMesh,
@@ -23,6 +22,7 @@ from peerd.core.mesh.events import (
     Send,
     SetMeshTimer,
 )
+from peerd.core.mesh.config import HyParViewConfig, active_view_size, passive_view_size
 from peerd.wire.messages import (
     Channel,
     Disconnect,

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from peerd.core.events import LeaveMesh, MembershipHint
 from peerd.core.mesh.config import HyParViewConfig, MeshConfig
-from peerd.core.mesh.events import LeaveMesh, MembershipHint
 
 from .driver import World, nid, peer
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.core.mesh.config import MeshConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     Broadcast,
     BroadcastResult,
     Deliver,
@@ -18,6 +17,7 @@ from peerd.core.mesh.events import (
     SetMeshTimer,
     channel_priority,
 )
+from peerd.core.mesh.config import MeshConfig
 from peerd.core.mesh.plumtree import first_graft_timeout
 from peerd.wire.messages import (
     Channel,

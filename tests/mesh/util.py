@@ -15,9 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from peerd.core.events import Log
-from peerd.core.mesh.config import HyParViewConfig, MeshConfig, PlumtreeConfig
-from peerd.core.mesh.events import (
+from peerd.core.events import (
+    Log,
     MeshInput,
     MeshOutput,
     MeshTimerFired,
@@ -26,6 +25,7 @@ from peerd.core.mesh.events import (
     NeighborUp,
     SetMeshTimer,
 )
+from peerd.core.mesh.config import HyParViewConfig, MeshConfig, PlumtreeConfig
 from peerd.core.mesh.hyparview import HyParView
 from peerd.core.mesh.mesh import Mesh
 from peerd.core.mesh.plumtree import Plumtree

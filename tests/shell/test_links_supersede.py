@@ -1,5 +1,5 @@
 """A peer link superseded by a new one from the same peer (the contract in
-peerd.core.mesh.events): the old link is read to its end, its LinkLost comes
+peerd.core.events): the old link is read to its end, its LinkLost comes
 next, and only then anything from the new link.
 
 The peer's side is written by hand over memory streams, so these run on the

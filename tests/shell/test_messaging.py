@@ -18,9 +18,8 @@ import trio.testing
 
 from peerd.api.protocol import ApiError, SendArgs, parse_send_args
 from peerd.core.config import SwimConfig
-from peerd.core.events import LogLevel
+from peerd.core.events import LogLevel, MarkQuiet
 from peerd.core.names.core import NamesConfig
-from peerd.core.names.events import MarkQuiet
 from peerd.core.names.view import LocalEntry, MemberRef, OwnerRef
 from peerd.core.peer import Peer
 from peerd.shell.links import LinkLost, LinkMessages

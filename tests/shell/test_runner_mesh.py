@@ -15,20 +15,24 @@ import pytest
 import trio
 import trio.testing
 
+from peerd.core import events as nev
 from peerd.core.config import SwimConfig
-from peerd.core.events import Input, Output, SetTimer, Start, TimerFired
-from peerd.core.mesh.config import local as mesh_local
-from peerd.core.mesh.events import (
+from peerd.core.events import (
     CloseLink,
     Connect,
+    Input,
     LinkDown,
     MeshTimer,
     MessageIn,
     NeighborDown,
     NeighborUp,
+    Output,
     Send,
+    SetTimer,
+    Start,
+    TimerFired,
 )
-from peerd.core.names import events as nev
+from peerd.core.mesh.config import local as mesh_local
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
 from peerd.core.timers import GraftTimeout, ShuffleTick
@@ -253,7 +257,7 @@ async def test_answers_are_fed_after_the_outputs_in_order(
 
 async def test_user_events_go_to_event_watchers(autojump_clock: trio.testing.MockClock) -> None:
     from peerd.api.protocol import encode_user_event
-    from peerd.core.mesh.events import Broadcast, BroadcastResult, Deliver
+    from peerd.core.events import Broadcast, BroadcastResult, Deliver
     from peerd.wire.messages import Channel
 
     def script(now: float, inp: Input) -> list[Output]:

@@ -17,7 +17,7 @@ import trio
 from peerd.api.client import Client
 from peerd.api.protocol import CONNECTION_STREAM, ApiError
 from peerd.core.events import ConnClosed, LogLevel, PacketIn
-from peerd.core.node import Node
+from peerd.core.swim.membership import Node
 from peerd.shell.api_server import ApiServer, PeerCred, serve_api
 from peerd.shell.logs import Logger
 from peerd.shell.runner import Runner

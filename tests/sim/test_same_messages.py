@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from peerd.core.events import Input, Output, Start, TimerFired
-from peerd.core.node import Node
+from peerd.core.swim.membership import Node
 from peerd.sim import store
 from peerd.sim.world import World
 from peerd.wire.messages import MemberState, Status

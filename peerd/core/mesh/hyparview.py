@@ -45,7 +45,7 @@ Theory of operation:
   an active link to a dead member is dropped, since a frozen process keeps
   its links open). The overlay never depends on hints.
 
-See :mod:`peerd.core.mesh.events` for the link contract the shell keeps.
+See :mod:`peerd.core.events` for the link contract the shell keeps.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ Theory of operation:
 * **Channels.** Every broadcast carries a channel (membership, registry,
   user) with its own size limit, and user broadcasts this node originates go
   through a token bucket. Sends carry the channel's priority, so on a busy
-  link the daemon's own traffic goes first (see :mod:`peerd.core.mesh.events`).
+  link the daemon's own traffic goes first (see :mod:`peerd.core.events`).
 
 Broadcast ids are 16 bytes: 8 random bytes drawn once per instance (a
 restarted node never reuses an id) and an 8-byte sequence number. Ids are

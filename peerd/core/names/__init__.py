@@ -1,7 +1,7 @@
 """Names messaging: messages to registered names and groups, and their replies.
 
 A pure, sans-I/O subsystem. :class:`~peerd.core.names.core.Names` takes
-inputs (:mod:`peerd.core.names.events`) with the time they happen and
+inputs (:mod:`peerd.core.events`) with the time they happen and
 returns outputs; it reads the registry replica and membership through a
 read-only view (:mod:`peerd.core.names.view`) and keeps its own state: the
 calls and sequence numbers in flight with their deadlines, the mailbox

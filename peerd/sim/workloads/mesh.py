@@ -22,8 +22,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from peerd.core.events import Broadcast, BroadcastResult, Deliver
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
-from peerd.core.mesh.events import Broadcast, BroadcastResult, Deliver
 from peerd.sim.measure import stats3
 from peerd.wire.messages import Channel
 

@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peerd.core.names import events as nev
+from peerd.core import events as nev
 from peerd.wire.messages import RegKind
 
 if TYPE_CHECKING:

@@ -4,8 +4,7 @@ receiver's checks, reply tokens, hints and the mailbox bounds."""
 
 from __future__ import annotations
 
-from peerd.core.names.core import NamesConfig
-from peerd.core.names.events import (
+from peerd.core.events import (
     ConnClosed,
     DeadlineFired,
     DeliverToConn,
@@ -26,7 +25,8 @@ from peerd.core.names.events import (
     SendResult,
     SendToName,
 )
-from peerd.core.names.events import Why as W
+from peerd.core.events import Why as W
+from peerd.core.names.core import NamesConfig
 from peerd.core.names.view import MemberRef
 from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind, Status
 from tests.core.names.helpers import ADDR, ME, OTHER, THIRD, make

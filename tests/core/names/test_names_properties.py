@@ -8,8 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peerd.core.names.core import NamesConfig
-from peerd.core.names.events import (
+from peerd.core.events import (
     ConnClosed,
     DeadlineFired,
     DeliverToConn,
@@ -30,6 +29,7 @@ from peerd.core.names.events import (
     SendResult,
     SendToName,
 )
+from peerd.core.names.core import NamesConfig
 from peerd.wire.messages import NameMsg, NameReply, NameStatus, RegKind
 from tests.core.names.helpers import ME, OTHER, THIRD, make
 
