@@ -40,7 +40,7 @@ from __future__ import annotations
 import collections
 import random
 from collections.abc import Callable, Mapping
-from typing import cast
+from typing import Any, cast
 
 from peerd.core import events as nev
 from peerd.core.config import SwimConfig
@@ -69,6 +69,7 @@ from peerd.core.events import (
     MessageIn,
     NeighborDown,
     NeighborUp,
+    Output,
     PeerInput,
     PeerOutput,
     Register,
@@ -93,6 +94,8 @@ MESH_JOIN_CONTACTS = 3
 MESH_JOIN_HINTS = 8
 _HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
 _HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
+# Membership outputs that are news for another subsystem.
+_NEWS = frozenset({MeshCast, MemberEvent, JoinDone})
 # Inputs that only the names core takes.
 _NAMES_INPUTS = (
     nev.SendToName,
@@ -120,6 +123,7 @@ class Peer:
         "_neighbours",
         "_connected",
         "_leaving",
+        "_routes",
     )
 
     def __init__(
@@ -184,61 +188,102 @@ class Peer:
             )
         else:
             self.handle = self._handle
+        self._routes = self._routes_table()
 
     # --- routing -------------------------------------------------------------------
 
     def _handle(self, now: float, inp: PeerInput) -> list[PeerOutput]:
-        out: list[PeerOutput] = []
-        match inp:
-            case TimerFired(timer) if isinstance(timer, MeshTimer):
-                self._to_mesh(now, MeshTimerFired(timer), out)
-            case TimerFired(timer) if isinstance(timer, nev.SendDeadline):
-                self._to_names(now, nev.DeadlineFired(timer), out)
-            case MessageIn(src, msg) if isinstance(msg, NameMsg):
-                self._to_names(now, nev.NameMsgIn(src, msg), out)
-            case MessageIn(src, msg) if isinstance(msg, NameReply):
-                self._to_names(now, nev.NameReplyIn(src, msg), out)
-            case MessageIn():
-                if self.mesh is not None:
-                    self._to_mesh(now, inp, out)
-                else:
-                    self.counters["link_drop_unexpected"] += 1
-            case LinkDown(node, link, mesh):
-                if mesh and self.mesh is not None:
-                    self._to_mesh(now, LinkDown(node), out)
-                self._to_names(now, nev.LinkLost(node, link), out)
-            case Broadcast(ref):
-                if self.mesh is None or self._leaving:
-                    out.append(BroadcastResult(ref, error=("unavailable", "no mesh")))
-                else:
-                    self._to_mesh(now, inp, out)
-            case JoinMesh():
-                self._to_mesh(now, inp, out)
-            case Leave():
-                self._leaving = True
-                self._view.is_leaving = True
-                if self.mesh is not None:
-                    self._to_mesh(now, LeaveMesh(), out)
-                self._to_membership(now, inp, out)
-            case ConnClosed(conn):
-                self._to_membership(now, inp, out)
-                self._view.conns.discard(conn)
-                self._to_names(now, nev.ConnClosed(conn), out)
-            case nev.SendToName(conn=conn) | nev.ReplyToSender(conn=conn):
-                if conn > 0:
-                    self._view.conns.add(conn)
-                self._to_names(now, inp, out)
-            case _ if isinstance(inp, _NAMES_INPUTS):
-                self._to_names(now, inp, out)
-            case Register(conn=conn):
-                self._view.conns.add(conn)
-                self._to_membership(now, inp, out)
-            case _:
-                self._to_membership(now, cast(Input, inp), out)
+        route = self._routes.get(inp.__class__)
+        if route is None:
+            # Membership's and the registry's own inputs (datagrams, streams,
+            # their timers, commands): most inputs. Their outputs go out as
+            # they are unless one is news for another subsystem.
+            outs = self.membership.handle(now, cast(Input, inp))
+            for o in outs:
+                if o.__class__ in _NEWS:
+                    out: list[PeerOutput] = []
+                    self._after_membership(now, outs, out)
+                    return out
+            return outs  # type: ignore[return-value]
+        out = []
+        route(now, inp, out)
         return out
 
+    def _routes_table(self) -> dict[type, Callable[[float, Any, list[PeerOutput]], None]]:
+        return {
+            **dict.fromkeys(_NAMES_INPUTS, self._to_names),
+            TimerFired: self._on_timer,
+            MessageIn: self._on_link_message,
+            LinkDown: self._on_link_down,
+            Broadcast: self._on_broadcast,
+            JoinMesh: self._to_mesh,
+            Leave: self._on_leave,
+            ConnClosed: self._on_conn_closed,
+            nev.SendToName: self._on_send,
+            nev.ReplyToSender: self._on_send,
+            Register: self._on_register,
+        }
+
+    def _on_timer(self, now: float, inp: TimerFired, out: list[PeerOutput]) -> None:
+        timer = inp.timer
+        if isinstance(timer, MeshTimer):
+            self._to_mesh(now, MeshTimerFired(timer), out)
+        elif timer.__class__ is nev.SendDeadline:
+            self._to_names(now, nev.DeadlineFired(timer), out)
+        else:
+            self._to_membership(now, inp, out)
+
+    def _on_link_message(self, now: float, inp: MessageIn, out: list[PeerOutput]) -> None:
+        msg = inp.msg
+        c = msg.__class__
+        if c is NameMsg:
+            self._to_names(now, nev.NameMsgIn(inp.src, msg), out)  # type: ignore[arg-type]
+        elif c is NameReply:
+            self._to_names(now, nev.NameReplyIn(inp.src, msg), out)  # type: ignore[arg-type]
+        elif self.mesh is not None:
+            self._to_mesh(now, inp, out)
+        else:
+            self.counters["link_drop_unexpected"] += 1
+
+    def _on_link_down(self, now: float, inp: LinkDown, out: list[PeerOutput]) -> None:
+        if inp.mesh and self.mesh is not None:
+            self._to_mesh(now, LinkDown(inp.node), out)
+        self._to_names(now, nev.LinkLost(inp.node, inp.link), out)
+
+    def _on_broadcast(self, now: float, inp: Broadcast, out: list[PeerOutput]) -> None:
+        if self.mesh is None or self._leaving:
+            out.append(BroadcastResult(inp.ref, error=("unavailable", "no mesh")))
+        else:
+            self._to_mesh(now, inp, out)
+
+    def _on_leave(self, now: float, inp: Leave, out: list[PeerOutput]) -> None:
+        self._leaving = True
+        self._view.is_leaving = True
+        if self.mesh is not None:
+            self._to_mesh(now, LeaveMesh(), out)
+        self._to_membership(now, inp, out)
+
+    def _on_conn_closed(self, now: float, inp: ConnClosed, out: list[PeerOutput]) -> None:
+        self._to_membership(now, inp, out)
+        self._view.conns.discard(inp.conn)
+        self._to_names(now, inp, out)
+
+    def _on_send(
+        self, now: float, inp: nev.SendToName | nev.ReplyToSender, out: list[PeerOutput]
+    ) -> None:
+        if inp.conn > 0:
+            self._view.conns.add(inp.conn)
+        self._to_names(now, inp, out)
+
+    def _on_register(self, now: float, inp: Register, out: list[PeerOutput]) -> None:
+        self._view.conns.add(inp.conn)
+        self._to_membership(now, inp, out)
+
     def _to_membership(self, now: float, inp: Input, out: list[PeerOutput]) -> None:
-        for o in self.membership.handle(now, inp):
+        self._after_membership(now, self.membership.handle(now, inp), out)
+
+    def _after_membership(self, now: float, outs: list[Output], out: list[PeerOutput]) -> None:
+        for o in outs:
             c = o.__class__
             if c is MeshCast:
                 assert isinstance(o, MeshCast)
