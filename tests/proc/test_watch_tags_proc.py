@@ -105,12 +105,18 @@ class Writer(threading.Thread):
         self.client = BlockingClient(d.sock, timeout=10)
         self.count = 0
         self.stop = threading.Event()
+        # Set once a watch is open: then at most about 1,000 writes a second,
+        # which a CLI watcher keeps up with even on a busy machine (the
+        # daemon rightly drops a watcher that falls 256 events behind).
+        self.paced = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             i = 0
             while not self.stop.is_set() and i < 100_000:
+                if self.paced.is_set():
+                    self.stop.wait(0.001)
                 self.client.register(f"w{i}")
                 if i % 3 == 1:
                     self.client.call("unregister", name=f"w{i - 1}")
@@ -129,11 +135,14 @@ def test_watch_snapshot_then_changes_has_no_gap(
     try:
         wait_until(lambda: writer.count >= 200 or writer.error, 20.0, "the writer under way")
         assert writer.error is None, writer.error
+        writer.paced.set()
         w = CliWatch(a, "--snapshot", "--topic", "members", "--topic", "registry")
         cli_watches.append(w)
 
         def live_registry_events() -> int:
             lines = w.events()
+            ended = [e for e in lines if "event" not in e]
+            assert not ended, f"the watch ended: {ended[0]}"
             ends = [i for i, e in enumerate(lines) if e["event"] == "snapshot_end"]
             if len(ends) < 2:
                 return 0
