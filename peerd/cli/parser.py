@@ -404,7 +404,7 @@ def build_parser(with_agent_flags: bool = False) -> argparse.ArgumentParser:
         "one failed, 2 for a bad scenario file.",
         parents=(),
     )
-    from peerd.sim import cli as sim_cli
+    import peerd.cli.sim as sim_cli
 
     sim_cli.add_arguments(p)
     p.set_defaults(func=sim_cli.cmd_sim)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from peerd.cli.format import error_json
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SCENARIO = 0, 1, 2
 
 
@@ -32,8 +34,6 @@ def _fail(args: argparse.Namespace, message: str) -> int:
     """A bad scenario or option: one line on stderr, or under --json the
     CLI's JSON error on stdout; exit 2 either way."""
     if getattr(args, "json", False):
-        from peerd.cli import error_json
-
         print(error_json("usage", message))
     else:
         print(f"peerd sim: {message}", file=sys.stderr)
@@ -66,13 +66,3 @@ def cmd_sim(args: argparse.Namespace) -> int:
     else:
         print(report.text_report(summary))
     return EXIT_OK if summary["passed"] else EXIT_FAILED
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="peerd sim", description=__doc__)
-    add_arguments(p)
-    return cmd_sim(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
