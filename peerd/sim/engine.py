@@ -91,6 +91,7 @@ class Proc:
         "sealer",
         "opener",
         "leaving",
+        "flush",
     )
 
     def __init__(self, host: Host, node: Peer, gen: int) -> None:
@@ -108,6 +109,9 @@ class Proc:
         self.sealer: sealmod.Sealer | None = None
         self.opener: sealmod.Opener | None = None
         self.leaving = False
+        # Called after each input: a compact members table puts the records
+        # the core looked up back into its arrays (peerd.sim.compact).
+        self.flush: Callable[[], None] | None = None
 
 
 def _link_input(inp: Any) -> bool:
@@ -245,6 +249,8 @@ class Engine:
                         continue
             events += 1
             outs = proc.node.handle(t, inp)
+            if proc.flush is not None:
+                proc.flush()
             if outs:
                 self._carry_out(proc, outs, t)
         self.counts["events"] += events

@@ -19,7 +19,7 @@ import heapq
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from peerd.core import events as nev
 from peerd.core.events import (
@@ -48,6 +48,8 @@ from peerd.core.events import (
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
+from peerd.core.swim.members import Member, MemberTables, StoreFactory
+from peerd.sim import compact as compact_store
 from peerd.sim import store
 from peerd.sim.engine import Host, Proc
 from peerd.sim.faults import Faults
@@ -64,9 +66,16 @@ from peerd.wire.messages import Addr, MemberState, Status
 
 class World(Faults):
     def __init__(
-        self, scenario: Scenario, *, progress: Callable[[World], None] | None = None
+        self,
+        scenario: Scenario,
+        *,
+        progress: Callable[[World], None] | None = None,
+        compact: bool = True,
     ) -> None:
         super().__init__(scenario, progress=progress)
+        # Members tables of nodes that join share their records (see
+        # peerd.sim.compact); compact=False gives them plain tables.
+        self.records = compact_store.Records() if compact else None
         ns = scenario.names
         regspec = scenario.registry
         if regspec is None and ns is not None and ns.names_per_node:
@@ -217,8 +226,20 @@ class World(Faults):
         host.gen += 1
         gen = host.gen
         seed, i = self.sc.seed, host.index
+        made: list[compact_store.CompactMembers] = []
+        factory: StoreFactory | None = None
+        if preload is not None:
+            factory = preload.tables
+        elif self.records is not None:
+            records = self.records
+
+            def factory(me: Member, rng: random.Random) -> MemberTables:
+                tables = records.tables(me, rng)
+                made.append(cast(compact_store.CompactMembers, tables.members))
+                return tables
+
         node = Peer(
-            store=None if preload is None else preload.tables,
+            store=factory,
             node_id=host.node_id,
             name=f"n{i}",
             addr=host.addr,
@@ -239,6 +260,8 @@ class World(Faults):
             row = bytearray(self.n)
         row[host.index] = V_ALIVE
         proc = Proc(host, node, gen)
+        if made:
+            proc.flush = made[0].flush
         if self.seal:
             assert self._keyring is not None
             nonce_rng = random.Random(f"peerd-sim-nonce:{self.sc.seed}:{host.index}:{gen}")
