@@ -9,6 +9,7 @@ keys it needs in :data:`peerd.sim.scenario.CHECK_NEEDS` (the scenario language).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -191,7 +192,12 @@ def _max_links_per_node(rec: Record, e: Expect) -> Result:
 
 
 def _mesh_records(rec: Record, e: Expect) -> list[Any]:
-    return [r for r in rec.mesh_records if r.at >= e.after_s and r.eligible and not r.origin_died]
+    until = math.inf if e.until_s is None else e.until_s
+    return [
+        r
+        for r in rec.mesh_records
+        if e.after_s <= r.at < until and r.eligible and not r.origin_died
+    ]
 
 
 def _broadcast_reliability(rec: Record, e: Expect) -> Result:
@@ -236,7 +242,7 @@ def _name_delivery(rec: Record, e: Expect) -> Result:
     whose owner was live at send time and for the next second, the fraction
     that reached that owner, at least ``min`` (default 0.999)."""
     limit = e.min if e.min is not None else 0.999
-    tot = rec.names_at.get(e.after_s)
+    tot = rec.names_at.get((e.after_s, e.until_s))
     v = tot.delivery() if tot is not None else None
     return v is not None and v >= limit, v, limit
 
@@ -245,7 +251,7 @@ def _name_latency(rec: Record, e: Expect) -> Result:
     """Names workload: the p99 of send-to-delivery time of the messages sent
     at or after after_s that were delivered, in milliseconds (0.1 ms
     resolution), at most ``max_ms``."""
-    tot = rec.names_at.get(e.after_s)
+    tot = rec.names_at.get((e.after_s, e.until_s))
     v = hist_pct(tot.latency, 0.99) if tot is not None else None
     return v is not None and v <= (e.max_ms or 0.0), v, e.max_ms
 
@@ -257,7 +263,7 @@ def _lost_messages(rec: Record, e: Expect) -> Result:
     a result at the end of the run past their deadline, at most ``max``
     (default 0). Fails when nothing was sent."""
     limit = int(e.max or 0)
-    tot = rec.names_at.get(e.after_s)
+    tot = rec.names_at.get((e.after_s, e.until_s))
     if tot is None or not tot.sent:
         return False, None, limit
     v = tot.lost + int((rec.names or {}).get("no_result", 0))

@@ -78,7 +78,7 @@ class Record:
     registry_evals: dict[int, Any] = field(default_factory=dict)
     # with a names workload: its summary, and its totals by check cutoff (after_s)
     names: dict[str, Any] | None = None
-    names_at: dict[float, Any] = field(default_factory=dict)
+    names_at: dict[tuple[float, float | None], Any] = field(default_factory=dict)
 
     def first_converged_at(self, after: float) -> float | None:
         return first_true_at(self.convergence, after)

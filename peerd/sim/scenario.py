@@ -37,6 +37,7 @@ from peerd.sim.spec import (  # re-exported: the scenario's data
     _TOP_KEYS,
     CHECK_NEEDS,
     FAULT_KINDS,
+    WINDOWED_CHECKS,
     Expect,
     Fault,
     Latency,
@@ -409,6 +410,7 @@ class _Parser:
                 *where,
                 "start_s" if start else "over_s",
             )
+        on_start = self._num(d, "on_start_s", where, lo=0)
         assert churn is not None and churn_from is not None and start is not None
         assert over is not None
         return RegistrySpec(
@@ -422,6 +424,7 @@ class _Parser:
             preload,
             start,
             over,
+            on_start,
         )
 
     def network(self, d: Any) -> NetworkSpec:
@@ -577,8 +580,19 @@ class _Parser:
         mn = self._num(d, "min", where)
         nodes = self._selection(d["nodes"], where, "nodes") if "nodes" in d else None
         max_ms = self._num(d, "max_ms", where, lo=0, lo_open=True)
+        until = self._num(d, "until_s", where, lo=0)
         assert after is not None
-        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes, max_ms)
+        if until is not None:
+            if check not in WINDOWED_CHECKS:
+                self.fail(
+                    f"check '{check}' takes no 'until_s' (only "
+                    f"{', '.join(sorted(WINDOWED_CHECKS))} judge a window of sends)",
+                    *where,
+                    "until_s",
+                )
+            if until <= after:
+                self.fail(f"'until_s' ({until:g}) must be after 'after_s' ({after:g})", *where)
+        return Expect(i, self.lines.of(*where), check, after, within, mx, mn, nodes, max_ms, until)
 
 
 def _closest(word: str, options: set[str]) -> str | None:

@@ -97,6 +97,7 @@ _REGISTRY_KEYS = {
     "preload",
     "start_s",
     "over_s",
+    "on_start_s",
 }
 _NAMES_KEYS = {
     "names_per_node",
@@ -118,7 +119,17 @@ _NETWORK_KEYS = {
     "seal",
     "stream_timeout_s",
 }
-_EXPECT_KEYS = {"check", "after_s", "within_s", "max", "min", "max_ms", "nodes", "note"}
+_EXPECT_KEYS = {
+    "check",
+    "after_s",
+    "until_s",
+    "within_s",
+    "max",
+    "min",
+    "max_ms",
+    "nodes",
+    "note",
+}
 
 
 class ScenarioError(Exception):
@@ -203,6 +214,9 @@ class RegistrySpec:
     preload: bool = True
     start_s: float = 0.0
     over_s: float = 0.0
+    # Nodes that start during the run (a join, a restart) register their
+    # workload this long after their daemon starts; None: they register nothing.
+    on_start_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +262,9 @@ class Expect:
     min: float | None = None
     nodes: Selection | None = None
     max_ms: float | None = None
+    # checks of what was sent (broadcasts, messages to names): only what was
+    # sent before until_s counts (None: to the end of the run)
+    until_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +316,18 @@ class Scenario:
             return max(1, min(self.nodes, sel))
         raise AssertionError("start_nodes is validated at load")
 
+
+# The checks that judge what was sent in a window [after_s, until_s).
+WINDOWED_CHECKS = frozenset(
+    {
+        "broadcast_reliability",
+        "broadcast_redundancy",
+        "broadcast_hops",
+        "name_delivery",
+        "name_latency",
+        "lost_messages",
+    }
+)
 
 # The checks a scenario can state, with the keys each needs (their functions
 # live in peerd.sim.checks, which reads the run's record).

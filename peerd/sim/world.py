@@ -98,7 +98,7 @@ class World(Faults):
             NameRecorder(
                 ns.settle_s,
                 ns.reply,
-                [e.after_s for e in scenario.expects if e.check in NAMES_CHECKS],
+                [(e.after_s, e.until_s) for e in scenario.expects if e.check in NAMES_CHECKS],
             )
             if ns is not None
             else None

@@ -13,9 +13,18 @@ from tests.sim.helpers import run, scenario
 
 
 def _check(name: str, rec: Record, **kw: float) -> tuple[bool, object, object]:
-    e = Expect(0, 1, name, kw.pop("after_s", 0.0), None, kw.get("max"), kw.get("min"), None)
-    if "max_ms" in kw:
-        e = Expect(0, 1, name, e.after_s, None, None, None, None, kw["max_ms"])
+    e = Expect(
+        0,
+        1,
+        name,
+        kw.get("after_s", 0.0),
+        None,
+        kw.get("max"),
+        kw.get("min"),
+        None,
+        kw.get("max_ms"),
+        kw.get("until_s"),
+    )
     return CHECKS[name].fn(rec, e)
 
 
@@ -83,8 +92,8 @@ def test_messages_are_judged_at_settle_and_then_forgotten() -> None:
     assert s["late_events"] == 1 and s["open_at_end"] == 0
 
 
-def test_cutoffs_count_only_messages_sent_at_or_after_them() -> None:
-    r = NameRecorder(settle_s=1.0, reply=False, cutoffs=[10.0])
+def test_windows_count_only_messages_sent_within_them() -> None:
+    r = NameRecorder(settle_s=1.0, reply=False, windows=[(10.0, None), (0.0, 5.0), (10.0, 20.0)])
     r.sent(1, 1.0, sender=0, name="a", owner=1, owner_gen=1, owner_live=True)  # lost, early
     r.sent(2, 12.0, sender=0, name="a", owner=1, owner_gen=1, owner_live=True)
     r.delivered(2, 12.02, node=1)
@@ -93,6 +102,12 @@ def test_cutoffs_count_only_messages_sent_at_or_after_them() -> None:
     assert _check("lost_messages", rec, after_s=10.0) == (True, 0, 0)
     assert _check("name_latency", rec, after_s=10.0, max_ms=50.0) == (True, 20.0, 50.0)
     assert _check("name_latency", rec, after_s=10.0, max_ms=10.0)[0] is False
+    assert _check("lost_messages", rec, until_s=5.0) == (False, 1, 0)
+    assert _check("lost_messages", rec, after_s=10.0, until_s=20.0) == (True, 0, 0)
+    r.sent(3, 22.0, sender=0, name="a", owner=1, owner_gen=1, owner_live=True)  # lost, late
+    rec = _record(r, 40.0)
+    assert _check("lost_messages", rec, after_s=10.0) == (False, 1, 0)
+    assert _check("lost_messages", rec, after_s=10.0, until_s=20.0) == (True, 0, 0)
 
 
 def test_no_message_sent_fails_rather_than_passes() -> None:

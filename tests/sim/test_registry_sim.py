@@ -220,3 +220,24 @@ def test_kind_names_of_the_workload() -> None:
     assert {
         (c.entry.kind, c.entry.name) for c in st.entries() if c.origin == w.hosts[0].node_id
     } >= {(RegKind.NAME, "n0.0"), (RegKind.GROUP, "g0")}
+
+
+def test_nodes_that_join_register_their_workload_once_up() -> None:
+    """on_start_s: a node that joins (or restarts) registers its names and
+    groups that long after its daemon starts, and they reach every node."""
+    sc = scenario(
+        "[registry]\nnames_per_node = 2\ngroups = 3\njoins_per_node = 1\npreload = false\n"
+        "on_start_s = 0.5\n[mesh]\nenabled = false\n"
+        '[[fault]]\nat_s = 1\nkind = "join"\nnodes = "all"\nover_s = 4\n'
+        '[[expect]]\ncheck = "registry_converged"\nafter_s = 8\nwithin_s = 10\n',
+        nodes=20,
+        duration=20,
+        extra_top="start_nodes = 4",
+    )
+    w, _rec, s = run(sc)
+    assert w.reg is not None
+    # the 4 nodes of t=0 register theirs at start_s (preload = false), the
+    # 16 joiners once up: 2 names and 1 group each, every one accepted
+    assert w.reg.counts["registered"] == 20 * 3
+    assert w.reg.counts["rejected"] == 0
+    assert s["passed"], s["checks"]

@@ -38,6 +38,7 @@ def test_good_file_loads() -> None:
         ("at_s = 1", "at_s = 1\ngroups = [0.5, 0.5]", 6, "'groups' is not used there"),
         ('check = "converged"', 'check = "happy"', 9, "unknown check 'happy'"),
         ("within_s = 5", "", 8, "check 'converged' needs 'within_s'"),
+        ("within_s = 5", "within_s = 5\nuntil_s = 9", 11, "check 'converged' takes no 'until_s'"),
         ("nodes = 10", "nodes = 0", 2, "'nodes' must be an integer >= 1"),
         ("duration_s = 10", "duration_s = 10\n[network]\nloss = 2", 5, "'loss' must be <= 1"),
         ("duration_s = 10", "duration_s = [", 4, "TOML syntax"),  # where tomllib notices
@@ -93,3 +94,11 @@ def test_cli_missing_file_exit_2(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_until_s_must_follow_after_s() -> None:
+    text = GOOD + '[[expect]]\ncheck = "broadcast_reliability"\nafter_s = 5\nuntil_s = 5\n'
+    with pytest.raises(ScenarioError, match="'until_s' .5. must be after 'after_s' .5."):
+        loads(text)
+    sc = loads(text.replace("until_s = 5", "until_s = 8"))
+    assert (sc.expects[1].after_s, sc.expects[1].until_s) == (5, 8)

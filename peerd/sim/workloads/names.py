@@ -113,7 +113,12 @@ class _Totals:
 class NameRecorder:
     """Records the messages of a names workload; see the module docstring."""
 
-    def __init__(self, settle_s: float, reply: bool, cutoffs: Iterable[float] = ()) -> None:
+    def __init__(
+        self,
+        settle_s: float,
+        reply: bool,
+        windows: Iterable[tuple[float, float | None]] = (),
+    ) -> None:
         if settle_s < OWNER_WINDOW_S:
             raise ValueError("settle_s must be at least the owner window (1 s)")
         self.settle_s = settle_s
@@ -123,7 +128,12 @@ class NameRecorder:
         # when each (host, generation) process ended: what "owner live for the
         # next second" is judged against (one entry per process end)
         self._ended: dict[tuple[int, int], float] = {}
-        self.totals = {c: _Totals() for c in sorted({0.0, *cutoffs})}
+        # per window [after_s, until_s) of send times (until None: no end),
+        # in order of after_s; (0.0, None) is the whole run
+        self.totals = {
+            w: _Totals()
+            for w in sorted({(0.0, None), *windows}, key=lambda w: (w[0], w[1] or math.inf))
+        }
         self.late = 0  # events for a message already judged (or never sent)
 
     # --- events from the driver and the world --------------------------------------
@@ -181,13 +191,13 @@ class NameRecorder:
         """Judge what is due at ``end`` (None: every message still open, as
         if its settle time had passed) and return the summary ("names")."""
         self.judge(math.inf if end is None else end)
-        out = self.totals[0.0].summary()
+        out = self.totals[(0.0, None)].summary()
         out["open_at_end"] = len(self._open)
         out["late_events"] = self.late
         return out
 
-    def at_cutoff(self, after_s: float) -> _Totals:
-        return self.totals[after_s]
+    def window(self, after_s: float, until_s: float | None = None) -> _Totals:
+        return self.totals[(after_s, until_s)]
 
     def _get(self, msg: int, t: float) -> NameRecord | None:
         rec = self._open.get(msg)
@@ -201,9 +211,11 @@ class NameRecorder:
         eligible = rec.owner >= 0 and rec.owner_live and window_ok
         owner_died = rec.owner >= 0 and rec.owner_live and not window_ok
         reached = rec.delivered_at is not None and rec.delivered_to == rec.owner
-        for cutoff, tot in self.totals.items():
-            if rec.sent_at < cutoff:
-                break  # (totals are in cutoff order)
+        for (after, until), tot in self.totals.items():
+            if rec.sent_at < after:
+                break  # (totals are in order of after_s)
+            if until is not None and rec.sent_at >= until:
+                continue
             tot.sent += 1
             if rec.delivered_at is not None:
                 tot.delivered += 1

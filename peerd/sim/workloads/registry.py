@@ -259,6 +259,15 @@ class RegistryWorld:
         self.default[i] = preloaded
         self.flip[i] = set()
         self._changed(t)
+        delay = self.spec.on_start_s
+        if delay is not None and t > 0:  # a node that joins or restarts: its applications start
+            gen = self.w.hosts[i].gen
+            self.w.at(t + delay, lambda: self._register_started(i, gen))
+
+    def _register_started(self, i: int, gen: int) -> None:
+        cur = self.w.hosts[i].cur
+        if cur is not None and cur.gen == gen:  # not restarted again, not gone
+            self._register_all(i)
 
     def observer_off(self, i: int, t: float) -> None:
         """Host ``i``'s process stops counting (crash, restart, leave): its
