@@ -235,12 +235,12 @@ class MeshSpec:
 
 @dataclass(frozen=True, slots=True)
 class NamesSpec:
-    """A names workload (``[names]``): every running node's processes send,
-    one message every ``send_every_s`` per node on average, a message of
+    """A names workload (``[names]``): every ``send_every_s`` (for the whole
+    cluster, whatever its size) a random live process sends a message of
     ``payload_bytes`` to a random registered name (``names_per_node`` names
     of its own per node; 0: the [registry] workload's unique names), asking
     for a reply if ``reply``; each message is judged ``settle_s`` (>= 1) after
-    it was sent. Driven once names messaging runs in the simulator."""
+    it was sent."""
 
     names_per_node: int = 0
     send_every_s: float = 1.0
