@@ -600,7 +600,8 @@ class Runner(Backend, KeyOps):
 
     def _link_send(self, out: LinkSend) -> None:
         """A message to a name (or its answer) over a direct link, opened on
-        demand; the core hears whether the link manager took it."""
+        demand; the core hears if the link manager refused it or it went on
+        another link than the core thinks."""
         node, links = out.node, self.links
         ok = False
         if links is not None:
@@ -609,7 +610,8 @@ class Runner(Backend, KeyOps):
             ok = bool(links.send(node, out.msg, DIRECT_PRIORITY, mesh=False))
         if out.seq:
             link = links.link_id(node) if ok and links is not None else None
-            self._feedback.append(LinkSendDone(out.seq, ok, link))
+            if not ok or link != out.link:
+                self._feedback.append(LinkSendDone(out.seq, ok, link))
 
     def _offer(self, d: DeliverToConn) -> None:
         outcome = (
@@ -617,7 +619,12 @@ class Runner(Backend, KeyOps):
             if self.sends is not None
             else OfferOutcome.CLOSED
         )
-        self._feedback.append(Offered(d.token, outcome))
+        if d.answer is None:
+            self._feedback.append(Offered(d.token, outcome))
+        elif outcome is OfferOutcome.OK:
+            self._link_send(d.answer)
+        else:
+            self._feedback.append(Offered(d.token, outcome, d))
 
     def _mail_report(self, conn: int, taken: int | None) -> None:
         """An API connection's writer took ``taken`` mailbox messages (None:

@@ -108,6 +108,9 @@ from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind,
 
 DEFAULT_SCOPE = "default"  # the API's default scope (a hint's scope when none was sent)
 
+# A NameMsg's fields after ``seq`` (chosen at dispatch: one object per copy sent).
+_MsgFields = tuple[RegKind, str, str, int, str, bytes, int, int, str, int, int, int]
+
 
 @dataclass(frozen=True, slots=True)
 class NamesConfig:
@@ -195,6 +198,8 @@ class Names:
         self._calls: dict[int, _Call] = {}
         self._sent: dict[int, _Sent] = {}  # seq -> where it went
         self._by_node: dict[NodeId, dict[int, None]] = {}  # node -> its seqs, in order
+        # node -> the link the runtime last named for it (LinkSend.link)
+        self._links: dict[NodeId, int] = {}
         self._deliveries: dict[int, _Delivery] = {}  # token -> waiting for Offered
         self.hints = Hints(self.config.hint_ttl_s, self.config.max_hints)
         # Entries (local eids) whose holder takes no messages. Eids are never
@@ -236,8 +241,11 @@ class Names:
                 self._link_send_done(seq, ok, link, out)
             case LinkLost(node, link):
                 self._link_lost(node, link, out)
-            case Offered(token, outcome):
-                self._offered(token, outcome, out)
+            case Offered(token, outcome, delivery):
+                if delivery is None:
+                    self._offered(token, outcome, out)
+                else:
+                    self._refused(delivery, outcome, out)
             case MailboxTaken(conn, count):
                 self._taken(conn, count)
             case ConnClosed(conn):
@@ -284,8 +292,7 @@ class Names:
         call = self._calls[s.call] = _Call(s.every, False)
         sender, sender_scope, sender_eid = self._sender(s.conn)
         for t in targets:
-            msg = NameMsg(
-                0,
+            fields = (
                 s.kind,
                 s.scope,
                 s.name,
@@ -299,7 +306,7 @@ class Names:
                 t.generation,
                 0,
             )
-            self._dispatch(s.call, call, t.node, msg, out)
+            self._dispatch(s.call, call, t.node, fields, out)
         self._started(now, s.call, call, out)
 
     def _reply_to_sender(self, now: float, r: ReplyToSender, out: list[NamesOutput]) -> None:
@@ -323,8 +330,7 @@ class Names:
                 return
         call = self._calls[r.call] = _Call(False, True)
         sender, sender_scope, sender_eid = self._sender(r.conn)
-        msg = NameMsg(
-            0,
+        fields = (
             RegKind.NAME,
             "",
             "",
@@ -338,7 +344,7 @@ class Names:
             to.generation,
             to.conn,
         )
-        self._dispatch(r.call, call, to.node, msg, out)
+        self._dispatch(r.call, call, to.node, fields, out)
         self._started(now, r.call, call, out)
 
     def _sender(self, conn: int) -> tuple[str, str, int]:
@@ -356,12 +362,17 @@ class Names:
             self._finish(call_id, call, out)
 
     def _dispatch(
-        self, call_id: int, call: _Call, node: NodeId, msg: NameMsg, out: list[NamesOutput]
+        self,
+        call_id: int,
+        call: _Call,
+        node: NodeId,
+        fields: _MsgFields,
+        out: list[NamesOutput],
     ) -> None:
         me = self.view.me()
         if node == me:
             self.counters["send_local"] += 1
-            token = self._receive(me, msg, call_id, out)
+            token = self._receive(me, NameMsg(0, *fields), call_id, out)
             if token:
                 call.open[-token] = me
             return
@@ -372,18 +383,25 @@ class Names:
         seq = self._next_seq
         self._next_seq += 1
         call.open[seq] = node
-        self._sent[seq] = _Sent(call_id, node)
+        # Taken, on the link named last for ``node``, unless told otherwise.
+        link = self._links.get(node)
+        self._sent[seq] = _Sent(call_id, node, link)
         self._by_node.setdefault(node, {})[seq] = None
-        out.append(LinkSend(node, member.addr, _with_seq(msg, seq), seq))
+        self.counters["send_remote"] += 1
+        out.append(LinkSend(node, member.addr, NameMsg(seq, *fields), seq, link))
 
     def _link_send_done(self, seq: int, ok: bool, link: int | None, out: list[NamesOutput]) -> None:
         sent = self._sent.get(seq)
         if sent is None:
             return
         if ok:
-            self.counters["send_remote"] += 1
             sent.link = link
+            if link is None:
+                self._links.pop(sent.node, None)
+            else:
+                self._links[sent.node] = link
             return
+        self.counters["send_remote"] -= 1
         self._end_seq(seq, sent, None, (SendError.UNAVAILABLE, Why.LINK_REFUSED), out)
 
     def _on_reply(self, src: NodeId, reply: NameReply, out: list[NamesOutput]) -> None:
@@ -394,6 +412,8 @@ class Names:
         self._end_seq(reply.seq, sent, reply.status, None, out)
 
     def _link_lost(self, node: NodeId, link: int | None, out: list[NamesOutput]) -> None:
+        if link is None or self._links.get(node) == link:
+            self._links.pop(node, None)
         seqs = self._by_node.get(node)
         if not seqs:
             return
@@ -495,29 +515,50 @@ class Names:
                 self.counters["message_mailbox_full_daemon"] += 1
                 status = NameStatus.MAILBOX_FULL
             else:
-                token = self._next_token
-                self._next_token += 1
-                self._deliveries[token] = _Delivery(token, conn, size, call, src, msg.seq)
                 reply_to = (
                     ReplyAddr(src, msg.from_gen, msg.from_conn)
                     if msg.from_gen and msg.from_conn
                     else None
                 )
+                kind = None if msg.to_conn else msg.kind
+                if call:  # a local call: its outcome waits for Offered
+                    token = self._next_token
+                    self._next_token += 1
+                    self._deliveries[token] = _Delivery(token, conn, size, call, src, msg.seq)
+                    out.append(
+                        DeliverToConn(
+                            token,
+                            conn,
+                            msg.sender,
+                            src,
+                            msg.from_scope,
+                            kind,
+                            msg.scope,
+                            msg.name,
+                            msg.payload,
+                            reply_to,
+                        )
+                    )
+                    return token
+                # From another daemon: counted as taken now, with the answer
+                # to send if it is (a refusal comes back as Offered).
+                self._queued(conn, size)
                 out.append(
                     DeliverToConn(
-                        token,
+                        0,
                         conn,
                         msg.sender,
                         src,
                         msg.from_scope,
-                        None if msg.to_conn else msg.kind,
+                        kind,
                         msg.scope,
                         msg.name,
                         msg.payload,
                         reply_to,
+                        LinkSend(src, None, NameReply(msg.seq, NameStatus.DELIVERED)),
                     )
                 )
-                return token
+                return 0
         self._answer(_Delivery(0, 0, 0, call, src, msg.seq), status, out)
         return 0
 
@@ -552,15 +593,45 @@ class Names:
             return NameStatus.NOT_FOUND, 0
         return None, conn
 
+    def _queued(self, conn: int, size: int) -> None:
+        self.counters["message_delivered"] += 1
+        self._boxes.setdefault(conn, collections.deque()).append(size)
+        self.mailbox_messages += 1
+        self.mailbox_bytes += size
+
+    def _refused(self, d: DeliverToConn, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
+        """A message from another daemon its connection did not take: out of
+        the mailbox counts again, and the sender hears why."""
+        answer = d.answer
+        if outcome is OfferOutcome.OK or answer is None or answer.msg.__class__ is not NameReply:
+            return
+        size = len(d.payload)
+        box = self._boxes.get(d.conn)
+        if box is None:
+            return  # not counted (or already taken): nothing to answer twice
+        if box[-1] == size:  # the one just counted (the refusal follows at once)
+            box.pop()
+        elif size in box:
+            box.remove(size)
+        else:
+            return
+        if not box:
+            del self._boxes[d.conn]
+        self.mailbox_messages -= 1
+        self.mailbox_bytes -= size
+        self.counters["message_delivered"] -= 1
+        seq = answer.msg.seq
+        self._offered_status(_Delivery(0, d.conn, size, 0, d.from_node, seq), outcome, out)
+
     def _offered(self, token: int, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         d = self._deliveries.pop(token, None)
         if d is None:
             return
+        self._offered_status(d, outcome, out)
+
+    def _offered_status(self, d: _Delivery, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         if outcome is OfferOutcome.OK:
-            self.counters["message_delivered"] += 1
-            self._boxes.setdefault(d.conn, collections.deque()).append(d.size)
-            self.mailbox_messages += 1
-            self.mailbox_bytes += d.size
+            self._queued(d.conn, d.size)
             status = NameStatus.DELIVERED
         elif outcome is OfferOutcome.FULL:
             self.counters["message_mailbox_full"] += 1
@@ -600,21 +671,3 @@ class Names:
         if len(self.quiet) > 2 * self._quiet_pruned:
             self.quiet = {e for e in self.quiet if self.view.local_entry(e) is not None}
             self._quiet_pruned = max(64, len(self.quiet))
-
-
-def _with_seq(msg: NameMsg, seq: int) -> NameMsg:
-    return NameMsg(
-        seq,
-        msg.kind,
-        msg.scope,
-        msg.name,
-        msg.eid,
-        msg.sender,
-        msg.payload,
-        msg.from_gen,
-        msg.from_conn,
-        msg.from_scope,
-        msg.from_eid,
-        msg.to_gen,
-        msg.to_conn,
-    )

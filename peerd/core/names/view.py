@@ -41,6 +41,20 @@ class MemberRef:
     addr: Addr
 
 
+class MemberLike(Protocol):
+    """What the core reads of membership's record of a node (a
+    :class:`MemberRef`, or membership's own record, read in place)."""
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def addr(self) -> Addr: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LocalEntry:
     """An entry held by this daemon."""
@@ -71,7 +85,7 @@ class NamesView(Protocol):
         """The members of a group in the replica, in a stable order."""
         ...
 
-    def member(self, node: NodeId) -> MemberRef | None:
+    def member(self, node: NodeId) -> MemberLike | None:
         """Membership's record of ``node`` (None: not a known member)."""
         ...
 

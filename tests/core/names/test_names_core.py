@@ -97,6 +97,7 @@ def test_each_remote_status_is_its_outcome() -> None:
             SendResult(call, 0, (f,), f)
         ]
     assert counters == {
+        "send_remote": 4,  # handed to the link (no LinkSendDone: taken)
         "send_failed_not_found": 1,
         "send_failed_unavailable": 2,  # the API shows a full mailbox as unavailable
         "send_failed_no_receiver": 1,
@@ -176,12 +177,29 @@ def test_receiver_checks_then_answers_by_link() -> None:
     names, view, counters = make()
     view.hold(3, RegKind.NAME, "db", conn=7)
     out = names.handle(T0, NameMsgIn(OTHER, msg(11, 3, sender="asker")))
-    assert out == [
-        DeliverToConn(1, 7, "asker", OTHER, "", RegKind.NAME, "default", "db", b"m", None)
-    ]
-    assert names.handle(T0, Offered(1, OfferOutcome.OK)) == [
-        LinkSend(OTHER, None, NameReply(11, NameStatus.DELIVERED))
-    ]
+    # one call: the delivery carries its answer, sent if the connection takes it
+    delivered = LinkSend(OTHER, None, NameReply(11, NameStatus.DELIVERED))
+    deliver = DeliverToConn(
+        0, 7, "asker", OTHER, "", RegKind.NAME, "default", "db", b"m", None, delivered
+    )
+    assert out == [deliver]
+    assert names.mailbox_messages == 1 and counters["message_delivered"] == 1
+    # a refusal comes back with the delivery: out of the mailbox, and answered
+    for outcome, status in (
+        (OfferOutcome.FULL, NameStatus.MAILBOX_FULL),
+        (OfferOutcome.CLOSED, NameStatus.NOT_FOUND),
+    ):
+        out = names.handle(T0, NameMsgIn(OTHER, msg(12, 3, sender="asker")))
+        assert names.mailbox_messages == 2
+        assert names.handle(T0, Offered(0, outcome, out[0])) == [  # type: ignore[arg-type]
+            LinkSend(OTHER, None, NameReply(12, status))
+        ]
+        assert (names.mailbox_messages, names.mailbox_bytes) == (1, 1)
+    names.handle(T0, MailboxTaken(7, 1))
+    assert names.handle(T0, Offered(0, OfferOutcome.FULL, deliver)) == []  # not counted: no answer
+    assert names.mailbox_messages == 0 and counters["message_delivered"] == 1
+    assert counters["message_mailbox_full"] == 1 and counters["message_not_found"] == 1
+    counters.clear()
     for m, status in (
         (msg(13, 99), NameStatus.NOT_FOUND),  # vanished
         (msg(14, 3, name="other"), NameStatus.NOT_FOUND),  # re-registered since
@@ -334,9 +352,9 @@ def test_daemon_mailbox_bound_counted_taken_and_closed() -> None:
     names, view, counters = make(NamesConfig(daemon_mailbox_messages=2))
     view.hold(3, RegKind.NAME, "db", conn=7)
     view.hold(4, RegKind.NAME, "web", conn=8)
-    for seq, eid in ((1, 3), (2, 4)):
+    for seq, eid in ((1, 3), (2, 4)):  # counted from the DeliverToConn (no Offered if taken)
         out = names.handle(T0, NameMsgIn(OTHER, msg(seq, eid, "db" if eid == 3 else "web")))
-        names.handle(T0, Offered(out[0].token, OfferOutcome.OK))  # type: ignore[union-attr]
+        assert isinstance(out[0], DeliverToConn) and out[0].answer is not None
     assert names.handle(T0, NameMsgIn(OTHER, msg(3, 3))) == [
         LinkSend(OTHER, None, NameReply(3, NameStatus.MAILBOX_FULL))
     ]
@@ -344,14 +362,15 @@ def test_daemon_mailbox_bound_counted_taken_and_closed() -> None:
     names.handle(T0, MailboxTaken(7, 5))  # more than it holds: what it holds
     assert names.mailbox_messages == 1
     assert isinstance(names.handle(T0, NameMsgIn(OTHER, msg(4, 3)))[0], DeliverToConn)
+    assert names.mailbox_messages == 2
     names.handle(T0, ConnClosed(8))
     names.handle(T0, ConnClosed(8))  # twice: nothing more
+    names.handle(T0, ConnClosed(7))
     assert (names.mailbox_messages, names.mailbox_bytes) == (0, 0)
     # bytes too
     names, view, _ = make(NamesConfig(daemon_mailbox_bytes=1))
     view.hold(3, RegKind.NAME, "db", conn=7)
-    out = names.handle(T0, NameMsgIn(OTHER, msg(1, 3)))  # 1 byte: fits
-    names.handle(T0, Offered(out[0].token, OfferOutcome.OK))  # type: ignore[union-attr]
+    assert isinstance(names.handle(T0, NameMsgIn(OTHER, msg(1, 3)))[0], DeliverToConn)  # fits
     assert names.handle(T0, NameMsgIn(OTHER, msg(2, 3))) == [
         LinkSend(OTHER, None, NameReply(2, NameStatus.MAILBOX_FULL))
     ]
