@@ -74,6 +74,7 @@ time is only the ``now`` given to :meth:`Names.handle`.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import random
 from dataclasses import dataclass, field
@@ -201,6 +202,10 @@ class Names:
         # node -> the link the runtime last named for it (LinkSend.link)
         self._links: dict[NodeId, int] = {}
         self._deliveries: dict[int, _Delivery] = {}  # token -> waiting for Offered
+        # (deadline, call) of the calls started, in deadline order (calls
+        # that ended are dropped from the front), and the one timer armed
+        self._due: collections.deque[tuple[float, int]] = collections.deque()
+        self._armed: float | None = None
         self.hints = Hints(self.config.hint_ttl_s, self.config.max_hints)
         # Entries (local eids) whose holder takes no messages. Eids are never
         # reused in a daemon life; ids of entries gone are pruned as it grows.
@@ -253,7 +258,7 @@ class Names:
             case MarkQuiet(eid):
                 self._mark_quiet(eid)
             case DeadlineFired(timer):
-                self._deadline(timer, out)
+                self._deadline(now, timer, out)
         return out
 
     # --- sender ---------------------------------------------------------------------
@@ -355,11 +360,21 @@ class Names:
         out.append(SendResult(call, 0, (failure,), failure, at_once=True))
 
     def _started(self, now: float, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
-        """After the first dispatch: the call ends now, or at its deadline."""
-        if call.open:
-            out.append(SendDeadline(now + self.config.send_timeout_s, call_id))
-        else:
+        """After the first dispatch: the call ends now, or by its deadline.
+        Deadlines come in call order (one timeout for all): one timer is
+        armed, for the first call still open, and re-armed as it fires."""
+        if not call.open:
             self._finish(call_id, call, out)
+            return
+        at = now + self.config.send_timeout_s
+        due = self._due
+        if due and at < due[-1][0]:  # time went back (tests): keep them in order
+            bisect.insort(due, (at, call_id))
+        else:
+            due.append((at, call_id))
+        if self._armed is None or at < self._armed:
+            self._armed = at
+            out.append(SendDeadline(at, call_id))
 
     def _dispatch(
         self,
@@ -422,10 +437,26 @@ class Names:
             if link is None or sent.link is None or sent.link == link:
                 self._end_seq(seq, sent, None, (SendError.UNAVAILABLE, Why.LINK_LOST), out)
 
-    def _deadline(self, timer: SendDeadline, out: list[NamesOutput]) -> None:
-        call = self._calls.get(timer.call)
-        if call is None:
-            return  # it ended before its deadline
+    def _deadline(self, now: float, timer: SendDeadline, out: list[NamesOutput]) -> None:
+        if timer.at == self._armed:
+            self._armed = None
+        due = self._due
+        while due and due[0][0] <= now:
+            call_id = due.popleft()[1]
+            call = self._calls.get(call_id)
+            if call is not None:  # else it ended before its deadline
+                self._time_out(call_id, call, out)
+        self._prune_due()
+        if self._armed is None and due:
+            self._armed = due[0][0]
+            out.append(SendDeadline(*due[0]))
+
+    def _prune_due(self) -> None:
+        due, calls = self._due, self._calls
+        while due and due[0][1] not in calls:
+            due.popleft()
+
+    def _time_out(self, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
         for key, node in list(call.open.items()):
             if key > 0:
                 sent = self._sent.pop(key)
@@ -437,7 +468,7 @@ class Names:
             del call.open[key]
             self._fail(call, node, SendError.UNAVAILABLE, Why.TIMEOUT)
         self.counters["send_timeouts"] += 1
-        self._finish(timer.call, call, out)
+        self._finish(call_id, call, out)
 
     def _end_seq(
         self,
@@ -489,6 +520,8 @@ class Names:
 
     def _finish(self, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
         del self._calls[call_id]
+        if self._due and self._due[0][1] == call_id:
+            self._prune_due()
         error = call.error
         if call.every and not call.delivered and call.failures:
             error = call.failures[0]

@@ -252,8 +252,7 @@ def test_group_local_first_else_seeded_choice_and_every() -> None:
         "LinkSend",
         "LinkSend",
         "DeliverToConn",
-        "SendDeadline",
-    ]
+    ]  # no timer: the one armed for call 1 (still open) comes first
     sends = {o.node: o.seq for o in out if isinstance(o, LinkSend)}
     names.handle(T0, Offered(out[2].token, OfferOutcome.OK))  # type: ignore[union-attr]
     names.handle(T0, NameReplyIn(OTHER, NameReply(sends[OTHER], NameStatus.DELIVERED)))
@@ -393,3 +392,30 @@ def test_a_local_delivery_answered_after_its_deadline_still_counts_in_the_mailbo
     ]
     assert names.handle(T0 + 11, Offered(out[0].token, OfferOutcome.OK)) == []  # type: ignore[union-attr]
     assert names.mailbox_messages == 1
+
+
+def test_one_deadline_timer_armed_for_the_first_open_call() -> None:
+    names, view, counters = make()
+    view.remote(OTHER, 5, RegKind.NAME, "db")
+    assert names.handle(T0, send(1, "db"))[-1] == SendDeadline(T0 + 10, 1)
+    assert not any(isinstance(o, SendDeadline) for o in names.handle(T0 + 1, send(2, "db")))
+    names.handle(T0 + 2, send(3, "db"))
+    names.handle(T0 + 2, send(4, "db"))
+    names.handle(T0 + 3, NameReplyIn(OTHER, NameReply(1, NameStatus.DELIVERED)))
+    names.handle(T0 + 3, NameReplyIn(OTHER, NameReply(3, NameStatus.DELIVERED)))
+    # call 1's timer fires: nothing due; re-armed for call 2, the first still open
+    assert names.handle(T0 + 10, DeadlineFired(SendDeadline(T0 + 10, 1))) == [
+        SendDeadline(T0 + 11, 2)
+    ]
+    f = Failure(OTHER, SendError.UNAVAILABLE, W.TIMEOUT)
+    assert names.handle(T0 + 11, DeadlineFired(SendDeadline(T0 + 11, 2))) == [
+        SendResult(2, 0, (f,), f),
+        SendDeadline(T0 + 12, 4),  # call 3 ended: skipped
+    ]
+    # a runtime late by more than one deadline: every call due ends in that turn
+    names.handle(T0 + 12, send(5, "db"))
+    assert names.handle(T0 + 30, DeadlineFired(SendDeadline(T0 + 12, 4))) == [
+        SendResult(4, 0, (f,), f),
+        SendResult(5, 0, (f,), f),
+    ]
+    assert names.pending == 0 and counters["send_timeouts"] == 3
