@@ -25,7 +25,7 @@ shell can know, the API:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -116,7 +116,7 @@ class Pending:
     every: bool
     call: int
     delivered: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] | None = None  # set by the outcome
     error: ApiError | None = None
     done: trio.Event | None = None
     finished: bool = False
@@ -128,7 +128,7 @@ class Pending:
             raise self.error
         out: dict[str, Any] = {"delivered": self.delivered}
         if self.every:
-            out["failed"] = self.failures
+            out["failed"] = self.failures or []
         return out
 
 
@@ -203,17 +203,17 @@ class Sends:
             p.finished = True
             return
         p.delivered = r.delivered
-        p.failures = [
+        p.failures = failures = [
             {"node": f.node.hex(), "code": str(_CODE[f.error]), "message": self._text(p, f)}
             for f in r.failures
         ]
         if r.error is not None:
             p.error = self._error(p, r.error)
             if p.every:
-                first = p.failures[0]
+                first = failures[0]
                 p.error = ApiError(
                     first["code"],
-                    f"delivered to none of the {len(p.failures)} members: {first['message']}",
+                    f"delivered to none of the {len(failures)} members: {first['message']}",
                 )
         self._finish(p)
 

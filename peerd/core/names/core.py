@@ -153,7 +153,7 @@ class _Call:
     reply: bool
     open: dict[int, NodeId] = field(default_factory=dict)  # seq or -token -> node
     delivered: int = 0
-    failures: list[Failure] = field(default_factory=list)
+    failures: list[Failure] | None = None  # made on the first (most calls have none)
     error: Failure | None = None
 
 
@@ -514,7 +514,10 @@ class Names:
     def _fail(self, call: _Call, node: NodeId, error: SendError, why: Why) -> None:
         self.counters[_COUNTER[error]] += 1
         f = Failure(node, error, why)
-        call.failures.append(f)
+        if call.failures is None:
+            call.failures = [f]
+        else:
+            call.failures.append(f)
         if not call.every:
             call.error = f
 
@@ -523,9 +526,13 @@ class Names:
         if self._due and self._due[0][1] == call_id:
             self._prune_due()
         error = call.error
-        if call.every and not call.delivered and call.failures:
-            error = call.failures[0]
-        out.append(SendResult(call_id, call.delivered, tuple(call.failures), error))
+        failures = call.failures
+        if not failures:
+            out.append(SendResult(call_id, call.delivered, (), error))
+            return
+        if call.every and not call.delivered:
+            error = failures[0]
+        out.append(SendResult(call_id, call.delivered, tuple(failures), error))
 
     # --- receiver -------------------------------------------------------------------
 
