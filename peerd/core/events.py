@@ -777,6 +777,7 @@ class DeadlineFired:
 NamesInput = (
     SendToName
     | ReplyToSender
+    | MessageIn  # carrying a NameMsg or a NameReply
     | NameMsgIn
     | NameReplyIn
     | LinkSendDone
@@ -808,25 +809,54 @@ class LinkSend:
 
 @dataclass(frozen=True, slots=True)
 class DeliverToConn:
-    """Push a ``message`` connection event on API connection ``conn`` and
-    answer with :class:`Offered` (same ``token``). ``kind`` None: a reply
-    (``scope``/``name`` ""). ``reply_to``: the token that answers the sender
-    (None: its daemon is too old to say). ``answer`` (a message from another
+    """Push the ``message`` connection event of ``msg`` (from daemon
+    ``from_node``) on API connection ``conn`` and answer with
+    :class:`Offered` (same ``token``). ``answer`` (a message from another
     daemon, token 0): the core counted it in the mailbox already; carry
     ``answer`` out if the connection took it, else answer ``Offered(0,
-    outcome, this)``."""
+    outcome, this)``. The event's fields are read off the message (below):
+    one small object per message, built only if it is delivered."""
 
     token: int
     conn: int
-    sender: str
     from_node: NodeId
-    from_scope: str
-    kind: RegKind | None
-    scope: str
-    name: str
-    payload: bytes
-    reply_to: ReplyAddr | None
+    msg: NameMsg
     answer: LinkSend | None = None
+
+    @property
+    def sender(self) -> str:
+        return self.msg.sender
+
+    @property
+    def from_scope(self) -> str:
+        return self.msg.from_scope
+
+    @property
+    def kind(self) -> RegKind | None:
+        """None: a reply (then ``scope``/``name`` are "")."""
+        return None if self.msg.to_conn else self.msg.kind
+
+    @property
+    def scope(self) -> str:
+        return self.msg.scope
+
+    @property
+    def name(self) -> str:
+        return self.msg.name
+
+    @property
+    def payload(self) -> bytes:
+        return self.msg.payload
+
+    @property
+    def reply_to(self) -> ReplyAddr | None:
+        """The token that answers the sender (None: its daemon is too old to say)."""
+        m = self.msg
+        return (
+            ReplyAddr(self.from_node, m.from_gen, m.from_conn)
+            if m.from_gen and m.from_conn
+            else None
+        )
 
 
 @dataclass(frozen=True, slots=True)

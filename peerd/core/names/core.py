@@ -89,13 +89,13 @@ from peerd.core.events import (
     LinkSendDone,
     MailboxTaken,
     MarkQuiet,
+    MessageIn,
     NameMsgIn,
     NameReplyIn,
     NamesInput,
     NamesOutput,
     Offered,
     OfferOutcome,
-    ReplyAddr,
     ReplyToSender,
     SendDeadline,
     SendError,
@@ -235,6 +235,12 @@ class Names:
         match inp:
             case SendToName():
                 self._send_to_name(now, inp, out)
+            case MessageIn(src, msg):  # as the peer link gave it (no re-wrapping)
+                if msg.__class__ is NameReply:
+                    self._on_reply(src, msg, out)
+                elif msg.__class__ is NameMsg:
+                    self._learn_hint(now, src, msg)
+                    self._receive(src, msg, 0, out)
             case ReplyToSender():
                 self._reply_to_sender(now, inp, out)
             case NameMsgIn(src, msg):
@@ -554,50 +560,18 @@ class Names:
             ):
                 self.counters["message_mailbox_full_daemon"] += 1
                 status = NameStatus.MAILBOX_FULL
+            elif call:  # a local call: its outcome waits for Offered
+                token = self._next_token
+                self._next_token += 1
+                self._deliveries[token] = _Delivery(token, conn, size, call, src, msg.seq)
+                out.append(DeliverToConn(token, conn, src, msg))
+                return token
             else:
-                reply_to = (
-                    ReplyAddr(src, msg.from_gen, msg.from_conn)
-                    if msg.from_gen and msg.from_conn
-                    else None
-                )
-                kind = None if msg.to_conn else msg.kind
-                if call:  # a local call: its outcome waits for Offered
-                    token = self._next_token
-                    self._next_token += 1
-                    self._deliveries[token] = _Delivery(token, conn, size, call, src, msg.seq)
-                    out.append(
-                        DeliverToConn(
-                            token,
-                            conn,
-                            msg.sender,
-                            src,
-                            msg.from_scope,
-                            kind,
-                            msg.scope,
-                            msg.name,
-                            msg.payload,
-                            reply_to,
-                        )
-                    )
-                    return token
                 # From another daemon: counted as taken now, with the answer
                 # to send if it is (a refusal comes back as Offered).
                 self._queued(conn, size)
-                out.append(
-                    DeliverToConn(
-                        0,
-                        conn,
-                        msg.sender,
-                        src,
-                        msg.from_scope,
-                        kind,
-                        msg.scope,
-                        msg.name,
-                        msg.payload,
-                        reply_to,
-                        LinkSend(src, None, NameReply(msg.seq, NameStatus.DELIVERED)),
-                    )
-                )
+                answer = LinkSend(src, None, NameReply(msg.seq, NameStatus.DELIVERED))
+                out.append(DeliverToConn(0, conn, src, msg, answer))
                 return 0
         self._answer(_Delivery(0, 0, 0, call, src, msg.seq), status, out)
         return 0

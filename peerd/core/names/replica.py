@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from peerd.core.names.view import LocalEntry, MemberLike, OwnerRef
+from peerd.core.names.view import LocalLike, MemberLike, OwnerRef
 from peerd.core.registry.service import RegistryService
 from peerd.wire.messages import NodeId, RegKind
 
@@ -68,9 +68,8 @@ class PeerView:
     def member(self, node: NodeId) -> MemberLike | None:
         return self._members.member_record(node)
 
-    def local_entry(self, eid: int) -> LocalEntry | None:
-        entry = self._registry.state.local.entries.get(eid)
-        return None if entry is None else LocalEntry(entry.kind, entry.scope, entry.name)
+    def local_entry(self, eid: int) -> LocalLike | None:
+        return self._registry.state.local.entries.get(eid)
 
     def owner_conn(self, eid: int) -> int | None:
         return self._registry.owner_conn(eid)

@@ -64,6 +64,20 @@ class LocalEntry:
     name: str
 
 
+class LocalLike(Protocol):
+    """What the core reads of an entry held here (a :class:`LocalEntry`, or
+    the registry's own entry, read in place)."""
+
+    @property
+    def kind(self) -> RegKind: ...
+
+    @property
+    def scope(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
 class NamesView(Protocol):
     def me(self) -> NodeId:
         """This daemon's node id (never changes)."""
@@ -89,7 +103,7 @@ class NamesView(Protocol):
         """Membership's record of ``node`` (None: not a known member)."""
         ...
 
-    def local_entry(self, eid: int) -> LocalEntry | None:
+    def local_entry(self, eid: int) -> LocalLike | None:
         """Entry ``eid`` if this daemon holds it."""
         ...
 
