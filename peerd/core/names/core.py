@@ -105,12 +105,9 @@ from peerd.core.events import (
 )
 from peerd.core.names.hints import Hints
 from peerd.core.names.view import NamesView, OwnerRef
-from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
+from peerd.wire.messages import Addr, NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
 
 DEFAULT_SCOPE = "default"  # the API's default scope (a hint's scope when none was sent)
-
-# A NameMsg's fields after ``seq`` (chosen at dispatch: one object per copy sent).
-_MsgFields = tuple[RegKind, str, str, int, str, bytes, int, int, str, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,21 +300,25 @@ class Names:
         call = self._calls[s.call] = _Call(s.every, False)
         sender, sender_scope, sender_eid = self._sender(s.conn)
         for t in targets:
-            fields = (
-                s.kind,
-                s.scope,
-                s.name,
-                t.eid,
-                sender,
-                s.payload,
-                my_gen,
-                s.conn,
-                sender_scope,
-                sender_eid,
-                t.generation,
-                0,
-            )
-            self._dispatch(s.call, call, t.node, fields, out)
+            route = self._route(call, t.node)
+            if route is not None:
+                seq, addr = route
+                msg = NameMsg(
+                    seq,
+                    s.kind,
+                    s.scope,
+                    s.name,
+                    t.eid,
+                    sender,
+                    s.payload,
+                    my_gen,
+                    s.conn,
+                    sender_scope,
+                    sender_eid,
+                    t.generation,
+                    0,
+                )
+                self._dispatch(s.call, call, t.node, addr, msg, out)
         self._started(now, s.call, call, out)
 
     def _reply_to_sender(self, now: float, r: ReplyToSender, out: list[NamesOutput]) -> None:
@@ -341,21 +342,25 @@ class Names:
                 return
         call = self._calls[r.call] = _Call(False, True)
         sender, sender_scope, sender_eid = self._sender(r.conn)
-        fields = (
-            RegKind.NAME,
-            "",
-            "",
-            0,
-            sender,
-            r.payload,
-            my_gen,
-            r.conn,
-            sender_scope,
-            sender_eid,
-            to.generation,
-            to.conn,
-        )
-        self._dispatch(r.call, call, to.node, fields, out)
+        route = self._route(call, to.node)
+        if route is not None:
+            seq, addr = route
+            msg = NameMsg(
+                seq,
+                RegKind.NAME,
+                "",
+                "",
+                0,
+                sender,
+                r.payload,
+                my_gen,
+                r.conn,
+                sender_scope,
+                sender_eid,
+                to.generation,
+                to.conn,
+            )
+            self._dispatch(r.call, call, to.node, addr, msg, out)
         self._started(now, r.call, call, out)
 
     def _sender(self, conn: int) -> tuple[str, str, int]:
@@ -382,34 +387,42 @@ class Names:
             self._armed = at
             out.append(SendDeadline(at, call_id))
 
+    def _route(self, call: _Call, node: NodeId) -> tuple[int, Addr | None] | None:
+        """The seq of a copy for ``node`` (0: this daemon) and the owner's
+        address, or None: not a known member (the call fails there)."""
+        if node == self.view.me():
+            return 0, None
+        member = self.view.member(node)
+        if member is None:
+            self._fail(call, node, SendError.UNAVAILABLE, Why.UNKNOWN_MEMBER)
+            return None
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq, member.addr
+
     def _dispatch(
         self,
         call_id: int,
         call: _Call,
         node: NodeId,
-        fields: _MsgFields,
+        addr: Addr | None,
+        msg: NameMsg,
         out: list[NamesOutput],
     ) -> None:
-        me = self.view.me()
-        if node == me:
+        seq = msg.seq
+        if not seq:
             self.counters["send_local"] += 1
-            token = self._receive(me, NameMsg(0, *fields), call_id, out)
+            token = self._receive(node, msg, call_id, out)
             if token:
-                call.open[-token] = me
+                call.open[-token] = node
             return
-        member = self.view.member(node)
-        if member is None:
-            self._fail(call, node, SendError.UNAVAILABLE, Why.UNKNOWN_MEMBER)
-            return
-        seq = self._next_seq
-        self._next_seq += 1
         call.open[seq] = node
         # Taken, on the link named last for ``node``, unless told otherwise.
         link = self._links.get(node)
         self._sent[seq] = _Sent(call_id, node, link)
         self._by_node.setdefault(node, {})[seq] = None
         self.counters["send_remote"] += 1
-        out.append(LinkSend(node, member.addr, NameMsg(seq, *fields), seq, link))
+        out.append(LinkSend(node, addr, msg, seq, link))
 
     def _link_send_done(self, seq: int, ok: bool, link: int | None, out: list[NamesOutput]) -> None:
         sent = self._sent.get(seq)
