@@ -385,13 +385,16 @@ class Runner(Backend, KeyOps):
             self._carry_out(out)
 
     def _carry_out(self, out: PeerOutput) -> None:
-        c = out.__class__  # messages to names: one or two outputs per message
+        c = out.__class__  # messages to names: two or three outputs per message
         if c is LinkSend:
             self._link_send(out)  # type: ignore[arg-type]
             return
         if c is SendResult:
             if self.sends is not None:
                 self.sends.complete(out)  # type: ignore[arg-type]
+            return
+        if c is DeliverToConn:
+            self._offer(out)  # type: ignore[arg-type]
             return
         match out:
             # Registry outputs first: a burst of writes makes two per write.
@@ -432,8 +435,6 @@ class Runner(Backend, KeyOps):
             case Send(dst, msg, priority):
                 if self.links is not None:
                     self.links.send(dst, msg, priority, mesh=True)
-            case DeliverToConn():
-                self._offer(out)
             case Connect(peer):
                 if self.links is not None:
                     self.links.connect(peer.node, peer.addr)
