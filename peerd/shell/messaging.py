@@ -19,7 +19,8 @@ shell can know, the API:
   texts;
 * a :class:`~peerd.core.events.DeliverToConn` becomes a ``message``
   connection event offered to the API connection's mailbox
-  (:meth:`Sends.offer`), whose answer the runner feeds back.
+  (:meth:`Sends.offer`); the runner sends the answer it carries if the
+  connection took it, else (or for a local call) feeds the outcome back.
 """
 
 from __future__ import annotations

@@ -33,16 +33,21 @@ so a message for a vanished owner never reaches its successor), the message
 must be for this daemon's life (``to_gen``), and the holding connection must
 be open. The payload is then queued on that connection as a ``message``
 event with the sender's registered name, if it has one, so the receiver can
-answer it: the shell pushes it and says how that went (:class:`Offered`),
-and only then is the NameReply sent.
+answer it: the :class:`DeliverToConn` carries the NameReply DELIVERED that
+the shell sends if the connection took it; a refusal comes back as
+:class:`Offered` with the delivery, and is answered then. So the usual
+message costs one core call at each end (and a LinkSend is answered by
+:class:`LinkSendDone` only when refused or sent on another link than the
+one it names): the real daemons' throughput is per-call overhead.
 
 Mailboxes. A connection's mailbox is its bounded queue of message events in
 the API server: only that queue knows the bytes of an encoded frame, so the
 per-connection bounds (``mailbox_messages``, ``mailbox_bytes`` of the
 ``[messages]`` settings) are enforced there and come back as
 ``Offered(FULL)``. The core counts what every mailbox holds (a message
-counts from ``Offered(OK)`` until the shell reports it taken,
-:class:`MailboxTaken`, or its connection closed, :class:`ConnClosed`) and
+counts from its delivery, or from ``Offered(OK)`` for a local call, until
+the shell reports it refused, taken, :class:`MailboxTaken`, or its
+connection closed, :class:`ConnClosed`) and
 enforces a per-daemon total (``daemon_mailbox_messages`` and
 ``daemon_mailbox_bytes`` of payload) before it asks for a push, so many
 slow readers together cannot hold unbounded memory.
@@ -64,9 +69,11 @@ sender to one receiver arrive in the order they were sent.
 Cost and determinism (the simulator drives this at 10,000 nodes). Per
 message the core makes O(1) view lookups (a group send to ``every`` member
 costs one per member); its state is one record per outstanding call, per
-outstanding seq and per message waiting for :class:`Offered`, each removed
-when answered, lost or timed out, plus the bounded hints and the per
-connection mailbox counts. A lost link fails only the seqs sent to that
+outstanding seq and per local delivery waiting for :class:`Offered`, each
+removed when answered, lost or timed out, plus the bounded hints and the per
+connection mailbox counts. Deadlines come in call order (one timeout), so
+one :class:`SendDeadline` timer is armed at a time, for the first call still
+open: a call answered in time costs the runtime no timer. A lost link fails only the seqs sent to that
 node (an index per node, no scan). Nothing iterates over a set or dict
 whose order hashing could change; randomness is the injected generator;
 time is only the ``now`` given to :meth:`Names.handle`.
