@@ -73,8 +73,8 @@ outstanding seq and per local delivery waiting for :class:`Offered`, each
 removed when answered, lost or timed out, plus the bounded hints and the per
 connection mailbox counts. Deadlines come in call order (one timeout), so
 one :class:`SendDeadline` timer is armed at a time, for the first call still
-open: a call answered in time costs the runtime no timer. A lost link fails only the seqs sent to that
-node (an index per node, no scan). Nothing iterates over a set or dict
+open: a call answered in time costs the runtime no timer. A lost link fails
+only the seqs sent to that node (an index per node, no scan). Nothing iterates over a set or dict
 whose order hashing could change; randomness is the injected generator;
 time is only the ``now`` given to :meth:`Names.handle`.
 """
@@ -635,25 +635,23 @@ class Names:
 
     def _refused(self, d: DeliverToConn, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         """A message from another daemon its connection did not take: out of
-        the mailbox counts again, and the sender hears why."""
+        the mailbox counts again (the refusal follows its delivery at once,
+        so it is the last one counted there), and the sender hears why."""
         answer = d.answer
         if outcome is OfferOutcome.OK or answer is None or answer.msg.__class__ is not NameReply:
             return
         size = len(d.payload)
         box = self._boxes.get(d.conn)
-        if box is None:
-            return  # not counted (or already taken): nothing to answer twice
-        if box[-1] == size:  # the one just counted (the refusal follows at once)
-            box.pop()
-        elif size in box:
-            box.remove(size)
-        else:
-            return
-        if not box:
-            del self._boxes[d.conn]
-        self.mailbox_messages -= 1
-        self.mailbox_bytes -= size
-        self.counters["message_delivered"] -= 1
+        if box is not None and size in box:  # else: closed meanwhile, its count is gone
+            if box[-1] == size:
+                box.pop()
+            else:
+                box.remove(size)
+            if not box:
+                del self._boxes[d.conn]
+            self.mailbox_messages -= 1
+            self.mailbox_bytes -= size
+            self.counters["message_delivered"] -= 1
         seq = answer.msg.seq
         self._offered_status(_Delivery(0, d.conn, size, 0, d.from_node, seq), outcome, out)
 

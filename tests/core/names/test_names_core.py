@@ -220,10 +220,13 @@ def test_receiver_checks_then_answers_by_link() -> None:
             LinkSend(OTHER, None, NameReply(12, status))
         ]
         assert (names.mailbox_messages, names.mailbox_bytes) == (1, 1)
-    names.handle(T0, MailboxTaken(7, 1))
-    assert names.handle(T0, Offered(0, OfferOutcome.FULL, deliver)) == []  # not counted: no answer
+    names.handle(T0, ConnClosed(7))
+    # counts gone with the connection: the sender still hears (never silence)
+    assert names.handle(T0, Offered(0, OfferOutcome.CLOSED, deliver)) == [
+        LinkSend(OTHER, None, NameReply(11, NameStatus.NOT_FOUND))
+    ]
     assert names.mailbox_messages == 0 and counters["message_delivered"] == 1
-    assert counters["message_mailbox_full"] == 1 and counters["message_not_found"] == 1
+    assert counters["message_mailbox_full"] == 1 and counters["message_not_found"] == 2
     counters.clear()
     for m, status in (
         (msg(13, 99), NameStatus.NOT_FOUND),  # vanished
