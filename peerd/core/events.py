@@ -43,9 +43,13 @@ The mesh's link contract, for whoever carries out its outputs:
       lowest priority first and may drop frames of the lowest priority
       (user broadcasts) when its queue is over a bound; Plumtree repairs them.
 
-Messages to names need three answers from the runtime, each carrying a token
-the core chose: :class:`LinkSend` with a non-zero ``seq`` is answered by
-:class:`LinkSendDone`; :class:`DeliverToConn` by :class:`Offered`; the
+Messages to names need answers from the runtime, each carrying a token the
+core chose, and only where the core cannot guess them (one message is then
+one core call at each end): a :class:`LinkSend` with a non-zero ``seq`` is
+answered by :class:`LinkSendDone` when the link manager refused it or it
+went on another link than ``LinkSend.link``; a :class:`DeliverToConn` by
+:class:`Offered`, for a message from another daemon (``answer`` set) only
+when the connection did not take it; the
 :class:`~peerd.core.timers.SendDeadline` timer fires as :class:`DeadlineFired`.
 Mailbox occupancy comes back as :class:`MailboxTaken` and :class:`ConnClosed`.
 """
@@ -714,7 +718,8 @@ class NameReplyIn:
 @dataclass(frozen=True, slots=True)
 class LinkSendDone:
     """The answer to a :class:`LinkSend` with ``seq``: ``ok`` False when the
-    link manager refused it (full or down); ``link`` the link it went on."""
+    link manager refused it (full or down); ``link`` the link it went on.
+    Needed only when refused or when ``link`` is not ``LinkSend.link``."""
 
     seq: int
     ok: bool
@@ -740,10 +745,13 @@ class OfferOutcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Offered:
-    """The answer to a :class:`DeliverToConn`: what the connection said."""
+    """The answer to a :class:`DeliverToConn`: what the connection said. For
+    one with an ``answer`` (token 0), only a refusal, carrying it back as
+    ``delivery``."""
 
     token: int
     outcome: OfferOutcome
+    delivery: DeliverToConn | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -769,6 +777,7 @@ class DeadlineFired:
 NamesInput = (
     SendToName
     | ReplyToSender
+    | MessageIn  # carrying a NameMsg or a NameReply
     | NameMsgIn
     | NameReplyIn
     | LinkSendDone
@@ -788,31 +797,66 @@ class LinkSend:
     """Send ``msg`` to daemon ``node`` over a direct link (``addr``: open one
     there if none is up; None: only over a link that is up, as for an answer
     to a message that just came in). ``seq`` non-zero: answer with
-    :class:`LinkSendDone`."""
+    :class:`LinkSendDone` if the link manager refused it or it went on
+    another link than ``link`` (the one the core last heard of; None: none)."""
 
     node: NodeId
     addr: Addr | None
     msg: NameMsg | NameReply
     seq: int = 0
+    link: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeliverToConn:
-    """Push a ``message`` connection event on API connection ``conn`` and
-    answer with :class:`Offered` (same ``token``). ``kind`` None: a reply
-    (``scope``/``name`` ""). ``reply_to``: the token that answers the sender
-    (None: its daemon is too old to say)."""
+    """Push the ``message`` connection event of ``msg`` (from daemon
+    ``from_node``) on API connection ``conn`` and answer with
+    :class:`Offered` (same ``token``). ``answer`` (a message from another
+    daemon, token 0): the core counted it in the mailbox already; carry
+    ``answer`` out if the connection took it, else answer ``Offered(0,
+    outcome, this)``. The event's fields are read off the message (below):
+    one small object per message, built only if it is delivered."""
 
     token: int
     conn: int
-    sender: str
     from_node: NodeId
-    from_scope: str
-    kind: RegKind | None
-    scope: str
-    name: str
-    payload: bytes
-    reply_to: ReplyAddr | None
+    msg: NameMsg
+    answer: LinkSend | None = None
+
+    @property
+    def sender(self) -> str:
+        return self.msg.sender
+
+    @property
+    def from_scope(self) -> str:
+        return self.msg.from_scope
+
+    @property
+    def kind(self) -> RegKind | None:
+        """None: a reply (then ``scope``/``name`` are "")."""
+        return None if self.msg.to_conn else self.msg.kind
+
+    @property
+    def scope(self) -> str:
+        return self.msg.scope
+
+    @property
+    def name(self) -> str:
+        return self.msg.name
+
+    @property
+    def payload(self) -> bytes:
+        return self.msg.payload
+
+    @property
+    def reply_to(self) -> ReplyAddr | None:
+        """The token that answers the sender (None: its daemon is too old to say)."""
+        m = self.msg
+        return (
+            ReplyAddr(self.from_node, m.from_gen, m.from_conn)
+            if m.from_gen and m.from_conn
+            else None
+        )
 
 
 @dataclass(frozen=True, slots=True)

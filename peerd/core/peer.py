@@ -236,10 +236,8 @@ class Peer:
     def _on_link_message(self, now: float, inp: MessageIn, out: list[PeerOutput]) -> None:
         msg = inp.msg
         c = msg.__class__
-        if c is NameMsg:
-            self._to_names(now, nev.NameMsgIn(inp.src, msg), out)  # type: ignore[arg-type]
-        elif c is NameReply:
-            self._to_names(now, nev.NameReplyIn(inp.src, msg), out)  # type: ignore[arg-type]
+        if c is NameMsg or c is NameReply:
+            self._to_names(now, inp, out)
         elif self.mesh is not None:
             self._to_mesh(now, inp, out)
         else:

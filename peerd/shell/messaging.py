@@ -19,13 +19,14 @@ shell can know, the API:
   texts;
 * a :class:`~peerd.core.events.DeliverToConn` becomes a ``message``
   connection event offered to the API connection's mailbox
-  (:meth:`Sends.offer`), whose answer the runner feeds back.
+  (:meth:`Sends.offer`); the runner sends the answer it carries if the
+  connection took it, else (or for a local call) feeds the outcome back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -116,7 +117,7 @@ class Pending:
     every: bool
     call: int
     delivered: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] | None = None  # set by the outcome
     error: ApiError | None = None
     done: trio.Event | None = None
     finished: bool = False
@@ -128,7 +129,7 @@ class Pending:
             raise self.error
         out: dict[str, Any] = {"delivered": self.delivered}
         if self.every:
-            out["failed"] = self.failures
+            out["failed"] = self.failures or []
         return out
 
 
@@ -203,17 +204,17 @@ class Sends:
             p.finished = True
             return
         p.delivered = r.delivered
-        p.failures = [
+        p.failures = failures = [
             {"node": f.node.hex(), "code": str(_CODE[f.error]), "message": self._text(p, f)}
             for f in r.failures
         ]
         if r.error is not None:
             p.error = self._error(p, r.error)
             if p.every:
-                first = p.failures[0]
+                first = failures[0]
                 p.error = ApiError(
                     first["code"],
-                    f"delivered to none of the {len(p.failures)} members: {first['message']}",
+                    f"delivered to none of the {len(failures)} members: {first['message']}",
                 )
         self._finish(p)
 

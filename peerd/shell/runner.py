@@ -385,6 +385,17 @@ class Runner(Backend, KeyOps):
             self._carry_out(out)
 
     def _carry_out(self, out: PeerOutput) -> None:
+        c = out.__class__  # messages to names: two or three outputs per message
+        if c is LinkSend:
+            self._link_send(out)  # type: ignore[arg-type]
+            return
+        if c is SendResult:
+            if self.sends is not None:
+                self.sends.complete(out)  # type: ignore[arg-type]
+            return
+        if c is DeliverToConn:
+            self._offer(out)  # type: ignore[arg-type]
+            return
         match out:
             # Registry outputs first: a burst of writes makes two per write.
             case CommandResult(ref):
@@ -424,13 +435,6 @@ class Runner(Backend, KeyOps):
             case Send(dst, msg, priority):
                 if self.links is not None:
                     self.links.send(dst, msg, priority, mesh=True)
-            case LinkSend():
-                self._link_send(out)
-            case DeliverToConn():
-                self._offer(out)
-            case SendResult():
-                if self.sends is not None:
-                    self.sends.complete(out)
             case Connect(peer):
                 if self.links is not None:
                     self.links.connect(peer.node, peer.addr)
@@ -600,7 +604,8 @@ class Runner(Backend, KeyOps):
 
     def _link_send(self, out: LinkSend) -> None:
         """A message to a name (or its answer) over a direct link, opened on
-        demand; the core hears whether the link manager took it."""
+        demand; the core hears if the link manager refused it or it went on
+        another link than the core thinks."""
         node, links = out.node, self.links
         ok = False
         if links is not None:
@@ -609,7 +614,8 @@ class Runner(Backend, KeyOps):
             ok = bool(links.send(node, out.msg, DIRECT_PRIORITY, mesh=False))
         if out.seq:
             link = links.link_id(node) if ok and links is not None else None
-            self._feedback.append(LinkSendDone(out.seq, ok, link))
+            if not ok or link != out.link:
+                self._feedback.append(LinkSendDone(out.seq, ok, link))
 
     def _offer(self, d: DeliverToConn) -> None:
         outcome = (
@@ -617,7 +623,12 @@ class Runner(Backend, KeyOps):
             if self.sends is not None
             else OfferOutcome.CLOSED
         )
-        self._feedback.append(Offered(d.token, outcome))
+        if d.answer is None:
+            self._feedback.append(Offered(d.token, outcome))
+        elif outcome is OfferOutcome.OK:
+            self._link_send(d.answer)
+        else:
+            self._feedback.append(Offered(d.token, outcome, d))
 
     def _mail_report(self, conn: int, taken: int | None) -> None:
         """An API connection's writer took ``taken`` mailbox messages (None:

@@ -196,7 +196,7 @@ class World(Faults):
                 self.links.send(proc.host.index, o.dst, o.msg, t)
             elif c is nev.LinkSend:
                 ok, link = self.links.link_send(proc.host.index, o, t)
-                if o.seq:
+                if o.seq and (not ok or link != o.link):
                     self._push(t, proc, nev.LinkSendDone(o.seq, ok, link))
             elif c is Connect:
                 self.links.connect(proc.host.index, o.peer.node, t)
@@ -206,6 +206,8 @@ class World(Faults):
             elif c is nev.DeliverToConn or c is nev.SendResult:
                 assert self.names_driver is not None  # (no names workload: no sends)
                 self.names_driver.output(proc, o, t)
+                if c is nev.DeliverToConn and o.answer is not None:
+                    self.links.link_send(proc.host.index, o.answer, t)  # taken: answered
             elif c is Deliver:
                 if self.mesh is not None:
                     self.mesh.delivered(proc, o, t)

@@ -119,7 +119,10 @@ class PeerCluster(Cluster):
                         self.feed(i, nev.LinkSendDone(seq, ok, 1 if ok else None))
                 case nev.DeliverToConn():
                     self.delivered.append((self.now, i, o))
-                    self.feed(i, nev.Offered(o.token, nev.OfferOutcome.OK))
+                    if o.answer is None:
+                        self.feed(i, nev.Offered(o.token, nev.OfferOutcome.OK))
+                    else:  # taken: its answer goes out now
+                        self._apply(i, [o.answer])
                 case nev.SendResult():
                     self.results[(i, o.call)] = o
                 case Deliver():

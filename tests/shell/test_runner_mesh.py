@@ -194,7 +194,9 @@ async def test_answers_are_fed_after_the_outputs_in_order(
     # feeds it once the outputs of the input are carried out, never from
     # inside them, and in the order they were asked for.
     msg = NameMsg(1, RegKind.NAME, "default", "db", 5, "", b"x")
-    deliver = nev.DeliverToConn(9, 42, "", OTHER, "", RegKind.NAME, "default", "db", b"hi", None)
+    deliver = nev.DeliverToConn(
+        9, 42, OTHER, NameMsg(3, RegKind.NAME, "default", "db", 5, "", b"hi")
+    )
     trigger = TimerFired(GraftTimeout(1, b"x" * 16))
     order: list[Any] = []
 

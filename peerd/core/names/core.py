@@ -33,16 +33,21 @@ so a message for a vanished owner never reaches its successor), the message
 must be for this daemon's life (``to_gen``), and the holding connection must
 be open. The payload is then queued on that connection as a ``message``
 event with the sender's registered name, if it has one, so the receiver can
-answer it: the shell pushes it and says how that went (:class:`Offered`),
-and only then is the NameReply sent.
+answer it: the :class:`DeliverToConn` carries the NameReply DELIVERED that
+the shell sends if the connection took it; a refusal comes back as
+:class:`Offered` with the delivery, and is answered then. So the usual
+message costs one core call at each end (and a LinkSend is answered by
+:class:`LinkSendDone` only when refused or sent on another link than the
+one it names): the real daemons' throughput is per-call overhead.
 
 Mailboxes. A connection's mailbox is its bounded queue of message events in
 the API server: only that queue knows the bytes of an encoded frame, so the
 per-connection bounds (``mailbox_messages``, ``mailbox_bytes`` of the
 ``[messages]`` settings) are enforced there and come back as
 ``Offered(FULL)``. The core counts what every mailbox holds (a message
-counts from ``Offered(OK)`` until the shell reports it taken,
-:class:`MailboxTaken`, or its connection closed, :class:`ConnClosed`) and
+counts from its delivery, or from ``Offered(OK)`` for a local call, until
+the shell reports it refused, taken, :class:`MailboxTaken`, or its
+connection closed, :class:`ConnClosed`) and
 enforces a per-daemon total (``daemon_mailbox_messages`` and
 ``daemon_mailbox_bytes`` of payload) before it asks for a push, so many
 slow readers together cannot hold unbounded memory.
@@ -64,16 +69,19 @@ sender to one receiver arrive in the order they were sent.
 Cost and determinism (the simulator drives this at 10,000 nodes). Per
 message the core makes O(1) view lookups (a group send to ``every`` member
 costs one per member); its state is one record per outstanding call, per
-outstanding seq and per message waiting for :class:`Offered`, each removed
-when answered, lost or timed out, plus the bounded hints and the per
-connection mailbox counts. A lost link fails only the seqs sent to that
-node (an index per node, no scan). Nothing iterates over a set or dict
+outstanding seq and per local delivery waiting for :class:`Offered`, each
+removed when answered, lost or timed out, plus the bounded hints and the per
+connection mailbox counts. Deadlines come in call order (one timeout), so
+one :class:`SendDeadline` timer is armed at a time, for the first call still
+open: a call answered in time costs the runtime no timer. A lost link fails
+only the seqs sent to that node (an index per node, no scan). Nothing iterates over a set or dict
 whose order hashing could change; randomness is the injected generator;
 time is only the ``now`` given to :meth:`Names.handle`.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import random
 from dataclasses import dataclass, field
@@ -88,13 +96,13 @@ from peerd.core.events import (
     LinkSendDone,
     MailboxTaken,
     MarkQuiet,
+    MessageIn,
     NameMsgIn,
     NameReplyIn,
     NamesInput,
     NamesOutput,
     Offered,
     OfferOutcome,
-    ReplyAddr,
     ReplyToSender,
     SendDeadline,
     SendError,
@@ -104,7 +112,7 @@ from peerd.core.events import (
 )
 from peerd.core.names.hints import Hints
 from peerd.core.names.view import NamesView, OwnerRef
-from peerd.wire.messages import NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
+from peerd.wire.messages import Addr, NameMsg, NameReply, NameStatus, NodeId, RegKind, Status
 
 DEFAULT_SCOPE = "default"  # the API's default scope (a hint's scope when none was sent)
 
@@ -149,7 +157,7 @@ class _Call:
     reply: bool
     open: dict[int, NodeId] = field(default_factory=dict)  # seq or -token -> node
     delivered: int = 0
-    failures: list[Failure] = field(default_factory=list)
+    failures: list[Failure] | None = None  # made on the first (most calls have none)
     error: Failure | None = None
 
 
@@ -195,7 +203,13 @@ class Names:
         self._calls: dict[int, _Call] = {}
         self._sent: dict[int, _Sent] = {}  # seq -> where it went
         self._by_node: dict[NodeId, dict[int, None]] = {}  # node -> its seqs, in order
+        # node -> the link the runtime last named for it (LinkSend.link)
+        self._links: dict[NodeId, int] = {}
         self._deliveries: dict[int, _Delivery] = {}  # token -> waiting for Offered
+        # (deadline, call) of the calls started, in deadline order (calls
+        # that ended are dropped from the front), and the one timer armed
+        self._due: collections.deque[tuple[float, int]] = collections.deque()
+        self._armed: float | None = None
         self.hints = Hints(self.config.hint_ttl_s, self.config.max_hints)
         # Entries (local eids) whose holder takes no messages. Eids are never
         # reused in a daemon life; ids of entries gone are pruned as it grows.
@@ -225,6 +239,12 @@ class Names:
         match inp:
             case SendToName():
                 self._send_to_name(now, inp, out)
+            case MessageIn(src, msg):  # as the peer link gave it (no re-wrapping)
+                if msg.__class__ is NameReply:
+                    self._on_reply(src, msg, out)
+                elif msg.__class__ is NameMsg:
+                    self._learn_hint(now, src, msg)
+                    self._receive(src, msg, 0, out)
             case ReplyToSender():
                 self._reply_to_sender(now, inp, out)
             case NameMsgIn(src, msg):
@@ -236,8 +256,11 @@ class Names:
                 self._link_send_done(seq, ok, link, out)
             case LinkLost(node, link):
                 self._link_lost(node, link, out)
-            case Offered(token, outcome):
-                self._offered(token, outcome, out)
+            case Offered(token, outcome, delivery):
+                if delivery is None:
+                    self._offered(token, outcome, out)
+                else:
+                    self._refused(delivery, outcome, out)
             case MailboxTaken(conn, count):
                 self._taken(conn, count)
             case ConnClosed(conn):
@@ -245,7 +268,7 @@ class Names:
             case MarkQuiet(eid):
                 self._mark_quiet(eid)
             case DeadlineFired(timer):
-                self._deadline(timer, out)
+                self._deadline(now, timer, out)
         return out
 
     # --- sender ---------------------------------------------------------------------
@@ -284,22 +307,25 @@ class Names:
         call = self._calls[s.call] = _Call(s.every, False)
         sender, sender_scope, sender_eid = self._sender(s.conn)
         for t in targets:
-            msg = NameMsg(
-                0,
-                s.kind,
-                s.scope,
-                s.name,
-                t.eid,
-                sender,
-                s.payload,
-                my_gen,
-                s.conn,
-                sender_scope,
-                sender_eid,
-                t.generation,
-                0,
-            )
-            self._dispatch(s.call, call, t.node, msg, out)
+            route = self._route(call, t.node)
+            if route is not None:
+                seq, addr = route
+                msg = NameMsg(
+                    seq,
+                    s.kind,
+                    s.scope,
+                    s.name,
+                    t.eid,
+                    sender,
+                    s.payload,
+                    my_gen,
+                    s.conn,
+                    sender_scope,
+                    sender_eid,
+                    t.generation,
+                    0,
+                )
+                self._dispatch(s.call, call, t.node, addr, msg, out)
         self._started(now, s.call, call, out)
 
     def _reply_to_sender(self, now: float, r: ReplyToSender, out: list[NamesOutput]) -> None:
@@ -323,22 +349,25 @@ class Names:
                 return
         call = self._calls[r.call] = _Call(False, True)
         sender, sender_scope, sender_eid = self._sender(r.conn)
-        msg = NameMsg(
-            0,
-            RegKind.NAME,
-            "",
-            "",
-            0,
-            sender,
-            r.payload,
-            my_gen,
-            r.conn,
-            sender_scope,
-            sender_eid,
-            to.generation,
-            to.conn,
-        )
-        self._dispatch(r.call, call, to.node, msg, out)
+        route = self._route(call, to.node)
+        if route is not None:
+            seq, addr = route
+            msg = NameMsg(
+                seq,
+                RegKind.NAME,
+                "",
+                "",
+                0,
+                sender,
+                r.payload,
+                my_gen,
+                r.conn,
+                sender_scope,
+                sender_eid,
+                to.generation,
+                to.conn,
+            )
+            self._dispatch(r.call, call, to.node, addr, msg, out)
         self._started(now, r.call, call, out)
 
     def _sender(self, conn: int) -> tuple[str, str, int]:
@@ -349,41 +378,71 @@ class Names:
         out.append(SendResult(call, 0, (failure,), failure, at_once=True))
 
     def _started(self, now: float, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
-        """After the first dispatch: the call ends now, or at its deadline."""
-        if call.open:
-            out.append(SendDeadline(now + self.config.send_timeout_s, call_id))
-        else:
+        """After the first dispatch: the call ends now, or by its deadline.
+        Deadlines come in call order (one timeout for all): one timer is
+        armed, for the first call still open, and re-armed as it fires."""
+        if not call.open:
             self._finish(call_id, call, out)
-
-    def _dispatch(
-        self, call_id: int, call: _Call, node: NodeId, msg: NameMsg, out: list[NamesOutput]
-    ) -> None:
-        me = self.view.me()
-        if node == me:
-            self.counters["send_local"] += 1
-            token = self._receive(me, msg, call_id, out)
-            if token:
-                call.open[-token] = me
             return
+        at = now + self.config.send_timeout_s
+        due = self._due
+        if due and at < due[-1][0]:  # time went back (tests): keep them in order
+            bisect.insort(due, (at, call_id))
+        else:
+            due.append((at, call_id))
+        if self._armed is None or at < self._armed:
+            self._armed = at
+            out.append(SendDeadline(at, call_id))
+
+    def _route(self, call: _Call, node: NodeId) -> tuple[int, Addr | None] | None:
+        """The seq of a copy for ``node`` (0: this daemon) and the owner's
+        address, or None: not a known member (the call fails there)."""
+        if node == self.view.me():
+            return 0, None
         member = self.view.member(node)
         if member is None:
             self._fail(call, node, SendError.UNAVAILABLE, Why.UNKNOWN_MEMBER)
-            return
+            return None
         seq = self._next_seq
         self._next_seq += 1
+        return seq, member.addr
+
+    def _dispatch(
+        self,
+        call_id: int,
+        call: _Call,
+        node: NodeId,
+        addr: Addr | None,
+        msg: NameMsg,
+        out: list[NamesOutput],
+    ) -> None:
+        seq = msg.seq
+        if not seq:
+            self.counters["send_local"] += 1
+            token = self._receive(node, msg, call_id, out)
+            if token:
+                call.open[-token] = node
+            return
         call.open[seq] = node
-        self._sent[seq] = _Sent(call_id, node)
+        # Taken, on the link named last for ``node``, unless told otherwise.
+        link = self._links.get(node)
+        self._sent[seq] = _Sent(call_id, node, link)
         self._by_node.setdefault(node, {})[seq] = None
-        out.append(LinkSend(node, member.addr, _with_seq(msg, seq), seq))
+        self.counters["send_remote"] += 1
+        out.append(LinkSend(node, addr, msg, seq, link))
 
     def _link_send_done(self, seq: int, ok: bool, link: int | None, out: list[NamesOutput]) -> None:
         sent = self._sent.get(seq)
         if sent is None:
             return
         if ok:
-            self.counters["send_remote"] += 1
             sent.link = link
+            if link is None:
+                self._links.pop(sent.node, None)
+            else:
+                self._links[sent.node] = link
             return
+        self.counters["send_remote"] -= 1
         self._end_seq(seq, sent, None, (SendError.UNAVAILABLE, Why.LINK_REFUSED), out)
 
     def _on_reply(self, src: NodeId, reply: NameReply, out: list[NamesOutput]) -> None:
@@ -394,6 +453,8 @@ class Names:
         self._end_seq(reply.seq, sent, reply.status, None, out)
 
     def _link_lost(self, node: NodeId, link: int | None, out: list[NamesOutput]) -> None:
+        if link is None or self._links.get(node) == link:
+            self._links.pop(node, None)
         seqs = self._by_node.get(node)
         if not seqs:
             return
@@ -402,10 +463,26 @@ class Names:
             if link is None or sent.link is None or sent.link == link:
                 self._end_seq(seq, sent, None, (SendError.UNAVAILABLE, Why.LINK_LOST), out)
 
-    def _deadline(self, timer: SendDeadline, out: list[NamesOutput]) -> None:
-        call = self._calls.get(timer.call)
-        if call is None:
-            return  # it ended before its deadline
+    def _deadline(self, now: float, timer: SendDeadline, out: list[NamesOutput]) -> None:
+        if timer.at == self._armed:
+            self._armed = None
+        due = self._due
+        while due and due[0][0] <= now:
+            call_id = due.popleft()[1]
+            call = self._calls.get(call_id)
+            if call is not None:  # else it ended before its deadline
+                self._time_out(call_id, call, out)
+        self._prune_due()
+        if self._armed is None and due:
+            self._armed = due[0][0]
+            out.append(SendDeadline(*due[0]))
+
+    def _prune_due(self) -> None:
+        due, calls = self._due, self._calls
+        while due and due[0][1] not in calls:
+            due.popleft()
+
+    def _time_out(self, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
         for key, node in list(call.open.items()):
             if key > 0:
                 sent = self._sent.pop(key)
@@ -417,7 +494,7 @@ class Names:
             del call.open[key]
             self._fail(call, node, SendError.UNAVAILABLE, Why.TIMEOUT)
         self.counters["send_timeouts"] += 1
-        self._finish(timer.call, call, out)
+        self._finish(call_id, call, out)
 
     def _end_seq(
         self,
@@ -463,16 +540,25 @@ class Names:
     def _fail(self, call: _Call, node: NodeId, error: SendError, why: Why) -> None:
         self.counters[_COUNTER[error]] += 1
         f = Failure(node, error, why)
-        call.failures.append(f)
+        if call.failures is None:
+            call.failures = [f]
+        else:
+            call.failures.append(f)
         if not call.every:
             call.error = f
 
     def _finish(self, call_id: int, call: _Call, out: list[NamesOutput]) -> None:
         del self._calls[call_id]
+        if self._due and self._due[0][1] == call_id:
+            self._prune_due()
         error = call.error
-        if call.every and not call.delivered and call.failures:
-            error = call.failures[0]
-        out.append(SendResult(call_id, call.delivered, tuple(call.failures), error))
+        failures = call.failures
+        if not failures:
+            out.append(SendResult(call_id, call.delivered, (), error))
+            return
+        if call.every and not call.delivered:
+            error = failures[0]
+        out.append(SendResult(call_id, call.delivered, tuple(failures), error))
 
     # --- receiver -------------------------------------------------------------------
 
@@ -494,30 +580,19 @@ class Names:
             ):
                 self.counters["message_mailbox_full_daemon"] += 1
                 status = NameStatus.MAILBOX_FULL
-            else:
+            elif call:  # a local call: its outcome waits for Offered
                 token = self._next_token
                 self._next_token += 1
                 self._deliveries[token] = _Delivery(token, conn, size, call, src, msg.seq)
-                reply_to = (
-                    ReplyAddr(src, msg.from_gen, msg.from_conn)
-                    if msg.from_gen and msg.from_conn
-                    else None
-                )
-                out.append(
-                    DeliverToConn(
-                        token,
-                        conn,
-                        msg.sender,
-                        src,
-                        msg.from_scope,
-                        None if msg.to_conn else msg.kind,
-                        msg.scope,
-                        msg.name,
-                        msg.payload,
-                        reply_to,
-                    )
-                )
+                out.append(DeliverToConn(token, conn, src, msg))
                 return token
+            else:
+                # From another daemon: counted as taken now, with the answer
+                # to send if it is (a refusal comes back as Offered).
+                self._queued(conn, size)
+                answer = LinkSend(src, None, NameReply(msg.seq, NameStatus.DELIVERED))
+                out.append(DeliverToConn(0, conn, src, msg, answer))
+                return 0
         self._answer(_Delivery(0, 0, 0, call, src, msg.seq), status, out)
         return 0
 
@@ -552,15 +627,43 @@ class Names:
             return NameStatus.NOT_FOUND, 0
         return None, conn
 
+    def _queued(self, conn: int, size: int) -> None:
+        self.counters["message_delivered"] += 1
+        self._boxes.setdefault(conn, collections.deque()).append(size)
+        self.mailbox_messages += 1
+        self.mailbox_bytes += size
+
+    def _refused(self, d: DeliverToConn, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
+        """A message from another daemon its connection did not take: out of
+        the mailbox counts again (the refusal follows its delivery at once,
+        so it is the last one counted there), and the sender hears why."""
+        answer = d.answer
+        if outcome is OfferOutcome.OK or answer is None or answer.msg.__class__ is not NameReply:
+            return
+        size = len(d.payload)
+        box = self._boxes.get(d.conn)
+        if box is not None and size in box:  # else: closed meanwhile, its count is gone
+            if box[-1] == size:
+                box.pop()
+            else:
+                box.remove(size)
+            if not box:
+                del self._boxes[d.conn]
+            self.mailbox_messages -= 1
+            self.mailbox_bytes -= size
+            self.counters["message_delivered"] -= 1
+        seq = answer.msg.seq
+        self._offered_status(_Delivery(0, d.conn, size, 0, d.from_node, seq), outcome, out)
+
     def _offered(self, token: int, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         d = self._deliveries.pop(token, None)
         if d is None:
             return
+        self._offered_status(d, outcome, out)
+
+    def _offered_status(self, d: _Delivery, outcome: OfferOutcome, out: list[NamesOutput]) -> None:
         if outcome is OfferOutcome.OK:
-            self.counters["message_delivered"] += 1
-            self._boxes.setdefault(d.conn, collections.deque()).append(d.size)
-            self.mailbox_messages += 1
-            self.mailbox_bytes += d.size
+            self._queued(d.conn, d.size)
             status = NameStatus.DELIVERED
         elif outcome is OfferOutcome.FULL:
             self.counters["message_mailbox_full"] += 1
@@ -600,21 +703,3 @@ class Names:
         if len(self.quiet) > 2 * self._quiet_pruned:
             self.quiet = {e for e in self.quiet if self.view.local_entry(e) is not None}
             self._quiet_pruned = max(64, len(self.quiet))
-
-
-def _with_seq(msg: NameMsg, seq: int) -> NameMsg:
-    return NameMsg(
-        seq,
-        msg.kind,
-        msg.scope,
-        msg.name,
-        msg.eid,
-        msg.sender,
-        msg.payload,
-        msg.from_gen,
-        msg.from_conn,
-        msg.from_scope,
-        msg.from_eid,
-        msg.to_gen,
-        msg.to_conn,
-    )

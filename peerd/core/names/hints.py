@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peerd.core.names.view import MemberRef
+from peerd.core.names.view import MemberLike
 from peerd.wire.messages import NodeId, Status
 
 
@@ -61,7 +61,7 @@ class Hints:
         while len(self._hints) > self.limit:
             del self._hints[next(iter(self._hints))]
 
-    def get(self, now: float, scope: str, name: str, member: MemberRef | None) -> Hint | None:
+    def get(self, now: float, scope: str, name: str, member: MemberLike | None) -> Hint | None:
         """The hint for (scope, name) if still usable; ``member`` is
         membership's record of the hinted node (the caller looks it up)."""
         key = (scope, name)

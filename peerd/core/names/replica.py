@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from peerd.core.events import MemberInfo
-from peerd.core.names.view import LocalEntry, MemberRef, OwnerRef
+from peerd.core.names.view import LocalLike, MemberLike, OwnerRef
 from peerd.core.registry.service import RegistryService
 from peerd.wire.messages import NodeId, RegKind
 
@@ -26,7 +25,7 @@ class _Members(Protocol):
     @property
     def node_id(self) -> NodeId: ...
 
-    def member(self, node: NodeId) -> MemberInfo | None: ...
+    def member_record(self, node: NodeId) -> MemberLike | None: ...
 
 
 class PeerView:
@@ -66,13 +65,11 @@ class PeerView:
             for c in self._registry.state.group_members(scope, name)
         ]
 
-    def member(self, node: NodeId) -> MemberRef | None:
-        m = self._members.member(node)
-        return None if m is None else MemberRef(m.status, m.generation, m.addr)
+    def member(self, node: NodeId) -> MemberLike | None:
+        return self._members.member_record(node)
 
-    def local_entry(self, eid: int) -> LocalEntry | None:
-        entry = self._registry.state.local.entries.get(eid)
-        return None if entry is None else LocalEntry(entry.kind, entry.scope, entry.name)
+    def local_entry(self, eid: int) -> LocalLike | None:
+        return self._registry.state.local.entries.get(eid)
 
     def owner_conn(self, eid: int) -> int | None:
         return self._registry.owner_conn(eid)

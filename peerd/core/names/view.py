@@ -41,6 +41,20 @@ class MemberRef:
     addr: Addr
 
 
+class MemberLike(Protocol):
+    """What the core reads of membership's record of a node (a
+    :class:`MemberRef`, or membership's own record, read in place)."""
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def addr(self) -> Addr: ...
+
+
 @dataclass(frozen=True, slots=True)
 class LocalEntry:
     """An entry held by this daemon."""
@@ -48,6 +62,20 @@ class LocalEntry:
     kind: RegKind
     scope: str
     name: str
+
+
+class LocalLike(Protocol):
+    """What the core reads of an entry held here (a :class:`LocalEntry`, or
+    the registry's own entry, read in place)."""
+
+    @property
+    def kind(self) -> RegKind: ...
+
+    @property
+    def scope(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 class NamesView(Protocol):
@@ -71,11 +99,11 @@ class NamesView(Protocol):
         """The members of a group in the replica, in a stable order."""
         ...
 
-    def member(self, node: NodeId) -> MemberRef | None:
+    def member(self, node: NodeId) -> MemberLike | None:
         """Membership's record of ``node`` (None: not a known member)."""
         ...
 
-    def local_entry(self, eid: int) -> LocalEntry | None:
+    def local_entry(self, eid: int) -> LocalLike | None:
         """Entry ``eid`` if this daemon holds it."""
         ...
 

@@ -142,6 +142,11 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
         m = self._members.get(node)
         return m.info() if m else None
 
+    def member_record(self, node: NodeId) -> Member | None:
+        """``node``'s record itself, no copy (read it, never change it): for
+        a lookup on every message to a name."""
+        return self._members.get(node)
+
     def sample_alive(self, rng: random.Random, k: int) -> list[MemberInfo]:
         """Up to ``k`` random members other than this node that are alive (not
         suspect): contacts for the mesh. O(k), whatever the cluster size."""

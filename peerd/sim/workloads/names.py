@@ -398,8 +398,10 @@ class NamesWorld:
             self._result(o, t)
             return
         # a message (or a reply) pushed on one of this process's connections:
-        # a live process takes it (a closed one was told by ConnClosed)
-        w._push(t, proc, nev.Offered(o.token, nev.OfferOutcome.OK))
+        # a live process takes it (a closed one was told by ConnClosed); one
+        # from another daemon carries its answer (the world sends it)
+        if o.answer is None:
+            w._push(t, proc, nev.Offered(o.token, nev.OfferOutcome.OK))
         msg = int.from_bytes(o.payload[:8], "big")
         i = proc.host.index
         if o.kind is None:

@@ -34,6 +34,23 @@ from tests.core.names.helpers import ADDR, ME, OTHER, THIRD, make
 T0 = 100.0
 
 
+def event(d: object) -> tuple[object, ...]:
+    """What a DeliverToConn makes of its message (the API's ``message`` event)."""
+    assert isinstance(d, DeliverToConn)
+    return (
+        d.token,
+        d.conn,
+        d.sender,
+        d.from_node,
+        d.from_scope,
+        d.kind,
+        d.scope,
+        d.name,
+        d.payload,
+        d.reply_to,
+    )
+
+
 def send(call: int, name: str, conn: int = 0, **kw: object) -> SendToName:
     kind = kw.pop("kind", RegKind.NAME)
     return SendToName(call, conn, kind, str(kw.pop("scope", "default")), name, b"hi", **kw)  # type: ignore[arg-type]
@@ -97,6 +114,7 @@ def test_each_remote_status_is_its_outcome() -> None:
             SendResult(call, 0, (f,), f)
         ]
     assert counters == {
+        "send_remote": 4,  # handed to the link (no LinkSendDone: taken)
         "send_failed_not_found": 1,
         "send_failed_unavailable": 2,  # the API shows a full mailbox as unavailable
         "send_failed_no_receiver": 1,
@@ -154,10 +172,19 @@ def test_local_owner_offered_and_each_answer() -> None:
     view.hold(3, RegKind.NAME, "db", conn=7)
     view.hold(4, RegKind.NAME, "client", conn=8)
     out = names.handle(T0, send(1, "db", conn=8))
-    deliver = DeliverToConn(
-        1, 7, "client", ME, "default", RegKind.NAME, "default", "db", b"hi", ReplyAddr(ME, 4, 8)
+    assert event(out[0]) == (
+        1,
+        7,
+        "client",
+        ME,
+        "default",
+        RegKind.NAME,
+        "default",
+        "db",
+        b"hi",
+        ReplyAddr(ME, 4, 8),
     )
-    assert out == [deliver, SendDeadline(T0 + 10, 1)]
+    assert out[1:] == [SendDeadline(T0 + 10, 1)]
     assert names.handle(T0, Offered(1, OfferOutcome.OK)) == [SendResult(1, 1, (), None)]
     assert (names.mailbox_messages, names.mailbox_bytes) == (1, 2)
     names.handle(T0, send(2, "db"))
@@ -176,12 +203,31 @@ def test_receiver_checks_then_answers_by_link() -> None:
     names, view, counters = make()
     view.hold(3, RegKind.NAME, "db", conn=7)
     out = names.handle(T0, NameMsgIn(OTHER, msg(11, 3, sender="asker")))
-    assert out == [
-        DeliverToConn(1, 7, "asker", OTHER, "", RegKind.NAME, "default", "db", b"m", None)
+    # one call: the delivery carries its answer, sent if the connection takes it
+    delivered = LinkSend(OTHER, None, NameReply(11, NameStatus.DELIVERED))
+    deliver = out[0]
+    assert event(deliver) == (0, 7, "asker", OTHER, "", RegKind.NAME, "default", "db", b"m", None)
+    assert isinstance(deliver, DeliverToConn) and deliver.answer == delivered and len(out) == 1
+    assert names.mailbox_messages == 1 and counters["message_delivered"] == 1
+    # a refusal comes back with the delivery: out of the mailbox, and answered
+    for outcome, status in (
+        (OfferOutcome.FULL, NameStatus.MAILBOX_FULL),
+        (OfferOutcome.CLOSED, NameStatus.NOT_FOUND),
+    ):
+        out = names.handle(T0, NameMsgIn(OTHER, msg(12, 3, sender="asker")))
+        assert names.mailbox_messages == 2
+        assert names.handle(T0, Offered(0, outcome, out[0])) == [  # type: ignore[arg-type]
+            LinkSend(OTHER, None, NameReply(12, status))
+        ]
+        assert (names.mailbox_messages, names.mailbox_bytes) == (1, 1)
+    names.handle(T0, ConnClosed(7))
+    # counts gone with the connection: the sender still hears (never silence)
+    assert names.handle(T0, Offered(0, OfferOutcome.CLOSED, deliver)) == [
+        LinkSend(OTHER, None, NameReply(11, NameStatus.NOT_FOUND))
     ]
-    assert names.handle(T0, Offered(1, OfferOutcome.OK)) == [
-        LinkSend(OTHER, None, NameReply(11, NameStatus.DELIVERED))
-    ]
+    assert names.mailbox_messages == 0 and counters["message_delivered"] == 1
+    assert counters["message_mailbox_full"] == 1 and counters["message_not_found"] == 2
+    counters.clear()
     for m, status in (
         (msg(13, 99), NameStatus.NOT_FOUND),  # vanished
         (msg(14, 3, name="other"), NameStatus.NOT_FOUND),  # re-registered since
@@ -234,8 +280,7 @@ def test_group_local_first_else_seeded_choice_and_every() -> None:
         "LinkSend",
         "LinkSend",
         "DeliverToConn",
-        "SendDeadline",
-    ]
+    ]  # no timer: the one armed for call 1 (still open) comes first
     sends = {o.node: o.seq for o in out if isinstance(o, LinkSend)}
     names.handle(T0, Offered(out[2].token, OfferOutcome.OK))  # type: ignore[union-attr]
     names.handle(T0, NameReplyIn(OTHER, NameReply(sends[OTHER], NameStatus.DELIVERED)))
@@ -278,9 +323,7 @@ def test_reply_tokens() -> None:
     # to a connection of ours: queued on exactly it, as a reply; an earlier life: gone
     view.open_conns.add(41)
     out = names.handle(T0, ReplyToSender(5, 7, ReplyAddr(ME, 4, 41), b"c"))
-    assert out[0] == DeliverToConn(
-        1, 41, "db", ME, "default", None, "", "", b"c", ReplyAddr(ME, 4, 7)
-    )
+    assert event(out[0]) == (1, 41, "db", ME, "default", None, "", "", b"c", ReplyAddr(ME, 4, 7))
     f = Failure(ME, SendError.NOT_FOUND, W.REPLY_GONE)
     assert names.handle(T0, ReplyToSender(6, 7, ReplyAddr(ME, 3, 41), b"d")) == [
         SendResult(6, 0, (f,), f)
@@ -334,9 +377,9 @@ def test_daemon_mailbox_bound_counted_taken_and_closed() -> None:
     names, view, counters = make(NamesConfig(daemon_mailbox_messages=2))
     view.hold(3, RegKind.NAME, "db", conn=7)
     view.hold(4, RegKind.NAME, "web", conn=8)
-    for seq, eid in ((1, 3), (2, 4)):
+    for seq, eid in ((1, 3), (2, 4)):  # counted from the DeliverToConn (no Offered if taken)
         out = names.handle(T0, NameMsgIn(OTHER, msg(seq, eid, "db" if eid == 3 else "web")))
-        names.handle(T0, Offered(out[0].token, OfferOutcome.OK))  # type: ignore[union-attr]
+        assert isinstance(out[0], DeliverToConn) and out[0].answer is not None
     assert names.handle(T0, NameMsgIn(OTHER, msg(3, 3))) == [
         LinkSend(OTHER, None, NameReply(3, NameStatus.MAILBOX_FULL))
     ]
@@ -344,14 +387,15 @@ def test_daemon_mailbox_bound_counted_taken_and_closed() -> None:
     names.handle(T0, MailboxTaken(7, 5))  # more than it holds: what it holds
     assert names.mailbox_messages == 1
     assert isinstance(names.handle(T0, NameMsgIn(OTHER, msg(4, 3)))[0], DeliverToConn)
+    assert names.mailbox_messages == 2
     names.handle(T0, ConnClosed(8))
     names.handle(T0, ConnClosed(8))  # twice: nothing more
+    names.handle(T0, ConnClosed(7))
     assert (names.mailbox_messages, names.mailbox_bytes) == (0, 0)
     # bytes too
     names, view, _ = make(NamesConfig(daemon_mailbox_bytes=1))
     view.hold(3, RegKind.NAME, "db", conn=7)
-    out = names.handle(T0, NameMsgIn(OTHER, msg(1, 3)))  # 1 byte: fits
-    names.handle(T0, Offered(out[0].token, OfferOutcome.OK))  # type: ignore[union-attr]
+    assert isinstance(names.handle(T0, NameMsgIn(OTHER, msg(1, 3)))[0], DeliverToConn)  # fits
     assert names.handle(T0, NameMsgIn(OTHER, msg(2, 3))) == [
         LinkSend(OTHER, None, NameReply(2, NameStatus.MAILBOX_FULL))
     ]
@@ -374,3 +418,30 @@ def test_a_local_delivery_answered_after_its_deadline_still_counts_in_the_mailbo
     ]
     assert names.handle(T0 + 11, Offered(out[0].token, OfferOutcome.OK)) == []  # type: ignore[union-attr]
     assert names.mailbox_messages == 1
+
+
+def test_one_deadline_timer_armed_for_the_first_open_call() -> None:
+    names, view, counters = make()
+    view.remote(OTHER, 5, RegKind.NAME, "db")
+    assert names.handle(T0, send(1, "db"))[-1] == SendDeadline(T0 + 10, 1)
+    assert not any(isinstance(o, SendDeadline) for o in names.handle(T0 + 1, send(2, "db")))
+    names.handle(T0 + 2, send(3, "db"))
+    names.handle(T0 + 2, send(4, "db"))
+    names.handle(T0 + 3, NameReplyIn(OTHER, NameReply(1, NameStatus.DELIVERED)))
+    names.handle(T0 + 3, NameReplyIn(OTHER, NameReply(3, NameStatus.DELIVERED)))
+    # call 1's timer fires: nothing due; re-armed for call 2, the first still open
+    assert names.handle(T0 + 10, DeadlineFired(SendDeadline(T0 + 10, 1))) == [
+        SendDeadline(T0 + 11, 2)
+    ]
+    f = Failure(OTHER, SendError.UNAVAILABLE, W.TIMEOUT)
+    assert names.handle(T0 + 11, DeadlineFired(SendDeadline(T0 + 11, 2))) == [
+        SendResult(2, 0, (f,), f),
+        SendDeadline(T0 + 12, 4),  # call 3 ended: skipped
+    ]
+    # a runtime late by more than one deadline: every call due ends in that turn
+    names.handle(T0 + 12, send(5, "db"))
+    assert names.handle(T0 + 30, DeadlineFired(SendDeadline(T0 + 12, 4))) == [
+        SendResult(4, 0, (f,), f),
+        SendResult(5, 0, (f,), f),
+    ]
+    assert names.pending == 0 and counters["send_timeouts"] == 3
