@@ -36,13 +36,17 @@ VOLATILE = ("wall_s", "peak_rss_mib")
 
 def run_one(path: Path, out: Path, src: Path) -> dict[str, object]:
     name = path.stem
-    cmd = [sys.executable, "-m", "peerd", "sim", str(path), "--json"]
+    cmd = [sys.executable, "-m", "peerd", "sim", str(path.resolve()), "--json"]
     if name in SIZES:
         cmd += ["--nodes", str(SIZES[name])]
     env = dict(os.environ, PYTHONPATH=str(src))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    # run from inside the tree: `python -m` puts the working directory first on
+    # sys.path, ahead of PYTHONPATH, so another directory could shadow --src
+    proc = subprocess.run(
+        cmd, env=env, cwd=src.resolve(), capture_output=True, text=True, timeout=7200
+    )
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
