@@ -188,6 +188,27 @@ class JoinBatch:
     failed: int = 0
 
 
+# Where the news being handled came from (TreeState.ctx; see
+# peerd.core.swim.treecast).
+OWN = 0  # our own: a command, a timer (a death we declared)
+PEER = 1  # a datagram or a stream from a peer: off the tree
+TREE = 2  # a tree broadcast
+
+
+@dataclass(slots=True)
+class TreeState:
+    """Per node: whether news goes by the tree now, and what waits for it."""
+
+    on: bool = False  # enabled and the mesh has neighbours
+    ctx: int = OWN
+    batch: dict[NodeId, tuple[bytes, Hashable]] = field(default_factory=dict)
+    batch_bytes: int = 0
+    flush_armed: bool = False
+    # heard off the tree, waiting for the tree: subject -> (message, ident, due)
+    pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
+    relay_armed: bool = False
+
+
 @dataclass(slots=True)
 class _Timers:
     next_token: int = 0
@@ -272,6 +293,7 @@ class NodeBase:
         self._out: list[Output] = []
         self._now = 0.0
         self._reg_flush_armed = False
+        self._tc = TreeState()  # membership news over the mesh's tree
         self.registry = RegistryService(self, generation)
 
     def _log(self, level: LogLevel, message: str) -> None:
@@ -517,6 +539,16 @@ class NodeBase:
         def _on_mesh_delivered(self, inp: MeshDelivered) -> None: ...
 
         def reg_random_peer(self) -> NodeId | None: ...
+
+        def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool: ...
+
+        def _tree_flush(self) -> None: ...
+
+        def _tree_relay(self) -> None: ...
+
+        def _tree_connected(self, connected: bool) -> None: ...
+
+        def _on_tree_delivered(self, inp: MeshDelivered) -> None: ...
 
         def _push_pull_tick(self) -> None: ...
 

@@ -49,6 +49,7 @@ from peerd.wire.messages import (
     Message,
     NodeId,
     Status,
+    Suspect,
 )
 
 
@@ -79,6 +80,11 @@ class Dissemination(NodeBase):
         self._set_successors(tuple(succ[:RING_SUCCESSORS]))
 
     def _broadcast(self, key: NodeId, msg: Message, ident: Hashable = None) -> None:
+        tc = self._tc
+        if tc.ctx and msg.__class__ is not Suspect:
+            self.counters["msg_in.news"] += 1  # news from a peer (copies per update)
+        if tc.on and self._tree_takes(key, msg, ident):
+            return
         self._queue.enqueue(("m", key), codec.encode(msg), ident)
         self._queue.prune(MAX_QUEUED_BROADCASTS)
         self._arm_gossip()
