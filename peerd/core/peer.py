@@ -262,9 +262,13 @@ class Peer:
     def _on_leave(self, now: float, inp: Leave, out: list[PeerOutput]) -> None:
         self._leaving = True
         self._view.is_leaving = True
-        self._to_membership(now, inp, out)  # first: its Left goes on the tree
+        tree = self.membership.config.tree_dissemination
+        if tree:
+            self._to_membership(now, inp, out)  # first: its Left goes on the tree
         if self.mesh is not None:
             self._to_mesh(now, LeaveMesh(), out)
+        if not tree:
+            self._to_membership(now, inp, out)
 
     def _on_conn_closed(self, now: float, inp: ConnClosed, out: list[PeerOutput]) -> None:
         self._to_membership(now, inp, out)
