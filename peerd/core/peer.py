@@ -166,6 +166,8 @@ class Peer:
         self.mesh = (
             Mesh(MeshPeer(node_id, addr), mesh, self._mesh_rng) if mesh is not None else None
         )
+        if self.mesh is not None:
+            self.membership.use_tree()  # its news over the tree (swim.treecast)
         self._view = PeerView(self.membership, self.registry)
         self.names = (
             Names(

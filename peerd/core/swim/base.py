@@ -190,15 +190,19 @@ class JoinBatch:
 
 # Where the news being handled came from (TreeState.ctx; see
 # peerd.core.swim.treecast).
-OWN = 0  # our own: a command, a timer (a death we declared)
-PEER = 1  # a datagram or a stream from a peer: off the tree
-TREE = 2  # a tree broadcast
+OWN = 0  # our own: a command, a timer (a death we declared on our suspicion)
+TREE = 1  # a tree broadcast
+PACKET = 2  # a datagram from a peer: off the tree
+STREAM = 3  # a push-pull or digest sync with a peer: off the tree
+JOIN = 4  # the reply to our own join: the contact's view, news to nobody else
+VERDICT = 5  # a death we declared on another's suspicion (its origin tells)
 
 
 @dataclass(slots=True)
 class TreeState:
     """Per node: whether news goes by the tree now, and what waits for it."""
 
+    mesh: bool = False  # the Peer runs a mesh next to us (and it is enabled)
     on: bool = False  # enabled and the mesh has neighbours
     ctx: int = OWN
     batch: dict[NodeId, tuple[bytes, Hashable]] = field(default_factory=dict)

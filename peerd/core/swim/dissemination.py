@@ -29,10 +29,13 @@ from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     FIRST_GOSSIP_DELAY_S,
+    JOIN,
     MAX_QUEUED_BROADCASTS,
+    PACKET,
     RING_RECENT_MAX,
     RING_RECENT_S,
     RING_SUCCESSORS,
+    TREE,
     NodeBase,
 )
 from peerd.core.swim.members import (
@@ -81,9 +84,9 @@ class Dissemination(NodeBase):
 
     def _broadcast(self, key: NodeId, msg: Message, ident: Hashable = None) -> None:
         tc = self._tc
-        if tc.ctx and msg.__class__ is not Suspect:
+        if (tc.ctx == PACKET or tc.ctx == TREE) and msg.__class__ is not Suspect:
             self.counters["msg_in.news"] += 1  # news from a peer (copies per update)
-        if tc.on and self._tree_takes(key, msg, ident):
+        if (tc.on or tc.ctx == JOIN) and self._tree_takes(key, msg, ident):
             return
         self._queue.enqueue(("m", key), codec.encode(msg), ident)
         self._queue.prune(MAX_QUEUED_BROADCASTS)

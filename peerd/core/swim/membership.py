@@ -52,10 +52,12 @@ from peerd.core.events import (
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
+    JOIN,
     LIVE,
     OWN,
-    PEER,
+    PACKET,
     REAP_INTERVAL_S,
+    STREAM,
     JoinBatch,
     StreamCtx,
     _fmt,
@@ -125,9 +127,9 @@ from peerd.wire.messages import (
 # Inputs that bring news from a peer off the tree (the rest are our own, or
 # the tree's: see peerd.core.swim.treecast).
 _CTX: dict[type, int] = {
-    PacketIn: PEER,
-    StreamRequest: PEER,
-    StreamResponse: PEER,
+    PacketIn: PACKET,
+    StreamRequest: STREAM,
+    StreamResponse: STREAM,
 }
 
 
@@ -227,6 +229,8 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             case StreamRequest(stream, src, data):
                 self._on_stream_request(stream, src, data)
             case StreamResponse(stream, data):
+                if self._tc.mesh and getattr(self._streams.get(stream), "purpose", "") == "join":
+                    self._tc.ctx = JOIN
                 self._on_stream_response(stream, data)
             case StreamFailed(stream, reason):
                 self._on_stream_failed(stream, reason)

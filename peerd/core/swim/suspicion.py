@@ -32,7 +32,7 @@ from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     LAST_CHECK_MIN_NODES,
     LIVE,
-    PEER,
+    VERDICT,
     NodeBase,
 )
 from peerd.core.swim.members import (
@@ -193,7 +193,7 @@ class Suspicions(NodeBase):
         if susp is not None and susp.origin != self._me.node:
             # Our verdict on another's suspicion: on the mesh's tree, its
             # origin's broadcast is the one (see peerd.core.swim.treecast).
-            self._tc.ctx = PEER
+            self._tc.ctx = VERDICT
         self._broadcast_death(m.node, incarnation)
         if had_entries and len(self._live) <= DIRECT_MAX:
             # Its registry entries must vanish everywhere at once, not when

@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from peerd.core.events import MeshCast, MeshDelivered
-from peerd.core.swim.base import PEER, TREE, NodeBase
+from peerd.core.swim.base import JOIN, OWN, TREE, NodeBase
 from peerd.core.swim.members import AMBIGUOUS
 from peerd.core.timers import TreeFlush, TreeRelay
 from peerd.wire import codec
@@ -92,17 +92,18 @@ class TreeCast(NodeBase):
             return False  # suspicions: gossip only
         t = self._tc
         if key == self._me.node:
-            self._tree_add(key, msg, ident)  # a join, tags, a refutation: both
-            if self._leaving:
-                self._tree_flush()  # now: the Peer leaves the mesh next
+            if t.on:
+                self._tree_add(key, msg, ident)  # a join, tags, a refutation: both
+                if self._leaving:
+                    self._tree_flush()  # now: the Peer leaves the mesh next
             return False
         t.pending.pop(key, None)  # superseded by this
         # Newer news replaces what the gossip queue held about the node (as
         # enqueue would), so that the ring does not pass the older one on.
         self._queue.invalidate(("m", key))
-        if t.ctx == TREE:
-            return True  # Plumtree forwards it
-        if t.ctx == PEER:
+        if t.ctx == TREE or t.ctx == JOIN:
+            return True  # Plumtree forwards it; the contact's view is known
+        if t.ctx != OWN:  # a datagram, a sync, our verdict on another's suspicion
             self._tree_defer(key, msg, ident)
         else:
             self._tree_add(key, msg, ident)
@@ -183,6 +184,10 @@ class TreeCast(NodeBase):
         data = data_or_msg if isinstance(data_or_msg, bytes) else codec.encode(data_or_msg)
         self._queue.enqueue(("m", key), data, ident)
         self._arm_gossip()
+
+    def use_tree(self) -> None:
+        """The Peer runs a mesh next to this node (see the module docs)."""
+        self._tc.mesh = self.config.tree_dissemination
 
     def _tree_connected(self, connected: bool) -> None:
         """The mesh gained its first neighbour or lost its last."""
