@@ -61,6 +61,7 @@ def main() -> None:
         "items_received": received,
         "news": news,
         "tree_items": c.get("msg_in.tree_items", 0),
+        "suspect_items": c.get("msg_in.suspect", 0),
         "tree_casts": c.get("tree_casts", 0),
         "tree_relays": c.get("tree_relays", 0),
         "detection_all_max_s": m.get("detection_all_s", {}).get("max"),
