@@ -69,6 +69,22 @@ class SwimConfig:
     # Bound on tags (count and total bytes of keys and values).
     max_tags: int = 32
     max_tags_bytes: int = 1024
+    # Membership news over the mesh's broadcast tree (peerd.core.swim.treecast):
+    # while the node has mesh neighbours, joins, deaths, leaves and tag changes
+    # go as Plumtree broadcasts (each node receives each about once) instead of
+    # being gossiped retransmit_mult * log10(N) times by every node. False:
+    # gossip only, as without a mesh.
+    tree_dissemination: bool = True
+    # News for the tree is batched this long: a burst (a mass join, a mass
+    # crash) goes as a few broadcasts carrying many updates, not one each.
+    tree_batch_s: float = 0.005
+    # Largest batch (encoded bytes) per broadcast; a longer burst is cut into
+    # several. Well under the mesh's membership payload limit (64 KiB).
+    tree_batch_bytes: int = 16 * 1024
+    # News a connected node hears off the tree (a datagram, a push-pull) waits
+    # a random time in [1, 3] x this for the tree to bring it (its subject or
+    # detector broadcasts it there); if it does not, this node broadcasts it.
+    tree_relay_after_s: float = 0.5
 
     def replace(self, **changes: object) -> SwimConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -21,10 +21,13 @@ here, once, for both runtimes:
   messages to names waited on them fail;
 * the mesh enters the overlay after each join of the membership (the start's
   or the API's), through a few random alive members, whose passive view a
-  few more seed; a leave leaves the mesh first;
+  few more seed; a leave leaves the mesh right after membership announced
+  it (on the tree, see below);
 * the registry's deltas go over the mesh (Plumtree on the registry channel)
   while the mesh has neighbours, and by gossip before the first and after
   the last; what the mesh delivers on that channel goes back to the registry;
+  so do membership's own news (joins, deaths, leaves: the membership
+  channel, :mod:`peerd.core.swim.treecast`);
 * peer links carry the mesh's messages and messages to names; the Peer
   routes each by its type, and a lost link is news for both;
 * every timer is a typed value: the Peer hands it back to the subsystem whose
@@ -163,6 +166,8 @@ class Peer:
         self.mesh = (
             Mesh(MeshPeer(node_id, addr), mesh, self._mesh_rng) if mesh is not None else None
         )
+        if self.mesh is not None:
+            self.membership.use_tree()  # its news over the tree (swim.treecast)
         self._view = PeerView(self.membership, self.registry)
         self.names = (
             Names(
@@ -257,9 +262,13 @@ class Peer:
     def _on_leave(self, now: float, inp: Leave, out: list[PeerOutput]) -> None:
         self._leaving = True
         self._view.is_leaving = True
+        tree = self.membership.config.tree_dissemination
+        if tree:
+            self._to_membership(now, inp, out)  # first: its Left goes on the tree
         if self.mesh is not None:
             self._to_mesh(now, LeaveMesh(), out)
-        self._to_membership(now, inp, out)
+        if not tree:
+            self._to_membership(now, inp, out)
 
     def _on_conn_closed(self, now: float, inp: ConnClosed, out: list[PeerOutput]) -> None:
         self._to_membership(now, inp, out)
@@ -344,13 +353,12 @@ class Peer:
                 out.append(SetTimer(o.at, o.timer))
             elif c is Deliver:
                 assert isinstance(o, Deliver)
-                if o.channel is Channel.REGISTRY:
+                if o.channel is Channel.REGISTRY or o.channel is Channel.MEMBERSHIP:
                     self._to_membership(
                         now, MeshDelivered(int(o.channel), o.origin, o.payload), out
                     )
                 elif o.channel is Channel.USER:
                     out.append(o)
-                # (membership has no consumer on the mesh)
             elif c is BroadcastResult:
                 assert isinstance(o, BroadcastResult)
                 if o.ref:

@@ -42,6 +42,8 @@ class TimerKind(enum.Enum):
     REG_FLUSH = "reg_flush"  # spread fresh registry deltas now, not at the next gossip tick
     REG_SETTLE = "reg_settle"  # a register wait=settled timed out
     REG_SYNC = "reg_sync"  # the registry's own anti-entropy round
+    TREE_FLUSH = "tree_flush"  # membership news batched for the broadcast tree
+    TREE_RELAY = "tree_relay"  # news heard off the tree that the tree did not bring
 
 
 class MeshTimerKind(enum.Enum):
@@ -176,6 +178,25 @@ class RegSyncTick:
     kind: ClassVar[TimerKind] = TimerKind.REG_SYNC
 
 
+# --- membership over the broadcast tree -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TreeFlush:
+    """Broadcast the membership news batched for the tree."""
+
+    token: int
+    kind: ClassVar[TimerKind] = TimerKind.TREE_FLUSH
+
+
+@dataclass(frozen=True, slots=True)
+class TreeRelay:
+    """News heard off the tree has waited for it: broadcast what did not come."""
+
+    token: int
+    kind: ClassVar[TimerKind] = TimerKind.TREE_RELAY
+
+
 MembershipTimer = (
     ProbeTick
     | ProbeTimeout
@@ -191,6 +212,8 @@ MembershipTimer = (
     | RegFlush
     | RegSettleTimeout
     | RegSyncTick
+    | TreeFlush
+    | TreeRelay
 )
 
 # --- mesh (HyParView, Plumtree) ---------------------------------------------------
@@ -265,6 +288,8 @@ _BY_KIND: dict[TimerKind, type] = {
         RegFlush,
         RegSettleTimeout,
         RegSyncTick,
+        TreeFlush,
+        TreeRelay,
     )
 }
 _CONTEXT_DEFAULTS: dict[TimerKind, tuple[object, ...]] = {

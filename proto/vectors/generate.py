@@ -231,6 +231,24 @@ def message_vectors() -> dict[str, Any]:
         ("shuffle-reply", ShuffleReply((pc, pb))),
         ("shuffle-reply-empty", ShuffleReply(())),
         ("gossip-membership", Gossip(m1, a, 1, Channel.MEMBERSHIP, bytes.fromhex("8103"))),
+        (
+            # a batch of membership news over the tree: the payload is a
+            # datagram's (peerd.core.swim.treecast)
+            "gossip-membership-batch",
+            Gossip(
+                m2,
+                a,
+                2,
+                Channel.MEMBERSHIP,
+                codec.pack(
+                    [
+                        codec.encode(Alive(a, "web-1", ("192.0.2.1", 7946), 3, 17, ())),
+                        codec.encode(Died(b, 5)),
+                        codec.encode(Left(c, 9)),
+                    ]
+                ),
+            ),
+        ),
         ("gossip-registry", Gossip(m2, b, 7, Channel.REGISTRY, b"")),
         ("gossip-user", Gossip(m2, c, 300, Channel.USER, b"hello, mesh")),
         ("gossip-control-ihave", GossipControl((IHave(m1, 2), IHave(m2, 3)), (), TreeLink.KEEP)),

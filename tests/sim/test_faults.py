@@ -178,8 +178,13 @@ def test_network_duplicates_reorders_and_mtu() -> None:
     _w, _rec, s = run(sc)
     assert s["network"]["duplicated"] > 0
     assert s["network"]["dropped_mtu"] == 0  # small probes fit
+    # (deaths gossiped, not sent over the mesh's tree: swim.treecast)
     big = scenario(
-        "mtu = 200\n" + fault('at_s = 2\nkind = "crash"\nnodes = 0.3'), nodes=60, duration=10
+        "mtu = 200\n"
+        + fault('at_s = 2\nkind = "crash"\nnodes = 0.3')
+        + "\n[config]\ntree_dissemination = false\n",
+        nodes=60,
+        duration=10,
     )
     _w, _rec, s = run(big)
     assert s["network"]["dropped_mtu"] > 0  # gossip-filled datagrams do not

@@ -188,6 +188,31 @@ class JoinBatch:
     failed: int = 0
 
 
+# Where the news being handled came from (TreeState.ctx; see
+# peerd.core.swim.treecast).
+OWN = 0  # our own: a command, a timer (a death we declared on our suspicion)
+TREE = 1  # a tree broadcast
+PACKET = 2  # a datagram from a peer: off the tree
+STREAM = 3  # a push-pull or digest sync with a peer: off the tree
+JOIN = 4  # the reply to our own join: the contact's view, news to nobody else
+VERDICT = 5  # a death we declared on another's suspicion (its origin tells)
+
+
+@dataclass(slots=True)
+class TreeState:
+    """Per node: whether news goes by the tree now, and what waits for it."""
+
+    mesh: bool = False  # the Peer runs a mesh next to us (and it is enabled)
+    on: bool = False  # enabled and the mesh has neighbours
+    ctx: int = OWN
+    batch: dict[NodeId, tuple[bytes, Hashable]] = field(default_factory=dict)
+    batch_bytes: int = 0
+    flush_armed: bool = False
+    # heard off the tree, waiting for the tree: subject -> (message, ident, due)
+    pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
+    relay_armed: bool = False
+
+
 @dataclass(slots=True)
 class _Timers:
     next_token: int = 0
@@ -272,6 +297,7 @@ class NodeBase:
         self._out: list[Output] = []
         self._now = 0.0
         self._reg_flush_armed = False
+        self._tc = TreeState()  # membership news over the mesh's tree
         self.registry = RegistryService(self, generation)
 
     def _log(self, level: LogLevel, message: str) -> None:
@@ -517,6 +543,16 @@ class NodeBase:
         def _on_mesh_delivered(self, inp: MeshDelivered) -> None: ...
 
         def reg_random_peer(self) -> NodeId | None: ...
+
+        def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool: ...
+
+        def _tree_flush(self) -> None: ...
+
+        def _tree_relay(self) -> None: ...
+
+        def _tree_connected(self, connected: bool) -> None: ...
+
+        def _on_tree_delivered(self, inp: MeshDelivered) -> None: ...
 
         def _push_pull_tick(self) -> None: ...
 

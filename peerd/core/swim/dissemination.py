@@ -29,10 +29,13 @@ from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     FIRST_GOSSIP_DELAY_S,
+    JOIN,
     MAX_QUEUED_BROADCASTS,
+    PACKET,
     RING_RECENT_MAX,
     RING_RECENT_S,
     RING_SUCCESSORS,
+    TREE,
     NodeBase,
 )
 from peerd.core.swim.members import (
@@ -49,6 +52,7 @@ from peerd.wire.messages import (
     Message,
     NodeId,
     Status,
+    Suspect,
 )
 
 
@@ -79,6 +83,11 @@ class Dissemination(NodeBase):
         self._set_successors(tuple(succ[:RING_SUCCESSORS]))
 
     def _broadcast(self, key: NodeId, msg: Message, ident: Hashable = None) -> None:
+        tc = self._tc
+        if (tc.ctx == PACKET or tc.ctx == TREE) and msg.__class__ is not Suspect:
+            self.counters["msg_in.news"] += 1  # news from a peer (copies per update)
+        if (tc.on or tc.ctx == JOIN) and self._tree_takes(key, msg, ident):
+            return
         self._queue.enqueue(("m", key), codec.encode(msg), ident)
         self._queue.prune(MAX_QUEUED_BROADCASTS)
         self._arm_gossip()

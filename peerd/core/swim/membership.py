@@ -11,7 +11,8 @@ each in its own module of this folder over one shared state
 * push-pull, digest sync and partition healing (:mod:`peerd.core.swim.sync`);
 * news applied to the members table (:mod:`peerd.core.swim.updates`), whose
   records and store are in :mod:`peerd.core.swim.members`;
-* the registry's host callbacks (:mod:`peerd.core.swim.reghost`).
+* the registry's host callbacks (:mod:`peerd.core.swim.reghost`);
+* news over the mesh's broadcast tree (:mod:`peerd.core.swim.treecast`).
 
 It owns the one entry point, :meth:`Node.handle`: an input (a datagram, a
 stream, a timer, a command) is dispatched to the concern it belongs to, and
@@ -51,8 +52,12 @@ from peerd.core.events import (
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
+    JOIN,
     LIVE,
+    OWN,
+    PACKET,
     REAP_INTERVAL_S,
+    STREAM,
     JoinBatch,
     StreamCtx,
     _fmt,
@@ -67,6 +72,7 @@ from peerd.core.swim.probe import Probing
 from peerd.core.swim.reghost import RegistryHost
 from peerd.core.swim.suspicion import Suspicions
 from peerd.core.swim.sync import AntiEntropy
+from peerd.core.swim.treecast import TREE_CHANNEL, TreeCast
 from peerd.core.swim.updates import Updates
 from peerd.core.timers import (
     ConfirmTimeout,
@@ -84,6 +90,8 @@ from peerd.core.timers import (
     RingFlush,
     SuspicionTimeout,
     Timer,
+    TreeFlush,
+    TreeRelay,
 )
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -116,8 +124,16 @@ from peerd.wire.messages import (
     Tags,
 )
 
+# Inputs that bring news from a peer off the tree (the rest are our own, or
+# the tree's: see peerd.core.swim.treecast).
+_CTX: dict[type, int] = {
+    PacketIn: PACKET,
+    StreamRequest: STREAM,
+    StreamResponse: STREAM,
+}
 
-class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHost):
+
+class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHost, TreeCast):
     """One peerd node's membership state machine. See the module docs."""
 
     @property
@@ -204,6 +220,7 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
         self._now = now
         out: list[Output] = []
         self._out = out
+        self._tc.ctx = _CTX.get(inp.__class__, OWN)
         match inp:
             case PacketIn(src, data):
                 self._on_packet(src, data)
@@ -217,6 +234,8 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             case StreamRequest(stream, src, data):
                 self._on_stream_request(stream, src, data)
             case StreamResponse(stream, data):
+                if self._tc.mesh and getattr(self._streams.get(stream), "purpose", "") == "join":
+                    self._tc.ctx = JOIN
                 self._on_stream_response(stream, data)
             case StreamFailed(stream, reason):
                 self._on_stream_failed(stream, reason)
@@ -232,9 +251,13 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             case Register() | Unregister() | UpdateMeta() | ConnClosed():
                 self.registry.command(inp)
             case MeshDelivered():
-                self._on_mesh_delivered(inp)
+                if inp.channel == TREE_CHANNEL:
+                    self._on_tree_delivered(inp)
+                else:
+                    self._on_mesh_delivered(inp)
             case MeshConnected(connected):
                 self._on_mesh_connected(connected)
+                self._tree_connected(connected)
         if self._ring_dirty:
             self._update_watch()
         self._out = []
@@ -354,6 +377,10 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             case RegSyncTick(peer=peer):
                 if not self._leaving:
                     self.registry.sync_tick(peer)
+            case TreeFlush():
+                self._tree_flush()
+            case TreeRelay():
+                self._tree_relay()
 
     def _on_packet(self, src: Addr, data: bytes) -> None:
         self.counters["packets_in"] += 1

@@ -32,6 +32,7 @@ from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     LAST_CHECK_MIN_NODES,
     LIVE,
+    VERDICT,
     NodeBase,
 )
 from peerd.core.swim.members import (
@@ -189,6 +190,10 @@ class Suspicions(NodeBase):
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
         had_entries = self._mark_down(m, Status.DEAD, incarnation)
+        if susp is not None and susp.origin != self._me.node:
+            # Our verdict on another's suspicion: on the mesh's tree, its
+            # origin's broadcast is the one (see peerd.core.swim.treecast).
+            self._tc.ctx = VERDICT
         self._broadcast_death(m.node, incarnation)
         if had_entries and len(self._live) <= DIRECT_MAX:
             # Its registry entries must vanish everywhere at once, not when

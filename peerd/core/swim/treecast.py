@@ -1,0 +1,267 @@
+"""Membership news over the mesh's broadcast tree.
+
+Theory of operation. SWIM spreads an update by infection (4.1): every node
+that learns it gossips it ``retransmit_mult * log10(N)`` times, so each node
+receives each update 12 to 16 times at 10,000 nodes, and a mass join or a
+mass crash costs every node that many copies of every update. A node that
+runs the partial mesh already has a spanning tree to every other node
+(Plumtree, Leitão et al. 2007: eager push on the tree, IHAVE announcements
+on the other links, a graft where the tree broke), which delivers each
+broadcast about once. While the node has mesh neighbours (the Peer's
+``MeshConnected``), final and identity news (``Alive`` for a join, a tag
+change or a revival; ``Died``/``Dead``; ``Left``) goes there instead of into
+the gossip queue:
+
+* **Who broadcasts.** Exactly the node that made the news: the subject for
+  its own ``Alive`` (and, when it joined before its mesh was up, once its
+  mesh connects) and for its ``Left`` (just before the Peer leaves the
+  mesh), the suspicion's origin for the death it declares. Every other node
+  whose own timer declares the same death (it heard the suspicion) waits
+  for the origin's broadcast as for news heard off the tree (below): in a
+  100-node run 16 nodes declared one death within 40 ms, and each would
+  have cost every node a copy. News that reaches a node *by the tree* is
+  applied and not sent on (Plumtree forwards it). News a connected node
+  hears *off* the tree (a datagram, a push-pull) came from a node the tree
+  may not serve (a joiner before its mesh is up, a node cut off the mesh,
+  the other side of a healed partition): it waits a random
+  ``[1, 3] x tree_relay_after_s`` for the tree to bring it, and only if it
+  does not come is it broadcast by this node. The randomness spreads the
+  few nodes that heard it off the tree in time, so the first one's
+  broadcast reaches the others before their own wait ends (Plumtree ids
+  are per broadcast, so every extra broadcast of one update costs every
+  node a copy). What a node's first join taught it (the contact's view,
+  which the cluster has) is spread neither way.
+* **Ids and duplicates.** A tree broadcast is a batch with Plumtree's own
+  id; a receiver applies each update by the SWIM rules (incarnation order),
+  so an update that comes twice (two broadcasters, or gossip and the tree)
+  is simply old news the second time.
+* **Batching.** News is held ``tree_batch_s`` (a few ms) and goes as one
+  broadcast of up to ``tree_batch_bytes``: a burst of joins or deaths costs
+  a few tree messages, not one per update. The payload is a datagram's
+  payload (the sequence of encoded membership messages, ``codec.pack``), so
+  the batch needs no wire type of its own; it travels on the mesh's
+  MEMBERSHIP channel.
+* **What gossip still carries.** Suspicions (``Suspect``) and their
+  confirmations: they must travel near their subject, which refutes them,
+  and are short-lived. A node's own ``Alive`` goes both ways: it is the
+  refutation of a suspicion, which must also reach the suspecters by
+  gossip. Everything while the node has no mesh neighbours (no mesh, not
+  joined yet, cut off): news goes into the gossip queue exactly as
+  without a mesh, and what was batched or waiting when the node lost its
+  last neighbour goes there too. Push-pull anti-entropy repairs what both
+  missed, unchanged.
+
+A news item that went on the tree is not gossiped (nor passed to the ring
+successors): the tree is the one path, with anti-entropy behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from peerd.core.events import MeshCast, MeshDelivered
+from peerd.core.swim.base import JOIN, OWN, TREE, NodeBase
+from peerd.core.swim.members import AMBIGUOUS
+from peerd.core.timers import TreeFlush, TreeRelay
+from peerd.wire import codec
+from peerd.wire.codec import DecodeError
+from peerd.wire.messages import (
+    Alive,
+    Channel,
+    Dead,
+    Died,
+    DiedRef,
+    Left,
+    Message,
+    NodeId,
+    Status,
+)
+
+TREE_CHANNEL = int(Channel.MEMBERSHIP)
+# The news the tree carries, and its rank at one incarnation.
+_RANK: dict[type, int] = {Alive: 0, Died: 1, DiedRef: 1, Dead: 1, Left: 1}
+
+
+def _state_of(msg: Message) -> tuple[int, int]:
+    inc: int = getattr(msg, "incarnation", 0)
+    return (inc, _RANK[msg.__class__])
+
+
+class TreeCast(NodeBase):
+    """Membership news over the broadcast tree. See the module docs."""
+
+    def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool:
+        """From _broadcast while the tree is on: True if the tree takes
+        ``msg`` (news about ``key``), False to gossip it as well."""
+        c = msg.__class__
+        if c not in _RANK:
+            return False  # suspicions: gossip only
+        t = self._tc
+        if key == self._me.node:
+            if t.on:
+                self._tree_add(key, msg, ident)  # a join, tags, a refutation: both
+                if self._leaving:
+                    self._tree_flush()  # now: the Peer leaves the mesh next
+            return False
+        t.pending.pop(key, None)  # superseded by this
+        # Newer news replaces what the gossip queue held about the node (as
+        # enqueue would), so that the ring does not pass the older one on.
+        self._queue.invalidate(("m", key))
+        if t.ctx == TREE:
+            return True  # Plumtree forwards it
+        if t.ctx == JOIN and not t.on:
+            # What our first join taught us is the contact's view, which the
+            # cluster knows. (A join while connected, an operator healing a
+            # partition, may teach our side news: that waits for the tree.)
+            return True
+        if t.ctx != OWN:  # a datagram, a sync, our verdict on another's suspicion
+            self._tree_defer(key, msg, ident)
+        else:
+            self._tree_add(key, msg, ident)
+        return True
+
+    def _tree_add(self, key: NodeId, msg: Message, ident: Hashable) -> None:
+        if msg.__class__ is DiedRef:
+            # Each node hears it about once: the full id costs little and
+            # needs no prefix index at the receiver.
+            msg = Died(key, msg.incarnation)
+        t = self._tc
+        data = codec.encode(msg)
+        old = t.batch.pop(key, None)
+        if old is not None:
+            t.batch_bytes -= len(old[0])
+        t.batch[key] = (data, ident)
+        t.batch_bytes += len(data)
+        if t.batch_bytes >= self.config.tree_batch_bytes:
+            self._tree_flush()
+        elif not t.flush_armed:
+            t.flush_armed = True
+            self._arm(TreeFlush, self.config.tree_batch_s)
+
+    def _tree_flush(self) -> None:
+        t = self._tc
+        t.flush_armed = False
+        if not t.batch:
+            return
+        limit = self.config.tree_batch_bytes
+        chunk: list[bytes] = []
+        size = 0
+        for data, _ident in t.batch.values():
+            if chunk and size + len(data) > limit:
+                self._tree_cast(chunk)
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        self._tree_cast(chunk)
+        t.batch.clear()
+        t.batch_bytes = 0
+
+    def _tree_cast(self, chunk: list[bytes]) -> None:
+        self.counters["tree_casts"] += 1
+        self.counters["tree_cast_items"] += len(chunk)
+        self._out.append(MeshCast(TREE_CHANNEL, codec.pack(chunk)))
+
+    def _tree_defer(self, key: NodeId, msg: Message, ident: Hashable) -> None:
+        t = self._tc
+        wait = self.config.tree_relay_after_s * self.rng.uniform(1.0, 3.0)
+        t.pending[key] = (msg, ident, self._now + wait)
+        if not t.relay_armed:
+            t.relay_armed = True
+            self._arm(TreeRelay, wait)
+
+    def _tree_relay(self) -> None:
+        """News heard off the tree has waited: what the tree did not bring
+        (and is still what we hold) is ours to broadcast."""
+        t = self._tc
+        t.relay_armed = False
+        now = self._now
+        due = [k for k, (_m, _i, at) in t.pending.items() if at <= now]
+        for key in due:
+            msg, ident, _at = t.pending.pop(key)
+            m = self._members.get(key)
+            if m is None or (m.incarnation, 0 if m.status in _LIVE_STATUS else 1) != _state_of(msg):
+                continue  # newer news came meanwhile
+            if t.on:
+                self.counters["tree_relays"] += 1
+                self._tree_add(key, msg, ident)
+            else:
+                self._queue_news(key, msg, ident)
+        if t.pending:
+            t.relay_armed = True
+            self._arm(TreeRelay, max(0.0, min(at for _m, _i, at in t.pending.values()) - now))
+
+    def _queue_news(self, key: NodeId, data_or_msg: Message | bytes, ident: Hashable) -> None:
+        """Into the gossip queue, as without a tree."""
+        data = data_or_msg if isinstance(data_or_msg, bytes) else codec.encode(data_or_msg)
+        self._queue.enqueue(("m", key), data, ident)
+        self._arm_gossip()
+
+    def use_tree(self) -> None:
+        """The Peer runs a mesh next to this node (see the module docs)."""
+        self._tc.mesh = self.config.tree_dissemination
+
+    def _tree_connected(self, connected: bool) -> None:
+        """The mesh gained its first neighbour or lost its last."""
+        t = self._tc
+        on = connected and self.config.tree_dissemination and not self._leaving
+        if on == t.on:
+            return
+        t.on = on
+        if on:
+            if self._queue.has(("m", self._me.node)):
+                # We announced ourselves (a join) before the mesh was up.
+                self._tree_add(self._me.node, self._alive_msg(), None)
+            return
+        # Cut off the tree: what waited for it goes by gossip.
+        for key, (data, ident) in t.batch.items():
+            self._queue_news(key, data, ident)
+        t.batch.clear()
+        t.batch_bytes = 0
+        for key, (msg, ident, _at) in t.pending.items():
+            self._queue_news(key, msg, ident)
+        t.pending.clear()
+
+    def _on_tree_delivered(self, inp: MeshDelivered) -> None:
+        """A batch of news came by the tree: apply each by the SWIM rules."""
+        self.counters["msg_in.tree"] += 1
+        try:
+            msgs, errors = codec.decode_packet(inp.payload)
+        except DecodeError as err:
+            self._drop(err.reason, "membership tree payload")
+            return
+        for bad in errors:
+            self._drop(bad.reason, "membership tree payload")
+        t = self._tc
+        t.ctx = TREE
+        counters = self.counters
+        for msg in msgs:
+            c = msg.__class__
+            counters["msg_in.tree_items"] += 1
+            if c is Alive:
+                assert isinstance(msg, Alive)
+                node = msg.node
+                self._on_alive(msg)
+            elif c is Died or c is Dead:
+                assert isinstance(msg, Died | Dead)
+                node = msg.node
+                self._on_dead(node, msg.incarnation)
+            elif c is Left:
+                assert isinstance(msg, Left)
+                node = msg.node
+                self._on_left(msg)
+            elif c is DiedRef:
+                assert isinstance(msg, DiedRef)
+                ref = self._by_prefix.get(msg.prefix)
+                if ref is None or ref == AMBIGUOUS:
+                    continue
+                node = ref
+                self._on_dead(node, msg.incarnation)
+            else:
+                self._drop("unexpected_tree_message", c.__name__)
+                continue
+            waiting = t.pending.get(node)
+            if waiting is not None and _state_of(msg) >= _state_of(waiting[0]):
+                del t.pending[node]  # the tree brought it: nothing to relay
+
+
+_LIVE_STATUS = (Status.ALIVE, Status.SUSPECT)
