@@ -73,8 +73,9 @@ class SwimConfig:
     # while the node has mesh neighbours, joins, deaths, leaves and tag changes
     # go as Plumtree broadcasts (each node receives each about once) instead of
     # being gossiped retransmit_mult * log10(N) times by every node. False:
-    # gossip only, as without a mesh.
-    tree_dissemination: bool = True
+    # gossip only, as without a mesh. Off by default until a mass crash costs
+    # no more with it than without (benchmarks/sim/RESULTS.md, issue 15).
+    tree_dissemination: bool = False
     # News for the tree is batched this long: a burst (a mass join, a mass
     # crash) goes as a few broadcasts carrying many updates, not one each.
     tree_batch_s: float = 0.005

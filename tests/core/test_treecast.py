@@ -40,7 +40,7 @@ class CutCluster(PeerCluster):
 
 
 def started(n: int, config: cfgmod.SwimConfig | None = None, seed: int = 3) -> CutCluster:
-    c = CutCluster(n, seed=seed, config=config or cfgmod.lan())
+    c = CutCluster(n, seed=seed, config=config or cfgmod.lan().replace(tree_dissemination=True))
     for i in range(n):
         c.start(i, seeds=(0,) if i else ())
     c.run_until(10.0)
