@@ -268,6 +268,8 @@ class Peer:
             nev.UpdateMeta: self._to_registry,
             nev.StreamResponse: self._on_stream_end,
             nev.StreamFailed: self._on_stream_end,
+            MeshConnected: self._to_registry,
+            MeshDelivered: self._to_registry,
         }
 
     def _on_timer(self, now: float, inp: TimerFired, out: list[PeerOutput]) -> None:

@@ -1,6 +1,7 @@
 """Peer composes the membership and the registry and adds nothing of its own:
 driven with the same inputs it gives exactly the outputs of the membership
-node it owns, and its read side is the node's."""
+node it owns (an empty registry beside it adds none), and its read side is
+the node's."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def test_peer_gives_the_outputs_of_its_membership() -> None:
     assert peer.peer_addrs() == node.peer_addrs() == [addr(2)]
     assert peer.health_score == node.health_score
     assert peer.counters == node.counters
-    assert peer.registry is peer.membership.registry
+    # The registry is membership's sibling: it reads membership, never the reverse.
+    assert peer.registry.members is peer.membership
+    assert not hasattr(peer.membership, "registry")
 
 
 # --- a Peer with the mesh and names messaging -------------------------------------
@@ -61,9 +64,13 @@ def started(n: int = 6, until: float = 8.0) -> PeerCluster:
 
 
 def test_membership_only_peer_is_its_node() -> None:
-    peer, _node = make_both()
+    kw = dict(node_id=nid(1), name=name(1), addr=addr(1), config=cfg(), generation=1)
+    peer = Peer(rng=random.Random(7), registry=None, **kw)  # type: ignore[arg-type]
     assert peer.handle == peer.membership.handle
     assert peer.mesh is None and peer.names is None
+    assert not peer.membership.news  # nothing feeds its (empty) registry
+    with_registry, _node = make_both()
+    assert with_registry.handle != with_registry.membership.handle
 
 
 def test_the_mesh_forms_from_membership_and_carries_registry_deltas() -> None:

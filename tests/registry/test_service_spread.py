@@ -86,8 +86,8 @@ def test_first_hand_news_is_not_relayed_in_a_small_cluster() -> None:
     c.run_until(t0 + c.config.registry_flush_s + 0.0015)  # the direct send has arrived
     origin = c.nodes[0].node_id
     assert all(h is not None for h in holders(c, "direct").values())
-    assert c.nodes[0].reg_queued(("r", origin)) is not None  # the origin gossips it too
-    assert all(c.nodes[i].reg_queued(("r", origin)) is None for i in range(1, 6))
+    assert c.nodes[0].membership.queued(("r", origin)) is not None  # the origin gossips it too
+    assert all(c.nodes[i].membership.queued(("r", origin)) is None for i in range(1, 6))
 
 
 def test_big_clusters_rely_on_the_epidemic() -> None:
@@ -105,7 +105,7 @@ def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
     for k in range(200):
         reg(c, 1, f"many-{k:03d}")
     c.run_until(t0 + c.config.registry_flush_s)
-    queued = c.nodes[1].reg_queued(("r", c.nodes[1].node_id))
+    queued = c.nodes[1].membership.queued(("r", c.nodes[1].node_id))
     assert queued is not None and isinstance(codec.decode(queued), RegAck)
     c.run_until(t0 + 1.0)  # peers pull what the announcement says they lack
     assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values()) for k in range(200))
