@@ -127,6 +127,7 @@ _REG_NEWS = frozenset(
 _CARRY = frozenset({nev.QueueGossip, nev.SendTo, nev.StreamTo, nev.SendDirect, nev.GossipRound})
 _REG_TIMERS = frozenset({RegFlush, RegSettleTimeout, RegSyncTick})
 _RESUME = nev.Resume()
+_DEFAULT_REGISTRY = RegistryConfig()
 # Membership outputs that are news for another subsystem.
 _NEWS = frozenset({MeshCast, MemberEvent, JoinDone, *_REG_NEWS})
 # Inputs that only the names core takes.
@@ -176,7 +177,7 @@ class Peer:
         names: NamesConfig | None = None,
         mesh_rng: random.Random | None = None,
         names_rng: random.Random | None = None,
-        registry: RegistryConfig | None = RegistryConfig(),  # noqa: B008 (frozen)
+        registry: RegistryConfig | None = _DEFAULT_REGISTRY,
     ) -> None:
         self.membership = Node(
             node_id=node_id,
