@@ -245,7 +245,10 @@ class MeshConnected:
 # "pauses" is the last output of membership's handling: the peer gives the
 # registry its turn, then feeds Resume, and membership goes on where it was
 # (so the registry acts at exactly the point of the packet, or of the gossip
-# round, where it acted when it was called from inside).
+# round, where it acted when it was called from inside). None of these
+# leaves the peer: a runtime never sees them. They are here, not in the
+# registry's package, because they are membership's own vocabulary (what it
+# reports, what it carries) and membership imports nothing of the registry.
 
 
 @dataclass(frozen=True, slots=True)
