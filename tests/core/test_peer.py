@@ -138,3 +138,60 @@ def test_the_mesh_joins_through_alive_members_after_the_membership_joined() -> N
         # joined through SWIM members: a connected overlay, every peer reached
         assert p.mesh_neighbours == len(hv.active_ids()) > 0  # type: ignore[attr-defined]
     assert 0 < MESH_JOIN_CONTACTS < 6
+
+
+# --- the registry beside membership ---------------------------------------------
+
+
+def test_a_registry_message_inside_a_packet_is_handled_at_its_place() -> None:
+    """Membership pauses at a registry delta in a datagram and the registry takes
+    its turn there: its event comes after the news before it in the packet and
+    before the news after it, as when membership called the registry."""
+    from peerd.core.events import MemberEvent, RegistryEvent
+    from peerd.wire.messages import RegChange, RegDelta, RegEntry, RegKind
+
+    from .util import packet as pack
+
+    peer, _node = make_both()
+    peer.handle(0.0, Start(()))
+    entry = RegEntry(1, RegKind.NAME, "default", "db", 1000, 55, 0, ())
+    delta = RegDelta(nid(2), 1, 0, 1, (RegChange(1, 1, entry),))
+    outs = peer.handle(0.1, PacketIn(addr(2), pack(alive(2, gen=1), delta, alive(3, gen=1))))
+    order = [
+        (o.kind.name, o.member.node) if isinstance(o, MemberEvent) else ("REG", o.origin)
+        for o in outs
+        if isinstance(o, MemberEvent | RegistryEvent)
+    ]
+    assert order == [("JOINED", nid(2)), ("REG", nid(2)), ("JOINED", nid(3))]
+    assert peer.registry.state.lookup("default", "db") is not None
+    assert peer.membership._resume is None  # not left paused
+
+
+def test_the_registry_flushes_before_the_gossip_round_it_rides() -> None:
+    """A write staged before a gossip tick goes out in that tick's packets:
+    membership pauses at the tick, the registry flushes into its queue, then
+    the round goes."""
+    from peerd.core.events import Register, SendPacket
+    from peerd.wire import codec
+    from peerd.wire.messages import RegDelta
+
+    peer, _node = make_both()
+    peer.handle(0.0, Start(()))
+    outs = peer.handle(0.1, PacketIn(addr(2), packet(alive(2, gen=1))))
+    peer.registry.config = peer.registry.config.replace(registry_flush_s=60.0)  # no flush timer
+    peer.handle(0.2, Register(1, 7, nev.RegKind.NAME, "default", "db", (), 5, 0, 1000, None))
+    ticks = [
+        o.timer
+        for o in outs
+        if isinstance(o, SetTimer) and o.timer.__class__.__name__ == "GossipTick"
+    ]
+    assert ticks
+    outs = peer.handle(0.3, TimerFired(ticks[-1]))
+    sent = [
+        m
+        for o in outs
+        if isinstance(o, SendPacket)
+        for m in codec.decode_packet(o.data)[0]
+        if isinstance(m, RegDelta)
+    ]
+    assert sent and sent[0].origin == nid(1)
