@@ -3,7 +3,7 @@
 The service (peerd.core.registry.service) is one object over one state,
 written as a chain of mixins, one concern each, each building on the ones
 below it: this base; anti-entropy and pulls (sync); dissemination (spread);
-API commands (commands); membership hooks (service). They share this state
+API commands (commands); the way in and membership's news (service). They share this state
 rather than talk through interfaces because every concern acts on the same
 few maps in the same handler call, and the order of those actions within a
 call is part of the behaviour the simulator pins down.
@@ -18,8 +18,8 @@ which the peer hands to membership in the order they were produced. What it
 must know of membership it reads through a view (peerd.core.registry.view).
 
 What lives here is what every concern needs: emitting outputs and arming
-timers, the state and its owners (which
-API connection holds which of our entries), the events to the API (changes
+timers, the state and its owners (which API connection holds which of our
+entries), the events to the API (changes
 and name conflicts: when a claim of ours loses to an older claim elsewhere,
 the owning connection is told the winner and our entry goes, so that no
 duplicate outlives the merge), and settled waits (a write made with
