@@ -413,14 +413,19 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates):
             return
         for bad in errors:
             self._drop(bad.reason, f"from={_fmt(src)}")
-        self._dispatch_from(src, msgs, 0)
+        for i, msg in enumerate(msgs, 1):
+            self._dispatch(src, msg)
+            if self._pausing:
+                # A registry message: the registry takes its turn now, and the
+                # rest of the packet comes after it (see the module docs).
+                self._pausing = False
+                self._resume = functools.partial(self._dispatch_from, src, msgs, i)
+                return
 
     def _dispatch_from(self, src: Addr, msgs: list[Message], start: int) -> None:
         for i in range(start, len(msgs)):
             self._dispatch(src, msgs[i])
             if self._pausing:
-                # A registry message: the registry takes its turn now, and the
-                # rest of the packet comes after it (see the module docs).
                 self._pausing = False
                 self._resume = functools.partial(self._dispatch_from, src, msgs, i + 1)
                 return
