@@ -42,9 +42,11 @@ runtimes:
   type it is.
 
 Without a mesh, names and a registry (``mesh=None``, ``names=None``,
-``registry=None``, as the simulator's membership-only scenarios run) the
-Peer is exactly the membership node: ``handle`` is bound to its entry point,
-at no extra cost per input (its registry stays empty, and nothing feeds it).
+``registry=None``) the Peer is exactly the membership node: ``handle`` is
+bound to its entry point, at no extra cost per input (its registry stays
+empty, and nothing feeds it). The simulator's membership-only scenarios run
+a registry all the same, as every daemon does: an empty registry still
+follows each push-pull with a sync of its own, which is traffic they measure.
 """
 
 from __future__ import annotations
@@ -363,9 +365,12 @@ class Peer:
         elif ev.kind in _HINT_DEAD:
             if self.mesh is not None:
                 self._to_mesh(now, MembershipHint(dead=(m.node,)), out)
-            if ev.kind is not EventKind.REAPED:
+            if ev.kind is not EventKind.REAPED and (
+                self.mesh is not None or self.names is not None
+            ):
                 # A dead node's daemon answers nothing (a frozen one keeps its
                 # links open): close what is left, fail what waits on it.
+                # (Without a mesh and names there are no peer links.)
                 out.append(CloseLink(m.node, mesh=False))
                 self._to_names(now, nev.LinkLost(m.node, None), out)
 

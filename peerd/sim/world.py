@@ -48,7 +48,6 @@ from peerd.core.events import (
 from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
-from peerd.core.registry.config import RegistryConfig
 from peerd.sim import store
 from peerd.sim.engine import Host, Proc
 from peerd.sim.faults import Faults
@@ -235,7 +234,6 @@ class World(Faults):
             names_rng=None
             if self.names_config is None
             else random.Random(f"peerd-sim-names-node:{seed}:{i}:{gen}"),
-            registry=None if self.reg is None and self.mesh_config is None else RegistryConfig(),
         )
         if row is None:
             row = bytearray(self.n)
