@@ -60,10 +60,6 @@ class SwimConfig:
     # when a peer's process dies on a live host, its kernel closes the link
     # and the death is noticed within a round trip. 0 disables.
     watch_links: int = 1
-    # Registry deltas are flushed to gossip_fanout random peers this long after
-    # a change (batching a burst into one packet) instead of waiting for the
-    # next gossip tick. Smaller is faster to see everywhere, larger batches more.
-    registry_flush_s: float = 0.002
     # After announcing a leave, wait this long for it to spread before exiting.
     leave_propagate_s: float = 1.0
     # Bound on tags (count and total bytes of keys and values).

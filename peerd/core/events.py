@@ -238,6 +238,135 @@ class MeshConnected:
     connected: bool
 
 
+# --- membership and the registry, through the peer -----------------------------
+#
+# The registry is a sibling of membership (peerd.core.peer), yet its deltas
+# ride membership's gossip queue, datagrams and streams. The two never call
+# each other: membership reports the news the registry follows as outputs
+# (below, "news"), at the point in its handling where it happened; the
+# registry returns what it wants carried as values that are membership inputs
+# (below, "carry"). The peer passes both on in order. A news value marked
+# "pauses" is the last output of membership's handling: the peer gives the
+# registry its turn, then feeds Resume, and membership goes on where it was
+# (so the registry acts at exactly the point of the packet, or of the gossip
+# round, where it acted when it was called from inside). None of these
+# leaves the peer: a runtime never sees them. They are here, not in the
+# registry's package, because they are membership's own vocabulary (what it
+# reports, what it carries) and membership imports nothing of the registry.
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStarted:
+    """News: membership handled Start."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeUp:
+    """News: ``node`` is alive in life ``generation`` (joined, refuted,
+    restarted, or newer news of it)."""
+
+    node: NodeId
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLive:
+    """News: a member became live (there is someone to send to)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """News: ``node`` (life ``generation``) was declared dead or left."""
+
+    node: NodeId
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeathDeclared:
+    """News: we declared ``node`` dead at ``incarnation`` (our suspicion of
+    it ran out) and queued the news for gossip."""
+
+    node: NodeId
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeForgotten:
+    """News: ``node`` was long dead and left the members table."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedWith:
+    """News: a push-pull (or digest sync) with the live member ``node`` ended."""
+
+    node: NodeId
+
+
+@dataclass(frozen=True, slots=True)
+class GossipDue:
+    """News, pauses: a gossip round is about to go (the registry flushes first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """News: membership received a message that is not its own (a registry
+    delta, snapshot or acknowledgement in a datagram: pauses; or a registry
+    sync on stream ``stream``). ``src`` is the live member it came from."""
+
+    src: NodeId | None
+    msg: object
+    stream: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueGossip:
+    """Carry: queue ``data`` for gossip under ``key`` (replacing what is
+    queued under it) and arm the gossip round."""
+
+    key: object
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendTo:
+    """Carry: send ``msg`` (with piggybacked gossip) to the live member ``node``."""
+
+    node: NodeId
+    msg: object
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTo:
+    """Carry: open a stream to the member ``node`` with ``data``. The peer
+    keeps ``purpose`` and routes the reply back to the registry."""
+
+    node: NodeId
+    data: bytes
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendDirect:
+    """Carry: these encoded messages, packed, straight to every live member
+    (no piggyback); ``counter`` names what the datagrams are counted as."""
+
+    parts: tuple[bytes, ...]
+    counter: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GossipRound:
+    """Carry: gossip one round now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Go on where the last news that pauses paused membership."""
+
+
 Input = (
     Start
     | PacketIn
@@ -256,6 +385,12 @@ Input = (
     | ConnClosed
     | MeshDelivered
     | MeshConnected
+    | QueueGossip
+    | SendTo
+    | StreamTo
+    | SendDirect
+    | GossipRound
+    | Resume
 )
 
 # --- outputs ------------------------------------------------------------------
@@ -429,6 +564,20 @@ Output = (
     | CommandResult
     | RegistryEvent
     | MeshCast
+    | NodeStarted
+    | NodeUp
+    | PeerLive
+    | NodeDown
+    | DeathDeclared
+    | NodeForgotten
+    | SyncedWith
+    | GossipDue
+    | Carried
+    | QueueGossip
+    | SendTo
+    | StreamTo
+    | SendDirect
+    | GossipRound
 )
 
 

@@ -8,11 +8,22 @@ The shells construct a :class:`Peer` and never reach past it, so what the
 simulator measures at 10,000 nodes is what the daemon runs.
 
 A Peer composes; each protocol lives in its subsystem with its own state and
-rules: membership (:mod:`peerd.core.swim`, which also carries the registry's
-deltas on its gossip), the registry (:mod:`peerd.core.registry`), the partial
-mesh (:mod:`peerd.core.mesh`: HyParView links and Plumtree trees) and
-messages to names (:mod:`peerd.core.names`). What joins them is decided
-here, once, for both runtimes:
+rules: membership (:mod:`peerd.core.swim`), the registry
+(:mod:`peerd.core.registry`), the partial mesh (:mod:`peerd.core.mesh`:
+HyParView links and Plumtree trees) and messages to names
+(:mod:`peerd.core.names`). What joins them is decided here, once, for both
+runtimes:
+
+* the registry is membership's sibling, and neither calls the other: the
+  registry's deltas ride membership's gossip queue, datagrams and streams,
+  so membership reports the news the registry follows (a member up or down,
+  a registry message it received, a gossip round about to go) as outputs,
+  which the peer hands to the registry at once, and the registry returns
+  what membership should carry for it (an item to gossip, a datagram, a
+  stream), which the peer hands to membership in order; news that pauses
+  membership is followed by Resume (peerd.core.events, "membership and the
+  registry"). The peer keeps which streams are the registry's and routes
+  their replies, and the registry's timers, to it;
 
 * membership feeds the mesh: every member that joins, comes back or changes
   is a hint for HyParView's passive view, every one that dies, leaves or is
@@ -33,9 +44,12 @@ here, once, for both runtimes:
 * every timer is a typed value: the Peer hands it back to the subsystem whose
   type it is.
 
-Without a mesh and names (``mesh=None``, ``names=None``, as the simulator's
-membership-only scenarios run) the Peer is exactly the membership node:
-``handle`` is bound to its entry point, at no extra cost per input.
+Without a mesh, names and a registry (``mesh=None``, ``names=None``,
+``registry=None``) the Peer is exactly the membership node: ``handle`` is
+bound to its entry point, at no extra cost per input (its registry stays
+empty, and nothing feeds it). The simulator's membership-only scenarios run
+a registry all the same, as every daemon does: an empty registry still
+follows each push-pull with a sync of its own, which is traffic they measure.
 """
 
 from __future__ import annotations
@@ -84,10 +98,12 @@ from peerd.core.mesh.config import MeshConfig
 from peerd.core.mesh.mesh import Mesh
 from peerd.core.names.core import Names, NamesConfig
 from peerd.core.names.replica import PeerView
+from peerd.core.registry.config import RegistryConfig
 from peerd.core.registry.service import RegistryService
 from peerd.core.registry.state import RegistryTables
 from peerd.core.swim.members import StoreFactory
 from peerd.core.swim.membership import Node
+from peerd.core.timers import RegFlush, RegSettleTimeout, RegSyncTick
 from peerd.wire.messages import Addr, Channel, MeshPeer, NameMsg, NameReply, NodeId, Tags
 
 # SWIM members handed to the mesh as join contacts, and more to seed its
@@ -97,8 +113,28 @@ MESH_JOIN_CONTACTS = 3
 MESH_JOIN_HINTS = 8
 _HINT_ALIVE = frozenset({EventKind.JOINED, EventKind.ALIVE, EventKind.UPDATED})
 _HINT_DEAD = frozenset({EventKind.DEAD, EventKind.LEFT, EventKind.REAPED})
+# The registry's part (one block: its wiring). Membership's news for it, the
+# news among them after which membership waits for Resume, what it asks
+# membership to carry, and its timers.
+_REG_NEWS = frozenset(
+    {
+        nev.NodeStarted,
+        nev.NodeUp,
+        nev.PeerLive,
+        nev.NodeDown,
+        nev.DeathDeclared,
+        nev.NodeForgotten,
+        nev.SyncedWith,
+        nev.GossipDue,
+        nev.Carried,
+    }
+)
+_CARRY = frozenset({nev.QueueGossip, nev.SendTo, nev.StreamTo, nev.SendDirect, nev.GossipRound})
+_REG_TIMERS = frozenset({RegFlush, RegSettleTimeout, RegSyncTick})
+_RESUME = nev.Resume()
+_DEFAULT_REGISTRY = RegistryConfig()
 # Membership outputs that are news for another subsystem.
-_NEWS = frozenset({MeshCast, MemberEvent, JoinDone})
+_NEWS = frozenset({MeshCast, MemberEvent, JoinDone, *_REG_NEWS})
 # Inputs that only the names core takes.
 _NAMES_INPUTS = (
     nev.SendToName,
@@ -127,6 +163,7 @@ class Peer:
         "_connected",
         "_leaving",
         "_routes",
+        "_reg_streams",
     )
 
     def __init__(
@@ -145,6 +182,7 @@ class Peer:
         names: NamesConfig | None = None,
         mesh_rng: random.Random | None = None,
         names_rng: random.Random | None = None,
+        registry: RegistryConfig | None = _DEFAULT_REGISTRY,
     ) -> None:
         self.membership = Node(
             node_id=node_id,
@@ -157,9 +195,16 @@ class Peer:
             tags=tags,
             store=store,
         )
-        self.registry: RegistryService = self.membership.registry
         # Drop and message counters of the whole peer (the shells show them).
         self.counters: collections.Counter[str] = self.membership.counters
+        # The registry beside membership: it reads membership through its
+        # view, draws from membership's generator (one sequence of draws, as
+        # when membership hosted it) and counts in the peer's counters.
+        self.registry = RegistryService(
+            self.membership, registry or RegistryConfig(), generation, rng, self.counters
+        )
+        self.membership.news = registry is not None
+        self._reg_streams: dict[int, tuple[str, NodeId]] = {}  # stream -> (purpose, peer)
         # Randomness of its own for each subsystem (seeded from the node id
         # unless given): turning the mesh on does not change membership's draws.
         self._mesh_rng = mesh_rng or random.Random(b"peerd-mesh:" + node_id)
@@ -187,7 +232,7 @@ class Peer:
         # to do. A membership-only peer binds it to the membership's own entry
         # point, so the simulator pays no extra call per input.
         self.handle: Callable[[float, PeerInput], list[PeerOutput]]
-        if self.mesh is None and self.names is None:
+        if self.mesh is None and self.names is None and registry is None:
             self.handle = cast(
                 Callable[[float, PeerInput], list[PeerOutput]], self.membership.handle
             )
@@ -227,6 +272,12 @@ class Peer:
             nev.SendToName: self._on_send,
             nev.ReplyToSender: self._on_send,
             Register: self._on_register,
+            nev.Unregister: self._to_registry,
+            nev.UpdateMeta: self._to_registry,
+            nev.StreamResponse: self._on_stream_end,
+            nev.StreamFailed: self._on_stream_end,
+            MeshConnected: self._on_mesh_connected,
+            MeshDelivered: self._on_mesh_delivered,
         }
 
     def _on_timer(self, now: float, inp: TimerFired, out: list[PeerOutput]) -> None:
@@ -235,6 +286,8 @@ class Peer:
             self._to_mesh(now, MeshTimerFired(timer), out)
         elif timer.__class__ is nev.SendDeadline:
             self._to_names(now, nev.DeadlineFired(timer), out)
+        elif timer.__class__ in _REG_TIMERS:
+            self._to_registry(now, inp, out)
         else:
             self._to_membership(now, inp, out)
 
@@ -271,7 +324,7 @@ class Peer:
             self._to_membership(now, inp, out)
 
     def _on_conn_closed(self, now: float, inp: ConnClosed, out: list[PeerOutput]) -> None:
-        self._to_membership(now, inp, out)
+        self._to_registry(now, inp, out)
         self._view.conns.discard(inp.conn)
         self._to_names(now, inp, out)
 
@@ -284,7 +337,7 @@ class Peer:
 
     def _on_register(self, now: float, inp: Register, out: list[PeerOutput]) -> None:
         self._view.conns.add(inp.conn)
-        self._to_membership(now, inp, out)
+        self._to_registry(now, inp, out)
 
     def _to_membership(self, now: float, inp: Input, out: list[PeerOutput]) -> None:
         self._after_membership(now, self.membership.handle(now, inp), out)
@@ -292,6 +345,12 @@ class Peer:
     def _after_membership(self, now: float, outs: list[Output], out: list[PeerOutput]) -> None:
         for o in outs:
             c = o.__class__
+            if c in _REG_NEWS:
+                self._to_registry(now, o, out)
+                if c is nev.GossipDue or (c is nev.Carried and o.stream is None):  # type: ignore[union-attr]
+                    # it paused membership: the registry had its turn, go on
+                    self._after_membership(now, self.membership.handle(now, _RESUME), out)
+                continue
             if c is MeshCast:
                 assert isinstance(o, MeshCast)
                 self._cast(now, o, out)
@@ -313,9 +372,12 @@ class Peer:
         elif ev.kind in _HINT_DEAD:
             if self.mesh is not None:
                 self._to_mesh(now, MembershipHint(dead=(m.node,)), out)
-            if ev.kind is not EventKind.REAPED:
+            if ev.kind is not EventKind.REAPED and (
+                self.mesh is not None or self.names is not None
+            ):
                 # A dead node's daemon answers nothing (a frozen one keeps its
                 # links open): close what is left, fail what waits on it.
+                # (Without a mesh and names there are no peer links.)
                 out.append(CloseLink(m.node, mesh=False))
                 self._to_names(now, nev.LinkLost(m.node, None), out)
 
@@ -333,6 +395,42 @@ class Peer:
             self._to_mesh(now, MembershipHint(alive=peers[MESH_JOIN_CONTACTS:]), out)
         self._mesh_joined = True
         self._to_mesh(now, JoinMesh(peers[:MESH_JOIN_CONTACTS]), out)
+
+    # --- the registry (see the module docs) ----------------------------------------
+
+    def _to_registry(self, now: float, inp: Any, out: list[PeerOutput]) -> None:
+        self._after_registry(now, self.registry.handle(now, inp), out)
+
+    def _after_registry(self, now: float, outs: list[Output], out: list[PeerOutput]) -> None:
+        membership = self.membership
+        for o in outs:
+            c = o.__class__
+            if c in _CARRY:
+                done = membership.handle(now, cast(Input, o))
+                if c is nev.StreamTo:
+                    assert isinstance(o, nev.StreamTo)
+                    for d in done:
+                        if isinstance(d, nev.OpenStream):
+                            self._reg_streams[d.stream] = (o.purpose, o.node)
+                self._after_membership(now, done, out)
+            elif c is MeshCast:
+                assert isinstance(o, MeshCast)
+                self._cast(now, o, out)
+            else:
+                out.append(o)
+
+    def _on_stream_end(
+        self, now: float, inp: nev.StreamResponse | nev.StreamFailed, out: list[PeerOutput]
+    ) -> None:
+        ours = self._reg_streams.pop(inp.stream, None)
+        if ours is None:
+            self._to_membership(now, inp, out)
+        elif isinstance(inp, nev.StreamResponse):
+            self._after_registry(
+                now, self.registry.stream_reply(now, ours[0], ours[1], inp.data), out
+            )
+        else:
+            self._after_registry(now, self.registry.stream_failed(now, ours[1]), out)
 
     def _cast(self, now: float, cast: MeshCast, out: list[PeerOutput]) -> None:
         """The registry's own broadcast (its deltas) into the mesh (ref 0: ours)."""
@@ -354,7 +452,7 @@ class Peer:
             elif c is Deliver:
                 assert isinstance(o, Deliver)
                 if o.channel is Channel.REGISTRY or o.channel is Channel.MEMBERSHIP:
-                    self._to_membership(
+                    self._on_mesh_delivered(
                         now, MeshDelivered(int(o.channel), o.origin, o.payload), out
                     )
                 elif o.channel is Channel.USER:
@@ -373,7 +471,19 @@ class Peer:
                 out.append(o)
         if changed and (self._neighbours > 0) != self._connected:
             self._connected = self._neighbours > 0
-            self._to_membership(now, MeshConnected(self._connected), out)
+            self._on_mesh_connected(now, MeshConnected(self._connected), out)
+
+    def _on_mesh_connected(self, now: float, inp: MeshConnected, out: list[PeerOutput]) -> None:
+        """The mesh has neighbours, or lost them all: the registry's deltas and
+        membership's news (peerd.core.swim.treecast) go by the tree or not."""
+        self._to_registry(now, inp, out)
+        self._to_membership(now, inp, out)
+
+    def _on_mesh_delivered(self, now: float, inp: MeshDelivered, out: list[PeerOutput]) -> None:
+        if inp.channel == Channel.MEMBERSHIP:
+            self._to_membership(now, inp, out)
+        else:
+            self._to_registry(now, inp, out)
 
     def _to_names(self, now: float, inp: nev.NamesInput, out: list[PeerOutput]) -> None:
         names = self.names

@@ -209,12 +209,11 @@ MembershipTimer = (
     | ReconnectTick
     | ReapTick
     | LeaveSpread
-    | RegFlush
-    | RegSettleTimeout
-    | RegSyncTick
     | TreeFlush
     | TreeRelay
 )
+# The registry's (peerd.core.registry): the peer hands them to it.
+RegistryTimer = RegFlush | RegSettleTimeout | RegSyncTick
 
 # --- mesh (HyParView, Plumtree) ---------------------------------------------------
 
@@ -270,7 +269,7 @@ class SendDeadline:
     call: int
 
 
-Timer = MembershipTimer | MeshTimer | SendDeadline
+Timer = MembershipTimer | RegistryTimer | MeshTimer | SendDeadline
 
 _BY_KIND: dict[TimerKind, type] = {
     cls.kind: cls
@@ -302,9 +301,11 @@ _CONTEXT_DEFAULTS: dict[TimerKind, tuple[object, ...]] = {
 }
 
 
-def membership_timer(kind: TimerKind, token: int, *context: object) -> MembershipTimer:
+def membership_timer(
+    kind: TimerKind, token: int, *context: object
+) -> MembershipTimer | RegistryTimer:
     """The membership timer of ``kind`` (GOSSIP: the gossip round) with
     ``token``; without ``context``, placeholder context (tests, tools)."""
     args = context or _CONTEXT_DEFAULTS.get(kind, ())
-    timer: MembershipTimer = _BY_KIND[kind](token, *args)
+    timer: MembershipTimer | RegistryTimer = _BY_KIND[kind](token, *args)
     return timer

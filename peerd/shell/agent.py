@@ -681,6 +681,7 @@ def make_peer(
         names=names_config(settings.messages),
         mesh_rng=random.Random(secrets.randbits(64)),
         names_rng=random.Random(secrets.randbits(64)),
+        registry=settings.registry,
     )
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
+from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
@@ -88,6 +89,7 @@ class Settings:
     log_level: str
     swim: SwimConfig
     config_file: Path | None = None
+    registry: RegistryConfig = dataclasses.field(default_factory=RegistryConfig)
     metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
@@ -146,6 +148,13 @@ def parse_ip_addr(text: str, *, allow_unspecified: bool, allow_port_zero: bool) 
 # --- SwimConfig fields -----------------------------------------------------------
 
 _SWIM_FIELDS = {f.name: f for f in dataclasses.fields(SwimConfig)}
+# [swim] also takes the registry's flush delay: it was a SwimConfig field until
+# the registry became membership's sibling with a RegistryConfig of its own,
+# and the file option keeps working (it goes to Settings.registry).
+_REGISTRY_IN_SWIM = {
+    f.name: f for f in dataclasses.fields(RegistryConfig) if f.name == "registry_flush_s"
+}
+_SWIM_FIELDS.update(_REGISTRY_IN_SWIM)
 # Fields that must be strictly positive (zero would divide, spin or disable probing).
 _POSITIVE = {
     "probe_interval_s",
@@ -221,7 +230,10 @@ def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None
         raise SettingsError(
             "preset", f"unknown preset {preset!r} (one of {_choices(PRESETS)})", source
         )
-    config = PRESETS[preset]().replace(**check_swim_fields(overrides, source))
+    changes = check_swim_fields(overrides, source)
+    for name in _REGISTRY_IN_SWIM:
+        changes.pop(name, None)
+    config = PRESETS[preset]().replace(**changes)
     if config.probe_timeout_s > config.probe_interval_s:
         raise SettingsError(
             "swim.probe_timeout_s",
@@ -234,6 +246,12 @@ def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None
     if config.max_packet_bytes < 512:
         raise SettingsError("swim.max_packet_bytes", "must be at least 512", source)
     return config
+
+
+def build_registry(overrides: dict[str, Any], source: str | None = None) -> RegistryConfig:
+    """The registry's config: defaults, with the ``[swim]`` entries that are its own."""
+    changes = check_swim_fields(overrides, source)
+    return RegistryConfig(**{k: v for k, v in changes.items() if k in _REGISTRY_IN_SWIM})
 
 
 # --- [links] and [messages] ------------------------------------------------------
@@ -532,6 +550,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         insecure=bool(values.get("insecure", False)),
         log_level=values.get("log_level", DEFAULT_LOG_LEVEL),
         swim=swim,
+        registry=build_registry(values.get("swim", {}), source),
         config_file=config_file,
         metrics_addr=values.get("metrics_addr"),
         links=build_links(values.get("links", {}), source),

@@ -31,6 +31,7 @@ from peerd.core.events import (
     Unreachable,
     WatchLinks,
 )
+from peerd.core.peer import Peer
 from peerd.core.swim.membership import Node
 from peerd.wire.messages import Addr, Status
 
@@ -48,6 +49,9 @@ class Cluster:
     cut: set[int] = field(default_factory=set)  # isolated: network-partitioned
     events: list[tuple[float, int, MemberEvent]] = field(default_factory=list)
     watches: dict[int, tuple[Addr, ...]] = field(default_factory=dict)
+    # Run the registry beside membership: each node is then a Peer (without a
+    # mesh or names) whose membership and registry are siblings.
+    registry: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -64,7 +68,8 @@ class Cluster:
         addr = (f"127.0.{i // 250}.{i % 250 + 1}", 7950)
         self.addr_of[i] = addr
         self.by_addr[addr] = i
-        node = Node(
+        make = Peer if self.registry else Node
+        node = make(
             node_id=i.to_bytes(16, "big"),
             name=f"n{i}",
             addr=addr,

@@ -1,6 +1,7 @@
 """Peer composes the membership and the registry and adds nothing of its own:
 driven with the same inputs it gives exactly the outputs of the membership
-node it owns, and its read side is the node's."""
+node it owns (an empty registry beside it adds none), and its read side is
+the node's."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def test_peer_gives_the_outputs_of_its_membership() -> None:
     assert peer.peer_addrs() == node.peer_addrs() == [addr(2)]
     assert peer.health_score == node.health_score
     assert peer.counters == node.counters
-    assert peer.registry is peer.membership.registry
+    # The registry is membership's sibling: it reads membership, never the reverse.
+    assert peer.registry.members is peer.membership
+    assert not hasattr(peer.membership, "registry")
 
 
 # --- a Peer with the mesh and names messaging -------------------------------------
@@ -61,9 +64,13 @@ def started(n: int = 6, until: float = 8.0) -> PeerCluster:
 
 
 def test_membership_only_peer_is_its_node() -> None:
-    peer, _node = make_both()
+    kw = dict(node_id=nid(1), name=name(1), addr=addr(1), config=cfg(), generation=1)
+    peer = Peer(rng=random.Random(7), registry=None, **kw)  # type: ignore[arg-type]
     assert peer.handle == peer.membership.handle
     assert peer.mesh is None and peer.names is None
+    assert not peer.membership.news  # nothing feeds its (empty) registry
+    with_registry, _node = make_both()
+    assert with_registry.handle != with_registry.membership.handle
 
 
 def test_the_mesh_forms_from_membership_and_carries_registry_deltas() -> None:
@@ -133,3 +140,60 @@ def test_the_mesh_joins_through_alive_members_after_the_membership_joined() -> N
         # joined through SWIM members: a connected overlay, every peer reached
         assert p.mesh_neighbours == len(hv.active_ids()) > 0  # type: ignore[attr-defined]
     assert 0 < MESH_JOIN_CONTACTS < 6
+
+
+# --- the registry beside membership ---------------------------------------------
+
+
+def test_a_registry_message_inside_a_packet_is_handled_at_its_place() -> None:
+    """Membership pauses at a registry delta in a datagram and the registry takes
+    its turn there: its event comes after the news before it in the packet and
+    before the news after it, as when membership called the registry."""
+    from peerd.core.events import MemberEvent, RegistryEvent
+    from peerd.wire.messages import RegChange, RegDelta, RegEntry, RegKind
+
+    from .util import packet as pack
+
+    peer, _node = make_both()
+    peer.handle(0.0, Start(()))
+    entry = RegEntry(1, RegKind.NAME, "default", "db", 1000, 55, 0, ())
+    delta = RegDelta(nid(2), 1, 0, 1, (RegChange(1, 1, entry),))
+    outs = peer.handle(0.1, PacketIn(addr(2), pack(alive(2, gen=1), delta, alive(3, gen=1))))
+    order = [
+        (o.kind.name, o.member.node) if isinstance(o, MemberEvent) else ("REG", o.origin)
+        for o in outs
+        if isinstance(o, MemberEvent | RegistryEvent)
+    ]
+    assert order == [("JOINED", nid(2)), ("REG", nid(2)), ("JOINED", nid(3))]
+    assert peer.registry.state.lookup("default", "db") is not None
+    assert peer.membership._resume is None  # not left paused
+
+
+def test_the_registry_flushes_before_the_gossip_round_it_rides() -> None:
+    """A write staged before a gossip tick goes out in that tick's packets:
+    membership pauses at the tick, the registry flushes into its queue, then
+    the round goes."""
+    from peerd.core.events import Register, SendPacket
+    from peerd.wire import codec
+    from peerd.wire.messages import RegDelta
+
+    peer, _node = make_both()
+    peer.handle(0.0, Start(()))
+    outs = peer.handle(0.1, PacketIn(addr(2), packet(alive(2, gen=1))))
+    peer.registry.config = peer.registry.config.replace(registry_flush_s=60.0)  # no flush timer
+    peer.handle(0.2, Register(1, 7, nev.RegKind.NAME, "default", "db", (), 5, 0, 1000, None))
+    ticks = [
+        o.timer
+        for o in outs
+        if isinstance(o, SetTimer) and o.timer.__class__.__name__ == "GossipTick"
+    ]
+    assert ticks
+    outs = peer.handle(0.3, TimerFired(ticks[-1]))
+    sent = [
+        m
+        for o in outs
+        if isinstance(o, SendPacket)
+        for m in codec.decode_packet(o.data)[0]
+        if isinstance(m, RegDelta)
+    ]
+    assert sent and sent[0].origin == nid(1)

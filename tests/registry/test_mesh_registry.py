@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from peerd.core.events import MeshCast, MeshConnected, MeshDelivered, Output, SetTimer, TimerKind
-from peerd.core.registry import spread
 from peerd.core.registry.service import MESH_CHANNEL
 from peerd.core.timers import RegSyncTick
 from peerd.wire import codec
@@ -15,20 +14,26 @@ from peerd.wire.messages import RegAck, RegDelta
 from tests.registry.test_service import cluster, holders, reg
 
 
+def tune(c, **changes: object) -> None:  # type: ignore[no-untyped-def]
+    """Change every node's RegistryConfig."""
+    for node in c.nodes:
+        node.registry.config = node.registry.config.replace(**changes)
+
+
 def mesh_cluster(n: int):  # type: ignore[no-untyped-def]
     c, rec = cluster(n, seed=7)
     casts: list[tuple[int, MeshCast]] = []
-    packets: list[tuple[int, int]] = []
-    apply = c._apply
+    # The registry's own outputs: a Peer without a mesh of its own takes its
+    # MeshCasts (these tests play the mesh, feeding MeshDelivered back).
+    for i, node in enumerate(c.nodes):
+        handle = node.registry.handle
 
-    def spy(i: int, outs: list[Output]) -> None:
-        for o in outs:
-            if isinstance(o, MeshCast):
-                casts.append((i, o))
-        packets.append((i, sum(1 for o in outs if type(o).__name__ == "SendPacket")))
-        apply(i, outs)
+        def spy(now: float, inp: object, i: int = i, handle=handle) -> list[Output]:  # type: ignore[no-untyped-def]
+            outs = handle(now, inp)
+            casts.extend((i, o) for o in outs if isinstance(o, MeshCast))
+            return outs
 
-    c._apply = spy  # type: ignore[method-assign]
+        node.registry.handle = spy
     for i in range(n):
         c.feed(i, MeshConnected(True))
     c.run_until(c.now + 0.01)
@@ -55,7 +60,7 @@ def test_a_registration_is_one_mesh_broadcast_and_receivers_do_not_relay(
     # gossip: with direct sends off (a large cluster), nobody else has it
     # until the mesh delivers it.
     assert all(h == (c.nodes[2].node_id, 1) for h in holders(c, "svc").values())
-    monkeypatch.setattr(spread, "DIRECT_MAX", 0)
+    tune(c, direct_max=0)
     casts.clear()
     reg(c, 3, "big")
     c.run_until(c.now + 0.5)
@@ -107,9 +112,8 @@ def test_without_mesh_neighbours_deltas_go_back_to_gossip_and_joining_syncs() ->
 def test_a_long_burst_goes_over_the_mesh_in_chunks_that_apply_in_order(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(spread, "MAX_MESH_DELTA_BYTES", 600)
-    monkeypatch.setattr(spread, "DIRECT_MAX", 0)
     c, rec, casts = mesh_cluster(4)
+    tune(c, max_mesh_delta_bytes=600, direct_max=0)
     for k in range(40):
         reg(c, 1, f"burst-{k}", conn=100 + k)
     c.run_until(c.now + 0.5)

@@ -33,7 +33,7 @@ class Rec:
 
 
 def cluster(n: int, seed: int = 1) -> tuple[Cluster, Rec]:
-    c = Cluster(n, seed=seed)
+    c = Cluster(n, seed=seed, registry=True)
     rec = Rec()
     apply = c._apply
 

@@ -8,6 +8,7 @@ Driven through real cores wired by tests/core/harness.py (virtual time).
 from __future__ import annotations
 
 from peerd.core.events import ConnClosed, Register, SendPacket
+from peerd.core.registry.config import RegistryConfig
 from peerd.core.registry.service import DIRECT_MAX
 from peerd.wire import codec
 from peerd.wire.messages import RegAck, RegDelta, RegDigestRow, RegKind, Status
@@ -40,7 +41,7 @@ def test_own_changes_go_straight_to_every_peer_in_one_flush() -> None:
     t0 = c.now
     for k in range(5):  # a burst: one flush carries all of it
         reg(c, 4, f"burst-{k}")
-    c.run_until(t0 + c.config.registry_flush_s)
+    c.run_until(t0 + RegistryConfig().registry_flush_s)
     deltas_to: dict[tuple[str, int], int] = {}
     for pkt in sent_by(sends, 4):
         msgs, _ = codec.decode_packet(pkt.data)
@@ -83,11 +84,11 @@ def test_first_hand_news_is_not_relayed_in_a_small_cluster() -> None:
     c, _rec = cluster(6)
     t0 = c.now
     reg(c, 0, "direct")
-    c.run_until(t0 + c.config.registry_flush_s + 0.0015)  # the direct send has arrived
+    c.run_until(t0 + RegistryConfig().registry_flush_s + 0.0015)  # the direct send has arrived
     origin = c.nodes[0].node_id
     assert all(h is not None for h in holders(c, "direct").values())
-    assert c.nodes[0].reg_queued(("r", origin)) is not None  # the origin gossips it too
-    assert all(c.nodes[i].reg_queued(("r", origin)) is None for i in range(1, 6))
+    assert c.nodes[0].membership.queued(("r", origin)) is not None  # the origin gossips it too
+    assert all(c.nodes[i].membership.queued(("r", origin)) is None for i in range(1, 6))
 
 
 def test_big_clusters_rely_on_the_epidemic() -> None:
@@ -104,8 +105,8 @@ def test_a_burst_is_announced_when_too_big_to_gossip() -> None:
     t0 = c.now
     for k in range(200):
         reg(c, 1, f"many-{k:03d}")
-    c.run_until(t0 + c.config.registry_flush_s)
-    queued = c.nodes[1].reg_queued(("r", c.nodes[1].node_id))
+    c.run_until(t0 + RegistryConfig().registry_flush_s)
+    queued = c.nodes[1].membership.queued(("r", c.nodes[1].node_id))
     assert queued is not None and isinstance(codec.decode(queued), RegAck)
     c.run_until(t0 + 1.0)  # peers pull what the announcement says they lack
     assert all(all(h is not None for h in holders(c, f"many-{k:03d}").values()) for k in range(200))
@@ -117,7 +118,7 @@ def test_a_burst_goes_out_in_datagram_sized_deltas_with_no_pull() -> None:
     t0 = c.now
     for k in range(120):
         reg(c, 2, f"chunk-{k:03d}", meta=(("role", "worker"),))
-    c.run_until(t0 + c.config.registry_flush_s)
+    c.run_until(t0 + RegistryConfig().registry_flush_s)
     origin = c.nodes[2].node_id
     chunks = []
     for pkt in sent_by(sends, 2):

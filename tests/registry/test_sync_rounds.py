@@ -111,7 +111,7 @@ def _spy_pulls(c: object, i: int) -> list[tuple[bytes, list[bytes] | None]]:
     r = c.nodes[i].registry  # type: ignore[attr-defined]
     seen: list[tuple[bytes, list[bytes] | None]] = []
     asked: list[list[bytes] | None] = []
-    orig_req, orig_pull = r.sync_request, r.host.reg_pull
+    orig_req = r.sync_request
 
     def req(origins: list[bytes] | None = None) -> RegSync:
         asked.append(origins)
@@ -121,17 +121,8 @@ def _spy_pulls(c: object, i: int) -> list[tuple[bytes, list[bytes] | None]]:
         seen.append((node, asked[-1] if asked else None))
 
     r.sync_request = req
-    r.host = _HostWith(r.host, pull)
-    _ = orig_pull
+    r._pull = pull
     return seen
-
-
-class _HostWith:
-    def __init__(self, host: object, pull: object) -> None:
-        self._host, self.reg_pull = host, pull
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._host, name)
 
 
 def test_a_reply_naming_several_newer_origins_pulls_them_in_one_request() -> None:

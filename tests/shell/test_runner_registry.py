@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,13 +18,13 @@ import trio
 from peerd.api.client import Client
 from peerd.api.protocol import CONNECTION_STREAM, ApiError
 from peerd.core.events import ConnClosed, LogLevel, PacketIn
-from peerd.core.swim.membership import Node
+from peerd.core.peer import Peer
 from peerd.shell.api_server import ApiServer, PeerCred, serve_api
 from peerd.shell.logs import Logger
 from peerd.shell.runner import Runner
 from peerd.wire import codec
 from peerd.wire.messages import Alive, RegChange, RegDelta, RegEntry, RegKind
-from tests.core.util import make_node
+from tests.core.util import addr, cfg, name, nid
 
 from .test_runner import FakePorts
 
@@ -44,8 +45,9 @@ class FakeConn:
         return True
 
 
-def make(**kw: Any) -> tuple[Runner, Node, io.StringIO]:
-    node = make_node(1)
+def make(**kw: Any) -> tuple[Runner, Peer, io.StringIO]:
+    # membership with the registry beside it (no mesh, no names)
+    node = Peer(node_id=nid(1), name=name(1), addr=addr(1), config=cfg(), rng=random.Random(7))
     ports = FakePorts()
     out = io.StringIO()
     runner = Runner(node, packets=ports, streams=ports, logger=Logger(LogLevel.DEBUG, out), **kw)

@@ -219,3 +219,15 @@ def test_every_swim_field_can_be_set(tmp_path: Path) -> None:
         lines.append(f"{f.name} = {str(value).lower() if isinstance(value, bool) else value}")
     s = resolve(parse_args("--config", str(write(tmp_path, "\n".join(lines) + "\n"))))
     assert s.swim == defaults
+
+
+def test_registry_flush_in_swim_goes_to_the_registry_config(tmp_path: Path) -> None:
+    """registry_flush_s left SwimConfig for RegistryConfig; [swim] still takes it."""
+    s = resolve(parse_args("--config", str(write(tmp_path, "[swim]\nregistry_flush_s = 0.01\n"))))
+    assert s.registry.registry_flush_s == 0.01
+    assert s.swim == lan() and not hasattr(s.swim, "registry_flush_s")
+    assert resolve(parse_args()).registry.registry_flush_s == 0.002
+    with pytest.raises(SettingsError, match="registry_flush_s"):
+        resolve(parse_args("--config", str(write(tmp_path, "[swim]\nregistry_flush_s = -1\n"))))
+    peer = agent.make_peer(s, b"\x01" * 16, ("127.0.0.1", 7950), 0, 1, agent.NodeTags())
+    assert peer.registry.config.registry_flush_s == 0.01

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from peerd.core.config import SwimConfig
+from peerd.core.registry.config import RegistryConfig
 from peerd.shell.agent import EXIT_CONFIG
 from peerd.shell.links import LinkLimits
 from peerd.shell.messaging import MessageLimits
@@ -173,10 +174,13 @@ def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Pa
     values = load_file(path)  # raises SettingsError naming a bad key
     assert set(values) == _TOP_KEYS
     swim_fields = set(SwimConfig.__dataclass_fields__)
-    assert set(values["swim"]) == swim_fields
+    # [swim] also takes the registry's flush delay (a RegistryConfig field now)
+    assert set(values["swim"]) == swim_fields | {"registry_flush_s"}
     build_swim(values["preset"], values["swim"], str(path))
     lan = SwimConfig()
+    registry_flush_s = values["swim"].pop("registry_flush_s")
     assert {k: getattr(lan, k) for k in swim_fields} == values["swim"]  # "the lan preset's"
+    assert registry_flush_s == RegistryConfig().registry_flush_s
     # [links] and [messages]: every setting, with its default.
     assert build_links(values["links"], str(path)) == LinkLimits()
     assert set(values["links"]) == set(_LINK_SETTINGS)

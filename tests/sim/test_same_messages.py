@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from peerd.core.events import Input, Output, Start, TimerFired
-from peerd.core.swim.membership import Node
+from peerd.core.peer import Peer
 from peerd.sim import store
 from peerd.sim.world import World
 from peerd.wire.messages import MemberState, Status
@@ -47,13 +47,14 @@ def _record() -> tuple[World, list[tuple[float, Input, list[Output]]]]:
     return w, log
 
 
-def _twin(w: World) -> Node:
-    """The watched node as the world built it: same id, config, RNG, members."""
+def _twin(w: World) -> Peer:
+    """The watched node as the world built it: same id, config, RNG, members
+    (a Peer: membership with its registry beside it, as every daemon runs)."""
     h = w.hosts[WATCHED]
     states = [
         MemberState(x.node_id, f"n{x.index}", x.addr, 0, 1, (), Status.ALIVE) for x in w.hosts
     ]
-    return Node(
+    return Peer(
         node_id=h.node_id,
         name=f"n{h.index}",
         addr=h.addr,

@@ -117,17 +117,17 @@ class RegistryCommands(RegistrySpread):
         )
         owned[key] = entry.eid
         self._owner_of[entry.eid] = cmd.conn
-        settle = cmd.settle_s is not None and bool(self.host.reg_live())
+        settle = cmd.settle_s is not None and self.members.live_peer_count() > 0
         self._spread(delta, ack=settle)
-        result = entry_to_dict(self.host.node_id, entry)
+        result = entry_to_dict(self.node_id, entry)
         if settle:
             assert cmd.settle_s is not None
             self._settles[cmd.ref] = Settle(cmd.ref, entry.eid, delta.top)
-            self.host.reg_arm(RegSettleTimeout, cmd.settle_s, cmd.ref)
+            self._arm(RegSettleTimeout, cmd.settle_s, cmd.ref)
             return
         if cmd.settle_s is not None:
             result.update(settled=True, won=self._won(entry))
-        self.host.reg_emit(CommandResult(cmd.ref, value=result))
+        self._out.append(CommandResult(cmd.ref, value=result))
 
     def _unregister(self, cmd: Unregister) -> None:
         eid = self._owned.get(cmd.conn, {}).get((cmd.kind, cmd.scope, cmd.name))
@@ -138,7 +138,7 @@ class RegistryCommands(RegistrySpread):
             )
             return
         self._remove_local(cmd.conn, eid)
-        self.host.reg_emit(CommandResult(cmd.ref, value={}))
+        self._out.append(CommandResult(cmd.ref, value={}))
 
     def _update(self, cmd: UpdateMeta) -> None:
         problem = meta_problem(cmd.meta)
@@ -152,7 +152,7 @@ class RegistryCommands(RegistrySpread):
         res = self.state.update_meta(eid, cmd.meta)
         assert res is not None
         self._spread(res[1])
-        self.host.reg_emit(CommandResult(cmd.ref, value=entry_to_dict(self.host.node_id, res[0])))
+        self._out.append(CommandResult(cmd.ref, value=entry_to_dict(self.node_id, res[0])))
 
     def drop_conn(self, conn: int) -> None:
         for eid in list(self._owned.get(conn, {}).values()):

@@ -23,6 +23,14 @@ most MAX_MESH_DELTA_BYTES.
 
 from __future__ import annotations
 
+from peerd.core.events import MeshCast, SendDirect, SendTo
+from peerd.core.registry.config import (
+    DIRECT_MAX,
+    MAX_DELTA_BYTES,
+    MAX_DIRECT_CHUNKS,
+    MAX_MESH_CHUNKS,
+    MAX_MESH_DELTA_BYTES,
+)
 from peerd.core.registry.staging import _change_size, _Staged, merge_deltas
 from peerd.core.registry.state import Applied
 from peerd.core.registry.sync import RegistrySync
@@ -36,23 +44,19 @@ from peerd.wire.messages import (
     RegSnapshot,
 )
 
-# Over a partial mesh (the node's MeshConnected input), deltas are Plumtree broadcasts on
-# this channel.
+# Over a partial mesh (the peer's MeshConnected input), deltas are Plumtree
+# broadcasts on this channel (a protocol constant, not a setting).
 MESH_CHANNEL = int(Channel.REGISTRY)
-# Over the mesh a flush goes as deltas of at most this many bytes each.
-MAX_MESH_DELTA_BYTES = 64 * 1024
-MAX_MESH_CHUNKS = 64  # 4 MiB of changes in one flush; more is announced
 
-# A merged delta larger than this (encoded) is announced instead of sent.
-MAX_DELTA_BYTES = 900
-# Up to this many live peers, a node sends its own registry changes straight
-# to every one of them at the flush, besides the epidemic: one hop, so a
-# registration is visible everywhere within milliseconds even when the random
-# fan-out misses a node (it would then wait for the next gossip tick).
-DIRECT_MAX = 32
-# A flush's own changes go to every peer in at most this many datagrams;
-# a longer burst is announced, and peers pull it over a stream.
-MAX_DIRECT_CHUNKS = 64
+__all__ = [
+    "DIRECT_MAX",
+    "MAX_DELTA_BYTES",
+    "MAX_DIRECT_CHUNKS",
+    "MAX_MESH_CHUNKS",
+    "MAX_MESH_DELTA_BYTES",
+    "MESH_CHANNEL",
+    "RegistrySpread",
+]
 
 
 class RegistrySpread(RegistrySync):
@@ -69,25 +73,30 @@ class RegistrySpread(RegistrySync):
     def _queue_delta(self, delta: RegDelta, ack: bool = False) -> None:
         """Stage ``delta`` for the next flush, merged with what is staged.
         With nobody to send to (alone), it stays staged until a peer is live
-        (the host flushes then); merging per entry keeps that bounded."""
+        (peer_live flushes then); merging per entry keeps that bounded."""
         staged = self._staged.get(delta.origin)
         if staged is not None and not staged.extend(delta, ack):
             self._enqueue(staged.delta(), staged.ack)  # not consecutive: send what we had
             staged = None
         if staged is None:
             self._staged[delta.origin] = _Staged.of(delta, ack)
-        self.host.reg_flush_soon()
+        self._flush_soon()
 
     @property
     def staged(self) -> bool:
         """Deltas wait for a flush."""
         return bool(self._staged)
 
-    def flush(self) -> list[bytes]:
-        """Move staged deltas into the broadcast queue (the host calls this
-        before a gossip round). Returns the encoded messages about our own
-        partition that were queued: the host may also send those straight
-        to every live peer (see DIRECT_MAX)."""
+    def flush(self) -> None:
+        """Move staged deltas into the broadcast queue (before a gossip
+        round). In a small cluster the messages about our own partition
+        that were queued also go straight to every live peer (SendDirect,
+        last: see direct_max)."""
+        own = self._flush()
+        if own:
+            self._out.append(SendDirect(tuple(own), "reg_direct_out"))
+
+    def _flush(self) -> list[bytes]:
         if not self._staged:
             return []
         staged, self._staged = self._staged, {}
@@ -99,32 +108,34 @@ class RegistrySpread(RegistrySync):
             for item in staged.values():
                 delta = item.delta()
                 self._cast(delta)
-                if item.origin == self.host.node_id:
+                if item.origin == self.node_id:
                     own.extend(self._direct_parts(delta, item.ack))
             return own
         for item in staged.values():
             delta = item.delta()
             data = self._enqueue(delta, item.ack)
-            if data is not None and item.origin == self.host.node_id:
+            if data is not None and item.origin == self.node_id:
                 own.extend(self._direct_parts(delta, item.ack))
         return own
 
     def _cast(self, delta: RegDelta) -> None:
         """One Plumtree broadcast reaches every node about once: no relays.
         A long burst goes as consecutive deltas of at most
-        MAX_MESH_DELTA_BYTES each (a bare announcement would make every
+        max_mesh_delta_bytes each (a bare announcement would make every
         node pull from us at once); only a huge one is announced."""
-        for data in self._parts_of(delta, delta.ack, MAX_MESH_DELTA_BYTES, MAX_MESH_CHUNKS):
-            self.host.reg_cast(data)
+        cfg = self.config
+        for data in self._parts_of(delta, delta.ack, cfg.max_mesh_delta_bytes, cfg.max_mesh_chunks):
+            self._out.append(MeshCast(MESH_CHANNEL, data))
 
     def _direct_parts(self, delta: RegDelta, ack: bool) -> list[bytes]:
         """This flush's own changes for the direct send, as deltas that each
         fit a datagram (the queued item may hold more: it merges flushes
-        until it is sent out). A burst longer than MAX_DIRECT_CHUNKS of
+        until it is sent out). A burst longer than max_direct_chunks of
         them is announced instead; peers then pull it."""
-        if self.host.reg_live_count() > DIRECT_MAX:
+        cfg = self.config
+        if self.members.live_peer_count() > cfg.direct_max:
             return []
-        return self._parts_of(delta, ack, MAX_DELTA_BYTES, MAX_DIRECT_CHUNKS)
+        return self._parts_of(delta, ack, cfg.max_delta_bytes, cfg.max_direct_chunks)
 
     def _parts_of(self, delta: RegDelta, ack: bool, max_bytes: int, max_chunks: int) -> list[bytes]:
         """``delta`` as encoded consecutive deltas of at most ``max_bytes``
@@ -159,7 +170,7 @@ class RegistrySpread(RegistrySync):
 
     def _enqueue(self, delta: RegDelta, ack: bool) -> bytes | None:
         key = ("r", delta.origin)
-        queued = self.host.reg_queued(key)
+        queued = self._queued_item(key)
         if queued is not None:
             cached = self._queued.get(delta.origin)
             if cached is not None and cached[0] is queued:
@@ -184,18 +195,19 @@ class RegistrySpread(RegistrySync):
             )
         msg: RegDelta | RegAck = delta
         # At least 4 bytes per change: a long delta is too big without encoding it.
-        data = b"" if len(delta.changes) * 4 > MAX_DELTA_BYTES else codec.encode(delta)
-        if not data or len(data) > MAX_DELTA_BYTES:
+        limit = self.config.max_delta_bytes
+        data = b"" if len(delta.changes) * 4 > limit else codec.encode(delta)
+        if not data or len(data) > limit:
             # Too big to gossip: announce the version; peers that are behind pull.
             msg = RegAck(delta.origin, delta.generation, delta.top)
             data = codec.encode(msg)
         self._queued[delta.origin] = (data, msg)
-        self.host.reg_broadcast(key, msg, data)
+        self._gossip(key, data)
         return data
 
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
-        if not self.host.reg_known(msg.origin):
-            return  # not a live member's partition: see Host.reg_known
+        if not self._known(msg.origin):
+            return  # not a live member's partition: see _known
         self.arm_sync()
         match msg:
             case RegDelta():
@@ -212,7 +224,7 @@ class RegistrySpread(RegistrySync):
             self._emit_changes()
             if self.via_mesh:
                 pass  # the mesh relays it
-            elif self.host.reg_live_count() > DIRECT_MAX:
+            elif self.members.live_peer_count() > self.config.direct_max:
                 # Pass it on at once: the epidemic that makes a registration
                 # visible everywhere within a few hops.
                 self._queue_delta(delta, delta.ack)
@@ -225,13 +237,18 @@ class RegistrySpread(RegistrySync):
         if delta.ack and result in (Applied.APPLIED, Applied.STALE):
             gen, version = self.state.version_of(delta.origin)
             if gen == delta.generation and version >= delta.top:
-                self.host.reg_send(delta.origin, RegAck(delta.origin, gen, version))
+                self._send_to(delta.origin, RegAck(delta.origin, gen, version))
         elif result is Applied.GAP or result is Applied.BUFFERED:
             self._want(src_node, delta.origin, delta.generation, delta.top)
 
     def _on_ack(self, src_node: NodeId | None, ack: RegAck) -> None:
-        if ack.origin == self.host.node_id:
+        if ack.origin == self.node_id:
             if src_node is not None and ack.generation == self.state.generation:
                 self._acked(src_node, ack.version)
             return
         self._want(src_node, ack.origin, ack.generation, ack.version)
+
+    def _send_to(self, node: NodeId, msg: RegAck) -> None:
+        """A datagram to ``node``, if it is a live member other than us."""
+        if node != self.node_id and self.members.is_live_member(node):
+            self._out.append(SendTo(node, msg))

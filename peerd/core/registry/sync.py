@@ -24,8 +24,15 @@ import math
 
 from peerd.core.digest import FINE_BITS, bucket_of
 from peerd.core.registry.base import RegistryBase
+from peerd.core.registry.config import (
+    FULL_DIGEST_MAX,
+    HEAL_SYNC_DELAY_S,
+    ORIGINS_PER_BUCKET,
+    SYNC_INTERVAL_S,
+)
 from peerd.core.registry.state import Applied
 from peerd.core.timers import RegSyncTick
+from peerd.wire import codec
 from peerd.wire.messages import (
     NodeId,
     RegAck,
@@ -35,26 +42,22 @@ from peerd.wire.messages import (
     RegSync,
 )
 
-# Anti-entropy of its own: every node compares its registry with one random
-# live peer this often (besides the sync that follows each membership
-# push-pull, which is minutes apart in large clusters), so a delta the
-# epidemic missed is repaired within about one round.
-SYNC_INTERVAL_S = 10.0
-# Up to this many origins a sync sends the whole digest; above, it sends
-# bucket hashes of the digest (about this many origins per bucket) and only
-# the rows of buckets that differ follow.
-FULL_DIGEST_MAX = 8
-# After a partition heals, the first extra sync waits this long (revivals
-# arrive in bursts).
-HEAL_SYNC_DELAY_S = 0.2
-ORIGINS_PER_BUCKET = 64
+# (The tuning is peerd.core.registry.config's; these are its defaults.)
+__all__ = [
+    "FULL_DIGEST_MAX",
+    "HEAL_SYNC_DELAY_S",
+    "ORIGINS_PER_BUCKET",
+    "SYNC_INTERVAL_S",
+    "RegistrySync",
+    "sync_bits",
+]
 
 
-def sync_bits(origins: int) -> int:
+def sync_bits(origins: int, per_bucket: int = ORIGINS_PER_BUCKET) -> int:
     """Bucket bits of a hashed sync over ``origins`` origins."""
-    if origins <= ORIGINS_PER_BUCKET:
+    if origins <= per_bucket:
         return 0
-    return min(FINE_BITS, math.ceil(math.log2(origins / ORIGINS_PER_BUCKET)))
+    return min(FINE_BITS, math.ceil(math.log2(origins / per_bucket)))
 
 
 class RegistrySync(RegistryBase):
@@ -83,8 +86,8 @@ class RegistrySync(RegistryBase):
         # Pull from the origin (or whoever told us) what we know we lack.
         if self._pull_from is not None or not self._wants:
             return
-        me = self.host.node_id
-        known = self.host.reg_known
+        me = self.node_id
+        known = self._known
         for origin, (gen, version, src, tries) in list(self._wants.items()):
             if (gen, version) <= self.state.version_of(origin) or tries >= 3:
                 del self._wants[origin]
@@ -101,7 +104,7 @@ class RegistrySync(RegistryBase):
             self._wants[origin] = (gen, version, src, tries + 1)
             self._pull_from = target
             ask = sorted({origin, *(o for o, w in self._wants.items() if w[2] == target)})
-            self.host.reg_pull(target, self.sync_request(ask))
+            self._pull(target, self.sync_request(ask))
             return
 
     # --- anti-entropy -------------------------------------------------------------
@@ -111,9 +114,9 @@ class RegistrySync(RegistryBase):
         bucket hashes, or, to pull what we lack of ``origins``, our digest
         of just their buckets."""
         n = self.state.origins()
-        if n <= FULL_DIGEST_MAX:
+        if n <= self.config.full_digest_max:
             return RegSync(_rows(self.state.digest()), ())
-        bits = sync_bits(n)
+        bits = sync_bits(n, self.config.origins_per_bucket)
         if origins is None:
             return RegSync((), (), bits, (), self.state.bucket_hashes().hashes(bits))
         buckets = tuple(sorted({bucket_of(o, bits) for o in origins}))
@@ -124,8 +127,8 @@ class RegistrySync(RegistryBase):
         peer. With ``peer``: the one-off round after a partition healed."""
         if peer is not None:
             self._heal_peer = None
-            if self.host.reg_known(peer):
-                self.host.reg_pull(peer, self.sync_request())
+            if self._known(peer):
+                self._pull(peer, self.sync_request())
             return
         self._sync_armed = False
         self.arm_sync()
@@ -133,14 +136,14 @@ class RegistrySync(RegistryBase):
             return  # nothing to offer: peers holding entries will call on us
         if self._pull_from is not None:
             return  # a pull is repairing already; the next round will check
-        peer = self.host.reg_random_peer()
+        peer = self._random_peer()
         if peer is not None:
-            self.host.reg_pull(peer, self.sync_request())
+            self._pull(peer, self.sync_request())
 
     def sync_soon(self) -> None:
         """One extra round shortly, with a random peer (we just joined the
         mesh: broadcasts sent before that did not reach us)."""
-        peer = self.host.reg_random_peer()
+        peer = self._random_peer()
         if peer is not None:
             self._one_round_soon(peer)
 
@@ -149,7 +152,7 @@ class RegistrySync(RegistryBase):
         only once rounds run: an empty registry has nothing to compare)."""
         if self._heal_peer is None and self._sync_armed:
             self._heal_peer = peer
-            self.host.reg_arm(RegSyncTick, HEAL_SYNC_DELAY_S, peer)
+            self._arm(RegSyncTick, self.config.heal_sync_delay_s, peer)
 
     def arm_sync(self) -> None:
         """Start the periodic rounds, once this node holds or heard of any
@@ -157,7 +160,7 @@ class RegistrySync(RegistryBase):
         hold entries call on it)."""
         if not self._sync_armed:
             self._sync_armed = True
-            self.host.reg_arm(RegSyncTick, SYNC_INTERVAL_S, None)
+            self._arm(RegSyncTick, self.config.sync_interval_s, None)
 
     def missing_for(
         self,
@@ -179,9 +182,9 @@ class RegistrySync(RegistryBase):
             have = theirs.get(origin)
             if have is not None and have >= (gen, version):
                 continue
-            if origin == self.host.node_id and have is not None and have[0] == gen:
+            if origin == self.node_id and have is not None and have[0] == gen:
                 items.append(self.state.delta_since(have[1]))
-            elif version > 0 or origin != self.host.node_id:
+            elif version > 0 or origin != self.node_id:
                 items.append(self.state.snapshot(origin))
         return tuple(items)
 
@@ -214,7 +217,7 @@ class RegistrySync(RegistryBase):
         if reply.bits >= 0:
             ours = self.state.digest_in(reply.bits, reply.buckets)
             for row in reply.digest:
-                if row.origin != self.host.node_id and self.host.reg_known(row.origin):
+                if row.origin != self.node_id and self._known(row.origin):
                     self._want(src_node, row.origin, row.generation, row.version, pull=False)
         self._pull_next()  # once: what one peer has newer goes in one request
         missing = self.missing_for(reply.digest, src_node, ours)
@@ -229,7 +232,7 @@ class RegistrySync(RegistryBase):
         """An exchange with ``peer`` ended: if our pull went there, or to a
         node no longer known (nobody will answer it), the pull is over."""
         pulled = self._pull_from
-        if pulled is not None and (peer == pulled or not self.host.reg_known(pulled)):
+        if pulled is not None and (peer == pulled or not self._known(pulled)):
             self._pull_from = None
 
     def _apply_items(self, items: tuple[RegDelta | RegSnapshot, ...]) -> None:
@@ -237,7 +240,7 @@ class RegistrySync(RegistryBase):
             self.arm_sync()
         advanced: set[NodeId] = set()
         for item in items:
-            if not self.host.reg_known(item.origin):
+            if not self._known(item.origin):
                 continue
             if isinstance(item, RegSnapshot):
                 res = self.state.apply_snapshot(item)
@@ -253,12 +256,12 @@ class RegistrySync(RegistryBase):
         # Keep the epidemic going: what we just pulled, others may lack too.
         for origin in sorted(advanced):
             gen, version = self.state.version_of(origin)
-            self.host.reg_broadcast(("r", origin), RegAck(origin, gen, version))
-        self.host.reg_flush_soon()
+            self._gossip(("r", origin), codec.encode(RegAck(origin, gen, version)))
+        self._flush_soon()
 
     def _acks_from_digest(self, node: NodeId, digest: tuple[RegDigestRow, ...]) -> None:
         for row in digest:
-            if row.origin == self.host.node_id and row.generation == self.state.generation:
+            if row.origin == self.node_id and row.generation == self.state.generation:
                 self._acked(node, row.version)
 
 

@@ -6,7 +6,7 @@ appended to one list while it handles one input: datagrams to send, timers to
 set (each a token the shell hands back when it fires; a disarmed token is
 ignored, so nothing ever has to be cancelled in the shell), events for the
 API. The concerns of the protocol (probing, suspicion, dissemination,
-anti-entropy, applying news to the members table, hosting the registry) are
+anti-entropy, applying news to the members table) are
 separate classes in this folder over this one state, composed by
 :class:`peerd.core.swim.membership.Node`; :class:`NodeBase` holds the state
 they share, built in one place so that the fields and their invariants are
@@ -42,7 +42,6 @@ from peerd.core.events import (
     SendPacket,
     SetTimer,
 )
-from peerd.core.registry.service import RegistryService
 from peerd.core.swim import formulas
 from peerd.core.swim.members import (
     IdRing,
@@ -69,7 +68,6 @@ from peerd.wire.messages import (
     Ping,
     PingReq,
     PushPull,
-    RegSync,
     Status,
     Suspect,
     Tags,
@@ -173,9 +171,8 @@ class Relay:
 
 @dataclass(slots=True)
 class StreamCtx:
-    purpose: str  # "join" | "sync" | "reg" (registry sync) | "reg_push"
+    purpose: str  # "join" | "sync"
     batch: int = 0
-    peer: NodeId | None = None  # reg: the member we sync with
     peer_addr: Addr | None = None  # join/sync: where the push-pull went
     digest_bits: int | None = None  # sync: a digest sync with this many bucket bits
     rows: bool = False  # digest sync: the second step (rows of differing buckets)
@@ -296,9 +293,14 @@ class NodeBase:
         self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
-        self._reg_flush_armed = False
         self._tc = TreeState()  # membership news over the mesh's tree
-        self.registry = RegistryService(self, generation)
+        # Report the news the registry follows (peerd.core.events, "membership
+        # and the registry"): set by a peer that runs a registry beside us.
+        self.news = False
+        # Where to go on after news that pauses (see Resume), and the flag a
+        # concern raises to pause the packet it is in.
+        self._resume: Callable[[], None] | None = None
+        self._pausing = False
 
     def _log(self, level: LogLevel, message: str) -> None:
         self._out.append(Log(level, message))
@@ -439,7 +441,7 @@ class NodeBase:
 
         def _gossip_round(self) -> None: ...
 
-        def _send_direct(self, own: list[bytes]) -> None: ...
+        def _send_direct(self, parts: tuple[bytes, ...], counter: str | None) -> None: ...
 
         def _on_alive(self, msg: Alive) -> None: ...
 
@@ -476,7 +478,7 @@ class NodeBase:
 
         def _suspicion_expired(self, ctx: object) -> None: ...
 
-        def _mark_down(self, m: Member, status: Status, incarnation: int) -> bool: ...
+        def _mark_down(self, m: Member, status: Status, incarnation: int) -> None: ...
 
         def _stale_accusation(self, m: Member, src: Addr | None = None) -> None: ...
 
@@ -510,39 +512,7 @@ class NodeBase:
 
         def _open_stream(self, addr: Addr, ctx: StreamCtx, data: bytes) -> None: ...
 
-        def _on_reg_reply(self, ctx: StreamCtx, data: bytes) -> None: ...
-
         def _live_node_at(self, addr: Addr) -> NodeId | None: ...
-
-        def reg_emit(self, out: Output) -> None: ...
-
-        def reg_broadcast(self, key: Hashable, msg: Message, data: bytes | None = None) -> None: ...
-
-        def reg_queued(self, key: Hashable) -> bytes | None: ...
-
-        def reg_flush_soon(self) -> None: ...
-
-        def reg_send(self, node: NodeId, msg: Message) -> None: ...
-
-        def reg_pull(self, node: NodeId, msg: RegSync) -> None: ...
-
-        def reg_live(self) -> list[tuple[NodeId, int]]: ...
-
-        def reg_live_count(self) -> int: ...
-
-        def reg_known(self, node: NodeId) -> bool: ...
-
-        def reg_arm(
-            self, make: Callable[..., MembershipTimer], delay: float, *context: Any
-        ) -> int: ...
-
-        def _on_mesh_connected(self, connected: bool) -> None: ...
-
-        def reg_cast(self, payload: bytes) -> None: ...
-
-        def _on_mesh_delivered(self, inp: MeshDelivered) -> None: ...
-
-        def reg_random_peer(self) -> NodeId | None: ...
 
         def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool: ...
 
@@ -568,7 +538,7 @@ class NodeBase:
 
         def _on_stream_response(self, stream: int, data: bytes) -> None: ...
 
-        def _follow_with_reg_sync(self, ctx: StreamCtx) -> None: ...
+        def _synced_with(self, ctx: StreamCtx) -> None: ...
 
         def _on_stream_failed(self, stream: int, reason: str) -> None: ...
 

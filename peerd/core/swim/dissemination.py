@@ -25,7 +25,6 @@ from peerd.core.events import (
     SendPacket,
     WatchLinks,
 )
-from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     FIRST_GOSSIP_DELAY_S,
@@ -192,17 +191,18 @@ class Dissemination(NodeBase):
                 break
             self._send(m.addr)
 
-    def _send_direct(self, own: list[bytes]) -> None:
-        """Our own registry changes, straight to every other live peer (in a
-        cluster of at most DIRECT_MAX peers; see peerd.core.registry.service).
-        The gossip targets too: their packet may have had no room left for
-        our item (fresher items, or ones sent fewer times, go first)."""
-        if not own or len(self._live) > DIRECT_MAX:
+    def _send_direct(self, parts: tuple[bytes, ...], counter: str | None) -> None:
+        """Encoded messages straight to every other live peer, packed (the
+        registry's own changes in a small cluster, or the death of a node
+        that held entries: see peerd.core.registry). The gossip targets too:
+        their packet may have had no room left for the item (fresher items,
+        or ones sent fewer times, go first)."""
+        if not parts:
             return
         packets: list[bytes] = []
         batch: list[bytes] = []
         room = self.config.max_packet_bytes - 3
-        for part in own:
+        for part in parts:
             if batch and sum(len(p) for p in batch) + len(part) > room:
                 packets.append(codec.pack(batch))
                 batch = []
@@ -213,7 +213,8 @@ class Dissemination(NodeBase):
             for data in packets:
                 self.counters["packets_out"] += 1
                 self.counters["bytes_out"] += len(data)
-                self.counters["reg_direct_out"] += 1
+                if counter is not None:
+                    self.counters[counter] += 1
                 self._out.append(SendPacket(addr, data))
 
     def _broadcast_death(self, node: NodeId, incarnation: int, src: Addr | None = None) -> None:

@@ -11,22 +11,38 @@ each in its own module of this folder over one shared state
 * push-pull, digest sync and partition healing (:mod:`peerd.core.swim.sync`);
 * news applied to the members table (:mod:`peerd.core.swim.updates`), whose
   records and store are in :mod:`peerd.core.swim.members`;
-* the registry's host callbacks (:mod:`peerd.core.swim.reghost`);
 * news over the mesh's broadcast tree (:mod:`peerd.core.swim.treecast`).
 
 It owns the one entry point, :meth:`Node.handle`: an input (a datagram, a
 stream, a timer, a command) is dispatched to the concern it belongs to, and
 the outputs the concerns appended are returned. It also owns the life cycle
 (start, join, leave, tags) and the read side the shells use.
+
+The registry is not part of it: it is membership's sibling in the peer
+(:mod:`peerd.core.peer`). Its deltas still ride membership's gossip queue,
+datagrams and streams, so with ``news`` set (by a peer that runs a registry)
+membership reports what the registry follows (a member up or down, a
+registry message received, a gossip round about to go: peerd.core.events,
+"membership and the registry") at the point where it happens, and carries
+what the registry returns (an item to gossip, a datagram, a stream). A
+registry message in the middle of a packet, and the gossip round, pause the
+handling until the peer has given the registry its turn (Resume), so the
+registry acts at exactly the point where it acted when it was called from
+inside; the read side below is the view the registry reads
+(:class:`peerd.core.registry.view.MembersView`).
 """
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Hashable
 
 from peerd.core.events import (
-    ConnClosed,
+    Carried,
     EventKind,
+    GossipDue,
+    GossipRound,
     IncarnationChanged,
     Input,
     Join,
@@ -37,18 +53,22 @@ from peerd.core.events import (
     MemberInfo,
     MeshConnected,
     MeshDelivered,
+    NodeStarted,
+    OpenStream,
     Output,
     PacketIn,
-    Register,
+    QueueGossip,
+    Resume,
+    SendDirect,
+    SendTo,
     SetTags,
     Start,
     StreamFailed,
     StreamRequest,
     StreamResponse,
+    StreamTo,
     TimerFired,
     Unreachable,
-    Unregister,
-    UpdateMeta,
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
@@ -69,10 +89,9 @@ from peerd.core.swim.members import (
     Member,
 )
 from peerd.core.swim.probe import Probing
-from peerd.core.swim.reghost import RegistryHost
 from peerd.core.swim.suspicion import Suspicions
 from peerd.core.swim.sync import AntiEntropy
-from peerd.core.swim.treecast import TREE_CHANNEL, TreeCast
+from peerd.core.swim.treecast import TreeCast
 from peerd.core.swim.updates import Updates
 from peerd.core.timers import (
     ConfirmTimeout,
@@ -84,9 +103,6 @@ from peerd.core.timers import (
     PushPullTick,
     ReapTick,
     ReconnectTick,
-    RegFlush,
-    RegSettleTimeout,
-    RegSyncTick,
     RingFlush,
     SuspicionTimeout,
     Timer,
@@ -133,7 +149,7 @@ _CTX: dict[type, int] = {
 }
 
 
-class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHost, TreeCast):
+class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
     """One peerd node's membership state machine. See the module docs."""
 
     @property
@@ -182,6 +198,35 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
 
     def queued_broadcasts(self) -> int:
         return len(self._queue)
+
+    # --- the registry's view (peerd.core.registry.view.MembersView) ---------------
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def leaving(self) -> bool:
+        return self._leaving
+
+    def live_peers(self) -> list[tuple[NodeId, int]]:
+        return [(n, self._peek(n).generation) for n in self._live]
+
+    def live_peer_count(self) -> int:
+        return len(self._live)
+
+    def is_live_peer(self, node: NodeId) -> bool:
+        return node in self._live
+
+    def is_live_member(self, node: NodeId) -> bool:
+        m: Member | None = self._peek(node)  # a read: no copy of a shared record
+        return m is not None and m.status in LIVE
+
+    def sample_live(self, rng: random.Random, k: int) -> list[NodeId]:
+        return self._live.sample(rng, k)
+
+    def queued(self, key: Hashable) -> bytes | None:
+        return self._queue.get(key)
 
     def preload(self, states: list[MemberState]) -> None:
         """Know these members before :class:`Start`, silently: no events, no
@@ -241,24 +286,38 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
                 self._on_stream_failed(stream, reason)
             case Start(seeds):
                 self._on_start(seeds)
-                self.registry.on_start()
+                if self.news:
+                    self._out.append(NodeStarted())
             case Join(addrs):
                 self._start_join(addrs)
             case SetTags(tags):
                 self._on_set_tags(tags)
             case Leave():
                 self._on_leave()
-            case Register() | Unregister() | UpdateMeta() | ConnClosed():
-                self.registry.command(inp)
-            case MeshDelivered():
-                if inp.channel == TREE_CHANNEL:
-                    self._on_tree_delivered(inp)
-                else:
-                    self._on_mesh_delivered(inp)
+            case MeshDelivered():  # the tree's channel (the peer routes by channel)
+                self._on_tree_delivered(inp)
             case MeshConnected(connected):
-                self._on_mesh_connected(connected)
                 self._tree_connected(connected)
-        if self._ring_dirty:
+            # what the registry asks membership to carry (see the module docs)
+            case QueueGossip(key, data):
+                self._queue.enqueue(key, data)
+                self._arm_gossip()
+            case SendTo(node, msg):
+                m = self._members.get(node)
+                if m is not None and m.status in LIVE and m is not self._me:
+                    self._send(m.addr, msg)  # type: ignore[arg-type]
+            case StreamTo(node, data):
+                self._next_stream += 1
+                self._out.append(OpenStream(self._next_stream, self._peek(node).addr, data))
+            case SendDirect(parts, counter):
+                self._send_direct(parts, counter)
+            case GossipRound():
+                self._gossip_round()
+            case Resume():
+                go_on, self._resume = self._resume, None
+                if go_on is not None:
+                    go_on()
+        if self._ring_dirty and self._resume is None:
             self._update_watch()
         self._out = []
         return out
@@ -351,11 +410,13 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
                 self._ring_flush()
             case GossipTick():
                 self._gossip_armed = False
-                self._send_direct(self.registry.flush())
-                self._gossip_round()
-                if len(self._queue) and (len(self._live) or self._recently_dead):
-                    self._gossip_armed = True
-                    self._arm(GossipTick, self.config.gossip_interval_s)
+                if self.news:
+                    # The registry flushes what it staged first (into our
+                    # queue, or straight to every peer), then we go on.
+                    self._out.append(GossipDue())
+                    self._resume = self._gossip_tick
+                else:
+                    self._gossip_tick()
             case PushPullTick():
                 self._push_pull_tick()
             case ReconnectTick():
@@ -365,22 +426,16 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
                 self._arm(ReapTick, REAP_INTERVAL_S)
             case LeaveSpread():
                 self._out.append(LeaveDone())
-            case RegFlush():
-                own = self.registry.flush()  # still armed: queueing does not re-arm
-                self._reg_flush_armed = False
-                # Direct first: a gossip packet announcing a long burst must
-                # not reach a peer before the burst itself (it would pull).
-                self._send_direct(own)
-                self._gossip_round()
-            case RegSettleTimeout(ref=ref):
-                self.registry.settle_timeout(ref)
-            case RegSyncTick(peer=peer):
-                if not self._leaving:
-                    self.registry.sync_tick(peer)
             case TreeFlush():
                 self._tree_flush()
             case TreeRelay():
                 self._tree_relay()
+
+    def _gossip_tick(self) -> None:
+        self._gossip_round()
+        if len(self._queue) and (len(self._live) or self._recently_dead):
+            self._gossip_armed = True
+            self._arm(GossipTick, self.config.gossip_interval_s)
 
     def _on_packet(self, src: Addr, data: bytes) -> None:
         self.counters["packets_in"] += 1
@@ -392,8 +447,22 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             return
         for bad in errors:
             self._drop(bad.reason, f"from={_fmt(src)}")
-        for msg in msgs:
+        for i, msg in enumerate(msgs, 1):
             self._dispatch(src, msg)
+            if self._pausing:
+                # A registry message: the registry takes its turn now, and the
+                # rest of the packet comes after it (see the module docs).
+                self._pausing = False
+                self._resume = functools.partial(self._dispatch_from, src, msgs, i)
+                return
+
+    def _dispatch_from(self, src: Addr, msgs: list[Message], start: int) -> None:
+        for i in range(start, len(msgs)):
+            self._dispatch(src, msgs[i])
+            if self._pausing:
+                self._pausing = False
+                self._resume = functools.partial(self._dispatch_from, src, msgs, i + 1)
+                return
 
     def _dispatch(self, src: Addr, msg: Message) -> None:
         self.counters[f"msg_in.{type(msg).__name__.lower()}"] += 1
@@ -425,7 +494,9 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             case PushPull():
                 self._drop("push_pull_in_datagram")
             case RegDelta() | RegSnapshot() | RegAck():
-                self.registry.on_message(self._live_node_at(src), msg)
+                if self.news:
+                    self._out.append(Carried(self._live_node_at(src), msg))
+                    self._pausing = True
             case RegSync():
                 self._drop("reg_sync_in_datagram")
             case KeyRequest() | KeyReply():

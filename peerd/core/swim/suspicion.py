@@ -22,12 +22,12 @@ dissemination.
 from __future__ import annotations
 
 from peerd.core.events import (
+    DeathDeclared,
     EventKind,
     IncarnationChanged,
     LogLevel,
-    SendPacket,
+    NodeDown,
 )
-from peerd.core.registry.service import DIRECT_MAX
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     LAST_CHECK_MIN_NODES,
@@ -47,7 +47,6 @@ from peerd.wire.codec import (
 from peerd.wire.messages import (
     Addr,
     Alive,
-    Died,
     Left,
     NodeId,
     Status,
@@ -189,32 +188,24 @@ class Suspicions(NodeBase):
             return
         m.suspicion = None
         self._log(LogLevel.INFO, f"suspicion expired name={m.name}: declaring dead")
-        had_entries = self._mark_down(m, Status.DEAD, incarnation)
+        self._mark_down(m, Status.DEAD, incarnation)
         if susp is not None and susp.origin != self._me.node:
             # Our verdict on another's suspicion: on the mesh's tree, its
             # origin's broadcast is the one (see peerd.core.swim.treecast).
             self._tc.ctx = VERDICT
         self._broadcast_death(m.node, incarnation)
-        if had_entries and len(self._live) <= DIRECT_MAX:
-            # Its registry entries must vanish everywhere at once, not when
-            # the epidemic has reached the last node: tell every peer now.
-            data = codec.pack([codec.encode(Died(m.node, incarnation))])
-            for node in self._live:
-                self.counters["packets_out"] += 1
-                self.counters["bytes_out"] += len(data)
-                self._out.append(SendPacket(self._peek(node).addr, data))
+        if self.news:
+            # The registry may tell every peer at once (a node that held
+            # entries: they must vanish everywhere now).
+            self._out.append(DeathDeclared(m.node, incarnation))
 
-    def _mark_down(self, m: Member, status: Status, incarnation: int) -> bool:
-        """Returns whether the node held registry entries (now dropped)."""
+    def _mark_down(self, m: Member, status: Status, incarnation: int) -> None:
         self._clear_suspicion(m)
         self._set_incarnation(m, incarnation)
         self._set_status(m, status)
         self._set_live(m.node, False)
-        had_entries = self.registry.node_down(m.node, m.generation)
-        if had_entries:
-            # Applications wait on this: spread the death at once (the
-            # broadcast is queued right after), not at the next gossip tick.
-            self.reg_flush_soon()
+        if self.news:
+            self._out.append(NodeDown(m.node, m.generation))
         self._recently_dead[m.node] = self._now
         if status is Status.DEAD:
             self._dead[m.node] = None
@@ -222,7 +213,6 @@ class Suspicions(NodeBase):
             self._dead.pop(m.node, None)
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
-        return had_entries
 
     def _stale_accusation(self, m: Member, src: Addr | None = None) -> None:
         # Someone still holds an older view of us (they missed our

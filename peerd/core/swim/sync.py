@@ -21,11 +21,14 @@ import itertools
 
 from peerd.core import digest as digestmod
 from peerd.core.events import (
+    Carried,
     EventKind,
     JoinDone,
     LogLevel,
+    NodeForgotten,
     OpenStream,
     StreamReply,
+    SyncedWith,
 )
 from peerd.core.swim import formulas
 from peerd.core.swim.base import (
@@ -51,6 +54,7 @@ from peerd.wire.messages import (
     Alive,
     Left,
     MemberState,
+    NodeId,
     PushPull,
     RegSync,
     Status,
@@ -181,7 +185,7 @@ class AntiEntropy(NodeBase):
             )
             return
         # Done: the registry's anti-entropy follows membership's, as after a push-pull.
-        self._follow_with_reg_sync(ctx)
+        self._synced_with(ctx)
 
     def _on_stream_request(self, stream: int, src: Addr, data: bytes) -> None:
         try:
@@ -192,8 +196,10 @@ class AntiEntropy(NodeBase):
             return
         if isinstance(msg, RegSync):
             self.counters["reg_sync_in"] += 1
-            reply = self.registry.on_sync_request(self._live_node_at(src), msg)
-            self._out.append(StreamReply(stream, codec.encode(reply)))
+            if self.news:  # the registry answers it
+                self._out.append(Carried(self._live_node_at(src), msg, stream))
+            else:
+                self._out.append(StreamReply(stream, None))
             return
         if isinstance(msg, SyncDigest):
             self.counters["digest_sync_in"] += 1
@@ -224,9 +230,6 @@ class AntiEntropy(NodeBase):
         ctx = self._streams.pop(stream, None)
         if ctx is None:
             return
-        if ctx.purpose in ("reg", "reg_push"):
-            self._on_reg_reply(ctx, data)
-            return
         if ctx.digest_bits is not None:
             self._on_digest_reply(ctx, data)
             return
@@ -242,15 +245,21 @@ class AntiEntropy(NodeBase):
             return
         self._merge(msg)
         self._stream_done(ctx, ok=True)
-        self._follow_with_reg_sync(ctx)
+        self._synced_with(ctx)
+
+    def _live_node_at(self, addr: Addr) -> NodeId | None:
+        node = self._by_addr.get(addr)
+        return node if node is not None and node in self._live else None
+
+    def _synced_with(self, ctx: StreamCtx) -> None:
+        """Tell the registry: its anti-entropy follows membership's, with the same peer."""
+        peer = self._by_addr.get(ctx.peer_addr) if ctx.peer_addr else None
+        if self.news and peer is not None and peer in self._live:
+            self._out.append(SyncedWith(peer))
 
     def _on_stream_failed(self, stream: int, reason: str) -> None:
         ctx = self._streams.pop(stream, None)
         if ctx is None:
-            return
-        if ctx.purpose in ("reg", "reg_push"):
-            self.counters["reg_sync_failed"] += 1
-            self.registry.sync_failed(ctx.peer)
             return
         self.counters["push_pull_failed"] += 1
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
@@ -331,5 +340,6 @@ class AntiEntropy(NodeBase):
                 del self._by_prefix[m.node[:NODE_PREFIX_BYTES]]
             self._recently_dead.pop(m.node, None)
             self._dead.pop(m.node, None)
-            self.registry.forget(m.node)
+            if self.news:
+                self._out.append(NodeForgotten(m.node))
             self._event(EventKind.REAPED, m)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from peerd.core.events import (
     EventKind,
     LogLevel,
+    NodeUp,
+    PeerLive,
 )
 from peerd.core.swim.base import (
     LIVE,
@@ -45,8 +47,8 @@ class Updates(NodeBase):
                 self._ring.add(node)
                 self._ring_dirty = True
                 self._arm_gossip()
-                if self.registry.staged:
-                    self.reg_flush_soon()
+                if self.news and self._started:
+                    self._out.append(PeerLive())  # staged registry news can go
         elif node in self._live:
             self._live.discard(node)
             self._ring.remove(node)
@@ -86,7 +88,8 @@ class Updates(NodeBase):
             msg.tags,
         )
         self._dig(m)
-        self.registry.node_up(m.node, m.generation)
+        if self.news:
+            self._out.append(NodeUp(m.node, m.generation))
         if msg.name != old_name:
             self._index_name(m)
         self._clear_suspicion(m)
@@ -124,7 +127,8 @@ class Updates(NodeBase):
         self._index_name(m)
         self.counters["joins"] += 1
         self._event(EventKind.JOINED, m)
-        self.registry.node_up(m.node, m.generation)
+        if self.news:
+            self._out.append(NodeUp(m.node, m.generation))
         self._broadcast(m.node, msg)
 
     def _index_name(self, m: Member) -> None:
