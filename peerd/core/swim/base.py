@@ -88,6 +88,8 @@ LAST_CHECK_MIN_NODES = 32
 # Anti-entropy uses digest sync (peerd.core.digest) from this many members
 # on: below it a full push-pull is a few KiB and costs no more.
 DIGEST_SYNC_MIN_MEMBERS = 128
+# Draws for a push-pull partner that we hold alive (see _sync_partner).
+SYNC_PARTNER_DRAWS = 3
 # Largest encoded push-pull state kept for reuse (see Node._state).
 STATE_CACHE_MAX_BYTES = 64 * 1024
 # A helper's nack goes out at this fraction of the probe timeout (see _on_ping_req).
@@ -173,12 +175,13 @@ class Relay:
 
 @dataclass(slots=True)
 class StreamCtx:
-    purpose: str  # "join" | "sync" | "reg" (registry sync) | "reg_push"
+    purpose: str  # "join" | "sync" | "heal" (a reconnect) | "reg" (registry sync) | "reg_push"
     batch: int = 0
     peer: NodeId | None = None  # reg: the member we sync with
     peer_addr: Addr | None = None  # join/sync: where the push-pull went
     digest_bits: int | None = None  # sync: a digest sync with this many bucket bits
     rows: bool = False  # digest sync: the second step (rows of differing buckets)
+    retry: bool = False  # sync: the second try of a push-pull tick (see _sync_failed)
 
 
 @dataclass(slots=True)
@@ -522,7 +525,7 @@ class NodeBase:
 
         def _reconnect_tick(self) -> None: ...
 
-        def _open_sync(self, addr: Addr) -> None: ...
+        def _open_sync(self, addr: Addr, purpose: str = "sync", retry: bool = False) -> None: ...
 
         def _rows(self, bits: int, buckets: tuple[int, ...]) -> tuple[MemberState, ...]: ...
 
