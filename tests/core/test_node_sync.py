@@ -16,11 +16,24 @@ from peerd.core.events import (
     StreamRequest,
     StreamResponse,
     TimerKind,
+    Unreachable,
     WatchLinks,
 )
+from peerd.core.swim.base import REPAIR_BURST, REPAIR_DELAY_S
 from peerd.core.timers import membership_timer
 from peerd.wire import codec
-from peerd.wire.messages import Ack, Dead, Left, MemberState, Ping, PushPull, Status, Suspect, Tags
+from peerd.wire.messages import (
+    Ack,
+    Dead,
+    Died,
+    Left,
+    MemberState,
+    Ping,
+    PushPull,
+    Status,
+    Suspect,
+    Tags,
+)
 
 from .util import (
     Rig,
@@ -357,3 +370,45 @@ def test_a_refused_push_pull_suspects_the_member_and_tries_another() -> None:
     # A failed retry is not retried again.
     outs = r.handle(StreamFailed(retry.stream, "timeout"))
     assert of(outs, OpenStream) == [] and r.counter("push_pull_failed") == 2
+
+
+# --- repair after a mass failure ---------------------------------------------------
+
+
+def test_a_burst_of_deaths_brings_the_next_push_pull_forward() -> None:
+    peers = range(2, 2 + REPAIR_BURST + 3)
+    r = started(*peers)
+    for o in of(r.fire(TimerKind.PUSH_PULL), OpenStream):  # the early first exchange
+        r.handle(StreamFailed(o.stream, "timeout"), now=r.now)
+    regular = r.timer(TimerKind.PUSH_PULL).at
+    assert regular > r.now + 10
+    t = r.now
+    for i in list(peers)[: REPAIR_BURST - 1]:
+        r.recv(2 + REPAIR_BURST + 2, Died(nid(i), 0), now=t + 1.0)
+    assert r.timer(TimerKind.PUSH_PULL).at == regular  # the odd death: gossip's job
+    r.recv(2 + REPAIR_BURST + 2, Died(nid(1 + REPAIR_BURST), 0), now=t + 1.5)
+    assert r.timer(TimerKind.PUSH_PULL).at == t + 1.5 + REPAIR_DELAY_S
+    assert r.counter("push_pull_brought_forward") == 1
+    # The regular timer is disarmed: one exchange, then the regular interval.
+    (o,) = of(r.fire(TimerKind.PUSH_PULL), OpenStream)
+    assert o.dst in (addr(2 + REPAIR_BURST), addr(2 + REPAIR_BURST + 1), addr(2 + REPAIR_BURST + 2))
+    assert of(r.fire(r.armed(TimerKind.PUSH_PULL)[0]), OpenStream) == []  # the stale one
+    assert r.timer(TimerKind.PUSH_PULL).at > t + 1.5 + REPAIR_DELAY_S + 10
+
+
+def test_a_death_learnt_from_a_peer_is_checked_with_a_ping() -> None:
+    r = started(2, 3)
+    outs = r.stream_in(1, 3, PushPull(False, (st(2, Status.DEAD), st(3))), now=1.0)
+    # Only a suspicion (a stale view must not kill), but we ask the member
+    # at once, the suspicion riding on the ping.
+    # (In a cluster this small the random confirmation check may have asked
+    # already: then that ping is the one.)
+    assert r.status(2) is Status.SUSPECT
+    assert r.counter("merge_death_checks") + r.counter("confirm_checks") == 1
+    pings = [msgs for dst, msgs in sends(outs) if dst == addr(2)]
+    assert len(pings) == 1
+    assert Suspect(nid(2), 0, nid(1)) in pings[0] and any(isinstance(m, Ping) for m in pings[0])
+    # Its port is closed: dead within the short closed-port timeout.
+    r.handle(Unreachable(addr(2)), now=1.01)
+    r.fire(TimerKind.SUSPICION)
+    assert r.status(2) is Status.DEAD

@@ -250,12 +250,12 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, RegistryHos
             # Preloaded (a simulation starting converged): as if running for
             # long already, each node at a random phase of the interval.
             interval = formulas.push_pull_scale(cfg.push_pull_interval_s, self.live_count())
-            self._arm(PushPullTick, self.rng.uniform(0.0, 1.0) * interval)
+            self._arm_push_pull(self.rng.uniform(0.0, 1.0) * interval)
         elif cfg.push_pull_interval_s > 0:
             # An early first sync repairs what a join's gossip missed (nodes
             # that joined at the same moment), then the regular interval.
             first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
-            self._arm(PushPullTick, self.rng.uniform(0.5, 1.0) * first)
+            self._arm_push_pull(self.rng.uniform(0.5, 1.0) * first)
         self._arm(ReconnectTick, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
         self._arm(ReapTick, REAP_INTERVAL_S)
         self._start_join(self._seeds)

@@ -216,6 +216,7 @@ class Suspicions(NodeBase):
         else:
             self._dead.pop(m.node, None)
         self.counters["dead" if status is Status.DEAD else "left"] += 1
+        self._repair_soon()
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
         return had_entries
 

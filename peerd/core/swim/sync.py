@@ -40,6 +40,8 @@ from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     DIGEST_SYNC_MIN_MEMBERS,
     LIVE,
+    REPAIR_BURST,
+    REPAIR_DELAY_S,
     STATE_CACHE_MAX_BYTES,
     SYNC_PARTNER_DRAWS,
     NodeBase,
@@ -100,10 +102,33 @@ class AntiEntropy(NodeBase):
         self._streams[self._next_stream] = ctx
         self._out.append(OpenStream(self._next_stream, addr, data))
 
+    def _arm_push_pull(self, delay: float) -> None:
+        self._push_pull_token = self._arm(PushPullTick, delay)
+        self._push_pull_at = self._now + delay
+
+    def _repair_soon(self) -> None:
+        """We learnt a death or a leave. After REPAIR_BURST of them since our
+        last exchange (a mass failure, not the odd crash), bring the next
+        exchange forward to REPAIR_DELAY_S from now: gossip reaches every
+        node only with high probability, and at large N the regular
+        interval (minutes) would leave a missed death unrepaired that long.
+        The delay lets the burst's gossip settle first, so the partner
+        knows what we missed; one exchange per burst per node, cluster-wide
+        O(N) small digest syncs, each repairing both ends."""
+        self._deaths_since_sync += 1
+        if self._deaths_since_sync < REPAIR_BURST or self.config.push_pull_interval_s <= 0:
+            return
+        if not self._push_pull_token or self._push_pull_at <= self._now + REPAIR_DELAY_S:
+            return
+        self._disarm(self._push_pull_token)
+        self._arm_push_pull(REPAIR_DELAY_S)
+        self.counters["push_pull_brought_forward"] += 1
+
     def _push_pull_tick(self) -> None:
         cfg = self.config
         n = self.live_count()
-        self._arm(PushPullTick, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        self._arm_push_pull(formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        self._deaths_since_sync = 0
         if self._leaving:
             return
         syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
@@ -352,9 +377,27 @@ class AntiEntropy(NodeBase):
             match st.status:
                 case Status.ALIVE:
                     self._on_alive(alive)
-                case Status.SUSPECT | Status.DEAD:
+                case Status.SUSPECT:
                     self._on_alive(alive)
                     self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                case Status.DEAD:
+                    self._on_alive(alive)
+                    m = self._members.get(st.node)
+                    fresh = m is not None and m.suspicion is None and m is not self._me
+                    self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                    if (
+                        fresh
+                        and m is not None
+                        and m.suspicion is not None
+                        and m.node not in self._checks.values()  # not checked already
+                    ):
+                        # A death we missed (or a stale one): ask the member
+                        # ourselves, the suspicion riding on the ping. A live
+                        # one refutes at once; a crashed daemon's closed port
+                        # ends it within a round trip (a closed-port hint),
+                        # not a full suspicion timeout later.
+                        self.counters["merge_death_checks"] += 1
+                        self._start_check(m)
                 case Status.LEFT:
                     self._on_left(Left(st.node, st.incarnation))
 
