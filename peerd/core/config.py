@@ -43,6 +43,10 @@ class SwimConfig:
     push_pull_interval_s: float = 30.0
     # At most this many push-pull exchanges we started may run at once.
     max_concurrent_syncs: int = 2
+    # At most this many partition-healing attempts (reconnect_interval_s) may
+    # run at once, apart from the push-pulls: after a mass failure most go to
+    # dead nodes and wait for a connect timeout. More heals a split faster.
+    max_concurrent_reconnects: int = 1
     # Lifeguard local health: the probe interval and timeout are multiplied by
     # (score + 1), score in [0, awareness_max - 1].
     awareness_max: int = 8

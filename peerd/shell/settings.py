@@ -168,6 +168,7 @@ _POSITIVE = {
     "reconnect_interval_s",
     "max_packet_bytes",
     "max_concurrent_syncs",
+    "max_concurrent_reconnects",
     "refused_suspicion_timeout_s",
 }
 

@@ -60,6 +60,7 @@ class Faults(Network):
         self._account(t)
         self.running -= 1
         self._observer_off(host.index, t)
+        self.count_copies(proc)
         self._set_truth(host.index, False, t)
         me = host.index
         for a in proc.watching:

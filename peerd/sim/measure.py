@@ -79,6 +79,17 @@ class Record:
     # with a names workload: its summary, and its totals by check cutoff (after_s)
     names: dict[str, Any] | None = None
     names_at: dict[tuple[float, float | None], Any] = field(default_factory=dict)
+    # Membership update copies received and how many of them were news, over
+    # every process that ran (see Measure.count_copies)
+    update_copies: int = 0
+    update_news: int = 0
+
+    def copies_per_update(self) -> float | None:
+        """Copies of a membership update a node received per (node, update)
+        it learnt from one: 1.0 when every copy was news. None without news."""
+        if not self.update_news:
+            return None
+        return round(self.update_copies / self.update_news, 3)
 
     def first_converged_at(self, after: float) -> float | None:
         return first_true_at(self.convergence, after)
@@ -334,6 +345,20 @@ class Measure(Engine):
         self._last_ns_t = t
 
     # --- measuring ----------------------------------------------------------------------
+
+    def count_copies(self, proc: Proc) -> None:
+        """Add a process's counts of membership update copies received (and
+        of those that were news) to the run's; once per process, when it
+        stops or at the end. Exactness: a copy is news when it changed the
+        receiver's record of the member, so copies arriving after the
+        receiver learnt the update another way (its own detection, a
+        push-pull) count as copies of no news, and a copy superseded before
+        it arrived (an older incarnation) too: the ratio is an upper bound
+        of the mean copies per (node, update) pair, exact when every node
+        learns every update from gossip. O(1) per update, no table."""
+        c = proc.node.counters
+        self.rec.update_copies += c["update_copies_in"]
+        self.rec.update_news += c["update_news_in"]
 
     def _tick_second(self) -> None:
         s = int(round(self.now))

@@ -101,13 +101,18 @@ def summarize(sc: Scenario, rec: Record, wall_s: float) -> dict[str, Any]:
             "detection_first_s": stats3(first),
             "detection_all_s": stats3(alls),
             "left": len(rec.leaves),
+            "copies_per_update": rec.copies_per_update(),
         },
         "traffic": traffic,
         **({"registry": rec.registry} if rec.registry is not None else {}),
         "mesh": rec.mesh if rec.mesh is not None else {"enabled": False},
         **({"names": rec.names} if rec.names is not None else {}),
         "network": rec.counts,
-        "core": {k: v for k, v in rec.core_counters.items() if not k.startswith("msg_in.")},
+        "core": {
+            k: v
+            for k, v in rec.core_counters.items()
+            if not k.startswith(("msg_in.", "update_copies", "update_news"))
+        },
     }
     return summary
 
@@ -140,6 +145,7 @@ def text_report(summary: dict[str, Any]) -> str:
         + ("" if m["converged_at_end"] else " (NOT converged at the end)"),
         f"  false positives {m['false_positives']}, false suspicions {m['false_suspicions']}",
         f"  crashed {m['crashed']} (undetected {m['undetected']}), left {m['left']}",
+        f"  copies received per membership update: {_fmt(m['copies_per_update'])}",
         f"  detection first: median {_fmt(df['median'])} p99 {_fmt(df['p99'])} "
         f"max {_fmt(df['max'])} s",
         f"  detection all:   median {_fmt(da['median'])} p99 {_fmt(da['p99'])} "

@@ -294,6 +294,7 @@ class World(Faults):
         totals: dict[str, int] = {}
         for h in self.hosts:
             if h.cur is not None:
+                self.count_copies(h.cur)
                 for k, v in h.cur.node.counters.items():
                     totals[k] = totals.get(k, 0) + v
         rec.core_counters = dict(sorted(totals.items()))

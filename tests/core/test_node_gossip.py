@@ -5,7 +5,7 @@ from __future__ import annotations
 from peerd.core.events import EventKind, OpenStream, SendPacket, SetTags, TimerKind
 from peerd.core.swim import formulas
 from peerd.core.swim.base import FIRST_GOSSIP_DELAY_S
-from peerd.wire.messages import Ack, Dead, Left, Ping, Status
+from peerd.wire.messages import Ack, Dead, Died, Left, Ping, Status, Suspect
 
 from .util import Rig, addr, alive, armed_at, cfg, events, first_gossip_at, nid, of, sends
 
@@ -147,3 +147,30 @@ def test_fresh_news_after_a_quiet_spell_goes_out_within_the_first_gossip_delay()
     # Not all sends done yet (limit 4 with 5 live nodes): the next round
     # comes a whole gossip interval later.
     assert armed_at(outs) == [(TimerKind.GOSSIP, r.now + r.node.config.gossip_interval_s)]
+
+
+def test_copies_and_news_of_membership_updates_are_counted() -> None:
+    # The two counters behind the simulator's membership.copies_per_update.
+    r = started(2)
+    base_copies, base_news = r.counter("update_copies_in"), r.counter("update_news_in")
+
+    def seen() -> tuple[int, int]:
+        return r.counter("update_copies_in") - base_copies, r.counter("update_news_in") - base_news
+
+    r.recv(2, alive(3), now=1.0)  # a join: news
+    assert seen() == (1, 1)
+    r.recv(2, alive(3), now=1.1)  # the same update again: a copy, no news
+    assert seen() == (2, 1)
+    r.recv(2, alive(3, 1, tags=(("k", "v"),)), now=1.2)  # a tag change: news
+    assert seen() == (3, 2)
+    r.recv(2, alive(1), now=1.3)  # about us: not a copy of anything we need
+    assert seen() == (3, 2)
+    r.recv(2, Died(nid(3), 1), now=1.4)  # a death: news
+    assert r.status(3) is Status.DEAD
+    r.recv(2, Dead(nid(3), 1, nid(2)), now=1.5)  # heard again
+    r.recv(2, Died(nid(3), 0), now=1.6)  # stale (older incarnation)
+    assert seen() == (6, 3)
+    r.recv(2, Left(nid(9), 0), now=1.7)  # about a node we never knew
+    assert seen() == (7, 3)
+    r.recv(2, Suspect(nid(2), 0, nid(1)), now=1.8)  # suspicions are not counted
+    assert seen() == (7, 3)

@@ -16,11 +16,24 @@ from peerd.core.events import (
     StreamRequest,
     StreamResponse,
     TimerKind,
+    Unreachable,
     WatchLinks,
 )
+from peerd.core.swim.base import REPAIR_BURST, REPAIR_DELAY_S
 from peerd.core.timers import membership_timer
 from peerd.wire import codec
-from peerd.wire.messages import Ack, Dead, Left, MemberState, Ping, PushPull, Status, Suspect, Tags
+from peerd.wire.messages import (
+    Ack,
+    Dead,
+    Died,
+    Left,
+    MemberState,
+    Ping,
+    PushPull,
+    Status,
+    Suspect,
+    Tags,
+)
 
 from .util import (
     Rig,
@@ -223,7 +236,9 @@ def test_push_pull_is_bounded_by_max_concurrent_syncs() -> None:
     opened = [of(r.fire(TimerKind.PUSH_PULL), OpenStream) for _ in range(3)]
     assert [len(o) for o in opened] == [1, 1, 0]
     assert r.counter("push_pull_skipped") == 1
-    r.handle(StreamFailed(opened[0][0].stream, "timeout"))
+    # A failed exchange is tried again at once with another member (once).
+    (retry,) = of(r.handle(StreamFailed(opened[0][0].stream, "timeout")), OpenStream)
+    assert of(r.handle(StreamFailed(retry.stream, "timeout")), OpenStream) == []
     assert len(of(r.fire(TimerKind.PUSH_PULL), OpenStream)) == 1
 
 
@@ -303,8 +318,97 @@ def test_reconnect_does_nothing_when_all_seeds_are_alive_and_nobody_is_dead() ->
     assert r.counter("reconnects") == 0
 
 
-def test_reconnect_respects_max_concurrent_syncs() -> None:
-    r = started(seeds=(addr(2),), config=cfg(max_concurrent_syncs=1))
+def test_reconnect_respects_max_concurrent_reconnects() -> None:
+    r = started(seeds=(addr(2),), config=cfg(max_concurrent_reconnects=1))
     r.handle(StreamFailed(1, "refused"), now=0.1)
     assert len(of(r.fire(TimerKind.RECONNECT), OpenStream)) == 1
     assert of(r.fire(TimerKind.RECONNECT), OpenStream) == []
+
+
+def test_reconnects_never_displace_push_pull() -> None:
+    # Two dead members being retried fill the healing budget; the push-pull
+    # with the live member still goes out, and vice versa.
+    r = started(2, 3, 4, config=cfg(max_concurrent_syncs=1, max_concurrent_reconnects=1))
+    r.recv(4, Dead(nid(2), 0, nid(4)), Dead(nid(3), 0, nid(4)), now=1.0)
+    (heal,) = of(r.fire(TimerKind.RECONNECT), OpenStream)
+    assert heal.dst in (addr(2), addr(3))
+    assert [o.dst for o in of(r.fire(TimerKind.PUSH_PULL), OpenStream)] == [addr(4)]
+    assert of(r.fire(TimerKind.RECONNECT), OpenStream) == []  # its own budget is full
+    assert of(r.fire(TimerKind.PUSH_PULL), OpenStream) == []  # and so is push-pull's
+    # A failed reconnect is counted apart from the push-pulls.
+    r.handle(StreamFailed(heal.stream, "connect_timeout"))
+    assert (r.counter("reconnects_failed"), r.counter("push_pull_failed")) == (1, 0)
+    assert len(of(r.fire(TimerKind.RECONNECT), OpenStream)) == 1
+
+
+def test_push_pull_partners_are_members_held_alive() -> None:
+    r = started(2, 3)
+    r.recv(3, Suspect(nid(2), 0, nid(3)), now=1.0)  # 2 is suspect: likely dead
+    dsts = []
+    for _ in range(20):
+        for o in of(r.fire(TimerKind.PUSH_PULL), OpenStream):
+            dsts.append(o.dst)
+            r.handle(StreamResponse(o.stream, codec.encode(PushPull(False, (st(3),)))))
+    assert dsts and set(dsts) == {addr(3)}
+
+
+def test_a_refused_push_pull_suspects_the_member_and_tries_another() -> None:
+    r = started(2, 3)
+    for _ in range(20):  # until the tick draws 2
+        (o,) = of(r.fire(TimerKind.PUSH_PULL), OpenStream)
+        if o.dst == addr(2):
+            break
+        r.handle(StreamResponse(o.stream, codec.encode(PushPull(False, (st(3),)))))
+    assert o.dst == addr(2)
+    outs = r.handle(StreamFailed(o.stream, "refused"))
+    # Nothing listens at 2: suspected at once (not gossiped), checked with a
+    # ping, and the exchange goes to the other live member instead.
+    assert r.status(2) is Status.SUSPECT
+    assert [dst for dst, msgs in sends(outs) if any(isinstance(m, Ping) for m in msgs)] == [addr(2)]
+    (retry,) = of(outs, OpenStream)
+    assert retry.dst == addr(3) and r.counter("push_pull_retries") == 1
+    # A failed retry is not retried again.
+    outs = r.handle(StreamFailed(retry.stream, "timeout"))
+    assert of(outs, OpenStream) == [] and r.counter("push_pull_failed") == 2
+
+
+# --- repair after a mass failure ---------------------------------------------------
+
+
+def test_a_burst_of_deaths_brings_the_next_push_pull_forward() -> None:
+    peers = range(2, 2 + REPAIR_BURST + 3)
+    r = started(*peers)
+    for o in of(r.fire(TimerKind.PUSH_PULL), OpenStream):  # the early first exchange
+        r.handle(StreamFailed(o.stream, "timeout"), now=r.now)
+    regular = r.timer(TimerKind.PUSH_PULL).at
+    assert regular > r.now + 10
+    t = r.now
+    for i in list(peers)[: REPAIR_BURST - 1]:
+        r.recv(2 + REPAIR_BURST + 2, Died(nid(i), 0), now=t + 1.0)
+    assert r.timer(TimerKind.PUSH_PULL).at == regular  # the odd death: gossip's job
+    r.recv(2 + REPAIR_BURST + 2, Died(nid(1 + REPAIR_BURST), 0), now=t + 1.5)
+    assert r.timer(TimerKind.PUSH_PULL).at == t + 1.5 + REPAIR_DELAY_S
+    assert r.counter("push_pull_brought_forward") == 1
+    # The regular timer is disarmed: one exchange, then the regular interval.
+    (o,) = of(r.fire(TimerKind.PUSH_PULL), OpenStream)
+    assert o.dst in (addr(2 + REPAIR_BURST), addr(2 + REPAIR_BURST + 1), addr(2 + REPAIR_BURST + 2))
+    assert of(r.fire(r.armed(TimerKind.PUSH_PULL)[0]), OpenStream) == []  # the stale one
+    assert r.timer(TimerKind.PUSH_PULL).at > t + 1.5 + REPAIR_DELAY_S + 10
+
+
+def test_a_death_learnt_from_a_peer_is_checked_with_a_ping() -> None:
+    r = started(2, 3)
+    outs = r.stream_in(1, 3, PushPull(False, (st(2, Status.DEAD), st(3))), now=1.0)
+    # Only a suspicion (a stale view must not kill), but we ask the member
+    # at once, the suspicion riding on the ping.
+    # (In a cluster this small the random confirmation check may have asked
+    # already: then that ping is the one.)
+    assert r.status(2) is Status.SUSPECT
+    assert r.counter("merge_death_checks") + r.counter("confirm_checks") == 1
+    pings = [msgs for dst, msgs in sends(outs) if dst == addr(2)]
+    assert len(pings) == 1
+    assert Suspect(nid(2), 0, nid(1)) in pings[0] and any(isinstance(m, Ping) for m in pings[0])
+    # Its port is closed: dead within the short closed-port timeout.
+    r.handle(Unreachable(addr(2)), now=1.01)
+    r.fire(TimerKind.SUSPICION)
+    assert r.status(2) is Status.DEAD

@@ -86,6 +86,14 @@ LAST_CHECK_MIN_NODES = 32
 # Anti-entropy uses digest sync (peerd.core.digest) from this many members
 # on: below it a full push-pull is a few KiB and costs no more.
 DIGEST_SYNC_MIN_MEMBERS = 128
+# Draws for a push-pull partner that we hold alive (see _sync_partner).
+SYNC_PARTNER_DRAWS = 3
+# A burst of this many deaths or leaves learnt since our last anti-entropy
+# exchange brings the next one forward to REPAIR_DELAY_S from then (see
+# _repair_soon): the odd crash is left to gossip and the ring, a mass
+# failure is repaired within seconds, not after the scaled interval.
+REPAIR_BURST = 8
+REPAIR_DELAY_S = 3.0
 # Largest encoded push-pull state kept for reuse (see Node._state).
 STATE_CACHE_MAX_BYTES = 64 * 1024
 # A helper's nack goes out at this fraction of the probe timeout (see _on_ping_req).
@@ -171,11 +179,12 @@ class Relay:
 
 @dataclass(slots=True)
 class StreamCtx:
-    purpose: str  # "join" | "sync"
+    purpose: str  # "join" | "sync" | "heal" (a reconnect)
     batch: int = 0
     peer_addr: Addr | None = None  # join/sync: where the push-pull went
     digest_bits: int | None = None  # sync: a digest sync with this many bucket bits
     rows: bool = False  # digest sync: the second step (rows of differing buckets)
+    retry: bool = False  # sync: the second try of a push-pull tick (see _sync_failed)
 
 
 @dataclass(slots=True)
@@ -290,6 +299,11 @@ class NodeBase:
         # started from preload() or a preloaded store: no join announcement
         self._preloaded = tables.preloaded
         self._state_cache: tuple[Hashable, bytes] | None = None
+        # the armed push-pull timer and when it fires; deaths learnt since
+        # the last exchange (see AntiEntropy._repair_soon)
+        self._push_pull_token = 0
+        self._push_pull_at = 0.0
+        self._deaths_since_sync = 0
         self._alone_rounds = 0
         self._out: list[Output] = []
         self._now = 0.0
@@ -524,11 +538,19 @@ class NodeBase:
 
         def _on_tree_delivered(self, inp: MeshDelivered) -> None: ...
 
+        def _copy_in(self, node: NodeId) -> tuple[int, Status] | bool: ...
+
+        def _copy_done(self, node: NodeId, before: tuple[int, Status] | bool) -> None: ...
+
         def _push_pull_tick(self) -> None: ...
+
+        def _arm_push_pull(self, delay: float) -> None: ...
+
+        def _repair_soon(self) -> None: ...
 
         def _reconnect_tick(self) -> None: ...
 
-        def _open_sync(self, addr: Addr) -> None: ...
+        def _open_sync(self, addr: Addr, purpose: str = "sync", retry: bool = False) -> None: ...
 
         def _rows(self, bits: int, buckets: tuple[int, ...]) -> tuple[MemberState, ...]: ...
 

@@ -337,12 +337,12 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
             # Preloaded (a simulation starting converged): as if running for
             # long already, each node at a random phase of the interval.
             interval = formulas.push_pull_scale(cfg.push_pull_interval_s, self.live_count())
-            self._arm(PushPullTick, self.rng.uniform(0.0, 1.0) * interval)
+            self._arm_push_pull(self.rng.uniform(0.0, 1.0) * interval)
         elif cfg.push_pull_interval_s > 0:
             # An early first sync repairs what a join's gossip missed (nodes
             # that joined at the same moment), then the regular interval.
             first = min(cfg.push_pull_interval_s, 5 * cfg.probe_interval_s)
-            self._arm(PushPullTick, self.rng.uniform(0.5, 1.0) * first)
+            self._arm_push_pull(self.rng.uniform(0.5, 1.0) * first)
         self._arm(ReconnectTick, min(cfg.probe_interval_s, cfg.reconnect_interval_s))
         self._arm(ReapTick, REAP_INTERVAL_S)
         self._start_join(self._seeds)
@@ -464,6 +464,31 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
                 self._resume = functools.partial(self._dispatch_from, src, msgs, i + 1)
                 return
 
+    # Copies of membership updates received (peerd/sim's
+    # ``membership.copies_per_update`` divides the two counters): every
+    # Alive (a join, a refutation, a tag change, a move), death notice and
+    # leave about another member that arrives in a datagram is a copy; it is
+    # news when it changed our record of that member (added it, or changed
+    # its incarnation or status). Suspicions are the failure detector's own
+    # traffic and are not counted; neither are push-pull rows (state, not
+    # copies of an update). Two counters and one record read per update: no
+    # table of who received what.
+    def _copy_in(self, node: NodeId) -> tuple[int, Status] | bool:
+        if node == self._me.node:
+            return False
+        self.counters["update_copies_in"] += 1
+        if node not in self._members:
+            return True
+        m = self._peek(node)
+        return (m.incarnation, m.status)
+
+    def _copy_done(self, node: NodeId, before: tuple[int, Status] | bool) -> None:
+        if before is False or node not in self._members:
+            return
+        m = self._peek(node)
+        if before is True or before != (m.incarnation, m.status):
+            self.counters["update_news_in"] += 1
+
     def _dispatch(self, src: Addr, msg: Message) -> None:
         self.counters[f"msg_in.{type(msg).__name__.lower()}"] += 1
         match msg:
@@ -476,21 +501,30 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
             case PingReq():
                 self._on_ping_req(src, msg)
             case Alive():
+                before = self._copy_in(msg.node)
                 self._on_alive(msg)
+                self._copy_done(msg.node, before)
             case Suspect():
                 self._on_suspect(msg, src)
-            case Dead():
+            case Dead() | Died():
+                before = self._copy_in(msg.node)
                 self._on_dead(msg.node, msg.incarnation, src)
-            case Died():
-                self._on_dead(msg.node, msg.incarnation, src)
+                self._copy_done(msg.node, before)
             case DiedRef():
                 node = self._by_prefix.get(msg.prefix)
                 if node == AMBIGUOUS:
+                    self.counters["update_copies_in"] += 1
                     self._drop("died_ref_ambiguous", f"from={_fmt(src)}")
                 elif node is not None:
+                    before = self._copy_in(node)
                     self._on_dead(node, msg.incarnation, src)
+                    self._copy_done(node, before)
+                else:
+                    self.counters["update_copies_in"] += 1
             case Left():
+                before = self._copy_in(msg.node)
                 self._on_left(msg, src)
+                self._copy_done(msg.node, before)
             case PushPull():
                 self._drop("push_pull_in_datagram")
             case RegDelta() | RegSnapshot() | RegAck():

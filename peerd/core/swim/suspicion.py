@@ -212,6 +212,7 @@ class Suspicions(NodeBase):
         else:
             self._dead.pop(m.node, None)
         self.counters["dead" if status is Status.DEAD else "left"] += 1
+        self._repair_soon()
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
 
     def _stale_accusation(self, m: Member, src: Addr | None = None) -> None:

@@ -8,11 +8,20 @@ compares bucket hashes of the two tables (:mod:`peerd.core.digest`) and then
 sends only the rows of the buckets that differ, so a sync of two converged
 10,000-member tables costs a few hundred bytes instead of a megabyte.
 
+*Partners*: the periodic exchange goes to a member we hold alive; a suspect
+is drawn again, since after a mass failure most suspects are dead and an
+exchange with a dead node repairs nothing. An exchange that fails is tried
+once more at once with another live member, and one refused outright
+(nothing listens) is the same evidence as an ICMP port-unreachable hint.
+
 *Partition healing*: dead members and the configured seeds are retried with
 a push-pull every ``reconnect_interval``: after a split, each side has the
 other as dead; when the link returns, one exchange makes each side learn it
-was declared dead, refute, and the halves merge. Dead and left members are
-forgotten after ``dead_reclaim_s`` (reaping), which bounds the table.
+was declared dead, refute, and the halves merge. These attempts have a
+concurrency budget of their own (``max_concurrent_reconnects``): after a
+mass failure nearly all of them wait on dead nodes, and they must never
+take the places of the exchanges among the living. Dead and left members
+are forgotten after ``dead_reclaim_s`` (reaping), which bounds the table.
 """
 
 from __future__ import annotations
@@ -34,7 +43,10 @@ from peerd.core.swim import formulas
 from peerd.core.swim.base import (
     DIGEST_SYNC_MIN_MEMBERS,
     LIVE,
+    REPAIR_BURST,
+    REPAIR_DELAY_S,
     STATE_CACHE_MAX_BYTES,
+    SYNC_PARTNER_DRAWS,
     NodeBase,
     StreamCtx,
     _fmt,
@@ -94,19 +106,55 @@ class AntiEntropy(NodeBase):
         self._streams[self._next_stream] = ctx
         self._out.append(OpenStream(self._next_stream, addr, data))
 
+    def _arm_push_pull(self, delay: float) -> None:
+        self._push_pull_token = self._arm(PushPullTick, delay)
+        self._push_pull_at = self._now + delay
+
+    def _repair_soon(self) -> None:
+        """We learnt a death or a leave. After REPAIR_BURST of them since our
+        last exchange (a mass failure, not the odd crash), bring the next
+        exchange forward to REPAIR_DELAY_S from now: gossip reaches every
+        node only with high probability, and at large N the regular
+        interval (minutes) would leave a missed death unrepaired that long.
+        The delay lets the burst's gossip settle first, so the partner
+        knows what we missed; one exchange per burst per node, cluster-wide
+        O(N) small digest syncs, each repairing both ends."""
+        self._deaths_since_sync += 1
+        if self._deaths_since_sync < REPAIR_BURST or self.config.push_pull_interval_s <= 0:
+            return
+        if not self._push_pull_token or self._push_pull_at <= self._now + REPAIR_DELAY_S:
+            return
+        self._disarm(self._push_pull_token)
+        self._arm_push_pull(REPAIR_DELAY_S)
+        self.counters["push_pull_brought_forward"] += 1
+
     def _push_pull_tick(self) -> None:
         cfg = self.config
         n = self.live_count()
-        self._arm(PushPullTick, formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        self._arm_push_pull(formulas.push_pull_scale(cfg.push_pull_interval_s, n))
+        self._deaths_since_sync = 0
         if self._leaving:
             return
         syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
         if syncs >= cfg.max_concurrent_syncs:
             self.counters["push_pull_skipped"] += 1
             return
-        picks = self._live.sample(self.rng, 1)
-        if picks:
-            self._open_sync(self._peek(picks[0]).addr)
+        addr = self._sync_partner()
+        if addr is not None:
+            self._open_sync(addr)
+
+    def _sync_partner(self) -> Addr | None:
+        """A random member we hold alive. A suspect is drawn again (after a
+        mass failure most suspects are dead, and an exchange with a dead
+        node repairs nothing), at most SYNC_PARTNER_DRAWS times in all."""
+        for _ in range(SYNC_PARTNER_DRAWS):
+            picks = self._live.sample(self.rng, 1)
+            if not picks:
+                return None
+            m = self._peek(picks[0])
+            if m.status is Status.ALIVE:
+                return m.addr
+        return None
 
     def _reconnect_tick(self) -> None:
         cfg = self.config
@@ -128,28 +176,33 @@ class AntiEntropy(NodeBase):
         n = len(dead) + len(seeds)
         if not n:
             return
-        syncs = sum(1 for c in self._streams.values() if c.purpose == "sync")
-        if syncs >= self.config.max_concurrent_syncs:
+        # Healing has a budget of its own: after a mass failure nearly every
+        # attempt goes to a dead node and waits for its connect to time out;
+        # counted with the push-pulls, those attempts would starve the
+        # repair among the living that gossip's misses need.
+        heals = sum(1 for c in self._streams.values() if c.purpose == "heal")
+        if heals >= self.config.max_concurrent_reconnects:
             return
         self.counters["reconnects"] += 1
         k = self.rng.randrange(n)  # the draw rng.choice makes
         if k < len(dead):
-            self._open_sync(self._peek(next(itertools.islice(dead, k, None))).addr)
+            self._open_sync(self._peek(next(itertools.islice(dead, k, None))).addr, "heal")
         else:
-            self._open_sync(seeds[k - len(dead)])
+            self._open_sync(seeds[k - len(dead)], "heal")
 
-    def _open_sync(self, addr: Addr) -> None:
+    def _open_sync(self, addr: Addr, purpose: str = "sync", retry: bool = False) -> None:
         """Anti-entropy with ``addr``: a full push-pull while the membership
         is small, a digest sync once the full state would be the bigger cost
-        (see :mod:`peerd.core.digest`)."""
+        (see :mod:`peerd.core.digest`). ``purpose``: "sync" (repair among
+        live members) or "heal" (a dead member or a seed, tried again)."""
         if len(self._members) < DIGEST_SYNC_MIN_MEMBERS:
-            self._open_push_pull(addr, StreamCtx("sync"), join=False)
+            self._open_push_pull(addr, StreamCtx(purpose, retry=retry), join=False)
             return
         bits = digestmod.bits_for(len(self._members))
         self.counters["digest_sync_out"] += 1
         self._open_stream(
             addr,
-            StreamCtx("sync", peer_addr=addr, digest_bits=bits),
+            StreamCtx(purpose, peer_addr=addr, digest_bits=bits, retry=retry),
             codec.encode(SyncDigest(bits, self._digest.hashes(bits))),
         )
 
@@ -180,7 +233,13 @@ class AntiEntropy(NodeBase):
             assert ctx.peer_addr is not None
             self._open_stream(
                 ctx.peer_addr,
-                StreamCtx("sync", peer_addr=ctx.peer_addr, digest_bits=msg.bits, rows=True),
+                StreamCtx(
+                    ctx.purpose,
+                    peer_addr=ctx.peer_addr,
+                    digest_bits=msg.bits,
+                    rows=True,
+                    retry=ctx.retry,
+                ),
                 codec.encode(SyncRows(msg.bits, msg.buckets, self._rows(msg.bits, msg.buckets))),
             )
             return
@@ -261,7 +320,12 @@ class AntiEntropy(NodeBase):
         ctx = self._streams.pop(stream, None)
         if ctx is None:
             return
-        self.counters["push_pull_failed"] += 1
+        if ctx.purpose == "heal":
+            self.counters["reconnects_failed"] += 1
+        else:
+            self.counters["push_pull_failed"] += 1
+        if ctx.purpose == "sync" and ctx.peer_addr is not None:
+            self._sync_failed(ctx, reason)
         level = LogLevel.WARNING if ctx.purpose == "join" else LogLevel.DEBUG
         hint = ""
         if reason == "eof":
@@ -277,6 +341,22 @@ class AntiEntropy(NodeBase):
             hint = " hint=we cannot open the peer's reply: our keys differ"
         self._log(level, f"push-pull failed purpose={ctx.purpose} reason={reason}{hint}")
         self._stream_done(ctx, ok=False)
+
+    def _sync_failed(self, ctx: StreamCtx, reason: str) -> None:
+        """A push-pull with a member we held alive failed. Refused, nothing
+        listens there: the same evidence as an ICMP port-unreachable hint (a
+        short suspicion, checked with a ping). Either way the exchange is
+        tried once more at once with another live member, so a tick that
+        drew a dead node that nobody has declared dead yet still repairs."""
+        assert ctx.peer_addr is not None
+        if reason == "refused":
+            self._on_unreachable(ctx.peer_addr)
+        if ctx.retry or self._leaving:
+            return
+        addr = self._sync_partner()
+        if addr is not None and addr != ctx.peer_addr:
+            self.counters["push_pull_retries"] += 1
+            self._open_sync(addr, retry=True)
 
     def _stream_done(self, ctx: StreamCtx, ok: bool) -> None:
         if ctx.purpose != "join":
@@ -306,9 +386,27 @@ class AntiEntropy(NodeBase):
             match st.status:
                 case Status.ALIVE:
                     self._on_alive(alive)
-                case Status.SUSPECT | Status.DEAD:
+                case Status.SUSPECT:
                     self._on_alive(alive)
                     self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                case Status.DEAD:
+                    self._on_alive(alive)
+                    m = self._members.get(st.node)
+                    fresh = m is not None and m.suspicion is None and m is not self._me
+                    self._on_suspect(Suspect(st.node, st.incarnation, self._me.node))
+                    if (
+                        fresh
+                        and m is not None
+                        and m.suspicion is not None
+                        and m.node not in self._checks.values()  # not checked already
+                    ):
+                        # A death we missed (or a stale one): ask the member
+                        # ourselves, the suspicion riding on the ping. A live
+                        # one refutes at once; a crashed daemon's closed port
+                        # ends it within a round trip (a closed-port hint),
+                        # not a full suspicion timeout later.
+                        self.counters["merge_death_checks"] += 1
+                        self._start_check(m)
                 case Status.LEFT:
                     self._on_left(Left(st.node, st.incarnation))
 

@@ -237,28 +237,36 @@ class TreeCast(NodeBase):
         for msg in msgs:
             c = msg.__class__
             counters["msg_in.tree_items"] += 1
+            # each item is a copy of an update, counted like a datagram's
+            # (membership.copies_per_update: Node._copy_in, _copy_done)
             if c is Alive:
                 assert isinstance(msg, Alive)
                 node = msg.node
+                before = self._copy_in(node)
                 self._on_alive(msg)
             elif c is Died or c is Dead:
                 assert isinstance(msg, Died | Dead)
                 node = msg.node
+                before = self._copy_in(node)
                 self._on_dead(node, msg.incarnation)
             elif c is Left:
                 assert isinstance(msg, Left)
                 node = msg.node
+                before = self._copy_in(node)
                 self._on_left(msg)
             elif c is DiedRef:
                 assert isinstance(msg, DiedRef)
                 ref = self._by_prefix.get(msg.prefix)
                 if ref is None or ref == AMBIGUOUS:
+                    counters["update_copies_in"] += 1
                     continue
                 node = ref
+                before = self._copy_in(node)
                 self._on_dead(node, msg.incarnation)
             else:
                 self._drop("unexpected_tree_message", c.__name__)
                 continue
+            self._copy_done(node, before)
             waiting = t.pending.get(node)
             if waiting is not None and _state_of(msg) >= _state_of(waiting[0]):
                 del t.pending[node]  # the tree brought it: nothing to relay
