@@ -44,6 +44,7 @@ from sortedcontainers import SortedList
 
 from peerd.core.digest import Digest
 from peerd.core.swim.members import LiveSet, Member, MemberTables
+from peerd.sim.store import DictOps
 from peerd.wire.messages import NODE_PREFIX_BYTES, NodeId
 
 _MISSING: Any = object()
@@ -122,7 +123,7 @@ class Records:
         )
 
 
-class CompactMembers:
+class CompactMembers(DictOps):
     """One node's members table over :class:`Records` (see the module docs).
     A ``MutableMapping[NodeId, Member]`` as the core uses it."""
 
@@ -189,20 +190,11 @@ class CompactMembers:
         m = self._hot[node] = self._make(g)
         return m
 
-    def __getitem__(self, node: NodeId) -> Member:
-        m = self.get(node, _MISSING)
-        if m is _MISSING:
-            raise KeyError(node)
-        return m  # type: ignore[no-any-return]
-
     def __iter__(self) -> Iterator[NodeId]:
         nodes = self._r.nodes
         for g in self._order:
             if g >= 0:
                 yield nodes[g]
-
-    def keys(self) -> Iterator[NodeId]:
-        return iter(self)
 
     def values(self) -> Iterator[Member]:
         """Read-only: a member to change is looked up with ``get``."""
@@ -230,13 +222,6 @@ class CompactMembers:
         self._at[g] = m.changed_at
         self._hot[node] = m
 
-    def setdefault(self, node: NodeId, m: Member) -> Member:
-        have = self.get(node, _MISSING)
-        if have is _MISSING:
-            self[node] = m
-            return m
-        return have  # type: ignore[no-any-return]
-
     def __delitem__(self, node: NodeId) -> None:
         g = self._index(node)
         if g < 0:
@@ -249,15 +234,6 @@ class CompactMembers:
         self._pinned.discard(node)
         if self._holes > 64 and self._holes * 2 > len(self._order):
             self._compact()
-
-    def pop(self, node: NodeId, default: Any = _MISSING) -> Any:
-        m = self.peek(node, _MISSING)
-        if m is _MISSING:
-            if default is _MISSING:
-                raise KeyError(node)
-            return default
-        del self[node]
-        return m
 
     def _compact(self) -> None:
         order = array("i", (g for g in self._order if g >= 0))
@@ -301,7 +277,7 @@ class Keys:
         return k
 
 
-class CompactIndex:
+class CompactIndex(DictOps):
     """A node's ``by_addr``, ``by_name`` or ``by_prefix`` over :class:`Keys`:
     which keys it holds (a byte each) and, only where its value differs from
     the first value any node gave the key, that value. A dict as the core uses
@@ -320,18 +296,14 @@ class CompactIndex:
             return -1
         return k
 
-    def get(self, key: Any, default: Any = None) -> Any:
+    def peek(self, key: Any, default: Any = None) -> Any:
         k = self._k(key)
         if k < 0:
             return default
         v = self._own.get(key, _MISSING)
         return self._keys.values[k] if v is _MISSING else v
 
-    def __getitem__(self, key: Any) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            raise KeyError(key)
-        return v
+    get = peek  # values are node ids: nothing to copy
 
     def __contains__(self, key: object) -> bool:
         return self._k(key) >= 0
@@ -347,28 +319,12 @@ class CompactIndex:
         else:
             self._own[key] = value
 
-    def setdefault(self, key: Any, value: Any) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            self[key] = value
-            return value
-        return v
-
     def __delitem__(self, key: Any) -> None:
         k = self._k(key)
         if k < 0:
             raise KeyError(key)
         self._has[k] = 0
         self._own.pop(key, None)
-
-    def pop(self, key: Any, default: Any = _MISSING) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            if default is _MISSING:
-                raise KeyError(key)
-            return default
-        del self[key]
-        return v
 
 
 class CompactLiveSet(LiveSet):

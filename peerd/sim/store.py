@@ -141,7 +141,40 @@ def _check_member_fields() -> None:
         raise AssertionError(f"peerd.sim.store._copy is out of date: Member has {got}")
 
 
-class CowDict:
+class DictOps:
+    """The dict methods the core uses besides lookups and writes, for tables
+    that define ``get`` (a lookup for possible mutation), ``peek`` (a read),
+    ``__setitem__``, ``__delitem__`` and ``__iter__``."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        v = self.get(key, _MISSING)  # type: ignore[attr-defined]
+        if v is _MISSING:
+            raise KeyError(key)
+        return v
+
+    def setdefault(self, key: Any, value: Any) -> Any:
+        v = self.get(key, _MISSING)  # type: ignore[attr-defined]
+        if v is _MISSING:
+            self[key] = value  # type: ignore[index]
+            return value
+        return v
+
+    def pop(self, key: Any, default: Any = _MISSING) -> Any:
+        v = self.peek(key, _MISSING)  # type: ignore[attr-defined]
+        if v is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        del self[key]  # type: ignore[attr-defined]
+        return v
+
+    def keys(self) -> Iterator[Any]:
+        return iter(self)
+
+
+class CowDict(DictOps):
     """A dict of mutable records over a shared base: the first lookup of a
     key for possible mutation (``get`` or ``[]``) copies the base record with
     ``copy`` into this node's own table, so shared records are never written.
@@ -177,12 +210,6 @@ class CowDict:
         self._local[key] = v
         return v
 
-    def __getitem__(self, key: Any) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            raise KeyError(key)
-        return v
-
     def __contains__(self, key: object) -> bool:
         return key in self._local or (key in self._base and key not in self._gone)
 
@@ -194,13 +221,6 @@ class CowDict:
                 self._extra += 1
         self._local[key] = value
 
-    def setdefault(self, key: Any, value: Any) -> Any:
-        v = self.get(key, _MISSING)
-        if v is _MISSING:
-            self[key] = value
-            return value
-        return v
-
     def __delitem__(self, key: Any) -> None:
         if key not in self:
             raise KeyError(key)
@@ -209,15 +229,6 @@ class CowDict:
             self._gone.add(key)
         else:
             self._extra -= 1
-
-    def pop(self, key: Any, default: Any = _MISSING) -> Any:
-        v = self.peek(key, _MISSING)
-        if v is _MISSING:
-            if default is _MISSING:
-                raise KeyError(key)
-            return default
-        del self[key]
-        return v
 
     def __len__(self) -> int:
         return len(self._base) - len(self._gone) + self._extra
@@ -231,9 +242,6 @@ class CowDict:
         for k in self._base:
             if k not in local and k not in gone:
                 yield k
-
-    def keys(self) -> Iterator[Any]:
-        return iter(self)
 
     def values(self) -> Iterator[Any]:
         """Read-only view: shared records must not be changed through it."""
