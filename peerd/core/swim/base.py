@@ -211,6 +211,7 @@ class TreeState:
     # heard off the tree, waiting for the tree: subject -> (message, ident, due)
     pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
     relay_armed: bool = False
+    desk_due: float = 0.0  # a desk's hold ends (see treecast)
 
 
 @dataclass(slots=True)
@@ -546,7 +547,7 @@ class NodeBase:
 
         def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool: ...
 
-        def _tree_flush(self) -> None: ...
+        def _tree_flush(self, force: bool = False) -> None: ...
 
         def _tree_relay(self) -> None: ...
 

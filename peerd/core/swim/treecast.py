@@ -94,14 +94,14 @@ class TreeCast(NodeBase):
         """From _broadcast while the tree is on: True if the tree takes
         ``msg`` (news about ``key``), False to gossip it as well."""
         c = msg.__class__
+        t = self._tc
         if c not in _RANK:
             return False  # suspicions: gossip only
-        t = self._tc
         if key == self._me.node:
             if t.on:
                 self._tree_add(key, msg, ident)  # a join, tags, a refutation: both
                 if self._leaving:
-                    self._tree_flush()  # now: the Peer leaves the mesh next
+                    self._tree_flush(force=True)  # now: the Peer leaves the mesh next
             return False
         t.pending.pop(key, None)  # superseded by this
         # Newer news replaces what the gossip queue held about the node (as
@@ -113,6 +113,9 @@ class TreeCast(NodeBase):
             # What our first join taught us is the contact's view, which the
             # cluster knows. (A join while connected, an operator healing a
             # partition, may teach our side news: that waits for the tree.)
+            return True
+        if c in _DEATH and t.on and self.config.tree_desk_hold_s > 0:
+            self._tree_death(key, msg, ident)
             return True
         if t.ctx != OWN:  # a datagram, a sync, our verdict on another's suspicion
             self._tree_defer(key, msg, ident)
@@ -133,16 +136,16 @@ class TreeCast(NodeBase):
         t.batch[key] = (data, ident)
         t.batch_bytes += len(data)
         if t.batch_bytes >= self.config.tree_batch_bytes:
-            self._tree_flush()
+            self._tree_flush(force=True)
         elif not t.flush_armed:
             t.flush_armed = True
             self._arm(TreeFlush, self.config.tree_batch_s)
 
-    def _tree_flush(self) -> None:
+    def _tree_flush(self, force: bool = False) -> None:
         t = self._tc
         t.flush_armed = False
-        if not t.batch:
-            return
+        if not t.batch or (t.desk_due > self._now and not force):
+            return  # the desk's hold flushes it
         limit = self.config.tree_batch_bytes
         chunk: list[bytes] = []
         size = 0
@@ -161,9 +164,63 @@ class TreeCast(NodeBase):
         self.counters["tree_cast_items"] += len(chunk)
         self._out.append(MeshCast(TREE_CHANNEL, codec.pack(chunk)))
 
-    def _tree_defer(self, key: NodeId, msg: Message, ident: Hashable) -> None:
+    def _tree_desks(self) -> list[NodeId]:
+        """The first two live members by id that we do not suspect (us
+        included): the desk that broadcasts a mass crash's deaths, and its
+        stand-in. Every node's ring agrees on them but for the news in
+        flight."""
+        ring = self._ring
+        me = self._me.node
+        desks: list[NodeId] = []
+        for j in range(min(len(ring), DESK_SCAN)):
+            node = ring[j]
+            if node != me:
+                m = self._members.get(node)
+                if m is None or m.status is not Status.ALIVE:
+                    continue
+            desks.append(node)
+            if len(desks) == 2:
+                break
+        return desks
+
+    def _tree_death(self, key: NodeId, msg: Message, ident: Hashable) -> None:
+        """A death, ours or heard off the tree: the desk broadcasts the
+        deaths of many detectors together (see the module docs)."""
+        desks = self._tree_desks()
+        me = self._me.node
+        hold = self.config.tree_desk_hold_s
         t = self._tc
-        wait = self.config.tree_relay_after_s * self.rng.uniform(1.0, 3.0)
+        if desks and desks[0] == me:
+            self.counters["tree_desk_items"] += 1
+            if t.desk_due <= self._now:
+                # Flushed after the desk's hold, not the batch's few ms: a
+                # mass crash's detectors declare within a few ms of each
+                # other, their datagrams arrive over a few more.
+                t.desk_due = self._now + hold
+                self._arm(TreeFlush, hold)
+            self._tree_add(key, msg, ident)
+        elif me in desks:
+            # The stand-in: broadcasts what the desk's batches did not bring.
+            self._tree_defer(key, msg, ident, DESK_STANDIN_HOLDS * hold)
+        elif t.ctx == OWN:
+            inc: int = getattr(msg, "incarnation", 0)
+            died = Died(key, inc)
+            for node in desks:
+                self.counters["tree_desk_sends"] += 1
+                self._send(self._peek(node).addr, died)
+            # Ours to broadcast only if neither desk's batch brings it.
+            self._tree_defer(
+                key, msg, ident, self.config.tree_relay_after_s * self.rng.uniform(2.0, 4.0)
+            )
+        else:
+            self._tree_defer(key, msg, ident)
+
+    def _tree_defer(
+        self, key: NodeId, msg: Message, ident: Hashable, wait: float | None = None
+    ) -> None:
+        t = self._tc
+        if wait is None:
+            wait = self.config.tree_relay_after_s * self.rng.uniform(1.0, 3.0)
         t.pending[key] = (msg, ident, self._now + wait)
         if not t.relay_armed:
             t.relay_armed = True
@@ -265,3 +322,8 @@ class TreeCast(NodeBase):
 
 
 _LIVE_STATUS = (Status.ALIVE, Status.SUSPECT)
+_DEATH = (Died, DiedRef, Dead)
+# The desks are looked for among this many members at the bottom of the ring.
+DESK_SCAN = 8
+# The stand-in desk waits this many holds for the desk's batch.
+DESK_STANDIN_HOLDS = 3
