@@ -212,6 +212,7 @@ class TreeState:
     pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
     relay_armed: bool = False
     desk_due: float = 0.0  # a desk's hold ends (see treecast)
+    desk_quiet: float = 0.0  # ... or no death came to the desk till then
 
 
 @dataclass(slots=True)

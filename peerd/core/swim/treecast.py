@@ -144,8 +144,10 @@ class TreeCast(NodeBase):
     def _tree_flush(self, force: bool = False) -> None:
         t = self._tc
         t.flush_armed = False
-        if not t.batch or (t.desk_due > self._now and not force):
-            return  # the desk's hold flushes it
+        now = self._now
+        if not t.batch or (not force and t.desk_due > now and t.desk_quiet > now):
+            return  # a desk's hold: a later timer flushes it
+        t.desk_due = 0.0
         limit = self.config.tree_batch_bytes
         chunk: list[bytes] = []
         size = 0
@@ -192,12 +194,14 @@ class TreeCast(NodeBase):
         t = self._tc
         if desks and desks[0] == me:
             self.counters["tree_desk_items"] += 1
-            if t.desk_due <= self._now:
-                # Flushed after the desk's hold, not the batch's few ms: a
-                # mass crash's detectors declare within a few ms of each
-                # other, their datagrams arrive over a few more.
-                t.desk_due = self._now + hold
-                self._arm(TreeFlush, hold)
+            # Flushed once no death came for tree_batch_s, or tree_desk_hold_s
+            # after the first: a mass crash's detectors declare within a few
+            # ms of each other, their datagrams arrive over a few more.
+            now = self._now
+            if t.desk_due <= now:
+                t.desk_due = now + hold
+            t.desk_quiet = now + self.config.tree_batch_s
+            self._arm(TreeFlush, min(t.desk_due, t.desk_quiet) - now)
             self._tree_add(key, msg, ident)
         elif me in desks:
             # The stand-in: broadcasts what the desk's batches did not bring.
