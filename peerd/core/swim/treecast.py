@@ -25,8 +25,9 @@ the gossip queue:
   after three holds (the desk may be among the dead). Why: a mass crash
   makes hundreds of detectors declare within a few ms of each other (each
   crashed process's watch link closes at once, and its watcher's short
-  "refused" suspicion ends 0.5 s later); each its own broadcast cost every node a copy and made Plumtree graft and
-  re-graft the tree the crash had just cut hundreds of times over
+  "refused" suspicion ends 0.5 s later); each its own broadcast cost
+  every node a copy and made Plumtree graft and re-graft the tree the
+  crash had just cut hundreds of times over
   (mesh-10k at 1,000 nodes: 477 broadcasts, 28,600 grafts, 79,000
   re-grafts, 2.7x the CPU of gossip); by the desk they are a handful. Every
   other node whose own timer declares the same death (it heard the
@@ -73,7 +74,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from peerd.core.events import MeshCast, MeshDelivered
-from peerd.core.swim.base import JOIN, OWN, TREE, NodeBase
+from peerd.core.swim.base import JOIN, OWN, PACKET, TREE, NodeBase
 from peerd.core.swim.members import AMBIGUOUS
 from peerd.core.timers import TreeFlush, TreeRelay
 from peerd.wire import codec
@@ -157,9 +158,13 @@ class TreeCast(NodeBase):
     def _tree_flush(self, force: bool = False) -> None:
         t = self._tc
         t.flush_armed = False
-        now = self._now
-        if not t.batch or (not force and t.desk_due > now and t.desk_quiet > now):
-            return  # a desk's hold: a later timer flushes it
+        if not t.batch:
+            return
+        wait = min(t.desk_due, t.desk_quiet) - self._now
+        if not force and wait > 1e-9:  # a desk's hold: flush when it ends
+            t.flush_armed = True
+            self._arm(TreeFlush, wait)
+            return
         t.desk_due = 0.0
         limit = self.config.tree_batch_bytes
         chunk: list[bytes] = []
@@ -205,7 +210,7 @@ class TreeCast(NodeBase):
         me = self._me.node
         hold = self.config.tree_desk_hold_s
         t = self._tc
-        if desks and desks[0] == me:
+        if desks and desks[0] == me and t.ctx == PACKET:
             self.counters["tree_desk_items"] += 1
             # Flushed once no death came for tree_batch_s, or tree_desk_hold_s
             # after the first: a mass crash's detectors declare within a few
@@ -214,15 +219,16 @@ class TreeCast(NodeBase):
             if t.desk_due <= now:
                 t.desk_due = now + hold
             t.desk_quiet = now + self.config.tree_batch_s
-            self._arm(TreeFlush, min(t.desk_due, t.desk_quiet) - now)
-            self._tree_add(key, msg, ident)
-        elif me in desks:
+            self._tree_add(key, msg, ident)  # its flush timer waits for the above
+        elif me in desks and t.ctx == PACKET:
             # The stand-in: broadcasts what the desk's batches did not bring.
-            self._tree_defer(key, msg, ident, DESK_STANDIN_HOLDS * hold)
+            self._tree_defer(key, msg, ident, hold + self.config.tree_relay_after_s / 2)
         elif t.ctx == OWN:
             inc: int = getattr(msg, "incarnation", 0)
             died = Died(key, inc)
             for node in desks:
+                if node == me:
+                    continue
                 self.counters["tree_desk_sends"] += 1
                 self._send(self._peek(node).addr, died)
             # Ours to broadcast only if neither desk's batch brings it.
@@ -342,5 +348,3 @@ _LIVE_STATUS = (Status.ALIVE, Status.SUSPECT)
 _DEATH = (Died, DiedRef, Dead)
 # The desks are looked for among this many members at the bottom of the ring.
 DESK_SCAN = 8
-# The stand-in desk waits this many holds for the desk's batch.
-DESK_STANDIN_HOLDS = 3
