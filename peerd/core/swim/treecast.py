@@ -19,10 +19,12 @@ the gossip queue:
   ring agrees on it but for the news in flight). The suspicion's origin
   hands the death it declares to the desk and to the next member up, the
   stand-in, in a datagram each, and waits for the tree to bring it as for
-  news heard off it (below). The desk broadcasts what it collects once no
+  news heard off it (below); the desk hands its own to the stand-in. The
+  desk broadcasts the hand-offs (only those) it collects once no
   death came for ``tree_batch_s``, at most ``tree_desk_hold_s`` after the
   first; the stand-in broadcasts what the desk's batches did not bring
-  after three holds (the desk may be among the dead). Why: a mass crash
+  after a hold and half ``tree_relay_after_s`` (the desk may be among the
+  dead). Why: a mass crash
   makes hundreds of detectors declare within a few ms of each other (each
   crashed process's watch link closes at once, and its watcher's short
   "refused" suspicion ends 0.5 s later); each its own broadcast cost
