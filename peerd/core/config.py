@@ -86,6 +86,11 @@ class SwimConfig:
     # a random time in [1, 3] x this for the tree to bring it (its subject or
     # detector broadcasts it there); if it does not, this node broadcasts it.
     tree_relay_after_s: float = 0.5
+    # Deaths go to the "desk", the live member with the lowest id, which
+    # broadcasts what it collected this long after the first: a mass crash's
+    # hundreds of detectors then cost a few broadcasts, not one each over a
+    # tree the crash has just cut. 0: each detector broadcasts its own.
+    tree_desk_hold_s: float = 0.02
 
     def replace(self, **changes: object) -> SwimConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -430,11 +430,11 @@ class Ring:
     def __getitem__(self, j: int) -> NodeId:
         n = len(self)
         j %= n
-        if self._anchor is None:
-            self.index(self._base[0] if self._base else self._added[0])
-        assert self._anchor is not None
-        idx, node = self._anchor
-        steps = (j - idx) % n
+        node, steps = b"", j  # from the bottom of the ring
+        if self._anchor is not None:
+            idx, anchor = self._anchor
+            if (j - idx) % n < j:  # nearer the anchor
+                node, steps = anchor, (j - idx) % n
         for k, x in enumerate(self._walk(node)):
             if k == steps:
                 return x

@@ -67,7 +67,31 @@ def test_a_death_reaches_every_node_once_by_the_tree() -> None:
     assert all(n <= 2 for n in copies), copies
     assert sum(1 for n in copies if n == 0) <= 2, copies
     assert sum(copies) <= 1.5 * len(live)
-    assert gossiped(c) == quiet  # no death notice went by datagram
+    # no death notice went by datagram but the detector's to the desks
+    handed = sum(p.counters["tree_desk_sends"] for p in c.nodes)
+    assert 1 <= handed <= 4
+    assert gossiped(c) - quiet == handed
+
+
+def test_a_mass_crash_goes_by_the_desk_in_a_few_broadcasts() -> None:
+    c = started(30)
+    before = [p.counters["msg_in.tree_items"] for p in c.nodes]
+    casts = [p.counters["tree_casts"] for p in c.nodes]
+    dead = (4, 9, 13, 17, 21, 22, 26, 28)
+    for i in dead:
+        c.crash(i)
+    c.run_until(c.now + 20.0)
+    assert all(c.all_see(i, Status.DEAD) for i in dead)
+    live = [i for i in range(30) if i not in dead]
+    # eight detectors, but the desk (the lowest id, node 0) broadcast them,
+    # batching those declared within its hold; what the desk declared itself
+    # it handed to its stand-in (node 1)
+    desk, standin = c.nodes[0].counters, c.nodes[1].counters
+    assert desk["tree_desk_items"] + standin["tree_relays"] >= len(dead)
+    assert 1 <= desk["tree_casts"] - casts[0] <= len(dead)
+    assert all(c.nodes[i].counters["tree_casts"] == casts[i] for i in live if i > 1)
+    copies = [c.nodes[i].counters["msg_in.tree_items"] - before[i] for i in live]
+    assert sum(copies) <= 1.5 * len(dead) * len(live), copies
 
 
 def test_a_tag_change_goes_by_the_tree_and_by_gossip() -> None:
@@ -123,3 +147,12 @@ def test_a_partition_that_cuts_the_tree_heals_with_no_update_lost() -> None:
         assert dead is not None and dead.status is Status.DEAD, i
     # and the tree carried news across the healed mesh again
     assert any(p.counters["msg_in.tree_items"] for p in c.nodes)
+
+
+def test_deaths_reach_everyone_when_the_desk_itself_crashed() -> None:
+    c = started(16)
+    dead = (0, 6, 11)  # node 0 is the desk (the lowest id)
+    for i in dead:
+        c.crash(i)
+    c.run_until(c.now + 20.0)
+    assert all(c.all_see(i, Status.DEAD) for i in dead)

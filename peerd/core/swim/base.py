@@ -217,6 +217,8 @@ class TreeState:
     # heard off the tree, waiting for the tree: subject -> (message, ident, due)
     pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
     relay_armed: bool = False
+    desk_due: float = 0.0  # a desk's hold ends (see treecast)
+    desk_quiet: float = 0.0  # ... or no death came to the desk till then
 
 
 @dataclass(slots=True)
@@ -530,7 +532,7 @@ class NodeBase:
 
         def _tree_takes(self, key: NodeId, msg: Message, ident: Hashable) -> bool: ...
 
-        def _tree_flush(self) -> None: ...
+        def _tree_flush(self, force: bool = False) -> None: ...
 
         def _tree_relay(self) -> None: ...
 
