@@ -523,7 +523,7 @@ async def _serve_daemon(
     udp_sock, tcp_sock = sockets.udp, sockets.tcp
     node_tags = node_tags if node_tags is not None else NodeTags(dict(settings.tags))
     keyring = Keyring(keys)
-    limits = TcpLimits()
+    limits = TcpLimits(hello_timeout_s=settings.links.hello_timeout_s)
     # One sealer for both transports (one counter sequence per epoch), one opener.
     sealer = Sealer(keyring, node_id, generation)
     opener = Opener(keyring, max_size=limits.max_frame)
@@ -595,6 +595,8 @@ async def _serve_daemon(
     runner.gauge_sources["links_open"] = lambda: links.open_count
     # SWIM's watch links are TCP connections too (kept apart from the mesh's).
     runner.gauge_sources["watch_links"] = lambda: len(tcp.watch_links) + tcp.links_in
+    runner.gauge_sources["tcp_preauth_connections"] = lambda: tcp.preauth.connections
+    runner.gauge_sources["tcp_preauth_bytes"] = lambda: tcp.preauth.reserved
 
     async def udp_service(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()

@@ -126,6 +126,10 @@ class LinkLimits:
     # not read meanwhile, so this must stay below write_timeout_s (the
     # peer's writes on the new link would time out): see drain_s().
     drain_timeout_s: float = 5.0
+    # Not the links' own: every incoming connection on the TCP port (a link,
+    # a push-pull, a watch link) must deliver its first sealed frame this
+    # long after accept (TcpLimits.hello_timeout_s; peerd.shell.preauth).
+    hello_timeout_s: float = 3.0
 
 
 def drain_s(limits: LinkLimits) -> float:

@@ -337,6 +337,11 @@ GAUGES: dict[str, tuple[str, str]] = {
     "timers_pending": ("timers_pending", "Core timers waiting in the runner."),
     "uptime_s": ("uptime_seconds", "Seconds since the runner started."),
     "registry_entries": ("registry_entries", "Entries in the local registry replica."),
+    "tcp_preauth_connections": (
+        "tcp_preauth_connections",
+        "TCP connections whose first frame has not opened yet.",
+    ),
+    "tcp_preauth_bytes": ("tcp_preauth_bytes", "Bytes reserved by first frames being read."),
 }
 
 

@@ -267,11 +267,15 @@ _LINK_SETTINGS = (
     "handshake_timeout_s",
     "write_timeout_s",
     "drain_timeout_s",
+    "hello_timeout_s",
 )
 _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
     "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
     "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
 }
+# An unauthenticated connection's deadline: long enough for a slow network,
+# short enough that a host cannot hold its slots (peerd.shell.preauth).
+HELLO_TIMEOUT_S = (0.5, 30.0)
 # A mailbox must hold one message of the largest size, with its envelope.
 MIN_MAILBOX_BYTES = MAX_MESSAGE_BYTES + 4096
 
@@ -304,6 +308,12 @@ def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLim
             f">= {limits.write_timeout_s:g}): a peer's writes on the link "
             "that replaces a draining one wait that long",
             source,
+        )
+    lo, hi = HELLO_TIMEOUT_S
+    if not lo <= limits.hello_timeout_s <= hi:
+        got = limits.hello_timeout_s
+        raise SettingsError(
+            "links.hello_timeout_s", f"must be {lo:g} to {hi:g}, got {got:g}", source
         )
     return dataclasses.replace(
         limits, reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2)

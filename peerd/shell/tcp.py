@@ -6,11 +6,15 @@ The listener shares the UDP endpoint's host:port.
 A first frame whose payload starts with 0xff is a peer link's hello
 (:mod:`peerd.shell.links`), handed to ``on_link`` once it opened.
 
-Incoming connections are untrusted until their frame opens, so every limit
-is enforced before any cryptography: a cap on concurrent connections (extra
-ones are closed at once), a maximum frame size (checked on the length prefix,
-before reading the body), and a deadline for the whole request frame (a
-slow-loris peer holds a slot for at most ``read_timeout_s``).
+Incoming connections are untrusted until their first frame opens, so every
+limit is enforced before any cryptography (:mod:`peerd.shell.preauth`): a cap
+on concurrent connections and a smaller one per source address (extra ones
+are closed at once), a small maximum for the first frame (checked on the
+length prefix, before reading the body) whose bytes come out of one budget
+shared by all unauthenticated connections, and a deadline for that frame (a
+slow-loris peer holds a slot for at most ``hello_timeout_s``). A request too
+large for that limit is preceded by a stream hello, after which its sender
+is known and the full ``max_frame`` applies (within ``read_timeout_s``).
 
 The runner owns the core and must never wait on a peer: it hands replies to
 :meth:`TcpEndpoint.reply` and outgoing requests to
@@ -52,6 +56,7 @@ from peerd.core.events import (
     StreamResponse,
 )
 from peerd.shell.logs import LimitedLog
+from peerd.shell.preauth import STREAM_HELLO, PreauthGate
 from peerd.shell.udp import (
     BindError,
     Opener,
@@ -62,7 +67,7 @@ from peerd.shell.udp import (
     sockaddr_for,
 )
 from peerd.wire.messages import Addr
-from peerd.wire.seal import SealError
+from peerd.wire.seal import SEALED_OVERHEAD, SealError
 
 _LEN = struct.Struct(">I")
 
@@ -75,8 +80,17 @@ class TcpLimits:
     max_outgoing: int = 16
     # Largest frame accepted or sent. A full push-pull of ~10k members fits.
     max_frame: int = 8 * 1024 * 1024
-    # Whole request frame must arrive within this many seconds of accept.
+    # A request frame after a stream hello must arrive within this long.
     read_timeout_s: float = 10.0
+    # Before authentication (peerd.shell.preauth): the first frame must
+    # arrive this long after accept, and be at most preauth_max_frame bytes
+    # long; all first frames being read share preauth_budget_bytes; one
+    # source address holds at most max_preauth_per_source of the
+    # max_connections slots until its first frame opened.
+    hello_timeout_s: float = 3.0
+    preauth_max_frame: int = 4096
+    preauth_budget_bytes: int = 256 * 1024
+    max_preauth_per_source: int = 8
     # The core must answer a request within this long, or the connection is closed.
     reply_timeout_s: float = 10.0
     # Sending a reply frame, and connecting out.
@@ -114,8 +128,12 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, buf: bytearra
     return out
 
 
-async def read_frame(stream: trio.abc.ReceiveStream, max_frame: int) -> bytes:
-    """Read one frame; the size limit is checked on the prefix, before the body."""
+async def read_frame(
+    stream: trio.abc.ReceiveStream, max_frame: int, *, budget: PreauthGate | None = None
+) -> bytes:
+    """Read one frame; the size limit is checked on the prefix, before the body.
+    ``budget``: the body's announced length is reserved from it first (and
+    given back once read), refused with ``preauth_budget`` if not left."""
     buf = bytearray()
     try:
         (length,) = _LEN.unpack(await _receive_exactly(stream, _LEN.size, buf))
@@ -123,7 +141,14 @@ async def read_frame(stream: trio.abc.ReceiveStream, max_frame: int) -> bytes:
             raise FrameError("frame_too_large")
         if length == 0:
             raise FrameError("empty_frame")
-        return await _receive_exactly(stream, length, buf)
+        if budget is None:
+            return await _receive_exactly(stream, length, buf)
+        if not budget.reserve(length):
+            raise FrameError("preauth_budget")
+        try:
+            return await _receive_exactly(stream, length, buf)
+        finally:
+            budget.release(length)
     except trio.BrokenResourceError:
         raise FrameError("reset") from None
 
@@ -180,6 +205,9 @@ class TcpEndpoint:
         self.counters = counters
         self.log = log
         self.limits = limits if limits is not None else TcpLimits()
+        self.preauth = PreauthGate(
+            self.limits.max_preauth_per_source, self.limits.preauth_budget_bytes
+        )
         self.active_in = 0
         self.active_out = 0
         self.links_in = 0
@@ -221,39 +249,115 @@ class TcpEndpoint:
                 )
                 await trio.sleep(0.1)
                 continue
+            src = _peer(conn)
+            if not self.preauth.enter(src[0]):
+                self._drop(
+                    "per_source_cap",
+                    "too many unauthenticated connections from one address",
+                    addr=src,
+                    level=LogLevel.WARNING,
+                )
+                await trio.aclose_forcefully(conn)
+                continue
             if self.active_in >= self.limits.max_connections:
-                self._drop("busy", "too many connections", addr=_peer(conn))
+                self.preauth.leave(src[0])
+                self._drop("busy", "too many connections", addr=src)
                 await trio.aclose_forcefully(conn)
                 continue
             self.active_in += 1
-            nursery.start_soon(self._serve, conn)
+            nursery.start_soon(self._serve, conn, src)
 
-    async def _serve(self, conn: trio.SocketStream) -> None:
-        src = _peer(conn)
-        stream_id: int | None = None
-        try:
-            frame: bytes | None = None
-            with trio.move_on_after(self.limits.read_timeout_s):
-                try:
-                    frame = await read_frame(conn, self.limits.max_frame)
-                except FrameError as e:
-                    self._drop(e.reason, "bad request frame", addr=src)
-                    return
-            if frame is None:
-                self._drop("timeout", "request not received in time", addr=src)
-                return
+    async def _first_frame(self, conn: trio.SocketStream, src: Addr) -> tuple[bytes, bytes] | None:
+        """The first frame, read under the pre-authentication bounds and
+        opened; None (counted) if it is refused."""
+        lim = self.limits
+        frame: bytes | None = None
+        with trio.move_on_after(lim.hello_timeout_s):
             try:
-                _sender, payload = self.opener.open(frame)
-            except SealError as e:
-                reason = str(getattr(e, "reason", "") or "seal")
-                self._drop(
-                    f"seal_{reason}",
-                    "stream rejected",
-                    addr=src,
-                    reason=reason,
-                    level=LogLevel.WARNING,
+                frame = await read_frame(
+                    conn, min(lim.preauth_max_frame, lim.max_frame), budget=self.preauth
                 )
+            except FrameError as e:
+                if e.reason == "frame_too_large":
+                    self._drop(
+                        "preauth_oversize",
+                        "first frame over the pre-authentication limit",
+                        addr=src,
+                        level=LogLevel.WARNING,
+                    )
+                elif e.reason == "preauth_budget":
+                    self._drop(
+                        "preauth_budget",
+                        "pre-authentication budget spent",
+                        addr=src,
+                        level=LogLevel.WARNING,
+                    )
+                else:
+                    self._drop(e.reason, "bad request frame", addr=src)
+                return None
+        if frame is None:
+            self._drop(
+                "preauth_timeout", "first frame not received in time", addr=src, level=LogLevel.INFO
+            )
+            return None
+        return self._open(frame, src)
+
+    async def _after_hello(self, conn: trio.SocketStream, src: Addr, sender: bytes) -> bytes | None:
+        """The request that follows a stream hello (full frame size); None
+        (counted) unless it is a request from the hello's sender."""
+        frame: bytes | None = None
+        with trio.move_on_after(self.limits.read_timeout_s):
+            try:
+                frame = await read_frame(conn, self.limits.max_frame)
+            except FrameError as e:
+                self._drop(e.reason, "bad request frame", addr=src)
+                return None
+        if frame is None:
+            self._drop("timeout", "request not received in time", addr=src)
+            return None
+        opened = self._open(frame, src)
+        if opened is None:
+            return None
+        second, payload = opened
+        if second != sender or not payload or payload[:1] == b"\xff":
+            self._drop(
+                "bad_stream_hello",
+                "a stream hello not followed by a request of its sender",
+                addr=src,
+                level=LogLevel.WARNING,
+            )
+            return None
+        return payload
+
+    def _open(self, frame: bytes, src: Addr) -> tuple[bytes, bytes] | None:
+        try:
+            return self.opener.open(frame)
+        except SealError as e:
+            reason = str(getattr(e, "reason", "") or "seal")
+            self._drop(
+                f"seal_{reason}",
+                "stream rejected",
+                addr=src,
+                reason=reason,
+                level=LogLevel.WARNING,
+            )
+            return None
+
+    async def _serve(self, conn: trio.SocketStream, src: Addr) -> None:
+        stream_id: int | None = None
+        unauthenticated = True  # holds a slot of src in self.preauth
+        try:
+            opened = await self._first_frame(conn, src)
+            if opened is None:
                 return
+            self.preauth.leave(src[0])
+            unauthenticated = False
+            _sender, payload = opened
+            if payload == STREAM_HELLO:
+                request = await self._after_hello(conn, src, _sender)
+                if request is None:
+                    return
+                payload = request
             if not payload:
                 await self._hold_link(conn, src)
                 return
@@ -295,6 +399,8 @@ class TcpEndpoint:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.counters["tcp_drop_closed"] += 1
         finally:
+            if unauthenticated:
+                self.preauth.leave(src[0])
             if stream_id is not None:
                 self._pending.pop(stream_id, None)
             self.active_in -= 1
@@ -388,6 +494,11 @@ class TcpEndpoint:
         return result.data
 
     async def _exchange(self, stream: int, dst: Addr, data: bytes) -> Input:
+        # Too large a first frame for the listener's pre-authentication
+        # limit: a stream hello goes first, in the same write.
+        hello = b""
+        if len(data) + SEALED_OVERHEAD > self.limits.preauth_max_frame:
+            hello = encode_frame(self.sealer.seal(STREAM_HELLO))
         body = self.sealer.seal(data)
         if len(body) > self.limits.max_frame:
             return StreamFailed(stream, "request_too_large")
@@ -406,7 +517,7 @@ class TcpEndpoint:
             reply: bytes | None = None
             with trio.move_on_after(self.limits.response_timeout_s):
                 try:
-                    await conn.send_all(encode_frame(body))
+                    await conn.send_all(hello + encode_frame(body))
                     reply = await read_frame(conn, self.limits.max_frame)
                 except FrameError as e:
                     return StreamFailed(stream, e.reason)

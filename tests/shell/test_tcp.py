@@ -141,7 +141,8 @@ async def test_oversized_frame_rejected_on_its_length_prefix() -> None:
         # Only the header: the server must not wait for (or buffer) the body.
         await stream.send_all(struct.pack(">I", 1001))
         assert await read_eof(stream) == b""
-        await until(lambda: ns.counters["tcp_drop_frame_too_large"] == 1)
+        # A first frame: the pre-authentication limit (min(4096, max_frame)).
+        await until(lambda: ns.counters["tcp_drop_preauth_oversize"] == 1)
         assert s.active_in == 0
         nursery.cancel_scope.cancel()
 
@@ -165,7 +166,7 @@ async def test_bad_seal_and_empty_frame_are_dropped() -> None:
 
 async def test_concurrent_connection_cap() -> None:
     ns = Net(b"S" * 16)
-    s = server(ns, TcpLimits(max_connections=2, read_timeout_s=60))
+    s = server(ns, TcpLimits(max_connections=2, hello_timeout_s=60))
     async with trio.open_nursery() as nursery:
         await nursery.start(s.run)
         idle = [await connect(s), await connect(s)]
@@ -182,7 +183,7 @@ async def test_concurrent_connection_cap() -> None:
 
 async def test_idle_connection_times_out(autojump_clock: trio.testing.MockClock) -> None:
     ns = Net(b"S" * 16)
-    s = server(ns, TcpLimits(read_timeout_s=10))
+    s = server(ns, TcpLimits(hello_timeout_s=10))
     async with trio.open_nursery() as nursery:
         await nursery.start(s.run)
         silent = await connect(s)
@@ -192,7 +193,7 @@ async def test_idle_connection_times_out(autojump_clock: trio.testing.MockClock)
         assert await read_eof(silent) == b""
         assert await read_eof(slow) == b""
         assert trio.current_time() - start == pytest.approx(10, abs=0.5)
-        assert ns.counters["tcp_drop_timeout"] == 2
+        assert ns.counters["tcp_drop_preauth_timeout"] == 2
         nursery.cancel_scope.cancel()
 
 
