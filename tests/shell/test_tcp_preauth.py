@@ -137,7 +137,7 @@ async def test_one_source_cannot_take_every_slot() -> None:
         for source in ("127.0.0.2", "127.0.0.3"):
             for _ in range(3):
                 idle.append(await connect_from(s, source))
-        await until(lambda: s.preauth.connections == 6)
+        await until(lambda: s.active_in == 6)
         refused = [await connect_from(s, src) for src in ("127.0.0.2", "127.0.0.3") * 2]
         for stream in refused:
             with trio.fail_after(5):  # closed at once, long before the deadline
