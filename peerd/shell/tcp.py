@@ -261,7 +261,7 @@ class TcpEndpoint:
                 continue
             if self.active_in >= self.limits.max_connections:
                 self.preauth.leave(src[0])
-                self._drop("busy", "too many connections", addr=src)
+                self._drop("busy", "too many connections", addr=src, level=LogLevel.WARNING)
                 await trio.aclose_forcefully(conn)
                 continue
             self.active_in += 1
