@@ -352,9 +352,9 @@ class TcpEndpoint:
                 return
             self.preauth.leave(src[0])
             unauthenticated = False
-            _sender, payload = opened
+            sender, payload = opened
             if payload == STREAM_HELLO:
-                request = await self._after_hello(conn, src, _sender)
+                request = await self._after_hello(conn, src, sender)
                 if request is None:
                     return
                 payload = request
@@ -368,7 +368,7 @@ class TcpEndpoint:
                 # Authenticated: leave the pre-auth pool (the link manager caps links).
                 self.active_in -= 1
                 try:
-                    await self.on_link(conn, _sender, payload)
+                    await self.on_link(conn, sender, payload)
                 finally:
                     self.active_in += 1
                 return
