@@ -4,11 +4,11 @@ A daemon is the runner plus services (UDP, TCP, the API server, systemd
 notification) started in order under one nursery; a service that fails before
 it reports ready is a start-up failure (exit 1), one that raises later is a
 bug of the shell (exit 70, logged once with its traceback). A core that raises
-on one input is not fatal (:mod:`peerd.shell.guard`), except on ``Start``. SIGINT/SIGTERM start a graceful
-leave, a second one exits without waiting; SIGHUP awaits the ``on_reload``
-given to :func:`serve`. The peers file (join hints for the next start) is
-rewritten soon after membership changes and at an interval, and once more
-after a clean exit.
+on one input is not fatal (:mod:`peerd.shell.guard`), except on ``Start``.
+SIGINT/SIGTERM start a graceful leave, a second one exits without waiting;
+SIGHUP awaits the ``on_reload`` given to :func:`serve`. The peers file (join
+hints for the next start) is rewritten soon after membership changes and at
+an interval, and once more after a clean exit.
 """
 
 from __future__ import annotations
