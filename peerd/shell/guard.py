@@ -23,6 +23,10 @@ handling raised would stop that loop for good. Such a timer is therefore fed
 again after a back-off (1 s, doubling to 60 s per timer); timers carry
 tokens, so one that became stale meanwhile is ignored by the core.
 
+An input fed by an API call (a registration, tags, a send) that raised
+fails that call at once with an ``internal`` error, instead of leaving the
+client waiting for an answer the core will never give.
+
 Only the core is guarded per input. ``Start`` raising is still fatal (the
 node never started: there is nothing to keep serving), and an exception
 while the shell carries out outputs is a bug of the shell, which still
@@ -38,14 +42,17 @@ from __future__ import annotations
 import collections
 import re
 import traceback
+from collections.abc import Callable
 from typing import Any
 
+from peerd.api.protocol import ApiError, ErrorCode
 from peerd.core.events import LogLevel, MessageIn, PacketIn, PeerInput, StreamRequest, TimerFired
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.metrics import message_sizes, stream_message_type
 from peerd.shell.ports import CoreFailure
 
 COUNTER_PREFIX = "core_errors_"
+MESSAGE = "core raised on one input (a bug): input dropped, the daemon goes on"
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
 # Bounds on what the guard remembers (bugs seen, timers backing off).
@@ -84,6 +91,16 @@ class CoreGuard:
         self.log = LimitedLog(logger, RateLimiter(interval_s=60.0, burst=5))
         self._signatures: set[tuple[str, str, str]] = set()
         self._retries: dict[Any, float] = {}
+        self._in_call = 0
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run an API call's ``fn`` (in the runner): a core failure on an
+        input it feeds fails the call (``internal``) instead of hanging it."""
+        self._in_call += 1
+        try:
+            return fn()
+        finally:
+            self._in_call -= 1
 
     def failed(self, inp: PeerInput, exc: Exception, now: float) -> tuple[float, Any] | None:
         """``inp`` raised ``exc``: count and log it. Returns ``(at, timer)``
@@ -94,17 +111,14 @@ class CoreGuard:
             self.logger.exception("core failed to start: this is a bug; exiting", exc, kind=kind)
             raise CoreFailure("core raised on Start") from exc
         self.counters[COUNTER_PREFIX + kind] += 1
-        fields = {"kind": kind, **_details(inp)}
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-        signature = (kind, type(exc).__name__, where)
-        message = "core raised on one input (a bug): input dropped, the daemon goes on"
-        if signature not in self._signatures and len(self._signatures) < MAX_SIGNATURES:
-            self._signatures.add(signature)
-            self.logger.exception(message, exc, **fields)
-        else:
-            error = f"{type(exc).__name__}: {exc}"
-            self.log.log(f"core_error:{kind}", LogLevel.ERROR, message, error=error, **fields)
+        try:
+            self._log(inp, exc, kind)
+        except Exception:  # describing a hostile input must not be the next bug
+            self.logger.error(MESSAGE, kind=kind, error=type(exc).__name__)
+        if self._in_call:
+            raise ApiError(
+                ErrorCode.INTERNAL, f"the daemon hit a bug on this request ({kind}); it is logged"
+            ) from None
         if not isinstance(inp, TimerFired):
             return None
         timer = inp.timer
@@ -117,3 +131,15 @@ class CoreGuard:
             self._retries.clear()
         self._retries[timer] = delay
         return now + delay, timer
+
+    def _log(self, inp: PeerInput, exc: Exception, kind: str) -> None:
+        fields = {"kind": kind, **_details(inp)}
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        signature = (kind, type(exc).__name__, where)
+        if signature not in self._signatures and len(self._signatures) < MAX_SIGNATURES:
+            self._signatures.add(signature)
+            self.logger.exception(MESSAGE, exc, **fields)
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+            self.log.log(f"core_error:{kind}", LogLevel.ERROR, MESSAGE, error=error, **fields)

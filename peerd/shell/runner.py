@@ -340,7 +340,7 @@ class Runner(Backend, KeyOps):
         match item:
             case Call():
                 try:
-                    item.result = item.fn()
+                    item.result = self.guard.call(item.fn)
                 except CoreFailure:
                     raise
                 except Exception as e:  # ApiError and friends go back to the caller

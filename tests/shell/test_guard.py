@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
-from peerd.core.events import Input, Output, PacketIn, SendPacket, SetTimer, Start, TimerFired
+from peerd.api.protocol import ApiError, ErrorCode
+from peerd.core.events import (
+    Input,
+    Output,
+    PacketIn,
+    SendPacket,
+    SetTags,
+    SetTimer,
+    Start,
+    TimerFired,
+)
 from peerd.shell.guard import input_kind
 from peerd.shell.metrics import render
 from tests.shell.test_runner import FakeCore, make_runner, run_with, timer
@@ -80,3 +91,30 @@ def test_input_kinds_are_metric_labels() -> None:
     assert input_kind(PacketIn(("10.0.0.1", 1), b"")) == "packet_in"
     assert input_kind(TimerFired(timer(1))) == "timer_fired"
     assert input_kind(Start(())) == "start"
+
+
+async def test_an_api_call_whose_input_raised_fails_at_once_and_the_next_one_works() -> None:
+    calls = 0
+
+    def script(now: float, inp: Input) -> list[Output]:
+        nonlocal calls
+        if isinstance(inp, SetTags):
+            calls += 1
+            if calls == 1:
+                raise KeyError("bug in the core")
+        return []
+
+    core = FakeCore(script)
+    runner, _, out = make_runner(core)
+
+    async def go() -> None:
+        with trio.fail_after(5), pytest.raises(ApiError) as info:
+            await runner.call(None, "set-tags", {"tags": {"role": "web"}})
+        assert info.value.code == ErrorCode.INTERNAL
+        assert "set_tags" in str(info.value)
+        assert await runner.call(None, "set-tags", {"tags": {"role": "db"}}) == {"role": "db"}
+        status = await runner.call(None, "status", {})
+        assert status["counters"]["core_errors_set_tags"] == 1
+
+    await run_with(runner, go)
+    assert "kind=set_tags" in out.getvalue()
