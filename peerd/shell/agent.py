@@ -46,6 +46,7 @@ from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.peer import Peer
 from peerd.core.swim.base import tags_problem
 from peerd.shell.api_server import serve_api
+from peerd.shell.hostaddr import advertise_problem, resolve_join
 from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
 from peerd.shell.logs import LEVEL_NAMES, LimitedLog, Logger, format_addr, install_stdlib_bridge
@@ -97,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--advertise",
         metavar="HOST:PORT",
         help="address peers use to reach us (default: the bind address)",
+    )
+    parser.add_argument(
+        "--advertise-nat",
+        action="store_true",
+        default=None,
+        help="--advertise need not be an address of this host (a NAT maps it here)",
     )
     parser.add_argument(
         "--join", metavar="HOST:PORT", action="append", help="peer to join at start (repeatable)"
@@ -185,7 +192,8 @@ def preflight(
     """Every start-up refusal that the settings and the files they name decide
     (run by ``--check-config`` and by the start itself): the key file and the
     saved keyring must parse, a non-loopback bind needs a key or ``insecure``,
-    the API socket path must fit a Unix socket address, and an unspecified bind
+    the API socket path must fit a Unix socket address, ``advertise`` must be
+    an address of this host (:mod:`peerd.shell.hostaddr`), and an unspecified bind
     without ``advertise`` needs a non-loopback address on this host. Returns
     the keys to start with. With ``probe`` (check-config: the start does it
     for real) also the state files a start reads, and that the bind and
@@ -206,6 +214,10 @@ def preflight(
         except (BindError, MetricsBindError) as e:
             raise _Refuse(str(e).replace(":0:", ":", 1), EXIT_FAILURE) from e
     _check_keys(settings, keys)
+    if settings.advertise is not None and (
+        problem := advertise_problem(settings.advertise, nat=settings.advertise_nat)
+    ):
+        raise _Refuse(f"advertise {format_addr(settings.advertise)}: {problem}", EXIT_CONFIG)
     if api_path:  # (not when systemd hands over the API socket)
         _check_api_socket(settings)
     if settings.advertise is None:
@@ -337,30 +349,6 @@ def pick_advertise(family: socket.AddressFamily) -> str | None:
     return None
 
 
-def _resolve_seeds(
-    hosts: tuple[tuple[str, int], ...], family: socket.AddressFamily, logger: Logger
-) -> list[Addr]:
-    """Join targets as IP literals (the core speaks addresses, not names)."""
-    out: list[Addr] = []
-    for host, port in hosts:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            out.append((host, port))
-            continue
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as e:
-            logger.warning("cannot resolve join address; skipped", host=host, error=str(e))
-            continue
-        # Prefer our own family: a v4 socket cannot send to a v6 peer.
-        infos.sort(key=lambda i: i[0] != family)
-        out.append((str(infos[0][4][0]), port))
-    return out
-
-
 def _start(settings: Settings, logger: Logger, args: argparse.Namespace | None = None) -> int:
     # Until the signal task listens, a SIGHUP (reload) must not kill the daemon.
     old_hup: Any = None
@@ -477,7 +465,7 @@ def _start_locked(
             )
         else:
             advertise = bound
-    seeds = _resolve_seeds(settings.join, udp_sock.family, logger)
+    seeds = resolve_join(settings.join, udp_sock.family, logger)
     seeds += [p for p in saved_peers if p != advertise and p not in seeds]
     sockets = _Sockets(udp_sock, tcp_sock, api_sock, metrics_sock)
     code: int = trio.run(
@@ -697,6 +685,7 @@ _RESTART_ONLY = (
     "name",
     "bind",
     "advertise",
+    "advertise_nat",
     "join",
     "api_socket",
     "state_dir",

@@ -325,6 +325,17 @@ RULES: tuple[Rule, ...] = (
     _rule(
         r"timers_deferred", "timers_deferred_total", "Runner turns that hit the per-turn timer cap."
     ),
+    _rule(
+        r"core_errors_(?P<kind>\w+)",
+        "core_errors_total",
+        "Inputs the core raised on (a bug): each dropped, the daemon went on; by input kind.",
+    ),
+    _rule(
+        r"key_refused_by_(?P<by>us|peer)",
+        "key_refusals_total",
+        "Sealed traffic refused for its key (by us: a key we lack; by the peer: it "
+        "closed after our first frame, likely a wrong cluster key).",
+    ),
 )
 
 OTHER = ("other_total", "Counters without a dedicated metric, by name.")

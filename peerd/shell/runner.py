@@ -15,10 +15,11 @@ never stalls the core. An output that asks for an answer (did the link take
 the message, did the API connection) is answered right after the outputs of
 the same input are carried out, never from inside them.
 
-An exception out of ``node.handle`` is a bug, not a network condition (the
-core turns bad input into counted drops): the runner logs it once with its
-traceback and the daemon exits non-zero (70), so systemd restarts a clean
-process instead of keeping a half-dead node answering probes.
+An exception out of ``node.handle`` is a bug, not a network condition; it is
+contained to the input that hit it (:mod:`peerd.shell.guard`: counted,
+logged, that input's outputs discarded, a failed timer fed again later), so
+one poison datagram cannot stop every daemon it reaches. Only ``Start``
+raising, or a bug of the shell itself, stops the daemon (exit 70).
 
 The runner is also the API server's backend and answers peers' key requests:
 those parts live in :mod:`peerd.shell.backend` and :mod:`peerd.shell.keyops`
@@ -102,17 +103,14 @@ from peerd.core.events import (
     WatchLinks,
 )
 from peerd.shell.backend import Backend, RegCall
+from peerd.shell.guard import CoreGuard
 from peerd.shell.keyops import KeyOps
 from peerd.shell.keys import KeyManager as KeyManager
 from peerd.shell.links import LinkLost, LinkMessages
 from peerd.shell.logs import LimitedLog, Logger, RateLimiter
 from peerd.shell.messaging import DIRECT_PRIORITY, Sends
-from peerd.shell.ports import (
-    Call as Call,
-)
-from peerd.shell.ports import (
-    CoreFailure as CoreFailure,
-)
+from peerd.shell.ports import Call as Call
+from peerd.shell.ports import CoreFailure as CoreFailure
 from peerd.shell.ports import (
     EventItem,
     Item,
@@ -201,6 +199,7 @@ class Runner(Backend, KeyOps):
         self.counters: collections.Counter[str] = (
             counters if counters is not None else collections.Counter()
         )
+        self.guard = CoreGuard(logger, self.counters)  # core bugs, one input at a time
         # Extra counter sets shown by `status` under a prefix (e.g. the API server's).
         self.counter_sources: dict[str, collections.Counter[str]] = {}
         if inputs is None:
@@ -288,7 +287,7 @@ class Runner(Backend, KeyOps):
     async def run(self) -> None:
         """Feed Start, then inputs and due timers, until the node has left.
 
-        Raises :class:`CoreFailure` when the core raises.
+        Raises :class:`CoreFailure` when the core raises on ``Start``.
         """
         # The core answers Start with a JoinDone (0/0 without seeds): pair it.
         self._started_at = trio.current_time()
@@ -341,7 +340,7 @@ class Runner(Backend, KeyOps):
         match item:
             case Call():
                 try:
-                    item.result = item.fn()
+                    item.result = self.guard.call(item.fn)
                 except CoreFailure:
                     raise
                 except Exception as e:  # ApiError and friends go back to the caller
@@ -376,11 +375,10 @@ class Runner(Backend, KeyOps):
                     self.traffic.stream("in", data)
         try:
             outputs = self.node.handle(trio.current_time(), inp)
-        except Exception as e:
-            self.logger.exception(
-                "core failed: this is a bug; exiting", e, input=type(inp).__name__
-            )
-            raise CoreFailure(f"core raised on {type(inp).__name__}") from e
+        except Exception as e:  # a core bug: contained to this input (see guard)
+            if (retry := self.guard.failed(inp, e, trio.current_time())) is not None:
+                heapq.heappush(self._timers, (retry[0], next(self._seq), retry[1]))
+            return
         for out in outputs:
             self._carry_out(out)
 

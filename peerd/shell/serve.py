@@ -3,11 +3,12 @@
 A daemon is the runner plus services (UDP, TCP, the API server, systemd
 notification) started in order under one nursery; a service that fails before
 it reports ready is a start-up failure (exit 1), one that raises later is a
-bug (exit 70, logged once with its traceback). SIGINT/SIGTERM start a graceful
-leave, a second one exits without waiting; SIGHUP awaits the ``on_reload``
-given to :func:`serve`. The peers file (join hints for the next start) is
-rewritten soon after membership changes and at an interval, and once more
-after a clean exit.
+bug of the shell (exit 70, logged once with its traceback). A core that raises
+on one input is not fatal (:mod:`peerd.shell.guard`), except on ``Start``.
+SIGINT/SIGTERM start a graceful leave, a second one exits without waiting;
+SIGHUP awaits the ``on_reload`` given to :func:`serve`. The peers file (join
+hints for the next start) is rewritten soon after membership changes and at
+an interval, and once more after a clean exit.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ async def serve(
     """Start ``services`` in order, then the runner; return the exit code.
 
     0 after the node left (signal or API leave); 1 if a service failed to
-    start (its message is logged); 70 if the core or a running service raised,
-    which is a bug (logged once, with the traceback).
+    start (its message is logged); 70 if a running service or the runner
+    itself raised, or the core raised on ``Start``, which is a bug (logged
+    once, with the traceback). The core raising on any other input is counted
+    and logged by the runner, and the daemon goes on.
 
     With ``handle_signals``, SIGINT and SIGTERM start a graceful leave, and
     SIGHUP awaits ``on_reload`` (one reload at a time; ignored without one).
@@ -132,7 +135,7 @@ async def serve(
         try:
             await runner.run()
         except CoreFailure:
-            exit_code = EXIT_BUG  # logged by the runner, with the traceback
+            exit_code = EXIT_BUG  # the core raised on Start (logged, with the traceback)
         except Exception as e:
             # Carrying out an output failed: a bug in the shell.
             runner.logger.exception("runner failed: this is a bug; exiting", e)

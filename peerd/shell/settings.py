@@ -6,6 +6,7 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     name = "web1"
     bind = "0.0.0.0:7950"
     advertise = "10.0.0.5:7950"
+    advertise_nat = false             # true: advertise need not be ours (NAT)
     join = ["10.0.0.2:7950", "10.0.0.3"]
     api_socket = "/run/peerd/api.sock"
     state_dir = "/var/lib/peerd"
@@ -48,10 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
+from peerd.shell.bounds import MIN_MAILBOX_BYTES as MIN_MAILBOX_BYTES
+from peerd.shell.bounds import out_of_range
+from peerd.shell.hostaddr import never_advertised
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits
@@ -62,6 +65,9 @@ DEFAULT_PORT = 7950
 DEFAULT_BIND: Addr = ("127.0.0.1", DEFAULT_PORT)
 DEFAULT_PRESET = "lan"
 DEFAULT_LOG_LEVEL = "info"
+# A config file is a page of settings; anything larger is not one (and is
+# not read whole into memory).
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class SettingsError(Exception):
@@ -94,6 +100,7 @@ class Settings:
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
+    advertise_nat: bool = False  # advertise may be an address of a NAT, not of this host
 
 
 # --- addresses ----------------------------------------------------------------
@@ -132,14 +139,16 @@ def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, in
 
 
 def parse_ip_addr(text: str, *, allow_unspecified: bool, allow_port_zero: bool) -> Addr:
-    """An address whose host must be an IP literal (what we bind or gossip)."""
+    """An address whose host must be an IP literal (what we bind or gossip;
+    what we gossip, ``allow_unspecified=False``, is never multicast or
+    broadcast either: :mod:`peerd.shell.hostaddr`)."""
     host, port = parse_hostport(text)
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         raise ValueError(f"{host!r} is not an IPv4 or IPv6 address") from None
-    if ip.is_unspecified and not allow_unspecified:
-        raise ValueError(f"{host} is unspecified; give the address peers should use")
+    if not allow_unspecified and (problem := never_advertised(ip)) is not None:
+        raise ValueError(problem)
     if port == 0 and not allow_port_zero:
         raise ValueError("port 0 is not allowed here")
     return str(ip), port
@@ -155,29 +164,12 @@ _REGISTRY_IN_SWIM = {
     f.name: f for f in dataclasses.fields(RegistryConfig) if f.name == "registry_flush_s"
 }
 _SWIM_FIELDS.update(_REGISTRY_IN_SWIM)
-# Fields that must be strictly positive (zero would divide, spin or disable probing).
-_POSITIVE = {
-    "probe_interval_s",
-    "probe_timeout_s",
-    "gossip_interval_s",
-    "suspicion_mult",
-    "suspicion_max_timeout_mult",
-    "retransmit_mult",
-    "gossip_fanout",
-    "awareness_max",
-    "reconnect_interval_s",
-    "max_packet_bytes",
-    "max_concurrent_syncs",
-    "max_concurrent_reconnects",
-    "refused_suspicion_timeout_s",
-}
 
 
-def _field_value(
-    key: str, kind: object, value: object, source: str | None, positive: bool
-) -> object:
+def _field_value(key: str, kind: object, value: object, source: str | None) -> object:
     """One table entry checked against its dataclass field's type
-    (``kind``: a string, annotations are postponed) and range."""
+    (``kind``: a string, annotations are postponed) and its range
+    (:data:`peerd.shell.bounds.BOUNDS`)."""
     if kind == "bool":
         if not isinstance(value, bool):
             raise SettingsError(key, f"expected true or false, got {value!r}", source)
@@ -196,17 +188,15 @@ def _field_value(
     else:  # pragma: no cover - a new field type needs a rule here
         raise SettingsError(key, f"unsupported field type {kind}", source)
     assert isinstance(value, (int, float))
-    if value < 0:
-        raise SettingsError(key, f"must not be negative, got {value}", source)
-    if positive and value == 0:
-        raise SettingsError(key, "must be greater than 0", source)
+    problem = out_of_range(key, value)
+    if problem is not None:
+        raise SettingsError(key, problem, source)
     return value
 
 
 def _check_fields(
     table: str,
     fields: dict[str, dataclasses.Field[Any]],
-    positive: set[str] | frozenset[str],
     overrides: dict[str, Any],
     source: str | None,
 ) -> dict[str, Any]:
@@ -214,15 +204,13 @@ def _check_fields(
     for name, value in overrides.items():
         if name not in fields:
             raise SettingsError(f"{table}.{name}", "unknown setting", source)
-        changes[name] = _field_value(
-            f"{table}.{name}", fields[name].type, value, source, name in positive
-        )
+        changes[name] = _field_value(f"{table}.{name}", fields[name].type, value, source)
     return changes
 
 
 def check_swim_fields(overrides: dict[str, Any], source: str | None = None) -> dict[str, Any]:
     """Each ``[swim]`` entry checked on its own (known field, type, range)."""
-    return _check_fields("swim", _SWIM_FIELDS, _POSITIVE, overrides, source)
+    return _check_fields("swim", _SWIM_FIELDS, overrides, source)
 
 
 def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None) -> SwimConfig:
@@ -242,10 +230,6 @@ def build_swim(preset: str, overrides: dict[str, Any], source: str | None = None
             f"{config.probe_interval_s})",
             source,
         )
-    if config.suspicion_max_timeout_mult < 1:
-        raise SettingsError("swim.suspicion_max_timeout_mult", "must be at least 1", source)
-    if config.max_packet_bytes < 512:
-        raise SettingsError("swim.max_packet_bytes", "must be at least 512", source)
     return config
 
 
@@ -258,7 +242,7 @@ def build_registry(overrides: dict[str, Any], source: str | None = None) -> Regi
 # --- [links] and [messages] ------------------------------------------------------
 
 # The fields of LinkLimits an operator may set (timeouts and pool sizes); the
-# rest (frame and queue sizes) are protocol tuning. All must be > 0.
+# rest (frame and queue sizes) are protocol tuning. Ranges: peerd.shell.bounds.
 _LINK_SETTINGS = (
     "max_links",
     "max_direct_links",
@@ -273,19 +257,13 @@ _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
     "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
     "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
 }
-# An unauthenticated connection's deadline: long enough for a slow network,
-# short enough that a host cannot hold its slots (peerd.shell.preauth).
-HELLO_TIMEOUT_S = (0.5, 30.0)
-# A mailbox must hold one message of the largest size, with its envelope.
-MIN_MAILBOX_BYTES = MAX_MESSAGE_BYTES + 4096
 
 
 def check_table_fields(
     table: str, overrides: dict[str, Any], source: str | None = None
 ) -> dict[str, Any]:
     """Each ``[links]`` / ``[messages]`` entry checked on its own."""
-    fields = _TABLE_FIELDS[table]
-    return _check_fields(table, fields, frozenset(fields), overrides, source)
+    return _check_fields(table, _TABLE_FIELDS[table], overrides, source)
 
 
 def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLimits:
@@ -309,28 +287,15 @@ def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLim
             "that replaces a draining one wait that long",
             source,
         )
-    lo, hi = HELLO_TIMEOUT_S
-    if not lo <= limits.hello_timeout_s <= hi:
-        got = limits.hello_timeout_s
-        raise SettingsError(
-            "links.hello_timeout_s", f"must be {lo:g} to {hi:g}, got {got:g}", source
-        )
     return dataclasses.replace(
         limits, reap_interval_s=min(limits.reap_interval_s, limits.idle_s / 2)
     )
 
 
 def build_messages(overrides: dict[str, Any], source: str | None = None) -> MessageLimits:
-    """:class:`MessageLimits` with the ``[messages]`` entries."""
-    limits = MessageLimits(**check_table_fields("messages", overrides, source))
-    if limits.mailbox_bytes < MIN_MAILBOX_BYTES:
-        raise SettingsError(
-            "messages.mailbox_bytes",
-            f"must hold one message of the largest size: at least "
-            f"{MIN_MAILBOX_BYTES}, got {limits.mailbox_bytes}",
-            source,
-        )
-    return limits
+    """:class:`MessageLimits` with the ``[messages]`` entries (a mailbox
+    holds at least one message of the largest size: its lower bound)."""
+    return MessageLimits(**check_table_fields("messages", overrides, source))
 
 
 def _choices(names: object) -> str:
@@ -343,6 +308,7 @@ _TOP_KEYS = {
     "name",
     "bind",
     "advertise",
+    "advertise_nat",
     "join",
     "api_socket",
     "state_dir",
@@ -367,13 +333,25 @@ def load_file(path: Path) -> dict[str, Any]:
     source = str(path)
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise SettingsError("config", f"file {path} not found") from None
     except OSError as e:
         raise SettingsError("config", f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise SettingsError("config", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SettingsError(
+            "config", f"{path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise SettingsError("config", f"{path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise SettingsError(
+            "config", f"{path} nests arrays or tables too deeply to be a peerd config"
+        ) from None
     base = Path(path).resolve().parent
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -421,7 +399,7 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                 if text not in PRESETS:
                     raise ValueError(f"unknown preset {text!r} (one of {_choices(PRESETS)})")
                 return text
-            case "insecure":
+            case "insecure" | "advertise_nat":
                 if not isinstance(value, bool):
                     raise SettingsError(key, f"expected true or false, got {value!r}", source)
                 return value
@@ -493,8 +471,9 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             out[key] = Path(os.path.expanduser(value)).absolute()
-    if getattr(args, "insecure", None):
-        out["insecure"] = True
+    for flag in ("insecure", "advertise_nat"):
+        if getattr(args, flag, None):
+            out[flag] = True
     tag_flags = getattr(args, "tag", None)
     if tag_flags:
         tags: dict[str, str] = {}
@@ -567,6 +546,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
         tags=tuple(sorted(values["tags"].items())),
+        advertise_nat=bool(values.get("advertise_nat", False)),
     )
 
 

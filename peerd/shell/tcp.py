@@ -57,6 +57,7 @@ from peerd.core.events import (
 )
 from peerd.shell.logs import LimitedLog
 from peerd.shell.preauth import STREAM_HELLO, PreauthGate
+from peerd.shell.refusals import peer_closed, rejected
 from peerd.shell.udp import (
     BindError,
     Opener,
@@ -336,7 +337,7 @@ class TcpEndpoint:
             reason = str(getattr(e, "reason", "") or "seal")
             self._drop(
                 f"seal_{reason}",
-                "stream rejected",
+                rejected("stream", reason, self.counters),
                 addr=src,
                 reason=reason,
                 level=LogLevel.WARNING,
@@ -463,10 +464,11 @@ class TcpEndpoint:
             self.active_out -= 1
         if isinstance(result, StreamFailed):
             self.counters[f"tcp_fail_{result.reason}"] += 1
+            eof = result.reason == "eof"  # closed after our request: no key of theirs?
             self.log.log(
                 f"tcp_fail_{result.reason}",
-                LogLevel.DEBUG,
-                "tcp stream failed",
+                LogLevel.WARNING if eof else LogLevel.DEBUG,
+                f"tcp stream failed: {peer_closed(self.counters)}" if eof else "tcp stream failed",
                 addr=dst,
                 reason=result.reason,
             )

@@ -30,6 +30,7 @@ import trio
 
 from peerd.core.events import Input, LogLevel, PacketIn, Unreachable
 from peerd.shell.logs import LimitedLog, format_addr
+from peerd.shell.refusals import rejected
 from peerd.wire.messages import Addr
 from peerd.wire.seal import SealError
 
@@ -241,7 +242,7 @@ class UdpEndpoint:
             reason = str(getattr(e, "reason", "") or "seal")
             self._drop(
                 f"seal_{reason}",
-                "datagram rejected",
+                rejected("datagram", reason, self.counters),
                 addr=src,
                 reason=reason,
                 level=LogLevel.WARNING,

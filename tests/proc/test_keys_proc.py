@@ -277,13 +277,17 @@ def test_check_config_rejects_what_the_daemon_refuses(tmp_path: Path) -> None:
     key_file = tmp_path / "k.keys"
     key_file.write_text(generate_key() + "\n")
     base = f'state_dir = "{state}"\napi_socket = "{sock}"\n'
+    # 192.0.2.1 (TEST-NET-1) is no address of this host: advertised as a NAT's.
+    nat = "advertise_nat = true\n"
     refused = {
-        "bind-without-key": base + 'bind = "0.0.0.0:0"\nadvertise = "192.0.2.1:7950"\n',
-        "v6-bind-without-key": base + 'bind = "[::]:0"\nadvertise = "192.0.2.1:7950"\n',
+        "bind-without-key": base + 'bind = "0.0.0.0:0"\nadvertise = "192.0.2.1:7950"\n' + nat,
+        "v6-bind-without-key": base + 'bind = "[::]:0"\nadvertise = "192.0.2.1:7950"\n' + nat,
         "api-socket-too-long": f'state_dir = "{state}"\nbind = "127.0.0.1:0"\n'
         f'api_socket = "/tmp/{"x" * 120}.sock"\n',
         # 192.0.2.0/24 (TEST-NET-1) is not an address of this host.
         "bind-not-on-this-host": base + f'bind = "192.0.2.77:7950"\nkey_file = "{key_file}"\n',
+        "advertise-not-on-this-host": base
+        + 'bind = "127.0.0.1:0"\nadvertise = "192.0.2.79:7950"\n',
         "metrics-not-on-this-host": base
         + 'bind = "127.0.0.1:0"\nmetrics_addr = "192.0.2.78:7951"\n',
         "corrupt-node-id": f'state_dir = "{tmp_path / "bad-state"}"\napi_socket = "{sock}"\n'
@@ -316,7 +320,9 @@ def test_check_config_rejects_what_the_daemon_refuses(tmp_path: Path) -> None:
     saved.mkdir(mode=0o700)
     (saved / "keyring").write_text(generate_key() + "\n")
     config = tmp_path / "no-state.toml"
-    config.write_text(f'api_socket = "{sock}"\nbind = "0.0.0.0:0"\nadvertise = "192.0.2.1:7950"\n')
+    config.write_text(
+        f'api_socket = "{sock}"\nbind = "0.0.0.0:0"\nadvertise = "192.0.2.1:7950"\n' + nat
+    )
     assert check(config, "--state-dir", str(saved)).returncode == 0
     assert check(config, "--state-dir", str(tmp_path / "empty")).returncode == 2
     # A corrupt saved keyring is refused by both.

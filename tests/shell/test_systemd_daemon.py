@@ -363,7 +363,7 @@ def run_agent(*argv: str) -> subprocess.CompletedProcess[str]:
         ),
         ("[swim]\nprobe_intervl_s = 1.0\n", "swim.probe_intervl_s: unknown setting"),
         ('bind = "somewhere"\n', "bind: 'somewhere' is not an IPv4 or IPv6 address"),
-        ("[swim]\nprobe_timeout_s = -1\n", "swim.probe_timeout_s: must not be negative"),
+        ("[swim]\nprobe_timeout_s = -1\n", "swim.probe_timeout_s: -1 is out of range: must be"),
         (
             'metrics_addr = "127.0.0.1:99999"\n',
             "metrics_addr: '127.0.0.1:99999': port out of range",
