@@ -31,6 +31,11 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     role = "web"
     dc = "eu-1"
 
+    [api]                             # who may do what (peerd.shell.authz)
+    admin_group = "peerd-admins"
+    [api.scopes.billing]
+    register = ["user:billing"]
+
 Everything is checked before the daemon starts: an unknown key or a bad
 value is a :class:`SettingsError` naming the key, so a typo cannot silently
 leave a default in place.
@@ -52,6 +57,7 @@ from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
+from peerd.shell.authz import ApiPolicy, PolicyError, parse_api_table
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits
@@ -94,6 +100,7 @@ class Settings:
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
+    api: ApiPolicy = dataclasses.field(default_factory=ApiPolicy)  # [api] authorization
 
 
 # --- addresses ----------------------------------------------------------------
@@ -345,6 +352,7 @@ _TOP_KEYS = {
     "links",
     "messages",
     "tags",
+    "api",
 }
 
 
@@ -378,6 +386,11 @@ def load_file(path: Path) -> dict[str, Any]:
     for table in ("links", "messages"):
         if table in out:
             out[table] = check_table_fields(table, out[table], source)
+    if "api" in out:
+        try:
+            out["api"] = parse_api_table(out["api"])
+        except PolicyError as e:
+            raise SettingsError(f"api.{e.key}", e.reason, source) from None
     return out
 
 
@@ -427,7 +440,7 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                     if not isinstance(v, str):
                         raise SettingsError(f"tags.{k}", f"expected a string, got {v!r}", source)
                 return dict(value)
-            case "swim" | "links" | "messages":
+            case "swim" | "links" | "messages" | "api":
                 if not isinstance(value, dict):
                     raise SettingsError(key, f"expected a table ([{key}])", source)
                 return dict(value)
@@ -557,6 +570,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
         tags=tuple(sorted(values["tags"].items())),
+        api=values.get("api", ApiPolicy()),
     )
 
 
