@@ -587,7 +587,7 @@ async def _serve_daemon(
         links=links,
     )
     runner.node_tags = node_tags  # set-tags keeps run-time changes in the state dir
-    runner.authz = authz_for(settings.api, counters, logger)  # who may do what on the API
+    runner.authz = authz_for(settings.api_policy, counters, logger)  # who may do what on the API
     mesh = node.mesh
     assert mesh is not None
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
@@ -764,9 +764,9 @@ class Reloader:
             changed.append("keys")
         if await self.runner.call_in_runner(lambda: self.runner.reconfigure_tags(new.tags)):
             changed.append("tags")
-        if new.api != old.api or self.runner.authz is None:
-            changed.append("api")  # names are resolved again on every reload
-        self.runner.authz = authz_for(new.api, self.runner.counters, self.logger)
+        if new.api_policy != old.api_policy:
+            changed.append("api_policy")  # names are resolved again on every reload anyway
+        self.runner.authz = authz_for(new.api_policy, self.runner.counters, self.logger)
         restart = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
         if restart:
             self.logger.warning(
@@ -775,7 +775,11 @@ class Reloader:
             )
         # Remember what is applied, so the next reload compares with the running values.
         self.settings = dataclasses.replace(
-            old, log_level=new.log_level, key_file=new.key_file, tags=new.tags, api=new.api
+            old,
+            log_level=new.log_level,
+            key_file=new.key_file,
+            tags=new.tags,
+            api_policy=new.api_policy,
         )
         self.keys.key_file = new.key_file
         self.logger.info(

@@ -186,8 +186,15 @@ def _principals(key: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def take_api_policy(table: dict[str, Any]) -> ApiPolicy:
+    """Take the policy's entries (:data:`AUTHZ_KEYS`) out of the ``[api]``
+    table, checked (raises :class:`PolicyError`); other ``[api]`` settings
+    stay in ``table`` for their owners."""
+    return parse_api_table({k: table.pop(k) for k in AUTHZ_KEYS if k in table})
+
+
 def parse_api_table(table: Mapping[str, Any]) -> ApiPolicy:
-    """The ``[api]`` table checked entry by entry (raises :class:`PolicyError`)."""
+    """The policy's entries of ``[api]``, checked (raises :class:`PolicyError`)."""
     policy = ApiPolicy()
     for key in table:
         if key not in AUTHZ_KEYS:

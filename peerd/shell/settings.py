@@ -57,7 +57,7 @@ from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
-from peerd.shell.authz import ApiPolicy, PolicyError, parse_api_table
+from peerd.shell.authz import ApiPolicy, PolicyError, take_api_policy
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits
@@ -100,7 +100,7 @@ class Settings:
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
-    api: ApiPolicy = dataclasses.field(default_factory=ApiPolicy)  # [api] authorization
+    api_policy: ApiPolicy = dataclasses.field(default_factory=ApiPolicy)  # [api] authorization
 
 
 # --- addresses ----------------------------------------------------------------
@@ -351,8 +351,8 @@ _TOP_KEYS = {
     "metrics_addr",
     "links",
     "messages",
-    "tags",
     "api",
+    "tags",
 }
 
 
@@ -383,14 +383,17 @@ def load_file(path: Path) -> dict[str, Any]:
         # Field by field here; checks across fields wait for the final preset
         # (a --preset flag may replace the file's).
         out["swim"] = check_swim_fields(out["swim"], source)
+    if "api" in out:
+        # admin_group, events and [api.scopes.*] are the authorization policy's.
+        try:
+            out["api_policy"] = take_api_policy(out["api"])
+        except PolicyError as e:
+            raise SettingsError(f"api.{e.key}", e.reason, source) from None
+        for key in out["api"]:
+            raise SettingsError(f"api.{key}", "unknown setting", source)
     for table in ("links", "messages"):
         if table in out:
             out[table] = check_table_fields(table, out[table], source)
-    if "api" in out:
-        try:
-            out["api"] = parse_api_table(out["api"])
-        except PolicyError as e:
-            raise SettingsError(f"api.{e.key}", e.reason, source) from None
     return out
 
 
@@ -570,7 +573,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
         tags=tuple(sorted(values["tags"].items())),
-        api=values.get("api", ApiPolicy()),
+        api_policy=values.get("api_policy", ApiPolicy()),
     )
 
 

@@ -14,6 +14,7 @@ import grp
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,6 +191,14 @@ def test_an_api_client_of_another_uid_is_not_cluster_admin(
                 groups=(admins.gr_gid,),
             )
             assert [a[0] for a in member] == ["ok", "ok"], member
+
+        # The policy is re-read on SIGHUP: open the ops scope to everyone.
+        config = tmp_path / "peerd.toml"
+        config.write_text(config.read_text().replace('register = ["uid:4242"]', 'register = ["*"]'))
+        os.kill(d.pid, signal.SIGHUP)
+        wait_until(lambda: "changed=api_policy" in d.log(), 10, "the reload")
+        again = as_user(d.sock, [("register", {"name": "mine", "scope": "ops"})])
+        assert again[0][0] == "ok", again
 
         # root (the daemon's user here) still may do everything.
         assert root.call("set-tags", tags={"role": "db"})["role"] == "db"

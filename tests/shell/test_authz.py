@@ -27,7 +27,7 @@ from peerd.shell.authz import (
     proc_groups,
 )
 from peerd.shell.metrics import render
-from peerd.shell.settings import SettingsError, load_file
+from peerd.shell.settings import SettingsError, check_config, load_file
 from peerd.shell.watches import Watch
 
 DAEMON = 990
@@ -278,7 +278,7 @@ def test_the_config_file_api_table(tmp_path: Path) -> None:
         '[api]\nadmin_group = "ops"\nevents = ["group:ops"]\n'
         '[api.scopes.billing]\nregister = ["user:billing", "gid:7"]\n'
     )
-    policy = load_file(path)["api"]
+    policy = load_file(path)["api_policy"]
     assert policy == ApiPolicy(
         "ops", ("group:ops",), (("billing", ScopePolicy(register=("user:billing", "gid:7"))),)
     )
@@ -286,6 +286,12 @@ def test_the_config_file_api_table(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as info:
         load_file(path)
     assert info.value.key == "api.scopes.billing.register"
+    path.write_text('[api]\nadmin_grup = "ops"\n')
+    with pytest.raises(SettingsError) as info:
+        load_file(path)
+    assert info.value.key == "api.admin_grup"
+    path.write_text('[api]\nadmin_group = ""\n')
+    assert check_config(path).api_policy == ApiPolicy(admin_group="")
 
 
 def test_peer_groups_are_the_kernels_record_of_the_connecting_process() -> None:
