@@ -353,10 +353,19 @@ class Authz:
                 )
                 for rule in self._other
             }
-        # Reading is open everywhere: no filtering of lists and watches.
-        self.read_open = self._other[Rule.READ].everyone and all(
-            rules[Rule.READ].everyone for rules in self._scopes.values()
+        # Rules open to everyone in every scope: checked with one set lookup
+        # (the default policy: every registry and messaging op).
+        self._open = frozenset(
+            {Rule.OPEN}
+            | {
+                rule
+                for rule, who in self._other.items()
+                if who.everyone and all(rules[rule].everyone for rules in self._scopes.values())
+            }
+            | ({Rule.EVENT} if self.events.everyone else set())
         )
+        # Reading is open everywhere: no filtering of lists and watches.
+        self.read_open = Rule.READ in self._open
 
     def _resolve(self, names: tuple[str, ...] | None, key: str, inherit: Who = EVERYONE) -> Who:
         if names is None:
@@ -394,10 +403,8 @@ class Authz:
 
     def check(self, conn: object, op: str, args: Mapping[str, Any]) -> None:
         """Raise ApiError ``forbidden`` (counted, logged) unless the caller may."""
-        if conn is None:
-            return  # the daemon itself
         rule = OP_RULES.get(op, Rule.ADMIN)
-        if rule is Rule.OPEN:
+        if rule in self._open or conn is None:  # open, or the daemon itself
             return
         scope: str | None = None
         who: Who | None = None
@@ -414,10 +421,12 @@ class Authz:
         if who is not None and who.everyone:
             return
         cred = getattr(conn, "cred", None)
-        if self.is_admin(cred):
-            return
-        if who is not None and cred is not None and who.admits(cred.uid, _gids(cred)):
-            return
+        if cred is not None:
+            uid, gids = cred.uid, _gids(cred)
+            if uid == 0 or uid == self.daemon_uid or self.admin_gid in gids:
+                return  # an admin
+            if who is not None and who.admits(uid, gids):
+                return
         self._refuse(op, rule, cred, scope, who)
 
     def readable(self, conn: object) -> Callable[[str], bool] | None:
@@ -476,7 +485,7 @@ class Authz:
         return f"root, {self.daemon_user}"
 
 
-def _gids(cred: Any) -> Iterable[int]:
+def _gids(cred: Any) -> tuple[int, ...]:
     groups = getattr(cred, "groups", None) or ()
     return (cred.gid, *groups)
 
