@@ -61,6 +61,14 @@ def as_user(
             out: list[tuple[str, Any]] = []
             with BlockingClient(sock, timeout=API_TIMEOUT_S) as client:
                 for op, args in calls:
+                    if op == "watch":  # a snapshot of the topics: [scope, name] of each entry
+                        seen = []
+                        for ev in client.watch(args["topics"], snapshot=True):
+                            if ev.event == "snapshot_end":
+                                break
+                            seen.append([ev.data.get("scope"), ev.data.get("name")])
+                        out.append(("ok", seen))
+                        continue
                     try:
                         out.append(("ok", client.call(op, **args)))
                     except ApiError as e:
@@ -142,6 +150,7 @@ def test_an_api_client_of_another_uid_is_not_cluster_admin(
                 ("register", {"name": "mine", "scope": "ops"}),
                 ("lookup", {"name": "secret-svc", "scope": "ops"}),
                 ("list", {}),
+                ("watch", {"topics": ["registry"]}),
                 ("unregister", {"name": "svc"}),  # root's name: ownership still holds
                 ("lookup", {"name": "svc"}),
             ],
@@ -155,6 +164,7 @@ def test_an_api_client_of_another_uid_is_not_cluster_admin(
             "forbidden",
             "forbidden",
             "ok",
+            "ok",
             "not_found",
             "ok",
         ], nobody
@@ -163,7 +173,9 @@ def test_an_api_client_of_another_uid_is_not_cluster_admin(
         assert "(api.scopes.ops.register)" in nobody[9][1]
         listed = {(e["scope"], e["name"]) for e in nobody[11][1]["entries"]}
         assert ("default", "svc") in listed and ("ops", "secret-svc") not in listed
-        assert nobody[13][1]["pid"] == os.getpid()  # still root's
+        watched = {tuple(e) for e in nobody[12][1]}  # a registry watch's snapshot
+        assert ("default", "svc") in watched and ("ops", "secret-svc") not in watched
+        assert nobody[14][1]["pid"] == os.getpid()  # still root's
 
         # Nothing changed: the daemon is up, one key, the same tags, root's
         # names in place; every refusal counted and logged.
