@@ -587,7 +587,7 @@ async def _serve_daemon(
         links=links,
     )
     runner.node_tags = node_tags  # set-tags keeps run-time changes in the state dir
-    runner.authz = authz_for(settings.api_policy, counters, logger)  # who may do what on the API
+    runner.authz = authz = authz_for(settings.api_policy, counters, logger)  # who may do what
     mesh = node.mesh
     assert mesh is not None
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
@@ -647,6 +647,7 @@ async def _serve_daemon(
         keys=len(keys) if keys else "none (plaintext)",
         seeds=len(seeds),
         api=api_text,
+        api_admins=authz.describe(),
         **fields,
     )
     reloader = Reloader(args, settings, logger, state, runner, key_manager, lifecycle)

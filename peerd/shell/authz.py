@@ -479,10 +479,11 @@ class Authz:
         raise ApiError(ErrorCode.FORBIDDEN, message)
 
     def describe(self) -> str:
-        """One line for the start-up log: who the admins are."""
+        """For the start-up log: who the admins are."""
+        who = ["root"] if self.daemon_uid == 0 else ["root", self.daemon_user]
         if self.admin_gid is not None:
-            return f"root, {self.daemon_user}, group {self.policy.admin_group}"
-        return f"root, {self.daemon_user}"
+            who.append(f"group {self.policy.admin_group}")
+        return ", ".join(who)
 
 
 def _gids(cred: Any) -> tuple[int, ...]:
@@ -496,5 +497,4 @@ def authz_for(policy: ApiPolicy, counters: collections.Counter[str], logger: Log
     authz = Authz(policy, daemon_uid=os.geteuid(), counters=counters, logger=logger)
     for where in authz.unresolved:
         logger.warning("API policy names an unknown user or group; it matches nobody", rule=where)
-    logger.info("API admins", who=authz.describe())
     return authz

@@ -303,3 +303,31 @@ def test_peer_groups_are_the_kernels_record_of_the_connecting_process() -> None:
     assert proc_groups(os.getpid()) is not None
     assert sorted(proc_groups(os.getpid()) or ()) == sorted(os.getgroups())
     assert proc_groups(0) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a child process many groups")
+def test_peer_groups_of_a_process_with_more_groups_than_the_first_buffer(tmp_path: Path) -> None:
+    many = tuple(range(20_000, 20_100))  # 100 groups: more than the first 64-group buffer
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "s")
+    listener.bind(path)
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            listener.close()
+            os.setgroups(list(many))
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            c.recv(1)  # hold the connection until the parent has read the groups
+        finally:
+            os._exit(0)
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            groups = peer_groups(conn, pid)
+            conn.send(b"x")
+    finally:
+        os.waitpid(pid, 0)
+        listener.close()
+    assert groups is not None and sorted(groups) == list(many)
