@@ -60,6 +60,8 @@ class ErrorCode(enum.StrEnum):
     # registered with "messages": false, e.g. by `peerd exec`)
     NO_RECEIVER = "no_receiver"
     INTERNAL = "internal"  # a bug in the daemon; the message says what
+    # the caller's uid/groups may not do this (peerd.shell.authz); the message names the rule
+    FORBIDDEN = "forbidden"
 
 
 class Op(enum.StrEnum):

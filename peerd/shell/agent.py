@@ -46,6 +46,7 @@ from peerd.core.mesh.config import PRESETS as MESH_PRESETS
 from peerd.core.peer import Peer
 from peerd.core.swim.base import tags_problem
 from peerd.shell.api_server import serve_api
+from peerd.shell.authz import authz_for
 from peerd.shell.hostaddr import advertise_problem, resolve_join
 from peerd.shell.keys import KeyManager
 from peerd.shell.links import LinkManager
@@ -574,6 +575,7 @@ async def _serve_daemon(
         links=links,
     )
     runner.node_tags = node_tags  # set-tags keeps run-time changes in the state dir
+    runner.authz = authz = authz_for(settings.api_policy, counters, logger)  # who may do what
     mesh = node.mesh
     assert mesh is not None
     runner.counter_sources["hyparview"] = mesh.hyparview.counters
@@ -635,6 +637,7 @@ async def _serve_daemon(
         keys=len(keys) if keys else "none (plaintext)",
         seeds=len(seeds),
         api=api_text,
+        api_admins=authz.describe(),
         **fields,
     )
     reloader = Reloader(args, settings, logger, state, runner, key_manager, lifecycle)
@@ -753,6 +756,9 @@ class Reloader:
             changed.append("keys")
         if await self.runner.call_in_runner(lambda: self.runner.reconfigure_tags(new.tags)):
             changed.append("tags")
+        if new.api_policy != old.api_policy:
+            changed.append("api_policy")  # names are resolved again on every reload anyway
+        self.runner.authz = authz_for(new.api_policy, self.runner.counters, self.logger)
         restart = [k for k in _RESTART_ONLY if getattr(new, k) != getattr(old, k)]
         if restart:
             self.logger.warning(
@@ -761,7 +767,11 @@ class Reloader:
             )
         # Remember what is applied, so the next reload compares with the running values.
         self.settings = dataclasses.replace(
-            old, log_level=new.log_level, key_file=new.key_file, tags=new.tags
+            old,
+            log_level=new.log_level,
+            key_file=new.key_file,
+            tags=new.tags,
+            api_policy=new.api_policy,
         )
         self.keys.key_file = new.key_file
         self.logger.info(

@@ -35,9 +35,10 @@ Shape of one connection (all tasks in one nursery per connection)::
   the backend sees ``push_nowait`` fail or its watch channel fill up, and may
   drop the watcher. Nothing a client does can block the daemon's core.
 
-Access control is the socket file's permissions (the directory is 0o750, the
-socket 0o660). Each connection also records the peer's credentials
-(SO_PEERCRED: pid, uid, gid) for backends that want finer rules and for logs.
+Who may connect is the socket file's permissions (the directory is 0o750,
+the socket 0o660). Each connection records the peer's credentials
+(SO_PEERCRED, SO_PEERGROUPS); what a caller may do is the backend's policy
+(:mod:`peerd.shell.authz`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ started twice finds a live one. The file is only removed after a connect to
 it is refused (a live daemon's socket is never orphaned), anything that is
 not a socket is never replaced, and at exit a daemon only unlinks the file if
 it is still the one it bound (a newer daemon may own the path by then).
-Access control is the file's permissions (directory 0o750, socket 0o660);
-each connection also records the kernel's SO_PEERCRED (pid, uid, gid), which
-a client cannot forge, for the registry's ownership rules and the logs.
+The file's permissions (directory 0o750, socket 0o660) decide who may
+connect at all; each connection also records what the kernel says about the
+client at connect time, which it cannot forge: SO_PEERCRED (pid, uid, gid)
+and SO_PEERGROUPS (its supplementary groups), for the registry's ownership
+rules, the authorization policy (:mod:`peerd.shell.authz`) and the logs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import struct
 from dataclasses import dataclass
 
 import trio
+
+from peerd.shell.authz import peer_groups
 
 log = logging.getLogger("peerd.api")
 
@@ -47,10 +51,12 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+    # Supplementary groups (SO_PEERGROUPS), None when they could not be read.
+    groups: tuple[int, ...] | None = None
 
 
 def peer_cred(stream: trio.abc.Stream) -> PeerCred | None:
-    """SO_PEERCRED of a Unix-socket stream (Linux), else None."""
+    """SO_PEERCRED (and SO_PEERGROUPS) of a Unix-socket stream (Linux), else None."""
     sock = getattr(stream, "socket", None)
     so_peercred = getattr(socket, "SO_PEERCRED", None)
     if sock is None or so_peercred is None or sock.family != socket.AF_UNIX:
@@ -61,7 +67,7 @@ def peer_cred(stream: trio.abc.Stream) -> PeerCred | None:
     except OSError:
         return None
     pid, uid, gid = struct.unpack("3i", raw)
-    return PeerCred(pid, uid, gid)
+    return PeerCred(pid, uid, gid, peer_groups(sock, pid))
 
 
 async def bind_api_socket(

@@ -87,6 +87,7 @@ from peerd.core.events import (
     UpdateMeta,
 )
 from peerd.core.swim.base import tags_problem
+from peerd.shell.authz import Authz
 from peerd.shell.keys import KeyManager
 from peerd.shell.logs import Logger
 from peerd.shell.messaging import Pending, Sends
@@ -144,6 +145,8 @@ class Backend:
     _reg_conns: dict[int, Any]
     _deferred: collections.deque[PeerInput]
     _local_brief: tuple[str, str] | None
+    # Who may do what (peerd.shell.authz); None: no checks (a runner without an agent).
+    authz: Authz | None = None
 
     if TYPE_CHECKING:
 
@@ -175,6 +178,8 @@ class Backend:
 
     async def call(self, conn: object, op: str, args: Mapping[str, Any]) -> Any:
         """Answer one API request; ApiError for anything the client got wrong."""
+        if self.authz is not None:
+            self.authz.check(conn, op, args)
         self.in_flight += 1
         try:
             return await self._call(conn, op, args)
@@ -197,11 +202,11 @@ class Backend:
                 target = parse_target_args(args)
                 return await self.call_in_runner(lambda: self._lookup(target))
             case Op.LIST:
-                page = parse_list_args(args)
-                return await self.call_in_runner(lambda: self._list_names(page))
+                page, readable = parse_list_args(args), self._readable(conn)
+                return await self.call_in_runner(lambda: self._list_names(page, readable))
             case Op.GROUPS:
-                page = parse_list_args(args)
-                return await self.call_in_runner(lambda: self._list_groups(page))
+                page, readable = parse_list_args(args), self._readable(conn)
+                return await self.call_in_runner(lambda: self._list_groups(page, readable))
             case Op.GROUP_MEMBERS:
                 target = parse_target_args(args, RegKind.GROUP)
                 limit = parse_limit_arg(args)
@@ -383,6 +388,8 @@ class Backend:
         parsed: list[tuple[str, Any] | ApiError] = []
         for op, args in requests:
             try:
+                if self.authz is not None:
+                    self.authz.check(conn, op, args)
                 parsed.append(self._parse_quick(op, args))
             except ApiError as e:
                 parsed.append(e)
@@ -470,7 +477,13 @@ class Backend:
             claim.origin, claim.entry, member(claim.origin) if member is not None else None
         )
 
-    def _list_names(self, page: ListArgs) -> dict[str, Any]:
+    def _readable(self, conn: object) -> Callable[[str], bool] | None:
+        """The scopes ``conn`` may read, for lists and watches of every scope."""
+        return self.authz.readable(conn) if self.authz is not None else None
+
+    def _list_names(
+        self, page: ListArgs, readable: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
         member_of = self._member_of()
         entries: list[dict[str, Any]] = []
         budget = PAGE_BUDGET_BYTES
@@ -478,16 +491,22 @@ class Backend:
             key = (claim.entry.scope, claim.entry.name)
             if page.after is not None and key <= page.after:
                 continue
+            if readable is not None and not readable(claim.entry.scope):
+                continue
             budget -= entry_wire_size(claim.entry)
             if len(entries) >= page.limit or budget < 0:
                 return {"entries": entries, "more": True}
             entries.append(reg_entry_to_wire(claim.origin, claim.entry, member_of(claim.origin)))
         return {"entries": entries, "more": False}
 
-    def _list_groups(self, page: ListArgs) -> dict[str, Any]:
+    def _list_groups(
+        self, page: ListArgs, readable: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
         groups: list[dict[str, Any]] = []
         for scope, name, count in self._registry().state.groups(page.scope, page.prefix):
             if page.after is not None and (scope, name) <= page.after:
+                continue
+            if readable is not None and not readable(scope):
                 continue
             if len(groups) >= page.limit:
                 return {"groups": groups, "more": True}
@@ -674,9 +693,10 @@ class Backend:
             )
         if self._finished:
             raise ApiError(ErrorCode.UNAVAILABLE, "the daemon is shutting down")
-        first = snapshot_cut(self.node, topics) if snapshot else None
+        readable = self._readable(conn)
+        first = snapshot_cut(self.node, topics, readable) if snapshot else None
         send, receive = trio.open_memory_channel[EventItem](self.watcher_buffer)
-        self._watches.append(Watch(conn, frozenset(topics), send))
+        self._watches.append(Watch(conn, frozenset(topics), send, readable))
         return receive if first is None else SnapshotThenLive(first, receive)
 
     def connection_closed(self, conn: object) -> None:

@@ -316,6 +316,11 @@ RULES: tuple[Rule, ...] = (
         "api_errors_total",
         "API problems, by kind.",
     ),
+    _rule(
+        r"api_forbidden\.(?P<reason>\w+)\.(?P<op>[\w.-]+)",
+        "api_forbidden_total",
+        "API calls refused by the authorization policy (peerd.shell.authz), by rule and op.",
+    ),
     # the daemon itself
     _rule(
         r"state_write_errors",

@@ -32,6 +32,11 @@ underscores); a ``[swim]`` table overrides fields of the chosen preset::
     role = "web"
     dc = "eu-1"
 
+    [api]                             # who may do what (peerd.shell.authz)
+    admin_group = "peerd-admins"
+    [api.scopes.billing]
+    register = ["user:billing"]
+
 Everything is checked before the daemon starts: an unknown key or a bad
 value is a :class:`SettingsError` naming the key, so a typo cannot silently
 leave a default in place.
@@ -52,6 +57,7 @@ from typing import Any
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
+from peerd.shell.authz import ApiPolicy, PolicyError, take_api_policy
 from peerd.shell.bounds import MIN_MAILBOX_BYTES as MIN_MAILBOX_BYTES
 from peerd.shell.bounds import out_of_range
 from peerd.shell.hostaddr import never_advertised
@@ -101,6 +107,7 @@ class Settings:
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
     advertise_nat: bool = False  # advertise may be an address of a NAT, not of this host
+    api_policy: ApiPolicy = dataclasses.field(default_factory=ApiPolicy)  # [api] authorization
 
 
 # --- addresses ----------------------------------------------------------------
@@ -320,6 +327,7 @@ _TOP_KEYS = {
     "metrics_addr",
     "links",
     "messages",
+    "api",
     "tags",
 }
 
@@ -363,6 +371,14 @@ def load_file(path: Path) -> dict[str, Any]:
         # Field by field here; checks across fields wait for the final preset
         # (a --preset flag may replace the file's).
         out["swim"] = check_swim_fields(out["swim"], source)
+    if "api" in out:
+        # admin_group, events and [api.scopes.*] are the authorization policy's.
+        try:
+            out["api_policy"] = take_api_policy(out["api"])
+        except PolicyError as e:
+            raise SettingsError(f"api.{e.key}", e.reason, source) from None
+        for key in out["api"]:
+            raise SettingsError(f"api.{key}", "unknown setting", source)
     for table in ("links", "messages"):
         if table in out:
             out[table] = check_table_fields(table, out[table], source)
@@ -415,7 +431,7 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                     if not isinstance(v, str):
                         raise SettingsError(f"tags.{k}", f"expected a string, got {v!r}", source)
                 return dict(value)
-            case "swim" | "links" | "messages":
+            case "swim" | "links" | "messages" | "api":
                 if not isinstance(value, dict):
                     raise SettingsError(key, f"expected a table ([{key}])", source)
                 return dict(value)
@@ -547,6 +563,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         messages=build_messages(values.get("messages", {}), source),
         tags=tuple(sorted(values["tags"].items())),
         advertise_nat=bool(values.get("advertise_nat", False)),
+        api_policy=values.get("api_policy", ApiPolicy()),
     )
 
 

@@ -10,7 +10,7 @@ live events queued behind it, so no change falls between the two.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,23 @@ class Watch:
     conn: object
     topics: frozenset[str]
     send: trio.MemorySendChannel[EventItem]
+    # The registry scopes this watcher may read (peerd.shell.authz); None: all.
+    readable: Callable[[str], bool] | None = None
 
     def offer(self, item: EventItem) -> bool:
         """Queue an event; False once the watch is gone (closed or too slow).
 
         The last free slot is kept for an ``end`` event, so a client that
-        fell behind learns why its stream stopped.
+        fell behind learns why its stream stopped. A registry event of a
+        scope the watcher may not read is skipped (True: the watch stays).
         """
+        data = item[1]
+        if (
+            self.readable is not None
+            and data.get("topic") == Topic.REGISTRY.value
+            and not self.readable(str(data.get("scope", "")))
+        ):
+            return True
         stats = self.send.statistics()
         try:
             if stats.current_buffer_used >= stats.max_buffer_size - 1:
@@ -99,8 +109,11 @@ class SnapshotThenLive(trio.abc.ReceiveChannel[EventItem]):
 TOPICS = frozenset({Topic.MEMBERS.value, Topic.REGISTRY.value, Topic.EVENTS.value})
 
 
-def snapshot_cut(node: NodeLike, topics: Sequence[str]) -> Iterator[EventItem]:
-    """The state of ``topics`` now, as references; converted when read."""
+def snapshot_cut(
+    node: NodeLike, topics: Sequence[str], readable: Callable[[str], bool] | None = None
+) -> Iterator[EventItem]:
+    """The state of ``topics`` now, as references; converted when read (the
+    registry's only of the scopes ``readable`` admits, when given)."""
     members = list(node.members())
     cut: list[tuple[str, list[Any]]] = []
     for topic in topics:
@@ -109,6 +122,8 @@ def snapshot_cut(node: NodeLike, topics: Sequence[str]) -> Iterator[EventItem]:
         elif topic == Topic.REGISTRY.value:
             registry = getattr(node, "registry", None)
             claims = list(registry.state.entries()) if registry is not None else []
+            if readable is not None:
+                claims = [c for c in claims if readable(c.entry.scope)]
             cut.append((topic, claims))
         else:  # events: nothing is current; only the end marker
             cut.append((topic, []))

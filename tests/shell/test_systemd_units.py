@@ -20,6 +20,7 @@ import pytest
 from peerd.core.config import SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.shell.agent import EXIT_CONFIG
+from peerd.shell.authz import ApiPolicy
 from peerd.shell.links import LinkLimits
 from peerd.shell.messaging import MessageLimits
 from peerd.shell.settings import (
@@ -168,11 +169,16 @@ def test_socket_unit_matches_the_service_and_the_client_default() -> None:
 def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Path) -> None:
     text = (UNITS / "peerd.toml").read_text()
     # Options are "#key = value" (no space after '#'); prose is "# text".
-    enabled = re.sub(r"^#(?=\w+ = |\[(swim|links|messages|tags)\])", "", text, flags=re.M)
+    enabled = re.sub(
+        r"^#(?=\w+ = |\[(swim|links|messages|tags|api|api\.scopes\.[\w\"*]+)\])",
+        "",
+        text,
+        flags=re.M,
+    )
     path = tmp_path / "peerd.toml"
     path.write_text(enabled)
     values = load_file(path)  # raises SettingsError naming a bad key
-    assert set(values) == _TOP_KEYS
+    assert set(values) == _TOP_KEYS | {"api_policy"}  # [api]'s policy entries: api_policy
     swim_fields = set(SwimConfig.__dataclass_fields__)
     # [swim] also takes the registry's flush delay (a RegistryConfig field now)
     assert set(values["swim"]) == swim_fields | {"registry_flush_s"}
@@ -187,5 +193,8 @@ def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Pa
     assert build_messages(values["messages"], str(path)) == MessageLimits()
     assert set(values["messages"]) == set(MessageLimits.__dataclass_fields__)
     assert values["tags"] == {"role": "web", "dc": "eu-1"}  # examples of [tags]
+    policy = values["api_policy"]  # [api]: the defaults, and two example scopes
+    assert (policy.admin_group, policy.events) == (ApiPolicy().admin_group, ApiPolicy().events)
+    assert [scope for scope, _ in policy.scopes] == ["*", "billing"]
     # As shipped, every option is commented out: the file is valid and empty.
     assert load_file(UNITS / "peerd.toml") == {}
