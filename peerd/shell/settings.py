@@ -52,6 +52,7 @@ from peerd.api.protocol import MAX_MESSAGE_BYTES
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
+from peerd.shell.api_limits import MAILBOX_TOTAL_MAX, ApiLimits, api_limits_problem
 from peerd.shell.links import LinkLimits
 from peerd.shell.logs import LEVEL_NAMES
 from peerd.shell.messaging import MessageLimits
@@ -93,6 +94,7 @@ class Settings:
     metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
+    api: ApiLimits = dataclasses.field(default_factory=ApiLimits)  # [api]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
 
 
@@ -271,6 +273,7 @@ _LINK_SETTINGS = (
 _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
     "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
     "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
+    "api": {f.name: f for f in dataclasses.fields(ApiLimits)},
 }
 # A mailbox must hold one message of the largest size, with its envelope.
 MIN_MAILBOX_BYTES = MAX_MESSAGE_BYTES + 4096
@@ -320,6 +323,22 @@ def build_messages(overrides: dict[str, Any], source: str | None = None) -> Mess
             f"{MIN_MAILBOX_BYTES}, got {limits.mailbox_bytes}",
             source,
         )
+    if not limits.mailbox_bytes <= limits.mailbox_total_bytes <= MAILBOX_TOTAL_MAX:
+        raise SettingsError(
+            "messages.mailbox_total_bytes",
+            f"must be between mailbox_bytes ({limits.mailbox_bytes}) and "
+            f"{MAILBOX_TOTAL_MAX}, got {limits.mailbox_total_bytes}",
+            source,
+        )
+    return limits
+
+
+def build_api(overrides: dict[str, Any], source: str | None = None) -> ApiLimits:
+    """:class:`ApiLimits` with the ``[api]`` entries, each within its bounds."""
+    limits = ApiLimits(**check_table_fields("api", overrides, source))
+    problem = api_limits_problem(limits)
+    if problem is not None:
+        raise SettingsError(f"api.{problem[0]}", problem[1], source)
     return limits
 
 
@@ -344,6 +363,7 @@ _TOP_KEYS = {
     "metrics_addr",
     "links",
     "messages",
+    "api",
     "tags",
 }
 
@@ -375,7 +395,7 @@ def load_file(path: Path) -> dict[str, Any]:
         # Field by field here; checks across fields wait for the final preset
         # (a --preset flag may replace the file's).
         out["swim"] = check_swim_fields(out["swim"], source)
-    for table in ("links", "messages"):
+    for table in ("links", "messages", "api"):
         if table in out:
             out[table] = check_table_fields(table, out[table], source)
     return out
@@ -427,7 +447,7 @@ def _file_value(key: str, value: object, base: Path, source: str) -> object:
                     if not isinstance(v, str):
                         raise SettingsError(f"tags.{k}", f"expected a string, got {v!r}", source)
                 return dict(value)
-            case "swim" | "links" | "messages":
+            case "swim" | "links" | "messages" | "api":
                 if not isinstance(value, dict):
                     raise SettingsError(key, f"expected a table ([{key}])", source)
                 return dict(value)
@@ -556,6 +576,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         metrics_addr=values.get("metrics_addr"),
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
+        api=build_api(values.get("api", {}), source),
         tags=tuple(sorted(values["tags"].items())),
     )
 
