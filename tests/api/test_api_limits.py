@@ -364,3 +364,24 @@ def test_refusals_are_metrics_with_a_reason() -> None:
     )
     assert 'peerd_api_refusals_total{reason="uid_limit"} 3' in text
     assert 'peerd_api_refusals_total{reason="idle_timeout"} 1' in text
+
+
+def test_api_settings_are_read_and_checked() -> None:
+    from peerd.shell.settings import SettingsError, build_api, build_messages
+
+    assert build_api({"idle_timeout_s": 60, "max_connections_per_uid": 8}) == ApiLimits(
+        idle_timeout_s=60.0, max_connections_per_uid=8
+    )
+    for bad, key in (
+        ({"idle_timeout_s": 0}, "api.idle_timeout_s"),
+        ({"read_timeout_s": 1e300}, "api.read_timeout_s"),
+        ({"max_connections": 100, "max_connections_per_uid": 90}, "api.max_connections_per_uid"),
+        ({"nope": 1}, "api.nope"),
+    ):
+        with pytest.raises(SettingsError) as e:
+            build_api(bad)
+        assert e.value.key == key
+    assert build_messages({}).mailbox_total_bytes == 64 << 20
+    with pytest.raises(SettingsError) as e:
+        build_messages({"mailbox_total_bytes": 1000})
+    assert e.value.key == "messages.mailbox_total_bytes"
