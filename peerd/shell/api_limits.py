@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import trio
 
+from peerd.api.protocol import ErrorCode
 from peerd.shell.logs import RateLimiter
 
 log = logging.getLogger("peerd.api")
@@ -233,6 +234,54 @@ class ByteGate:
     def close(self) -> None:
         self.closed = True
         self._lot.unpark_all()
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Why the server closes a connection: the error frame it sends, and the
+    refusal reason it is counted under (None: a bad frame)."""
+
+    code: str
+    message: str
+    reason: str | None
+
+
+class ReadTimer:
+    """The deadline of a connection's next read: ``idle_timeout_s`` at a frame
+    boundary; while a frame is partial, what is left of ``read_timeout_s``
+    (only time spent waiting for the client counts, not the server's own
+    pauses at the in-flight limit, and a frame dripping in byte by byte
+    gets no new time per byte)."""
+
+    def __init__(self, limits: ApiLimits) -> None:
+        self.limits = limits
+        self.partial_left = limits.read_timeout_s
+
+    async def receive(
+        self, stream: trio.abc.Stream, size: int, partial: bool
+    ) -> bytes | bytearray | None:
+        """The next bytes (b"" at end of file), or None when the deadline passed."""
+        if not partial:
+            self.partial_left = self.limits.read_timeout_s
+        started = trio.current_time()
+        with trio.move_on_after(self.partial_left if partial else self.limits.idle_timeout_s):
+            data = await stream.receive_some(size)
+            if partial:
+                self.partial_left -= trio.current_time() - started
+            return data
+        return None
+
+    def read_timeout(self) -> Close:
+        return Close(
+            ErrorCode.UNAVAILABLE,
+            f"a frame was started and not finished within {self.limits.read_timeout_s:g} s",
+            "read_timeout",
+        )
+
+    def idle_timeout(self) -> Close:
+        return Close(
+            ErrorCode.UNAVAILABLE, f"idle for {self.limits.idle_timeout_s:g} s", "idle_timeout"
+        )
 
 
 @dataclass(slots=True)

@@ -90,7 +90,9 @@ from peerd.shell.api_limits import (
     DEFAULT_MAX_CONNECTIONS,
     Admission,
     ApiLimits,
+    Close,
     MailboxBudget,
+    ReadTimer,
     Refusals,
     Shared,
 )
@@ -340,44 +342,26 @@ class ApiServer:
 
     async def _read_loop(
         self, stream: trio.abc.Stream, conn: Connection, work: trio.Nursery
-    ) -> _Close | None:
+    ) -> Close | None:
         """Read and dispatch requests until EOF (None), a bad frame or a
         timeout (why to close)."""
         decoder = FrameDecoder(self.max_frame)
-        read_timeout = self.limits.read_timeout_s
-        # Time the client may still take to finish the frame it started:
-        # only time spent waiting for it counts, not our own pauses.
-        partial_left = read_timeout
+        timer = ReadTimer(self.limits)
         while True:
             partial = decoder.buffered > 0
-            if not partial:
-                partial_left = read_timeout
-            started = trio.current_time()
-            data: bytes | bytearray = b""
-            with trio.move_on_after(partial_left if partial else self.limits.idle_timeout_s):
-                try:
-                    data = await stream.receive_some(RECEIVE_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return None
-                if not data:
-                    return None
+            try:
+                data = await timer.receive(stream, RECEIVE_CHUNK, partial)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if data is None:  # timed out
                 if partial:
-                    partial_left -= trio.current_time() - started
-                decoder.feed(data)
-            if not data:  # a timeout
-                if partial:
-                    return _Close(
-                        ErrorCode.UNAVAILABLE,
-                        f"a frame was started and not finished within {read_timeout:g} s",
-                        "read_timeout",
-                    )
+                    return timer.read_timeout()
                 if self._idle(conn):
-                    return _Close(
-                        ErrorCode.UNAVAILABLE,
-                        f"idle for {self.limits.idle_timeout_s:g} s",
-                        "idle_timeout",
-                    )
+                    return timer.idle_timeout()
                 continue
+            if not data:
+                return None
+            decoder.feed(data)
             batch: list[Request] = []
             error: FrameError | None = None
             while True:
@@ -407,7 +391,7 @@ class ApiServer:
                 else:
                     await self._start_batch(conn, batch, begin, work)
             if error is not None:
-                return _Close(error.code, error.message, None)
+                return Close(error.code, error.message, None)
 
     def _idle(self, conn: Connection) -> bool:
         """No request the backend is working on, no watch, no mail, nothing
@@ -639,16 +623,6 @@ class ApiServer:
         entry.scope.cancel()
         conn._ids_in_use.pop(stream_id, None)  # the id may be reused at once
         return {}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Close:
-    """Why the server closes a connection: the error frame it sends, and the
-    refusal reason it is counted under (None: a bad frame)."""
-
-    code: str
-    message: str
-    reason: str | None
 
 
 WRITE_COALESCE_BYTES = 256 * 1024
