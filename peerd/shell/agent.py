@@ -706,6 +706,7 @@ _RESTART_ONLY = (
     "metrics_addr",
     "links",
     "messages",
+    "api",
 )
 
 
