@@ -194,8 +194,16 @@ class ApiServer:
         daemon_uid: int | None = None,
     ) -> None:
         limits = limits if limits is not None else ApiLimits()
-        if max_connections is not None:
-            limits = dataclasses.replace(limits, max_connections=max_connections)
+        if max_connections is not None:  # the reserve and the share shrink with it
+            reserved = min(limits.reserved_connections, max_connections // 2)
+            limits = dataclasses.replace(
+                limits,
+                max_connections=max_connections,
+                reserved_connections=reserved,
+                max_connections_per_uid=min(
+                    limits.max_connections_per_uid, max(1, max_connections - reserved)
+                ),
+            )
         self.backend = backend
         self.limits = limits
         self.max_frame = max_frame

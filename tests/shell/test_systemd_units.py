@@ -20,11 +20,13 @@ import pytest
 from peerd.core.config import SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.shell.agent import EXIT_CONFIG
+from peerd.shell.api_limits import ApiLimits
 from peerd.shell.links import LinkLimits
 from peerd.shell.messaging import MessageLimits
 from peerd.shell.settings import (
     _LINK_SETTINGS,
     _TOP_KEYS,
+    build_api,
     build_links,
     build_messages,
     build_swim,
@@ -168,7 +170,7 @@ def test_socket_unit_matches_the_service_and_the_client_default() -> None:
 def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Path) -> None:
     text = (UNITS / "peerd.toml").read_text()
     # Options are "#key = value" (no space after '#'); prose is "# text".
-    enabled = re.sub(r"^#(?=\w+ = |\[(swim|links|messages|tags)\])", "", text, flags=re.M)
+    enabled = re.sub(r"^#(?=\w+ = |\[(swim|links|messages|api|tags)\])", "", text, flags=re.M)
     path = tmp_path / "peerd.toml"
     path.write_text(enabled)
     values = load_file(path)  # raises SettingsError naming a bad key
@@ -186,6 +188,8 @@ def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Pa
     assert set(values["links"]) == set(_LINK_SETTINGS)
     assert build_messages(values["messages"], str(path)) == MessageLimits()
     assert set(values["messages"]) == set(MessageLimits.__dataclass_fields__)
+    assert build_api(values["api"], str(path)) == ApiLimits()  # [api] too
+    assert set(values["api"]) == set(ApiLimits.__dataclass_fields__)
     assert values["tags"] == {"role": "web", "dc": "eu-1"}  # examples of [tags]
     # As shipped, every option is commented out: the file is valid and empty.
     assert load_file(UNITS / "peerd.toml") == {}
