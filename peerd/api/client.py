@@ -37,7 +37,7 @@ never dropped. They never hold up the answers to calls: past
 ``max_messages`` unread (default 1024) the async client stops reading the
 socket only while no call waits for an answer and no watch is open (the
 daemon's mailbox for the connection then fills, and senders get
-``unavailable`` "mailbox full"); while calls wait it reads on, keeping the
+``mailbox_full``); while calls wait it reads on, keeping the
 messages. The hard bound is ``max_message_bytes`` (default 64 MiB) of
 unread messages, each counted as its frame's length plus
 ``MESSAGE_OVERHEAD`` (1 KiB, about what Python keeps per message), so that
@@ -499,7 +499,8 @@ class Client:
         Returns ``{"delivered": n}`` (plus ``"failed": [...]`` with ``all``)
         once the owner's daemon queued it on the owner's connection. Raises
         ApiError: ``not_found`` (no such name, or its owner vanished before
-        the message arrived), ``unavailable`` (mailbox full, link lost, no
+        the message arrived), ``mailbox_full`` (the owner is not reading, or
+        its daemon's mailboxes are full), ``unavailable`` (link lost, no
         answer in time: delivery unknown, never duplicated), ``bad_args``
         (payload over 256 KiB), ``no_receiver`` (the holder takes no
         messages: it registered with ``messages=False``, as ``peerd exec``

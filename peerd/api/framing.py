@@ -59,6 +59,9 @@ class ErrorCode(enum.StrEnum):
     # send: the name is held by a process that takes no messages (it was
     # registered with "messages": false, e.g. by `peerd exec`)
     NO_RECEIVER = "no_receiver"
+    # send: the owner's mailbox is full (its process is not reading), or all
+    # mailboxes of the owner's daemon together are at their bound
+    MAILBOX_FULL = "mailbox_full"
     INTERNAL = "internal"  # a bug in the daemon; the message says what
     # the caller's uid/groups may not do this (peerd.shell.authz); the message names the rule
     FORBIDDEN = "forbidden"

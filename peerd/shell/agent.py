@@ -600,6 +600,8 @@ async def _serve_daemon(
             runner,
             mailbox_messages=settings.messages.mailbox_messages,
             mailbox_bytes=settings.messages.mailbox_bytes,
+            mailbox_total_bytes=settings.messages.mailbox_total_bytes,
+            limits=settings.api,
             task_status=_ApiStarted(task_status, runner),
         )
 
@@ -698,6 +700,7 @@ _RESTART_ONLY = (
     "metrics_addr",
     "links",
     "messages",
+    "api",
 )
 
 
@@ -795,6 +798,9 @@ class _ApiStarted:
         connections = getattr(value, "connections", None)
         if isinstance(connections, dict):
             self.runner.gauge_sources["api_connections"] = lambda: len(connections)
+        shared = getattr(value, "shared", None)
+        if shared is not None:
+            self.runner.gauge_sources["api_mailbox_bytes"] = lambda: shared.mailboxes.used
         self.inner.started(value)
 
 

@@ -5,8 +5,10 @@ daemon's backend only ever holds a :class:`Connection` and implements
 :class:`Backend`. A connection is the backend's handle on one client: who it
 is (peer credentials), a way to push events that no watch asked for, and the
 mailbox where messages to its names wait for the writer, bounded by count and
-bytes so a client that does not read costs a known amount of memory and the
-sender hears ``mailbox_full`` instead of the daemon blocking. Everything else
+bytes, and by one budget for all mailboxes of the daemon
+(:mod:`peerd.shell.api_limits`), so a client that does not read costs a known
+amount of memory and the sender hears ``mailbox_full`` instead of the daemon
+blocking. Everything else
 about the connection (requests in flight, open streams, its cancel scope) is
 the server's: private fields of the connection that only
 :mod:`peerd.shell.api_server` touches.
@@ -22,6 +24,7 @@ from typing import Any, Protocol, TypeAlias
 import trio
 
 from peerd.api.protocol import Event, FrameError, Request, encode_frame
+from peerd.shell.api_limits import DEFAULT_QUEUE_BYTES, ByteGate, Shared
 from peerd.shell.api_socket import PeerCred
 
 # Messages to names waiting for the writer, per connection (the "mailbox"),
@@ -51,13 +54,19 @@ class Connection:
         *,
         mailbox_messages: int = MAILBOX_MESSAGES,
         mailbox_bytes: int = MAILBOX_BYTES,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
+        shared: Shared | None = None,
     ) -> None:
         self.id = conn_id
         self.cred = cred
         self._outgoing = outgoing
+        # Bytes of frames in ``_outgoing`` (the writer gives them back).
+        self._gate = ByteGate(queue_bytes)
+        self._shared = shared
         self._max_frame = max_frame
         self._cancel_scope = trio.CancelScope()
         self._inflight = trio.Semaphore(max_inflight)
+        self._busy = 0  # backend calls running for this connection
         # id -> the request using it (a watch keeps its id until its stream ends)
         self._ids_in_use: dict[int, Request] = {}
         self._streams: dict[int, _Stream] = {}
@@ -93,11 +102,36 @@ class Connection:
         client is not reading); the backend decides whether that is fatal
         (:meth:`close`). Raises ValueError if the frame cannot be encoded."""
         frame = self._encode_event(stream, event, data)
+        if self._put_nowait(frame):
+            return True
+        if not self._closed and self._shared is not None:
+            self._shared.refusals.refuse(
+                "queue_full", f"{self!r}: event {event!r} dropped, the client is not reading"
+            )
+        return False
+
+    def _put_nowait(self, frame: bytes) -> bool:
+        """Queue a frame for the writer if its bytes fit (see ``queue_bytes``)."""
+        size = len(frame)
+        if not self._gate.take_nowait(size):
+            return False
         try:
             self._outgoing.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._gate.give_back(size)
             return False
         return True
+
+    async def _put(self, frame: bytes) -> None:
+        """Queue a frame for the writer, waiting for room in bytes and frames.
+        ClosedResourceError or BrokenResourceError once the connection closes."""
+        size = len(frame)
+        await self._gate.take(size)
+        try:
+            await self._outgoing.send(frame)
+        except BaseException:
+            self._gate.give_back(size)
+            raise
 
     def offer(self, stream: int, event: str, data: Mapping[str, Any]) -> str:
         """Queue an event in the connection's mailbox (messages to names):
@@ -108,14 +142,31 @@ class Connection:
         if self._closed:
             return "closed"
         frame = self._encode_event(stream, event, data)
+        size = len(frame)
+        shared = self._shared
         if (
             len(self._mailbox) >= self.mailbox_messages
-            or self._mailbox_bytes + len(frame) > self.mailbox_bytes
+            or self._mailbox_bytes + size > self.mailbox_bytes
         ):
+            if shared is not None:
+                shared.refusals.refuse(
+                    "mailbox_full",
+                    f"{self!r} is not reading its messages ({len(self._mailbox)} "
+                    f"messages, {self._mailbox_bytes} bytes waiting)",
+                )
             return "full"
+        if shared is not None:
+            if not shared.mailboxes.fits(size):
+                shared.refusals.refuse(
+                    "mailbox_budget",
+                    f"message to {self!r} refused: all mailboxes together hold "
+                    f"{shared.mailboxes.used} of {shared.mailboxes.limit} bytes",
+                )
+                return "full"
+            shared.mailboxes.used += size
         was_empty = not self._mailbox
         self._mailbox.append(frame)
-        self._mailbox_bytes += len(frame)
+        self._mailbox_bytes += size
         if was_empty:
             # Wake the writer (an empty frame writes nothing). If its queue
             # is full it is busy anyway and drains the mailbox after each write.
@@ -138,15 +189,25 @@ class Connection:
             size += len(frame)
             taken += 1
         self._mailbox_bytes -= size
+        if self._shared is not None:
+            self._shared.mailboxes.used -= size
         if self.on_mail is not None:
             self.on_mail(taken)
         return size
+
+    def _drop_mail(self) -> None:
+        """The connection closed: its mailbox and queue hold nothing any more."""
+        if self._shared is not None:
+            self._shared.mailboxes.used -= self._mailbox_bytes
+        self._mailbox.clear()
+        self._mailbox_bytes = 0
+        self._gate.close()
 
     async def push(self, stream: int, event: str, data: Mapping[str, Any]) -> bool:
         """Like :meth:`push_nowait` but waits for room. False if the connection closed."""
         frame = self._encode_event(stream, event, data)
         try:
-            await self._outgoing.send(frame)
+            await self._put(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         return True

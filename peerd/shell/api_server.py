@@ -31,20 +31,26 @@ Shape of one connection (all tasks in one nursery per connection)::
   write.
 * ``watch`` and ``unwatch`` are handled here, because streams are a transport
   concern: the backend only hands over a channel of events per watch.
-* A client that stops reading fills the bounded queue; handlers then wait, and
-  the backend sees ``push_nowait`` fail or its watch channel fill up, and may
-  drop the watcher. Nothing a client does can block the daemon's core.
+* A client that stops reading fills the bounded queue (frames and bytes);
+  handlers then wait, and the backend sees ``push_nowait`` fail or its watch
+  channel fill up, and may drop the watcher. Nothing a client does can block
+  the daemon's core.
+* What one client may hold (connection slots per uid with a reserve for
+  root, idle and partial-frame timeouts, queue and mailbox bytes) is bounded
+  by the rules of :mod:`peerd.shell.api_limits`; every refusal is counted.
 
 Who may connect is the socket file's permissions (the directory is 0o750,
 the socket 0o660). Each connection records the peer's credentials
-(SO_PEERCRED, SO_PEERGROUPS); what a caller may do is the backend's policy
-(:mod:`peerd.shell.authz`).
+(SO_PEERCRED, SO_PEERGROUPS): what a caller may do is the backend's policy
+(:mod:`peerd.shell.authz`); they also give the per-uid connection share and
+the logs.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import itertools
 import logging
@@ -80,6 +86,17 @@ from peerd.shell.api_conn import (
     EventItem,
     _Stream,
 )
+from peerd.shell.api_limits import (
+    DEFAULT_MAILBOX_TOTAL_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    Admission,
+    ApiLimits,
+    Close,
+    MailboxBudget,
+    ReadTimer,
+    Refusals,
+    Shared,
+)
 from peerd.shell.api_socket import (
     ApiSocketError,
     PeerCred,
@@ -89,9 +106,11 @@ from peerd.shell.api_socket import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
     "MAILBOX_BYTES",  # the mailbox defaults, for peerd.shell.messaging
     "MAILBOX_MESSAGES",
     "ApiError",
+    "ApiLimits",
     "ApiServer",
     "ApiSocketError",
     "Backend",
@@ -103,7 +122,6 @@ __all__ = [
 
 log = logging.getLogger("peerd.api")
 
-DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_MAX_INFLIGHT = 64  # concurrent requests per connection before the reader pauses
 OUTGOING_QUEUE_FRAMES = 256  # frames waiting for the writer, per connection
 CLOSE_GRACE_S = 5.0  # time to flush the last frames to a client we are closing
@@ -125,9 +143,11 @@ async def serve_api(
     backend: Backend,
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
     mailbox_messages: int = MAILBOX_MESSAGES,
     mailbox_bytes: int = MAILBOX_BYTES,
+    mailbox_total_bytes: int = DEFAULT_MAILBOX_TOTAL_BYTES,
+    limits: ApiLimits | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API until cancelled.
@@ -151,6 +171,8 @@ async def serve_api(
         max_connections=max_connections,
         mailbox_messages=mailbox_messages,
         mailbox_bytes=mailbox_bytes,
+        mailbox_total_bytes=mailbox_total_bytes,
+        limits=limits,
     )
     await server.serve(listener, task_status=task_status)
 
@@ -163,20 +185,39 @@ class ApiServer:
         backend: Backend,
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections: int | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         mailbox_messages: int = MAILBOX_MESSAGES,
         mailbox_bytes: int = MAILBOX_BYTES,
+        mailbox_total_bytes: int = DEFAULT_MAILBOX_TOTAL_BYTES,
+        limits: ApiLimits | None = None,
+        credentials: Callable[[trio.abc.Stream], PeerCred | None] = peer_cred,
+        daemon_uid: int | None = None,
     ) -> None:
+        limits = limits if limits is not None else ApiLimits()
+        if max_connections is not None:  # the reserve and the share shrink with it
+            reserved = min(limits.reserved_connections, max_connections // 2)
+            limits = dataclasses.replace(
+                limits,
+                max_connections=max_connections,
+                reserved_connections=reserved,
+                max_connections_per_uid=min(
+                    limits.max_connections_per_uid, max(1, max_connections - reserved)
+                ),
+            )
         self.backend = backend
+        self.limits = limits
         self.max_frame = max_frame
-        self.max_connections = max_connections
+        self.max_connections = limits.max_connections
         self.max_inflight = max_inflight
         self.mailbox_messages = mailbox_messages
         self.mailbox_bytes = mailbox_bytes
         self.path: str | None = None
         self.connections: dict[int, Connection] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.admission = Admission(limits, daemon_uid)
+        self.shared = Shared(MailboxBudget(mailbox_total_bytes), Refusals(self.counters))
+        self._credentials = credentials
         self._ids = itertools.count(1)
 
     async def serve(
@@ -219,34 +260,36 @@ class ApiServer:
                 self.counters["accept_errors"] += 1
                 await trio.sleep(0.1)
                 continue
-            if len(self.connections) >= self.max_connections:
+            cred = self._credentials(stream)
+            refusal = self.admission.refusal(cred.uid if cred is not None else None)
+            if refusal is not None:
+                reason, message = refusal
                 self.counters["refused_connections"] += 1
-                nursery.start_soon(self._refuse, stream)
+                who = f" (pid {cred.pid}, uid {cred.uid})" if cred is not None else ""
+                self.shared.refusals.refuse(reason, message + who)
+                nursery.start_soon(self._refuse, stream, message)
             else:
-                # Registered here, before its task runs, so that the limit
-                # holds even when many connections arrive at once.
+                # Registered here, before its task runs, so that the limits
+                # hold even when many connections arrive at once.
+                self.admission.add(cred.uid if cred is not None else None)
                 send, receive = trio.open_memory_channel[bytes](OUTGOING_QUEUE_FRAMES)
                 conn = Connection(
                     next(self._ids),
-                    peer_cred(stream),
+                    cred,
                     send,
                     self.max_frame,
                     self.max_inflight,
                     mailbox_messages=self.mailbox_messages,
                     mailbox_bytes=self.mailbox_bytes,
+                    queue_bytes=self.limits.queue_bytes,
+                    shared=self.shared,
                 )
                 self.connections[conn.id] = conn
                 nursery.start_soon(self._serve_connection, stream, conn, receive)
 
-    async def _refuse(self, stream: trio.abc.Stream) -> None:
+    async def _refuse(self, stream: trio.abc.Stream, message: str) -> None:
         """Tell a client over the limit why, instead of leaving it hanging."""
-        frame = encode_frame(
-            Response.failure(
-                None,
-                ErrorCode.UNAVAILABLE,
-                f"too many API connections (limit {self.max_connections})",
-            )
-        )
+        frame = encode_frame(Response.failure(None, ErrorCode.UNAVAILABLE, message))
         with (
             trio.move_on_after(CLOSE_GRACE_S),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
@@ -275,11 +318,15 @@ class ApiServer:
                                 for s in list(conn._streams.values()):
                                     s.scope.cancel()
                         if error is not None:
-                            self.counters["bad_frames"] += 1
-                            log.info("API connection %r: %s; closing", conn, error.message)
+                            if error.reason is None:
+                                self.counters["bad_frames"] += 1
+                                log.info("API connection %r: %s; closing", conn, error.message)
+                            else:
+                                self.shared.refusals.refuse(
+                                    error.reason, f"{conn!r}: {error.message}; closing"
+                                )
                             frame = encode_frame(Response.failure(None, error.code, error.message))
-                            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                                send.send_nowait(frame)
+                            conn._put_nowait(frame)
                     # The queue is closed: the writer drains it and exits. Bound
                     # that for a client that does not read.
                     top.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE_S
@@ -289,9 +336,11 @@ class ApiServer:
             log.exception("API connection %r failed", conn)
         finally:
             conn._closed = True
+            conn._drop_mail()
             if conn.on_mail is not None:
                 conn.on_mail(None)
             del self.connections[conn.id]
+            self.admission.remove(conn.cred.uid if conn.cred is not None else None)
             conn._streams.clear()
             try:
                 self.backend.connection_closed(conn)
@@ -302,14 +351,23 @@ class ApiServer:
 
     async def _read_loop(
         self, stream: trio.abc.Stream, conn: Connection, work: trio.Nursery
-    ) -> FrameError | None:
-        """Read and dispatch requests until EOF (None) or a bad frame (the error)."""
+    ) -> Close | None:
+        """Read and dispatch requests until EOF (None), a bad frame or a
+        timeout (why to close)."""
         decoder = FrameDecoder(self.max_frame)
+        timer = ReadTimer(self.limits)
         while True:
+            partial = decoder.buffered > 0
             try:
-                data = await stream.receive_some(RECEIVE_CHUNK)
+                data = await timer.receive(stream, RECEIVE_CHUNK, partial)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return None
+            if data is None:  # timed out
+                if partial:
+                    return timer.read_timeout()
+                if self._idle(conn):
+                    return timer.idle_timeout()
+                continue
             if not data:
                 return None
             decoder.feed(data)
@@ -342,7 +400,20 @@ class ApiServer:
                 else:
                     await self._start_batch(conn, batch, begin, work)
             if error is not None:
-                return error
+                return Close(error.code, error.message, None)
+
+    def _idle(self, conn: Connection) -> bool:
+        """No request the backend is working on, no watch, no mail, nothing
+        owned in the backend. (Answers the client did not read do not count:
+        a client that neither reads nor writes is idle.)"""
+        if conn._busy or conn._streams or conn._mailbox:
+            return False
+        holds = getattr(self.backend, "holds_state", None)
+        try:
+            return holds is None or not holds(conn)
+        except Exception:
+            log.exception("API backend failed in holds_state(%r)", conn)
+            return False
 
     def _batchable(self, request: Request) -> bool:
         batchable = getattr(self.backend, "batchable", None)
@@ -389,12 +460,16 @@ class ApiServer:
             try:
                 if failed is not None:
                     raise failed
-                if finish is not None:
-                    results = await finish()
-                else:
-                    results = await self.backend.call_batch(  # type: ignore[attr-defined]
-                        conn, [(r.op, r.args) for r in batch]
-                    )
+                conn._busy += 1
+                try:
+                    if finish is not None:
+                        results = await finish()
+                    else:
+                        results = await self.backend.call_batch(  # type: ignore[attr-defined]
+                            conn, [(r.op, r.args) for r in batch]
+                        )
+                finally:
+                    conn._busy -= 1
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
             except Exception as exc:
@@ -414,7 +489,7 @@ class ApiServer:
                 else:
                     response = Response.success(request.id, result)
                 frames.append(self._encode_response(response))
-            await conn._outgoing.send(b"".join(frames))
+            await conn._put(b"".join(frames))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # connection going away; nobody to answer
         finally:
@@ -443,7 +518,7 @@ class ApiServer:
                 return
             else:
                 response = await self._call(conn, request)
-            await conn._outgoing.send(self._encode_response(response))
+            await conn._put(self._encode_response(response))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # connection going away; nobody to answer
         finally:
@@ -455,7 +530,11 @@ class ApiServer:
         try:
             if request.op == Op.UNWATCH:
                 return Response.success(request.id, self._unwatch(conn, request.args))
-            result = await self.backend.call(conn, request.op, request.args)
+            conn._busy += 1
+            try:
+                result = await self.backend.call(conn, request.op, request.args)
+            finally:
+                conn._busy -= 1
             return Response.success(request.id, result)
         except ApiError as exc:
             return Response.failure(request.id, exc.code, exc.message)
@@ -495,13 +574,13 @@ class ApiServer:
             else:
                 channel = self.backend.watch(conn, topics)
         except ApiError as exc:
-            await conn._outgoing.send(
+            await conn._put(
                 self._encode_response(Response.failure(request.id, exc.code, exc.message))
             )
             return
         except Exception as exc:
             log.exception("API backend failed in watch(%r) on %r", request.args, conn)
-            await conn._outgoing.send(
+            await conn._put(
                 self._encode_response(
                     Response.failure(
                         request.id, ErrorCode.INTERNAL, f"watch: {type(exc).__name__}: {exc}"
@@ -515,7 +594,7 @@ class ApiServer:
                 return  # the client hung up while we set up the watch
             conn._streams[request.id] = entry
             with entry.scope:
-                await conn._outgoing.send(self._encode_response(Response.success(request.id, {})))
+                await conn._put(self._encode_response(Response.success(request.id, {})))
                 release()  # a long-lived stream does not count as an in-flight request
                 await self._forward(conn, request.id, channel)
         finally:
@@ -537,11 +616,11 @@ class ApiServer:
                 self.counters["internal_errors"] += 1
                 log.error("API watch %s on %r: dropping event: %s", stream_id, conn, exc)
                 continue
-            await conn._outgoing.send(frame)
+            await conn._put(frame)
             if name == STREAM_END:
                 return
         # The backend closed the stream without saying why.
-        await conn._outgoing.send(conn._encode_event(stream_id, STREAM_END, {}))
+        await conn._put(conn._encode_event(stream_id, STREAM_END, {}))
 
     def _unwatch(self, conn: Connection, args: dict[str, Any]) -> dict[str, Any]:
         stream_id = parse_unwatch_args(args)
@@ -578,10 +657,13 @@ async def _write_loop(
                             break
                         parts.append(more)
                         size += len(more)
+                    queued = size  # bytes of the queue, given back once written
                     if conn is not None and conn._mailbox and size < WRITE_COALESCE_BYTES:
                         size += conn._take_mail(WRITE_COALESCE_BYTES - size, parts)
                     if parts:
                         await stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                    if conn is not None and queued:
+                        conn._gate.give_back(queued)
                     if conn is None or not conn._mailbox:
                         break
                     frame = b""

@@ -699,6 +699,11 @@ class Backend:
         self._watches.append(Watch(conn, frozenset(topics), send, readable))
         return receive if first is None else SnapshotThenLive(first, receive)
 
+    def holds_state(self, conn: object) -> bool:
+        """The connection owns registry entries or sent messages (replies must
+        find it): the API server's idle timeout spares it."""
+        return getattr(conn, "id", None) in self._reg_conns
+
     def connection_closed(self, conn: object) -> None:
         keep = []
         for w in self._watches:

@@ -98,6 +98,7 @@ BOUNDS: dict[str, Bound] = {
     "messages.send_timeout_s": Bound(0.1, 3600.0),
     "messages.mailbox_messages": Bound(1, 1 << 20),
     "messages.mailbox_bytes": Bound(MIN_MAILBOX_BYTES, 256 << 20),
+    "messages.mailbox_total_bytes": Bound(MIN_MAILBOX_BYTES, 64 << 30),
 }
 
 

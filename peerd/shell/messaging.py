@@ -43,6 +43,7 @@ from peerd.api.protocol import (
 from peerd.core import events as ev
 from peerd.core.names.core import NamesConfig
 from peerd.shell.api_conn import MAILBOX_BYTES, MAILBOX_MESSAGES
+from peerd.shell.api_limits import DEFAULT_MAILBOX_TOTAL_BYTES
 from peerd.wire.messages import RegKind
 
 # Link priority of direct messages: with user broadcasts, after the daemon's own.
@@ -67,6 +68,9 @@ class MessageLimits:
     # (its mailbox); past either bound senders get "mailbox full".
     mailbox_messages: int = MAILBOX_MESSAGES
     mailbox_bytes: int = MAILBOX_BYTES
+    # All mailboxes of the daemon together, in bytes of encoded frames; past
+    # it senders get "mailbox full" whichever connection the message is for.
+    mailbox_total_bytes: int = DEFAULT_MAILBOX_TOTAL_BYTES
 
 
 def names_config(limits: MessageLimits) -> NamesConfig:
@@ -80,12 +84,15 @@ def names_config(limits: MessageLimits) -> NamesConfig:
 _CODE = {
     ev.SendError.NOT_FOUND: ErrorCode.NOT_FOUND,
     ev.SendError.NO_RECEIVER: ErrorCode.NO_RECEIVER,
-    ev.SendError.MAILBOX_FULL: ErrorCode.UNAVAILABLE,
+    ev.SendError.MAILBOX_FULL: ErrorCode.MAILBOX_FULL,
     ev.SendError.UNAVAILABLE: ErrorCode.UNAVAILABLE,
 }
 _TEXT = {
     ev.Why.VANISHED: "the owner of {target} vanished before the message arrived",
-    ev.Why.MAILBOX_FULL: "mailbox full: the process holding {target} is not reading its messages",
+    ev.Why.MAILBOX_FULL: (
+        "mailbox full: the process holding {target} is not reading its messages "
+        "(or its daemon's mailboxes together are at their bound)"
+    ),
     ev.Why.REFUSED: (
         "the daemon of {target}'s owner refused the message (leaving, or no registry)"
     ),

@@ -312,6 +312,12 @@ RULES: tuple[Rule, ...] = (
     _rule(r"api_connections", "api_connections_total", "API connections accepted."),
     _rule(r"api_requests", "api_requests_total", "API requests received."),
     _rule(
+        r"api_refused\.(?P<reason>\w+)",
+        "api_refusals_total",
+        "API connections refused or closed, and events or messages refused, by the bound "
+        "that was reached.",
+    ),
+    _rule(
         r"api_(?P<kind>refused_connections|bad_frames|internal_errors|accept_errors)",
         "api_errors_total",
         "API problems, by kind.",
@@ -349,6 +355,10 @@ GAUGES: dict[str, tuple[str, str]] = {
     # status gauge name -> (family, help)
     "api_connections": ("api_connections", "API connections open now."),
     "api_watchers": ("api_watchers", "API watch streams open now."),
+    "api_mailbox_bytes": (
+        "api_mailbox_bytes",
+        "Bytes of messages waiting in all API mailboxes ([messages] mailbox_total_bytes).",
+    ),
     "keys": ("keys", "Keys installed in the keyring (0: plaintext gossip)."),
     "timers_pending": ("timers_pending", "Core timers waiting in the runner."),
     "uptime_s": ("uptime_seconds", "Seconds since the runner started."),

@@ -57,6 +57,7 @@ from typing import Any
 from peerd.core.config import PRESETS, SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.core.swim.base import tags_problem
+from peerd.shell.api_limits import MAILBOX_TOTAL_MAX, ApiLimits, api_limits_problem
 from peerd.shell.authz import ApiPolicy, PolicyError, take_api_policy
 from peerd.shell.bounds import MIN_MAILBOX_BYTES as MIN_MAILBOX_BYTES
 from peerd.shell.bounds import out_of_range
@@ -105,6 +106,7 @@ class Settings:
     metrics_addr: Addr | None = None  # HTTP /metrics (Prometheus text), off when None
     links: LinkLimits = dataclasses.field(default_factory=LinkLimits)  # [links]
     messages: MessageLimits = dataclasses.field(default_factory=MessageLimits)  # [messages]
+    api: ApiLimits = dataclasses.field(default_factory=ApiLimits)  # [api]
     tags: tuple[tuple[str, str], ...] = ()  # [tags] with --tag on top, sorted by key
     advertise_nat: bool = False  # advertise may be an address of a NAT, not of this host
     api_policy: ApiPolicy = dataclasses.field(default_factory=ApiPolicy)  # [api] authorization
@@ -263,6 +265,7 @@ _LINK_SETTINGS = (
 _TABLE_FIELDS: dict[str, dict[str, dataclasses.Field[Any]]] = {
     "links": {f.name: f for f in dataclasses.fields(LinkLimits) if f.name in _LINK_SETTINGS},
     "messages": {f.name: f for f in dataclasses.fields(MessageLimits)},
+    "api": {f.name: f for f in dataclasses.fields(ApiLimits)},
 }
 
 
@@ -301,8 +304,26 @@ def build_links(overrides: dict[str, Any], source: str | None = None) -> LinkLim
 
 def build_messages(overrides: dict[str, Any], source: str | None = None) -> MessageLimits:
     """:class:`MessageLimits` with the ``[messages]`` entries (a mailbox
-    holds at least one message of the largest size: its lower bound)."""
-    return MessageLimits(**check_table_fields("messages", overrides, source))
+    holds at least one message of the largest size: its lower bound; all
+    mailboxes together at least one mailbox)."""
+    limits = MessageLimits(**check_table_fields("messages", overrides, source))
+    if not limits.mailbox_bytes <= limits.mailbox_total_bytes <= MAILBOX_TOTAL_MAX:
+        raise SettingsError(
+            "messages.mailbox_total_bytes",
+            f"must be between mailbox_bytes ({limits.mailbox_bytes}) and "
+            f"{MAILBOX_TOTAL_MAX}, got {limits.mailbox_total_bytes}",
+            source,
+        )
+    return limits
+
+
+def build_api(overrides: dict[str, Any], source: str | None = None) -> ApiLimits:
+    """:class:`ApiLimits` with the ``[api]`` entries, each within its bounds."""
+    limits = ApiLimits(**check_table_fields("api", overrides, source))
+    problem = api_limits_problem(limits)
+    if problem is not None:
+        raise SettingsError(f"api.{problem[0]}", problem[1], source)
+    return limits
 
 
 def _choices(names: object) -> str:
@@ -372,14 +393,13 @@ def load_file(path: Path) -> dict[str, Any]:
         # (a --preset flag may replace the file's).
         out["swim"] = check_swim_fields(out["swim"], source)
     if "api" in out:
-        # admin_group, events and [api.scopes.*] are the authorization policy's.
+        # admin_group, events and [api.scopes.*] are the authorization
+        # policy's; the rest of [api] are the socket's bounds (below).
         try:
             out["api_policy"] = take_api_policy(out["api"])
         except PolicyError as e:
             raise SettingsError(f"api.{e.key}", e.reason, source) from None
-        for key in out["api"]:
-            raise SettingsError(f"api.{key}", "unknown setting", source)
-    for table in ("links", "messages"):
+    for table in ("links", "messages", "api"):
         if table in out:
             out[table] = check_table_fields(table, out[table], source)
     return out
@@ -561,6 +581,7 @@ def resolve(args: argparse.Namespace) -> Settings:
         metrics_addr=values.get("metrics_addr"),
         links=build_links(values.get("links", {}), source),
         messages=build_messages(values.get("messages", {}), source),
+        api=build_api(values.get("api", {}), source),
         tags=tuple(sorted(values["tags"].items())),
         advertise_nat=bool(values.get("advertise_nat", False)),
         api_policy=values.get("api_policy", ApiPolicy()),

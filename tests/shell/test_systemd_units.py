@@ -20,12 +20,14 @@ import pytest
 from peerd.core.config import SwimConfig
 from peerd.core.registry.config import RegistryConfig
 from peerd.shell.agent import EXIT_CONFIG
+from peerd.shell.api_limits import ApiLimits
 from peerd.shell.authz import ApiPolicy
 from peerd.shell.links import LinkLimits
 from peerd.shell.messaging import MessageLimits
 from peerd.shell.settings import (
     _LINK_SETTINGS,
     _TOP_KEYS,
+    build_api,
     build_links,
     build_messages,
     build_swim,
@@ -192,6 +194,8 @@ def test_sample_config_lists_every_option_and_each_example_is_valid(tmp_path: Pa
     assert set(values["links"]) == set(_LINK_SETTINGS)
     assert build_messages(values["messages"], str(path)) == MessageLimits()
     assert set(values["messages"]) == set(MessageLimits.__dataclass_fields__)
+    assert build_api(values["api"], str(path)) == ApiLimits()  # [api] too
+    assert set(values["api"]) == set(ApiLimits.__dataclass_fields__)
     assert values["tags"] == {"role": "web", "dc": "eu-1"}  # examples of [tags]
     policy = values["api_policy"]  # [api]: the defaults, and two example scopes
     assert (policy.admin_group, policy.events) == (ApiPolicy().admin_group, ApiPolicy().events)
