@@ -44,6 +44,7 @@ class TimerKind(enum.Enum):
     REG_SYNC = "reg_sync"  # the registry's own anti-entropy round
     TREE_FLUSH = "tree_flush"  # membership news batched for the broadcast tree
     TREE_RELAY = "tree_relay"  # news heard off the tree that the tree did not bring
+    TREE_SWEEP = "tree_sweep"  # after a burst of deaths: ping a few random members
 
 
 class MeshTimerKind(enum.Enum):
@@ -197,6 +198,14 @@ class TreeRelay:
     kind: ClassVar[TimerKind] = TimerKind.TREE_RELAY
 
 
+@dataclass(frozen=True, slots=True)
+class TreeSweep:
+    """A burst of deaths: ping a few random members (see treecast)."""
+
+    token: int
+    kind: ClassVar[TimerKind] = TimerKind.TREE_SWEEP
+
+
 MembershipTimer = (
     ProbeTick
     | ProbeTimeout
@@ -211,6 +220,7 @@ MembershipTimer = (
     | LeaveSpread
     | TreeFlush
     | TreeRelay
+    | TreeSweep
 )
 # The registry's (peerd.core.registry): the peer hands them to it.
 RegistryTimer = RegFlush | RegSettleTimeout | RegSyncTick

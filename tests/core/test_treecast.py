@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peerd.core import config as cfgmod
-from peerd.core.events import LinkDown, SetTags
-from peerd.wire.messages import Status
+from peerd.core.events import LinkDown, SendPacket, SetTags, SetTimer
+from peerd.core.swim import treecast
+from peerd.core.timers import TreeRelay
+from peerd.wire.messages import Died, Status
 
 from .peer_harness import PeerCluster
 
@@ -156,3 +158,61 @@ def test_deaths_reach_everyone_when_the_desk_itself_crashed() -> None:
         c.crash(i)
     c.run_until(c.now + 20.0)
     assert all(c.all_see(i, Status.DEAD) for i in dead)
+
+
+def test_the_desk_batches_its_own_verdict_and_hands_it_to_the_stand_in() -> None:
+    c = started(6)
+    desk = c.nodes[0].membership
+    assert [int.from_bytes(d, "big") for d in desk._tree_desks()] == [0, 1]
+    subject = (4).to_bytes(16, "big")
+    desk._now = c.now
+    desk._out = []
+    desk._tc.ctx = treecast.OWN
+    desk._tree_death(subject, Died(subject, 0), "x")
+    # in the desk's own batch (it used to wait for the stand-in's relay) ...
+    assert subject in desk._tc.batch
+    assert desk.counters["tree_desk_items"] >= 1
+    # ... and to the stand-in in a datagram, in case the desk dies first
+    sent = [o for o in desk._out if isinstance(o, SendPacket)]
+    assert [o.dst for o in sent] == [c.nodes[1].membership._me.addr]
+    assert desk.counters["tree_desk_sends"] == 1
+    desk._out = []
+
+
+def test_a_burst_of_deaths_starts_a_sweep_and_one_death_does_not() -> None:
+    c = started(30)
+    c.crash(7)
+    c.run_until(c.now + 10.0)
+    assert c.all_see(7, Status.DEAD)
+    assert all(p.counters["sweep_checks"] == 0 for p in c.nodes)
+    dead = (4, 9, 13, 17, 21, 22, 26, 28)
+    for i in dead:
+        c.crash(i)
+    c.run_until(c.now + 20.0)
+    assert all(c.all_see(i, Status.DEAD) for i in dead)
+    live = [i for i in range(30) if i not in dead and i != 7]
+    sweeps = [c.nodes[i].counters["sweep_checks"] for i in live]
+    # each survivor pinged gossip_fanout members per gossip interval for
+    # about SWEEP_S after the burst's last death it learnt: bounded
+    fanout = c.nodes[0].membership.config.gossip_fanout
+    ticks = treecast.SWEEP_S / c.nodes[0].membership.config.gossip_interval_s
+    assert all(s > 0 for s in sweeps), sweeps
+    assert max(sweeps) <= fanout * (ticks + 12), sweeps
+    # the checks of live members were answered: no false suspicion came of it
+    assert all(c.all_see(i, Status.ALIVE) for i in live)
+
+
+def test_a_short_relay_wait_is_not_held_behind_a_long_one() -> None:
+    c = started(4)
+    node = c.nodes[2].membership
+    a, b = (0).to_bytes(16, "big"), (1).to_bytes(16, "big")
+    node._now = c.now
+    node._out = []
+    node._tree_defer(a, Died(a, 0), "x", 2.0)
+    node._tree_defer(b, Died(b, 0), "y", 0.1)
+    timers = [o for o in node._out if isinstance(o, SetTimer) and isinstance(o.timer, TreeRelay)]
+    assert [round(o.at - c.now, 3) for o in timers] == [2.0, 0.1]
+    # the first timer was superseded: only the sooner one is live
+    live = [t for t in node._timers.live.values() if isinstance(t, TreeRelay)]
+    assert live == [timers[-1].timer]
+    node._out = []

@@ -339,6 +339,37 @@ def test_a_needless_graft_raises_the_graft_timeout() -> None:
     assert r.core.graft_timeout() == 0.25
 
 
+def test_after_a_tree_link_went_down_announced_broadcasts_are_grafted_at_the_floor() -> None:
+    r = pt_rig(eager=(2, 4), lazy=(3,))
+    # A late tree raised the timeout to its ceiling (as above) ...
+    r.recv(3, ihave((M1, 2)), now=1.0)
+    r.fire(MeshTimerKind.GRAFT)
+    r.recv(3, gossip(3), now=1.0625)
+    r.recv(2, gossip(4), now=1.125)
+    assert r.core.graft_timeout() == 0.25
+    # ... then an eager neighbour (maybe our parent in the tree) goes down:
+    # what is announced now will not come by the tree; graft at the floor.
+    r.handle(NeighborDown(peer(4)), now=2.0)
+    assert r.core.graft_timeout() == 0.05
+    m3, m4 = bytes(15) + b"\x03", bytes(15) + b"\x04"
+    r.recv(3, ihave((m3, 2)), now=2.1)
+    assert r.timer(MeshTimerKind.GRAFT).at == pytest.approx(2.15)
+    # the lag of the repair is not the tree's: not sampled in the window
+    r.recv(2, gossip(3, m3), now=2.5)
+    assert r.core.graft_timeout() == 0.05
+    # after it, the lags measured before the cut are forgotten too
+    r.recv(3, ihave((m4, 2)), now=4.5)
+    assert r.core.graft_timeout() == 0.05
+    # a lazy neighbour going down cuts no tree path: nothing changes
+    r2 = pt_rig(eager=(2,), lazy=(3, 4))
+    r2.recv(3, ihave((M1, 2)), now=1.0)
+    r2.fire(MeshTimerKind.GRAFT)
+    r2.recv(3, gossip(3), now=1.0625)
+    r2.recv(2, gossip(4), now=1.125)
+    r2.handle(NeighborDown(peer(4)), now=2.0)
+    assert r2.core.graft_timeout() == 0.25
+
+
 def test_announcement_of_a_known_id_is_ignored() -> None:
     r = pt_rig(eager=(2,), lazy=(3,))
     r.recv(2, gossip(3))

@@ -86,6 +86,14 @@ class PlumtreeConfig:
     # measured yet; a window of 0 disables the measurement (graft_timeout_s).
     graft_timeout_min_s: float = 0.05
     graft_lag_window: int = 32
+    # When a tree link to us goes down (an eager neighbour failed or left),
+    # for this long the first graft timeout is the floor and no lag is
+    # sampled: the tree above us is cut, an announced broadcast will not come
+    # by it, and the lags measured while it is being repaired are the
+    # repair's, not the tree's (after a mass crash they would hold the
+    # timeout at its ceiling just when every node is being cut off). 0
+    # disables.
+    graft_cut_window_s: float = 2.0
     # After a graft, wait this long before grafting from the next announcer.
     graft_retry_s: float = 0.125
     # Tree optimisation (Plumtree section 3.8): when an IHAVE for the latest

@@ -172,6 +172,7 @@ class Plumtree:
             maxlen=max(0, config.graft_lag_window)
         )
         self._optimize_after = 0.0  # no tree optimisation before this time
+        self._cut_until = 0.0  # a tree link to us went down: see graft_cut_window_s
         self._swap: _Swap | None = None
         # GRAFTs without wants not acknowledged yet, per peer: (how many, last sent)
         self._unacked: dict[NodeId, tuple[int, float]] = {}
@@ -201,7 +202,10 @@ class Plumtree:
         return list(self._missing)
 
     def graft_timeout(self) -> float:
-        """The first graft timeout now (see :func:`first_graft_timeout`)."""
+        """The first graft timeout now (see :func:`first_graft_timeout`): the
+        floor for a while after a tree link to us went down."""
+        if self._now < self._cut_until:
+            return self.config.graft_timeout_min_s
         return first_graft_timeout(self._lags, self.config)
 
     # --- the one entry point ---------------------------------------------------
@@ -592,10 +596,15 @@ class Plumtree:
 
     def _sample_lag(self, lag: float, seen: _Seen) -> None:
         seen.sampled = True
-        if self._lags.maxlen:
+        if self._lags.maxlen and self._now >= self._cut_until:
             self._lags.append(max(0.0, lag))
 
     def _on_neighbor_down(self, node: NodeId) -> None:
+        if node in self._eager and self.config.graft_cut_window_s > 0:
+            # Our tree may have been cut above us: graft announced broadcasts
+            # soon, and forget the lags measured before (graft_cut_window_s).
+            self._cut_until = self._now + self.config.graft_cut_window_s
+            self._lags.clear()
         self._eager.pop(node, None)
         self._lazy.pop(node, None)
         self._ihave_queue.pop(node, None)

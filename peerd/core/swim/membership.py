@@ -108,6 +108,7 @@ from peerd.core.timers import (
     Timer,
     TreeFlush,
     TreeRelay,
+    TreeSweep,
 )
 from peerd.wire import codec
 from peerd.wire.codec import (
@@ -430,6 +431,8 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
                 self._tree_flush()
             case TreeRelay():
                 self._tree_relay()
+            case TreeSweep():
+                self._tree_sweep()
 
     def _gossip_tick(self) -> None:
         self._gossip_round()

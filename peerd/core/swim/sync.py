@@ -120,6 +120,8 @@ class AntiEntropy(NodeBase):
         knows what we missed; one exchange per burst per node, cluster-wide
         O(N) small digest syncs, each repairing both ends."""
         self._deaths_since_sync += 1
+        if self._deaths_since_sync >= REPAIR_BURST and self._tc.on:
+            self._tree_sweep_soon()
         if self._deaths_since_sync < REPAIR_BURST or self.config.push_pull_interval_s <= 0:
             return
         if not self._push_pull_token or self._push_pull_at <= self._now + REPAIR_DELAY_S:
