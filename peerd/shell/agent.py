@@ -69,7 +69,7 @@ from peerd.shell.systemd import (
 )
 from peerd.shell.tags import NodeTags
 from peerd.shell.tcp import TcpEndpoint, TcpLimits, open_tcp_listener
-from peerd.shell.udp import BindError, UdpEndpoint, open_udp_socket
+from peerd.shell.udp import BindError, KernelDrops, UdpEndpoint, open_udp_socket
 from peerd.wire.messages import Addr, tags_from_mapping
 from peerd.wire.seal import (
     KeyFormatError,
@@ -587,6 +587,8 @@ async def _serve_daemon(
     runner.gauge_sources["watch_links"] = lambda: len(tcp.watch_links) + tcp.links_in
     runner.gauge_sources["tcp_preauth_connections"] = lambda: tcp.preauth.connections
     runner.gauge_sources["tcp_preauth_bytes"] = lambda: tcp.preauth.reserved
+    # what the kernel dropped because we did not read fast enough (a flood)
+    runner.counter_sources["udp_drop"] = KernelDrops(udp.sock)
 
     async def udp_service(*, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()

@@ -125,7 +125,7 @@ class Backend:
     sends: Sends | None
     node_tags: NodeTags | None
     counters: collections.Counter[str]
-    counter_sources: dict[str, collections.Counter[str]]
+    counter_sources: dict[str, Mapping[str, int]]
     gauge_sources: dict[str, Callable[[], float]]
     send_channel: trio.MemorySendChannel[Item]
     watcher_buffer: int

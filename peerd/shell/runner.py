@@ -42,7 +42,7 @@ import contextlib
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
@@ -201,7 +201,7 @@ class Runner(Backend, KeyOps):
         )
         self.guard = CoreGuard(logger, self.counters)  # core bugs, one input at a time
         # Extra counter sets shown by `status` under a prefix (e.g. the API server's).
-        self.counter_sources: dict[str, collections.Counter[str]] = {}
+        self.counter_sources: dict[str, Mapping[str, int]] = {}
         if inputs is None:
             inputs = open_inputs()
         self.send_channel, self._receive = inputs

@@ -22,8 +22,10 @@ import collections
 import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import struct
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 import trio
@@ -292,3 +294,51 @@ def _extended_errno(ancdata: list[tuple[int, int, bytes]]) -> int | None:
         ):
             return int(_EXT_ERR.unpack_from(payload)[0])
     return None
+
+
+def kernel_drops(sock: socket.socket, proc_net: str = "/proc/net") -> int | None:
+    """Datagrams the kernel dropped for ``sock`` because its receive buffer
+    was full (the daemon did not read fast enough: a flood, or a stalled
+    loop), from the ``drops`` column of /proc/net/udp or udp6 (the socket's
+    own network namespace, as seen from this process); None where there is
+    no such table. The count is the kernel's since the socket was opened.
+    Read when the metrics are, not per datagram."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return None
+    for table in ("udp", "udp6"):
+        try:
+            with open(f"{proc_net}/{table}", encoding="ascii", errors="replace") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 13 and fields[9] == inode:
+                with contextlib.suppress(ValueError):
+                    return int(fields[12])
+    return None
+
+
+class KernelDrops(Mapping[str, int]):
+    """``{"rcvbuf": n}``: :func:`kernel_drops` of a socket, as a counter
+    source (the runner's ``counter_sources["udp_drop"]`` makes it
+    ``udp_drop_rcvbuf``, shown as ``peerd_drops_total{layer="udp",
+    reason="rcvbuf"}``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def _now(self) -> dict[str, int]:
+        n = kernel_drops(self.sock)
+        return {} if n is None else {"rcvbuf": n}
+
+    def __getitem__(self, key: str) -> int:
+        return self._now()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
