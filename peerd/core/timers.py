@@ -299,6 +299,7 @@ _BY_KIND: dict[TimerKind, type] = {
         RegSyncTick,
         TreeFlush,
         TreeRelay,
+        TreeSweep,
     )
 }
 _CONTEXT_DEFAULTS: dict[TimerKind, tuple[object, ...]] = {

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peerd.core import config as cfgmod
-from peerd.core.events import LinkDown, SendPacket, SetTags, SetTimer
+from peerd.core.events import LinkDown, SendPacket, SetTags
 from peerd.core.swim import treecast
-from peerd.core.timers import TreeRelay
 from peerd.wire.messages import Died, Status
 
 from .peer_harness import PeerCluster
@@ -200,19 +199,3 @@ def test_a_burst_of_deaths_starts_a_sweep_and_one_death_does_not() -> None:
     assert max(sweeps) <= fanout * (ticks + 12), sweeps
     # the checks of live members were answered: no false suspicion came of it
     assert all(c.all_see(i, Status.ALIVE) for i in live)
-
-
-def test_a_short_relay_wait_is_not_held_behind_a_long_one() -> None:
-    c = started(4)
-    node = c.nodes[2].membership
-    a, b = (0).to_bytes(16, "big"), (1).to_bytes(16, "big")
-    node._now = c.now
-    node._out = []
-    node._tree_defer(a, Died(a, 0), "x", 2.0)
-    node._tree_defer(b, Died(b, 0), "y", 0.1)
-    timers = [o for o in node._out if isinstance(o, SetTimer) and isinstance(o.timer, TreeRelay)]
-    assert [round(o.at - c.now, 3) for o in timers] == [2.0, 0.1]
-    # the first timer was superseded: only the sooner one is live
-    live = [t for t in node._timers.live.values() if isinstance(t, TreeRelay)]
-    assert live == [timers[-1].timer]
-    node._out = []

@@ -217,8 +217,6 @@ class TreeState:
     # heard off the tree, waiting for the tree: subject -> (message, ident, due)
     pending: dict[NodeId, tuple[Message, Hashable, float]] = field(default_factory=dict)
     relay_armed: bool = False
-    relay_at: float = 0.0  # when the armed TreeRelay fires
-    relay_token: int = 0
     desk_due: float = 0.0  # a desk's hold ends (see treecast)
     sweep_until: float = 0.0  # a burst of deaths: sweep pings until then
     desk_quiet: float = 0.0  # ... or no death came to the desk till then
