@@ -173,3 +173,34 @@ def test_a_simulation_gives_the_same_summary_with_shared_replicas() -> None:
     reg = out[0]["registry"]
     assert reg["conflicts"] > 0 and reg["churn"] > 0 and reg["node_down"] > 0
     assert out[0] == out[1]
+
+
+def test_ground_truth_bits_match_a_set() -> None:
+    """The registry workload's holdings (a bit per entry and observer)
+    against a set per observer, the representation they replace."""
+    from peerd.sim.workloads.registry import TEntry, _bits
+
+    rng = random.Random(3)
+    for _ in range(50):
+        held = set(rng.sample(range(200), rng.randrange(40)))
+        b = bytearray(30)
+        for x in held:
+            b[x >> 3] |= 1 << (x & 7)
+        assert _bits(b) == sorted(held)
+    sc = scenario("[registry]\nnames_per_node = 1\npreload = false\n", nodes=4, duration=5)
+    w = World(sc)
+    reg = w.reg
+    assert reg is not None
+    for i in range(3):
+        reg.observer_on(i, False, 0.0)
+    ref: dict[int, set[int]] = {i: set() for i in range(3)}
+    for k in range(300):
+        reg._add(TEntry(k % 4, 1, k, 10_000 + k, RegKind.NAME, f"x{k}", 0.0))
+    for _ in range(3000):
+        i, idx, add = rng.randrange(3), rng.randrange(300), rng.random() < 0.6
+        reg._hold(i, idx, add, 1.0)
+        (ref[i].add if add else ref[i].discard)(idx)
+        assert reg._held(i, idx) == add
+    for i in range(3):
+        assert reg._held_set(i) == sorted(ref[i])
+        assert [idx for idx in range(300) if reg._held(i, idx)] == sorted(ref[i])
