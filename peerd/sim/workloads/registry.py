@@ -72,7 +72,7 @@ class TEntry:
 
 def _bits(b: bytearray) -> list[int]:
     """The positions of the set bits of ``b``, ascending."""
-    out = []
+    out: list[int] = []
     for j, byte in enumerate(b):
         if byte:
             base = j << 3
