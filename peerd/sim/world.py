@@ -134,6 +134,7 @@ class World(Faults):
             proc = self._start_proc(h, preload=snap, row=bytearray(row))
             if reg_snap is not None:
                 proc.node.preload_registry(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
+                proc.flush = None  # its replica is the preloaded one: nothing to share after inputs
         if reg is not None:
             reg._quiet = False
             reg._changed(0.0)
