@@ -30,6 +30,7 @@ from typing import Any, cast
 from sortedcontainers import SortedList
 
 from peerd.core.digest import FINE_BITS, Digest, bucket_of
+from peerd.core.registry.index import ClaimIndex, copy_value
 from peerd.core.registry.state import (
     Claim,
     Entry,
@@ -488,18 +489,18 @@ class SharedState:
 
     def __init__(self, partitions: Iterable[tuple[NodeId, int, Iterable[Entry]]]) -> None:
         self.parts: dict[NodeId, Partition] = {}
-        self.names: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
-        self.groups: dict[tuple[str, str], dict[tuple[NodeId, int], Claim]] = {}
+        self.names: dict[tuple[str, str], Any] = {}  # a ClaimIndex's table
+        self.groups: dict[tuple[str, str], Any] = {}
+        names, groups = ClaimIndex(_Dict()), ClaimIndex(_Dict())
         for origin, generation, entries in partitions:
             part = Partition(generation)
             for entry in entries:
                 part.entries[entry.eid] = entry
                 part.version += 1
-                index = self.names if entry.kind is Kind.NAME else self.groups
-                index.setdefault((entry.scope, entry.name), {})[(origin, entry.eid)] = Claim(
-                    origin, entry
-                )
+                index = names if entry.kind is Kind.NAME else groups
+                index.add((entry.scope, entry.name), Claim(origin, entry))
             self.parts[origin] = part
+        self.names, self.groups = dict(names.table), dict(groups.table)
         self.hashes = Digest()
         self.fine: dict[int, set[NodeId]] = {}
         for origin, part in self.parts.items():
@@ -525,9 +526,14 @@ class SharedState:
             parts=cast(Any, parts),
             hashes=hashes,
             fine=cast(Any, fine),
-            names=cast(Any, CowDict(self.names, {}, dict)),
-            groups=cast(Any, CowDict(self.groups, {}, dict)),
+            names=ClaimIndex(CowDict(self.names, {}, copy_value)),
+            groups=ClaimIndex(CowDict(self.groups, {}, copy_value)),
         )
+
+
+class _Dict(dict):  # type: ignore[type-arg]
+    __slots__ = ()
+    peek = dict.get
 
 
 def _copy_partition(part: Partition) -> Partition:

@@ -50,7 +50,7 @@ from peerd.core.names.core import NamesConfig
 from peerd.core.peer import Peer
 from peerd.core.swim.members import Member, MemberTables, StoreFactory
 from peerd.sim import compact as compact_store
-from peerd.sim import store
+from peerd.sim import regshare, store
 from peerd.sim.engine import Host, Proc
 from peerd.sim.faults import Faults
 from peerd.sim.links import Links
@@ -76,6 +76,8 @@ class World(Faults):
         # Members tables of nodes that join share their records (see
         # peerd.sim.compact); compact=False gives them plain tables.
         self.records = compact_store.Records() if compact else None
+        # and their registry replicas share equal partitions (peerd.sim.regshare)
+        self.regpool = regshare.Pool() if compact else None
         ns = scenario.names
         regspec = scenario.registry
         if regspec is None and ns is not None and ns.names_per_node:
@@ -132,6 +134,7 @@ class World(Faults):
             proc = self._start_proc(h, preload=snap, row=bytearray(row))
             if reg_snap is not None:
                 proc.node.preload_registry(reg_snap.tables(h.node_id, proc.gen), owners[h.index])
+                proc.flush = None  # its replica is the preloaded one: nothing to share after inputs
         if reg is not None:
             reg._quiet = False
             reg._changed(0.0)
@@ -262,7 +265,9 @@ class World(Faults):
             row = bytearray(self.n)
         row[host.index] = V_ALIVE
         proc = Proc(host, node, gen)
-        if made:
+        if self.regpool is not None:
+            proc.flush = regshare.install(self.regpool, node, made[0].flush if made else None)
+        elif made:
             proc.flush = made[0].flush
         if self.seal:
             assert self._keyring is not None

@@ -41,9 +41,12 @@ import collections
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from peerd.core.digest import FINE_BITS, Digest, bucket_of
 from peerd.core.events import RegEventKind
+from peerd.core.registry.index import Claim as Claim
+from peerd.core.registry.index import ClaimIndex, IndexLike, _Table
 from peerd.wire.messages import NodeId, RegChange, RegDelta, RegEntry, RegKind, RegSnapshot, Tags
 
 Meta = Tags  # sorted (key, value) pairs, like node tags
@@ -70,17 +73,6 @@ class Applied(enum.Enum):
     GAP = "gap"  # cannot apply: anti-entropy must fetch this origin
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """An entry together with its origin: what the indexes hold."""
-
-    origin: NodeId
-    entry: Entry
-
-    def rank(self) -> tuple[int, NodeId, int]:
-        return (self.entry.claimed_ms, self.origin, self.entry.eid)
-
-
 def winner(claims: Iterable[Claim]) -> Claim | None:
     """The claim that holds a unique name: the oldest claim (by the claiming
     daemon's wall clock), ties broken by origin id, then entry id. Pure and
@@ -98,15 +90,16 @@ class Conflict:
 
 MAX_PENDING_PER_ORIGIN = 16
 
+_M = TypeVar("_M", Delta, Snapshot)
 
-class _Table(dict):  # type: ignore[type-arg]
-    """A dict with ``peek``: a read that promises not to mutate what it gets.
-    The simulator's store (peerd.sim.store) supplies copy-on-write tables with
-    the same methods, whose ``get`` copies a shared record before the caller
-    may change it (see :class:`RegistryTables`)."""
 
-    __slots__ = ()
-    peek = dict.get
+class Share(Protocol):
+    """Maps a received delta or snapshot to an equal one (the same object for
+    equal messages), so that many simulated replicas hold one copy of each
+    entry, origin id and string (peerd.sim.regshare). It must return a value
+    equal to its argument; a daemon has none."""
+
+    def __call__(self, msg: _M, /) -> _M: ...
 
 
 def part_key(part: Partition) -> int:
@@ -125,8 +118,8 @@ class RegistryTables:
     parts: _Table
     hashes: Digest
     fine: _Table
-    names: _Table
-    groups: _Table
+    names: IndexLike
+    groups: IndexLike
 
 
 class Registry:
@@ -154,9 +147,11 @@ class Registry:
         self._pending: dict[NodeId, dict[int, Delta]] = {}
         self._next_eid = 0
         self._changes: list[tuple[RegEventKind, Claim]] = []  # for events, see drain_changes
-        # (scope, name) -> {(origin, eid): claim}
-        self._names: _Table = _Table()
-        self._groups: _Table = _Table()
+        # (scope, name) -> claims (peerd/core/registry/index.py)
+        self._names: IndexLike = ClaimIndex()
+        self._groups: IndexLike = ClaimIndex()
+        # a simulator may give equal messages one shared copy (see Share)
+        self.share: Share | None = None
 
     def adopt(self, tables: RegistryTables) -> None:
         """Start from ``tables`` (a converged registry, for simulations: see
@@ -285,6 +280,8 @@ class Registry:
     def apply_delta(self, delta: Delta) -> Applied:
         if delta.origin == self.node_id:
             return Applied.STALE
+        if self.share is not None:
+            delta = self.share(delta)
         floor = self._floors.get(delta.origin)
         if floor is not None and delta.generation <= floor[0]:
             return Applied.STALE  # a dropped life
@@ -311,6 +308,8 @@ class Registry:
     def apply_snapshot(self, snap: Snapshot) -> Applied:
         if snap.origin == self.node_id:
             return Applied.STALE
+        if self.share is not None:
+            snap = self.share(snap)
         floor = self._floors.get(snap.origin)
         # The same life after a refuted death may come back, from the state we
         # dropped onwards; an older life never.
@@ -409,26 +408,27 @@ class Registry:
     # --- reads ------------------------------------------------------------------
 
     def lookup(self, scope: str, name: str) -> Claim | None:
-        claims = self._names.peek((scope, name))
-        return winner(claims.values()) if claims else None
+        return winner(self._names.get((scope, name)))
 
     def claims(self, scope: str, name: str) -> list[Claim]:
-        return sorted(self._names.peek((scope, name), {}).values(), key=Claim.rank)
+        return sorted(self._names.get((scope, name)), key=Claim.rank)
 
     def group_members(self, scope: str, group: str) -> list[Claim]:
-        return sorted(self._groups.peek((scope, group), {}).values(), key=Claim.rank)
+        return sorted(self._groups.get((scope, group)), key=Claim.rank)
 
     def names(self, scope: str | None = None, prefix: str = "") -> Iterator[Claim]:
-        for (sc, name), claims in sorted(self._names.items()):
+        for sc, name in sorted(self._names.keys()):
             if (scope is None or sc == scope) and name.startswith(prefix):
-                w = winner(claims.values())
+                w = winner(self._names.get((sc, name)))
                 if w is not None:
                     yield w
 
     def groups(self, scope: str | None = None, prefix: str = "") -> Iterator[tuple[str, str, int]]:
-        for (sc, name), claims in sorted(self._groups.items()):
+        for sc, name in sorted(self._groups.keys()):
             if (scope is None or sc == scope) and name.startswith(prefix):
-                yield sc, name, len(claims)
+                n = self._groups.count((sc, name))
+                if n:
+                    yield sc, name, n
 
     def entries(self) -> Iterator[Claim]:
         for origin, part in self._parts.items():
@@ -440,14 +440,12 @@ class Registry:
 
     def conflicts_for_local(self, scope: str, name: str) -> list[Conflict]:
         """Local name entries that lose ``(scope, name)`` to another claim."""
-        claims = self._names.peek((scope, name))
-        if not claims or len(claims) < 2:
+        claims = self._names.get((scope, name))
+        if len(claims) < 2:
             return []
-        w = winner(claims.values())
+        w = winner(claims)
         assert w is not None
-        return [
-            Conflict(c.entry, w) for c in claims.values() if c.origin == self.node_id and c is not w
-        ]
+        return [Conflict(c.entry, w) for c in claims if c.origin == self.node_id and c is not w]
 
     def state(self) -> dict[NodeId, tuple[int, int, frozenset[Entry]]]:
         """The comparable replicated state (for tests and checks)."""
@@ -503,13 +501,8 @@ class Registry:
         if entry is not None:
             part.entries[eid] = entry
             index = self._names if entry.kind is Kind.NAME else self._groups
-            index.setdefault((entry.scope, entry.name), {})[(origin, eid)] = Claim(origin, entry)
+            index.add((entry.scope, entry.name), Claim(origin, entry))
 
     def _index_remove(self, origin: NodeId, entry: Entry) -> None:
         index = self._names if entry.kind is Kind.NAME else self._groups
-        key = (entry.scope, entry.name)
-        claims = index.get(key)
-        if claims is not None:
-            claims.pop((origin, entry.eid), None)
-            if not claims:
-                del index[key]
+        index.remove((entry.scope, entry.name), origin, entry.eid)
