@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Benchmark-size scenarios, run smaller so the whole set takes minutes.
 SIZES = {
     "crash-under-loss-2k": 300,
+    "grow-10k": 200,
     "mass-join-10k": 1003,
     "mesh-10k": 1000,
     "registry-10k": 1000,
