@@ -232,6 +232,7 @@ def test_a_died_ref_for_an_unknown_prefix_changes_nothing() -> None:
     assert events(outs) == []
     assert r.node.live_count() == 4
     assert r.counter("drop.died_ref_ambiguous") == 0
+    assert r.counter("drop.died_ref_unknown") == 1  # counted, not silent
 
 
 def test_a_shared_prefix_is_never_resolved_and_deaths_go_in_full() -> None:

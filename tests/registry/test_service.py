@@ -20,7 +20,7 @@ from peerd.core.events import (
     UpdateMeta,
 )
 from peerd.core.registry.service import MAX_DELTA_BYTES
-from peerd.wire.messages import RegKind, Status
+from peerd.wire.messages import RegChange, RegDelta, RegKind, Status
 from tests.core.harness import Cluster
 
 NAME, GROUP = RegKind.NAME, RegKind.GROUP
@@ -281,3 +281,22 @@ def test_partitions_of_unknown_origins_are_not_kept() -> None:
     assert [o for o in outs if isinstance(o, RegistryEvent)] == []
     assert stranger not in c.nodes[0].registry.state.digest()
     assert c.nodes[0].registry.state.lookup("default", "ghost") is None
+
+
+def test_news_of_a_dead_origin_is_a_counted_drop() -> None:
+    c, rec = cluster(5)
+    reg(c, 3, "soon-gone")
+    c.run_until(c.now + 0.1)
+    c.crash(3)
+    t = c.now
+    while not c.all_see(3, Status.DEAD) and t < c.now + 30:
+        t += 0.05
+        c.run_until(t)
+    service = c.nodes[0].registry
+    origin = c.nodes[3].node_id
+    before = service.counters["drop.origin_not_live"]
+    late = RegDelta(origin, 0, 1, 2, (RegChange(2, 9, None),))
+    service.on_message(None, late)  # a late delta (a datagram, the mesh)
+    service._apply_items((late,))  # and in a sync reply
+    assert service.counters["drop.origin_not_live"] == before + 2
+    assert service.state.version_of(origin) == (0, 0)  # nothing applied

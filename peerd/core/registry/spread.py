@@ -207,7 +207,8 @@ class RegistrySpread(RegistrySync):
 
     def on_message(self, src_node: NodeId | None, msg: RegDelta | RegSnapshot | RegAck) -> None:
         if not self._known(msg.origin):
-            return  # not a live member's partition: see _known
+            self.counters["drop.origin_not_live"] += 1  # not a live member's partition: see _known
+            return
         self.arm_sync()
         match msg:
             case RegDelta():

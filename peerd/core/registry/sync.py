@@ -241,6 +241,7 @@ class RegistrySync(RegistryBase):
         advanced: set[NodeId] = set()
         for item in items:
             if not self._known(item.origin):
+                self.counters["drop.origin_not_live"] += 1  # see _known
                 continue
             if isinstance(item, RegSnapshot):
                 res = self.state.apply_snapshot(item)

@@ -523,7 +523,9 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
                     self._on_dead(node, msg.incarnation, src)
                     self._copy_done(node, before)
                 else:
+                    # the death of a node we never knew (or have reaped)
                     self.counters["update_copies_in"] += 1
+                    self.counters["drop.died_ref_unknown"] += 1
             case Left():
                 before = self._copy_in(msg.node)
                 self._on_left(msg, src)

@@ -381,6 +381,9 @@ class TreeCast(NodeBase):
                 ref = self._by_prefix.get(msg.prefix)
                 if ref is None or ref == AMBIGUOUS:
                     counters["update_copies_in"] += 1
+                    counters[
+                        "drop.died_ref_unknown" if ref is None else "drop.died_ref_ambiguous"
+                    ] += 1
                     continue
                 node = ref
                 before = self._copy_in(node)
