@@ -219,6 +219,9 @@ def test_relations_still_hold_across_settings(tmp_path: Path) -> None:
         ("x = " + "{a=" * 3000 + "1" + "}" * 3000 + "\n", "nests arrays or tables too deeply"),
         ("# " + "x" * (1 << 20) + "\n", "is larger than 1048576 bytes"),
     ],
+    # short ids: older pytest puts the whole parameter in the test id, which
+    # goes to the child's environment (PYTEST_CURRENT_TEST) and is too long
+    ids=["not-utf8", "deep-arrays", "deep-tables", "too-large"],
 )
 def test_files_that_are_not_configs_exit_2_with_the_reason(
     tmp_path: Path, content: str | bytes, reason: str
