@@ -72,6 +72,7 @@ class Connection:
         self._streams: dict[int, _Stream] = {}
         self._reading = True
         self._closed = False
+        self._released = False  # its admission slot was given back early (idle)
         self._mailbox: collections.deque[bytes] = collections.deque()
         self._mailbox_bytes = 0
         self.mailbox_messages = mailbox_messages

@@ -20,7 +20,10 @@ same problem:
   must be finished within ``read_timeout_s`` of time spent waiting for the
   client (time the server itself paused reading, at the in-flight limit,
   does not count), and a connection that sends nothing for
-  ``idle_timeout_s`` is closed, but only if it holds nothing: a connection
+  ``idle_timeout_s`` is closed while slots are scarce (its user holds half
+  its share, or the daemon half its connections: an idle hoard gives its
+  slots back, a lone quiet client keeps its connection), and only if it
+  holds nothing: a connection
   with a request in flight, an open watch, registry entries (or messages it
   sent, whose replies must find it) or mail waiting is never idle. Such a
   client may sit silent for days; the kernel tells us when its process
@@ -173,6 +176,18 @@ class Admission:
                 f"(limit {lim.max_connections_per_uid} per user)"
             )
         return None
+
+    def pressed(self, uid: int | None) -> bool:
+        """Whether an idle connection of ``uid`` should give its slot back:
+        its user holds half its share or more, or the daemon half its
+        connections. A quiet client with a connection kept for rare calls is
+        not cut while slots are plentiful (it would only have to reconnect);
+        an idle hoard is."""
+        lim = self.limits
+        return (
+            2 * self.total >= lim.max_connections
+            or 2 * self.by_uid.get(uid, 0) >= lim.max_connections_per_uid
+        )
 
     def add(self, uid: int | None) -> None:
         self.total += 1

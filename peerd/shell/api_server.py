@@ -340,7 +340,8 @@ class ApiServer:
             if conn.on_mail is not None:
                 conn.on_mail(None)
             del self.connections[conn.id]
-            self.admission.remove(conn.cred.uid if conn.cred is not None else None)
+            if not conn._released:
+                self.admission.remove(conn.cred.uid if conn.cred is not None else None)
             conn._streams.clear()
             try:
                 self.backend.connection_closed(conn)
@@ -365,7 +366,12 @@ class ApiServer:
             if data is None:  # timed out
                 if partial:
                     return timer.read_timeout()
-                if self._idle(conn):
+                uid = conn.cred.uid if conn.cred is not None else None
+                if self._idle(conn) and self.admission.pressed(uid):
+                    # The slot is given back now: idle connections timing
+                    # out together close only down to below the pressure.
+                    self.admission.remove(uid)
+                    conn._released = True
                     return timer.idle_timeout()
                 continue
             if not data:

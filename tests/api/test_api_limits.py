@@ -115,7 +115,8 @@ async def test_an_idle_connection_is_closed_with_a_reason(
     listener: Listener,
     backend: FakeBackend,
 ) -> None:
-    server = await start(nursery, listener, backend)
+    # one connection is half of this user's share: slots are scarce
+    server = await start(nursery, listener, backend, limits=ApiLimits(max_connections_per_uid=2))
     client = await listener.connect()
     assert (await client.call("status") or {})["ok"]
     t0 = trio.current_time()
@@ -128,28 +129,46 @@ async def test_an_idle_connection_is_closed_with_a_reason(
     assert server.connections == {}
 
 
-async def test_a_bare_connection_closes_on_the_default_idle_timeout(
+async def test_idle_connections_are_closed_only_while_slots_are_scarce(
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     listener: Listener,
     backend: FakeBackend,
 ) -> None:
-    # The same through serve_api's defaults (no idle timeout at all before:
-    # 256 such connections locked every local client out for good).
-    from peerd.shell.api_server import serve_api
+    # The default limits (no idle timeout at all before: 256 such
+    # connections locked every local client out for good). A lone quiet
+    # client (a connection kept for rare calls) keeps its connection ...
+    await start(nursery, listener, backend)
+    lone = await listener.connect(uid=1000)
+    await trio.sleep(3 * ApiLimits().idle_timeout_s)
+    assert (await lone.call("status") or {})["ok"]
+    # ... but a user holding half its share or more gives idle ones back,
+    # down to below half.
+    share = ApiLimits().max_connections_per_uid
+    hoard = [await listener.connect(uid=2000) for _ in range(share // 2 + 2)]
+    closed = 0
+    with trio.move_on_after(3 * ApiLimits().idle_timeout_s):
+        async with trio.open_nursery() as inner:
 
-    await nursery.start(serve_api, listener, backend)
-    client = await listener.connect(uid=None)
-    with trio.fail_after(3600):
-        frames = await client.until_eof()
-    assert "idle" in frames[0]["error"]["message"]
+            async def wait_eof(c: Any) -> None:
+                nonlocal closed
+                frames = await c.until_eof()
+                assert "idle" in frames[0]["error"]["message"]
+                closed += 1
+
+            for c in hoard:
+                inner.start_soon(wait_eof, c)
+    assert closed == 3  # share // 2 + 2 -> share // 2 - 1
+    assert (await lone.call("status") or {})["ok"]
 
 
 async def test_a_connection_holding_a_watch_names_or_a_call_is_never_idle(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, listener: Listener
 ) -> None:
     backend = HoldingBackend()
-    server = await start(nursery, listener, backend, limits=ApiLimits(idle_timeout_s=10))
+    # four connections of one user with a share of four: slots are scarce
+    limits = ApiLimits(idle_timeout_s=10, max_connections_per_uid=4)
+    server = await start(nursery, listener, backend, limits=limits)
     watcher = await listener.connect()
     await watcher.request({"id": 5, "op": "watch", "args": {"topics": ["members"]}})
     assert await watcher.frame() == {"id": 5, "ok": True, "result": {}}
