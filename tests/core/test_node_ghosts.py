@@ -3,6 +3,8 @@ that push-pull must not bring back (peerd.core.swim.ghosts)."""
 
 from __future__ import annotations
 
+import pytest
+
 from peerd.core.events import EventKind, Output, StreamReply
 from peerd.wire.messages import Dead, PushPull, Status
 
@@ -128,3 +130,17 @@ def test_only_the_same_name_and_address_make_a_ghost() -> None:
     assert r.status(3) is Status.DEAD and r.status(4) is Status.DEAD
     assert r.node.counters["ghosts_found"] == 0
     assert not [t for t in r.pending if t.timer.kind.value == "ghost_reap"]
+
+
+def test_tombstones_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peerd.core.swim import ghosts
+
+    monkeypatch.setattr(ghosts, "TOMBSTONES_MAX", 4)
+    r = started(2)
+    rows = tuple(st(i, Status.DEAD) for i in range(10, 20))
+    r.stream_in(7, 2, PushPull(False, rows), now=1.0)
+    assert len(r.node._tombstones) == 4
+    assert r.node.counters["ghosts_tombstones_evicted"] == 6
+    assert r.node.counters["drop.down_row_of_stranger"] == 10
+    # The newest are kept; the oldest given up first.
+    assert list(r.node._tombstones) == [nid(i) for i in range(16, 20)]

@@ -141,7 +141,7 @@ class Ghosts(NodeBase):
         tombs[node] = (incarnation, self._now + self.config.dead_reclaim_s)
         while len(tombs) > TOMBSTONES_MAX:
             del tombs[next(iter(tombs))]
-            self.counters["tombstones_evicted"] += 1
+            self.counters["ghosts_tombstones_evicted"] += 1
 
     def _buried(self, node: NodeId, incarnation: int) -> bool:
         """Whether news of ``node`` at ``incarnation`` is about a row we
