@@ -144,3 +144,17 @@ def test_tombstones_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert r.node.counters["drop.down_row_of_stranger"] == 10
     # The newest are kept; the oldest given up first.
     assert list(r.node._tombstones) == [nid(i) for i in range(16, 20)]
+
+
+def test_a_forgotten_node_restarted_with_its_id_kept_is_a_member_again() -> None:
+    # Down longer than dead_reclaim_s, then restarted with its state dir: a
+    # new generation, its persisted incarnation. We forgot it, so nobody tells
+    # it to refute; its new generation is enough.
+    r = started(2, 3, config=cfg(dead_reclaim_s=60.0))
+    r.recv(3, Dead(nid(2), 0, nid(3)), now=1.0)
+    run_timers(r, 120.0)
+    assert r.node.member(nid(2)) is None
+    r.recv(2, alive(2, inc=0, gen=0), now=121.0)  # the old life: stale
+    assert r.node.member(nid(2)) is None
+    r.recv(2, alive(2, inc=0, gen=1), now=122.0)
+    assert r.status(2) is Status.ALIVE

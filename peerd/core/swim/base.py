@@ -275,9 +275,10 @@ class NodeBase:
         # seed would give different runs.
         self._dead: dict[NodeId, None] = {}
         # Superseded rows waiting to be forgotten (id -> GhostReap token), and
-        # forgotten or refused ids (id -> incarnation, until): see ghosts.py.
+        # forgotten or refused ids (id -> (generation, incarnation), until):
+        # see ghosts.py.
         self._ghost_timers: dict[NodeId, int] = {}
-        self._tombstones: dict[NodeId, tuple[int, float]] = {}
+        self._tombstones: dict[NodeId, tuple[tuple[int, int], float]] = {}
         self._probe_order: ProbeOrder = tables.probe_order
         self._probe_index = 0
         self._probe: Probe | None = None
@@ -585,9 +586,9 @@ class NodeBase:
 
         def _forget(self, m: Member) -> None: ...
 
-        def _bury(self, node: NodeId, incarnation: int) -> None: ...
+        def _bury(self, node: NodeId, generation: int, incarnation: int) -> None: ...
 
-        def _buried(self, node: NodeId, incarnation: int) -> bool: ...
+        def _buried(self, node: NodeId, generation: int, incarnation: int) -> bool: ...
 
 
 def _fmt(addr: Addr) -> str:

@@ -32,12 +32,14 @@ from another that still listed it, and travel on from node to node for as
 long as new nodes kept joining. So a node lists as down only members it knew
 (its own clock then starts when it learnt of the death, once), and keeps for
 the others, and for every row it reaps, a *tombstone*: the id and the
-incarnation it died at, for ``dead_reclaim_s``, never sent to anyone. A
-tombstone refuses what would revive the row: a dead or left row of it from a
-push-pull (not listed again), and an ``Alive`` at or below its incarnation
-(stale news: SWIM orders dead above alive at one incarnation). A higher
-incarnation is the node itself, refuting or restarted with its id kept, and
-is accepted (the tombstone goes). At most ``TOMBSTONES_MAX`` tombstones are
+generation and incarnation it died at, for ``dead_reclaim_s``, never sent to
+anyone. A tombstone refuses what would revive the row: a dead or left row of
+it from a push-pull (not listed again), and an ``Alive`` of its generation at
+or below its incarnation (stale news: SWIM orders dead above alive at one
+incarnation) or of an older generation. A higher incarnation (the node
+refuting) or a newer generation (the daemon restarted with its id kept: a
+peer that forgot it cannot tell it to refute) is the node itself and is
+accepted (the tombstone goes). At most ``TOMBSTONES_MAX`` tombstones are
 kept, the oldest given up first (counted), so memory stays bounded whatever
 the churn.
 """
@@ -54,7 +56,7 @@ from peerd.wire.messages import NODE_PREFIX_BYTES, NodeId, Status
 
 # Floor of the grace before a superseded row is forgotten (see the module docs).
 GHOST_REAP_MIN_S = 5.0
-# Bound on tombstones (id -> incarnation, expiry): about 200 bytes each in
+# Bound on tombstones (id -> (generation, incarnation), expiry): about 200 bytes each in
 # Python, about 3 MiB at the bound.
 TOMBSTONES_MAX = 16_384
 
@@ -126,31 +128,32 @@ class Ghosts(NodeBase):
         token = self._ghost_timers.pop(m.node, None)
         if token is not None:
             self._disarm(token)
-        self._bury(m.node, m.incarnation)
+        self._bury(m.node, m.generation, m.incarnation)
         if self.news:
             self._out.append(NodeForgotten(m.node))
         self._event(EventKind.REAPED, m)
 
-    def _bury(self, node: NodeId, incarnation: int) -> None:
+    def _bury(self, node: NodeId, generation: int, incarnation: int) -> None:
         tombs = self._tombstones
         have = tombs.get(node)
         if have is not None:
-            if incarnation > have[0]:
-                tombs[node] = (incarnation, have[1])
+            if (generation, incarnation) > have[0]:
+                tombs[node] = ((generation, incarnation), have[1])
             return
-        tombs[node] = (incarnation, self._now + self.config.dead_reclaim_s)
+        tombs[node] = ((generation, incarnation), self._now + self.config.dead_reclaim_s)
         while len(tombs) > TOMBSTONES_MAX:
             del tombs[next(iter(tombs))]
             self.counters["ghosts_tombstones_evicted"] += 1
 
-    def _buried(self, node: NodeId, incarnation: int) -> bool:
-        """Whether news of ``node`` at ``incarnation`` is about a row we
-        forgot (or refused) and must not bring back. A higher incarnation
-        ends the tombstone."""
+    def _buried(self, node: NodeId, generation: int, incarnation: int) -> bool:
+        """Whether news of ``node`` at ``generation``, ``incarnation`` is
+        about a row we forgot (or refused) and must not bring back. A newer
+        life (a higher incarnation, or a new generation: the daemon
+        restarted with its id kept) ends the tombstone."""
         have = self._tombstones.get(node)
         if have is None:
             return False
-        if incarnation <= have[0] and have[1] > self._now:
+        if (generation, incarnation) <= have[0] and have[1] > self._now:
             return True
         del self._tombstones[node]
         return False

@@ -384,7 +384,7 @@ class AntiEntropy(NodeBase):
                 # from making it a member (see peerd.core.swim.ghosts).
                 if st.node != self._me.node and not addr_problem(st.addr):
                     self.counters["drop.down_row_of_stranger"] += 1
-                    self._bury(st.node, st.incarnation)
+                    self._bury(st.node, st.generation, st.incarnation)
                 continue
             match st.status:
                 case Status.ALIVE:

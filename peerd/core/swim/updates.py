@@ -64,7 +64,7 @@ class Updates(NodeBase):
             return
         m = self._members.get(msg.node)
         if m is None:
-            if self._tombstones and self._buried(msg.node, msg.incarnation):
+            if self._tombstones and self._buried(msg.node, msg.generation, msg.incarnation):
                 # Stale news of a node we forgot (see peerd.core.swim.ghosts).
                 self._drop("alive_of_forgotten", f"name={msg.name} inc={msg.incarnation}")
                 return
