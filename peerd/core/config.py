@@ -52,7 +52,9 @@ class SwimConfig:
     awareness_max: int = 8
     # Partition healing: how often we try one dead node or seed again.
     reconnect_interval_s: float = 10.0
-    # Forget dead/left nodes after this long (bounds memory under churn).
+    # Forget dead/left nodes after this long (bounds memory under churn); a
+    # row whose name and address a new id took over goes within seconds, and
+    # a forgotten id is refused this long again (peerd.core.swim.ghosts).
     dead_reclaim_s: float = 3600.0
     # Largest datagram we build (bytes of plaintext payload).
     max_packet_bytes: int = 1400

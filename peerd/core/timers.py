@@ -38,6 +38,7 @@ class TimerKind(enum.Enum):
     PUSH_PULL = "push_pull"
     RECONNECT = "reconnect"  # retry dead nodes and seeds (partition healing)
     REAP = "reap"  # forget long-dead nodes
+    GHOST_REAP = "ghost_reap"  # forget a dead id whose name and address came back with a new id
     LEAVE = "leave"  # leave broadcast had time to spread
     REG_FLUSH = "reg_flush"  # spread fresh registry deltas now, not at the next gossip tick
     REG_SETTLE = "reg_settle"  # a register wait=settled timed out
@@ -143,6 +144,16 @@ class ReapTick:
 
 
 @dataclass(frozen=True, slots=True)
+class GhostReap:
+    """Forget ``node``, down, whose name and address a live member has taken
+    (a restart with a new id: see peerd.core.swim.ghosts)."""
+
+    token: int
+    node: NodeId
+    kind: ClassVar[TimerKind] = TimerKind.GHOST_REAP
+
+
+@dataclass(frozen=True, slots=True)
 class LeaveSpread:
     """The leave announcement had its time to spread."""
 
@@ -217,6 +228,7 @@ MembershipTimer = (
     | PushPullTick
     | ReconnectTick
     | ReapTick
+    | GhostReap
     | LeaveSpread
     | TreeFlush
     | TreeRelay
@@ -293,6 +305,7 @@ _BY_KIND: dict[TimerKind, type] = {
         PushPullTick,
         ReconnectTick,
         ReapTick,
+        GhostReap,
         LeaveSpread,
         RegFlush,
         RegSettleTimeout,
@@ -307,6 +320,7 @@ _CONTEXT_DEFAULTS: dict[TimerKind, tuple[object, ...]] = {
     TimerKind.INDIRECT_TIMEOUT: (0,),
     TimerKind.SUSPICION: (b"", 0),
     TimerKind.CONFIRM_TIMEOUT: (0,),
+    TimerKind.GHOST_REAP: (b"",),
     TimerKind.REG_SETTLE: (0,),
     TimerKind.REG_SYNC: (None,),
 }

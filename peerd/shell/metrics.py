@@ -209,6 +209,12 @@ RULES: tuple[Rule, ...] = (
     _rule(r"joins", "joins_total", "Join attempts (at start and over the API)."),
     _rule(r"name_conflicts", "name_conflicts_total", "Two live nodes seen with the same name."),
     _rule(
+        r"ghosts_(?P<what>found|reaped|kept|tombstones_evicted)",
+        "replaced_members_total",
+        "Down members whose name and address a new id took: found, reaped early, kept "
+        "(revived, or the new id went down too); tombstones given up at the bound.",
+    ),
+    _rule(
         r"reconnects",
         "reconnects_total",
         "Attempts to reach a dead node or seed again (partition healing).",

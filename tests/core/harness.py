@@ -64,13 +64,15 @@ class Cluster:
         for i in range(self.n):
             self.add_node(i)
 
-    def add_node(self, i: int, incarnation: int = 0, generation: int = 0) -> Node:
+    def add_node(
+        self, i: int, incarnation: int = 0, generation: int = 0, node_id: bytes | None = None
+    ) -> Node:
         addr = (f"127.0.{i // 250}.{i % 250 + 1}", 7950)
         self.addr_of[i] = addr
         self.by_addr[addr] = i
         make = Peer if self.registry else Node
         node = make(
-            node_id=i.to_bytes(16, "big"),
+            node_id=node_id or i.to_bytes(16, "big"),
             name=f"n{i}",
             addr=addr,
             config=self.config,
@@ -85,11 +87,17 @@ class Cluster:
         return node
 
     def restart(
-        self, i: int, incarnation: int, generation: int, seeds: tuple[int, ...] = (0,)
+        self,
+        i: int,
+        incarnation: int,
+        generation: int,
+        seeds: tuple[int, ...] = (0,),
+        node_id: bytes | None = None,
     ) -> Node:
-        """Bring crashed node i back as a new process with the same id, name and
-        address: the old process's timers, in-flight packets and streams are gone
-        (streams it was serving fail for their openers)."""
+        """Bring crashed node i back as a new process with the same id (or
+        ``node_id``: a wiped state dir), name and address: the old process's
+        timers, in-flight packets and streams are gone (streams it was serving
+        fail for their openers)."""
         self._heap = [e for e in self._heap if e[2] != i]
         heapq.heapify(self._heap)
         for key, (opener, stream) in list(self._streams.items()):
@@ -100,7 +108,7 @@ class Cluster:
                 self.feed(opener, StreamFailed(stream, "reset"), self.latency)
         self.down.discard(i)
         self.watches.pop(i, None)
-        node = self.add_node(i, incarnation=incarnation, generation=generation)
+        node = self.add_node(i, incarnation=incarnation, generation=generation, node_id=node_id)
         self.start(i, seeds)
         return node
 

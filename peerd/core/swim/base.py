@@ -274,6 +274,11 @@ class NodeBase:
         # a set: iteration order must not depend on the hash seed, or the same
         # seed would give different runs.
         self._dead: dict[NodeId, None] = {}
+        # Superseded rows waiting to be forgotten (id -> GhostReap token), and
+        # forgotten or refused ids (id -> (generation, incarnation), until):
+        # see ghosts.py.
+        self._ghost_timers: dict[NodeId, int] = {}
+        self._tombstones: dict[NodeId, tuple[tuple[int, int], float]] = {}
         self._probe_order: ProbeOrder = tables.probe_order
         self._probe_index = 0
         self._probe: Probe | None = None
@@ -575,9 +580,15 @@ class NodeBase:
 
         def _index_prefix(self, node: NodeId) -> None: ...
 
-        def _add_down(self, st: MemberState) -> None: ...
-
         def _reap(self) -> None: ...
+
+        def _ghost_check(self, m: Member) -> None: ...
+
+        def _forget(self, m: Member) -> None: ...
+
+        def _bury(self, node: NodeId, generation: int, incarnation: int) -> None: ...
+
+        def _buried(self, node: NodeId, generation: int, incarnation: int) -> bool: ...
 
 
 def _fmt(addr: Addr) -> str:

@@ -84,6 +84,7 @@ from peerd.core.swim.base import (
     tags_problem,
 )
 from peerd.core.swim.dissemination import Dissemination
+from peerd.core.swim.ghosts import Ghosts
 from peerd.core.swim.members import (
     AMBIGUOUS,
     Member,
@@ -95,6 +96,7 @@ from peerd.core.swim.treecast import TreeCast
 from peerd.core.swim.updates import Updates
 from peerd.core.timers import (
     ConfirmTimeout,
+    GhostReap,
     GossipTick,
     IndirectTimeout,
     LeaveSpread,
@@ -150,7 +152,7 @@ _CTX: dict[type, int] = {
 }
 
 
-class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
+class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, Ghosts, TreeCast):
     """One peerd node's membership state machine. See the module docs."""
 
     @property
@@ -424,7 +426,10 @@ class Node(Probing, Suspicions, Dissemination, AntiEntropy, Updates, TreeCast):
                 self._reconnect_tick()
             case ReapTick():
                 self._reap()
+                self._expire_tombstones()
                 self._arm(ReapTick, REAP_INTERVAL_S)
+            case GhostReap(node=node):
+                self._ghost_reap(node)
             case LeaveSpread():
                 self._out.append(LeaveDone())
             case TreeFlush():

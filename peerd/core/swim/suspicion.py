@@ -200,9 +200,15 @@ class Suspicions(NodeBase):
             self._out.append(DeathDeclared(m.node, incarnation))
 
     def _mark_down(self, m: Member, status: Status, incarnation: int) -> None:
+        was_down = m.status not in LIVE
+        since = m.changed_at
         self._clear_suspicion(m)
         self._set_incarnation(m, incarnation)
         self._set_status(m, status)
+        if was_down:
+            # Dead, then left (or the other way): one death, one reclaim
+            # clock; news from a peer must not start it again.
+            m.changed_at = since
         self._set_live(m.node, False)
         if self.news:
             self._out.append(NodeDown(m.node, m.generation))
@@ -214,6 +220,7 @@ class Suspicions(NodeBase):
         self.counters["dead" if status is Status.DEAD else "left"] += 1
         self._repair_soon()
         self._event(EventKind.DEAD if status is Status.DEAD else EventKind.LEFT, m)
+        self._ghost_check(m)
 
     def _stale_accusation(self, m: Member, src: Addr | None = None) -> None:
         # Someone still holds an older view of us (they missed our

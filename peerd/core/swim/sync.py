@@ -21,7 +21,9 @@ was declared dead, refute, and the halves merge. These attempts have a
 concurrency budget of their own (``max_concurrent_reconnects``): after a
 mass failure nearly all of them wait on dead nodes, and they must never
 take the places of the exchanges among the living. Dead and left members
-are forgotten after ``dead_reclaim_s`` (reaping), which bounds the table.
+are forgotten after ``dead_reclaim_s`` (reaping), which bounds the table;
+a row a restart replaced goes sooner, and a dead row of a node we never knew
+is not listed (see :mod:`peerd.core.swim.ghosts`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ import itertools
 from peerd.core import digest as digestmod
 from peerd.core.events import (
     Carried,
-    EventKind,
     JoinDone,
     LogLevel,
-    NodeForgotten,
     OpenStream,
     StreamReply,
     SyncedWith,
@@ -52,16 +52,12 @@ from peerd.core.swim.base import (
     _fmt,
     addr_problem,
 )
-from peerd.core.swim.members import (
-    Member,
-)
 from peerd.core.timers import PushPullTick, ReconnectTick
 from peerd.wire import codec
 from peerd.wire.codec import (
     DecodeError,
 )
 from peerd.wire.messages import (
-    NODE_PREFIX_BYTES,
     Addr,
     Alive,
     Left,
@@ -382,8 +378,13 @@ class AntiEntropy(NodeBase):
             alive = Alive(st.node, st.name, st.addr, st.incarnation, st.generation, st.tags)
             m = self._members.get(st.node)
             if m is None and st.status in (Status.DEAD, Status.LEFT):
+                # A stranger's death: not listed (the row carries no age,
+                # and listing it with a fresh clock kept rows that others
+                # had reaped going round); its tombstone keeps a stale Alive
+                # from making it a member (see peerd.core.swim.ghosts).
                 if st.node != self._me.node and not addr_problem(st.addr):
-                    self._add_down(st)
+                    self.counters["drop.down_row_of_stranger"] += 1
+                    self._bury(st.node, st.generation, st.incarnation)
                 continue
             match st.status:
                 case Status.ALIVE:
@@ -412,34 +413,9 @@ class AntiEntropy(NodeBase):
                 case Status.LEFT:
                     self._on_left(Left(st.node, st.incarnation))
 
-    def _add_down(self, st: MemberState) -> None:
-        # Remember nodes we only know as dead/left: partition healing retries
-        # them, and a stale "alive" about them cannot resurrect them.
-        m = Member(
-            st.node, st.name, st.addr, st.incarnation, st.generation, st.tags, st.status, self._now
-        )
-        self._members[m.node] = m
-        self._dig(m)
-        self._index_prefix(m.node)
-        self._by_addr.setdefault(m.addr, m.node)
-        if st.status is Status.DEAD:
-            self._dead[m.node] = None
-
     def _reap(self) -> None:
         horizon = self._now - self.config.dead_reclaim_s
         for m in list(self._members.values()):
             if m.status in LIVE or m.changed_at > horizon or m is self._me:
                 continue
-            self._dig(m)
-            del self._members[m.node]
-            if self._by_addr.get(m.addr) == m.node:
-                del self._by_addr[m.addr]
-            if self._by_name.get(m.name) == m.node:
-                del self._by_name[m.name]
-            if self._by_prefix.get(m.node[:NODE_PREFIX_BYTES]) == m.node:
-                del self._by_prefix[m.node[:NODE_PREFIX_BYTES]]
-            self._recently_dead.pop(m.node, None)
-            self._dead.pop(m.node, None)
-            if self.news:
-                self._out.append(NodeForgotten(m.node))
-            self._event(EventKind.REAPED, m)
+            self._forget(m)

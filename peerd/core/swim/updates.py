@@ -64,15 +64,21 @@ class Updates(NodeBase):
             return
         m = self._members.get(msg.node)
         if m is None:
+            if self._tombstones and self._buried(msg.node, msg.generation, msg.incarnation):
+                # Stale news of a node we forgot (see peerd.core.swim.ghosts).
+                self._drop("alive_of_forgotten", f"name={msg.name} inc={msg.incarnation}")
+                return
             self._add_member(msg)
             return
         if msg.incarnation <= m.incarnation:
             return
         old_status, old_addr, old_tags, old_name = m.status, m.addr, m.tags, m.name
         old_gen = m.generation
+        displaced = None
         if msg.addr != m.addr:
             if self._by_addr.get(m.addr) == m.node:
                 del self._by_addr[m.addr]
+            displaced = self._by_addr.get(msg.addr)
             self._by_addr[msg.addr] = m.node
             self._ring_dirty = True
             self._log(
@@ -106,6 +112,8 @@ class Updates(NodeBase):
         elif (old_addr, old_tags, old_name) != (m.addr, m.tags, m.name):
             self._event(EventKind.UPDATED, m)
         self._broadcast(m.node, msg)
+        if displaced is not None and displaced != m.node:
+            self._displaced(displaced)
 
     def _add_member(self, msg: Alive) -> None:
         m = Member(
@@ -122,6 +130,7 @@ class Updates(NodeBase):
         self._dig(m)
         self._index_prefix(m.node)
         self._set_live(m.node, True)
+        displaced = self._by_addr.get(m.addr)
         self._by_addr[m.addr] = m.node
         self._insert_probe_order(m.node)
         self._index_name(m)
@@ -130,6 +139,15 @@ class Updates(NodeBase):
         if self.news:
             self._out.append(NodeUp(m.node, m.generation))
         self._broadcast(m.node, msg)
+        if displaced is not None:
+            self._displaced(displaced)
+
+    def _displaced(self, node: NodeId) -> None:
+        # A live member took the address of ``node``: a restart with a new id
+        # if ``node`` is down with the same name (see peerd.core.swim.ghosts).
+        old = self._members.get(node)
+        if old is not None:
+            self._ghost_check(old)
 
     def _index_name(self, m: Member) -> None:
         holder = self._by_name.get(m.name)
