@@ -19,6 +19,10 @@ of the transport, and logged through the transports' rate-limited logs.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
+
+from peerd.core.events import LogLevel
+from peerd.wire.seal import SealError
 
 # What each seal failure that is about keys means, as said to an operator.
 _KEY_REASONS = {
@@ -48,3 +52,22 @@ def peer_closed(counters: collections.Counter[str]) -> str:
     """The log message when the peer closed after our first frame; counted."""
     counters["key_refused_by_peer"] += 1
     return PEER_CLOSED
+
+
+def seal_refused(
+    drop: Callable[..., None],
+    what: str,
+    err: SealError,
+    counters: collections.Counter[str],
+    src: object,
+) -> None:
+    """Count and log ``what`` ("datagram", "stream") from ``src`` that the
+    seal refused, through the transport's ``_drop`` (``seal_<reason>``)."""
+    reason = str(getattr(err, "reason", "") or "seal")
+    drop(
+        f"seal_{reason}",
+        rejected(what, reason, counters),
+        addr=src,
+        reason=reason,
+        level=LogLevel.WARNING,
+    )

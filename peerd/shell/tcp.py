@@ -57,7 +57,7 @@ from peerd.core.events import (
 )
 from peerd.shell.logs import LimitedLog
 from peerd.shell.preauth import STREAM_HELLO, PreauthGate
-from peerd.shell.refusals import peer_closed, rejected
+from peerd.shell.refusals import peer_closed, seal_refused
 from peerd.shell.udp import (
     BindError,
     Opener,
@@ -334,14 +334,7 @@ class TcpEndpoint:
         try:
             return self.opener.open(frame)
         except SealError as e:
-            reason = str(getattr(e, "reason", "") or "seal")
-            self._drop(
-                f"seal_{reason}",
-                rejected("stream", reason, self.counters),
-                addr=src,
-                reason=reason,
-                level=LogLevel.WARNING,
-            )
+            seal_refused(self._drop, "stream", e, self.counters, src)
             return None
 
     async def _serve(self, conn: trio.SocketStream, src: Addr) -> None:

@@ -32,7 +32,7 @@ import trio
 
 from peerd.core.events import Input, LogLevel, PacketIn, Unreachable
 from peerd.shell.logs import LimitedLog, format_addr
-from peerd.shell.refusals import rejected
+from peerd.shell.refusals import seal_refused
 from peerd.wire.messages import Addr
 from peerd.wire.seal import SealError
 
@@ -241,14 +241,7 @@ class UdpEndpoint:
         try:
             _sender, payload = self.opener.open(data)
         except SealError as e:
-            reason = str(getattr(e, "reason", "") or "seal")
-            self._drop(
-                f"seal_{reason}",
-                rejected("datagram", reason, self.counters),
-                addr=src,
-                reason=reason,
-                level=LogLevel.WARNING,
-            )
+            seal_refused(self._drop, "datagram", e, self.counters, src)
             return
         self.counters["udp_rx"] += 1
         self._feed(PacketIn(src, payload))

@@ -174,7 +174,7 @@ async def server(nursery: trio.Nursery, sock_path: str, backend: FakeBackend) ->
 class RawConn:
     """A bare socket connection for byte-level tests."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.decoder = FrameDecoder()
 

@@ -15,12 +15,12 @@ import pytest
 import trio
 import trio.testing
 
-from peerd.api.protocol import HEADER, FrameDecoder, encode_frame
+from peerd.api.protocol import HEADER, encode_frame
 from peerd.shell.api_limits import ApiLimits, api_limits_problem
 from peerd.shell.api_server import ApiServer, Connection, PeerCred
 from peerd.shell.metrics import render
 
-from .conftest import FakeBackend
+from .conftest import FakeBackend, RawConn
 
 DAEMON_UID = 4242  # the daemon's own user in these tests (privileged, like root)
 
@@ -55,33 +55,15 @@ class Listener(trio.abc.Listener[trio.abc.Stream]):
         self.receive.close()
 
 
-class Client:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder()
-
-    async def request(self, frame: dict[str, Any]) -> None:
-        await self.stream.send_all(encode_frame(frame))
-
-    async def frame(self) -> dict[Any, Any] | None:
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is not None:
-                return frame
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.decoder.feed(data)
+class Client(RawConn):
+    """A raw connection (tests/api/conftest.py) with a one-call helper."""
 
     async def call(self, op: str, **args: Any) -> dict[Any, Any] | None:
         await self.request({"id": 1, "op": op, "args": args})
         return await self.frame()
 
     async def until_eof(self) -> list[dict[Any, Any]]:
-        out = []
-        while (frame := await self.frame()) is not None:
-            out.append(frame)
-        return out
+        return await self.frames_until_eof()
 
 
 @pytest.fixture
